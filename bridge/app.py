@@ -1,0 +1,250 @@
+"""Wiring: one :class:`Bridge` runs any of worker, HTTP door and queue consumers in one process.
+
+Start order: Temporal (embedded when no address) → client → worker and dispatcher → doors.
+Stop order is the reverse, and each step finishes what it holds: doors stop taking events and
+finish in-flight submissions (consumers commit/ack what Temporal accepted), the dispatcher client
+flushes, the worker drains, the embedded server stops last. The dispatcher itself is never
+terminated: its buffered signals stay in Temporal for the next worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import uvicorn
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from bridge.adapter import Adapter
+from bridge.client import DispatcherClient
+from bridge.config import BridgeConfig, load_config
+from bridge.embedded import EmbeddedTemporal
+from bridge.errors import BridgeError, ConfigError
+from bridge.metrics import Metrics
+from bridge.pipeline import Pipeline
+from bridge.routing import RouteTable
+
+log = logging.getLogger(__name__)
+Role = Literal["all", "worker", "ingress"]
+
+
+class _Uvicorn(uvicorn.Server):
+    """Uvicorn without its own signal handling: the bridge owns shutdown order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+    def install_signal_handlers(self) -> None:
+        return None
+
+
+class ConfigSource:
+    """The config as last loaded; re-read when the file changed, kept when the new one is bad."""
+
+    def __init__(self, config: BridgeConfig, path: Path | None = None) -> None:
+        self.config = config
+        self.path = path
+        self._mtime = path.stat().st_mtime if path else 0.0
+
+    def __call__(self) -> BridgeConfig:
+        if self.path is None:
+            return self.config
+        try:
+            mtime = self.path.stat().st_mtime
+            if mtime != self._mtime:
+                self.config = load_config(self.path)
+                self._mtime = mtime
+                log.info("config reloaded path=%s", self.path)
+        except (OSError, ConfigError) as exc:
+            log.error("config reload failed, keeping the previous one: %s", exc)
+        return self.config
+
+
+async def connect(
+    address: str, namespace: str, *, api_key: str | None = None, tls: bool = False, timeout: float = 30.0
+) -> Client:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await Client.connect(address, namespace=namespace, api_key=api_key, tls=tls)
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                raise BridgeError(f"cannot connect to Temporal at {address}: {exc}") from exc
+            await asyncio.sleep(0.5)
+
+
+class Bridge:
+    def __init__(
+        self,
+        config: BridgeConfig,
+        *,
+        config_path: str | Path | None = None,
+        role: Role = "all",
+        insecure: bool = False,
+        data_dir: str | Path = ".signal-bridge",
+        client: Client | None = None,
+    ) -> None:
+        self.config = config
+        self.source = ConfigSource(config, Path(config_path) if config_path else None)
+        self.role = role
+        self.insecure = insecure
+        self.data_dir = Path(data_dir)
+        self.client = client
+        self.metrics = Metrics()
+        self.embedded: EmbeddedTemporal | None = None
+        self.worker: Worker | None = None
+        self._worker_task: asyncio.Task[None] | None = None
+        self.dispatcher: DispatcherClient | None = None
+        self.pipeline: Pipeline | None = None
+        self.adapters: list[Adapter] = []
+        self._http: _Uvicorn | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self.http_port: int | None = None
+
+    @property
+    def takes_events(self) -> bool:
+        return self.role in ("all", "ingress")
+
+    async def start(self) -> None:
+        cfg = self.config
+        if self.takes_events and not cfg.http.auth.tokens and not self.insecure:
+            raise ConfigError(
+                "no bearer token configured under http.auth.tokens; add one, or pass --insecure "
+                "to accept unauthenticated events"
+            )
+        if self.client is None:
+            address = cfg.temporal.address
+            if not address:
+                self.embedded = EmbeddedTemporal(
+                    self.data_dir,
+                    ui=cfg.temporal.ui,
+                    ui_port=cfg.temporal.ui_port,
+                    namespace=cfg.temporal.namespace,
+                    db_filename=cfg.temporal.db_filename,
+                )
+                address = await self.embedded.start()
+            self.client = await connect(
+                address, cfg.temporal.namespace, api_key=cfg.temporal.api_key, tls=cfg.temporal.tls
+            )
+        self.dispatcher = DispatcherClient(self.client, cfg, self.metrics)
+        if self.role in ("all", "worker"):
+            from dispatcher.worker import build_worker
+
+            self.worker = build_worker(self.client, self.source, cfg.task_queue)
+            self._worker_task = asyncio.create_task(self.worker.run(), name="worker")
+            await self.dispatcher.ensure_started()
+        if self.takes_events:
+            self.pipeline = Pipeline(RouteTable.from_config(cfg), self.dispatcher, self.metrics)
+            for adapter in build_adapters(cfg, self.pipeline):
+                await adapter.start()
+                self.adapters.append(adapter)
+            await self._start_http()
+        log.info(
+            "signal-bridge started project=%s role=%s temporal=%s http=%s",
+            cfg.project,
+            self.role,
+            self.embedded.address if self.embedded else cfg.temporal.address,
+            self.http_port,
+        )
+
+    async def _start_http(self) -> None:
+        from adapters.http import create_app
+
+        assert self.pipeline is not None
+        app = create_app(self.pipeline, self.config.http, ready=self.ready, insecure=self.insecure)
+        server = _Uvicorn(
+            uvicorn.Config(
+                app,
+                host=self.config.http.host,
+                port=self.config.http.port,
+                log_level="warning",
+                lifespan="on",
+                timeout_graceful_shutdown=30,
+            )
+        )
+        self._http = server
+        self._http_task = asyncio.create_task(server.serve(), name="http")
+        while not server.started:
+            if self._http_task.done():
+                self._http_task.result()
+                raise BridgeError(f"HTTP server did not start on port {self.config.http.port}")
+            await asyncio.sleep(0.02)
+        self.http_port = server.servers[0].sockets[0].getsockname()[1]
+
+    async def ready(self) -> dict[str, bool]:
+        checks: dict[str, bool] = {}
+        if self.dispatcher is not None:
+            checks["temporal"] = await self.dispatcher.ping()
+        if self.role in ("all", "worker"):
+            checks["worker"] = self._worker_task is not None and not self._worker_task.done()
+        for adapter in self.adapters:
+            checks[adapter.name] = adapter.healthy()
+        return checks
+
+    async def stop(self) -> None:
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            await self._http_task
+        for adapter in reversed(self.adapters):
+            try:
+                await adapter.stop()
+            except Exception:
+                log.exception("adapter %s did not stop cleanly", adapter.name)
+        if self.dispatcher is not None:
+            await self.dispatcher.close()
+        if self.worker is not None and self._worker_task is not None:
+            await self.worker.shutdown()
+            with contextlib.suppress(Exception):
+                await self._worker_task
+        if self.embedded is not None:
+            self.embedded.stop()
+        log.info("signal-bridge stopped project=%s", self.config.project)
+
+
+ADAPTERS: dict[str, tuple[str, str]] = {
+    "kafka": ("adapters.kafka", "build"),
+    "amqp": ("adapters.amqp", "build"),
+}
+
+
+def build_adapters(config: BridgeConfig, pipeline: Pipeline) -> list[Adapter]:
+    """One adapter per configured consumer; modules are imported only when configured."""
+    out: list[Adapter] = []
+    for section, (module, factory) in ADAPTERS.items():
+        entries = getattr(config, section)
+        if not entries:
+            continue
+        build: Callable[..., Adapter] = getattr(importlib.import_module(module), factory)
+        out.extend(build(entry, pipeline, config) for entry in entries)
+    return out
+
+
+async def run_until_signalled(bridge: Bridge) -> None:
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await bridge.start()
+    except BaseException:
+        await bridge.stop()
+        raise
+    if bridge.embedded and bridge.embedded.ui_url:
+        log.info(
+            "Temporal UI: %s/namespaces/%s/workflows",
+            bridge.embedded.ui_url,
+            bridge.config.temporal.namespace,
+        )
+    await stop.wait()
+    log.info("shutting down: no new events; finishing in-flight submissions")
+    await bridge.stop()

@@ -1,0 +1,125 @@
+"""``signal-bridge``: serve, worker, ingress, validate, routes, send."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import uuid
+from typing import Any
+
+from bridge.config import BridgeConfig, load_config
+from bridge.errors import BridgeError
+from bridge.routing import RouteTable
+from bridge.settings import Settings
+
+
+def _load(path: str, settings: Settings) -> BridgeConfig:
+    return settings.apply(load_config(path))
+
+
+def _serve(args: argparse.Namespace, role: str) -> int:
+    from bridge.app import Bridge, run_until_signalled
+
+    settings = Settings.from_env()
+    if args.http_port is not None:
+        settings.http_port = args.http_port
+    config = _load(args.config or settings.config, settings)
+    bridge = Bridge(
+        config,
+        config_path=args.config or settings.config,
+        role=role,  # type: ignore[arg-type]
+        insecure=args.insecure or settings.insecure,
+        data_dir=settings.data_dir,
+    )
+    asyncio.run(run_until_signalled(bridge))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    load_config(args.file)
+    print(f"{args.file}: ok")
+    return 0
+
+
+def _routes(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    table = RouteTable.from_config(config)
+    for name, workflows in table.names().items():
+        print(f"{name} -> {', '.join(workflows)}")
+    return 0
+
+
+def _send(args: argparse.Namespace) -> int:
+    import httpx
+
+    settings = Settings.from_env()
+    try:
+        payload: Any = json.loads(args.payload)
+    except json.JSONDecodeError as exc:
+        print(f"--payload is not JSON: {exc}", file=sys.stderr)
+        return 2
+    token = args.token or settings.token
+    headers = {"Idempotency-Key": args.id or str(uuid.uuid4())}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    url = (args.url or settings.url).rstrip("/") + "/api/v1/events"
+    try:
+        resp = httpx.post(url, json={"name": args.name, "payload": payload}, headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        print(f"cannot reach {url}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{resp.status_code} {resp.text}")
+    return 0 if resp.status_code == 202 else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="signal-bridge", description=__doc__)
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (
+        ("serve", "worker, HTTP door and consumers in one process"),
+        ("worker", "only the Temporal worker (dispatcher and task runner)"),
+        ("ingress", "only the doors (HTTP and consumers)"),
+    ):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--config", "-c", default=None, help="config file (or SIGNAL_BRIDGE_CONFIG)")
+        s.add_argument("--http-port", type=int, default=None)
+        s.add_argument("--insecure", action="store_true", help="accept events without a bearer token")
+        s.set_defaults(func=lambda a, role=name: _serve(a, "all" if role == "serve" else role))
+    v = sub.add_parser("validate", help="check a config file; exit 1 with the error")
+    v.add_argument("file")
+    v.set_defaults(func=_validate)
+    r = sub.add_parser("routes", help="print event name -> workflows")
+    r.add_argument("file")
+    r.set_defaults(func=_routes)
+    s = sub.add_parser("send", help="send one event to a running bridge")
+    s.add_argument("name")
+    s.add_argument("--payload", default="{}")
+    s.add_argument("--url", default=None)
+    s.add_argument("--token", default=None)
+    s.add_argument("--id", default=None, help="event id (Idempotency-Key); default a new UUID")
+    s.set_defaults(func=_send)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    settings = Settings.from_env()
+    logging.basicConfig(
+        level=(args.log_level or settings.log_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except BridgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

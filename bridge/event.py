@@ -1,0 +1,78 @@
+"""`EventSignal`, the one message type that crosses from a door into Temporal."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+SIGNAL_NAME = "event_channel"
+
+
+@dataclass
+class EventSignal:
+    """An event, stripped of its transport.
+
+    ``id`` is stable across redeliveries of the same event (see DESIGN "Event ids"), so
+    ``(source, id)`` names the event and every target run derives its workflow id from it.
+    ``key`` is the ordering key (Kafka key, AMQP routing key) that picks the dispatcher shard.
+    """
+
+    id: str
+    name: str
+    payload: dict[str, Any]
+    source: str
+    time: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    metadata: dict[str, Any] = field(default_factory=dict)
+    key: str | None = None
+
+    @property
+    def digest(self) -> str:
+        return event_digest(self.source, self.id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EventSignal:
+        if not isinstance(data, dict):
+            raise TypeError(f"an event must be an object, not {type(data).__name__}")
+        payload = data.get("payload")
+        return cls(
+            id=str(data["id"]),
+            name=str(data["name"]),
+            payload=payload if isinstance(payload, dict) else {},
+            source=str(data.get("source") or ""),
+            time=str(data.get("time") or ""),
+            metadata=dict(data.get("metadata") or {}),
+            key=data.get("key"),
+        )
+
+    def envelope(self) -> dict[str, Any]:
+        """What a target sees as ``event``: everything but the payload."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "source": self.source,
+            "time": self.time,
+            "metadata": self.metadata,
+        }
+
+
+def event_digest(source: str, event_id: str) -> str:
+    """A short, stable name for ``(source, id)``; 80 bits keep collisions out of reach."""
+    return hashlib.sha256(f"{source}\x00{event_id}".encode()).hexdigest()[:20]
+
+
+def target_workflow_id(workflow_id: str, digest: str) -> str:
+    """The run id of one (target, event): Temporal's id uniqueness refuses a second start."""
+    return f"{workflow_id}-{digest}"
+
+
+def content_digest(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\x00")
+    return h.hexdigest()

@@ -1,0 +1,49 @@
+"""CEL filters over an event: the names ``name``, ``payload``, ``source``, ``metadata``, ``id``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import celpy
+from celpy import celtypes
+
+from bridge.errors import BridgeError
+
+log = logging.getLogger(__name__)
+_ENV = celpy.Environment()
+
+
+class FilterError(BridgeError):
+    """A CEL expression that does not compile."""
+
+
+class Filter:
+    """A compiled CEL expression. A runtime error (a missing field, a type clash) is no match."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        try:
+            self._program = _ENV.program(_ENV.compile(source))
+        except Exception as exc:
+            raise FilterError(f"filter {source!r} does not compile: {exc}") from None
+
+    def matches(self, activation: dict[str, Any]) -> bool:
+        try:
+            result = self._program.evaluate(celpy.json_to_cel(activation))
+        except Exception as exc:
+            log.debug("filter %r did not evaluate: %s", self.source, exc)
+            return False
+        return isinstance(result, bool | celtypes.BoolType) and bool(result)
+
+
+def activation(
+    name: str, payload: Any, source: str, metadata: dict[str, Any], event_id: str
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "payload": payload,
+        "source": source,
+        "metadata": metadata,
+        "id": event_id,
+    }

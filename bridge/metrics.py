@@ -1,0 +1,56 @@
+"""Prometheus metrics. One registry per bridge instance so several can live in one test process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.received = Counter(
+            "signal_bridge_events_received", "Events read from a door", ["door"], registry=r
+        )
+        self.accepted = Counter(
+            "signal_bridge_events_accepted",
+            "Events Temporal accepted (the door then acknowledged them)",
+            ["door"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "signal_bridge_events_rejected",
+            "Events refused for good (4xx or dead letter), by reason",
+            ["door", "reason"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            "signal_bridge_events_dropped",
+            "Rejected events skipped without a dead letter, by reason",
+            ["door", "reason"],
+            registry=r,
+        )
+        self.unavailable = Counter(
+            "signal_bridge_temporal_unavailable",
+            "Submissions Temporal did not accept; the door retries or answers 503",
+            ["door"],
+            registry=r,
+        )
+        self.signals = Counter(
+            "signal_bridge_signals_sent", "Signal-with-start calls that returned", registry=r
+        )
+        self.batch_size = Histogram(
+            "signal_bridge_signal_batch_events",
+            "Events per signal",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+            registry=r,
+        )
+        self.submit_seconds = Histogram(
+            "signal_bridge_submit_seconds",
+            "Time from handing events to the dispatcher client until Temporal held them",
+            registry=r,
+        )
+        self.inflight = Gauge("signal_bridge_inflight_events", "Events waiting for Temporal", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

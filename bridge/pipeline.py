@@ -1,0 +1,88 @@
+"""The ingest pipeline every door calls: check → submit → tell the door what to acknowledge.
+
+Doors decode their transport into :class:`EventSignal` (see :mod:`bridge.decode`), then hand
+the events here. Events that can never be accepted come back as rejected (the door answers 4xx
+or dead-letters them); the rest go to Temporal in one call. If Temporal does not hold them,
+:class:`Unavailable` is raised and *nothing* of the batch may be acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from bridge.errors import EventRejected
+from bridge.event import EventSignal
+from bridge.metrics import Metrics
+from bridge.routing import RouteTable
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    """Where accepted events go: Temporal, or an in-memory stand-in in unit tests."""
+
+    async def submit(self, events: Sequence[EventSignal]) -> None:
+        """Return only once every event is durably held; raise Unavailable otherwise."""
+
+
+@dataclass
+class Outcome:
+    event: EventSignal
+    rejected: EventRejected | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.rejected is None
+
+
+class Pipeline:
+    def __init__(self, routes: RouteTable, sink: Sink, metrics: Metrics | None = None) -> None:
+        self.routes = routes
+        self.sink = sink
+        self.metrics = metrics or Metrics()
+
+    def check(self, event: EventSignal) -> EventRejected | None:
+        try:
+            self.routes.check(event)
+        except EventRejected as exc:
+            return exc
+        return None
+
+    async def submit(self, events: Sequence[EventSignal], door: str) -> list[Outcome]:
+        """Check each event, submit the good ones together, and report every outcome in order.
+
+        Raises :class:`bridge.errors.Unavailable` when Temporal did not take the good ones.
+        """
+        outcomes = [Outcome(e, self.check(e)) for e in events]
+        good = [o.event for o in outcomes if o.accepted]
+        self.metrics.received.labels(door).inc(len(events))
+        for o in outcomes:
+            if o.rejected is not None:
+                self.reject(door, o.event.name, o.event.id, o.rejected)
+        if good:
+            self.metrics.inflight.inc(len(good))
+            try:
+                with self.metrics.submit_seconds.time():
+                    await self.sink.submit(good)
+            except Exception:
+                self.metrics.unavailable.labels(door).inc()
+                raise
+            finally:
+                self.metrics.inflight.dec(len(good))
+            self.metrics.accepted.labels(door).inc(len(good))
+        return outcomes
+
+    def reject(self, door: str, name: str | None, event_id: str | None, exc: EventRejected) -> None:
+        """Count and log an event refused for good; doors call it for decode failures too."""
+        self.metrics.rejected.labels(door, exc.reason).inc()
+        log.warning(
+            "event rejected door=%s reason=%s name=%s id=%s: %s",
+            door,
+            exc.reason,
+            name,
+            event_id,
+            exc.message,
+        )

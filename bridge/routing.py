@@ -1,0 +1,212 @@
+"""Routing: which workflows an event starts.
+
+One :class:`RouteTable` serves both sides. Doors use :meth:`RouteTable.check` to refuse, before
+anything enters Temporal, an event no trigger names or whose payload breaks a trigger's schema.
+The dispatcher builds the same table from :meth:`RouteTable.spec` (plain data, loaded by a local
+activity so replays see the table the run saw) and calls :meth:`RouteTable.resolve`, which applies
+the CEL filters and yields targets in a stable order: the order of ``workflows:`` in the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from jsonschema.validators import validator_for
+
+from bridge import templates
+from bridge.errors import ConfigError, EventRejected
+from bridge.filters import Filter, FilterError, activation
+
+if TYPE_CHECKING:
+    from bridge.config import BridgeConfig
+    from bridge.event import EventSignal
+
+RUNNER_WORKFLOW = "SignalBridgeTasks"
+DISPATCHER_WORKFLOW = "SignalBridgeDispatcher"
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """Exact name, or a trailing wildcard: ``*`` matches all, ``order.*`` any ``order.``-name."""
+    if pattern == "*":
+        return True
+    if pattern.endswith("*"):
+        return name.startswith(pattern[:-1])
+    return pattern == name
+
+
+@dataclass(frozen=True)
+class TriggerRoute:
+    name: str
+    filter: Filter | None
+    validator: Any | None
+
+
+@dataclass(frozen=True)
+class WorkflowRoute:
+    id: str
+    workflow_type: str
+    task_queue: str
+    input: Any
+    triggers: tuple[TriggerRoute, ...]
+
+    def triggered_by(self, name: str) -> Iterator[TriggerRoute]:
+        return (t for t in self.triggers if name_matches(t.name, name))
+
+
+@dataclass(frozen=True)
+class Target:
+    """One child workflow to start for one event."""
+
+    workflow_id: str
+    workflow_type: str
+    task_queue: str
+    input: Any
+
+
+class RouteTable:
+    def __init__(self, workflows: list[WorkflowRoute]) -> None:
+        self.workflows = workflows
+
+    @classmethod
+    def from_config(cls, config: BridgeConfig, *, origin: str = "config") -> RouteTable:
+        seen: set[str] = set()
+        routes = []
+        for wf in config.workflows:
+            where = f"{origin}: workflow {wf.id!r}"
+            if wf.id in seen:
+                raise ConfigError(f"{where}: another workflow has the same id")
+            seen.add(wf.id)
+            try:
+                templates.check(wf.input)
+                for task in wf.tasks:
+                    templates.check(task.config)
+            except templates.TemplateError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            names: set[str] = set()
+            triggers = []
+            for trig in wf.triggers:
+                here = f"{where}, trigger {trig.name!r}"
+                key = f"{trig.type}:{trig.name}"
+                if key in names:
+                    raise ConfigError(f"{here}: the same trigger is declared twice")
+                names.add(key)
+                triggers.append(_compile_trigger(trig.name, trig.filter, trig.schema_, here))
+            routes.append(
+                WorkflowRoute(
+                    id=wf.id,
+                    workflow_type=wf.workflow_type or RUNNER_WORKFLOW,
+                    task_queue=wf.task_queue or config.task_queue,
+                    input=wf.input,
+                    triggers=tuple(triggers),
+                )
+            )
+        return cls(routes)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> RouteTable:
+        routes = [
+            WorkflowRoute(
+                id=w["id"],
+                workflow_type=w["workflow_type"],
+                task_queue=w["task_queue"],
+                input=w.get("input"),
+                triggers=tuple(
+                    TriggerRoute(t["name"], Filter(t["filter"]) if t.get("filter") else None, None)
+                    for t in w["triggers"]
+                ),
+            )
+            for w in spec["workflows"]
+        ]
+        return cls(routes)
+
+    def spec(self) -> dict[str, Any]:
+        """What the dispatcher needs, as plain data (schemas stay at the door)."""
+        return {
+            "workflows": [
+                {
+                    "id": w.id,
+                    "workflow_type": w.workflow_type,
+                    "task_queue": w.task_queue,
+                    "input": w.input,
+                    "triggers": [
+                        {"name": t.name, "filter": t.filter.source if t.filter else None} for t in w.triggers
+                    ],
+                }
+                for w in self.workflows
+            ]
+        }
+
+    def names(self) -> dict[str, list[str]]:
+        """Event name (or pattern) → workflow ids, in file order."""
+        out: dict[str, list[str]] = {}
+        for w in self.workflows:
+            for t in w.triggers:
+                out.setdefault(t.name, []).append(w.id)
+        return out
+
+    def is_routable(self, name: str) -> bool:
+        return any(True for w in self.workflows for _ in w.triggered_by(name))
+
+    def check(self, event: EventSignal) -> None:
+        """Raise :class:`EventRejected` for an event no trigger names or a schema refuses."""
+        matched = False
+        for w in self.workflows:
+            for t in w.triggered_by(event.name):
+                matched = True
+                if t.validator is None:
+                    continue
+                error = next(iter(t.validator.iter_errors(event.payload)), None)
+                if error is not None:
+                    raise EventRejected(
+                        "schema_invalid",
+                        f"payload does not match the schema of workflow {w.id!r} "
+                        f"(trigger {t.name!r}): {error.message}",
+                        workflow=w.id,
+                        trigger=t.name,
+                        schema_path="/".join(str(p) for p in error.absolute_schema_path),
+                        payload_path="/".join(str(p) for p in error.absolute_path),
+                    )
+        if not matched:
+            raise EventRejected(
+                "unroutable", f"no workflow is triggered by event {event.name!r}", name=event.name
+            )
+
+    def resolve(self, event: EventSignal) -> list[Target]:
+        """Every workflow whose trigger names the event and whose filter (if any) holds."""
+        act: dict[str, Any] | None = None
+        targets = []
+        for w in self.workflows:
+            for t in w.triggered_by(event.name):
+                if t.filter is not None:
+                    if act is None:
+                        act = activation(event.name, event.payload, event.source, event.metadata, event.id)
+                    if not t.filter.matches(act):
+                        continue
+                targets.append(Target(w.id, w.workflow_type, w.task_queue, w.input))
+                break
+        return targets
+
+
+def _compile_trigger(
+    name: str, filter_src: str | None, schema: dict[str, Any] | None, where: str
+) -> TriggerRoute:
+    validator = None
+    if schema is not None:
+        cls = validator_for(schema, default=Draft202012Validator)
+        try:
+            cls.check_schema(schema)
+        except SchemaError as exc:
+            path = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+            raise ConfigError(f"{where}: schema does not compile at {path}: {exc.message}") from None
+        validator = cls(schema)
+    compiled = None
+    if filter_src:
+        try:
+            compiled = Filter(filter_src)
+        except FilterError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return TriggerRoute(name, compiled, validator)

@@ -1,0 +1,80 @@
+"""Activities: reading the route table and task lists from the worker's config, and HTTP calls.
+
+The config lives in the worker process, not in workflow code: workflows fetch what they need
+through local activities, whose results are recorded, so replays never depend on the file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from bridge.config import BridgeConfig
+from bridge.routing import RouteTable
+
+log = logging.getLogger(__name__)
+
+LOAD_ROUTES = "signal-bridge.load_routes"
+LOAD_TASKS = "signal-bridge.load_tasks"
+HTTP_REQUEST = "signal-bridge.http_request"
+
+
+@dataclass
+class RoutesResult:
+    routes: dict[str, Any]
+    settings: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class HttpRequest:
+    url: str
+    method: str = "POST"
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Any = None
+    timeout_seconds: float = 30.0
+
+
+class BridgeActivities:
+    """Built with a callable that returns the current config, so `reload` sees file changes."""
+
+    def __init__(self, config: BridgeConfig | Any) -> None:
+        self._config = config
+
+    def config(self) -> BridgeConfig:
+        return self._config() if callable(self._config) else self._config
+
+    @activity.defn(name=LOAD_ROUTES)
+    async def load_routes(self) -> RoutesResult:
+        cfg = self.config()
+        return RoutesResult(routes=RouteTable.from_config(cfg).spec(), settings=cfg.dispatcher.model_dump())
+
+    @activity.defn(name=LOAD_TASKS)
+    async def load_tasks(self, workflow_id: str) -> list[dict[str, Any]]:
+        for wf in self.config().workflows:
+            if wf.id == workflow_id:
+                return [t.model_dump() for t in wf.tasks]
+        raise ApplicationError(f"no workflow {workflow_id!r} in the config", non_retryable=True)
+
+    @activity.defn(name=HTTP_REQUEST)
+    async def http_request(self, req: HttpRequest) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"headers": req.headers}
+        if isinstance(req.body, dict | list):
+            kwargs["json"] = req.body
+        elif req.body is not None:
+            kwargs["content"] = str(req.body)
+        async with httpx.AsyncClient(timeout=req.timeout_seconds) as client:
+            resp = await client.request(req.method.upper(), req.url, **kwargs)
+        if resp.status_code >= 500 or resp.status_code == 429:
+            raise ApplicationError(f"{req.method} {req.url} answered {resp.status_code}")
+        if resp.status_code >= 400:
+            raise ApplicationError(f"{req.method} {req.url} answered {resp.status_code}", non_retryable=True)
+        try:
+            body: Any = resp.json()
+        except ValueError:
+            body = resp.text
+        return {"status": resp.status_code, "body": body}

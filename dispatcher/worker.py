@@ -1,0 +1,47 @@
+"""The worker that runs the dispatcher and the task runner on the project's task queue."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from bridge.config import BridgeConfig
+from dispatcher.activities import BridgeActivities
+from dispatcher.runner import TaskRunnerWorkflow
+from dispatcher.workflow import DispatcherWorkflow
+
+# Pure modules the workflows use: passed through so they load once, not once per run.
+PASSTHROUGH = (
+    "bridge",
+    "dispatcher.activities",
+    "celpy",
+    "lark",
+    "jinja2",
+    "markupsafe",
+    "jsonschema",
+    "pydantic",
+    "yaml",
+    "slugify",
+    "httpx",
+)
+
+
+def build_worker(
+    client: Client, config: BridgeConfig | Callable[[], BridgeConfig], task_queue: str
+) -> Worker:
+    acts = BridgeActivities(config)
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[DispatcherWorkflow, TaskRunnerWorkflow],
+        activities=[acts.load_routes, acts.load_tasks, acts.http_request],
+        workflow_runner=SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
+        ),
+        activity_executor=ThreadPoolExecutor(4),
+        max_concurrent_workflow_tasks=50,
+    )

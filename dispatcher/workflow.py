@@ -1,0 +1,222 @@
+"""The dispatcher: one long-running workflow per project (per shard) that starts target runs.
+
+Signal handlers only append to a queue; the main loop drains it in batches. For each event it
+resolves the targets from the route table (loaded by a local activity, so a replay sees the
+table the run saw), starts each as a child with the id ``{workflow_id}-{digest(source, id)}``,
+``ABANDON`` and ``REJECT_DUPLICATE``, and waits only until each child has *started*. A second
+start for the same event is refused by Temporal and counted as a duplicate.
+
+It continues-as-new before any server limit bites (history length, signals per run, pending
+children), after every handler finished and every start was confirmed, carrying the unprocessed
+queue and a bounded list of recent event digests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+
+with workflow.unsafe.imports_passed_through():
+    import json
+
+    from bridge import templates
+    from bridge.event import SIGNAL_NAME, EventSignal, target_workflow_id
+    from bridge.routing import DISPATCHER_WORKFLOW, RouteTable, Target
+    from dispatcher.activities import LOAD_ROUTES, RoutesResult
+
+CARRY_LIMIT_BYTES = 512 * 1024
+STAT_KEYS = ("received", "started", "duplicates", "unroutable", "failed", "malformed")
+
+
+@dataclass
+class DispatcherInput:
+    project: str
+    shard: int = 0
+    run: int = 1
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    recent: list[str] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@workflow.defn(name=DISPATCHER_WORKFLOW)
+class DispatcherWorkflow:
+    @workflow.init
+    def __init__(self, inp: DispatcherInput) -> None:
+        self._queue: deque[EventSignal] = deque()
+        for raw in inp.pending:
+            self._queue.append(EventSignal.from_dict(raw))
+        self._recent: OrderedDict[str, None] = OrderedDict.fromkeys(inp.recent)
+        self._stats = {k: int(inp.stats.get(k, 0)) for k in STAT_KEYS}
+        self._run = inp.run
+        self._signals = 0
+        self._children = 0
+        self._reload = True
+        self._routes: RouteTable | None = None
+        self._settings: dict[str, int] = {}
+
+    @workflow.signal(name=SIGNAL_NAME)
+    def event_channel(self, events: Any) -> None:
+        """One event or a list of them. Bad items are counted and dropped; the rest queue up."""
+        self._signals += 1
+        for raw in events if isinstance(events, list) else [events]:
+            try:
+                event = EventSignal.from_dict(raw)
+            except (KeyError, TypeError, ValueError) as exc:
+                self._stats["malformed"] += 1
+                workflow.logger.warning("dropped malformed event: %s", exc)
+                continue
+            self._stats["received"] += 1
+            self._queue.append(event)
+
+    @workflow.signal(name="reload")
+    def reload(self) -> None:
+        self._reload = True
+
+    @workflow.query(name="stats")
+    def stats(self) -> dict[str, Any]:
+        return {
+            **self._stats,
+            "backlog": len(self._queue),
+            "run": self._run,
+            "signals_this_run": self._signals,
+            "children_this_run": self._children,
+        }
+
+    @workflow.run
+    async def run(self, inp: DispatcherInput) -> None:
+        self._project = inp.project
+        self._shard = inp.shard
+        while True:
+            await workflow.wait_condition(lambda: bool(self._queue) or self._reload or self._should_rotate())
+            if self._reload:
+                await self._load_routes()
+            if self._queue:
+                await self._dispatch_batch()
+            if self._should_rotate():
+                await self._rotate()
+
+    async def _load_routes(self) -> None:
+        self._reload = False
+        result: RoutesResult = await workflow.execute_local_activity(
+            LOAD_ROUTES,
+            result_type=RoutesResult,
+            start_to_close_timeout=timedelta(seconds=30),
+        )
+        self._routes = RouteTable.from_spec(result.routes)
+        self._settings = result.settings
+        workflow.logger.info("routes loaded run=%d workflows=%d", self._run, len(self._routes.workflows))
+
+    def _setting(self, name: str, default: int) -> int:
+        return int(self._settings.get(name, default))
+
+    def _should_rotate(self) -> bool:
+        info = workflow.info()
+        return (
+            info.is_continue_as_new_suggested()
+            or info.get_current_history_length() >= self._setting("history_events_threshold", 4096)
+            or self._signals >= self._setting("signals_per_run", 5000)
+            or self._children >= self._setting("children_per_run", 1000)
+        )
+
+    async def _dispatch_batch(self) -> None:
+        assert self._routes is not None
+        budget = self._setting("batch_size", 200)
+        starts = []
+        while self._queue and budget > 0:
+            event = self._queue.popleft()
+            digest = event.digest
+            if digest in self._recent:
+                self._stats["duplicates"] += 1
+                workflow.logger.info("duplicate event skipped id=%s name=%s", event.id, event.name)
+                continue
+            self._remember(digest)
+            try:
+                targets = self._routes.resolve(event)
+            except Exception as exc:
+                self._stats["failed"] += 1
+                workflow.logger.error("routing failed id=%s name=%s: %s", event.id, event.name, exc)
+                continue
+            if not targets:
+                self._stats["unroutable"] += 1
+                workflow.logger.info("no target for event id=%s name=%s", event.id, event.name)
+                continue
+            for target in targets:
+                starts.append(self._start(event, digest, target))
+                budget -= 1
+        self._children += len(starts)
+        await asyncio.gather(*starts)
+
+    async def _start(self, event: EventSignal, digest: str, target: Target) -> None:
+        child_id = target_workflow_id(target.workflow_id, digest)
+        try:
+            arg = {
+                "workflow_id": target.workflow_id,
+                "exec_id": str(workflow.uuid4()),
+                "input": event.payload if target.input is None else self._render(target, event),
+                "trigger": event.payload,
+                "event": event.envelope(),
+            }
+            await workflow.start_child_workflow(
+                target.workflow_type,
+                arg,
+                id=child_id,
+                task_queue=target.task_queue,
+                parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                memo={"event_name": event.name, "event_id": event.id, "event_source": event.source},
+            )
+        except WorkflowAlreadyStartedError:
+            self._stats["duplicates"] += 1
+            workflow.logger.info("duplicate start refused child=%s event=%s", child_id, event.id)
+        except Exception as exc:
+            self._stats["failed"] += 1
+            workflow.logger.error("child start failed child=%s event=%s: %s", child_id, event.id, exc)
+        else:
+            self._stats["started"] += 1
+
+    @staticmethod
+    def _render(target: Target, event: EventSignal) -> Any:
+        context = {"trigger": event.payload, "input": event.payload, "event": event.envelope()}
+        return templates.render(target.input, context)
+
+    def _remember(self, digest: str) -> None:
+        limit = self._setting("recent_ids", 2000)
+        if limit <= 0:
+            return
+        self._recent[digest] = None
+        while len(self._recent) > limit:
+            self._recent.popitem(last=False)
+
+    async def _rotate(self) -> None:
+        """Continue-as-new with the queue, once handlers finished and every start is confirmed."""
+        while True:
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            pending = [e.to_dict() for e in self._queue]
+            if len(json.dumps(pending, default=str)) <= CARRY_LIMIT_BYTES:
+                break
+            await self._dispatch_batch()
+        workflow.logger.info(
+            "continuing as new run=%d carried=%d signals=%d children=%d history=%d",
+            self._run,
+            len(pending),
+            self._signals,
+            self._children,
+            workflow.info().get_current_history_length(),
+        )
+        workflow.continue_as_new(
+            DispatcherInput(
+                project=self._project,
+                shard=self._shard,
+                run=self._run + 1,
+                pending=pending,
+                recent=list(self._recent),
+                stats=dict(self._stats),
+            )
+        )

@@ -1,0 +1,92 @@
+"""Small helpers shared by the tests: polling with a deadline, configs, workflow counting."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from bridge.config import BridgeConfig, parse_config
+
+T = TypeVar("T")
+TOKEN = "test-token"
+
+
+async def assert_eventually(
+    check: Callable[[], Awaitable[T] | T], *, timeout: float = 60.0, interval: float = 0.2, what: str = ""
+) -> T:
+    """Poll ``check`` until it returns a truthy value or stops raising AssertionError."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return result  # type: ignore[return-value]
+            last = result
+        except AssertionError as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s{': ' + what if what else ''}; last: {last}")
+        await asyncio.sleep(interval)
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def config(project: str, temporal_address: str, workflows: list[dict[str, Any]], **extra: Any) -> BridgeConfig:
+    data: dict[str, Any] = {
+        "project": project,
+        "temporal": {"address": temporal_address},
+        "http": {"port": 0, "auth": {"tokens": [TOKEN]}},
+        "workflows": workflows,
+    }
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return parse_config(data, origin="test")
+
+
+def runner(wid: str, *names: str, template: str = "got {{ .trigger.n }}", **trigger: Any) -> dict[str, Any]:
+    """A built-in runner workflow triggered by ``names`` that renders ``template``."""
+    return {
+        "id": wid,
+        "triggers": [{"type": "signal", "name": n, **trigger} for n in names],
+        "tasks": [{"id": "render", "config": {"template": template}}],
+    }
+
+
+async def result_of(client: Client, workflow_id: str, timeout: float = 60.0) -> Any:
+    """The result of a run the dispatcher starts asynchronously: wait for it to exist first."""
+    handle = client.get_workflow_handle(workflow_id)
+
+    async def exists() -> bool:
+        try:
+            await handle.describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise
+        return True
+
+    await assert_eventually(exists, timeout=timeout, what=f"workflow {workflow_id} started")
+    return await handle.result()
+
+
+async def count_workflows(client: Client, query: str) -> int:
+    return (await client.count_workflows(query)).count
+
+
+async def workflow_ids(client: Client, query: str) -> list[str]:
+    return [w.id async for w in client.list_workflows(query)]
