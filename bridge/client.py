@@ -126,9 +126,7 @@ class DispatcherClient:
 
     async def ping(self) -> bool:
         try:
-            await self.client.workflow_service.get_system_info(
-                GetSystemInfoRequest(), timeout=timedelta(seconds=2)
-            )
+            await self.client.workflow_service.get_system_info(GetSystemInfoRequest(), timeout=timedelta(seconds=2))
         except Exception:
             return False
         return True

@@ -123,9 +123,7 @@ class EmbeddedTemporal:
                 client = await Client.connect(self.address, namespace=self.namespace)
                 await client.workflow_service.get_system_info(GetSystemInfoRequest())
                 # The dev server answers before its namespaces are registered.
-                await client.workflow_service.describe_namespace(
-                    DescribeNamespaceRequest(namespace=self.namespace)
-                )
+                await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace=self.namespace))
                 return
             except Exception as exc:
                 last = exc

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,7 +32,16 @@ class EventSignal:
         return event_digest(self.source, self.id)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Spelled out: dataclasses.asdict deep-copies the payload, which the dispatcher cannot afford.
+        return {
+            "id": self.id,
+            "name": self.name,
+            "payload": self.payload,
+            "source": self.source,
+            "time": self.time,
+            "metadata": self.metadata,
+            "key": self.key,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EventSignal:

@@ -37,9 +37,7 @@ class Filter:
         return isinstance(result, bool | celtypes.BoolType) and bool(result)
 
 
-def activation(
-    name: str, payload: Any, source: str, metadata: dict[str, Any], event_id: str
-) -> dict[str, Any]:
+def activation(name: str, payload: Any, source: str, metadata: dict[str, Any], event_id: str) -> dict[str, Any]:
     return {
         "name": name,
         "payload": payload,

@@ -9,9 +9,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.received = Counter(
-            "signal_bridge_events_received", "Events read from a door", ["door"], registry=r
-        )
+        self.received = Counter("signal_bridge_events_received", "Events read from a door", ["door"], registry=r)
         self.accepted = Counter(
             "signal_bridge_events_accepted",
             "Events Temporal accepted (the door then acknowledged them)",
@@ -36,9 +34,7 @@ class Metrics:
             ["door"],
             registry=r,
         )
-        self.signals = Counter(
-            "signal_bridge_signals_sent", "Signal-with-start calls that returned", registry=r
-        )
+        self.signals = Counter("signal_bridge_signals_sent", "Signal-with-start calls that returned", registry=r)
         self.batch_size = Histogram(
             "signal_bridge_signal_batch_events",
             "Events per signal",

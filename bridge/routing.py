@@ -132,9 +132,7 @@ class RouteTable:
                     "workflow_type": w.workflow_type,
                     "task_queue": w.task_queue,
                     "input": w.input,
-                    "triggers": [
-                        {"name": t.name, "filter": t.filter.source if t.filter else None} for t in w.triggers
-                    ],
+                    "triggers": [{"name": t.name, "filter": t.filter.source if t.filter else None} for t in w.triggers],
                 }
                 for w in self.workflows
             ]
@@ -163,17 +161,14 @@ class RouteTable:
                 if error is not None:
                     raise EventRejected(
                         "schema_invalid",
-                        f"payload does not match the schema of workflow {w.id!r} "
-                        f"(trigger {t.name!r}): {error.message}",
+                        f"payload does not match the schema of workflow {w.id!r} (trigger {t.name!r}): {error.message}",
                         workflow=w.id,
                         trigger=t.name,
                         schema_path="/".join(str(p) for p in error.absolute_schema_path),
                         payload_path="/".join(str(p) for p in error.absolute_path),
                     )
         if not matched:
-            raise EventRejected(
-                "unroutable", f"no workflow is triggered by event {event.name!r}", name=event.name
-            )
+            raise EventRejected("unroutable", f"no workflow is triggered by event {event.name!r}", name=event.name)
 
     def resolve(self, event: EventSignal) -> list[Target]:
         """Every workflow whose trigger names the event and whose filter (if any) holds."""
@@ -191,9 +186,7 @@ class RouteTable:
         return targets
 
 
-def _compile_trigger(
-    name: str, filter_src: str | None, schema: dict[str, Any] | None, where: str
-) -> TriggerRoute:
+def _compile_trigger(name: str, filter_src: str | None, schema: dict[str, Any] | None, where: str) -> TriggerRoute:
     validator = None
     if schema is not None:
         cls = validator_for(schema, default=Draft202012Validator)

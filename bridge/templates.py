@@ -10,10 +10,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from jinja2 import ChainableUndefined, TemplateSyntaxError, Undefined
+from jinja2 import ChainableUndefined, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from bridge.errors import BridgeError
+
 
 # A missing field renders empty (None for a lone expression), as Go templates render
 # "<no value>": a payload without an optional field must not stop its run from starting.

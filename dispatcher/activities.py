@@ -6,19 +6,23 @@ through local activities, whose results are recorded, so replays never depend on
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from bridge.config import BridgeConfig
 from bridge.routing import RouteTable
 
 log = logging.getLogger(__name__)
 
+START_TARGETS = "signal-bridge.start_targets"
 LOAD_ROUTES = "signal-bridge.load_routes"
 LOAD_TASKS = "signal-bridge.load_tasks"
 HTTP_REQUEST = "signal-bridge.http_request"
@@ -27,7 +31,21 @@ HTTP_REQUEST = "signal-bridge.http_request"
 @dataclass
 class RoutesResult:
     routes: dict[str, Any]
-    settings: dict[str, int] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TargetStart:
+    id: str
+    workflow_type: str
+    task_queue: str
+    arg: dict[str, Any]
+    memo: dict[str, str]
+
+
+@dataclass
+class StartBatch:
+    starts: list[TargetStart]
 
 
 @dataclass
@@ -59,6 +77,36 @@ class BridgeActivities:
             if wf.id == workflow_id:
                 return [t.model_dump() for t in wf.tasks]
         raise ApplicationError(f"no workflow {workflow_id!r} in the config", non_retryable=True)
+
+    @activity.defn(name=START_TARGETS)
+    async def start_targets(self, batch: StartBatch) -> list[str]:
+        """Start every target; 'started', 'duplicate' (its id ran already) or 'failed: why'.
+
+        Idempotent by construction: a retry of this activity finds what the first attempt
+        started and reports it as a duplicate; nothing starts twice.
+        """
+        client = activity.client()
+
+        async def start(s: TargetStart) -> str:
+            try:
+                await client.start_workflow(
+                    s.workflow_type,
+                    s.arg,
+                    id=s.id,
+                    task_queue=s.task_queue,
+                    memo=s.memo,
+                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                    id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                )
+            except WorkflowAlreadyStartedError:
+                return "duplicate"
+            except RPCError as exc:
+                if exc.status in (RPCStatusCode.INVALID_ARGUMENT, RPCStatusCode.NOT_FOUND):
+                    return f"failed: {exc.message}"
+                raise
+            return "started"
+
+        return list(await asyncio.gather(*(start(s) for s in batch.starts)))
 
     @activity.defn(name=HTTP_REQUEST)
     async def http_request(self, req: HttpRequest) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -30,18 +29,15 @@ PASSTHROUGH = (
 )
 
 
-def build_worker(
-    client: Client, config: BridgeConfig | Callable[[], BridgeConfig], task_queue: str
-) -> Worker:
+def build_worker(client: Client, config: BridgeConfig | Callable[[], BridgeConfig], task_queue: str) -> Worker:
     acts = BridgeActivities(config)
     return Worker(
         client,
         task_queue=task_queue,
         workflows=[DispatcherWorkflow, TaskRunnerWorkflow],
-        activities=[acts.load_routes, acts.load_tasks, acts.http_request],
+        activities=[acts.load_routes, acts.load_tasks, acts.http_request, acts.start_targets],
         workflow_runner=SandboxedWorkflowRunner(
             restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
         ),
-        activity_executor=ThreadPoolExecutor(4),
         max_concurrent_workflow_tasks=50,
     )

@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import WorkflowIDReusePolicy
+from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
@@ -29,9 +29,10 @@ with workflow.unsafe.imports_passed_through():
     from bridge import templates
     from bridge.event import SIGNAL_NAME, EventSignal, target_workflow_id
     from bridge.routing import DISPATCHER_WORKFLOW, RouteTable, Target
-    from dispatcher.activities import LOAD_ROUTES, RoutesResult
+    from dispatcher.activities import LOAD_ROUTES, START_TARGETS, RoutesResult, StartBatch, TargetStart
 
 CARRY_LIMIT_BYTES = 512 * 1024
+ACTIVITY_INPUT_BYTES = 1024 * 1024
 STAT_KEYS = ("received", "started", "duplicates", "unroutable", "failed", "malformed")
 
 
@@ -45,7 +46,10 @@ class DispatcherInput:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-@workflow.defn(name=DISPATCHER_WORKFLOW)
+# Not sandboxed: the sandbox's import proxies made serialising the continue-as-new input slow
+# enough to trip the deadlock detector. This module does no I/O and reads no clock or randomness
+# except through `workflow.*`, which is what the sandbox would have enforced.
+@workflow.defn(name=DISPATCHER_WORKFLOW, sandboxed=False)
 class DispatcherWorkflow:
     @workflow.init
     def __init__(self, inp: DispatcherInput) -> None:
@@ -59,7 +63,7 @@ class DispatcherWorkflow:
         self._children = 0
         self._reload = True
         self._routes: RouteTable | None = None
-        self._settings: dict[str, int] = {}
+        self._settings: dict[str, Any] = {}
 
     @workflow.signal(name=SIGNAL_NAME)
     def event_channel(self, events: Any) -> None:
@@ -128,7 +132,7 @@ class DispatcherWorkflow:
     async def _dispatch_batch(self) -> None:
         assert self._routes is not None
         budget = self._setting("batch_size", 200)
-        starts = []
+        plans: list[tuple[EventSignal, str, Target]] = []
         while self._queue and budget > 0:
             event = self._queue.popleft()
             digest = event.digest
@@ -148,38 +152,91 @@ class DispatcherWorkflow:
                 workflow.logger.info("no target for event id=%s name=%s", event.id, event.name)
                 continue
             for target in targets:
-                starts.append(self._start(event, digest, target))
+                plans.append((event, digest, target))
                 budget -= 1
-        self._children += len(starts)
-        await asyncio.gather(*starts)
+        self._children += len(plans)
+        if self._settings.get("start_mode") == "activity":
+            await self._start_by_activity(plans)
+        else:
+            await asyncio.gather(*(self._start_child(*plan) for plan in plans))
 
-    async def _start(self, event: EventSignal, digest: str, target: Target) -> None:
+    def _arg(self, event: EventSignal, target: Target) -> dict[str, Any]:
+        return {
+            "workflow_id": target.workflow_id,
+            "exec_id": str(workflow.uuid4()),
+            "input": event.payload if target.input is None else self._render(target, event),
+            "trigger": event.payload,
+            "event": event.envelope(),
+        }
+
+    @staticmethod
+    def _memo(event: EventSignal) -> dict[str, str]:
+        return {"event_name": event.name, "event_id": event.id, "event_source": event.source}
+
+    def _count(self, outcome: str, child_id: str, event: EventSignal) -> None:
+        if outcome == "started":
+            self._stats["started"] += 1
+        elif outcome == "duplicate":
+            self._stats["duplicates"] += 1
+            workflow.logger.info("duplicate start refused child=%s event=%s", child_id, event.id)
+        else:
+            self._stats["failed"] += 1
+            workflow.logger.error("start failed child=%s event=%s: %s", child_id, event.id, outcome)
+
+    async def _start_child(self, event: EventSignal, digest: str, target: Target) -> None:
         child_id = target_workflow_id(target.workflow_id, digest)
         try:
-            arg = {
-                "workflow_id": target.workflow_id,
-                "exec_id": str(workflow.uuid4()),
-                "input": event.payload if target.input is None else self._render(target, event),
-                "trigger": event.payload,
-                "event": event.envelope(),
-            }
             await workflow.start_child_workflow(
                 target.workflow_type,
-                arg,
+                self._arg(event, target),
                 id=child_id,
                 task_queue=target.task_queue,
                 parent_close_policy=workflow.ParentClosePolicy.ABANDON,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                memo={"event_name": event.name, "event_id": event.id, "event_source": event.source},
+                memo=self._memo(event),
             )
         except WorkflowAlreadyStartedError:
-            self._stats["duplicates"] += 1
-            workflow.logger.info("duplicate start refused child=%s event=%s", child_id, event.id)
+            self._count("duplicate", child_id, event)
         except Exception as exc:
-            self._stats["failed"] += 1
-            workflow.logger.error("child start failed child=%s event=%s: %s", child_id, event.id, exc)
+            self._count(f"failed: {exc}", child_id, event)
         else:
-            self._stats["started"] += 1
+            self._count("started", child_id, event)
+
+    async def _start_by_activity(self, plans: list[tuple[EventSignal, str, Target]]) -> None:
+        """One activity per ~1 MiB of input starts the whole batch; retried until it answers."""
+        chunks: list[list[tuple[TargetStart, EventSignal]]] = [[]]
+        size = 0
+        for event, digest, target in plans:
+            try:
+                start = TargetStart(
+                    id=target_workflow_id(target.workflow_id, digest),
+                    workflow_type=target.workflow_type,
+                    task_queue=target.task_queue,
+                    arg=self._arg(event, target),
+                    memo=self._memo(event),
+                )
+            except Exception as exc:
+                self._count(f"failed: {exc}", target.workflow_id, event)
+                continue
+            weight = len(json.dumps(start.arg, default=str))
+            if chunks[-1] and size + weight > ACTIVITY_INPUT_BYTES:
+                chunks.append([])
+                size = 0
+            chunks[-1].append((start, event))
+            size += weight
+
+        async def run(chunk: list[tuple[TargetStart, EventSignal]]) -> None:
+            outcomes: list[str] = await workflow.execute_activity(
+                START_TARGETS,
+                StartBatch([s for s, _ in chunk]),
+                result_type=list[str],
+                start_to_close_timeout=timedelta(seconds=60),
+                retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
+            )
+            for (start, event), outcome in zip(chunk, outcomes, strict=True):
+                self._count(outcome, start.id, event)
+
+        await asyncio.gather(*(run(c) for c in chunks if c))
 
     @staticmethod
     def _render(target: Target, event: EventSignal) -> Any:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
 import pytest
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.worker import Worker
 
 from bridge.event import event_digest, target_workflow_id
 from tests.helpers import TOKEN, assert_eventually, config, result_of, runner, unique
+from tests.integration.user_workflows import UserProcessOrder
 
 pytestmark = pytest.mark.temporal
 
@@ -45,3 +49,168 @@ async def test_event_starts_target_that_sees_payload(bridge_factory, temporal_cl
     desc = await temporal_client.get_workflow_handle(wid).describe()
     memo = await desc.memo()
     assert memo["event_name"] == "order.created" and memo["event_id"] == "k-1"
+
+
+async def _stats(client: Client, project: str) -> dict[str, Any]:
+    return await client.get_workflow_handle(f"dispatcher-{project}").query("stats")
+
+
+async def _absent(client: Client, wid: str) -> bool:
+    try:
+        await client.get_workflow_handle(wid).describe()
+    except RPCError as exc:
+        return exc.status == RPCStatusCode.NOT_FOUND
+    return False
+
+
+async def test_fan_out_and_filter(bridge_factory, temporal_client, temporal_address):
+    project = unique("fan")
+    cfg = config(
+        project,
+        temporal_address,
+        [
+            runner("first", "order.created"),
+            runner("second", "order.created", template="second {{ .trigger.n }}"),
+            runner("big-only", "order.created", filter="payload.n > 100"),
+        ],
+    )
+    bridge = await bridge_factory(cfg)
+    assert (await _post(bridge, {"name": "order.created", "payload": {"n": 7}}, key="e1")).status_code == 202
+    digest = event_digest("http", "e1")
+    assert (await result_of(temporal_client, target_workflow_id("first", digest)))["tasks"]["render"] == "got 7"
+    assert (await result_of(temporal_client, target_workflow_id("second", digest)))["tasks"]["render"] == "second 7"
+    stats = await assert_eventually(lambda: _stats(temporal_client, project), what="stats readable")
+    assert stats["started"] == 2
+    assert await _absent(temporal_client, target_workflow_id("big-only", digest))
+
+    assert (await _post(bridge, {"name": "order.created", "payload": {"n": 500}}, key="e2")).status_code == 202
+    result = await result_of(temporal_client, target_workflow_id("big-only", event_digest("http", "e2")))
+    assert result["tasks"]["render"] == "got 500"
+
+
+async def test_same_idempotency_key_starts_once(bridge_factory, temporal_client, temporal_address):
+    project = unique("idem")
+    bridge = await bridge_factory(config(project, temporal_address, [runner("a", "x"), runner("b", "x")]))
+    for _ in range(3):
+        resp = await _post(bridge, {"name": "x", "payload": {"n": 1}}, key="same-key")
+        assert resp.status_code == 202 and resp.json()["event_id"] == "same-key"
+    # The body id is the key when no header is given: same event again.
+    assert (await _post(bridge, {"name": "x", "id": "same-key", "payload": {"n": 1}})).status_code == 202
+    digest = event_digest("http", "same-key")
+    await result_of(temporal_client, target_workflow_id("a", digest))
+    await result_of(temporal_client, target_workflow_id("b", digest))
+
+    async def all_processed() -> dict[str, Any]:
+        stats = await _stats(temporal_client, project)
+        return stats if stats["received"] == 4 and stats["backlog"] == 0 else {}
+
+    stats = await assert_eventually(all_processed)
+    assert stats["started"] == 2
+    assert stats["duplicates"] == 3
+    query = f'TaskQueue="{project}" AND WorkflowType="SignalBridgeTasks"'
+    await assert_eventually(lambda: _count_is(temporal_client, query, 2))
+
+
+async def _count_is(client: Client, query: str, n: int) -> bool:
+    return (await client.count_workflows(query)).count == n
+
+
+async def test_unknown_event_and_schema_violation_get_422(bridge_factory, temporal_client, temporal_address):
+    project = unique("rej")
+    wf = runner("typed", "order.created")
+    wf["triggers"][0]["schema"] = {"type": "object", "required": ["orderId"]}
+    bridge = await bridge_factory(config(project, temporal_address, [wf]))
+
+    resp = await _post(bridge, {"name": "order.typo", "payload": {"orderId": "1"}}, key="u1")
+    assert resp.status_code == 422
+    assert resp.json()["error"] == "unroutable"
+
+    resp = await _post(bridge, {"name": "order.created", "payload": {"n": 1}}, key="s1")
+    assert resp.status_code == 422
+    body = resp.json()
+    assert body["error"] == "schema_invalid"
+    assert body["workflow"] == "typed" and body["schema_path"] == "required"
+
+    # A good event afterwards is a barrier: once it ran, the dispatcher saw everything sent.
+    assert (await _post(bridge, {"name": "order.created", "payload": {"orderId": "9"}}, key="g1")).status_code == 202
+    await result_of(temporal_client, target_workflow_id("typed", event_digest("http", "g1")))
+    stats = await _stats(temporal_client, project)
+    assert stats["received"] == 1 and stats["started"] == 1
+    assert await _absent(temporal_client, target_workflow_id("typed", event_digest("http", "s1")))
+
+
+async def test_user_workflow_type_on_own_task_queue(bridge_factory, temporal_client, temporal_address):
+    project = unique("user")
+    queue = unique("user-q")
+    cfg = config(
+        project,
+        temporal_address,
+        [
+            {
+                "id": "process-order",
+                "workflow_type": "UserProcessOrder",
+                "task_queue": queue,
+                "input": {"order": "{{ .trigger.orderId }}", "kind": "{{ .event.name }}"},
+                "triggers": [{"type": "signal", "name": "order.created"}],
+            }
+        ],
+    )
+    bridge = await bridge_factory(cfg)
+    async with Worker(temporal_client, task_queue=queue, workflows=[UserProcessOrder]):
+        resp = await _post(bridge, {"name": "order.created", "payload": {"orderId": "A-7"}}, key="u-7")
+        assert resp.status_code == 202
+        got = await result_of(temporal_client, target_workflow_id("process-order", event_digest("http", "u-7")))
+    assert got["workflow_id"] == "process-order"
+    assert got["exec_id"]
+    assert got["trigger"] == {"orderId": "A-7"}
+    assert got["input"] == {"order": "A-7", "kind": "order.created"}
+    assert got["event"]["id"] == "u-7" and got["event"]["name"] == "order.created"
+    assert got["event"]["source"] == "http"
+
+
+@pytest.mark.parametrize("start_mode", ["child", "activity"])
+async def test_continue_as_new_loses_and_doubles_nothing(bridge_factory, temporal_client, temporal_address, start_mode):
+    """2,000 events through a dispatcher that must continue-as-new several times."""
+    project = unique("can")
+    idle_queue = unique("no-worker")  # children start (that is what we count) but never run
+    n = 2000
+    cfg = config(
+        project,
+        temporal_address,
+        [{"id": "t", "workflow_type": "Noop", "task_queue": idle_queue, "triggers": [{"name": "tick"}]}],
+        dispatcher={
+            "history_events_threshold": 600,
+            "children_per_run": 400,
+            "batch_size": 100,
+            "start_mode": start_mode,
+        },
+    )
+    bridge = await bridge_factory(cfg)
+    sem = asyncio.Semaphore(32)
+    async with httpx.AsyncClient(timeout=60) as http:
+        url = f"http://127.0.0.1:{bridge.http_port}/api/v1/events"
+
+        async def send(i: int) -> int:
+            async with sem:
+                resp = await http.post(
+                    url,
+                    json={"name": "tick", "payload": {"i": i}},
+                    headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": f"ev-{i}"},
+                )
+                return resp.status_code
+
+        codes = await asyncio.gather(*(send(i) for i in range(n)))
+    assert codes.count(202) == n
+
+    async def done() -> dict[str, Any]:
+        stats = await _stats(temporal_client, project)
+        return stats if stats["started"] + stats["duplicates"] >= n else {}
+
+    stats = await assert_eventually(done, timeout=400, interval=1.0)
+    assert stats["started"] == n and stats["duplicates"] == 0 and stats["failed"] == 0
+    assert stats["run"] >= 3, stats
+    await assert_eventually(
+        lambda: _count_is(temporal_client, f'TaskQueue="{idle_queue}"', n), timeout=60, interval=1.0
+    )
+    for i in range(0, n, 97):
+        assert not await _absent(temporal_client, target_workflow_id("t", event_digest("http", f"ev-{i}")))
