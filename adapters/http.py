@@ -35,7 +35,8 @@ from litestar.status_codes import (
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 
-from bridge.config import HttpConfig
+from bridge.config import EventFormat, HttpConfig
+from bridge.decode import CE_STRUCTURED, Message, decode
 from bridge.errors import EventRejected, Unavailable
 from bridge.event import EventSignal
 from bridge.pipeline import Pipeline
@@ -109,6 +110,23 @@ def parse_envelope(body: bytes, idempotency_key: str | None, metadata: dict[str,
     )
 
 
+def _parse(request: Request[Any, Any, Any], body: bytes, metadata: dict[str, Any]) -> EventSignal:
+    """CloudEvents (structured: content type; binary: ``ce-*`` headers) or an envelope."""
+    content_type = request.headers.get("content-type")
+    ce_attrs = {k[3:]: v for k, v in request.headers.items() if k.lower().startswith("ce-")}
+    if ce_attrs.get("specversion") or (content_type or "").lower().startswith(CE_STRUCTURED):
+        msg = Message(
+            body=body,
+            source=DOOR,
+            fallback_id=str(uuid.uuid4()),
+            ce_attributes=ce_attrs,
+            content_type=content_type,
+            metadata=metadata,
+        )
+        return decode(msg, EventFormat(format="cloudevents"))
+    return parse_envelope(body, request.headers.get("idempotency-key"), metadata)
+
+
 def create_app(
     pipeline: Pipeline,
     config: HttpConfig,
@@ -129,18 +147,18 @@ def create_app(
             return _problem(HTTP_401_UNAUTHORIZED, "unauthorized", "a valid bearer token is required")
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > config.max_body_bytes:
-            return _too_large(config)
+            return _too_large(pipeline, config)
         try:
             body = await request.body()
         except HTTPException as exc:
             if exc.status_code == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
-                return _too_large(config)
+                return _too_large(pipeline, config)
             raise
         if len(body) > config.max_body_bytes:
-            return _too_large(config)
+            return _too_large(pipeline, config)
         metadata = _metadata(request)
         try:
-            event = parse_envelope(body, request.headers.get("idempotency-key"), metadata)
+            event = _parse(request, body, metadata)
         except EventRejected as exc:
             pipeline.reject(DOOR, None, None, exc)
             return _problem(STATUS[exc.reason], exc.reason, exc.message, **exc.details)
@@ -190,12 +208,10 @@ def create_app(
     )
 
 
-def _too_large(config: HttpConfig) -> Response[dict[str, Any]]:
-    return _problem(
-        HTTP_413_REQUEST_ENTITY_TOO_LARGE,
-        "too_large",
-        f"body exceeds http.max_body_bytes ({config.max_body_bytes} bytes)",
-    )
+def _too_large(pipeline: Pipeline, config: HttpConfig) -> Response[dict[str, Any]]:
+    exc = EventRejected("too_large", f"body exceeds http.max_body_bytes ({config.max_body_bytes} bytes)")
+    pipeline.reject(DOOR, None, None, exc)
+    return _problem(HTTP_413_REQUEST_ENTITY_TOO_LARGE, exc.reason, exc.message)
 
 
 _KEPT_HEADERS = ("traceparent", "tracestate", "x-request-id", "x-correlation-id", "user-agent")

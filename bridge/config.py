@@ -289,12 +289,23 @@ def load_config(path: str | Path, env: dict[str, str] | None = None) -> BridgeCo
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{origin}: cannot read: {exc.strerror or exc}") from None
-    text = interpolate(text, env, origin=origin)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
-    return parse_config(data, origin=origin)
+    # After parsing, value by value: a secret with quotes or backslashes is taken verbatim, and
+    # a ${VAR} in a comment is not required.
+    return parse_config(_interpolate_tree(data, env, origin), origin=origin)
+
+
+def _interpolate_tree(node: Any, env: dict[str, str] | None, origin: str) -> Any:
+    if isinstance(node, str):
+        return interpolate(node, env, origin=origin)
+    if isinstance(node, dict):
+        return {k: _interpolate_tree(v, env, origin) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate_tree(v, env, origin) for v in node]
+    return node
 
 
 def _check_unique(config: BridgeConfig, origin: str) -> None:

@@ -28,7 +28,9 @@ class _Env(ImmutableSandboxedEnvironment):
 
 _ENV = _Env(undefined=ChainableUndefined, autoescape=False)
 _BLOCK = re.compile(r"({{.*?}}|{%.*?%})", re.DOTALL)
-_LEADING_DOT = re.compile(r"""(?<![\w\]\)'"])\.(?=[A-Za-z_])""")
+# A quoted string literal is matched first and given back unchanged; a dot elsewhere that
+# starts a name (not an attribute access like `a.b` or `x().y`) is the Go-style leading dot.
+_LEADING_DOT = re.compile(r"""("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')|(?<![\w\]\)'"])\.(?=[A-Za-z_])""")
 _SINGLE = re.compile(r"^\s*{{(?P<expr>(?:(?!}}).)*)}}\s*$", re.DOTALL)
 
 
@@ -38,7 +40,7 @@ class TemplateError(BridgeError):
 
 def go_to_jinja(source: str) -> str:
     """``{{ .trigger.x }}`` → ``{{ trigger.x }}`` inside template blocks only."""
-    return _BLOCK.sub(lambda m: _LEADING_DOT.sub("", m.group(0)), source)
+    return _BLOCK.sub(lambda m: _LEADING_DOT.sub(lambda s: s.group(1) or "", m.group(0)), source)
 
 
 def check(value: Any) -> None:

@@ -1,0 +1,299 @@
+"""compose/ agrees with the bridge: env names, ports, addresses, config path, console script.
+
+No Docker engine is needed: the compose file, the Dockerfile and the config are read as data and
+checked against what the bridge really reads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from bridge.config import BridgeConfig, load_config
+from bridge.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_DIR = ROOT / "compose"
+TOKEN = "compose-test-token"
+
+
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load((COMPOSE_DIR / "docker-compose.yml").read_text())
+
+
+COMPOSE = _compose()
+SERVICES: dict[str, Any] = COMPOSE["services"]
+BRIDGE = SERVICES["bridge"]
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def container_ports(service: dict[str, Any]) -> set[int]:
+    """Ports the service declares: ``expose`` and the container side of ``ports``."""
+    out = {int(str(p).split("/")[0]) for p in service.get("expose", [])}
+    for p in service.get("ports", []):
+        if isinstance(p, dict):
+            out.add(int(p["target"]))
+        else:
+            out.add(int(str(p).split("/")[0].rsplit(":", 1)[-1]))
+    return out
+
+
+def published_ports(service: dict[str, Any]) -> dict[int, int]:
+    """container port → host port."""
+    out = {}
+    for p in service.get("ports", []):
+        if isinstance(p, dict):
+            out[int(p["target"])] = int(p["published"])
+        else:
+            parts = str(p).split("/")[0].split(":")
+            out[int(parts[-1])] = int(parts[-2]) if len(parts) > 1 else int(parts[-1])
+    return out
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", (COMPOSE_DIR / "Dockerfile").read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def exec_form(instruction: str) -> list[str]:
+    values = [rest for word, rest in dockerfile() if word == instruction]
+    if not values:
+        return []
+    value = values[-1]
+    return json.loads(value) if value.startswith("[") else shlex.split(value)
+
+
+def command_line() -> list[str]:
+    """What the bridge container runs: compose's entrypoint/command, else the Dockerfile's."""
+    entry = BRIDGE.get("entrypoint") or exec_form("ENTRYPOINT")
+    cmd = BRIDGE.get("command") or exec_form("CMD")
+    return [*entry, *cmd]
+
+
+def config_path() -> str:
+    args = command_line()
+    if "--config" in args:
+        return args[args.index("--config") + 1]
+    return environment(BRIDGE)["SIGNAL_BRIDGE_CONFIG"]
+
+
+def effective_config() -> BridgeConfig:
+    """compose/config.yaml as the container sees it: loaded, then SIGNAL_BRIDGE_* applied."""
+    env = environment(BRIDGE)
+    cfg = load_config(COMPOSE_DIR / "config.yaml", env={"BRIDGE_TOKEN": TOKEN})
+    return Settings.from_env(env).apply(cfg)
+
+
+class _Recording(dict[str, str]):
+    def __init__(self) -> None:
+        super().__init__()
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(str(key))
+        return super().__contains__(key)
+
+
+def settings_env_names() -> set[str]:
+    env = _Recording()
+    Settings.from_env(env)
+    return env.read
+
+
+def host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+# --- the services --------------------------------------------------------------------------
+
+
+def test_stack_has_the_four_services_with_healthchecks() -> None:
+    for name in ("temporal", "kafka", "rabbitmq", "bridge"):
+        assert name in SERVICES
+        assert SERVICES[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+def test_bridge_waits_for_its_services() -> None:
+    deps = BRIDGE["depends_on"]
+    assert deps["temporal"]["condition"] == "service_healthy"
+    assert deps["rabbitmq"]["condition"] == "service_healthy"
+    kafka_dep = deps.get("kafka") or deps["kafka-init"]
+    assert kafka_dep["condition"] in ("service_healthy", "service_completed_successfully")
+
+
+def test_kafka_runs_in_kraft_mode() -> None:
+    env = environment(SERVICES["kafka"])
+    assert SERVICES["kafka"]["image"].startswith("apache/kafka")
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    assert "ZOOKEEPER" not in " ".join(env)
+
+
+def test_temporal_dev_server_listens_beyond_loopback() -> None:
+    cmd = SERVICES["temporal"]["command"]
+    cmd = cmd if isinstance(cmd, list) else shlex.split(cmd)
+    assert cmd[:2] == ["server", "start-dev"]
+    assert cmd[cmd.index("--ip") + 1] == "0.0.0.0"
+
+
+# --- the bridge's settings -----------------------------------------------------------------
+
+
+def test_recording_sees_settings_names() -> None:
+    """The probe below is only as good as this: it must see what from_env reads."""
+    names = settings_env_names()
+    assert {"SIGNAL_BRIDGE_HTTP_PORT", "SIGNAL_BRIDGE_TEMPORAL_ADDRESS"} <= names
+
+
+def test_every_signal_bridge_env_name_is_read_by_the_bridge() -> None:
+    used = {k for k in environment(BRIDGE) if k.startswith("SIGNAL_BRIDGE_")}
+    used |= {
+        m.group(1)
+        for word, rest in dockerfile()
+        if word == "ENV"
+        for m in re.finditer(r"(SIGNAL_BRIDGE_[A-Z_]+)", rest)
+    }
+    assert used, "compose sets no SIGNAL_BRIDGE_* variables"
+    unknown = used - settings_env_names()
+    assert not unknown, f"the bridge never reads {sorted(unknown)}"
+
+
+def test_bridge_listens_on_all_interfaces() -> None:
+    assert effective_config().http.host == "0.0.0.0"
+
+
+def test_published_port_is_the_configured_http_port() -> None:
+    port = effective_config().http.port
+    assert port == 8080
+    assert published_ports(BRIDGE) == {port: port}
+    exposed = {int(p) for word, rest in dockerfile() if word == "EXPOSE" for p in rest.split()}
+    assert port in exposed
+
+
+def test_healthcheck_probes_readyz_on_the_http_port() -> None:
+    test = " ".join(BRIDGE["healthcheck"]["test"])
+    assert f"127.0.0.1:{effective_config().http.port}/readyz" in test
+
+
+# --- the config ----------------------------------------------------------------------------
+
+
+def test_config_loads_and_takes_its_token_from_the_environment() -> None:
+    cfg = effective_config()
+    assert cfg.http.auth.tokens == [TOKEN]
+    assert "BRIDGE_TOKEN" in environment(BRIDGE)
+
+
+def test_config_is_mounted_where_the_bridge_reads_it() -> None:
+    path = config_path()
+    assert environment(BRIDGE).get("SIGNAL_BRIDGE_CONFIG", path) == path
+    mounts = {}
+    for volume in BRIDGE["volumes"]:
+        source, target = str(volume).split(":")[:2]
+        mounts[target] = source
+    assert (COMPOSE_DIR / mounts[path]).resolve() == (COMPOSE_DIR / "config.yaml").resolve()
+
+
+def test_temporal_address_points_at_the_temporal_service() -> None:
+    raw = load_config(COMPOSE_DIR / "config.yaml", env={"BRIDGE_TOKEN": TOKEN})
+    for address in (effective_config().temporal.address, raw.temporal.address):
+        host, port = host_port(address or "")
+        assert host in SERVICES
+        assert port in container_ports(SERVICES[host])
+
+
+def test_kafka_consumer_points_at_the_advertised_kafka_listener() -> None:
+    [consumer] = effective_config().kafka
+    for server in consumer.bootstrap_servers.split(","):
+        host, port = host_port(server)
+        assert host in SERVICES
+        assert port in container_ports(SERVICES[host])
+        assert f"//{host}:{port}" in environment(SERVICES[host])["KAFKA_ADVERTISED_LISTENERS"]
+
+
+def test_kafka_topics_are_created() -> None:
+    [consumer] = effective_config().kafka
+    init = " ".join(SERVICES["kafka-init"]["command"])
+    for topic in [*consumer.topics, consumer.dead_letter_topic]:
+        assert topic and re.search(rf"(^|\s){re.escape(topic)}(\s|;|$)", init), f"topic {topic} not created"
+
+
+def test_amqp_consumer_points_at_the_rabbitmq_service() -> None:
+    [consumer] = effective_config().amqp
+    url = urlsplit(consumer.url)
+    assert url.hostname in SERVICES
+    rabbit = SERVICES[url.hostname]
+    assert (url.port or 5672) in container_ports(rabbit)
+    env = environment(rabbit)
+    assert (url.username, url.password) == (
+        env.get("RABBITMQ_DEFAULT_USER", "guest"),
+        env.get("RABBITMQ_DEFAULT_PASS", "guest"),
+    )
+
+
+def test_config_runs_the_example_workflows() -> None:
+    example = yaml.safe_load((ROOT / "examples" / "shop.yaml").read_text())
+    ours = yaml.safe_load((COMPOSE_DIR / "config.yaml").read_text())
+    assert ours["workflows"] == example["workflows"]
+
+
+# --- the image -----------------------------------------------------------------------------
+
+
+def test_image_runs_the_declared_console_script() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    args = command_line()
+    assert args[0] == "signal-bridge"
+    assert args[0] in scripts
+    assert args[1] == "serve"
+
+
+def test_image_is_python_311_slim_and_installs_the_project() -> None:
+    instructions = dockerfile()
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+    runs = " ".join(rest for word, rest in instructions if word == "RUN")
+    assert re.search(r"pip install (\S+ )*\.(\s|$)", runs)
+
+
+@pytest.mark.parametrize("source", ["pyproject.toml", "README.md", "bridge", "adapters", "dispatcher"])
+def test_image_copies_what_pip_install_needs(source: str) -> None:
+    """``pyproject.toml`` names README.md as the readme: the build fails without it."""
+    copied = {
+        part
+        for word, rest in dockerfile()
+        if word == "COPY"
+        for part in shlex.split(rest)[:-1]
+        if not part.startswith("--")
+    }
+    assert source in copied
+    assert (ROOT / source).exists(), f"{source} is copied into the image but missing from the repository"
+    ignore = (COMPOSE_DIR / "Dockerfile.dockerignore").read_text().split()
+    assert f"!{source}" in ignore, f"{source} is excluded from the build context"

@@ -1,0 +1,251 @@
+"""Loading config files: interpolation, unknown keys, and load-time errors that say where."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bridge.cli import main
+from bridge.config import load_config, parse_config
+from bridge.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOP = ROOT / "examples" / "shop.yaml"
+CONSOLE_SCRIPT = Path(sys.executable).parent / "signal-bridge"
+
+
+def write(tmp_path: Path, text: str, name: str = "bridge.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def write_data(tmp_path: Path, data: dict[str, Any], name: str = "bridge.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def workflow(wid: str = "wf-one", **fields: Any) -> dict[str, Any]:
+    return {"id": wid, "workflow_type": "Target", "triggers": [{"name": "order.created"}], **fields}
+
+
+def load_error(tmp_path: Path, *workflows: dict[str, Any]) -> str:
+    path = write_data(tmp_path, {"project": "shop", "workflows": list(workflows)})
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, env={})
+    message = str(exc.value)
+    assert str(path) in message
+    return message
+
+
+# --- interpolation -----------------------------------------------------------------------
+
+
+def test_env_variable_is_interpolated(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        project: shop
+        temporal: {address: "${TEMPORAL_HOST}:7233"}
+        http: {auth: {tokens: ["${BRIDGE_TOKEN}"]}}
+        """,
+    )
+    cfg = load_config(path, env={"TEMPORAL_HOST": "temporal", "BRIDGE_TOKEN": "s3cret"})
+    assert cfg.temporal.address == "temporal:7233"
+    assert cfg.http.auth.tokens == ["s3cret"]
+
+
+def test_env_default_is_used_only_when_unset(tmp_path: Path) -> None:
+    path = write(tmp_path, 'project: shop\nhttp: {auth: {tokens: ["${BRIDGE_TOKEN:-dev-token}"]}}\n')
+    assert load_config(path, env={}).http.auth.tokens == ["dev-token"]
+    assert load_config(path, env={"BRIDGE_TOKEN": "real"}).http.auth.tokens == ["real"]
+
+
+def test_unset_env_variable_is_an_error_naming_it_and_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'project: shop\nhttp: {auth: {tokens: ["${NOT_SET_ANYWHERE}"]}}\n')
+    with pytest.raises(ConfigError, match="NOT_SET_ANYWHERE") as exc:
+        load_config(path, env={})
+    assert str(path) in str(exc.value)
+
+
+@pytest.mark.parametrize("secret", ["back\\slash", 'quo"te', "hash #tag", "colon: space"])
+def test_interpolated_secret_is_taken_verbatim(tmp_path: Path, secret: str) -> None:
+    """A token from the environment must reach the config unchanged, whatever it contains."""
+    path = write(tmp_path, 'project: shop\nhttp: {auth: {tokens: ["${BRIDGE_TOKEN}"]}}\n')
+    assert load_config(path, env={"BRIDGE_TOKEN": secret}).http.auth.tokens == [secret]
+
+
+def test_variable_mentioned_in_a_comment_is_not_required(tmp_path: Path) -> None:
+    path = write(tmp_path, "# export ${SOME_UNSET_VAR} to change the token\nproject: shop\n")
+    assert load_config(path, env={}).project == "shop"
+
+
+# --- structure -----------------------------------------------------------------------------
+
+
+def test_unknown_top_level_key_is_named(tmp_path: Path) -> None:
+    path = write_data(tmp_path, {"project": "shop", "workflowz": []})
+    with pytest.raises(ConfigError, match=r"workflowz: unknown key"):
+        load_config(path, env={})
+
+
+def test_unknown_trigger_key_names_key_workflow_and_trigger(tmp_path: Path) -> None:
+    wf = workflow(triggers=[{"name": "order.created", "fliter": "payload.x > 1"}])
+    message = load_error(tmp_path, wf)
+    assert "fliter" in message
+    assert "unknown key" in message
+    assert "'wf-one'" in message
+    assert "'order.created'" in message
+
+
+def test_file_that_is_not_a_mapping_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path, env={})
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml", env={})
+
+
+# --- load-time errors name file, workflow and trigger -----------------------------------
+
+
+def test_unsupported_trigger_type(tmp_path: Path) -> None:
+    message = load_error(tmp_path, workflow(triggers=[{"type": "webhook", "name": "order.created"}]))
+    assert "'wf-one'" in message
+    assert "'order.created'" in message
+    assert "unsupported trigger type 'webhook'" in message
+
+
+def test_empty_trigger_name(tmp_path: Path) -> None:
+    message = load_error(tmp_path, workflow(triggers=[{"name": "order.paid"}, {"name": ""}]))
+    assert "'wf-one'" in message
+    assert "trigger #2" in message
+    assert "name is required" in message
+
+
+def test_same_trigger_twice_in_a_workflow(tmp_path: Path) -> None:
+    message = load_error(tmp_path, workflow(triggers=[{"name": "order.created"}, {"name": "order.created"}]))
+    assert "'wf-one'" in message
+    assert "'order.created'" in message
+    assert "twice" in message
+
+
+def test_same_trigger_in_two_workflows_is_fine(tmp_path: Path) -> None:
+    path = write_data(tmp_path, {"project": "shop", "workflows": [workflow("a"), workflow("b")]})
+    assert [w.id for w in load_config(path, env={}).workflows] == ["a", "b"]
+
+
+def test_schema_that_does_not_compile(tmp_path: Path) -> None:
+    bad = {"type": "object", "properties": {"amount": {"minimum": "ten"}}}
+    message = load_error(tmp_path, workflow(triggers=[{"name": "order.created", "schema": bad}]))
+    assert "'wf-one'" in message
+    assert "'order.created'" in message
+    assert "schema does not compile" in message
+    assert "properties/amount/minimum" in message
+
+
+def test_filter_that_does_not_compile(tmp_path: Path) -> None:
+    trig = {"name": "order.created", "filter": "payload.amount >"}
+    message = load_error(tmp_path, workflow(triggers=[trig]))
+    assert "'wf-one'" in message
+    assert "'order.created'" in message
+    assert "does not compile" in message
+
+
+def test_two_workflows_with_one_id(tmp_path: Path) -> None:
+    message = load_error(tmp_path, workflow("dup"), workflow("dup"))
+    assert "'dup'" in message
+    assert "same id" in message
+
+
+def test_task_template_that_does_not_parse(tmp_path: Path) -> None:
+    wf = {
+        "id": "runner",
+        "triggers": [{"name": "order.created"}],
+        "tasks": [{"id": "say", "config": {"template": "{{ .trigger.orderId | }}"}}],
+    }
+    message = load_error(tmp_path, wf)
+    assert "'runner'" in message
+    assert "does not parse" in message
+
+
+def test_input_template_that_does_not_parse(tmp_path: Path) -> None:
+    message = load_error(tmp_path, workflow(input={"order": "{% if %}"}))
+    assert "'wf-one'" in message
+    assert "does not parse" in message
+
+
+def test_workflow_needs_type_or_tasks(tmp_path: Path) -> None:
+    message = load_error(tmp_path, {"id": "empty", "triggers": [{"name": "x"}]})
+    assert "'empty'" in message
+    assert "workflow_type" in message
+
+
+def test_seed_task_shape_loads_as_is() -> None:
+    cfg = parse_config(
+        {
+            "project": "shop",
+            "workflows": [
+                {
+                    "id": "process-order",
+                    "triggers": [{"type": "signal", "name": "order.created"}],
+                    "tasks": [
+                        {"id": "process-order", "config": {"template": "Processing order {{ .trigger.orderId }}"}}
+                    ],
+                }
+            ],
+        }
+    )
+    [task] = cfg.workflows[0].tasks
+    assert task.type == "template"
+    assert task.config == {"template": "Processing order {{ .trigger.orderId }}"}
+
+
+def test_example_shop_config_validates() -> None:
+    cfg = load_config(SHOP, env={})
+    assert cfg.project == "shop"
+    assert [w.id for w in cfg.workflows] == ["process-order", "big-order-alert", "audit"]
+
+
+# --- CLI -----------------------------------------------------------------------------------
+
+
+def test_cli_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(SHOP)]) == 0
+    out = capsys.readouterr()
+    assert "ok" in out.out
+    assert out.err == ""
+
+
+def test_cli_validate_error_goes_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_data(tmp_path, {"project": "shop", "workflows": [workflow("dup"), workflow("dup")]})
+    assert main(["validate", str(path)]) == 1
+    out = capsys.readouterr()
+    assert "same id" in out.err
+    assert str(path) in out.err
+    assert out.out == ""
+
+
+def test_cli_routes_prints_name_to_workflows(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["routes", str(SHOP)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["order.created -> process-order, big-order-alert", "order.* -> audit"]
+
+
+def test_console_script_reports_errors_with_exit_code_1(tmp_path: Path) -> None:
+    """One run of the installed ``signal-bridge`` script: the entry point and exit code are wired."""
+    bad = write_data(tmp_path, {"project": "shop", "workflows": [workflow(triggers=[{"name": ""}])]})
+    run = subprocess.run([CONSOLE_SCRIPT, "validate", bad], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert "name is required" in run.stderr
+    assert run.stdout == ""

@@ -1,0 +1,117 @@
+"""Templates: the seed's Go-style syntax on Jinja2, native values, missing fields."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bridge import templates
+from bridge.templates import TemplateError, render
+
+CTX: dict[str, Any] = {
+    "trigger": {"orderId": "A1", "amount": 150, "items": [{"sku": "x"}], "keys": "k", "meta": {"a": 1}},
+    "event": {"name": "order.created", "id": "e-1"},
+    "input": {"kind": "order"},
+    "tasks": {"first": {"n": 2}},
+}
+
+
+def test_go_style_leading_dot() -> None:
+    assert render("Processing order {{ .trigger.orderId }}", CTX) == "Processing order A1"
+
+
+def test_plain_jinja_without_dot_also_works() -> None:
+    assert render("{{ trigger.orderId }}-{{ event.name }}", CTX) == "A1-order.created"
+
+
+def test_text_without_blocks_is_returned_unchanged() -> None:
+    assert render("no .templates here", CTX) == "no .templates here"
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("{{ .trigger.meta }}", {"a": 1}),
+        ("{{ .trigger.items }}", [{"sku": "x"}]),
+        ("{{ .trigger.amount }}", 150),
+        ("  {{ .trigger.amount * 2 }}  ", 300),
+        ("{{ .tasks.first.n }}", 2),
+    ],
+)
+def test_single_expression_returns_native_value(template: str, expected: Any) -> None:
+    assert render(template, CTX) == expected
+
+
+def test_two_expressions_render_text() -> None:
+    assert render("{{ .trigger.amount }}{{ .trigger.amount }}", CTX) == "150150"
+
+
+@pytest.mark.parametrize("key", ["items", "keys", "values", "get"])
+def test_payload_keys_shadow_dict_methods(key: str) -> None:
+    ctx = {"trigger": {key: "from payload"}}
+    assert render(f"{{{{ .trigger.{key} }}}}", ctx) == "from payload"
+    assert render(f"got {{{{ .trigger.{key} }}}}", ctx) == "got from payload"
+
+
+def test_missing_field_single_expression_is_none() -> None:
+    assert render("{{ .trigger.nope }}", CTX) is None
+    assert render("{{ .trigger.nope.deeper.still }}", CTX) is None
+
+
+def test_missing_field_in_text_renders_empty() -> None:
+    assert render("[{{ .trigger.nope.deeper }}]", CTX) == "[]"
+
+
+def test_nested_dicts_and_lists_are_rendered() -> None:
+    value = {
+        "order": "{{ .trigger.orderId }}",
+        "lines": ["{{ .trigger.items }}", "n={{ .trigger.amount }}", 3, None],
+        "deep": {"flag": True, "kind": "{{ .input.kind }}"},
+    }
+    assert render(value, CTX) == {
+        "order": "A1",
+        "lines": [[{"sku": "x"}], "n=150", 3, None],
+        "deep": {"flag": True, "kind": "order"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ('{{ "see .trigger here" }}', "see .trigger here"),
+        ("{{ 'v .x' }}", "v .x"),
+        ('{{ .trigger.orderId ~ " .suffix" }}', "A1 .suffix"),
+    ],
+)
+def test_dot_inside_string_literal_is_left_alone(template: str, expected: str) -> None:
+    assert render(template, CTX) == expected
+
+
+def test_attribute_dots_and_decimals_are_kept() -> None:
+    assert render("{{ .trigger.meta.a + 0.5 }}", CTX) == 1.5
+    assert render("{{ .trigger.items[0].sku }}", CTX) == "x"
+    assert render("{{ (.trigger.meta).a }}", CTX) == 1
+
+
+def test_control_blocks_accept_leading_dot() -> None:
+    assert render("{% if .trigger.amount > 100 %}big{% else %}small{% endif %}", CTX) == "big"
+
+
+@pytest.mark.parametrize("bad", ["{{ .trigger.orderId | }}", "{% if %}", "{{ .trigger.a ) }}"])
+def test_syntax_errors_raise_template_error(bad: str) -> None:
+    with pytest.raises(TemplateError, match="does not parse"):
+        render(bad, CTX)
+    with pytest.raises(TemplateError):
+        templates.check({"nested": [bad]})
+
+
+def test_check_accepts_good_templates_anywhere() -> None:
+    templates.check({"a": ["{{ .trigger.x }}", {"b": "{% for i in .trigger.items %}{{ i }}{% endfor %}"}], "n": 1})
+
+
+def test_sandbox_hides_internals_and_refuses_mutation() -> None:
+    assert render("{{ .trigger.__class__ }}", CTX) is None
+    with pytest.raises(TemplateError, match="unsafe"):
+        render('{{ .trigger.pop("orderId") }}', CTX)
+    assert CTX["trigger"]["orderId"] == "A1"
