@@ -53,6 +53,14 @@ class ConfigSource:
         self.config = config
         self.path = path
         self._mtime = path.stat().st_mtime if path else 0.0
+        self._routes = (config, RouteTable.from_config(config))
+
+    def routes(self) -> RouteTable:
+        """The door's route table for the current config (rebuilt only when it changed)."""
+        config = self()
+        if self._routes[0] is not config:
+            self._routes = (config, RouteTable.from_config(config))
+        return self._routes[1]
 
     def __call__(self) -> BridgeConfig:
         if self.path is None:
@@ -142,7 +150,7 @@ class Bridge:
             self._worker_task = asyncio.create_task(self.worker.run(), name="worker")
             await self.dispatcher.ensure_started()
         if self.takes_events:
-            self.pipeline = Pipeline(RouteTable.from_config(cfg), self.dispatcher, self.metrics)
+            self.pipeline = Pipeline(self.source.routes, self.dispatcher, self.metrics)
             for adapter in build_adapters(cfg, self.pipeline):
                 await adapter.start()
                 self.adapters.append(adapter)
@@ -178,6 +186,13 @@ class Bridge:
                 raise BridgeError(f"HTTP server did not start on port {self.config.http.port}")
             await asyncio.sleep(0.02)
         self.http_port = server.servers[0].sockets[0].getsockname()[1]
+
+    async def reload(self) -> None:
+        """Re-read the config file (doors) and tell the dispatcher to reload its routes."""
+        self.source()
+        if self.dispatcher is not None and self.role in ("all", "worker"):
+            await self.dispatcher.reload()
+        log.info("reload requested project=%s", self.config.project)
 
     async def ready(self) -> dict[str, bool]:
         checks: dict[str, bool] = {}
@@ -234,6 +249,14 @@ async def run_until_signalled(bridge: Bridge) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = asyncio.create_task(bridge.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await bridge.start()
     except BaseException:

@@ -9,7 +9,7 @@ or dead-letters them); the rest go to Temporal in one call. If Temporal does not
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,10 +39,17 @@ class Outcome:
 
 
 class Pipeline:
-    def __init__(self, routes: RouteTable, sink: Sink, metrics: Metrics | None = None) -> None:
-        self.routes = routes
+    def __init__(
+        self, routes: RouteTable | Callable[[], RouteTable], sink: Sink, metrics: Metrics | None = None
+    ) -> None:
+        self._routes = routes
         self.sink = sink
         self.metrics = metrics or Metrics()
+
+    @property
+    def routes(self) -> RouteTable:
+        """The current table: a callable source follows config reloads."""
+        return self._routes if isinstance(self._routes, RouteTable) else self._routes()
 
     def check(self, event: EventSignal) -> EventRejected | None:
         try:

@@ -101,19 +101,34 @@ class DispatcherWorkflow:
             await workflow.wait_condition(lambda: bool(self._queue) or self._reload or self._should_rotate())
             if self._reload:
                 await self._load_routes()
+            if self._routes is None:
+                continue
             if self._queue:
                 await self._dispatch_batch()
             if self._should_rotate():
                 await self._rotate()
 
     async def _load_routes(self) -> None:
+        """Load (or reload) the route table; on failure keep the old one and never die.
+
+        Without any table yet, events wait in the queue and the load is tried again shortly.
+        """
         self._reload = False
-        result: RoutesResult = await workflow.execute_local_activity(
-            LOAD_ROUTES,
-            result_type=RoutesResult,
-            start_to_close_timeout=timedelta(seconds=30),
-        )
-        self._routes = RouteTable.from_spec(result.routes)
+        try:
+            result: RoutesResult = await workflow.execute_local_activity(
+                LOAD_ROUTES,
+                result_type=RoutesResult,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=5, maximum_interval=timedelta(seconds=5)),
+            )
+            routes = RouteTable.from_spec(result.routes)
+        except Exception as exc:
+            workflow.logger.error("loading routes failed, keeping the previous table: %s", exc)
+            if self._routes is None:
+                await workflow.sleep(timedelta(seconds=10))
+                self._reload = True
+            return
+        self._routes = routes
         self._settings = result.settings
         workflow.logger.info("routes loaded run=%d workflows=%d", self._run, len(self._routes.workflows))
 

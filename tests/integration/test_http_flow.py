@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import httpx
@@ -214,3 +215,28 @@ async def test_continue_as_new_loses_and_doubles_nothing(bridge_factory, tempora
     )
     for i in range(0, n, 97):
         assert not await _absent(temporal_client, target_workflow_id("t", event_digest("http", f"ev-{i}")))
+
+
+async def test_reload_picks_up_new_triggers(bridge_factory, temporal_client, temporal_address, tmp_path):
+    """A new trigger in the file takes effect at the door and in the dispatcher after a reload."""
+    import yaml
+
+    project = unique("reload")
+    path = tmp_path / "bridge.yaml"
+    data = {
+        "project": project,
+        "temporal": {"address": temporal_address},
+        "http": {"port": 0, "auth": {"tokens": [TOKEN]}},
+        "workflows": [runner("w", "first")],
+    }
+    path.write_text(yaml.safe_dump(data))
+    bridge = await bridge_factory(config(project, temporal_address, [runner("w", "first")]), config_path=path)
+    assert (await _post(bridge, {"name": "second", "payload": {"n": 1}}, key="r0")).status_code == 422
+
+    data["workflows"] = [runner("w", "first", "second")]
+    path.write_text(yaml.safe_dump(data))
+    os.utime(path, (1, 1))  # a different mtime even within the same clock tick
+    await bridge.reload()
+    assert (await _post(bridge, {"name": "second", "payload": {"n": 2}}, key="r1")).status_code == 202
+    got = await result_of(temporal_client, target_workflow_id("w", event_digest("http", "r1")))
+    assert got["tasks"]["render"] == "got 2"
