@@ -169,6 +169,7 @@ async def test_user_workflow_type_on_own_task_queue(bridge_factory, temporal_cli
     assert got["event"]["source"] == "http"
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("start_mode", ["child", "activity"])
 async def test_continue_as_new_loses_and_doubles_nothing(bridge_factory, temporal_client, temporal_address, start_mode):
     """2,000 events through a dispatcher that must continue-as-new several times."""
@@ -207,7 +208,7 @@ async def test_continue_as_new_loses_and_doubles_nothing(bridge_factory, tempora
         stats = await _stats(temporal_client, project)
         return stats if stats["started"] + stats["duplicates"] >= n else {}
 
-    stats = await assert_eventually(done, timeout=400, interval=1.0)
+    stats = await assert_eventually(done, timeout=780, interval=1.0)
     assert stats["started"] == n and stats["duplicates"] == 0 and stats["failed"] == 0
     assert stats["run"] >= 3, stats
     await assert_eventually(
