@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from typing import Any
@@ -67,9 +68,86 @@ async def http(client: Client, address: str, n: int, concurrency: int, mode: str
     return row
 
 
+async def _run_queue_door(client: Client, cfg: Any, queue: str, n: int, name: str, publish: Any) -> Row:
+    """Start a bridge with the consumer, publish N messages, time from the first publish to the
+    last target start. Acks here are broker confirms, so no per-event latency is reported."""
+    bridge = Bridge(cfg, client=client, insecure=True)
+    await bridge.start()
+    try:
+        began = now()
+        await publish()
+        started = await start_times(client, queue, n)
+    finally:
+        await bridge.stop()
+    return Row(name, n, max(started.values()).timestamp() - began, [])
+
+
 async def kafka(client: Client, address: str, n: int, concurrency: int, mode: str) -> Row:
-    raise SystemExit("the kafka door bench needs the kafka door (adapters/kafka.py)")
+    """N envelopes already on a 3-partition topic, then the bridge drains them into targets."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from tests import services
+
+    bootstrap = services.kafka_bootstrap()
+    topic = f"bench-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])
+    finally:
+        await admin.close()
+    cfg, queue = bench_config(
+        address, mode, kafka=[{"bootstrap_servers": bootstrap, "topics": [topic], "event": {"format": "envelope"}}]
+    )
+    cfg.http.auth.tokens = []
+
+    async def publish() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+            futures = [
+                await producer.send(topic, json.dumps({"name": "tick", "id": f"k-{i}", "payload": {"i": i}}).encode())
+                for i in range(n)
+            ]
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+
+    return await _run_queue_door(client, cfg, queue, n, f"kafka -> targets ({mode})", publish)
 
 
 async def amqp(client: Client, address: str, n: int, concurrency: int, mode: str) -> Row:
-    raise SystemExit("the amqp door bench needs the amqp door (adapters/amqp.py)")
+    """N persistent messages already in the queue, then the bridge drains them into targets."""
+    import aio_pika
+
+    from tests import services
+
+    url = services.amqp_url()
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    cfg, queue = bench_config(
+        address,
+        mode,
+        amqp=[
+            {
+                "url": url,
+                "queue": name,
+                "bindings": [{"exchange": name, "exchange_type": "topic", "routing_key": "#"}],
+                "event": {"format": "envelope"},
+            }
+        ],
+    )
+
+    async def publish() -> None:
+        conn = await aio_pika.connect_robust(url)
+        async with conn:
+            ch = await conn.channel(publisher_confirms=True)
+            ex = await ch.get_exchange(name)  # declared, with the queue and binding, by the bridge
+            for i in range(n):
+                body = json.dumps({"name": "tick", "id": f"a-{i}", "payload": {"i": i}}).encode()
+                await ex.publish(
+                    aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=f"a-{i}"),
+                    routing_key="tick",
+                )
+
+    return await _run_queue_door(client, cfg, queue, n, f"amqp -> targets ({mode})", publish)

@@ -39,6 +39,10 @@ def dispatcher_id(project: str, shard: int, shards: int) -> str:
     return base if shards == 1 else f"{base}-{shard}"
 
 
+def encoded_size(item: dict[str, Any]) -> int:
+    return len(json.dumps(item, separators=(",", ":"), default=str))
+
+
 def shard_of(event: EventSignal, shards: int) -> int:
     if shards == 1:
         return 0
@@ -86,20 +90,23 @@ class DispatcherClient:
     async def submit(self, events: Sequence[EventSignal]) -> None:
         if not self._senders:
             self._start_senders()
-        by_shard: dict[int, list[dict[str, Any]]] = {}
+        subs: list[_Submission] = []
+        open_: dict[int, _Submission] = {}
         for event in events:
-            by_shard.setdefault(shard_of(event, self.shards), []).append(event.to_dict())
-        subs = []
-        for shard, items in by_shard.items():
-            size = len(json.dumps(items, separators=(",", ":"), default=str))
+            item = event.to_dict()
+            size = encoded_size(item)
             if size > MAX_SIGNAL_BYTES:
                 raise EventRejected(
-                    "too_large",
-                    f"events of {size} bytes exceed the {MAX_SIGNAL_BYTES}-byte signal limit",
+                    "too_large", f"event {event.id!r} of {size} bytes exceeds the {MAX_SIGNAL_BYTES}-byte limit"
                 )
-            sub = _Submission(items, size)
-            subs.append(sub)
-            self._queues[shard].put_nowait(sub)
+            shard = shard_of(event, self.shards)
+            sub = open_.get(shard)
+            if sub is None or sub.size + size > MAX_SIGNAL_BYTES or len(sub.events) >= MAX_SIGNAL_EVENTS:
+                sub = open_[shard] = _Submission([], 0)
+                subs.append(sub)
+                self._queues[shard].put_nowait(sub)
+            sub.events.append(item)
+            sub.size += size
         await asyncio.gather(*(s.done for s in subs))
 
     async def ensure_started(self) -> None:

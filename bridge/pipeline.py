@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from bridge.errors import EventRejected
+from bridge.client import MAX_SIGNAL_BYTES, encoded_size
+from bridge.errors import EventRejected, Unavailable
 from bridge.event import EventSignal
 from bridge.metrics import Metrics
 from bridge.routing import RouteTable
@@ -52,10 +53,16 @@ class Pipeline:
         return self._routes if isinstance(self._routes, RouteTable) else self._routes()
 
     def check(self, event: EventSignal) -> EventRejected | None:
+        """Why this event can never be accepted, or None. Doors may call it before submit."""
         try:
             self.routes.check(event)
         except EventRejected as exc:
             return exc
+        size = encoded_size(event.to_dict())
+        if size > MAX_SIGNAL_BYTES:
+            return EventRejected(
+                "too_large", f"the event is {size} bytes encoded; one signal carries at most {MAX_SIGNAL_BYTES}"
+            )
         return None
 
     async def submit(self, events: Sequence[EventSignal], door: str) -> list[Outcome]:
@@ -74,7 +81,7 @@ class Pipeline:
             try:
                 with self.metrics.submit_seconds.time():
                     await self.sink.submit(good)
-            except Exception:
+            except Unavailable:
                 self.metrics.unavailable.labels(door).inc()
                 raise
             finally:

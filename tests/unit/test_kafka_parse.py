@@ -1,0 +1,473 @@
+"""The Kafka door without a broker: records → events, dead-letter headers, client options, and the
+commit/pause rules of one batch (a fake consumer stands in for aiokafka's)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from adapters import kafka
+from bridge.config import EventFormat, KafkaConsumer, parse_config
+from bridge.errors import ConfigError, EventRejected, Unavailable
+from bridge.event import EventSignal
+from bridge.pipeline import Pipeline
+from bridge.routing import RouteTable
+from tests.helpers import assert_eventually
+
+TS = 1_714_557_600_000  # 2024-05-01T10:00:00Z
+
+
+def record(
+    value: bytes | None,
+    *,
+    key: bytes | None = None,
+    headers: Sequence[tuple[str, bytes]] = (),
+    topic: str = "orders",
+    partition: int = 2,
+    offset: int = 41,
+    timestamp: int = TS,
+) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        timestamp=timestamp,
+        timestamp_type=0,
+        key=key,
+        value=value,
+        checksum=None,
+        serialized_key_size=len(key or b""),
+        serialized_value_size=len(value or b""),
+        headers=list(headers),
+    )
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def fmt(**fields: Any) -> EventFormat:
+    return EventFormat(**fields)
+
+
+CE_HEADERS = [
+    ("ce_specversion", b"1.0"),
+    ("ce_id", b"evt-1"),
+    ("ce_source", b"/shop/orders"),
+    ("ce_type", b"com.example.order.created"),
+    ("ce_time", b"2024-05-01T09:00:00Z"),
+    ("ce_tenant", b"acme"),
+    ("content-type", b"application/json"),
+]
+
+
+# --- envelope ----------------------------------------------------------------------------------
+
+
+def test_envelope_without_id_gets_topic_partition_offset_and_record_time():
+    event = kafka.parse(record(body(name="order.created", payload={"orderId": "1"}), key=b"cust-7"), fmt())
+    assert (event.id, event.name, event.payload) == ("kafka:orders:2:41", "order.created", {"orderId": "1"})
+    assert event.source == "kafka:orders"
+    assert event.key == "cust-7"
+    assert event.time == "2024-05-01T10:00:00+00:00"
+    assert event.metadata["kafka"] == {"topic": "orders", "partition": 2, "offset": 41, "timestamp": TS}
+
+
+def test_redelivery_of_the_same_record_is_the_same_event():
+    rec = record(body(name="order.created", payload={}))
+    first, again = kafka.parse(rec, fmt()), kafka.parse(rec, fmt())
+    assert first.digest == again.digest and first.to_dict() == again.to_dict()
+
+
+def test_envelope_id_wins_over_the_offset_and_id_from_over_nothing():
+    assert kafka.parse(record(body(name="a", id="order-9")), fmt()).id == "order-9"
+    rec = record(body(name="a", payload={"order": {"id": 77}}))
+    assert kafka.parse(rec, fmt(id_from="field:payload.order.id")).id == "77"
+
+
+def test_trace_headers_become_metadata_and_other_headers_stay_out():
+    rec = record(
+        body(name="a"),
+        headers=[
+            ("traceparent", b"00-abc-def-01"),
+            ("X-Correlation-Id", b"corr-1"),
+            ("secret-token", b"hunter2"),
+        ],
+    )
+    meta = kafka.parse(rec, fmt()).metadata
+    assert meta["traceparent"] == "00-abc-def-01"
+    assert meta["correlation_id"] == "corr-1"
+    assert "secret-token" not in json.dumps(meta)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"{not json", "malformed"),
+        (None, "malformed"),  # a tombstone
+        (b"\xff\xfe", "malformed"),
+        (b"[1, 2]", "malformed"),
+        (body(name="a", payload=[1]), "malformed"),
+        (body(payload={"x": 1}), "no_name"),
+        (body(name="", payload={}), "no_name"),
+    ],
+)
+def test_undecodable_envelopes_are_rejected_with_a_reason(value: bytes | None, reason: str):
+    with pytest.raises(EventRejected) as exc:
+        kafka.parse(record(value), fmt())
+    assert exc.value.reason == reason
+
+
+def test_envelope_without_name_may_take_it_from_config():
+    assert kafka.parse(record(body(payload={})), fmt(name="fallback.name")).name == "fallback.name"
+
+
+# --- raw ---------------------------------------------------------------------------------------
+
+
+def test_raw_body_is_the_payload_and_name_comes_from_the_key():
+    event = kafka.parse(record(body(orderId="1"), key=b"order.refunded"), fmt(format="raw", name_from="key"))
+    assert (event.name, event.payload, event.key) == ("order.refunded", {"orderId": "1"}, "order.refunded")
+
+
+def test_raw_name_from_header_field_or_static():
+    rec = record(body(kind={"name": "from.field"}), headers=[("ce_type", b"from.header")])
+    assert kafka.parse(rec, fmt(format="raw", name_from="header:ce_type")).name == "from.header"
+    assert kafka.parse(rec, fmt(format="raw", name_from="field:kind.name")).name == "from.field"
+    assert kafka.parse(rec, fmt(format="raw", name="static.name")).name == "static.name"
+
+
+def test_raw_without_a_name_is_no_name():
+    with pytest.raises(EventRejected) as exc:
+        kafka.parse(record(body(x=1)), fmt(format="raw", name_from="header:missing"))
+    assert exc.value.reason == "no_name"
+
+
+def test_non_utf8_header_and_key_do_not_break_parsing():
+    rec = record(body(x=1), key=b"\xff\x00k", headers=[("traceparent", b"\xff\xfe")])
+    event = kafka.parse(rec, fmt(format="raw", name="a"))
+    json.dumps(event.to_dict())
+    assert event.key is not None
+
+
+# --- CloudEvents -------------------------------------------------------------------------------
+
+
+def test_binary_cloudevent_takes_its_attributes_from_ce_headers():
+    rec = record(body(orderId="1"), key=b"k", headers=CE_HEADERS)
+    event = kafka.parse(rec, fmt(format="cloudevents"))
+    assert (event.id, event.source, event.name) == ("evt-1", "/shop/orders", "com.example.order.created")
+    assert event.payload == {"orderId": "1"}
+    assert event.time == "2024-05-01T09:00:00Z"
+    ce = event.metadata["cloudevents"]
+    assert ce["tenant"] == "acme" and ce["datacontenttype"] == "application/json"
+    assert event.key == "k"
+
+
+def test_binary_cloudevent_ids_ignore_the_offset():
+    a = kafka.parse(record(body(), headers=CE_HEADERS, offset=1), fmt(format="cloudevents"))
+    b = kafka.parse(record(body(), headers=CE_HEADERS, offset=999, partition=0), fmt(format="cloudevents"))
+    assert a.digest == b.digest
+
+
+def test_structured_cloudevent_is_recognised_by_content_type_in_any_format():
+    value = body(specversion="1.0", id="evt-2", source="/s", type="order.shipped", data={"orderId": "2"})
+    rec = record(value, headers=[("Content-Type", b"application/cloudevents+json; charset=utf-8")])
+    for f in ("cloudevents", "envelope", "raw"):
+        event = kafka.parse(rec, fmt(format=f))
+        assert (event.id, event.source, event.name, event.payload) == ("evt-2", "/s", "order.shipped", {"orderId": "2"})
+
+
+def test_cloudevents_format_without_ce_headers_reads_a_structured_body():
+    value = body(specversion="1.0", id="e", source="/s", type="t", data={"a": 1})
+    assert kafka.parse(record(value), fmt(format="cloudevents")).name == "t"
+
+
+@pytest.mark.parametrize(
+    ("value", "headers"),
+    [
+        (body(orderId="1"), [h for h in CE_HEADERS if h[0] != "ce_source"]),
+        (body(orderId="1"), []),
+        (b"not json", CE_HEADERS),
+    ],
+)
+def test_incomplete_or_undecodable_cloudevents_are_malformed(value: bytes, headers: list[tuple[str, bytes]]):
+    with pytest.raises(EventRejected) as exc:
+        kafka.parse(record(value, headers=headers), fmt(format="cloudevents"))
+    assert exc.value.reason == "malformed"
+
+
+# --- dead letters, options, config --------------------------------------------------------------
+
+
+def test_dead_letter_headers_keep_the_originals_and_say_why_and_where_from():
+    rec = record(
+        b"{bad",
+        headers=[("x-trace", b"t-1"), ("x-dead-letter-reason", b"stale"), ("x-original-offset", b"0")],
+    )
+    headers = kafka.dead_letter_headers(rec, EventRejected("malformed", "body is not JSON"))
+    as_dict = {k: v.decode() for k, v in headers}
+    assert as_dict == {
+        "x-trace": "t-1",
+        "x-dead-letter-reason": "malformed",
+        "x-dead-letter-error": "body is not JSON",
+        "x-original-topic": "orders",
+        "x-original-partition": "2",
+        "x-original-offset": "41",
+        "x-original-timestamp": str(TS),
+    }
+    assert len(headers) == len(as_dict)
+    event = EventSignal(id="e-1", name="order.created", payload={}, source="kafka:orders")
+    named = dict(kafka.dead_letter_headers(rec, EventRejected("unroutable", "no"), event))
+    assert (named["x-event-id"], named["x-event-name"]) == (b"e-1", b"order.created")
+
+
+def test_client_options_for_plaintext_and_sasl_ssl(tmp_path):
+    plain = KafkaConsumer(bootstrap_servers="k:9092", topics=["t"])
+    assert kafka.client_options(plain.security) == {"security_protocol": "PLAINTEXT"}
+    scram = KafkaConsumer.model_validate(
+        {
+            "bootstrap_servers": "k:9093",
+            "topics": ["t"],
+            "security": {
+                "protocol": "SASL_SSL",
+                "sasl_mechanism": "SCRAM-SHA-512",
+                "username": "bridge",
+                "password": "s3cret",
+            },
+        }
+    )
+    opts = kafka.client_options(scram.security)
+    assert opts["security_protocol"] == "SASL_SSL"
+    assert (opts["sasl_mechanism"], opts["sasl_plain_username"], opts["sasl_plain_password"]) == (
+        "SCRAM-SHA-512",
+        "bridge",
+        "s3cret",
+    )
+    assert opts["ssl_context"] is not None
+
+
+def kafka_config(**entry: Any) -> Any:
+    return parse_config(
+        {
+            "project": "My Shop",
+            "kafka": [{"bootstrap_servers": "k:9092", "topics": ["orders"], **entry}],
+            "workflows": [
+                {
+                    "id": "w",
+                    "workflow_type": "T",
+                    "triggers": [{"name": "order.created", "schema": {"type": "object", "required": ["orderId"]}}],
+                }
+            ],
+        },
+        origin="test.yaml",
+    )
+
+
+def test_defaults_group_per_project_earliest_and_no_auto_commit_settings():
+    cfg = kafka_config()
+    entry = cfg.kafka[0]
+    assert entry.auto_offset_reset == "earliest"
+    assert kafka.default_group_id(cfg) == "signal-bridge-my-shop"
+    door = kafka.build(entry, Pipeline(RouteTable.from_config(cfg), FakeSink()), cfg)
+    assert door.group_id == "signal-bridge-my-shop" and door.name == "kafka:orders"
+
+
+@pytest.mark.parametrize(
+    "security",
+    [
+        {"protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "username": "u"},
+        {"protocol": "SASL_PLAINTEXT", "sasl_mechanism": "GSSAPI-ish", "username": "u", "password": "p"},
+        {"protocol": "SASL_SSL", "user": "u"},
+    ],
+)
+def test_incomplete_security_is_a_config_error(security: dict[str, Any]):
+    with pytest.raises(ConfigError, match="security"):
+        kafka_config(security=security)
+
+
+# --- one batch through the door, with a fake consumer -------------------------------------------
+
+
+class FakeSink:
+    """Refuses the first ``outages`` submissions, then holds everything."""
+
+    def __init__(self, outages: int = 0, max_events: int | None = None, bugs: int = 0) -> None:
+        self.outages = outages
+        self.max_events = max_events
+        self.bugs = bugs
+        self.held: list[EventSignal] = []
+
+    async def submit(self, events: Sequence[EventSignal]) -> None:
+        if self.bugs:
+            self.bugs -= 1
+            raise RuntimeError("a bug")
+        if self.outages:
+            self.outages -= 1
+            raise Unavailable("Temporal is down")
+        if self.max_events is not None and len(events) > self.max_events:
+            raise EventRejected("too_large", "too many bytes for one signal")
+        self.held.extend(events)
+
+
+class FakeConsumer:
+    def __init__(self, partitions: set[TopicPartition]) -> None:
+        self._assigned = set(partitions)
+        self._paused: set[TopicPartition] = set()
+        self.commits: list[dict[TopicPartition, int]] = []
+        self.polls_while_paused = 0
+        self.batches: list[dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]] = []
+        self.seeks: list[tuple[TopicPartition, int]] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._assigned)
+
+    def paused(self) -> set[TopicPartition]:
+        return set(self._paused)
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self._paused.update(tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self._paused.difference_update(tps)
+
+    async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+        if self._paused == self._assigned:
+            self.polls_while_paused += 1
+        elif self.batches:
+            return self.batches.pop(0)
+        await asyncio.sleep(0.001)
+        return {}
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        assert not self._paused, "committed while paused"
+        self.commits.append(dict(offsets))
+
+
+TP0, TP1 = TopicPartition("orders", 0), TopicPartition("orders", 1)
+
+
+def door_with(sink: FakeSink, **entry: Any) -> tuple[kafka.KafkaDoor, FakeConsumer]:
+    cfg = kafka_config(**entry)
+    door = kafka.build(cfg.kafka[0], Pipeline(RouteTable.from_config(cfg), sink), cfg)
+    door.consumer = FakeConsumer({TP0, TP1})  # type: ignore[assignment]
+    return door, door.consumer  # type: ignore[return-value]
+
+
+def batch(*per_partition: list[bytes | None]) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+    out = {}
+    for p, values in enumerate(per_partition):
+        tp = TopicPartition("orders", p)
+        out[tp] = [record(v, partition=p, offset=10 + i) for i, v in enumerate(values)]
+    return out
+
+
+def good(n: int) -> bytes:
+    return body(name="order.created", payload={"orderId": str(n)})
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    monkeypatch.setattr(kafka, "BACKOFF_INITIAL", 0.01)
+    monkeypatch.setattr(kafka, "BACKOFF_MAX", 0.02)
+
+
+async def test_a_batch_is_submitted_in_one_call_then_committed_per_partition():
+    sink = FakeSink()
+    door, consumer = door_with(sink)
+    calls = []
+    submit = door.pipeline.submit
+
+    async def spy(events: Sequence[EventSignal], d: str) -> Any:
+        calls.append(len(events))
+        return await submit(events, d)
+
+    door.pipeline.submit = spy  # type: ignore[method-assign]
+    await door._handle(batch([good(1), good(2)], [good(3)]), door._generation)
+    assert calls == [3]
+    assert [e.payload["orderId"] for e in sink.held] == ["1", "2", "3"]
+    assert consumer.commits == [{TP0: 12, TP1: 11}]
+
+
+async def test_temporal_down_pauses_polls_and_commits_only_after_it_holds_the_events():
+    sink = FakeSink(outages=3)
+    door, consumer = door_with(sink)
+    await door._handle(batch([good(1)], [good(2)]), door._generation)
+    assert consumer.polls_while_paused >= 3
+    assert len(sink.held) == 2 and not consumer.paused() and not door.paused
+    assert consumer.commits == [{TP0: 11, TP1: 11}]
+    text = door.pipeline.metrics.render().decode()
+    assert 'signal_bridge_temporal_unavailable_total{door="kafka"} 3.0' in text
+
+
+async def test_a_rebalance_during_an_outage_abandons_the_batch_uncommitted():
+    sink = FakeSink(outages=10**6)
+    door, consumer = door_with(sink)
+    gen = door._generation
+    door._generation += 1  # as on_partitions_revoked does
+    with pytest.raises(kafka._GiveUp):
+        await door._handle(batch([good(1)]), gen)
+    assert consumer.commits == [] and sink.held == []
+
+
+async def test_poison_without_dead_letter_topic_is_counted_skipped_and_committed(caplog):
+    sink = FakeSink()
+    door, consumer = door_with(sink)
+    values = [
+        good(1),
+        b"{bad",
+        body(payload={}),
+        body(name="order.created", payload={"x": 1}),
+        body(name="nobody.cares", payload={}),
+        good(2),
+    ]
+    await door._handle(batch(values), door._generation)
+    assert [e.payload["orderId"] for e in sink.held] == ["1", "2"]
+    assert consumer.commits == [{TP0: 16}]
+    text = door.pipeline.metrics.render().decode()
+    for reason in ("malformed", "no_name", "schema_invalid", "unroutable"):
+        assert f'signal_bridge_events_dropped_total{{door="kafka",reason="{reason}"}} 1.0' in text
+    skipped = [r.getMessage() for r in caplog.records if "kafka record skipped" in r.getMessage()]
+    assert len(skipped) == 4 and any("offset=14 reason=unroutable" in m for m in skipped)
+
+
+async def test_a_batch_too_large_for_one_signal_is_halved_and_an_oversized_event_is_poison():
+    sink = FakeSink(max_events=2)
+    door, consumer = door_with(sink)
+    await door._handle(batch([good(i) for i in range(5)]), door._generation)
+    assert sorted(e.payload["orderId"] for e in sink.held) == ["0", "1", "2", "3", "4"]
+    assert consumer.commits == [{TP0: 15}]
+
+    sink = FakeSink(max_events=0)
+    door, consumer = door_with(sink)
+    await door._handle(batch([good(1)]), door._generation)
+    text = door.pipeline.metrics.render().decode()
+    assert 'signal_bridge_events_dropped_total{door="kafka",reason="too_large"} 1.0' in text
+    assert consumer.commits == [{TP0: 11}]
+
+
+async def test_an_unexpected_failure_reads_the_batch_again_instead_of_skipping_it():
+    sink = FakeSink(bugs=1)
+    door, consumer = door_with(sink)
+    first = batch([good(1), good(2)], [good(3)])
+    consumer.batches = [first]
+    door._task = asyncio.create_task(door._run())
+    try:
+        await assert_eventually(lambda: consumer.seeks, timeout=5, interval=0.005)
+        assert sorted(consumer.seeks) == [(TP0, 10), (TP1, 10)]
+        assert consumer.commits == [] and not door.healthy()
+        consumer.batches = [first]  # what the seek makes the next fetch return
+        await assert_eventually(lambda: consumer.commits, timeout=5, interval=0.005)
+        assert consumer.commits == [{TP0: 12, TP1: 11}] and door.healthy()
+    finally:
+        door._stopping.set()
+        await door._task
