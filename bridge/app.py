@@ -167,7 +167,13 @@ class Bridge:
         from adapters.http import create_app
 
         assert self.pipeline is not None
-        app = create_app(self.pipeline, self.config.http, ready=self.ready, insecure=self.insecure)
+        app = create_app(
+            self.pipeline,
+            self.config.http,
+            webhooks=lambda: self.source().webhooks,  # follows reloads
+            ready=self.ready,
+            insecure=self.insecure,
+        )
         server = _Uvicorn(
             uvicorn.Config(
                 app,

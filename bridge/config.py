@@ -109,12 +109,26 @@ class HttpAuth(Model):
     tokens: list[str] = Field(default_factory=list)
 
 
+class RateLimit(Model):
+    """A token bucket: ``rate`` requests a second on average, bursts of ``burst`` (default: one
+    second's worth). Counted per process; a batch is one request."""
+
+    rate: float = Field(gt=0)
+    burst: int | None = Field(default=None, ge=1)
+
+
+class HttpRateLimit(Model):
+    per_token: RateLimit | None = None  # each bearer token on POST /api/v1/events
+    per_webhook: RateLimit | None = None  # each webhook slug, unless the webhook sets its own
+
+
 class HttpConfig(Model):
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     retry_after_seconds: int = 5
     auth: HttpAuth = Field(default_factory=HttpAuth)
+    rate_limit: HttpRateLimit = Field(default_factory=HttpRateLimit)
 
 
 class EventFormat(Model):
@@ -185,10 +199,18 @@ class AmqpConsumer(Model):
 
 
 class WebhookVerify(Model):
+    """How a delivery proves it came from the provider. ``kind: none`` must be written out.
+
+    ``secrets`` lists every secret accepted at once (rotation); ``secret`` is one more; empty
+    values are dropped.
+    ``tolerance_seconds`` bounds the signed timestamp's age (stripe, standard-webhooks).
+    ``header``, ``algorithm``, ``encoding`` and ``prefix`` shape the generic ``hmac`` kind.
+    """
+
     kind: Literal["none", "hmac", "github", "stripe", "standard-webhooks"]
     secret: str | None = None
     secrets: list[str] = Field(default_factory=list)
-    tolerance_seconds: int = 300
+    tolerance_seconds: int = Field(default=300, ge=1)
     header: str | None = None
     algorithm: Literal["sha256", "sha1", "sha512"] = "sha256"
     encoding: Literal["hex", "base64"] = "hex"
@@ -196,9 +218,19 @@ class WebhookVerify(Model):
 
     @model_validator(mode="after")
     def _has_secret(self) -> WebhookVerify:
-        if self.kind != "none" and not (self.secret or self.secrets):
-            raise ValueError(f"verify kind {self.kind!r} needs secret or secrets")
+        if self.kind == "none" and self.all_secrets:
+            raise ValueError("verify kind 'none' checks no signature; remove secret/secrets or choose a kind")
+        if self.kind != "none" and not self.all_secrets:
+            raise ValueError(f"verify kind {self.kind!r} needs a non-empty secret or secrets")
+        if self.kind != "hmac" and (self.header or self.prefix):
+            raise ValueError("header and prefix apply to verify kind 'hmac' only")
         return self
+
+    @property
+    def all_secrets(self) -> list[str]:
+        """Every usable secret. Empty ones (``${OLD_SECRET:-}`` when not rotating) are dropped:
+        an empty HMAC key is one anybody can sign with."""
+        return [s for s in (self.secret, *self.secrets) if s]
 
 
 class WebhookEvent(Model):
@@ -206,12 +238,40 @@ class WebhookEvent(Model):
     filter: str | None = None
     input: Any = None
 
+    @field_validator("name")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("event name is required")
+        return value
+
+
+_SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
 
 class Webhook(Model):
     slug: str
     verify: WebhookVerify
-    id_from: str | None = None
+    id_from: str | None = None  # header:<name> or field:<dotted.path>, when the provider has no delivery id
     events: list[WebhookEvent] = Field(min_length=1)
+    rate_limit: RateLimit | None = None  # default: http.rate_limit.per_webhook
+
+    @field_validator("slug")
+    @classmethod
+    def _url_safe(cls, value: str) -> str:
+        if not _SLUG.match(value):
+            raise ValueError(f"slug {value!r}: use letters, digits, '.', '_' and '-' (it is a URL path segment)")
+        return value
+
+    @field_validator("id_from")
+    @classmethod
+    def _locator(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        kind, _, rest = value.partition(":")
+        if kind not in ("header", "field") or not rest:
+            raise ValueError(f"{value!r}: use header:<name> or field:<dotted.path>")
+        return value
 
 
 class BridgeConfig(Model):
@@ -270,6 +330,7 @@ def interpolate(text: str, env: dict[str, str] | None = None, *, origin: str = "
 def parse_config(data: Any, *, origin: str = "config") -> BridgeConfig:
     """Build and fully check a config from already-parsed YAML/JSON data."""
     from bridge.routing import RouteTable
+    from bridge.webhooks import compile_webhooks
 
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the file must hold a mapping, found {type(data).__name__}")
@@ -279,6 +340,7 @@ def parse_config(data: Any, *, origin: str = "config") -> BridgeConfig:
         raise ConfigError(_describe(exc, data, origin)) from None
     RouteTable.from_config(config, origin=origin)
     _check_unique(config, origin)
+    compile_webhooks(config.webhooks, origin=origin)
     return config
 
 

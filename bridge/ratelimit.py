@@ -1,0 +1,64 @@
+"""Token buckets: ``rate`` requests a second on average, bursts of up to ``burst`` at once.
+
+A :class:`RateLimiter` keeps one bucket per key (a bearer token, a webhook slug). Keys come from
+the config, never from a request, so the number of buckets is bounded by the config. Buckets
+live in one process: N ingress processes behind a load balancer allow N times the rate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+Clock = Callable[[], float]
+
+
+class TokenBucket:
+    """Holds up to ``burst`` tokens, refilled at ``rate`` a second; a request takes one."""
+
+    def __init__(self, rate: float, burst: int, *, clock: Clock = time.monotonic) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("a token bucket needs rate > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def take(self) -> float:
+        """Take a token and return 0.0, or take nothing and return the seconds until one is due."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate
+
+
+class RateLimiter:
+    """One :class:`TokenBucket` per key, all with the same rate and burst."""
+
+    def __init__(self, rate: float, burst: int | None = None, *, clock: Clock = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else default_burst(rate)
+        self._clock = clock
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def take(self, key: str) -> float:
+        """0.0 when ``key`` may go on; otherwise the seconds until it may."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(self.rate, self.burst, clock=self._clock)
+        return bucket.take()
+
+
+def default_burst(rate: float) -> int:
+    """One second's worth of requests, at least one."""
+    return max(1, math.ceil(rate))
+
+
+def retry_after(wait: float) -> int:
+    """Whole seconds for a ``Retry-After`` header: rounded up, at least 1."""
+    return max(1, math.ceil(wait))
