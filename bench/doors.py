@@ -20,6 +20,7 @@ TOKEN = "bench-token"
 
 
 def bench_config(address: str, mode: str, **doors: Any) -> tuple[Any, str]:
+    """A target on a queue no worker polls; its id is unique per run since run ids are namespace-wide."""
     queue = f"bench-idle-{uuid.uuid4().hex[:8]}"
     cfg = parse_config(
         {
@@ -27,7 +28,7 @@ def bench_config(address: str, mode: str, **doors: Any) -> tuple[Any, str]:
             "temporal": {"address": address},
             "dispatcher": {"start_mode": mode},
             "http": {"port": 0, "auth": {"tokens": [TOKEN]}},
-            "workflows": [{"id": "t", "workflow_type": "Noop", "task_queue": queue, "triggers": [{"name": "tick"}]}],
+            "workflows": [{"id": queue, "workflow_type": "Noop", "task_queue": queue, "triggers": [{"name": "tick"}]}],
             **doors,
         },
         origin="bench",
@@ -54,7 +55,7 @@ async def http(client: Client, address: str, n: int, concurrency: int, mode: str
                         headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": key},
                     )
                 assert resp.status_code == 202, resp.text
-                acked[target_workflow_id("t", event_digest("http", key))] = now()
+                acked[target_workflow_id(queue, event_digest("http", key))] = now()
 
             began = now()
             t0 = time.perf_counter()

@@ -175,11 +175,12 @@ async def test_continue_as_new_loses_and_doubles_nothing(bridge_factory, tempora
     """2,000 events through a dispatcher that must continue-as-new several times."""
     project = unique("can")
     idle_queue = unique("no-worker")  # children start (that is what we count) but never run
+    target = unique("t")  # run ids are namespace-wide: another test's "t" + "ev-0" would collide
     n = 2000
     cfg = config(
         project,
         temporal_address,
-        [{"id": "t", "workflow_type": "Noop", "task_queue": idle_queue, "triggers": [{"name": "tick"}]}],
+        [{"id": target, "workflow_type": "Noop", "task_queue": idle_queue, "triggers": [{"name": "tick"}]}],
         dispatcher={
             "history_events_threshold": 600,
             "children_per_run": 400,
@@ -215,7 +216,7 @@ async def test_continue_as_new_loses_and_doubles_nothing(bridge_factory, tempora
         lambda: _count_is(temporal_client, f'TaskQueue="{idle_queue}"', n), timeout=60, interval=1.0
     )
     for i in range(0, n, 97):
-        assert not await _absent(temporal_client, target_workflow_id("t", event_digest("http", f"ev-{i}")))
+        assert not await _absent(temporal_client, target_workflow_id(target, event_digest("http", f"ev-{i}")))
 
 
 async def test_reload_picks_up_new_triggers(bridge_factory, temporal_client, temporal_address, tmp_path):

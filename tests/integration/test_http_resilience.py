@@ -76,12 +76,15 @@ async def test_sigkill_mid_stream_runs_every_event_once(temporal_client, tempora
     n, kill_after = 300, 100
     project = unique("kill")
     idle_queue = unique("no-worker")
+    target = unique("t")  # run ids are namespace-wide: another test's "t" + "ev-0" would collide
     port = free_port()
     cfg = {
         "project": project,
         "temporal": {"address": temporal_address},
         "http": {"port": port, "auth": {"tokens": [TOKEN]}},
-        "workflows": [{"id": "t", "workflow_type": "Noop", "task_queue": idle_queue, "triggers": [{"name": "tick"}]}],
+        "workflows": [
+            {"id": target, "workflow_type": "Noop", "task_queue": idle_queue, "triggers": [{"name": "tick"}]}
+        ],
     }
     cfg_path = tmp_path / "bridge.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -127,7 +130,7 @@ async def test_sigkill_mid_stream_runs_every_event_once(temporal_client, tempora
         await assert_eventually(lambda: _count(temporal_client, query, n), timeout=120, interval=1.0, what=f"{n} runs")
         missing = [
             i for i in range(n)
-            if not await _exists(temporal_client, target_workflow_id("t", event_digest("http", f"ev-{i}")))
+            if not await _exists(temporal_client, target_workflow_id(target, event_digest("http", f"ev-{i}")))
         ]  # fmt: skip
         assert not missing
     finally:
