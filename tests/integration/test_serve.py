@@ -89,9 +89,13 @@ async def test_embedded_temporal_serves_and_shuts_down_cleanly(tmp_path):
         assert b"signal-bridge stopped" in out
         assert not await _temporal_running(str(data / "temporal.db"))
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        if proc.returncode is None:  # a failed assertion: stop it as an operator would
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 60)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
 
 
 async def _temporal_running(db: str) -> bool:
