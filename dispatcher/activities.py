@@ -106,7 +106,17 @@ class BridgeActivities:
                 raise
             return "started"
 
-        return list(await asyncio.gather(*(start(s) for s in batch.starts)))
+        async def heartbeat() -> None:
+            # A worker that dies mid-batch is noticed within the heartbeat timeout, not 60 s.
+            while True:
+                activity.heartbeat()
+                await asyncio.sleep(2)
+
+        beat = asyncio.create_task(heartbeat())
+        try:
+            return list(await asyncio.gather(*(start(s) for s in batch.starts)))
+        finally:
+            beat.cancel()
 
     @activity.defn(name=HTTP_REQUEST)
     async def http_request(self, req: HttpRequest) -> dict[str, Any]:

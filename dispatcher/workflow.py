@@ -246,6 +246,7 @@ class DispatcherWorkflow:
                 StartBatch([s for s, _ in chunk]),
                 result_type=list[str],
                 start_to_close_timeout=timedelta(seconds=60),
+                heartbeat_timeout=timedelta(seconds=10),
                 retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
             )
             for (start, event), outcome in zip(chunk, outcomes, strict=True):

@@ -1,0 +1,553 @@
+"""The RabbitMQ door against a real broker and a real Temporal: once per event, whatever restarts.
+
+Every message is published persistent, with publisher confirms and ``mandatory`` (so a message
+that reached no queue fails the test instead of vanishing). "Exactly once" is checked two ways:
+the set of runner workflow ids on the project's task queue equals the set derived from the
+published event ids, and the visibility count equals N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import httpx
+import pytest
+import yaml
+from temporalio.client import Client
+
+from adapters.amqp import AmqpAdapter
+from bridge.app import Bridge
+from bridge.config import AmqpConsumer, project_slug
+from bridge.event import EventSignal, event_digest, target_workflow_id
+from bridge.pipeline import Pipeline
+from bridge.routing import RouteTable
+from tests import services
+from tests.helpers import assert_eventually, config, count_workflows, result_of, runner, unique, workflow_ids
+
+pytestmark = [pytest.mark.amqp, pytest.mark.temporal]
+log = logging.getLogger(__name__)
+
+Publish = tuple[str, bytes, dict[str, Any]]  # routing key, body, message properties
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def amqp_entry(url: str, queue: str, exchange: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "url": url,
+        "queue": queue,
+        "bindings": [{"exchange": exchange, "exchange_type": "topic", "routing_key": "order.#"}],
+        "prefetch": 50,
+        "event": {"format": "raw", "name_from": "routing_key"},
+        **extra,
+    }
+
+
+def orders(prefix: str, n: int, start: int = 0) -> list[Publish]:
+    return [("order.created", b'{"n": %d}' % i, {"message_id": f"{prefix}-{i}"}) for i in range(start, start + n)]
+
+
+async def publish(url: str, exchange: str, messages: Iterable[Publish]) -> None:
+    """Persistent, confirmed, mandatory: returns only once the broker queued every message."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        target = await channel.get_exchange(exchange)
+        pending = list(messages)
+        for i in range(0, len(pending), 100):
+            await asyncio.gather(
+                *(
+                    target.publish(
+                        aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **props),
+                        routing_key=key,
+                        mandatory=True,
+                    )
+                    for key, body, props in pending[i : i + 100]
+                )
+            )
+
+
+async def depth(url: str, queue: str) -> tuple[int, int]:
+    """(messages ready, consumers) of a queue; unacked deliveries are not in the first number."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        result = declared.declaration_result
+        return result.message_count, result.consumer_count
+
+
+def idle_target(wf: str, task_queue: str, *names: str) -> dict[str, Any]:
+    """A user workflow on a queue no worker polls: its runs start (what we count) and cost no work,
+    so a volume test measures the door and the dispatcher, not the task runner."""
+    return {"id": wf, "workflow_type": "Idle", "task_queue": task_queue, "triggers": [{"name": n} for n in names]}
+
+
+def expected_runs(wf: str, source: str, ids: Iterable[str]) -> set[str]:
+    return {target_workflow_id(wf, event_digest(source, i)) for i in ids}
+
+
+def runner_query(project: str) -> str:
+    return f'WorkflowType="SignalBridgeTasks" AND TaskQueue="{project_slug(project)}"'
+
+
+async def assert_ran_once(client: Client, query: str, expected: set[str], timeout: float = 120.0) -> None:
+    """Every expected run exists and nothing else does: the id set and the count both match."""
+
+    async def all_there() -> bool:
+        return await count_workflows(client, query) >= len(expected)
+
+    await assert_eventually(all_there, timeout=timeout, interval=1.0, what=f"{len(expected)} runs")
+    ids = await workflow_ids(client, query)
+    assert len(ids) == len(set(ids))
+    missing, extra = expected - set(ids), set(ids) - expected
+    assert not missing and not extra, f"missing {len(missing)}, unexpected {len(extra)}"
+    assert await count_workflows(client, query) == len(expected)
+
+
+def accepted(bridge: Bridge) -> float:
+    return bridge.metrics.registry.get_sample_value("signal_bridge_events_accepted_total", {"door": "amqp"}) or 0.0
+
+
+async def duplicates(client: Client, project: str) -> int:
+    """Redeliveries the dispatcher recognised (informational: a test cannot force them)."""
+    stats = await client.get_workflow_handle(f"dispatcher-{project_slug(project)}").query("stats")
+    return int(stats["duplicates"])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServeProcess:
+    """``signal-bridge serve`` as a child process, so it can be SIGKILLed or run twice."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.config_path = workdir / "bridge.yaml"
+        self.config_path.write_text(yaml.safe_dump({**config, "http": {"port": self.port}}))
+        self.log_path = workdir / "bridge.log"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SIGNAL_BRIDGE_")}
+        with open(self.log_path, "ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bridge.cli", "serve", "--config", str(self.config_path), "--insecure",
+                cwd=self.workdir, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+            )  # fmt: skip
+        await assert_eventually(self._ready, timeout=60, interval=0.3, what=f"bridge ready; {self.log_tail()}")
+
+    async def _ready(self) -> bool:
+        assert self.proc is not None
+        assert self.proc.returncode is None, f"bridge exited with {self.proc.returncode}: {self.log_tail()}"
+        try:
+            async with httpx.AsyncClient(timeout=5) as http:
+                return (await http.get(f"http://127.0.0.1:{self.port}/readyz")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def accepted(self) -> float:
+        async with httpx.AsyncClient(timeout=5) as http:
+            text = (await http.get(f"http://127.0.0.1:{self.port}/metrics")).text
+        match = re.search(r'^signal_bridge_events_accepted_total\{door="amqp"\} (\S+)$', text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+    async def stop(self) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.terminate()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 30)
+        except TimeoutError:
+            await self.kill()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+# Some volume tests start their targets from the dispatcher's activity (same ids, same dedupe):
+# they test the door, and this keeps many runs quick on a 2-core CI machine. The others keep the
+# default child mode; the SIGKILL test must, since a killed worker's start activity is only retried
+# after its 60 s start-to-close timeout.
+FAST_STARTS = {"start_mode": "activity"}
+
+
+def serve_config(
+    project: str, temporal_address: str, workflows: list[Any], amqp: dict[str, Any], **dispatcher: Any
+) -> dict[str, Any]:
+    return {
+        "project": project,
+        "temporal": {"address": temporal_address},
+        "dispatcher": dispatcher,
+        "workflows": workflows,
+        "amqp": [amqp],
+    }
+
+
+# --- throughput ------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(600)
+async def test_2000_messages_start_exactly_2000_runs(bridge_factory, temporal_client, temporal_address, amqp_url):
+    n = 2000
+    project, queue, exchange, idle = unique("amqp-bulk"), unique("q"), unique("ex"), unique("idle")
+    cfg = config(
+        project,
+        temporal_address,
+        [idle_target("bulk", idle, "order.created")],
+        amqp=[amqp_entry(amqp_url, queue, exchange, prefetch=200)],
+        dispatcher=FAST_STARTS,
+    )
+    bridge = await bridge_factory(cfg)
+    began = time.monotonic()
+    await publish(amqp_url, exchange, orders("bulk", n))
+    published = time.monotonic()
+    await assert_eventually(lambda: accepted(bridge) == n, timeout=120, what="door accepted every message")
+    door_done = time.monotonic()
+    expected = expected_runs("bulk", f"amqp:{queue}", (f"bulk-{i}" for i in range(n)))
+    await assert_ran_once(temporal_client, f'TaskQueue="{idle}"', expected, timeout=420)
+    log.warning(
+        "amqp 2000: published in %.1fs, Temporal held all after %.1fs, all %d runs visible after %.1fs",
+        published - began,
+        door_done - began,
+        n,
+        time.monotonic() - began,
+    )
+    assert await depth(amqp_url, queue) == (0, 1)
+    signals = bridge.metrics.registry.get_sample_value("signal_bridge_signals_sent_total") or 0
+    assert signals < n / 10, f"{signals} signals for {n} events: the door is not batching"
+
+
+# --- poison messages -------------------------------------------------------------------------
+
+
+async def test_poison_messages_are_dead_lettered_and_good_ones_around_them_run(
+    bridge_factory, temporal_client, temporal_address, amqp_url
+):
+    project, queue, exchange = unique("amqp-dlx"), unique("q"), unique("ex")
+    dlx = f"{exchange}.dlx"
+    typed = runner("typed", "order.created")
+    typed["triggers"][0]["schema"] = {"type": "object", "required": ["n"]}
+    entry = amqp_entry(amqp_url, queue, exchange, dead_letter_exchange=dlx, event={"format": "envelope"})
+    bridge = await bridge_factory(config(project, temporal_address, [typed], amqp=[entry]))
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        # The bridge declared its queue with x-dead-letter-exchange: an equal declaration succeeds,
+        # any other would close the channel with PRECONDITION_FAILED.
+        await channel.declare_queue(queue, durable=True, arguments={"x-dead-letter-exchange": dlx})
+        dead = await channel.declare_queue(unique("dlq"), exclusive=True)
+        await dead.bind(dlx, routing_key="")
+
+        def env(name: str, payload: Any) -> bytes:
+            return json.dumps({"name": name, "payload": payload}).encode()
+
+        good = [("order.created", env("order.created", {"n": i}), {"message_id": f"good-{i}"}) for i in range(6)]
+        poison = {
+            "p-json": (b"{not json", "malformed"),
+            "p-noname": (json.dumps({"payload": {"n": 1}}).encode(), "no_name"),
+            "p-schema": (env("order.created", {"other": 1}), "schema_invalid"),
+            "p-unroutable": (env("order.typo", {"n": 1}), "unroutable"),
+        }
+        bad = [("order.created", body, {"message_id": mid}) for mid, (body, _) in poison.items()]
+        # Interleaved: good, poison, good, poison, ...
+        mixed = [m for pair in zip(good, bad, strict=False) for m in pair] + good[len(bad) :]
+        await publish(amqp_url, exchange, mixed)
+
+        expected = expected_runs("typed", f"amqp:{queue}", (f"good-{i}" for i in range(6)))
+        await assert_ran_once(temporal_client, runner_query(project), expected)
+        got = await result_of(temporal_client, target_workflow_id("typed", event_digest(f"amqp:{queue}", "good-3")))
+        assert got["tasks"]["render"] == "got 3"
+
+        letters: dict[str, Any] = {}
+
+        async def all_dead_lettered() -> bool:
+            while (message := await dead.get(fail=False, no_ack=True)) is not None:
+                letters[message.message_id or ""] = message
+            return len(letters) >= len(poison)
+
+        await assert_eventually(all_dead_lettered, what="poison messages in the dead-letter exchange")
+    assert set(letters) == set(poison)
+    for mid, (body, why) in poison.items():
+        headers = letters[mid].headers
+        assert letters[mid].body == body
+        assert headers["x-dead-letter-reason"] == why, (mid, headers)
+        assert headers["x-original-queue"] == queue and headers["x-original-exchange"] == exchange
+    registry = bridge.metrics.registry
+    for why in ("malformed", "no_name", "schema_invalid", "unroutable"):
+        assert registry.get_sample_value("signal_bridge_events_rejected_total", {"door": "amqp", "reason": why}) == 1
+    assert await depth(amqp_url, queue) == (0, 1)
+
+
+class RecordingSink:
+    """Stands in for Temporal where the point of the test is RabbitMQ's topology."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    async def submit(self, events: Sequence[EventSignal]) -> None:
+        self.ids.extend(e.id for e in events)
+
+
+@pytest.mark.timeout(60)
+async def test_existing_topology_with_other_arguments_is_used_as_it_is(amqp_url):
+    """A queue declared without x-dead-letter-exchange and an exchange of another type: the bridge
+    warns, consumes, and still dead-letters by republishing."""
+    queue, exchange = unique("q"), unique("ex")
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_exchange(exchange, aio_pika.ExchangeType.DIRECT, durable=False, auto_delete=True)
+        await channel.declare_queue(queue, durable=True, auto_delete=True)
+        entry = AmqpConsumer.model_validate(
+            amqp_entry(amqp_url, queue, exchange, dead_letter_exchange=f"{exchange}.dlx")
+            | {"bindings": [{"exchange": exchange, "exchange_type": "topic", "routing_key": "order.created"}]}
+        )
+        sink = RecordingSink()
+        cfg = config(unique("topo"), "127.0.0.1:1", [runner("t", "order.created")])
+        door = AmqpAdapter(entry, Pipeline(RouteTable.from_config(cfg), sink))
+        await door.start()
+        try:
+            assert door.healthy()
+            dead = await channel.declare_queue(exclusive=True)
+            await dead.bind(f"{exchange}.dlx")
+            await publish(amqp_url, exchange, [*orders("topo", 3), ("order.created", b"nope", {"message_id": "bad"})])
+            await assert_eventually(lambda: sink.ids == ["topo-0", "topo-1", "topo-2"], timeout=20)
+            letter = await assert_eventually(lambda: dead.get(fail=False, no_ack=True), timeout=20)
+            assert letter.message_id == "bad" and letter.headers["x-dead-letter-reason"] == "malformed"
+            assert await depth(amqp_url, queue) == (0, 1)
+        finally:
+            await door.stop()
+            await channel.exchange_delete(f"{exchange}.dlx")
+
+
+# --- CloudEvents -------------------------------------------------------------------------
+
+
+async def test_cloudevents_over_amqp_route_by_type(bridge_factory, temporal_client, temporal_address, amqp_url):
+    project, queue, exchange = unique("amqp-ce"), unique("q"), unique("ex")
+    entry = amqp_entry(amqp_url, queue, exchange, event={"format": "cloudevents"})
+    entry["bindings"][0]["routing_key"] = "#"
+    workflows = [runner("created", "order.created"), runner("paid", "order.paid")]
+    await bridge_factory(config(project, temporal_address, workflows, amqp=[entry]))
+    source = f"/shop/{project}"  # run ids are namespace-wide: keep them apart from earlier runs
+
+    def binary(prefix: str, ce_id: str, ce_type: str, n: int) -> Publish:
+        headers = {
+            f"{prefix}specversion": "1.0",
+            f"{prefix}id": ce_id,
+            f"{prefix}source": source,
+            f"{prefix}type": ce_type,
+        }
+        # The routing key says nothing about the event: the CloudEvents type routes it.
+        return ("misc.key", json.dumps({"n": n}).encode(), {"headers": headers, "content_type": "application/json"})
+
+    structured = {"specversion": "1.0", "id": "ce-3", "source": source, "type": "order.created", "data": {"n": 3}}
+    await publish(
+        amqp_url,
+        exchange,
+        [
+            binary("cloudEvents_", "ce-1", "order.created", 1),
+            binary("cloudEvents:", "ce-2", "order.paid", 2),
+            ("other.key", json.dumps(structured).encode(), {"content_type": "application/cloudevents+json"}),
+        ],
+    )
+    for wf, ce_id, n in (("created", "ce-1", 1), ("paid", "ce-2", 2), ("created", "ce-3", 3)):
+        got = await result_of(temporal_client, target_workflow_id(wf, event_digest(source, ce_id)))
+        assert got["tasks"]["render"] == f"got {n}"
+    expected = {
+        target_workflow_id(wf, event_digest(source, i))
+        for wf, i in (("created", "ce-1"), ("paid", "ce-2"), ("created", "ce-3"))
+    }
+    await assert_ran_once(temporal_client, runner_query(project), expected)
+
+
+# --- crashes and restarts ------------------------------------------------------------------
+
+
+async def test_bridge_sigkilled_mid_stream_then_restarted_runs_each_message_once(
+    tmp_path, temporal_client, temporal_address, amqp_url
+):
+    n = 300
+    project, queue, exchange, idle = unique("amqp-kill"), unique("q"), unique("ex"), unique("idle")
+    cfg = serve_config(
+        project,
+        temporal_address,
+        [idle_target("t", idle, "order.created")],
+        amqp_entry(amqp_url, queue, exchange, prefetch=10),
+    )
+    first = ServeProcess(tmp_path / "first", cfg)
+    second = ServeProcess(tmp_path / "second", cfg)
+    try:
+        await first.start()
+
+        async def trickle() -> None:
+            """A steady stream, so the kill lands while messages are still coming."""
+            for i in range(0, n, 10):
+                await publish(amqp_url, exchange, orders("k", 10, start=i))
+
+        publisher = asyncio.create_task(trickle())
+        await assert_eventually(lambda: _positive(first.accepted()), interval=0.05, what="first bridge took events")
+        await first.kill()
+        at_kill = (await depth(amqp_url, queue))[0]
+        await publisher
+        ready, consumers = await depth(amqp_url, queue)
+        assert consumers == 0 and ready > 0, "the kill did not land mid-stream"
+        log.warning("amqp sigkill: %d ready at the kill, %d after the stream; restarting", at_kill, ready)
+
+        await second.start()
+        await assert_ran_once(
+            temporal_client, f'TaskQueue="{idle}"', expected_runs("t", f"amqp:{queue}", (f"k-{i}" for i in range(n)))
+        )
+        await assert_eventually(lambda: _equals(depth(amqp_url, queue), (0, 1)), what="queue drained")
+        log.warning("amqp sigkill: %d redeliveries deduplicated", await duplicates(temporal_client, project))
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+async def test_two_bridge_processes_compete_and_run_each_event_once(
+    tmp_path, temporal_client, temporal_address, amqp_url
+):
+    n = 400
+    project, queue, exchange, idle = unique("amqp-two"), unique("q"), unique("ex"), unique("idle")
+    cfg = serve_config(
+        project,
+        temporal_address,
+        [idle_target("t", idle, "order.created")],
+        amqp_entry(amqp_url, queue, exchange, prefetch=20),
+        **FAST_STARTS,
+    )
+    bridges = [ServeProcess(tmp_path / f"b{k}", cfg) for k in range(2)]
+    try:
+        await asyncio.gather(*(b.start() for b in bridges))
+        await assert_eventually(lambda: _equals(depth(amqp_url, queue), (0, 2)), what="two consumers on the queue")
+        await publish(amqp_url, exchange, orders("two", n))
+        await assert_ran_once(
+            temporal_client, f'TaskQueue="{idle}"', expected_runs("t", f"amqp:{queue}", (f"two-{i}" for i in range(n)))
+        )
+        shares = [await b.accepted() for b in bridges]
+        assert all(s > 0 for s in shares), f"one bridge took nothing: {shares}"
+        assert sum(shares) == n, shares
+    finally:
+        await asyncio.gather(*(b.stop() for b in bridges))
+
+
+async def test_rabbitmq_restart_mid_stream_consumer_recovers_by_itself(temporal_client, temporal_address):
+    rabbit = services.LocalRabbitMQ()
+    await asyncio.to_thread(rabbit.start)
+    project, queue, exchange, idle = unique("amqp-rmq"), unique("q"), unique("ex"), unique("idle")
+    cfg = config(
+        project,
+        temporal_address,
+        [idle_target("t", idle, "order.created")],
+        amqp=[amqp_entry(rabbit.url, queue, exchange, prefetch=20)],
+        dispatcher=FAST_STARTS,
+    )
+    bridge = Bridge(cfg, client=temporal_client)
+    try:
+        await bridge.start()
+        [door] = bridge.adapters
+        await publish(rabbit.url, exchange, orders("r", 200))
+        # Restart while the door is still working through the first 200.
+        await asyncio.to_thread(rabbit.restart)
+        at_restart = accepted(bridge)
+        await assert_eventually(door.healthy, timeout=60, what="consumer reconnected by itself")
+        await publish(rabbit.url, exchange, orders("r", 200, start=200))
+        await assert_ran_once(
+            temporal_client, f'TaskQueue="{idle}"', expected_runs("t", f"amqp:{queue}", (f"r-{i}" for i in range(400)))
+        )
+        await assert_eventually(lambda: _equals(depth(rabbit.url, queue), (0, 1)), what="queue drained")
+        log.warning(
+            "amqp rabbitmq restart: %d accepted before the restart, %d in all, %d duplicates",
+            at_restart,
+            accepted(bridge),
+            await duplicates(temporal_client, project),
+        )
+    finally:
+        await bridge.stop()
+        await asyncio.to_thread(rabbit.close)
+
+
+@pytest.mark.timeout(300)
+async def test_temporal_down_15s_messages_wait_unacked_then_flow(amqp_url):
+    temporal = services.LocalTemporal()
+    await asyncio.to_thread(temporal.start)
+    project, queue, exchange, idle = unique("amqp-tdown"), unique("q"), unique("ex"), unique("idle")
+    prefetch, before, during = 50, 20, 200
+    cfg = config(
+        project,
+        temporal.address,
+        [idle_target("t", idle, "order.created")],
+        amqp=[amqp_entry(amqp_url, queue, exchange, prefetch=prefetch)],
+    )
+    bridge = Bridge(cfg)
+    try:
+        await bridge.start()
+        [door] = bridge.adapters
+        client = await Client.connect(temporal.address)
+        await publish(amqp_url, exchange, orders("d", before))
+        first = expected_runs("t", f"amqp:{queue}", (f"d-{i}" for i in range(before)))
+        await assert_ran_once(client, f'TaskQueue="{idle}"', first)
+
+        await asyncio.to_thread(temporal.stop)
+        await publish(amqp_url, exchange, orders("d", during, start=before))
+        # The door holds one prefetch window unacked and RabbitMQ keeps the rest.
+        await assert_eventually(
+            lambda: door.waiting_for_temporal and _equals(depth(amqp_url, queue), (during - prefetch, 1)),
+            what="door waiting with a full window",
+        )
+        held = accepted(bridge)
+        assert held == before
+        outage_ends = time.monotonic() + 15
+        while time.monotonic() < outage_ends:
+            assert await depth(amqp_url, queue) == (during - prefetch, 1), "a message was acked or lost"
+            assert accepted(bridge) == held
+            await asyncio.sleep(0.5)
+
+        await asyncio.to_thread(temporal.start)
+        client = await Client.connect(temporal.address)
+        expected = expected_runs("t", f"amqp:{queue}", (f"d-{i}" for i in range(before + during)))
+        await assert_ran_once(client, f'TaskQueue="{idle}"', expected, timeout=180)
+        assert not door.waiting_for_temporal
+        assert await depth(amqp_url, queue) == (0, 1)
+    finally:
+        await bridge.stop()
+        await asyncio.to_thread(temporal.close)
+
+
+async def _positive(value: Any) -> bool:
+    return await value > 0
+
+
+async def _equals(value: Any, expected: Any) -> bool:
+    got = await value
+    assert got == expected, got
+    return True
