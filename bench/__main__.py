@@ -124,11 +124,12 @@ async def main() -> int:
 
 
 def _print(row: Row, base: Row) -> None:
-    print(
-        f"{row.name:<44} {row.rate:8.1f} starts/s  ratio {row.rate / base.rate:5.2f}  "
-        f"p50 {pct(row.latencies, 0.5) * 1000:7.1f} ms  p99 {pct(row.latencies, 0.99) * 1000:7.1f} ms",
-        flush=True,
+    latency = (
+        f"p50 {pct(row.latencies, 0.5) * 1000:7.1f} ms  p99 {pct(row.latencies, 0.99) * 1000:7.1f} ms"
+        if row.latencies
+        else "latency n/a (published before the rate was timed)"
     )
+    print(f"{row.name:<44} {row.rate:8.1f} starts/s  ratio {row.rate / base.rate:5.2f}  {latency}", flush=True)
 
 
 if __name__ == "__main__":
