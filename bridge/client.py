@@ -113,14 +113,7 @@ class DispatcherClient:
         """Start every shard's dispatcher if it is not running (seed Step 4)."""
         for shard, wid in enumerate(self.ids):
             try:
-                await self.client.start_workflow(
-                    DISPATCHER_WORKFLOW,
-                    {"project": self.project, "shard": shard},
-                    id=wid,
-                    task_queue=self.task_queue,
-                    id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                    rpc_timeout=self.rpc_timeout,
-                )
+                await self._start(shard, id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING)
             except RPCError as exc:
                 raise Unavailable(f"cannot start dispatcher {wid}: {exc}", self.retry_after) from exc
 
@@ -188,18 +181,21 @@ class DispatcherClient:
                 for _ in batch:
                     queue.task_done()
 
+    async def _start(self, shard: int, **options: Any) -> None:
+        """Start (or, with a start signal, signal) one shard's dispatcher."""
+        await self.client.start_workflow(
+            DISPATCHER_WORKFLOW,
+            {"project": self.project, "shard": shard},
+            id=self.ids[shard],
+            task_queue=self.task_queue,
+            rpc_timeout=self.rpc_timeout,
+            **options,
+        )
+
     async def _signal(self, shard: int, events: list[dict[str, Any]]) -> None:
         wid = self.ids[shard]
         try:
-            await self.client.start_workflow(
-                DISPATCHER_WORKFLOW,
-                {"project": self.project, "shard": shard},
-                id=wid,
-                task_queue=self.task_queue,
-                start_signal=SIGNAL_NAME,
-                start_signal_args=[events],
-                rpc_timeout=self.rpc_timeout,
-            )
+            await self._start(shard, start_signal=SIGNAL_NAME, start_signal_args=[events])
         except RPCError as exc:
             log.warning(
                 "signal-with-start failed dispatcher=%s events=%d status=%s: %s",

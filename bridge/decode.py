@@ -22,7 +22,7 @@ from typing import Any
 
 from bridge.config import EventFormat
 from bridge.errors import EventRejected
-from bridge.event import EventSignal
+from bridge.event import EventSignal, utc_now
 
 CE_STRUCTURED = "application/cloudevents+json"
 CE_REQUIRED = ("id", "source", "type", "specversion")
@@ -136,13 +136,7 @@ def _cloudevent(msg: Message, fmt: EventFormat) -> EventSignal:
         name=str(attrs["type"]),
         payload=data,
         source=str(attrs["source"]),
-        time=str(attrs.get("time") or "") or _now(),
+        time=str(attrs.get("time") or "") or utc_now(),
         metadata=metadata,
         key=msg.key,
     )
-
-
-def _now() -> str:
-    from datetime import UTC, datetime
-
-    return datetime.now(UTC).isoformat()

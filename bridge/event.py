@@ -23,7 +23,7 @@ class EventSignal:
     name: str
     payload: dict[str, Any]
     source: str
-    time: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    time: str = field(default_factory=lambda: utc_now())
     metadata: dict[str, Any] = field(default_factory=dict)
     key: str | None = None
 
@@ -67,6 +67,10 @@ class EventSignal:
             "time": self.time,
             "metadata": self.metadata,
         }
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat()
 
 
 def event_digest(source: str, event_id: str) -> str:
