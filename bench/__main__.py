@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from temporalio.client import Client
 
 from bench import doors
-from bridge.embedded import EmbeddedTemporal
+from bridge.runtime.embedded import EmbeddedTemporal
 
 
 @dataclass

@@ -12,7 +12,7 @@ import httpx
 from temporalio.client import Client
 
 from bench.__main__ import Row, door_row, now, start_times
-from bridge.app import Bridge
+from bridge.runtime.app import Bridge
 from bridge.config import parse_config
 from bridge.event import event_digest, target_workflow_id
 

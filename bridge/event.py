@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 SIGNAL_NAME = "event_channel"
+# One signal carries at most this much encoded JSON: half of Temporal's 2 MiB payload limit.
+MAX_SIGNAL_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -89,3 +92,8 @@ def content_digest(*parts: bytes | str) -> str:
         h.update(part.encode() if isinstance(part, str) else part)
         h.update(b"\x00")
     return h.hexdigest()
+
+
+def encoded_size(item: dict[str, Any]) -> int:
+    """Bytes of ``item`` as compact JSON: what it weighs in a signal."""
+    return len(json.dumps(item, separators=(",", ":"), default=str))

@@ -13,9 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from bridge.client import MAX_SIGNAL_BYTES, encoded_size
 from bridge.errors import EventRejected, Unavailable
-from bridge.event import EventSignal
+from bridge.event import MAX_SIGNAL_BYTES, EventSignal, encoded_size
 from bridge.metrics import Metrics
 from bridge.routing import RouteTable
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from bridge.app import Bridge
+from bridge.runtime.app import Bridge
 from bridge.config import BridgeConfig
 from tests import services
 

@@ -28,7 +28,7 @@ import yaml
 from temporalio.client import Client
 
 from adapters.amqp import AmqpAdapter
-from bridge.app import Bridge
+from bridge.runtime.app import Bridge
 from bridge.config import AmqpConsumer, project_slug
 from bridge.event import EventSignal, event_digest, target_workflow_id
 from bridge.pipeline import Pipeline
@@ -150,7 +150,7 @@ class ServeProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SIGNAL_BRIDGE_")}
         with open(self.log_path, "ab") as out:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bridge.cli", "serve", "--config", str(self.config_path), "--insecure",
+                sys.executable, "-m", "bridge.runtime.cli", "serve", "--config", str(self.config_path), "--insecure",
                 cwd=self.workdir, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
             )  # fmt: skip
         await assert_eventually(self._ready, timeout=60, interval=0.3, what=f"bridge ready; {self.log_tail()}")

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from temporalio.client import Client
 
-from bridge.embedded import free_port
+from bridge.runtime.embedded import free_port
 from bridge.event import event_digest, target_workflow_id
 from tests import services
 from tests.helpers import TOKEN, assert_eventually, config, result_of, runner, unique
@@ -66,7 +66,7 @@ def _serve(cfg_path: Path, data_dir: Path, log: Path) -> subprocess.Popen[bytes]
     env = {**os.environ, "SIGNAL_BRIDGE_DATA_DIR": str(data_dir)}
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "bridge.cli", "serve", "--config", str(cfg_path)],
+            [sys.executable, "-m", "bridge.runtime.cli", "serve", "--config", str(cfg_path)],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
 

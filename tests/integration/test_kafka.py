@@ -181,7 +181,7 @@ class BridgeProcess:
 
     def start(self) -> BridgeProcess:
         exe = shutil.which("signal-bridge", path=str(Path(sys.executable).parent))
-        cmd = [exe] if exe else [sys.executable, "-m", "bridge.cli"]
+        cmd = [exe] if exe else [sys.executable, "-m", "bridge.runtime.cli"]
         cmd += ["serve", "--config", str(self.config_path), "--insecure", "--http-port", str(self.port)]
         env = {**os.environ, "SIGNAL_BRIDGE_DATA_DIR": str(self.log_path.parent / ".signal-bridge")}
         with open(self.log_path, "ab") as log:

@@ -12,11 +12,11 @@ import httpx
 import pytest
 import yaml
 
-from bridge.embedded import free_port
+from bridge.runtime.embedded import free_port
 from tests.helpers import TOKEN, assert_eventually, unique
 
 pytestmark = pytest.mark.temporal
-CLI = [sys.executable, "-m", "bridge.cli"]
+CLI = [sys.executable, "-m", "bridge.runtime.cli"]
 
 
 def _write(tmp_path: Path, cfg: dict) -> Path:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from bridge.config import BridgeConfig, load_config
-from bridge.settings import Settings
+from bridge.runtime.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.cli import main
+from bridge.runtime.cli import main
 from bridge.config import load_config, parse_config
 from bridge.errors import ConfigError
 

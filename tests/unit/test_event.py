@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bridge.client import dispatcher_id, shard_of
+from dispatcher.client import dispatcher_id, shard_of
 from bridge.event import EventSignal, event_digest, target_workflow_id
 
 

@@ -23,7 +23,7 @@ from bridge.errors import Unavailable
 from bridge.event import EventSignal
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
-from bridge.settings import Settings
+from bridge.runtime.settings import Settings
 
 TOKEN = "t0k-3n"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -13,7 +13,7 @@ from typing import Any
 from bridge.config import BridgeConfig, load_config
 from bridge.errors import BridgeError
 from bridge.routing import RouteTable
-from bridge.settings import Settings
+from bridge.runtime.settings import Settings
 
 
 def _load(path: str, settings: Settings) -> BridgeConfig:
@@ -21,7 +21,7 @@ def _load(path: str, settings: Settings) -> BridgeConfig:
 
 
 def _serve(args: argparse.Namespace, role: str) -> int:
-    from bridge.app import Bridge, run_until_signalled
+    from bridge.runtime.app import Bridge, run_until_signalled
 
     settings = Settings.from_env()
     if args.http_port is not None:

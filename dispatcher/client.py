@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,23 +23,18 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from bridge.config import BridgeConfig, project_slug
 from bridge.errors import EventRejected, Unavailable
-from bridge.event import SIGNAL_NAME, EventSignal
+from bridge.event import MAX_SIGNAL_BYTES, SIGNAL_NAME, EventSignal, encoded_size
 from bridge.metrics import Metrics
 from bridge.routing import DISPATCHER_WORKFLOW
 
 log = logging.getLogger(__name__)
 
-MAX_SIGNAL_BYTES = 1024 * 1024
 MAX_SIGNAL_EVENTS = 500
 
 
 def dispatcher_id(project: str, shard: int, shards: int) -> str:
     base = f"dispatcher-{project_slug(project)}"
     return base if shards == 1 else f"{base}-{shard}"
-
-
-def encoded_size(item: dict[str, Any]) -> int:
-    return len(json.dumps(item, separators=(",", ":"), default=str))
 
 
 def shard_of(event: EventSignal, shards: int) -> int:

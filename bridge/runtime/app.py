@@ -23,9 +23,9 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from bridge.adapter import Adapter
-from bridge.client import DispatcherClient
+from dispatcher.client import DispatcherClient
 from bridge.config import BridgeConfig, load_config
-from bridge.embedded import EmbeddedTemporal
+from bridge.runtime.embedded import EmbeddedTemporal
 from bridge.errors import BridgeError, ConfigError
 from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline

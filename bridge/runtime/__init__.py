@@ -1,0 +1,1 @@
+"""The composition root: the only place that knows every adapter, the dispatcher and Temporal's client."""
