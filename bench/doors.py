@@ -12,9 +12,9 @@ import httpx
 from temporalio.client import Client
 
 from bench.__main__ import Row, door_row, now, start_times
-from bridge.runtime.app import Bridge
 from bridge.config import parse_config
 from bridge.event import event_digest, target_workflow_id
+from bridge.runtime.app import Bridge
 
 TOKEN = "bench-token"
 

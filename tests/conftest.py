@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from temporalio.client import Client
 
-from bridge.runtime.app import Bridge
 from bridge.config import BridgeConfig
+from bridge.runtime.app import Bridge
 from tests import services
 
 REQUIRE = os.environ.get("SIGNAL_BRIDGE_REQUIRE_SERVICES") == "1"

@@ -23,13 +23,13 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from bridge.adapter import Adapter
-from dispatcher.client import DispatcherClient
 from bridge.config import BridgeConfig, load_config
-from bridge.runtime.embedded import EmbeddedTemporal
 from bridge.errors import BridgeError, ConfigError
 from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
+from bridge.runtime.embedded import EmbeddedTemporal
+from dispatcher.client import DispatcherClient
 
 log = logging.getLogger(__name__)
 Role = Literal["all", "worker", "ingress"]

@@ -28,11 +28,11 @@ import yaml
 from temporalio.client import Client
 
 from adapters.amqp import AmqpAdapter
-from bridge.runtime.app import Bridge
 from bridge.config import AmqpConsumer, project_slug
 from bridge.event import EventSignal, event_digest, target_workflow_id
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
+from bridge.runtime.app import Bridge
 from tests import services
 from tests.helpers import assert_eventually, config, count_workflows, result_of, runner, unique, workflow_ids
 

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from temporalio.client import Client
 
-from bridge.runtime.embedded import free_port
 from bridge.event import event_digest, target_workflow_id
+from bridge.runtime.embedded import free_port
 from tests import services
 from tests.helpers import TOKEN, assert_eventually, config, result_of, runner, unique
 

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.runtime.cli import main
 from bridge.config import load_config, parse_config
 from bridge.errors import ConfigError
+from bridge.runtime.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOP = ROOT / "examples" / "shop.yaml"

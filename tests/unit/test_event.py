@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from dispatcher.client import dispatcher_id, shard_of
 from bridge.event import EventSignal, event_digest, target_workflow_id
+from dispatcher.client import dispatcher_id, shard_of
 
 
 def ev(event_id: str = "e-1", key: str | None = None, **kw: Any) -> EventSignal:
