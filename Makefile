@@ -19,7 +19,7 @@ run: install
 	$(BIN)/signal-bridge serve --config $(CONFIG)
 
 ## Install the services (RabbitMQ, Kafka jars) and run the whole suite against real servers.
-test: install services
+test: lint services
 	$(BIN)/python -m pytest
 
 test-unit: install
@@ -28,9 +28,12 @@ test-unit: install
 services:
 	bash scripts/install-services.sh
 
+## Architecture contracts (import-linter), ruff, and strict mypy over bridge/, adapters/, dispatcher/.
 lint: install
+	$(BIN)/lint-imports
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: install services
 	$(BIN)/python -m bench

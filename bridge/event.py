@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-SIGNAL_NAME = "event_channel"
 # One signal carries at most this much encoded JSON: half of Temporal's 2 MiB payload limit.
 MAX_SIGNAL_BYTES = 1024 * 1024
 

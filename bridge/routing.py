@@ -25,9 +25,6 @@ if TYPE_CHECKING:
     from bridge.config import BridgeConfig
     from bridge.event import EventSignal
 
-RUNNER_WORKFLOW = "SignalBridgeTasks"
-DISPATCHER_WORKFLOW = "SignalBridgeDispatcher"
-
 
 def name_matches(pattern: str, name: str) -> bool:
     """Exact name, or a trailing wildcard: ``*`` matches all, ``order.*`` any ``order.``-name."""
@@ -48,7 +45,7 @@ class TriggerRoute:
 @dataclass(frozen=True)
 class WorkflowRoute:
     id: str
-    workflow_type: str
+    workflow_type: str | None  # None: the built-in task runner
     task_queue: str
     input: Any
     triggers: tuple[TriggerRoute, ...]
@@ -62,7 +59,7 @@ class Target:
     """One child workflow to start for one event."""
 
     workflow_id: str
-    workflow_type: str
+    workflow_type: str | None  # None: the built-in task runner
     task_queue: str
     input: Any
 
@@ -98,7 +95,7 @@ class RouteTable:
             routes.append(
                 WorkflowRoute(
                     id=wf.id,
-                    workflow_type=wf.workflow_type or RUNNER_WORKFLOW,
+                    workflow_type=wf.workflow_type,
                     task_queue=wf.task_queue or config.task_queue,
                     input=wf.input,
                     triggers=tuple(triggers),
@@ -111,7 +108,7 @@ class RouteTable:
         routes = [
             WorkflowRoute(
                 id=w["id"],
-                workflow_type=w["workflow_type"],
+                workflow_type=w.get("workflow_type"),
                 task_queue=w["task_queue"],
                 input=w.get("input"),
                 triggers=tuple(

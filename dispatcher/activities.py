@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -19,42 +18,19 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from bridge.config import BridgeConfig
 from bridge.routing import RouteTable
+from dispatcher.contract import (
+    HTTP_REQUEST,
+    LOAD_ROUTES,
+    LOAD_TASKS,
+    START_TARGETS,
+    DispatcherSettings,
+    HttpRequest,
+    RoutesResult,
+    StartBatch,
+    TargetStart,
+)
 
 log = logging.getLogger(__name__)
-
-START_TARGETS = "signal-bridge.start_targets"
-LOAD_ROUTES = "signal-bridge.load_routes"
-LOAD_TASKS = "signal-bridge.load_tasks"
-HTTP_REQUEST = "signal-bridge.http_request"
-
-
-@dataclass
-class RoutesResult:
-    routes: dict[str, Any]
-    settings: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class TargetStart:
-    id: str
-    workflow_type: str
-    task_queue: str
-    arg: dict[str, Any]
-    memo: dict[str, str]
-
-
-@dataclass
-class StartBatch:
-    starts: list[TargetStart]
-
-
-@dataclass
-class HttpRequest:
-    url: str
-    method: str = "POST"
-    headers: dict[str, str] = field(default_factory=dict)
-    body: Any = None
-    timeout_seconds: float = 30.0
 
 
 class BridgeActivities:
@@ -69,7 +45,9 @@ class BridgeActivities:
     @activity.defn(name=LOAD_ROUTES)
     async def load_routes(self) -> RoutesResult:
         cfg = self.config()
-        return RoutesResult(routes=RouteTable.from_config(cfg).spec(), settings=cfg.dispatcher.model_dump())
+        return RoutesResult(
+            routes=RouteTable.from_config(cfg).spec(), settings=DispatcherSettings.from_config(cfg.dispatcher)
+        )
 
     @activity.defn(name=LOAD_TASKS)
     async def load_tasks(self, workflow_id: str) -> list[dict[str, Any]]:

@@ -21,20 +21,15 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
-from bridge.config import BridgeConfig, project_slug
+from bridge.config import BridgeConfig
 from bridge.errors import EventRejected, Unavailable
-from bridge.event import MAX_SIGNAL_BYTES, SIGNAL_NAME, EventSignal, encoded_size
+from bridge.event import MAX_SIGNAL_BYTES, EventSignal, encoded_size
 from bridge.metrics import Metrics
-from bridge.routing import DISPATCHER_WORKFLOW
+from dispatcher.contract import DISPATCHER_WORKFLOW, EVENT_SIGNAL, RELOAD_SIGNAL, STATS_QUERY, dispatcher_id
 
 log = logging.getLogger(__name__)
 
 MAX_SIGNAL_EVENTS = 500
-
-
-def dispatcher_id(project: str, shard: int, shards: int) -> str:
-    base = f"dispatcher-{project_slug(project)}"
-    return base if shards == 1 else f"{base}-{shard}"
 
 
 def shard_of(event: EventSignal, shards: int) -> int:
@@ -113,10 +108,10 @@ class DispatcherClient:
 
     async def reload(self) -> None:
         for shard in range(self.shards):
-            await self.handle(shard).signal("reload")
+            await self.handle(shard).signal(RELOAD_SIGNAL)
 
     async def stats(self) -> list[dict[str, Any]]:
-        return [await self.handle(k).query("stats") for k in range(self.shards)]
+        return [await self.handle(k).query(STATS_QUERY) for k in range(self.shards)]
 
     async def ping(self) -> bool:
         try:
@@ -189,7 +184,7 @@ class DispatcherClient:
     async def _signal(self, shard: int, events: list[dict[str, Any]]) -> None:
         wid = self.ids[shard]
         try:
-            await self._start(shard, start_signal=SIGNAL_NAME, start_signal_args=[events])
+            await self._start(shard, start_signal=EVENT_SIGNAL, start_signal_args=[events])
         except RPCError as exc:
             log.warning(
                 "signal-with-start failed dispatcher=%s events=%d status=%s: %s",

@@ -16,8 +16,7 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from bridge import templates
-    from bridge.routing import RUNNER_WORKFLOW
-    from dispatcher.activities import HTTP_REQUEST, LOAD_TASKS, HttpRequest
+    from dispatcher.contract import HTTP_REQUEST, LOAD_TASKS, RUNNER_WORKFLOW, HttpRequest
 
 
 @workflow.defn(name=RUNNER_WORKFLOW)

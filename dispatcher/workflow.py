@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -27,23 +26,26 @@ with workflow.unsafe.imports_passed_through():
     import json
 
     from bridge import templates
-    from bridge.event import SIGNAL_NAME, EventSignal, target_workflow_id
-    from bridge.routing import DISPATCHER_WORKFLOW, RouteTable, Target
-    from dispatcher.activities import LOAD_ROUTES, START_TARGETS, RoutesResult, StartBatch, TargetStart
+    from bridge.event import EventSignal, target_workflow_id
+    from bridge.routing import RouteTable, Target
+    from dispatcher.contract import (
+        DISPATCHER_WORKFLOW,
+        EVENT_SIGNAL,
+        LOAD_ROUTES,
+        RELOAD_SIGNAL,
+        RUNNER_WORKFLOW,
+        START_TARGETS,
+        STAT_KEYS,
+        STATS_QUERY,
+        DispatcherInput,
+        DispatcherSettings,
+        RoutesResult,
+        StartBatch,
+        TargetStart,
+    )
 
 CARRY_LIMIT_BYTES = 512 * 1024
 ACTIVITY_INPUT_BYTES = 1024 * 1024
-STAT_KEYS = ("received", "started", "duplicates", "unroutable", "failed", "malformed")
-
-
-@dataclass
-class DispatcherInput:
-    project: str
-    shard: int = 0
-    run: int = 1
-    pending: list[dict[str, Any]] = field(default_factory=list)
-    recent: list[str] = field(default_factory=list)
-    stats: dict[str, int] = field(default_factory=dict)
 
 
 # Not sandboxed: the sandbox's import proxies made serialising the continue-as-new input slow
@@ -63,9 +65,9 @@ class DispatcherWorkflow:
         self._children = 0
         self._reload = True
         self._routes: RouteTable | None = None
-        self._settings: dict[str, Any] = {}
+        self._settings = DispatcherSettings()
 
-    @workflow.signal(name=SIGNAL_NAME)
+    @workflow.signal(name=EVENT_SIGNAL)
     def event_channel(self, events: Any) -> None:
         """One event or a list of them. Bad items are counted and dropped; the rest queue up."""
         self._signals += 1
@@ -79,11 +81,11 @@ class DispatcherWorkflow:
             self._stats["received"] += 1
             self._queue.append(event)
 
-    @workflow.signal(name="reload")
+    @workflow.signal(name=RELOAD_SIGNAL)
     def reload(self) -> None:
         self._reload = True
 
-    @workflow.query(name="stats")
+    @workflow.query(name=STATS_QUERY)
     def stats(self) -> dict[str, Any]:
         return {
             **self._stats,
@@ -132,21 +134,18 @@ class DispatcherWorkflow:
         self._settings = result.settings
         workflow.logger.info("routes loaded run=%d workflows=%d", self._run, len(self._routes.workflows))
 
-    def _setting(self, name: str, default: int) -> int:
-        return int(self._settings.get(name, default))
-
     def _should_rotate(self) -> bool:
         info = workflow.info()
         return (
             info.is_continue_as_new_suggested()
-            or info.get_current_history_length() >= self._setting("history_events_threshold", 4096)
-            or self._signals >= self._setting("signals_per_run", 5000)
-            or self._children >= self._setting("children_per_run", 1000)
+            or info.get_current_history_length() >= self._settings.history_events_threshold
+            or self._signals >= self._settings.signals_per_run
+            or self._children >= self._settings.children_per_run
         )
 
     async def _dispatch_batch(self) -> None:
         assert self._routes is not None
-        budget = self._setting("batch_size", 200)
+        budget = self._settings.batch_size
         plans: list[tuple[EventSignal, str, Target]] = []
         while self._queue and budget > 0:
             event = self._queue.popleft()
@@ -170,7 +169,7 @@ class DispatcherWorkflow:
                 plans.append((event, digest, target))
                 budget -= 1
         self._children += len(plans)
-        if self._settings.get("start_mode") == "activity":
+        if self._settings.start_mode == "activity":
             await self._start_by_activity(plans)
         else:
             await asyncio.gather(*(self._start_child(*plan) for plan in plans))
@@ -202,7 +201,7 @@ class DispatcherWorkflow:
         child_id = target_workflow_id(target.workflow_id, digest)
         try:
             await workflow.start_child_workflow(
-                target.workflow_type,
+                target.workflow_type or RUNNER_WORKFLOW,
                 self._arg(event, target),
                 id=child_id,
                 task_queue=target.task_queue,
@@ -225,7 +224,7 @@ class DispatcherWorkflow:
             try:
                 start = TargetStart(
                     id=target_workflow_id(target.workflow_id, digest),
-                    workflow_type=target.workflow_type,
+                    workflow_type=target.workflow_type or RUNNER_WORKFLOW,
                     task_queue=target.task_queue,
                     arg=self._arg(event, target),
                     memo=self._memo(event),
@@ -260,7 +259,7 @@ class DispatcherWorkflow:
         return templates.render(target.input, context)
 
     def _remember(self, digest: str) -> None:
-        limit = self._setting("recent_ids", 2000)
+        limit = self._settings.recent_ids
         if limit <= 0:
             return
         self._recent[digest] = None

@@ -29,7 +29,7 @@ from temporalio.service import RPCError
 
 from bridge.config import project_slug
 from bridge.event import event_digest, target_workflow_id
-from bridge.routing import RUNNER_WORKFLOW
+from dispatcher.contract import RUNNER_WORKFLOW
 from tests import services
 from tests.helpers import assert_eventually, config, count_workflows, result_of, runner, unique, workflow_ids
 

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from bridge.event import EventSignal, event_digest, target_workflow_id
-from dispatcher.client import dispatcher_id, shard_of
+from dispatcher.client import shard_of
+from dispatcher.contract import dispatcher_id
 
 
 def ev(event_id: str = "e-1", key: str | None = None, **kw: Any) -> EventSignal:

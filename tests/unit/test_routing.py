@@ -10,7 +10,7 @@ import pytest
 from bridge.config import BridgeConfig, parse_config
 from bridge.errors import EventRejected
 from bridge.event import EventSignal
-from bridge.routing import RUNNER_WORKFLOW, RouteTable, name_matches
+from bridge.routing import RouteTable, name_matches
 
 
 def table(*workflows: dict[str, Any], project: str = "shop") -> RouteTable:
@@ -159,7 +159,7 @@ def test_defaults_task_queue_and_workflow_type() -> None:
     assert targets["own"].task_queue == "my-shop"
     assert targets["own"].workflow_type == "Target"
     assert targets["queued"].task_queue == "elsewhere"
-    assert targets["builtin"].workflow_type == RUNNER_WORKFLOW == "SignalBridgeTasks"
+    assert targets["builtin"].workflow_type is None  # the dispatcher starts its task runner
     assert targets["builtin"].task_queue == "my-shop"
 
 
