@@ -33,11 +33,10 @@ providers retry anything but a 2xx.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -58,13 +57,14 @@ from litestar.status_codes import (
     HTTP_503_SERVICE_UNAVAILABLE,
 )
 
-from bridge.config import EventFormat, HttpConfig, RateLimit, Webhook
+from bridge.config import EventFormat, HttpConfig
 from bridge.decode import CE_STRUCTURED, Message, decode, parse_json
 from bridge.errors import EventRejected, Unavailable
 from bridge.event import EventSignal
 from bridge.pipeline import Outcome, Pipeline
 from bridge.ratelimit import RateLimiter, TokenBucket, default_burst, retry_after
-from bridge.webhooks import SignatureInvalid, WebhookRoute, compile_webhooks
+from bridge.snapshot import Snapshot
+from bridge.webhooks import SignatureInvalid, WebhookRoute
 
 log = logging.getLogger(__name__)
 
@@ -91,26 +91,19 @@ def _problem(status: int, error: str, message: str, **extra: Any) -> Response[di
 
 
 class TokenCheck:
-    """Bearer tokens compared in constant time against every configured token."""
+    """The current snapshot's bearer tokens; with none configured and ``insecure``, anyone."""
 
-    def __init__(self, tokens: list[str], *, insecure: bool = False) -> None:
-        self._tokens = [t.encode() for t in tokens if t]
-        self.insecure = insecure and not self._tokens
+    def __init__(self, current: Callable[[], Snapshot], *, insecure: bool = False) -> None:
+        self._current = current
+        self._insecure = insecure
 
     def match(self, header: str | None) -> str | None:
         """A name for the token the header carries (``token-1``, …; ``anonymous`` when insecure),
         or None when it carries none of them. The name, not the token, keys rate limits."""
-        if self.insecure:
+        tokens = self._current().tokens
+        if self._insecure and not tokens:
             return "anonymous"
-        scheme, _, token = (header or "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return None
-        given = token.strip().encode()
-        found = None
-        for i, expected in enumerate(self._tokens):
-            if hmac.compare_digest(given, expected) and found is None:
-                found = f"token-{i + 1}"
-        return found
+        return tokens.match(header)
 
     def allows(self, header: str | None) -> bool:
         return self.match(header) is not None
@@ -248,29 +241,24 @@ def _batch_answer(results: list[dict[str, Any]], *, extra: dict[str, Any] | None
 
 
 class Webhooks:
-    """The webhook routes and their rate-limit buckets for the current ``webhooks:`` list.
+    """The current snapshot's webhook routes and their rate-limit buckets.
 
-    ``source`` is the list, or a callable returning the current one (the bridge's config after a
-    reload); routes are recompiled when it returns another list. A bucket survives a reload when
-    its webhook's limit did not change.
+    A bucket survives a reload when its webhook's limit did not change.
     """
 
-    def __init__(
-        self, source: Sequence[Webhook] | Callable[[], Sequence[Webhook]], default: RateLimit | None = None
-    ) -> None:
+    def __init__(self, source: Callable[[], Snapshot]) -> None:
         self._source = source
-        self._default = default
-        self._seen: Sequence[Webhook] | None = None
-        self.routes: dict[str, WebhookRoute] = {}
+        self._seen: Snapshot | None = None
+        self.routes: Mapping[str, WebhookRoute] = {}
         self.buckets: dict[str, TokenBucket] = {}
 
     def current(self) -> Webhooks:
-        hooks = self._source() if callable(self._source) else self._source
-        if hooks is not self._seen:
-            self.routes = compile_webhooks(hooks, origin="webhooks")
+        snap = self._source()
+        if snap is not self._seen:
+            self.routes = snap.webhooks
             buckets = {}
-            for hook in hooks:
-                limit = hook.rate_limit or self._default
+            for hook in snap.config.webhooks:
+                limit = hook.rate_limit or snap.config.http.rate_limit.per_webhook
                 if limit is None:
                     continue
                 burst = limit.burst or default_burst(limit.rate)
@@ -278,25 +266,25 @@ class Webhooks:
                 same = old is not None and (old.rate, old.burst) == (limit.rate, burst)
                 buckets[hook.slug] = old if same and old is not None else TokenBucket(limit.rate, burst)
             self.buckets = buckets
-            self._seen = hooks
+            self._seen = snap
         return self
 
 
 def create_app(
     pipeline: Pipeline,
-    config: HttpConfig,
+    source: Snapshot | Callable[[], Snapshot],
     *,
-    webhooks: Sequence[Webhook] | Callable[[], Sequence[Webhook]] = (),
     ready: Ready | None = None,
     insecure: bool = False,
     lifespan: list[Any] | None = None,
 ) -> Litestar:
-    """The HTTP door. ``webhooks`` is the ``webhooks:`` list, or a callable returning the current
-    one so that a config reload adds, changes and removes webhook routes."""
-    tokens = TokenCheck(config.auth.tokens, insecure=insecure)
+    """The HTTP adapter. ``source`` returns the current config snapshot, so a reload adds, changes
+    and removes webhook routes and tokens."""
+    current: Callable[[], Snapshot] = source if callable(source) else (lambda: source)
+    config = current().config.http
+    tokens = TokenCheck(current, insecure=insecure)
     metrics = pipeline.metrics
-    hooks = Webhooks(webhooks, config.rate_limit.per_webhook)
-    hooks.current()  # a bad list fails here, at start, not on the first delivery
+    hooks = Webhooks(current)
     per_token = config.rate_limit.per_token
     token_limits = RateLimiter(per_token.rate, per_token.burst) if per_token else None
 

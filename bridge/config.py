@@ -1,8 +1,9 @@
-"""The configuration file: pydantic models that refuse unknown keys, and the loader.
+"""The configuration file's structure: pydantic models that refuse unknown keys, and the reader.
 
-Structure is checked by pydantic; meaning (schemas compile, filters compile, templates parse,
-ids are unique) is checked by :func:`load_config` through :class:`bridge.routing.RouteTable`, so
-every load-time error names the file, the workflow and the trigger it is about.
+:func:`read_config` checks structure (YAML, ``${VAR}`` interpolation, types, unknown keys) and
+names the file, workflow and trigger of every error. What the values mean (schemas, filters,
+templates, webhook secrets) is compiled once, into a :class:`bridge.snapshot.Snapshot`.
+The reference is docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -10,19 +11,29 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from slugify import slugify
 
 from bridge.errors import ConfigError
+from bridge.locator import BodyLocatorField, LocatorField
 
 TRIGGER_TYPES = ("signal",)
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
 class Trigger(Model):
@@ -46,22 +57,51 @@ class Trigger(Model):
         return value
 
 
-class Task(Model):
-    """A built-in runner step. ``type`` defaults from the config: ``template`` or ``http``."""
+class TemplateTaskConfig(Model):
+    template: Any
+
+
+class HttpTaskConfig(Model):
+    url: str
+    method: str = "POST"
+    headers: dict[str, Any] = Field(default_factory=dict)
+    body: Any = None
+    timeout_seconds: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1)
+
+
+class TemplateTask(Model):
+    """A runner step that renders ``config.template``; its output is the rendered value."""
 
     id: str
-    type: Literal["template", "http"] | None = None
-    config: dict[str, Any] = Field(default_factory=dict)
+    type: Literal["template"] = "template"
+    config: TemplateTaskConfig
 
-    @model_validator(mode="after")
-    def _infer_type(self) -> Task:
-        if self.type is None:
-            self.type = "http" if "url" in self.config else "template"
-        if self.type == "template" and "template" not in self.config:
-            raise ValueError(f"task {self.id!r}: a template task needs config.template")
-        if self.type == "http" and "url" not in self.config:
-            raise ValueError(f"task {self.id!r}: an http task needs config.url")
-        return self
+
+class HttpTask(Model):
+    """A runner step that calls ``config.url`` from an activity, with Temporal's retries."""
+
+    id: str
+    type: Literal["http"] = "http"
+    config: HttpTaskConfig
+
+
+def _task_kind(value: Any) -> str | None:
+    """``type`` when given; else ``http`` when the config has a ``url`` (the seed's task shape)."""
+    if isinstance(value, TemplateTask | HttpTask):
+        return value.type
+    if not isinstance(value, dict):
+        return None
+    if value.get("type"):
+        return str(value["type"])
+    config = value.get("config")
+    return "http" if isinstance(config, dict) and "url" in config else "template"
+
+
+Task = Annotated[
+    Annotated[TemplateTask, Tag("template")] | Annotated[HttpTask, Tag("http")],
+    Discriminator(_task_kind, custom_error_type="task_type", custom_error_message="type is template or http"),
+]
 
 
 class Workflow(Model):
@@ -136,18 +176,8 @@ class EventFormat(Model):
 
     format: Literal["envelope", "cloudevents", "raw"] = "envelope"
     name: str | None = None
-    name_from: str | None = None
-    id_from: str | None = None
-
-    @field_validator("name_from", "id_from")
-    @classmethod
-    def _locator(cls, value: str | None) -> str | None:
-        if value is None or value in ("key", "routing_key"):
-            return value
-        kind, _, rest = value.partition(":")
-        if kind not in ("header", "field") or not rest:
-            raise ValueError(f"{value!r}: use header:<name>, field:<dotted.path>, key or routing_key")
-        return value
+    name_from: LocatorField | None = None
+    id_from: LocatorField | None = None
 
 
 class KafkaSecurity(Model):
@@ -252,7 +282,7 @@ _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 class Webhook(Model):
     slug: str
     verify: WebhookVerify
-    id_from: str | None = None  # header:<name> or field:<dotted.path>, when the provider has no delivery id
+    id_from: BodyLocatorField | None = None  # when the provider has no delivery id
     events: list[WebhookEvent] = Field(min_length=1)
     rate_limit: RateLimit | None = None  # default: http.rate_limit.per_webhook
 
@@ -261,16 +291,6 @@ class Webhook(Model):
     def _url_safe(cls, value: str) -> str:
         if not _SLUG.match(value):
             raise ValueError(f"slug {value!r}: use letters, digits, '.', '_' and '-' (it is a URL path segment)")
-        return value
-
-    @field_validator("id_from")
-    @classmethod
-    def _locator(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        kind, _, rest = value.partition(":")
-        if kind not in ("header", "field") or not rest:
-            raise ValueError(f"{value!r}: use header:<name> or field:<dotted.path>")
         return value
 
 
@@ -328,23 +348,18 @@ def interpolate(text: str, env: dict[str, str] | None = None, *, origin: str = "
 
 
 def parse_config(data: Any, *, origin: str = "config") -> BridgeConfig:
-    """Build and fully check a config from already-parsed YAML/JSON data."""
-    from bridge.routing import RouteTable
-    from bridge.webhooks import compile_webhooks
-
+    """Build a config from already-parsed YAML/JSON data; structure only (see the module doc)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the file must hold a mapping, found {type(data).__name__}")
     try:
         config = BridgeConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, data, origin)) from None
-    RouteTable.from_config(config, origin=origin)
     _check_unique(config, origin)
-    compile_webhooks(config.webhooks, origin=origin)
     return config
 
 
-def load_config(path: str | Path, env: dict[str, str] | None = None) -> BridgeConfig:
+def read_config(path: str | Path, env: dict[str, str] | None = None) -> BridgeConfig:
     path = Path(path)
     origin = str(path)
     try:

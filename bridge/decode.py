@@ -49,26 +49,6 @@ def parse_json(body: bytes) -> Any:
         raise EventRejected("malformed", f"body is not JSON: {exc}") from None
 
 
-def lookup(data: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(data, dict) or part not in data:
-            return None
-        data = data[part]
-    return data
-
-
-def locate(locator: str, msg: Message, body: Any) -> str | None:
-    """Resolve ``header:X``, ``field:a.b``, ``key`` or ``routing_key`` against a message."""
-    if locator in ("key", "routing_key"):
-        return msg.key
-    kind, _, name = locator.partition(":")
-    if kind == "header":
-        lowered = {k.lower(): v for k, v in msg.headers.items()}
-        return lowered.get(name.lower())
-    value = lookup(body, name)
-    return None if value is None else str(value)
-
-
 def decode(msg: Message, fmt: EventFormat) -> EventSignal:
     """Build the event or raise :class:`EventRejected` (``malformed`` / ``no_name``)."""
     if fmt.format == "cloudevents" or _is_structured_ce(msg.content_type):
@@ -100,12 +80,12 @@ def decode(msg: Message, fmt: EventFormat) -> EventSignal:
 
 def _configured_name(fmt: EventFormat, msg: Message, body: Any) -> str | None:
     if fmt.name_from:
-        return locate(fmt.name_from, msg, body)
+        return fmt.name_from.resolve(msg.headers, body, msg.key)
     return fmt.name
 
 
 def _configured_id(fmt: EventFormat, msg: Message, body: Any) -> str | None:
-    return locate(fmt.id_from, msg, body) if fmt.id_from else None
+    return fmt.id_from.resolve(msg.headers, body, msg.key) if fmt.id_from else None
 
 
 def _is_structured_ce(content_type: str | None) -> bool:

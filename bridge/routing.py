@@ -80,7 +80,7 @@ class RouteTable:
             try:
                 templates.check(wf.input)
                 for task in wf.tasks:
-                    templates.check(task.config)
+                    templates.check(task.config.model_dump())
             except templates.TemplateError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
             names: set[str] = set()

@@ -34,10 +34,10 @@ from urllib.parse import parse_qs
 
 from bridge import templates
 from bridge.config import Webhook, WebhookVerify
-from bridge.decode import lookup
 from bridge.errors import BridgeError, ConfigError, EventRejected
 from bridge.event import EventSignal
 from bridge.filters import Filter, FilterError, activation
+from bridge.locator import Locator
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ class Delivery:
 
 class WebhookRoute:
     def __init__(
-        self, slug: str, verifier: Verifier, entries: Sequence[EventEntry], *, id_from: str | None = None
+        self, slug: str, verifier: Verifier, entries: Sequence[EventEntry], *, id_from: Locator | None = None
     ) -> None:
         self.slug = slug
         self.verifier = verifier
@@ -346,9 +346,7 @@ class WebhookRoute:
     def delivery_id(self, headers: Headers, body: bytes, payload: Any) -> str:
         found = self.verifier.delivery_id(headers, payload)
         if not found and self.id_from:
-            kind, _, name = self.id_from.partition(":")
-            value = headers.get(name.lower()) if kind == "header" else lookup(payload, name)
-            found = None if value is None or value == "" else str(value)
+            found = self.id_from.resolve(headers, payload)
         return found or f"sha256:{hashlib.sha256(body).hexdigest()}"
 
     def events(self, headers: Headers, body: bytes, content_type: str | None = None) -> Delivery:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -16,8 +17,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from bridge.config import BridgeConfig
-from bridge.routing import RouteTable
+from bridge.snapshot import Snapshot
 from dispatcher.contract import (
     HTTP_REQUEST,
     LOAD_ROUTES,
@@ -34,24 +34,23 @@ log = logging.getLogger(__name__)
 
 
 class BridgeActivities:
-    """Built with a callable that returns the current config, so `reload` sees file changes."""
+    """Built with a callable that returns the current snapshot, so `reload` sees a swapped one."""
 
-    def __init__(self, config: BridgeConfig | Any) -> None:
-        self._config = config
+    def __init__(self, current: Snapshot | Callable[[], Snapshot]) -> None:
+        self._current = current
 
-    def config(self) -> BridgeConfig:
-        return self._config() if callable(self._config) else self._config
+    def snapshot(self) -> Snapshot:
+        return self._current() if callable(self._current) else self._current
 
     @activity.defn(name=LOAD_ROUTES)
     async def load_routes(self) -> RoutesResult:
-        cfg = self.config()
-        return RoutesResult(
-            routes=RouteTable.from_config(cfg).spec(), settings=DispatcherSettings.from_config(cfg.dispatcher)
-        )
+        snap = self.snapshot()
+        settings = DispatcherSettings.from_config(snap.config.dispatcher)
+        return RoutesResult(routes=snap.routes.spec(), settings=settings)
 
     @activity.defn(name=LOAD_TASKS)
     async def load_tasks(self, workflow_id: str) -> list[dict[str, Any]]:
-        for wf in self.config().workflows:
+        for wf in self.snapshot().config.workflows:
             if wf.id == workflow_id:
                 return [t.model_dump() for t in wf.tasks]
         raise ApplicationError(f"no workflow {workflow_id!r} in the config", non_retryable=True)

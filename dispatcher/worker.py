@@ -8,7 +8,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from bridge.config import BridgeConfig
+from bridge.snapshot import Snapshot
 from dispatcher.activities import BridgeActivities
 from dispatcher.runner import TaskRunnerWorkflow
 from dispatcher.workflow import DispatcherWorkflow
@@ -29,8 +29,8 @@ PASSTHROUGH = (
 )
 
 
-def build_worker(client: Client, config: BridgeConfig | Callable[[], BridgeConfig], task_queue: str) -> Worker:
-    acts = BridgeActivities(config)
+def build_worker(client: Client, current: Snapshot | Callable[[], Snapshot], task_queue: str) -> Worker:
+    acts = BridgeActivities(current)
     return Worker(
         client,
         task_queue=task_queue,

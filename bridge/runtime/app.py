@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,14 +20,17 @@ import uvicorn
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from adapters import amqp, kafka
+from adapters.http import create_app
 from bridge.adapter import Adapter
-from bridge.config import BridgeConfig, load_config
+from bridge.config import BridgeConfig
 from bridge.errors import BridgeError, ConfigError
 from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline
-from bridge.routing import RouteTable
 from bridge.runtime.embedded import EmbeddedTemporal
+from bridge.snapshot import Snapshot, SnapshotSource
 from dispatcher.client import DispatcherClient
+from dispatcher.worker import build_worker
 
 log = logging.getLogger(__name__)
 Role = Literal["all", "worker", "ingress"]
@@ -46,34 +47,7 @@ class _Uvicorn(uvicorn.Server):
         return None
 
 
-class ConfigSource:
-    """The config as last loaded; re-read when the file changed, kept when the new one is bad."""
-
-    def __init__(self, config: BridgeConfig, path: Path | None = None) -> None:
-        self.config = config
-        self.path = path
-        self._mtime = path.stat().st_mtime if path else 0.0
-        self._routes = (config, RouteTable.from_config(config))
-
-    def routes(self) -> RouteTable:
-        """The door's route table for the current config (rebuilt only when it changed)."""
-        config = self()
-        if self._routes[0] is not config:
-            self._routes = (config, RouteTable.from_config(config))
-        return self._routes[1]
-
-    def __call__(self) -> BridgeConfig:
-        if self.path is None:
-            return self.config
-        try:
-            mtime = self.path.stat().st_mtime
-            if mtime != self._mtime:
-                self.config = load_config(self.path)
-                self._mtime = mtime
-                log.info("config reloaded path=%s", self.path)
-        except (OSError, ConfigError) as exc:
-            log.error("config reload failed, keeping the previous one: %s", exc)
-        return self.config
+WATCH_INTERVAL = 2.0
 
 
 async def connect(
@@ -92,16 +66,20 @@ async def connect(
 class Bridge:
     def __init__(
         self,
-        config: BridgeConfig,
+        config: BridgeConfig | Snapshot,
         *,
         config_path: str | Path | None = None,
         role: Role = "all",
         insecure: bool = False,
         data_dir: str | Path = ".signal-bridge",
         client: Client | None = None,
+        watch: bool = True,
     ) -> None:
-        self.config = config
-        self.source = ConfigSource(config, Path(config_path) if config_path else None)
+        snapshot = config if isinstance(config, Snapshot) else Snapshot.compile(config)
+        self.config = snapshot.config  # as started: addresses, ports and the project never reload
+        self.source = SnapshotSource(snapshot, config_path, prepare=self._keep_process_settings)
+        self.watch = watch
+        self._watcher: asyncio.Task[None] | None = None
         self.role = role
         self.insecure = insecure
         self.data_dir = Path(data_dir)
@@ -123,7 +101,7 @@ class Bridge:
 
     async def start(self) -> None:
         cfg = self.config
-        if self.takes_events and not cfg.http.auth.tokens and not self.insecure:
+        if self.takes_events and not self.source.current.tokens and not self.insecure:
             raise ConfigError(
                 "no bearer token configured under http.auth.tokens; add one, or pass --insecure "
                 "to accept unauthenticated events"
@@ -144,17 +122,17 @@ class Bridge:
             )
         self.dispatcher = DispatcherClient(self.client, cfg, self.metrics)
         if self.role in ("all", "worker"):
-            from dispatcher.worker import build_worker
-
             self.worker = build_worker(self.client, self.source, cfg.task_queue)
             self._worker_task = asyncio.create_task(self.worker.run(), name="worker")
             await self.dispatcher.ensure_started()
         if self.takes_events:
-            self.pipeline = Pipeline(self.source.routes, self.dispatcher, self.metrics)
+            self.pipeline = Pipeline(lambda: self.source.current.routes, self.dispatcher, self.metrics)
             for adapter in build_adapters(cfg, self.pipeline):
                 await adapter.start()
                 self.adapters.append(adapter)
             await self._start_http()
+        if self.watch and self.source.path is not None:
+            self._watcher = asyncio.create_task(self._watch(), name="config-watcher")
         log.info(
             "signal-bridge started project=%s role=%s temporal=%s http=%s",
             cfg.project,
@@ -164,16 +142,8 @@ class Bridge:
         )
 
     async def _start_http(self) -> None:
-        from adapters.http import create_app
-
         assert self.pipeline is not None
-        app = create_app(
-            self.pipeline,
-            self.config.http,
-            webhooks=lambda: self.source().webhooks,  # follows reloads
-            ready=self.ready,
-            insecure=self.insecure,
-        )
+        app = create_app(self.pipeline, self.source, ready=self.ready, insecure=self.insecure)
         server = _Uvicorn(
             uvicorn.Config(
                 app,
@@ -193,12 +163,32 @@ class Bridge:
             await asyncio.sleep(0.02)
         self.http_port = server.servers[0].sockets[0].getsockname()[1]
 
-    async def reload(self) -> None:
-        """Re-read the config file (doors) and tell the dispatcher to reload its routes."""
-        self.source()
-        if self.dispatcher is not None and self.role in ("all", "worker"):
+    def _keep_process_settings(self, config: BridgeConfig) -> BridgeConfig:
+        """A reloaded file keeps what this process was started with: the project, Temporal and
+        the HTTP listener (changing those needs a restart; the log says so)."""
+        fixed = {"project": self.config.project, "temporal": self.config.temporal}
+        if (config.project, config.temporal) != (self.config.project, self.config.temporal):
+            log.warning("config reload: project and temporal settings take effect only after a restart")
+        http = config.http.model_copy(update={"host": self.config.http.host, "port": self.config.http.port})
+        return config.model_copy(update={**fixed, "http": http})
+
+    async def reload(self) -> bool:
+        """Re-read the config file; when it compiled, tell the dispatcher to reload its routes."""
+        swapped = self.source.reload()
+        if swapped and self.dispatcher is not None and self.role in ("all", "worker"):
             await self.dispatcher.reload()
-        log.info("reload requested project=%s", self.config.project)
+        log.info("reload requested project=%s applied=%s", self.config.project, swapped)
+        return swapped
+
+    async def _watch(self) -> None:
+        """Reload when the file's modification time changes (checked every WATCH_INTERVAL s)."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            if self.source.changed():
+                try:
+                    await self.reload()
+                except Exception:
+                    log.exception("config reload failed")
 
     async def ready(self) -> dict[str, bool]:
         checks: dict[str, bool] = {}
@@ -211,6 +201,10 @@ class Bridge:
         return checks
 
     async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             await self._http_task
@@ -230,21 +224,11 @@ class Bridge:
         log.info("signal-bridge stopped project=%s", self.config.project)
 
 
-ADAPTERS: dict[str, tuple[str, str]] = {
-    "kafka": ("adapters.kafka", "build"),
-    "amqp": ("adapters.amqp", "build"),
-}
-
-
 def build_adapters(config: BridgeConfig, pipeline: Pipeline) -> list[Adapter]:
-    """One adapter per configured consumer; modules are imported only when configured."""
+    """One queue adapter per configured ``kafka:`` and ``amqp:`` entry (HTTP is served apart)."""
     out: list[Adapter] = []
-    for section, (module, factory) in ADAPTERS.items():
-        entries = getattr(config, section)
-        if not entries:
-            continue
-        build: Callable[..., Adapter] = getattr(importlib.import_module(module), factory)
-        out.extend(build(entry, pipeline, config) for entry in entries)
+    out.extend(kafka.build(entry, pipeline, config) for entry in config.kafka)
+    out.extend(amqp.build(entry, pipeline, config) for entry in config.amqp)
     return out
 
 

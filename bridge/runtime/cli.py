@@ -10,14 +10,14 @@ import sys
 import uuid
 from typing import Any
 
-from bridge.config import BridgeConfig, load_config
+from bridge import snapshot
+from bridge.config import read_config
 from bridge.errors import BridgeError
-from bridge.routing import RouteTable
 from bridge.runtime.settings import Settings
 
 
-def _load(path: str, settings: Settings) -> BridgeConfig:
-    return settings.apply(load_config(path))
+def _load(path: str, settings: Settings) -> snapshot.Snapshot:
+    return snapshot.Snapshot.compile(settings.apply(read_config(path)), origin=path)
 
 
 def _serve(args: argparse.Namespace, role: str) -> int:
@@ -39,15 +39,13 @@ def _serve(args: argparse.Namespace, role: str) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    load_config(args.file)
+    snapshot.load(args.file)
     print(f"{args.file}: ok")
     return 0
 
 
 def _routes(args: argparse.Namespace) -> int:
-    config = load_config(args.file)
-    table = RouteTable.from_config(config)
-    for name, workflows in table.names().items():
+    for name, workflows in snapshot.load(args.file).routes.names().items():
         print(f"{name} -> {', '.join(workflows)}")
     return 0
 

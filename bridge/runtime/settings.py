@@ -42,12 +42,20 @@ class Settings:
         )
 
     def apply(self, config: BridgeConfig) -> BridgeConfig:
+        """A copy of ``config`` with the environment's overrides (configs are immutable)."""
+        http: dict[str, object] = {}
         if self.http_host:
-            config.http.host = self.http_host
+            http["host"] = self.http_host
         if self.http_port is not None:
-            config.http.port = self.http_port
+            http["port"] = self.http_port
+        temporal: dict[str, object] = {}
         if self.temporal_address:
-            config.temporal.address = self.temporal_address
+            temporal["address"] = self.temporal_address
         if self.temporal_namespace:
-            config.temporal.namespace = self.temporal_namespace
-        return config
+            temporal["namespace"] = self.temporal_namespace
+        return config.model_copy(
+            update={
+                "http": config.http.model_copy(update=http),
+                "temporal": config.temporal.model_copy(update=temporal),
+            }
+        )

@@ -17,8 +17,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from bridge.config import BridgeConfig, load_config
+from bridge.config import BridgeConfig
 from bridge.runtime.settings import Settings
+from bridge.snapshot import load
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
@@ -100,7 +101,7 @@ def config_path() -> str:
 def effective_config() -> BridgeConfig:
     """compose/config.yaml as the container sees it: loaded, then SIGNAL_BRIDGE_* applied."""
     env = environment(BRIDGE)
-    cfg = load_config(COMPOSE_DIR / "config.yaml", env={"BRIDGE_TOKEN": TOKEN})
+    cfg = load(COMPOSE_DIR / "config.yaml", env={"BRIDGE_TOKEN": TOKEN}).config
     return Settings.from_env(env).apply(cfg)
 
 
@@ -223,7 +224,7 @@ def test_config_is_mounted_where_the_bridge_reads_it() -> None:
 
 
 def test_temporal_address_points_at_the_temporal_service() -> None:
-    raw = load_config(COMPOSE_DIR / "config.yaml", env={"BRIDGE_TOKEN": TOKEN})
+    raw = load(COMPOSE_DIR / "config.yaml", env={"BRIDGE_TOKEN": TOKEN}).config
     for address in (effective_config().temporal.address, raw.temporal.address):
         host, port = host_port(address or "")
         assert host in SERVICES

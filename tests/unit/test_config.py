@@ -11,13 +11,23 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.config import load_config, parse_config
+from bridge import snapshot
+from bridge.config import BridgeConfig
 from bridge.errors import ConfigError
 from bridge.runtime.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOP = ROOT / "examples" / "shop.yaml"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "signal-bridge"
+
+
+def load_config(path: Path, env: dict[str, str] | None = None) -> BridgeConfig:
+    """A file through the whole load: read, validate, compile (what `serve` and `validate` do)."""
+    return snapshot.load(path, env).config
+
+
+def parse_config(data: Any, origin: str = "config") -> BridgeConfig:
+    return snapshot.parse(data, origin=origin).config
 
 
 def write(tmp_path: Path, text: str, name: str = "bridge.yaml") -> Path:
@@ -208,7 +218,7 @@ def test_seed_task_shape_loads_as_is() -> None:
     )
     [task] = cfg.workflows[0].tasks
     assert task.type == "template"
-    assert task.config == {"template": "Processing order {{ .trigger.orderId }}"}
+    assert task.config.template == "Processing order {{ .trigger.orderId }}"
 
 
 def test_example_shop_config_validates() -> None:

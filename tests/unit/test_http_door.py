@@ -22,8 +22,8 @@ from bridge.config import BridgeConfig, parse_config
 from bridge.errors import Unavailable
 from bridge.event import EventSignal
 from bridge.pipeline import Pipeline
-from bridge.routing import RouteTable
 from bridge.runtime.settings import Settings
+from bridge.snapshot import Snapshot
 
 TOKEN = "t0k-3n"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -70,7 +70,8 @@ def make_config(tokens: list[str] | None = None, **http: Any) -> BridgeConfig:
 
 def make_app(sink: FakeSink, cfg: BridgeConfig | None = None, **kw: Any) -> Litestar:
     cfg = cfg or make_config()
-    return create_app(Pipeline(RouteTable.from_config(cfg), sink), cfg.http, webhooks=cfg.webhooks, **kw)
+    snap = Snapshot.compile(cfg)
+    return create_app(Pipeline(snap.routes, sink), snap, **kw)
 
 
 @pytest.fixture
@@ -976,14 +977,14 @@ async def test_no_rate_limit_by_default(sink: FakeSink) -> None:
 async def test_webhooks_follow_a_reloaded_config(sink: FakeSink) -> None:
     one = {"slug": "one", "verify": {"kind": "none"}, "events": [{"name": "open.a"}], "rate_limit": {"rate": 0.001}}
     two = {"slug": "two", "verify": {"kind": "none"}, "events": [{"name": "open.b"}]}
-    current = hook_config([one])
-    app = create_app(Pipeline(RouteTable.from_config(current), sink), current.http, webhooks=lambda: current.webhooks)
+    current = Snapshot.compile(hook_config([one]))
+    app = create_app(Pipeline(current.routes, sink), lambda: current)
     async with AsyncTestClient(app) as c:
         assert (await c.post(f"{HOOKS}/one", content=b"{}")).status_code == 202
         assert (await c.post(f"{HOOKS}/two", content=b"{}")).status_code == 404
-        current = hook_config([one, two])  # reloaded: a webhook added, one's limit unchanged
+        current = Snapshot.compile(hook_config([one, two]))  # reloaded: a webhook added, one's limit unchanged
         assert (await c.post(f"{HOOKS}/two", content=b"{}")).status_code == 202
         assert (await c.post(f"{HOOKS}/one", content=b"{}")).status_code == 429  # its bucket was kept
-        current = hook_config([two])  # reloaded: one removed
+        current = Snapshot.compile(hook_config([two]))  # reloaded: one removed
         assert (await c.post(f"{HOOKS}/one", content=b"{}")).status_code == 404
     assert [e.name for e in sink.events] == ["open.a", "open.b"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from bridge.config import parse_config
+from bridge.snapshot import parse
 from bridge.errors import ConfigError, EventRejected
 from bridge.webhooks import (
     HmacVerify,
@@ -32,19 +32,20 @@ from bridge.webhooks import (
 
 
 def config_with(*webhooks: dict[str, Any]) -> Any:
-    return parse_config(
+    """A config through the whole load, so compile-time errors surface here."""
+    return parse(
         {
             "project": "hooks",
             "webhooks": list(webhooks),
             "workflows": [{"id": "w", "workflow_type": "W", "triggers": [{"name": "*"}]}],
         },
         origin="test.yaml",
-    )
+    ).config
 
 
 def route(verify: dict[str, Any], events: list[dict[str, Any]] | None = None, **extra: Any) -> WebhookRoute:
     cfg = config_with({"slug": "hook", "verify": verify, "events": events or [{"name": "any"}], **extra})
-    return compile_webhooks(cfg.webhooks)["hook"]
+    return compile_webhooks(cfg.webhooks, origin="test.yaml")["hook"]
 
 
 # --- github --------------------------------------------------------------------------------
