@@ -9,29 +9,29 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.received = Counter("signal_bridge_events_received", "Events read from a door", ["door"], registry=r)
+        self.received = Counter("signal_bridge_events_received", "Events read by an adapter", ["adapter"], registry=r)
         self.accepted = Counter(
             "signal_bridge_events_accepted",
-            "Events Temporal accepted (the door then acknowledged them)",
-            ["door"],
+            "Events Temporal accepted (the adapter then acknowledged them)",
+            ["adapter"],
             registry=r,
         )
         self.rejected = Counter(
             "signal_bridge_events_rejected",
             "Events refused for good (4xx or dead letter), by reason",
-            ["door", "reason"],
+            ["adapter", "reason"],
             registry=r,
         )
         self.dropped = Counter(
             "signal_bridge_events_dropped",
             "Rejected events skipped without a dead letter, by reason",
-            ["door", "reason"],
+            ["adapter", "reason"],
             registry=r,
         )
         self.unavailable = Counter(
             "signal_bridge_temporal_unavailable",
-            "Submissions Temporal did not accept; the door retries or answers 503",
-            ["door"],
+            "Submissions Temporal did not accept; the adapter retries or answers 503",
+            ["adapter"],
             registry=r,
         )
         self.signals = Counter("signal_bridge_signals_sent", "Signal-with-start calls that returned", registry=r)
