@@ -64,7 +64,8 @@ from bridge.event import EventSignal
 from bridge.pipeline import Outcome, Pipeline
 from bridge.ratelimit import RateLimiter, TokenBucket, default_burst, retry_after
 from bridge.snapshot import Snapshot
-from bridge.webhooks import SignatureInvalid, WebhookRoute
+from bridge.signatures import SignatureInvalid
+from bridge.webhooks import WebhookRoute
 
 log = logging.getLogger(__name__)
 

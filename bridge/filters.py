@@ -30,7 +30,7 @@ class Filter:
 
     def matches(self, activation: dict[str, Any]) -> bool:
         try:
-            result = self._program.evaluate(celpy.json_to_cel(activation))
+            result = self._program.evaluate(_cel_activation(activation))
         except Exception as exc:
             log.debug("filter %r did not evaluate: %s", self.source, exc)
             return False
@@ -45,3 +45,8 @@ def activation(name: str, payload: Any, source: str, metadata: dict[str, Any], e
         "metadata": metadata,
         "id": event_id,
     }
+
+
+def _cel_activation(values: dict[str, Any]) -> Any:
+    """The activation as CEL values (celpy's converter is untyped and not re-exported)."""
+    return celpy.json_to_cel(values)  # type: ignore[attr-defined]

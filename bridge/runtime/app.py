@@ -239,7 +239,7 @@ async def run_until_signalled(bridge: Bridge) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task[None]] = set()
+    reloads: set[asyncio.Task[bool]] = set()
 
     def on_hup() -> None:
         task = asyncio.create_task(bridge.reload())

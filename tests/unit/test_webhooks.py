@@ -16,19 +16,17 @@ from typing import Any
 
 import pytest
 
-from bridge.snapshot import parse
 from bridge.errors import ConfigError, EventRejected
-from bridge.webhooks import (
+from bridge.signatures import (
     HmacVerify,
     SignatureInvalid,
     StandardWebhooksVerify,
     StripeVerify,
-    WebhookRoute,
     build_verifier,
-    compile_webhooks,
     github,
-    kept_headers,
 )
+from bridge.snapshot import parse
+from bridge.webhooks import WebhookRoute, compile_webhooks, kept_headers
 
 
 def config_with(*webhooks: dict[str, Any]) -> Any:

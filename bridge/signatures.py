@@ -1,0 +1,250 @@
+"""Webhook signature schemes: prove a delivery came from its provider.
+
+One :class:`Verifier` per ``verify.kind`` (``none``, ``hmac``, ``github``, ``stripe``,
+``standard-webhooks``), each checked against the providers' published test vectors. What each kind
+protects against is in docs/webhooks.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from bridge.config import WebhookVerify
+from bridge.errors import BridgeError
+
+Headers = Mapping[str, str]
+
+
+class SignatureInvalid(BridgeError):
+    """A delivery whose signature does not verify. The message says why, for the log only."""
+
+
+class Verifier(Protocol):
+    """One webhook signature scheme.
+
+    ``verify`` raises :class:`SignatureInvalid` unless ``body`` carries a valid signature made
+    with one of the configured secrets; ``now`` is the current Unix time. ``delivery_id`` names
+    the delivery as the provider does, or is None. ``signature_headers`` (lower-case) are kept
+    out of event metadata.
+    """
+
+    kind: str
+    signature_headers: frozenset[str]
+
+    def verify(self, headers: Headers, body: bytes, now: float) -> None: ...
+
+    def delivery_id(self, headers: Headers, payload: Any) -> str | None: ...
+
+
+def _digest(algorithm: str, key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, algorithm).digest()
+
+
+def _ascii(value: str) -> bytes:
+    # compare_digest refuses non-ASCII str; a header is whatever the sender put there.
+    return value.encode("utf-8", "replace")
+
+
+def _any_equal(given: Iterable[str], expected: Sequence[str]) -> bool:
+    """True when some given value equals some expected one, each pair compared in constant time."""
+    found = False
+    for g in given:
+        for e in expected:
+            found |= hmac.compare_digest(_ascii(g), _ascii(e))
+    return found
+
+
+def _fresh(timestamp: str | None, now: float, tolerance: int) -> int:
+    """The timestamp as an int, if it is one and within ``tolerance`` seconds of ``now``."""
+    try:
+        ts = int((timestamp or "").strip())
+    except ValueError:
+        raise SignatureInvalid("timestamp is missing or not an integer") from None
+    if abs(now - ts) > tolerance:
+        raise SignatureInvalid(f"timestamp {ts} is more than {tolerance}s away from now")
+    return ts
+
+
+class NoVerify:
+    """``kind: none``: anyone who can reach the URL can deliver. Must be configured explicitly."""
+
+    kind = "none"
+    signature_headers: frozenset[str] = frozenset()
+
+    def verify(self, headers: Headers, body: bytes, now: float) -> None:
+        return None
+
+    def delivery_id(self, headers: Headers, payload: Any) -> str | None:
+        return None
+
+
+class HmacVerify:
+    """One header holding ``prefix + encode(HMAC(secret, body))``. GitHub is this with
+    ``X-Hub-Signature-256``, SHA-256, hex and the prefix ``sha256=``."""
+
+    def __init__(
+        self,
+        secrets: Sequence[str],
+        *,
+        header: str = "x-signature",
+        algorithm: str = "sha256",
+        encoding: str = "hex",
+        prefix: str = "",
+        kind: str = "hmac",
+        delivery_header: str | None = None,
+    ) -> None:
+        self.kind = kind
+        self.header = header.lower()
+        self.signature_headers = frozenset({self.header})
+        self._keys = [s.encode() for s in secrets]
+        self._algorithm = algorithm
+        self._hex = encoding == "hex"
+        self._prefix = prefix
+        self._delivery_header = delivery_header
+
+    def sign(self, body: bytes, secret_index: int = 0) -> str:
+        mac = _digest(self._algorithm, self._keys[secret_index], body)
+        return self._prefix + (mac.hex() if self._hex else base64.b64encode(mac).decode())
+
+    def verify(self, headers: Headers, body: bytes, now: float) -> None:
+        given = (headers.get(self.header) or "").strip()
+        if not given:
+            raise SignatureInvalid(f"header {self.header} is missing")
+        if not given.startswith(self._prefix):
+            raise SignatureInvalid(f"header {self.header} lacks the prefix {self._prefix!r}")
+        if self._hex:  # hex digits are case-insensitive; base64 is not
+            given = self._prefix + given[len(self._prefix) :].lower()
+        if not _any_equal([given], [self.sign(body, i) for i in range(len(self._keys))]):
+            raise SignatureInvalid(f"header {self.header} matches no configured secret")
+
+    def delivery_id(self, headers: Headers, payload: Any) -> str | None:
+        return headers.get(self._delivery_header) if self._delivery_header else None
+
+
+def github(secrets: Sequence[str]) -> HmacVerify:
+    """GitHub: ``X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the body>``; id ``X-GitHub-Delivery``.
+
+    GitHub signs no timestamp, so a captured delivery can be replayed; its delivery id makes the
+    replay start nothing new.
+    """
+    return HmacVerify(
+        secrets,
+        header="x-hub-signature-256",
+        algorithm="sha256",
+        encoding="hex",
+        prefix="sha256=",
+        kind="github",
+        delivery_header="x-github-delivery",
+    )
+
+
+class StripeVerify:
+    """Stripe: ``Stripe-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "{t}.{body}">[,v1=…]``.
+
+    The ``whsec_…`` secret is the HMAC key as it is (Stripe does not base64-decode it). Several
+    ``v1`` entries may come during Stripe's own secret roll; any one matching is enough. Other
+    schemes (``v0``) are ignored. The timestamp must lie within ``tolerance`` seconds of now,
+    either way (Stripe's libraries check only the past; a future one this far off is no better).
+    The delivery id is the event's ``id``, the same on every retry.
+    """
+
+    kind = "stripe"
+    header = "stripe-signature"
+    signature_headers = frozenset({header})
+
+    def __init__(self, secrets: Sequence[str], tolerance: int = 300) -> None:
+        self._keys = [s.encode() for s in secrets]
+        self.tolerance = tolerance
+
+    def sign(self, body: bytes, timestamp: int, secret_index: int = 0) -> str:
+        signed = f"{timestamp}.".encode() + body
+        return _digest("sha256", self._keys[secret_index], signed).hex()
+
+    def verify(self, headers: Headers, body: bytes, now: float) -> None:
+        raw = headers.get(self.header)
+        if not raw:
+            raise SignatureInvalid(f"header {self.header} is missing")
+        timestamps, v1 = [], []
+        for item in raw.split(","):
+            key, _, value = item.strip().partition("=")
+            if key == "t":
+                timestamps.append(value)
+            elif key == "v1" and value:
+                v1.append(value.strip().lower())
+        if len(timestamps) != 1 or not v1:
+            raise SignatureInvalid(f"header {self.header} needs one t= and at least one v1=")
+        ts = _fresh(timestamps[0], now, self.tolerance)
+        if not _any_equal(v1, [self.sign(body, ts, i) for i in range(len(self._keys))]):
+            raise SignatureInvalid(f"no v1 signature in {self.header} matches a configured secret")
+
+    def delivery_id(self, headers: Headers, payload: Any) -> str | None:
+        event_id = payload.get("id") if isinstance(payload, dict) else None
+        return event_id if isinstance(event_id, str) and event_id else None
+
+
+class StandardWebhooksVerify:
+    """Standard Webhooks (https://www.standardwebhooks.com): ``webhook-id``, ``webhook-timestamp``
+    and ``webhook-signature`` holding space-separated ``v1,<base64 HMAC-SHA256 of
+    "{id}.{timestamp}.{body}">`` entries. Secrets are base64, optionally prefixed ``whsec_``; the
+    key is the decoded bytes. The ``svix-*`` spelling of the same headers is accepted too (Svix,
+    which senders such as Clerk and Resend use, is where the scheme comes from).
+    """
+
+    kind = "standard-webhooks"
+    signature_headers = frozenset({"webhook-signature", "svix-signature"})
+
+    def __init__(self, secrets: Sequence[str], tolerance: int = 300) -> None:
+        self._keys = [self.key(s) for s in secrets]
+        self.tolerance = tolerance
+
+    @staticmethod
+    def key(secret: str) -> bytes:
+        try:
+            return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("a standard-webhooks secret is base64, optionally prefixed 'whsec_'") from None
+
+    @staticmethod
+    def _header(headers: Headers, name: str) -> str | None:
+        return headers.get(f"webhook-{name}") or headers.get(f"svix-{name}")
+
+    def sign(self, body: bytes, msg_id: str, timestamp: int, secret_index: int = 0) -> str:
+        signed = f"{msg_id}.{timestamp}.".encode() + body
+        return "v1," + base64.b64encode(_digest("sha256", self._keys[secret_index], signed)).decode()
+
+    def verify(self, headers: Headers, body: bytes, now: float) -> None:
+        msg_id = self._header(headers, "id")
+        signature = self._header(headers, "signature")
+        if not msg_id or not signature:
+            raise SignatureInvalid("webhook-id or webhook-signature is missing")
+        ts = _fresh(self._header(headers, "timestamp"), now, self.tolerance)
+        given = [s for s in signature.split() if s.startswith("v1,")]
+        if not given or not _any_equal(given, [self.sign(body, msg_id, ts, i) for i in range(len(self._keys))]):
+            raise SignatureInvalid("no v1 signature in webhook-signature matches a configured secret")
+
+    def delivery_id(self, headers: Headers, payload: Any) -> str | None:
+        return self._header(headers, "id")
+
+
+def build_verifier(spec: WebhookVerify) -> Verifier:
+    """The verifier for a ``verify:`` block; ValueError for a secret the kind cannot use."""
+    secrets = spec.all_secrets
+    if spec.kind == "none":
+        return NoVerify()
+    if spec.kind == "github":
+        return github(secrets)
+    if spec.kind == "stripe":
+        return StripeVerify(secrets, spec.tolerance_seconds)
+    if spec.kind == "standard-webhooks":
+        return StandardWebhooksVerify(secrets, spec.tolerance_seconds)
+    return HmacVerify(
+        secrets,
+        header=spec.header or "x-signature",
+        algorithm=spec.algorithm,
+        encoding=spec.encoding,
+        prefix=spec.prefix,
+    )
