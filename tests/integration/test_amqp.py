@@ -167,7 +167,7 @@ class ServeProcess:
     async def accepted(self) -> float:
         async with httpx.AsyncClient(timeout=5) as http:
             text = (await http.get(f"http://127.0.0.1:{self.port}/metrics")).text
-        match = re.search(r'^signal_bridge_events_accepted_total\{door="amqp"\} (\S+)$', text, re.M)
+        match = re.search(r'^signal_bridge_events_accepted_total\{adapter="amqp"\} (\S+)$', text, re.M)
         return float(match.group(1)) if match else 0.0
 
     async def kill(self) -> None:

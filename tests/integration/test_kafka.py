@@ -286,7 +286,7 @@ async def test_2000_envelopes_over_3_partitions_run_exactly_once(
         temporal_client, project, {kafka_child("count", topic, p, o) for p, o in placed}, timeout=480
     )
     finished = time.monotonic()
-    accepted = metric(bridge.metrics.render().decode(), "signal_bridge_events_accepted_total", door="kafka")
+    accepted = metric(bridge.metrics.render().decode(), "signal_bridge_events_accepted_total", adapter="kafka")
     assert accepted >= n
     print(
         f"\n2000 records: produced in {produced - began:.1f}s, committed by the door after "
@@ -428,11 +428,11 @@ async def test_poison_records_are_dead_lettered_or_counted_and_good_ones_around_
     await assert_all_committed(kafka_bootstrap, f"{project}-skip", topic)
     text = bridge.metrics.render().decode()
     dropped = {
-        reason: metric(text, "signal_bridge_events_dropped_total", door="kafka", reason=reason)
+        reason: metric(text, "signal_bridge_events_dropped_total", adapter="kafka", reason=reason)
         for reason in ("malformed", "no_name", "schema_invalid", "unroutable")
     }
     assert dropped == {"malformed": 2, "no_name": 1, "schema_invalid": 1, "unroutable": 1}
-    assert metric(text, "signal_bridge_events_rejected_total", door="kafka", reason="malformed") == 4
+    assert metric(text, "signal_bridge_events_rejected_total", adapter="kafka", reason="malformed") == 4
 
 
 async def test_temporal_down_15s_pauses_partitions_then_resumes_without_loss_or_doubles(
@@ -484,7 +484,7 @@ async def test_temporal_down_15s_pauses_partitions_then_resumes_without_loss_or_
     placed += await produce(kafka_bootstrap, topic, batch("after"))
     await assert_runs_exactly(client, project, {kafka_child("orders", topic, p, o) for p, o in placed})
     await assert_all_committed(kafka_bootstrap, door.group_id, topic)
-    assert metric(bridge.metrics.render().decode(), "signal_bridge_temporal_unavailable_total", door="kafka") >= 1
+    assert metric(bridge.metrics.render().decode(), "signal_bridge_temporal_unavailable_total", adapter="kafka") >= 1
 
 
 async def _produce_stream(
@@ -591,5 +591,5 @@ async def test_two_bridges_in_one_group_split_partitions_and_run_each_record_onc
     placed = await produce(kafka_bootstrap, topic, [envelope("order.created", {"n": i}, key=f"k{i}") for i in range(n)])
     await assert_runs_exactly(temporal_client, project, {kafka_child("orders", topic, p, o) for p, o in placed})
     await assert_all_committed(kafka_bootstrap, group, topic)
-    accepted = [metric(await p.metrics(), "signal_bridge_events_accepted_total", door="kafka") for p in pair]
+    accepted = [metric(await p.metrics(), "signal_bridge_events_accepted_total", adapter="kafka") for p in pair]
     assert all(a > 0 for a in accepted) and sum(accepted) >= n, accepted

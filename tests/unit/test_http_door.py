@@ -357,15 +357,15 @@ async def test_metrics_count_accepted_and_rejected_by_reason(client: AsyncTestCl
     await client.post(URL, content=b"{", headers=AUTH)
     await client.post(URL, json=order())
     text = (await client.get("/metrics")).text
-    assert 'signal_bridge_events_accepted_total{door="http"} 1.0' in text
+    assert 'signal_bridge_events_accepted_total{adapter="http"} 1.0' in text
     for reason in ("unroutable", "malformed", "unauthorized"):
-        assert f'signal_bridge_events_rejected_total{{door="http",reason="{reason}"}} 1.0' in text
+        assert f'signal_bridge_events_rejected_total{{adapter="http",reason="{reason}"}} 1.0' in text
 
 
 async def test_too_large_is_counted_as_rejected(client: AsyncTestClient[Litestar]) -> None:
     await client.post(URL, content=big_body(), headers=AUTH)
     text = (await client.get("/metrics")).text
-    assert 'signal_bridge_events_rejected_total{door="http",reason="too_large"} 1.0' in text
+    assert 'signal_bridge_events_rejected_total{adapter="http",reason="too_large"} 1.0' in text
 
 
 async def test_openapi_lists_the_events_endpoint(client: AsyncTestClient[Litestar]) -> None:
@@ -839,7 +839,7 @@ async def test_no_matching_entry_is_200_ignored(sink: FakeSink, hooks: AsyncTest
     assert resp.json()["status"] == "ignored" and resp.json()["delivery_id"] == "p-1"
     assert sink.entered.is_set() is False
     text = (await hooks.get("/metrics")).text
-    assert 'signal_bridge_events_dropped_total{door="webhook",reason="no_match"} 1.0' in text
+    assert 'signal_bridge_events_dropped_total{adapter="webhook",reason="no_match"} 1.0' in text
 
 
 async def test_unknown_slug_is_404(sink: FakeSink, hooks: AsyncTestClient[Litestar]) -> None:
@@ -902,9 +902,9 @@ async def test_webhook_refusals_are_counted(hooks: AsyncTestClient[Litestar]) ->
     body, headers = github_delivery(PUSH)
     await hooks.post(f"{HOOKS}/github", content=body, headers=headers)
     text = (await hooks.get("/metrics")).text
-    assert 'signal_bridge_events_rejected_total{door="webhook",reason="unauthorized"} 1.0' in text
-    assert 'signal_bridge_events_rejected_total{door="webhook",reason="not_found"} 1.0' in text
-    assert 'signal_bridge_events_accepted_total{door="webhook"} 2.0' in text
+    assert 'signal_bridge_events_rejected_total{adapter="webhook",reason="unauthorized"} 1.0' in text
+    assert 'signal_bridge_events_rejected_total{adapter="webhook",reason="not_found"} 1.0' in text
+    assert 'signal_bridge_events_accepted_total{adapter="webhook"} 2.0' in text
 
 
 async def test_openapi_lists_the_hooks_endpoint(hooks: AsyncTestClient[Litestar]) -> None:
@@ -929,7 +929,7 @@ async def test_per_token_rate_limit_is_429_with_retry_after(sink: FakeSink) -> N
     assert 990 <= int(refused.headers["Retry-After"]) <= 1000
     assert other.status_code == 202
     assert len(sink.events) == 3
-    assert 'signal_bridge_events_rejected_total{door="http",reason="rate_limited"} 1.0' in text
+    assert 'signal_bridge_events_rejected_total{adapter="http",reason="rate_limited"} 1.0' in text
 
 
 async def test_unauthorized_requests_do_not_spend_a_tokens_budget(sink: FakeSink) -> None:

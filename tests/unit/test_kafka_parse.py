@@ -406,7 +406,7 @@ async def test_temporal_down_pauses_polls_and_commits_only_after_it_holds_the_ev
     assert len(sink.held) == 2 and not consumer.paused() and not door.paused
     assert consumer.commits == [{TP0: 11, TP1: 11}]
     text = door.pipeline.metrics.render().decode()
-    assert 'signal_bridge_temporal_unavailable_total{door="kafka"} 3.0' in text
+    assert 'signal_bridge_temporal_unavailable_total{adapter="kafka"} 3.0' in text
 
 
 async def test_a_rebalance_during_an_outage_abandons_the_batch_uncommitted():
@@ -435,7 +435,7 @@ async def test_poison_without_dead_letter_topic_is_counted_skipped_and_committed
     assert consumer.commits == [{TP0: 16}]
     text = door.pipeline.metrics.render().decode()
     for reason in ("malformed", "no_name", "schema_invalid", "unroutable"):
-        assert f'signal_bridge_events_dropped_total{{door="kafka",reason="{reason}"}} 1.0' in text
+        assert f'signal_bridge_events_dropped_total{{adapter="kafka",reason="{reason}"}} 1.0' in text
     skipped = [r.getMessage() for r in caplog.records if "kafka record skipped" in r.getMessage()]
     assert len(skipped) == 4 and any("offset=14 reason=unroutable" in m for m in skipped)
 
@@ -451,7 +451,7 @@ async def test_a_batch_too_large_for_one_signal_is_halved_and_an_oversized_event
     door, consumer = door_with(sink)
     await door._handle(batch([good(1)]), door._generation)
     text = door.pipeline.metrics.render().decode()
-    assert 'signal_bridge_events_dropped_total{door="kafka",reason="too_large"} 1.0' in text
+    assert 'signal_bridge_events_dropped_total{adapter="kafka",reason="too_large"} 1.0' in text
     assert consumer.commits == [{TP0: 11}]
 
 
