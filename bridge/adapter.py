@@ -1,4 +1,4 @@
-"""The one shape every queue door has: built from its config section, started, stopped."""
+"""The one shape every queue adapter has: built from its config section, started, stopped."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 
 @runtime_checkable
 class Adapter(Protocol):
-    """A door. ``stop`` must leave nothing acknowledged that Temporal does not hold."""
+    """A queue adapter. ``stop`` must leave nothing acknowledged that Temporal does not hold."""
 
     name: str
 

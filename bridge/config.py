@@ -26,6 +26,7 @@ from pydantic import (
 )
 from slugify import slugify
 
+from bridge.config_errors import describe
 from bridge.errors import ConfigError
 from bridge.locator import BodyLocatorField, LocatorField
 
@@ -354,7 +355,7 @@ def parse_config(data: Any, *, origin: str = "config") -> BridgeConfig:
     try:
         config = BridgeConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, data, origin)) from None
+        raise ConfigError(describe(exc, data, origin)) from None
     _check_unique(config, origin)
     return config
 
@@ -389,52 +390,3 @@ def _check_unique(config: BridgeConfig, origin: str) -> None:
     slugs = [w.slug for w in config.webhooks]
     for slug in {s for s in slugs if slugs.count(s) > 1}:
         raise ConfigError(f"{origin}: webhook slug {slug!r} is declared twice")
-
-
-def _describe(exc: ValidationError, data: dict[str, Any], origin: str) -> str:
-    """Turn pydantic's locations into 'workflow 'x', trigger 'y'' so users find the line."""
-    lines = []
-    for err in exc.errors():
-        where: list[str] = []
-        node: Any = data
-        loc = list(err["loc"])
-        i = 0
-        while i < len(loc):
-            part = loc[i]
-            nxt = loc[i + 1] if i + 1 < len(loc) else None
-            if isinstance(part, str) and isinstance(nxt, int) and isinstance(node, dict):
-                items = node.get(part)
-                item = items[nxt] if isinstance(items, list) and nxt < len(items) else None
-                where.append(_label(part, nxt, item))
-                node = item
-                i += 2
-                continue
-            where.append(str(part))
-            node = node.get(part) if isinstance(node, dict) else None
-            i += 1
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"{origin}: {', '.join(where) or 'top level'}: {msg}")
-    return "\n".join(lines)
-
-
-_SINGULAR = {
-    "workflows": "workflow",
-    "triggers": "trigger",
-    "tasks": "task",
-    "kafka": "kafka",
-    "amqp": "amqp",
-    "webhooks": "webhook",
-    "events": "event",
-    "bindings": "binding",
-}
-
-
-def _label(section: str, index: int, item: Any) -> str:
-    noun = _SINGULAR.get(section, section)
-    if isinstance(item, dict):
-        for key in ("id", "name", "slug", "queue"):
-            if isinstance(item.get(key), str) and item[key]:
-                return f"{noun} {item[key]!r}"
-    return f"{noun} #{index + 1}"

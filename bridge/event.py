@@ -1,4 +1,4 @@
-"""`EventSignal`, the one message type that crosses from a door into Temporal."""
+"""`EventSignal`, the one message type that crosses from an adapter into Temporal."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""The ingest pipeline every door calls: check → submit → tell the door what to acknowledge.
+"""The ingest pipeline every adapter calls: check → submit → tell the adapter what to acknowledge.
 
-Doors decode their transport into :class:`EventSignal` (see :mod:`bridge.decode`), then hand
-the events here. Events that can never be accepted come back as rejected (the door answers 4xx
+Adapters decode their transport into :class:`EventSignal` (see :mod:`bridge.decode`), then hand
+the events here. Events that can never be accepted come back as rejected (the adapter answers 4xx
 or dead-letters them); the rest go to Temporal in one call. If Temporal does not hold them,
 :class:`Unavailable` is raised and *nothing* of the batch may be acknowledged.
 """
@@ -52,7 +52,7 @@ class Pipeline:
         return self._routes if isinstance(self._routes, RouteTable) else self._routes()
 
     def check(self, event: EventSignal) -> EventRejected | None:
-        """Why this event can never be accepted, or None. Doors may call it before submit."""
+        """Why this event can never be accepted, or None. Adapters may call it before submit."""
         try:
             self.routes.check(event)
         except EventRejected as exc:
@@ -64,36 +64,36 @@ class Pipeline:
             )
         return None
 
-    async def submit(self, events: Sequence[EventSignal], door: str) -> list[Outcome]:
+    async def submit(self, events: Sequence[EventSignal], adapter: str) -> list[Outcome]:
         """Check each event, submit the good ones together, and report every outcome in order.
 
         Raises :class:`bridge.errors.Unavailable` when Temporal did not take the good ones.
         """
         outcomes = [Outcome(e, self.check(e)) for e in events]
         good = [o.event for o in outcomes if o.accepted]
-        self.metrics.received.labels(door).inc(len(events))
+        self.metrics.received.labels(adapter).inc(len(events))
         for o in outcomes:
             if o.rejected is not None:
-                self.reject(door, o.event.name, o.event.id, o.rejected)
+                self.reject(adapter, o.event.name, o.event.id, o.rejected)
         if good:
             self.metrics.inflight.inc(len(good))
             try:
                 with self.metrics.submit_seconds.time():
                     await self.sink.submit(good)
             except Unavailable:
-                self.metrics.unavailable.labels(door).inc()
+                self.metrics.unavailable.labels(adapter).inc()
                 raise
             finally:
                 self.metrics.inflight.dec(len(good))
-            self.metrics.accepted.labels(door).inc(len(good))
+            self.metrics.accepted.labels(adapter).inc(len(good))
         return outcomes
 
-    def reject(self, door: str, name: str | None, event_id: str | None, exc: EventRejected) -> None:
-        """Count and log an event refused for good; doors call it for decode failures too."""
-        self.metrics.rejected.labels(door, exc.reason).inc()
+    def reject(self, adapter: str, name: str | None, event_id: str | None, exc: EventRejected) -> None:
+        """Count and log an event refused for good; adapters call it for decode failures too."""
+        self.metrics.rejected.labels(adapter, exc.reason).inc()
         log.warning(
-            "event rejected door=%s reason=%s name=%s id=%s: %s",
-            door,
+            "event rejected adapter=%s reason=%s name=%s id=%s: %s",
+            adapter,
             exc.reason,
             name,
             event_id,

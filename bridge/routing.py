@@ -1,6 +1,6 @@
 """Routing: which workflows an event starts.
 
-One :class:`RouteTable` serves both sides. Doors use :meth:`RouteTable.check` to refuse, before
+One :class:`RouteTable` serves both sides. Adapters use :meth:`RouteTable.check` to refuse, before
 anything enters Temporal, an event no trigger names or whose payload breaks a trigger's schema.
 The dispatcher builds the same table from :meth:`RouteTable.spec` (plain data, loaded by a local
 activity so replays see the table the run saw) and calls :meth:`RouteTable.resolve`, which applies
@@ -121,7 +121,7 @@ class RouteTable:
         return cls(routes)
 
     def spec(self) -> dict[str, Any]:
-        """What the dispatcher needs, as plain data (schemas stay at the door)."""
+        """What the dispatcher needs, as plain data (schemas stay at the adapter)."""
         return {
             "workflows": [
                 {

@@ -1,7 +1,7 @@
-"""Wiring: one :class:`Bridge` runs any of worker, HTTP door and queue consumers in one process.
+"""Wiring: one :class:`Bridge` runs any of worker, HTTP adapter and queue adapters in one process.
 
-Start order: Temporal (embedded when no address) → client → worker and dispatcher → doors.
-Stop order is the reverse, and each step finishes what it holds: doors stop taking events and
+Start order: Temporal (embedded when no address) → client → worker and dispatcher → adapters.
+Stop order is the reverse, and each step finishes what it holds: adapters stop taking events and
 finish in-flight submissions (consumers commit/ack what Temporal accepted), the dispatcher client
 flushes, the worker drains, the embedded server stops last. The dispatcher itself is never
 terminated: its buffered signals stay in Temporal for the next worker.

@@ -78,9 +78,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (
-        ("serve", "worker, HTTP door and consumers in one process"),
+        ("serve", "worker, HTTP adapter and queue adapters in one process"),
         ("worker", "only the Temporal worker (dispatcher and task runner)"),
-        ("ingress", "only the doors (HTTP and consumers)"),
+        ("ingress", "only the adapters (HTTP, Kafka, RabbitMQ)"),
     ):
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", "-c", default=None, help="config file (or SIGNAL_BRIDGE_CONFIG)")
