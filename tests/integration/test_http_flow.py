@@ -242,3 +242,33 @@ async def test_reload_picks_up_new_triggers(bridge_factory, temporal_client, tem
     assert (await _post(bridge, {"name": "second", "payload": {"n": 2}}, key="r1")).status_code == 202
     got = await result_of(temporal_client, target_workflow_id("w", event_digest("http", "r1")))
     assert got["tasks"]["render"] == "got 2"
+
+
+async def test_file_watcher_applies_a_changed_config(bridge_factory, temporal_client, temporal_address, tmp_path):
+    """Without SIGHUP or a reload call: the watcher sees the new mtime, swaps the snapshot, and
+    tells the dispatcher, which starts the new trigger's workflow."""
+    import yaml
+
+    project = unique("watch")
+    path = tmp_path / "bridge.yaml"
+    data = {
+        "project": project,
+        "temporal": {"address": temporal_address},
+        "http": {"port": 0, "auth": {"tokens": [TOKEN]}},
+        "workflows": [runner("w", "first")],
+    }
+    path.write_text(yaml.safe_dump(data))
+    bridge = await bridge_factory(config(project, temporal_address, [runner("w", "first")]), config_path=path)
+    assert (await _post(bridge, {"name": "second", "payload": {"n": 1}}, key="w0")).status_code == 422
+
+    data["workflows"] = [runner("w", "first", "second")]
+    path.write_text(yaml.safe_dump(data))
+    os.utime(path, (1, 1))
+
+    async def routable() -> bool:
+        return bridge.source.current.routes.is_routable("second")
+
+    await assert_eventually(routable, timeout=15, what="the watcher reloaded the file")
+    assert (await _post(bridge, {"name": "second", "payload": {"n": 3}}, key="w1")).status_code == 202
+    got = await result_of(temporal_client, target_workflow_id("w", event_digest("http", "w1")))
+    assert got["tasks"]["render"] == "got 3"

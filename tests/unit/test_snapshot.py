@@ -1,0 +1,162 @@
+"""The compiled config snapshot: built once, swapped whole on reload, kept when the new file is bad."""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import pathlib
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+import yaml
+from litestar.testing import AsyncTestClient
+
+from adapters.http import create_app
+from bridge.event import EventSignal
+from bridge.pipeline import Pipeline
+from bridge.runtime.app import Bridge
+from bridge.snapshot import Snapshot, SnapshotSource, load, parse
+from tests.fakes import FakeSink
+
+TOKEN_A = "token-a-0123456789"
+TOKEN_B = "token-b-0123456789"
+
+
+def data(*names: str, tokens: tuple[str, ...] = (TOKEN_A,), **extra: Any) -> dict[str, Any]:
+    return {
+        "project": "snap",
+        "temporal": {"address": "127.0.0.1:1"},
+        "http": {"port": 18080, "auth": {"tokens": list(tokens)}},
+        "webhooks": [{"slug": "open", "verify": {"kind": "none"}, "events": [{"name": "hook.in"}]}],
+        "workflows": [{"id": "w", "workflow_type": "W", "triggers": [{"name": n} for n in names]}],
+        **extra,
+    }
+
+
+def write(path: Path, content: dict[str, Any] | str) -> None:
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    stamp = path.stat().st_mtime + 1  # a new mtime even within one clock tick
+    os.utime(path, (stamp, stamp))
+
+
+def event(name: str, event_id: str = "e1") -> EventSignal:
+    return EventSignal(id=event_id, name=name, payload={}, source="http:test")
+
+
+def test_one_load_compiles_routes_webhooks_and_tokens(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.yaml"
+    write(path, data("a.created"))
+    snap = load(path)
+    assert snap.origin == str(path)
+    assert snap.routes.is_routable("a.created") and not snap.routes.is_routable("b.created")
+    assert list(snap.webhooks) == ["open"]
+    assert snap.tokens.match(f"Bearer {TOKEN_A}") == "token-1"
+    assert snap.tokens.match(f"Bearer {TOKEN_B}") is None
+
+
+def test_a_snapshot_cannot_be_changed_in_place() -> None:
+    snap = parse(data("a"))
+    with pytest.raises(pydantic.ValidationError):
+        snap.config.http.port = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        snap.webhooks["new"] = snap.webhooks["open"]  # type: ignore[index]
+
+
+def test_reload_swaps_the_whole_snapshot(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.yaml"
+    write(path, data("a"))
+    source = SnapshotSource(load(path), path)
+    before = source.current
+    assert not source.changed()
+    write(path, data("a", "b"))
+    assert source.changed()
+    assert source.reload() is True
+    assert source.current is not before
+    assert source.current.routes.is_routable("b") and not before.routes.is_routable("b")
+    assert not source.changed()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "project: [unclosed",  # not YAML
+        {**data("a"), "workflows": [{"id": "w", "workflow_type": "W", "trigers": []}]},  # unknown key
+        {**data("a"), "workflows": [{"id": "w", "workflow_type": "W", "triggers": [{"name": "a", "filter": "(("}]}]},
+        {**data("a"), "webhooks": [{"slug": "gh", "verify": {"kind": "github"}, "events": [{"name": "x"}]}]},
+    ],
+    ids=["not-yaml", "unknown-key", "filter-does-not-compile", "webhook-without-secret"],
+)
+def test_a_bad_file_is_refused_and_the_old_snapshot_stays(
+    tmp_path: Path, bad: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "bridge.yaml"
+    write(path, data("a"))
+    source = SnapshotSource(load(path), path)
+    before = source.current
+    write(path, bad)
+    with caplog.at_level(logging.ERROR, logger="bridge.snapshot"):
+        assert source.reload() is False
+    assert source.current is before
+    assert "config reload refused, keeping the previous one" in caplog.text
+    assert not source.changed(), "the same bad file is not retried on every watcher tick"
+
+
+async def test_events_never_touch_the_filesystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "bridge.yaml"
+    write(path, data("a"))
+    source = SnapshotSource(load(path), path)
+    sink = FakeSink()
+    pipeline = Pipeline(lambda: source.current.routes, sink)
+
+    def no_io(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("filesystem access on the event path")
+
+    monkeypatch.setattr(pathlib.Path, "stat", no_io)
+    monkeypatch.setattr(builtins, "open", no_io)
+    outcomes = await pipeline.submit([event("a", "1"), event("nope", "2")], "http")
+    assert [o.accepted for o in outcomes] == [True, False]
+    assert [e.id for e in sink.events] == ["1"]
+
+
+async def test_a_token_removed_from_the_file_stops_working_on_reload(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.yaml"
+    write(path, data("a", tokens=(TOKEN_A, TOKEN_B)))
+    source = SnapshotSource(load(path), path)
+    sink = FakeSink()
+    app = create_app(Pipeline(lambda: source.current.routes, sink), source)
+
+    async def post(token: str, key: str) -> int:
+        resp = await client.post(
+            "/api/v1/events",
+            json={"name": "a", "payload": {}},
+            headers={"Authorization": f"Bearer {token}", "Idempotency-Key": key},
+        )
+        return resp.status_code
+
+    async with AsyncTestClient(app) as client:
+        assert await post(TOKEN_A, "1") == 202
+        assert await post(TOKEN_B, "2") == 202
+        write(path, data("a", tokens=(TOKEN_B,)))
+        assert source.reload()
+        assert await post(TOKEN_A, "3") == 401
+        assert await post(TOKEN_B, "4") == 202
+
+
+def test_bridge_reload_keeps_what_the_process_was_started_with(tmp_path: Path) -> None:
+    """Listener, project and Temporal come from the start (and the environment's overrides)."""
+    path = tmp_path / "bridge.yaml"
+    write(path, data("a"))
+    started = Snapshot.compile(load(path).config.model_copy(update={"project": "snap"}))
+    bridge = Bridge(started, config_path=path, watch=False)
+    changed = data("a", "b")
+    changed["project"] = "other"
+    changed["http"] = {"port": 9999, "host": "0.0.0.0", "auth": {"tokens": [TOKEN_B]}}
+    write(path, changed)
+    assert bridge.source.reload()
+    now = bridge.source.current
+    assert now.routes.is_routable("b")
+    assert (now.config.project, now.config.http.port, now.config.http.host) == ("snap", 18080, "127.0.0.1")
+    assert now.tokens.match(f"Bearer {TOKEN_B}") == "token-1"  # tokens do reload
