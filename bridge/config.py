@@ -149,6 +149,14 @@ class DispatcherConfig(Model):
 class HttpAuth(Model):
     tokens: list[str] = Field(default_factory=list)
 
+    @field_validator("tokens")
+    @classmethod
+    def _no_empty_token(cls, tokens: list[str]) -> list[str]:
+        # An empty token (as from an unset ${VAR:-}) would count as "configured" and match nothing.
+        if any(not t.strip() for t in tokens):
+            raise ValueError("a bearer token is empty (is the ${VAR} it comes from set?)")
+        return tokens
+
 
 class RateLimit(Model):
     """A token bucket: ``rate`` requests a second on average, bursts of ``burst`` (default: one

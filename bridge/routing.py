@@ -13,13 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
-from jsonschema.validators import validator_for
-
 from bridge import templates
 from bridge.errors import ConfigError, EventRejected
 from bridge.filters import Filter, FilterError, activation
+from bridge.schemas import compile_schema
 
 if TYPE_CHECKING:
     from bridge.config import BridgeConfig
@@ -184,15 +181,7 @@ class RouteTable:
 
 
 def _compile_trigger(name: str, filter_src: str | None, schema: dict[str, Any] | None, where: str) -> TriggerRoute:
-    validator = None
-    if schema is not None:
-        cls = validator_for(schema, default=Draft202012Validator)
-        try:
-            cls.check_schema(schema)
-        except SchemaError as exc:
-            path = "/".join(str(p) for p in exc.absolute_path) or "(root)"
-            raise ConfigError(f"{where}: schema does not compile at {path}: {exc.message}") from None
-        validator = cls(schema)
+    validator = compile_schema(schema, where) if schema is not None else None
     compiled = None
     if filter_src:
         try:

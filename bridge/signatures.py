@@ -230,11 +230,28 @@ class StandardWebhooksVerify:
         return self._header(headers, "id")
 
 
+MIN_KEY_BYTES = 16
+
+
+def _check_keys(keys: Sequence[bytes]) -> None:
+    """An HMAC key anybody could guess is no key: refuse empty and short ones at load."""
+    for key in keys:
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(
+                f"a secret of {len(key)} byte(s) is too short to sign with; use at least {MIN_KEY_BYTES} "
+                "(check that the ${VAR} it comes from is set)"
+            )
+
+
 def build_verifier(spec: WebhookVerify) -> Verifier:
     """The verifier for a ``verify:`` block; ValueError for a secret the kind cannot use."""
     secrets = spec.all_secrets
     if spec.kind == "none":
         return NoVerify()
+    if spec.kind == "standard-webhooks":
+        _check_keys([StandardWebhooksVerify.key(s) for s in secrets])
+    else:
+        _check_keys([s.encode() for s in secrets])
     if spec.kind == "github":
         return github(secrets)
     if spec.kind == "stripe":

@@ -101,11 +101,8 @@ class Bridge:
 
     async def start(self) -> None:
         cfg = self.config
-        if self.takes_events and not self.source.current.tokens and not self.insecure:
-            raise ConfigError(
-                "no bearer token configured under http.auth.tokens; add one, or pass --insecure "
-                "to accept unauthenticated events"
-            )
+        if self.takes_events:
+            self.check_auth()
         if self.client is None:
             address = cfg.temporal.address
             if not address:
@@ -139,6 +136,21 @@ class Bridge:
             self.role,
             self.embedded.address if self.embedded else cfg.temporal.address,
             self.http_port,
+        )
+
+    def check_auth(self) -> None:
+        """Refuse to take events without a bearer token, unless told to; then say so loudly."""
+        if self.source.current.tokens:
+            return
+        if not self.insecure:
+            raise ConfigError(
+                "no bearer token configured under http.auth.tokens; add one, or pass --insecure "
+                "to accept unauthenticated events"
+            )
+        log.warning(
+            "insecure mode: POST /api/v1/events accepts events from anyone who can reach %s:%s",
+            self.config.http.host,
+            self.config.http.port,
         )
 
     async def _start_http(self) -> None:

@@ -92,6 +92,13 @@ def test_interpolated_secret_is_taken_verbatim(tmp_path: Path, secret: str) -> N
     assert load_config(path, env={"BRIDGE_TOKEN": secret}).http.auth.tokens == [secret]
 
 
+@pytest.mark.parametrize("tokens", ['[""]', '["${UNSET_TOKEN:-}"]', '["ok-token", "  "]'])
+def test_an_empty_bearer_token_is_refused(tmp_path: Path, tokens: str) -> None:
+    path = write(tmp_path, f"project: shop\nhttp: {{auth: {{tokens: {tokens}}}}}\n")
+    with pytest.raises(ConfigError, match=r"http, auth, tokens: a bearer token is empty"):
+        load_config(path, env={})
+
+
 def test_variable_mentioned_in_a_comment_is_not_required(tmp_path: Path) -> None:
     path = write(tmp_path, "# export ${SOME_UNSET_VAR} to change the token\nproject: shop\n")
     assert load_config(path, env={}).project == "shop"

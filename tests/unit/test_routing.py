@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from bridge.config import BridgeConfig, parse_config
-from bridge.errors import EventRejected
+from bridge.errors import ConfigError, EventRejected
 from bridge.event import EventSignal
 from bridge.routing import RouteTable, name_matches
 
@@ -172,3 +172,33 @@ def test_target_carries_the_input_template() -> None:
 def test_names_lists_patterns_in_file_order() -> None:
     routes = table(wf("a", "order.created"), wf("b", "order.*", "order.created"))
     assert routes.names() == {"order.created": ["a", "b"], "order.*": ["b"]}
+
+
+# --- schema regular expressions run on RE2 -----------------------------------------------------
+
+
+def _schema_table(schema: dict[str, Any]) -> RouteTable:
+    return table(wf("w", {"name": "t", "schema": schema}))
+
+
+def test_a_backtracking_pattern_is_checked_in_linear_time() -> None:
+    """`(a+)+$` against 'aaaa…b' backtracks exponentially in Python's re; RE2 answers at once."""
+    table = _schema_table({"type": "object", "properties": {"s": {"type": "string", "pattern": "^(a+)+$"}}})
+    with pytest.raises(EventRejected) as exc:
+        table.check(EventSignal(id="1", name="t", payload={"s": "a" * 5000 + "b"}, source="s"))
+    assert exc.value.reason == "schema_invalid"
+    table.check(EventSignal(id="2", name="t", payload={"s": "a" * 5000}, source="s"))
+
+
+def test_pattern_properties_run_on_re2_too() -> None:
+    schema = {"type": "object", "patternProperties": {"^x-": {"type": "integer"}}}
+    table = _schema_table(schema)
+    table.check(EventSignal(id="1", name="t", payload={"x-a": 1, "y": "free"}, source="s"))
+    with pytest.raises(EventRejected):
+        table.check(EventSignal(id="2", name="t", payload={"x-a": "not an int"}, source="s"))
+
+
+@pytest.mark.parametrize("pattern", ["^(?=a)a$", "^(a)\\1$"], ids=["look-ahead", "backreference"])
+def test_a_pattern_re2_cannot_run_is_refused_at_load(pattern: str) -> None:
+    with pytest.raises(ConfigError, match=r"workflow 'w', trigger 't': schema pattern .* is not RE2 syntax"):
+        _schema_table({"type": "string", "pattern": pattern})

@@ -15,6 +15,7 @@ import yaml
 from litestar.testing import AsyncTestClient
 
 from adapters.http import create_app
+from bridge.errors import ConfigError
 from bridge.event import EventSignal
 from bridge.pipeline import Pipeline
 from bridge.runtime.app import Bridge
@@ -160,3 +161,16 @@ def test_bridge_reload_keeps_what_the_process_was_started_with(tmp_path: Path) -
     assert now.routes.is_routable("b")
     assert (now.config.project, now.config.http.port, now.config.http.host) == ("snap", 18080, "127.0.0.1")
     assert now.tokens.match(f"Bearer {TOKEN_B}") == "token-1"  # tokens do reload
+
+
+def test_no_token_refuses_to_start_and_insecure_mode_warns(caplog: pytest.LogCaptureFixture) -> None:
+    open_config = parse(data("a", tokens=())).config
+    with pytest.raises(ConfigError, match="no bearer token configured"):
+        Bridge(open_config, watch=False).check_auth()
+    with caplog.at_level(logging.WARNING, logger="bridge.runtime.app"):
+        Bridge(open_config, insecure=True, watch=False).check_auth()
+    assert "insecure mode: POST /api/v1/events accepts events from anyone" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bridge.runtime.app"):
+        Bridge(parse(data("a")).config, insecure=True, watch=False).check_auth()
+    assert "insecure" not in caplog.text, "with tokens configured, --insecure changes nothing"

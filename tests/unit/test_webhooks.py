@@ -303,15 +303,17 @@ def test_standard_webhooks_bad_secret_is_a_config_error_naming_the_webhook() -> 
 
 # --- generic hmac --------------------------------------------------------------------------
 
-# RFC 4231 test case 2 (SHA-256, SHA-512) and RFC 2202 test case 2 (SHA-1).
-RFC_KEY = "Jefe"
-RFC_DATA = b"what do ya want for nothing?"
+# RFC 4231 test case 1 (SHA-256, SHA-512) and RFC 2202 test case 1 (SHA-1): a 20-byte key.
+# (Test case 2's key, "Jefe", is shorter than a webhook secret may be.)
+RFC_KEY = "\x0b" * 20
+RFC_DATA = b"Hi There"
 RFC_MAC = {
-    "sha256": "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843",
-    "sha512": "164b7a7bfcf819e2e395fbe73b56e0a387bd64222e831fd610270cd7ea250554"
-    "9758bf75c05a994a6d034f65f8f0e6fdcaeab1a34d4a6b4b636e070a38bce737",
-    "sha1": "effcdf6ae5eb2fa2d27416d5f184df9c259a7c79",
+    "sha256": "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7",
+    "sha512": "87aa7cdea5ef619d4ff0b4241a1d6cb02379f4e2ce4ec2787ad0b30545e17cde"
+    "daa833b7d6b8a702038b274eaea3f4e4be9d914eeb61f1702e696c203a126854",
+    "sha1": "b617318655057264e28bc0b6fb378c8ef146be00",
 }
+LONG_SECRET = "a-webhook-secret-of-some-length"
 
 
 @pytest.mark.parametrize("algorithm", ["sha256", "sha512", "sha1"])
@@ -334,7 +336,7 @@ def test_hmac_base64_prefix_and_header() -> None:
     ("secret", "headers", "body"),
     [
         (RFC_KEY, {"x-signature": RFC_MAC["sha256"]}, RFC_DATA + b"!"),
-        ("Jeff", {"x-signature": RFC_MAC["sha256"]}, RFC_DATA),
+        ("\x0c" * 20, {"x-signature": RFC_MAC["sha256"]}, RFC_DATA),
         (RFC_KEY, {}, RFC_DATA),
         (RFC_KEY, {"x-other": RFC_MAC["sha256"]}, RFC_DATA),
         (RFC_KEY, {"x-signature": RFC_MAC["sha512"]}, RFC_DATA),
@@ -348,9 +350,25 @@ def test_hmac_refuses(secret: str, headers: dict[str, str], body: bytes) -> None
 
 
 def test_hmac_rotated_secret_either_verifies() -> None:
-    r = route({"kind": "hmac", "secrets": ["new-key", RFC_KEY]})
+    r = route({"kind": "hmac", "secrets": [LONG_SECRET, RFC_KEY]})
     r.verify({"x-signature": RFC_MAC["sha256"]}, RFC_DATA, 0)
-    r.verify({"x-signature": hmac.new(b"new-key", RFC_DATA, "sha256").hexdigest()}, RFC_DATA, 0)
+    r.verify({"x-signature": hmac.new(LONG_SECRET.encode(), RFC_DATA, "sha256").hexdigest()}, RFC_DATA, 0)
+
+
+@pytest.mark.parametrize(
+    "verify",
+    [
+        {"kind": "github", "secret": "short"},
+        {"kind": "hmac", "secrets": [LONG_SECRET, "x" * 15]},
+        {"kind": "stripe", "secret": "whsec_"},
+        {"kind": "standard-webhooks", "secret": "whsec_"},  # as from whsec_${UNSET:-}: an empty key
+        {"kind": "standard-webhooks", "secret": "whsec_c2hvcnQ="},  # base64 of "short"
+    ],
+    ids=["github", "hmac-rotation", "stripe-prefix-only", "standard-empty", "standard-short"],
+)
+def test_empty_or_short_keys_are_refused_at_load(verify: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match=r"webhook 'hook', verify: .*too short to sign with; use at least 16"):
+        route(verify)
 
 
 def test_empty_secrets_are_dropped_never_used_as_keys() -> None:
@@ -361,7 +379,7 @@ def test_empty_secrets_are_dropped_never_used_as_keys() -> None:
 
 
 def test_hmac_secret_and_secrets_both_count() -> None:
-    r = route({"kind": "hmac", "secret": "new-key", "secrets": [RFC_KEY]})
+    r = route({"kind": "hmac", "secret": "new-key-0123456789abcdef", "secrets": [RFC_KEY]})
     r.verify({"x-signature": RFC_MAC["sha256"]}, RFC_DATA, 0)
 
 
@@ -395,11 +413,23 @@ def test_none_verifies_anything_and_must_be_explicit() -> None:
             {"verify": {"kind": "github"}, "events": [{"name": "a"}]},
             r"webhook 'hook', verify: .*needs a non-empty secret",
         ),
-        ({"verify": {"kind": "none", "secret": "s"}, "events": [{"name": "a"}]}, r"webhook 'hook', verify: .*'none'"),
+        (
+            {"verify": {"kind": "none", "secret": LONG_SECRET}, "events": [{"name": "a"}]},
+            r"webhook 'hook', verify: .*'none'",
+        ),
         ({"verify": {"kind": "github", "secrets": ["", ""]}, "events": [{"name": "a"}]}, r"non-empty secret"),
-        ({"verify": {"kind": "github", "secret": "s", "header": "X"}, "events": [{"name": "a"}]}, r"'hmac' only"),
-        ({"verify": {"kind": "stripe", "secret": "s", "tolerance_seconds": 0}, "events": [{"name": "a"}]}, r"tolera"),
-        ({"verify": {"kind": "hmac", "secret": "s", "algorithm": "md5"}, "events": [{"name": "a"}]}, r"algorithm"),
+        (
+            {"verify": {"kind": "github", "secret": LONG_SECRET, "header": "X"}, "events": [{"name": "a"}]},
+            r"'hmac' only",
+        ),
+        (
+            {"verify": {"kind": "stripe", "secret": LONG_SECRET, "tolerance_seconds": 0}, "events": [{"name": "a"}]},
+            r"tolera",
+        ),
+        (
+            {"verify": {"kind": "hmac", "secret": LONG_SECRET, "algorithm": "md5"}, "events": [{"name": "a"}]},
+            r"algorithm",
+        ),
         ({"verify": {"kind": "webhook"}, "events": [{"name": "a"}]}, r"webhook 'hook', verify, kind"),
         ({"verify": {"kind": "none"}, "events": []}, r"webhook 'hook', events"),
         ({"verify": {"kind": "none"}, "events": [{"name": "a"}], "id_from": "body"}, r"id_from"),
@@ -426,9 +456,13 @@ def test_duplicate_slug_is_an_error() -> None:
 
 def test_build_verifier_kinds() -> None:
     cfg = config_with(
-        {"slug": "a", "verify": {"kind": "github", "secret": "s"}, "events": [{"name": "x"}]},
-        {"slug": "b", "verify": {"kind": "stripe", "secret": "s", "tolerance_seconds": 60}, "events": [{"name": "x"}]},
-        {"slug": "c", "verify": {"kind": "hmac", "secret": "s"}, "events": [{"name": "x"}]},
+        {"slug": "a", "verify": {"kind": "github", "secret": LONG_SECRET}, "events": [{"name": "x"}]},
+        {
+            "slug": "b",
+            "verify": {"kind": "stripe", "secret": LONG_SECRET, "tolerance_seconds": 60},
+            "events": [{"name": "x"}],
+        },
+        {"slug": "c", "verify": {"kind": "hmac", "secret": LONG_SECRET}, "events": [{"name": "x"}]},
     )
     a, b, c = (build_verifier(w.verify) for w in cfg.webhooks)
     assert a.kind == "github" and b.kind == "stripe" and c.kind == "hmac"
@@ -474,7 +508,7 @@ def test_event_metadata_has_no_configured_signature_header() -> None:
 
 
 def test_github_delivery_id_and_event_id() -> None:
-    r = route({"kind": "github", "secret": "s"}, [{"name": "github.push"}])
+    r = route({"kind": "github", "secret": LONG_SECRET}, [{"name": "github.push"}])
     delivery = r.events({"x-github-delivery": "72d3162e-cc78-11e3-81ab-4c9367dc0958"}, b'{"ref": "main"}')
     assert delivery.delivery_id == "72d3162e-cc78-11e3-81ab-4c9367dc0958"
     [event] = delivery.events
@@ -503,7 +537,7 @@ def test_configured_id_from(id_from: str, headers: dict[str, str], expected: str
 
 
 def test_provider_delivery_id_wins_over_id_from() -> None:
-    r = route({"kind": "github", "secret": "s"}, id_from="field:id")
+    r = route({"kind": "github", "secret": LONG_SECRET}, id_from="field:id")
     assert r.events({"x-github-delivery": "gh-1"}, b'{"id": "body"}').delivery_id == "gh-1"
 
 
@@ -526,7 +560,7 @@ GH_ENTRIES = [
 
 
 def gh_events(event: str, body: dict[str, Any]) -> list[Any]:
-    r = route({"kind": "github", "secret": "s"}, GH_ENTRIES)
+    r = route({"kind": "github", "secret": LONG_SECRET}, GH_ENTRIES)
     return r.events({"x-github-event": event, "x-github-delivery": "d-9"}, json.dumps(body).encode()).events
 
 

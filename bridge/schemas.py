@@ -1,0 +1,80 @@
+"""Trigger payload schemas (JSON Schema), compiled once, with regular expressions in linear time.
+
+``pattern`` and ``patternProperties`` run on RE2, whose matching time grows linearly with the
+input: a sender cannot make a schema check backtrack for seconds. RE2 has no look-around and no
+backreferences; a schema that uses them is refused at load (docs/configuration.md).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import re2
+from jsonschema import Draft202012Validator, ValidationError
+from jsonschema.exceptions import SchemaError
+from jsonschema.protocols import Validator
+from jsonschema.validators import extend, validator_for
+
+from bridge.errors import ConfigError
+
+_OPTIONS = re2.Options()
+_OPTIONS.log_errors = False  # the error is raised (and reported with the trigger), not logged by RE2
+
+
+@functools.lru_cache(maxsize=1024)
+def _regex(pattern: str) -> Any:
+    return re2.compile(pattern, _OPTIONS)
+
+
+def _pattern(validator: Validator, pattern: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not _regex(pattern).search(instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+def _pattern_properties(
+    validator: Validator, properties: dict[str, Any], instance: Any, schema: Any
+) -> Iterator[ValidationError]:
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in properties.items():
+        regex = _regex(pattern)
+        for key, value in instance.items():
+            if regex.search(key):
+                yield from validator.descend(value, subschema, path=key, schema_path=pattern)  # type: ignore[attr-defined]
+
+
+def _patterns(node: Any) -> Iterator[str]:
+    """Every regular expression a schema holds (``pattern`` values, ``patternProperties`` keys)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "pattern" and isinstance(value, str):
+                yield value
+            elif key == "patternProperties" and isinstance(value, dict):
+                yield from value
+            yield from _patterns(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _patterns(item)
+
+
+def compile_schema(schema: dict[str, Any], where: str) -> Validator:
+    """A validator for ``schema``; ConfigError naming ``where`` when it does not compile."""
+    base = validator_for(schema, default=Draft202012Validator)
+    try:
+        base.check_schema(schema)
+    except SchemaError as exc:
+        path = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+        raise ConfigError(f"{where}: schema does not compile at {path}: {exc.message}") from None
+    for pattern in _patterns(schema):
+        try:
+            _regex(pattern)
+        except re2.error as exc:
+            why = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+            raise ConfigError(
+                f"{where}: schema pattern {pattern!r} is not RE2 syntax (no look-around or backreferences): {why}"
+            ) from None
+    cls = extend(base, {"pattern": _pattern, "patternProperties": _pattern_properties})  # type: ignore[no-untyped-call]
+    validator: Validator = cls(schema)
+    return validator
