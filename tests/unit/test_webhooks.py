@@ -313,7 +313,7 @@ RFC_MAC = {
     "daa833b7d6b8a702038b274eaea3f4e4be9d914eeb61f1702e696c203a126854",
     "sha1": "b617318655057264e28bc0b6fb378c8ef146be00",
 }
-LONG_SECRET = "a-webhook-secret-of-some-length"
+SK = "a-webhook-secret-of-some-length"  # long enough to sign with
 
 
 @pytest.mark.parametrize("algorithm", ["sha256", "sha512", "sha1"])
@@ -350,16 +350,16 @@ def test_hmac_refuses(secret: str, headers: dict[str, str], body: bytes) -> None
 
 
 def test_hmac_rotated_secret_either_verifies() -> None:
-    r = route({"kind": "hmac", "secrets": [LONG_SECRET, RFC_KEY]})
+    r = route({"kind": "hmac", "secrets": [SK, RFC_KEY]})
     r.verify({"x-signature": RFC_MAC["sha256"]}, RFC_DATA, 0)
-    r.verify({"x-signature": hmac.new(LONG_SECRET.encode(), RFC_DATA, "sha256").hexdigest()}, RFC_DATA, 0)
+    r.verify({"x-signature": hmac.new(SK.encode(), RFC_DATA, "sha256").hexdigest()}, RFC_DATA, 0)
 
 
 @pytest.mark.parametrize(
     "verify",
     [
         {"kind": "github", "secret": "short"},
-        {"kind": "hmac", "secrets": [LONG_SECRET, "x" * 15]},
+        {"kind": "hmac", "secrets": [SK, "x" * 15]},
         {"kind": "stripe", "secret": "whsec_"},
         {"kind": "standard-webhooks", "secret": "whsec_"},  # as from whsec_${UNSET:-}: an empty key
         {"kind": "standard-webhooks", "secret": "whsec_c2hvcnQ="},  # base64 of "short"
@@ -414,20 +414,20 @@ def test_none_verifies_anything_and_must_be_explicit() -> None:
             r"webhook 'hook', verify: .*needs a non-empty secret",
         ),
         (
-            {"verify": {"kind": "none", "secret": LONG_SECRET}, "events": [{"name": "a"}]},
+            {"verify": {"kind": "none", "secret": SK}, "events": [{"name": "a"}]},
             r"webhook 'hook', verify: .*'none'",
         ),
         ({"verify": {"kind": "github", "secrets": ["", ""]}, "events": [{"name": "a"}]}, r"non-empty secret"),
         (
-            {"verify": {"kind": "github", "secret": LONG_SECRET, "header": "X"}, "events": [{"name": "a"}]},
+            {"verify": {"kind": "github", "secret": SK, "header": "X"}, "events": [{"name": "a"}]},
             r"'hmac' only",
         ),
         (
-            {"verify": {"kind": "stripe", "secret": LONG_SECRET, "tolerance_seconds": 0}, "events": [{"name": "a"}]},
+            {"verify": {"kind": "stripe", "secret": SK, "tolerance_seconds": 0}, "events": [{"name": "a"}]},
             r"tolera",
         ),
         (
-            {"verify": {"kind": "hmac", "secret": LONG_SECRET, "algorithm": "md5"}, "events": [{"name": "a"}]},
+            {"verify": {"kind": "hmac", "secret": SK, "algorithm": "md5"}, "events": [{"name": "a"}]},
             r"algorithm",
         ),
         ({"verify": {"kind": "webhook"}, "events": [{"name": "a"}]}, r"webhook 'hook', verify, kind"),
@@ -456,13 +456,13 @@ def test_duplicate_slug_is_an_error() -> None:
 
 def test_build_verifier_kinds() -> None:
     cfg = config_with(
-        {"slug": "a", "verify": {"kind": "github", "secret": LONG_SECRET}, "events": [{"name": "x"}]},
+        {"slug": "a", "verify": {"kind": "github", "secret": SK}, "events": [{"name": "x"}]},
         {
             "slug": "b",
-            "verify": {"kind": "stripe", "secret": LONG_SECRET, "tolerance_seconds": 60},
+            "verify": {"kind": "stripe", "secret": SK, "tolerance_seconds": 60},
             "events": [{"name": "x"}],
         },
-        {"slug": "c", "verify": {"kind": "hmac", "secret": LONG_SECRET}, "events": [{"name": "x"}]},
+        {"slug": "c", "verify": {"kind": "hmac", "secret": SK}, "events": [{"name": "x"}]},
     )
     a, b, c = (build_verifier(w.verify) for w in cfg.webhooks)
     assert a.kind == "github" and b.kind == "stripe" and c.kind == "hmac"
@@ -508,7 +508,7 @@ def test_event_metadata_has_no_configured_signature_header() -> None:
 
 
 def test_github_delivery_id_and_event_id() -> None:
-    r = route({"kind": "github", "secret": LONG_SECRET}, [{"name": "github.push"}])
+    r = route({"kind": "github", "secret": SK}, [{"name": "github.push"}])
     delivery = r.events({"x-github-delivery": "72d3162e-cc78-11e3-81ab-4c9367dc0958"}, b'{"ref": "main"}')
     assert delivery.delivery_id == "72d3162e-cc78-11e3-81ab-4c9367dc0958"
     [event] = delivery.events
@@ -537,7 +537,7 @@ def test_configured_id_from(id_from: str, headers: dict[str, str], expected: str
 
 
 def test_provider_delivery_id_wins_over_id_from() -> None:
-    r = route({"kind": "github", "secret": LONG_SECRET}, id_from="field:id")
+    r = route({"kind": "github", "secret": SK}, id_from="field:id")
     assert r.events({"x-github-delivery": "gh-1"}, b'{"id": "body"}').delivery_id == "gh-1"
 
 
@@ -560,7 +560,7 @@ GH_ENTRIES = [
 
 
 def gh_events(event: str, body: dict[str, Any]) -> list[Any]:
-    r = route({"kind": "github", "secret": LONG_SECRET}, GH_ENTRIES)
+    r = route({"kind": "github", "secret": SK}, GH_ENTRIES)
     return r.events({"x-github-event": event, "x-github-delivery": "d-9"}, json.dumps(body).encode()).events
 
 
