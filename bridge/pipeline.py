@@ -15,6 +15,7 @@ from typing import Protocol
 
 from bridge.errors import EventRejected, Unavailable
 from bridge.event import MAX_SIGNAL_BYTES, EventSignal, encoded_size
+from bridge.logsafe import safe
 from bridge.metrics import Metrics
 from bridge.routing import RouteTable
 
@@ -95,7 +96,7 @@ class Pipeline:
             "event rejected adapter=%s reason=%s name=%s id=%s: %s",
             adapter,
             exc.reason,
-            name,
-            event_id,
-            exc.message,
+            safe(name),
+            safe(event_id),
+            safe(exc.message, 500),
         )
