@@ -35,8 +35,10 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+## Throughput per adapter against direct starts; the services run for it and stop after.
+## A short run: make bench BENCH_ARGS="--events 50"
 bench: install services
-	$(BIN)/python -m bench
+	$(BIN)/python -m tests.services run -- $(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .signal-bridge .pytest_cache

