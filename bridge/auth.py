@@ -7,11 +7,12 @@ from collections.abc import Sequence
 
 
 class Tokens:
-    """The ``http.auth.tokens`` of one snapshot. Each token is known by a name, ``token-{n}``, that
-    keys rate limits and logs; the token itself never leaves this object."""
+    """The ``http.auth.tokens`` of one snapshot, each known by its name (``token-{n}`` for a plain
+    string, or the name given in the config). The name scopes the events sent with the token and
+    keys its rate limit; the token itself never leaves this object."""
 
-    def __init__(self, tokens: Sequence[str]) -> None:
-        self._tokens = tuple(t.encode() for t in tokens if t)
+    def __init__(self, tokens: Sequence[tuple[str, str]]) -> None:
+        self._tokens = tuple((name, token.encode()) for name, token in tokens if token)
 
     def __bool__(self) -> bool:
         return bool(self._tokens)
@@ -26,8 +27,8 @@ class Tokens:
             return None
         given = token.strip().encode()
         found = None
-        for i, expected in enumerate(self._tokens):
+        for name, expected in self._tokens:
             # Every token is compared, so the time taken does not say which one matched.
             if hmac.compare_digest(given, expected) and found is None:
-                found = f"token-{i + 1}"
+                found = name
         return found

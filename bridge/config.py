@@ -146,16 +146,38 @@ class DispatcherConfig(Model):
     recent_ids: int = Field(default=2000, ge=0, le=20_000)
 
 
+class NamedToken(Model):
+    """A bearer token with a name of its own: the name scopes its event ids and keys its rate limit,
+    so reordering or adding tokens changes nothing for the others."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)
+    token: str
+
+
 class HttpAuth(Model):
-    tokens: list[str] = Field(default_factory=list)
+    """``tokens``: plain strings (named ``token-1``, ``token-2``… by position) or ``{name, token}``."""
+
+    tokens: list[str | NamedToken] = Field(default_factory=list)
 
     @field_validator("tokens")
     @classmethod
-    def _no_empty_token(cls, tokens: list[str]) -> list[str]:
+    def _usable(cls, tokens: list[str | NamedToken]) -> list[str | NamedToken]:
         # An empty token (as from an unset ${VAR:-}) would count as "configured" and match nothing.
-        if any(not t.strip() for t in tokens):
+        if any(not (t if isinstance(t, str) else t.token).strip() for t in tokens):
             raise ValueError("a bearer token is empty (is the ${VAR} it comes from set?)")
+        names = [name for name, _ in cls.named(tokens)]
+        if len(set(names)) != len(names):
+            raise ValueError("two tokens have the same name")
         return tokens
+
+    @staticmethod
+    def named(tokens: list[str | NamedToken]) -> list[tuple[str, str]]:
+        return [(f"token-{i + 1}", t) if isinstance(t, str) else (t.name, t.token) for i, t in enumerate(tokens)]
+
+    @property
+    def by_name(self) -> list[tuple[str, str]]:
+        """(name, token) for every configured token."""
+        return self.named(self.tokens)
 
 
 class RateLimit(Model):

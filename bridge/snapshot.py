@@ -40,7 +40,7 @@ class Snapshot:
             config=config,
             routes=RouteTable.from_config(config, origin=origin),
             webhooks=MappingProxyType(compile_webhooks(config.webhooks, origin=origin)),
-            tokens=Tokens(config.http.auth.tokens),
+            tokens=Tokens(config.http.auth.by_name),
             origin=origin,
         )
 

@@ -174,3 +174,17 @@ def test_no_token_refuses_to_start_and_insecure_mode_warns(caplog: pytest.LogCap
     with caplog.at_level(logging.WARNING, logger="bridge.runtime.app"):
         Bridge(parse(data("a")).config, insecure=True, watch=False).check_auth()
     assert "insecure" not in caplog.text, "with tokens configured, --insecure changes nothing"
+
+
+def test_named_tokens_keep_their_name_whatever_their_position() -> None:
+    tokens = [{"name": "ci", "token": TOKEN_B}, TOKEN_A]
+    snap = parse({**data("a"), "http": {"auth": {"tokens": tokens}}})
+    assert snap.tokens.match(f"Bearer {TOKEN_B}") == "ci"
+    assert snap.tokens.match(f"Bearer {TOKEN_A}") == "token-2"
+    with pytest.raises(ConfigError, match="two tokens have the same name"):
+        parse(
+            {
+                **data("a"),
+                "http": {"auth": {"tokens": [{"name": "x", "token": TOKEN_A}, {"name": "x", "token": TOKEN_B}]}},
+            }
+        )
