@@ -1,16 +1,51 @@
-"""The bridge's exception tree.
+"""The bridge's exception tree, and the one table from rejection reason to HTTP status.
 
     BridgeError
     ├── ConfigError       a config file that cannot be loaded; the message names file, workflow, trigger
     ├── EventRejected     one event that can never be accepted (a 4xx, a dead letter); has a reason code
     └── Unavailable       Temporal did not take the event *now*; retry later, nothing was acknowledged
 
-Doors map these to their transport in one table each: HTTP status codes, dead-letter or retry.
+A reason code is the one word for why something was refused, in metrics labels, dead-letter
+headers and HTTP error bodies. :data:`HTTP_STATUS` holds every code the bridge produces and the
+status the HTTP adapter answers with; the queue adapters dead-letter or retry by the same codes.
+What each code means for a client: docs/http-api.md.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Literal, get_args
+
+Reason = Literal[
+    "malformed",
+    "no_name",
+    "unauthorized",
+    "not_found",
+    "too_large",
+    "schema_invalid",
+    "unroutable",
+    "input_failed",
+    "rate_limited",
+    "unavailable",
+]
+
+REASONS: tuple[Reason, ...] = get_args(Reason)
+
+HTTP_STATUS: Mapping[Reason, int] = MappingProxyType(
+    {
+        "malformed": 400,
+        "no_name": 400,
+        "unauthorized": 401,
+        "not_found": 404,
+        "too_large": 413,
+        "schema_invalid": 422,
+        "unroutable": 422,
+        "input_failed": 422,
+        "rate_limited": 429,
+        "unavailable": 503,
+    }
+)
 
 
 class BridgeError(Exception):
@@ -24,15 +59,19 @@ class ConfigError(BridgeError):
 class EventRejected(BridgeError):
     """An event that will never be accepted as it is: retrying it changes nothing.
 
-    ``reason`` is a stable code used in metrics labels, dead-letter headers and HTTP bodies:
-    ``malformed``, ``no_name``, ``too_large``, ``unroutable``, ``schema_invalid``.
+    ``reason`` is a stable code from :data:`Reason`; ``details`` (workflow, schema path, …) go
+    into the HTTP error body and the dead letter's headers beside it.
     """
 
-    def __init__(self, reason: str, message: str, **details: Any) -> None:
+    def __init__(self, reason: Reason, message: str, **details: Any) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason: Reason = reason
         self.message = message
         self.details = details
+
+    @property
+    def status(self) -> int:
+        return HTTP_STATUS[self.reason]
 
     def as_dict(self) -> dict[str, Any]:
         return {"error": self.reason, "message": self.message, **self.details}
@@ -40,6 +79,8 @@ class EventRejected(BridgeError):
 
 class Unavailable(BridgeError):
     """Temporal could not be reached or did not confirm; the event is not held anywhere."""
+
+    reason: Reason = "unavailable"
 
     def __init__(self, message: str, retry_after: float = 5.0) -> None:
         super().__init__(message)

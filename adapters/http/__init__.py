@@ -1,0 +1,57 @@
+"""The HTTP adapter: the events API, webhooks and the operational endpoints, as one litestar app.
+
+- :mod:`adapters.http.events` — ``POST /api/v1/events`` (bearer token);
+- :mod:`adapters.http.webhooks` — ``POST /api/v1/hooks/{slug}`` (the webhook's signature);
+- :mod:`adapters.http.ops` — ``/healthz``, ``/readyz``, ``/metrics``;
+- :mod:`adapters.http.problems` — refusals and their exception handlers, with the status
+  :data:`bridge.errors.HTTP_STATUS` gives each reason;
+- :mod:`adapters.http.openapi` — the OpenAPI document at ``/schema/openapi.json``.
+
+Handlers get the pipeline and the current config snapshot injected (:mod:`adapters.http.state`).
+The API: docs/http-api.md and docs/webhooks.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from litestar import Litestar
+from litestar.di import Provide
+
+from adapters.http.events import EventsController
+from adapters.http.openapi import openapi_config
+from adapters.http.ops import OpsController
+from adapters.http.problems import EXCEPTION_HANDLERS
+from adapters.http.state import HttpState, Ready, current_snapshot
+from adapters.http.webhooks import WebhooksController
+from bridge.pipeline import Pipeline
+from bridge.snapshot import Snapshot
+
+__all__ = ["Ready", "create_app"]
+
+
+def create_app(
+    pipeline: Pipeline,
+    source: Snapshot | Callable[[], Snapshot],
+    *,
+    ready: Ready | None = None,
+    insecure: bool = False,
+    lifespan: list[Any] | None = None,
+) -> Litestar:
+    """The HTTP adapter. ``source`` is the config snapshot, or returns the current one: a reload
+    then adds, changes and removes webhooks, tokens and limits for the next request."""
+    current: Callable[[], Snapshot] = source if callable(source) else (lambda: source)
+    http = HttpState(pipeline, current, insecure=insecure, ready=ready)
+    return Litestar(
+        route_handlers=[EventsController, WebhooksController, OpsController],
+        dependencies={
+            "http": Provide(http.provide, use_cache=True, sync_to_thread=False),
+            "snapshot": Provide(current_snapshot, sync_to_thread=False),
+        },
+        exception_handlers=EXCEPTION_HANDLERS,
+        # The body limit follows the current snapshot: see adapters.http.request.read_body.
+        request_max_body_size=None,
+        openapi_config=openapi_config(),
+        lifespan=lifespan or [],
+    )

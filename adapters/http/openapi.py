@@ -1,0 +1,190 @@
+"""The OpenAPI document (``/schema/openapi.json``): what a client generator needs.
+
+Handlers read their body as raw bytes (signatures, size limits, CloudEvents binary mode), so
+litestar sees no ``data`` parameter to describe; the request bodies are written out here and set
+by each operation's class. Error answers are derived from the reasons a handler can produce and
+:data:`bridge.errors.HTTP_STATUS`, so the document lists every status with the error body's
+schema. The API itself: docs/http-api.md and docs/webhooks.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from litestar.openapi import OpenAPIConfig, ResponseSpec
+from litestar.openapi.spec import (
+    Components,
+    OpenAPIHeader,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    RequestBody,
+    Schema,
+    SecurityRequirement,
+    SecurityScheme,
+)
+
+from adapters.http.answers import ErrorBody
+from adapters.http.parse import CE_BATCH
+from bridge.decode import CE_STRUCTURED
+from bridge.errors import HTTP_STATUS, Reason
+
+BEARER = "bearer"
+BEARER_AUTH: list[SecurityRequirement] = [{BEARER: []}]
+
+_STRING = Schema(type=OpenAPIType.STRING, min_length=1)
+
+ENVELOPE = Schema(
+    title="Envelope",
+    type=OpenAPIType.OBJECT,
+    required=["name"],
+    properties={
+        "name": Schema(
+            type=OpenAPIType.STRING,
+            pattern=r"\S",
+            description="The event name triggers match, e.g. order.created.",
+        ),
+        "payload": Schema(
+            type=[OpenAPIType.OBJECT, OpenAPIType.NULL],
+            description="The event's payload; absent or null is {}.",
+        ),
+        "id": Schema(
+            type=[OpenAPIType.STRING, OpenAPIType.INTEGER],
+            description="The event id, unless an Idempotency-Key is sent; without either, a new UUID.",
+        ),
+    },
+    description="One event of the events API.",
+)
+
+CLOUDEVENT = Schema(
+    title="CloudEvent",
+    type=OpenAPIType.OBJECT,
+    required=["specversion", "id", "source", "type"],
+    properties={
+        "specversion": Schema(type=OpenAPIType.STRING, min_length=1, examples=["1.0"]),
+        "id": _STRING,
+        "source": _STRING,
+        "type": Schema(type=OpenAPIType.STRING, min_length=1, description="The event name triggers match."),
+        "time": Schema(type=OpenAPIType.STRING),
+        "subject": Schema(type=OpenAPIType.STRING),
+        "datacontenttype": Schema(type=OpenAPIType.STRING),
+        "dataschema": Schema(type=OpenAPIType.STRING),
+        "data": Schema(description='The payload; anything but an object is wrapped as {"data": ...}.'),
+    },
+    description="A CloudEvent in structured mode (CloudEvents JSON format); extension attributes are kept.",
+)
+
+EVENTS_BODY = RequestBody(
+    required=True,
+    description=(
+        "One event or a batch. A CloudEvent in binary mode is sent as its data with ce-* headers "
+        "(ce-specversion, ce-id, ce-source, ce-type)."
+    ),
+    content={
+        "application/json": OpenAPIMediaType(
+            schema=Schema(one_of=[ENVELOPE, Schema(type=OpenAPIType.ARRAY, items=ENVELOPE, title="EnvelopeBatch")])
+        ),
+        CE_STRUCTURED: OpenAPIMediaType(schema=CLOUDEVENT),
+        CE_BATCH: OpenAPIMediaType(schema=Schema(type=OpenAPIType.ARRAY, items=CLOUDEVENT, title="CloudEventBatch")),
+    },
+)
+
+DELIVERY_BODY = RequestBody(
+    required=True,
+    description="The provider's delivery, verified over its raw bytes by the webhook's signature scheme.",
+    content={
+        "application/json": OpenAPIMediaType(schema=Schema(description="Any JSON; an object is the payload.")),
+        "application/x-www-form-urlencoded": OpenAPIMediaType(
+            schema=Schema(
+                type=OpenAPIType.OBJECT,
+                required=["payload"],
+                properties={
+                    "payload": Schema(
+                        type=OpenAPIType.STRING,
+                        content_media_type="application/json",
+                        description="The delivery's JSON (GitHub's form-encoded deliveries).",
+                    )
+                },
+            )
+        ),
+    },
+)
+
+_RETRY_AFTER = OpenAPIHeader(
+    schema=Schema(type=OpenAPIType.INTEGER, minimum=1),
+    required=True,
+    description="Seconds to wait before sending the request again.",
+)
+
+
+def error_responses(
+    reasons: Iterable[Reason], *, or_answer: Mapping[int, Any] | None = None
+) -> dict[int, ResponseSpec]:
+    """One response per status the ``reasons`` map to, each with the error body's schema.
+
+    ``or_answer`` gives statuses whose body may instead be another answer (a webhook delivery
+    answered with its first refused event's status) and that answer's type.
+    """
+    by_status: dict[int, list[Reason]] = {}
+    for reason in reasons:
+        by_status.setdefault(HTTP_STATUS[reason], []).append(reason)
+    specs = {}
+    for status, group in sorted(by_status.items()):
+        other = (or_answer or {}).get(status)
+        specs[status] = ResponseSpec(
+            data_container=ErrorBody if other is None else ErrorBody | other,
+            description="error: " + ", ".join(group),
+            generate_examples=False,
+        )
+    return specs
+
+
+@dataclass
+class RawBodyOperation(Operation):
+    """An operation whose handler reads the raw body: its request body is :attr:`body`, and its
+    429 and 503 answers carry ``Retry-After``."""
+
+    body: ClassVar[RequestBody]
+    no_auth: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        self.request_body = self.body
+        if self.no_auth:
+            self.security = []
+        for reason in ("rate_limited", "unavailable"):
+            response = (self.responses or {}).get(str(HTTP_STATUS[reason]))
+            if isinstance(response, OpenAPIResponse):
+                response.headers = {**(response.headers or {}), "Retry-After": _RETRY_AFTER}
+
+
+@dataclass
+class EventsOperation(RawBodyOperation):
+    body = EVENTS_BODY
+
+
+@dataclass
+class DeliveryOperation(RawBodyOperation):
+    body = DELIVERY_BODY
+    no_auth = True
+
+
+def openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="signal-bridge",
+        version="0.1.0",
+        path="/schema",
+        use_handler_docstrings=True,
+        description="Events and webhook deliveries in, Temporal workflow runs out. Reference: docs/http-api.md.",
+        components=Components(
+            security_schemes={
+                BEARER: SecurityScheme(
+                    type="http",
+                    scheme="bearer",
+                    description="One of http.auth.tokens. Webhooks use their signature instead.",
+                )
+            }
+        ),
+    )

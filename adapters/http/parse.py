@@ -1,0 +1,125 @@
+"""Events-API bodies → events: an envelope, a JSON array of envelopes, a CloudEvent (structured or
+binary mode) or a CloudEvents batch.
+
+A body that is no event at all raises :class:`EventRejected`; in a batch, each item is an event or
+the reason that item was refused, so one bad item never fails its neighbours. Formats and event
+ids: docs/http-api.md and docs/cloudevents.md.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote
+
+from adapters.http.state import HTTP_ADAPTER
+from bridge.config import EventFormat
+from bridge.decode import CE_STRUCTURED, Message, decode, parse_json
+from bridge.errors import EventRejected
+from bridge.event import EventSignal
+
+CE_BATCH = "application/cloudevents-batch+json"
+Parsed = EventSignal | EventRejected
+
+
+def parse(
+    headers: Mapping[str, str], body: bytes, metadata: dict[str, Any], idempotency_key: str | None
+) -> EventSignal | list[Parsed]:
+    """One event, or a batch whose items are events or the reason each was refused.
+
+    ``headers`` have lower-case names. The media type picks the CloudEvents formats; ``ce-*``
+    headers make a binary-mode CloudEvent; anything else is an envelope or an array of them.
+    """
+    media = (headers.get("content-type") or "").split(";")[0].strip().lower()
+    if media == CE_BATCH:
+        return _cloudevents_batch(body, metadata)
+    if media == CE_STRUCTURED:
+        return _cloudevent(body, metadata)
+    # Binary mode: attribute values are percent-encoded (CloudEvents HTTP binding, 3.1.3.2).
+    ce_attrs = {k[3:]: unquote(v) for k, v in headers.items() if k.startswith("ce-")}
+    if ce_attrs.get("specversion"):
+        return _cloudevent(body, metadata, attrs=ce_attrs)
+    data = parse_json(body)
+    if isinstance(data, list):
+        return _envelope_batch(data, idempotency_key, metadata)
+    if not isinstance(data, dict):
+        raise EventRejected("malformed", "body must be a JSON object, or an array of them")
+    return envelope(data, idempotency_key, metadata)
+
+
+def envelope(data: Any, event_id: str | None, metadata: dict[str, Any]) -> EventSignal:
+    """One envelope ``{"name", "payload"?, "id"?}`` (already parsed) → event.
+
+    ``event_id`` (the Idempotency-Key) wins over the body ``id``; without either, a new UUID.
+    """
+    if not isinstance(data, dict):
+        raise EventRejected("malformed", "an event must be a JSON object")
+    name = data.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise EventRejected("no_name", "body needs a non-empty string 'name'")
+    payload = data.get("payload", {})
+    if payload is None:
+        payload = {}
+    if not isinstance(payload, dict):
+        raise EventRejected("malformed", "'payload' must be a JSON object")
+    body_id = data.get("id")
+    if body_id is not None and not isinstance(body_id, str | int):
+        raise EventRejected("malformed", "'id' must be a string")
+    event_id = event_id or (str(body_id) if body_id is not None else None)
+    return EventSignal(
+        id=event_id or str(uuid.uuid4()),
+        name=name,
+        payload=payload,
+        source=HTTP_ADAPTER,
+        metadata=metadata,
+    )
+
+
+def _envelope_batch(items: list[Any], idempotency_key: str | None, metadata: dict[str, Any]) -> list[Parsed]:
+    """Ids: the item's ``id`` · ``{Idempotency-Key}:{index}`` · a UUID, so a batch retried with
+    the same key starts nothing twice."""
+    _objects_only(items)
+    out: list[Parsed] = []
+    for i, item in enumerate(items):
+        has_id = item.get("id") is not None
+        key = None if has_id or not idempotency_key else f"{idempotency_key}:{i}"
+        try:
+            out.append(envelope(item, key, dict(metadata)))
+        except EventRejected as exc:
+            out.append(exc)
+    return out
+
+
+def _cloudevent(body: bytes, metadata: dict[str, Any], *, attrs: dict[str, str] | None = None) -> EventSignal:
+    msg = Message(
+        body=body,
+        source=HTTP_ADAPTER,
+        fallback_id=str(uuid.uuid4()),
+        ce_attributes=attrs or {},
+        content_type=None if attrs else CE_STRUCTURED,
+        metadata=metadata,
+    )
+    return decode(msg, EventFormat(format="cloudevents"))
+
+
+def _cloudevents_batch(body: bytes, metadata: dict[str, Any]) -> list[Parsed]:
+    """A JSON array of structured-mode CloudEvents (CloudEvents JSON format, section 4)."""
+    items = parse_json(body)
+    if not isinstance(items, list):
+        raise EventRejected("malformed", "a CloudEvents batch must be a JSON array")
+    _objects_only(items)
+    out: list[Parsed] = []
+    for item in items:
+        try:
+            out.append(_cloudevent(json.dumps(item).encode(), dict(metadata)))
+        except EventRejected as exc:
+            out.append(exc)
+    return out
+
+
+def _objects_only(items: list[Any]) -> None:
+    """A batch is an array of objects; anything else is no batch at all (refused whole)."""
+    if not all(isinstance(item, dict) for item in items):
+        raise EventRejected("malformed", "a batch must be a JSON array of objects")

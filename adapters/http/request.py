@@ -1,0 +1,58 @@
+"""Reading a request the way the events API and webhooks need it: the raw body bytes, under the
+size limit of the current config, and the headers an event keeps.
+
+Handlers read the body themselves (litestar parses nothing): signatures are checked over the raw
+bytes, and a CloudEvent in binary mode is a body plus headers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from litestar import Request
+
+from adapters.http.state import HttpState
+from bridge.errors import EventRejected
+from bridge.snapshot import Snapshot
+
+_KEPT_HEADERS = ("traceparent", "tracestate", "x-request-id", "x-correlation-id", "user-agent")
+
+
+async def read_body(request: Request[Any, Any, Any], http: HttpState, snap: Snapshot, adapter: str) -> bytes:
+    """The whole body, or ``too_large`` as soon as the announced or received length is over
+    ``http.max_body_bytes`` (a chunked body is cut off as soon as it passes the limit)."""
+    limit = snap.config.http.max_body_bytes
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise _too_large(http, adapter, limit)
+    received = bytearray()
+    async with contextlib.aclosing(request.stream()) as chunks:
+        async for chunk in chunks:
+            received += chunk
+            if len(received) > limit:
+                raise _too_large(http, adapter, limit)
+    return bytes(received)
+
+
+def _too_large(http: HttpState, adapter: str, limit: int) -> EventRejected:
+    return http.refuse(adapter, EventRejected("too_large", f"body exceeds http.max_body_bytes ({limit} bytes)"))
+
+
+def headers(request: Request[Any, Any, Any]) -> dict[str, str]:
+    """Lower-cased names; the first of repeated headers."""
+    out: dict[str, str] = {}
+    for name, value in request.headers.items():
+        out.setdefault(name.lower(), value)
+    return out
+
+
+def trace_metadata(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """An event's metadata: the tracing and correlation headers, never credentials."""
+    kept = {h: request.headers[h] for h in _KEPT_HEADERS if h in request.headers}
+    meta: dict[str, Any] = {"headers": kept}
+    if "x-correlation-id" in kept:
+        meta["correlation_id"] = kept["x-correlation-id"]
+    if "traceparent" in kept:
+        meta["traceparent"] = kept["traceparent"]
+    return meta

@@ -1,0 +1,116 @@
+"""What the HTTP adapter's handlers share, injected into each of them by litestar.
+
+:class:`HttpState` holds the pipeline and the source of the current config snapshot; a handler
+reads the snapshot once per request, so a reload changes tokens, webhooks and limits for the next
+request and never in the middle of one. Rate-limit buckets outlive a reload when their limit did
+not change. Rate limits, tokens and reloads: docs/http-api.md and docs/webhooks.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from litestar.di import NamedDependency
+
+from adapters.http.problems import Problem
+from bridge.config import RateLimit
+from bridge.errors import EventRejected, Reason
+from bridge.pipeline import Pipeline
+from bridge.ratelimit import RateLimiter, TokenBucket, default_burst
+from bridge.snapshot import Snapshot
+
+HTTP_ADAPTER = "http"
+"""The events API: its metrics label and the ``source`` of the events it builds."""
+WEBHOOK_ADAPTER = "webhook"
+"""Webhook deliveries: their metrics label."""
+ANONYMOUS = "anonymous"
+"""The token name of every request when no token is configured and ``insecure`` is set."""
+
+Ready = Callable[[], Awaitable[dict[str, bool]]]
+
+
+class Limits:
+    """The rate-limit buckets for one snapshot's config: one limiter over the bearer tokens, one
+    bucket per webhook. A new snapshot keeps each limiter or bucket whose rate and burst are
+    unchanged, so a reload neither refills nor empties it."""
+
+    def __init__(self) -> None:
+        self._seen: Snapshot | None = None
+        self.tokens: RateLimiter | None = None
+        self.webhooks: dict[str, TokenBucket] = {}
+
+    def of(self, snap: Snapshot) -> Limits:
+        if snap is not self._seen:
+            self.tokens = self._token_limiter(snap.config.http.rate_limit.per_token)
+            self.webhooks = self._webhook_buckets(snap)
+            self._seen = snap
+        return self
+
+    def _token_limiter(self, limit: RateLimit | None) -> RateLimiter | None:
+        if limit is None:
+            return None
+        old = self.tokens
+        if old is not None and (old.rate, old.burst) == (limit.rate, limit.burst or default_burst(limit.rate)):
+            return old
+        return RateLimiter(limit.rate, limit.burst)
+
+    def _webhook_buckets(self, snap: Snapshot) -> dict[str, TokenBucket]:
+        buckets = {}
+        for hook in snap.config.webhooks:
+            limit = hook.rate_limit or snap.config.http.rate_limit.per_webhook
+            if limit is None:
+                continue
+            burst = limit.burst or default_burst(limit.rate)
+            old = self.webhooks.get(hook.slug)
+            same = old is not None and (old.rate, old.burst) == (limit.rate, burst)
+            buckets[hook.slug] = old if same and old is not None else TokenBucket(limit.rate, burst)
+        return buckets
+
+
+class HttpState:
+    """The pipeline, the current snapshot, readiness and the rate limits of one HTTP adapter."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        current: Callable[[], Snapshot],
+        *,
+        insecure: bool = False,
+        ready: Ready | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.metrics = pipeline.metrics
+        self.current = current
+        self.insecure = insecure
+        self.ready = ready
+        self._limits = Limits()
+
+    def limits(self, snap: Snapshot) -> Limits:
+        return self._limits.of(snap)
+
+    def token_name(self, snap: Snapshot, authorization: str | None) -> str | None:
+        """The name of the bearer token the header carries (``token-1``, …; ``anonymous`` when no
+        token is configured and the adapter is insecure), or None. The name, never the token,
+        keys rate limits and logs."""
+        if self.insecure and not snap.tokens:
+            return ANONYMOUS
+        return snap.tokens.match(authorization)
+
+    def refuse(self, adapter: str, exc: EventRejected) -> EventRejected:
+        """Count and log a body refused before anything was submitted; returned, to be raised."""
+        self.pipeline.reject(adapter, None, None, exc)
+        return exc
+
+    def deny(self, adapter: str, reason: Reason, message: str, *, retry_after: int | None = None) -> Problem:
+        """Count a request refused before its body was looked at; returned, to be raised."""
+        self.metrics.rejected.labels(adapter, reason).inc()
+        return Problem(reason, message, retry_after=retry_after)
+
+    def provide(self) -> HttpState:
+        """The litestar dependency ``http``."""
+        return self
+
+
+def current_snapshot(http: NamedDependency[HttpState]) -> Snapshot:
+    """The litestar dependency ``snapshot``: read once per request, shared by its dependencies."""
+    return http.current()

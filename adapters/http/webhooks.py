@@ -1,0 +1,148 @@
+"""``POST /api/v1/hooks/{slug}``: webhook deliveries, authenticated by their signature, never by a
+bearer token.
+
+The checks run in this order: the slug, the body size, the signature over the raw bytes, the
+webhook's rate limit, then the body (see :mod:`bridge.webhooks`). A delivery is answered per event
+like a batch; one that no ``events:`` entry matches is answered 200, because providers retry
+anything but a 2xx. Verification kinds, ids and answers: docs/webhooks.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, post
+from litestar.di import NamedDependency
+from litestar.openapi import ResponseSpec
+from litestar.params import PathParameter
+
+from adapters.http import answers
+from adapters.http.answers import ACCEPTED, DeliveryAnswer, Ignored
+from adapters.http.openapi import DeliveryOperation, error_responses
+from adapters.http.problems import Problem
+from adapters.http.request import headers, read_body
+from adapters.http.state import WEBHOOK_ADAPTER, HttpState
+from bridge.errors import HTTP_STATUS, EventRejected, Reason, Unavailable
+from bridge.ratelimit import retry_after
+from bridge.signatures import SignatureInvalid
+from bridge.snapshot import Snapshot
+from bridge.webhooks import Delivery, WebhookRoute
+
+log = logging.getLogger(__name__)
+
+REASONS: tuple[Reason, ...] = (
+    "malformed",
+    "unauthorized",
+    "not_found",
+    "too_large",
+    "schema_invalid",
+    "unroutable",
+    "input_failed",
+    "rate_limited",
+    "unavailable",
+)
+"""Every reason this endpoint answers with (a test holds it to the code)."""
+
+EVENT_REASONS: tuple[Reason, ...] = ("too_large", "schema_invalid", "unroutable")
+"""Why the pipeline may refuse one event of a delivery: the delivery is then answered with the
+first refused event's status and the per-event answer as its body."""
+
+
+class WebhooksController(Controller):
+    path = "/api/v1/hooks"
+    tags = ["webhooks"]
+
+    @post(
+        "/{slug:str}",
+        status_code=ACCEPTED,
+        summary="Receive a webhook delivery",
+        operation_id="receiveWebhook",
+        operation_class=DeliveryOperation,
+        responses={
+            200: ResponseSpec(
+                Ignored, description="No events: entry of the webhook matches the delivery", generate_examples=False
+            ),
+            **error_responses(REASONS, or_answer={HTTP_STATUS[r]: DeliveryAnswer for r in EVENT_REASONS}),
+        },
+    )
+    async def receive(
+        self,
+        slug: Annotated[str, PathParameter(description="The webhook's slug (webhooks[].slug).")],
+        request: Request[Any, Any, Any],
+        http: NamedDependency[HttpState],
+        snapshot: NamedDependency[Snapshot],
+    ) -> Response[DeliveryAnswer]:
+        """A provider's delivery, authenticated by its signature (``webhooks[].verify``): 202 once
+        Temporal holds its events, 200 ``ignored`` when no ``events:`` entry matches. A
+        redelivery (same delivery id) starts nothing twice."""
+        route = snapshot.webhooks.get(slug)
+        if route is None:
+            raise http.deny(WEBHOOK_ADAPTER, "not_found", "no webhook is configured at this path")
+        body = await read_body(request, http, snapshot, WEBHOOK_ADAPTER)
+        received = headers(request)
+        _verify(http, route, received, body)
+        bucket = http.limits(snapshot).webhooks.get(slug)
+        if bucket is not None and (wait := bucket.take()):
+            raise http.deny(
+                WEBHOOK_ADAPTER,
+                "rate_limited",
+                "rate limit of this webhook exceeded; retry after the Retry-After delay",
+                retry_after=retry_after(wait),
+            )
+        try:
+            delivery = route.events(received, body, received.get("content-type"))
+        except EventRejected as exc:
+            raise http.refuse(WEBHOOK_ADAPTER, exc) from None
+        if not delivery.events:
+            return _ignored(http, slug, delivery)
+        return await _submit(http, snapshot, slug, delivery)
+
+
+def _verify(http: HttpState, route: WebhookRoute, received: dict[str, str], body: bytes) -> None:
+    """401 unless signed as configured; the answer never says what was wrong, the log does."""
+    try:
+        route.verify(received, body)
+    except SignatureInvalid as exc:
+        log.warning("webhook refused slug=%s: %s", route.slug, exc)
+        raise http.deny(WEBHOOK_ADAPTER, "unauthorized", "the delivery's signature did not verify") from None
+
+
+def _ignored(http: HttpState, slug: str, delivery: Delivery) -> Response[Any]:
+    http.metrics.dropped.labels(WEBHOOK_ADAPTER, "no_match").inc()
+    log.info("webhook ignored slug=%s delivery=%s: no event entry matches", slug, delivery.delivery_id)
+    body = {
+        "status": "ignored",
+        "delivery_id": delivery.delivery_id,
+        "message": f"no event entry of webhook {slug!r} matches this delivery",
+    }
+    return Response(body, status_code=200)
+
+
+async def _submit(http: HttpState, snap: Snapshot, slug: str, delivery: Delivery) -> Response[Any]:
+    try:
+        outcomes = await http.pipeline.submit(delivery.events, WEBHOOK_ADAPTER)
+    except Unavailable as exc:
+        raise Problem.unavailable(
+            exc,
+            snap.config.http.retry_after_seconds,
+            "Temporal did not accept the delivery; its redelivery will be",
+            delivery_id=delivery.delivery_id,
+        ) from None
+    except EventRejected as exc:
+        raise Problem.of(exc, delivery_id=delivery.delivery_id) from None
+    answer = answers.batch([answers.result(o) for o in outcomes], delivery_id=delivery.delivery_id)
+    log.info(
+        "webhook delivery slug=%s delivery=%s accepted=%d rejected=%d",
+        slug,
+        delivery.delivery_id,
+        answer["accepted"],
+        answer["rejected"],
+    )
+    if answer["rejected"]:
+        # A refused event is a config matter (no workflow, schema): a non-2xx shows it in the
+        # provider's console and makes it retry, which succeeds once the config is fixed; the
+        # events already accepted start nothing twice.
+        first = next(r for r in answer["results"] if r["status"] != ACCEPTED)
+        return Response(answer, status_code=first["status"])
+    return Response(answer, status_code=ACCEPTED)

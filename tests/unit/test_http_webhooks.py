@@ -1,0 +1,356 @@
+"""Webhooks (POST /api/v1/hooks/{slug}) against the shared in-memory sink: signatures, ids,
+answers, limits, rate limits and reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+
+from adapters.http import create_app
+from bridge.errors import Unavailable
+from bridge.pipeline import Pipeline
+from bridge.snapshot import Snapshot
+from tests.fakes import FakeSink
+from tests.unit.http_support import (
+    AUTH,
+    GH_SECRET,
+    HOOKS,
+    MAX_BODY,
+    SLOW,
+    ST_SECRET,
+    SW_SECRET,
+    URL,
+    chunks,
+    hook_config,
+    in_loop_client,
+    make_app,
+    order,
+)
+
+GH_VECTOR_BODY = b"Hello, World!"
+GH_VECTOR_SIGNATURE = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+UNAUTHORIZED = {"error": "unauthorized", "message": "the delivery's signature did not verify"}
+
+
+@pytest.fixture
+def sink() -> FakeSink:
+    return FakeSink()
+
+
+@pytest.fixture
+async def hooks(sink: FakeSink) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    async with AsyncTestClient(make_app(sink, hook_config())) as c:
+        yield c
+
+
+def github_delivery(
+    body: dict[str, Any] | bytes, event: str = "push", delivery: str = "d-1", secret: str = GH_SECRET
+) -> tuple[bytes, dict[str, str]]:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    signature = "sha256=" + hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
+    headers = {
+        "Content-Type": "application/json",
+        "X-GitHub-Event": event,
+        "X-GitHub-Delivery": delivery,
+        "X-Hub-Signature-256": signature,
+        "User-Agent": "GitHub-Hookshot/abc",
+    }
+    return raw, headers
+
+
+def stripe_delivery(body: dict[str, Any], *, age: int = 0, secret: str = ST_SECRET) -> tuple[bytes, dict[str, str]]:
+    raw = json.dumps(body).encode()
+    t = int(time.time()) - age
+    sig = hmac.new(secret.encode(), f"{t}.".encode() + raw, hashlib.sha256).hexdigest()
+    return raw, {"Content-Type": "application/json", "Stripe-Signature": f"t={t},v1={sig}"}
+
+
+def sw_delivery(body: dict[str, Any], msg_id: str = "msg_1", *, age: int = 0) -> tuple[bytes, dict[str, str]]:
+    raw = json.dumps(body).encode()
+    t = int(time.time()) - age
+    key = base64.b64decode(SW_SECRET.removeprefix("whsec_"))
+    sig = base64.b64encode(hmac.new(key, f"{msg_id}.{t}.".encode() + raw, hashlib.sha256).digest()).decode()
+    return raw, {"webhook-id": msg_id, "webhook-timestamp": str(t), "webhook-signature": f"v1,{sig}"}
+
+
+PUSH = {"ref": "refs/heads/main", "repository": {"full_name": "octo/repo"}}
+PAYMENT = {"id": "evt_1", "type": "payment_intent.succeeded", "data": {"object": {"amount": 2000}}}
+
+
+async def test_signed_github_delivery_is_accepted(sink: FakeSink, hooks: AsyncTestClient[Litestar]) -> None:
+    body, headers = github_delivery(PUSH)
+    resp = await hooks.post(f"{HOOKS}/github", content=body, headers={**headers, "Authorization": "Bearer x"})
+    assert resp.status_code == 202, resp.text
+    answer = resp.json()
+    assert (answer["status"], answer["delivery_id"]) == ("accepted", "d-1")
+    assert [(r["event_id"], r["name"], r["status"]) for r in answer["results"]] == [
+        ("d-1:github.push", "github.push", 202),
+        ("d-1:github.main", "github.main", 202),
+    ]
+    push, main = sink.events
+    assert (main.name, main.payload) == ("github.main", PUSH)
+    assert (push.source, push.payload) == ("webhook:github", PUSH)
+    assert push.metadata["headers"]["x-github-event"] == "push"
+    assert push.metadata["headers"]["user-agent"] == "GitHub-Hookshot/abc"
+    assert push.metadata["webhook"] == {"slug": "github", "delivery_id": "d-1"}
+    dumped = json.dumps(push.metadata)
+    assert "x-hub-signature-256" not in dumped and "authorization" not in dumped
+
+
+async def test_github_redelivery_carries_the_same_event_ids(sink: FakeSink, hooks: AsyncTestClient[Litestar]) -> None:
+    body, headers = github_delivery(PUSH, delivery="same")
+    for _ in range(2):
+        assert (await hooks.post(f"{HOOKS}/github", content=body, headers=headers)).status_code == 202
+    assert [e.id for e in sink.events] == ["same:github.push", "same:github.main"] * 2
+    assert sink.events[0].digest == sink.events[2].digest  # so each target's run id is the same too
+
+
+async def test_rotated_github_secret_is_accepted(sink: FakeSink, hooks: AsyncTestClient[Litestar]) -> None:
+    body, headers = github_delivery(PUSH, secret="the-rotated-secret")
+    assert (await hooks.post(f"{HOOKS}/github", content=body, headers=headers)).status_code == 202
+
+
+async def test_signature_is_checked_before_the_body_is_parsed(sink: FakeSink, hooks: AsyncTestClient[Litestar]) -> None:
+    """GitHub's published vector signs a body that is not JSON: valid signature → 400, not 401;
+    the same body with a wrong signature → 401, not 400."""
+    good = {"X-Hub-Signature-256": GH_VECTOR_SIGNATURE, "X-GitHub-Event": "push"}
+    resp = await hooks.post(f"{HOOKS}/github", content=GH_VECTOR_BODY, headers=good)
+    assert resp.status_code == 400
+    assert resp.json()["error"] == "malformed"
+    bad = {**good, "X-Hub-Signature-256": GH_VECTOR_SIGNATURE[:-1] + "0"}
+    resp = await hooks.post(f"{HOOKS}/github", content=GH_VECTOR_BODY, headers=bad)
+    assert resp.status_code == 401
+    assert sink.events == []
+
+
+def _tampered(body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    return body.replace(b"main", b"evil"), headers
+
+
+def _without(name: str) -> Any:
+    def strip(body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+        return body, {k: v for k, v in headers.items() if k.lower() != name}
+
+    return strip
+
+
+@pytest.mark.parametrize(
+    ("slug", "delivery"),
+    [
+        ("github", lambda: _tampered(*github_delivery(PUSH))),
+        ("github", lambda: github_delivery(PUSH, secret="wrong")),
+        ("github", lambda: _without("x-hub-signature-256")(*github_delivery(PUSH))),
+        ("stripe", lambda: _tampered(*stripe_delivery({**PAYMENT, "ref": "main"}))),
+        ("stripe", lambda: stripe_delivery(PAYMENT, secret="whsec_wrong")),
+        ("stripe", lambda: stripe_delivery(PAYMENT, age=301)),
+        ("stripe", lambda: _without("stripe-signature")(*stripe_delivery(PAYMENT))),
+        ("sw", lambda: _tampered(*sw_delivery({"ref": "main"}))),
+        ("sw", lambda: sw_delivery({"a": 1}, age=400)),
+        ("sw", lambda: _without("webhook-timestamp")(*sw_delivery({"a": 1}))),
+        ("sw", lambda: _without("webhook-signature")(*sw_delivery({"a": 1}))),
+    ],
+    ids=[
+        "github-tampered",
+        "github-wrong-secret",
+        "github-missing",
+        "stripe-tampered",
+        "stripe-wrong-secret",
+        "stripe-stale",
+        "stripe-missing",
+        "sw-tampered",
+        "sw-stale",
+        "sw-no-timestamp",
+        "sw-missing",
+    ],
+)
+async def test_bad_signatures_are_401_and_all_look_alike(
+    sink: FakeSink, hooks: AsyncTestClient[Litestar], slug: str, delivery: Any
+) -> None:
+    body, headers = delivery()
+    resp = await hooks.post(f"{HOOKS}/{slug}", content=body, headers=headers)
+    assert resp.status_code == 401
+    assert resp.json() == UNAUTHORIZED
+    assert sink.events == []
+
+
+async def test_a_bearer_token_is_no_signature(sink: FakeSink, hooks: AsyncTestClient[Litestar]) -> None:
+    body, headers = github_delivery(PUSH)
+    headers = {k: v for k, v in headers.items() if k != "X-Hub-Signature-256"}
+    resp = await hooks.post(f"{HOOKS}/github", content=body, headers={**headers, **AUTH})
+    assert resp.status_code == 401
+    assert sink.events == []
+
+
+async def test_stripe_delivery_renders_input_and_uses_the_event_id(
+    sink: FakeSink, hooks: AsyncTestClient[Litestar]
+) -> None:
+    body, headers = stripe_delivery(PAYMENT)
+    resp = await hooks.post(f"{HOOKS}/stripe", content=body, headers=headers)
+    assert resp.status_code == 202, resp.text
+    [event] = sink.events
+    assert (event.id, event.name) == ("evt_1:stripe.payment", "stripe.payment")
+    assert event.payload == {"amount": 2000, "event": "evt_1"}
+    assert "stripe-signature" not in event.metadata["headers"]
+
+
+async def test_standard_webhooks_delivery_is_accepted(sink: FakeSink, hooks: AsyncTestClient[Litestar]) -> None:
+    body, headers = sw_delivery({"type": "user.created"}, "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W")
+    resp = await hooks.post(f"{HOOKS}/sw", content=body, headers=headers)
+    assert resp.status_code == 202, resp.text
+    assert [e.id for e in sink.events] == ["msg_2KWPBgLlAfxdpx2AI54pPJ85f4W:sw.event"]
+    assert "webhook-signature" not in sink.events[0].metadata["headers"]
+    assert sink.events[0].metadata["headers"]["webhook-id"] == "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W"
+
+
+async def test_kind_none_accepts_unsigned_and_ids_by_body_hash(
+    sink: FakeSink, hooks: AsyncTestClient[Litestar]
+) -> None:
+    body = b'{"x": 1}'
+    for _ in range(2):
+        assert (await hooks.post(f"{HOOKS}/open", content=body)).status_code == 202
+    expected = "sha256:" + hashlib.sha256(body).hexdigest() + ":open.event"
+    assert [e.id for e in sink.events] == [expected, expected]
+
+
+async def test_no_matching_entry_is_200_ignored(sink: FakeSink, hooks: AsyncTestClient[Litestar]) -> None:
+    body, headers = github_delivery({"zen": "Design for failure."}, event="ping", delivery="p-1")
+    resp = await hooks.post(f"{HOOKS}/github", content=body, headers=headers)
+    assert resp.status_code == 200
+    assert resp.json()["status"] == "ignored" and resp.json()["delivery_id"] == "p-1"
+    assert sink.entered.is_set() is False
+    text = (await hooks.get("/metrics")).text
+    assert 'signal_bridge_events_dropped_total{adapter="webhook",reason="no_match"} 1.0' in text
+
+
+async def test_unknown_slug_is_404(sink: FakeSink, hooks: AsyncTestClient[Litestar]) -> None:
+    body, headers = github_delivery(PUSH)
+    resp = await hooks.post(f"{HOOKS}/gitlab", content=body, headers=headers)
+    assert resp.status_code == 404
+    assert resp.json()["error"] == "not_found"
+
+
+async def test_webhook_body_over_limit_is_413(sink: FakeSink, hooks: AsyncTestClient[Litestar]) -> None:
+    body, headers = github_delivery({"pad": "x" * MAX_BODY})
+    resp = await hooks.post(f"{HOOKS}/github", content=body, headers=headers)
+    assert resp.status_code == 413
+    async with in_loop_client(make_app(sink, hook_config())) as c:
+        resp = await c.post(f"{HOOKS}/github", content=chunks(body), headers=headers)
+    assert resp.request.headers["transfer-encoding"] == "chunked"
+    assert resp.status_code == 413
+    assert sink.events == []
+
+
+async def test_webhook_event_no_workflow_takes_is_422(sink: FakeSink, hooks: AsyncTestClient[Litestar]) -> None:
+    resp = await hooks.post(f"{HOOKS}/typo", content=b"{}")
+    assert resp.status_code == 422
+    answer = resp.json()
+    assert answer["status"] == "rejected"
+    assert answer["results"][0]["error"] == "unroutable"
+    resp = await hooks.post(f"{HOOKS}/typed", content=b'{"orderId": 5}')
+    assert resp.status_code == 422
+    assert resp.json()["results"][0]["error"] == "schema_invalid"
+    assert sink.events == []
+
+
+async def test_webhook_unavailable_is_503_with_retry_after(sink: FakeSink) -> None:
+    sink.unavailable = Unavailable("temporal down", retry_after=8)
+    async with AsyncTestClient(make_app(sink, hook_config())) as c:
+        body, headers = github_delivery(PUSH, delivery="d-503")
+        resp = await c.post(f"{HOOKS}/github", content=body, headers=headers)
+    assert resp.status_code == 503
+    assert resp.headers["Retry-After"] == "8"
+    assert resp.json()["delivery_id"] == "d-503"
+
+
+async def test_webhook_accepted_only_after_the_sink_returned(sink: FakeSink) -> None:
+    sink.release = asyncio.Event()
+    async with in_loop_client(make_app(sink, hook_config())) as c:
+        body, headers = github_delivery(PUSH)
+        request = asyncio.create_task(c.post(f"{HOOKS}/github", content=body, headers=headers))
+        await asyncio.wait_for(sink.entered.wait(), 10)
+        await asyncio.sleep(0)
+        assert not request.done()
+        sink.release.set()
+        resp = await asyncio.wait_for(request, 10)
+    assert resp.status_code == 202
+
+
+async def test_webhook_refusals_are_counted(hooks: AsyncTestClient[Litestar]) -> None:
+    body, headers = github_delivery(PUSH, secret="wrong")
+    await hooks.post(f"{HOOKS}/github", content=body, headers=headers)
+    await hooks.post(f"{HOOKS}/nope", content=b"{}")
+    body, headers = github_delivery(PUSH)
+    await hooks.post(f"{HOOKS}/github", content=body, headers=headers)
+    text = (await hooks.get("/metrics")).text
+    assert 'signal_bridge_events_rejected_total{adapter="webhook",reason="unauthorized"} 1.0' in text
+    assert 'signal_bridge_events_rejected_total{adapter="webhook",reason="not_found"} 1.0' in text
+    assert 'signal_bridge_events_accepted_total{adapter="webhook"} 2.0' in text
+
+
+async def test_openapi_lists_the_hooks_endpoint(hooks: AsyncTestClient[Litestar]) -> None:
+    paths = (await hooks.get("/schema/openapi.json")).json()["paths"]
+    assert "post" in paths["/api/v1/hooks/{slug}"]
+
+
+# --- rate limits and reloads ---------------------------------------------------------------
+
+
+async def test_per_webhook_rate_limit_is_429_and_forgeries_do_not_spend_it(sink: FakeSink) -> None:
+    async with AsyncTestClient(make_app(sink, hook_config(rate_limit={"per_webhook": SLOW}))) as c:
+        forged_body, forged = github_delivery(PUSH, secret="forged")
+        for _ in range(5):
+            assert (await c.post(f"{HOOKS}/github", content=forged_body, headers=forged)).status_code == 401
+        codes = []
+        for i in range(3):
+            body, headers = github_delivery(PUSH, delivery=f"d-{i}")
+            codes.append(await c.post(f"{HOOKS}/github", content=body, headers=headers))
+        other = await c.post(f"{HOOKS}/open", content=b"{}")
+    assert [r.status_code for r in codes] == [202, 202, 429]
+    assert codes[2].headers["Retry-After"].isdigit()
+    assert other.status_code == 202  # its own bucket
+
+
+async def test_a_webhooks_own_rate_limit_wins(sink: FakeSink) -> None:
+    webhooks = [
+        {"slug": "one", "verify": {"kind": "none"}, "events": [{"name": "open.a"}], "rate_limit": {"rate": 0.001}},
+        {"slug": "many", "verify": {"kind": "none"}, "events": [{"name": "open.b"}]},
+    ]
+    cfg = hook_config(webhooks, rate_limit={"per_webhook": {"rate": 1000, "burst": 1000}})
+    async with AsyncTestClient(make_app(sink, cfg)) as c:
+        one = [(await c.post(f"{HOOKS}/one", content=b"{}")).status_code for _ in range(2)]
+        many = [(await c.post(f"{HOOKS}/many", content=b"{}")).status_code for _ in range(5)]
+    assert one == [202, 429]
+    assert many == [202] * 5
+
+
+async def test_no_rate_limit_by_default(sink: FakeSink) -> None:
+    async with AsyncTestClient(make_app(sink, hook_config())) as c:
+        codes = {(await c.post(URL, json=order(), headers=AUTH)).status_code for _ in range(30)}
+        codes |= {(await c.post(f"{HOOKS}/open", content=b"{}")).status_code for _ in range(30)}
+    assert codes == {202}
+
+
+async def test_webhooks_follow_a_reloaded_config(sink: FakeSink) -> None:
+    one = {"slug": "one", "verify": {"kind": "none"}, "events": [{"name": "open.a"}], "rate_limit": {"rate": 0.001}}
+    two = {"slug": "two", "verify": {"kind": "none"}, "events": [{"name": "open.b"}]}
+    current = Snapshot.compile(hook_config([one]))
+    app = create_app(Pipeline(current.routes, sink), lambda: current)
+    async with AsyncTestClient(app) as c:
+        assert (await c.post(f"{HOOKS}/one", content=b"{}")).status_code == 202
+        assert (await c.post(f"{HOOKS}/two", content=b"{}")).status_code == 404
+        current = Snapshot.compile(hook_config([one, two]))  # reloaded: a webhook added, one's limit unchanged
+        assert (await c.post(f"{HOOKS}/two", content=b"{}")).status_code == 202
+        assert (await c.post(f"{HOOKS}/one", content=b"{}")).status_code == 429  # its bucket was kept
+        current = Snapshot.compile(hook_config([two]))  # reloaded: one removed
+        assert (await c.post(f"{HOOKS}/one", content=b"{}")).status_code == 404
+    assert [e.name for e in sink.events] == ["open.a", "open.b"]
