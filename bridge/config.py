@@ -144,6 +144,9 @@ class DispatcherConfig(Model):
     signals_per_run: int = Field(default=5000, ge=10, le=9000)
     children_per_run: int = Field(default=1000, ge=10, le=1800)
     recent_ids: int = Field(default=2000, ge=0, le=20_000)
+    # Events that may wait in one process for a signal to the dispatcher; beyond it HTTP answers
+    # 503 overloaded and queue adapters stop fetching, so memory stays bounded while Temporal stalls.
+    max_pending_events: int = Field(default=10_000, ge=1)
 
 
 class NamedToken(Model):

@@ -4,6 +4,7 @@
     ├── ConfigError       a config file that cannot be loaded; the message names file, workflow, trigger
     ├── EventRejected     one event that can never be accepted (a 4xx, a dead letter); has a reason code
     └── Unavailable       Temporal did not take the event *now*; retry later, nothing was acknowledged
+        └── Overloaded    this process already holds as many events waiting for Temporal as it may
 
 A reason code is the one word for why something was refused, in metrics labels, dead-letter
 headers and HTTP error bodies. :data:`HTTP_STATUS` holds every code the bridge produces and the
@@ -28,6 +29,7 @@ Reason = Literal[
     "input_failed",
     "rate_limited",
     "unavailable",
+    "overloaded",
 ]
 
 REASONS: tuple[Reason, ...] = get_args(Reason)
@@ -44,6 +46,7 @@ HTTP_STATUS: Mapping[Reason, int] = MappingProxyType(
         "input_failed": 422,
         "rate_limited": 429,
         "unavailable": 503,
+        "overloaded": 503,
     }
 )
 
@@ -85,3 +88,9 @@ class Unavailable(BridgeError):
     def __init__(self, message: str, retry_after: float = 5.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Overloaded(Unavailable):
+    """Too many events already wait for Temporal in this process; nothing of this one was taken."""
+
+    reason: Reason = "overloaded"

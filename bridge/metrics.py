@@ -34,6 +34,12 @@ class Metrics:
             ["adapter"],
             registry=r,
         )
+        self.overloaded = Counter(
+            "signal_bridge_overloaded",
+            "Submissions refused because too many events already waited for Temporal in this process",
+            ["adapter"],
+            registry=r,
+        )
         self.signals = Counter("signal_bridge_signals_sent", "Signal-with-start calls that returned", registry=r)
         self.batch_size = Histogram(
             "signal_bridge_signal_batch_events",

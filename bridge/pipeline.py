@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from bridge.errors import EventRejected, Unavailable
+from bridge.errors import EventRejected, Overloaded, Unavailable
 from bridge.event import MAX_SIGNAL_BYTES, EventSignal, encoded_size
 from bridge.logsafe import safe
 from bridge.metrics import Metrics
@@ -41,11 +41,20 @@ class Outcome:
 
 class Pipeline:
     def __init__(
-        self, routes: RouteTable | Callable[[], RouteTable], sink: Sink, metrics: Metrics | None = None
+        self,
+        routes: RouteTable | Callable[[], RouteTable],
+        sink: Sink,
+        metrics: Metrics | None = None,
+        *,
+        max_pending: int = 10_000,
+        retry_after: float = 5.0,
     ) -> None:
         self._routes = routes
         self.sink = sink
         self.metrics = metrics or Metrics()
+        self.max_pending = max_pending
+        self.retry_after = retry_after
+        self.pending = 0
 
     @property
     def routes(self) -> RouteTable:
@@ -77,6 +86,8 @@ class Pipeline:
             if o.rejected is not None:
                 self.reject(adapter, o.event.name, o.event.id, o.rejected)
         if good:
+            self._admit(len(good), adapter)
+            self.pending += len(good)
             self.metrics.inflight.inc(len(good))
             try:
                 with self.metrics.submit_seconds.time():
@@ -85,9 +96,20 @@ class Pipeline:
                 self.metrics.unavailable.labels(adapter).inc()
                 raise
             finally:
+                self.pending -= len(good)
                 self.metrics.inflight.dec(len(good))
             self.metrics.accepted.labels(adapter).inc(len(good))
         return outcomes
+
+    def _admit(self, count: int, adapter: str) -> None:
+        """Refuse a submission that would hold more than ``max_pending`` events waiting for
+        Temporal (one batch alone always goes, so a batch larger than the cap is not stuck)."""
+        if self.pending and self.pending + count > self.max_pending:
+            self.metrics.overloaded.labels(adapter).inc()
+            raise Overloaded(
+                f"{self.pending} events already wait for Temporal in this process (at most {self.max_pending})",
+                self.retry_after,
+            )
 
     def reject(self, adapter: str, name: str | None, event_id: str | None, exc: EventRejected) -> None:
         """Count and log an event refused for good; adapters call it for decode failures too."""

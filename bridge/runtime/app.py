@@ -123,7 +123,13 @@ class Bridge:
             self._worker_task = asyncio.create_task(self.worker.run(), name="worker")
             await self.dispatcher.ensure_started()
         if self.takes_events:
-            self.pipeline = Pipeline(lambda: self.source.current.routes, self.dispatcher, self.metrics)
+            self.pipeline = Pipeline(
+                lambda: self.source.current.routes,
+                self.dispatcher,
+                self.metrics,
+                max_pending=cfg.dispatcher.max_pending_events,
+                retry_after=cfg.http.retry_after_seconds,
+            )
             for adapter in build_adapters(cfg, self.pipeline):
                 await adapter.start()
                 self.adapters.append(adapter)

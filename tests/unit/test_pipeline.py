@@ -1,0 +1,61 @@
+"""The ingest pipeline: per-event checks, one submission for the good ones, a bound on what waits."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bridge.config import parse_config
+from bridge.errors import Overloaded
+from bridge.event import EventSignal
+from bridge.pipeline import Pipeline
+from bridge.routing import RouteTable
+from tests.fakes import FakeSink
+
+ROUTES = RouteTable.from_config(
+    parse_config({"project": "p", "workflows": [{"id": "w", "workflow_type": "W", "triggers": [{"name": "a"}]}]})
+)
+
+
+def events(*ids: str, name: str = "a") -> list[EventSignal]:
+    return [EventSignal(id=i, name=name, payload={}, source="test:s") for i in ids]
+
+
+async def test_rejected_events_do_not_hold_back_the_good_ones() -> None:
+    sink = FakeSink()
+    outcomes = await Pipeline(ROUTES, sink).submit([*events("1"), *events("2", name="nope"), *events("3")], "test")
+    assert [o.rejected.reason if o.rejected else None for o in outcomes] == [None, "unroutable", None]
+    assert sink.calls == [["1", "3"]]
+
+
+async def test_beyond_max_pending_events_submissions_are_refused_as_overloaded() -> None:
+    sink = FakeSink()
+    sink.release = asyncio.Event()  # Temporal stalls: the first submission waits
+    pipeline = Pipeline(ROUTES, sink, max_pending=3, retry_after=7)
+    first = asyncio.create_task(pipeline.submit(events("1", "2"), "test"))
+    await sink.entered.wait()
+    assert pipeline.pending == 2
+    with pytest.raises(Overloaded) as exc:
+        await pipeline.submit(events("4", "5"), "test")
+    assert exc.value.retry_after == 7 and exc.value.reason == "overloaded"
+    assert 'signal_bridge_overloaded_total{adapter="test"} 1.0' in pipeline.metrics.render().decode()
+    sink.release.set()
+    await first
+    assert pipeline.pending == 0
+    await pipeline.submit(events("4", "5"), "test")  # room again once Temporal took the first
+    assert [e.id for e in sink.events] == ["1", "2", "4", "5"]
+
+
+async def test_one_batch_larger_than_the_cap_still_goes_when_nothing_waits() -> None:
+    sink = FakeSink()
+    await Pipeline(ROUTES, sink, max_pending=2).submit(events("1", "2", "3"), "test")
+    assert len(sink.events) == 3
+
+
+async def test_pending_count_is_released_when_temporal_fails() -> None:
+    sink = FakeSink(outages=1)
+    pipeline = Pipeline(ROUTES, sink, max_pending=5)
+    with pytest.raises(Exception, match="Temporal is down"):
+        await pipeline.submit(events("1"), "test")
+    assert pipeline.pending == 0
