@@ -24,6 +24,8 @@ from bridge.snapshot import load
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
 TOKEN = "compose-test-token"
+# What an operator exports before `docker compose up` (docker-compose.yml requires both).
+HOST_ENV = {"BRIDGE_TOKEN": TOKEN, "RABBITMQ_PASSWORD": "compose-broker-password"}
 
 
 def _compose() -> dict[str, Any]:
@@ -35,11 +37,26 @@ SERVICES: dict[str, Any] = COMPOSE["services"]
 BRIDGE = SERVICES["bridge"]
 
 
-def environment(service: dict[str, Any]) -> dict[str, str]:
+def resolve(value: str, host: dict[str, str]) -> str:
+    """Compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?message}`` against the host env."""
+
+    def one(match: re.Match[str]) -> str:
+        name, op, arg = match.group(1), match.group(2), match.group(3)
+        if name in host:
+            return host[name]
+        if op == ":-":
+            return arg or ""
+        raise AssertionError(f"compose needs ${name}: {arg}")
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)([^}]*))?\}", one, value)
+
+
+def environment(service: dict[str, Any], host: dict[str, str] = HOST_ENV) -> dict[str, str]:
+    """The service's environment as its container sees it, given the host's variables."""
     env = service.get("environment") or {}
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
-    return {k: str(v) for k, v in env.items()}
+    return {k: resolve(str(v), host) for k, v in env.items()}
 
 
 def container_ports(service: dict[str, Any]) -> set[int]:
@@ -101,7 +118,7 @@ def config_path() -> str:
 def effective_config() -> BridgeConfig:
     """compose/config.yaml as the container sees it: loaded, then SIGNAL_BRIDGE_* applied."""
     env = environment(BRIDGE)
-    cfg = load(COMPOSE_DIR / "config.yaml", env={"BRIDGE_TOKEN": TOKEN}).config
+    cfg = load(COMPOSE_DIR / "config.yaml", env=env).config
     return Settings.from_env(env).apply(cfg)
 
 
@@ -224,7 +241,7 @@ def test_config_is_mounted_where_the_bridge_reads_it() -> None:
 
 
 def test_temporal_address_points_at_the_temporal_service() -> None:
-    raw = load(COMPOSE_DIR / "config.yaml", env={"BRIDGE_TOKEN": TOKEN}).config
+    raw = load(COMPOSE_DIR / "config.yaml", env=environment(BRIDGE)).config
     for address in (effective_config().temporal.address, raw.temporal.address):
         host, port = host_port(address or "")
         assert host in SERVICES
@@ -254,10 +271,24 @@ def test_amqp_consumer_points_at_the_rabbitmq_service() -> None:
     rabbit = SERVICES[url.hostname]
     assert (url.port or 5672) in container_ports(rabbit)
     env = environment(rabbit)
-    assert (url.username, url.password) == (
-        env.get("RABBITMQ_DEFAULT_USER", "guest"),
-        env.get("RABBITMQ_DEFAULT_PASS", "guest"),
-    )
+    assert (url.username, url.password) == (env["RABBITMQ_DEFAULT_USER"], env["RABBITMQ_DEFAULT_PASS"])
+
+
+def test_no_default_broker_account() -> None:
+    env = environment(SERVICES["rabbitmq"])
+    assert (env["RABBITMQ_DEFAULT_USER"], env["RABBITMQ_DEFAULT_PASS"]) != ("guest", "guest")
+    assert env["RABBITMQ_DEFAULT_PASS"] == HOST_ENV["RABBITMQ_PASSWORD"]
+    with pytest.raises(AssertionError, match="RABBITMQ_PASSWORD"):
+        environment(SERVICES["rabbitmq"], host={"BRIDGE_TOKEN": TOKEN})  # compose refuses to start
+
+
+def test_only_the_bridge_is_published_beyond_loopback() -> None:
+    for name, service in SERVICES.items():
+        for port in service.get("ports", []):
+            spec = str(port) if not isinstance(port, dict) else f"{port.get('host_ip', '')}:{port['published']}"
+            if name == "bridge":
+                continue
+            assert spec.startswith("127.0.0.1:"), f"{name} publishes {spec} on every interface"
 
 
 def test_config_runs_the_example_workflows() -> None:
