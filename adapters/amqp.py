@@ -1,28 +1,11 @@
-"""The RabbitMQ door: one consumer per ``amqp:`` entry, acking only what Temporal holds.
+"""The RabbitMQ adapter: one consumer per ``amqp:`` entry, acking only what Temporal holds.
 
-Shape (the same as the other doors): parser (:func:`to_message` → :func:`bridge.decode.decode`),
-consumer loop (:class:`AmqpAdapter`), acknowledgement. Deliveries are gathered up to the prefetch
-window, decoded, and handed to :meth:`Pipeline.submit` as one batch, then settled, one table:
-
-==========================================  ====================================================
-outcome                                     what the door does
-==========================================  ====================================================
-accepted (Temporal holds it)                ``basic.ack``
-malformed, no name, schema-invalid,         republish to ``dead_letter_exchange`` with
-unroutable, too large                       ``x-dead-letter-reason`` headers, then ack; if that
-                                            fails, ``basic.reject(requeue=False)`` (the queue's
-                                            ``x-dead-letter-exchange`` catches it); no DLX: dropped
-unroutable with ``on_unroutable: skip``     ack, counted as dropped
-Temporal unavailable                        nothing; the batch is retried with capped backoff and
-                                            the full prefetch window keeps RabbitMQ from sending
-                                            more; stop() leaves the batch unacked (requeued)
-channel lost before the ack                 nothing; RabbitMQ redelivers, the id dedupes it
-==========================================  ====================================================
-
-Event ids, first that exists: CloudEvents ``id`` · envelope ``id`` · ``event.id_from`` · AMQP
-``message_id`` · ``hash:`` + sha256 of exchange, routing key and body (so a publisher that sets
-no id and sends the same bytes twice gets one run). The source is ``amqp:{queue}`` (CloudEvents:
-their ``source``).
+This module is only the transport: it turns a delivery into a :class:`bridge.decode.Message`,
+declares the queue and its bindings, gathers deliveries up to the prefetch window, hands each
+batch to :class:`bridge.settle.Settler`, acks (or rejects) what that settles, republishes dead
+letters, and leaves the rest to RabbitMQ: while Temporal refuses, the full prefetch window stays
+unacked so the broker sends nothing more; a bug nacks with requeue; a lost channel redelivers.
+Configuration, event ids and what happens to a poison message: docs/rabbitmq.md.
 """
 
 from __future__ import annotations
@@ -31,8 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Protocol
@@ -45,35 +27,25 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import (
-    AMQPError,
-    ChannelInvalidStateError,
-    ChannelNotFoundEntity,
-    ChannelPreconditionFailed,
-)
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotFoundEntity, ChannelPreconditionFailed
 from yarl import URL
 
 from bridge.config import AmqpConsumer, BridgeConfig
-from bridge.decode import Message, decode
-from bridge.errors import EventRejected, Unavailable
+from bridge.decode import Message, decode, header_metadata
+from bridge.errors import EventRejected
 from bridge.event import EventSignal, content_digest
 from bridge.pipeline import Pipeline
+from bridge.settle import Abandoned, Disposition, Inbox, Item, Settler, Transport, is_dead_letter_header
+from bridge.settle import dead_letter_headers as letter_headers
 
 log = logging.getLogger(__name__)
 
-DOOR = "amqp"
+ADAPTER = "amqp"
 CE_PREFIXES = ("cloudevents_", "cloudevents:")
-# Dead-letter headers, the same names as the Kafka door's (the original headers are kept).
-H_REASON = "x-dead-letter-reason"
-H_ERROR = "x-dead-letter-error"
-H_QUEUE = "x-original-queue"
-H_EXCHANGE = "x-original-exchange"
-H_ROUTING_KEY = "x-original-routing-key"
-H_EVENT_ID = "x-event-id"
-H_EVENT_NAME = "x-event-name"
-DLX_HEADERS = (H_REASON, H_ERROR, H_QUEUE, H_EXCHANGE, H_ROUTING_KEY, H_EVENT_ID, H_EVENT_NAME)
 KEPT_PROPERTIES = ("message_id", "correlation_id", "app_id", "type", "user_id")
-MAX_BACKOFF = 5.0
+# Transport errors while acking or republishing: the delivery comes back (or the broker's own
+# dead-letter exchange takes it); none is retried in place.
+AMQP_ERRORS = (AMQPError, ConnectionError, RuntimeError, TimeoutError)
 LINGER = 0.01
 RECONNECT_INTERVAL = 2
 PUBLISH_TIMEOUT = 10.0
@@ -83,18 +55,25 @@ STOP_TIMEOUT = 30.0
 class Delivery(Protocol):
     """What the parser reads from an ``aio_pika.IncomingMessage`` (a fake in unit tests)."""
 
-    body: bytes
-    headers: Mapping[str, Any] | None
-    content_type: str | None
-    message_id: str | None
-    correlation_id: str | None
-    timestamp: datetime | None
-    exchange: str | None
-    routing_key: str | None
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def headers(self) -> Mapping[str, Any] | None: ...
+    @property
+    def content_type(self) -> str | None: ...
+    @property
+    def message_id(self) -> str | None: ...
+    @property
+    def correlation_id(self) -> str | None: ...
+    @property
+    def timestamp(self) -> datetime | None: ...
+    @property
+    def exchange(self) -> str | None: ...
+    @property
+    def routing_key(self) -> str | None: ...
 
 
-# ---------------------------------------------------------------------------------------------
-# Parser: delivery → Message → EventSignal
+# --- parsing: delivery → Message ----------------------------------------------------------------
 
 
 def _text(value: Any) -> str | None:
@@ -147,71 +126,76 @@ def to_message(delivery: Delivery, queue: str) -> Message:
         value = getattr(delivery, prop, None)
         if value:
             amqp[prop] = str(value)
-    metadata: dict[str, Any] = {"headers": headers, "amqp": amqp}
-    lowered = {k.lower(): v for k, v in headers.items()}
-    if delivery.correlation_id or "x-correlation-id" in lowered:
-        metadata["correlation_id"] = str(delivery.correlation_id or lowered["x-correlation-id"])
-    for trace in ("traceparent", "tracestate"):
-        if trace in lowered:
-            metadata[trace] = lowered[trace]
+    metadata = header_metadata(headers, str(delivery.correlation_id or "") or None)
+    metadata["amqp"] = amqp
     return Message(
         body=bytes(delivery.body),
-        source=f"{DOOR}:{queue}",
+        source=f"{ADAPTER}:{queue}",
         fallback_id=fallback_id(delivery),
         headers=headers,
         ce_attributes=ce,
         content_type=delivery.content_type,
         key=delivery.routing_key,
         metadata=metadata,
+        time=_text(delivery.timestamp),
     )
 
 
 def parse(delivery: Delivery, entry: AmqpConsumer) -> EventSignal:
     """One delivery → one event, or :class:`EventRejected` (``malformed`` / ``no_name``)."""
-    event = decode(to_message(delivery, entry.queue), entry.event)
-    if delivery.timestamp and "cloudevents" not in event.metadata:
-        event.time = _text(delivery.timestamp) or event.time
-    return event
+    return decode(to_message(delivery, entry.queue), entry.event)
 
 
-# ---------------------------------------------------------------------------------------------
-# Consumer
+def dead_letter_copy(
+    message: AbstractIncomingMessage, rej: EventRejected, queue: str, event: EventSignal | None = None
+) -> aio_pika.Message:
+    """The delivery as it came (body, properties, headers minus stale dead-letter ones) plus why."""
+    headers: dict[str, Any] = {k: v for k, v in (message.headers or {}).items() if not is_dead_letter_header(k)}
+    origin = {"queue": queue, "exchange": message.exchange or "", "routing-key": message.routing_key or ""}
+    headers.update(letter_headers(rej, event, origin))
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+    )
 
 
-@dataclass
-class _Item:
-    message: AbstractIncomingMessage
-    event: EventSignal | None = None
-    rejected: EventRejected | None = None
+# --- the consumer ---------------------------------------------------------------------------------
 
 
-def _alive(message: AbstractIncomingMessage) -> bool:
-    """False once the channel it came on is gone: it cannot be acked and will be redelivered."""
-    try:
-        return not message.channel.is_closed
-    except ChannelInvalidStateError:
-        return False
-
-
-class AmqpAdapter:
-    """Consumes one queue; see the module docstring for the settle table."""
+class AmqpAdapter(Transport[AbstractIncomingMessage]):
+    """Consumes one queue; acks what the settle path settles, leaves the rest to RabbitMQ."""
 
     def __init__(self, entry: AmqpConsumer, pipeline: Pipeline, *, project: str = "signal-bridge") -> None:
         self.entry = entry
         self.pipeline = pipeline
         self.project = project
         self.name = f"amqp:{entry.queue}"
-        self.max_batch = entry.prefetch
+        self.settler = Settler(
+            pipeline, self, adapter=ADAPTER, name=self.name, event=entry.event, on_unroutable=entry.on_unroutable
+        )
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._publisher: AbstractChannel | None = None
         self._dlx: AbstractExchange | None = None
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
-        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._inbox: Inbox[AbstractIncomingMessage] = Inbox(max_batch=entry.prefetch, linger=LINGER)
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
-        self.waiting_for_temporal = False
+
+    @property
+    def waiting_for_temporal(self) -> bool:
+        """True while Temporal refuses and the batch in hand waits, unacked."""
+        return self.settler.waiting
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -232,7 +216,7 @@ class AmqpAdapter:
             await self.stop()
             raise
         log.info(
-            "amqp consumer started queue=%s prefetch=%d bindings=%d dead_letter_exchange=%s",
+            "amqp adapter started queue=%s prefetch=%d bindings=%d dead_letter_exchange=%s",
             self.entry.queue,
             self.entry.prefetch,
             len(self.entry.bindings),
@@ -246,17 +230,17 @@ class AmqpAdapter:
             with contextlib.suppress(AMQPError, ConnectionError, RuntimeError, TimeoutError):
                 await asyncio.wait_for(self._queue.cancel(self._tag), 5)
         if self._task is not None:
-            self._inbox.put_nowait(_STOP)  # type: ignore[arg-type]
+            self._inbox.close()
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), STOP_TIMEOUT)
             except TimeoutError:
-                log.warning("amqp consumer %s did not finish its batch in time; leaving it unacked", self.name)
+                log.warning("amqp adapter %s did not finish its batch in time; leaving it unacked", self.name)
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
         if self._connection is not None:
             await self._connection.close()
-        log.info("amqp consumer stopped queue=%s", self.entry.queue)
+        log.info("amqp adapter stopped queue=%s", self.entry.queue)
 
     def healthy(self) -> bool:
         conn = self._connection
@@ -327,205 +311,93 @@ class AmqpAdapter:
     # -- consuming ------------------------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._inbox.put_nowait(message)
+        self._inbox.put(message)
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
-            batch = await self._gather()
+            batch = await self._inbox.take()  # the prefetch window, or what came within LINGER
             try:
                 await self._process(batch)
             except Exception:
                 # A bug, not a transport or Temporal problem (those are handled inside): hand the
                 # unsettled deliveries back to RabbitMQ rather than sit on them.
-                log.exception("amqp batch failed queue=%s; requeueing what was not settled", self.entry.queue)
+                log.exception("amqp adapter %s: batch failed; requeueing what was not settled", self.name)
                 for message in batch:
                     if not message.processed:
                         await _settle(message.nack(requeue=True))
 
-    async def _gather(self) -> list[AbstractIncomingMessage]:
-        """The first delivery, then whatever arrives within LINGER, up to the prefetch window."""
-        first = await self._inbox.get()
-        if first is _STOP:
-            return []
-        batch = [first]
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + LINGER
-        while len(batch) < self.max_batch:
-            if self._inbox.empty():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(remaining):
-                        nxt = await self._inbox.get()
-                except TimeoutError:
-                    break
-            else:
-                nxt = self._inbox.get_nowait()
-            if nxt is _STOP:
-                self._stopping.set()
-                break
-            batch.append(nxt)
-        return batch
-
     async def _process(self, messages: list[AbstractIncomingMessage]) -> None:
-        items = [self._parse(m) for m in messages]
-        poison = [i for i in items if i.rejected is not None]
-        good = [i for i in items if i.event is not None]
-        if good:
-            poison.extend(await self._submit(good))
-        if poison:
-            await asyncio.gather(*(self._dead_letter(i) for i in poison))
-
-    def _parse(self, message: AbstractIncomingMessage) -> _Item:
         try:
-            return _Item(message, event=parse(message, self.entry))
-        except EventRejected as exc:
-            self.pipeline.reject(DOOR, None, fallback_id(message), exc)
-            return _Item(message, rejected=exc)
-        except Exception as exc:  # a message the decoder did not foresee: dead-letter it, loudly
-            log.exception("amqp message could not be decoded id=%s", fallback_id(message))
-            rejected = EventRejected("malformed", f"cannot decode: {exc!r}")
-            self.pipeline.reject(DOOR, None, fallback_id(message), rejected)
-            return _Item(message, rejected=rejected)
+            await self.settler.settle(messages)
+        except Abandoned as exc:
+            log.warning("amqp adapter %s: %s; the unacked deliveries go back to the queue", self.name, exc)
 
-    async def _submit(self, items: list[_Item]) -> list[_Item]:
-        """Submit until Temporal holds the events; ack them; return the ones it refused for good."""
-        backoff = 0.5
-        while True:
-            items = [i for i in items if _alive(i.message)]
-            if not items:
-                return []
-            try:
-                outcomes = await self.pipeline.submit([i.event for i in items if i.event], DOOR)
-            except EventRejected as exc:
-                if len(items) == 1:
-                    event = items[0].event
-                    self.pipeline.reject(DOOR, event.name if event else None, event.id if event else None, exc)
-                    items[0].rejected = exc
-                    return items
-                half = len(items) // 2
-                return [*await self._submit(items[:half]), *await self._submit(items[half:])]
-            except Exception as exc:
-                if not isinstance(exc, Unavailable):
-                    log.exception("amqp submit failed unexpectedly queue=%s; retrying", self.entry.queue)
-                if self._stopping.is_set():
-                    log.warning("stopping with %d events Temporal did not take; left unacked", len(items))
-                    return []
-                if not self.waiting_for_temporal:
-                    log.warning(
-                        "Temporal unavailable; holding %d deliveries unacked and retrying queue=%s: %s",
-                        len(items),
-                        self.entry.queue,
-                        exc,
-                    )
-                self.waiting_for_temporal = True
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
-                continue
-            if self.waiting_for_temporal:
-                log.info("Temporal answers again; consuming queue=%s", self.entry.queue)
-                self.waiting_for_temporal = False
-            refused = []
-            for item, outcome in zip(items, outcomes, strict=True):
-                if outcome.rejected is None:
-                    await _settle(item.message.ack())
-                else:
-                    item.rejected = outcome.rejected
-                    refused.append(item)
-            return refused
+    # -- the transport the settle path drives ------------------------------------------------------
 
-    async def _dead_letter(self, item: _Item) -> None:
-        rej, message, event = item.rejected, item.message, item.event
-        assert rej is not None
-        event_id = event.id if event else fallback_id(message)
-        if rej.reason == "unroutable" and self.entry.on_unroutable == "skip":
-            self.pipeline.metrics.dropped.labels(DOOR, rej.reason).inc()
-            log.info("amqp message skipped (on_unroutable: skip) queue=%s id=%s", self.entry.queue, event_id)
-            await _settle(message.ack())
-            return
-        if self._dlx is None:
-            self.pipeline.metrics.dropped.labels(DOOR, rej.reason).inc()
-            log.warning(
-                "amqp message rejected without requeue (no dead_letter_exchange) queue=%s reason=%s id=%s",
-                self.entry.queue,
-                rej.reason,
-                event_id,
-            )
-            await _settle(message.reject(requeue=False))
-            return
+    def to_message(self, message: AbstractIncomingMessage) -> Message:
+        return to_message(message, self.entry.queue)
+
+    def fallback_id(self, message: AbstractIncomingMessage) -> str:
+        return fallback_id(message)
+
+    def usable(self, message: AbstractIncomingMessage) -> bool:
+        """False once the channel it came on is gone: it cannot be acked and will be redelivered."""
+        try:
+            return not message.channel.is_closed
+        except ChannelInvalidStateError:
+            return False
+
+    def can_dead_letter(self) -> bool:
+        return self._dlx is not None
+
+    async def dead_letter(self, items: Sequence[Item[AbstractIncomingMessage]]) -> None:
+        await asyncio.gather(*(self._republish(item) for item in items))
+
+    async def _republish(self, item: Item[AbstractIncomingMessage]) -> None:
+        """Publish the dead letter; when that fails, leave the delivery to the queue's own
+        ``x-dead-letter-exchange`` (rejected without requeue, it gets there without our headers)."""
+        message, error = item.message, item.error
+        assert self._dlx is not None and error is not None
         try:
             await self._dlx.publish(
-                dead_letter_copy(message, rej, self.entry.queue, event),
+                dead_letter_copy(message, error, self.entry.queue, item.event),
                 routing_key=message.routing_key or "",
                 mandatory=True,
                 timeout=PUBLISH_TIMEOUT,
             )
         except aio_pika.exceptions.PublishError:
-            self.pipeline.metrics.dropped.labels(DOOR, rej.reason).inc()
+            self.pipeline.metrics.dropped.labels(ADAPTER, error.reason).inc()
             log.error(
                 "dead-letter exchange %s routes to no queue: message dropped reason=%s id=%s; bind a queue to it",
                 self.entry.dead_letter_exchange,
-                rej.reason,
-                event_id,
+                error.reason,
+                fallback_id(message),
             )
-        except (AMQPError, ConnectionError, RuntimeError, TimeoutError) as exc:
-            # The queue carries x-dead-letter-exchange, so RabbitMQ dead-letters it (without our headers).
-            log.warning("dead-letter republish failed (%r); rejecting id=%s without requeue", exc, event_id)
-            await _settle(message.reject(requeue=False))
-            return
-        else:
-            log.info(
-                "amqp message dead-lettered queue=%s exchange=%s reason=%s id=%s",
-                self.entry.queue,
-                self.entry.dead_letter_exchange,
-                rej.reason,
-                event_id,
-            )
-        await _settle(message.ack())
+            item.disposition = Disposition.SKIPPED  # acked: the letter routes nowhere anyway
+        except AMQP_ERRORS as exc:
+            log.warning("dead-letter republish failed (%r); rejecting id=%s without requeue", exc, fallback_id(message))
+            item.disposition = Disposition.DROPPED
+
+    async def acknowledge(self, items: Sequence[Item[AbstractIncomingMessage]]) -> None:
+        for item in items:
+            if item.disposition is Disposition.DROPPED:
+                await _settle(item.message.reject(requeue=False))
+            else:
+                await _settle(item.message.ack())
+
+    async def wait(self, seconds: float) -> bool:
+        """The prefetch window stays unacked meanwhile, so RabbitMQ sends nothing more."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return not self._stopping.is_set()
 
 
-_STOP: Any = object()
-
-
-async def _settle(call: Any) -> None:
+async def _settle(call: Awaitable[Any]) -> None:
     """Ack / reject; a lost channel means RabbitMQ redelivers it, and the event id dedupes it."""
     try:
         await call
-    except (ChannelInvalidStateError, AMQPError, ConnectionError, RuntimeError) as exc:
+    except (ChannelInvalidStateError, *AMQP_ERRORS) as exc:
         log.info("could not settle a delivery (%r); it will be redelivered", exc)
-
-
-def dead_letter_copy(
-    message: AbstractIncomingMessage, rej: EventRejected, queue: str, event: EventSignal | None = None
-) -> aio_pika.Message:
-    """The delivery as it came (body, properties, headers minus stale dead-letter ones) plus why."""
-    headers = {k: v for k, v in (message.headers or {}).items() if k.lower() not in DLX_HEADERS}
-    headers.update(
-        {
-            H_REASON: rej.reason,
-            H_ERROR: rej.message[:1000],
-            H_QUEUE: queue,
-            H_EXCHANGE: message.exchange or "",
-            H_ROUTING_KEY: message.routing_key or "",
-        }
-    )
-    if event is not None:
-        headers.update({H_EVENT_ID: event.id, H_EVENT_NAME: event.name})
-    return aio_pika.Message(
-        body=message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-    )
 
 
 def build(entry: AmqpConsumer, pipeline: Pipeline, config: BridgeConfig) -> AmqpAdapter:

@@ -1,16 +1,12 @@
-"""Message bodies → :class:`EventSignal`, shared by every queue door.
+"""Queue message bodies → :class:`EventSignal`, shared by every queue adapter (and the HTTP one).
 
-A door collects what its transport carries (body bytes, headers as ``str → str``, the key or
-routing key, a transport-derived fallback id) into a :class:`Message` and calls :func:`decode`.
-Formats (``event.format`` in the config):
+An adapter strips its transport into a :class:`Message` (body bytes, headers as ``str → str``,
+the key or routing key, a transport-derived fallback id) and calls :func:`decode`. The formats
+(``envelope``, ``cloudevents``, ``raw``) and the order in which an event id is chosen are
+described in docs/configuration.md, docs/kafka.md and docs/rabbitmq.md.
 
-- ``envelope``: ``{"name": ..., "payload": {...}, "id"?: ...}``, the events-API body;
-- ``cloudevents``: structured mode (``application/cloudevents+json`` body) or binary mode
-  (CloudEvents attributes in headers, ``data`` in the body); ``type`` is the name;
-- ``raw``: the whole body is the payload; the name comes from ``event.name`` or ``name_from``.
-
-Event ids, first that exists: CloudEvents ``source``+``id`` · envelope ``id`` · ``id_from`` ·
-the door's fallback (Kafka ``topic:partition:offset``, AMQP ``message_id`` or a content hash).
+:func:`header_metadata` is the one policy for which message headers reach an event's metadata
+(and so Temporal history): trace context and correlation ids only, see :data:`KEPT_HEADERS`.
 """
 
 from __future__ import annotations
@@ -27,10 +23,19 @@ from bridge.event import EventSignal, utc_now
 CE_STRUCTURED = "application/cloudevents+json"
 CE_REQUIRED = ("id", "source", "type", "specversion")
 
+# The headers a queue message carries into ``metadata["headers"]``. Any other header may hold a
+# credential or personal data: it stays readable to ``name_from``/``id_from`` but never reaches
+# Temporal. Names are matched in any case and kept lower-cased.
+KEPT_HEADERS = ("traceparent", "tracestate", "x-request-id", "x-correlation-id", "correlation-id")
+
 
 @dataclass
 class Message:
-    """What a door knows about one transport message, transport types already stripped."""
+    """What an adapter knows about one transport message, transport types already stripped.
+
+    ``time`` is when the transport says the message was produced (ISO 8601); a CloudEvent's own
+    ``time`` wins over it, and without either the event is stamped now.
+    """
 
     body: bytes
     source: str
@@ -40,6 +45,21 @@ class Message:
     content_type: str | None = None
     key: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    time: str | None = None
+
+
+def header_metadata(headers: Mapping[str, str], correlation_id: str | None = None) -> dict[str, Any]:
+    """The metadata a message's headers contribute: the kept headers, ``correlation_id`` and
+    ``traceparent``. A transport's own correlation id (AMQP's property) wins over the headers'."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    kept = {h: lowered[h] for h in KEPT_HEADERS if h in lowered}
+    metadata: dict[str, Any] = {"headers": kept}
+    correlation = correlation_id or kept.get("x-correlation-id") or kept.get("correlation-id")
+    if correlation:
+        metadata["correlation_id"] = correlation
+    if "traceparent" in kept:
+        metadata["traceparent"] = kept["traceparent"]
+    return metadata
 
 
 def parse_json(body: bytes) -> Any:
@@ -73,6 +93,7 @@ def decode(msg: Message, fmt: EventFormat) -> EventSignal:
         name=name,
         payload=payload,
         source=msg.source,
+        time=msg.time or utc_now(),
         metadata=msg.metadata,
         key=msg.key,
     )
@@ -89,7 +110,7 @@ def _configured_id(fmt: EventFormat, msg: Message, body: Any) -> str | None:
 
 
 def _is_structured_ce(content_type: str | None) -> bool:
-    return bool(content_type) and content_type.split(";")[0].strip().lower() == CE_STRUCTURED
+    return content_type is not None and content_type.split(";")[0].strip().lower() == CE_STRUCTURED
 
 
 def _cloudevent(msg: Message, fmt: EventFormat) -> EventSignal:

@@ -1,4 +1,4 @@
-"""The RabbitMQ door against a real broker and a real Temporal: once per event, whatever restarts.
+"""The RabbitMQ adapter against a real broker and a real Temporal: once per event, whatever restarts.
 
 Every message is published persistent, with publisher confirms and ``mandatory`` (so a message
 that reached no queue fails the test instead of vanishing). "Exactly once" is checked two ways:
@@ -92,7 +92,7 @@ async def depth(url: str, queue: str) -> tuple[int, int]:
 
 def idle_target(wf: str, task_queue: str, *names: str) -> dict[str, Any]:
     """A user workflow on a queue no worker polls: its runs start (what we count) and cost no work,
-    so a volume test measures the door and the dispatcher, not the task runner."""
+    so a volume test measures the adapter and the dispatcher, not the task runner."""
     return {"id": wf, "workflow_type": "Idle", "task_queue": task_queue, "triggers": [{"name": n} for n in names]}
 
 
@@ -119,7 +119,7 @@ async def assert_ran_once(client: Client, query: str, expected: set[str], timeou
 
 
 def accepted(bridge: Bridge) -> float:
-    return bridge.metrics.registry.get_sample_value("signal_bridge_events_accepted_total", {"door": "amqp"}) or 0.0
+    return bridge.metrics.registry.get_sample_value("signal_bridge_events_accepted_total", {"adapter": "amqp"}) or 0.0
 
 
 async def duplicates(client: Client, project: str) -> int:
@@ -192,7 +192,7 @@ class ServeProcess:
 
 
 # Some volume tests start their targets from the dispatcher's activity (same ids, same dedupe):
-# they test the door, and this keeps many runs quick on a 2-core CI machine. The others keep the
+# they test the adapter, and this keeps many runs quick on a 2-core CI machine. The others keep the
 # default child mode; the SIGKILL test must, since a killed worker's start activity is only retried
 # after its 60 s start-to-close timeout.
 FAST_STARTS = {"start_mode": "activity"}
@@ -228,20 +228,20 @@ async def test_2000_messages_start_exactly_2000_runs(bridge_factory, temporal_cl
     began = time.monotonic()
     await publish(amqp_url, exchange, orders("bulk", n))
     published = time.monotonic()
-    await assert_eventually(lambda: accepted(bridge) == n, timeout=120, what="door accepted every message")
-    door_done = time.monotonic()
+    await assert_eventually(lambda: accepted(bridge) == n, timeout=120, what="adapter accepted every message")
+    adapter_done = time.monotonic()
     expected = expected_runs("bulk", f"amqp:{queue}", (f"bulk-{i}" for i in range(n)))
     await assert_ran_once(temporal_client, f'TaskQueue="{idle}"', expected, timeout=420)
     log.warning(
         "amqp 2000: published in %.1fs, Temporal held all after %.1fs, all %d runs visible after %.1fs",
         published - began,
-        door_done - began,
+        adapter_done - began,
         n,
         time.monotonic() - began,
     )
     assert await depth(amqp_url, queue) == (0, 1)
     signals = bridge.metrics.registry.get_sample_value("signal_bridge_signals_sent_total") or 0
-    assert signals < n / 10, f"{signals} signals for {n} events: the door is not batching"
+    assert signals < n / 10, f"{signals} signals for {n} events: the adapter is not batching"
 
 
 # --- poison messages -------------------------------------------------------------------------
@@ -302,7 +302,7 @@ async def test_poison_messages_are_dead_lettered_and_good_ones_around_them_run(
         assert headers["x-original-queue"] == queue and headers["x-original-exchange"] == exchange
     registry = bridge.metrics.registry
     for why in ("malformed", "no_name", "schema_invalid", "unroutable"):
-        assert registry.get_sample_value("signal_bridge_events_rejected_total", {"door": "amqp", "reason": why}) == 1
+        assert registry.get_sample_value("signal_bridge_events_rejected_total", {"adapter": "amqp", "reason": why}) == 1
     assert await depth(amqp_url, queue) == (0, 1)
 
 
@@ -332,10 +332,10 @@ async def test_existing_topology_with_other_arguments_is_used_as_it_is(amqp_url)
         )
         sink = RecordingSink()
         cfg = config(unique("topo"), "127.0.0.1:1", [runner("t", "order.created")])
-        door = AmqpAdapter(entry, Pipeline(RouteTable.from_config(cfg), sink))
-        await door.start()
+        adapter = AmqpAdapter(entry, Pipeline(RouteTable.from_config(cfg), sink))
+        await adapter.start()
         try:
-            assert door.healthy()
+            assert adapter.healthy()
             dead = await channel.declare_queue(exclusive=True)
             await dead.bind(f"{exchange}.dlx")
             await publish(amqp_url, exchange, [*orders("topo", 3), ("order.created", b"nope", {"message_id": "bad"})])
@@ -344,7 +344,7 @@ async def test_existing_topology_with_other_arguments_is_used_as_it_is(amqp_url)
             assert letter.message_id == "bad" and letter.headers["x-dead-letter-reason"] == "malformed"
             assert await depth(amqp_url, queue) == (0, 1)
         finally:
-            await door.stop()
+            await adapter.stop()
             await channel.exchange_delete(f"{exchange}.dlx")
 
 
@@ -474,12 +474,12 @@ async def test_rabbitmq_restart_mid_stream_consumer_recovers_by_itself(temporal_
     bridge = Bridge(cfg, client=temporal_client)
     try:
         await bridge.start()
-        [door] = bridge.adapters
+        [adapter] = bridge.adapters
         await publish(rabbit.url, exchange, orders("r", 200))
-        # Restart while the door is still working through the first 200.
+        # Restart while the adapter is still working through the first 200.
         await asyncio.to_thread(rabbit.restart)
         at_restart = accepted(bridge)
-        await assert_eventually(door.healthy, timeout=60, what="consumer reconnected by itself")
+        await assert_eventually(adapter.healthy, timeout=60, what="consumer reconnected by itself")
         await publish(rabbit.url, exchange, orders("r", 200, start=200))
         await assert_ran_once(
             temporal_client, f'TaskQueue="{idle}"', expected_runs("t", f"amqp:{queue}", (f"r-{i}" for i in range(400)))
@@ -511,7 +511,7 @@ async def test_temporal_down_15s_messages_wait_unacked_then_flow(amqp_url):
     bridge = Bridge(cfg)
     try:
         await bridge.start()
-        [door] = bridge.adapters
+        [adapter] = bridge.adapters
         client = await Client.connect(temporal.address)
         await publish(amqp_url, exchange, orders("d", before))
         first = expected_runs("t", f"amqp:{queue}", (f"d-{i}" for i in range(before)))
@@ -519,10 +519,10 @@ async def test_temporal_down_15s_messages_wait_unacked_then_flow(amqp_url):
 
         await asyncio.to_thread(temporal.stop)
         await publish(amqp_url, exchange, orders("d", during, start=before))
-        # The door holds one prefetch window unacked and RabbitMQ keeps the rest.
+        # The adapter holds one prefetch window unacked and RabbitMQ keeps the rest.
         await assert_eventually(
-            lambda: door.waiting_for_temporal and _equals(depth(amqp_url, queue), (during - prefetch, 1)),
-            what="door waiting with a full window",
+            lambda: adapter.waiting_for_temporal and _equals(depth(amqp_url, queue), (during - prefetch, 1)),
+            what="adapter waiting with a full window",
         )
         held = accepted(bridge)
         assert held == before
@@ -536,7 +536,7 @@ async def test_temporal_down_15s_messages_wait_unacked_then_flow(amqp_url):
         client = await Client.connect(temporal.address)
         expected = expected_runs("t", f"amqp:{queue}", (f"d-{i}" for i in range(before + during)))
         await assert_ran_once(client, f'TaskQueue="{idle}"', expected, timeout=180)
-        assert not door.waiting_for_temporal
+        assert not adapter.waiting_for_temporal
         assert await depth(amqp_url, queue) == (0, 1)
     finally:
         await bridge.stop()

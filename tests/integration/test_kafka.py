@@ -1,4 +1,4 @@
-"""The Kafka door against a real broker and a real Temporal: each record starts its targets once,
+"""The Kafka adapter against a real broker and a real Temporal: each record starts its targets once,
 through crashes, outages, poison records and consumer-group rebalances."""
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ async def test_2000_envelopes_over_3_partitions_run_exactly_once(
         temporal_address,
         [runner("count", "order.created")],
         kafka=[kafka_entry(kafka_bootstrap, topic)],
-        # The door is done within seconds; starting 2,000 runs is the dispatcher's part, and
+        # The adapter is done within seconds; starting 2,000 runs is the dispatcher's part, and
         # activity mode is the one made for volume (child mode is what the other tests use).
         dispatcher={"start_mode": "activity"},
     )
@@ -279,8 +279,8 @@ async def test_2000_envelopes_over_3_partitions_run_exactly_once(
     )
     produced = time.monotonic()
     assert {p for p, _ in placed} == {0, 1, 2}
-    door = bridge.adapters[0]
-    await assert_all_committed(kafka_bootstrap, door.group_id, topic, timeout=90)
+    adapter = bridge.adapters[0]
+    await assert_all_committed(kafka_bootstrap, adapter.group_id, topic, timeout=90)
     consumed = time.monotonic()
     await assert_runs_exactly(
         temporal_client, project, {kafka_child("count", topic, p, o) for p, o in placed}, timeout=480
@@ -289,7 +289,7 @@ async def test_2000_envelopes_over_3_partitions_run_exactly_once(
     accepted = metric(bridge.metrics.render().decode(), "signal_bridge_events_accepted_total", adapter="kafka")
     assert accepted >= n
     print(
-        f"\n2000 records: produced in {produced - began:.1f}s, committed by the door after "
+        f"\n2000 records: produced in {produced - began:.1f}s, committed by the adapter after "
         f"{consumed - began:.1f}s, all target runs visible after {finished - began:.1f}s; "
         f"signals sent: {metric(bridge.metrics.render().decode(), 'signal_bridge_signals_sent_total'):.0f}"
     )
@@ -448,7 +448,7 @@ async def test_temporal_down_15s_pauses_partitions_then_resumes_without_loss_or_
         kafka=[kafka_entry(kafka_bootstrap, topic)],
     )
     bridge = await bridge_factory(cfg, client=client)
-    door = bridge.adapters[0]
+    adapter = bridge.adapters[0]
     per_phase = 60
 
     def batch(phase: str) -> list[Record]:
@@ -462,28 +462,28 @@ async def test_temporal_down_15s_pauses_partitions_then_resumes_without_loss_or_
     placed += await produce(kafka_bootstrap, topic, batch("during"))
 
     async def paused() -> bool:
-        assigned = door.consumer.assignment()
-        assert door.paused, "door not paused"
-        assert assigned and door.consumer.paused() == assigned, f"paused {door.consumer.paused()} of {assigned}"
+        assigned = adapter.consumer.assignment()
+        assert adapter.paused, "adapter not paused"
+        assert assigned and adapter.consumer.paused() == assigned, f"paused {adapter.consumer.paused()} of {assigned}"
         return True
 
     await assert_eventually(paused, timeout=30, what="partitions paused while Temporal is down")
     # Nothing read during the outage is committed: the group stays where Temporal stopped taking events.
-    assert sum((await committed(kafka_bootstrap, door.group_id)).values()) == per_phase
+    assert sum((await committed(kafka_bootstrap, adapter.group_id)).values()) == per_phase
     await asyncio.sleep(max(0.0, 15 - (time.monotonic() - down_since)))  # the outage itself, not a wait
-    assert door.paused and door.healthy()
-    assert sum((await committed(kafka_bootstrap, door.group_id)).values()) == per_phase
+    assert adapter.paused and adapter.healthy()
+    assert sum((await committed(kafka_bootstrap, adapter.group_id)).values()) == per_phase
 
     await asyncio.to_thread(own_temporal.start)
 
     async def resumed() -> bool:
-        assert not door.paused and not door.consumer.paused()
+        assert not adapter.paused and not adapter.consumer.paused()
         return True
 
     await assert_eventually(resumed, timeout=60, what="partitions resumed")
     placed += await produce(kafka_bootstrap, topic, batch("after"))
     await assert_runs_exactly(client, project, {kafka_child("orders", topic, p, o) for p, o in placed})
-    await assert_all_committed(kafka_bootstrap, door.group_id, topic)
+    await assert_all_committed(kafka_bootstrap, adapter.group_id, topic)
     assert metric(bridge.metrics.render().decode(), "signal_bridge_temporal_unavailable_total", adapter="kafka") >= 1
 
 
@@ -538,7 +538,7 @@ async def test_bridge_sigkilled_mid_stream_and_restarted_runs_every_record_once(
         assert done >= 40, f"{done} committed"
         return True
 
-    await assert_eventually(consuming, timeout=60, what="the door committing")
+    await assert_eventually(consuming, timeout=60, what="the adapter committing")
     assert not stream.done(), "the producer finished before the crash: nothing left mid-stream"
     first.kill()
     at_kill = sum((await committed(kafka_bootstrap, group)).values())

@@ -1,24 +1,26 @@
-"""The RabbitMQ door without a broker: deliveries → events, and how a batch is settled."""
+"""The RabbitMQ adapter without a broker: deliveries → events, and how a batch is settled."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import aio_pika
 import pytest
 from aio_pika.exceptions import ChannelInvalidStateError
 
 from adapters import amqp
 from bridge.config import AmqpConsumer
-from bridge.errors import EventRejected, Unavailable
+from bridge.errors import EventRejected
 from bridge.event import EventSignal, content_digest
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
+from bridge.settle import Backoff
+from tests.fakes import FakeSink
 from tests.helpers import assert_eventually, config, runner
 
 QUEUE = "bridge.events"
@@ -31,7 +33,7 @@ class FakeChannel:
 
 @dataclass
 class FakeDelivery:
-    """The attributes of ``aio_pika.IncomingMessage`` the door reads, and a record of settling."""
+    """The attributes of ``aio_pika.IncomingMessage`` the adapter reads, and a record of settling."""
 
     body: bytes
     routing_key: str | None = "order.created"
@@ -189,25 +191,42 @@ def test_cloudevent_missing_attributes_is_malformed() -> None:
 # --- metadata and time ---------------------------------------------------------------------
 
 
-def test_metadata_keeps_properties_and_headers_as_text() -> None:
+def test_headers_become_text_and_only_trace_and_correlation_headers_reach_metadata() -> None:
+    """Every header is text for ``name_from``/``id_from``; metadata (Temporal history) keeps only
+    the trace and correlation headers (bridge.decode.KEPT_HEADERS), and the properties."""
     stamp = datetime(2024, 1, 2, 3, 4, 5)  # AMQP timestamps arrive naive and mean UTC
     d = delivery(
         {"name": "n"},
-        headers={"tenant": b"acme", "attempt": 3, "ratio": Decimal("1.5"), "flag": True, "nested": {"a": [1]}},
+        headers={
+            "tenant": b"acme",
+            "attempt": 3,
+            "ratio": Decimal("1.5"),
+            "flag": True,
+            "nested": {"a": [1]},
+            "Traceparent": b"00-abc-def-01",
+            "x-request-id": "r-1",
+            "authorization": "Bearer secret",
+        },
         message_id="m-1",
         correlation_id="corr-1",
         app_id="shop",
         timestamp=stamp,
     )
-    event = amqp.parse(d, entry())
-    meta = event.metadata
-    assert meta["headers"] == {
+    assert amqp.to_message(d, QUEUE).headers == {  # type: ignore[arg-type]
         "tenant": "acme",
         "attempt": "3",
         "ratio": "1.5",
         "flag": "True",
         "nested": '{"a":[1]}',
+        "Traceparent": "00-abc-def-01",
+        "x-request-id": "r-1",
+        "authorization": "Bearer secret",
     }
+    event = amqp.parse(d, entry())
+    meta = event.metadata
+    assert meta["headers"] == {"traceparent": "00-abc-def-01", "x-request-id": "r-1"}
+    assert "secret" not in json.dumps(meta)
+    assert meta["traceparent"] == "00-abc-def-01"
     assert meta["amqp"] == {
         "queue": QUEUE,
         "exchange": "events",
@@ -219,6 +238,12 @@ def test_metadata_keeps_properties_and_headers_as_text() -> None:
     assert meta["correlation_id"] == "corr-1"
     assert event.time == "2024-01-02T03:04:05+00:00"
     json.dumps(meta)  # it crosses into Temporal: it must be plain JSON
+
+
+def test_name_from_reads_a_header_metadata_does_not_keep() -> None:
+    d = delivery({"n": 1}, headers={"tenant": 7})
+    event = amqp.parse(d, entry(format="raw", name="x", id_from="header:tenant"))
+    assert event.id == "7" and event.metadata["headers"] == {}
 
 
 def test_correlation_id_from_header_when_no_property() -> None:
@@ -253,21 +278,6 @@ def test_dead_letter_copy_keeps_the_delivery_and_says_why() -> None:
 # --- settling a batch (fake sink and fake dead-letter exchange) ----------------------------
 
 
-class FakeSink:
-    def __init__(self, failures: int = 0, max_events: int | None = None) -> None:
-        self.failures = failures
-        self.max_events = max_events
-        self.calls: list[list[str]] = []
-
-    async def submit(self, events: Sequence[EventSignal]) -> None:
-        self.calls.append([e.id for e in events])
-        if self.failures:
-            self.failures -= 1
-            raise Unavailable("Temporal is down", 0.01)
-        if self.max_events is not None and len(events) > self.max_events:
-            raise EventRejected("too_large", "too many bytes for one signal")
-
-
 class FakeExchange:
     def __init__(self) -> None:
         self.published: list[tuple[Any, str]] = []
@@ -276,30 +286,31 @@ class FakeExchange:
         self.published.append((message, routing_key))
 
 
-def make_door(sink: FakeSink, *, dlx: bool = True, **extra: Any) -> amqp.AmqpAdapter:
+def make_adapter(sink: FakeSink, *, dlx: bool = True, **extra: Any) -> amqp.AmqpAdapter:
     wf = runner("typed", "order.created")
     wf["triggers"][0]["schema"] = {"type": "object", "required": ["orderId"]}
     cfg = config("unit", "127.0.0.1:7233", [wf])
     pipeline = Pipeline(RouteTable.from_config(cfg), sink)
     spec = {"url": "amqp://x/", "queue": QUEUE, "dead_letter_exchange": "dlx" if dlx else None, **extra}
-    door = amqp.AmqpAdapter(AmqpConsumer.model_validate(spec), pipeline)
+    adapter = amqp.AmqpAdapter(AmqpConsumer.model_validate(spec), pipeline)
+    adapter.settler.backoff = Backoff(initial=0.01, cap=0.02)
     if dlx:
-        door._dlx = FakeExchange()  # type: ignore[assignment]
-    return door
+        adapter._dlx = FakeExchange()  # type: ignore[assignment]
+    return adapter
 
 
 def good(i: int) -> FakeDelivery:
     return delivery({"name": "order.created", "payload": {"orderId": str(i)}}, message_id=f"m-{i}")
 
 
-def counter(door: amqp.AmqpAdapter, name: str, *labels: str) -> float:
-    sample = dict(zip(("door", "reason"), labels, strict=False))
-    return door.pipeline.metrics.registry.get_sample_value(name, sample) or 0.0
+def counter(adapter: amqp.AmqpAdapter, name: str, *labels: str) -> float:
+    sample = dict(zip(("adapter", "reason"), labels, strict=False))
+    return adapter.pipeline.metrics.registry.get_sample_value(name, sample) or 0.0
 
 
 async def test_accepted_are_acked_and_poison_dead_lettered_with_reason() -> None:
     sink = FakeSink()
-    door = make_door(sink)
+    adapter = make_adapter(sink)
     batch = [
         good(1),
         delivery(raw=b"{oops", message_id="bad-json"),
@@ -307,53 +318,53 @@ async def test_accepted_are_acked_and_poison_dead_lettered_with_reason() -> None
         delivery({"name": "order.typo", "payload": {}}, message_id="typo"),
         good(2),
     ]
-    await door._process(batch)  # type: ignore[arg-type]
+    await adapter._process(batch)  # type: ignore[arg-type]
     assert sink.calls == [["m-1", "m-2"]]  # one submission for the batch; the pipeline refused two
     assert [d.settled for d in batch] == [["ack"]] * 5
-    dlx = door._dlx
+    dlx = adapter._dlx
     assert isinstance(dlx, FakeExchange)
     reasons = {m.message_id: m.headers["x-dead-letter-reason"] for m, _ in dlx.published}
     assert reasons == {"bad-json": "malformed", "no-order-id": "schema_invalid", "typo": "unroutable"}
     assert {rk for _, rk in dlx.published} == {"order.created"}
-    assert counter(door, "signal_bridge_events_accepted_total", "amqp") == 2
-    assert counter(door, "signal_bridge_events_rejected_total", "amqp", "malformed") == 1
+    assert counter(adapter, "signal_bridge_events_accepted_total", "amqp") == 2
+    assert counter(adapter, "signal_bridge_events_rejected_total", "amqp", "malformed") == 1
 
 
 async def test_unroutable_skip_acks_and_counts_dropped() -> None:
-    door = make_door(FakeSink(), on_unroutable="skip")
+    adapter = make_adapter(FakeSink(), on_unroutable="skip")
     d = delivery({"name": "order.typo", "payload": {}}, message_id="typo")
-    await door._process([d])  # type: ignore[list-item]
+    await adapter._process([d])  # type: ignore[list-item]
     assert d.settled == ["ack"]
-    assert door._dlx.published == []  # type: ignore[union-attr]
-    assert counter(door, "signal_bridge_events_dropped_total", "amqp", "unroutable") == 1
+    assert adapter._dlx.published == []  # type: ignore[union-attr]
+    assert counter(adapter, "signal_bridge_events_dropped_total", "amqp", "unroutable") == 1
 
 
 async def test_without_dead_letter_exchange_poison_is_rejected_without_requeue() -> None:
-    door = make_door(FakeSink(), dlx=False)
+    adapter = make_adapter(FakeSink(), dlx=False)
     d = delivery(raw=b"nope")
-    await door._process([d])  # type: ignore[list-item]
+    await adapter._process([d])  # type: ignore[list-item]
     assert d.settled == ["reject(requeue=False)"]
-    assert counter(door, "signal_bridge_events_dropped_total", "amqp", "malformed") == 1
+    assert counter(adapter, "signal_bridge_events_dropped_total", "amqp", "malformed") == 1
 
 
 async def test_nothing_acked_while_temporal_is_unavailable_then_acked_once_it_answers() -> None:
-    sink = FakeSink(failures=2)
-    door = make_door(sink)
+    sink = FakeSink(outages=2)
+    adapter = make_adapter(sink)
     batch = [good(1), good(2)]
-    await door._process(batch)  # type: ignore[arg-type]
+    await adapter._process(batch)  # type: ignore[arg-type]
     assert len(sink.calls) == 3 and sink.calls[0] == sink.calls[2]
     assert [d.settled for d in batch] == [["ack"], ["ack"]]
-    assert not door.waiting_for_temporal
+    assert not adapter.waiting_for_temporal
 
 
 async def test_stop_during_outage_leaves_the_batch_unacked() -> None:
-    sink = FakeSink(failures=10**6)
-    door = make_door(sink)
+    sink = FakeSink(outages=10**6)
+    adapter = make_adapter(sink)
     batch = [good(1), good(2)]
-    task = asyncio.create_task(door._process(batch))  # type: ignore[arg-type]
+    task = asyncio.create_task(adapter._process(batch))  # type: ignore[arg-type]
     await assert_eventually(lambda: len(sink.calls) >= 2, timeout=5, interval=0.01)
-    assert door.waiting_for_temporal
-    door._stopping.set()
+    assert adapter.waiting_for_temporal
+    adapter._stopping.set()
     await asyncio.wait_for(task, 5)
     assert [d.settled for d in batch] == [[], []]
 
@@ -361,31 +372,31 @@ async def test_stop_during_outage_leaves_the_batch_unacked() -> None:
 async def test_deliveries_from_a_lost_channel_are_not_submitted() -> None:
     """They cannot be acked any more; RabbitMQ redelivers them on the new channel."""
     sink = FakeSink()
-    door = make_door(sink)
+    adapter = make_adapter(sink)
     lost = good(1)
     lost.channel.is_closed = True
-    await door._process([lost, good(2)])  # type: ignore[list-item]
+    await adapter._process([lost, good(2)])  # type: ignore[list-item]
     assert sink.calls == [["m-2"]]
     assert lost.settled == []
 
 
 async def test_batch_too_large_for_one_signal_is_split_until_it_fits() -> None:
     sink = FakeSink(max_events=2)
-    door = make_door(sink)
+    adapter = make_adapter(sink)
     batch = [good(i) for i in range(5)]
-    await door._process(batch)  # type: ignore[arg-type]
+    await adapter._process(batch)  # type: ignore[arg-type]
     assert [d.settled for d in batch] == [["ack"]] * 5
     assert sorted(i for call in sink.calls if len(call) <= 2 for i in call) == [f"m-{i}" for i in range(5)]
 
 
 async def test_single_event_too_large_is_dead_lettered() -> None:
-    door = make_door(FakeSink(max_events=0))
+    adapter = make_adapter(FakeSink(max_events=0))
     d = good(1)
-    await door._process([d])  # type: ignore[list-item]
+    await adapter._process([d])  # type: ignore[list-item]
     assert d.settled == ["ack"]
-    [(message, _)] = door._dlx.published  # type: ignore[union-attr]
+    [(message, _)] = adapter._dlx.published  # type: ignore[union-attr]
     assert message.headers["x-dead-letter-reason"] == "too_large"
-    assert counter(door, "signal_bridge_events_rejected_total", "amqp", "too_large") == 1
+    assert counter(adapter, "signal_bridge_events_rejected_total", "amqp", "too_large") == 1
 
 
 async def test_a_bug_while_settling_requeues_what_was_not_settled_and_the_consumer_goes_on() -> None:
@@ -393,17 +404,17 @@ async def test_a_bug_while_settling_requeues_what_was_not_settled_and_the_consum
         async def publish(self, message: Any, routing_key: str, **kw: Any) -> None:
             raise ValueError("a bug")
 
-    door = make_door(FakeSink())
-    door._dlx = BrokenExchange()  # type: ignore[assignment]
+    adapter = make_adapter(FakeSink())
+    adapter._dlx = BrokenExchange()  # type: ignore[assignment]
     ok, bad, later = good(1), delivery(raw=b"nope", message_id="bad"), good(2)
-    task = asyncio.create_task(door._run())
+    task = asyncio.create_task(adapter._run())
     for d in (ok, bad):
-        door._inbox.put_nowait(d)  # type: ignore[arg-type]
+        adapter._inbox.put(d)  # type: ignore[arg-type]
     await assert_eventually(lambda: bad.settled, timeout=5, interval=0.01)
-    door._inbox.put_nowait(later)  # type: ignore[arg-type]
+    adapter._inbox.put(later)  # type: ignore[arg-type]
     await assert_eventually(lambda: later.settled, timeout=5, interval=0.01)
-    door._stopping.set()
-    door._inbox.put_nowait(amqp._STOP)
+    adapter._stopping.set()
+    adapter._inbox.close()
     await asyncio.wait_for(task, 5)
     assert (ok.settled, bad.settled, later.settled) == (["ack"], ["nack(requeue=True)"], ["ack"])
 
@@ -413,8 +424,43 @@ async def test_failed_republish_falls_back_to_reject_so_rabbitmq_dead_letters_it
         async def publish(self, message: Any, routing_key: str, **kw: Any) -> None:
             raise ChannelInvalidStateError("channel closed")
 
-    door = make_door(FakeSink())
-    door._dlx = LostChannel()  # type: ignore[assignment]
+    adapter = make_adapter(FakeSink())
+    adapter._dlx = LostChannel()  # type: ignore[assignment]
     d = delivery(raw=b"nope")
-    await door._process([d])  # type: ignore[list-item]
+    await adapter._process([d])  # type: ignore[list-item]
     assert d.settled == ["reject(requeue=False)"]
+
+
+async def test_an_unexpected_error_from_temporal_is_not_retried_the_batch_is_requeued() -> None:
+    """Only Unavailable is retried: anything else is a bug, and RabbitMQ gets the batch back."""
+    sink = FakeSink(bugs=1)
+    adapter = make_adapter(sink)
+    first, later = [good(1), good(2)], good(3)
+    task = asyncio.create_task(adapter._run())
+    for d in first:
+        adapter._inbox.put(d)  # type: ignore[arg-type]
+    await assert_eventually(lambda: all(d.settled for d in first), timeout=5, interval=0.01)
+    adapter._inbox.put(later)  # type: ignore[arg-type]
+    await assert_eventually(lambda: later.settled, timeout=5, interval=0.01)
+    adapter._stopping.set()
+    adapter._inbox.close()
+    await asyncio.wait_for(task, 5)
+    assert [d.settled for d in first] == [["nack(requeue=True)"]] * 2 and later.settled == ["ack"]
+    assert sink.calls == [["m-1", "m-2"], ["m-3"]] and not adapter.waiting_for_temporal
+
+
+async def test_a_dead_letter_that_reaches_no_queue_is_counted_dropped_and_acked() -> None:
+    class NoRoute(aio_pika.exceptions.PublishError):
+        def __init__(self) -> None:
+            Exception.__init__(self, "NO_ROUTE")
+
+    class Unbound(FakeExchange):
+        async def publish(self, message: Any, routing_key: str, **kw: Any) -> None:
+            raise NoRoute()
+
+    adapter = make_adapter(FakeSink())
+    adapter._dlx = Unbound()  # type: ignore[assignment]
+    d = delivery(raw=b"nope")
+    await adapter._process([d])  # type: ignore[list-item]
+    assert d.settled == ["ack"]
+    assert counter(adapter, "signal_bridge_events_dropped_total", "amqp", "malformed") == 1

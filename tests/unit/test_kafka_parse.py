@@ -1,5 +1,5 @@
-"""The Kafka door without a broker: records → events, dead-letter headers, client options, and the
-commit/pause rules of one batch (a fake consumer stands in for aiokafka's)."""
+"""The Kafka adapter without a broker: records → events, dead-letter headers, client options, and
+the commit/pause rules of one batch (a fake consumer stands in for aiokafka's)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,17 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from adapters import kafka
 from bridge.config import EventFormat, KafkaConsumer, parse_config
-from bridge.errors import ConfigError, EventRejected, Unavailable
+from bridge.errors import ConfigError, EventRejected
 from bridge.event import EventSignal
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
+from bridge.settle import Abandoned, Backoff
+from tests.fakes import FakeSink
 from tests.helpers import assert_eventually
 
 TS = 1_714_557_600_000  # 2024-05-01T10:00:00Z
@@ -275,8 +278,9 @@ def test_defaults_group_per_project_earliest_and_no_auto_commit_settings():
     entry = cfg.kafka[0]
     assert entry.auto_offset_reset == "earliest"
     assert kafka.default_group_id(cfg) == "signal-bridge-my-shop"
-    door = kafka.build(entry, Pipeline(RouteTable.from_config(cfg), FakeSink()), cfg)
-    assert door.group_id == "signal-bridge-my-shop" and door.name == "kafka:orders"
+    adapter = kafka.build(entry, Pipeline(RouteTable.from_config(cfg), FakeSink()), cfg)
+    assert isinstance(adapter, kafka.KafkaAdapter)
+    assert adapter.group_id == "signal-bridge-my-shop" and adapter.name == "kafka:orders"
 
 
 @pytest.mark.parametrize(
@@ -292,28 +296,7 @@ def test_incomplete_security_is_a_config_error(security: dict[str, Any]):
         kafka_config(security=security)
 
 
-# --- one batch through the door, with a fake consumer -------------------------------------------
-
-
-class FakeSink:
-    """Refuses the first ``outages`` submissions, then holds everything."""
-
-    def __init__(self, outages: int = 0, max_events: int | None = None, bugs: int = 0) -> None:
-        self.outages = outages
-        self.max_events = max_events
-        self.bugs = bugs
-        self.held: list[EventSignal] = []
-
-    async def submit(self, events: Sequence[EventSignal]) -> None:
-        if self.bugs:
-            self.bugs -= 1
-            raise RuntimeError("a bug")
-        if self.outages:
-            self.outages -= 1
-            raise Unavailable("Temporal is down")
-        if self.max_events is not None and len(events) > self.max_events:
-            raise EventRejected("too_large", "too many bytes for one signal")
-        self.held.extend(events)
+# --- one batch through the adapter, with a fake consumer ----------------------------------------
 
 
 class FakeConsumer:
@@ -356,11 +339,12 @@ class FakeConsumer:
 TP0, TP1 = TopicPartition("orders", 0), TopicPartition("orders", 1)
 
 
-def door_with(sink: FakeSink, **entry: Any) -> tuple[kafka.KafkaDoor, FakeConsumer]:
+def adapter_with(sink: FakeSink, **entry: Any) -> tuple[kafka.KafkaAdapter, FakeConsumer]:
     cfg = kafka_config(**entry)
-    door = kafka.build(cfg.kafka[0], Pipeline(RouteTable.from_config(cfg), sink), cfg)
-    door.consumer = FakeConsumer({TP0, TP1})  # type: ignore[assignment]
-    return door, door.consumer  # type: ignore[return-value]
+    adapter = kafka.build(cfg.kafka[0], Pipeline(RouteTable.from_config(cfg), sink), cfg)
+    adapter.consumer = FakeConsumer({TP0, TP1})  # type: ignore[assignment]
+    adapter.settler.backoff = Backoff(initial=0.01, cap=0.02)
+    return adapter, adapter.consumer  # type: ignore[return-value]
 
 
 def batch(*per_partition: list[bytes | None]) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
@@ -375,24 +359,18 @@ def good(n: int) -> bytes:
     return body(name="order.created", payload={"orderId": str(n)})
 
 
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch):
-    monkeypatch.setattr(kafka, "BACKOFF_INITIAL", 0.01)
-    monkeypatch.setattr(kafka, "BACKOFF_MAX", 0.02)
-
-
 async def test_a_batch_is_submitted_in_one_call_then_committed_per_partition():
     sink = FakeSink()
-    door, consumer = door_with(sink)
+    adapter, consumer = adapter_with(sink)
     calls = []
-    submit = door.pipeline.submit
+    submit = adapter.pipeline.submit
 
     async def spy(events: Sequence[EventSignal], d: str) -> Any:
         calls.append(len(events))
         return await submit(events, d)
 
-    door.pipeline.submit = spy  # type: ignore[method-assign]
-    await door._handle(batch([good(1), good(2)], [good(3)]), door._generation)
+    adapter.pipeline.submit = spy  # type: ignore[method-assign]
+    await adapter._handle(batch([good(1), good(2)], [good(3)]), adapter._generation)
     assert calls == [3]
     assert [e.payload["orderId"] for e in sink.held] == ["1", "2", "3"]
     assert consumer.commits == [{TP0: 12, TP1: 11}]
@@ -400,28 +378,28 @@ async def test_a_batch_is_submitted_in_one_call_then_committed_per_partition():
 
 async def test_temporal_down_pauses_polls_and_commits_only_after_it_holds_the_events():
     sink = FakeSink(outages=3)
-    door, consumer = door_with(sink)
-    await door._handle(batch([good(1)], [good(2)]), door._generation)
+    adapter, consumer = adapter_with(sink)
+    await adapter._handle(batch([good(1)], [good(2)]), adapter._generation)
     assert consumer.polls_while_paused >= 3
-    assert len(sink.held) == 2 and not consumer.paused() and not door.paused
+    assert len(sink.held) == 2 and not consumer.paused() and not adapter.paused
     assert consumer.commits == [{TP0: 11, TP1: 11}]
-    text = door.pipeline.metrics.render().decode()
+    text = adapter.pipeline.metrics.render().decode()
     assert 'signal_bridge_temporal_unavailable_total{adapter="kafka"} 3.0' in text
 
 
 async def test_a_rebalance_during_an_outage_abandons_the_batch_uncommitted():
     sink = FakeSink(outages=10**6)
-    door, consumer = door_with(sink)
-    gen = door._generation
-    door._generation += 1  # as on_partitions_revoked does
-    with pytest.raises(kafka._GiveUp):
-        await door._handle(batch([good(1)]), gen)
+    adapter, consumer = adapter_with(sink)
+    gen = adapter._generation
+    adapter._generation += 1  # as on_partitions_revoked does
+    with pytest.raises(Abandoned):
+        await adapter._handle(batch([good(1)]), gen)
     assert consumer.commits == [] and sink.held == []
 
 
 async def test_poison_without_dead_letter_topic_is_counted_skipped_and_committed(caplog):
     sink = FakeSink()
-    door, consumer = door_with(sink)
+    adapter, consumer = adapter_with(sink)
     values = [
         good(1),
         b"{bad",
@@ -430,44 +408,104 @@ async def test_poison_without_dead_letter_topic_is_counted_skipped_and_committed
         body(name="nobody.cares", payload={}),
         good(2),
     ]
-    await door._handle(batch(values), door._generation)
+    await adapter._handle(batch(values), adapter._generation)
     assert [e.payload["orderId"] for e in sink.held] == ["1", "2"]
     assert consumer.commits == [{TP0: 16}]
-    text = door.pipeline.metrics.render().decode()
+    text = adapter.pipeline.metrics.render().decode()
     for reason in ("malformed", "no_name", "schema_invalid", "unroutable"):
         assert f'signal_bridge_events_dropped_total{{adapter="kafka",reason="{reason}"}} 1.0' in text
-    skipped = [r.getMessage() for r in caplog.records if "kafka record skipped" in r.getMessage()]
-    assert len(skipped) == 4 and any("offset=14 reason=unroutable" in m for m in skipped)
+    skipped = [r.getMessage() for r in caplog.records if "kafka message dropped" in r.getMessage()]
+    assert len(skipped) == 4 and any("from=kafka:orders:0:14 reason=unroutable" in m for m in skipped)
 
 
 async def test_a_batch_too_large_for_one_signal_is_halved_and_an_oversized_event_is_poison():
     sink = FakeSink(max_events=2)
-    door, consumer = door_with(sink)
-    await door._handle(batch([good(i) for i in range(5)]), door._generation)
+    adapter, consumer = adapter_with(sink)
+    await adapter._handle(batch([good(i) for i in range(5)]), adapter._generation)
     assert sorted(e.payload["orderId"] for e in sink.held) == ["0", "1", "2", "3", "4"]
     assert consumer.commits == [{TP0: 15}]
 
     sink = FakeSink(max_events=0)
-    door, consumer = door_with(sink)
-    await door._handle(batch([good(1)]), door._generation)
-    text = door.pipeline.metrics.render().decode()
+    adapter, consumer = adapter_with(sink)
+    await adapter._handle(batch([good(1)]), adapter._generation)
+    text = adapter.pipeline.metrics.render().decode()
     assert 'signal_bridge_events_dropped_total{adapter="kafka",reason="too_large"} 1.0' in text
     assert consumer.commits == [{TP0: 11}]
 
 
 async def test_an_unexpected_failure_reads_the_batch_again_instead_of_skipping_it():
     sink = FakeSink(bugs=1)
-    door, consumer = door_with(sink)
+    adapter, consumer = adapter_with(sink)
     first = batch([good(1), good(2)], [good(3)])
     consumer.batches = [first]
-    door._task = asyncio.create_task(door._run())
+    adapter._task = asyncio.create_task(adapter._run())
     try:
         await assert_eventually(lambda: consumer.seeks, timeout=5, interval=0.005)
         assert sorted(consumer.seeks) == [(TP0, 10), (TP1, 10)]
-        assert consumer.commits == [] and not door.healthy()
+        assert consumer.commits == [] and not adapter.healthy()
         consumer.batches = [first]  # what the seek makes the next fetch return
         await assert_eventually(lambda: consumer.commits, timeout=5, interval=0.005)
-        assert consumer.commits == [{TP0: 12, TP1: 11}] and door.healthy()
+        assert consumer.commits == [{TP0: 12, TP1: 11}] and adapter.healthy()
     finally:
-        door._stopping.set()
-        await door._task
+        adapter._stopping.set()
+        await adapter._task
+
+
+class FakeProducer:
+    """Fails the first ``failures`` sends with a transient KafkaError, then keeps every letter."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.sent: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
+
+    async def send(self, topic: str, *, value: bytes | None, key: bytes | None, headers: Any) -> asyncio.Future[None]:
+        if self.failures:
+            self.failures -= 1
+            raise KafkaError("broker away")
+        self.sent.append((topic, value, key, list(headers)))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+async def test_dead_letters_are_produced_with_headers_retried_while_paused_then_committed():
+    adapter, consumer = adapter_with(FakeSink(), dead_letter_topic="orders.dlq")
+    producer = adapter.producer = FakeProducer(failures=2)  # type: ignore[assignment]
+    await adapter._handle(batch([good(1), b"{bad", body(name="nobody.cares", payload={})]), adapter._generation)
+    assert consumer.polls_while_paused >= 2 and not consumer.paused()
+    assert consumer.commits == [{TP0: 13}]
+    assert [(topic, value) for topic, value, _, _ in producer.sent] == [
+        ("orders.dlq", b"{bad"),
+        ("orders.dlq", body(name="nobody.cares", payload={})),
+    ]
+    headers = [{k: v.decode() for k, v in h} for _, _, _, h in producer.sent]
+    assert [(h["x-dead-letter-reason"], h["x-original-offset"]) for h in headers] == [
+        ("malformed", "11"),
+        ("unroutable", "12"),
+    ]
+    assert headers[1]["x-event-name"] == "nobody.cares" and headers[1]["x-original-topic"] == "orders"
+
+
+async def test_a_bug_during_an_outage_leaves_the_partitions_resumed_and_reads_the_batch_again():
+    sink = FakeSink(outages=1)
+    adapter, consumer = adapter_with(sink)
+    first = batch([good(1)])
+    consumer.batches = [first]
+
+    real_wait = adapter.wait
+
+    async def wait_then_break(seconds: float) -> bool:
+        sink.bugs = 1  # Temporal answers again, with an error nobody expected
+        return await real_wait(seconds)
+
+    adapter.wait = wait_then_break  # type: ignore[method-assign]
+    adapter._task = asyncio.create_task(adapter._run())
+    try:
+        await assert_eventually(lambda: consumer.seeks, timeout=5, interval=0.005)
+        assert consumer.seeks == [(TP0, 10)] and not consumer.paused() and consumer.commits == []
+        consumer.batches = [first]
+        await assert_eventually(lambda: consumer.commits, timeout=5, interval=0.005)
+        assert consumer.commits == [{TP0: 11}] and adapter.healthy() and not adapter.paused
+    finally:
+        adapter._stopping.set()
+        await adapter._task

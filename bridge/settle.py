@@ -1,0 +1,398 @@
+"""The one settle path every queue adapter runs its batches through.
+
+decode → check → submit until Temporal holds the events → dead-letter or skip what can never be
+accepted → tell the transport what it may acknowledge. A queue adapter writes only its
+:class:`Transport` (poll/commit or consume/ack, and publishing its dead letters); what must not
+drift between adapters lives here: the backoff (:class:`Backoff`), which errors are retried
+(:class:`Unavailable` and the transport's own transient errors, nothing else), the dead-letter
+header names (:func:`dead_letter_headers`) and the dead-letter/skip policy (:class:`Disposition`).
+What an operator sees of it: docs/kafka.md and docs/rabbitmq.md.
+
+Nothing is acknowledged that Temporal does not hold: while Temporal (or the dead-letter
+destination) refuses, the batch is retried with backoff and the transport is paused; a transport
+that gives the batch up meanwhile (stopping, a rebalance) gets :class:`Abandoned`; any other
+exception is a bug and reaches the adapter, which must not acknowledge what was not settled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Generic, Literal, TypeVar
+
+from bridge.config import EventFormat
+from bridge.decode import Message, decode
+from bridge.errors import EventRejected, Unavailable
+from bridge.event import EventSignal
+from bridge.pipeline import Outcome, Pipeline
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M")
+T = TypeVar("T")
+
+# --- dead-letter headers: the same names on every transport --------------------------------------
+
+H_REASON = "x-dead-letter-reason"
+H_ERROR = "x-dead-letter-error"
+H_EVENT_ID = "x-event-id"
+H_EVENT_NAME = "x-event-name"
+H_ORIGINAL = "x-original-"  # + a transport's origin field: topic, partition, queue, routing-key, …
+MAX_ERROR_CHARS = 1000
+
+
+def dead_letter_headers(error: EventRejected, event: EventSignal | None, origin: Mapping[str, str]) -> dict[str, str]:
+    """Why the message was refused, where it came from and, once decoded, which event it was."""
+    headers = {H_REASON: error.reason, H_ERROR: error.message[:MAX_ERROR_CHARS]}
+    headers.update({H_ORIGINAL + name: value for name, value in origin.items()})
+    if event is not None:
+        headers.update({H_EVENT_ID: event.id, H_EVENT_NAME: event.name})
+    return headers
+
+
+def is_dead_letter_header(name: str) -> bool:
+    """A header an earlier dead-lettering wrote: dropped from a copy, so the new one cannot be confused."""
+    lowered = name.lower()
+    return lowered in (H_REASON, H_ERROR, H_EVENT_ID, H_EVENT_NAME) or lowered.startswith(H_ORIGINAL)
+
+
+# --- backoff ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with jitter: ``initial · 2^(attempt-1)``, at most ``cap``, each
+    delay scaled by a random factor in ``[1 - jitter, 1]`` so replicas do not retry in step."""
+
+    initial: float = 0.5
+    cap: float = 10.0
+    jitter: float = 0.2
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.cap, self.initial * 2.0 ** min(max(attempt, 1) - 1, 32))
+        return base * random.uniform(1.0 - self.jitter, 1.0)
+
+
+# --- what became of each message -------------------------------------------------------------------
+
+
+class Disposition(Enum):
+    """What became of a message; every one but :attr:`DROPPED` is acknowledged as done."""
+
+    HELD = "held"  # Temporal holds its event
+    DEAD_LETTERED = "dead_lettered"  # refused for good; its dead letter is out
+    SKIPPED = "skipped"  # refused for good and acknowledged without a letter (``on_unroutable: skip``)
+    DROPPED = "dropped"  # refused for good, no dead letter written: the broker may dead-letter it itself
+
+
+@dataclass(eq=False)
+class Item(Generic[M]):
+    """One transport message on its way through :meth:`Settler.settle`.
+
+    ``disposition`` stays None for a message left unsettled: the transport could no longer
+    acknowledge it (:meth:`Transport.usable`), and it will be delivered again.
+    """
+
+    message: M
+    event: EventSignal | None = None
+    error: EventRejected | None = None
+    disposition: Disposition | None = None
+
+
+class Abandoned(Exception):
+    """The transport gave up the batch in hand while waiting (stopping, a rebalance); whatever of
+    it was not settled yet stays unacknowledged and is delivered again."""
+
+
+class Transport(ABC, Generic[M]):
+    """What a queue adapter writes: the part that knows its broker."""
+
+    @abstractmethod
+    def to_message(self, message: M) -> Message:
+        """Strip the transport: what :func:`bridge.decode.decode` reads. May raise EventRejected."""
+
+    @abstractmethod
+    def fallback_id(self, message: M) -> str:
+        """The id the message gets when nothing in it names one (also used in log lines)."""
+
+    @abstractmethod
+    def can_dead_letter(self) -> bool:
+        """True when a dead-letter destination is configured and ready."""
+
+    @abstractmethod
+    async def dead_letter(self, items: Sequence[Item[M]]) -> None:
+        """Write a dead letter for each item (see :func:`dead_letter_headers`), all or nothing.
+
+        Raise one of the transient errors given to :class:`Settler` to have it retried. An item
+        whose letter cannot be written may be marked :attr:`Disposition.DROPPED` (the broker takes
+        it: RabbitMQ rejects it to the queue's own dead-letter exchange) or, when the letter went
+        nowhere for good, :attr:`Disposition.SKIPPED` (acknowledged; count and log it).
+        """
+
+    @abstractmethod
+    async def acknowledge(self, items: Sequence[Item[M]]) -> None:
+        """These items are settled (see their ``disposition``): acknowledge them now if the
+        transport acknowledges one message at a time. A transport that commits a position does
+        it after :meth:`Settler.settle` returns instead."""
+
+    @abstractmethod
+    async def wait(self, seconds: float) -> bool:
+        """Wait before the next attempt; False gives the batch up (:class:`Abandoned`)."""
+
+    def usable(self, message: M) -> bool:
+        """False once the message can no longer be acknowledged (its channel is gone): it is left
+        alone and will be delivered again."""
+        return True
+
+    def pause(self) -> None:
+        """Temporal (or the dead-letter destination) refused: stop taking new messages."""
+
+    def resume(self) -> None:
+        """It answers again: take new messages."""
+
+
+class _Closed:
+    pass
+
+
+_CLOSED = _Closed()
+
+
+class Inbox(Generic[M]):
+    """Messages a broker pushes (a consumer callback), taken out in batches to settle: the first
+    one, then whatever arrives within ``linger`` seconds, up to ``max_batch``."""
+
+    def __init__(self, max_batch: int, linger: float = 0.01) -> None:
+        self.max_batch = max_batch
+        self.linger = linger
+        self._queue: asyncio.Queue[M | _Closed] = asyncio.Queue()
+
+    def put(self, message: M) -> None:
+        self._queue.put_nowait(message)
+
+    def close(self) -> None:
+        """Wake a waiting :meth:`take`; what is still inside is never settled (it is redelivered)."""
+        self._queue.put_nowait(_CLOSED)
+
+    async def take(self) -> list[M]:
+        """The next batch; empty once closed."""
+        first = await self._queue.get()
+        if isinstance(first, _Closed):
+            self.close()  # every later take() sees it too
+            return []
+        batch = [first]
+        deadline = asyncio.get_running_loop().time() + self.linger
+        while len(batch) < self.max_batch:
+            try:
+                if self._queue.empty():
+                    async with asyncio.timeout(deadline - asyncio.get_running_loop().time()):
+                        nxt = await self._queue.get()
+                else:
+                    nxt = self._queue.get_nowait()
+            except TimeoutError:
+                break
+            if isinstance(nxt, _Closed):
+                self.close()
+                break
+            batch.append(nxt)
+        return batch
+
+
+# --- the settle path -------------------------------------------------------------------------------
+
+
+class Settler(Generic[M]):
+    """Settles one adapter's batches: one per queue adapter instance, its outage state included."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        transport: Transport[M],
+        *,
+        adapter: str,
+        name: str,
+        event: EventFormat,
+        on_unroutable: Literal["dead_letter", "skip"] = "dead_letter",
+        transient: tuple[type[Exception], ...] = (),
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.transport = transport
+        self.adapter = adapter
+        self.name = name
+        self.event = event
+        self.on_unroutable = on_unroutable
+        self.retry_on: tuple[type[Exception], ...] = (Unavailable, *transient)
+        self.backoff = backoff or Backoff()
+        self.failures = 0
+        self._outage_since = 0.0
+
+    @property
+    def waiting(self) -> bool:
+        """True while Temporal (or the dead-letter destination) refuses and the batch waits."""
+        return self.failures > 0
+
+    async def settle(self, batch: Sequence[M]) -> list[Item[M]]:
+        """Settle a batch; every usable message is settled when this returns.
+
+        Raises :class:`Abandoned` when the transport gave the batch up while waiting. Any other
+        exception is a bug: the adapter must leave unacknowledged what was not settled.
+        """
+        items = [self._decode(m) for m in batch]
+        await self._hold([i for i in items if i.event is not None and i.error is None])
+        refused = [i for i in items if i.error is not None and self.transport.usable(i.message)]
+        letters = [i for i in refused if not self._skip_or_drop(i)]
+        if letters:
+            await self._until_done(lambda: self.transport.dead_letter(letters), "dead-letter destination")
+            for item in letters:
+                if item.disposition is None:
+                    item.disposition = Disposition.DEAD_LETTERED
+                    self._log_dead_letter(item)
+        if refused:
+            await self.transport.acknowledge(refused)
+        return items
+
+    def _decode(self, message: M) -> Item[M]:
+        item: Item[M] = Item(message)
+        try:
+            item.event = decode(self.transport.to_message(message), self.event)
+        except EventRejected as exc:
+            self._refuse(item, exc)
+            return item
+        except Exception as exc:  # a decoder bug must not stall the queue: dead-letter it, loudly
+            log.exception(
+                "%s adapter %s: cannot decode %s", self.adapter, self.name, self.transport.fallback_id(message)
+            )
+            self._refuse(item, EventRejected("malformed", f"cannot decode: {exc!r}"))
+            return item
+        refused = self.pipeline.check(item.event)
+        if refused is not None:
+            self.pipeline.metrics.received.labels(self.adapter).inc()
+            self._refuse(item, refused)
+        return item
+
+    def _refuse(self, item: Item[M], exc: EventRejected) -> None:
+        item.error = exc
+        event = item.event
+        event_id = event.id if event else self.transport.fallback_id(item.message)
+        self.pipeline.reject(self.adapter, event.name if event else None, event_id, exc)
+
+    async def _hold(self, items: list[Item[M]]) -> None:
+        """Submit until Temporal holds the events, then acknowledge them; a batch too large for
+        one signal is halved, and one event that does not fit is refused (``too_large``)."""
+        live: list[Item[M]] = []
+
+        async def submit() -> list[Outcome]:
+            live[:] = [i for i in items if self.transport.usable(i.message)]
+            events = [i.event for i in live if i.event is not None]
+            return await self.pipeline.submit(events, self.adapter) if events else []
+
+        try:
+            outcomes = await self._until_done(submit, "Temporal")
+        except EventRejected as exc:
+            if len(live) == 1:
+                self._refuse(live[0], exc)
+                return
+            half = len(live) // 2
+            await self._hold(live[:half])
+            await self._hold(live[half:])
+            return
+        held = []
+        for item, outcome in zip(live, outcomes, strict=True):
+            if outcome.rejected is None:
+                item.disposition = Disposition.HELD
+                held.append(item)
+            else:  # the pipeline counted and logged it
+                item.error = outcome.rejected
+        if held:
+            await self.transport.acknowledge(held)
+
+    def _skip_or_drop(self, item: Item[M]) -> bool:
+        """The dead-letter policy: True (and counted, logged) when no dead letter is to be written."""
+        assert item.error is not None
+        if item.error.reason == "unroutable" and self.on_unroutable == "skip":
+            item.disposition, level, why = Disposition.SKIPPED, logging.INFO, "on_unroutable: skip"
+        elif not self.transport.can_dead_letter():
+            item.disposition, level, why = Disposition.DROPPED, logging.WARNING, "no dead-letter destination"
+        else:
+            return False
+        self.pipeline.metrics.dropped.labels(self.adapter, item.error.reason).inc()
+        log.log(
+            level,
+            "%s message %s (%s) from=%s reason=%s id=%s name=%s: %s",
+            self.adapter,
+            item.disposition.value,
+            why,
+            self.transport.fallback_id(item.message),
+            item.error.reason,
+            item.event.id if item.event else None,
+            item.event.name if item.event else None,
+            item.error.message,
+        )
+        return True
+
+    def _log_dead_letter(self, item: Item[M]) -> None:
+        assert item.error is not None
+        log.info(
+            "%s message dead-lettered from=%s reason=%s id=%s name=%s",
+            self.adapter,
+            self.transport.fallback_id(item.message),
+            item.error.reason,
+            item.event.id if item.event else None,
+            item.event.name if item.event else None,
+        )
+
+    # -- retries ------------------------------------------------------------------------------------
+
+    async def _until_done(self, attempt: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run ``attempt`` until it succeeds; only :attr:`retry_on` errors are retried."""
+        while True:
+            try:
+                result = await attempt()
+            except self.retry_on as exc:
+                await self._wait_out(exc, what)
+                continue
+            if self.failures:
+                log.warning(
+                    "%s adapter %s: %s answers again after %.1fs and %d failed attempt(s); resuming",
+                    self.adapter,
+                    self.name,
+                    what,
+                    time.monotonic() - self._outage_since,
+                    self.failures,
+                )
+                self.failures = 0
+                self.transport.resume()
+            return result
+
+    async def _wait_out(self, exc: Exception, what: str) -> None:
+        self.failures += 1
+        delay = self.backoff.delay(self.failures)
+        if self.failures == 1:
+            self._outage_since = time.monotonic()
+            log.warning(
+                "%s adapter %s: %s unavailable; holding the batch unacknowledged and retrying: %s",
+                self.adapter,
+                self.name,
+                what,
+                exc,
+            )
+        else:
+            log.info(
+                "%s adapter %s: %s still unavailable (attempt %d, next in %.1fs): %s",
+                self.adapter,
+                self.name,
+                what,
+                self.failures,
+                delay,
+                exc,
+            )
+        self.transport.pause()
+        if not await self.transport.wait(delay):
+            raise Abandoned(f"{what} unavailable and the batch given up (stopping or rebalanced)")

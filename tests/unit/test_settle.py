@@ -1,0 +1,375 @@
+"""The shared settle path against in-memory fakes: what is held, dead-lettered, skipped or left
+unacknowledged, which errors are retried, the backoff, the dead-letter headers and the header policy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from bridge.config import EventFormat
+from bridge.decode import KEPT_HEADERS, Message, header_metadata
+from bridge.errors import EventRejected
+from bridge.event import EventSignal
+from bridge.pipeline import Pipeline
+from bridge.routing import RouteTable
+from bridge.settle import (
+    Abandoned,
+    Backoff,
+    Disposition,
+    Inbox,
+    Item,
+    Settler,
+    Transport,
+    dead_letter_headers,
+    is_dead_letter_header,
+)
+from tests.fakes import FakeSink
+from tests.helpers import config, runner
+
+FAST = Backoff(initial=0.001, cap=0.004)
+
+
+@dataclass(eq=False)
+class Msg:
+    id: str
+    body: bytes
+    alive: bool = True
+
+
+class FakeTransport(Transport[Msg]):
+    """Records what the settle path asks of a transport; can refuse dead letters or give up."""
+
+    def __init__(self, *, dead_letters: bool = True) -> None:
+        self.dead_letters = dead_letters
+        self.letter_failures: list[Exception] = []  # raised by the next dead_letter calls, in order
+        self.drop_letters: set[str] = set()  # ids whose letter cannot be written (marked DROPPED)
+        self.letters: list[tuple[str, dict[str, str]]] = []
+        self.acked: list[tuple[str, Disposition | None]] = []
+        self.waits: list[float] = []
+        self.give_up = False
+        self.paused = False
+        self.pauses = self.resumes = 0
+
+    def to_message(self, message: Msg) -> Message:
+        if message.body == b"decoder bug":
+            raise RuntimeError("a decoder bug")
+        return Message(body=message.body, source="fake:q", fallback_id=message.id)
+
+    def fallback_id(self, message: Msg) -> str:
+        return message.id
+
+    def usable(self, message: Msg) -> bool:
+        return message.alive
+
+    def can_dead_letter(self) -> bool:
+        return self.dead_letters
+
+    async def dead_letter(self, items: Sequence[Item[Msg]]) -> None:
+        if self.letter_failures:
+            raise self.letter_failures.pop(0)
+        for item in items:
+            assert item.error is not None
+            if item.message.id in self.drop_letters:
+                item.disposition = Disposition.DROPPED
+            else:
+                self.letters.append((item.message.id, dead_letter_headers(item.error, item.event, {"queue": "q"})))
+
+    async def acknowledge(self, items: Sequence[Item[Msg]]) -> None:
+        self.acked.extend((i.message.id, i.disposition) for i in items)
+
+    async def wait(self, seconds: float) -> bool:
+        self.waits.append(seconds)
+        await asyncio.sleep(0)
+        return not self.give_up
+
+    def pause(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resume(self) -> None:
+        self.paused = False
+        self.resumes += 1
+
+
+def settler(
+    sink: FakeSink | None = None,
+    transport: FakeTransport | None = None,
+    *,
+    transient: tuple[type[Exception], ...] = (ConnectionError,),
+    **kw: Any,
+) -> Settler[Msg]:
+    wf = runner("typed", "order.created")
+    wf["triggers"][0]["schema"] = {"type": "object", "required": ["orderId"]}
+    pipeline = Pipeline(RouteTable.from_config(config("unit", "127.0.0.1:7233", [wf])), sink or FakeSink())
+    return Settler(
+        pipeline,
+        transport or FakeTransport(),
+        adapter="fake",
+        name="fake:q",
+        event=EventFormat(),
+        transient=transient,
+        backoff=FAST,
+        **kw,
+    )
+
+
+def good(i: int) -> Msg:
+    return Msg(f"m-{i}", json.dumps({"name": "order.created", "payload": {"orderId": str(i)}, "id": f"e-{i}"}).encode())
+
+
+def envelope(mid: str, name: str, payload: dict[str, Any]) -> Msg:
+    return Msg(mid, json.dumps({"name": name, "payload": payload}).encode())
+
+
+def metric(s: Settler[Msg], name: str, **labels: str) -> float:
+    return s.pipeline.metrics.registry.get_sample_value(name, {"adapter": "fake", **labels}) or 0.0
+
+
+def transport_of(s: Settler[Msg]) -> FakeTransport:
+    assert isinstance(s.transport, FakeTransport)
+    return s.transport
+
+
+POISON = {
+    "bad-json": (Msg("bad-json", b"{oops"), "malformed"),
+    "no-name": (envelope("no-name", "", {"orderId": "1"}), "no_name"),
+    "schema": (envelope("schema", "order.created", {"other": 1}), "schema_invalid"),
+    "typo": (envelope("typo", "order.typo", {"orderId": "1"}), "unroutable"),
+}
+
+
+# --- one batch -----------------------------------------------------------------------------------
+
+
+async def test_good_events_are_held_in_one_submission_and_poison_is_dead_lettered_with_its_reason() -> None:
+    sink = FakeSink()
+    s = settler(sink)
+    batch = [good(1), *(m for m, _ in POISON.values()), good(2)]
+    items = await s.settle(batch)
+    t = transport_of(s)
+    assert sink.calls == [["e-1", "e-2"]]
+    assert [i.message for i in items] == batch
+    assert {i.message.id: i.disposition for i in items} == {
+        "m-1": Disposition.HELD,
+        "m-2": Disposition.HELD,
+        **dict.fromkeys(POISON, Disposition.DEAD_LETTERED),
+    }
+    # Held ones are acknowledged as soon as Temporal holds them, the poison once its letters are out.
+    assert t.acked[:2] == [("m-1", Disposition.HELD), ("m-2", Disposition.HELD)]
+    assert sorted(t.acked[2:]) == sorted((mid, Disposition.DEAD_LETTERED) for mid in POISON)
+    reasons = {mid: headers["x-dead-letter-reason"] for mid, headers in t.letters}
+    assert reasons == {mid: why for mid, (_, why) in POISON.items()}
+    letters = dict(t.letters)
+    assert letters["schema"]["x-event-name"] == "order.created" and "x-event-id" in letters["schema"]
+    assert "x-event-id" not in letters["bad-json"] and letters["bad-json"]["x-original-queue"] == "q"
+    assert metric(s, "signal_bridge_events_accepted_total") == 2
+    for why in ("malformed", "no_name", "schema_invalid", "unroutable"):
+        assert metric(s, "signal_bridge_events_rejected_total", reason=why) == 1
+    assert metric(s, "signal_bridge_events_received_total") == 4  # decoded ones, refused by check or not
+    assert not s.waiting and t.pauses == 0
+
+
+async def test_unroutable_skip_acks_without_a_letter_and_no_destination_drops(caplog: pytest.LogCaptureFixture) -> None:
+    s = settler(on_unroutable="skip")
+    items = await s.settle([POISON["typo"][0], POISON["bad-json"][0]])
+    t = transport_of(s)
+    assert [i.disposition for i in items] == [Disposition.SKIPPED, Disposition.DEAD_LETTERED]
+    assert [mid for mid, _ in t.letters] == ["bad-json"]
+    assert metric(s, "signal_bridge_events_dropped_total", reason="unroutable") == 1
+
+    s = settler(transport=FakeTransport(dead_letters=False))
+    with caplog.at_level(logging.INFO, logger="bridge.settle"):
+        items = await s.settle([m for m, _ in POISON.values()])
+    assert {i.disposition for i in items} == {Disposition.DROPPED}
+    assert transport_of(s).acked == [(mid, Disposition.DROPPED) for mid in POISON]
+    for why in ("malformed", "no_name", "schema_invalid", "unroutable"):
+        assert metric(s, "signal_bridge_events_dropped_total", reason=why) == 1
+    assert any("fake message dropped" in r.getMessage() and "from=typo" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_letter_the_transport_could_not_write_stays_dropped() -> None:
+    t = FakeTransport()
+    t.drop_letters = {"bad-json"}
+    s = settler(transport=t)
+    [item] = await s.settle([POISON["bad-json"][0]])
+    assert item.disposition is Disposition.DROPPED and t.acked == [("bad-json", Disposition.DROPPED)]
+
+
+async def test_a_decoder_bug_is_dead_lettered_as_malformed(caplog: pytest.LogCaptureFixture) -> None:
+    s = settler()
+    [item] = await s.settle([Msg("boom", b"decoder bug")])
+    assert item.disposition is Disposition.DEAD_LETTERED and item.error is not None
+    assert item.error.reason == "malformed" and "a decoder bug" in item.error.message
+    assert any(r.levelno == logging.ERROR and "cannot decode boom" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_batch_too_large_for_one_signal_is_halved_and_one_event_too_large_is_poison() -> None:
+    sink = FakeSink(max_events=2)
+    s = settler(sink)
+    batch = [good(i) for i in range(5)]
+    items = await s.settle(batch)
+    assert {i.disposition for i in items} == {Disposition.HELD}
+    assert sorted(e.id for e in sink.held) == [f"e-{i}" for i in range(5)]
+    ids = [f"e-{i}" for i in range(5)]
+    assert sink.calls == [ids, ids[:2], ids[2:], ids[2:3], ids[3:]]  # each half on its own
+
+    s = settler(FakeSink(max_events=0))
+    [item] = await s.settle([good(1)])
+    assert item.disposition is Disposition.DEAD_LETTERED and item.error is not None
+    assert item.error.reason == "too_large"
+    assert metric(s, "signal_bridge_events_rejected_total", reason="too_large") == 1
+
+
+async def test_messages_the_transport_can_no_longer_acknowledge_are_left_alone() -> None:
+    sink = FakeSink()
+    s = settler(sink)
+    lost, lost_poison = good(1), Msg("lost-poison", b"{oops", alive=False)
+    lost.alive = False
+    items = await s.settle([lost, good(2), lost_poison])
+    assert sink.calls == [["e-2"]]
+    assert [i.disposition for i in items] == [None, Disposition.HELD, None]
+    t = transport_of(s)
+    assert t.acked == [("m-2", Disposition.HELD)] and t.letters == []
+
+
+# --- outages and bugs ----------------------------------------------------------------------------
+
+
+async def test_temporal_down_pauses_backs_off_and_acknowledges_only_once_it_holds_the_events() -> None:
+    sink = FakeSink(outages=4)
+    t = FakeTransport()
+    s = settler(sink, t)
+    acked_during_outage: list[Any] = []
+
+    async def wait(seconds: float) -> bool:
+        acked_during_outage.extend(t.acked)
+        assert t.paused and s.waiting
+        return await FakeTransport.wait(t, seconds)
+
+    t.wait = wait  # type: ignore[method-assign]
+    batch = [good(1), good(2)]
+    await s.settle(batch)
+    assert len(sink.calls) == 5 and all(call == ["e-1", "e-2"] for call in sink.calls)
+    assert acked_during_outage == [] and t.acked == [("m-1", Disposition.HELD), ("m-2", Disposition.HELD)]
+    assert t.pauses == 4 and t.resumes == 1 and not t.paused and not s.waiting
+    assert len(t.waits) == 4 and all(0 < d <= FAST.cap for d in t.waits)
+    assert metric(s, "signal_bridge_temporal_unavailable_total") == 4
+
+
+async def test_a_transport_that_gives_up_while_waiting_abandons_the_batch_unsettled() -> None:
+    t = FakeTransport()
+    t.give_up = True
+    s = settler(FakeSink(outages=10**6), t)
+    with pytest.raises(Abandoned):
+        await s.settle([good(1), POISON["bad-json"][0]])
+    assert t.acked == [] and t.letters == [] and s.waiting
+
+
+async def test_an_unexpected_error_from_temporal_is_a_bug_raised_at_once_not_retried() -> None:
+    sink = FakeSink(bugs=1)
+    s = settler(sink)
+    with pytest.raises(RuntimeError, match="a bug"):
+        await s.settle([good(1), POISON["bad-json"][0]])
+    t = transport_of(s)
+    assert len(sink.calls) == 1 and t.waits == [] and t.acked == [] and t.letters == []
+
+
+async def test_only_the_transports_own_transient_errors_are_retried_when_dead_lettering() -> None:
+    t = FakeTransport()
+    t.letter_failures = [ConnectionError("broker away"), ConnectionError("still away")]
+    s = settler(transport=t, transient=(ConnectionError,))
+    [held, poison] = await s.settle([good(1), POISON["bad-json"][0]])
+    assert (held.disposition, poison.disposition) == (Disposition.HELD, Disposition.DEAD_LETTERED)
+    assert len(t.waits) == 2 and t.resumes == 1
+    assert t.acked == [("m-1", Disposition.HELD), ("bad-json", Disposition.DEAD_LETTERED)]
+
+    t = FakeTransport()
+    t.letter_failures = [ValueError("a bug in the transport")]
+    s = settler(transport=t, transient=(ConnectionError,))
+    with pytest.raises(ValueError):
+        await s.settle([good(1), POISON["bad-json"][0]])
+    assert t.acked == [("m-1", Disposition.HELD)] and t.waits == []  # the poison stays unacknowledged
+
+
+# --- the shared policies -------------------------------------------------------------------------
+
+
+def test_backoff_is_capped_exponential_with_jitter() -> None:
+    b = Backoff(initial=0.5, cap=10.0, jitter=0.2)
+    for attempt, base in ((1, 0.5), (2, 1.0), (3, 2.0), (5, 8.0), (6, 10.0), (1000, 10.0)):
+        delays = {b.delay(attempt) for _ in range(50)}
+        assert all(base * 0.8 <= d <= base for d in delays), (attempt, delays)
+        assert len(delays) > 1  # jittered: replicas do not retry in step
+    assert Backoff(jitter=0).delay(2) == 1.0
+
+
+def test_dead_letter_headers_say_why_where_from_and_which_event() -> None:
+    event = EventSignal(id="e-1", name="order.created", payload={}, source="fake:q")
+    headers = dead_letter_headers(EventRejected("schema_invalid", "x" * 5000), event, {"topic": "t", "offset": "4"})
+    assert headers == {
+        "x-dead-letter-reason": "schema_invalid",
+        "x-dead-letter-error": "x" * 1000,
+        "x-original-topic": "t",
+        "x-original-offset": "4",
+        "x-event-id": "e-1",
+        "x-event-name": "order.created",
+    }
+    assert all(is_dead_letter_header(h.upper()) for h in headers)
+    assert not any(is_dead_letter_header(h) for h in ("traceparent", "x-trace", "x-dead-letter"))
+
+
+def test_header_metadata_keeps_trace_and_correlation_headers_only() -> None:
+    meta = header_metadata(
+        {"TraceParent": "00-a-b-01", "tracestate": "k=v", "Correlation-Id": "c-1", "authorization": "Bearer s"}
+    )
+    assert meta == {
+        "headers": {"traceparent": "00-a-b-01", "tracestate": "k=v", "correlation-id": "c-1"},
+        "correlation_id": "c-1",
+        "traceparent": "00-a-b-01",
+    }
+    assert header_metadata({"x-correlation-id": "h"}, "property")["correlation_id"] == "property"
+    assert header_metadata({"x-correlation-id": "h", "correlation-id": "c"})["correlation_id"] == "h"
+    assert set(header_metadata({h: "v" for h in KEPT_HEADERS})["headers"]) == set(KEPT_HEADERS)
+    assert header_metadata({}) == {"headers": {}}
+
+
+# --- the inbox of a push-based transport ---------------------------------------------------------
+
+
+async def test_inbox_batches_what_arrives_together_up_to_max_batch() -> None:
+    inbox: Inbox[int] = Inbox(max_batch=3, linger=0.05)
+    for i in range(5):
+        inbox.put(i)
+    assert await inbox.take() == [0, 1, 2]
+    assert await inbox.take() == [3, 4]  # the linger passed with nothing more
+
+    async def later() -> None:
+        await asyncio.sleep(0.01)
+        inbox.put(6)
+
+    inbox.put(5)
+    task = asyncio.create_task(later())
+    assert await inbox.take() == [5, 6]  # the second came within the linger
+    await task
+
+
+async def test_a_closed_inbox_wakes_its_reader_and_then_yields_nothing() -> None:
+    inbox: Inbox[int] = Inbox(max_batch=10, linger=1.0)
+    waiting = asyncio.create_task(inbox.take())
+    await asyncio.sleep(0)
+    inbox.close()
+    assert await asyncio.wait_for(waiting, 1) == []
+    inbox.put(1)
+    assert await inbox.take() == []  # closed stays closed; what is left is redelivered by the broker
+
+    inbox = Inbox(max_batch=10, linger=1.0)
+    inbox.put(1)
+    inbox.close()
+    assert await asyncio.wait_for(inbox.take(), 1) == [1]  # the batch in hand, without waiting out the linger
+    assert await inbox.take() == []
