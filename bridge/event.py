@@ -80,6 +80,22 @@ def event_digest(source: str, event_id: str) -> str:
     return hashlib.sha256(f"{source}\x00{event_id}".encode()).hexdigest()[:20]
 
 
+def run_digest(project: str, scope: str, event_id: str) -> str:
+    """A short, stable name for one event of one project, as its adapter scoped it.
+
+    ``scope`` is set by the adapter, never by the sender (``http:{token name}``, ``webhook:{slug}``,
+    ``kafka:{topic}``, ``amqp:{queue}``: the event's ``source``), so nothing sent through one
+    credential or adapter can name an event of another; the project keeps two projects in one
+    namespace apart. 80 bits keep collisions out of reach. See docs/configuration.md, "Event ids".
+    """
+    return hashlib.sha256(f"{project}\x00{scope}\x00{event_id}".encode()).hexdigest()[:20]
+
+
+def cloudevent_id(source: str, event_id: str) -> str:
+    """A CloudEvent's event id: its ``source`` and ``id`` together (unique per the spec)."""
+    return f"{source}#{event_id}"
+
+
 def target_workflow_id(workflow_id: str, digest: str) -> str:
     """The run id of one (target, event): Temporal's id uniqueness refuses a second start."""
     return f"{workflow_id}-{digest}"
