@@ -1,7 +1,8 @@
-"""Activities: reading the route table and task lists from the worker's config, and HTTP calls.
+"""Activities: the route table and task lists from the worker's config, target starts, HTTP calls.
 
 The config lives in the worker process, not in workflow code: workflows fetch what they need
-through local activities, whose results are recorded, so replays never depend on the file.
+through local activities, whose results are recorded, so replays never depend on the file, and a
+reload is seen by the next load. The names and payloads are in :mod:`dispatcher.contract`.
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from bridge.snapshot import Snapshot
 from dispatcher.contract import (
+    DUPLICATE,
     HTTP_REQUEST,
     LOAD_ROUTES,
     LOAD_TASKS,
     START_TARGETS,
+    STARTED,
     DispatcherSettings,
     HttpRequest,
     RoutesResult,
     StartBatch,
     TargetStart,
+    failed,
 )
 
 log = logging.getLogger(__name__)
@@ -57,7 +61,7 @@ class BridgeActivities:
 
     @activity.defn(name=START_TARGETS)
     async def start_targets(self, batch: StartBatch) -> list[str]:
-        """Start every target; 'started', 'duplicate' (its id ran already) or 'failed: why'.
+        """Start every target; one outcome each: STARTED, DUPLICATE (its id ran already) or failed(why).
 
         Idempotent by construction: a retry of this activity finds what the first attempt
         started and reports it as a duplicate; nothing starts twice.
@@ -76,12 +80,12 @@ class BridgeActivities:
                     id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
                 )
             except WorkflowAlreadyStartedError:
-                return "duplicate"
+                return DUPLICATE
             except RPCError as exc:
                 if exc.status in (RPCStatusCode.INVALID_ARGUMENT, RPCStatusCode.NOT_FOUND):
-                    return f"failed: {exc.message}"
+                    return failed(exc.message)
                 raise
-            return "started"
+            return STARTED
 
         async def heartbeat() -> None:
             # A worker that dies mid-batch is noticed within the heartbeat timeout, not 60 s.

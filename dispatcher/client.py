@@ -1,9 +1,11 @@
-"""The Temporal client side: signal-with-start to the dispatcher, sharded and batched.
+"""The dispatcher's client: signal-with-start to ``dispatcher-{slug}[-k]``, sharded and coalesced.
 
 Concurrent submissions for one shard are coalesced: while one signal is in flight, the next
-submissions queue up and leave together as one signal carrying a list of events. One signal in
+submissions queue up and leave together as one signal carrying a list of events (at most
+MAX_SIGNAL_EVENTS events and MAX_SIGNAL_BYTES, see :mod:`dispatcher.contract`). One signal in
 flight per shard keeps per-key order (a key always maps to the same shard) and turns a burst of
-N requests into a handful of signals, which is what keeps the dispatcher's lock cool.
+N requests into a handful of signals, which is what keeps the dispatcher's lock cool. Sharding and
+what the metrics mean are described in docs/operations.md.
 """
 
 from __future__ import annotations
@@ -23,16 +25,25 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from bridge.config import BridgeConfig
 from bridge.errors import EventRejected, Unavailable
-from bridge.event import MAX_SIGNAL_BYTES, EventSignal, encoded_size
+from bridge.event import EventSignal, encoded_size
 from bridge.metrics import Metrics
-from dispatcher.contract import DISPATCHER_WORKFLOW, EVENT_SIGNAL, RELOAD_SIGNAL, STATS_QUERY, dispatcher_id
+from dispatcher.contract import (
+    DISPATCHER_WORKFLOW,
+    EVENT_SIGNAL,
+    MAX_SIGNAL_BYTES,
+    MAX_SIGNAL_EVENTS,
+    RELOAD_SIGNAL,
+    STATS_QUERY,
+    DispatcherInput,
+    DispatcherStats,
+    dispatcher_id,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_SIGNAL_EVENTS = 500
-
 
 def shard_of(event: EventSignal, shards: int) -> int:
+    """The event's shard: a hash of its ordering key (or its id), the same in every process."""
     if shards == 1:
         return 0
     key = event.key if event.key is not None else event.id
@@ -77,10 +88,12 @@ class DispatcherClient:
         return self.client.get_workflow_handle(self.ids[shard])
 
     async def submit(self, events: Sequence[EventSignal]) -> None:
-        if not self._senders:
-            self._start_senders()
-        subs: list[_Submission] = []
-        open_: dict[int, _Submission] = {}
+        """Return once Temporal holds every event; raise Unavailable or EventRejected otherwise.
+
+        Nothing is sent when one event is too large on its own. Events are split by shard (and at
+        the signal limits) into submissions that the shards' senders coalesce with others.
+        """
+        placed: list[tuple[int, dict[str, Any], int]] = []
         for event in events:
             item = event.to_dict()
             size = encoded_size(item)
@@ -88,7 +101,12 @@ class DispatcherClient:
                 raise EventRejected(
                     "too_large", f"event {event.id!r} of {size} bytes exceeds the {MAX_SIGNAL_BYTES}-byte limit"
                 )
-            shard = shard_of(event, self.shards)
+            placed.append((shard_of(event, self.shards), item, size))
+        if not self._senders:
+            self._start_senders()
+        subs: list[_Submission] = []
+        open_: dict[int, _Submission] = {}
+        for shard, item, size in placed:
             sub = open_.get(shard)
             if sub is None or sub.size + size > MAX_SIGNAL_BYTES or len(sub.events) >= MAX_SIGNAL_EVENTS:
                 sub = open_[shard] = _Submission([], 0)
@@ -110,7 +128,7 @@ class DispatcherClient:
         for shard in range(self.shards):
             await self.handle(shard).signal(RELOAD_SIGNAL)
 
-    async def stats(self) -> list[dict[str, Any]]:
+    async def stats(self) -> list[DispatcherStats]:
         return [await self.handle(k).query(STATS_QUERY) for k in range(self.shards)]
 
     async def ping(self) -> bool:
@@ -138,43 +156,48 @@ class DispatcherClient:
         ]
 
     async def _sender(self, shard: int) -> None:
+        """Send one shard's submissions, one signal at a time, coalescing whatever queued meanwhile."""
         queue = self._queues[shard]
         while True:
-            first = self._carry[shard] or await queue.get()
-            self._carry[shard] = None
-            batch = [first]
-            count, size = len(first.events), first.size
-            while not queue.empty():
-                nxt = queue.get_nowait()
-                if count + len(nxt.events) > MAX_SIGNAL_EVENTS or size + nxt.size > MAX_SIGNAL_BYTES:
-                    self._carry[shard] = nxt
-                    break
-                batch.append(nxt)
-                count += len(nxt.events)
-                size += nxt.size
-            events = [e for sub in batch for e in sub.events]
+            batch = await self._next_batch(shard)
             try:
-                await self._signal(shard, events)
-            except BaseException as exc:
-                for sub in batch:
-                    if not sub.done.done():
-                        failure = exc if isinstance(exc, Exception) else Unavailable("stopping")
-                        sub.done.set_exception(failure)
-                if not isinstance(exc, Exception):
-                    raise
+                await self._signal(shard, [e for sub in batch for e in sub.events])
+            except Exception as exc:
+                _answer(batch, exc)
+            except BaseException:
+                _answer(batch, Unavailable("the dispatcher client is stopping", self.retry_after))
+                raise
             else:
-                for sub in batch:
-                    if not sub.done.done():
-                        sub.done.set_result(None)
+                _answer(batch, None)
             finally:
                 for _ in batch:
                     queue.task_done()
+
+    async def _next_batch(self, shard: int) -> list[_Submission]:
+        """The oldest submission and every queued one after it that still fits in one signal.
+
+        The first that does not fit is carried to the next batch, so the order holds.
+        """
+        queue = self._queues[shard]
+        first = self._carry[shard] or await queue.get()
+        self._carry[shard] = None
+        batch = [first]
+        count, size = len(first.events), first.size
+        while not queue.empty():
+            nxt = queue.get_nowait()
+            if count + len(nxt.events) > MAX_SIGNAL_EVENTS or size + nxt.size > MAX_SIGNAL_BYTES:
+                self._carry[shard] = nxt
+                break
+            batch.append(nxt)
+            count += len(nxt.events)
+            size += nxt.size
+        return batch
 
     async def _start(self, shard: int, **options: Any) -> None:
         """Start (or, with a start signal, signal) one shard's dispatcher."""
         await self.client.start_workflow(
             DISPATCHER_WORKFLOW,
-            {"project": self.project, "shard": shard},
+            DispatcherInput(project=self.project, shard=shard),
             id=self.ids[shard],
             task_queue=self.task_queue,
             rpc_timeout=self.rpc_timeout,
@@ -201,3 +224,14 @@ class DispatcherClient:
             raise Unavailable(f"Temporal did not accept the events: {exc}", self.retry_after) from exc
         self.metrics.signals.inc()
         self.metrics.batch_size.observe(len(events))
+
+
+def _answer(batch: list[_Submission], failure: Exception | None) -> None:
+    """Answer every submission a signal carried; a submitter that gave up (cancelled) is skipped."""
+    for sub in batch:
+        if sub.done.done():
+            continue
+        if failure is None:
+            sub.done.set_result(None)
+        else:
+            sub.done.set_exception(failure)

@@ -1,4 +1,8 @@
-"""The worker that runs the dispatcher and the task runner on the project's task queue."""
+"""The worker that runs the dispatcher, the task runner and their activities on the project's queue.
+
+The activities read the config through ``current``, so a reload is seen by the next
+LOAD_ROUTES/LOAD_TASKS; roles and scaling out are described in docs/operations.md.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from dispatcher.workflow import DispatcherWorkflow
 # Pure modules the workflows use: passed through so they load once, not once per run.
 PASSTHROUGH = (
     "bridge",
-    "dispatcher.activities",
+    "dispatcher.contract",
     "celpy",
     "lark",
     "jinja2",

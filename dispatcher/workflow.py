@@ -2,13 +2,15 @@
 
 Signal handlers only append to a queue; the main loop drains it in batches. For each event it
 resolves the targets from the route table (loaded by a local activity, so a replay sees the
-table the run saw), starts each as a child with the id ``{workflow_id}-{digest(source, id)}``,
-``ABANDON`` and ``REJECT_DUPLICATE``, and waits only until each child has *started*. A second
-start for the same event is refused by Temporal and counted as a duplicate.
+table the run saw) and starts each with the id ``{workflow_id}-{digest(source, id)}``, ``ABANDON``
+and ``REJECT_DUPLICATE``, waiting only until each has *started*: as a child workflow, or (start
+mode ``activity``) in batches from the START_TARGETS activity. A second start for the same event
+is refused by Temporal and counted as a duplicate; recent event digests catch most before that.
 
 It continues-as-new before any server limit bites (history length, signals per run, pending
 children), after every handler finished and every start was confirmed, carrying the unprocessed
-queue and a bounded list of recent event digests.
+queue, the recent digests and its counters. Names, inputs and settings are in
+:mod:`dispatcher.contract`; the counters and limits are described in docs/operations.md.
 """
 
 from __future__ import annotations
@@ -29,23 +31,28 @@ with workflow.unsafe.imports_passed_through():
     from bridge.event import EventSignal, target_workflow_id
     from bridge.routing import RouteTable, Target
     from dispatcher.contract import (
+        CARRY_LIMIT_BYTES,
         DISPATCHER_WORKFLOW,
+        DUPLICATE,
         EVENT_SIGNAL,
         LOAD_ROUTES,
         RELOAD_SIGNAL,
         RUNNER_WORKFLOW,
+        START_BATCH_BYTES,
         START_TARGETS,
+        STARTED,
         STAT_KEYS,
         STATS_QUERY,
         DispatcherInput,
         DispatcherSettings,
+        DispatcherStats,
         RoutesResult,
         StartBatch,
+        TargetInput,
         TargetStart,
+        failed,
+        target_memo,
     )
-
-CARRY_LIMIT_BYTES = 512 * 1024
-ACTIVITY_INPUT_BYTES = 1024 * 1024
 
 
 # Not sandboxed: the sandbox's import proxies made serialising the continue-as-new input slow
@@ -68,9 +75,18 @@ class DispatcherWorkflow:
         self._settings = DispatcherSettings()
 
     @workflow.signal(name=EVENT_SIGNAL)
-    def event_channel(self, events: Any) -> None:
-        """One event or a list of them. Bad items are counted and dropped; the rest queue up."""
+    def event_channel(self, *args: Any) -> None:
+        """One event or a list of them. Bad items are counted and dropped; the rest queue up.
+
+        Variadic on purpose: a signal sent with no argument, or several, must not raise here (a
+        raising handler fails every workflow task from then on, and the dispatcher stalls).
+        """
         self._signals += 1
+        if len(args) != 1:
+            self._stats["malformed"] += 1
+            workflow.logger.warning("dropped a signal with %d arguments instead of 1", len(args))
+            return
+        events = args[0]
         for raw in events if isinstance(events, list) else [events]:
             try:
                 event = EventSignal.from_dict(raw)
@@ -82,18 +98,25 @@ class DispatcherWorkflow:
             self._queue.append(event)
 
     @workflow.signal(name=RELOAD_SIGNAL)
-    def reload(self) -> None:
+    def reload(self, *_ignored: Any) -> None:
+        """Load the route table again before the next batch; any argument is ignored."""
         self._reload = True
 
     @workflow.query(name=STATS_QUERY)
-    def stats(self) -> dict[str, Any]:
-        return {
-            **self._stats,
-            "backlog": len(self._queue),
-            "run": self._run,
-            "signals_this_run": self._signals,
-            "children_this_run": self._children,
-        }
+    def stats(self) -> DispatcherStats:
+        s = self._stats
+        return DispatcherStats(
+            received=s["received"],
+            started=s["started"],
+            duplicates=s["duplicates"],
+            unroutable=s["unroutable"],
+            failed=s["failed"],
+            malformed=s["malformed"],
+            backlog=len(self._queue),
+            run=self._run,
+            signals_this_run=self._signals,
+            children_this_run=self._children,
+        )
 
     @workflow.run
     async def run(self, inp: DispatcherInput) -> None:
@@ -174,23 +197,19 @@ class DispatcherWorkflow:
         else:
             await asyncio.gather(*(self._start_child(*plan) for plan in plans))
 
-    def _arg(self, event: EventSignal, target: Target) -> dict[str, Any]:
-        return {
-            "workflow_id": target.workflow_id,
-            "exec_id": str(workflow.uuid4()),
-            "input": event.payload if target.input is None else self._render(target, event),
-            "trigger": event.payload,
-            "event": event.envelope(),
-        }
-
-    @staticmethod
-    def _memo(event: EventSignal) -> dict[str, str]:
-        return {"event_name": event.name, "event_id": event.id, "event_source": event.source}
+    def _arg(self, event: EventSignal, target: Target) -> TargetInput:
+        return TargetInput(
+            workflow_id=target.workflow_id,
+            exec_id=str(workflow.uuid4()),
+            input=event.payload if target.input is None else self._render(target, event),
+            trigger=event.payload,
+            event=event.envelope(),
+        )
 
     def _count(self, outcome: str, child_id: str, event: EventSignal) -> None:
-        if outcome == "started":
+        if outcome == STARTED:
             self._stats["started"] += 1
-        elif outcome == "duplicate":
+        elif outcome == DUPLICATE:
             self._stats["duplicates"] += 1
             workflow.logger.info("duplicate start refused child=%s event=%s", child_id, event.id)
         else:
@@ -207,14 +226,14 @@ class DispatcherWorkflow:
                 task_queue=target.task_queue,
                 parent_close_policy=workflow.ParentClosePolicy.ABANDON,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                memo=self._memo(event),
+                memo=target_memo(event),
             )
         except WorkflowAlreadyStartedError:
-            self._count("duplicate", child_id, event)
+            self._count(DUPLICATE, child_id, event)
         except Exception as exc:
-            self._count(f"failed: {exc}", child_id, event)
+            self._count(failed(str(exc)), child_id, event)
         else:
-            self._count("started", child_id, event)
+            self._count(STARTED, child_id, event)
 
     async def _start_by_activity(self, plans: list[tuple[EventSignal, str, Target]]) -> None:
         """One activity per ~1 MiB of input starts the whole batch; retried until it answers."""
@@ -227,13 +246,13 @@ class DispatcherWorkflow:
                     workflow_type=target.workflow_type or RUNNER_WORKFLOW,
                     task_queue=target.task_queue,
                     arg=self._arg(event, target),
-                    memo=self._memo(event),
+                    memo=target_memo(event),
                 )
             except Exception as exc:
-                self._count(f"failed: {exc}", target.workflow_id, event)
+                self._count(failed(str(exc)), target.workflow_id, event)
                 continue
             weight = len(json.dumps(start.arg, default=str))
-            if chunks[-1] and size + weight > ACTIVITY_INPUT_BYTES:
+            if chunks[-1] and size + weight > START_BATCH_BYTES:
                 chunks.append([])
                 size = 0
             chunks[-1].append((start, event))

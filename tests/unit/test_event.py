@@ -1,4 +1,4 @@
-"""Event ids, target run ids, the signal's wire shape, and dispatcher sharding."""
+"""Event ids, target run ids, the signal's wire shape, and the dispatcher's ids, sharding and settings."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
+from bridge.config import DispatcherConfig
 from bridge.event import EventSignal, event_digest, target_workflow_id
 from dispatcher.client import shard_of
-from dispatcher.contract import dispatcher_id
+from dispatcher.contract import DispatcherSettings, dispatcher_id
 
 
 def ev(event_id: str = "e-1", key: str | None = None, **kw: Any) -> EventSignal:
@@ -110,3 +111,11 @@ def test_dispatcher_id() -> None:
     assert dispatcher_id("My Shop", 0, 1) == "dispatcher-my-shop"
     assert dispatcher_id("shop", 0, 4) == "dispatcher-shop-0"
     assert dispatcher_id("shop", 3, 4) == "dispatcher-shop-3"
+
+
+def test_dispatcher_settings_take_their_defaults_and_values_from_the_config_model() -> None:
+    assert DispatcherSettings() == DispatcherSettings.from_config(DispatcherConfig())
+    custom = DispatcherConfig(start_mode="activity", batch_size=7, recent_ids=0)
+    settings = DispatcherSettings.from_config(custom).to_dict()
+    assert settings == {k: v for k, v in custom.model_dump().items() if k in settings}
+    assert settings["start_mode"] == "activity" and settings["batch_size"] == 7 and settings["recent_ids"] == 0

@@ -1,0 +1,326 @@
+"""`DispatcherClient` against a fake Temporal client: coalescing, splitting, ordering, failures, close.
+
+The fake records every signal-with-start and can hold calls in flight (per dispatcher id) or
+fail the next ones, which is all the client's batching logic can observe of Temporal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import pytest
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError, RPCStatusCode
+
+from bridge.errors import EventRejected, Unavailable
+from bridge.event import EventSignal, encoded_size
+from bridge.metrics import Metrics
+from dispatcher.client import DispatcherClient, shard_of
+from dispatcher.contract import (
+    DISPATCHER_WORKFLOW,
+    EVENT_SIGNAL,
+    MAX_SIGNAL_BYTES,
+    MAX_SIGNAL_EVENTS,
+    RELOAD_SIGNAL,
+    DispatcherInput,
+    dispatcher_id,
+)
+from tests.helpers import assert_eventually, config, runner
+
+PROJECT = "shop"
+
+
+@dataclass
+class Call:
+    workflow: str
+    arg: Any
+    id: str
+    task_queue: str
+    options: dict[str, Any]
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        [events] = self.options["start_signal_args"]
+        return cast(list[dict[str, Any]], events)
+
+    @property
+    def ids(self) -> list[str]:
+        return [e["id"] for e in self.events]
+
+
+@dataclass
+class FakeHandle:
+    temporal: FakeTemporal
+    id: str
+
+    async def signal(self, name: str, *args: Any) -> None:
+        self.temporal.signals.append((self.id, name))
+
+
+@dataclass
+class FakeTemporal:
+    """The two methods of `temporalio.client.Client` the dispatcher client uses to send."""
+
+    calls: list[Call] = field(default_factory=list)
+    signals: list[tuple[str, str]] = field(default_factory=list)
+    held: set[str] = field(default_factory=set)  # dispatcher ids whose calls wait for `release`
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    errors: dict[int, BaseException] = field(default_factory=dict)  # call number (from 0) -> what it raises
+    in_flight: int = 0
+
+    async def start_workflow(self, workflow: str, arg: Any, *, id: str, task_queue: str, **options: Any) -> None:
+        number = len(self.calls)
+        self.calls.append(Call(workflow, arg, id, task_queue, options))
+        self.in_flight += 1
+        try:
+            if id in self.held:
+                await self.release.wait()
+            if number in self.errors:
+                raise self.errors[number]
+        finally:
+            self.in_flight -= 1
+
+    def get_workflow_handle(self, workflow_id: str) -> FakeHandle:
+        return FakeHandle(self, workflow_id)
+
+    def sent(self, dispatcher: str | None = None) -> list[list[str]]:
+        """Event ids per signal, in the order the signals were sent."""
+        return [c.ids for c in self.calls if dispatcher is None or c.id == dispatcher]
+
+
+def make_client(temporal: FakeTemporal, shards: int = 1) -> DispatcherClient:
+    cfg = config(PROJECT, "unused:7233", [runner("w", "order.created")], dispatcher={"shards": shards})
+    return DispatcherClient(cast(Client, temporal), cfg, Metrics(), retry_after=3.0)
+
+
+def ev(event_id: str, key: str | None = None, size: int = 0) -> EventSignal:
+    payload = {"pad": "x" * size} if size else {}
+    return EventSignal(id=event_id, name="order.created", payload=payload, source="http", key=key)
+
+
+async def in_flight(temporal: FakeTemporal, count: int = 1) -> None:
+    await assert_eventually(lambda: temporal.in_flight == count, timeout=5, interval=0.005, what="signal in flight")
+
+
+async def settle() -> None:
+    """Let every ready task run up to its next wait."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_submissions_during_a_signal_in_flight_leave_together() -> None:
+    temporal = FakeTemporal(held={dispatcher_id(PROJECT, 0, 1)})
+    client = make_client(temporal)
+    first = asyncio.create_task(client.submit([ev("a")]))
+    await in_flight(temporal)
+    later = [asyncio.create_task(client.submit(events)) for events in ([ev("b")], [ev("c"), ev("d")], [ev("e")])]
+    await settle()
+    assert temporal.sent() == [["a"]]
+    assert not any(t.done() for t in [first, *later])
+
+    temporal.held.clear()
+    temporal.release.set()
+    await asyncio.gather(first, *later)
+    assert temporal.sent() == [["a"], ["b", "c", "d", "e"]]
+    await client.close()
+
+
+async def test_signal_with_start_names_the_dispatcher_its_input_and_the_event_signal() -> None:
+    temporal = FakeTemporal()
+    client = make_client(temporal)
+    await client.submit([ev("a")])
+    [call] = temporal.calls
+    assert call.workflow == DISPATCHER_WORKFLOW
+    assert call.arg == DispatcherInput(project=PROJECT, shard=0)
+    assert (call.id, call.task_queue) == ("dispatcher-shop", "shop")
+    assert call.options["start_signal"] == EVENT_SIGNAL
+    assert call.events == [ev("a").to_dict() | {"time": call.events[0]["time"]}]
+    assert "id_conflict_policy" not in call.options  # signal-with-start: a closed dispatcher is started anew
+    await client.close()
+
+
+async def test_one_submission_over_the_event_limit_is_split_in_order() -> None:
+    temporal = FakeTemporal()
+    client = make_client(temporal)
+    count = 2 * MAX_SIGNAL_EVENTS + 7
+    await client.submit([ev(str(i)) for i in range(count)])
+    assert [len(ids) for ids in temporal.sent()] == [MAX_SIGNAL_EVENTS, MAX_SIGNAL_EVENTS, 7]
+    assert [i for ids in temporal.sent() for i in ids] == [str(i) for i in range(count)]
+    await client.close()
+
+
+async def test_one_submission_over_the_byte_limit_is_split_in_order() -> None:
+    temporal = FakeTemporal()
+    client = make_client(temporal)
+    events = [ev(str(i), size=MAX_SIGNAL_BYTES // 3) for i in range(7)]
+    await client.submit(events)
+    assert [len(ids) for ids in temporal.sent()] == [2, 2, 2, 1]
+    assert [i for ids in temporal.sent() for i in ids] == [str(i) for i in range(7)]
+    assert all(sum(encoded_size(e) for e in call.events) <= MAX_SIGNAL_BYTES for call in temporal.calls)
+    await client.close()
+
+
+async def hold_first(temporal: FakeTemporal, client: DispatcherClient) -> asyncio.Task[None]:
+    """Submit one event and keep its signal in flight until ``open_gate``."""
+    temporal.held.add(dispatcher_id(PROJECT, 0, 1))
+    first = asyncio.create_task(client.submit([ev("first")]))
+    await in_flight(temporal)
+    return first
+
+
+def open_gate(temporal: FakeTemporal) -> None:
+    temporal.held.clear()
+    temporal.release.set()
+
+
+async def test_queued_submissions_are_not_coalesced_past_the_event_limit() -> None:
+    temporal = FakeTemporal()
+    client = make_client(temporal)
+    first = await hold_first(temporal, client)
+    sizes = (MAX_SIGNAL_EVENTS - 10, 20, 5)
+    tasks = [asyncio.create_task(client.submit([ev(f"{n}/{i}") for i in range(n)])) for n in sizes]
+    await settle()
+    open_gate(temporal)
+    await asyncio.gather(first, *tasks)
+    # 490 + 20 would pass 500: the 20 wait for the next signal, and the 5 queued behind join them.
+    assert [len(ids) for ids in temporal.sent()] == [1, MAX_SIGNAL_EVENTS - 10, 25]
+    await client.close()
+
+
+async def test_queued_submissions_are_not_coalesced_past_the_byte_limit() -> None:
+    temporal = FakeTemporal()
+    client = make_client(temporal)
+    first = await hold_first(temporal, client)
+    tasks = [asyncio.create_task(client.submit([ev(f"big-{i}", size=400 * 1024)])) for i in range(3)]
+    await settle()
+    open_gate(temporal)
+    await asyncio.gather(first, *tasks)
+    assert temporal.sent() == [["first"], ["big-0", "big-1"], ["big-2"]]
+    assert all(sum(encoded_size(e) for e in c.events) <= MAX_SIGNAL_BYTES for c in temporal.calls)
+    await client.close()
+
+
+async def test_an_event_too_large_alone_is_rejected_and_nothing_is_sent() -> None:
+    temporal = FakeTemporal()
+    client = make_client(temporal)
+    with pytest.raises(EventRejected) as caught:
+        await client.submit([ev("ok"), ev("huge", size=MAX_SIGNAL_BYTES)])
+    assert caught.value.reason == "too_large"
+    await client.close()
+    assert temporal.calls == []
+
+
+async def test_each_shard_keeps_submission_order_and_does_not_wait_for_the_others() -> None:
+    shards = 4
+    temporal = FakeTemporal()
+    client = make_client(temporal, shards=shards)
+    keys = [f"customer-{k}" for k in range(12)]
+    held = dispatcher_id(PROJECT, shard_of(ev("x", key=keys[0]), shards), shards)
+    temporal.held.add(held)
+    batches = [[ev(f"{key}/{n}", key=key) for key in keys] for n in range(5)]
+    tasks = []
+    for batch in batches:  # one after another, each while earlier ones may still be in flight
+        tasks.append(asyncio.create_task(client.submit(batch)))
+        await asyncio.sleep(0)
+
+    # The other shards send everything while one shard's first signal is held.
+    def others_done() -> bool:
+        sent = {i for c in temporal.calls if c.id != held for i in c.ids}
+        return sent == {e.id for b in batches for e in b if client.ids[shard_of(e, shards)] != held}
+
+    await assert_eventually(others_done, timeout=5, interval=0.005, what="the other shards sent everything")
+    assert len(temporal.sent(held)) == 1
+    open_gate(temporal)
+    await asyncio.gather(*tasks)
+
+    for key in keys:
+        wid = client.ids[shard_of(ev("x", key=key), shards)]
+        seen = [i for ids in temporal.sent(wid) for i in ids if i.startswith(f"{key}/")]
+        assert seen == [f"{key}/{n}" for n in range(5)]
+    assert sorted(i for ids in temporal.sent() for i in ids) == sorted(e.id for b in batches for e in b)
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b""), Unavailable),
+        (RPCError("deadline exceeded", RPCStatusCode.DEADLINE_EXCEEDED, b""), Unavailable),
+        (RuntimeError("the channel broke"), Unavailable),
+        (RPCError("request size exceeds the limit", RPCStatusCode.INVALID_ARGUMENT, b""), EventRejected),
+    ],
+)
+async def test_a_failed_signal_fails_every_submission_it_carried(error: BaseException, expected: type) -> None:
+    temporal = FakeTemporal(errors={1: error})  # the second signal fails
+    client = make_client(temporal)
+    first = await hold_first(temporal, client)
+    carried = [asyncio.create_task(client.submit([ev(i)])) for i in ("b", "c")]
+    await settle()
+    open_gate(temporal)
+    await first
+    await asyncio.gather(*carried, return_exceptions=True)
+
+    assert temporal.sent() == [["first"], ["b", "c"]]
+    for task in carried:
+        exc = task.exception()
+        assert isinstance(exc, expected), exc
+        if isinstance(exc, Unavailable):
+            assert exc.retry_after == 3.0
+        else:
+            assert isinstance(exc, EventRejected) and exc.reason == "too_large"
+    await client.submit([ev("d")])  # the sender survived
+    assert temporal.sent()[-1] == ["d"]
+    await client.close()
+
+
+async def test_a_cancelled_submitter_does_not_stop_the_others() -> None:
+    temporal = FakeTemporal()
+    client = make_client(temporal)
+    first = await hold_first(temporal, client)
+    gone = asyncio.create_task(client.submit([ev("gone")]))
+    stays = asyncio.create_task(client.submit([ev("stays")]))
+    await settle()
+    gone.cancel()  # an HTTP client hung up; its event may still be sent, and that is fine
+    open_gate(temporal)
+    await asyncio.gather(first, stays)
+    assert gone.cancelled()
+    assert temporal.sent()[-1][-1] == "stays"
+    await client.close()
+
+
+async def test_close_flushes_what_was_submitted() -> None:
+    temporal = FakeTemporal()
+    client = make_client(temporal)
+    first = await hold_first(temporal, client)
+    queued = [asyncio.create_task(client.submit([ev(i)])) for i in ("b", "c")]
+    await settle()
+    closing = asyncio.create_task(client.close())
+    await settle()
+    assert not closing.done()
+    open_gate(temporal)
+    await closing
+    assert first.done() and all(t.done() and t.exception() is None for t in queued)
+    assert temporal.sent() == [["first"], ["b", "c"]]
+    await client.submit([ev("after")])  # a closed client starts its senders again when used
+    assert temporal.sent()[-1] == ["after"]
+    await client.close()
+
+
+async def test_ensure_started_and_reload_reach_every_shard() -> None:
+    temporal = FakeTemporal()
+    client = make_client(temporal, shards=3)
+    await client.ensure_started()
+    assert [c.id for c in temporal.calls] == ["dispatcher-shop-0", "dispatcher-shop-1", "dispatcher-shop-2"]
+    assert [c.arg for c in temporal.calls] == [DispatcherInput(project=PROJECT, shard=k) for k in range(3)]
+    for call in temporal.calls:
+        assert call.options["id_conflict_policy"] == WorkflowIDConflictPolicy.USE_EXISTING
+        assert "start_signal" not in call.options
+    await client.reload()
+    assert temporal.signals == [(wid, RELOAD_SIGNAL) for wid in client.ids]
+
+    down = FakeTemporal(errors={0: RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b"")})
+    with pytest.raises(Unavailable):
+        await make_client(down).ensure_started()

