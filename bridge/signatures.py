@@ -2,7 +2,10 @@
 
 One :class:`Verifier` per ``verify.kind`` (``none``, ``hmac``, ``github``, ``stripe``,
 ``standard-webhooks``), each checked against the providers' published test vectors. What each kind
-protects against is in docs/webhooks.md.
+protects against, and which delivery ids it signs, is in docs/webhooks.md.
+
+A verifier reads headers and body as a sender wrote them: whatever they hold, ``verify`` either
+returns or raises :class:`SignatureInvalid`, never anything else.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -27,9 +31,12 @@ class Verifier(Protocol):
     """One webhook signature scheme.
 
     ``verify`` raises :class:`SignatureInvalid` unless ``body`` carries a valid signature made
-    with one of the configured secrets; ``now`` is the current Unix time. ``delivery_id`` names
-    the delivery as the provider does, or is None. ``signature_headers`` (lower-case) are kept
-    out of event metadata.
+    with one of the configured secrets; ``now`` is the current Unix time. ``signed_id`` is the
+    provider's delivery id when the signature covers it (Stripe's event ``id``, Standard
+    Webhooks' ``webhook-id``), else None: only such an id may name the delivery, since anyone
+    replaying a captured delivery can change what is not signed. ``announced_id`` is a delivery id
+    the provider sends unsigned (GitHub's ``X-GitHub-Delivery``): for metadata and logs only.
+    ``signature_headers`` (lower-case) are kept out of event metadata.
     """
 
     kind: str
@@ -37,7 +44,9 @@ class Verifier(Protocol):
 
     def verify(self, headers: Headers, body: bytes, now: float) -> None: ...
 
-    def delivery_id(self, headers: Headers, payload: Any) -> str | None: ...
+    def signed_id(self, headers: Headers, payload: Any) -> str | None: ...
+
+    def announced_id(self, headers: Headers) -> str | None: ...
 
 
 def _digest(algorithm: str, key: bytes, message: bytes) -> bytes:
@@ -49,6 +58,15 @@ def _ascii(value: str) -> bytes:
     return value.encode("utf-8", "replace")
 
 
+def _wire(value: str) -> bytes:
+    """A header value as the bytes that were sent: ASGI servers decode header bytes as Latin-1.
+    (Text no HTTP header can carry, from a caller other than the HTTP adapter, is UTF-8.)"""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "replace")
+
+
 def _any_equal(given: Iterable[str], expected: Sequence[str]) -> bool:
     """True when some given value equals some expected one, each pair compared in constant time."""
     found = False
@@ -58,12 +76,18 @@ def _any_equal(given: Iterable[str], expected: Sequence[str]) -> bool:
     return found
 
 
+_TIMESTAMP = re.compile(r"[0-9]{1,15}")
+"""Unix seconds in ASCII digits. Fifteen digits reach far past any clock; bounding them before
+``int()`` keeps a 400-digit value from overflowing the float arithmetic below."""
+
+
 def _fresh(timestamp: str | None, now: float, tolerance: int) -> int:
-    """The timestamp as an int, if it is one and within ``tolerance`` seconds of ``now``."""
-    try:
-        ts = int((timestamp or "").strip())
-    except ValueError:
-        raise SignatureInvalid("timestamp is missing or not an integer") from None
+    """The timestamp as an int, if it is one and at most ``tolerance`` seconds from ``now``,
+    in the past or in the future."""
+    text = (timestamp or "").strip()
+    if not _TIMESTAMP.fullmatch(text):
+        raise SignatureInvalid("timestamp is missing or not Unix seconds (at most 15 ASCII digits)")
+    ts = int(text)
     if abs(now - ts) > tolerance:
         raise SignatureInvalid(f"timestamp {ts} is more than {tolerance}s away from now")
     return ts
@@ -78,7 +102,10 @@ class NoVerify:
     def verify(self, headers: Headers, body: bytes, now: float) -> None:
         return None
 
-    def delivery_id(self, headers: Headers, payload: Any) -> str | None:
+    def signed_id(self, headers: Headers, payload: Any) -> str | None:
+        return None
+
+    def announced_id(self, headers: Headers) -> str | None:
         return None
 
 
@@ -121,15 +148,18 @@ class HmacVerify:
         if not _any_equal([given], [self.sign(body, i) for i in range(len(self._keys))]):
             raise SignatureInvalid(f"header {self.header} matches no configured secret")
 
-    def delivery_id(self, headers: Headers, payload: Any) -> str | None:
-        return headers.get(self._delivery_header) if self._delivery_header else None
+    def signed_id(self, headers: Headers, payload: Any) -> str | None:
+        return None  # only the body is signed
+
+    def announced_id(self, headers: Headers) -> str | None:
+        return (headers.get(self._delivery_header) or None) if self._delivery_header else None
 
 
 def github(secrets: Sequence[str]) -> HmacVerify:
-    """GitHub: ``X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the body>``; id ``X-GitHub-Delivery``.
+    """GitHub: ``X-Hub-Signature-256: sha256=<hex HMAC-SHA256 of the body>``.
 
-    GitHub signs no timestamp, so a captured delivery can be replayed; its delivery id makes the
-    replay start nothing new.
+    GitHub signs neither a timestamp nor ``X-GitHub-Delivery``: a captured delivery can be sent
+    again with any delivery id. So the body names the delivery, and the header is only announced.
     """
     return HmacVerify(
         secrets,
@@ -149,7 +179,7 @@ class StripeVerify:
     ``v1`` entries may come during Stripe's own secret roll; any one matching is enough. Other
     schemes (``v0``) are ignored. The timestamp must lie within ``tolerance`` seconds of now,
     either way (Stripe's libraries check only the past; a future one this far off is no better).
-    The delivery id is the event's ``id``, the same on every retry.
+    The delivery id is the event's ``id`` (signed, being in the body), the same on every retry.
     """
 
     kind = "stripe"
@@ -181,9 +211,12 @@ class StripeVerify:
         if not _any_equal(v1, [self.sign(body, ts, i) for i in range(len(self._keys))]):
             raise SignatureInvalid(f"no v1 signature in {self.header} matches a configured secret")
 
-    def delivery_id(self, headers: Headers, payload: Any) -> str | None:
+    def signed_id(self, headers: Headers, payload: Any) -> str | None:
         event_id = payload.get("id") if isinstance(payload, dict) else None
         return event_id if isinstance(event_id, str) and event_id else None
+
+    def announced_id(self, headers: Headers) -> str | None:
+        return None
 
 
 class StandardWebhooksVerify:
@@ -213,7 +246,7 @@ class StandardWebhooksVerify:
         return headers.get(f"webhook-{name}") or headers.get(f"svix-{name}")
 
     def sign(self, body: bytes, msg_id: str, timestamp: int, secret_index: int = 0) -> str:
-        signed = f"{msg_id}.{timestamp}.".encode() + body
+        signed = _wire(msg_id) + f".{timestamp}.".encode() + body
         return "v1," + base64.b64encode(_digest("sha256", self._keys[secret_index], signed)).decode()
 
     def verify(self, headers: Headers, body: bytes, now: float) -> None:
@@ -226,8 +259,11 @@ class StandardWebhooksVerify:
         if not given or not _any_equal(given, [self.sign(body, msg_id, ts, i) for i in range(len(self._keys))]):
             raise SignatureInvalid("no v1 signature in webhook-signature matches a configured secret")
 
-    def delivery_id(self, headers: Headers, payload: Any) -> str | None:
+    def signed_id(self, headers: Headers, payload: Any) -> str | None:
         return self._header(headers, "id")
+
+    def announced_id(self, headers: Headers) -> str | None:
+        return None
 
 
 MIN_KEY_BYTES = 16

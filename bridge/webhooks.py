@@ -2,8 +2,16 @@
 
 :meth:`WebhookRoute.verify` checks the signature over the raw body bytes before anything parses
 them (the schemes are in :mod:`bridge.signatures`); :meth:`WebhookRoute.events` then parses the
-body, finds the delivery id and applies each entry's CEL filter and ``input:`` template. Event
+body, names the delivery and applies each entry's CEL filter and ``input:`` template. Event
 ids, sources and what each verification kind protects against: docs/webhooks.md.
+
+A delivery is named only by what its signature covers: a delivery id the provider signs, an
+``id_from: field:`` of the signed body, else a digest of the body. An unsigned delivery id
+(GitHub's ``X-GitHub-Delivery``, ``id_from: header:``) is kept in metadata, never in an event id,
+or a replay with a fresh header would start everything again.
+
+For any bytes and headers, ``verify`` returns or raises ``SignatureInvalid`` and ``events``
+returns or raises :class:`EventRejected`; nothing else.
 
 Nothing here knows HTTP frameworks: headers come in as a mapping with lower-case names.
 """
@@ -13,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +30,7 @@ from urllib.parse import parse_qs
 
 from bridge import templates
 from bridge.config import Webhook
+from bridge.decode import parse_json
 from bridge.errors import ConfigError, EventRejected
 from bridge.event import EventSignal
 from bridge.filters import Filter, FilterError, activation
@@ -35,22 +45,31 @@ Headers = Mapping[str, str]
 # Never copied into event metadata: credentials, and any header whose name says it is one.
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
 _SECRET_WORDS = ("signature", "secret", "token", "password", "api-key", "apikey")
+MAX_KEPT_HEADERS = 64
+"""At most this many headers reach an event's metadata (the first ones sent); every event of a
+delivery carries a copy."""
+MAX_KEPT_VALUE = 512
+"""A longer header value is left out of metadata, not cut (a cut trace header is no trace header)."""
 
 
 def kept_headers(headers: Headers, drop: Iterable[str] = ()) -> dict[str, str]:
-    """Lower-cased headers without credentials or signatures, for event metadata and filters."""
+    """Lower-cased headers without credentials or signatures, for event metadata and filters:
+    at most :data:`MAX_KEPT_HEADERS` of them, none longer than :data:`MAX_KEPT_VALUE`."""
     dropped = _SECRET_HEADERS | {d.lower() for d in drop}
-    out = {}
+    out: dict[str, str] = {}
     for name, value in headers.items():
         lower = name.lower()
-        if lower in dropped or any(word in lower for word in _SECRET_WORDS):
+        if lower in dropped or any(word in lower for word in _SECRET_WORDS) or len(value) > MAX_KEPT_VALUE:
             continue
         out[lower] = value
+        if len(out) == MAX_KEPT_HEADERS:
+            break
     return out
 
 
 def parse_body(body: bytes, content_type: str | None) -> Any:
-    """JSON; or a form whose ``payload`` field is JSON (GitHub's form-encoded deliveries)."""
+    """JSON, bounded as every adapter's (:func:`bridge.decode.parse_json`); or a form whose
+    ``payload`` field is such JSON (GitHub's form-encoded deliveries)."""
     text = body
     if (content_type or "").split(";")[0].strip().lower() == "application/x-www-form-urlencoded":
         try:
@@ -60,10 +79,31 @@ def parse_body(body: bytes, content_type: str | None) -> Any:
         if "payload" not in fields:
             raise EventRejected("malformed", "form body has no 'payload' field")
         text = fields["payload"][0].encode()
+    value = parse_json(text)
+    if _lone_surrogate(text, value):
+        raise EventRejected("malformed", "body holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not Unicode")
+    return value
+
+
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(text: bytes, value: Any) -> bool:
+    """True when a string of ``value`` holds a lone surrogate: no answer, log line or metric can
+    carry it (the delivery id may come from the body). Only a ``\\ud800``-style escape or text
+    that is not UTF-8 can bring one, so nearly every body is cleared by the first two checks."""
     try:
-        return json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EventRejected("malformed", f"body is not JSON: {exc}") from None
+        text.decode()
+    except UnicodeDecodeError:
+        pass
+    else:
+        if not _ESCAPED_SURROGATE.search(text):
+            return False
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -77,9 +117,11 @@ class EventEntry:
 
 @dataclass
 class Delivery:
-    """What one verified delivery became: its id and one event per matching entry."""
+    """What one verified delivery became: its id, the id the provider gave it if any (signed or
+    not), and one event per matching entry. Event ids are formed of ``delivery_id`` only."""
 
     delivery_id: str
+    provider_delivery_id: str | None = None
     events: list[EventSignal] = field(default_factory=list)
 
 
@@ -100,26 +142,36 @@ class WebhookRoute:
         """Raise :class:`SignatureInvalid` unless the delivery is signed as configured."""
         self.verifier.verify(headers, body, time.time() if now is None else now)
 
-    def delivery_id(self, headers: Headers, body: bytes, payload: Any) -> str:
-        found = self.verifier.delivery_id(headers, payload)
-        if not found and self.id_from:
-            found = self.id_from.resolve(headers, payload)
-        return found or f"sha256:{hashlib.sha256(body).hexdigest()}"
+    def delivery_ids(self, headers: Headers, body: bytes, payload: Any) -> tuple[str, str | None]:
+        """``(delivery id, provider's delivery id)``. The first is what the signature covers: the
+        provider's signed id, else ``id_from: field:``, else ``sha256:`` of the body. The second is
+        the provider's own id for the delivery, signed or not, for metadata and logs."""
+        signed = self.verifier.signed_id(headers, payload)
+        announced = self.verifier.announced_id(headers)
+        from_body = None
+        if self.id_from is not None:
+            located = self.id_from.resolve(headers, payload)
+            if self.id_from.kind == "field":
+                from_body = located
+            else:
+                announced = announced or located
+        delivery_id = signed or from_body or f"sha256:{hashlib.sha256(body).hexdigest()}"
+        return delivery_id, signed or announced
 
     def events(self, headers: Headers, body: bytes, content_type: str | None = None) -> Delivery:
         """The events of a *verified* delivery; EventRejected when the body is unusable."""
         payload = parse_body(body, content_type)
-        delivery_id = self.delivery_id(headers, body, payload)
+        delivery_id, provider_id = self.delivery_ids(headers, body, payload)
         if not isinstance(payload, dict):
             payload = {"data": payload}
-        metadata = self.metadata(headers, delivery_id)
-        delivery = Delivery(delivery_id)
+        metadata = self.metadata(headers, delivery_id, provider_id)
+        delivery = Delivery(delivery_id, provider_id)
         for entry in self.entries:
             event_id = f"{delivery_id}:{entry.name}"
-            if entry.filter is not None:
-                act = activation(entry.name, payload, self.source, metadata, event_id)
-                if not entry.filter.matches(act):
-                    continue
+            if entry.filter is not None and not entry.filter.matches(
+                self._activation(entry, payload, metadata, event_id)
+            ):
+                continue
             delivery.events.append(
                 EventSignal(
                     id=event_id,
@@ -131,14 +183,25 @@ class WebhookRoute:
             )
         return delivery
 
-    def metadata(self, headers: Headers, delivery_id: str) -> dict[str, Any]:
+    def metadata(self, headers: Headers, delivery_id: str, provider_id: str | None = None) -> dict[str, Any]:
         kept = kept_headers(headers, self.verifier.signature_headers)
-        meta: dict[str, Any] = {"headers": kept, "webhook": {"slug": self.slug, "delivery_id": delivery_id}}
+        webhook = {"slug": self.slug, "delivery_id": delivery_id}
+        if provider_id is not None:
+            webhook["provider_delivery_id"] = provider_id
+        meta: dict[str, Any] = {"headers": kept, "webhook": webhook}
         if "x-correlation-id" in kept:
             meta["correlation_id"] = kept["x-correlation-id"]
         if "traceparent" in kept:
             meta["traceparent"] = kept["traceparent"]
         return meta
+
+    def _activation(self, entry: EventEntry, payload: dict[str, Any], metadata: dict[str, Any], event_id: str) -> Any:
+        try:
+            return activation(entry.name, payload, self.source, metadata, event_id)
+        except ValueError as exc:  # CEL's int is signed 64-bit: a larger (unsigned) one overflows
+            raise EventRejected(
+                "malformed", f"webhook {self.slug!r}, event {entry.name!r}: the filter cannot read the body: {exc}"
+            ) from None
 
     def _input(self, entry: EventEntry, payload: dict[str, Any], metadata: dict[str, Any], event_id: str) -> Any:
         if entry.input is None:

@@ -24,6 +24,7 @@ from adapters.http.problems import Problem
 from adapters.http.request import headers, read_body
 from adapters.http.state import WEBHOOK_ADAPTER, HttpState
 from bridge.errors import HTTP_STATUS, EventRejected, Reason, Unavailable
+from bridge.logsafe import safe
 from bridge.ratelimit import retry_after
 from bridge.signatures import SignatureInvalid
 from bridge.snapshot import Snapshot
@@ -41,8 +42,12 @@ REASONS: tuple[Reason, ...] = (
     "input_failed",
     "rate_limited",
     "unavailable",
+    "overloaded",
 )
 """Every reason this endpoint answers with (a test holds it to the code)."""
+
+NOT_VERIFIED = "the delivery's signature did not verify"
+UNREADABLE = "the delivery's body could not be read"
 
 EVENT_REASONS: tuple[Reason, ...] = ("too_large", "schema_invalid", "unroutable")
 """Why the pipeline may refuse one event of a delivery: the delivery is then answered with the
@@ -75,42 +80,67 @@ class WebhooksController(Controller):
     ) -> Response[DeliveryAnswer]:
         """A provider's delivery, authenticated by its signature (``webhooks[].verify``): 202 once
         Temporal holds its events, 200 ``ignored`` when no ``events:`` entry matches. A
-        redelivery (same delivery id) starts nothing twice."""
+        redelivery, or a replay of a captured delivery, starts nothing twice: event ids are
+        formed only of what the signature covers."""
         route = snapshot.webhooks.get(slug)
         if route is None:
+            log.info("webhook refused slug=%s: no webhook is configured at this path", safe(slug))
             raise http.deny(WEBHOOK_ADAPTER, "not_found", "no webhook is configured at this path")
         body = await read_body(request, http, snapshot, WEBHOOK_ADAPTER)
         received = headers(request)
         _verify(http, route, received, body)
         bucket = http.limits(snapshot).webhooks.get(slug)
         if bucket is not None and (wait := bucket.take()):
+            log.info("webhook refused slug=%s: over its rate limit", slug)
             raise http.deny(
                 WEBHOOK_ADAPTER,
                 "rate_limited",
                 "rate limit of this webhook exceeded; retry after the Retry-After delay",
                 retry_after=retry_after(wait),
             )
-        try:
-            delivery = route.events(received, body, received.get("content-type"))
-        except EventRejected as exc:
-            raise http.refuse(WEBHOOK_ADAPTER, exc) from None
+        delivery = _events(http, route, received, body)
         if not delivery.events:
             return _ignored(http, slug, delivery)
         return await _submit(http, snapshot, slug, delivery)
 
 
 def _verify(http: HttpState, route: WebhookRoute, received: dict[str, str], body: bytes) -> None:
-    """401 unless signed as configured; the answer never says what was wrong, the log does."""
+    """401 unless signed as configured; the answer never says what was wrong, the log does (the
+    reason may quote the sender's headers: escaped and cut). A verifier that fails otherwise has
+    a bug: logged with its traceback, and the delivery is still not let in."""
     try:
         route.verify(received, body)
     except SignatureInvalid as exc:
-        log.warning("webhook refused slug=%s: %s", route.slug, exc)
-        raise http.deny(WEBHOOK_ADAPTER, "unauthorized", "the delivery's signature did not verify") from None
+        log.warning("webhook refused slug=%s kind=%s: %s", route.slug, route.verifier.kind, safe(str(exc), 500))
+        raise http.deny(WEBHOOK_ADAPTER, "unauthorized", NOT_VERIFIED) from None
+    except Exception:
+        log.exception(
+            "webhook refused slug=%s kind=%s: the verifier failed unexpectedly", route.slug, route.verifier.kind
+        )
+        raise http.deny(WEBHOOK_ADAPTER, "unauthorized", NOT_VERIFIED) from None
+
+
+def _events(http: HttpState, route: WebhookRoute, received: dict[str, str], body: bytes) -> Delivery:
+    """The delivery's events, or ``malformed``/``input_failed`` (logged and counted). A parser
+    that fails otherwise has a bug: logged with its traceback and answered as ``malformed``."""
+    try:
+        return route.events(received, body, received.get("content-type"))
+    except EventRejected as exc:
+        log.info("webhook refused slug=%s reason=%s", route.slug, exc.reason)
+        raise http.refuse(WEBHOOK_ADAPTER, exc) from None
+    except Exception:
+        log.exception("webhook refused slug=%s: its body could not be read unexpectedly", route.slug)
+        raise http.refuse(WEBHOOK_ADAPTER, EventRejected("malformed", UNREADABLE)) from None
 
 
 def _ignored(http: HttpState, slug: str, delivery: Delivery) -> Response[Any]:
     http.metrics.dropped.labels(WEBHOOK_ADAPTER, "no_match").inc()
-    log.info("webhook ignored slug=%s delivery=%s: no event entry matches", slug, delivery.delivery_id)
+    log.info(
+        "webhook ignored slug=%s delivery=%s provider_delivery=%s: no event entry matches",
+        slug,
+        safe(delivery.delivery_id),
+        safe(delivery.provider_delivery_id),
+    )
     body = {
         "status": "ignored",
         "delivery_id": delivery.delivery_id,
@@ -133,9 +163,10 @@ async def _submit(http: HttpState, snap: Snapshot, slug: str, delivery: Delivery
         raise Problem.of(exc, delivery_id=delivery.delivery_id) from None
     answer = answers.batch([answers.result(o) for o in outcomes], delivery_id=delivery.delivery_id)
     log.info(
-        "webhook delivery slug=%s delivery=%s accepted=%d rejected=%d",
+        "webhook delivery slug=%s delivery=%s provider_delivery=%s accepted=%d rejected=%d",
         slug,
-        delivery.delivery_id,
+        safe(delivery.delivery_id),
+        safe(delivery.provider_delivery_id),
         answer["accepted"],
         answer["rejected"],
     )

@@ -83,6 +83,10 @@ def sw_delivery(body: dict[str, Any], msg_id: str = "msg_1", *, age: int = 0) ->
     return raw, {"webhook-id": msg_id, "webhook-timestamp": str(t), "webhook-signature": f"v1,{sig}"}
 
 
+def body_digest(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
 PUSH = {"ref": "refs/heads/main", "repository": {"full_name": "octo/repo"}}
 PAYMENT = {"id": "evt_1", "type": "payment_intent.succeeded", "data": {"object": {"amount": 2000}}}
 
@@ -92,17 +96,19 @@ async def test_signed_github_delivery_is_accepted(sink: FakeSink, hooks: AsyncTe
     resp = await hooks.post(f"{HOOKS}/github", content=body, headers={**headers, "Authorization": "Bearer x"})
     assert resp.status_code == 202, resp.text
     answer = resp.json()
-    assert (answer["status"], answer["delivery_id"]) == ("accepted", "d-1")
+    digest = body_digest(body)
+    assert (answer["status"], answer["delivery_id"]) == ("accepted", digest)
     assert [(r["event_id"], r["name"], r["status"]) for r in answer["results"]] == [
-        ("d-1:github.push", "github.push", 202),
-        ("d-1:github.main", "github.main", 202),
+        (f"{digest}:github.push", "github.push", 202),
+        (f"{digest}:github.main", "github.main", 202),
     ]
     push, main = sink.events
     assert (main.name, main.payload) == ("github.main", PUSH)
     assert (push.source, push.payload) == ("webhook:github", PUSH)
     assert push.metadata["headers"]["x-github-event"] == "push"
     assert push.metadata["headers"]["user-agent"] == "GitHub-Hookshot/abc"
-    assert push.metadata["webhook"] == {"slug": "github", "delivery_id": "d-1"}
+    assert push.metadata["webhook"] == {"slug": "github", "delivery_id": digest, "provider_delivery_id": "d-1"}
+    assert push.metadata["headers"]["x-github-delivery"] == "d-1"
     dumped = json.dumps(push.metadata)
     assert "x-hub-signature-256" not in dumped and "authorization" not in dumped
 
@@ -111,8 +117,30 @@ async def test_github_redelivery_carries_the_same_event_ids(sink: FakeSink, hook
     body, headers = github_delivery(PUSH, delivery="same")
     for _ in range(2):
         assert (await hooks.post(f"{HOOKS}/github", content=body, headers=headers)).status_code == 202
-    assert [e.id for e in sink.events] == ["same:github.push", "same:github.main"] * 2
-    assert sink.events[0].digest == sink.events[2].digest  # so each target's run id is the same too
+    digest = body_digest(body)
+    assert [e.id for e in sink.events] == [f"{digest}:github.push", f"{digest}:github.main"] * 2
+    first, again = sink.events[0], sink.events[2]
+    assert (first.source, first.id) == (again.source, again.id)  # so each target's run id is the same too
+
+
+async def test_github_replay_with_new_delivery_ids_carries_the_same_event_ids(
+    sink: FakeSink, hooks: AsyncTestClient[Litestar]
+) -> None:
+    """One captured body and signature, resent with fresh X-GitHub-Delivery GUIDs (which GitHub
+    does not sign): the same events, so the same run ids, so nothing new starts."""
+    body, headers = github_delivery(PUSH, delivery="captured")
+    answers = []
+    for guid in ("captured", "forged-1", "forged-2"):
+        resp = await hooks.post(f"{HOOKS}/github", content=body, headers={**headers, "X-GitHub-Delivery": guid})
+        assert resp.status_code == 202, resp.text
+        answers.append(resp.json())
+    assert answers[0]["results"] == answers[1]["results"] == answers[2]["results"]
+    assert len({(e.source, e.id) for e in sink.events}) == 2  # two entries, one event each
+    assert [e.metadata["webhook"]["provider_delivery_id"] for e in sink.events[::2]] == [
+        "captured",
+        "forged-1",
+        "forged-2",
+    ]
 
 
 async def test_rotated_github_secret_is_accepted(sink: FakeSink, hooks: AsyncTestClient[Litestar]) -> None:
@@ -226,9 +254,9 @@ async def test_no_matching_entry_is_200_ignored(sink: FakeSink, hooks: AsyncTest
     body, headers = github_delivery({"zen": "Design for failure."}, event="ping", delivery="p-1")
     resp = await hooks.post(f"{HOOKS}/github", content=body, headers=headers)
     assert resp.status_code == 200
-    assert resp.json()["status"] == "ignored" and resp.json()["delivery_id"] == "p-1"
+    assert resp.json()["status"] == "ignored" and resp.json()["delivery_id"] == body_digest(body)
     assert sink.entered.is_set() is False
-    text = (await hooks.get("/metrics")).text
+    text = (await hooks.get("/metrics", headers=AUTH)).text
     assert 'signal_bridge_events_dropped_total{adapter="webhook",reason="no_match"} 1.0' in text
 
 
@@ -263,13 +291,13 @@ async def test_webhook_event_no_workflow_takes_is_422(sink: FakeSink, hooks: Asy
 
 
 async def test_webhook_unavailable_is_503_with_retry_after(sink: FakeSink) -> None:
-    sink.unavailable = Unavailable("temporal down", retry_after=8)
-    async with AsyncTestClient(make_app(sink, hook_config())) as c:
+    sink.unavailable = Unavailable("temporal down", retry_after=30)
+    async with AsyncTestClient(make_app(sink, hook_config(retry_after_seconds=8))) as c:
         body, headers = github_delivery(PUSH, delivery="d-503")
         resp = await c.post(f"{HOOKS}/github", content=body, headers=headers)
     assert resp.status_code == 503
     assert resp.headers["Retry-After"] == "8"
-    assert resp.json()["delivery_id"] == "d-503"
+    assert resp.json()["delivery_id"] == body_digest(body)
 
 
 async def test_webhook_accepted_only_after_the_sink_returned(sink: FakeSink) -> None:
@@ -291,14 +319,14 @@ async def test_webhook_refusals_are_counted(hooks: AsyncTestClient[Litestar]) ->
     await hooks.post(f"{HOOKS}/nope", content=b"{}")
     body, headers = github_delivery(PUSH)
     await hooks.post(f"{HOOKS}/github", content=body, headers=headers)
-    text = (await hooks.get("/metrics")).text
+    text = (await hooks.get("/metrics", headers=AUTH)).text
     assert 'signal_bridge_events_rejected_total{adapter="webhook",reason="unauthorized"} 1.0' in text
     assert 'signal_bridge_events_rejected_total{adapter="webhook",reason="not_found"} 1.0' in text
     assert 'signal_bridge_events_accepted_total{adapter="webhook"} 2.0' in text
 
 
 async def test_openapi_lists_the_hooks_endpoint(hooks: AsyncTestClient[Litestar]) -> None:
-    paths = (await hooks.get("/schema/openapi.json")).json()["paths"]
+    paths = (await hooks.get("/schema/openapi.json", headers=AUTH)).json()["paths"]
     assert "post" in paths["/api/v1/hooks/{slug}"]
 
 

@@ -106,7 +106,7 @@ def test_github_rotated_secret_either_verifies() -> None:
 
 
 def test_github_signs_no_timestamp_so_age_does_not_matter() -> None:
-    """GitHub has no timestamp to be stale; a replay is caught by its delivery id instead."""
+    """GitHub has no timestamp to be stale; a replay starts nothing because its body names it."""
     github([GH_SECRET]).verify(gh(), GH_BODY, 4_000_000_000)
 
 
@@ -201,9 +201,10 @@ def test_stripe_rotated_secret_either_verifies() -> None:
     verifier.verify(st(f"t={ST_T},v1={stripe_sig(secret='whsec_new')}"), ST_BODY, ST_T)
 
 
-def test_stripe_delivery_id_is_the_event_id() -> None:
-    assert StripeVerify([ST_SECRET]).delivery_id({}, json.loads(ST_BODY)) == "evt_test_webhook"
-    assert StripeVerify([ST_SECRET]).delivery_id({}, {"object": "event"}) is None
+def test_stripe_signed_id_is_the_event_id() -> None:
+    assert StripeVerify([ST_SECRET]).signed_id({}, json.loads(ST_BODY)) == "evt_test_webhook"
+    assert StripeVerify([ST_SECRET]).signed_id({}, {"object": "event"}) is None
+    assert StripeVerify([ST_SECRET]).announced_id({"x-github-delivery": "d"}) is None
 
 
 # --- standard webhooks ---------------------------------------------------------------------
@@ -250,7 +251,7 @@ def test_standard_webhooks_multi_signature_header() -> None:
 def test_standard_webhooks_svix_headers() -> None:
     headers = {"svix-id": SW_ID, "svix-timestamp": str(SW_T), "svix-signature": SW_SIGNATURE}
     StandardWebhooksVerify([SW_SECRET]).verify(headers, SW_BODY, SW_T)
-    assert StandardWebhooksVerify([SW_SECRET]).delivery_id(headers, {}) == SW_ID
+    assert StandardWebhooksVerify([SW_SECRET]).signed_id(headers, {}) == SW_ID
 
 
 @pytest.mark.parametrize(
@@ -507,12 +508,20 @@ def test_event_metadata_has_no_configured_signature_header() -> None:
 # --- delivery ids and event ids ------------------------------------------------------------
 
 
-def test_github_delivery_id_and_event_id() -> None:
+def test_github_delivery_id_is_the_body_digest_and_the_header_only_metadata() -> None:
+    """X-GitHub-Delivery is not signed: it names nothing, or a replay with a new one would run."""
     r = route({"kind": "github", "secret": SK}, [{"name": "github.push"}])
     delivery = r.events({"x-github-delivery": "72d3162e-cc78-11e3-81ab-4c9367dc0958"}, b'{"ref": "main"}')
-    assert delivery.delivery_id == "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+    digest = "sha256:" + hashlib.sha256(b'{"ref": "main"}').hexdigest()
+    assert delivery.delivery_id == digest
+    assert delivery.provider_delivery_id == "72d3162e-cc78-11e3-81ab-4c9367dc0958"
     [event] = delivery.events
-    assert event.id == "72d3162e-cc78-11e3-81ab-4c9367dc0958:github.push"
+    assert event.id == f"{digest}:github.push"
+    assert event.metadata["webhook"] == {
+        "slug": "hook",
+        "delivery_id": digest,
+        "provider_delivery_id": "72d3162e-cc78-11e3-81ab-4c9367dc0958",
+    }
     assert event.source == "webhook:hook"
     assert event.name == "github.push" and event.payload == {"ref": "main"}
 
@@ -524,21 +533,35 @@ def test_stripe_delivery_id_from_body() -> None:
 
 def test_standard_webhooks_delivery_id_from_header() -> None:
     r = route({"kind": "standard-webhooks", "secret": SW_SECRET}, [{"name": "sw"}])
-    assert r.events(sw(), SW_BODY).delivery_id == SW_ID
+    delivery = r.events(sw(), SW_BODY)
+    assert (delivery.delivery_id, delivery.provider_delivery_id) == (SW_ID, SW_ID)
 
 
-@pytest.mark.parametrize(
-    ("id_from", "headers", "expected"),
-    [("header:X-Request-Id", {"x-request-id": "r-1"}, "r-1"), ("field:meta.id", {}, "77")],
-)
-def test_configured_id_from(id_from: str, headers: dict[str, str], expected: str) -> None:
-    r = route({"kind": "none"}, id_from=id_from)
-    assert r.events(headers, b'{"meta": {"id": 77}}').delivery_id == expected
+BODY_77 = b'{"meta": {"id": 77}}'
 
 
-def test_provider_delivery_id_wins_over_id_from() -> None:
+@pytest.mark.parametrize("kind", [{"kind": "none"}, {"kind": "hmac", "secret": SK}, {"kind": "github", "secret": SK}])
+def test_id_from_header_is_metadata_only(kind: dict[str, Any]) -> None:
+    r = route(kind, id_from="header:X-Request-Id")
+    delivery = r.events({"x-request-id": "r-1"}, BODY_77)
+    assert delivery.delivery_id == "sha256:" + hashlib.sha256(BODY_77).hexdigest()
+    if kind["kind"] != "github":  # GitHub's own header is announced first
+        assert delivery.provider_delivery_id == "r-1"
+    assert r.events({"x-request-id": "r-2"}, BODY_77).delivery_id == delivery.delivery_id
+
+
+def test_id_from_field_reads_the_signed_body() -> None:
+    r = route({"kind": "hmac", "secret": SK}, id_from="field:meta.id")
+    delivery = r.events({}, BODY_77)
+    assert (delivery.delivery_id, delivery.provider_delivery_id) == ("77", None)
+
+
+def test_signed_provider_id_wins_over_id_from_and_id_from_field_over_the_digest() -> None:
+    r = route({"kind": "stripe", "secret": ST_SECRET}, id_from="field:other")
+    assert r.events({}, b'{"id": "evt_1", "other": "o"}').delivery_id == "evt_1"
     r = route({"kind": "github", "secret": SK}, id_from="field:id")
-    assert r.events({"x-github-delivery": "gh-1"}, b'{"id": "body"}').delivery_id == "gh-1"
+    delivery = r.events({"x-github-delivery": "gh-1"}, b'{"id": "body"}')
+    assert (delivery.delivery_id, delivery.provider_delivery_id) == ("body", "gh-1")
 
 
 def test_without_any_id_the_body_hash_is_the_id_and_stable() -> None:
@@ -567,8 +590,9 @@ def gh_events(event: str, body: dict[str, Any]) -> list[Any]:
 def test_every_matching_entry_yields_its_own_event_with_a_distinct_id() -> None:
     events = gh_events("push", {"ref": "refs/heads/main"})
     assert [e.name for e in events] == ["github.push", "github.main", "github.any"]
-    assert [e.id for e in events] == ["d-9:github.push", "d-9:github.main", "d-9:github.any"]
-    assert len({e.digest for e in events}) == 3
+    digest = "sha256:" + hashlib.sha256(json.dumps({"ref": "refs/heads/main"}).encode()).hexdigest()
+    assert [e.id for e in events] == [f"{digest}:github.push", f"{digest}:github.main", f"{digest}:github.any"]
+    assert len({(e.source, e.id) for e in events}) == 3
 
 
 def test_filters_select_entries() -> None:

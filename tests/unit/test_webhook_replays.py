@@ -1,0 +1,370 @@
+"""Replays, timestamps, keys and bodies at the edges, for every webhook kind (issue 9, items 5 and 9).
+
+A delivery is named only by what its signature covers, so a replay with fresh unsigned headers
+starts nothing new; signed timestamps are held to the tolerance window both ways, and a timestamp
+of any length is a 401, never an overflow; short keys are refused at load; a body JSON cannot
+carry through to Temporal is ``malformed``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from bridge.decode import MAX_JSON_DEPTH
+from bridge.errors import ConfigError, EventRejected
+from bridge.signatures import SignatureInvalid, StandardWebhooksVerify, StripeVerify, Verifier
+from bridge.snapshot import parse
+from bridge.webhooks import MAX_KEPT_HEADERS, MAX_KEPT_VALUE, WebhookRoute, compile_webhooks
+
+SECRET = "a-webhook-secret-of-some-length"
+SW_KEY = b"sixteen-byte-key"
+SW_SECRET = "whsec_" + base64.b64encode(SW_KEY).decode()
+T = 1_700_000_000
+BODY = b'{"ref": "refs/heads/main", "n": 1}'
+
+
+def route(verify: dict[str, Any], **extra: Any) -> WebhookRoute:
+    cfg = parse(
+        {
+            "project": "hooks",
+            "webhooks": [{"slug": "hook", "verify": verify, "events": [{"name": "a"}, {"name": "b"}], **extra}],
+            "workflows": [{"id": "w", "workflow_type": "W", "triggers": [{"name": "*"}]}],
+        },
+        origin="test.yaml",
+    ).config
+    return compile_webhooks(cfg.webhooks, origin="test.yaml")["hook"]
+
+
+def hex_mac(body: bytes, secret: str = SECRET) -> str:
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def ids(r: WebhookRoute, headers: dict[str, str], body: bytes = BODY) -> list[str]:
+    r.verify(headers, body, T)
+    return [e.id for e in r.events(headers, body).events]
+
+
+def digest(body: bytes = BODY) -> str:
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+# --- replays -------------------------------------------------------------------------------
+
+
+def test_a_replayed_github_delivery_with_new_guids_has_the_same_event_ids() -> None:
+    r = route({"kind": "github", "secret": SECRET})
+    signed = {"x-hub-signature-256": "sha256=" + hex_mac(BODY), "x-github-event": "push"}
+    seen = [ids(r, {**signed, "x-github-delivery": guid}) for guid in ("d-1", "d-2", "d-3", "")]
+    assert seen == [[f"{digest()}:a", f"{digest()}:b"]] * 4
+    other = b'{"ref": "refs/heads/main", "n": 2}'
+    assert ids(r, {"x-hub-signature-256": "sha256=" + hex_mac(other), "x-github-delivery": "d-1"}, other) != seen[0]
+
+
+def test_github_form_encoded_delivery_is_named_by_its_raw_bytes() -> None:
+    r = route({"kind": "github", "secret": SECRET})
+    form = b"payload=%7B%22a%22%3A1%7D"
+    headers = {"x-hub-signature-256": "sha256=" + hex_mac(form), "x-github-delivery": "d"}
+    r.verify(headers, form, T)
+    assert r.events(headers, form, "application/x-www-form-urlencoded").delivery_id == digest(form)
+
+
+def test_a_replayed_hmac_delivery_with_a_new_header_id_has_the_same_event_ids() -> None:
+    r = route({"kind": "hmac", "secret": SECRET}, id_from="header:X-Delivery")
+    signed = {"x-signature": hex_mac(BODY)}
+    first, second = (r.events({**signed, "x-delivery": h}, BODY) for h in ("one", "two"))
+    assert [e.id for e in first.events] == [e.id for e in second.events] == [f"{digest()}:a", f"{digest()}:b"]
+    assert (first.provider_delivery_id, second.provider_delivery_id) == ("one", "two")
+    assert first.events[0].metadata["webhook"]["provider_delivery_id"] == "one"
+
+
+def test_kind_none_ignores_a_header_id_too() -> None:
+    r = route({"kind": "none"}, id_from="header:X-Delivery")
+    assert r.events({"x-delivery": "1"}, BODY).delivery_id == r.events({"x-delivery": "2"}, BODY).delivery_id
+
+
+def test_stripe_retry_has_a_new_timestamp_and_the_same_event_ids() -> None:
+    r = route({"kind": "stripe", "secret": SECRET})
+    body = b'{"id": "evt_1", "type": "x"}'
+    seen = []
+    for t in (T, T + 3600):
+        header = {"stripe-signature": f"t={t},v1={hex_mac(f'{t}.'.encode() + body)}"}
+        r.verify(header, body, t)
+        seen.append([e.id for e in r.events(header, body).events])
+    assert seen == [["evt_1:a", "evt_1:b"]] * 2
+
+
+def test_standard_webhooks_id_is_signed_so_a_new_one_is_refused() -> None:
+    verifier = StandardWebhooksVerify([SW_SECRET])
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": str(T), "webhook-signature": verifier.sign(BODY, "msg_1", T)}
+    verifier.verify(headers, BODY, T)
+    with pytest.raises(SignatureInvalid):
+        verifier.verify({**headers, "webhook-id": "msg_2"}, BODY, T)
+
+
+def test_standard_webhooks_non_ascii_id_is_signed_as_its_wire_bytes() -> None:
+    """ASGI servers hand header bytes over as Latin-1 text: ``é`` sent in UTF-8 arrives as ``Ã©``
+    and must be signed as the two bytes that were sent."""
+    sent = "msg_é".encode()
+    mac = hmac.new(SW_KEY, sent + f".{T}.".encode() + BODY, hashlib.sha256).digest()
+    headers = {
+        "webhook-id": sent.decode("latin-1"),
+        "webhook-timestamp": str(T),
+        "webhook-signature": "v1," + base64.b64encode(mac).decode(),
+    }
+    StandardWebhooksVerify([SW_SECRET]).verify(headers, BODY, T)
+
+
+# --- the tolerance window ------------------------------------------------------------------
+
+
+def signed_at(t: str | int) -> int:
+    """The time a valid-looking signature is made for: ``t`` if it is one, else any."""
+    text = str(t)
+    return int(text) if text.isdigit() and len(text) <= 15 else T
+
+
+def stripe_headers(t: str | int, body: bytes = BODY) -> dict[str, str]:
+    return {"stripe-signature": f"t={t},v1={StripeVerify([SECRET]).sign(body, signed_at(t))}"}
+
+
+def sw_headers(t: str | int, body: bytes = BODY) -> dict[str, str]:
+    sig = StandardWebhooksVerify([SW_SECRET]).sign(body, "msg_1", signed_at(t))
+    return {"webhook-id": "msg_1", "webhook-timestamp": str(t), "webhook-signature": sig}
+
+
+KINDS: dict[str, tuple[Callable[[int], Verifier], Callable[[str | int], dict[str, str]]]] = {
+    "stripe": (lambda tol: StripeVerify([SECRET], tol), stripe_headers),
+    "standard-webhooks": (lambda tol: StandardWebhooksVerify([SW_SECRET], tol), sw_headers),
+}
+
+
+EDGES: dict[str, tuple[Callable[[int], int], bool]] = {
+    "now": (lambda tol: 0, True),
+    "past-edge": (lambda tol: tol, True),  # now - t == tolerance: t lies in the past
+    "future-edge": (lambda tol: -tol, True),
+    "past-beyond": (lambda tol: tol + 1, False),
+    "future-beyond": (lambda tol: -tol - 1, False),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tolerance", [1, 300])
+@pytest.mark.parametrize("edge", EDGES)
+def test_tolerance_window_edges_past_and_future(kind: str, tolerance: int, edge: str) -> None:
+    """``now - t`` from ``-tolerance`` to ``+tolerance`` passes; a second beyond, either way, is refused."""
+    make, headers = KINDS[kind]
+    delta, passes = EDGES[edge]
+    now = T + delta(tolerance)
+    if passes:
+        make(tolerance).verify(headers(T), BODY, now)
+    else:
+        with pytest.raises(SignatureInvalid, match="away from now"):
+            make(tolerance).verify(headers(T), BODY, now)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_fraction_of_a_second_beyond_the_window_is_refused(kind: str) -> None:
+    make, headers = KINDS[kind]
+    make(300).verify(headers(T), BODY, T + 300.0)
+    for now in (T + 300.001, T - 300.001):
+        with pytest.raises(SignatureInvalid):
+            make(300).verify(headers(T), BODY, now)
+
+
+HUGE = "9" * 400
+
+
+BAD_TIMESTAMPS = {
+    "400-digits": HUGE,
+    "16-digits": "1" + "0" * 15,
+    "negative": f"-{T}",
+    "plus": f"+{T}",
+    "underscores": "1_700_000_000",
+    "fraction": f"{T}.5",
+    "exponent": "1.7e9",
+    "arabic-indic-digits": "\u0661\u0667" + "\u0660" * 8,  # int() would take them
+    "empty": "",
+    "blank": " ",
+    "hex": "0x65",
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("timestamp", BAD_TIMESTAMPS.values(), ids=BAD_TIMESTAMPS.keys())
+def test_a_timestamp_that_is_not_short_unix_seconds_is_refused(kind: str, timestamp: str) -> None:
+    """Checked before int(): a 400-digit value would overflow ``now - ts`` (a float)."""
+    make, headers = KINDS[kind]
+    with pytest.raises(SignatureInvalid, match="not Unix seconds"):
+        make(300).verify(headers(timestamp), BODY, T)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fifteen_digits_parse_and_are_merely_stale(kind: str) -> None:
+    make, headers = KINDS[kind]
+    with pytest.raises(SignatureInvalid, match="away from now"):
+        make(300).verify(headers("9" * 15), BODY, T)
+
+
+def test_github_and_hmac_have_no_window() -> None:
+    for r in (route({"kind": "github", "secret": SECRET}), route({"kind": "hmac", "secret": SECRET})):
+        name = "x-hub-signature-256" if r.verifier.kind == "github" else "x-signature"
+        prefix = "sha256=" if r.verifier.kind == "github" else ""
+        for now in (0, T, 10**12):
+            r.verify({name: prefix + hex_mac(BODY)}, BODY, now)
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def b64(n: int) -> str:
+    return base64.b64encode(b"k" * n).decode()
+
+
+@pytest.mark.parametrize(
+    ("verify", "ok"),
+    [
+        ({"kind": "standard-webhooks", "secret": "whsec_" + b64(15)}, False),
+        ({"kind": "standard-webhooks", "secret": "whsec_" + b64(16)}, True),
+        ({"kind": "standard-webhooks", "secret": b64(15)}, False),
+        ({"kind": "standard-webhooks", "secret": b64(16)}, True),
+        ({"kind": "standard-webhooks", "secrets": ["whsec_" + b64(32), "whsec_"]}, False),
+        ({"kind": "standard-webhooks", "secrets": ["whsec_" + b64(32), ""]}, True),
+        ({"kind": "standard-webhooks", "secrets": ["whsec_" + b64(32), "whsec_" + b64(8)]}, False),
+        ({"kind": "hmac", "secret": "k" * 15}, False),
+        ({"kind": "hmac", "secret": "k" * 16}, True),
+        ({"kind": "hmac", "secrets": ["k" * 32, "k" * 15]}, False),
+        ({"kind": "hmac", "secrets": ["k" * 32, ""], "secret": ""}, True),
+        ({"kind": "github", "secrets": ["k" * 15, "k" * 32]}, False),
+        ({"kind": "stripe", "secret": "whsec_" + "k" * 9}, False),
+        ({"kind": "stripe", "secret": "whsec_" + "k" * 10}, True),
+        ({"kind": "hmac", "secret": "é" * 8}, True),  # 16 bytes in UTF-8
+        ({"kind": "hmac", "secret": "é" * 7}, False),
+    ],
+)
+def test_key_length_edges_for_every_secret_of_a_rotation(verify: dict[str, Any], ok: bool) -> None:
+    if ok:
+        route(verify)
+    else:
+        with pytest.raises(ConfigError, match=r"webhook 'hook', verify: .*too short to sign with; use at least 16"):
+            route(verify)
+
+
+# --- bodies JSON cannot carry --------------------------------------------------------------
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[NaN]",
+        b'{"a": Infinity}',
+        b"-Infinity",
+        b"[1e400]",
+        b"[-1e999]",
+        str(2**64).encode(),
+        str(-(2**63) - 1).encode(),
+        b"[" + b"9" * 5000 + b"]",
+        nested(MAX_JSON_DEPTH + 1),
+        b'{"a": ' * (MAX_JSON_DEPTH + 1) + b"1" + b"}" * (MAX_JSON_DEPTH + 1),
+        nested(2_500),
+        nested(100_000),
+        b'["\\ud800"]',
+        b'{"\\udfff": 1}',
+        b'"\\ud83d"',
+        b'["\xed\xa0\x80"]',  # a surrogate encoded in UTF-8: not UTF-8
+        b"payload=%5B%22%5Cud800%22%5D",  # the same, in a form
+        b'{"a": "\xff"}',
+    ],
+    ids=[
+        "nan",
+        "infinity",
+        "minus-infinity",
+        "overflow",
+        "minus-overflow",
+        "uint64-max+1",
+        "int64-min-1",
+        "5000-digits",
+        "depth-101",
+        "objects-101",
+        "depth-2500",
+        "depth-100000",
+        "lone-high-surrogate",
+        "lone-low-surrogate-key",
+        "top-level-surrogate",
+        "utf8-surrogate",
+        "form-surrogate",
+        "invalid-utf8",
+    ],
+)
+def test_bodies_json_cannot_carry_are_malformed(body: bytes) -> None:
+    form = "application/x-www-form-urlencoded" if body.startswith(b"payload=") else None
+    with pytest.raises(EventRejected) as info:
+        route({"kind": "none"}).events({}, body, form)
+    assert info.value.reason == "malformed"
+
+
+@pytest.mark.parametrize(
+    ("body", "payload"),
+    [
+        (
+            json.dumps([2**64 - 1, 2**63 - 1, -(2**63), 1.5e308, -1e-400]).encode(),
+            {"data": [2**64 - 1, 2**63 - 1, -(2**63), 1.5e308, -0.0]},
+        ),
+        (nested(MAX_JSON_DEPTH), {"data": json.loads(nested(MAX_JSON_DEPTH))}),
+        (b'["\\ud83d\\ude00", "\xc3\xa9"]', {"data": ["\U0001f600", "é"]}),
+        (b"\xef\xbb\xbf{}", {}),
+        (b'{"id": "1234567890123456789012345"}', {"id": "1234567890123456789012345"}),
+    ],
+    ids=["64-bit-and-double-bounds", "depth-100", "surrogate-pair-and-utf8", "bom", "long-digits-in-a-string"],
+)
+def test_bodies_at_the_bounds_are_accepted(body: bytes, payload: Any) -> None:
+    [event, _] = route({"kind": "none"}).events({}, body).events
+    assert event.payload == payload
+
+
+def test_an_integer_a_filter_cannot_read_is_malformed_not_a_crash() -> None:
+    """CEL's int is signed 64-bit; the bridge takes unsigned 64-bit integers too."""
+    r = compile_webhooks(
+        parse(
+            {
+                "project": "hooks",
+                "webhooks": [
+                    {"slug": "hook", "verify": {"kind": "none"}, "events": [{"name": "f", "filter": "payload.n > 1"}]}
+                ],
+                "workflows": [{"id": "w", "workflow_type": "W", "triggers": [{"name": "*"}]}],
+            }
+        ).config.webhooks
+    )["hook"]
+    assert [e.name for e in r.events({}, json.dumps({"n": 2**63 - 1}).encode()).events] == ["f"]
+    with pytest.raises(EventRejected, match="the filter cannot read the body") as info:
+        r.events({}, json.dumps({"n": 2**63}).encode())
+    assert info.value.reason == "malformed"
+
+
+def test_form_payload_is_held_to_the_same_bounds() -> None:
+    with pytest.raises(EventRejected) as info:
+        route({"kind": "none"}).events({}, b"payload=%5BNaN%5D", "application/x-www-form-urlencoded")
+    assert info.value.reason == "malformed"
+
+
+# --- kept headers --------------------------------------------------------------------------
+
+
+def test_kept_headers_are_capped_in_count_and_length() -> None:
+    headers = {f"x-h{i:03}": "v" for i in range(MAX_KEPT_HEADERS + 10)}
+    headers = {"x-long": "v" * (MAX_KEPT_VALUE + 1), "x-edge": "v" * MAX_KEPT_VALUE, **headers}
+    [event, _] = route({"kind": "none"}).events(headers, b"{}").events
+    kept = event.metadata["headers"]
+    assert len(kept) == MAX_KEPT_HEADERS
+    assert "x-long" not in kept and kept["x-edge"] == "v" * MAX_KEPT_VALUE
+    assert list(kept)[:3] == ["x-edge", "x-h000", "x-h001"]
