@@ -184,8 +184,8 @@ class HttpAuth(Model):
 
 
 class RateLimit(Model):
-    """A token bucket: ``rate`` requests a second on average, bursts of ``burst`` (default: one
-    second's worth). Counted per process; a batch is one request."""
+    """A token bucket: ``rate`` events a second on average, bursts of ``burst`` (default: one
+    second's worth). Counted per process; a batch of N events costs N."""
 
     rate: float = Field(gt=0)
     burst: int | None = Field(default=None, ge=1)
@@ -200,7 +200,8 @@ class HttpConfig(Model):
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
-    retry_after_seconds: int = 5
+    max_batch_events: int = Field(default=1000, ge=1)
+    retry_after_seconds: int = Field(default=5, ge=1)
     auth: HttpAuth = Field(default_factory=HttpAuth)
     rate_limit: HttpRateLimit = Field(default_factory=HttpRateLimit)
 

@@ -2,7 +2,8 @@
 
 - :mod:`adapters.http.events` — ``POST /api/v1/events`` (bearer token);
 - :mod:`adapters.http.webhooks` — ``POST /api/v1/hooks/{slug}`` (the webhook's signature);
-- :mod:`adapters.http.ops` — ``/healthz``, ``/readyz``, ``/metrics``;
+- :mod:`adapters.http.ops` — ``/healthz``, ``/readyz``, ``/metrics`` (the app's guard keeps
+  ``/metrics`` and ``/schema`` for bearer token holders: :data:`adapters.http.state.NEEDS_TOKEN`);
 - :mod:`adapters.http.problems` — refusals and their exception handlers, with the status
   :data:`bridge.errors.HTTP_STATUS` gives each reason;
 - :mod:`adapters.http.openapi` — the OpenAPI document at ``/schema/openapi.json``.
@@ -13,6 +14,7 @@ The API: docs/http-api.md and docs/webhooks.md.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +32,8 @@ from bridge.snapshot import Snapshot
 
 __all__ = ["Ready", "create_app"]
 
+log = logging.getLogger(__name__)
+
 
 def create_app(
     pipeline: Pipeline,
@@ -43,8 +47,11 @@ def create_app(
     then adds, changes and removes webhooks, tokens and limits for the next request."""
     current: Callable[[], Snapshot] = source if callable(source) else (lambda: source)
     http = HttpState(pipeline, current, insecure=insecure, ready=ready)
+    if insecure and not current().tokens:
+        log.warning("insecure mode: /metrics, /schema and the /readyz checks are served without a bearer token")
     return Litestar(
         route_handlers=[EventsController, WebhooksController, OpsController],
+        guards=[http.guard],
         dependencies={
             "http": Provide(http.provide, use_cache=True, sync_to_thread=False),
             "snapshot": Provide(current_snapshot, sync_to_thread=False),
@@ -53,5 +60,8 @@ def create_app(
         # The body limit follows the current snapshot: see adapters.http.request.read_body.
         request_max_body_size=None,
         openapi_config=openapi_config(),
+        # The process configures logging (bridge.runtime.cli); litestar's default would replace the
+        # root logger's handlers and level when the app starts. Errors: problems.answer_bug.
+        logging_config=None,
         lifespan=lifespan or [],
     )

@@ -79,8 +79,10 @@ class Health(TypedDict):
 
 
 class Readiness(TypedDict):
+    """``checks`` only for a bearer token holder: which check failed says what runs where."""
+
     status: Literal["ready", "not ready"]
-    checks: dict[str, bool]
+    checks: NotRequired[dict[str, bool]]
 
 
 def accepted(event: EventSignal) -> dict[str, Any]:

@@ -7,6 +7,7 @@ event was accepted and 207 otherwise. Formats, event ids and every answer: docs/
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, post
@@ -23,6 +24,7 @@ from adapters.http.request import headers, read_body, trace_metadata
 from adapters.http.state import HTTP_ADAPTER, HttpState
 from bridge.errors import EventRejected, Reason, Unavailable
 from bridge.event import EventSignal
+from bridge.logsafe import safe
 from bridge.ratelimit import retry_after
 from bridge.snapshot import Snapshot
 
@@ -33,31 +35,46 @@ REASONS: tuple[Reason, ...] = (
     "no_name",
     "unauthorized",
     "too_large",
+    "batch_too_large",
     "schema_invalid",
     "unroutable",
     "rate_limited",
     "unavailable",
+    "overloaded",
 )
 """Every reason this endpoint answers with (a test holds it to the code)."""
+
+UNREADABLE = "the body could not be read as an event"
 
 
 async def authorize(
     request: Request[Any, Any, Any], http: NamedDependency[HttpState], snapshot: NamedDependency[Snapshot]
 ) -> str:
     """The dependency ``token``: the caller's token name. 401 without a valid bearer token, 429
-    over the token's rate limit; either before the body is read."""
+    while the token's bucket is empty; either before the body is read. The bucket is charged once
+    the body says how many events it holds."""
     token = http.token_name(snapshot, request.headers.get("authorization"))
     if token is None:
         raise http.deny(HTTP_ADAPTER, "unauthorized", "a valid bearer token is required")
-    limiter = http.limits(snapshot).tokens
-    if limiter is not None and (wait := limiter.take(token)):
+    _charge(http, snapshot, token, 1, take=False)
+    return token
+
+
+def _charge(http: HttpState, snap: Snapshot, token: str, cost: int, *, take: bool = True) -> None:
+    """Take ``cost`` events from the token's rate limit, or answer 429 and take nothing (with
+    ``take=False``, only check that one is there)."""
+    limiter = http.limits(snap).tokens
+    if limiter is None:
+        return
+    wait = limiter.take(token, cost) if take else limiter.due(token)
+    if wait:
+        needs = f"; this request holds {cost} events" if cost > 1 else ""
         raise http.deny(
             HTTP_ADAPTER,
             "rate_limited",
-            "rate limit of this token exceeded; retry after the Retry-After delay",
+            f"rate limit of this token exceeded{needs}; retry after the Retry-After delay",
             retry_after=retry_after(wait),
         )
-    return token
 
 
 class EventsController(Controller):
@@ -97,14 +114,46 @@ class EventsController(Controller):
         """Accept one event (202 once Temporal holds it) or a batch (202, or 207 when some event
         was refused; each event is answered in ``results``). Retries with the same
         ``Idempotency-Key`` (or body ``id``, or CloudEvents source+id) start nothing twice."""
-        body = await read_body(request, http, snapshot, HTTP_ADAPTER)
         try:
-            parsed = parse(headers(request), body, trace_metadata(request), idempotency_key)
-        except EventRejected as exc:
-            raise http.refuse(HTTP_ADAPTER, exc) from None
+            body = await read_body(request, http, snapshot, HTTP_ADAPTER)
+            parsed = _parse(http, snapshot, request, body, idempotency_key, token)
+        except EventRejected:
+            if (limiter := http.limits(snapshot).tokens) is not None:
+                limiter.take(token)  # a refused body still costs its request
+            raise
         if isinstance(parsed, list):
+            _charge(http, snapshot, token, max(1, len(parsed)))
             return await _submit_batch(http, snapshot, token, parsed)
+        _charge(http, snapshot, token, 1)
         return await _submit_one(http, snapshot, token, parsed)
+
+
+def _parse(
+    http: HttpState,
+    snap: Snapshot,
+    request: Request[Any, Any, Any],
+    body: bytes,
+    idempotency_key: str | None,
+    token: str,
+) -> EventSignal | list[Parsed]:
+    """The body's event or batch. Whatever goes wrong is a counted and logged refusal (400/413),
+    never a 500: the parsers raise only :class:`EventRejected` (property tests hold them to it),
+    and anything else they raise is logged with its traceback and answered ``malformed``."""
+    try:
+        meta = trace_metadata(request)
+        return parse(
+            headers(request),
+            body,
+            meta,
+            idempotency_key,
+            max_batch=snap.config.http.max_batch_events,
+            scope=f"{HTTP_ADAPTER}:{token}",
+        )
+    except EventRejected as exc:
+        raise http.refuse(HTTP_ADAPTER, exc) from None
+    except Exception:
+        log.exception("events body refused adapter=http: the parser failed unexpectedly")
+        raise http.refuse(HTTP_ADAPTER, EventRejected("malformed", UNREADABLE)) from None
 
 
 async def _submit_one(http: HttpState, snap: Snapshot, token: str, event: EventSignal) -> Response[Any]:
@@ -121,15 +170,13 @@ async def _submit_one(http: HttpState, snap: Snapshot, token: str, event: EventS
         raise Problem.of(exc, event_id=event.id) from None
     if outcome.rejected is not None:
         raise Problem.of(outcome.rejected, event_id=event.id)
-    log.info("event accepted adapter=http token=%s id=%s name=%s", token, event.id, event.name)
+    log.info("event accepted adapter=http token=%s id=%s name=%s", safe(token), safe(event.id), safe(event.name))
     return Response(answers.accepted(event), status_code=ACCEPTED)
 
 
 async def _submit_batch(http: HttpState, snap: Snapshot, token: str, items: list[Parsed]) -> Response[Any]:
     events = [item for item in items if isinstance(item, EventSignal)]
-    for item in items:
-        if isinstance(item, EventRejected):
-            http.refuse(HTTP_ADAPTER, item)
+    http.refuse_items(HTTP_ADAPTER, [item for item in items if isinstance(item, EventRejected)])
     try:
         outcomes = iter(await http.pipeline.submit(events, HTTP_ADAPTER) if events else [])
     except Unavailable as exc:
@@ -149,5 +196,18 @@ async def _submit_batch(http: HttpState, snap: Snapshot, token: str, items: list
         for index, item in enumerate(items)
     ]
     answer = answers.batch(results)
-    log.info("batch adapter=http token=%s accepted=%d rejected=%d", token, answer["accepted"], answer["rejected"])
+    _log_batch(token, answer)
     return Response(answer, status_code=ACCEPTED if answer["rejected"] == 0 else MULTI_STATUS)
+
+
+def _log_batch(token: str, answer: dict[str, Any]) -> None:
+    """One line per batch, with how many events were refused for each reason."""
+    reasons = Counter(str(r["error"]) for r in answer["results"] if "error" in r)
+    log.log(
+        logging.WARNING if reasons else logging.INFO,
+        "batch adapter=http token=%s accepted=%d rejected=%d%s",
+        safe(token),
+        answer["accepted"],
+        answer["rejected"],
+        "".join(f" {reason}={n}" for reason, n in sorted(reasons.items())),
+    )

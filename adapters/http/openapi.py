@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from litestar import Router
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import (
     Components,
@@ -29,13 +30,24 @@ from litestar.openapi.spec import (
 
 from adapters.http.answers import ErrorBody
 from adapters.http.parse import CE_BATCH
-from bridge.decode import CE_STRUCTURED
+from adapters.http.state import NEEDS_TOKEN
+from bridge.decode import CE_STRUCTURED, INT_MAX, INT_MIN, MAX_JSON_DEPTH
 from bridge.errors import HTTP_STATUS, Reason
 
 BEARER = "bearer"
 BEARER_AUTH: list[SecurityRequirement] = [{BEARER: []}]
 
 _STRING = Schema(type=OpenAPIType.STRING, min_length=1)
+
+_JSON_LIMITS = f"Nested at most {MAX_JSON_DEPTH} deep, no NaN or Infinity, integers within 64 bits."
+_CE_EXTENSION = Schema(
+    any_of=[
+        Schema(type=OpenAPIType.STRING),
+        Schema(type=OpenAPIType.BOOLEAN),
+        Schema(type=OpenAPIType.INTEGER, minimum=-(2**31), maximum=2**31 - 1),
+    ],
+    description="An extension attribute: a CloudEvents string, boolean or (32-bit) integer.",
+)
 
 ENVELOPE = Schema(
     title="Envelope",
@@ -49,10 +61,12 @@ ENVELOPE = Schema(
         ),
         "payload": Schema(
             type=[OpenAPIType.OBJECT, OpenAPIType.NULL],
-            description="The event's payload; absent or null is {}.",
+            description=f"The event's payload; absent or null is {{}}. {_JSON_LIMITS}",
         ),
         "id": Schema(
             type=[OpenAPIType.STRING, OpenAPIType.INTEGER],
+            minimum=INT_MIN,
+            maximum=INT_MAX,
             description="The event id, unless an Idempotency-Key is sent; without either, a new UUID.",
         ),
     },
@@ -72,10 +86,15 @@ CLOUDEVENT = Schema(
         "subject": Schema(type=OpenAPIType.STRING),
         "datacontenttype": Schema(type=OpenAPIType.STRING),
         "dataschema": Schema(type=OpenAPIType.STRING),
-        "data": Schema(description='The payload; anything but an object is wrapped as {"data": ...}.'),
+        "data": Schema(
+            description=f'The payload; anything but an object is wrapped as {{"data": ...}}. {_JSON_LIMITS}'
+        ),
     },
+    additional_properties=_CE_EXTENSION,
     description="A CloudEvent in structured mode (CloudEvents JSON format); extension attributes are kept.",
 )
+
+_BATCH = "At most http.max_batch_events events (default 1,000); a larger batch is refused whole (413)."
 
 EVENTS_BODY = RequestBody(
     required=True,
@@ -85,10 +104,17 @@ EVENTS_BODY = RequestBody(
     ),
     content={
         "application/json": OpenAPIMediaType(
-            schema=Schema(one_of=[ENVELOPE, Schema(type=OpenAPIType.ARRAY, items=ENVELOPE, title="EnvelopeBatch")])
+            schema=Schema(
+                one_of=[
+                    ENVELOPE,
+                    Schema(type=OpenAPIType.ARRAY, items=ENVELOPE, title="EnvelopeBatch", description=_BATCH),
+                ]
+            )
         ),
         CE_STRUCTURED: OpenAPIMediaType(schema=CLOUDEVENT),
-        CE_BATCH: OpenAPIMediaType(schema=Schema(type=OpenAPIType.ARRAY, items=CLOUDEVENT, title="CloudEventBatch")),
+        CE_BATCH: OpenAPIMediaType(
+            schema=Schema(type=OpenAPIType.ARRAY, items=CLOUDEVENT, title="CloudEventBatch", description=_BATCH)
+        ),
     },
 )
 
@@ -120,6 +146,11 @@ _RETRY_AFTER = OpenAPIHeader(
 )
 
 
+_ALSO: Mapping[Reason, tuple[Reason, ...]] = {"unavailable": ("overloaded",)}
+"""A handler that may answer the key may answer these too: the pipeline's ``Overloaded`` is an
+``Unavailable``, caught and answered as one."""
+
+
 def error_responses(
     reasons: Iterable[Reason], *, or_answer: Mapping[int, Any] | None = None
 ) -> dict[int, ResponseSpec]:
@@ -129,8 +160,10 @@ def error_responses(
     answered with its first refused event's status) and that answer's type.
     """
     by_status: dict[int, list[Reason]] = {}
-    for reason in reasons:
-        by_status.setdefault(HTTP_STATUS[reason], []).append(reason)
+    for reason in [r for given in reasons for r in (given, *_ALSO.get(given, ()))]:
+        group = by_status.setdefault(HTTP_STATUS[reason], [])
+        if reason not in group:
+            group.append(reason)
     specs = {}
     for status, group in sorted(by_status.items()):
         other = (or_answer or {}).get(status)
@@ -172,10 +205,13 @@ class DeliveryOperation(RawBodyOperation):
 
 
 def openapi_config() -> OpenAPIConfig:
+    """The document and its pages under ``/schema``, for bearer token holders only (the app's guard
+    reads the router's opt): docs/operations.md, "Exposure"."""
     return OpenAPIConfig(
         title="signal-bridge",
         version="0.1.0",
         path="/schema",
+        openapi_router=Router("/schema", route_handlers=[], include_in_schema=False, opt={NEEDS_TOKEN: True}),
         use_handler_docstrings=True,
         description="Events and webhook deliveries in, Temporal workflow runs out. Reference: docs/http-api.md.",
         components=Components(
@@ -185,6 +221,6 @@ def openapi_config() -> OpenAPIConfig:
                     scheme="bearer",
                     description="One of http.auth.tokens. Webhooks use their signature instead.",
                 )
-            }
+            },
         ),
     )

@@ -1,9 +1,12 @@
 """Events-API bodies → events: an envelope, a JSON array of envelopes, a CloudEvent (structured or
 binary mode) or a CloudEvents batch.
 
-A body that is no event at all raises :class:`EventRejected`; in a batch, each item is an event or
-the reason that item was refused, so one bad item never fails its neighbours. Formats and event
-ids: docs/http-api.md and docs/cloudevents.md.
+A body that is no event at all raises :class:`EventRejected`, and so does a batch of more than
+``max_batch`` items (``batch_too_large``, before any item is looked at); in a batch, each item is an
+event or the reason that item was refused, so one bad item never fails its neighbours. Every JSON
+parse goes through :func:`bridge.decode.parse_json`, whose limits (depth, numbers) apply here too.
+The events of a batch share the request's kept headers (each has a shallow copy of the metadata
+around them). Formats and event ids: docs/http-api.md and docs/cloudevents.md.
 """
 
 from __future__ import annotations
@@ -25,31 +28,39 @@ Parsed = EventSignal | EventRejected
 
 
 def parse(
-    headers: Mapping[str, str], body: bytes, metadata: dict[str, Any], idempotency_key: str | None
+    headers: Mapping[str, str],
+    body: bytes,
+    metadata: dict[str, Any],
+    idempotency_key: str | None,
+    *,
+    max_batch: int,
+    scope: str = HTTP_ADAPTER,
 ) -> EventSignal | list[Parsed]:
     """One event, or a batch whose items are events or the reason each was refused.
 
-    ``headers`` have lower-case names. The media type picks the CloudEvents formats; ``ce-*``
+    ``scope`` is the events' source, ``http:{token name}``: it scopes their ids (never the
+    sender's own ``source``). ``headers`` have lower-case names. The media type picks the CloudEvents formats; ``ce-*``
     headers make a binary-mode CloudEvent; anything else is an envelope or an array of them.
     """
     media = (headers.get("content-type") or "").split(";")[0].strip().lower()
     if media == CE_BATCH:
-        return _cloudevents_batch(body, metadata)
+        return _cloudevents_batch(body, metadata, max_batch, scope)
     if media == CE_STRUCTURED:
-        return _cloudevent(body, metadata)
+        return _cloudevent(body, metadata, scope)
     # Binary mode: attribute values are percent-encoded (CloudEvents HTTP binding, 3.1.3.2).
     ce_attrs = {k[3:]: unquote(v) for k, v in headers.items() if k.startswith("ce-")}
     if ce_attrs.get("specversion"):
-        return _cloudevent(body, metadata, attrs=ce_attrs)
+        return _cloudevent(body, metadata, scope, attrs=ce_attrs, content_type=headers.get("content-type"))
     data = parse_json(body)
     if isinstance(data, list):
-        return _envelope_batch(data, idempotency_key, metadata)
+        _check_batch(data, max_batch)
+        return _envelope_batch(data, idempotency_key, metadata, scope)
     if not isinstance(data, dict):
         raise EventRejected("malformed", "body must be a JSON object, or an array of them")
-    return envelope(data, idempotency_key, metadata)
+    return envelope(data, idempotency_key, metadata, scope)
 
 
-def envelope(data: Any, event_id: str | None, metadata: dict[str, Any]) -> EventSignal:
+def envelope(data: Any, event_id: str | None, metadata: dict[str, Any], scope: str = HTTP_ADAPTER) -> EventSignal:
     """One envelope ``{"name", "payload"?, "id"?}`` (already parsed) → event.
 
     ``event_id`` (the Idempotency-Key) wins over the body ``id``; without either, a new UUID.
@@ -72,54 +83,68 @@ def envelope(data: Any, event_id: str | None, metadata: dict[str, Any]) -> Event
         id=event_id or str(uuid.uuid4()),
         name=name,
         payload=payload,
-        source=HTTP_ADAPTER,
+        source=scope,
         metadata=metadata,
     )
 
 
-def _envelope_batch(items: list[Any], idempotency_key: str | None, metadata: dict[str, Any]) -> list[Parsed]:
+def _envelope_batch(
+    items: list[Any], idempotency_key: str | None, metadata: dict[str, Any], scope: str
+) -> list[Parsed]:
     """Ids: the item's ``id`` · ``{Idempotency-Key}:{index}`` · a UUID, so a batch retried with
     the same key starts nothing twice."""
-    _objects_only(items)
     out: list[Parsed] = []
     for i, item in enumerate(items):
         has_id = item.get("id") is not None
         key = None if has_id or not idempotency_key else f"{idempotency_key}:{i}"
         try:
-            out.append(envelope(item, key, dict(metadata)))
+            out.append(envelope(item, key, dict(metadata), scope))
         except EventRejected as exc:
             out.append(exc)
     return out
 
 
-def _cloudevent(body: bytes, metadata: dict[str, Any], *, attrs: dict[str, str] | None = None) -> EventSignal:
+def _cloudevent(
+    body: bytes,
+    metadata: dict[str, Any],
+    scope: str,
+    *,
+    attrs: dict[str, str] | None = None,
+    content_type: str | None = None,
+) -> EventSignal:
+    """Structured mode, or binary mode with ``attrs`` (the ``ce-*`` headers), where the request's
+    Content-Type is the ``datacontenttype`` (CloudEvents HTTP binding, 3.1.1)."""
     msg = Message(
         body=body,
-        source=HTTP_ADAPTER,
+        source=scope,
         fallback_id=str(uuid.uuid4()),
         ce_attributes=attrs or {},
-        content_type=None if attrs else CE_STRUCTURED,
+        content_type=content_type if attrs else CE_STRUCTURED,
         metadata=metadata,
     )
     return decode(msg, EventFormat(format="cloudevents"))
 
 
-def _cloudevents_batch(body: bytes, metadata: dict[str, Any]) -> list[Parsed]:
+def _cloudevents_batch(body: bytes, metadata: dict[str, Any], max_batch: int, scope: str) -> list[Parsed]:
     """A JSON array of structured-mode CloudEvents (CloudEvents JSON format, section 4)."""
     items = parse_json(body)
     if not isinstance(items, list):
         raise EventRejected("malformed", "a CloudEvents batch must be a JSON array")
-    _objects_only(items)
+    _check_batch(items, max_batch)
     out: list[Parsed] = []
     for item in items:
         try:
-            out.append(_cloudevent(json.dumps(item).encode(), dict(metadata)))
+            out.append(_cloudevent(json.dumps(item).encode(), dict(metadata), scope))
         except EventRejected as exc:
             out.append(exc)
     return out
 
 
-def _objects_only(items: list[Any]) -> None:
-    """A batch is an array of objects; anything else is no batch at all (refused whole)."""
+def _check_batch(items: list[Any], max_batch: int) -> None:
+    """A batch is an array of at most ``max_batch`` objects; anything else is refused whole."""
+    if len(items) > max_batch:
+        raise EventRejected(
+            "batch_too_large", f"the batch has {len(items)} events; http.max_batch_events allows {max_batch}"
+        )
     if not all(isinstance(item, dict) for item in items):
         raise EventRejected("malformed", "a batch must be a JSON array of objects")

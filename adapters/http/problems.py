@@ -8,13 +8,19 @@ each reason means for a client: docs/http-api.md.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from litestar import Request, Response
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 
-from bridge.errors import HTTP_STATUS, EventRejected, Reason, Unavailable
-from bridge.ratelimit import retry_after
+from bridge.errors import HTTP_STATUS, EventRejected, Overloaded, Reason, Unavailable
+from bridge.logsafe import safe
+
+log = logging.getLogger(__name__)
+
+OVERLOADED = "too many events wait for Temporal in this process; nothing of this request was taken"
 
 
 class Problem(Exception):
@@ -33,9 +39,13 @@ class Problem(Exception):
         return cls(exc.reason, exc.message, **{**details, **exc.details})
 
     @classmethod
-    def unavailable(cls, exc: Unavailable, at_least: int, message: str, **details: Any) -> Problem:
-        """Temporal did not take it: retry after the dispatcher client's hint, or the configured minimum."""
-        return cls(exc.reason, message, retry_after=retry_after(max(exc.retry_after, at_least)), **details)
+    def unavailable(cls, exc: Unavailable, retry_after_seconds: int, message: str, **details: Any) -> Problem:
+        """Nothing was taken: Temporal did not take it (``unavailable``), or this process already
+        holds as many events waiting for Temporal as it may (``overloaded``, and then ``message``
+        says so). Retry after ``http.retry_after_seconds``, whatever the dispatcher client's hint."""
+        if isinstance(exc, Overloaded):
+            message = f"{OVERLOADED}; retry after the Retry-After delay"
+        return cls(exc.reason, message, retry_after=max(1, retry_after_seconds), **details)
 
     @property
     def status(self) -> int:
@@ -54,4 +64,16 @@ def answer_rejected(request: Request[Any, Any, Any], exc: EventRejected) -> Resp
     return answer(request, Problem.of(exc))
 
 
-EXCEPTION_HANDLERS: ExceptionHandlersMap = {Problem: answer, EventRejected: answer_rejected}
+def answer_bug(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    """Whatever no handler expected: litestar's own 500 answer, and the traceback in the log (the
+    app leaves logging to the process, so litestar would log nothing)."""
+    log.error("unhandled error %s %s", request.method, safe(request.url.path), exc_info=exc)
+    body = {"status_code": HTTP_500_INTERNAL_SERVER_ERROR, "detail": "Internal Server Error"}
+    return Response(body, status_code=HTTP_500_INTERNAL_SERVER_ERROR)
+
+
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    Problem: answer,
+    EventRejected: answer_rejected,
+    HTTP_500_INTERNAL_SERVER_ERROR: answer_bug,
+}

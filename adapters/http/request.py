@@ -13,18 +13,25 @@ from typing import Any
 from litestar import Request
 
 from adapters.http.state import HttpState
+from bridge.decode import MAX_KEPT_VALUE
 from bridge.errors import EventRejected
 from bridge.snapshot import Snapshot
 
-_KEPT_HEADERS = ("traceparent", "tracestate", "x-request-id", "x-correlation-id", "user-agent")
+KEPT_HEADERS = ("traceparent", "tracestate", "x-request-id", "x-correlation-id", "user-agent")
+"""The headers an event keeps in ``metadata.headers``: one value each (the first), so at most five."""
+# A kept header's value is at most MAX_KEPT_VALUE (512) characters, as on every adapter (W3C asks
+# that ``tracestate`` be kept up to 512); a longer one is left out, not cut: a cut trace header is
+# no trace header. The events of a batch share the request's one copy in memory; encoded, each
+# carries at most ~3.5 KB of it.
+_MAX_LENGTH_DIGITS = 18
 
 
 async def read_body(request: Request[Any, Any, Any], http: HttpState, snap: Snapshot, adapter: str) -> bytes:
     """The whole body, or ``too_large`` as soon as the announced or received length is over
     ``http.max_body_bytes`` (a chunked body is cut off as soon as it passes the limit)."""
     limit = snap.config.http.max_body_bytes
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit:
+    length = request.headers.get("content-length") or ""
+    if length.isascii() and length.isdigit() and (len(length) > _MAX_LENGTH_DIGITS or int(length) > limit):
         raise _too_large(http, adapter, limit)
     received = bytearray()
     async with contextlib.aclosing(request.stream()) as chunks:
@@ -48,8 +55,9 @@ def headers(request: Request[Any, Any, Any]) -> dict[str, str]:
 
 
 def trace_metadata(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    """An event's metadata: the tracing and correlation headers, never credentials."""
-    kept = {h: request.headers[h] for h in _KEPT_HEADERS if h in request.headers}
+    """An event's metadata: the tracing and correlation headers (:data:`KEPT_HEADERS`, each at
+    most :data:`MAX_KEPT_VALUE` characters), never credentials."""
+    kept = {h: v for h in KEPT_HEADERS if (v := request.headers.get(h)) is not None and len(v) <= MAX_KEPT_VALUE}
     meta: dict[str, Any] = {"headers": kept}
     if "x-correlation-id" in kept:
         meta["correlation_id"] = kept["x-correlation-id"]

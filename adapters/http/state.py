@@ -9,8 +9,11 @@ not change. Rate limits, tokens and reloads: docs/http-api.md and docs/webhooks.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
+from litestar.handlers.base import BaseRouteHandler
 
 from adapters.http.problems import Problem
 from bridge.config import RateLimit
@@ -25,6 +28,9 @@ WEBHOOK_ADAPTER = "webhook"
 """Webhook deliveries: their metrics label."""
 ANONYMOUS = "anonymous"
 """The token name of every request when no token is configured and ``insecure`` is set."""
+
+NEEDS_TOKEN = "needs_token"
+"""The opt (``opt={NEEDS_TOKEN: True}``) of handlers and routers that only token holders may read."""
 
 Ready = Callable[[], Awaitable[dict[str, bool]]]
 
@@ -96,10 +102,26 @@ class HttpState:
             return ANONYMOUS
         return snap.tokens.match(authorization)
 
+    def guard(self, connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+        """The app's guard: a handler (or router) with the opt :data:`NEEDS_TOKEN` (``/metrics``,
+        ``/schema``) answers only the events API's bearer token; in insecure mode without tokens,
+        anyone, as the events API. Why: docs/operations.md, "Exposure"."""
+        if (
+            handler.opt.get(NEEDS_TOKEN)
+            and self.token_name(self.current(), connection.headers.get("authorization")) is None
+        ):
+            raise self.deny(HTTP_ADAPTER, "unauthorized", "a valid bearer token is required")
+
     def refuse(self, adapter: str, exc: EventRejected) -> EventRejected:
         """Count and log a body refused before anything was submitted; returned, to be raised."""
         self.pipeline.reject(adapter, None, None, exc)
         return exc
+
+    def refuse_items(self, adapter: str, refused: list[EventRejected]) -> None:
+        """Count the items of a batch refused before anything was submitted; the batch's one log
+        line says how many of each reason, so a large batch of bad items costs no log flood."""
+        for exc in refused:
+            self.metrics.rejected.labels(adapter, exc.reason).inc()
 
     def deny(self, adapter: str, reason: Reason, message: str, *, retry_after: int | None = None) -> Problem:
         """Count a request refused before its body was looked at; returned, to be raised."""

@@ -61,7 +61,7 @@ async def test_accepted_after_the_sink_returned(sink: FakeSink) -> None:
     assert resp.status_code == 202
     assert resp.json()["event_id"] == "evt-1"
     [event] = sink.events
-    assert (event.id, event.name, event.source) == ("evt-1", "order.created", "http")
+    assert (event.id, event.name, event.source) == ("evt-1", "order.created", "http:token-1")
     assert event.payload == {"orderId": "A1", "amount": 5}
 
 
@@ -192,22 +192,24 @@ async def test_unknown_name_is_422_and_nothing_submitted(sink: FakeSink, client:
 # --- 503 -----------------------------------------------------------------------------------
 
 
-async def test_sink_unavailable_is_503_with_retry_after(sink: FakeSink) -> None:
-    sink.unavailable = Unavailable("temporal down", retry_after=12)
+@pytest.mark.parametrize("hint", [12, 1], ids=["client-hint-above", "client-hint-below"])
+async def test_sink_unavailable_is_503_with_the_configured_retry_after(sink: FakeSink, hint: float) -> None:
+    """Retry-After is http.retry_after_seconds, whatever the dispatcher client's own hint (5 s by default)."""
+    sink.unavailable = Unavailable("temporal down", retry_after=hint)
     async with AsyncTestClient(make_app(sink, make_config(retry_after_seconds=3))) as c:
         resp = await c.post(URL, json={**order(), "id": "evt-503"}, headers=AUTH)
     assert resp.status_code == 503
-    assert resp.headers["Retry-After"] == "12"
+    assert resp.headers["Retry-After"] == "3"
     assert resp.json()["error"] == "unavailable"
     assert resp.json()["event_id"] == "evt-503"
 
 
-async def test_retry_after_is_at_least_the_configured_value(sink: FakeSink) -> None:
-    sink.unavailable = Unavailable("temporal down", retry_after=1)
-    async with AsyncTestClient(make_app(sink, make_config(retry_after_seconds=7))) as c:
+async def test_retry_after_follows_the_configured_value_below_the_client_default(sink: FakeSink) -> None:
+    sink.unavailable = Unavailable("temporal down")  # the client's built-in 5 s
+    async with AsyncTestClient(make_app(sink, make_config(retry_after_seconds=1))) as c:
         resp = await c.post(URL, json=order(), headers=AUTH)
     assert resp.status_code == 503
-    assert resp.headers["Retry-After"] == "7"
+    assert resp.headers["Retry-After"] == "1"
 
 
 # --- event ids -----------------------------------------------------------------------------
@@ -248,7 +250,9 @@ async def test_structured_cloudevent_is_accepted(sink: FakeSink, client: AsyncTe
     resp = await client.post(URL, content=json.dumps(body).encode(), headers=headers)
     assert resp.status_code == 202, resp.text
     [event] = sink.events
-    assert (event.id, event.name, event.source) == ("ce-1", "order.created", "/shop")
+    # The CloudEvent's source is part of its id; the scope is the token's, never the sender's.
+    assert (event.id, event.name, event.source) == ("/shop#ce-1", "order.created", "http:token-1")
+    assert event.metadata["cloudevents"]["source"] == "/shop"
     assert event.payload == {"orderId": "A1"}
 
 
@@ -264,8 +268,19 @@ async def test_binary_cloudevent_is_accepted(sink: FakeSink, client: AsyncTestCl
     resp = await client.post(URL, json={"orderId": "A2"}, headers=headers)
     assert resp.status_code == 202, resp.text
     [event] = sink.events
-    assert (event.id, event.name, event.source) == ("ce-2", "order.created", "/shop")
+    assert (event.id, event.name, event.source) == ("/shop#ce-2", "order.created", "http:token-1")
     assert event.payload == {"orderId": "A2"}
+
+
+async def test_binary_cloudevent_content_type_is_its_datacontenttype(
+    sink: FakeSink, client: AsyncTestClient[Litestar]
+) -> None:
+    """CloudEvents HTTP binding: in binary mode the Content-Type is the datacontenttype, so a
+    non-JSON body is kept (base64), never refused or dropped."""
+    ce = {"ce-specversion": "1.0", "ce-id": "ce-3", "ce-source": "/shop", "ce-type": "order.shipped"}
+    resp = await client.post(URL, content=b"hello", headers={**AUTH, **ce, "Content-Type": "text/plain"})
+    assert resp.status_code == 202, resp.text
+    assert sink.events[0].payload == {"data_base64": "aGVsbG8=", "datacontenttype": "text/plain"}
 
 
 # --- batches: a JSON array of envelopes ----------------------------------------------------
@@ -282,8 +297,8 @@ async def test_envelope_batch_answers_per_event(sink: FakeSink, client: AsyncTes
         {"index": 1, "status": 202, "event_id": "b-2", "name": "order.shipped"},
     ]
     assert [(e.id, e.name, e.source) for e in sink.events] == [
-        ("b-1", "order.created", "http"),
-        ("b-2", "order.shipped", "http"),
+        ("b-1", "order.created", "http:token-1"),
+        ("b-2", "order.shipped", "http:token-1"),
     ]
 
 
@@ -338,10 +353,10 @@ async def test_empty_batch_is_accepted_and_submits_nothing(sink: FakeSink, clien
 
 async def test_batch_unavailable_is_503_for_the_whole_batch(sink: FakeSink) -> None:
     sink.unavailable = Unavailable("temporal down", retry_after=9)
-    async with AsyncTestClient(make_app(sink)) as c:
+    async with AsyncTestClient(make_app(sink, make_config(retry_after_seconds=4))) as c:
         resp = await c.post(URL, json=[{**order(), "id": "x1"}, {**order(), "id": "x2"}], headers=AUTH)
     assert resp.status_code == 503
-    assert resp.headers["Retry-After"] == "9"
+    assert resp.headers["Retry-After"] == "4"
     assert resp.json()["event_ids"] == ["x1", "x2"]
 
 
@@ -397,9 +412,10 @@ async def test_sdk_cloudevent_is_accepted(sink: FakeSink, client: AsyncTestClien
     headers, body = encode("ce-42", "/shop floor/1")  # a space: percent-encoded in binary mode
     resp = await client.post(URL, content=body, headers={**AUTH, **headers})
     assert resp.status_code == 202, resp.text
-    assert resp.json()["event_id"] == "ce-42"
+    assert resp.json()["event_id"] == "/shop floor/1#ce-42"
     [event] = sink.events
-    assert (event.id, event.name, event.source) == ("ce-42", "order.created", "/shop floor/1")
+    assert (event.id, event.name, event.source) == ("/shop floor/1#ce-42", "order.created", "http:token-1")
+    assert event.metadata["cloudevents"]["source"] == "/shop floor/1"
     assert event.payload == {"orderId": "A1"}
     assert event.metadata["cloudevents"]["specversion"] == "1.0"
 
@@ -421,16 +437,16 @@ async def test_sdk_cloudevents_batch_answers_per_event(sink: FakeSink, client: A
     resp = await client.post(URL, content=body, headers=CE_BATCH_HEADERS)
     assert resp.status_code == 202, resp.text
     assert [(r["index"], r["status"], r["event_id"]) for r in resp.json()["results"]] == [
-        (0, 202, "1"),
-        (1, 202, "1"),
-        (2, 202, "2"),
+        (0, 202, "/a#1"),
+        (1, 202, "/b#1"),
+        (2, 202, "/a#2"),
     ]
     assert [(e.source, e.id, e.name) for e in sink.events] == [
-        ("/a", "1", "order.created"),
-        ("/b", "1", "order.created"),
-        ("/a", "2", "order.shipped"),
+        ("http:token-1", "/a#1", "order.created"),
+        ("http:token-1", "/b#1", "order.created"),
+        ("http:token-1", "/a#2", "order.shipped"),
     ]
-    assert len({e.digest for e in sink.events}) == 3  # same id, other source: another event
+    assert len({(e.source, e.id) for e in sink.events}) == 3  # same id, other source: another event
     assert sink.events[2].payload == {"orderId": "A1", "n": 3}
 
 
@@ -443,7 +459,7 @@ async def test_cloudevents_batch_with_a_bad_event_is_207(sink: FakeSink, client:
     results = resp.json()["results"]
     assert [(r["status"], r.get("error")) for r in results] == [(202, None), (400, "malformed"), (422, "unroutable")]
     assert "type" in results[1]["message"]
-    assert [e.id for e in sink.events] == ["g"]
+    assert [e.id for e in sink.events] == ["/shop#g"]
 
 
 @pytest.mark.parametrize("body", [b'{"specversion": "1.0"}', b"[1]", b"[nope"])
@@ -474,7 +490,7 @@ async def test_per_token_rate_limit_is_429_with_retry_after(sink: FakeSink) -> N
         codes = [(await c.post(URL, json=order(), headers=AUTH)).status_code for _ in range(2)]
         refused = await c.post(URL, json=order(), headers=AUTH)
         other = await c.post(URL, json=order(), headers={"Authorization": "Bearer other-token"})
-        text = (await c.get("/metrics")).text
+        text = (await c.get("/metrics", headers=AUTH)).text
     assert codes == [202, 202]
     assert refused.status_code == 429
     assert refused.json()["error"] == "rate_limited"

@@ -1,5 +1,6 @@
 """The OpenAPI document against the live HTTP adapter: schemathesis generates requests from it and
-checks every answer (status code, content type, headers, body schema) against it.
+checks every answer (status code, content type, headers, body schema) against it, and that no
+answer is a 5xx but the 503 of a sink that says Temporal is unavailable.
 
 The app is served by uvicorn on 127.0.0.1 with an in-memory sink, so no service is needed.
 """
@@ -29,7 +30,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from adapters.http import create_app
-from bridge.errors import Unavailable
+from bridge.decode import INT_MAX, INT_MIN
+from bridge.errors import Overloaded, Unavailable
 from bridge.pipeline import Pipeline
 from bridge.snapshot import Snapshot, parse
 from tests.fakes import FakeSink
@@ -43,6 +45,17 @@ RESPONSE_CONFORMANCE = [
     response_schema_conformance,
 ]
 CONFORMANCE = [*RESPONSE_CONFORMANCE, not_a_server_error]
+
+
+def only_unavailable_5xx(ctx: Any, response: Any, case: Any) -> None:
+    """No server error but the 503 that says Temporal (or this process) cannot take events now."""
+    if response.status_code >= 500:
+        assert response.status_code == 503, (case.method, case.path, response.status_code, response.text)
+        assert response.json()["error"] in ("unavailable", "overloaded"), response.text
+        assert int(response.headers["retry-after"][0]) >= 1
+
+
+DOWN = [*RESPONSE_CONFORMANCE, only_unavailable_5xx]
 
 
 def snapshot() -> Snapshot:
@@ -85,7 +98,30 @@ def base_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def api_schema(base_url: str) -> Any:
-    return schemathesis.openapi.from_url(f"{base_url}/schema/openapi.json")
+    return schemathesis.openapi.from_url(f"{base_url}/schema/openapi.json", headers=AUTH)
+
+
+@pytest.fixture(scope="module")
+def down_schema() -> Iterator[Any]:
+    """The app over a sink that refuses every submission as Temporal does while it is down."""
+    snap, sink = snapshot(), FakeSink()
+    sink.unavailable = Unavailable("Temporal is down", 30)
+    with serve(create_app(Pipeline(snap.routes, sink), snap)) as url:
+        yield schemathesis.openapi.from_url(f"{url}/schema/openapi.json", headers=AUTH)
+
+
+def within_json_limits(value: Any) -> bool:
+    """The JSON rules the document states in words only (integers within 64 bits; the generator
+    makes nothing nested 100 deep)."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return INT_MIN <= value <= INT_MAX
+    if isinstance(value, dict):
+        return all(within_json_limits(v) for v in value.values())
+    if isinstance(value, list):
+        return all(within_json_limits(v) for v in value)
+    return True
 
 
 def run(
@@ -96,6 +132,8 @@ def run(
     cases = operation.as_strategy(generation_mode=mode, **fixed)
     if media_type is not None:
         cases = cases.filter(lambda case: case.media_type == media_type)
+    if mode == POSITIVE:
+        cases = cases.filter(lambda case: within_json_limits(case.body))
 
     @given(case=cases)
     @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -130,12 +168,20 @@ def test_every_answer_conforms_to_the_openapi_document(
 def test_what_the_document_allows_is_accepted(api_schema: Any) -> None:
     """What the document says the events API and a webhook take, they take: 2xx, never a 4xx.
 
-    A form-encoded delivery is left out: its ``payload`` field must hold JSON, which the document
+    Bodies with an integer beyond 64 bits are left out: the document says so in words only. A
+    form-encoded delivery is left out: its ``payload`` field must hold JSON, which the document
     says in words only (``contentMediaType``), so a generator makes any string of it."""
     checks = [*CONFORMANCE, positive_data_acceptance]
     run(api_schema.find_operation_by_id("sendEvents"), POSITIVE, checks, examples=25)
     hook = api_schema.find_operation_by_id("receiveWebhook")
     run(hook, POSITIVE, checks, examples=10, media_type="application/json", **OPEN_HOOK)
+
+
+@pytest.mark.parametrize(("operation_id", "mode", "fixed"), CASES)
+def test_no_server_error_but_503_while_temporal_is_down(
+    down_schema: Any, operation_id: str, mode: GenerationMode, fixed: dict[str, Any]
+) -> None:
+    run(down_schema.find_operation_by_id(operation_id), mode, DOWN, examples=10, **fixed)
 
 
 def test_the_document_lists_every_operation(api_schema: Any) -> None:
@@ -145,7 +191,7 @@ def test_the_document_lists_every_operation(api_schema: Any) -> None:
 def test_the_document_describes_bodies_errors_and_auth() -> None:
     snap = snapshot()
     with TestClient(create_app(Pipeline(snap.routes, FakeSink()), snap)) as client:
-        doc = client.get("/schema/openapi.json").json()
+        doc = client.get("/schema/openapi.json", headers=AUTH).json()
     send, receive = doc["paths"]["/api/v1/events"]["post"], doc["paths"]["/api/v1/hooks/{slug}"]["post"]
     bodies = send["requestBody"]["content"]
     assert set(bodies) == {"application/json", "application/cloudevents+json", "application/cloudevents-batch+json"}
@@ -157,6 +203,16 @@ def test_the_document_describes_bodies_errors_and_auth() -> None:
     assert (bearer["type"], bearer["scheme"]) == ("http", "bearer")
     assert send["security"] == [{"bearer": []}]
     assert receive["security"] == []  # a webhook is authenticated by its signature
+    ops = {path: doc["paths"][path]["get"] for path in ("/healthz", "/readyz", "/metrics")}
+    assert ops["/healthz"].get("security", []) == []
+    assert ops["/readyz"]["security"] == [{}, {"bearer": []}]  # the checks only with the token
+    assert ops["/metrics"]["security"] == [{"bearer": []}]
+    assert "ErrorBody" in json.dumps(ops["/metrics"]["responses"]["401"])
+    assert "checks" not in doc["components"]["schemas"]["Readiness"].get("required", [])
+    for status, reasons in (("413", ("too_large", "batch_too_large")), ("503", ("unavailable", "overloaded"))):
+        for reason in reasons:
+            assert reason in send["responses"][status]["description"], (status, reason)
+    assert "overloaded" in receive["responses"]["503"]["description"]
     for operation in (send, receive):
         for status, response in operation["responses"].items():
             refs = json.dumps(response["content"]["application/json"]["schema"])
@@ -211,7 +267,7 @@ def strict() -> Iterator[tuple[Any, FakeSink]]:
         return {"temporal": False, "worker": True}
 
     with serve(create_app(Pipeline(snap.routes, sink), snap, ready=not_ready)) as url:
-        yield schemathesis.openapi.from_url(f"{url}/schema/openapi.json"), sink
+        yield schemathesis.openapi.from_url(f"{url}/schema/openapi.json", headers=bearer(11)), sink
 
 
 def bearer(i: int) -> dict[str, str]:
@@ -280,6 +336,27 @@ def test_unavailable_conforms(strict: tuple[Any, FakeSink]) -> None:
         sink.unavailable = None
 
 
-def test_not_ready_conforms(strict: tuple[Any, FakeSink]) -> None:
-    case = strict[0].find_operation_by_id("readyz").Case()
-    assert case.call_and_validate(checks=RESPONSE_CONFORMANCE).status_code == 503
+def test_overloaded_conforms(strict: tuple[Any, FakeSink]) -> None:
+    """503 ``overloaded`` (too many events wait for Temporal in this process) is documented like
+    ``unavailable``, Retry-After included."""
+    schema, sink = strict
+    send = schema.find_operation_by_id("sendEvents").Case(body=ORDER, media_type="application/json", headers=bearer(10))
+    sink.unavailable = Overloaded("10000 events already wait for Temporal in this process", 3)
+    try:
+        response = send.call_and_validate(checks=RESPONSE_CONFORMANCE)
+    finally:
+        sink.unavailable = None
+    assert (response.status_code, response.json()["error"]) == (503, "overloaded")
+
+
+@pytest.mark.parametrize("headers", [{}, bearer(11)], ids=["bare", "with-token"])
+def test_not_ready_conforms(strict: tuple[Any, FakeSink], headers: dict[str, str]) -> None:
+    case = strict[0].find_operation_by_id("readyz").Case(headers=headers)
+    response = case.call_and_validate(checks=RESPONSE_CONFORMANCE)
+    assert response.status_code == 503
+    assert ("checks" in response.json()) == bool(headers)
+
+
+def test_metrics_without_a_token_conforms(strict: tuple[Any, FakeSink]) -> None:
+    case = strict[0].find_operation_by_id("metrics").Case()
+    assert case.call_and_validate(checks=CONFORMANCE).status_code == 401

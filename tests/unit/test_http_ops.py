@@ -1,5 +1,5 @@
 """The operational endpoints (/healthz, /readyz, /metrics), the OpenAPI document's paths, and the
-HTTP settings read from the environment."""
+HTTP settings read from the environment. Who may read them: test_http_exposure.py."""
 
 from __future__ import annotations
 
@@ -50,9 +50,11 @@ async def test_readyz_follows_ready_callable(sink: FakeSink, checks: dict[str, b
         return checks
 
     async with AsyncTestClient(make_app(sink, ready=ready)) as c:
-        resp = await c.get("/readyz")
-    assert resp.status_code == status
+        resp = await c.get("/readyz", headers=AUTH)
+        bare = await c.get("/readyz")
+    assert resp.status_code == bare.status_code == status
     assert resp.json()["checks"] == checks
+    assert bare.json() == {"status": resp.json()["status"]}
 
 
 async def test_metrics_count_accepted_and_rejected_by_reason(client: AsyncTestClient[Litestar]) -> None:
@@ -60,7 +62,7 @@ async def test_metrics_count_accepted_and_rejected_by_reason(client: AsyncTestCl
     await client.post(URL, json={"name": "nobody.listens", "payload": {}}, headers=AUTH)
     await client.post(URL, content=b"{", headers=AUTH)
     await client.post(URL, json=order())
-    text = (await client.get("/metrics")).text
+    text = (await client.get("/metrics", headers=AUTH)).text
     assert 'signal_bridge_events_accepted_total{adapter="http"} 1.0' in text
     for reason in ("unroutable", "malformed", "unauthorized"):
         assert f'signal_bridge_events_rejected_total{{adapter="http",reason="{reason}"}} 1.0' in text
@@ -68,12 +70,12 @@ async def test_metrics_count_accepted_and_rejected_by_reason(client: AsyncTestCl
 
 async def test_too_large_is_counted_as_rejected(client: AsyncTestClient[Litestar]) -> None:
     await client.post(URL, content=big_body(), headers=AUTH)
-    text = (await client.get("/metrics")).text
+    text = (await client.get("/metrics", headers=AUTH)).text
     assert 'signal_bridge_events_rejected_total{adapter="http",reason="too_large"} 1.0' in text
 
 
 async def test_openapi_lists_the_events_endpoint(client: AsyncTestClient[Litestar]) -> None:
-    resp = await client.get("/schema/openapi.json")
+    resp = await client.get("/schema/openapi.json", headers=AUTH)
     assert resp.status_code == 200
     assert "post" in resp.json()["paths"]["/api/v1/events"]
 

@@ -14,7 +14,7 @@ from litestar.testing import AsyncTestClient, TestClient
 
 from adapters.http import create_app, events, webhooks
 from adapters.http.problems import EXCEPTION_HANDLERS
-from bridge.errors import HTTP_STATUS, REASONS, EventRejected, Unavailable
+from bridge.errors import HTTP_STATUS, REASONS, EventRejected, Overloaded, Unavailable
 from bridge.pipeline import Pipeline
 from bridge.snapshot import parse
 from tests.fakes import FakeSink
@@ -79,6 +79,7 @@ def test_every_reason_the_code_produces_has_a_status() -> None:
         "unroutable",
         "input_failed",
         "too_large",
+        "batch_too_large",
         "unauthorized",
         "not_found",
         "rate_limited",
@@ -88,6 +89,7 @@ def test_every_reason_the_code_produces_has_a_status() -> None:
 def test_the_http_adapter_declares_every_reason_it_answers_with() -> None:
     assert set(events.REASONS) | set(webhooks.REASONS) == set(REASONS)
     assert Unavailable("down").reason in events.REASONS
+    assert Overloaded("full").reason in events.REASONS
 
 
 @pytest.mark.parametrize("reason", REASONS)
@@ -108,9 +110,11 @@ async def test_a_rejection_is_answered_with_the_tables_status(reason: Any) -> No
 def test_the_openapi_document_lists_each_reasons_status() -> None:
     snap = parse({"project": "shop", "http": {"auth": {"tokens": ["a-token"]}}}, origin="test")
     with TestClient(create_app(Pipeline(snap.routes, FakeSink()), snap)) as client:
-        paths = client.get("/schema/openapi.json").json()["paths"]
+        paths = client.get("/schema/openapi.json", headers={"Authorization": "Bearer a-token"}).json()["paths"]
     for path, module in (("/api/v1/events", events), ("/api/v1/hooks/{slug}", webhooks)):
         responses = paths[path]["post"]["responses"]
         for reason in module.REASONS:
             described = responses[str(HTTP_STATUS[reason])]
             assert reason in described["description"], (path, reason)
+        # Overloaded is an Unavailable: whoever may answer one may answer the other.
+        assert "overloaded" in responses[str(HTTP_STATUS["overloaded"])]["description"], path

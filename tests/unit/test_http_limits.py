@@ -1,0 +1,191 @@
+"""What one request to the events API may cost: batch size (http.max_batch_events), kept headers,
+the per-token rate limit charged per event, and the 503 ``overloaded`` when too many events
+already wait for Temporal in the process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from adapters.http import create_app
+from adapters.http.parse import CE_BATCH
+from bridge.decode import MAX_KEPT_VALUE
+from bridge.pipeline import Pipeline
+from bridge.ratelimit import TokenBucket
+from bridge.snapshot import Snapshot
+from tests.fakes import FakeSink
+from tests.unit.http_support import AUTH, URL, in_loop_client, make_app, make_config, order
+
+MAX_BATCH = 5
+
+
+def ce(event_id: str) -> dict[str, Any]:
+    return {"specversion": "1.0", "id": event_id, "source": "/shop", "type": "order.created", "data": {"orderId": "A"}}
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "") + " "
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(want)), 0.0)
+
+
+# --- http.max_batch_events -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cloudevents", [False, True], ids=["envelopes", "cloudevents"])
+async def test_a_batch_over_max_batch_events_is_413_whole(cloudevents: bool) -> None:
+    sink = FakeSink()
+    async with AsyncTestClient(make_app(sink, make_config(max_batch_events=MAX_BATCH))) as c:
+
+        async def send(n: int) -> Any:
+            if cloudevents:
+                body = json.dumps([ce(f"e{i}") for i in range(n)]).encode()
+                return await c.post(URL, content=body, headers={**AUTH, "Content-Type": CE_BATCH})
+            return await c.post(URL, json=[{**order(), "id": f"e{i}"} for i in range(n)], headers=AUTH)
+
+        at_the_cap = await send(MAX_BATCH)
+        over = await send(MAX_BATCH + 1)
+        text = (await c.get("/metrics", headers=AUTH)).text
+    assert at_the_cap.status_code == 202
+    assert over.status_code == 413
+    assert over.json() == {
+        "error": "batch_too_large",
+        "message": f"the batch has {MAX_BATCH + 1} events; http.max_batch_events allows {MAX_BATCH}",
+    }
+    assert len(sink.events) == MAX_BATCH  # nothing of the larger batch
+    assert metric(text, "signal_bridge_events_rejected_total", adapter="http", reason="batch_too_large") == 1
+
+
+def test_max_batch_events_defaults_to_1000() -> None:
+    assert make_config().http.max_batch_events == 1000
+
+
+# --- kept headers ----------------------------------------------------------------------------
+
+
+async def test_kept_headers_are_capped_in_length_and_others_never_kept() -> None:
+    sink = FakeSink()
+    headers = {
+        **AUTH,
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "tracestate": "v=" + "x" * (MAX_KEPT_VALUE - 2),  # just at the cap: kept
+        "user-agent": "u" * (MAX_KEPT_VALUE + 1),  # over it: left out, not cut
+        "x-correlation-id": "c" * 100_000,
+        "cookie": "session=secret",
+        "x-api-key": "secret",
+    }
+    async with AsyncTestClient(make_app(sink)) as c:
+        assert (await c.post(URL, json=order(), headers=headers)).status_code == 202
+    meta = sink.events[0].metadata
+    assert meta["headers"] == {"traceparent": headers["traceparent"], "tracestate": headers["tracestate"]}
+    assert "correlation_id" not in meta
+    assert "secret" not in json.dumps(meta)
+
+
+async def test_a_repeated_kept_header_keeps_its_first_value() -> None:
+    sink = FakeSink()
+    async with in_loop_client(make_app(sink)) as c:
+        headers = [*AUTH.items(), ("x-request-id", "first"), ("x-request-id", "second")]
+        assert (await c.post(URL, json=order(), headers=headers)).status_code == 202
+    assert sink.events[0].metadata["headers"]["x-request-id"] == "first"
+
+
+@pytest.mark.parametrize("cloudevents", [False, True], ids=["envelopes", "cloudevents"])
+async def test_the_events_of_a_batch_share_the_requests_kept_headers(cloudevents: bool) -> None:
+    """A batch does not copy the request's headers once per event."""
+    sink = FakeSink()
+    headers = {**AUTH, "tracestate": "t" * MAX_KEPT_VALUE}
+    async with AsyncTestClient(make_app(sink)) as c:
+        if cloudevents:
+            body = json.dumps([ce(f"e{i}") for i in range(4)]).encode()
+            resp = await c.post(URL, content=body, headers={**headers, "Content-Type": CE_BATCH})
+        else:
+            resp = await c.post(URL, json=[order()] * 4, headers=headers)
+    assert resp.status_code == 202
+    kept = [e.metadata["headers"] for e in sink.events]
+    assert len(kept) == 4 and all(h is kept[0] for h in kept)
+
+
+# --- rate limits: per event ------------------------------------------------------------------
+
+BUDGET_OF_FIVE = {"per_token": {"rate": 0.001, "burst": 5}}  # five events, then one every 1000 s
+
+
+async def test_a_batch_of_n_takes_n_tokens_and_one_that_does_not_fit_is_429_whole() -> None:
+    sink = FakeSink()
+    async with AsyncTestClient(make_app(sink, make_config(rate_limit=BUDGET_OF_FIVE))) as c:
+        first = await c.post(URL, json=[{**order(), "id": f"a{i}"} for i in range(3)], headers=AUTH)
+        refused = await c.post(URL, json=[{**order(), "id": f"b{i}"} for i in range(3)], headers=AUTH)
+        fits = await c.post(URL, json=[{**order(), "id": f"c{i}"} for i in range(2)], headers=AUTH)
+        after = await c.post(URL, json={**order(), "id": "d"}, headers=AUTH)
+    assert (first.status_code, refused.status_code, fits.status_code, after.status_code) == (202, 429, 202, 429)
+    assert refused.json()["error"] == "rate_limited"
+    assert "3 events" in refused.json()["message"]
+    assert 990 <= int(refused.headers["Retry-After"]) <= 1000
+    assert [e.id for e in sink.events] == ["a0", "a1", "a2", "c0", "c1"]
+
+
+async def test_a_batch_larger_than_the_burst_goes_with_a_full_bucket_and_leaves_a_debt() -> None:
+    sink = FakeSink()
+    async with AsyncTestClient(make_app(sink, make_config(rate_limit=BUDGET_OF_FIVE))) as c:
+        big = await c.post(URL, json=[order()] * 8, headers=AUTH)
+        after = await c.post(URL, json=order(), headers=AUTH)
+    assert (big.status_code, after.status_code) == (202, 429)
+    assert int(after.headers["Retry-After"]) >= 3 * 1000  # the three borrowed tokens, then one more
+
+
+async def test_a_refused_body_costs_its_request() -> None:
+    sink = FakeSink()
+    budget = {"per_token": {"rate": 0.001, "burst": 2}}
+    async with AsyncTestClient(make_app(sink, make_config(rate_limit=budget))) as c:
+        statuses = [
+            (await c.post(URL, content=b"{nope", headers=AUTH)).status_code,
+            (await c.post(URL, json=order(), headers=AUTH)).status_code,
+            (await c.post(URL, json=order(), headers=AUTH)).status_code,
+        ]
+    assert statuses == [400, 202, 429]
+
+
+def test_a_bucket_takes_a_cost_whole_or_not_at_all() -> None:
+    now = [0.0]
+    bucket = TokenBucket(rate=1, burst=4, clock=lambda: now[0])
+    assert bucket.take(3) == 0.0
+    assert bucket.due(2) == pytest.approx(1.0)  # one left, a second in one second
+    assert bucket.take(2) == pytest.approx(1.0)  # nothing taken
+    now[0] = 1.0
+    assert bucket.take(2) == 0.0
+    now[0] = 5.0  # full again
+    assert bucket.take(10) == 0.0  # over the burst: a full bucket lets it go, six tokens in debt
+    assert bucket.due() == pytest.approx(7.0)
+
+
+# --- 503 overloaded --------------------------------------------------------------------------
+
+
+async def test_overloaded_is_503_with_the_configured_retry_after() -> None:
+    """A process holding dispatcher.max_pending_events events for Temporal refuses more: 503
+    ``overloaded`` with Retry-After from http.retry_after_seconds; nothing of it is held."""
+    sink = FakeSink()
+    sink.release = asyncio.Event()
+    snap = Snapshot.compile(make_config(retry_after_seconds=2))
+    pipeline = Pipeline(snap.routes, sink, max_pending=3, retry_after=30)
+    async with in_loop_client(create_app(pipeline, snap)) as c:
+        held = asyncio.create_task(c.post(URL, json=[{**order(), "id": f"h{i}"} for i in range(3)], headers=AUTH))
+        await asyncio.wait_for(sink.entered.wait(), 10)
+        one = await c.post(URL, json={**order(), "id": "o"}, headers=AUTH)
+        batch = await c.post(URL, json=[{**order(), "id": "b1"}, {**order(), "id": "b2"}], headers=AUTH)
+        sink.release.set()
+        assert (await asyncio.wait_for(held, 10)).status_code == 202
+        text = (await c.get("/metrics", headers=AUTH)).text
+    for resp in (one, batch):
+        assert resp.status_code == 503
+        assert resp.headers["Retry-After"] == "2"
+        assert resp.json()["error"] == "overloaded"
+        assert "too many events wait for Temporal" in resp.json()["message"]
+    assert one.json()["event_id"] == "o"
+    assert batch.json()["event_ids"] == ["b1", "b2"]
+    assert [e.id for e in sink.events] == ["h0", "h1", "h2"]
+    assert metric(text, "signal_bridge_overloaded_total", adapter="http") == 2
