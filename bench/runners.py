@@ -16,7 +16,7 @@ from temporalio.client import Client
 
 from bench.report import Row, adapter_row, now, start_times
 from bridge.config import BridgeConfig, parse_config
-from bridge.event import event_digest, target_workflow_id
+from bridge.event import run_digest, target_workflow_id
 from bridge.runtime.app import Bridge
 
 TOKEN = "bench-token"
@@ -89,7 +89,7 @@ async def http(setup: Setup, mode: str) -> Row:
                         headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": key},
                     )
                 assert resp.status_code == 202, resp.text
-                acked[target_workflow_id(queue, event_digest("http", key))] = now()
+                acked[target_workflow_id(queue, run_digest(cfg.project, "http:token-1", key))] = now()
 
             began = now()
             t0 = time.perf_counter()

@@ -16,8 +16,9 @@ MAX_SIGNAL_BYTES = 1024 * 1024
 class EventSignal:
     """An event, stripped of its transport.
 
-    ``id`` is stable across redeliveries of the same event (see DESIGN "Event ids"), so
-    ``(source, id)`` names the event and every target run derives its workflow id from it.
+    ``id`` is stable across redeliveries of the same event, and ``source`` is the scope its adapter
+    set (never the sender): with the project, ``(source, id)`` names the event, and every target
+    run derives its workflow id from it (:func:`run_digest`).
     ``key`` is the ordering key (Kafka key, AMQP routing key) that picks the dispatcher shard.
     """
 
@@ -28,10 +29,6 @@ class EventSignal:
     time: str = field(default_factory=lambda: utc_now())
     metadata: dict[str, Any] = field(default_factory=dict)
     key: str | None = None
-
-    @property
-    def digest(self) -> str:
-        return event_digest(self.source, self.id)
 
     def to_dict(self) -> dict[str, Any]:
         # Spelled out: dataclasses.asdict deep-copies the payload, which the dispatcher cannot afford.
@@ -73,11 +70,6 @@ class EventSignal:
 
 def utc_now() -> str:
     return datetime.now(UTC).isoformat()
-
-
-def event_digest(source: str, event_id: str) -> str:
-    """A short, stable name for ``(source, id)``; 80 bits keep collisions out of reach."""
-    return hashlib.sha256(f"{source}\x00{event_id}".encode()).hexdigest()[:20]
 
 
 def run_digest(project: str, scope: str, event_id: str) -> str:

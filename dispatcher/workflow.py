@@ -2,7 +2,7 @@
 
 Signal handlers only append to a queue; the main loop drains it in batches. For each event it
 resolves the targets from the route table (loaded by a local activity, so a replay sees the
-table the run saw) and starts each with the id ``{workflow_id}-{digest(source, id)}``, ``ABANDON``
+table the run saw) and starts each with the id ``{workflow_id}-{run_digest(project, source, id)}``, ``ABANDON``
 and ``REJECT_DUPLICATE``, waiting only until each has *started*: as a child workflow, or (start
 mode ``activity``) in batches from the START_TARGETS activity. A second start for the same event
 is refused by Temporal and counted as a duplicate; recent event digests catch most before that.
@@ -28,7 +28,7 @@ with workflow.unsafe.imports_passed_through():
     import json
 
     from bridge import templates
-    from bridge.event import EventSignal, target_workflow_id
+    from bridge.event import EventSignal, run_digest, target_workflow_id
     from bridge.routing import RouteTable, Target
     from dispatcher.contract import (
         CARRY_LIMIT_BYTES,
@@ -172,7 +172,7 @@ class DispatcherWorkflow:
         plans: list[tuple[EventSignal, str, Target]] = []
         while self._queue and budget > 0:
             event = self._queue.popleft()
-            digest = event.digest
+            digest = run_digest(self._project, event.source, event.id)
             if digest in self._recent:
                 self._stats["duplicates"] += 1
                 workflow.logger.info("duplicate event skipped id=%s name=%s", event.id, event.name)

@@ -13,6 +13,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from bridge.config import BridgeConfig, parse_config
+from bridge.event import run_digest, target_workflow_id
 
 T = TypeVar("T")
 TOKEN = "test-token"
@@ -90,3 +91,11 @@ async def count_workflows(client: Client, query: str) -> int:
 
 async def workflow_ids(client: Client, query: str) -> list[str]:
     return [w.id async for w in client.list_workflows(query)]
+
+
+HTTP_SCOPE = "http:token-1"  # events sent with TOKEN, the first (unnamed) token of config()
+
+
+def run_id(project: str, workflow_id: str, event_id: str, scope: str = HTTP_SCOPE) -> str:
+    """The workflow id the dispatcher gives ``workflow_id``'s run for this event."""
+    return target_workflow_id(workflow_id, run_digest(project, scope, event_id))

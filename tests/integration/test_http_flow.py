@@ -12,8 +12,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
-from bridge.event import event_digest, target_workflow_id
-from tests.helpers import TOKEN, assert_eventually, config, result_of, runner, unique
+from tests.helpers import TOKEN, assert_eventually, config, result_of, run_id, runner, unique
 from tests.integration.user_workflows import UserProcessOrder
 
 pytestmark = pytest.mark.temporal
@@ -44,7 +43,7 @@ async def test_event_starts_target_that_sees_payload(bridge_factory, temporal_cl
     resp = await _post(bridge, {"name": "order.created", "payload": {"orderId": "123"}}, key="k-1")
     assert resp.status_code == 202, resp.text
     assert resp.json()["event_id"] == "k-1"
-    wid = target_workflow_id("process-order", event_digest("http", "k-1"))
+    wid = run_id(project, "process-order", "k-1")
     result = await result_of(temporal_client, wid)
     assert result["tasks"]["process-order"] == "Processing order 123"
     desc = await temporal_client.get_workflow_handle(wid).describe()
@@ -77,15 +76,14 @@ async def test_fan_out_and_filter(bridge_factory, temporal_client, temporal_addr
     )
     bridge = await bridge_factory(cfg)
     assert (await _post(bridge, {"name": "order.created", "payload": {"n": 7}}, key="e1")).status_code == 202
-    digest = event_digest("http", "e1")
-    assert (await result_of(temporal_client, target_workflow_id("first", digest)))["tasks"]["render"] == "got 7"
-    assert (await result_of(temporal_client, target_workflow_id("second", digest)))["tasks"]["render"] == "second 7"
+    assert (await result_of(temporal_client, run_id(project, "first", "e1")))["tasks"]["render"] == "got 7"
+    assert (await result_of(temporal_client, run_id(project, "second", "e1")))["tasks"]["render"] == "second 7"
     stats = await assert_eventually(lambda: _stats(temporal_client, project), what="stats readable")
     assert stats["started"] == 2
-    assert await _absent(temporal_client, target_workflow_id("big-only", digest))
+    assert await _absent(temporal_client, run_id(project, "big-only", "e1"))
 
     assert (await _post(bridge, {"name": "order.created", "payload": {"n": 500}}, key="e2")).status_code == 202
-    result = await result_of(temporal_client, target_workflow_id("big-only", event_digest("http", "e2")))
+    result = await result_of(temporal_client, run_id(project, "big-only", "e2"))
     assert result["tasks"]["render"] == "got 500"
 
 
@@ -97,9 +95,8 @@ async def test_same_idempotency_key_starts_once(bridge_factory, temporal_client,
         assert resp.status_code == 202 and resp.json()["event_id"] == "same-key"
     # The body id is the key when no header is given: same event again.
     assert (await _post(bridge, {"name": "x", "id": "same-key", "payload": {"n": 1}})).status_code == 202
-    digest = event_digest("http", "same-key")
-    await result_of(temporal_client, target_workflow_id("a", digest))
-    await result_of(temporal_client, target_workflow_id("b", digest))
+    await result_of(temporal_client, run_id(project, "a", "same-key"))
+    await result_of(temporal_client, run_id(project, "b", "same-key"))
 
     async def all_processed() -> dict[str, Any]:
         stats = await _stats(temporal_client, project)
@@ -134,10 +131,10 @@ async def test_unknown_event_and_schema_violation_get_422(bridge_factory, tempor
 
     # A good event afterwards is a barrier: once it ran, the dispatcher saw everything sent.
     assert (await _post(bridge, {"name": "order.created", "payload": {"orderId": "9"}}, key="g1")).status_code == 202
-    await result_of(temporal_client, target_workflow_id("typed", event_digest("http", "g1")))
+    await result_of(temporal_client, run_id(project, "typed", "g1"))
     stats = await _stats(temporal_client, project)
     assert stats["received"] == 1 and stats["started"] == 1
-    assert await _absent(temporal_client, target_workflow_id("typed", event_digest("http", "s1")))
+    assert await _absent(temporal_client, run_id(project, "typed", "s1"))
 
 
 async def test_user_workflow_type_on_own_task_queue(bridge_factory, temporal_client, temporal_address):
@@ -160,7 +157,7 @@ async def test_user_workflow_type_on_own_task_queue(bridge_factory, temporal_cli
     async with Worker(temporal_client, task_queue=queue, workflows=[UserProcessOrder]):
         resp = await _post(bridge, {"name": "order.created", "payload": {"orderId": "A-7"}}, key="u-7")
         assert resp.status_code == 202
-        got = await result_of(temporal_client, target_workflow_id("process-order", event_digest("http", "u-7")))
+        got = await result_of(temporal_client, run_id(project, "process-order", "u-7"))
     assert got["workflow_id"] == "process-order"
     assert got["exec_id"]
     assert got["trigger"] == {"orderId": "A-7"}
@@ -216,7 +213,7 @@ async def test_continue_as_new_loses_and_doubles_nothing(bridge_factory, tempora
         lambda: _count_is(temporal_client, f'TaskQueue="{idle_queue}"', n), timeout=60, interval=1.0
     )
     for i in range(0, n, 97):
-        assert not await _absent(temporal_client, target_workflow_id(target, event_digest("http", f"ev-{i}")))
+        assert not await _absent(temporal_client, run_id(project, target, f"ev-{i}"))
 
 
 async def test_reload_picks_up_new_triggers(bridge_factory, temporal_client, temporal_address, tmp_path):
@@ -240,7 +237,7 @@ async def test_reload_picks_up_new_triggers(bridge_factory, temporal_client, tem
     os.utime(path, (1, 1))  # a different mtime even within the same clock tick
     await bridge.reload()
     assert (await _post(bridge, {"name": "second", "payload": {"n": 2}}, key="r1")).status_code == 202
-    got = await result_of(temporal_client, target_workflow_id("w", event_digest("http", "r1")))
+    got = await result_of(temporal_client, run_id(project, "w", "r1"))
     assert got["tasks"]["render"] == "got 2"
 
 
@@ -270,5 +267,5 @@ async def test_file_watcher_applies_a_changed_config(bridge_factory, temporal_cl
 
     await assert_eventually(routable, timeout=15, what="the watcher reloaded the file")
     assert (await _post(bridge, {"name": "second", "payload": {"n": 3}}, key="w1")).status_code == 202
-    got = await result_of(temporal_client, target_workflow_id("w", event_digest("http", "w1")))
+    got = await result_of(temporal_client, run_id(project, "w", "w1"))
     assert got["tasks"]["render"] == "got 3"

@@ -15,10 +15,9 @@ import pytest
 import yaml
 from temporalio.client import Client
 
-from bridge.event import event_digest, target_workflow_id
 from bridge.runtime.embedded import free_port
 from tests import services
-from tests.helpers import TOKEN, assert_eventually, config, result_of, runner, unique
+from tests.helpers import TOKEN, assert_eventually, config, result_of, run_id, runner, unique
 
 pytestmark = pytest.mark.temporal
 
@@ -40,7 +39,7 @@ async def test_temporal_down_gives_503_then_recovers(bridge_factory, tmp_path):
         bridge = await bridge_factory(config(project, temporal.address, [runner("w", "ping")]), client=client)
         async with httpx.AsyncClient(timeout=30) as http:
             assert (await _post(http, bridge.http_port, "ping", "before", {"n": 1})).status_code == 202
-            await result_of(client, target_workflow_id("w", event_digest("http", "before")))
+            await result_of(client, run_id(project, "w", "before"))
 
             await asyncio.to_thread(temporal.stop)
             resp = await _post(http, bridge.http_port, "ping", "during", {"n": 2})
@@ -56,7 +55,7 @@ async def test_temporal_down_gives_503_then_recovers(bridge_factory, tmp_path):
                 return (await _post(http, bridge.http_port, "ping", "during", {"n": 2})).status_code == 202
 
             await assert_eventually(accepted, timeout=60, interval=0.5, what="door accepts after restart")
-            got = await result_of(client, target_workflow_id("w", event_digest("http", "during")))
+            got = await result_of(client, run_id(project, "w", "during"))
             assert got["tasks"]["render"] == "got 2"
     finally:
         await asyncio.to_thread(temporal.close)
@@ -130,7 +129,7 @@ async def test_sigkill_mid_stream_runs_every_event_once(temporal_client, tempora
         await assert_eventually(lambda: _count(temporal_client, query, n), timeout=120, interval=1.0, what=f"{n} runs")
         missing = [
             i for i in range(n)
-            if not await _exists(temporal_client, target_workflow_id(target, event_digest("http", f"ev-{i}")))
+            if not await _exists(temporal_client, run_id(project, target, f"ev-{i}"))
         ]  # fmt: skip
         assert not missing
     finally:

@@ -35,7 +35,7 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from bridge.config import HttpTask, HttpTaskConfig, TemplateTask, TemplateTaskConfig
-from bridge.event import EventSignal, target_workflow_id
+from bridge.event import EventSignal, run_digest, target_workflow_id
 from dispatcher.contract import (
     DISPATCHER_WORKFLOW,
     DUPLICATE,
@@ -279,8 +279,8 @@ async def make(env: WorkflowEnvironment) -> AsyncIterator[Any]:
         yield start
 
 
-def run_id(wid: str, e: EventSignal) -> str:
-    return target_workflow_id(wid, e.digest)
+def run_id(project: str, wid: str, e: EventSignal) -> str:
+    return target_workflow_id(wid, run_digest(project, e.source, e.id))
 
 
 async def test_routes_by_exact_name_wildcard_and_filter(make: Any, mode: str) -> None:
@@ -300,9 +300,9 @@ async def test_routes_by_exact_name_wildcard_and_filter(make: Any, mode: str) ->
     await d.settled(received=4, started=6, unroutable=1)
 
     expected = [
-        run_id("exact", small), run_id("wild", small),
-        run_id("exact", large), run_id("wild", large), run_id("big", large),
-        run_id("wild", paid),
+        run_id(d.project, "exact", small), run_id(d.project, "wild", small),
+        run_id(d.project, "exact", large), run_id(d.project, "wild", large), run_id(d.project, "big", large),
+        run_id(d.project, "wild", paid),
     ]  # fmt: skip
     assert set(await d.targets(*expected)) == set(expected)
     if mode == "activity":  # one batch, targets in the order of the file for each event
@@ -320,7 +320,9 @@ async def test_fan_out_gives_every_target_the_event(make: Any, mode: str) -> Non
     await d.send(e)
     await d.settled(received=1, started=3)
 
-    got = await d.targets(run_id("user-type", e), run_id("rendered", e), run_id("builtin", e))
+    got = await d.targets(
+        run_id(d.project, "user-type", e), run_id(d.project, "rendered", e), run_id(d.project, "builtin", e)
+    )
     user, rendered, builtin = got.values()
     assert user["type"] == USER_TYPE
     assert builtin["type"] == RUNNER_WORKFLOW  # workflow_type None: the built-in runner
@@ -343,7 +345,7 @@ async def test_same_event_twice_starts_once(make: Any, mode: str) -> None:
     await d.send(e)  # and again in a later one
     stats = await d.settled(received=3, started=1, duplicates=2)
     assert stats["children_this_run"] == 1  # the recent ids caught both: Temporal saw one start
-    await d.targets(run_id("w", e))
+    await d.targets(run_id(d.project, "w", e))
     # The same id from another source is another event.
     other = EventSignal(id="e1", name="order.created", payload={}, source=f"kafka:{d.project}")
     await d.send(other)
@@ -354,7 +356,7 @@ async def test_a_start_refused_as_already_started_is_a_duplicate(make: Any, mode
     d = await make(mode, recent_ids=0)  # nothing remembered: Temporal's id uniqueness decides
     d.stubs.routes = [d.route("w", "order.created")]
     e = d.event("e1")
-    taken = run_id("w", e)
+    taken = run_id(d.project, "w", e)
     if mode == "child":  # a run with the event's id already exists (a previous dispatcher run started it)
         await d.env.client.execute_workflow(USER_TYPE, {}, id=taken, task_queue=d.task_queue)
     else:
@@ -370,10 +372,10 @@ async def test_a_start_that_fails_is_counted_and_the_rest_go_on(make: Any) -> No
     d = await make("activity")
     d.stubs.routes = [d.route("w", "order.created")]
     bad, good = d.event("bad"), d.event("good")
-    d.stubs.broken.add(run_id("w", bad))
+    d.stubs.broken.add(run_id(d.project, "w", bad))
     await d.send(bad, good)
     await d.settled(received=2, started=1, failed=1)
-    assert [s.id for s in d.stubs.starts] == [run_id("w", good)]
+    assert [s.id for s in d.stubs.starts] == [run_id(d.project, "w", good)]
 
 
 async def test_malformed_signals_are_counted_and_dropped(make: Any) -> None:
@@ -389,7 +391,7 @@ async def test_malformed_signals_are_counted_and_dropped(make: Any) -> None:
     stats = await d.settled(received=2, started=2, malformed=8)
     assert stats["run"] == 1
     assert (await d.handle.describe()).status == WorkflowExecutionStatus.RUNNING
-    await d.targets(run_id("w", first), run_id("w", last))
+    await d.targets(run_id(d.project, "w", first), run_id(d.project, "w", last))
 
 
 async def test_continue_as_new_carries_the_queue_recent_ids_and_counters(make: Any, mode: str) -> None:
@@ -402,12 +404,12 @@ async def test_continue_as_new_carries_the_queue_recent_ids_and_counters(make: A
     first_run = (await d.handle.describe()).run_id
     stats = await d.settled(received=6, started=6)
     assert stats["run"] >= 3
-    await d.targets(*(run_id("w", e) for e in events))
+    await d.targets(*(run_id(d.project, "w", e) for e in events))
 
     carried = await _continue_as_new_input(d, first_run)
     assert [p["id"] for p in carried.pending] == ["e2", "e3", "e4", "e5"]
     assert carried.run == 2
-    assert carried.recent == [events[0].digest, events[1].digest]
+    assert carried.recent == [run_digest(d.project, e.source, e.id) for e in events[:2]]
     assert carried.stats["received"] == 6 and carried.stats["started"] == 2
 
     # A later run still knows the first event: a redelivery never reaches Temporal.
@@ -454,7 +456,7 @@ async def test_reload_loads_routes_again_and_a_new_route_takes_effect(make: Any,
     s2 = d.event("s2", "order.shipped")
     await d.send(s2)
     await d.settled(received=3, started=2, unroutable=1)
-    await d.targets(run_id("shipped", s2))
+    await d.targets(run_id(d.project, "shipped", s2))
 
 
 async def test_a_failed_reload_keeps_the_previous_routes(make: Any) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bridge.config import DispatcherConfig
-from bridge.event import EventSignal, event_digest, target_workflow_id
+from bridge.event import EventSignal, cloudevent_id, run_digest, target_workflow_id
 from dispatcher.client import shard_of
 from dispatcher.contract import DispatcherSettings, dispatcher_id
 
@@ -19,34 +19,37 @@ def ev(event_id: str = "e-1", key: str | None = None, **kw: Any) -> EventSignal:
 
 
 def test_digest_is_stable_and_short() -> None:
-    first = event_digest("http", "abc")
-    assert first == event_digest("http", "abc")
+    first = run_digest("shop", "http:token-1", "abc")
+    assert first == run_digest("shop", "http:token-1", "abc")
     # Pinned: a changed digest would let a redelivery after an upgrade start its targets again.
-    assert first == "c1be50b33caab2e9a81a"
+    assert first == "c087d190e3e6aa377a62"
     assert len(first) == 20
 
 
 @pytest.mark.parametrize(
     ("a", "b"),
     [
-        (("http", "1"), ("http", "2")),
-        (("http", "1"), ("kafka:orders", "1")),
-        (("ab", "c"), ("a", "bc")),  # the separator keeps the parts apart
+        (("shop", "http:token-1", "1"), ("shop", "http:token-1", "2")),
+        (("shop", "http:token-1", "1"), ("shop", "http:token-2", "1")),  # another credential
+        (("shop", "http:token-1", "1"), ("shop", "kafka:orders", "1")),  # another adapter
+        (("shop", "http:token-1", "1"), ("bar", "http:token-1", "1")),  # another project
+        (("ab", "c", "d"), ("a", "bc", "d")),  # the separators keep the parts apart
+        (("a", "bc", "d"), ("a", "b", "cd")),
     ],
 )
-def test_digest_differs_for_different_source_or_id(a: tuple[str, str], b: tuple[str, str]) -> None:
-    assert event_digest(*a) != event_digest(*b)
+def test_digest_differs_for_another_project_scope_or_id(a: tuple[str, str, str], b: tuple[str, str, str]) -> None:
+    assert run_digest(*a) != run_digest(*b)
 
 
-def test_event_digest_property_uses_source_and_id() -> None:
-    event = ev("abc")
-    assert event.digest == event_digest("http", "abc")
+def test_a_cloudevent_id_holds_its_source_and_id() -> None:
+    assert cloudevent_id("/shop/orders", "A-1") == "/shop/orders#A-1"
+    assert cloudevent_id("/shop/orders", "A-1") != cloudevent_id("/shop/returns", "A-1")
 
 
 def test_target_workflow_id() -> None:
     assert target_workflow_id("process-order", "0123abcd") == "process-order-0123abcd"
-    one, other = ev("1"), ev("2")
-    assert target_workflow_id("w", one.digest) != target_workflow_id("w", other.digest)
+    one, other = run_digest("p", "s", "1"), run_digest("p", "s", "2")
+    assert target_workflow_id("w", one) != target_workflow_id("w", other)
 
 
 def test_to_dict_from_dict_round_trip_through_json() -> None:
