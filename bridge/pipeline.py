@@ -82,9 +82,11 @@ class Pipeline:
         outcomes = [Outcome(e, self.check(e)) for e in events]
         good = [o.event for o in outcomes if o.accepted]
         self.metrics.received.labels(adapter).inc(len(events))
-        for o in outcomes:
-            if o.rejected is not None:
-                self.reject(adapter, o.event.name, o.event.id, o.rejected)
+        refused = [o for o in outcomes if o.rejected is not None]
+        if len(refused) == 1 and refused[0].rejected is not None:
+            self.reject(adapter, refused[0].event.name, refused[0].event.id, refused[0].rejected)
+        elif refused:
+            self._reject_many(adapter, refused)
         if good:
             self._admit(len(good), adapter)
             self.pending += len(good)
@@ -110,6 +112,33 @@ class Pipeline:
                 f"{self.pending} events already wait for Temporal in this process (at most {self.max_pending})",
                 self.retry_after,
             )
+
+    def _reject_many(self, adapter: str, refused: list[Outcome]) -> None:
+        """Count every refusal, and log them as one line with counts per reason (details at DEBUG):
+        a batch of a thousand unroutable events is one line, not a thousand."""
+        reasons: dict[str, int] = {}
+        for o in refused:
+            assert o.rejected is not None
+            self.metrics.rejected.labels(adapter, o.rejected.reason).inc()
+            reasons[o.rejected.reason] = reasons.get(o.rejected.reason, 0) + 1
+            log.debug(
+                "event rejected adapter=%s reason=%s name=%s id=%s: %s",
+                adapter,
+                o.rejected.reason,
+                safe(o.event.name),
+                safe(o.event.id),
+                safe(o.rejected.message, 500),
+            )
+        first = refused[0]
+        log.warning(
+            "events rejected adapter=%s count=%d %s first: name=%s id=%s: %s",
+            adapter,
+            len(refused),
+            " ".join(f"{reason}={n}" for reason, n in sorted(reasons.items())),
+            safe(first.event.name),
+            safe(first.event.id),
+            safe(first.rejected.message if first.rejected else "", 500),
+        )
 
     def reject(self, adapter: str, name: str | None, event_id: str | None, exc: EventRejected) -> None:
         """Count and log an event refused for good; adapters call it for decode failures too."""

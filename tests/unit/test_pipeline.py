@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -59,3 +60,17 @@ async def test_pending_count_is_released_when_temporal_fails() -> None:
     with pytest.raises(Exception, match="Temporal is down"):
         await pipeline.submit(events("1"), "test")
     assert pipeline.pending == 0
+
+
+async def test_a_batch_of_refusals_is_one_log_line_with_counts(caplog: pytest.LogCaptureFixture) -> None:
+    sink = FakeSink()
+    batch = [*events(*(f"u{i}" for i in range(50)), name="nope"), *events("ok")]
+    pipeline = Pipeline(ROUTES, sink)
+    with caplog.at_level(logging.WARNING, logger="bridge.pipeline"):
+        await pipeline.submit(batch, "test")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1
+    assert "events rejected adapter=test count=50 unroutable=50 first: name=nope id=u0" in lines[0]
+    text = pipeline.metrics.render().decode()
+    assert 'signal_bridge_events_rejected_total{adapter="test",reason="unroutable"} 50.0' in text
+    assert [e.id for e in sink.events] == ["ok"]
