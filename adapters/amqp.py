@@ -1,10 +1,11 @@
 """The RabbitMQ adapter: one consumer per ``amqp:`` entry, acking only what Temporal holds.
 
-This module is only the transport: it turns a delivery into a :class:`bridge.decode.Message`,
-declares the queue and its bindings, gathers deliveries up to the prefetch window, hands each
-batch to :class:`bridge.settle.Settler`, acks (or rejects) what that settles, republishes dead
-letters, and leaves the rest to RabbitMQ: while Temporal refuses, the full prefetch window stays
-unacked so the broker sends nothing more; a bug nacks with requeue; a lost channel redelivers.
+This module is only the transport: it declares the queue and its bindings, gathers deliveries up
+to the prefetch window, hands each batch to :class:`bridge.settle.Settler` (deliveries become
+messages and dead-letter copies in :mod:`adapters.amqp_parse`), acks (or rejects) what that
+settles, republishes dead letters, and leaves the rest to RabbitMQ: while Temporal refuses (or
+this process is overloaded) or a dead letter cannot be published, the prefetch window stays unacked
+so the broker sends nothing more; a bug nacks with requeue; a lost channel redelivers.
 Configuration, event ids and what happens to a poison message: docs/rabbitmq.md.
 """
 
@@ -12,12 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from collections.abc import Awaitable, Mapping, Sequence
-from datetime import UTC, datetime
-from decimal import Decimal
-from typing import Any, Protocol
+from collections.abc import Awaitable, Sequence
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import (
@@ -30,142 +28,44 @@ from aio_pika.abc import (
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotFoundEntity, ChannelPreconditionFailed
 from yarl import URL
 
+from adapters.amqp_parse import (
+    ADAPTER,
+    CE_PREFIXES,
+    KEPT_PROPERTIES,
+    Delivery,
+    dead_letter_copy,
+    fallback_id,
+    parse,
+    to_message,
+)
 from bridge.config import AmqpConsumer, BridgeConfig
-from bridge.decode import Message, decode, header_metadata
-from bridge.errors import EventRejected
-from bridge.event import EventSignal, content_digest
+from bridge.decode import Message
+from bridge.logsafe import safe
 from bridge.pipeline import Pipeline
-from bridge.settle import Abandoned, Disposition, Inbox, Item, Settler, Transport, is_dead_letter_header
-from bridge.settle import dead_letter_headers as letter_headers
+from bridge.settle import Abandoned, Disposition, Inbox, Item, Settler, Transport
+
+__all__ = [
+    "ADAPTER",
+    "CE_PREFIXES",
+    "KEPT_PROPERTIES",
+    "AmqpAdapter",
+    "Delivery",
+    "build",
+    "dead_letter_copy",
+    "fallback_id",
+    "parse",
+    "to_message",
+]
 
 log = logging.getLogger(__name__)
 
-ADAPTER = "amqp"
-CE_PREFIXES = ("cloudevents_", "cloudevents:")
-KEPT_PROPERTIES = ("message_id", "correlation_id", "app_id", "type", "user_id")
-# Transport errors while acking or republishing: the delivery comes back (or the broker's own
-# dead-letter exchange takes it); none is retried in place.
+# Transport errors while acking or republishing: an ack that fails leaves the delivery to come
+# back; a republish that fails is retried in place (see LetterNotOut).
 AMQP_ERRORS = (AMQPError, ConnectionError, RuntimeError, TimeoutError)
 LINGER = 0.01
 RECONNECT_INTERVAL = 2
 PUBLISH_TIMEOUT = 10.0
 STOP_TIMEOUT = 30.0
-
-
-class Delivery(Protocol):
-    """What the parser reads from an ``aio_pika.IncomingMessage`` (a fake in unit tests)."""
-
-    @property
-    def body(self) -> bytes: ...
-    @property
-    def headers(self) -> Mapping[str, Any] | None: ...
-    @property
-    def content_type(self) -> str | None: ...
-    @property
-    def message_id(self) -> str | None: ...
-    @property
-    def correlation_id(self) -> str | None: ...
-    @property
-    def timestamp(self) -> datetime | None: ...
-    @property
-    def exchange(self) -> str | None: ...
-    @property
-    def routing_key(self) -> str | None: ...
-
-
-# --- parsing: delivery → Message ----------------------------------------------------------------
-
-
-def _text(value: Any) -> str | None:
-    """An AMQP field value as text; tables and arrays as JSON, None stays None."""
-    if value is None:
-        return None
-    if isinstance(value, bytes | bytearray):
-        return bytes(value).decode("utf-8", "replace")
-    if isinstance(value, datetime):
-        return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool | int | float | Decimal):
-        return str(value)
-    return json.dumps(value, default=str, separators=(",", ":"))
-
-
-def _ce_attribute(header: str) -> str | None:
-    lowered = header.lower()
-    for prefix in CE_PREFIXES:
-        if lowered.startswith(prefix) and len(lowered) > len(prefix):
-            return lowered[len(prefix) :]
-    return None
-
-
-def fallback_id(delivery: Delivery) -> str:
-    """``message_id`` when the publisher set one, else a hash of where it went and what it says."""
-    if delivery.message_id:
-        return str(delivery.message_id)
-    return "hash:" + content_digest(delivery.exchange or "", delivery.routing_key or "", delivery.body)
-
-
-def to_message(delivery: Delivery, queue: str) -> Message:
-    """Strip the transport: headers as text, CloudEvents binary-mode attributes split out."""
-    headers: dict[str, str] = {}
-    ce: dict[str, str] = {}
-    for key, value in (delivery.headers or {}).items():
-        text = _text(value)
-        if text is None:
-            continue
-        attr = _ce_attribute(key)
-        if attr is not None:
-            ce[attr] = text
-        else:
-            headers[key] = text
-    if ce and delivery.content_type and "datacontenttype" not in ce:
-        ce["datacontenttype"] = delivery.content_type
-    amqp = {"queue": queue, "exchange": delivery.exchange or "", "routing_key": delivery.routing_key or ""}
-    for prop in KEPT_PROPERTIES:
-        value = getattr(delivery, prop, None)
-        if value:
-            amqp[prop] = str(value)
-    metadata = header_metadata(headers, str(delivery.correlation_id or "") or None)
-    metadata["amqp"] = amqp
-    return Message(
-        body=bytes(delivery.body),
-        source=f"{ADAPTER}:{queue}",
-        fallback_id=fallback_id(delivery),
-        headers=headers,
-        ce_attributes=ce,
-        content_type=delivery.content_type,
-        key=delivery.routing_key,
-        metadata=metadata,
-        time=_text(delivery.timestamp),
-    )
-
-
-def parse(delivery: Delivery, entry: AmqpConsumer) -> EventSignal:
-    """One delivery → one event, or :class:`EventRejected` (``malformed`` / ``no_name``)."""
-    return decode(to_message(delivery, entry.queue), entry.event)
-
-
-def dead_letter_copy(
-    message: AbstractIncomingMessage, rej: EventRejected, queue: str, event: EventSignal | None = None
-) -> aio_pika.Message:
-    """The delivery as it came (body, properties, headers minus stale dead-letter ones) plus why."""
-    headers: dict[str, Any] = {k: v for k, v in (message.headers or {}).items() if not is_dead_letter_header(k)}
-    origin = {"queue": queue, "exchange": message.exchange or "", "routing-key": message.routing_key or ""}
-    headers.update(letter_headers(rej, event, origin))
-    return aio_pika.Message(
-        body=message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-    )
 
 
 # --- the consumer ---------------------------------------------------------------------------------
@@ -180,7 +80,13 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
         self.project = project
         self.name = f"amqp:{entry.queue}"
         self.settler = Settler(
-            pipeline, self, adapter=ADAPTER, name=self.name, event=entry.event, on_unroutable=entry.on_unroutable
+            pipeline,
+            self,
+            adapter=ADAPTER,
+            name=self.name,
+            event=entry.event,
+            on_unroutable=entry.on_unroutable,
+            transient=(LetterNotOut,),
         )
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -321,10 +227,14 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
             except Exception:
                 # A bug, not a transport or Temporal problem (those are handled inside): hand the
                 # unsettled deliveries back to RabbitMQ rather than sit on them.
-                log.exception("amqp adapter %s: batch failed; requeueing what was not settled", self.name)
+                pause = self.settler.backoff.cap
+                log.exception(
+                    "amqp adapter %s: batch failed; requeueing what was not settled, then %ss", self.name, pause
+                )
                 for message in batch:
                     if not message.processed:
                         await _settle(message.nack(requeue=True))
+                await self.wait(pause)  # so a failure that repeats does not spin
 
     async def _process(self, messages: list[AbstractIncomingMessage]) -> None:
         try:
@@ -351,36 +261,52 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
         return self._dlx is not None
 
     async def dead_letter(self, items: Sequence[Item[AbstractIncomingMessage]]) -> None:
-        await asyncio.gather(*(self._republish(item) for item in items))
+        """Republish every letter; raise :class:`LetterNotOut` (the settle path retries those not
+        out yet, with backoff, while their deliveries stay unacked) if any publish failed."""
+        failures = [f for f in await asyncio.gather(*(self._republish(item) for item in items)) if f is not None]
+        if failures:
+            raise LetterNotOut(f"{len(failures)} of {len(items)} dead letter(s) not confirmed: {failures[0]!r}")
 
-    async def _republish(self, item: Item[AbstractIncomingMessage]) -> None:
-        """Publish the dead letter; when that fails, leave the delivery to the queue's own
-        ``x-dead-letter-exchange`` (rejected without requeue, it gets there without our headers)."""
+    async def _republish(self, item: Item[AbstractIncomingMessage]) -> BaseException | None:
+        """Publish one dead letter and mark it out; the transport error when that failed. A copy
+        whose headers cannot be written goes with the dead-letter headers only."""
         message, error = item.message, item.error
-        assert self._dlx is not None and error is not None
+        assert error is not None
         try:
-            await self._dlx.publish(
-                dead_letter_copy(message, error, self.entry.queue, item.event),
-                routing_key=message.routing_key or "",
-                mandatory=True,
-                timeout=PUBLISH_TIMEOUT,
-            )
+            try:
+                await self._publish(dead_letter_copy(message, error, self.entry.queue, item.event), message)
+            except (TypeError, ValueError, OverflowError) as exc:
+                log.warning(
+                    "amqp adapter %s: the headers of %s cannot be written again (%r); dead-lettering it without them",
+                    self.name,
+                    safe(fallback_id(message)),
+                    exc,
+                )
+                await self._publish(
+                    dead_letter_copy(message, error, self.entry.queue, item.event, keep_headers=False), message
+                )
         except aio_pika.exceptions.PublishError:
             self.pipeline.metrics.dropped.labels(ADAPTER, error.reason).inc()
             log.error(
                 "dead-letter exchange %s routes to no queue: message dropped reason=%s id=%s; bind a queue to it",
                 self.entry.dead_letter_exchange,
                 error.reason,
-                fallback_id(message),
+                safe(fallback_id(message)),
             )
             item.disposition = Disposition.SKIPPED  # acked: the letter routes nowhere anyway
         except AMQP_ERRORS as exc:
-            log.warning("dead-letter republish failed (%r); rejecting id=%s without requeue", exc, fallback_id(message))
-            item.disposition = Disposition.DROPPED
+            return exc
+        else:
+            item.disposition = Disposition.DEAD_LETTERED
+        return None
+
+    async def _publish(self, copy: aio_pika.Message, original: AbstractIncomingMessage) -> None:
+        assert self._dlx is not None
+        await self._dlx.publish(copy, routing_key=original.routing_key or "", mandatory=True, timeout=PUBLISH_TIMEOUT)
 
     async def acknowledge(self, items: Sequence[Item[AbstractIncomingMessage]]) -> None:
         for item in items:
-            if item.disposition is Disposition.DROPPED:
+            if item.disposition is Disposition.DROPPED:  # no dead-letter exchange: the queue's policy decides
                 await _settle(item.message.reject(requeue=False))
             else:
                 await _settle(item.message.ack())
@@ -390,6 +316,11 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
         return not self._stopping.is_set()
+
+
+class LetterNotOut(Exception):
+    """A dead-letter publish failed (the broker away, a nack, a timeout): the settle path retries
+    it with backoff, holding the delivery; a dead letter is never dropped for it."""
 
 
 async def _settle(call: Awaitable[Any]) -> None:

@@ -1,8 +1,8 @@
 """The Kafka adapter: consumer-group records → the shared settle path → offsets committed.
 
-One consumer per ``kafka:`` entry. This module is only the transport: it turns a record into a
-:class:`bridge.decode.Message`, polls with ``getmany``, hands each batch to
-:class:`bridge.settle.Settler`, produces the dead letters, and commits ``last offset + 1`` of every
+One consumer per ``kafka:`` entry. This module is only the transport: it polls with ``getmany``,
+hands each batch to :class:`bridge.settle.Settler` (records become messages and dead letters in
+:mod:`adapters.kafka_parse`), produces the dead letters, and commits ``last offset + 1`` of every
 partition in the batch once it is settled. It pauses its partitions (and keeps polling, so the
 group keeps it) while Temporal refuses, and gives a batch up when a rebalance takes its partitions.
 Configuration, event ids and what happens to a poison record: docs/kafka.md.
@@ -15,102 +15,64 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
 from aiokafka.helpers import create_ssl_context
-from aiokafka.structs import ConsumerRecord
 
-from bridge.config import BridgeConfig, EventFormat, KafkaConsumer, KafkaSecurity
-from bridge.decode import Message, decode, header_metadata
-from bridge.errors import BridgeError, EventRejected
-from bridge.event import EventSignal
+from adapters.kafka_parse import (
+    ADAPTER,
+    CE_PREFIX,
+    LETTER_BYTES,
+    MAX_REQUEST_BYTES,
+    MIN_LETTER_BYTES,
+    Record,
+    dead_letter,
+    dead_letter_headers,
+    fallback_id,
+    parse,
+    record_headers,
+    to_message,
+)
+from bridge.config import BridgeConfig, KafkaConsumer, KafkaSecurity
+from bridge.decode import Message
+from bridge.errors import BridgeError
 from bridge.pipeline import Pipeline
-from bridge.settle import Abandoned, Item, Settler, Transport, is_dead_letter_header
-from bridge.settle import dead_letter_headers as letter_headers
+from bridge.settle import Abandoned, Disposition, Item, Settler, Transport
+
+__all__ = [
+    "ADAPTER",
+    "CE_PREFIX",
+    "KafkaAdapter",
+    "build",
+    "client_options",
+    "dead_letter",
+    "dead_letter_headers",
+    "default_group_id",
+    "fallback_id",
+    "parse",
+    "record_headers",
+    "to_message",
+]
 
 log = logging.getLogger(__name__)
 
-ADAPTER = "kafka"
-CE_PREFIX = "ce_"
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 POLL_MS = 500
 REVOKE_WAIT = 15.0
 STOP_GRACE = 30.0
 
-Record: TypeAlias = ConsumerRecord[Any, Any]
 Batch: TypeAlias = dict[TopicPartition, list[Record]]
 
 
-# --- parsing: ConsumerRecord → Message ------------------------------------------------------------
-
-
-def _text(raw: bytes | str | None) -> str:
-    if raw is None:
-        return ""
-    return raw if isinstance(raw, str) else raw.decode("utf-8", errors="replace")
-
-
-def record_headers(record: Record) -> dict[str, str]:
-    """Headers as ``str → str``; the first of repeated names wins, as in HTTP bindings."""
-    out: dict[str, str] = {}
-    for name, value in record.headers or ():
-        out.setdefault(name, _text(value))
-    return out
-
-
-def fallback_id(record: Record) -> str:
-    return f"kafka:{record.topic}:{record.partition}:{record.offset}"
-
-
-def to_message(record: Record) -> Message:
-    """What :func:`bridge.decode.decode` needs from a record; no aiokafka type goes further."""
-    headers = record_headers(record)
-    lowered = {k.lower(): v for k, v in headers.items()}
-    ce = {k[len(CE_PREFIX) :]: v for k, v in lowered.items() if k.startswith(CE_PREFIX) and len(k) > 3}
-    content_type = lowered.get("content-type")
-    if ce and content_type and "datacontenttype" not in ce:
-        ce["datacontenttype"] = content_type
-    metadata = header_metadata(headers)
-    metadata["kafka"] = {
-        "topic": record.topic,
-        "partition": record.partition,
-        "offset": record.offset,
-        "timestamp": record.timestamp,
-    }
-    stamp = record.timestamp
-    return Message(
-        body=record.value if isinstance(record.value, bytes) else _text(record.value).encode(),
-        source=f"kafka:{record.topic}",
-        fallback_id=fallback_id(record),
-        headers=headers,
-        ce_attributes=ce,
-        content_type=content_type,
-        key=None if record.key is None else _text(record.key),
-        metadata=metadata,
-        time=datetime.fromtimestamp(stamp / 1000, UTC).isoformat() if stamp and stamp > 0 else None,
-    )
-
-
-def parse(record: Record, fmt: EventFormat) -> EventSignal:
-    """One record → one event, or :class:`EventRejected`; the record's timestamp is the event time
-    unless it is a CloudEvent (which carries its own)."""
-    return decode(to_message(record), fmt)
-
-
-def dead_letter_headers(
-    record: Record, exc: EventRejected, event: EventSignal | None = None
-) -> list[tuple[str, bytes]]:
-    """The original headers (minus any stale dead-letter ones) plus why and where from."""
-    kept = [(k, v) for k, v in record.headers or () if not is_dead_letter_header(k)]
-    origin = {
-        "topic": record.topic,
-        "partition": str(record.partition),
-        "offset": str(record.offset),
-        "timestamp": str(record.timestamp),
-    }
-    return kept + [(k, v.encode()) for k, v in letter_headers(exc, event, origin).items()]
+# --- clients ----------------------------------------------------------------------------------------
 
 
 def client_options(security: KafkaSecurity) -> dict[str, Any]:
@@ -200,7 +162,13 @@ class KafkaAdapter(Transport[Record]):
             # up the bridge's start (and every adapter after this one) until partitions are assigned.
             self.consumer.subscribe(self.entry.topics, listener=_Listener(self))
             if self.entry.dead_letter_topic:
-                self.producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", enable_idempotence=True, **opts)
+                self.producer = AIOKafkaProducer(
+                    bootstrap_servers=servers,
+                    acks="all",
+                    enable_idempotence=True,
+                    max_request_size=MAX_REQUEST_BYTES,
+                    **opts,
+                )
                 await self.producer.start()
         except KafkaError as exc:
             await self._close_clients()
@@ -246,12 +214,7 @@ class KafkaAdapter(Transport[Record]):
     async def _run(self) -> None:
         assert self.consumer is not None
         while not self._stopping.is_set():
-            try:
-                batch = await self.consumer.getmany(timeout_ms=POLL_MS, max_records=self.entry.max_batch)
-            except KafkaError as exc:
-                log.warning("kafka adapter %s: poll failed: %r", self.name, exc)
-                await self._sleep(1.0)
-                continue
+            batch = await self._poll()
             if not batch:
                 continue
             self._idle.clear()
@@ -275,6 +238,28 @@ class KafkaAdapter(Transport[Record]):
                 await self._sleep(cap)
             finally:
                 self._idle.set()
+
+    async def _poll(self) -> Batch:
+        """The next batch, or nothing: a failed poll is waited out here."""
+        assert self.consumer is not None
+        try:
+            batch: Batch = await self.consumer.getmany(timeout_ms=POLL_MS, max_records=self.entry.max_batch)
+        except KafkaError as exc:
+            log.warning("kafka adapter %s: poll failed: %r", self.name, exc)
+            await self._sleep(1.0)
+            return {}
+        except Exception:
+            # The client could not read a record (aiokafka refuses a header name that is not
+            # UTF-8): nothing of it reaches the bridge to dead-letter. Read again from the committed
+            # offsets, so what the failed fetch took is not skipped; report unhealthy, wait, retry.
+            cap = self.settler.backoff.cap
+            log.exception("kafka adapter %s: a record cannot be read; reading again in %ss", self.name, cap)
+            self._broken = True
+            with contextlib.suppress(KafkaError, IllegalStateError, AssertionError):  # no partitions left
+                await self.consumer.seek_to_committed()
+            await self._sleep(cap)
+            return {}
+        return batch
 
     async def _handle(self, batch: Batch, gen: int) -> None:
         """Settle the batch, then commit every partition's ``last offset + 1``."""
@@ -313,15 +298,45 @@ class KafkaAdapter(Transport[Record]):
         return self.producer is not None and bool(self.entry.dead_letter_topic)
 
     async def dead_letter(self, items: Sequence[Item[Record]]) -> None:
-        """Produce every letter and wait for the broker's acks; all or (retried) nothing."""
+        """Produce every letter and wait for the broker's acks. A letter the topic refuses for its
+        size is written again a quarter as large; any other failure is raised (and retried)."""
+        pending = [(item, LETTER_BYTES) for item in items]
+        while pending:
+            acks: list[asyncio.Future[Any]] = []
+            try:
+                for item, budget in pending:
+                    acks.append(await self._produce(item, budget))
+            finally:  # what was sent is awaited either way, so no ack is left unread
+                results = await asyncio.gather(*acks, return_exceptions=True)
+            failed: BaseException | None = None
+            smaller = []
+            for (item, budget), result in zip(pending, results, strict=True):
+                if not isinstance(result, BaseException):
+                    item.disposition = Disposition.DEAD_LETTERED
+                elif isinstance(result, TOO_LARGE) and budget // 4 >= MIN_LETTER_BYTES:
+                    smaller.append((item, budget // 4))
+                else:
+                    failed = failed or result
+            if failed is not None:
+                raise failed
+            pending = smaller
+
+    async def _produce(self, item: Item[Record], budget: int) -> asyncio.Future[Any]:
         producer, topic = self.producer, self.entry.dead_letter_topic
-        assert producer is not None and topic is not None
-        acks = []
-        for item in items:
-            assert item.error is not None
-            record, headers = item.message, dead_letter_headers(item.message, item.error, item.event)
-            acks.append(await producer.send(topic, value=record.value, key=record.key, headers=headers))
-        await asyncio.gather(*acks)
+        assert producer is not None and topic is not None and item.error is not None
+        letter = dead_letter(item.message, item.error, item.event, budget)
+        if letter.trimmed:
+            log.warning(
+                "kafka adapter %s: the dead letter of %s is trimmed to fit %d bytes (%s cut)",
+                self.name,
+                fallback_id(item.message),
+                budget,
+                ",".join(letter.trimmed),
+            )
+        ack: asyncio.Future[Any] = await producer.send(
+            topic, value=letter.value, key=letter.key, headers=letter.headers
+        )
+        return ack
 
     async def acknowledge(self, items: Sequence[Item[Record]]) -> None:
         """Nothing one by one: :meth:`_handle` commits the batch's offsets once it is settled."""

@@ -3,7 +3,14 @@
 An adapter strips its transport into a :class:`Message` (body bytes, headers as ``str → str``,
 the key or routing key, a transport-derived fallback id) and calls :func:`decode`. The formats
 (``envelope``, ``cloudevents``, ``raw``) and the order in which an event id is chosen are
-described in docs/configuration.md, docs/kafka.md and docs/rabbitmq.md.
+described in docs/configuration.md, docs/kafka.md and docs/rabbitmq.md; what becomes of a
+CloudEvent's ``data`` in docs/cloudevents.md.
+
+Every JSON body goes through :func:`parse_json`, whose limits (nesting depth, finite numbers,
+64-bit integers, text UTF-8 can carry) keep whatever is accepted encodable by every later step;
+each adapter's page documents them with its formats (docs/http-api.md, docs/kafka.md,
+docs/rabbitmq.md). Anything else a sender can put in a message becomes an event or
+:class:`EventRejected`, never another exception.
 
 :func:`header_metadata` is the one policy for which message headers reach an event's metadata
 (and so Temporal history): trace context and correlation ids only, see :data:`KEPT_HEADERS`.
@@ -11,22 +18,38 @@ described in docs/configuration.md, docs/kafka.md and docs/rabbitmq.md.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
+import re
+from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 from bridge.config import EventFormat
 from bridge.errors import EventRejected
-from bridge.event import EventSignal, utc_now
+from bridge.event import EventSignal, cloudevent_id, utc_now
 
 CE_STRUCTURED = "application/cloudevents+json"
 CE_REQUIRED = ("id", "source", "type", "specversion")
 
 # The headers a queue message carries into ``metadata["headers"]``. Any other header may hold a
 # credential or personal data: it stays readable to ``name_from``/``id_from`` but never reaches
-# Temporal. Names are matched in any case and kept lower-cased.
+# Temporal. Names are matched in any case and kept lower-cased; a value longer than
+# MAX_KEPT_VALUE characters is left out (a cut trace header is no trace header).
 KEPT_HEADERS = ("traceparent", "tracestate", "x-request-id", "x-correlation-id", "correlation-id")
+MAX_KEPT_VALUE = 512
+
+MAX_JSON_DEPTH = 100
+"""Containers (objects and arrays) nested in one JSON document, the outermost one included.
+
+Python's parser and the Temporal SDK's encoder recurse: a document nested a few thousand levels
+deep is parsed, then fails while the signal is encoded. Refusing it here keeps every later step
+far from the interpreter's recursion limit."""
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1  # the integers a signed or unsigned 64-bit field holds
+_INT_DIGITS = len(str(INT_MAX))
 
 
 @dataclass
@@ -34,7 +57,9 @@ class Message:
     """What an adapter knows about one transport message, transport types already stripped.
 
     ``time`` is when the transport says the message was produced (ISO 8601); a CloudEvent's own
-    ``time`` wins over it, and without either the event is stamped now.
+    ``time`` wins over it, and without either the event is stamped now. ``content_type`` is the
+    transport's: it picks structured-mode CloudEvents, and in binary mode it is the
+    ``datacontenttype`` when the attributes name none.
     """
 
     body: bytes
@@ -52,7 +77,7 @@ def header_metadata(headers: Mapping[str, str], correlation_id: str | None = Non
     """The metadata a message's headers contribute: the kept headers, ``correlation_id`` and
     ``traceparent``. A transport's own correlation id (AMQP's property) wins over the headers'."""
     lowered = {k.lower(): v for k, v in headers.items()}
-    kept = {h: lowered[h] for h in KEPT_HEADERS if h in lowered}
+    kept = {h: v for h in KEPT_HEADERS if (v := lowered.get(h)) is not None and len(v) <= MAX_KEPT_VALUE}
     metadata: dict[str, Any] = {"headers": kept}
     correlation = correlation_id or kept.get("x-correlation-id") or kept.get("correlation-id")
     if correlation:
@@ -62,11 +87,81 @@ def header_metadata(headers: Mapping[str, str], correlation_id: str | None = Non
     return metadata
 
 
+# --- JSON, bounded --------------------------------------------------------------------------------
+
+
+class _Refused(ValueError):
+    """A number the bridge does not take (raised from inside the parser's hooks)."""
+
+
+def _parse_int(text: str) -> int:
+    # Bounded before converting: CPython refuses (slowly) past 4,300 digits.
+    if len(text.lstrip("-")) > _INT_DIGITS or not INT_MIN <= (value := int(text)) <= INT_MAX:
+        raise _Refused(f"integer {text[:40]}{'…' if len(text) > 40 else ''} does not fit in 64 bits")
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise _Refused(f"number {text[:40]}{'…' if len(text) > 40 else ''} is out of range")
+    return value
+
+
+def _parse_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not a number JSON allows")
+
+
+_OPENERS_CLOSERS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_LEAF = b"\x01\xff"
+_SHRINK_PASSES = 4
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800-\udfff: half a pair, or a lone one
+
+
+def json_depth_exceeds(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when ``text`` nests containers deeper than ``limit``, found without recursing.
+
+    Exact for valid JSON (its strings are skipped); for anything else the verdict does not
+    matter, as the parser refuses it anyway. Linear in the length of ``text``.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    if '"' in text:  # drop every string: escaped backslashes and quotes first, then "…" spans
+        text = "".join(text.replace("\\\\", "").replace('\\"', "").split('"')[::2])
+    brackets = text.encode("ascii", "ignore").translate(_OPENERS_CLOSERS, _NOT_BRACKETS)
+    passes = 0
+    while brackets and passes < _SHRINK_PASSES:  # each pass drops every empty container: depth - 1
+        brackets, passes = brackets.replace(_LEAF, b""), passes + 1
+    steps = array("b")
+    steps.frombytes(brackets)
+    return max(accumulate(steps), default=0) > limit - passes
+
+
 def parse_json(body: bytes) -> Any:
+    """``body`` as JSON, or ``EventRejected("malformed")``: not JSON, nested deeper than
+    :data:`MAX_JSON_DEPTH`, ``NaN``/``Infinity`` (or a number that overflows to it), an integer
+    outside 64 bits, or a lone surrogate (``\\ud800``: no character, and no UTF-8 can carry it;
+    run ids and answers are made of these strings). Used by every adapter, HTTP included."""
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = body.decode(json.detect_encoding(body))
+        if json_depth_exceeds(text):
+            raise EventRejected("malformed", f"body is not JSON the bridge takes: nested deeper than {MAX_JSON_DEPTH}")
+        value = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+        if _SURROGATE_ESCAPE.search(text):
+            json.dumps(value, ensure_ascii=False).encode()
+        return value
+    except _Refused as exc:
+        raise EventRejected("malformed", f"body is not JSON the bridge takes: {exc}") from None
+    except RecursionError:
+        raise EventRejected("malformed", "body is not JSON the bridge takes: nested too deep") from None
+    except UnicodeEncodeError:
+        raise EventRejected("malformed", "body is not JSON the bridge takes: a string holds a lone surrogate") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
         raise EventRejected("malformed", f"body is not JSON: {exc}") from None
+
+
+# --- events ---------------------------------------------------------------------------------------
 
 
 def decode(msg: Message, fmt: EventFormat) -> EventSignal:
@@ -109,8 +204,18 @@ def _configured_id(fmt: EventFormat, msg: Message, body: Any) -> str | None:
     return fmt.id_from.resolve(msg.headers, body, msg.key) if fmt.id_from else None
 
 
+def _media_type(content_type: str) -> str:
+    return content_type.split(";")[0].strip().lower()
+
+
 def _is_structured_ce(content_type: str | None) -> bool:
-    return content_type is not None and content_type.split(";")[0].strip().lower() == CE_STRUCTURED
+    return content_type is not None and _media_type(content_type) == CE_STRUCTURED
+
+
+def is_json_media(content_type: str | None) -> bool:
+    """A ``datacontenttype`` whose data is JSON: absent (or empty), ``application/json`` or ``*/*+json``."""
+    media = _media_type(content_type or "")
+    return not media or media == "application/json" or (media.endswith("+json") and "/" in media)
 
 
 def _cloudevent(msg: Message, fmt: EventFormat) -> EventSignal:
@@ -119,25 +224,65 @@ def _cloudevent(msg: Message, fmt: EventFormat) -> EventSignal:
         if not isinstance(body, dict):
             raise EventRejected("malformed", "a structured CloudEvent must be a JSON object")
         attrs = {k: v for k, v in body.items() if k not in ("data", "data_base64")}
-        data = body.get("data")
     else:
+        body = None
         attrs = dict(msg.ce_attributes)
-        data = parse_json(msg.body) if msg.body else None
+        if "datacontenttype" not in attrs and msg.content_type:
+            attrs["datacontenttype"] = msg.content_type
     missing = [a for a in CE_REQUIRED if not attrs.get(a)]
     if missing:
         raise EventRejected("malformed", f"CloudEvent lacks required attribute(s): {', '.join(missing)}")
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        data = {"data": data}
+    content_type = attrs.get("datacontenttype")
+    if content_type is not None and not isinstance(content_type, str):
+        raise EventRejected("malformed", "a CloudEvent's datacontenttype must be a string")
+    data = _structured_data(body, content_type) if body is not None else _binary_data(msg.body, content_type)
     metadata = dict(msg.metadata)
     metadata["cloudevents"] = {k: str(v) for k, v in attrs.items()}
     return EventSignal(
-        id=str(attrs["id"]),
+        id=cloudevent_id(str(attrs["source"]), str(attrs["id"])),
         name=str(attrs["type"]),
         payload=data,
-        source=str(attrs["source"]),
+        source=msg.source,
         time=str(attrs.get("time") or "") or utc_now(),
         metadata=metadata,
         key=msg.key,
     )
+
+
+def _as_payload(data: Any) -> dict[str, Any]:
+    """``data`` as a payload: an object as it is, nothing as ``{}``, anything else wrapped."""
+    if data is None:
+        return {}
+    return data if isinstance(data, dict) else {"data": data}
+
+
+def _kept(data_base64: str, content_type: str) -> dict[str, Any]:
+    return {"data_base64": data_base64, "datacontenttype": content_type}
+
+
+def _structured_data(body: dict[str, Any], content_type: str | None) -> dict[str, Any]:
+    """``data`` is JSON already; ``data_base64`` is decoded when its content type is JSON and
+    kept as it came otherwise."""
+    if "data_base64" not in body:
+        return _as_payload(body.get("data"))
+    if "data" in body:
+        raise EventRejected("malformed", "a CloudEvent carries data or data_base64, not both")
+    encoded = body["data_base64"]
+    if not isinstance(encoded, str):
+        raise EventRejected("malformed", "a CloudEvent's data_base64 must be a string")
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise EventRejected("malformed", "a CloudEvent's data_base64 is not base64") from None
+    if content_type and not is_json_media(content_type):
+        return _kept(encoded, content_type)
+    return _as_payload(parse_json(raw)) if raw else {}
+
+
+def _binary_data(body: bytes, content_type: str | None) -> dict[str, Any]:
+    """The message body is ``data``: JSON when its content type says so, else kept as base64."""
+    if not body:
+        return {}
+    if content_type and not is_json_media(content_type):
+        return _kept(base64.b64encode(body).decode("ascii"), content_type)
+    return _as_payload(parse_json(body))

@@ -5,13 +5,16 @@ accepted → tell the transport what it may acknowledge. A queue adapter writes 
 :class:`Transport` (poll/commit or consume/ack, and publishing its dead letters); what must not
 drift between adapters lives here: the backoff (:class:`Backoff`), which errors are retried
 (:class:`Unavailable` and the transport's own transient errors, nothing else), the dead-letter
-header names (:func:`dead_letter_headers`) and the dead-letter/skip policy (:class:`Disposition`).
-What an operator sees of it: docs/kafka.md and docs/rabbitmq.md.
+header names and sizes (:mod:`bridge.deadletter`) and the dead-letter/skip policy
+(:class:`Disposition`). What an operator sees of it: docs/kafka.md and docs/rabbitmq.md.
 
 Nothing is acknowledged that Temporal does not hold: while Temporal (or the dead-letter
-destination) refuses, the batch is retried with backoff and the transport is paused; a transport
-that gives the batch up meanwhile (stopping, a rebalance) gets :class:`Abandoned`; any other
-exception is a bug and reaches the adapter, which must not acknowledge what was not settled.
+destination) refuses, or this process already holds as many events waiting for Temporal as it may
+(:class:`bridge.errors.Overloaded`, an :class:`Unavailable`), the batch is retried with backoff and
+the transport is paused, so it fetches nothing more; a transport that gives the batch up meanwhile
+(stopping, a rebalance) gets :class:`Abandoned`; any other exception is a bug and reaches the
+adapter, which must not acknowledge what was not settled. No message can cause one: whatever a
+message holds, decoding and checking it alone ends in an event or a rejection.
 """
 
 from __future__ import annotations
@@ -21,46 +24,22 @@ import logging
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Generic, Literal, TypeVar
 
 from bridge.config import EventFormat
 from bridge.decode import Message, decode
-from bridge.errors import EventRejected, Unavailable
+from bridge.errors import EventRejected, Overloaded, Unavailable
 from bridge.event import EventSignal
+from bridge.logsafe import safe
 from bridge.pipeline import Outcome, Pipeline
 
 log = logging.getLogger(__name__)
 
 M = TypeVar("M")
 T = TypeVar("T")
-
-# --- dead-letter headers: the same names on every transport --------------------------------------
-
-H_REASON = "x-dead-letter-reason"
-H_ERROR = "x-dead-letter-error"
-H_EVENT_ID = "x-event-id"
-H_EVENT_NAME = "x-event-name"
-H_ORIGINAL = "x-original-"  # + a transport's origin field: topic, partition, queue, routing-key, …
-MAX_ERROR_CHARS = 1000
-
-
-def dead_letter_headers(error: EventRejected, event: EventSignal | None, origin: Mapping[str, str]) -> dict[str, str]:
-    """Why the message was refused, where it came from and, once decoded, which event it was."""
-    headers = {H_REASON: error.reason, H_ERROR: error.message[:MAX_ERROR_CHARS]}
-    headers.update({H_ORIGINAL + name: value for name, value in origin.items()})
-    if event is not None:
-        headers.update({H_EVENT_ID: event.id, H_EVENT_NAME: event.name})
-    return headers
-
-
-def is_dead_letter_header(name: str) -> bool:
-    """A header an earlier dead-lettering wrote: dropped from a copy, so the new one cannot be confused."""
-    lowered = name.lower()
-    return lowered in (H_REASON, H_ERROR, H_EVENT_ID, H_EVENT_NAME) or lowered.startswith(H_ORIGINAL)
-
 
 # --- backoff ---------------------------------------------------------------------------------------
 
@@ -127,12 +106,14 @@ class Transport(ABC, Generic[M]):
 
     @abstractmethod
     async def dead_letter(self, items: Sequence[Item[M]]) -> None:
-        """Write a dead letter for each item (see :func:`dead_letter_headers`), all or nothing.
+        """Write a dead letter for each item (see :mod:`bridge.deadletter`; trimmed to fit, never
+        refused for its size).
 
-        Raise one of the transient errors given to :class:`Settler` to have it retried. An item
-        whose letter cannot be written may be marked :attr:`Disposition.DROPPED` (the broker takes
-        it: RabbitMQ rejects it to the queue's own dead-letter exchange) or, when the letter went
-        nowhere for good, :attr:`Disposition.SKIPPED` (acknowledged; count and log it).
+        Raise one of the transient errors given to :class:`Settler` to have it retried: the items
+        still without a ``disposition`` are offered again (mark a letter that is out
+        :attr:`Disposition.DEAD_LETTERED` to keep it from being written twice). An item whose letter
+        went nowhere for good may be marked :attr:`Disposition.SKIPPED` (acknowledged; count and log
+        it) or :attr:`Disposition.DROPPED` (the broker takes it).
         """
 
     @abstractmethod
@@ -249,29 +230,43 @@ class Settler(Generic[M]):
         refused = [i for i in items if i.error is not None and self.transport.usable(i.message)]
         letters = [i for i in refused if not self._skip_or_drop(i)]
         if letters:
-            await self._until_done(lambda: self.transport.dead_letter(letters), "dead-letter destination")
-            for item in letters:
-                if item.disposition is None:
-                    item.disposition = Disposition.DEAD_LETTERED
-                    self._log_dead_letter(item)
-        if refused:
-            await self.transport.acknowledge(refused)
+            await self._until_done(lambda: self._write_letters(letters), "dead-letter destination")
+        settled = [i for i in refused if i.disposition is not None]
+        if settled:
+            await self.transport.acknowledge(settled)
         return items
 
+    async def _write_letters(self, letters: list[Item[M]]) -> None:
+        """One attempt at the letters not yet out, of messages that can still be acknowledged (a
+        message whose channel is gone is left alone: it comes back, and is refused again)."""
+        due = [i for i in letters if i.disposition is None and self.transport.usable(i.message)]
+        if due:
+            await self.transport.dead_letter(due)
+        for item in due:
+            if item.disposition is None:
+                item.disposition = Disposition.DEAD_LETTERED
+            if item.disposition is Disposition.DEAD_LETTERED:
+                self._log_dead_letter(item)
+
     def _decode(self, message: M) -> Item[M]:
+        """Decode and check one message alone: whatever it holds, it becomes an event or a
+        rejection here, and never fails the messages around it."""
         item: Item[M] = Item(message)
         try:
             item.event = decode(self.transport.to_message(message), self.event)
+            refused = self.pipeline.check(item.event)
         except EventRejected as exc:
             self._refuse(item, exc)
             return item
-        except Exception as exc:  # a decoder bug must not stall the queue: dead-letter it, loudly
+        except Exception as exc:  # a decoder or check bug must not stall the queue: dead-letter it, loudly
             log.exception(
-                "%s adapter %s: cannot decode %s", self.adapter, self.name, self.transport.fallback_id(message)
+                "%s adapter %s: cannot decode or check %s",
+                self.adapter,
+                self.name,
+                safe(self.transport.fallback_id(message)),
             )
             self._refuse(item, EventRejected("malformed", f"cannot decode: {exc!r}"))
             return item
-        refused = self.pipeline.check(item.event)
         if refused is not None:
             self.pipeline.metrics.received.labels(self.adapter).inc()
             self._refuse(item, refused)
@@ -325,27 +320,25 @@ class Settler(Generic[M]):
         self.pipeline.metrics.dropped.labels(self.adapter, item.error.reason).inc()
         log.log(
             level,
-            "%s message %s (%s) from=%s reason=%s id=%s name=%s: %s",
+            "%s message %s (%s) %s: %s",
             self.adapter,
             item.disposition.value,
             why,
-            self.transport.fallback_id(item.message),
-            item.error.reason,
-            item.event.id if item.event else None,
-            item.event.name if item.event else None,
-            item.error.message,
+            self._describe(item),
+            safe(item.error.message, 500),
         )
         return True
 
     def _log_dead_letter(self, item: Item[M]) -> None:
+        log.info("%s message dead-lettered %s", self.adapter, self._describe(item))
+
+    def _describe(self, item: Item[M]) -> str:
+        """``from= reason= id= name=`` of a refused message, every sender value made safe to log."""
         assert item.error is not None
-        log.info(
-            "%s message dead-lettered from=%s reason=%s id=%s name=%s",
-            self.adapter,
-            self.transport.fallback_id(item.message),
-            item.error.reason,
-            item.event.id if item.event else None,
-            item.event.name if item.event else None,
+        event = item.event
+        return (
+            f"from={safe(self.transport.fallback_id(item.message))} reason={item.error.reason} "
+            f"id={safe(event.id if event else None)} name={safe(event.name if event else None)}"
         )
 
     # -- retries ------------------------------------------------------------------------------------
@@ -372,27 +365,33 @@ class Settler(Generic[M]):
             return result
 
     async def _wait_out(self, exc: Exception, what: str) -> None:
+        """Pause the transport and wait before the next attempt. :class:`Overloaded` (this process
+        already holds as many events waiting for Temporal as it may) is waited out like an outage:
+        the transport fetches nothing more meanwhile."""
         self.failures += 1
         delay = self.backoff.delay(self.failures)
+        state = "busy (too many events wait for it in this process)" if isinstance(exc, Overloaded) else "unavailable"
         if self.failures == 1:
             self._outage_since = time.monotonic()
             log.warning(
-                "%s adapter %s: %s unavailable; holding the batch unacknowledged and retrying: %s",
+                "%s adapter %s: %s %s; holding the batch unacknowledged and retrying: %s",
                 self.adapter,
                 self.name,
                 what,
-                exc,
+                state,
+                safe(exc, 500),
             )
         else:
             log.info(
-                "%s adapter %s: %s still unavailable (attempt %d, next in %.1fs): %s",
+                "%s adapter %s: %s still %s (attempt %d, next in %.1fs): %s",
                 self.adapter,
                 self.name,
                 what,
+                state,
                 self.failures,
                 delay,
-                exc,
+                safe(exc, 500),
             )
         self.transport.pause()
         if not await self.transport.wait(delay):
-            raise Abandoned(f"{what} unavailable and the batch given up (stopping or rebalanced)")
+            raise Abandoned(f"{what} {state} and the batch given up (stopping or rebalanced)")

@@ -29,7 +29,7 @@ from temporalio.client import Client
 
 from adapters.amqp import AmqpAdapter
 from bridge.config import AmqpConsumer, project_slug
-from bridge.event import EventSignal, event_digest, target_workflow_id
+from bridge.event import EventSignal, run_digest, target_workflow_id
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
 from bridge.runtime.app import Bridge
@@ -96,8 +96,8 @@ def idle_target(wf: str, task_queue: str, *names: str) -> dict[str, Any]:
     return {"id": wf, "workflow_type": "Idle", "task_queue": task_queue, "triggers": [{"name": n} for n in names]}
 
 
-def expected_runs(wf: str, source: str, ids: Iterable[str]) -> set[str]:
-    return {target_workflow_id(wf, event_digest(source, i)) for i in ids}
+def expected_runs(project: str, wf: str, source: str, ids: Iterable[str]) -> set[str]:
+    return {target_workflow_id(wf, run_digest(project, source, i)) for i in ids}
 
 
 def runner_query(project: str) -> str:
@@ -230,7 +230,7 @@ async def test_2000_messages_start_exactly_2000_runs(bridge_factory, temporal_cl
     published = time.monotonic()
     await assert_eventually(lambda: accepted(bridge) == n, timeout=120, what="adapter accepted every message")
     adapter_done = time.monotonic()
-    expected = expected_runs("bulk", f"amqp:{queue}", (f"bulk-{i}" for i in range(n)))
+    expected = expected_runs(project, "bulk", f"amqp:{queue}", (f"bulk-{i}" for i in range(n)))
     await assert_ran_once(temporal_client, f'TaskQueue="{idle}"', expected, timeout=420)
     log.warning(
         "amqp 2000: published in %.1fs, Temporal held all after %.1fs, all %d runs visible after %.1fs",
@@ -281,9 +281,11 @@ async def test_poison_messages_are_dead_lettered_and_good_ones_around_them_run(
         mixed = [m for pair in zip(good, bad, strict=False) for m in pair] + good[len(bad) :]
         await publish(amqp_url, exchange, mixed)
 
-        expected = expected_runs("typed", f"amqp:{queue}", (f"good-{i}" for i in range(6)))
+        expected = expected_runs(project, "typed", f"amqp:{queue}", (f"good-{i}" for i in range(6)))
         await assert_ran_once(temporal_client, runner_query(project), expected)
-        got = await result_of(temporal_client, target_workflow_id("typed", event_digest(f"amqp:{queue}", "good-3")))
+        got = await result_of(
+            temporal_client, target_workflow_id("typed", run_digest(project, f"amqp:{queue}", "good-3"))
+        )
         assert got["tasks"]["render"] == "got 3"
 
         letters: dict[str, Any] = {}
@@ -357,7 +359,8 @@ async def test_cloudevents_over_amqp_route_by_type(bridge_factory, temporal_clie
     entry["bindings"][0]["routing_key"] = "#"
     workflows = [runner("created", "order.created"), runner("paid", "order.paid")]
     await bridge_factory(config(project, temporal_address, workflows, amqp=[entry]))
-    source = f"/shop/{project}"  # run ids are namespace-wide: keep them apart from earlier runs
+    source = "/shop/orders"  # the CloudEvent's own source: part of its event id, not its scope
+    scope = f"amqp:{queue}"
 
     def binary(prefix: str, ce_id: str, ce_type: str, n: int) -> Publish:
         headers = {
@@ -380,10 +383,10 @@ async def test_cloudevents_over_amqp_route_by_type(bridge_factory, temporal_clie
         ],
     )
     for wf, ce_id, n in (("created", "ce-1", 1), ("paid", "ce-2", 2), ("created", "ce-3", 3)):
-        got = await result_of(temporal_client, target_workflow_id(wf, event_digest(source, ce_id)))
+        got = await result_of(temporal_client, target_workflow_id(wf, run_digest(project, scope, f"{source}#{ce_id}")))
         assert got["tasks"]["render"] == f"got {n}"
     expected = {
-        target_workflow_id(wf, event_digest(source, i))
+        target_workflow_id(wf, run_digest(project, scope, f"{source}#{i}"))
         for wf, i in (("created", "ce-1"), ("paid", "ce-2"), ("created", "ce-3"))
     }
     await assert_ran_once(temporal_client, runner_query(project), expected)
@@ -424,7 +427,9 @@ async def test_bridge_sigkilled_mid_stream_then_restarted_runs_each_message_once
 
         await second.start()
         await assert_ran_once(
-            temporal_client, f'TaskQueue="{idle}"', expected_runs("t", f"amqp:{queue}", (f"k-{i}" for i in range(n)))
+            temporal_client,
+            f'TaskQueue="{idle}"',
+            expected_runs(project, "t", f"amqp:{queue}", (f"k-{i}" for i in range(n))),
         )
         await assert_eventually(lambda: _equals(depth(amqp_url, queue), (0, 1)), what="queue drained")
         log.warning("amqp sigkill: %d redeliveries deduplicated", await duplicates(temporal_client, project))
@@ -451,7 +456,9 @@ async def test_two_bridge_processes_compete_and_run_each_event_once(
         await assert_eventually(lambda: _equals(depth(amqp_url, queue), (0, 2)), what="two consumers on the queue")
         await publish(amqp_url, exchange, orders("two", n))
         await assert_ran_once(
-            temporal_client, f'TaskQueue="{idle}"', expected_runs("t", f"amqp:{queue}", (f"two-{i}" for i in range(n)))
+            temporal_client,
+            f'TaskQueue="{idle}"',
+            expected_runs(project, "t", f"amqp:{queue}", (f"two-{i}" for i in range(n))),
         )
         shares = [await b.accepted() for b in bridges]
         assert all(s > 0 for s in shares), f"one bridge took nothing: {shares}"
@@ -482,7 +489,9 @@ async def test_rabbitmq_restart_mid_stream_consumer_recovers_by_itself(temporal_
         await assert_eventually(adapter.healthy, timeout=60, what="consumer reconnected by itself")
         await publish(rabbit.url, exchange, orders("r", 200, start=200))
         await assert_ran_once(
-            temporal_client, f'TaskQueue="{idle}"', expected_runs("t", f"amqp:{queue}", (f"r-{i}" for i in range(400)))
+            temporal_client,
+            f'TaskQueue="{idle}"',
+            expected_runs(project, "t", f"amqp:{queue}", (f"r-{i}" for i in range(400))),
         )
         await assert_eventually(lambda: _equals(depth(rabbit.url, queue), (0, 1)), what="queue drained")
         log.warning(
@@ -514,7 +523,7 @@ async def test_temporal_down_15s_messages_wait_unacked_then_flow(amqp_url):
         [adapter] = bridge.adapters
         client = await Client.connect(temporal.address)
         await publish(amqp_url, exchange, orders("d", before))
-        first = expected_runs("t", f"amqp:{queue}", (f"d-{i}" for i in range(before)))
+        first = expected_runs(project, "t", f"amqp:{queue}", (f"d-{i}" for i in range(before)))
         await assert_ran_once(client, f'TaskQueue="{idle}"', first)
 
         await asyncio.to_thread(temporal.stop)
@@ -534,7 +543,7 @@ async def test_temporal_down_15s_messages_wait_unacked_then_flow(amqp_url):
 
         await asyncio.to_thread(temporal.start)
         client = await Client.connect(temporal.address)
-        expected = expected_runs("t", f"amqp:{queue}", (f"d-{i}" for i in range(before + during)))
+        expected = expected_runs(project, "t", f"amqp:{queue}", (f"d-{i}" for i in range(before + during)))
         await assert_ran_once(client, f'TaskQueue="{idle}"', expected, timeout=180)
         assert not adapter.waiting_for_temporal
         assert await depth(amqp_url, queue) == (0, 1)
@@ -551,3 +560,162 @@ async def _equals(value: Any, expected: Any) -> bool:
     got = await value
     assert got == expected, got
     return True
+
+
+# --- poison that once stalled the queue, and dead letters that must get out ---------------------
+
+
+async def test_deep_nan_invalid_utf8_and_oversized_messages_are_dead_lettered_and_the_queue_drains(
+    bridge_factory, temporal_client, temporal_address, amqp_url
+):
+    """Messages that once stalled a consumer (nested past the SDK encoder's depth, NaN, invalid
+    UTF-8, a 5,000-digit integer, a 600 KB unroutable envelope with 100 KB of headers whose copy
+    no longer fit a frame), interleaved with good ones: every good message runs once, every poison
+    one reaches a queue bound to the dead-letter exchange with its reason, and the queue drains."""
+    project, queue, exchange = unique("amqp-poison"), unique("q"), unique("ex")
+    dlx = f"{exchange}.dlx"
+    entry = amqp_entry(amqp_url, queue, exchange, dead_letter_exchange=dlx, event={"format": "envelope"})
+    bridge = await bridge_factory(config(project, temporal_address, [runner("orders", "order.created")], amqp=[entry]))
+    big = "x" * 300_000
+    wide_headers = {f"h{i}": "v" * 4_000 for i in range(25)}  # 100 KB: the original fits a 128 KiB frame
+    poison: dict[str, tuple[bytes, dict[str, Any], str]] = {
+        "p-deep-2400": (
+            b'{"name": "order.created", "payload": {"a": ' + b"[" * 2_400 + b"]" * 2_400 + b"}}",
+            {},
+            "malformed",
+        ),
+        "p-deep-2475": (b"[" * 2_475 + b"]" * 2_475, {}, "malformed"),
+        "p-deep-2600": (b'{"k":' * 2_600 + b"1" + b"}" * 2_600, {}, "malformed"),
+        "p-nan": (b'{"name": "order.created", "payload": {"n": NaN}}', {}, "malformed"),
+        "p-utf8": (b'{"name": "order.created", "payload": {"n": "\xff\xfe"}}', {}, "malformed"),
+        "p-int": (b'{"name": "order.created", "payload": {"n": ' + b"9" * 5_000 + b"}}", {}, "malformed"),
+        "p-oversized": (
+            json.dumps({"name": f"order.unheard-of-{big}", "id": f"id-{big}", "payload": {}}).encode(),
+            wide_headers,
+            "unroutable",
+        ),
+    }
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        dead = await channel.declare_queue(unique("dlq"), exclusive=True)
+        await dead.bind(dlx, routing_key="")
+        good = [
+            (
+                "order.created",
+                json.dumps({"name": "order.created", "payload": {"n": i}}).encode(),
+                {"message_id": f"g-{i}"},
+            )
+            for i in range(10)
+        ]
+        bad = [
+            ("order.created", body, {"message_id": mid, "headers": headers} if headers else {"message_id": mid})
+            for mid, (body, headers, _) in poison.items()
+        ]
+        await publish(amqp_url, exchange, [m for pair in zip(good, bad, strict=False) for m in pair] + good[len(bad) :])
+
+        expected = expected_runs(project, "orders", f"amqp:{queue}", (f"g-{i}" for i in range(10)))
+        await assert_ran_once(temporal_client, runner_query(project), expected)
+        letters: dict[str, Any] = {}
+
+        async def all_dead_lettered() -> bool:
+            while (message := await dead.get(fail=False, no_ack=True)) is not None:
+                letters[message.message_id or ""] = message
+            return len(letters) >= len(poison)
+
+        await assert_eventually(all_dead_lettered, what="poison messages in the dead-letter exchange")
+    assert set(letters) == set(poison)
+    for mid, (body, _, why) in poison.items():
+        assert letters[mid].body == body
+        assert letters[mid].headers["x-dead-letter-reason"] == why, (mid, letters[mid].headers["x-dead-letter-error"])
+    oversized = letters["p-oversized"].headers
+    assert oversized["x-dead-letter-trimmed"] == "headers" and len(oversized["x-event-id"]) <= 4_096
+    assert oversized["h0"] == "v" * 4_000
+    assert await depth(amqp_url, queue) == (0, 1)
+    assert bridge.adapters[0].healthy() and not bridge.adapters[0].waiting_for_temporal
+    rejected = bridge.metrics.registry.get_sample_value
+    assert rejected("signal_bridge_events_rejected_total", {"adapter": "amqp", "reason": "malformed"}) == 6
+
+
+async def test_a_dead_letter_the_broker_refuses_is_retried_holding_the_message_never_dropped(
+    bridge_factory, temporal_address, amqp_url
+):
+    """A queue bound to the dead-letter exchange that rejects publishes (full, ``reject-publish``)
+    makes RabbitMQ nack the letter: the poison message stays unacked and the letter is retried,
+    until the queue is unbound; then it is written, and the message acked."""
+    project, queue, exchange = unique("amqp-nack"), unique("q"), unique("ex")
+    dlx = f"{exchange}.dlx"
+    entry = amqp_entry(amqp_url, queue, exchange, dead_letter_exchange=dlx, event={"format": "envelope"})
+    bridge = await bridge_factory(config(project, temporal_address, [runner("orders", "order.created")], amqp=[entry]))
+    [adapter] = bridge.adapters
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        dead = await channel.declare_queue(unique("dlq"), exclusive=True)
+        await dead.bind(dlx, routing_key="")
+        full = await channel.declare_queue(
+            unique("full"), exclusive=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+        await full.bind(dlx, routing_key="")
+        await publish(amqp_url, exchange, [("order.created", b"{not json", {"message_id": "p-1"})])
+
+        async def retrying() -> bool:
+            assert adapter.settler.waiting and adapter.settler.failures >= 2
+            return True
+
+        await assert_eventually(retrying, timeout=30, what="the refused dead letter retried")
+        assert (await depth(amqp_url, queue))[0] == 0  # held unacked by the adapter, not dropped
+        dropped = bridge.metrics.registry.get_sample_value
+        assert not dropped("signal_bridge_events_dropped_total", {"adapter": "amqp", "reason": "malformed"})
+
+        await full.unbind(dlx, routing_key="")
+        await assert_eventually(lambda: not adapter.settler.waiting, timeout=30, what="the letter written")
+        letter = await assert_eventually(lambda: dead.get(fail=False, no_ack=True), timeout=10)
+        assert letter.message_id == "p-1" and letter.headers["x-dead-letter-reason"] == "malformed"
+        assert await depth(amqp_url, queue) == (0, 1)
+
+
+async def test_properties_the_client_cannot_read_no_longer_close_the_connection_for_ever(
+    bridge_factory, temporal_client, temporal_address, amqp_url, monkeypatch
+):
+    """A publisher (in any language) may send a message_id that is not UTF-8 or a timestamp past
+    any datetime; RabbitMQ passes them on. aio-pika's codec refused the frame, the connection
+    closed, and the message came back for ever. Now they are read, and the events run."""
+    import pamqp.common
+    import pamqp.encode
+
+    def raw_timestamp(value: Any) -> bytes:
+        return pamqp.common.Struct.timestamp.pack(value) if isinstance(value, int) else real_timestamp(value)
+
+    def raw_short_string(value: Any) -> bytes:
+        return bytes([len(value)]) + value if isinstance(value, bytes) else real_short_string(value)
+
+    real_timestamp, real_short_string = pamqp.encode.timestamp, pamqp.encode.short_string
+    monkeypatch.setitem(pamqp.encode.METHODS, "timestamp", raw_timestamp)
+    monkeypatch.setitem(pamqp.encode.METHODS, "shortstr", raw_short_string)
+
+    project, queue, exchange = unique("amqp-props"), unique("q"), unique("ex")
+    entry = amqp_entry(amqp_url, queue, exchange, event={"format": "envelope"})
+    bridge = await bridge_factory(config(project, temporal_address, [runner("orders", "order.created")], amqp=[entry]))
+    [adapter] = bridge.adapters
+
+    def env(i: int) -> bytes:
+        return json.dumps({"name": "order.created", "id": f"e-{i}", "payload": {"n": i}}).encode()
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        target = await channel.get_exchange(exchange)
+        bad_stamp = aio_pika.Message(env(1), message_id="m-1")
+        bad_stamp.timestamp = 2**63 - 1  # type: ignore[assignment]
+        bad_id = aio_pika.Message(env(2))
+        bad_id.message_id = b"\xff\xfe"  # type: ignore[assignment]
+        for message in (bad_stamp, bad_id, aio_pika.Message(env(3), message_id="m-3")):
+            await target.publish(message, routing_key="order.created")
+
+    expected = expected_runs(project, "orders", f"amqp:{queue}", ("e-1", "e-2", "e-3"))
+    await assert_ran_once(temporal_client, runner_query(project), expected)
+    await assert_eventually(lambda: _equals(depth(amqp_url, queue), (0, 1)), what="queue drained")
+    assert adapter.healthy()

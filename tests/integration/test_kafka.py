@@ -28,7 +28,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from bridge.config import project_slug
-from bridge.event import event_digest, target_workflow_id
+from bridge.event import run_digest, target_workflow_id
 from dispatcher.contract import RUNNER_WORKFLOW
 from tests import services
 from tests.helpers import assert_eventually, config, count_workflows, result_of, runner, unique, workflow_ids
@@ -69,9 +69,9 @@ def envelope(name: str, payload: dict[str, Any], key: str | None = None, **extra
     return body, key.encode() if key else None, []
 
 
-def kafka_child(wid: str, topic: str, partition: int, offset: int) -> str:
+def kafka_child(project: str, wid: str, topic: str, partition: int, offset: int) -> str:
     """The target id of a record without an id of its own: ``kafka:{topic}:{partition}:{offset}``."""
-    return target_workflow_id(wid, event_digest(f"kafka:{topic}", f"kafka:{topic}:{partition}:{offset}"))
+    return target_workflow_id(wid, run_digest(project, f"kafka:{topic}", f"kafka:{topic}:{partition}:{offset}"))
 
 
 def runs_query(project: str) -> str:
@@ -283,7 +283,7 @@ async def test_2000_envelopes_over_3_partitions_run_exactly_once(
     await assert_all_committed(kafka_bootstrap, adapter.group_id, topic, timeout=90)
     consumed = time.monotonic()
     await assert_runs_exactly(
-        temporal_client, project, {kafka_child("count", topic, p, o) for p, o in placed}, timeout=480
+        temporal_client, project, {kafka_child(project, "count", topic, p, o) for p, o in placed}, timeout=480
     )
     finished = time.monotonic()
     accepted = metric(bridge.metrics.render().decode(), "signal_bridge_events_accepted_total", adapter="kafka")
@@ -349,9 +349,9 @@ async def test_cloudevents_binary_and_structured_and_raw_route_by_name(
         kafka_bootstrap, raw_topic, [(json.dumps({"orderId": "r-3"}).encode(), b"order.refunded", [])]
     )
 
-    created = target_workflow_id("on-created", event_digest("/shop/orders", "evt-1"))
-    shipped = target_workflow_id("on-shipped", event_digest("/shop/shipping", "evt-2"))
-    refunded = kafka_child("on-raw", raw_topic, raw_partition, raw_offset)
+    created = target_workflow_id("on-created", run_digest(project, f"kafka:{ce_topic}", "/shop/orders#evt-1"))
+    shipped = target_workflow_id("on-shipped", run_digest(project, f"kafka:{ce_topic}", "/shop/shipping#evt-2"))
+    refunded = kafka_child(project, "on-raw", raw_topic, raw_partition, raw_offset)
     assert (await result_of(temporal_client, created))["tasks"]["render"] == "created b-1"
     assert (await result_of(temporal_client, shipped))["tasks"]["render"] == "shipped s-2"
     assert (await result_of(temporal_client, refunded))["tasks"]["render"] == "refunded r-3"
@@ -392,7 +392,7 @@ async def test_poison_records_are_dead_lettered_or_counted_and_good_ones_around_
     }
     records = [poison[i][0] if i in poison else envelope("order.created", {"orderId": f"o-{i}"}) for i in range(40)]
     placed = await produce(kafka_bootstrap, topic, records)
-    good = {kafka_child("orders", topic, *placed[i]) for i in range(40) if i not in poison}
+    good = {kafka_child(project, "orders", topic, *placed[i]) for i in range(40) if i not in poison}
 
     consumer = AIOKafkaConsumer(dlq, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest")
     await consumer.start()
@@ -455,7 +455,7 @@ async def test_temporal_down_15s_pauses_partitions_then_resumes_without_loss_or_
         return [envelope("order.created", {"n": f"{phase}{i}"}, key=f"k{i % 7}") for i in range(per_phase)]
 
     placed = await produce(kafka_bootstrap, topic, batch("before"))
-    await assert_runs_exactly(client, project, {kafka_child("orders", topic, p, o) for p, o in placed})
+    await assert_runs_exactly(client, project, {kafka_child(project, "orders", topic, p, o) for p, o in placed})
 
     await asyncio.to_thread(own_temporal.stop)
     down_since = time.monotonic()
@@ -482,7 +482,7 @@ async def test_temporal_down_15s_pauses_partitions_then_resumes_without_loss_or_
 
     await assert_eventually(resumed, timeout=60, what="partitions resumed")
     placed += await produce(kafka_bootstrap, topic, batch("after"))
-    await assert_runs_exactly(client, project, {kafka_child("orders", topic, p, o) for p, o in placed})
+    await assert_runs_exactly(client, project, {kafka_child(project, "orders", topic, p, o) for p, o in placed})
     await assert_all_committed(kafka_bootstrap, adapter.group_id, topic)
     assert metric(bridge.metrics.render().decode(), "signal_bridge_temporal_unavailable_total", adapter="kafka") >= 1
 
@@ -549,7 +549,7 @@ async def test_bridge_sigkilled_mid_stream_and_restarted_runs_every_record_once(
     placed = await stream
     try:
         await assert_runs_exactly(
-            temporal_client, project, {kafka_child("orders", topic, p, o) for p, o in placed}, timeout=150
+            temporal_client, project, {kafka_child(project, "orders", topic, p, o) for p, o in placed}, timeout=150
         )
         await assert_all_committed(kafka_bootstrap, group, topic)
     except AssertionError:
@@ -589,7 +589,102 @@ async def test_two_bridges_in_one_group_split_partitions_and_run_each_record_onc
 
     n = 200
     placed = await produce(kafka_bootstrap, topic, [envelope("order.created", {"n": i}, key=f"k{i}") for i in range(n)])
-    await assert_runs_exactly(temporal_client, project, {kafka_child("orders", topic, p, o) for p, o in placed})
+    await assert_runs_exactly(
+        temporal_client, project, {kafka_child(project, "orders", topic, p, o) for p, o in placed}
+    )
     await assert_all_committed(kafka_bootstrap, group, topic)
     accepted = [metric(await p.metrics(), "signal_bridge_events_accepted_total", adapter="kafka") for p in pair]
     assert all(a > 0 for a in accepted) and sum(accepted) >= n, accepted
+
+
+# --- poison that once stalled a partition ------------------------------------------------------
+
+
+def nested_envelope(depth: int, opener: bytes = b"[") -> bytes:
+    closer = b"]" if opener == b"[" else b"}"
+    inner = opener if opener == b"[" else b'{"k":'
+    core = b"1" if opener == b"{" else b""
+    return b'{"name": "order.created", "payload": {"a": ' + inner * depth + core + closer * depth + b"}}"
+
+
+async def read_letters(bootstrap: str, topic: str, expected: int) -> list[Any]:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    letters: list[Any] = []
+    try:
+
+        async def all_letters() -> bool:
+            batch = await consumer.getmany(timeout_ms=500)
+            letters.extend(r for recs in batch.values() for r in recs)
+            assert len(letters) <= expected, f"{len(letters)} letters for {expected} poison records"
+            return len(letters) == expected
+
+        await assert_eventually(all_letters, timeout=60, interval=0.1, what="dead letters")
+    finally:
+        await consumer.stop()
+    return letters
+
+
+@pytest.mark.timeout(300)
+async def test_deep_nan_invalid_utf8_and_oversized_records_are_dead_lettered_and_the_partition_moves_on(
+    bridge_factory, temporal_client, temporal_address, kafka_bootstrap
+):
+    """Records that once stalled a partition for good (nested past the SDK encoder's depth, NaN,
+    invalid UTF-8, a 5,000-digit integer, a 600 KB unroutable envelope whose dead letter was 1.2 MB),
+    interleaved with good ones: every good record runs once, every poison one is dead-lettered with
+    its reason, and the group's committed offsets reach the end of the topic."""
+    topic = await create_topic(kafka_bootstrap, partitions=2)
+    dlq = f"{topic}.dlq"
+    project = unique("kpoison")
+    cfg = config(
+        project,
+        temporal_address,
+        [runner("orders", "order.created")],
+        kafka=[kafka_entry(kafka_bootstrap, topic, dead_letter_topic=dlq, max_batch=50)],
+    )
+    bridge = await bridge_factory(cfg)
+    big = "x" * 300_000
+    oversized = json.dumps({"name": f"order.unheard-of-{big}", "id": f"id-{big}", "payload": {}}).encode()
+    poison: dict[int, tuple[Record, str]] = {
+        2: ((nested_envelope(2_400), b"p-deep-2400", []), "malformed"),
+        5: ((b"[" * 2_475 + b"]" * 2_475, b"p-deep-2475", []), "malformed"),
+        8: ((nested_envelope(2_600, b"{"), b"p-deep-2600", []), "malformed"),
+        11: ((b'{"name": "order.created", "payload": {"n": NaN}}', b"p-nan", []), "malformed"),
+        14: ((b'{"name": "order.created", "payload": {"n": -Infinity}}', b"p-inf", []), "malformed"),
+        17: (
+            (b'{"name": "order.created", "payload": {"n": "\xff\xfe"}}', b"p-utf8", [("x-keep", b"\xff")]),
+            "malformed",
+        ),
+        20: ((b'{"name": "order.created", "payload": {"n": ' + b"9" * 5_000 + b"}}", b"p-int", []), "malformed"),
+        23: ((oversized, b"p-oversized", [("traceparent", b"00-abc-def-01")]), "unroutable"),
+    }
+    records = [
+        poison[i][0] if i in poison else envelope("order.created", {"orderId": f"o-{i}"}, key=f"k-{i}")
+        for i in range(30)
+    ]
+    placed = await produce(kafka_bootstrap, topic, records)
+    good = {kafka_child(project, "orders", topic, *placed[i]) for i in range(30) if i not in poison}
+
+    letters = await read_letters(kafka_bootstrap, dlq, len(poison))
+    by_key = {letter.key: (letter, {k: v for k, v in letter.headers}) for letter in letters}
+    for i, ((value, key, _), reason) in poison.items():
+        letter, headers = by_key[key]
+        assert headers["x-dead-letter-reason"] == reason.encode(), (key, headers["x-dead-letter-error"])
+        assert (int(headers["x-original-partition"]), int(headers["x-original-offset"])) == placed[i]
+        assert letter.value == value  # whole: only the headers had to give
+    oversized_headers = by_key[b"p-oversized"][1]
+    assert oversized_headers["x-dead-letter-trimmed"] == b"headers"
+    assert (
+        oversized_headers["x-event-name"].startswith(b"order.unheard-of-xxx")
+        and len(oversized_headers["x-event-name"]) <= 4096
+    )
+    assert oversized_headers["traceparent"] == b"00-abc-def-01"
+    assert by_key[b"p-utf8"][1]["x-keep"] == b"\xff"
+
+    await assert_runs_exactly(temporal_client, project, good)
+    adapter = bridge.adapters[0]
+    await assert_all_committed(kafka_bootstrap, adapter.group_id, topic)
+    assert adapter.healthy() and not adapter.paused
+    text = bridge.metrics.render().decode()
+    assert metric(text, "signal_bridge_events_rejected_total", adapter="kafka", reason="malformed") == 7
+    assert metric(text, "signal_bridge_events_rejected_total", adapter="kafka", reason="unroutable") == 1

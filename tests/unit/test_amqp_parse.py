@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import aio_pika
+import pamqp.frame
 import pytest
 from aio_pika.exceptions import ChannelInvalidStateError
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 
-from adapters import amqp
+from adapters import amqp, amqp_parse
 from bridge.config import AmqpConsumer
+from bridge.deadletter import MAX_HEADER_VALUE
 from bridge.errors import EventRejected
 from bridge.event import EventSignal, content_digest
 from bridge.pipeline import Pipeline
@@ -159,7 +165,7 @@ def _ce_headers(prefix: str) -> dict[str, Any]:
 def test_binary_mode_cloudevent_routes_by_type(prefix: str) -> None:
     d = delivery({"orderId": "A1"}, headers=_ce_headers(prefix), content_type="application/json", message_id="m-9")
     event = amqp.parse(d, entry(format="cloudevents"))
-    assert (event.name, event.id, event.source) == ("order.created", "ce-1", "/shop/orders")
+    assert (event.name, event.id, event.source) == ("order.created", "/shop/orders#ce-1", "amqp:bridge.events")
     assert event.payload == {"orderId": "A1"}
     assert event.time == "2024-05-01T12:00:00+00:00"
     ce = event.metadata["cloudevents"]
@@ -179,7 +185,12 @@ def test_structured_mode_cloudevent_by_content_type_even_with_envelope_format() 
     }
     d = delivery(body, content_type="application/cloudevents+json; charset=utf-8", routing_key="misc")
     event = amqp.parse(d, entry(format="envelope"))
-    assert (event.name, event.id, event.source, event.payload) == ("order.paid", "ce-2", "/shop", {"amount": 5})
+    assert (event.name, event.id, event.source, event.payload) == (
+        "order.paid",
+        "/shop#ce-2",
+        "amqp:bridge.events",
+        {"amount": 5},
+    )
     assert event.time == "2024-05-02T00:00:00Z"
 
 
@@ -419,16 +430,89 @@ async def test_a_bug_while_settling_requeues_what_was_not_settled_and_the_consum
     assert (ok.settled, bad.settled, later.settled) == (["ack"], ["nack(requeue=True)"], ["ack"])
 
 
-async def test_failed_republish_falls_back_to_reject_so_rabbitmq_dead_letters_it() -> None:
-    class LostChannel(FakeExchange):
-        async def publish(self, message: Any, routing_key: str, **kw: Any) -> None:
-            raise ChannelInvalidStateError("channel closed")
+class FlakyExchange(FakeExchange):
+    """Fails the first ``failures`` publishes with a transport error, then keeps every letter."""
 
+    def __init__(self, failures: int, error: Exception | None = None) -> None:
+        super().__init__()
+        self.failures = failures
+        self.error = error or ChannelInvalidStateError("channel closed")
+        self.attempts = 0
+
+    async def publish(self, message: Any, routing_key: str, **kw: Any) -> None:
+        self.attempts += 1
+        if self.failures:
+            self.failures -= 1
+            raise self.error
+        await super().publish(message, routing_key, **kw)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ChannelInvalidStateError("channel closed"),
+        aio_pika.exceptions.DeliveryError(None, Basic.Nack(delivery_tag=1)),  # the broker nacked it
+        TimeoutError(),
+    ],
+    ids=["channel-closed", "nacked", "timeout"],
+)
+async def test_a_failed_republish_is_retried_with_backoff_holding_the_delivery_never_dropped(error: Exception) -> None:
     adapter = make_adapter(FakeSink())
-    adapter._dlx = LostChannel()  # type: ignore[assignment]
-    d = delivery(raw=b"nope")
-    await adapter._process([d])  # type: ignore[list-item]
-    assert d.settled == ["reject(requeue=False)"]
+    dlx = adapter._dlx = FlakyExchange(failures=3, error=error)  # type: ignore[assignment]
+    ok, bad = good(1), delivery(raw=b"nope", message_id="bad")
+    seen_while_failing: list[list[str]] = []
+    real_wait = adapter.wait
+
+    async def wait(seconds: float) -> bool:
+        seen_while_failing.append(list(bad.settled))
+        return await real_wait(seconds)
+
+    adapter.wait = wait  # type: ignore[method-assign]
+    await adapter._process([ok, bad])  # type: ignore[list-item]
+    assert seen_while_failing == [[], [], []]  # held, unacked, while the publish failed
+    assert (ok.settled, bad.settled) == (["ack"], ["ack"])
+    assert dlx.attempts == 4 and [m.message_id for m, _ in dlx.published] == ["bad"]
+    assert counter(adapter, "signal_bridge_events_dropped_total", "amqp", "malformed") == 0
+    assert not adapter.waiting_for_temporal
+
+
+async def test_a_letter_whose_delivery_lost_its_channel_while_retrying_is_left_for_redelivery() -> None:
+    adapter = make_adapter(FakeSink())
+    adapter._dlx = FlakyExchange(failures=10**6)  # type: ignore[assignment]
+    bad = delivery(raw=b"nope", message_id="bad")
+    real_wait = adapter.wait
+
+    async def wait(seconds: float) -> bool:
+        bad.channel.is_closed = True  # the connection dropped: RabbitMQ will deliver it again
+        return await real_wait(seconds)
+
+    adapter.wait = wait  # type: ignore[method-assign]
+    await asyncio.wait_for(adapter._process([bad]), 5)  # type: ignore[list-item]
+    assert bad.settled == [] and adapter._dlx.published == []  # type: ignore[union-attr]
+
+
+async def test_overloaded_holds_the_window_unacked_like_an_outage_then_acks() -> None:
+    """More events wait for Temporal than dispatcher.max_pending_events allows: the batch waits,
+    unacked (so RabbitMQ sends nothing more), and goes once the others are through."""
+    sink = FakeSink()
+    adapter = make_adapter(sink)
+    adapter.pipeline.max_pending, adapter.pipeline.pending = 2, 2  # another adapter's events in flight
+    batch = [good(1), good(2)]
+    waits: list[list[list[str]]] = []
+    real_wait = adapter.wait
+
+    async def wait(seconds: float) -> bool:
+        waits.append([list(d.settled) for d in batch])
+        assert adapter.waiting_for_temporal
+        if len(waits) == 3:
+            adapter.pipeline.pending = 0  # they are through
+        return await real_wait(seconds)
+
+    adapter.wait = wait  # type: ignore[method-assign]
+    await adapter._process(batch)  # type: ignore[arg-type]
+    assert waits == [[[], []]] * 3 and sink.calls == [["m-1", "m-2"]]
+    assert [d.settled for d in batch] == [["ack"], ["ack"]] and not adapter.waiting_for_temporal
+    assert counter(adapter, "signal_bridge_overloaded_total", "amqp") == 3
 
 
 async def test_an_unexpected_error_from_temporal_is_not_retried_the_batch_is_requeued() -> None:
@@ -464,3 +548,119 @@ async def test_a_dead_letter_that_reaches_no_queue_is_counted_dropped_and_acked(
     await adapter._process([d])  # type: ignore[list-item]
     assert d.settled == ["ack"]
     assert counter(adapter, "signal_bridge_events_dropped_total", "amqp", "malformed") == 1
+
+
+# --- bad input that must not stall the queue ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 2_500 + b"]" * 2_500,
+        b'{"name": "order.created", "payload": {"x": NaN}}',
+        b'{"name": "order.created", "payload": {"x": ' + b"1" * 5_000 + b"}}",
+        b'{"name": "order.created", "payload": {"x": "\xff"}}',
+    ],
+    ids=["deep", "nan", "huge-int", "invalid-utf8"],
+)
+@pytest.mark.parametrize("form", ["envelope", "raw", "cloudevents"])
+def test_poison_bodies_are_malformed_in_every_format(raw: bytes, form: str) -> None:
+    assert reason(delivery(raw=raw), entry(format=form, name="n")) == "malformed"
+
+
+def test_header_tables_of_any_shape_become_text_or_are_left_out() -> None:
+    deep: Any = "leaf"
+    for _ in range(5_000):
+        deep = {"t": deep}
+    d = delivery({"name": "n"}, headers={"deep": deep, "list": [1, b"\xff", None], "none": None, "ok": "v"})
+    headers = amqp.to_message(d, QUEUE).headers  # type: ignore[arg-type]
+    assert headers == {"list": "[1,\"b'\\\\xff'\",null]", "ok": "v"}
+
+
+def test_cloudevent_data_is_never_dropped_binary_non_json_is_kept_structured_base64_decoded() -> None:
+    headers = {
+        "cloudEvents_specversion": "1.0",
+        "cloudEvents_id": "c",
+        "cloudEvents_source": "/s",
+        "cloudEvents_type": "t",
+    }
+    d = delivery(raw=b"a,b\n1,2", headers=headers, content_type="text/csv")
+    assert amqp.parse(d, entry(format="cloudevents")).payload == {
+        "data_base64": base64.b64encode(b"a,b\n1,2").decode(),
+        "datacontenttype": "text/csv",
+    }
+    ce = {"specversion": "1.0", "id": "c2", "source": "/s", "type": "t"}
+    data = base64.b64encode(b'{"orderId": "A1"}').decode()
+    structured = delivery({**ce, "data_base64": data}, content_type="application/cloudevents+json")
+    assert amqp.parse(structured, entry()).payload == {"orderId": "A1"}
+
+
+def test_dead_letter_copy_caps_its_headers_so_the_frame_limit_cannot_close_the_connection() -> None:
+    big = "x" * 300_000
+    headers: dict[str, Any] = {f"h{i}": "v" * 3_000 for i in range(60)}  # ~180 KB of headers
+    headers |= {"blob": b"b" * 50_000, "table": {"k": "v" * 10_000}, "keep": "me"}
+    d = delivery(raw=b"{}", headers=headers, message_id="m-1")
+    event = EventSignal(id=big, name=big, payload={}, source="amqp:q")
+    copy = amqp.dead_letter_copy(d, EventRejected("unroutable", "no trigger"), QUEUE, event)  # type: ignore[arg-type]
+    assert copy.headers["x-dead-letter-trimmed"] == "headers"
+    assert copy.headers["x-event-id"] == "x" * MAX_HEADER_VALUE and copy.headers["x-dead-letter-reason"] == "unroutable"
+    assert "table" not in copy.headers and copy.headers["h0"] == "v" * 3_000
+    encoded = len(ContentHeader(0, len(copy.body), copy.properties).marshal())
+    assert encoded < 48 * 1024 < 128 * 1024  # one frame, whatever frame_max the broker allows
+
+    small = amqp.dead_letter_copy(delivery(raw=b"{}", headers={"a": 1}), EventRejected("malformed", "x"), QUEUE)  # type: ignore[arg-type]
+    assert "x-dead-letter-trimmed" not in small.headers and small.headers["a"] == 1
+
+
+def test_dead_letter_copy_writes_again_what_pamqp_read() -> None:
+    """pamqp reads a long string that is not UTF-8 as bytes and a double as float, and cannot write
+    either back as they are (bytes; a float wider than single precision): the copy must encode."""
+    headers = {"raw": b"\xff\xfe", "nested": {"l": [b"\x00", 1e300]}, "double": 1e300, "single": 0.5}
+    copy = amqp.dead_letter_copy(delivery(raw=b"x", headers=headers), EventRejected("malformed", "x"), QUEUE)  # type: ignore[arg-type]
+    ContentHeader(0, 1, copy.properties).marshal()
+    assert copy.headers["raw"] == bytearray(b"\xff\xfe") and copy.headers["double"] == "1e+300"
+    assert copy.headers["single"] == 0.5 and copy.headers["nested"] == {"l": [bytearray(b"\x00"), "1e+300"]}
+
+
+async def test_a_copy_whose_headers_cannot_be_written_goes_with_the_dead_letter_headers_only() -> None:
+    class Picky(FakeExchange):
+        async def publish(self, message: Any, routing_key: str, **kw: Any) -> None:
+            if "odd" in message.headers:
+                raise TypeError("Unknown type: <class 'object'>")
+            await super().publish(message, routing_key, **kw)
+
+    adapter = make_adapter(FakeSink())
+    dlx = adapter._dlx = Picky()  # type: ignore[assignment]
+    d = delivery(raw=b"nope", headers={"odd": object(), "keep": "v"}, message_id="bad")
+    await adapter._process([d])  # type: ignore[list-item]
+    assert d.settled == ["ack"]
+    [(letter, _)] = dlx.published
+    assert (
+        letter.headers["x-dead-letter-reason"] == "malformed" and letter.headers["x-dead-letter-trimmed"] == "headers"
+    )
+    assert "keep" not in letter.headers
+
+
+def test_properties_and_headers_the_client_would_refuse_are_read_not_a_closed_connection() -> None:
+    """pamqp refused a message_id that is not UTF-8, a timestamp past any datetime, a header name
+    that is not UTF-8 and tables nested past the recursion limit: aiormq closed the connection
+    and RabbitMQ delivered the message again, for ever. adapters.amqp_parse makes it read them."""
+    deep: Any = "leaf"
+    for _ in range(300):
+        deep = {"t": deep}
+    stamp = datetime(2000, 1, 1, tzinfo=UTC)
+    props = Basic.Properties(message_id="AAAA", timestamp=stamp, headers={"kkkk": "v", "deep": deep, "ok": 1})
+    raw = pamqp.frame.marshal(ContentHeader(0, 2, props), 1)
+    raw = raw.replace(b"\x04AAAA", b"\x04\xff\xfeAA").replace(b"\x04kkkk", b"\x04\xffkkk")
+    raw = raw.replace(struct.pack(">Q", int(stamp.timestamp())), struct.pack(">Q", 2**63 - 1))
+    _, _, header = pamqp.frame.unmarshal(raw)
+    assert isinstance(header, ContentHeader)
+    read = header.properties
+    assert (read.message_id, read.timestamp) == ("\ufffd\ufffdAA", None)
+    assert read.headers["\ufffdkkk"] == "v" and read.headers["ok"] == 1
+    depth, table = 0, read.headers["deep"]
+    while table:
+        table, depth = table["t"], depth + 1
+    assert depth == amqp_parse.MAX_TABLE_DEPTH - 1  # the headers table itself is the first level
+    event = amqp.parse(delivery({"name": "n"}, headers=read.headers, message_id=read.message_id), entry())  # type: ignore[arg-type]
+    assert event.name == "n" and event.id == "\ufffd\ufffdAA"

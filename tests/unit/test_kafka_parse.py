@@ -4,17 +4,19 @@ the commit/pause rules of one batch (a fake consumer stands in for aiokafka's)."
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import ConsumerRecord
 
-from adapters import kafka
+from adapters import kafka, kafka_parse
 from bridge.config import EventFormat, KafkaConsumer, parse_config
+from bridge.deadletter import MAX_HEADER_VALUE, MAX_HEADERS
 from bridge.errors import ConfigError, EventRejected
 from bridge.event import EventSignal
 from bridge.pipeline import Pipeline
@@ -85,7 +87,7 @@ def test_envelope_without_id_gets_topic_partition_offset_and_record_time():
 def test_redelivery_of_the_same_record_is_the_same_event():
     rec = record(body(name="order.created", payload={}))
     first, again = kafka.parse(rec, fmt()), kafka.parse(rec, fmt())
-    assert first.digest == again.digest and first.to_dict() == again.to_dict()
+    assert (first.source, first.id) == (again.source, again.id) and first.to_dict() == again.to_dict()
 
 
 def test_envelope_id_wins_over_the_offset_and_id_from_over_nothing():
@@ -165,7 +167,7 @@ def test_non_utf8_header_and_key_do_not_break_parsing():
 def test_binary_cloudevent_takes_its_attributes_from_ce_headers():
     rec = record(body(orderId="1"), key=b"k", headers=CE_HEADERS)
     event = kafka.parse(rec, fmt(format="cloudevents"))
-    assert (event.id, event.source, event.name) == ("evt-1", "/shop/orders", "com.example.order.created")
+    assert (event.id, event.source, event.name) == ("/shop/orders#evt-1", "kafka:orders", "com.example.order.created")
     assert event.payload == {"orderId": "1"}
     assert event.time == "2024-05-01T09:00:00Z"
     ce = event.metadata["cloudevents"]
@@ -176,7 +178,7 @@ def test_binary_cloudevent_takes_its_attributes_from_ce_headers():
 def test_binary_cloudevent_ids_ignore_the_offset():
     a = kafka.parse(record(body(), headers=CE_HEADERS, offset=1), fmt(format="cloudevents"))
     b = kafka.parse(record(body(), headers=CE_HEADERS, offset=999, partition=0), fmt(format="cloudevents"))
-    assert a.digest == b.digest
+    assert (a.source, a.id) == (b.source, b.id)
 
 
 def test_structured_cloudevent_is_recognised_by_content_type_in_any_format():
@@ -184,7 +186,12 @@ def test_structured_cloudevent_is_recognised_by_content_type_in_any_format():
     rec = record(value, headers=[("Content-Type", b"application/cloudevents+json; charset=utf-8")])
     for f in ("cloudevents", "envelope", "raw"):
         event = kafka.parse(rec, fmt(format=f))
-        assert (event.id, event.source, event.name, event.payload) == ("evt-2", "/s", "order.shipped", {"orderId": "2"})
+        assert (event.id, event.source, event.name, event.payload) == (
+            "/s#evt-2",
+            "kafka:orders",
+            "order.shipped",
+            {"orderId": "2"},
+        )
 
 
 def test_cloudevents_format_without_ce_headers_reads_a_structured_body():
@@ -506,6 +513,213 @@ async def test_a_bug_during_an_outage_leaves_the_partitions_resumed_and_reads_th
         consumer.batches = [first]
         await assert_eventually(lambda: consumer.commits, timeout=5, interval=0.005)
         assert consumer.commits == [{TP0: 11}] and adapter.healthy() and not adapter.paused
+    finally:
+        adapter._stopping.set()
+        await adapter._task
+
+
+# --- bad input that must not stall a partition ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"[" * 2_500 + b"]" * 2_500,
+        body(name="order.created", payload={"x": float("nan")}),  # json.dumps writes NaN
+        b'{"name": "order.created", "payload": {"x": ' + b"1" * 5_000 + b"}}",
+        b'{"name": "order.created", "payload": {"x": "\xff\xfe"}}',
+    ],
+    ids=["deep", "nan", "huge-int", "invalid-utf8"],
+)
+@pytest.mark.parametrize("form", ["envelope", "raw", "cloudevents"])
+def test_poison_values_are_malformed_in_every_format(value: bytes, form: str):
+    with pytest.raises(EventRejected) as exc:
+        kafka.parse(record(value), fmt(format=form, name="n"))
+    assert exc.value.reason == "malformed"
+
+
+@pytest.mark.parametrize("stamp", [2**62, 2**63 - 1, -(2**63), -1, 0, None])
+def test_a_timestamp_out_of_any_calendar_stamps_the_event_now(stamp: int | None):
+    event = kafka.parse(record(body(name="a"), timestamp=stamp), fmt())  # type: ignore[arg-type]
+    assert event.time and event.time.startswith("20")
+
+
+def test_null_and_non_utf8_header_values_and_names_are_text():
+    rec = record(body(name="a"), headers=[("x-null", None), ("traceparent", b"\xff"), ("ce_x", b"")])  # type: ignore[list-item]
+    msg = kafka.to_message(rec)
+    assert msg.headers == {"x-null": "", "traceparent": "\ufffd", "ce_x": ""}
+
+
+def test_cloudevent_data_is_never_dropped_binary_non_json_is_kept_structured_base64_decoded():
+    value = b"\x00\x01 not json"
+    headers = [h for h in CE_HEADERS if h[0] != "content-type"] + [("content-type", b"application/octet-stream")]
+    event = kafka.parse(record(value, headers=headers), fmt(format="cloudevents"))
+    assert event.payload == {
+        "data_base64": base64.b64encode(value).decode(),
+        "datacontenttype": "application/octet-stream",
+    }
+    ce = {"specversion": "1.0", "id": "e", "source": "/s", "type": "t"}
+    data = base64.b64encode(body(orderId="1")).decode()
+    structured = [("content-type", b"application/cloudevents+json")]
+    assert kafka.parse(record(body(**ce, data_base64=data), headers=structured), fmt()).payload == {"orderId": "1"}
+    kept = body(**ce, data_base64=data, datacontenttype="text/csv")
+    assert kafka.parse(record(kept, headers=structured), fmt()).payload == {
+        "data_base64": data,
+        "datacontenttype": "text/csv",
+    }
+
+
+# --- dead letters that always fit ----------------------------------------------------------------
+
+
+def header_dict(letter: kafka_parse.Letter) -> dict[str, bytes | None]:
+    return dict(letter.headers)
+
+
+def test_a_600kb_unroutable_envelope_makes_a_letter_that_fits_with_capped_headers():
+    """The letter once copied the event id and name into headers: 600 KB became 1.2 MB."""
+    big = "x" * 300_000
+    value = body(name=big, id=big, payload={})  # 600 KB
+    event = EventSignal(id=big, name=big, payload={}, source="kafka:orders")
+    rec = record(value, key=b"k", headers=[("traceparent", b"00-abc-def-01"), ("x-blob", b"b" * 300_000)])
+    letter = kafka.dead_letter(rec, EventRejected("unroutable", "no trigger names " + big), event)
+    headers = header_dict(letter)
+    assert letter.size <= kafka_parse.LETTER_BYTES < kafka_parse.MAX_REQUEST_BYTES
+    assert letter.value == value and letter.key == b"k"  # the value fits once the headers are capped
+    assert headers["x-dead-letter-trimmed"] == b"headers" and letter.trimmed == ("headers",)
+    assert headers["x-event-id"] == b"x" * MAX_HEADER_VALUE and headers["x-event-name"] == b"x" * MAX_HEADER_VALUE
+    assert headers["traceparent"] == b"00-abc-def-01" and headers["x-blob"] == b"b" * MAX_HEADER_VALUE
+    assert sum(len(k) + len(v or b"") for k, v in letter.headers) <= MAX_HEADERS + 100
+    assert headers["x-dead-letter-reason"] == b"unroutable" and headers["x-original-offset"] == b"41"
+
+
+def test_a_letter_over_the_budget_has_its_key_and_value_cut_and_says_so():
+    value, key = b"v" * 1_040_000, b"k" * 20_000
+    rec = record(value, key=key, headers=[(f"h{i}", b"x" * 2_000) for i in range(40)])
+    letter = kafka.dead_letter(rec, EventRejected("too_large", "too large"))
+    assert letter.size <= kafka_parse.LETTER_BYTES
+    assert letter.trimmed == ("headers", "key", "value")
+    assert header_dict(letter)["x-dead-letter-trimmed"] == b"headers,key,value"
+    assert letter.key == key[:MAX_HEADER_VALUE] and value.startswith(letter.value or b"x")
+    assert len(letter.value or b"") > 900_000  # as much of it as fits
+
+    small = kafka.dead_letter(rec, EventRejected("too_large", "too large"), budget=20_000)
+    assert small.size <= 20_000 and small.trimmed == ("headers", "key", "value")
+
+
+def test_a_letter_that_fits_is_not_touched_and_a_keyless_tombstone_gets_an_empty_value():
+    rec = record(b"{bad", key=b"k", headers=[("x-trace", b"t-1")])
+    letter = kafka.dead_letter(rec, EventRejected("malformed", "body is not JSON"))
+    assert (letter.key, letter.value, letter.trimmed) == (b"k", b"{bad", ())
+    assert "x-dead-letter-trimmed" not in header_dict(letter)
+    tombstone = kafka.dead_letter(record(None), EventRejected("malformed", "a tombstone"))
+    assert (tombstone.key, tombstone.value) == (None, b"")
+
+
+class SizeLimitedProducer(FakeProducer):
+    """A dead-letter topic whose max.message.bytes is below the bridge's letter budget."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.refused = 0
+
+    async def send(self, topic: str, *, value: bytes | None, key: bytes | None, headers: Any) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        size = len(value or b"") + len(key or b"") + sum(len(k) + len(v or b"") for k, v in headers)
+        if size > self.limit:
+            self.refused += 1
+            done.set_exception(MessageSizeTooLargeError("the broker refused it"))
+        else:
+            self.sent.append((topic, value, key, list(headers)))
+            done.set_result(None)
+        return done
+
+
+async def test_a_letter_the_topic_refuses_for_its_size_is_written_smaller_and_committed():
+    adapter, consumer = adapter_with(FakeSink(), dead_letter_topic="orders.dlq")
+    producer = adapter.producer = SizeLimitedProducer(limit=100_000)  # type: ignore[assignment]
+    await adapter._handle(batch([good(1), b"{" + b"x" * 600_000]), adapter._generation)
+    assert producer.refused == 2 and len(producer.sent) == 1  # 1,000,000 → 250,000 → 62,500 bytes
+    [(_, value, _, headers)] = producer.sent
+    assert value is not None and len(value) < 62_500 and dict(headers)["x-dead-letter-trimmed"] == b"value"
+    assert consumer.commits == [{TP0: 12}] and not adapter.paused
+
+
+async def test_overloaded_pauses_the_partitions_and_commits_only_once_through():
+    sink = FakeSink()
+    adapter, consumer = adapter_with(sink)
+    adapter.pipeline.max_pending, adapter.pipeline.pending = 1, 1  # another adapter's events in flight
+    real_wait = adapter.wait
+    paused_during: list[bool] = []
+
+    async def wait(seconds: float) -> bool:
+        paused_during.append(consumer.paused() == consumer.assignment() and adapter.paused)
+        if len(paused_during) == 3:
+            adapter.pipeline.pending = 0
+        return await real_wait(seconds)
+
+    adapter.wait = wait  # type: ignore[method-assign]
+    await adapter._handle(batch([good(1)], [good(2)]), adapter._generation)
+    assert paused_during == [True] * 3 and consumer.polls_while_paused >= 3
+    assert consumer.commits == [{TP0: 11, TP1: 11}] and len(sink.held) == 2 and not consumer.paused()
+    text = adapter.pipeline.metrics.render().decode()
+    assert 'signal_bridge_overloaded_total{adapter="kafka"} 3.0' in text
+
+
+async def test_the_dead_letter_producer_sets_max_request_size(monkeypatch):
+    made: dict[str, dict[str, Any]] = {}
+
+    class Client:
+        def __init__(self, kind: str, **kw: Any) -> None:
+            made[kind] = kw
+
+        async def start(self) -> None: ...
+        async def stop(self) -> None: ...
+        def subscribe(self, topics: list[str], listener: Any) -> None: ...
+        async def getmany(self, *a: Any, **kw: Any) -> dict:
+            await asyncio.sleep(0.01)
+            return {}
+
+    monkeypatch.setattr(kafka, "AIOKafkaConsumer", lambda **kw: Client("consumer", **kw))
+    monkeypatch.setattr(kafka, "AIOKafkaProducer", lambda **kw: Client("producer", **kw))
+    adapter, _ = adapter_with(FakeSink(), dead_letter_topic="orders.dlq")
+    await adapter.start()
+    await adapter.stop()
+    assert made["producer"]["max_request_size"] == kafka_parse.MAX_REQUEST_BYTES == 1024 * 1024
+    assert made["producer"]["acks"] == "all" and made["consumer"]["enable_auto_commit"] is False
+
+
+async def test_a_record_the_client_cannot_read_keeps_the_loop_alive_rereading_from_the_commit():
+    """aiokafka refuses a header name that is not UTF-8 inside getmany: nothing reaches the
+    bridge. The loop must not die: it reads again from the committed offsets, unhealthy meanwhile."""
+
+    class Unreadable(FakeConsumer):
+        def __init__(self, partitions: set[TopicPartition]) -> None:
+            super().__init__(partitions)
+            self.failures = 2
+            self.seeks_to_committed = 0
+
+        async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+            if self.failures:
+                self.failures -= 1
+                raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+            return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
+
+        async def seek_to_committed(self, *tps: TopicPartition) -> dict:
+            self.seeks_to_committed += 1
+            return {}
+
+    sink = FakeSink()
+    adapter, _ = adapter_with(sink)
+    consumer = adapter.consumer = Unreadable({TP0, TP1})  # type: ignore[assignment]
+    adapter._task = asyncio.create_task(adapter._run())
+    try:
+        await assert_eventually(lambda: consumer.seeks_to_committed == 2, timeout=5, interval=0.005)
+        assert not adapter.healthy() and not adapter._task.done()
+        consumer.batches = [batch([good(1)])]
+        await assert_eventually(lambda: consumer.commits, timeout=5, interval=0.005)
+        assert consumer.commits == [{TP0: 11}] and adapter.healthy()
     finally:
         adapter._stopping.set()
         await adapter._task

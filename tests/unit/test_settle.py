@@ -13,22 +13,21 @@ from typing import Any
 import pytest
 
 from bridge.config import EventFormat
+from bridge.deadletter import (
+    MAX_HEADER_VALUE,
+    MAX_HEADERS,
+    byte_size,
+    cut_text,
+    dead_letter_headers,
+    fit_headers,
+    is_dead_letter_header,
+)
 from bridge.decode import KEPT_HEADERS, Message, header_metadata
 from bridge.errors import EventRejected
 from bridge.event import EventSignal
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
-from bridge.settle import (
-    Abandoned,
-    Backoff,
-    Disposition,
-    Inbox,
-    Item,
-    Settler,
-    Transport,
-    dead_letter_headers,
-    is_dead_letter_header,
-)
+from bridge.settle import Abandoned, Backoff, Disposition, Inbox, Item, Settler, Transport
 from tests.fakes import FakeSink
 from tests.helpers import config, runner
 
@@ -206,7 +205,7 @@ async def test_a_decoder_bug_is_dead_lettered_as_malformed(caplog: pytest.LogCap
     [item] = await s.settle([Msg("boom", b"decoder bug")])
     assert item.disposition is Disposition.DEAD_LETTERED and item.error is not None
     assert item.error.reason == "malformed" and "a decoder bug" in item.error.message
-    assert any(r.levelno == logging.ERROR and "cannot decode boom" in r.getMessage() for r in caplog.records)
+    assert any(r.levelno == logging.ERROR and "cannot decode or check boom" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_batch_too_large_for_one_signal_is_halved_and_one_event_too_large_is_poison() -> None:
@@ -373,3 +372,142 @@ async def test_a_closed_inbox_wakes_its_reader_and_then_yields_nothing() -> None
     inbox.close()
     assert await asyncio.wait_for(inbox.take(), 1) == [1]  # the batch in hand, without waiting out the linger
     assert await inbox.take() == []
+
+
+# --- poison that once stalled a queue, overload, and letters that must get out --------------------
+
+
+async def test_deep_nan_huge_and_undecodable_bodies_are_dead_lettered_and_neighbours_held() -> None:
+    sink = FakeSink()
+    s = settler(sink)
+    poison = {
+        "deep": Msg("deep", b'{"name": "order.created", "payload": ' + b"[" * 2_500 + b"]" * 2_500 + b"}"),
+        "nan": Msg("nan", b'{"name": "order.created", "payload": {"orderId": NaN}}'),
+        "huge-int": Msg("huge-int", b'{"name": "order.created", "payload": {"orderId": ' + b"7" * 5_000 + b"}}"),
+        "utf8": Msg("utf8", b'{"name": "order.created", "payload": {"orderId": "\xff"}}'),
+    }
+    batch = [good(1), *poison.values(), good(2)]
+    items = await s.settle(batch)
+    assert sink.calls == [["e-1", "e-2"]]
+    assert {i.message.id: (i.disposition, i.error.reason if i.error else None) for i in items} == {
+        "m-1": (Disposition.HELD, None),
+        "m-2": (Disposition.HELD, None),
+        **dict.fromkeys(poison, (Disposition.DEAD_LETTERED, "malformed")),
+    }
+    assert not s.waiting
+
+
+async def test_an_event_the_checks_fail_on_unexpectedly_is_refused_alone(caplog: pytest.LogCaptureFixture) -> None:
+    sink = FakeSink()
+    s = settler(sink)
+    real_check = s.pipeline.check
+
+    def check(event: EventSignal) -> EventRejected | None:
+        if event.id == "e-2":
+            raise RecursionError("maximum recursion depth exceeded")
+        return real_check(event)
+
+    s.pipeline.check = check  # type: ignore[method-assign]
+    items = await s.settle([good(1), good(2), good(3)])
+    assert sink.calls == [["e-1", "e-3"]]
+    assert [i.disposition for i in items] == [Disposition.HELD, Disposition.DEAD_LETTERED, Disposition.HELD]
+    assert items[1].error is not None and items[1].error.reason == "malformed"
+    assert any(r.levelno == logging.ERROR and "cannot decode or check m-2" in r.getMessage() for r in caplog.records)
+
+
+async def test_overloaded_is_waited_out_like_an_outage_paused_and_nothing_acknowledged() -> None:
+    """Overloaded (too many events already wait for Temporal in this process) is an Unavailable:
+    the transport pauses and fetches nothing more, and the batch goes once the others are through."""
+    sink = FakeSink()
+    t = FakeTransport()
+    s = settler(sink, t)
+    s.pipeline.max_pending, s.pipeline.pending = 3, 3  # another adapter's events wait for Temporal
+
+    async def wait(seconds: float) -> bool:
+        assert t.paused and s.waiting and t.acked == [] and sink.calls == []
+        if len(t.waits) == 2:
+            s.pipeline.pending = 0
+        return await FakeTransport.wait(t, seconds)
+
+    t.wait = wait  # type: ignore[method-assign]
+    await s.settle([good(1), good(2)])
+    assert sink.calls == [["e-1", "e-2"]] and t.acked == [("m-1", Disposition.HELD), ("m-2", Disposition.HELD)]
+    assert t.pauses == 3 and t.resumes == 1 and not t.paused and not s.waiting
+    assert metric(s, "signal_bridge_overloaded_total") == 3
+    assert metric(s, "signal_bridge_temporal_unavailable_total") == 0
+
+
+async def test_a_letter_already_out_is_not_written_again_when_another_is_retried() -> None:
+    class HalfOut(FakeTransport):
+        async def dead_letter(self, items: Sequence[Item[Msg]]) -> None:
+            for item in items:
+                if item.message.id == "bad-json" and not self.letters:
+                    self.letters.append((item.message.id, {}))
+                    item.disposition = Disposition.DEAD_LETTERED  # out; the other one failed
+                    raise ConnectionError("broker away")
+            await super().dead_letter(items)
+
+    t = HalfOut()
+    s = settler(transport=t)
+    await s.settle([POISON["bad-json"][0], POISON["typo"][0]])
+    assert [mid for mid, _ in t.letters] == ["bad-json", "typo"] and len(t.waits) == 1
+    assert sorted(t.acked) == [("bad-json", Disposition.DEAD_LETTERED), ("typo", Disposition.DEAD_LETTERED)]
+
+
+async def test_a_message_lost_while_its_letter_is_retried_is_left_to_come_back() -> None:
+    t = FakeTransport()
+    t.letter_failures = [ConnectionError("broker away")]
+    lost = Msg("lost", b"{oops")
+    real_wait = t.wait
+
+    async def wait(seconds: float) -> bool:
+        lost.alive = False  # its channel closed meanwhile
+        return await real_wait(seconds)
+
+    t.wait = wait  # type: ignore[method-assign]
+    s = settler(transport=t)
+    [held, item] = await s.settle([good(1), lost])
+    assert held.disposition is Disposition.HELD and item.disposition is None
+    assert t.letters == [] and t.acked == [("m-1", Disposition.HELD)] and not s.waiting
+
+
+async def test_sender_values_are_logged_escaped_and_cut(caplog: pytest.LogCaptureFixture) -> None:
+    name = "order.\ninjected line " + "x" * 5_000
+    s = settler(transport=FakeTransport(dead_letters=False))
+    with caplog.at_level(logging.INFO):
+        await s.settle([Msg("id\nwith-newline", json.dumps({"name": name, "payload": {}}).encode())])
+    lines = [r.getMessage() for r in caplog.records if r.name == "bridge.settle"]
+    assert lines and all("\n" not in line and len(line) < 1_500 for line in lines)
+    assert any("from=id\\nwith-newline" in line and "name=order.\\ninjected" in line for line in lines)
+
+
+# --- dead-letter header sizes ----------------------------------------------------------------------
+
+
+def test_fit_headers_caps_each_value_and_the_total_ours_first() -> None:
+    ours = {"x-dead-letter-reason": "unroutable", "x-event-id": "i" * 10_000, "x-event-name": "é" * 3_000}
+    originals = [("small", b"v"), ("big-bytes", b"b" * 9_000), ("big-text", "t" * 9_000), ("table", {"k": "v" * 9_000})]
+    headers, trimmed = fit_headers(ours, originals)
+    got = dict(headers)
+    assert trimmed
+    assert len(got["x-event-id"]) == MAX_HEADER_VALUE and got["x-event-name"] == "é" * (MAX_HEADER_VALUE // 2)
+    assert got["small"] == b"v" and got["big-bytes"] == b"b" * MAX_HEADER_VALUE
+    assert got["big-text"] == "t" * MAX_HEADER_VALUE and "table" not in got  # a table cannot be cut
+    assert [name for name, _ in headers][:3] == ["small", "big-bytes", "big-text"]  # the originals' order
+
+    many = [(f"h{i}", b"v" * 1_000) for i in range(100)]
+    headers, trimmed = fit_headers(ours, many)
+    assert trimmed and sum(len(k) + byte_size(v) for k, v in headers) <= MAX_HEADERS
+    assert {"x-dead-letter-reason", "x-event-id", "x-event-name"} <= dict(headers).keys()
+
+    assert fit_headers({"x-dead-letter-reason": "r"}, [("a", b"1"), ("b", None)]) == (
+        [("a", b"1"), ("b", None), ("x-dead-letter-reason", "r")],
+        False,
+    )
+
+
+def test_cut_text_keeps_whole_characters() -> None:
+    assert cut_text("aé€😀", 5) == "aé"  # 1 + 2 bytes; € (3 more) would pass 5
+    assert cut_text("aé€😀", 6) == "aé€"
+    assert cut_text("short", 100) == "short"
+    assert is_dead_letter_header("X-Dead-Letter-Trimmed")

@@ -1,0 +1,273 @@
+"""RabbitMQ deliveries ↔ the bridge: a delivery → :class:`bridge.decode.Message`, a refused
+delivery → its dead-letter copy. No aio-pika type goes further than this module and
+:mod:`adapters.amqp`.
+
+Whatever a publisher sent (any body, header tables of any shape and type, properties or none)
+becomes a Message; what it decodes to is :mod:`bridge.decode`'s business. A dead-letter copy keeps
+the delivery as it came, but its headers are capped (:func:`bridge.deadletter.fit_headers`) so
+the copy always fits in one frame, and ``x-dead-letter-trimmed: headers`` says when they were.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Protocol
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+from pamqp import decode as pamqp_decode
+
+from bridge.config import AmqpConsumer
+from bridge.deadletter import H_TRIMMED, MAX_HEADER_VALUE, fit_headers, is_dead_letter_header
+from bridge.deadletter import dead_letter_headers as letter_headers
+from bridge.decode import Message, decode, header_metadata
+from bridge.errors import EventRejected
+from bridge.event import EventSignal, content_digest
+
+ADAPTER = "amqp"
+CE_PREFIXES = ("cloudevents_", "cloudevents:")
+KEPT_PROPERTIES = ("message_id", "correlation_id", "app_id", "type", "user_id")
+
+
+MAX_TABLE_DEPTH = 32
+"""Header tables and arrays nested deeper than this are read as empty: pamqp recurses, and a
+table nested thousands deep (it fits a frame) would fail the frame like the rest below."""
+
+
+def read_what_pamqp_refuses() -> None:
+    """Make aio-pika's codec (pamqp) read what a publisher can send and RabbitMQ passes on: a
+    short string that is not UTF-8 (a ``message_id``, a header's name), a timestamp no
+    ``datetime`` holds, tables nested past the recursion limit. pamqp refuses the whole frame for
+    any of them, aiormq closes the connection, and the delivery comes back for ever: the queue
+    stalls. They are read instead as text with U+FFFD in place of what is not UTF-8, as no
+    timestamp, and as empty past :data:`MAX_TABLE_DEPTH`. Idempotent."""
+    short_str, timestamp = pamqp_decode.short_str, pamqp_decode.timestamp
+    field_table, field_array = pamqp_decode.field_table, pamqp_decode.field_array
+    if getattr(short_str, "tolerant", False):
+        return
+    depth = [0]
+
+    def tolerant_short_str(value: bytes) -> tuple[int, str]:
+        try:
+            return short_str(value)
+        except UnicodeDecodeError:
+            return value[0] + 1, value[1 : value[0] + 1].decode("utf-8", "replace")
+
+    def tolerant_timestamp(value: bytes) -> tuple[int, Any]:
+        try:
+            return timestamp(value)
+        except (ValueError, OverflowError, OSError):
+            if len(value) < 8:
+                raise
+            return 8, None
+
+    def by_hand(value: bytes) -> tuple[int, dict[str, Any]]:
+        """A table whose names are not all UTF-8, read again name by name."""
+        end = 4 + int.from_bytes(value[:4], "big")
+        offset, table = 4, {}
+        while offset < end:
+            consumed, name = tolerant_short_str(value[offset:])
+            used, table[name] = pamqp_decode.embedded_value(value[offset + consumed :])
+            offset += consumed + used
+        return end, table
+
+    def bounded(
+        read: Callable[[bytes], tuple[int, Any]], empty: Callable[[], Any]
+    ) -> Callable[[bytes], tuple[int, Any]]:
+        def tolerant(value: bytes) -> tuple[int, Any]:
+            if depth[0] >= MAX_TABLE_DEPTH:
+                return 4 + int.from_bytes(value[:4], "big"), empty()
+            depth[0] += 1
+            try:
+                return read(value)
+            except UnicodeDecodeError:
+                if read is not field_table:
+                    raise
+                return by_hand(value)
+            finally:
+                depth[0] -= 1
+
+        return tolerant
+
+    tolerant_table, tolerant_array = bounded(field_table, dict), bounded(field_array, list)
+    tolerant_short_str.tolerant = True  # type: ignore[attr-defined]
+    replaced = {
+        "short_str": tolerant_short_str,
+        "timestamp": tolerant_timestamp,
+        "field_table": tolerant_table,
+        "field_array": tolerant_array,
+    }
+    for name, function in replaced.items():
+        setattr(pamqp_decode, name, function)
+    pamqp_decode.TABLE_MAPPING.update({b"T": tolerant_timestamp, b"F": tolerant_table, b"A": tolerant_array})
+    pamqp_decode.METHODS.update(
+        shortstr=tolerant_short_str, timestamp=tolerant_timestamp, table=tolerant_table, array=tolerant_array
+    )
+
+
+read_what_pamqp_refuses()
+
+
+class Delivery(Protocol):
+    """What the parser reads from an ``aio_pika.IncomingMessage`` (a fake in unit tests)."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def headers(self) -> Mapping[str, Any] | None: ...
+    @property
+    def content_type(self) -> str | None: ...
+    @property
+    def message_id(self) -> str | None: ...
+    @property
+    def correlation_id(self) -> str | None: ...
+    @property
+    def timestamp(self) -> datetime | None: ...
+    @property
+    def exchange(self) -> str | None: ...
+    @property
+    def routing_key(self) -> str | None: ...
+
+
+def _text(value: Any) -> str | None:
+    """An AMQP field value as text; tables and arrays as JSON. None stays None, and so does a
+    table too deeply nested to write out (the header is then left out)."""
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool | int | float | Decimal):
+        return str(value)
+    try:
+        return json.dumps(value, default=str, separators=(",", ":"))
+    except (RecursionError, ValueError, TypeError):
+        return None
+
+
+def _ce_attribute(header: str) -> str | None:
+    lowered = header.lower()
+    for prefix in CE_PREFIXES:
+        if lowered.startswith(prefix) and len(lowered) > len(prefix):
+            return lowered[len(prefix) :]
+    return None
+
+
+def fallback_id(delivery: Delivery) -> str:
+    """``message_id`` when the publisher set one, else a hash of where it went and what it says."""
+    if delivery.message_id:
+        return str(delivery.message_id)
+    return "hash:" + content_digest(delivery.exchange or "", delivery.routing_key or "", bytes(delivery.body))
+
+
+def to_message(delivery: Delivery, queue: str) -> Message:
+    """Strip the transport: headers as text, CloudEvents binary-mode attributes split out."""
+    headers: dict[str, str] = {}
+    ce: dict[str, str] = {}
+    for key, value in (delivery.headers or {}).items():
+        text = _text(value)
+        if text is None:
+            continue
+        attr = _ce_attribute(str(key))
+        if attr is not None:
+            ce[attr] = text
+        else:
+            headers[str(key)] = text
+    if ce and delivery.content_type and "datacontenttype" not in ce:
+        ce["datacontenttype"] = delivery.content_type
+    amqp = {"queue": queue, "exchange": delivery.exchange or "", "routing_key": delivery.routing_key or ""}
+    for prop in KEPT_PROPERTIES:
+        value = getattr(delivery, prop, None)
+        if value:
+            amqp[prop] = str(value)
+    metadata = header_metadata(headers, str(delivery.correlation_id or "") or None)
+    metadata["amqp"] = amqp
+    return Message(
+        body=bytes(delivery.body),
+        source=f"{ADAPTER}:{queue}",
+        fallback_id=fallback_id(delivery),
+        headers=headers,
+        ce_attributes=ce,
+        content_type=delivery.content_type,
+        key=delivery.routing_key,
+        metadata=metadata,
+        time=_text(delivery.timestamp),
+    )
+
+
+def parse(delivery: Delivery, entry: AmqpConsumer) -> EventSignal:
+    """One delivery → one event, or :class:`EventRejected` (``malformed`` / ``no_name``)."""
+    return decode(to_message(delivery, entry.queue), entry.event)
+
+
+def _size(value: Any) -> int:
+    """A header value's weight in a frame, near enough: its text (a table too deep to write out
+    counts as too large, and is left out)."""
+    text = _text(value)
+    return MAX_HEADER_VALUE + 1 if text is None and value is not None else len((text or "").encode("utf-8", "replace"))
+
+
+def _encodable(value: Any) -> Any:
+    """A header value as pamqp can write it again. It reads a long string that is not UTF-8 as
+    ``bytes``, which it cannot write (a byte array is a ``bytearray``), and writes every float
+    in single precision: a double that does not fit one is kept as its text."""
+    if isinstance(value, bytes | memoryview):
+        return bytearray(value)
+    if isinstance(value, float) and not _single(value):
+        return repr(value)
+    if isinstance(value, list):
+        return [_encodable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _encodable(v) for k, v in value.items()}
+    return value
+
+
+def _single(value: float) -> bool:
+    try:
+        return math.isnan(value) or struct.unpack(">f", struct.pack(">f", value))[0] == value
+    except OverflowError:
+        return False
+
+
+def dead_letter_copy(
+    message: AbstractIncomingMessage,
+    rej: EventRejected,
+    queue: str,
+    event: EventSignal | None = None,
+    *,
+    keep_headers: bool = True,
+) -> aio_pika.Message:
+    """The delivery as it came (body, properties, headers minus stale dead-letter ones) plus why,
+    its headers capped to fit one frame; without ``keep_headers`` (a header that could not be
+    written), only the dead-letter headers."""
+    originals: list[tuple[str, Any]] = [
+        (str(k), _encodable(v))
+        for k, v in (message.headers or {}).items()
+        if keep_headers and not is_dead_letter_header(str(k))
+    ]
+    origin = {"queue": queue, "exchange": message.exchange or "", "routing-key": message.routing_key or ""}
+    fitted, cut = fit_headers(letter_headers(rej, event, origin), originals, measure=_size)
+    headers: dict[str, Any] = dict(fitted)
+    if cut or (message.headers and not keep_headers):
+        headers[H_TRIMMED] = "headers"
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+    )

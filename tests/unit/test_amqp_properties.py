@@ -1,0 +1,95 @@
+"""Inputs nobody thought of, for the RabbitMQ adapter: hypothesis makes deliveries (any body,
+header tables of every AMQP type and shape, CloudEvents headers, properties or none) and checks
+that delivery → Message → event is an event or a typed refusal in every format, never another
+exception, and that a refused delivery's dead-letter copy encodes into one frame."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pamqp.header import ContentHeader
+
+from adapters import amqp_parse
+from bridge.config import AmqpConsumer, EventFormat
+from bridge.errors import EventRejected
+from bridge.event import EventSignal
+from tests.unit.test_amqp_parse import FakeDelivery
+from tests.unit.test_decode_properties import bodies, check_event, formats
+from tests.unit.test_kafka_properties import rejections
+
+EXAMPLES = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FRAME_MAX = 128 * 1024
+
+# What pamqp decodes a header table into (and so what the adapter meets).
+field_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.decimals(allow_nan=False, allow_infinity=False, places=2, min_value=-(10**6), max_value=10**6)
+    | st.datetimes(min_value=datetime(1970, 1, 1), max_value=datetime(2100, 1, 1)).map(
+        lambda d: d.replace(microsecond=0)
+    )
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=12,
+)
+header_names = st.sampled_from(
+    ["cloudEvents_id", "cloudEvents:source", "cloudEvents_type", "cloudEvents_specversion", "traceparent", "x-name"]
+) | st.text(max_size=10)
+deliveries = st.builds(
+    FakeDelivery,
+    body=bodies,
+    routing_key=st.none() | st.text(max_size=12),
+    exchange=st.none() | st.text(max_size=12),
+    headers=st.none() | st.dictionaries(header_names, field_values, max_size=8),
+    content_type=st.none() | st.sampled_from(["application/json", "application/cloudevents+json", "text/plain"]),
+    message_id=st.none() | st.text(max_size=12),
+    correlation_id=st.none() | st.text(max_size=12),
+    timestamp=st.none() | st.datetimes(),
+)
+
+
+@EXAMPLES
+@given(d=deliveries, form=formats)
+def test_any_delivery_is_an_event_or_a_typed_refusal(d: FakeDelivery, form: EventFormat) -> None:
+    message = amqp_parse.to_message(d, "q")  # never raises: whatever the publisher sent
+    json.dumps(message.metadata, allow_nan=False)
+    entry = AmqpConsumer(url="amqp://x/", queue="q", event=form)
+    try:
+        event = amqp_parse.parse(d, entry)
+    except EventRejected as exc:
+        assert exc.reason in ("malformed", "no_name")
+        return
+    check_event(event)
+
+
+big_text = st.integers(min_value=0, max_value=200_000).map(lambda n: "t" * n)
+big_headers = st.dictionaries(
+    st.text(max_size=200),
+    field_values | big_text | st.integers(min_value=0, max_value=100_000).map(lambda n: b"b" * n),
+    max_size=40,
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(
+    headers=big_headers,
+    error=rejections,
+    named=st.none() | st.tuples(big_text, big_text),
+    extra=st.lists(st.tuples(st.text(min_size=1, max_size=8), big_text), max_size=30),
+)
+def test_a_dead_letter_copy_always_fits_one_frame(
+    headers: dict[str, Any], error: EventRejected, named: tuple[str, str] | None, extra: list[tuple[str, str]]
+) -> None:
+    headers = {**headers, **dict(extra)}
+    d = FakeDelivery(body=b"{}", headers=headers, message_id="m", timestamp=datetime(2024, 1, 1))
+    event = EventSignal(id=named[0] or "i", name=named[1] or "n", payload={}, source="amqp:q") if named else None
+    copy = amqp_parse.dead_letter_copy(d, error, "q", event)  # type: ignore[arg-type]
+    assert len(ContentHeader(0, len(copy.body), copy.properties).marshal()) < FRAME_MAX // 2
+    assert copy.headers["x-dead-letter-reason"] == error.reason
