@@ -62,7 +62,18 @@ class Pipeline:
         return self._routes if isinstance(self._routes, RouteTable) else self._routes()
 
     def check(self, event: EventSignal) -> EventRejected | None:
-        """Why this event can never be accepted, or None. Adapters may call it before submit."""
+        """Why this event can never be accepted, or None. Adapters may call it before submit.
+
+        Total: an event the checks themselves fail on (a bug, or a value nobody foresaw) is refused
+        as ``malformed`` with the traceback logged, so it can never fail the events beside it.
+        """
+        try:
+            return self._check(event)
+        except Exception:
+            log.exception("event could not be checked name=%s id=%s", safe(event.name), safe(event.id))
+            return EventRejected("malformed", "the event could not be checked (the bridge logged why)")
+
+    def _check(self, event: EventSignal) -> EventRejected | None:
         try:
             self.routes.check(event)
         except EventRejected as exc:

@@ -74,3 +74,16 @@ async def test_a_batch_of_refusals_is_one_log_line_with_counts(caplog: pytest.Lo
     text = pipeline.metrics.render().decode()
     assert 'signal_bridge_events_rejected_total{adapter="test",reason="unroutable"} 50.0' in text
     assert [e.id for e in sink.events] == ["ok"]
+
+
+async def test_an_event_the_checks_fail_on_is_malformed_and_alone(caplog: pytest.LogCaptureFixture) -> None:
+    """A value the encoder cannot take (a cycle, as a buggy decoder might leave) is refused alone,
+    logged with its traceback; the event beside it goes through."""
+    sink = FakeSink()
+    bad, good = events("bad", "good")
+    bad.metadata["self"] = bad.metadata  # json.dumps raises ValueError: circular reference
+    with caplog.at_level(logging.ERROR, logger="bridge.pipeline"):
+        outcomes = await Pipeline(ROUTES, sink).submit([bad, good], "test")
+    assert [o.rejected.reason if o.rejected else None for o in outcomes] == ["malformed", None]
+    assert [e.id for e in sink.events] == ["good"]
+    assert "event could not be checked name=a id=bad" in caplog.text
