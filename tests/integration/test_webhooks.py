@@ -151,6 +151,40 @@ async def test_a_replayed_github_delivery_with_new_guids_starts_nothing_new(
     await assert_eventually(lambda: _count_is(temporal_client, project, 1), what="exactly one target run")
 
 
+async def test_a_token_holder_cannot_pre_empt_a_signed_delivery(bridge_factory, temporal_client, temporal_address):
+    """A CloudEvent sent with a bearer token, claiming the webhook's source and the genuine
+    delivery's event id, runs in its own scope (http:token-1): the signed delivery that follows
+    still starts its run."""
+    project = unique("forge")
+    cfg = _github_config(project, temporal_address)
+    bridge = await bridge_factory(cfg)
+    body, headers = github_delivery(push(), "push", str(uuid.uuid4()))
+    genuine_id = f"sha256:{hashlib.sha256(body).hexdigest()}:github.push"
+    forged = {
+        "specversion": "1.0",
+        "type": "github.push",
+        "source": "webhook:github",
+        "id": genuine_id,
+        "data": {"ref": "refs/heads/forged", "repo": "evil/repo"},
+    }
+    async with hooks_client(bridge) as http:
+        resp = await http.post(
+            "/api/v1/events",
+            json=forged,
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/cloudevents+json"},
+        )
+        assert resp.status_code == 202, resp.text
+        assert (await http.post("/api/v1/hooks/github", content=body, headers=headers)).status_code == 202
+
+    await _settled(temporal_client, project, received=2)
+    await assert_eventually(lambda: _count_is(temporal_client, project, 2), what="two target runs")
+    results = [await result_of(temporal_client, wid) for wid in await workflow_ids(temporal_client, _runs(project))]
+    assert sorted(r["tasks"]["render"] for r in results) == [
+        "pushed refs/heads/forged to evil/repo",
+        "pushed refs/heads/main to octo/repo",
+    ]
+
+
 async def _count_is(client: Client, project: str, n: int) -> bool:
     return await _count(client, project) == n
 
