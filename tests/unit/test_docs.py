@@ -193,3 +193,15 @@ def test_the_component_is_called_an_adapter() -> None:
         for number, line in enumerate(page.read_text().splitlines(), 1):
             if re.search(r"\bdoors?\b", line, re.IGNORECASE):
                 assert "`door`" in line, f"{page.relative_to(ROOT)}:{number}: say adapter"
+
+
+def test_every_test_the_fault_table_names_exists() -> None:
+    """The fault table (docs/operations.md) is only worth its rows if the tests it cites exist."""
+    text = (DOCS / "operations.md").read_text()
+    cited = re.findall(r"`((?:unit|integration)/[\w/]+\.py)(?:::(\w+))?`", text)
+    assert len(cited) > 30
+    for module, name in cited:
+        path = ROOT / "tests" / module
+        assert path.exists(), f"the fault table cites {module}, which does not exist"
+        if name:
+            assert re.search(rf"^(async )?def {name}\(", path.read_text(), re.M), f"{module} has no test {name}"
