@@ -170,7 +170,7 @@ async def _submit_one(http: HttpState, snap: Snapshot, token: str, event: EventS
         raise Problem.of(exc, event_id=event.id) from None
     if outcome.rejected is not None:
         raise Problem.of(outcome.rejected, event_id=event.id)
-    log.info("event accepted adapter=http token=%s id=%s name=%s", safe(token), safe(event.id), safe(event.name))
+    log.debug("event accepted adapter=http token=%s id=%s name=%s", safe(token), safe(event.id), safe(event.name))
     return Response(answers.accepted(event), status_code=ACCEPTED)
 
 
