@@ -22,7 +22,7 @@ from adapters.http.parse import Parsed, parse
 from adapters.http.problems import Problem
 from adapters.http.request import headers, read_body, trace_metadata
 from adapters.http.state import HTTP_ADAPTER, HttpState
-from bridge.errors import EventRejected, Reason, Unavailable
+from bridge.errors import EventRejected, Reason
 from bridge.event import EventSignal
 from bridge.logsafe import safe
 from bridge.ratelimit import retry_after
@@ -157,17 +157,8 @@ def _parse(
 
 
 async def _submit_one(http: HttpState, snap: Snapshot, token: str, event: EventSignal) -> Response[Any]:
-    try:
-        [outcome] = await http.pipeline.submit([event], HTTP_ADAPTER)
-    except Unavailable as exc:
-        raise Problem.unavailable(
-            exc,
-            snap.config.http.retry_after_seconds,
-            "Temporal did not accept the event; retry with the same Idempotency-Key",
-            event_id=event.id,
-        ) from None
-    except EventRejected as exc:
-        raise Problem.of(exc, event_id=event.id) from None
+    retry_hint = "Temporal did not accept the event; retry with the same Idempotency-Key"
+    [outcome] = await http.submit(snap, [event], HTTP_ADAPTER, retry_hint, event_id=event.id)
     if outcome.rejected is not None:
         raise Problem.of(outcome.rejected, event_id=event.id)
     log.debug("event accepted adapter=http token=%s id=%s name=%s", safe(token), safe(event.id), safe(event.name))
@@ -177,17 +168,9 @@ async def _submit_one(http: HttpState, snap: Snapshot, token: str, event: EventS
 async def _submit_batch(http: HttpState, snap: Snapshot, token: str, items: list[Parsed]) -> Response[Any]:
     events = [item for item in items if isinstance(item, EventSignal)]
     http.refuse_items(HTTP_ADAPTER, [item for item in items if isinstance(item, EventRejected)])
-    try:
-        outcomes = iter(await http.pipeline.submit(events, HTTP_ADAPTER) if events else [])
-    except Unavailable as exc:
-        raise Problem.unavailable(
-            exc,
-            snap.config.http.retry_after_seconds,
-            "Temporal did not accept the batch; nothing of it is held, retry it whole",
-            event_ids=[e.id for e in events],
-        ) from None
-    except EventRejected as exc:
-        raise Problem.of(exc) from None
+    retry_hint = "Temporal did not accept the batch; nothing of it is held, retry it whole"
+    ids = [e.id for e in events]
+    outcomes = iter(await http.submit(snap, events, HTTP_ADAPTER, retry_hint, event_ids=ids) if events else [])
     results = [
         {
             "index": index,

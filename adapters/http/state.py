@@ -8,7 +8,7 @@ not change. Rate limits, tokens and reloads: docs/http-api.md and docs/webhooks.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from litestar.connection import ASGIConnection
@@ -17,8 +17,9 @@ from litestar.handlers.base import BaseRouteHandler
 
 from adapters.http.problems import Problem
 from bridge.config import RateLimit
-from bridge.errors import EventRejected, Reason
-from bridge.pipeline import Pipeline
+from bridge.errors import EventRejected, Reason, Unavailable
+from bridge.event import EventSignal
+from bridge.pipeline import Outcome, Pipeline
 from bridge.ratelimit import RateLimiter, TokenBucket, default_burst
 from bridge.snapshot import Snapshot
 
@@ -93,6 +94,20 @@ class HttpState:
 
     def limits(self, snap: Snapshot) -> Limits:
         return self._limits.of(snap)
+
+    async def submit(
+        self, snap: Snapshot, events: Sequence[EventSignal], adapter: str, unavailable: str, **ids: Any
+    ) -> list[Outcome]:
+        """Submit through the pipeline; a refusal of the whole becomes its :class:`Problem`
+        (``unavailable``/``overloaded`` with ``Retry-After``, or the rejection), with ``ids``
+        (the event id, the delivery id) in the answer."""
+        try:
+            return await self.pipeline.submit(events, adapter)
+        except Unavailable as exc:
+            retry = snap.config.http.retry_after_seconds
+            raise Problem.unavailable(exc, retry, unavailable, **ids) from None
+        except EventRejected as exc:
+            raise Problem.of(exc, **ids) from None
 
     def token_name(self, snap: Snapshot, authorization: str | None) -> str | None:
         """The name of the bearer token the header carries (``token-1``, …; ``anonymous`` when no

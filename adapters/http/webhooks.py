@@ -20,10 +20,9 @@ from litestar.params import PathParameter
 from adapters.http import answers
 from adapters.http.answers import ACCEPTED, DeliveryAnswer, Ignored
 from adapters.http.openapi import DeliveryOperation, error_responses
-from adapters.http.problems import Problem
 from adapters.http.request import headers, read_body
 from adapters.http.state import WEBHOOK_ADAPTER, HttpState
-from bridge.errors import HTTP_STATUS, EventRejected, Reason, Unavailable
+from bridge.errors import HTTP_STATUS, EventRejected, Reason
 from bridge.logsafe import safe
 from bridge.ratelimit import retry_after
 from bridge.signatures import SignatureInvalid
@@ -150,17 +149,8 @@ def _ignored(http: HttpState, slug: str, delivery: Delivery) -> Response[Any]:
 
 
 async def _submit(http: HttpState, snap: Snapshot, slug: str, delivery: Delivery) -> Response[Any]:
-    try:
-        outcomes = await http.pipeline.submit(delivery.events, WEBHOOK_ADAPTER)
-    except Unavailable as exc:
-        raise Problem.unavailable(
-            exc,
-            snap.config.http.retry_after_seconds,
-            "Temporal did not accept the delivery; its redelivery will be",
-            delivery_id=delivery.delivery_id,
-        ) from None
-    except EventRejected as exc:
-        raise Problem.of(exc, delivery_id=delivery.delivery_id) from None
+    retry_hint = "Temporal did not accept the delivery; its redelivery will be"
+    outcomes = await http.submit(snap, delivery.events, WEBHOOK_ADAPTER, retry_hint, delivery_id=delivery.delivery_id)
     answer = answers.batch([answers.result(o) for o in outcomes], delivery_id=delivery.delivery_id)
     log.info(
         "webhook delivery slug=%s delivery=%s provider_delivery=%s accepted=%d rejected=%d",

@@ -123,7 +123,7 @@ async def test_logged_names_and_ids_are_escaped_and_cut(caplog: pytest.LogCaptur
     cfg = make_config(max_body_bytes=64 * 1024)
     event = {"name": "order.shipped\nINFO forged line", "id": "i" * 5000, "payload": {}}
     async with AsyncTestClient(make_app(sink, cfg)) as c:
-        with caplog.at_level(logging.INFO, logger="adapters.http"):
+        with caplog.at_level(logging.DEBUG, logger="adapters.http"):
             assert (await c.post(URL, json=event, headers=AUTH)).status_code == 202
     [line] = [r.getMessage() for r in caplog.records if r.name.startswith("adapters.http")]
     assert "\n" not in line and "order.shipped\\nINFO forged line" in line
