@@ -92,9 +92,15 @@ class LocalKafka(LocalProcess):
         self.config_path.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
         if (self.data_dir / "meta.properties").exists():
             return
+        # As one argument: one id in 64 starts with '-', which a separate argument would make an option.
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         cmd = self._java(
-            "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config_path), "--standalone"
+            "kafka.tools.StorageTool",
+            "format",
+            f"--cluster-id={cluster_id}",
+            "-c",
+            str(self.config_path),
+            "--standalone",
         )
         result = subprocess.run(cmd, cwd=self.workdir, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
