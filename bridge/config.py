@@ -8,8 +8,8 @@ The reference is docs/configuration.md.
 
 from __future__ import annotations
 
-import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,7 +27,9 @@ from pydantic import (
 from slugify import slugify
 
 from bridge.config_errors import describe
+from bridge.envvars import interpolate_config
 from bridge.errors import ConfigError
+from bridge.hosts import parse_host
 from bridge.locator import BodyLocatorField, LocatorField
 
 TRIGGER_TYPES = ("signal",)
@@ -63,11 +65,14 @@ class TemplateTaskConfig(Model):
 
 
 class HttpTaskConfig(Model):
+    """``url``, ``method``, ``headers`` and ``body`` keep their ``${VAR}`` references (see
+    :mod:`bridge.envvars`); ``timeout_seconds`` may only lower ``runner.timeout_seconds``."""
+
     url: str
     method: str = "POST"
     headers: dict[str, Any] = Field(default_factory=dict)
     body: Any = None
-    timeout_seconds: float = Field(default=30.0, gt=0)
+    timeout_seconds: float | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=5, ge=1)
 
 
@@ -147,6 +152,27 @@ class DispatcherConfig(Model):
     # Events that may wait in one process for a signal to the dispatcher; beyond it HTTP answers
     # 503 overloaded and queue adapters stop fetching, so memory stays bounded while Temporal stalls.
     max_pending_events: int = Field(default=10_000, ge=1)
+
+
+class RunnerConfig(Model):
+    """The task runner's HTTP calls: which hosts, how long, how much of an answer (docs/configuration.md)."""
+
+    allow_hosts: list[str] | None = None  # None: any host whose addresses are all public
+    max_response_bytes: int = Field(default=1024 * 1024, ge=1)
+    timeout_seconds: float = Field(default=30.0, gt=0)
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str] | None) -> list[str] | None:
+        if hosts is not None and not hosts:
+            raise ValueError("allow_hosts is empty: list the hosts, or leave it out to allow any public address")
+        for entry in hosts or []:
+            parse_host(entry)
+        return hosts
+
+    @property
+    def allowed(self) -> list[tuple[str, int | None]] | None:
+        return None if self.allow_hosts is None else [parse_host(h) for h in self.allow_hosts]
 
 
 class NamedToken(Model):
@@ -337,6 +363,7 @@ class BridgeConfig(Model):
     kafka: list[KafkaConsumer] = Field(default_factory=list)
     amqp: list[AmqpConsumer] = Field(default_factory=list)
     webhooks: list[Webhook] = Field(default_factory=list)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
     workflows: list[Workflow] = Field(default_factory=list)
 
     @field_validator("project")
@@ -359,29 +386,6 @@ def project_slug(project: str) -> str:
     return slugify(project)
 
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def interpolate(text: str, env: dict[str, str] | None = None, *, origin: str = "config") -> str:
-    """Replace ``${VAR}`` and ``${VAR:-default}``; an unset variable without default is an error."""
-    env = dict(os.environ) if env is None else env
-    missing: list[str] = []
-
-    def sub(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        missing.append(name)
-        return ""
-
-    out = _ENV.sub(sub, text)
-    if missing:
-        raise ConfigError(f"{origin}: environment variable(s) not set: {', '.join(missing)}")
-    return out
-
-
 def parse_config(data: Any, *, origin: str = "config") -> BridgeConfig:
     """Build a config from already-parsed YAML/JSON data; structure only (see the module doc)."""
     if not isinstance(data, dict):
@@ -394,7 +398,7 @@ def parse_config(data: Any, *, origin: str = "config") -> BridgeConfig:
     return config
 
 
-def read_config(path: str | Path, env: dict[str, str] | None = None) -> BridgeConfig:
+def read_config(path: str | Path, env: Mapping[str, str] | None = None) -> BridgeConfig:
     path = Path(path)
     origin = str(path)
     try:
@@ -406,18 +410,8 @@ def read_config(path: str | Path, env: dict[str, str] | None = None) -> BridgeCo
     except yaml.YAMLError as exc:
         raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
     # After parsing, value by value: a secret with quotes or backslashes is taken verbatim, and
-    # a ${VAR} in a comment is not required.
-    return parse_config(_interpolate_tree(data, env, origin), origin=origin)
-
-
-def _interpolate_tree(node: Any, env: dict[str, str] | None, origin: str) -> Any:
-    if isinstance(node, str):
-        return interpolate(node, env, origin=origin)
-    if isinstance(node, dict):
-        return {k: _interpolate_tree(v, env, origin) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_interpolate_tree(v, env, origin) for v in node]
-    return node
+    # a ${VAR} in a comment is not required. A task's config keeps its references (bridge.envvars).
+    return parse_config(interpolate_config(data, env, origin, task_kind=_task_kind), origin=origin)
 
 
 def _check_unique(config: BridgeConfig, origin: str) -> None:

@@ -9,13 +9,13 @@ the CEL filters and yields targets in a stable order: the order of ``workflows:`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bridge import templates
 from bridge.errors import ConfigError, EventRejected
-from bridge.filters import Filter, FilterError, activation
+from bridge.filters import Filter, FilterError, Scope, scope
 from bridge.schemas import compile_schema
 
 if TYPE_CHECKING:
@@ -59,6 +59,16 @@ class Target:
     workflow_type: str | None  # None: the built-in task runner
     task_queue: str
     input: Any
+
+
+@dataclass
+class Routing:
+    """The targets of one event, the units its filters spent, and the workflows whose filter was
+    not evaluated (or not to the end) because the event's filter budget ran out."""
+
+    targets: list[Target] = field(default_factory=list)
+    limited: list[str] = field(default_factory=list)
+    cost: int = 0
 
 
 class RouteTable:
@@ -166,18 +176,47 @@ class RouteTable:
 
     def resolve(self, event: EventSignal) -> list[Target]:
         """Every workflow whose trigger names the event and whose filter (if any) holds."""
-        act: dict[str, Any] | None = None
-        targets = []
+        return self.route(event).targets
+
+    def candidates(self, name: str) -> int:
+        """How many workflows an event of this name may start: the most its filters allow."""
+        return sum(1 for w in self.workflows if any(True for _ in w.triggered_by(name)))
+
+    def filters_for(self, name: str) -> list[str]:
+        """The distinct filters an event of this name is evaluated against, in file order."""
+        sources = (t.filter.source for w in self.workflows for t in w.triggered_by(name) if t.filter is not None)
+        return list(dict.fromkeys(sources))
+
+    def route(self, event: EventSignal, verdicts: Mapping[str, bool | None] | None = None) -> Routing:
+        """:meth:`resolve`, with what the filters cost and which ran out of budget.
+
+        ``verdicts`` (filter source → :meth:`bridge.filters.Filter.evaluate`'s answer) are used
+        instead of evaluating here: the dispatcher has them evaluated by a local activity. A filter
+        that ran out of its budget does not match; a workflow none of whose triggers matched, one
+        or more of them for that reason, is listed as limited.
+        """
+        routing = Routing()
+        values: Scope | None = None
         for w in self.workflows:
+            limited = False
             for t in w.triggered_by(event.name):
                 if t.filter is not None:
-                    if act is None:
-                        act = activation(event.name, event.payload, event.source, event.metadata, event.id)
-                    if not t.filter.matches(act):
+                    if verdicts is not None:
+                        verdict = verdicts.get(t.filter.source)
+                    else:
+                        if values is None:
+                            values = scope(event.name, event.payload, event.source, event.metadata, event.id)
+                        verdict = t.filter.evaluate(values)
+                    if verdict is not True:
+                        limited = limited or verdict is None
                         continue
-                targets.append(Target(w.id, w.workflow_type, w.task_queue, w.input))
+                routing.targets.append(Target(w.id, w.workflow_type, w.task_queue, w.input))
                 break
-        return targets
+            else:
+                if limited:
+                    routing.limited.append(w.id)
+        routing.cost = values.cost if values is not None else 0
+        return routing
 
 
 def _compile_trigger(name: str, filter_src: str | None, schema: dict[str, Any] | None, where: str) -> TriggerRoute:

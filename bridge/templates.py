@@ -1,16 +1,19 @@
 """Templates: Jinja2, with the seed's Go-style leading dot accepted (`{{ .trigger.orderId }}`).
 
 A string that is a single ``{{ expression }}`` renders to the expression's value (an object stays
-an object); anything else renders to text. Rendering is pure, so the dispatcher may run it in
-workflow code.
+an object); anything else renders to text. :func:`render_url` renders a URL: every expression's
+value is percent-encoded as one path segment or query value, so a payload cannot add a ``/``, a
+``?``, a ``&`` or a ``..`` segment. Rendering is pure, so the dispatcher may run it in workflow
+code.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import quote
 
-from jinja2 import ChainableUndefined, TemplateSyntaxError
+from jinja2 import ChainableUndefined, TemplateSyntaxError, Undefined, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from bridge.errors import BridgeError
@@ -27,6 +30,17 @@ class _Env(ImmutableSandboxedEnvironment):
 
 
 _ENV = _Env(undefined=ChainableUndefined, autoescape=False)
+
+
+def _url_component(value: Any) -> str:
+    """An expression's value in a URL: percent-encoded, so it stays one segment or query value."""
+    text = "" if value is None or isinstance(value, Undefined) else str(value)
+    if text in (".", ".."):
+        raise TemplateError(f"the value {text!r} cannot be put in a URL (it would be a relative path segment)")
+    return quote(text, safe="")
+
+
+_URL_ENV = _Env(undefined=ChainableUndefined, autoescape=False, finalize=_url_component)
 _BLOCK = re.compile(r"({{.*?}}|{%.*?%})", re.DOTALL)
 # A quoted string literal is matched first and given back unchanged; a dot elsewhere that
 # starts a name (not an attribute access like `a.b` or `x().y`) is the Go-style leading dot.
@@ -61,6 +75,30 @@ def render(value: Any, context: dict[str, Any]) -> Any:
     if isinstance(value, list):
         return [render(v, context) for v in value]
     return value
+
+
+def render_url(text: str, context: dict[str, Any]) -> str:
+    """Render a URL template; each ``{{ expression }}``'s value is percent-encoded (see above)."""
+    try:
+        return _URL_ENV.from_string(go_to_jinja(text)).render(**context)
+    except TemplateSyntaxError as exc:
+        raise TemplateError(f"template {text!r} does not parse: {exc.message}") from None
+    except TemplateError:
+        raise
+    except Exception as exc:
+        raise TemplateError(f"template {text!r} failed: {exc}") from None
+
+
+def names(value: Any) -> set[str]:
+    """The top-level names the templates in ``value`` read (``trigger``, ``tasks``, …)."""
+    found: set[str] = set()
+    for text in _strings(value):
+        if "{{" in text or "{%" in text:
+            try:
+                found |= meta.find_undeclared_variables(_ENV.parse(go_to_jinja(text)))
+            except TemplateSyntaxError as exc:
+                raise TemplateError(f"template {text!r} does not parse: {exc.message}") from None
+    return found
 
 
 def _render_str(text: str, context: dict[str, Any]) -> Any:

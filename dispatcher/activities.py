@@ -2,7 +2,8 @@
 
 The config lives in the worker process, not in workflow code: workflows fetch what they need
 through local activities, whose results are recorded, so replays never depend on the file, and a
-reload is seen by the next load. The names and payloads are in :mod:`dispatcher.contract`.
+reload is seen by the next load. An http task's call reads its config from the current snapshot
+too (:mod:`dispatcher.http_task`). The names and payloads are in :mod:`dispatcher.contract`.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 from temporalio import activity
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from bridge.config import HttpTask
 from bridge.snapshot import Snapshot
+from dispatcher import http_task
 from dispatcher.contract import (
     DUPLICATE,
     HTTP_REQUEST,
@@ -27,7 +29,7 @@ from dispatcher.contract import (
     START_TARGETS,
     STARTED,
     DispatcherSettings,
-    HttpRequest,
+    HttpCall,
     RoutesResult,
     StartBatch,
     TargetStart,
@@ -54,9 +56,17 @@ class BridgeActivities:
 
     @activity.defn(name=LOAD_TASKS)
     async def load_tasks(self, workflow_id: str) -> list[dict[str, Any]]:
-        for wf in self.snapshot().config.workflows:
+        """The entry's tasks as written (``${VAR}`` references kept); an http task's timeout is
+        its effective one, so the runner can size the activity's."""
+        config = self.snapshot().config
+        for wf in config.workflows:
             if wf.id == workflow_id:
-                return [t.model_dump() for t in wf.tasks]
+                tasks = [t.model_dump() for t in wf.tasks]
+                for task, dumped in zip(wf.tasks, tasks, strict=True):
+                    if isinstance(task, HttpTask):
+                        own = task.config.timeout_seconds or config.runner.timeout_seconds
+                        dumped["config"]["timeout_seconds"] = min(own, config.runner.timeout_seconds)
+                return tasks
         raise ApplicationError(f"no workflow {workflow_id!r} in the config", non_retryable=True)
 
     @activity.defn(name=START_TARGETS)
@@ -100,20 +110,5 @@ class BridgeActivities:
             beat.cancel()
 
     @activity.defn(name=HTTP_REQUEST)
-    async def http_request(self, req: HttpRequest) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"headers": req.headers}
-        if isinstance(req.body, dict | list):
-            kwargs["json"] = req.body
-        elif req.body is not None:
-            kwargs["content"] = str(req.body)
-        async with httpx.AsyncClient(timeout=req.timeout_seconds) as client:
-            resp = await client.request(req.method.upper(), req.url, **kwargs)
-        if resp.status_code >= 500 or resp.status_code == 429:
-            raise ApplicationError(f"{req.method} {req.url} answered {resp.status_code}")
-        if resp.status_code >= 400:
-            raise ApplicationError(f"{req.method} {req.url} answered {resp.status_code}", non_retryable=True)
-        try:
-            body: Any = resp.json()
-        except ValueError:
-            body = resp.text
-        return {"status": resp.status_code, "body": body}
+    async def http_request(self, call: HttpCall) -> dict[str, Any]:
+        return await http_task.run(self.snapshot().config, call)

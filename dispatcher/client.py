@@ -6,14 +6,24 @@ MAX_SIGNAL_EVENTS events and MAX_SIGNAL_BYTES, see :mod:`dispatcher.contract`). 
 flight per shard keeps per-key order (a key always maps to the same shard) and turns a burst of
 N requests into a handful of signals, which is what keeps the dispatcher's lock cool. Sharding and
 what the metrics mean are described in docs/operations.md.
+
+An outage is answered quickly. A signal that fails, or stays in flight for longer than
+``suspect_after`` seconds, makes the client ask Temporal for its system info (no retries, a short
+deadline). If that fails too, Temporal is *down*: every submission waiting for that shard,
+the one in flight included, is answered Unavailable at once, and so is every new one, until a
+background probe gets an answer. A submission is never queued behind a call that is likely
+doomed. Answering Unavailable for a signal that may still arrive is safe: nothing was
+acknowledged, and the retry carries the same event id, which the dispatcher dedupes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -67,18 +77,38 @@ class DispatcherClient:
         metrics: Metrics | None = None,
         *,
         rpc_timeout: float = 10.0,
-        retry_after: float = 5.0,
+        retry_after: float | Callable[[], float] | None = None,
+        suspect_after: float = 1.0,
+        probe_timeout: float = 1.0,
+        probe_interval: float = 1.0,
     ) -> None:
+        """``retry_after`` (seconds, or a callable read at each refusal) defaults to the config's
+        ``http.retry_after_seconds``; the runtime passes a callable that follows reloads."""
         self.client = client
         self.project = config.project
         self.task_queue = config.task_queue
         self.shards = config.dispatcher.shards
         self.metrics = metrics or Metrics()
         self.rpc_timeout = timedelta(seconds=rpc_timeout)
-        self.retry_after = retry_after
+        self._retry_after = config.http.retry_after_seconds if retry_after is None else retry_after
+        self.suspect_after = suspect_after
+        self.probe_timeout = timedelta(seconds=probe_timeout)
+        self.probe_interval = probe_interval
         self._queues: list[asyncio.Queue[_Submission]] = []
         self._senders: list[asyncio.Task[None]] = []
         self._carry: list[_Submission | None] = []
+        self._down_since: float | None = None
+        self._prober: asyncio.Task[None] | None = None
+        self._stray: set[asyncio.Task[None]] = set()  # calls given up on, left to finish
+
+    @property
+    def retry_after(self) -> float:
+        return self._retry_after() if callable(self._retry_after) else self._retry_after
+
+    @property
+    def down(self) -> bool:
+        """True while Temporal is known to be unreachable (a probe failed, none answered since)."""
+        return self._down_since is not None
 
     @property
     def ids(self) -> list[str]:
@@ -93,6 +123,7 @@ class DispatcherClient:
         Nothing is sent when one event is too large on its own. Events are split by shard (and at
         the signal limits) into submissions that the shards' senders coalesce with others.
         """
+        self._refuse_if_down()
         placed: list[tuple[int, dict[str, Any], int]] = []
         for event in events:
             item = event.to_dict()
@@ -122,7 +153,7 @@ class DispatcherClient:
             try:
                 await self._start(shard, id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING)
             except RPCError as exc:
-                raise Unavailable(f"cannot start dispatcher {wid}: {exc}", self.retry_after) from exc
+                raise self._unavailable(f"cannot start dispatcher {wid}: {exc}") from exc
 
     async def reload(self) -> None:
         for shard in range(self.shards):
@@ -131,9 +162,9 @@ class DispatcherClient:
     async def stats(self) -> list[DispatcherStats]:
         return [await self.handle(k).query(STATS_QUERY) for k in range(self.shards)]
 
-    async def ping(self) -> bool:
+    async def ping(self, timeout: timedelta = timedelta(seconds=2)) -> bool:
         try:
-            await self.client.workflow_service.get_system_info(GetSystemInfoRequest(), timeout=timedelta(seconds=2))
+            await self.client.workflow_service.get_system_info(GetSystemInfoRequest(), timeout=timeout)
         except Exception:
             return False
         return True
@@ -142,11 +173,43 @@ class DispatcherClient:
         """Stop the senders once their queues are empty; pending submissions finish first."""
         for q in self._queues:
             await q.join()
-        for task in self._senders:
+        for task in [*self._senders, *([self._prober] if self._prober else [])]:
             task.cancel()
-        await asyncio.gather(*self._senders, return_exceptions=True)
+        await asyncio.gather(*self._senders, *self._stray, return_exceptions=True)
+        if self._prober is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+            self._prober = None
         self._senders.clear()
         self._queues.clear()
+
+    def _unavailable(self, message: str) -> Unavailable:
+        return Unavailable(message, self.retry_after)
+
+    def _refuse_if_down(self) -> None:
+        if self._down_since is not None:
+            down_for = time.monotonic() - self._down_since
+            raise self._unavailable(f"Temporal has been unreachable for {down_for:.0f} s (a probe is watching)")
+
+    async def _check(self) -> None:
+        """Probe Temporal once; when it does not answer, mark it down and start the prober."""
+        if self._down_since is not None or await self.ping(self.probe_timeout):
+            return
+        if self._down_since is None:  # another shard's check may have got there first
+            self._down_since = time.monotonic()
+            log.warning("Temporal does not answer: refusing submissions until it does")
+            self._prober = asyncio.create_task(self._probe(), name="dispatcher-probe")
+
+    async def _probe(self) -> None:
+        """Ask Temporal every ``probe_interval`` seconds until it answers, then take events again."""
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            if await self.ping(self.probe_timeout):
+                assert self._down_since is not None
+                log.info("Temporal answers again after %.1f s: taking events", time.monotonic() - self._down_since)
+                self._down_since = None
+                self._prober = None
+                return
 
     def _start_senders(self) -> None:
         self._queues = [asyncio.Queue() for _ in range(self.shards)]
@@ -161,17 +224,45 @@ class DispatcherClient:
         while True:
             batch = await self._next_batch(shard)
             try:
-                await self._signal(shard, [e for sub in batch for e in sub.events])
-            except Exception as exc:
-                _answer(batch, exc)
+                if self.down:
+                    _answer(batch, self._unavailable("Temporal is unreachable"))
+                    continue
+                await self._send(shard, batch)
             except BaseException:
-                _answer(batch, Unavailable("the dispatcher client is stopping", self.retry_after))
+                _answer(batch, self._unavailable("the dispatcher client is stopping"))
                 raise
-            else:
-                _answer(batch, None)
             finally:
                 for _ in batch:
                     queue.task_done()
+
+    async def _send(self, shard: int, batch: list[_Submission]) -> None:
+        """One signal for the batch. When it takes longer than ``suspect_after`` and a probe finds
+        Temporal down, the batch is answered Unavailable and the call is left to finish alone."""
+        call = asyncio.create_task(self._signal(shard, [e for sub in batch for e in sub.events]))
+        try:
+            done, _ = await asyncio.wait({call}, timeout=self.suspect_after)
+            if not done:
+                await self._check()
+                if self.down and not call.done():
+                    _answer(batch, self._unavailable("Temporal is unreachable"))
+                    self._stray.add(call)
+                    call.add_done_callback(self._forget)
+                    return
+            await call
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        except Exception as exc:
+            _answer(batch, exc)
+            if not isinstance(exc, EventRejected):
+                await self._check()
+        else:
+            _answer(batch, None)
+
+    def _forget(self, call: asyncio.Task[None]) -> None:
+        self._stray.discard(call)
+        if not call.cancelled() and call.exception() is None:
+            log.info("a signal answered late was accepted after all; its events' retries are deduplicated")
 
     async def _next_batch(self, shard: int) -> list[_Submission]:
         """The oldest submission and every queued one after it that still fits in one signal.
@@ -218,10 +309,10 @@ class DispatcherClient:
             )
             if exc.status == RPCStatusCode.INVALID_ARGUMENT and "size" in exc.message.lower():
                 raise EventRejected("too_large", exc.message) from exc
-            raise Unavailable(f"Temporal did not accept the events: {exc.message}", self.retry_after) from exc
+            raise self._unavailable(f"Temporal did not accept the events: {exc.message}") from exc
         except Exception as exc:
             log.warning("signal-with-start failed dispatcher=%s: %r", wid, exc)
-            raise Unavailable(f"Temporal did not accept the events: {exc}", self.retry_after) from exc
+            raise self._unavailable(f"Temporal did not accept the events: {exc}") from exc
         self.metrics.signals.inc()
         self.metrics.batch_size.observe(len(events))
 

@@ -9,7 +9,8 @@ settings are described in docs/configuration.md.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from datetime import timedelta
 from typing import Any, Literal, TypedDict
 
 from slugify import slugify
@@ -19,14 +20,22 @@ from bridge.event import MAX_SIGNAL_BYTES, EventSignal
 
 __all__ = [
     "CARRY_LIMIT_BYTES",
+    "CHILD_LIMIT",
     "DISPATCHER_WORKFLOW",
+    "DRAIN_HISTORY_BYTES",
+    "DRAIN_HISTORY_EVENTS",
+    "DRAIN_SOFT_BYTES",
     "DUPLICATE",
+    "EVALUATE_FILTERS",
+    "EVENT_COST",
     "EVENT_SIGNAL",
     "HTTP_REQUEST",
     "LOAD_ROUTES",
     "LOAD_TASKS",
+    "MAX_CARRY_BYTES",
     "MAX_SIGNAL_BYTES",
     "MAX_SIGNAL_EVENTS",
+    "MAX_TARGET_BYTES",
     "RELOAD_SIGNAL",
     "RUNNER_WORKFLOW",
     "STARTED",
@@ -34,10 +43,14 @@ __all__ = [
     "START_TARGETS",
     "STATS_QUERY",
     "STAT_KEYS",
+    "TASK_COST_BUDGET",
+    "YIELD",
     "DispatcherInput",
     "DispatcherSettings",
     "DispatcherStats",
-    "HttpRequest",
+    "FilterBatch",
+    "FilterVerdicts",
+    "HttpCall",
     "RoutesResult",
     "StartBatch",
     "StartMode",
@@ -46,6 +59,7 @@ __all__ = [
     "dispatcher_id",
     "failed",
     "target_memo",
+    "wire",
 ]
 
 # Workflow types, signals and queries.
@@ -57,9 +71,11 @@ STATS_QUERY = "stats"  # answers a DispatcherStats
 
 # Activities: the local ones read the worker's current config snapshot.
 LOAD_ROUTES = "signal-bridge.load_routes"  # () -> RoutesResult, local
-LOAD_TASKS = "signal-bridge.load_tasks"  # (workflow id) -> the entry's tasks as dicts, local
+LOAD_TASKS = "signal-bridge.load_tasks"  # (workflow id) -> the entry's tasks as dicts, local; each
+# http task's timeout_seconds is its effective one (the least of its own and runner.timeout_seconds)
 START_TARGETS = "signal-bridge.start_targets"  # (StartBatch) -> one outcome per start
-HTTP_REQUEST = "signal-bridge.http_request"  # (HttpRequest) -> {"status", "body"}
+EVALUATE_FILTERS = "signal-bridge.evaluate_filters"  # (FilterBatch) -> FilterVerdicts, local
+HTTP_REQUEST = "signal-bridge.http_request"  # (HttpCall) -> {"status", "body"}
 
 # Outcomes of START_TARGETS, one per TargetStart, in order.
 STARTED = "started"
@@ -71,16 +87,49 @@ def failed(reason: str) -> str:
     return f"failed: {reason}"
 
 
-# Payload bounds, all well under Temporal's 2 MiB per payload. MAX_SIGNAL_BYTES is the core's
-# (the pipeline refuses a larger event before it reaches the client).
+# Payload bounds, all under Temporal's 2 MiB per payload and 4 MB per workflow task completion.
+# MAX_SIGNAL_BYTES is the core's (the pipeline refuses a larger event before it reaches the client).
 MAX_SIGNAL_EVENTS = 500  # events in one EVENT_SIGNAL
-CARRY_LIMIT_BYTES = 512 * 1024  # the queue a DispatcherInput carries into the next run
-START_BATCH_BYTES = 1024 * 1024  # target arguments in one StartBatch
+CARRY_LIMIT_BYTES = 512 * 1024  # the queue a DispatcherInput carries into the next run, normally
+MAX_CARRY_BYTES = 1792 * 1024  # the whole DispatcherInput, at most (see DRAIN_* below)
+START_BATCH_BYTES = 1024 * 1024  # target arguments in one StartBatch, and started in one batch
+MAX_TARGET_BYTES = 1920 * 1024  # one target's argument; a larger one is a failed start, never sent
+
+# Work in one workflow task, in the units of bridge.filters (about 10 µs each): EVALUATE_FILTERS
+# stops past TASK_COST_BUDGET (it answers for the events it got to), a batch stops taking events
+# past it, and a batch that started nothing then ends the workflow task with a short timer.
+TASK_COST_BUDGET = 40_000
+EVENT_COST = 20  # each event's own share (digest, dedupe, logging), besides its filters
+YIELD = timedelta(milliseconds=1)
+
+# Continue-as-new: when the queue is over CARRY_LIMIT_BYTES, the run dispatches it first, batch by
+# batch: while its history is under DRAIN_SOFT_BYTES (a longer one makes every replay slower), and
+# past that only what MAX_CARRY_BYTES cannot hold, and never past the DRAIN_HISTORY_* bounds
+# (Temporal terminates a run at 51,200 events or 50 MiB). Child starts past CHILD_LIMIT in one run
+# (Temporal allows 2,000 pending children) go through START_TARGETS instead.
+DRAIN_SOFT_BYTES = 4 * 1024 * 1024
+DRAIN_HISTORY_EVENTS = 45_000
+DRAIN_HISTORY_BYTES = 40 * 1024 * 1024
+CHILD_LIMIT = 1900
 
 # Counters the stats query reports and continue-as-new carries over.
-STAT_KEYS = ("received", "started", "duplicates", "unroutable", "failed", "malformed")
+STAT_KEYS = ("received", "started", "duplicates", "unroutable", "failed", "malformed", "filter_limited")
 
 StartMode = Literal["child", "activity"]
+
+
+def wire(value: Any) -> Any:
+    """A dataclass argument as plain dicts, for a workflow to pass to Temporal.
+
+    The JSON converter would encode a dataclass through ``dataclasses.asdict``, which deep-copies
+    every payload inside it first (about 100 ms per MiB); plain dicts are encoded as they are, and
+    the receiving side still decodes them into the dataclass its signature names.
+    """
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: wire(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, list) and value and is_dataclass(value[0]):
+        return [wire(v) for v in value]
+    return value
 
 
 def dispatcher_id(project: str, shard: int, shards: int) -> str:
@@ -134,6 +183,7 @@ class DispatcherStats(TypedDict):
     unroutable: int
     failed: int
     malformed: int
+    filter_limited: int
     backlog: int
     run: int
     signals_this_run: int
@@ -180,11 +230,32 @@ class StartBatch:
 
 
 @dataclass
-class HttpRequest:
-    """The input of HTTP_REQUEST; the runner fills every field from an ``http`` task's config."""
+class FilterBatch:
+    """The input of EVALUATE_FILTERS: events, and for each the filter sources to evaluate."""
 
-    url: str
-    method: str
-    timeout_seconds: float
-    headers: dict[str, str] = field(default_factory=dict)
-    body: Any = None
+    events: list[dict[str, Any]]  # EventSignal.to_dict() each
+    filters: list[list[str]]
+
+
+@dataclass
+class FilterVerdicts:
+    """For the first ``len(verdicts)`` events of a FilterBatch (at least one; the rest did not fit
+    the budget), one verdict per filter: True, False, or None when the filter's budget ran out."""
+
+    verdicts: list[list[bool | None]]
+    cost: int = 0  # units spent
+
+
+@dataclass
+class HttpCall:
+    """The input of HTTP_REQUEST: which task to run, and the names its templates read.
+
+    Not the request itself: the activity reads the task's config (``${VAR}`` references and all)
+    from the worker's current snapshot, substitutes the environment, renders the templates against
+    ``context`` and only then calls, so no substituted secret is ever in Temporal's history.
+    """
+
+    workflow_id: str  # the config entry's id
+    task_id: str
+    context: dict[str, Any]  # of TargetInput's names and ``tasks``, those the task's templates use
+    timeout_seconds: float  # the run's view of the task's effective timeout (see LOAD_TASKS)

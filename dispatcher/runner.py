@@ -1,9 +1,12 @@
 """The built-in task runner: a workflow that runs a config entry's ``tasks`` in order.
 
 Each task renders its config against the target input plus ``tasks`` (the outputs so far);
-``template`` tasks store the rendered value, ``http`` tasks call a URL from an activity with
-Temporal's retries. The result maps every task id to its output, so what a run rendered can be
-read back from Temporal. Task kinds and their settings are described in docs/configuration.md.
+``template`` tasks store the rendered value, ``http`` tasks are made by an activity with
+Temporal's retries. The HTTP_REQUEST activity gets the task's name and the part of the context its
+templates read, not a rendered request: it reads the config itself and substitutes ``${VAR}``
+values only when it calls, so no secret is recorded in this workflow's history
+(:mod:`dispatcher.http_task`). The result maps every task id to its output, so what a run did can
+be read back from Temporal. Task kinds and their settings are described in docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ with workflow.unsafe.imports_passed_through():
 
     from bridge import templates
     from bridge.config import HttpTask, Task
-    from dispatcher.contract import HTTP_REQUEST, LOAD_TASKS, RUNNER_WORKFLOW, HttpRequest, TargetInput
+    from dispatcher.contract import HTTP_REQUEST, LOAD_TASKS, RUNNER_WORKFLOW, HttpCall, TargetInput, wire
 
 # LOAD_TASKS sends the config's tasks as plain data; reading them back through the config's own
 # model gives the runner its types and defaults without restating either.
 TASKS = TypeAdapter(list[Task])
+DEFAULT_TIMEOUT = 30.0  # when LOAD_TASKS gave no effective timeout (it always does)
 
 
 @workflow.defn(name=RUNNER_WORKFLOW)
@@ -40,25 +44,26 @@ class TaskRunnerWorkflow:
         context = {**inp, "tasks": outputs}
         for task in TASKS.validate_python(raw):
             if isinstance(task, HttpTask):
-                outputs[task.id] = await self._http(task, context)
+                outputs[task.id] = await self._http(inp["workflow_id"], task, context)
             else:
                 outputs[task.id] = templates.render(task.config.template, context)
         return {"workflow_id": inp["workflow_id"], "exec_id": inp["exec_id"], "tasks": outputs}
 
     @staticmethod
-    async def _http(task: HttpTask, context: dict[str, Any]) -> Any:
+    async def _http(workflow_id: str, task: HttpTask, context: dict[str, Any]) -> Any:
         cfg = task.config
-        req = HttpRequest(
-            url=templates.render(cfg.url, context),
-            method=cfg.method,
-            timeout_seconds=cfg.timeout_seconds,
-            headers=templates.render(cfg.headers, context),
-            body=templates.render(cfg.body, context),
+        used = templates.names([cfg.url, cfg.method, cfg.headers, cfg.body])
+        timeout = cfg.timeout_seconds or DEFAULT_TIMEOUT
+        call = HttpCall(
+            workflow_id=workflow_id,
+            task_id=task.id,
+            context={name: context[name] for name in sorted(used) if name in context},
+            timeout_seconds=timeout,
         )
         return await workflow.execute_activity(
             HTTP_REQUEST,
-            req,
+            wire(call),
             result_type=dict[str, Any],
-            start_to_close_timeout=timedelta(seconds=req.timeout_seconds + 5),
+            start_to_close_timeout=timedelta(seconds=timeout + 10),  # resolving and connecting too
             retry_policy=RetryPolicy(maximum_attempts=cfg.max_attempts, maximum_interval=timedelta(seconds=30)),
         )

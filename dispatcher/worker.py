@@ -7,6 +7,7 @@ LOAD_ROUTES/LOAD_TASKS; roles and scaling out are described in docs/operations.m
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -14,6 +15,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from bridge.snapshot import Snapshot
 from dispatcher.activities import BridgeActivities
+from dispatcher.filtering import evaluate_filters
 from dispatcher.runner import TaskRunnerWorkflow
 from dispatcher.workflow import DispatcherWorkflow
 
@@ -33,13 +35,19 @@ PASSTHROUGH = (
 )
 
 
+# For EVALUATE_FILTERS, the one activity that is a plain function: CPU-bound work off the event
+# loop. One pool per process, whichever workers it runs.
+FILTER_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="filters")
+
+
 def build_worker(client: Client, current: Snapshot | Callable[[], Snapshot], task_queue: str) -> Worker:
     acts = BridgeActivities(current)
     return Worker(
         client,
         task_queue=task_queue,
         workflows=[DispatcherWorkflow, TaskRunnerWorkflow],
-        activities=[acts.load_routes, acts.load_tasks, acts.http_request, acts.start_targets],
+        activities=[acts.load_routes, acts.load_tasks, acts.http_request, acts.start_targets, evaluate_filters],
+        activity_executor=FILTER_THREADS,
         workflow_runner=SandboxedWorkflowRunner(
             restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
         ),

@@ -1,58 +1,70 @@
 """The dispatcher: one long-running workflow per project (per shard) that starts target runs.
 
-Signal handlers only append to a queue; the main loop drains it in batches. For each event it
-resolves the targets from the route table (loaded by a local activity, so a replay sees the
-table the run saw) and starts each with the id ``{workflow_id}-{run_digest(project, source, id)}``, ``ABANDON``
-and ``REJECT_DUPLICATE``, waiting only until each has *started*: as a child workflow, or (start
-mode ``activity``) in batches from the START_TARGETS activity. A second start for the same event
-is refused by Temporal and counted as a duplicate; recent event digests catch most before that.
-
-It continues-as-new before any server limit bites (history length, signals per run, pending
-children), after every handler finished and every start was confirmed, carrying the unprocessed
-queue, the recent digests and its counters. Names, inputs and settings are in
-:mod:`dispatcher.contract`; the counters and limits are described in docs/operations.md.
+Signal handlers only append to a queue; the main loop drains it in batches: it skips recent
+duplicates, has the batch's CEL filters evaluated by the EVALUATE_FILTERS local activity (within
+budgets; its recorded answer spares replays the work), and starts every target with the id
+``{workflow_id}-{run_digest(project, source, id)}``, ``ABANDON`` and ``REJECT_DUPLICATE``, waiting
+only until each has started (:mod:`dispatcher.starts`). No workflow task runs long whatever the
+payloads: a batch stops at budgets of targets, bytes and work, a batch that started nothing ends
+its workflow task with a short timer, and a target argument too large for Temporal is a failed
+start, never a command that fails every workflow task after it. It continues-as-new before a
+server limit bites, carrying its queue (dispatching first, within bounds, what is too large to
+carry), recent digests and counters. Limits: :mod:`dispatcher.contract`; docs/operations.md.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections import OrderedDict, deque
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    import json
-
-    from bridge import templates
-    from bridge.event import EventSignal, run_digest, target_workflow_id
+    from bridge.event import EventSignal, encoded_size, run_digest, target_workflow_id
+    from bridge.logsafe import safe
     from bridge.routing import RouteTable, Target
+    from dispatcher import starts
     from dispatcher.contract import (
         CARRY_LIMIT_BYTES,
+        CHILD_LIMIT,
         DISPATCHER_WORKFLOW,
+        DRAIN_HISTORY_BYTES,
+        DRAIN_HISTORY_EVENTS,
+        DRAIN_SOFT_BYTES,
         DUPLICATE,
+        EVALUATE_FILTERS,
+        EVENT_COST,
         EVENT_SIGNAL,
         LOAD_ROUTES,
+        MAX_CARRY_BYTES,
         RELOAD_SIGNAL,
-        RUNNER_WORKFLOW,
         START_BATCH_BYTES,
-        START_TARGETS,
         STARTED,
         STAT_KEYS,
         STATS_QUERY,
+        TASK_COST_BUDGET,
+        YIELD,
         DispatcherInput,
         DispatcherSettings,
         DispatcherStats,
+        FilterBatch,
+        FilterVerdicts,
         RoutesResult,
-        StartBatch,
-        TargetInput,
-        TargetStart,
         failed,
-        target_memo,
+        wire,
     )
+    from dispatcher.starts import Plan
+
+
+@dataclass
+class _Queued:
+    event: EventSignal
+    size: int  # encoded bytes: what it weighs in a continue-as-new input
+    digest: str = ""  # set once taken into a batch
+    verdicts: dict[str, bool | None] | None = None  # filter source -> EVALUATE_FILTERS' answer
 
 
 # Not sandboxed: the sandbox's import proxies made serialising the continue-as-new input slow
@@ -62,14 +74,16 @@ with workflow.unsafe.imports_passed_through():
 class DispatcherWorkflow:
     @workflow.init
     def __init__(self, inp: DispatcherInput) -> None:
-        self._queue: deque[EventSignal] = deque()
+        self._queue: deque[_Queued] = deque()
         for raw in inp.pending:
-            self._queue.append(EventSignal.from_dict(raw))
+            self._queue.append(_Queued(EventSignal.from_dict(raw), encoded_size(raw)))
         self._recent: OrderedDict[str, None] = OrderedDict.fromkeys(inp.recent)
         self._stats = {k: int(inp.stats.get(k, 0)) for k in STAT_KEYS}
         self._run = inp.run
         self._signals = 0
-        self._children = 0
+        self._children = 0  # targets started this run, either way
+        self._child_starts = 0  # of which as children: Temporal counts those as pending
+        self._spent = 0  # units of work since this workflow task began, as far as we can tell
         self._reload = True
         self._routes: RouteTable | None = None
         self._settings = DispatcherSettings()
@@ -90,12 +104,13 @@ class DispatcherWorkflow:
         for raw in events if isinstance(events, list) else [events]:
             try:
                 event = EventSignal.from_dict(raw)
+                size = encoded_size(raw)
             except (KeyError, TypeError, ValueError) as exc:
                 self._stats["malformed"] += 1
-                workflow.logger.warning("dropped malformed event: %s", exc)
+                workflow.logger.warning("dropped malformed event: %s", safe(exc))
                 continue
             self._stats["received"] += 1
-            self._queue.append(event)
+            self._queue.append(_Queued(event, size))
 
     @workflow.signal(name=RELOAD_SIGNAL)
     def reload(self, *_ignored: Any) -> None:
@@ -112,6 +127,7 @@ class DispatcherWorkflow:
             unroutable=s["unroutable"],
             failed=s["failed"],
             malformed=s["malformed"],
+            filter_limited=s["filter_limited"],
             backlog=len(self._queue),
             run=self._run,
             signals_this_run=self._signals,
@@ -123,7 +139,9 @@ class DispatcherWorkflow:
         self._project = inp.project
         self._shard = inp.shard
         while True:
-            await workflow.wait_condition(lambda: bool(self._queue) or self._reload or self._should_rotate())
+            if not self._has_work():
+                await workflow.wait_condition(self._has_work)
+                self._spent = 0  # it waited for a signal: this is a new workflow task
             if self._reload:
                 await self._load_routes()
             if self._routes is None:
@@ -132,6 +150,9 @@ class DispatcherWorkflow:
                 await self._dispatch_batch()
             if self._should_rotate():
                 await self._rotate()
+
+    def _has_work(self) -> bool:
+        return bool(self._queue) or self._reload or self._should_rotate()
 
     async def _load_routes(self) -> None:
         """Load (or reload) the route table; on failure keep the old one and never die.
@@ -151,6 +172,7 @@ class DispatcherWorkflow:
             workflow.logger.error("loading routes failed, keeping the previous table: %s", exc)
             if self._routes is None:
                 await workflow.sleep(timedelta(seconds=10))
+                self._spent = 0
                 self._reload = True
             return
         self._routes = routes
@@ -167,115 +189,136 @@ class DispatcherWorkflow:
         )
 
     async def _dispatch_batch(self) -> None:
-        assert self._routes is not None
-        budget = self._settings.batch_size
-        plans: list[tuple[EventSignal, str, Target]] = []
-        while self._queue and budget > 0:
-            event = self._queue.popleft()
-            digest = run_digest(self._project, event.source, event.id)
-            if digest in self._recent:
-                self._stats["duplicates"] += 1
-                workflow.logger.info("duplicate event skipped id=%s name=%s", event.id, event.name)
-                continue
-            self._remember(digest)
-            try:
-                targets = self._routes.resolve(event)
-            except Exception as exc:
-                self._stats["failed"] += 1
-                workflow.logger.error("routing failed id=%s name=%s: %s", event.id, event.name, exc)
-                continue
-            if not targets:
-                self._stats["unroutable"] += 1
-                workflow.logger.info("no target for event id=%s name=%s", event.id, event.name)
-                continue
-            for target in targets:
-                plans.append((event, digest, target))
-                budget -= 1
-        self._children += len(plans)
-        if self._settings.start_mode == "activity":
-            await self._start_by_activity(plans)
-        else:
-            await asyncio.gather(*(self._start_child(*plan) for plan in plans))
+        """Take a batch, have its filters evaluated (what the activity did not get to goes back to
+        the front of the queue) and start its targets. A batch that starts nothing but used up the
+        work budget ends the workflow task with a timer, so the next batch runs in a new one."""
+        taken = self._take()
+        done = await self._evaluate(taken)
+        self._queue.extendleft(reversed(taken[done:]))
+        plans: list[Plan] = []
+        for item in taken[:done]:
+            plans.extend(self._plan(item))
+        if plans:
+            self._children += len(plans)
+            for chunk in starts.chunks(plans):  # one workflow task each
+                await self._start(chunk)
+            self._spent = 0
+        elif self._spent >= TASK_COST_BUDGET and self._queue:
+            await workflow.sleep(YIELD)
+            self._spent = 0
 
-    def _arg(self, event: EventSignal, target: Target) -> TargetInput:
-        return TargetInput(
-            workflow_id=target.workflow_id,
-            exec_id=str(workflow.uuid4()),
-            input=event.payload if target.input is None else self._render(target, event),
-            trigger=event.payload,
-            event=event.envelope(),
-        )
+    def _take(self) -> list[_Queued]:
+        """Events from the front of the queue, skipping recent duplicates, while the most targets
+        they may start (and the bytes of their arguments) fit in one batch."""
+        assert self._routes is not None
+        taken: list[_Queued] = []
+        digests: set[str] = set()
+        targets = size = 0
+        while self._queue and self._spent < TASK_COST_BUDGET:
+            item = self._queue[0]
+            digest = run_digest(self._project, item.event.source, item.event.id)
+            if digest in self._recent or digest in digests:
+                self._queue.popleft()
+                self._spent += EVENT_COST
+                self._stats["duplicates"] += 1
+                workflow.logger.info(
+                    "duplicate event skipped id=%s name=%s", safe(item.event.id), safe(item.event.name)
+                )
+                continue
+            most = self._routes.candidates(item.event.name)
+            weight = most * 2 * item.size  # each argument holds the payload twice
+            if taken and (targets + most > self._settings.batch_size or size + weight > START_BATCH_BYTES):
+                break
+            self._queue.popleft()
+            item.digest = digest
+            digests.add(digest)
+            taken.append(item)
+            targets += most
+            size += weight
+        return taken
+
+    async def _evaluate(self, taken: list[_Queued]) -> int:
+        """Evaluate the batch's filters in EVALUATE_FILTERS; how many events of ``taken`` (from the
+        front) are ready to plan: all, or those before the first the activity did not get to."""
+        assert self._routes is not None
+        need = [(i, item, self._routes.filters_for(item.event.name)) for i, item in enumerate(taken)]
+        need = [(i, item, sources) for i, item, sources in need if sources]
+        if not need:
+            return len(taken)
+        try:
+            result: FilterVerdicts = await workflow.execute_local_activity(
+                EVALUATE_FILTERS,
+                wire(FilterBatch([item.event.to_dict() for _, item, _ in need], [sources for _, _, sources in need])),
+                result_type=FilterVerdicts,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=3, maximum_interval=timedelta(seconds=2)),
+            )
+        except Exception as exc:  # after its retries: the filters count as not evaluated, and it goes on
+            workflow.logger.error("evaluating filters failed for %d events: %s", len(need), safe(exc, 500))
+            result = FilterVerdicts([[None] * len(sources) for _, _, sources in need])
+        self._spent += result.cost
+        for (_, item, sources), verdicts in zip(need, result.verdicts, strict=False):
+            item.verdicts = dict(zip(sources, verdicts, strict=True))
+        return need[len(result.verdicts)][0] if len(result.verdicts) < len(need) else len(taken)
+
+    def _plan(self, item: _Queued) -> list[Plan]:
+        """The starts one event needs (its work is added to the workflow task's account)."""
+        assert self._routes is not None
+        event = item.event
+        self._remember(item.digest)
+        self._spent += EVENT_COST
+        try:
+            routing = self._routes.route(event, item.verdicts or {})
+        except Exception as exc:
+            self._stats["failed"] += 1
+            workflow.logger.error("routing failed id=%s name=%s: %s", safe(event.id), safe(event.name), safe(exc))
+            return []
+        if routing.limited:
+            self._stats["filter_limited"] += len(routing.limited)
+            workflow.logger.warning(
+                "filter budget spent, not matched id=%s name=%s workflows=%s",
+                safe(event.id),
+                safe(event.name),
+                safe(",".join(routing.limited)),
+            )
+        if not routing.targets:
+            self._stats["unroutable"] += 1
+            workflow.logger.info("no target for event id=%s name=%s", safe(event.id), safe(event.name))
+            return []
+        plans = []
+        for target in routing.targets:
+            plan = self._plan_target(item, target)
+            if plan is not None:
+                plans.append(plan)
+                self._spent += plan.size // 1024  # encoding it costs about a unit per KiB
+        return plans
+
+    def _plan_target(self, item: _Queued, target: Target) -> Plan | None:
+        try:
+            return starts.plan(item.event, item.size, item.digest, target, str(workflow.uuid4()))
+        except Exception as exc:  # an input template that fails, an argument too large: counted
+            self._count(failed(str(exc)), target_workflow_id(target.workflow_id, item.digest), item.event)
+            return None
+
+    async def _start(self, plans: list[Plan]) -> None:
+        """As children, or (start mode ``activity``, or past CHILD_LIMIT children) by activity."""
+        if self._settings.start_mode == "child" and self._child_starts + len(plans) <= CHILD_LIMIT:
+            self._child_starts += len(plans)
+            await starts.as_children(plans, self._count)
+        else:
+            await starts.by_activity(plans, self._count)
 
     def _count(self, outcome: str, child_id: str, event: EventSignal) -> None:
         if outcome == STARTED:
             self._stats["started"] += 1
         elif outcome == DUPLICATE:
             self._stats["duplicates"] += 1
-            workflow.logger.info("duplicate start refused child=%s event=%s", child_id, event.id)
+            workflow.logger.info("duplicate start refused child=%s event=%s", safe(child_id), safe(event.id))
         else:
             self._stats["failed"] += 1
-            workflow.logger.error("start failed child=%s event=%s: %s", child_id, event.id, outcome)
-
-    async def _start_child(self, event: EventSignal, digest: str, target: Target) -> None:
-        child_id = target_workflow_id(target.workflow_id, digest)
-        try:
-            await workflow.start_child_workflow(
-                target.workflow_type or RUNNER_WORKFLOW,
-                self._arg(event, target),
-                id=child_id,
-                task_queue=target.task_queue,
-                parent_close_policy=workflow.ParentClosePolicy.ABANDON,
-                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                memo=target_memo(event),
+            workflow.logger.error(
+                "start failed child=%s event=%s: %s", safe(child_id), safe(event.id), safe(outcome, 500)
             )
-        except WorkflowAlreadyStartedError:
-            self._count(DUPLICATE, child_id, event)
-        except Exception as exc:
-            self._count(failed(str(exc)), child_id, event)
-        else:
-            self._count(STARTED, child_id, event)
-
-    async def _start_by_activity(self, plans: list[tuple[EventSignal, str, Target]]) -> None:
-        """One activity per ~1 MiB of input starts the whole batch; retried until it answers."""
-        chunks: list[list[tuple[TargetStart, EventSignal]]] = [[]]
-        size = 0
-        for event, digest, target in plans:
-            try:
-                start = TargetStart(
-                    id=target_workflow_id(target.workflow_id, digest),
-                    workflow_type=target.workflow_type or RUNNER_WORKFLOW,
-                    task_queue=target.task_queue,
-                    arg=self._arg(event, target),
-                    memo=target_memo(event),
-                )
-            except Exception as exc:
-                self._count(failed(str(exc)), target.workflow_id, event)
-                continue
-            weight = len(json.dumps(start.arg, default=str))
-            if chunks[-1] and size + weight > START_BATCH_BYTES:
-                chunks.append([])
-                size = 0
-            chunks[-1].append((start, event))
-            size += weight
-
-        async def run(chunk: list[tuple[TargetStart, EventSignal]]) -> None:
-            outcomes: list[str] = await workflow.execute_activity(
-                START_TARGETS,
-                StartBatch([s for s, _ in chunk]),
-                result_type=list[str],
-                start_to_close_timeout=timedelta(seconds=60),
-                heartbeat_timeout=timedelta(seconds=10),
-                retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
-            )
-            for (start, event), outcome in zip(chunk, outcomes, strict=True):
-                self._count(outcome, start.id, event)
-
-        await asyncio.gather(*(run(c) for c in chunks if c))
-
-    @staticmethod
-    def _render(target: Target, event: EventSignal) -> Any:
-        context = {"trigger": event.payload, "input": event.payload, "event": event.envelope()}
-        return templates.render(target.input, context)
 
     def _remember(self, digest: str) -> None:
         limit = self._settings.recent_ids
@@ -285,14 +328,30 @@ class DispatcherWorkflow:
         while len(self._recent) > limit:
             self._recent.popitem(last=False)
 
+    def _must_drain(self) -> bool:
+        """Whether to dispatch more before continuing-as-new (see DRAIN_* in the contract)."""
+        queued = sum(q.size for q in self._queue)
+        info = workflow.info()
+        size, length = info.get_current_history_size(), info.get_current_history_length()
+        if queued <= CARRY_LIMIT_BYTES or size >= DRAIN_HISTORY_BYTES or length >= DRAIN_HISTORY_EVENTS:
+            return False
+        return size < DRAIN_SOFT_BYTES or queued > self._carry_room()
+
+    def _carry_room(self) -> int:
+        return MAX_CARRY_BYTES - 4096 - sum(len(d) + 3 for d in self._recent)
+
     async def _rotate(self) -> None:
-        """Continue-as-new with the queue, once handlers finished and every start is confirmed."""
+        """Continue-as-new with the queue, once handlers finished and every start is confirmed.
+
+        A queue over CARRY_LIMIT_BYTES is dispatched first, within the DRAIN_* bounds
+        (:meth:`_must_drain`); then it is carried up to MAX_CARRY_BYTES (:meth:`_carry`).
+        """
         while True:
             await workflow.wait_condition(workflow.all_handlers_finished)
-            pending = [e.to_dict() for e in self._queue]
-            if len(json.dumps(pending, default=str)) <= CARRY_LIMIT_BYTES:
+            if not self._must_drain():
                 break
             await self._dispatch_batch()
+        pending = self._carry()
         workflow.logger.info(
             "continuing as new run=%d carried=%d signals=%d children=%d history=%d",
             self._run,
@@ -302,12 +361,28 @@ class DispatcherWorkflow:
             workflow.info().get_current_history_length(),
         )
         workflow.continue_as_new(
-            DispatcherInput(
-                project=self._project,
-                shard=self._shard,
-                run=self._run + 1,
-                pending=pending,
-                recent=list(self._recent),
-                stats=dict(self._stats),
+            wire(
+                DispatcherInput(
+                    project=self._project,
+                    shard=self._shard,
+                    run=self._run + 1,
+                    pending=pending,
+                    recent=list(self._recent),
+                    stats=dict(self._stats),
+                )
             )
         )
+
+    def _carry(self) -> list[dict[str, Any]]:
+        """The queue, oldest first, as far as it fits in MAX_CARRY_BYTES beside the recent ids. Only
+        a run that hit the DRAIN_* bounds with still more queued leaves the newest behind, each
+        counted failed and logged: terminated by Temporal, the run would lose them all."""
+        room = self._carry_room()
+        pending: list[dict[str, Any]] = []
+        for item in self._queue:
+            room -= item.size + 1
+            if room < 0:
+                self._count(failed("the dispatcher could not carry it into its next run"), "-", item.event)
+            else:
+                pending.append(item.event.to_dict())
+        return pending

@@ -117,7 +117,9 @@ class Bridge:
             self.client = await connect(
                 address, cfg.temporal.namespace, api_key=cfg.temporal.api_key, tls=cfg.temporal.tls
             )
-        self.dispatcher = DispatcherClient(self.client, cfg, self.metrics)
+        self.dispatcher = DispatcherClient(
+            self.client, cfg, self.metrics, retry_after=lambda: self.source.current.config.http.retry_after_seconds
+        )
         if self.role in ("all", "worker"):
             self.worker = build_worker(self.client, self.source, cfg.task_queue)
             self._worker_task = asyncio.create_task(self.worker.run(), name="worker")

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
+import re
+import uuid
 from typing import Any
 
 import httpx
 import pytest
-from temporalio.client import Client
+import yaml
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
-from tests.helpers import TOKEN, assert_eventually, config, result_of, run_id, runner, unique
+from bridge.config import read_config
+from tests.helpers import HTTP_SCOPE, TOKEN, assert_eventually, config, result_of, run_id, runner, unique
 from tests.integration.user_workflows import UserProcessOrder
 
 pytestmark = pytest.mark.temporal
@@ -163,7 +169,7 @@ async def test_user_workflow_type_on_own_task_queue(bridge_factory, temporal_cli
     assert got["trigger"] == {"orderId": "A-7"}
     assert got["input"] == {"order": "A-7", "kind": "order.created"}
     assert got["event"]["id"] == "u-7" and got["event"]["name"] == "order.created"
-    assert got["event"]["source"] == "http"
+    assert got["event"]["source"] == HTTP_SCOPE  # the scope the adapter set: http:{token name}
 
 
 @pytest.mark.timeout(900)
@@ -269,3 +275,88 @@ async def test_file_watcher_applies_a_changed_config(bridge_factory, temporal_cl
     assert (await _post(bridge, {"name": "second", "payload": {"n": 3}}, key="w1")).status_code == 202
     got = await result_of(temporal_client, run_id(project, "w", "w1"))
     assert got["tasks"]["render"] == "got 3"
+
+
+class _Hook:
+    """A loopback HTTP endpoint for http tasks: answers 500 under /fail, else 200; records requests."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, dict[str, str], bytes]] = []
+        self.port = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        target = head[0].split(" ")[1]
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:] if line)}
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        self.got.append((target, headers, body))
+        status = 500 if target.startswith("/fail") else 200
+        writer.write(b'HTTP/1.1 %d X\r\nContent-Length: 11\r\n\r\n{"ok":true}' % status)
+        await writer.drain()
+        writer.close()
+
+
+def _readable(history: Any) -> str:
+    """A history as JSON, with every payload's data decoded (the JSON form holds it in base64)."""
+    text: str = history.to_json()
+    return text + "".join(base64.b64decode(m).decode(errors="replace") for m in _DATA.findall(text))
+
+
+_DATA = re.compile(r'"data": "([A-Za-z0-9+/=]+)"')
+
+
+async def test_secrets_from_the_environment_never_reach_history(
+    bridge_factory, temporal_client, temporal_address, tmp_path, monkeypatch, caplog
+):
+    """${HOOK_SECRET} in an http task's URL, header and body: the call carries the value; no
+    event of any run's history does (the runner's holds the reference), nor does the failure of a
+    call, nor the log; and a payload's own ``${HOOK_SECRET}`` is sent as text."""
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    monkeypatch.setenv("HOOK_SECRET", secret)
+    hook = _Hook()
+    listener = await asyncio.start_server(hook.handle, "127.0.0.1", 0)
+    hook.port = listener.sockets[0].getsockname()[1]
+    project = unique("secret")
+    base = f"http://127.0.0.1:{hook.port}"
+
+    def task(path: str, **extra: Any) -> dict[str, Any]:
+        config = {
+            "url": f"{base}/{path}?key=${{HOOK_SECRET}}",
+            "headers": {"X-Secret": "${HOOK_SECRET}"},
+            "body": {"note": "{{ .trigger.note }}", "sig": "sha=${HOOK_SECRET}"},
+            **extra,
+        }
+        return {"id": "call", "type": "http", "config": config}
+
+    data = {
+        "project": project,
+        "temporal": {"address": temporal_address},
+        "http": {"port": 0, "auth": {"tokens": [TOKEN]}},
+        "runner": {"allow_hosts": [f"127.0.0.1:{hook.port}"]},
+        "workflows": [
+            {"id": "notify", "triggers": [{"name": "order.created"}], "tasks": [task("ok/{{ .trigger.orderId }}")]},
+            {"id": "failing", "triggers": [{"name": "order.created"}], "tasks": [task("fail", max_attempts=1)]},
+        ],
+    }
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump(data))
+    async with listener:
+        bridge = await bridge_factory(read_config(path))
+        body = {"name": "order.created", "payload": {"orderId": "o-1", "note": "${HOOK_SECRET}"}}
+        assert (await _post(bridge, body, key="s-1")).status_code == 202
+        ok = await result_of(temporal_client, run_id(project, "notify", "s-1"))
+        with pytest.raises(WorkflowFailureError):
+            await result_of(temporal_client, run_id(project, "failing", "s-1"))
+
+    assert ok["tasks"]["call"] == {"status": 200, "body": {"ok": True}}
+    [sent] = [g for g in hook.got if g[0].startswith("/ok")]
+    assert sent[0] == f"/ok/o-1?key={secret}" and sent[1]["x-secret"] == secret
+    assert json.loads(sent[2]) == {"note": "${HOOK_SECRET}", "sig": f"sha={secret}"}
+    for wid in (run_id(project, "notify", "s-1"), run_id(project, "failing", "s-1"), f"dispatcher-{project}"):
+        history = _readable(await temporal_client.get_workflow_handle(wid).fetch_history())
+        assert secret not in history, wid
+        if wid.startswith(("notify", "failing")):
+            assert "${HOOK_SECRET}" in history  # the task list the runner loaded, as written
+    failing = _readable(await temporal_client.get_workflow_handle(run_id(project, "failing", "s-1")).fetch_history())
+    assert f"POST {base}/fail?***: answered 500" in failing
+    assert secret not in caplog.text

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +37,25 @@ async def test_temporal_down_gives_503_then_recovers(bridge_factory, tmp_path):
     try:
         client = await Client.connect(temporal.address)
         project = unique("down")
-        bridge = await bridge_factory(config(project, temporal.address, [runner("w", "ping")]), client=client)
+        cfg = config(project, temporal.address, [runner("w", "ping")], http={"retry_after_seconds": 2})
+        bridge = await bridge_factory(cfg, client=client)
         async with httpx.AsyncClient(timeout=30) as http:
             assert (await _post(http, bridge.http_port, "ping", "before", {"n": 1})).status_code == 202
             await result_of(client, run_id(project, "w", "before"))
 
-            await asyncio.to_thread(temporal.stop)
+            stopped = await _stop_under_load(http, bridge.http_port, temporal)
+            refused, answers = stopped.refused, stopped.answers
+            assert {a.status for a in answers} == {503} and len(answers) >= 40
+            assert {a.retry_after for a in [*refused, *answers]} == {"2"}  # http.retry_after_seconds
+            slowest, after = max(a.seconds for a in refused), max(a.seconds for a in answers)
+            print(f"Temporal stopped: 503s within {slowest:.2f} s; once known down within {after:.3f} s")
+            # Behaviour, not speed (printed above): no caller waits out the 10 s RPC timeout, and once
+            # Temporal is known down nobody queues behind a doomed call.
+            assert slowest < 6 and after < 3
             resp = await _post(http, bridge.http_port, "ping", "during", {"n": 2})
             assert resp.status_code == 503, resp.text
-            assert int(resp.headers["retry-after"]) >= 1
             assert resp.json()["error"] == "unavailable"
-            ready = await http.get(f"http://127.0.0.1:{bridge.http_port}/readyz")
+            ready = await http.get(f"http://127.0.0.1:{bridge.http_port}/readyz", headers=AUTH)
             assert ready.status_code == 503 and ready.json()["checks"]["temporal"] is False
 
             await asyncio.to_thread(temporal.start)
@@ -57,8 +66,58 @@ async def test_temporal_down_gives_503_then_recovers(bridge_factory, tmp_path):
             await assert_eventually(accepted, timeout=60, interval=0.5, what="door accepts after restart")
             got = await result_of(client, run_id(project, "w", "during"))
             assert got["tasks"]["render"] == "got 2"
+            for a in stopped.accepted:  # accepted while it went down: each one ran
+                await result_of(client, run_id(project, "w", a))
     finally:
         await asyncio.to_thread(temporal.close)
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@dataclass
+class _Answer:
+    status: int
+    seconds: float
+    retry_after: str | None
+
+
+@dataclass
+class _Outage:
+    refused: list[_Answer] = field(default_factory=list)  # every 503, in flight while it stopped too
+    answers: list[_Answer] = field(default_factory=list)  # to requests sent once it had stopped
+    accepted: list[str] = field(default_factory=list)  # keys accepted
+
+
+async def _stop_under_load(http: httpx.AsyncClient, port: int, temporal: services.LocalTemporal) -> _Outage:
+    """Eight clients post events without pause; Temporal stops under them. Every request is timed
+    until its answer."""
+    outage = _Outage()
+    down = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    async def client(k: int) -> None:
+        for i in range(10_000):
+            sent_after_stop = down.is_set()
+            began = loop.time()
+            resp = await _post(http, port, "ping", f"load-{k}-{i}", {"n": i})
+            answer = _Answer(resp.status_code, loop.time() - began, resp.headers.get("retry-after"))
+            if resp.status_code == 202:
+                outage.accepted.append(f"load-{k}-{i}")
+            else:
+                outage.refused.append(answer)
+            if sent_after_stop:
+                outage.answers.append(answer)
+                if len(outage.answers) >= 40:
+                    return
+
+    async def stop() -> None:
+        await assert_eventually(lambda: len(outage.accepted) >= 20, timeout=30, interval=0.05)
+        await asyncio.to_thread(temporal.stop)
+        down.set()
+
+    await asyncio.gather(stop(), *(client(k) for k in range(8)))
+    return outage
 
 
 def _serve(cfg_path: Path, data_dir: Path, log: Path) -> subprocess.Popen[bytes]:

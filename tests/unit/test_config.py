@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -102,6 +103,103 @@ def test_an_empty_bearer_token_is_refused(tmp_path: Path, tokens: str) -> None:
 def test_variable_mentioned_in_a_comment_is_not_required(tmp_path: Path) -> None:
     path = write(tmp_path, "# export ${SOME_UNSET_VAR} to change the token\nproject: shop\n")
     assert load_config(path, env={}).project == "shop"
+
+
+# --- ${VAR} in tasks: kept for the runner, refused where history records it ----------------
+
+HTTP_TASK = {
+    "id": "notify",
+    "type": "http",
+    "config": {
+        "url": "https://hooks.test/${HOOK_PATH}?key=${HOOK_KEY:-none}",
+        "method": "${HOOK_METHOD:-POST}",
+        "headers": {"Authorization": "Bearer ${HOOK_TOKEN}"},
+        "body": {"text": "{{ .trigger.orderId }} ${HOOK_TOKEN}"},
+        "timeout_seconds": "${HOOK_TIMEOUT}",
+    },
+}
+
+
+def runner_workflow(*tasks: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return {"id": "notify", "triggers": [{"name": "order.created"}], "tasks": list(tasks), **fields}
+
+
+def test_an_http_tasks_references_are_kept_and_checked_everything_else_is_replaced(tmp_path: Path) -> None:
+    path = write_data(
+        tmp_path,
+        {"project": "${PROJECT}", "workflows": [runner_workflow(HTTP_TASK, description="${PROJECT}")]},
+    )
+    env = {"PROJECT": "shop", "HOOK_PATH": "p", "HOOK_TOKEN": "t0ken", "HOOK_TIMEOUT": "7"}
+    cfg = load_config(path, env=env)
+    [task] = cfg.workflows[0].tasks
+    assert task.config.model_dump() == {
+        **HTTP_TASK["config"],
+        "timeout_seconds": 7.0,  # numbers are no secrets: replaced at load like the rest of the file
+        "max_attempts": 5,
+    }
+    assert (cfg.project, cfg.workflows[0].description) == ("shop", "shop")
+
+
+def test_an_unset_variable_in_an_http_task_still_fails_the_load(tmp_path: Path) -> None:
+    path = write_data(tmp_path, {"project": "shop", "workflows": [runner_workflow(HTTP_TASK)]})
+    with pytest.raises(ConfigError, match="HOOK_TOKEN") as exc:
+        load_config(path, env={"HOOK_PATH": "p", "HOOK_TIMEOUT": "7"})
+    assert str(path) in str(exc.value) and "'notify'" in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        {"id": "say", "config": {"template": "token ${HOOK_TOKEN}"}},
+        {"id": "say", "type": "template", "config": {"template": {"deep": ["${HOOK_TOKEN:-x}"]}}},
+    ],
+)
+def test_a_template_task_may_not_read_the_environment(tmp_path: Path, task: dict[str, Any]) -> None:
+    """Its output is recorded in Temporal's history: a secret there would be in every run."""
+    path = write_data(tmp_path, {"project": "shop", "workflows": [runner_workflow(task)]})
+    with pytest.raises(ConfigError, match=r"task 'say': \$\{HOOK_TOKEN\} in a template task"):
+        load_config(path, env={"HOOK_TOKEN": "t0ken"})
+
+
+# --- runner -------------------------------------------------------------------------------
+
+
+def test_runner_defaults() -> None:
+    runner = parse_config({"project": "shop"}).runner
+    assert (runner.allow_hosts, runner.max_response_bytes, runner.timeout_seconds) == (None, 1024 * 1024, 30.0)
+    assert runner.allowed is None
+
+
+def test_allow_hosts_are_read_as_host_and_port() -> None:
+    hosts = ["API.example.com", "hooks.test:8443", "10.0.0.5", "127.0.0.1:9000", "[::1]:8080", "::1", "x."]
+    runner = parse_config({"project": "shop", "runner": {"allow_hosts": hosts}}).runner
+    assert runner.allowed == [
+        ("api.example.com", None),
+        ("hooks.test", 8443),
+        ("10.0.0.5", None),
+        ("127.0.0.1", 9000),
+        ("::1", 8080),
+        ("::1", None),
+        ("x", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("runner", "message"),
+    [
+        ({"allow_hosts": []}, "allow_hosts is empty"),
+        ({"allow_hosts": ["https://hooks.test"]}, "is not a hostname"),
+        ({"allow_hosts": ["hooks.test:0"]}, "port must be a number from 1 to 65535"),
+        ({"allow_hosts": ["hooks.test/path"]}, "is not a hostname"),
+        ({"allow_hosts": ["[::1"]}, "IPv6"),
+        ({"max_response_bytes": 0}, "greater than or equal to 1"),
+        ({"timeout_seconds": 0}, "greater than 0"),
+        ({"allowed_hosts": ["x"]}, "allowed_hosts: unknown key"),
+    ],
+)
+def test_bad_runner_settings_are_load_errors(runner: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config({"project": "shop", "runner": runner})
 
 
 # --- structure -----------------------------------------------------------------------------

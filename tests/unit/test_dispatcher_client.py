@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, cast
 
 import pytest
@@ -61,8 +62,22 @@ class FakeHandle:
 
 
 @dataclass
+class FakeService:
+    """`Client.workflow_service`: only the system-info call the client probes Temporal with."""
+
+    reachable: bool = True
+    probes: int = 0
+
+    async def get_system_info(self, request: Any, *, timeout: timedelta | None = None) -> object:
+        self.probes += 1
+        if not self.reachable:
+            raise RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b"")
+        return object()
+
+
+@dataclass
 class FakeTemporal:
-    """The two methods of `temporalio.client.Client` the dispatcher client uses to send."""
+    """The methods of `temporalio.client.Client` the dispatcher client uses to send and probe."""
 
     calls: list[Call] = field(default_factory=list)
     signals: list[tuple[str, str]] = field(default_factory=list)
@@ -70,6 +85,7 @@ class FakeTemporal:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     errors: dict[int, BaseException] = field(default_factory=dict)  # call number (from 0) -> what it raises
     in_flight: int = 0
+    workflow_service: FakeService = field(default_factory=FakeService)
 
     async def start_workflow(self, workflow: str, arg: Any, *, id: str, task_queue: str, **options: Any) -> None:
         number = len(self.calls)
@@ -91,9 +107,10 @@ class FakeTemporal:
         return [c.ids for c in self.calls if dispatcher is None or c.id == dispatcher]
 
 
-def make_client(temporal: FakeTemporal, shards: int = 1) -> DispatcherClient:
+def make_client(temporal: FakeTemporal, shards: int = 1, **options: Any) -> DispatcherClient:
     cfg = config(PROJECT, "unused:7233", [runner("w", "order.created")], dispatcher={"shards": shards})
-    return DispatcherClient(cast(Client, temporal), cfg, Metrics(), retry_after=3.0)
+    options.setdefault("retry_after", 3.0)
+    return DispatcherClient(cast(Client, temporal), cfg, Metrics(), **options)
 
 
 def ev(event_id: str, key: str | None = None, size: int = 0) -> EventSignal:
@@ -324,3 +341,94 @@ async def test_ensure_started_and_reload_reach_every_shard() -> None:
     down = FakeTemporal(errors={0: RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b"")})
     with pytest.raises(Unavailable):
         await make_client(down).ensure_started()
+
+
+# --- an outage is answered quickly -------------------------------------------------------------
+
+FAST = {"suspect_after": 0.05, "probe_timeout": 0.05, "probe_interval": 0.05}
+REFUSED = RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b"")
+
+
+async def test_once_temporal_is_down_submissions_fail_at_once_until_a_probe_answers() -> None:
+    temporal = FakeTemporal(errors={0: REFUSED})
+    temporal.workflow_service.reachable = False
+    client = make_client(temporal, **FAST)
+    with pytest.raises(Unavailable):
+        await client.submit([ev("a")])
+    assert client.down
+
+    started = asyncio.get_running_loop().time()
+    for i in range(20):
+        with pytest.raises(Unavailable) as caught:
+            await client.submit([ev(f"b{i}")])
+    assert asyncio.get_running_loop().time() - started < 0.5
+    assert caught.value.retry_after == 3.0
+    assert len(temporal.calls) == 1  # nothing more was sent while it was down
+
+    temporal.workflow_service.reachable = True
+    await assert_eventually(lambda: not client.down, timeout=5, interval=0.01, what="the probe saw Temporal again")
+    await client.submit([ev("c")])
+    assert temporal.sent()[-1] == ["c"]
+    await client.close()
+
+
+async def test_a_hanging_signal_is_not_waited_for_once_a_probe_fails() -> None:
+    """Temporal dies with a signal in flight: its submitters and those queued behind it are
+    answered within about suspect_after + probe_timeout, not after the RPC's own deadline."""
+    temporal = FakeTemporal(held={dispatcher_id(PROJECT, 0, 1)})
+    temporal.workflow_service.reachable = False
+    client = make_client(temporal, **FAST)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    first = asyncio.create_task(client.submit([ev("first")]))
+    await in_flight(temporal)
+    behind = asyncio.create_task(client.submit([ev("behind")]))
+    results = await asyncio.gather(first, behind, return_exceptions=True)
+    assert all(isinstance(r, Unavailable) for r in results), results
+    assert loop.time() - started < 0.5
+    assert temporal.sent() == [["first"]] and temporal.in_flight == 1  # left to finish on its own
+
+    temporal.workflow_service.reachable = True
+    open_gate(temporal)
+    await assert_eventually(lambda: not client.down and temporal.in_flight == 0, timeout=5, interval=0.01)
+    await client.submit([ev("after")])
+    await client.close()
+
+
+async def test_a_slow_signal_is_waited_for_while_temporal_answers() -> None:
+    temporal = FakeTemporal()
+    client = make_client(temporal, **FAST)
+    first = await hold_first(temporal, client)
+    # Past suspect_after a probe runs; Temporal answers it, so the signal is waited for.
+    await assert_eventually(lambda: temporal.workflow_service.probes >= 1, timeout=5, interval=0.01)
+    await settle()
+    assert not first.done() and not client.down
+    open_gate(temporal)
+    await first
+    await client.close()
+
+
+async def test_a_refusal_from_a_reachable_temporal_does_not_mark_it_down() -> None:
+    temporal = FakeTemporal(errors={0: RPCError("namespace rps limit", RPCStatusCode.RESOURCE_EXHAUSTED, b"")})
+    client = make_client(temporal, **FAST)
+    with pytest.raises(Unavailable):
+        await client.submit([ev("a")])
+    assert not client.down
+    await client.submit([ev("b")])
+    await client.close()
+
+
+async def test_retry_after_follows_http_retry_after_seconds_or_a_callable() -> None:
+    cfg = config(PROJECT, "unused:7233", [runner("w", "order.created")], http={"retry_after_seconds": 2})
+    temporal = FakeTemporal(errors={0: REFUSED})
+    temporal.workflow_service.reachable = False
+    client = DispatcherClient(cast(Client, temporal), cfg, **FAST)
+    with pytest.raises(Unavailable) as caught:
+        await client.submit([ev("a")])
+    assert caught.value.retry_after == 2
+    await client.close()
+    current = {"seconds": 7.0}
+    client = DispatcherClient(cast(Client, temporal), cfg, retry_after=lambda: current["seconds"])
+    assert client.retry_after == 7.0
+    current["seconds"] = 1.0  # a reload changed http.retry_after_seconds
+    assert client.retry_after == 1.0

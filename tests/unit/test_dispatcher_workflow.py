@@ -1,9 +1,9 @@
 """The dispatcher workflow (and the task runner) on Temporal's time-skipping test server, with stubs.
 
 LOAD_ROUTES and START_TARGETS (LOAD_TASKS and HTTP_REQUEST for the runner) are replaced by
-stand-ins registered under the same names, and every target type is served by one dynamic stub
-workflow that returns what it was given. Each test has
-its own test server, worker and project (so its own dispatcher id and task queue).
+stand-ins registered under the same names (EVALUATE_FILTERS is the real one: it reads no config),
+and every target type is served by one dynamic stub workflow that returns what it was given. Each
+test has its own test server, worker and project (so its own dispatcher id and task queue).
 
 The test server is not the real one: when an event (a query, a child's completion) meets a
 continue-as-new there, the next run sometimes gets no workflow tasks. The dev server handles the
@@ -14,11 +14,15 @@ queried only when quiet.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import logging
+import re
 import sys
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +31,7 @@ from typing import Any
 import pytest
 from temporalio import activity, workflow
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import WorkflowExecutionStatus, WorkflowHandle, WorkflowHistory
 from temporalio.common import RawValue
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
@@ -36,6 +40,8 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from bridge.config import HttpTask, HttpTaskConfig, TemplateTask, TemplateTaskConfig
 from bridge.event import EventSignal, run_digest, target_workflow_id
+from dispatcher import filtering, starts
+from dispatcher import workflow as dispatcher_workflow
 from dispatcher.contract import (
     DISPATCHER_WORKFLOW,
     DUPLICATE,
@@ -51,7 +57,7 @@ from dispatcher.contract import (
     DispatcherInput,
     DispatcherSettings,
     DispatcherStats,
-    HttpRequest,
+    HttpCall,
     RoutesResult,
     StartBatch,
     TargetInput,
@@ -59,6 +65,7 @@ from dispatcher.contract import (
     dispatcher_id,
     failed,
 )
+from dispatcher.filtering import evaluate_filters
 from dispatcher.runner import TaskRunnerWorkflow
 from dispatcher.worker import PASSTHROUGH
 from dispatcher.workflow import DispatcherWorkflow
@@ -68,6 +75,7 @@ from tests.helpers import assert_eventually
 # the path the SDK would try to download one.
 TEST_SERVER = Path(sys.executable).parent / "temporal-test-server"
 USER_TYPE = "ProcessOrder"
+EXECUTOR = ThreadPoolExecutor(max_workers=2)  # the filter activity is a plain function, as in the worker
 TARGET_SLEEP = timedelta(days=1)
 # History events that tell whether a dispatcher run is waiting for anything (see Dispatcher.quiet).
 WORKFLOW_TASK = {
@@ -203,6 +211,11 @@ class Dispatcher:
             start_signal_args=[arg],
         )
 
+    async def send_and_describe(self, *items: Any) -> str | None:
+        """:meth:`send`, and the run id the events went to."""
+        await self.send(*items)
+        return (await self.handle.describe()).run_id
+
     async def stats(self) -> DispatcherStats:
         result: DispatcherStats = await self.handle.query(STATS_QUERY)
         return result
@@ -271,7 +284,8 @@ async def make(env: WorkflowEnvironment) -> AsyncIterator[Any]:
                 env.client,
                 task_queue=d.task_queue,
                 workflows=[DispatcherWorkflow, StubTarget],
-                activities=[stubs.load_routes, stubs.start_targets],
+                activities=[stubs.load_routes, stubs.start_targets, evaluate_filters],
+                activity_executor=EXECUTOR,
             )
             await stack.enter_async_context(worker)
             return d
@@ -473,23 +487,33 @@ async def test_a_failed_reload_keeps_the_previous_routes(make: Any) -> None:
     assert (await d.handle.describe()).status == WorkflowExecutionStatus.RUNNING
 
 
-async def test_the_runner_renders_its_tasks_in_order_with_the_config_defaults(env: WorkflowEnvironment) -> None:
+async def test_the_runner_renders_its_tasks_in_order_and_hands_http_tasks_their_context(
+    env: WorkflowEnvironment,
+) -> None:
+    """An http task's activity gets the task's name and the names its templates read, never a
+    rendered request: the activity renders (and substitutes ${VAR}) itself, outside history."""
     tasks = [
         TemplateTask(id="render", config=TemplateTaskConfig(template="order {{ .trigger.orderId }}")),
         HttpTask(
-            id="call", config=HttpTaskConfig(url="http://shop/{{ .trigger.orderId }}", body="{{ .tasks.render }}")
+            id="call",
+            config=HttpTaskConfig(
+                url="http://shop/{{ .trigger.orderId }}", headers={"X-Key": "${SHOP_KEY}"}, body="{{ .tasks.render }}"
+            ),
         ),
     ]
-    requests: list[HttpRequest] = []
+    calls: list[HttpCall] = []
 
     @activity.defn(name=LOAD_TASKS)
     async def load_tasks(workflow_id: str) -> list[dict[str, Any]]:
         assert workflow_id == "process-order"
-        return [t.model_dump() for t in tasks]
+        dumped = [t.model_dump() for t in tasks]
+        dumped[1]["config"]["timeout_seconds"] = 12.0  # the worker fills the effective timeout in
+        return dumped
 
     @activity.defn(name=HTTP_REQUEST)
-    async def http_request(req: HttpRequest) -> dict[str, Any]:
-        requests.append(req)
+    async def http_request(call: HttpCall) -> dict[str, Any]:
+        calls.append(call)
+        assert activity.info().start_to_close_timeout == timedelta(seconds=22)
         return {"status": 200, "body": {"ok": True}}
 
     queue = f"runner-{uuid.uuid4().hex[:8]}"
@@ -502,14 +526,133 @@ async def test_the_runner_renders_its_tasks_in_order_with_the_config_defaults(en
         workflow_runner=sandbox,
     ):
         arg = TargetInput(workflow_id="process-order", exec_id="x-1", input={}, trigger={"orderId": "A1"}, event={})
-        result = await env.client.execute_workflow(RUNNER_WORKFLOW, arg, id=queue, task_queue=queue)
+        handle = await env.client.start_workflow(RUNNER_WORKFLOW, arg, id=queue, task_queue=queue)
+        result = await handle.result()
 
     assert result == {
         "workflow_id": "process-order",
         "exec_id": "x-1",
         "tasks": {"render": "order A1", "call": {"status": 200, "body": {"ok": True}}},
     }
-    defaults = HttpTaskConfig(url="-")
-    [req] = requests
-    assert (req.url, req.body) == ("http://shop/A1", "order A1")
-    assert (req.method, req.timeout_seconds, req.headers) == (defaults.method, defaults.timeout_seconds, {})
+    [call] = calls
+    assert (call.workflow_id, call.task_id, call.timeout_seconds) == ("process-order", "call", 12.0)
+    assert call.context == {"trigger": {"orderId": "A1"}, "tasks": {"render": "order A1"}}  # not input, event
+    history = readable(await handle.fetch_history())
+    assert "${SHOP_KEY}" in history and "http://shop/A1" not in history
+
+
+def readable(history: WorkflowHistory) -> str:
+    """A history as JSON with every payload's data decoded (it is base64 in the JSON form)."""
+    text = history.to_json()
+    return text + "".join(base64.b64decode(m).decode(errors="replace") for m in PAYLOAD_DATA.findall(text))
+
+
+PAYLOAD_DATA = re.compile(r'"data": "([A-Za-z0-9+/=]+)"')
+
+
+# --- no payload stalls the dispatcher ------------------------------------------------------------
+
+
+async def test_a_filter_past_its_budget_does_not_match_is_counted_and_the_rest_go_on(make: Any) -> None:
+    d = await make()
+    d.stubs.routes = [
+        d.route("costly", "order.created", filter="payload.items.exists(i, i == -1)"),
+        d.route("cheap", "order.created", filter="payload.n == 1"),
+        d.route("plain", "order.created"),
+    ]
+    big, small = d.event("big", items=list(range(20_000)), n=1), d.event("small", items=[1], n=1)
+    await d.send(big, small)
+    stats = await d.settled(received=2, started=4, filter_limited=1)  # big: costly ran out
+    assert stats["unroutable"] == 0 and stats["failed"] == 0
+    await d.targets(
+        run_id(d.project, "cheap", big),
+        run_id(d.project, "plain", big),
+        run_id(d.project, "cheap", small),
+        run_id(d.project, "plain", small),
+    )
+
+
+async def test_work_past_the_budget_moves_to_the_next_workflow_task(make: Any, monkeypatch: Any) -> None:
+    """The filter activity answers for as many events as fit its budget; events nobody takes start
+    nothing, so a timer ends the workflow task before the next batch."""
+    monkeypatch.setattr(dispatcher_workflow, "TASK_COST_BUDGET", 100)
+    monkeypatch.setattr(filtering, "TASK_COST_BUDGET", 100)
+    d = await make()
+    d.stubs.routes = [d.route("w", "order.created", filter="payload.items.all(i, i > 100)")]
+    await d.send(*(d.event(f"e{i}", items=list(range(5))) for i in range(12)))
+    await d.settled(received=12, unroutable=12)
+    events = (await d.handle.fetch_history()).events
+    timers = sum(e.event_type == EventType.EVENT_TYPE_TIMER_STARTED for e in events)
+    assert timers >= 3, timers
+
+
+async def test_a_target_argument_too_large_for_temporal_is_a_failed_start(
+    make: Any, mode: str, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(starts, "MAX_TARGET_BYTES", 20_000)
+    d = await make(mode)
+    d.stubs.routes = [d.route("w", "order.created")]
+    big, small = d.event("big", pad="x" * 15_000), d.event("small")  # the argument holds the payload twice
+    await d.send(big, small)
+    await d.settled(received=2, started=1, failed=1)
+    await d.targets(run_id(d.project, "w", small))
+
+
+async def test_a_queue_too_large_to_carry_is_started_first(make: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(dispatcher_workflow, "CARRY_LIMIT_BYTES", 200)  # about one event
+    d = await make("activity", batch_size=2, children_per_run=2)
+    d.stubs.routes = [d.route("w", "order.created")]
+    events = [d.event(f"e{i}") for i in range(8)]
+    first_run = await d.send_and_describe(*events)
+    await d.settled(received=8, started=8)
+    carried = await _continue_as_new_input(d, first_run)
+    assert len(carried.pending) <= 1 and carried.stats["started"] >= 7
+
+
+async def test_the_drain_before_continue_as_new_is_bounded(make: Any, monkeypatch: Any) -> None:
+    """Past the history bounds the run carries what fits and counts the newest rest as failed,
+    where a longer history would have had Temporal terminate it with everything it held."""
+    monkeypatch.setattr(dispatcher_workflow, "CARRY_LIMIT_BYTES", 200)
+    monkeypatch.setattr(dispatcher_workflow, "DRAIN_HISTORY_EVENTS", 1)  # no room to drain at all
+    monkeypatch.setattr(dispatcher_workflow, "MAX_CARRY_BYTES", 4096 + 700)  # about four events
+    d = await make("activity", batch_size=2, children_per_run=2, recent_ids=0)
+    d.stubs.routes = [d.route("w", "order.created")]
+    events = [d.event(f"e{i}") for i in range(10)]
+    first_run = await d.send_and_describe(*events)
+    stats = await d.settled(received=10)
+    carried = await _continue_as_new_input(d, first_run)
+    assert [p["id"] for p in carried.pending] == [f"e{i}" for i in range(2, 2 + len(carried.pending))]
+    assert 2 <= len(carried.pending) <= 5
+    assert stats["failed"] == 8 - len(carried.pending) and stats["started"] == 2 + len(carried.pending)
+
+
+async def test_logged_event_names_and_ids_are_escaped(make: Any, caplog: pytest.LogCaptureFixture) -> None:
+    d = await make()
+    d.stubs.routes = [d.route("w", "order.created")]
+    with caplog.at_level(logging.INFO, logger="temporalio.workflow"):
+        await d.send(d.event("id\nforged", "nobody.listens\nERROR forged line"))
+        await d.settled(received=1, unroutable=1)
+    [line] = [r.getMessage() for r in caplog.records if "no target for event" in r.getMessage()]
+    assert "\n" not in line and "nobody.listens\\nERROR forged line" in line and "id\\nforged" in line
+
+
+async def test_one_events_targets_are_started_over_several_workflow_tasks_when_large(
+    make: Any, mode: str, monkeypatch: Any
+) -> None:
+    """Temporal terminates a run whose one workflow task completion holds over 4 MiB: three ~2 MiB
+    arguments of one event must not go out together."""
+    monkeypatch.setattr(starts, "START_BATCH_BYTES", 5_000)
+    d = await make(mode)
+    d.stubs.routes = [d.route(w, "order.created") for w in ("a", "b", "c")]
+    e = d.event("e1", pad="x" * 3_000)  # each argument holds the payload twice: over 5,000 bytes
+    await d.send(e)
+    await d.settled(received=1, started=3)
+    asked = ACTIVITY_ASKED if mode == "activity" else CHILD_ASKED
+    per_task: list[int] = [0]
+    for event in (await d.handle.fetch_history()).events:
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+            per_task.append(0)
+        elif event.event_type in asked:
+            per_task[-1] += 1
+    assert sorted(per_task)[-3:] == [1, 1, 1] and sum(per_task) == 3, per_task
+    await d.targets(*(run_id(d.project, w, e) for w in ("a", "b", "c")))

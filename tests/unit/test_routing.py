@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from bridge.config import BridgeConfig, parse_config
 from bridge.errors import ConfigError, EventRejected
 from bridge.event import EventSignal
+from bridge.filters import EVENT_BUDGET, FILTER_BUDGET, Filter, activation
 from bridge.routing import RouteTable, name_matches
 
 
@@ -202,3 +204,121 @@ def test_pattern_properties_run_on_re2_too() -> None:
 def test_a_pattern_re2_cannot_run_is_refused_at_load(pattern: str) -> None:
     with pytest.raises(ConfigError, match=r"workflow 'w', trigger 't': schema pattern .* is not RE2 syntax"):
         _schema_table({"type": "string", "pattern": pattern})
+
+
+# --- filters run within a budget ---------------------------------------------------------------
+
+LIST = list(range(100_000))  # about 590 KB of JSON: far more than one event's budget to walk
+
+
+def test_a_filter_converts_only_what_it_reads() -> None:
+    """`payload.amount` on an event that also holds a 100,000-item list costs a few dozen units."""
+    routes = table(wf("big", {"name": "order.created", "filter": "payload.amount > 100"}))
+    routing = routes.route(event(payload={"amount": 150, "items": LIST}))
+    assert [t.workflow_id for t in routing.targets] == ["big"]
+    assert routing.limited == [] and 0 < routing.cost < 100
+
+
+@pytest.mark.parametrize(
+    ("expr", "holds"),
+    [
+        ("payload.items.exists(i, i == 7)", True),  # a macro over the list
+        ("size(payload) > 0", True),  # the whole payload
+        ("-1 in payload.items", False),  # an operator whose work grows with its operand
+    ],
+)
+def test_a_filter_that_needs_more_data_than_its_budget_runs_out_at_once(expr: str, holds: bool) -> None:
+    """Converting 100,000 items would spend ten budgets: the nodes are counted, not converted."""
+    routes = table(wf("costly", {"name": "order.created", "filter": expr}), wf("plain", "order.created"))
+    start = time.perf_counter()
+    routing = routes.route(event(payload={"items": LIST[8:]}))
+    assert time.perf_counter() - start < 0.2
+    assert ([t.workflow_id for t in routing.targets], routing.limited) == (["plain"], ["costly"])
+    assert 0 < routing.cost < FILTER_BUDGET // 2
+    assert routes.route(event(payload={"items": LIST[8:]})).cost == routing.cost  # the same units each time
+    small = routes.route(event(payload={"items": LIST[:100]}))  # the same filter on a small list
+    assert ([t.workflow_id for t in small.targets], small.limited) == (["costly", "plain"] if holds else ["plain"], [])
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "payload.items.exists(i, i == 7)",
+        "payload.items.map(i, i * 2).size() > 0",
+        "payload.items.exists(i, payload.items.exists(j, i + j == -1))",
+    ],
+)
+def test_a_filter_whose_evaluation_runs_past_its_budget_does_not_match(expr: str) -> None:
+    """3,000 items convert within the budget; evaluating over them does not finish within it."""
+    routes = table(wf("costly", {"name": "order.created", "filter": expr}), wf("plain", "order.created"))
+    start = time.perf_counter()
+    routing = routes.route(event(payload={"items": LIST[8:3008]}))
+    assert time.perf_counter() - start < 1.0
+    assert ([t.workflow_id for t in routing.targets], routing.limited) == (["plain"], ["costly"])
+    assert routing.cost == FILTER_BUDGET
+
+
+def test_each_filter_has_a_budget_and_the_event_one_for_all() -> None:
+    """A costly filter does not starve a cheap one after it, until the event's budget is spent."""
+    costly = "payload.items.exists(i, i == -1)"
+    routes = table(
+        wf("costly", {"name": "order.created", "filter": costly}),
+        wf("cheap", {"name": "order.created", "filter": "payload.amount > 1"}),
+        wf("second-trigger", {"name": "order.created", "filter": costly + " || false"}, "order.*"),
+        wf("late-cheap", {"name": "order.created", "filter": "payload.amount > 1"}),
+    )
+    routing = routes.route(event(payload={"items": LIST[:3000], "amount": 5}))
+    assert [t.workflow_id for t in routing.targets] == ["cheap", "second-trigger"]
+    assert routing.limited == ["costly", "late-cheap"]  # one another trigger started is not
+    assert routing.cost == EVENT_BUDGET
+    small = routes.route(event(payload={"items": [1], "amount": 5}))
+    assert [t.workflow_id for t in small.targets] == ["cheap", "second-trigger", "late-cheap"]
+
+
+@pytest.mark.parametrize(
+    ("expr", "paths"),
+    [
+        ("payload.a.b > 1 && has(payload.c)", {("payload", "a", "b"), ("payload", "c")}),
+        ('payload["x-y"].z == 1', {("payload", "x-y", "z")}),
+        ("payload.items[0] == 1", {("payload", "items")}),
+        ("size(payload) > 0", {("payload",)}),
+        (
+            'metadata.headers["x-github-event"] == "push" && name == "a"',
+            {("metadata", "headers", "x-github-event"), ("name",)},
+        ),
+        ("payload.items.exists(payload, payload > 1)", {("payload", "items"), ("payload",)}),
+        ('payload["a\\"b"] == 1', {("payload",)}),
+    ],
+)
+def test_a_filter_knows_the_paths_it_reads(expr: str, paths: set[tuple[str, ...]]) -> None:
+    assert Filter(expr).needs == paths
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({"n": 2**63 - 1}, ["int", "any"]),
+        ({"n": 2**63}, ["int", "uint", "any"]),  # the decoders take unsigned 64-bit integers: CEL's uint
+        ({"n": 2**64}, ["any"]),  # beyond (only a direct signal can carry it): no match, no error
+        ({"n": 2**64, "m": 1}, ["m", "any"]),  # a path the filter does not read is not converted
+    ],
+)
+def test_integers_cel_cannot_hold_do_not_match(payload: dict[str, Any], expected: list[str]) -> None:
+    routes = table(
+        wf("int", {"name": "a", "filter": "payload.n > 1"}),
+        wf("uint", {"name": "a", "filter": "payload.n > 1u"}),
+        wf("m", {"name": "a", "filter": "payload.m == 1"}),
+        wf("any", "a"),
+    )
+    assert ids(routes, event("a", payload=payload)) == expected
+
+
+def test_string_repetition_is_refused() -> None:
+    routes = table(wf("w", {"name": "a", "filter": "size(payload.s * 9223372036854775807) > 0"}))
+    assert ids(routes, event("a", payload={"s": "x"})) == []
+
+
+def test_activation_still_refuses_integers_beyond_int64_for_adapters_that_want_to_say_so() -> None:
+    with pytest.raises(ValueError, match="64 bits"):
+        activation("a", {"deep": [{"n": 2**63}]}, "s", {}, "i")
+    assert Filter("payload.deep[0].n > 1").matches(activation("a", {"deep": [{"n": 1}, 2]}, "s", {}, "i")) is False

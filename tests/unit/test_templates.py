@@ -115,3 +115,42 @@ def test_sandbox_hides_internals_and_refuses_mutation() -> None:
     with pytest.raises(TemplateError, match="unsafe"):
         render('{{ .trigger.pop("orderId") }}', CTX)
     assert CTX["trigger"]["orderId"] == "A1"
+
+
+# --- URLs: every value one segment or query value -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "url"),
+    [
+        ("../../admin?x=", "https://shop.test/orders/..%2F..%2Fadmin%3Fx%3D?q=1"),
+        ("a b&c=d#e", "https://shop.test/orders/a%20b%26c%3Dd%23e?q=1"),
+        ("%2e%2e", "https://shop.test/orders/%252e%252e?q=1"),
+        ("ünï", "https://shop.test/orders/%C3%BCn%C3%AF?q=1"),
+        (42, "https://shop.test/orders/42?q=1"),
+    ],
+)
+def test_url_values_are_percent_encoded(value: Any, url: str) -> None:
+    assert templates.render_url("https://shop.test/orders/{{ .trigger.id }}?q=1", {"trigger": {"id": value}}) == url
+
+
+def test_url_query_values_cannot_add_parameters() -> None:
+    url = templates.render_url("https://shop.test/s?q={{ .trigger.q }}&n=1", {"trigger": {"q": "x&admin=1"}})
+    assert url == "https://shop.test/s?q=x%26admin%3D1&n=1"
+
+
+@pytest.mark.parametrize("value", [".", ".."])
+def test_a_dot_segment_value_is_refused(value: str) -> None:
+    with pytest.raises(TemplateError, match="relative path segment"):
+        templates.render_url("https://shop.test/orders/{{ .trigger.id }}/items", {"trigger": {"id": value}})
+
+
+def test_the_url_text_itself_is_not_encoded_and_a_missing_value_is_empty() -> None:
+    url = templates.render_url("https://u:p@shop.test:8443/a/b?x=1&y={{ .trigger.nope }}", {"trigger": {}})
+    assert url == "https://u:p@shop.test:8443/a/b?x=1&y="
+
+
+def test_names_are_the_top_level_names_templates_read() -> None:
+    value = ["{{ .trigger.a }}/{{ tasks['x'].b }}", {"h": "{% if event.id %}1{% endif %}"}, "no template", 5]
+    assert templates.names(value) == {"trigger", "tasks", "event"}
+    assert templates.names("${TOKEN}") == set()

@@ -1,0 +1,230 @@
+"""An ``http`` task's call, as the HTTP_REQUEST activity makes it: safe by default.
+
+- **No secret in history.** The task's config is read here, from the worker's current snapshot,
+  with its ``${VAR}`` references as written; they become markers, the templates are rendered
+  against the run's context, and only then are the environment's values put in
+  (:mod:`bridge.envvars`). A ``${...}`` a payload brings in is text, never looked up.
+- **No request where it should not go.** Template values in the URL are percent-encoded
+  (:func:`bridge.templates.render_url`). With ``runner.allow_hosts`` only those hosts are called;
+  without it every address the host resolves to must be public (no loopback, private, link-local,
+  multicast or reserved address), and the connection goes to the address that was checked, so a
+  second DNS answer cannot redirect it. Redirects are not followed; proxies from the environment
+  are used only with ``allow_hosts``.
+- **Bounded.** ``runner.max_response_bytes`` (read as a stream, decoded) and
+  ``runner.timeout_seconds`` (or the task's lower one) for the whole call.
+- **Quiet failures.** A failure names the task and its configured URL with userinfo and query
+  redacted, and masks every substituted value; refusals and a ``4xx`` are not retried.
+
+The settings are described in docs/configuration.md, "runner".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import re
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from temporalio.exceptions import ApplicationError
+
+from bridge import templates
+from bridge.config import BridgeConfig, HttpTask, RunnerConfig
+from bridge.envvars import Substitution, defer
+from bridge.errors import ConfigError
+from dispatcher.contract import HttpCall
+
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+_METHOD = re.compile(r"^[A-Z]+$")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its userinfo, query and fragment (each replaced by ``***`` when present)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<a URL that does not parse>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
+
+
+def is_public(ip: IP) -> bool:
+    """Globally routable unicast: not loopback, private, link-local, shared, multicast or reserved."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+async def resolve(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+class Refused(Exception):
+    """A call the task runner will not make, whatever a retry changes."""
+
+
+@dataclass
+class Request:
+    method: str
+    url: httpx.URL
+    headers: dict[str, str]
+    body: dict[str, Any]  # httpx keyword: json= or content=
+    extensions: dict[str, Any] = field(default_factory=dict)
+
+
+def find_task(config: BridgeConfig, workflow_id: str, task_id: str) -> HttpTask:
+    for wf in config.workflows:
+        if wf.id == workflow_id:
+            for task in wf.tasks:
+                if task.id == task_id and isinstance(task, HttpTask):
+                    return task
+    raise ApplicationError(
+        f"workflow {workflow_id!r} has no http task {task_id!r} in the worker's config (was it reloaded?)",
+        type="TaskMissing",
+        non_retryable=True,
+    )
+
+
+def prepare(task: HttpTask, context: dict[str, Any], env: Mapping[str, str]) -> tuple[Request, Substitution]:
+    """Render the task against ``context``, then substitute the environment (see the module doc)."""
+    cfg = task.config
+    marked, sub = defer({"url": cfg.url, "method": cfg.method, "headers": cfg.headers, "body": cfg.body}, env)
+    try:
+        url = httpx.URL(sub.restore(templates.render_url(marked["url"], context)))
+        headers = {str(k): _header(sub.restore(templates.render(v, context))) for k, v in marked["headers"].items()}
+        body = sub.restore(templates.render(marked["body"], context))
+    except (templates.TemplateError, httpx.InvalidURL) as exc:
+        raise Refused(sub.scrub(str(exc))) from None
+    method = str(sub.restore(marked["method"])).upper()
+    if not _METHOD.match(method):
+        raise Refused(f"method {method[:20]!r} is not an HTTP method")
+    if url.scheme not in ("http", "https") or not url.host:
+        raise Refused("the URL must be http:// or https:// with a host")
+    if body is None:
+        kwargs: dict[str, Any] = {}
+    elif isinstance(body, dict | list):
+        kwargs = {"json": body}
+    else:
+        kwargs = {"content": str(body)}
+    return Request(method, url, headers, kwargs), sub
+
+
+def _header(value: Any) -> str:
+    text = "" if value is None else str(value)
+    if "\r" in text or "\n" in text or "\x00" in text:
+        raise Refused("a header value would hold a line break")
+    return text
+
+
+async def route(
+    req: Request, runner: RunnerConfig, resolver: Resolver = resolve, public: Callable[[IP], bool] = is_public
+) -> bool:
+    """Check where ``req`` goes; pin it to the checked address unless allow_hosts named the host.
+
+    Returns whether proxies from the environment may be used (only with allow_hosts).
+    """
+    host = req.url.host.rstrip(".").lower()
+    port = req.url.port or (443 if req.url.scheme == "https" else 80)
+    allowed = runner.allowed
+    if allowed is not None:
+        name = _canonical(host)
+        if not any(h == name and p in (None, port) for h, p in allowed):
+            raise Refused(f"host {host}:{port} is not in runner.allow_hosts")
+        return True
+    try:
+        addresses = await resolver(host, port)
+    except OSError as exc:
+        raise ApplicationError(f"cannot resolve the host: {exc.strerror or exc}", type="Resolve") from None
+    ips = [ipaddress.ip_address(a.split("%", 1)[0]) for a in addresses]
+    if not ips or not all(public(ip) for ip in ips):
+        raise Refused(
+            f"host {host} resolves to a loopback, private, link-local or reserved address; "
+            "list it in runner.allow_hosts to call it"
+        )
+    pinned = str(ips[0])
+    if pinned != host:
+        req.headers = {k: v for k, v in req.headers.items() if k.lower() != "host"}
+        req.headers["Host"] = host if req.url.port is None else f"{host}:{req.url.port}"
+        if req.url.scheme == "https":
+            req.extensions["sni_hostname"] = host
+        req.url = req.url.copy_with(host=pinned)
+    return False
+
+
+def _canonical(host: str) -> str:
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:
+        return host
+
+
+async def send(req: Request, runner: RunnerConfig, timeout: float, trust_env: bool) -> dict[str, Any]:
+    """Make the call and read at most ``runner.max_response_bytes`` of the answer."""
+    cap = runner.max_response_bytes
+    async with (
+        httpx.AsyncClient(timeout=timeout, trust_env=trust_env, follow_redirects=False) as client,
+        client.stream(req.method, req.url, headers=req.headers, extensions=req.extensions, **req.body) as resp,
+    ):
+        declared = resp.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise Refused(f"the answer is {declared} bytes, over runner.max_response_bytes ({cap})")
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in resp.aiter_bytes():
+            total += len(chunk)
+            if total > cap:
+                raise Refused(f"the answer is over runner.max_response_bytes ({cap})")
+            chunks.append(chunk)
+    content = b"".join(chunks)
+    if resp.status_code >= 400:
+        retry = resp.status_code >= 500 or resp.status_code == 429
+        raise ApplicationError(f"answered {resp.status_code}", type="HttpStatus", non_retryable=not retry)
+    try:
+        body: Any = json.loads(content)
+    except ValueError:
+        body = content.decode(resp.encoding or "utf-8", errors="replace")
+    return {"status": resp.status_code, "body": body}
+
+
+async def run(
+    config: BridgeConfig,
+    call: HttpCall,
+    *,
+    env: Mapping[str, str] | None = None,
+    resolver: Resolver = resolve,
+    public: Callable[[IP], bool] = is_public,
+) -> dict[str, Any]:
+    """The HTTP_REQUEST activity's work: every failure is an ApplicationError with a safe message."""
+    task = find_task(config, call.workflow_id, call.task_id)
+    runner = config.runner
+    timeout = min(runner.timeout_seconds, task.config.timeout_seconds or runner.timeout_seconds, call.timeout_seconds)
+    where = f"http task {call.task_id!r} of {call.workflow_id!r}: {task.config.method} {redact_url(task.config.url)}"
+    sub = Substitution("-")
+    try:
+        req, sub = prepare(task, call.context, os.environ if env is None else env)
+        async with asyncio.timeout(timeout):
+            trust_env = await route(req, runner, resolver, public)
+            return await send(req, runner, timeout, trust_env)
+    except Refused as exc:
+        raise ApplicationError(f"{where}: refused: {sub.scrub(str(exc))}", type="Refused", non_retryable=True) from None
+    except ConfigError as exc:
+        raise ApplicationError(f"{where}: {exc}", type="Refused", non_retryable=True) from None
+    except ApplicationError as exc:
+        raise ApplicationError(
+            f"{where}: {sub.scrub(exc.message)}", type=exc.type, non_retryable=exc.non_retryable
+        ) from None
+    except (TimeoutError, httpx.TimeoutException):
+        raise ApplicationError(f"{where}: no answer within {timeout:g} s", type="Timeout") from None
+    except httpx.HTTPError as exc:
+        reason = sub.scrub(f"{type(exc).__name__}: {exc}")[:300]
+        raise ApplicationError(f"{where}: {reason}", type="Transport") from None

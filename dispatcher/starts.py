@@ -1,0 +1,138 @@
+"""How the dispatcher starts targets: each start planned and weighed, then a batch of them started
+as child workflows or from START_TARGETS.
+
+Workflow code (called from :mod:`dispatcher.workflow`). Either way every start has the id
+``{workflow_id}-{digest}``, ``REJECT_DUPLICATE`` and the event's memo, and each outcome (STARTED,
+DUPLICATE or failed(why)) is reported to ``count``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+
+with workflow.unsafe.imports_passed_through():
+    from bridge import templates
+    from bridge.event import EventSignal, encoded_size, target_workflow_id
+    from bridge.routing import Target
+    from dispatcher.contract import (
+        DUPLICATE,
+        MAX_TARGET_BYTES,
+        RUNNER_WORKFLOW,
+        START_BATCH_BYTES,
+        START_TARGETS,
+        STARTED,
+        StartBatch,
+        TargetInput,
+        TargetStart,
+        failed,
+        target_memo,
+        wire,
+    )
+
+Count = Callable[[str, str, EventSignal], None]  # (outcome, start id, event)
+
+
+@dataclass
+class Plan:
+    """One target start, its argument built and weighed."""
+
+    event: EventSignal
+    start: TargetStart
+    size: int
+
+
+def plan(event: EventSignal, size: int, digest: str, target: Target, exec_id: str) -> Plan:
+    """The start of ``target`` for ``event`` (``size``: its encoded bytes), its argument built and
+    weighed; ValueError when the argument would be over MAX_TARGET_BYTES (Temporal would refuse the
+    command, and with it every workflow task after), TemplateError when ``input:`` fails."""
+    rendered = None
+    if target.input is not None:
+        context = {"trigger": event.payload, "input": event.payload, "event": event.envelope()}
+        rendered = templates.render(target.input, context)
+    arg = TargetInput(
+        workflow_id=target.workflow_id,
+        exec_id=exec_id,
+        input=event.payload if target.input is None else rendered,
+        trigger=event.payload,
+        event=event.envelope(),
+    )
+    # At most: the event (its payload and envelope), the input again, the names and keys.
+    weight = size + (size if target.input is None else encoded_size({"": rendered})) + len(target.workflow_id) + 128
+    if weight > MAX_TARGET_BYTES:
+        raise ValueError(f"its argument is {weight} bytes, over {MAX_TARGET_BYTES}")
+    start_id = target_workflow_id(target.workflow_id, digest)
+    start = TargetStart(start_id, target.workflow_type or RUNNER_WORKFLOW, target.task_queue, arg, target_memo(event))
+    return Plan(event, start, weight)
+
+
+async def as_children(plans: list[Plan], count: Count) -> None:
+    """Child workflows with ``ABANDON``, awaited until each has started, never until it ends."""
+
+    async def one(plan: Plan) -> None:
+        s = plan.start
+        try:
+            handle = await workflow.start_child_workflow(
+                s.workflow_type,
+                s.arg,
+                id=s.id,
+                task_queue=s.task_queue,
+                parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                memo=s.memo,
+            )
+        except WorkflowAlreadyStartedError:
+            count(DUPLICATE, s.id, plan.event)
+        except Exception as exc:
+            count(failed(str(exc)), s.id, plan.event)
+        else:
+            handle.add_done_callback(_outcome_not_awaited)
+            count(STARTED, s.id, plan.event)
+
+    await asyncio.gather(*(one(p) for p in plans))
+
+
+def _outcome_not_awaited(handle: asyncio.Future[Any]) -> None:
+    """A child's end is its own business: retrieve a failure, so asyncio does not log it as lost."""
+    if not handle.cancelled():
+        handle.exception()
+
+
+def chunks(plans: list[Plan]) -> list[list[Plan]]:
+    """The plans in order, in chunks of at most START_BATCH_BYTES of arguments (a larger one alone):
+    what one workflow task may send, well under Temporal's 4 MiB per transaction (over it, the
+    server terminates the run)."""
+    out: list[list[Plan]] = [[]]
+    size = 0
+    for plan in plans:
+        if out[-1] and size + plan.size > START_BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(plan)
+        size += plan.size
+    return [c for c in out if c]
+
+
+async def by_activity(plans: list[Plan], count: Count) -> None:
+    """One START_TARGETS activity per chunk of arguments; each retried until it answers."""
+
+    async def run(chunk: list[Plan]) -> None:
+        outcomes: list[str] = await workflow.execute_activity(
+            START_TARGETS,
+            wire(StartBatch([p.start for p in chunk])),
+            result_type=list[str],
+            start_to_close_timeout=timedelta(seconds=60),
+            heartbeat_timeout=timedelta(seconds=10),
+            retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
+        )
+        for plan, outcome in zip(chunk, outcomes, strict=True):
+            count(outcome, plan.start.id, plan.event)
+
+    await asyncio.gather(*(run(c) for c in chunks(plans)))

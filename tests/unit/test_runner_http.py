@@ -1,0 +1,250 @@
+"""The http task's call (dispatcher.http_task): secrets substituted last, where it may go, how much
+it reads, and what its failures say. Against a small HTTP server on loopback; DNS is stubbed where
+a test needs a "public" host."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from temporalio.exceptions import ApplicationError
+
+from bridge.config import BridgeConfig, parse_config
+from dispatcher import http_task
+from dispatcher.contract import HttpCall
+
+ENV = {"HOOK_KEY": "k3y-in-the-query", "HOOK_TOKEN": "t0ken-in-a-header"}
+
+
+@dataclass
+class Received:
+    method: str
+    target: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Server:
+    """Answers every request with ``status``/``body`` (after ``delay`` s); records what it got."""
+
+    status: int = 200
+    body: bytes = b'{"ok": true}'
+    chunked: bool = False
+    delay: float = 0.0
+    got: list[Received] = field(default_factory=list)
+    port: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        method, target, _ = head[0].split(" ", 2)
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:] if line)}
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        self.got.append(Received(method, target, headers, body))
+        await asyncio.sleep(self.delay)
+        if self.chunked:
+            chunks = b"".join(
+                b"%x\r\n%s\r\n" % (len(c), c) for c in (self.body[i : i + 4096] for i in range(0, len(self.body), 4096))
+            )
+            writer.write(b"HTTP/1.1 %d X\r\nTransfer-Encoding: chunked\r\n\r\n%s0\r\n\r\n" % (self.status, chunks))
+        else:
+            writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (self.status, len(self.body), self.body))
+        await writer.drain()
+        writer.close()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    srv = Server()
+    listener = await asyncio.start_server(srv.handle, "127.0.0.1", 0)
+    srv.port = listener.sockets[0].getsockname()[1]
+    async with listener:
+        yield srv
+
+
+def config(url: str, runner: dict[str, Any] | None = None, **task: Any) -> BridgeConfig:
+    http = {"url": url, "headers": {"Authorization": "Bearer ${HOOK_TOKEN}"}, **task}
+    return parse_config(
+        {
+            "project": "shop",
+            "runner": runner or {},
+            "workflows": [{"id": "w", "triggers": [{"name": "a"}], "tasks": [{"id": "call", "config": http}]}],
+        }
+    )
+
+
+def call(**trigger: Any) -> HttpCall:
+    return HttpCall(workflow_id="w", task_id="call", context={"trigger": trigger}, timeout_seconds=30.0)
+
+
+def allow(srv: Server) -> dict[str, Any]:
+    return {"allow_hosts": [f"127.0.0.1:{srv.port}"]}
+
+
+async def test_templates_render_first_then_the_environment_is_put_in(server: Server) -> None:
+    """A payload value is encoded into one segment, and its ``${HOOK_TOKEN}`` stays text."""
+    cfg = config(
+        f"http://127.0.0.1:{server.port}/orders/{{{{ .trigger.id }}}}?key=${{HOOK_KEY}}",
+        allow(server),
+        body={"note": "{{ .trigger.note }}", "signed": "${HOOK_TOKEN}"},
+    )
+    result = await http_task.run(cfg, call(id="../../admin?x=", note="${HOOK_TOKEN}"), env=ENV)
+    assert result == {"status": 200, "body": {"ok": True}}
+    [got] = server.got
+    assert got.method == "POST"
+    assert got.target == "/orders/..%2F..%2Fadmin%3Fx%3D?key=k3y-in-the-query"
+    assert got.headers["authorization"] == "Bearer t0ken-in-a-header"
+    assert json.loads(got.body) == {"note": "${HOOK_TOKEN}", "signed": "t0ken-in-a-header"}
+
+
+@pytest.mark.parametrize(("status", "retried"), [(500, True), (429, True), (404, False), (400, False)])
+async def test_a_failure_names_the_task_and_its_redacted_url_and_no_secret(
+    server: Server, status: int, retried: bool
+) -> None:
+    server.status = status
+    cfg = config(f"http://user:pw@127.0.0.1:{server.port}/h/{{{{ .trigger.id }}}}?key=${{HOOK_KEY}}", allow(server))
+    with pytest.raises(ApplicationError) as info:
+        await http_task.run(cfg, call(id="o-1"), env=ENV)
+    message = info.value.message
+    assert message.startswith(f"http task 'call' of 'w': POST http://***@127.0.0.1:{server.port}/h/")
+    assert f"answered {status}" in message and "?***" in message
+    assert not any(s in message for s in [*ENV.values(), "user:pw", "o-1"])
+    assert info.value.non_retryable is not retried
+
+
+async def test_an_answer_over_max_response_bytes_is_refused_declared_or_streamed(server: Server) -> None:
+    server.body = b"x" * 50_000
+    cfg = config(f"http://127.0.0.1:{server.port}/", {**allow(server), "max_response_bytes": 40_000})
+    with pytest.raises(ApplicationError, match=r"50000 bytes, over runner\.max_response_bytes") as info:
+        await http_task.run(cfg, call(), env=ENV)
+    assert info.value.non_retryable and info.value.type == "Refused"
+    server.chunked = True  # no Content-Length: counted while read
+    with pytest.raises(ApplicationError, match=r"over runner.max_response_bytes \(40000\)"):
+        await http_task.run(cfg, call(), env=ENV)
+    assert (await http_task.run(config(f"http://127.0.0.1:{server.port}/", allow(server)), call(), env=ENV))[
+        "body"
+    ] == "x" * 50_000
+
+
+@pytest.mark.parametrize(("runner_timeout", "task_timeout"), [(0.3, None), (30, 0.3)])
+async def test_the_whole_call_is_bounded_by_the_least_timeout(
+    server: Server, runner_timeout: float, task_timeout: float | None
+) -> None:
+    server.delay = 5
+    cfg = config(
+        f"http://127.0.0.1:{server.port}/",
+        {**allow(server), "timeout_seconds": runner_timeout},
+        timeout_seconds=task_timeout,
+    )
+    start = time.monotonic()
+    with pytest.raises(ApplicationError, match=r"no answer within 0.3 s") as info:
+        await http_task.run(cfg, call(), env=ENV)
+    assert time.monotonic() - start < 2
+    assert info.value.type == "Timeout" and not info.value.non_retryable
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]", "169.254.169.254", "10.1.2.3"])
+async def test_without_allow_hosts_private_addresses_are_refused(host: str) -> None:
+    with pytest.raises(ApplicationError, match="loopback, private, link-local or reserved") as info:
+        await http_task.run(config(f"http://{host}:1/"), call(), env=ENV)
+    assert info.value.non_retryable
+
+
+async def test_without_allow_hosts_the_call_goes_to_the_address_that_was_checked(server: Server) -> None:
+    """DNS answers once; the connection is made to that address (no second lookup to rebind)."""
+    lookups: list[str] = []
+
+    async def resolver(host: str, port: int) -> list[str]:
+        lookups.append(host)
+        return ["127.0.0.1"]
+
+    cfg = config(f"http://api.shop.test:{server.port}/x")
+    await http_task.run(cfg, call(), env=ENV, resolver=resolver, public=lambda ip: True)
+    assert lookups == ["api.shop.test"]
+    assert server.got[0].headers["host"] == f"api.shop.test:{server.port}"
+
+    async def mixed(host: str, port: int) -> list[str]:
+        return ["93.184.216.34", "127.0.0.1"]
+
+    with pytest.raises(ApplicationError, match="resolves to a loopback"):
+        await http_task.run(cfg, call(), env=ENV, resolver=mixed)
+
+
+@pytest.mark.parametrize(
+    ("allowed", "ok"),
+    [(["127.0.0.1"], True), (["127.0.0.1:{port}"], True), (["127.0.0.1:1"], False), (["other.test"], False)],
+)
+async def test_allow_hosts_names_host_and_optionally_port(server: Server, allowed: list[str], ok: bool) -> None:
+    cfg = config(f"http://127.0.0.1:{server.port}/", {"allow_hosts": [a.format(port=server.port) for a in allowed]})
+    if ok:
+        assert (await http_task.run(cfg, call(), env=ENV))["status"] == 200
+    else:
+        with pytest.raises(ApplicationError, match=r"not in runner\.allow_hosts") as info:
+            await http_task.run(cfg, call(), env=ENV)
+        assert info.value.non_retryable and server.got == []
+
+
+@pytest.mark.parametrize(
+    ("task", "trigger", "message"),
+    [
+        ({}, {"h": "a\r\nX-Forged: 1"}, "a header value would hold a line break"),
+        ({"url": "ftp://127.0.0.1/"}, {}, "must be http:// or https://"),
+        ({"method": "GET /x"}, {}, "is not an HTTP method"),
+        ({"url": "http://127.0.0.1/${UNSET_HERE}"}, {}, "environment variable UNSET_HERE is not set"),
+    ],
+)
+async def test_requests_that_cannot_be_made_are_refused_for_good(
+    task: dict[str, Any], trigger: dict[str, Any], message: str
+) -> None:
+    url = task.pop("url", "http://127.0.0.1:1/")
+    cfg = config(url, {"allow_hosts": ["127.0.0.1"]}, headers={"X-H": "{{ .trigger.h }}"}, **task)
+    with pytest.raises(ApplicationError, match=message) as info:
+        await http_task.run(cfg, call(**trigger), env=ENV)
+    assert info.value.non_retryable
+
+
+async def test_a_task_gone_from_the_config_is_not_retried() -> None:
+    with pytest.raises(ApplicationError, match="has no http task 'gone'") as info:
+        await http_task.run(config("http://x/"), HttpCall("w", "gone", {}, 5.0))
+    assert info.value.non_retryable and info.value.type == "TaskMissing"
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("https://u:p@hooks.test/a/b?token=x#f", "https://***@hooks.test/a/b?***"),
+        ("https://hooks.test/a", "https://hooks.test/a"),
+        ("${BASE}/orders/{{ .trigger.id }}?k=${KEY}", "${BASE}/orders/{{ .trigger.id }}?***"),
+    ],
+)
+def test_redact_url(url: str, redacted: str) -> None:
+    assert http_task.redact_url(url) == redacted
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("93.184.216.34", True),
+        ("2606:2800:220:1:248:1893:25c8:1946", True),
+        ("127.0.0.1", False),
+        ("10.0.0.1", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),
+        ("100.64.0.1", False),
+        ("0.0.0.0", False),
+        ("224.0.0.1", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("fc00::1", False),
+        ("::ffff:127.0.0.1", False),
+    ],
+)
+def test_is_public(address: str, public: bool) -> None:
+    assert http_task.is_public(ipaddress.ip_address(address)) is public
