@@ -1,1 +1,1 @@
-"""The doors: one module per transport, each turning its messages into events for the pipeline."""
+"""The adapters: one module (or package) per transport, each turning its messages into events for the pipeline."""

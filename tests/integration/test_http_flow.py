@@ -1,4 +1,4 @@
-"""The seed's end-to-end flow over the HTTP door, against a real Temporal dev server."""
+"""The seed's end-to-end flow over the HTTP adapter, against a real Temporal dev server."""
 
 from __future__ import annotations
 
@@ -223,7 +223,7 @@ async def test_continue_as_new_loses_and_doubles_nothing(bridge_factory, tempora
 
 
 async def test_reload_picks_up_new_triggers(bridge_factory, temporal_client, temporal_address, tmp_path):
-    """A new trigger in the file takes effect at the door and in the dispatcher after a reload."""
+    """A new trigger in the file takes effect at the adapter and in the dispatcher after a reload."""
     import yaml
 
     project = unique("reload")

@@ -1,4 +1,4 @@
-"""The HTTP door under failure: Temporal stopped, and the bridge itself SIGKILLed mid-stream."""
+"""The HTTP adapter under failure: Temporal stopped, and the bridge itself SIGKILLed mid-stream."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ async def test_temporal_down_gives_503_then_recovers(bridge_factory, tmp_path):
             async def accepted() -> bool:
                 return (await _post(http, bridge.http_port, "ping", "during", {"n": 2})).status_code == 202
 
-            await assert_eventually(accepted, timeout=60, interval=0.5, what="door accepts after restart")
+            await assert_eventually(accepted, timeout=60, interval=0.5, what="the adapter accepts after the restart")
             got = await result_of(client, run_id(project, "w", "during"))
             assert got["tasks"]["render"] == "got 2"
             for a in stopped.accepted:  # accepted while it went down: each one ran
