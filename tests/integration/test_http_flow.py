@@ -8,6 +8,7 @@ import json
 import os
 import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -222,25 +223,30 @@ async def test_continue_as_new_loses_and_doubles_nothing(bridge_factory, tempora
         assert not await _absent(temporal_client, run_id(project, target, f"ev-{i}"))
 
 
-async def test_reload_picks_up_new_triggers(bridge_factory, temporal_client, temporal_address, tmp_path):
-    """A new trigger in the file takes effect at the adapter and in the dispatcher after a reload."""
-    import yaml
-
-    project = unique("reload")
+def _write_config(tmp_path: Path, project: str, temporal_address: str, *workflows: dict[str, Any]) -> Path:
+    """The file a reloading bridge reads; each write gets a new mtime, even within one clock tick."""
     path = tmp_path / "bridge.yaml"
     data = {
         "project": project,
         "temporal": {"address": temporal_address},
         "http": {"port": 0, "auth": {"tokens": [TOKEN]}},
-        "workflows": [runner("w", "first")],
+        "workflows": list(workflows),
     }
+    stamp = path.stat().st_mtime + 1 if path.exists() else None
     path.write_text(yaml.safe_dump(data))
+    if stamp is not None:
+        os.utime(path, (stamp, stamp))
+    return path
+
+
+async def test_reload_picks_up_new_triggers(bridge_factory, temporal_client, temporal_address, tmp_path):
+    """A new trigger in the file takes effect at the adapter and in the dispatcher after a reload."""
+    project = unique("reload")
+    path = _write_config(tmp_path, project, temporal_address, runner("w", "first"))
     bridge = await bridge_factory(config(project, temporal_address, [runner("w", "first")]), config_path=path)
     assert (await _post(bridge, {"name": "second", "payload": {"n": 1}}, key="r0")).status_code == 422
 
-    data["workflows"] = [runner("w", "first", "second")]
-    path.write_text(yaml.safe_dump(data))
-    os.utime(path, (1, 1))  # a different mtime even within the same clock tick
+    _write_config(tmp_path, project, temporal_address, runner("w", "first", "second"))
     await bridge.reload()
     assert (await _post(bridge, {"name": "second", "payload": {"n": 2}}, key="r1")).status_code == 202
     got = await result_of(temporal_client, run_id(project, "w", "r1"))
@@ -250,23 +256,12 @@ async def test_reload_picks_up_new_triggers(bridge_factory, temporal_client, tem
 async def test_file_watcher_applies_a_changed_config(bridge_factory, temporal_client, temporal_address, tmp_path):
     """Without SIGHUP or a reload call: the watcher sees the new mtime, swaps the snapshot, and
     tells the dispatcher, which starts the new trigger's workflow."""
-    import yaml
-
     project = unique("watch")
-    path = tmp_path / "bridge.yaml"
-    data = {
-        "project": project,
-        "temporal": {"address": temporal_address},
-        "http": {"port": 0, "auth": {"tokens": [TOKEN]}},
-        "workflows": [runner("w", "first")],
-    }
-    path.write_text(yaml.safe_dump(data))
+    path = _write_config(tmp_path, project, temporal_address, runner("w", "first"))
     bridge = await bridge_factory(config(project, temporal_address, [runner("w", "first")]), config_path=path)
     assert (await _post(bridge, {"name": "second", "payload": {"n": 1}}, key="w0")).status_code == 422
 
-    data["workflows"] = [runner("w", "first", "second")]
-    path.write_text(yaml.safe_dump(data))
-    os.utime(path, (1, 1))
+    _write_config(tmp_path, project, temporal_address, runner("w", "first", "second"))
 
     async def routable() -> bool:
         return bridge.source.current.routes.is_routable("second")

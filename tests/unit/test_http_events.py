@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -32,18 +31,6 @@ from tests.unit.http_support import (
     make_config,
     order,
 )
-
-
-@pytest.fixture
-def sink() -> FakeSink:
-    return FakeSink()
-
-
-@pytest.fixture
-async def client(sink: FakeSink) -> AsyncIterator[AsyncTestClient[Litestar]]:
-    async with AsyncTestClient(make_app(sink)) as c:
-        yield c
-
 
 # --- accepted ------------------------------------------------------------------------------
 

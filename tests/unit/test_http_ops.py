@@ -3,8 +3,6 @@ HTTP settings read from the environment. Who may read them: test_http_exposure.p
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
@@ -19,18 +17,6 @@ from tests.unit.http_support import (
     make_config,
     order,
 )
-
-
-@pytest.fixture
-def sink() -> FakeSink:
-    return FakeSink()
-
-
-@pytest.fixture
-async def client(sink: FakeSink) -> AsyncIterator[AsyncTestClient[Litestar]]:
-    async with AsyncTestClient(make_app(sink)) as c:
-        yield c
-
 
 # --- health, metrics, schema ---------------------------------------------------------------
 

@@ -43,11 +43,6 @@ UNAUTHORIZED = {"error": "unauthorized", "message": "the delivery's signature di
 
 
 @pytest.fixture
-def sink() -> FakeSink:
-    return FakeSink()
-
-
-@pytest.fixture
 async def hooks(sink: FakeSink) -> AsyncIterator[AsyncTestClient[Litestar]]:
     async with AsyncTestClient(make_app(sink, hook_config())) as c:
         yield c
