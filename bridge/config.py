@@ -140,11 +140,15 @@ class TemporalConfig(Model):
 
 class DispatcherConfig(Model):
     shards: int = Field(default=1, ge=1, le=256)
-    # child: targets are child workflows (linked to the dispatcher in the UI; each start and
-    # completion is an event in the dispatcher's history). activity: one activity starts a whole
-    # batch with the client, same ids and dedupe, several times the throughput.
-    start_mode: Literal["child", "activity"] = "child"
+    # activity: START_TARGETS activities start each batch with the client (same ids and dedupe; the
+    # memo names the event and the dispatcher), at the direct-start ceiling. child: targets are
+    # child workflows, linked to the dispatcher in the UI, each start and completion an event in
+    # its history: a fraction of the throughput (docs/benchmarks.md).
+    start_mode: Literal["child", "activity"] = "activity"
     batch_size: int = Field(default=200, ge=1, le=1000)
+    # Batches being started at once; each holds its events' ordering keys, so a later event with
+    # the same key waits for it: per-key order holds whatever the depth.
+    batches_in_flight: int = Field(default=4, ge=1, le=32)
     history_events_threshold: int = Field(default=4096, ge=100, le=40_000)
     signals_per_run: int = Field(default=5000, ge=10, le=9000)
     children_per_run: int = Field(default=1000, ge=10, le=1800)

@@ -103,9 +103,19 @@ class BridgeActivities:
                 activity.heartbeat()
                 await asyncio.sleep(2)
 
+        async def in_order(chain: list[int]) -> None:
+            for i in chain:
+                outcomes[i] = await start(batch.starts[i])
+
+        # Starts with the same ordering key one after another, in the batch's order; the rest at once.
+        outcomes: list[str] = [""] * len(batch.starts)
+        chains: dict[object, list[int]] = {}
+        for i, s in enumerate(batch.starts):
+            chains.setdefault(i if s.key is None else s.key, []).append(i)
         beat = asyncio.create_task(heartbeat())
         try:
-            return list(await asyncio.gather(*(start(s) for s in batch.starts)))
+            await asyncio.gather(*(in_order(chain) for chain in chains.values()))
+            return outcomes
         finally:
             beat.cancel()
 

@@ -148,6 +148,7 @@ class DispatcherSettings:
     shards: int = _DEFAULTS.shards
     start_mode: StartMode = _DEFAULTS.start_mode
     batch_size: int = _DEFAULTS.batch_size
+    batches_in_flight: int = _DEFAULTS.batches_in_flight
     history_events_threshold: int = _DEFAULTS.history_events_threshold
     signals_per_run: int = _DEFAULTS.signals_per_run
     children_per_run: int = _DEFAULTS.children_per_run
@@ -208,9 +209,10 @@ class TargetInput(TypedDict):
     event: dict[str, Any]  # EventSignal.envelope()
 
 
-def target_memo(event: EventSignal) -> dict[str, str]:
-    """The memo on every target run, so an operator can find which event started it."""
-    return {"event_name": event.name, "event_id": event.id, "event_source": event.source}
+def target_memo(event: EventSignal, dispatcher: dict[str, str]) -> dict[str, str]:
+    """The memo on every target run, so an operator can find which event started it, and the
+    dispatcher that started it (``dispatcher``: its workflow id, ``dispatcher_run``: the run)."""
+    return {"event_name": event.name, "event_id": event.id, "event_source": event.source, **dispatcher}
 
 
 @dataclass
@@ -222,6 +224,7 @@ class TargetStart:
     task_queue: str
     arg: TargetInput
     memo: dict[str, str]
+    key: str | None = None  # the event's ordering key: starts with one key are made one by one
 
 
 @dataclass

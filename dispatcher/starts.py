@@ -49,7 +49,7 @@ class Plan:
     size: int
 
 
-def plan(event: EventSignal, size: int, digest: str, target: Target, exec_id: str) -> Plan:
+def plan(event: EventSignal, size: int, digest: str, target: Target, exec_id: str, dispatcher: dict[str, str]) -> Plan:
     """The start of ``target`` for ``event`` (``size``: its encoded bytes), its argument built and
     weighed; ValueError when the argument would be over MAX_TARGET_BYTES (Temporal would refuse the
     command, and with it every workflow task after), TemplateError when ``input:`` fails."""
@@ -69,7 +69,8 @@ def plan(event: EventSignal, size: int, digest: str, target: Target, exec_id: st
     if weight > MAX_TARGET_BYTES:
         raise ValueError(f"its argument is {weight} bytes, over {MAX_TARGET_BYTES}")
     start_id = target_workflow_id(target.workflow_id, digest)
-    start = TargetStart(start_id, target.workflow_type or RUNNER_WORKFLOW, target.task_queue, arg, target_memo(event))
+    memo = target_memo(event, dispatcher)
+    start = TargetStart(start_id, target.workflow_type or RUNNER_WORKFLOW, target.task_queue, arg, memo, event.key)
     return Plan(event, start, weight)
 
 

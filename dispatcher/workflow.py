@@ -14,7 +14,8 @@ carry), recent digests and counters. Limits: :mod:`dispatcher.contract`; docs/op
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+import asyncio
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -87,6 +88,10 @@ class DispatcherWorkflow:
         self._reload = True
         self._routes: RouteTable | None = None
         self._settings = DispatcherSettings()
+        self._in_flight: set[asyncio.Task[None]] = set()  # batches being started
+        self._busy: Counter[str] = Counter()  # the ordering keys of the events in those batches
+        self._task_mark = -1  # the history length this workflow task began at
+        self._task_bytes = 0  # target arguments sent in this workflow task
 
     @workflow.signal(name=EVENT_SIGNAL)
     def event_channel(self, *args: Any) -> None:
@@ -146,13 +151,29 @@ class DispatcherWorkflow:
                 await self._load_routes()
             if self._routes is None:
                 continue
-            if self._queue:
+            if self._can_take():
                 await self._dispatch_batch()
             if self._should_rotate():
                 await self._rotate()
 
     def _has_work(self) -> bool:
-        return bool(self._queue) or self._reload or self._should_rotate()
+        return self._can_take() or self._reload or self._should_rotate()
+
+    def _can_take(self) -> bool:
+        """Events are queued, a batch may go in flight, and the first event's key is not in one
+        (a later event of a key waits for the earlier one's start: that is per-key order)."""
+        if not self._queue or len(self._in_flight) >= self._settings.batches_in_flight:
+            return False
+        key = self._queue[0].event.key
+        return key is None or key not in self._busy
+
+    def _new_task(self) -> None:
+        """Reset the per-workflow-task accounts when a new workflow task began (the history grew)."""
+        mark = workflow.info().get_current_history_length()
+        if mark != self._task_mark:
+            self._task_mark = mark
+            self._spent = 0
+            self._task_bytes = 0
 
     async def _load_routes(self) -> None:
         """Load (or reload) the route table; on failure keep the old one and never die.
@@ -190,8 +211,11 @@ class DispatcherWorkflow:
 
     async def _dispatch_batch(self) -> None:
         """Take a batch, have its filters evaluated (what the activity did not get to goes back to
-        the front of the queue) and start its targets. A batch that starts nothing but used up the
-        work budget ends the workflow task with a timer, so the next batch runs in a new one."""
+        the front of the queue) and put its starts in flight, without waiting for them: up to
+        ``batches_in_flight`` batches start at once. At most START_BATCH_BYTES of arguments leave in
+        one workflow task, and a batch that starts nothing but used up the work budget ends the
+        workflow task with a timer, so the next batch runs in a new one."""
+        self._new_task()
         taken = self._take()
         done = await self._evaluate(taken)
         self._queue.extendleft(reversed(taken[done:]))
@@ -200,12 +224,35 @@ class DispatcherWorkflow:
             plans.extend(self._plan(item))
         if plans:
             self._children += len(plans)
-            for chunk in starts.chunks(plans):  # one workflow task each
-                await self._start(chunk)
-            self._spent = 0
+            for chunk in starts.chunks(plans):
+                self._new_task()
+                size = sum(p.size for p in chunk)
+                if self._task_bytes and self._task_bytes + size > START_BATCH_BYTES:
+                    await workflow.sleep(YIELD)  # the rest leaves in a new workflow task
+                    self._new_task()
+                self._task_bytes += size
+                self._launch(chunk)
         elif self._spent >= TASK_COST_BUDGET and self._queue:
             await workflow.sleep(YIELD)
             self._spent = 0
+
+    def _launch(self, chunk: list[Plan]) -> None:
+        """Start a chunk in the background; its keys are busy until every start in it answered."""
+        keys = [p.event.key for p in chunk if p.event.key is not None]
+        self._busy.update(keys)
+        task = asyncio.create_task(self._start(chunk))
+        self._in_flight.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._in_flight.discard(task)
+            self._busy.subtract(keys)
+            for key in keys:
+                if self._busy[key] <= 0:
+                    del self._busy[key]
+            if not task.cancelled() and task.exception() is not None:  # a bug: starts count their own failures
+                workflow.logger.error("a batch of %d starts failed: %s", len(chunk), safe(task.exception(), 500))
+
+        task.add_done_callback(done)
 
     def _take(self) -> list[_Queued]:
         """Events from the front of the queue, skipping recent duplicates, while the most targets
@@ -213,7 +260,7 @@ class DispatcherWorkflow:
         assert self._routes is not None
         taken: list[_Queued] = []
         digests: set[str] = set()
-        targets = size = 0
+        targets = size = skipped = 0
         while self._queue and self._spent < TASK_COST_BUDGET:
             item = self._queue[0]
             digest = run_digest(self._project, item.event.source, item.event.id)
@@ -221,10 +268,13 @@ class DispatcherWorkflow:
                 self._queue.popleft()
                 self._spent += EVENT_COST
                 self._stats["duplicates"] += 1
-                workflow.logger.info(
+                skipped += 1
+                workflow.logger.debug(
                     "duplicate event skipped id=%s name=%s", safe(item.event.id), safe(item.event.name)
                 )
                 continue
+            if item.event.key is not None and item.event.key in self._busy:
+                break  # an earlier event with its key is still being started
             most = self._routes.candidates(item.event.name)
             weight = most * 2 * item.size  # each argument holds the payload twice
             if taken and (targets + most > self._settings.batch_size or size + weight > START_BATCH_BYTES):
@@ -235,6 +285,8 @@ class DispatcherWorkflow:
             taken.append(item)
             targets += most
             size += weight
+        if skipped:
+            workflow.logger.info("skipped %d duplicate events (redelivered or resent ids)", skipped)
         return taken
 
     async def _evaluate(self, taken: list[_Queued]) -> int:
@@ -295,7 +347,9 @@ class DispatcherWorkflow:
 
     def _plan_target(self, item: _Queued, target: Target) -> Plan | None:
         try:
-            return starts.plan(item.event, item.size, item.digest, target, str(workflow.uuid4()))
+            info = workflow.info()
+            dispatcher = {"dispatcher": info.workflow_id, "dispatcher_run": info.run_id}
+            return starts.plan(item.event, item.size, item.digest, target, str(workflow.uuid4()), dispatcher)
         except Exception as exc:  # an input template that fails, an argument too large: counted
             self._count(failed(str(exc)), target_workflow_id(target.workflow_id, item.digest), item.event)
             return None
@@ -313,7 +367,7 @@ class DispatcherWorkflow:
             self._stats["started"] += 1
         elif outcome == DUPLICATE:
             self._stats["duplicates"] += 1
-            workflow.logger.info("duplicate start refused child=%s event=%s", safe(child_id), safe(event.id))
+            workflow.logger.debug("duplicate start refused child=%s event=%s", safe(child_id), safe(event.id))
         else:
             self._stats["failed"] += 1
             workflow.logger.error(
@@ -347,7 +401,7 @@ class DispatcherWorkflow:
         (:meth:`_must_drain`); then it is carried up to MAX_CARRY_BYTES (:meth:`_carry`).
         """
         while True:
-            await workflow.wait_condition(workflow.all_handlers_finished)
+            await workflow.wait_condition(lambda: not self._in_flight and workflow.all_handlers_finished())
             if not self._must_drain():
                 break
             await self._dispatch_batch()

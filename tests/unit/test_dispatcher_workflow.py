@@ -14,6 +14,7 @@ queried only when quiet.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
@@ -139,6 +140,9 @@ class Stubs:
     starts: list[TargetStart] = field(default_factory=list)
     refuse: set[str] = field(default_factory=set)  # START_TARGETS answers DUPLICATE for these ids
     broken: set[str] = field(default_factory=set)  # ... and failed() for these
+    gate: asyncio.Event | None = None  # when set, START_TARGETS waits for it to open
+    active: int = 0  # START_TARGETS calls running now
+    peak: int = 0  # ... and the most at once
 
     @activity.defn(name=LOAD_ROUTES)
     async def load_routes(self) -> RoutesResult:
@@ -149,6 +153,16 @@ class Stubs:
 
     @activity.defn(name=START_TARGETS)
     async def start_targets(self, batch: StartBatch) -> list[str]:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            return self._start_targets(batch)
+        finally:
+            self.active -= 1
+
+    def _start_targets(self, batch: StartBatch) -> list[str]:
         outcomes = []
         for start in batch.starts:
             if start.id in self.refuse:
@@ -348,7 +362,14 @@ async def test_fan_out_gives_every_target_the_event(make: Any, mode: str) -> Non
     assert builtin["arg"]["workflow_id"] == "builtin"
     assert len({t["arg"]["exec_id"] for t in got.values()}) == 3
     for target in got.values():
-        assert target["memo"] == {"event_name": "order.created", "event_id": "e1", "event_source": d.source}
+        assert target["memo"] == {
+            "event_name": "order.created",
+            "event_id": "e1",
+            "event_source": d.source,
+            "dispatcher": d.id,
+            "dispatcher_run": target["memo"]["dispatcher_run"],
+        }
+        assert target["memo"]["dispatcher_run"]
 
 
 async def test_same_event_twice_starts_once(make: Any, mode: str) -> None:
@@ -642,6 +663,7 @@ async def test_one_events_targets_are_started_over_several_workflow_tasks_when_l
     """Temporal terminates a run whose one workflow task completion holds over 4 MiB: three ~2 MiB
     arguments of one event must not go out together."""
     monkeypatch.setattr(starts, "START_BATCH_BYTES", 5_000)
+    monkeypatch.setattr(dispatcher_workflow, "START_BATCH_BYTES", 5_000)
     d = await make(mode)
     d.stubs.routes = [d.route(w, "order.created") for w in ("a", "b", "c")]
     e = d.event("e1", pad="x" * 3_000)  # each argument holds the payload twice: over 5,000 bytes
@@ -656,3 +678,44 @@ async def test_one_events_targets_are_started_over_several_workflow_tasks_when_l
             per_task[-1] += 1
     assert sorted(per_task)[-3:] == [1, 1, 1] and sum(per_task) == 3, per_task
     await d.targets(*(run_id(d.project, w, e) for w in ("a", "b", "c")))
+
+
+async def test_batches_start_in_flight_together_up_to_the_setting(make: Any) -> None:
+    """While one batch's starts wait on Temporal, the next batches go out: up to batches_in_flight."""
+    d = await make("activity", batch_size=1, batches_in_flight=3)
+    d.stubs.routes = [d.route("w", "order.created")]
+    d.stubs.gate = asyncio.Event()
+    events = [d.event(f"e{i}") for i in range(6)]  # no ordering key: any order will do
+    await d.send(*events)
+    await assert_eventually(lambda: d.stubs.active == 3, timeout=15, interval=0.05, what="three batches in flight")
+    d.stubs.gate.set()
+    await d.settled(received=6, started=6)
+    assert d.stubs.peak == 3
+    assert {s.id for s in d.stubs.starts} == {run_id(d.project, "w", e) for e in events}
+
+
+async def test_an_event_waits_for_the_batch_holding_its_key(make: Any) -> None:
+    """Per-key order: an event whose key is in a batch in flight waits for that batch, and the
+    events behind it wait too (they may share its key further on)."""
+    d = await make("activity", batch_size=1, batches_in_flight=4)
+    d.stubs.routes = [d.route("w", "order.created")]
+    d.stubs.gate = asyncio.Event()
+    keyed = [
+        EventSignal(
+            id=f"k{i}",
+            name="order.created",
+            payload={"i": i},
+            source=d.source,
+            time="2024-01-01T00:00:00Z",
+            key="order-1",
+        )
+        for i in range(4)
+    ]
+    await d.send(*keyed)
+    await assert_eventually(lambda: d.stubs.active == 1, timeout=15, interval=0.05, what="the first batch in flight")
+    await d.env.sleep(timedelta(seconds=5))
+    assert d.stubs.active == 1 and d.stubs.peak == 1, "a second event of the key went out before the first started"
+    d.stubs.gate.set()
+    await d.settled(received=4, started=4)
+    assert [s.id for s in d.stubs.starts] == [run_id(d.project, "w", e) for e in keyed]
+    assert d.stubs.peak == 1 and all(s.key == "order-1" for s in d.stubs.starts)

@@ -1,0 +1,50 @@
+"""START_TARGETS against a stand-in client: outcomes in order, and one key's starts one by one."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from temporalio.client import Client
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.testing import ActivityEnvironment
+
+from bridge.snapshot import Snapshot
+from dispatcher.activities import BridgeActivities
+from dispatcher.contract import DUPLICATE, STARTED, StartBatch, TargetInput, TargetStart
+
+
+class SlowClient:
+    """Records when each start began and ended; an id in ``taken`` already ran."""
+
+    def __init__(self, taken: set[str]) -> None:
+        self.taken = taken
+        self.log: list[tuple[str, str]] = []
+
+    async def start_workflow(self, workflow: str, arg: Any, *, id: str, **_: Any) -> None:
+        self.log.append(("begin", id))
+        await asyncio.sleep(0.02 if id == "a0" else 0.001)  # the first of key A is the slowest
+        self.log.append(("end", id))
+        if id in self.taken:
+            raise WorkflowAlreadyStartedError(id, workflow)
+
+
+def start(start_id: str, key: str | None) -> TargetStart:
+    arg = TargetInput(workflow_id="w", exec_id="x", input={}, trigger={}, event={})
+    return TargetStart(start_id, "T", "q", arg, {}, key)
+
+
+async def test_starts_of_one_key_go_one_by_one_in_order_and_others_at_once() -> None:
+    client = SlowClient(taken={"a1"})
+    batch = StartBatch([start("a0", "A"), start("b0", "B"), start("a1", "A"), start("n0", None), start("a2", "A")])
+    acts = BridgeActivities(cast(Snapshot, None))
+    outcomes = await ActivityEnvironment(client=cast(Client, client)).run(acts.start_targets, batch)
+
+    assert outcomes == [STARTED, STARTED, DUPLICATE, STARTED, STARTED]
+    ends = [i for what, i in client.log if what == "end"]
+    begins = [i for what, i in client.log if what == "begin"]
+    # Key A: each start begins only after the previous one of A ended.
+    for earlier, later in (("a0", "a1"), ("a1", "a2")):
+        assert client.log.index(("end", earlier)) < client.log.index(("begin", later))
+    # Other keys did not wait for A's slow first start.
+    assert begins[:3] == ["a0", "b0", "n0"] and ends.index("b0") < ends.index("a0")
