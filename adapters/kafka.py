@@ -5,6 +5,9 @@ hands each batch to :class:`bridge.settle.Settler` (records become messages and 
 :mod:`adapters.kafka_parse`), produces the dead letters, and commits ``last offset + 1`` of every
 partition in the batch once it is settled. It pauses its partitions (and keeps polling, so the
 group keeps it) while Temporal refuses, and gives a batch up when a rebalance takes its partitions.
+It refreshes the cluster's metadata every ``metadata_refresh_seconds``, so a topic created after
+the start is read from the rebalance that follows; a subscribed topic the cluster lacks is logged
+once (and once when it appears), and :func:`readiness` shows it in ``/readyz``.
 Configuration, event ids and what happens to a poison record: docs/kafka.md.
 """
 
@@ -14,8 +17,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any, TypeAlias
+import weakref
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal, TypeAlias, TypedDict
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
@@ -50,6 +55,7 @@ from bridge.settle import Abandoned, Disposition, Item, Settler, Transport
 __all__ = [
     "ADAPTER",
     "CE_PREFIX",
+    "ConsumerReadiness",
     "KafkaAdapter",
     "build",
     "client_options",
@@ -58,6 +64,7 @@ __all__ = [
     "default_group_id",
     "fallback_id",
     "parse",
+    "readiness",
     "record_headers",
     "to_message",
 ]
@@ -70,6 +77,65 @@ REVOKE_WAIT = 15.0
 STOP_GRACE = 30.0
 
 Batch: TypeAlias = dict[TopicPartition, list[Record]]
+State: TypeAlias = Literal["joining", "consuming", "paused", "no partitions assigned", "stopped"]
+
+
+class ConsumerReadiness(TypedDict):
+    """One consumer as ``/readyz`` shows it to token holders (docs/kafka.md#readiness)."""
+
+    check: str  # the name of its readiness check: kafka:{topics}
+    group_id: str
+    topics: list[str]
+    state: State
+    assigned_partitions: int
+    missing_topics: list[str]  # subscribed, but not in the cluster's metadata
+
+
+_RUNNING: weakref.WeakSet[KafkaAdapter] = weakref.WeakSet()
+
+
+def readiness(pipeline: Pipeline) -> list[ConsumerReadiness]:
+    """The started consumers that feed ``pipeline`` (one bridge's: several bridges may share a
+    process), for ``/readyz``."""
+    adapters = sorted((a for a in _RUNNING if a.pipeline is pipeline), key=lambda a: (a.name, a.group_id))
+    return [a.readiness() for a in adapters]
+
+
+class _MissingTopicLines(logging.Filter):
+    """aiokafka logs a subscribed topic the cluster lacks at every metadata refresh (every
+    ``metadata_refresh_seconds``) and at every group assignment. The adapter says it once itself
+    (:meth:`KafkaAdapter._check_topics`), so these lines are dropped for the adapters' topics."""
+
+    LINES = frozenset({"Topic %s not found in cluster metadata", "No partition metadata for topic %s"})
+    LOGGERS = ("aiokafka.cluster", "aiokafka.coordinator.assignors.roundrobin", "aiokafka.coordinator.assignors.range")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.topics: Counter[str] = Counter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            isinstance(record.msg, str)
+            and record.msg in self.LINES
+            and isinstance(args, tuple)
+            and bool(args)
+            and args[0] in self.topics
+        )
+
+    def watch(self, topics: Iterable[str]) -> None:
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            if self not in logger.filters:
+                logger.addFilter(self)
+        self.topics.update(topics)
+
+    def unwatch(self, topics: Iterable[str]) -> None:
+        self.topics.subtract(topics)
+        self.topics = +self.topics  # drop the topics no started adapter reads any more
+
+
+_QUIET = _MissingTopicLines()
 
 
 # --- clients ----------------------------------------------------------------------------------------
@@ -133,6 +199,9 @@ class KafkaAdapter(Transport[Record]):
         self._generation = 0
         self._batch_generation = 0
         self._broken = False
+        self._joined = False  # the group assigned this member its partitions (maybe none) once
+        self._missing: set[str] = set()  # subscribed topics the cluster lacks, as last logged
+        self._registered = False
 
     @property
     def paused(self) -> bool:
@@ -154,6 +223,8 @@ class KafkaAdapter(Transport[Record]):
             auto_offset_reset=self.entry.auto_offset_reset,
             isolation_level="read_committed",
             max_poll_records=self.entry.max_batch,
+            # A topic created after the start is seen at the next refresh (aiokafka's default: 5 min).
+            metadata_max_age_ms=self.entry.metadata_refresh_seconds * 1000,
             **opts,
         )
         try:
@@ -175,6 +246,9 @@ class KafkaAdapter(Transport[Record]):
             raise BridgeError(f"{self.name}: cannot connect to Kafka at {servers}: {exc}") from exc
         self._task = asyncio.create_task(self._run(), name=f"kafka-adapter-{self.group_id}")
         self._task.add_done_callback(self._on_exit)
+        _RUNNING.add(self)
+        _QUIET.watch(self.entry.topics)
+        self._registered = True
         log.info(
             "kafka adapter started topics=%s group=%s dead_letter_topic=%s",
             ",".join(self.entry.topics),
@@ -195,6 +269,10 @@ class KafkaAdapter(Transport[Record]):
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
         await self._close_clients()
+        if self._registered:
+            _RUNNING.discard(self)
+            _QUIET.unwatch(self.entry.topics)
+            self._registered = False
         log.info("kafka adapter stopped topics=%s group=%s", ",".join(self.entry.topics), self.group_id)
 
     async def _close_clients(self) -> None:
@@ -259,13 +337,18 @@ class KafkaAdapter(Transport[Record]):
                 await self.consumer.seek_to_committed()
             await self._sleep(cap)
             return {}
+        self._check_topics()
         return batch
 
     async def _handle(self, batch: Batch, gen: int) -> None:
-        """Settle the batch, then commit every partition's ``last offset + 1``."""
+        """Settle the batch, then commit every partition's ``last offset + 1``. Nothing is logged
+        per record above DEBUG: one DEBUG line per batch (refusals log themselves)."""
         self._batch_generation = gen
-        await self.settler.settle([r for recs in batch.values() for r in recs])
-        await self._commit({tp: recs[-1].offset + 1 for tp, recs in batch.items() if recs}, gen)
+        records = [r for recs in batch.values() for r in recs]
+        await self.settler.settle(records)
+        offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items() if recs}
+        log.debug("kafka adapter %s: %d record(s) settled; committing %s", self.name, len(records), offsets)
+        await self._commit(offsets, gen)
 
     def _rewind(self, batch: Batch) -> None:
         assert self.consumer is not None
@@ -357,6 +440,7 @@ class KafkaAdapter(Transport[Record]):
                 # A partition assigned just before the listener paused it: read it again later.
                 self.consumer.seek(tp, recs[0].offset)
                 self.consumer.pause(tp)
+            self._check_topics()
         return not self._stopping.is_set() and self._batch_generation == self._generation
 
     def pause(self) -> None:
@@ -370,6 +454,56 @@ class KafkaAdapter(Transport[Record]):
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    # -- topics the cluster lacks, and readiness ---------------------------------------------------
+
+    def _missing_now(self) -> set[str]:
+        """Subscribed topics absent from the metadata the consumer last fetched (which names only
+        them): known once the group has assigned this member its partitions, even none."""
+        if not self._joined or self.consumer is None:
+            return set()
+        return {t for t in self.entry.topics if self.consumer.partitions_for_topic(t) is None}
+
+    def _check_topics(self) -> None:
+        """Log once when a subscribed topic is missing from the cluster, and once when it appears
+        (not at every metadata refresh)."""
+        missing = self._missing_now()
+        if missing == self._missing:
+            return
+        for topic in sorted(missing - self._missing):
+            log.warning(
+                "kafka adapter %s: topic %s is not in the cluster (it does not exist, or this client may "
+                "not read it); its partitions are read once it appears (checked every %ss)",
+                self.name,
+                topic,
+                self.entry.metadata_refresh_seconds,
+            )
+        for topic in sorted(self._missing - missing):
+            log.info("kafka adapter %s: topic %s now exists; it is read from the next rebalance", self.name, topic)
+        self._missing = missing
+
+    def readiness(self) -> ConsumerReadiness:
+        """What ``/readyz`` shows of this consumer. No partitions is not a failure: a group with
+        more members than partitions leaves some with none (docs/kafka.md#readiness)."""
+        consumer = self.consumer if self._task is not None and not self._task.done() else None
+        assigned = len(consumer.assignment()) if consumer is not None else 0
+        state: State
+        if consumer is None:
+            state = "stopped"
+        elif not self._joined:
+            state = "joining"
+        elif not assigned:
+            state = "no partitions assigned"
+        else:
+            state = "paused" if self.paused else "consuming"
+        return {
+            "check": self.name,
+            "group_id": self.group_id,
+            "topics": list(self.entry.topics),
+            "state": state,
+            "assigned_partitions": assigned,
+            "missing_topics": sorted(self._missing_now()) if consumer is not None else [],
+        }
 
     # -- rebalances --------------------------------------------------------------------------------
 
@@ -385,6 +519,8 @@ class KafkaAdapter(Transport[Record]):
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         assert self.consumer is not None
+        self._joined = True
+        self._check_topics()
         if self.paused and assigned:
             self.consumer.pause(*assigned)
         log.info(

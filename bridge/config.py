@@ -274,6 +274,9 @@ class KafkaConsumer(Model):
     dead_letter_topic: str | None = None
     on_unroutable: Literal["dead_letter", "skip"] = "dead_letter"
     max_batch: int = Field(default=500, ge=1)
+    # How often the consumer re-reads the cluster's metadata: a topic created after the start is
+    # read within about this long, plus a rebalance (docs/kafka.md).
+    metadata_refresh_seconds: int = Field(default=10, ge=1, le=300)
     security: KafkaSecurity = Field(default_factory=KafkaSecurity)
 
 

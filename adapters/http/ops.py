@@ -16,14 +16,24 @@ from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import SecurityRequirement
 
-from adapters.http.answers import Health, Readiness
+from adapters.http import answers
+from adapters.http.answers import Health
 from adapters.http.openapi import BEARER_AUTH, error_responses
 from adapters.http.state import NEEDS_TOKEN, HttpState
+from adapters.kafka import ConsumerReadiness
+from adapters.kafka import readiness as kafka_readiness
 from bridge.snapshot import Snapshot
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4"
 NOT_READY = 503
 OPTIONAL_BEARER: list[SecurityRequirement] = [{}, *BEARER_AUTH]
+
+
+class Readiness(answers.Readiness, total=False):
+    """``kafka``, with ``checks``, when Kafka consumers run: each one's partitions and the topics
+    it subscribes to that the cluster lacks. A consumer without partitions is reported, not failed."""
+
+    kafka: list[ConsumerReadiness]
 
 
 class OpsController(Controller):
@@ -44,12 +54,15 @@ class OpsController(Controller):
         self, request: Request[Any, Any, Any], http: NamedDependency[HttpState], snapshot: NamedDependency[Snapshot]
     ) -> Response[Readiness]:
         """200 ``ready`` or 503 ``not ready``; with the bearer token, ``checks`` says which
-        check failed. Without one (or with a wrong one) only the status."""
+        check failed, and ``kafka`` what each Kafka consumer reads. Without one (or with a wrong
+        one) only the status."""
         checks = await http.ready() if http.ready else {}
         ok = all(checks.values())
         body: Readiness = {"status": "ready" if ok else "not ready"}
         if http.token_name(snapshot, request.headers.get("authorization")) is not None:
             body["checks"] = checks
+            if consumers := kafka_readiness(http.pipeline):
+                body["kafka"] = consumers
         return Response(body, status_code=200 if ok else NOT_READY)
 
     @get(
