@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import uuid
 from typing import Any
@@ -35,7 +36,13 @@ def _serve(args: argparse.Namespace, role: str) -> int:
         data_dir=settings.data_dir,
     )
     asyncio.run(run_until_signalled(bridge))
-    return 0
+    # Stopped cleanly. Leave without interpreter finalization: the Temporal SDK's native threads
+    # may still touch the GIL while Python finalizes, which aborts the process (SIGABRT) after a
+    # clean stop, and a supervisor would count a crash (temporalio/sdk-python#300).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _validate(args: argparse.Namespace) -> int:
