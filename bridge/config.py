@@ -110,12 +110,21 @@ Task = Annotated[
 ]
 
 
+class SignalDelivery(Model):
+    """Deliver the entry's events to an open run as a signal, instead of starting a run each."""
+
+    name: str = Field(min_length=1)  # the signal the run receives
+    workflow_id: str = Field(min_length=1)  # which run: a template rendered against the event, like input
+    if_missing: Literal["skip", "start"] = "skip"  # no open run: drop and count, or signal-with-start
+
+
 class Workflow(Model):
     id: str
     description: str | None = None
     workflow_type: str | None = None
     task_queue: str | None = None
     input: Any = None
+    signal: SignalDelivery | None = None
     triggers: list[Trigger] = Field(default_factory=list)
     tasks: list[Task] = Field(default_factory=list)
 
@@ -125,6 +134,8 @@ class Workflow(Model):
             raise ValueError("give either workflow_type (your own workflow) or tasks, not both")
         if not self.workflow_type and not self.tasks:
             raise ValueError("give workflow_type (your own workflow) or tasks (the built-in runner)")
+        if self.signal is not None and not self.workflow_type:
+            raise ValueError("signal: needs workflow_type, your workflow that handles the signal")
         return self
 
 

@@ -39,6 +39,40 @@ class TriggerRoute:
     validator: Any | None
 
 
+# Temporal's default limit on a workflow id (limit.maxIDLength), in characters.
+MAX_WORKFLOW_ID = 1000
+
+
+@dataclass(frozen=True)
+class SignalRoute:
+    """``signal:`` of an entry: send ``name`` to the open run ``workflow_id`` (a template)."""
+
+    name: str
+    workflow_id: str
+    if_missing: str  # skip | start
+
+    def render_id(self, event: EventSignal) -> str:
+        """The run's id for this event; TemplateError when it renders empty or too long."""
+        value = templates.render(self.workflow_id, event_context(event))
+        text = "" if value is None else str(value)
+        if not text.strip():
+            raise templates.TemplateError(f"signal workflow_id {self.workflow_id!r} renders empty for this event")
+        if len(text) > MAX_WORKFLOW_ID:
+            raise templates.TemplateError(
+                f"signal workflow_id renders {len(text)} characters; Temporal allows {MAX_WORKFLOW_ID}"
+            )
+        return text
+
+    def describe(self) -> str:
+        return f"signal {self.workflow_id}:{self.name}"
+
+
+def event_context(event: EventSignal) -> dict[str, Any]:
+    """What ``input:`` and ``signal.workflow_id`` templates see: ``trigger``/``input`` (the
+    payload) and ``event`` (the envelope)."""
+    return {"trigger": event.payload, "input": event.payload, "event": event.envelope()}
+
+
 @dataclass(frozen=True)
 class WorkflowRoute:
     id: str
@@ -46,6 +80,7 @@ class WorkflowRoute:
     task_queue: str
     input: Any
     triggers: tuple[TriggerRoute, ...]
+    signal: SignalRoute | None = None
 
     def triggered_by(self, name: str) -> Iterator[TriggerRoute]:
         return (t for t in self.triggers if name_matches(t.name, name))
@@ -53,12 +88,13 @@ class WorkflowRoute:
 
 @dataclass(frozen=True)
 class Target:
-    """One child workflow to start for one event."""
+    """One workflow to start, or (``signal``) one open run to signal, for one event."""
 
     workflow_id: str
     workflow_type: str | None  # None: the built-in task runner
     task_queue: str
     input: Any
+    signal: SignalRoute | None = None
 
 
 @dataclass
@@ -90,6 +126,13 @@ class RouteTable:
                     templates.check(task.config.model_dump())
             except templates.TemplateError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
+            signal = None
+            if wf.signal is not None:
+                try:
+                    templates.check(wf.signal.workflow_id)
+                except templates.TemplateError as exc:
+                    raise ConfigError(f"{where}: signal.workflow_id: {exc}") from None
+                signal = SignalRoute(wf.signal.name, wf.signal.workflow_id, wf.signal.if_missing)
             names: set[str] = set()
             triggers = []
             for trig in wf.triggers:
@@ -106,6 +149,7 @@ class RouteTable:
                     task_queue=wf.task_queue or config.task_queue,
                     input=wf.input,
                     triggers=tuple(triggers),
+                    signal=signal,
                 )
             )
         return cls(routes)
@@ -122,6 +166,7 @@ class RouteTable:
                     TriggerRoute(t["name"], Filter(t["filter"]) if t.get("filter") else None, None)
                     for t in w["triggers"]
                 ),
+                signal=_signal_from_spec(w.get("signal")),
             )
             for w in spec["workflows"]
         ]
@@ -137,17 +182,19 @@ class RouteTable:
                     "task_queue": w.task_queue,
                     "input": w.input,
                     "triggers": [{"name": t.name, "filter": t.filter.source if t.filter else None} for t in w.triggers],
+                    "signal": None if w.signal is None else dict(vars(w.signal)),
                 }
                 for w in self.workflows
             ]
         }
 
     def names(self) -> dict[str, list[str]]:
-        """Event name (or pattern) → workflow ids, in file order."""
+        """Event name (or pattern) → workflow ids, in file order; an entry that signals open runs
+        is shown as ``signal {workflow_id template}:{signal name} ({id})``."""
         out: dict[str, list[str]] = {}
         for w in self.workflows:
             for t in w.triggers:
-                out.setdefault(t.name, []).append(w.id)
+                out.setdefault(t.name, []).append(w.id if w.signal is None else f"{w.signal.describe()} ({w.id})")
         return out
 
     def is_routable(self, name: str) -> bool:
@@ -157,8 +204,12 @@ class RouteTable:
         """Raise :class:`EventRejected` for an event no trigger names or a schema refuses."""
         matched = False
         for w in self.workflows:
+            signal_checked = False
             for t in w.triggered_by(event.name):
                 matched = True
+                if w.signal is not None and not signal_checked:
+                    signal_checked = True
+                    _check_signal_target(w.id, w.signal, event)
                 if t.validator is None:
                     continue
                 error = next(iter(t.validator.iter_errors(event.payload)), None)
@@ -210,13 +261,29 @@ class RouteTable:
                     if verdict is not True:
                         limited = limited or verdict is None
                         continue
-                routing.targets.append(Target(w.id, w.workflow_type, w.task_queue, w.input))
+                routing.targets.append(Target(w.id, w.workflow_type, w.task_queue, w.input, w.signal))
                 break
             else:
                 if limited:
                     routing.limited.append(w.id)
         routing.cost = values.cost if values is not None else 0
         return routing
+
+
+def _signal_from_spec(spec: dict[str, Any] | None) -> SignalRoute | None:
+    if not spec:
+        return None
+    return SignalRoute(spec["name"], spec["workflow_id"], spec.get("if_missing", "skip"))
+
+
+def _check_signal_target(workflow: str, signal: SignalRoute, event: EventSignal) -> None:
+    """Refuse, at the adapter, an event whose run to signal has no usable id."""
+    try:
+        signal.render_id(event)
+    except templates.TemplateError as exc:
+        raise EventRejected(
+            "target_invalid", f"workflow {workflow!r}: {exc}", workflow=workflow, field="signal.workflow_id"
+        ) from None
 
 
 def _compile_trigger(name: str, filter_src: str | None, schema: dict[str, Any] | None, where: str) -> TriggerRoute:

@@ -14,6 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 from temporalio import activity
+from temporalio.api.common.v1 import Memo, WorkflowExecution, WorkflowType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import SignalWithStartWorkflowExecutionRequest, SignalWorkflowExecutionRequest
+from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -26,6 +30,9 @@ from dispatcher.contract import (
     HTTP_REQUEST,
     LOAD_ROUTES,
     LOAD_TASKS,
+    MISSING,
+    SIGNAL_STARTED,
+    SIGNALED,
     START_TARGETS,
     STARTED,
     DispatcherSettings,
@@ -79,6 +86,8 @@ class BridgeActivities:
         client = activity.client()
 
         async def start(s: TargetStart) -> str:
+            if s.signal is not None:
+                return await deliver_signal(client, s)
             try:
                 await client.start_workflow(
                     s.workflow_type,
@@ -107,11 +116,13 @@ class BridgeActivities:
             for i in chain:
                 outcomes[i] = await start(batch.starts[i])
 
-        # Starts with the same ordering key one after another, in the batch's order; the rest at once.
+        # Starts with the same ordering key, and signals to the same run, one after another in the
+        # batch's order; the rest at once.
         outcomes: list[str] = [""] * len(batch.starts)
         chains: dict[object, list[int]] = {}
         for i, s in enumerate(batch.starts):
-            chains.setdefault(i if s.key is None else s.key, []).append(i)
+            chain = ("run", s.id) if s.signal is not None else (i if s.key is None else s.key)
+            chains.setdefault(chain, []).append(i)
         beat = asyncio.create_task(heartbeat())
         try:
             await asyncio.gather(*(in_order(chain) for chain in chains.values()))
@@ -122,3 +133,51 @@ class BridgeActivities:
     @activity.defn(name=HTTP_REQUEST)
     async def http_request(self, call: HttpCall) -> dict[str, Any]:
         return await http_task.run(self.snapshot().config, call)
+
+
+async def deliver_signal(client: Client, s: TargetStart) -> str:
+    """Signal the open run ``s.id`` (signal-with-start with ``if_missing: start``) with the start's
+    request id, which Temporal dedupes for the life of the run: a redelivered event, a retried
+    activity or a later dispatcher run never delivers it twice. SIGNALED, SIGNAL_STARTED, MISSING
+    or failed(why); transient errors raise, so the activity is retried."""
+    assert s.signal is not None
+    payloads = await client.data_converter.encode_wrapper([s.arg])
+    try:
+        if s.if_missing == "start":
+            memo = Memo(
+                fields={
+                    k: v for k, v in zip(s.memo, await client.data_converter.encode(list(s.memo.values())), strict=True)
+                }
+            )
+            answer = await client.workflow_service.signal_with_start_workflow_execution(
+                SignalWithStartWorkflowExecutionRequest(
+                    namespace=client.namespace,
+                    workflow_id=s.id,
+                    workflow_type=WorkflowType(name=s.workflow_type),
+                    task_queue=TaskQueue(name=s.task_queue),
+                    input=payloads,
+                    identity=client.identity,
+                    request_id=s.request_id or "",
+                    signal_name=s.signal,
+                    signal_input=payloads,
+                    memo=memo,
+                )
+            )
+            return SIGNAL_STARTED if answer.started else SIGNALED
+        await client.workflow_service.signal_workflow_execution(
+            SignalWorkflowExecutionRequest(
+                namespace=client.namespace,
+                workflow_execution=WorkflowExecution(workflow_id=s.id),
+                signal_name=s.signal,
+                input=payloads,
+                identity=client.identity,
+                request_id=s.request_id or "",
+            )
+        )
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND and s.if_missing != "start":
+            return MISSING  # no such run, or it closed
+        if exc.status in (RPCStatusCode.INVALID_ARGUMENT, RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
+            return failed(exc.message)
+        raise
+    return SIGNALED

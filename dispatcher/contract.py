@@ -36,8 +36,11 @@ __all__ = [
     "MAX_SIGNAL_BYTES",
     "MAX_SIGNAL_EVENTS",
     "MAX_TARGET_BYTES",
+    "MISSING",
     "RELOAD_SIGNAL",
     "RUNNER_WORKFLOW",
+    "SIGNALED",
+    "SIGNAL_STARTED",
     "STARTED",
     "START_BATCH_BYTES",
     "START_TARGETS",
@@ -80,6 +83,9 @@ HTTP_REQUEST = "signal-bridge.http_request"  # (HttpCall) -> {"status", "body"}
 # Outcomes of START_TARGETS, one per TargetStart, in order.
 STARTED = "started"
 DUPLICATE = "duplicate"  # a run with that id exists or existed: Temporal refused the start
+SIGNALED = "signaled"  # an open run got the signal (or had it already: Temporal dedupes by request id)
+SIGNAL_STARTED = "signaled: started"  # no open run: signal-with-start started one with the signal
+MISSING = "missing"  # no open run, and the entry says if_missing: skip
 
 
 def failed(reason: str) -> str:
@@ -113,7 +119,17 @@ DRAIN_HISTORY_BYTES = 40 * 1024 * 1024
 CHILD_LIMIT = 1900
 
 # Counters the stats query reports and continue-as-new carries over.
-STAT_KEYS = ("received", "started", "duplicates", "unroutable", "failed", "malformed", "filter_limited")
+STAT_KEYS = (
+    "received",
+    "started",
+    "duplicates",
+    "unroutable",
+    "failed",
+    "malformed",
+    "filter_limited",
+    "signaled",
+    "missing",
+)
 
 StartMode = Literal["child", "activity"]
 
@@ -185,6 +201,8 @@ class DispatcherStats(TypedDict):
     failed: int
     malformed: int
     filter_limited: int
+    signaled: int  # signals delivered to open runs (or that started one: if_missing: start)
+    missing: int  # signals not sent: no open run, if_missing: skip
     backlog: int
     run: int
     signals_this_run: int
@@ -225,6 +243,11 @@ class TargetStart:
     arg: TargetInput
     memo: dict[str, str]
     key: str | None = None  # the event's ordering key: starts with one key are made one by one
+    # A signal to the open run ``id`` instead of a start (signal-with-start when ``if_missing`` is
+    # "start"), with ``request_id``, which Temporal dedupes for the life of the run.
+    signal: str | None = None
+    if_missing: str = "skip"
+    request_id: str | None = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ DUPLICATE or failed(why)) is reported to ``count``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,7 +22,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 with workflow.unsafe.imports_passed_through():
     from bridge import templates
     from bridge.event import EventSignal, encoded_size, target_workflow_id
-    from bridge.routing import Target
+    from bridge.routing import Target, event_context
     from dispatcher.contract import (
         DUPLICATE,
         MAX_TARGET_BYTES,
@@ -55,8 +56,7 @@ def plan(event: EventSignal, size: int, digest: str, target: Target, exec_id: st
     command, and with it every workflow task after), TemplateError when ``input:`` fails."""
     rendered = None
     if target.input is not None:
-        context = {"trigger": event.payload, "input": event.payload, "event": event.envelope()}
-        rendered = templates.render(target.input, context)
+        rendered = templates.render(target.input, event_context(event))
     arg = TargetInput(
         workflow_id=target.workflow_id,
         exec_id=exec_id,
@@ -68,10 +68,25 @@ def plan(event: EventSignal, size: int, digest: str, target: Target, exec_id: st
     weight = size + (size if target.input is None else encoded_size({"": rendered})) + len(target.workflow_id) + 128
     if weight > MAX_TARGET_BYTES:
         raise ValueError(f"its argument is {weight} bytes, over {MAX_TARGET_BYTES}")
-    start_id = target_workflow_id(target.workflow_id, digest)
     memo = target_memo(event, dispatcher)
-    start = TargetStart(start_id, target.workflow_type or RUNNER_WORKFLOW, target.task_queue, arg, memo, event.key)
+    kind = target.workflow_type or RUNNER_WORKFLOW
+    if target.signal is not None:  # the open run the entry's template names, signalled once per event
+        run = target.signal.render_id(event)
+        request_id = signal_request_id(digest, target.workflow_id)
+        start = TargetStart(
+            run, kind, target.task_queue, arg, memo, event.key, target.signal.name, target.signal.if_missing, request_id
+        )
+    else:
+        start = TargetStart(
+            target_workflow_id(target.workflow_id, digest), kind, target.task_queue, arg, memo, event.key
+        )
     return Plan(event, start, weight)
+
+
+def signal_request_id(digest: str, entry: str) -> str:
+    """The request id of the signal of one event (its digest) for one workflow entry: the same
+    on every retry, redelivery and dispatcher run, so Temporal delivers it to a run once."""
+    return hashlib.blake2b(f"{digest}/{entry}".encode(), digest_size=16).hexdigest()
 
 
 async def as_children(plans: list[Plan], count: Count) -> None:

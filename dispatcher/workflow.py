@@ -41,7 +41,10 @@ with workflow.unsafe.imports_passed_through():
         EVENT_SIGNAL,
         LOAD_ROUTES,
         MAX_CARRY_BYTES,
+        MISSING,
         RELOAD_SIGNAL,
+        SIGNAL_STARTED,
+        SIGNALED,
         START_BATCH_BYTES,
         STARTED,
         STAT_KEYS,
@@ -58,6 +61,9 @@ with workflow.unsafe.imports_passed_through():
         wire,
     )
     from dispatcher.starts import Plan
+
+
+_RUN = "\x00run:"  # marks a signalled run's id among the ordering keys in flight
 
 
 @dataclass
@@ -90,6 +96,7 @@ class DispatcherWorkflow:
         self._settings = DispatcherSettings()
         self._in_flight: set[asyncio.Task[None]] = set()  # batches being started
         self._busy: Counter[str] = Counter()  # the ordering keys of the events in those batches
+        self._blocked = False  # the next event signals a run a batch in flight signals too
         self._task_mark = -1  # the history length this workflow task began at
         self._task_bytes = 0  # target arguments sent in this workflow task
 
@@ -133,6 +140,8 @@ class DispatcherWorkflow:
             failed=s["failed"],
             malformed=s["malformed"],
             filter_limited=s["filter_limited"],
+            signaled=s["signaled"],
+            missing=s["missing"],
             backlog=len(self._queue),
             run=self._run,
             signals_this_run=self._signals,
@@ -162,7 +171,7 @@ class DispatcherWorkflow:
     def _can_take(self) -> bool:
         """Events are queued, a batch may go in flight, and the first event's key is not in one
         (a later event of a key waits for the earlier one's start: that is per-key order)."""
-        if not self._queue or len(self._in_flight) >= self._settings.batches_in_flight:
+        if not self._queue or self._blocked or len(self._in_flight) >= self._settings.batches_in_flight:
             return False
         key = self._queue[0].event.key
         return key is None or key not in self._busy
@@ -220,7 +229,11 @@ class DispatcherWorkflow:
         done = await self._evaluate(taken)
         self._queue.extendleft(reversed(taken[done:]))
         plans: list[Plan] = []
-        for item in taken[:done]:
+        for n, item in enumerate(taken[:done]):
+            if self._signals_busy(item):  # it and those behind it wait for that batch
+                self._queue.extendleft(reversed(taken[n:done]))
+                self._blocked = True
+                break
             plans.extend(self._plan(item))
         if plans:
             self._children += len(plans)
@@ -236,15 +249,31 @@ class DispatcherWorkflow:
             await workflow.sleep(YIELD)
             self._spent = 0
 
+    def _signals_busy(self, item: _Queued) -> bool:
+        """Whether a run this event may signal is signalled by a batch in flight (its order with
+        the events before it would not hold). Filters are not asked: a maybe is a yes."""
+        assert self._routes is not None
+        for w in self._routes.workflows:
+            if w.signal is not None and any(True for _ in w.triggered_by(item.event.name)):
+                try:
+                    if _RUN + w.signal.render_id(item.event) in self._busy:
+                        return True
+                except Exception:  # counted as failed when planned
+                    continue
+        return False
+
     def _launch(self, chunk: list[Plan]) -> None:
-        """Start a chunk in the background; its keys are busy until every start in it answered."""
+        """Start a chunk in the background; its keys, and the runs it signals, are busy until every
+        start in it answered."""
         keys = [p.event.key for p in chunk if p.event.key is not None]
+        keys += [_RUN + p.start.id for p in chunk if p.start.signal is not None]
         self._busy.update(keys)
         task = asyncio.create_task(self._start(chunk))
         self._in_flight.add(task)
 
         def done(task: asyncio.Task[None]) -> None:
             self._in_flight.discard(task)
+            self._blocked = False  # whatever waited may go now, or finds what it waits for again
             self._busy.subtract(keys)
             for key in keys:
                 if self._busy[key] <= 0:
@@ -355,16 +384,30 @@ class DispatcherWorkflow:
             return None
 
     async def _start(self, plans: list[Plan]) -> None:
-        """As children, or (start mode ``activity``, or past CHILD_LIMIT children) by activity."""
-        if self._settings.start_mode == "child" and self._child_starts + len(plans) <= CHILD_LIMIT:
-            self._child_starts += len(plans)
-            await starts.as_children(plans, self._count)
+        """As children, or (start mode ``activity``, or past CHILD_LIMIT children) by activity.
+        Signals always go by activity: only the client sets the request id Temporal dedupes by."""
+        children = [p for p in plans if p.start.signal is None]
+        if self._settings.start_mode == "child" and children and self._child_starts + len(children) <= CHILD_LIMIT:
+            self._child_starts += len(children)
+            rest = [p for p in plans if p.start.signal is not None]
+            await asyncio.gather(starts.as_children(children, self._count), starts.by_activity(rest, self._count))
         else:
             await starts.by_activity(plans, self._count)
 
     def _count(self, outcome: str, child_id: str, event: EventSignal) -> None:
         if outcome == STARTED:
             self._stats["started"] += 1
+        elif outcome in (SIGNALED, SIGNAL_STARTED):
+            self._stats["signaled"] += 1
+            self._stats["started"] += outcome == SIGNAL_STARTED
+        elif outcome == MISSING:
+            self._stats["missing"] += 1
+            workflow.logger.info(
+                "no open run to signal, event dropped workflow_id=%s event=%s name=%s",
+                safe(child_id),
+                safe(event.id),
+                safe(event.name),
+            )
         elif outcome == DUPLICATE:
             self._stats["duplicates"] += 1
             workflow.logger.debug("duplicate start refused child=%s event=%s", safe(child_id), safe(event.id))

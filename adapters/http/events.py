@@ -38,6 +38,7 @@ REASONS: tuple[Reason, ...] = (
     "batch_too_large",
     "schema_invalid",
     "unroutable",
+    "target_invalid",
     "rate_limited",
     "unavailable",
     "overloaded",

@@ -38,6 +38,7 @@ REASONS: tuple[Reason, ...] = (
     "too_large",
     "schema_invalid",
     "unroutable",
+    "target_invalid",
     "input_failed",
     "rate_limited",
     "unavailable",
@@ -48,7 +49,7 @@ REASONS: tuple[Reason, ...] = (
 NOT_VERIFIED = "the delivery's signature did not verify"
 UNREADABLE = "the delivery's body could not be read"
 
-EVENT_REASONS: tuple[Reason, ...] = ("too_large", "schema_invalid", "unroutable")
+EVENT_REASONS: tuple[Reason, ...] = ("too_large", "schema_invalid", "unroutable", "target_invalid")
 """Why the pipeline may refuse one event of a delivery: the delivery is then answered with the
 first refused event's status and the per-event answer as its body."""
 

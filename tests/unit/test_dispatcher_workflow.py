@@ -50,8 +50,10 @@ from dispatcher.contract import (
     HTTP_REQUEST,
     LOAD_ROUTES,
     LOAD_TASKS,
+    MISSING,
     RELOAD_SIGNAL,
     RUNNER_WORKFLOW,
+    SIGNALED,
     START_TARGETS,
     STARTED,
     STATS_QUERY,
@@ -165,7 +167,10 @@ class Stubs:
     def _start_targets(self, batch: StartBatch) -> list[str]:
         outcomes = []
         for start in batch.starts:
-            if start.id in self.refuse:
+            if start.signal is not None:  # a signal to an open run: "missing" for the ids in refuse
+                outcomes.append(MISSING if start.id in self.refuse else SIGNALED)
+                self.starts.append(start)
+            elif start.id in self.refuse:
                 outcomes.append(DUPLICATE)
             elif start.id in self.broken:
                 outcomes.append(failed("no such task queue"))
@@ -202,7 +207,13 @@ class Dispatcher:
         return f"test:{self.project}"
 
     def route(
-        self, wid: str, *names: str, workflow_type: str | None = USER_TYPE, input: Any = None, filter: str | None = None
+        self,
+        wid: str,
+        *names: str,
+        workflow_type: str | None = USER_TYPE,
+        input: Any = None,
+        filter: str | None = None,
+        signal: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """One entry of ``RouteTable.spec()``; ``workflow_type=None`` is the built-in runner."""
         return {
@@ -211,6 +222,7 @@ class Dispatcher:
             "task_queue": self.task_queue,
             "input": input,
             "triggers": [{"name": n, "filter": filter} for n in names],
+            "signal": signal,
         }
 
     async def send(self, *items: Any, one: bool = False) -> None:
@@ -719,3 +731,40 @@ async def test_an_event_waits_for_the_batch_holding_its_key(make: Any) -> None:
     await d.settled(received=4, started=4)
     assert [s.id for s in d.stubs.starts] == [run_id(d.project, "w", e) for e in keyed]
     assert d.stubs.peak == 1 and all(s.key == "order-1" for s in d.stubs.starts)
+
+
+async def test_a_signal_entry_signals_the_rendered_run_once_per_event_in_either_mode(make: Any, mode: str) -> None:
+    """Signals go by activity in both modes, with a request id that is the same for a resent event:
+    what Temporal dedupes by. A run that is not open is counted missing, not failed."""
+    d = await make(mode)
+    signal = {"name": "payment", "workflow_id": "order-{{ .trigger.orderId }}", "if_missing": "skip"}
+    d.stubs.routes = [d.route("pay", "payment.completed", signal=signal), d.route("audit", "payment.completed")]
+    d.stubs.refuse = {"order-gone"}
+    paid, gone = d.event("p1", "payment.completed", orderId="o-7"), d.event("p2", "payment.completed", orderId="gone")
+    await d.send(paid, gone)
+    await d.settled(received=2, signaled=1, missing=1, started=2)
+    signals = [s for s in d.stubs.starts if s.signal is not None]
+    assert [(s.id, s.signal, s.if_missing) for s in signals] == [
+        ("order-o-7", "payment", "skip"),
+        ("order-gone", "payment", "skip"),
+    ]
+    digest = run_digest(d.project, paid.source, paid.id)
+    assert signals[0].request_id == starts.signal_request_id(digest, "pay") != signals[1].request_id
+    assert signals[0].arg["trigger"] == {"orderId": "o-7"} and signals[0].arg["workflow_id"] == "pay"
+    assert signals[0].workflow_type == USER_TYPE and signals[0].memo["event_id"] == "p1"
+
+
+async def test_events_for_one_signalled_run_wait_for_the_batch_in_flight(make: Any) -> None:
+    """Order per run: a second event for a run that a batch in flight signals waits for it."""
+    d = await make("activity", batch_size=1, batches_in_flight=4)
+    signal = {"name": "payment", "workflow_id": "order-{{ .trigger.orderId }}"}
+    d.stubs.routes = [d.route("pay", "payment.completed", signal=signal)]
+    d.stubs.gate = asyncio.Event()
+    events = [d.event(f"p{i}", "payment.completed", orderId="o-1", n=i) for i in range(3)]
+    await d.send(*events)
+    await assert_eventually(lambda: d.stubs.active == 1, timeout=15, interval=0.05, what="the first signal in flight")
+    await d.env.sleep(timedelta(seconds=5))
+    assert d.stubs.peak == 1
+    d.stubs.gate.set()
+    await d.settled(received=3, signaled=3)
+    assert [s.arg["trigger"]["n"] for s in d.stubs.starts] == [0, 1, 2] and d.stubs.peak == 1

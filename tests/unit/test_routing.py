@@ -322,3 +322,69 @@ def test_activation_still_refuses_integers_beyond_int64_for_adapters_that_want_t
     with pytest.raises(ValueError, match="64 bits"):
         activation("a", {"deep": [{"n": 2**63}]}, "s", {}, "i")
     assert Filter("payload.deep[0].n > 1").matches(activation("a", {"deep": [{"n": 1}, 2]}, "s", {}, "i")) is False
+
+
+# -- signal: entries that deliver events to open runs ---------------------------------------------
+
+PAYMENTS = wf(
+    "order-payments",
+    "payment.completed",
+    signal={"name": "payment", "workflow_id": "order-{{ .trigger.orderId }}"},
+)
+
+
+def test_a_signal_entry_targets_the_run_its_template_names() -> None:
+    routes = table(PAYMENTS)
+    [target] = routes.resolve(event("payment.completed", {"orderId": "o-7"}))
+    assert target.signal is not None and target.signal.name == "payment" and target.signal.if_missing == "skip"
+    assert target.signal.render_id(event("payment.completed", {"orderId": "o-7"})) == "order-o-7"
+
+
+def test_the_spec_carries_the_signal_to_the_dispatcher() -> None:
+    routes = RouteTable.from_spec(json.loads(json.dumps(table(PAYMENTS).spec())))
+    [target] = routes.resolve(event("payment.completed", {"orderId": 1}))
+    assert (
+        target.signal is not None and target.signal.render_id(event("payment.completed", {"orderId": 1})) == "order-1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("template", "payload", "why"),
+    [
+        ("{{ .trigger.orderId }}", {}, "renders empty"),
+        ("{{ .trigger.orderId }}", {"orderId": "   "}, "renders empty"),
+        ("order-{{ .trigger.orderId }}", {"orderId": "x" * 1000}, "Temporal allows 1000"),
+    ],
+)
+def test_a_run_id_that_renders_empty_or_too_long_is_refused_at_the_adapter(
+    template: str, payload: dict[str, Any], why: str
+) -> None:
+    routes = table(wf("pay", "payment.completed", signal={"name": "payment", "workflow_id": template}))
+    with pytest.raises(EventRejected) as caught:
+        routes.check(event("payment.completed", payload))
+    assert caught.value.reason == "target_invalid" and caught.value.status == 422
+    assert why in caught.value.message and caught.value.details["workflow"] == "pay"
+
+
+def test_a_bad_signal_template_is_refused_at_load() -> None:
+    with pytest.raises(ConfigError, match=r"signal\.workflow_id"):
+        table(wf("pay", "payment.completed", signal={"name": "payment", "workflow_id": "order-{{ .trigger. }}"}))
+
+
+def test_a_signal_needs_the_users_workflow_not_the_task_runner() -> None:
+    with pytest.raises(ConfigError, match="signal: needs workflow_type"):
+        cfg(
+            {
+                "id": "pay",
+                "triggers": [{"name": "payment.completed"}],
+                "tasks": [{"id": "t", "config": {"template": "x"}}],
+                "signal": {"name": "payment", "workflow_id": "order-{{ .trigger.orderId }}"},
+            }
+        )
+
+
+def test_routes_show_a_signal_entry_as_the_run_and_signal_it_reaches() -> None:
+    routes = table(PAYMENTS, wf("audit", "payment.completed"))
+    assert routes.names() == {
+        "payment.completed": ["signal order-{{ .trigger.orderId }}:payment (order-payments)", "audit"]
+    }
