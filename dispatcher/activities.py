@@ -14,17 +14,18 @@ from collections.abc import Callable
 from typing import Any
 
 from temporalio import activity
-from temporalio.api.common.v1 import Memo, WorkflowExecution, WorkflowType
+from temporalio.api.common.v1 import Memo, SearchAttributes, WorkflowExecution, WorkflowType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import SignalWithStartWorkflowExecutionRequest, SignalWorkflowExecutionRequest
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.converter import encode_search_attributes
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from bridge.config import HttpTask
 from bridge.snapshot import Snapshot
-from dispatcher import http_task
+from dispatcher import http_task, search
 from dispatcher.contract import (
     DUPLICATE,
     HTTP_REQUEST,
@@ -49,8 +50,11 @@ log = logging.getLogger(__name__)
 class BridgeActivities:
     """Built with a callable that returns the current snapshot, so `reload` sees a swapped one."""
 
-    def __init__(self, current: Snapshot | Callable[[], Snapshot]) -> None:
+    def __init__(self, current: Snapshot | Callable[[], Snapshot], *, search_attributes: bool = False) -> None:
+        """``search_attributes``: the namespace has dispatcher.search's attributes (the worker
+        looked at start), so target runs may carry them."""
         self._current = current
+        self.search_attributes = search_attributes
 
     def snapshot(self) -> Snapshot:
         return self._current() if callable(self._current) else self._current
@@ -59,7 +63,7 @@ class BridgeActivities:
     async def load_routes(self) -> RoutesResult:
         snap = self.snapshot()
         settings = DispatcherSettings.from_config(snap.config.dispatcher)
-        return RoutesResult(routes=snap.routes.spec(), settings=settings)
+        return RoutesResult(routes=snap.routes.spec(), settings=settings, search_attributes=self.search_attributes)
 
     @activity.defn(name=LOAD_TASKS)
     async def load_tasks(self, workflow_id: str) -> list[dict[str, Any]]:
@@ -95,6 +99,7 @@ class BridgeActivities:
                     id=s.id,
                     task_queue=s.task_queue,
                     memo=s.memo,
+                    search_attributes=search.typed(s.search),
                     id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                     id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
                 )
@@ -144,6 +149,8 @@ async def deliver_signal(client: Client, s: TargetStart) -> str:
     payloads = await client.data_converter.encode_wrapper([s.arg])
     try:
         if s.if_missing == "start":
+            attributes = SearchAttributes()
+            encode_search_attributes(search.typed(s.search), attributes)
             memo = Memo(
                 fields={
                     k: v for k, v in zip(s.memo, await client.data_converter.encode(list(s.memo.values())), strict=True)
@@ -161,6 +168,7 @@ async def deliver_signal(client: Client, s: TargetStart) -> str:
                     signal_name=s.signal,
                     signal_input=payloads,
                     memo=memo,
+                    search_attributes=attributes,
                 )
             )
             return SIGNAL_STARTED if answer.started else SIGNALED

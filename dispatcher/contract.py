@@ -215,6 +215,7 @@ class RoutesResult:
 
     routes: dict[str, Any]
     settings: DispatcherSettings = field(default_factory=DispatcherSettings)
+    search_attributes: bool = False  # the worker found the namespace's SignalBridge* attributes
 
 
 class TargetInput(TypedDict):
@@ -227,10 +228,16 @@ class TargetInput(TypedDict):
     event: dict[str, Any]  # EventSignal.envelope()
 
 
-def target_memo(event: EventSignal, dispatcher: dict[str, str]) -> dict[str, str]:
-    """The memo on every target run, so an operator can find which event started it, and the
-    dispatcher that started it (``dispatcher``: its workflow id, ``dispatcher_run``: the run)."""
-    return {"event_name": event.name, "event_id": event.id, "event_source": event.source, **dispatcher}
+def target_memo(event: EventSignal, dispatcher: dict[str, str], entry: str) -> dict[str, str]:
+    """The memo on every target run, so an operator can find which event and workflow entry started
+    it, and the dispatcher that did (``dispatcher``: its workflow id, ``dispatcher_run``: the run)."""
+    return {
+        "event_name": event.name,
+        "event_id": event.id,
+        "event_source": event.source,
+        "workflow_entry": entry,
+        **dispatcher,
+    }
 
 
 @dataclass
@@ -248,6 +255,7 @@ class TargetStart:
     signal: str | None = None
     if_missing: str = "skip"
     request_id: str | None = None
+    search: dict[str, str] | None = None  # dispatcher.search.values(), when the namespace has them
 
 
 @dataclass

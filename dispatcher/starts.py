@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from bridge import templates
     from bridge.event import EventSignal, encoded_size, target_workflow_id
     from bridge.routing import Target, event_context
+    from dispatcher import search
     from dispatcher.contract import (
         DUPLICATE,
         MAX_TARGET_BYTES,
@@ -50,7 +51,15 @@ class Plan:
     size: int
 
 
-def plan(event: EventSignal, size: int, digest: str, target: Target, exec_id: str, dispatcher: dict[str, str]) -> Plan:
+def plan(
+    event: EventSignal,
+    size: int,
+    digest: str,
+    target: Target,
+    exec_id: str,
+    dispatcher: dict[str, str],
+    search_attributes: dict[str, str] | None = None,
+) -> Plan:
     """The start of ``target`` for ``event`` (``size``: its encoded bytes), its argument built and
     weighed; ValueError when the argument would be over MAX_TARGET_BYTES (Temporal would refuse the
     command, and with it every workflow task after), TemplateError when ``input:`` fails."""
@@ -68,7 +77,7 @@ def plan(event: EventSignal, size: int, digest: str, target: Target, exec_id: st
     weight = size + (size if target.input is None else encoded_size({"": rendered})) + len(target.workflow_id) + 128
     if weight > MAX_TARGET_BYTES:
         raise ValueError(f"its argument is {weight} bytes, over {MAX_TARGET_BYTES}")
-    memo = target_memo(event, dispatcher)
+    memo = target_memo(event, dispatcher, target.workflow_id)
     kind = target.workflow_type or RUNNER_WORKFLOW
     if target.signal is not None:  # the open run the entry's template names, signalled once per event
         run = target.signal.render_id(event)
@@ -80,6 +89,7 @@ def plan(event: EventSignal, size: int, digest: str, target: Target, exec_id: st
         start = TargetStart(
             target_workflow_id(target.workflow_id, digest), kind, target.task_queue, arg, memo, event.key
         )
+    start.search = search_attributes
     return Plan(event, start, weight)
 
 
@@ -103,6 +113,7 @@ async def as_children(plans: list[Plan], count: Count) -> None:
                 parent_close_policy=workflow.ParentClosePolicy.ABANDON,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 memo=s.memo,
+                search_attributes=search.typed(s.search),
             )
         except WorkflowAlreadyStartedError:
             count(DUPLICATE, s.id, plan.event)

@@ -40,8 +40,12 @@ PASSTHROUGH = (
 FILTER_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="filters")
 
 
-def build_worker(client: Client, current: Snapshot | Callable[[], Snapshot], task_queue: str) -> Worker:
-    acts = BridgeActivities(current)
+def build_worker(
+    client: Client, current: Snapshot | Callable[[], Snapshot], task_queue: str, *, search_attributes: bool = False
+) -> Worker:
+    """``search_attributes``: the namespace has dispatcher.search's attributes (see
+    :func:`dispatcher.search.missing`), so target runs carry them."""
+    acts = BridgeActivities(current, search_attributes=search_attributes)
     return Worker(
         client,
         task_queue=task_queue,

@@ -27,7 +27,7 @@ with workflow.unsafe.imports_passed_through():
     from bridge.event import EventSignal, encoded_size, run_digest, target_workflow_id
     from bridge.logsafe import safe
     from bridge.routing import RouteTable, Target
-    from dispatcher import starts
+    from dispatcher import search, starts
     from dispatcher.contract import (
         CARRY_LIMIT_BYTES,
         CHILD_LIMIT,
@@ -94,6 +94,7 @@ class DispatcherWorkflow:
         self._reload = True
         self._routes: RouteTable | None = None
         self._settings = DispatcherSettings()
+        self._search_attributes = False  # whether target runs get dispatcher.search's attributes
         self._in_flight: set[asyncio.Task[None]] = set()  # batches being started
         self._busy: Counter[str] = Counter()  # the ordering keys of the events in those batches
         self._blocked = False  # the next event signals a run a batch in flight signals too
@@ -207,6 +208,7 @@ class DispatcherWorkflow:
             return
         self._routes = routes
         self._settings = result.settings
+        self._search_attributes = result.search_attributes
         workflow.logger.info("routes loaded run=%d workflows=%d", self._run, len(self._routes.workflows))
 
     def _should_rotate(self) -> bool:
@@ -378,7 +380,8 @@ class DispatcherWorkflow:
         try:
             info = workflow.info()
             dispatcher = {"dispatcher": info.workflow_id, "dispatcher_run": info.run_id}
-            return starts.plan(item.event, item.size, item.digest, target, str(workflow.uuid4()), dispatcher)
+            found = search.values(item.event, self._project) if self._search_attributes else None
+            return starts.plan(item.event, item.size, item.digest, target, str(workflow.uuid4()), dispatcher, found)
         except Exception as exc:  # an input template that fails, an argument too large: counted
             self._count(failed(str(exc)), target_workflow_id(target.workflow_id, item.digest), item.event)
             return None

@@ -29,6 +29,7 @@ from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline
 from bridge.runtime.embedded import EmbeddedTemporal
 from bridge.snapshot import Snapshot, SnapshotSource
+from dispatcher import search
 from dispatcher.client import DispatcherClient
 from dispatcher.worker import build_worker
 
@@ -121,7 +122,8 @@ class Bridge:
             self.client, cfg, self.metrics, retry_after=lambda: self.source.current.config.http.retry_after_seconds
         )
         if self.role in ("all", "worker"):
-            self.worker = build_worker(self.client, self.source, cfg.task_queue)
+            attributes = await self._search_attributes()
+            self.worker = build_worker(self.client, self.source, cfg.task_queue, search_attributes=attributes)
             self._worker_task = asyncio.create_task(self.worker.run(), name="worker")
             await self.dispatcher.ensure_started()
         if self.takes_events:
@@ -145,6 +147,27 @@ class Bridge:
             self.embedded.address if self.embedded else cfg.temporal.address,
             self.http_port,
         )
+
+    async def _search_attributes(self) -> bool:
+        """Whether the namespace has the SignalBridge* search attributes; says so loudly if not."""
+        assert self.client is not None
+        namespace = self.config.temporal.namespace
+        try:
+            absent = await search.missing(self.client, namespace)
+        except Exception as exc:  # an API key without operator rights, an old server
+            log.warning(
+                "could not list the search attributes of namespace %s (%s); runs start without them", namespace, exc
+            )
+            return False
+        if absent:
+            log.error(
+                "namespace %s lacks the search attributes %s: target runs start without them, and looking "
+                "events up by id finds nothing. Register them with: signal-bridge setup --config FILE",
+                namespace,
+                ", ".join(absent),
+            )
+            return False
+        return True
 
     def check_auth(self) -> None:
         """Refuse to take events without a bearer token, unless told to; then say so loudly."""
@@ -170,6 +193,7 @@ class Bridge:
                 host=self.config.http.host,
                 port=self.config.http.port,
                 log_level="warning",
+                access_log=False,  # the bridge logs what it does with each event; no line per request
                 lifespan="on",
                 timeout_graceful_shutdown=30,
             )

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 from bridge import snapshot
 from bridge.config import read_config
@@ -36,13 +36,7 @@ def _serve(args: argparse.Namespace, role: str) -> int:
         data_dir=settings.data_dir,
     )
     asyncio.run(run_until_signalled(bridge))
-    # Stopped cleanly. Leave without interpreter finalization: the Temporal SDK's native threads
-    # may still touch the GIL while Python finalizes, which aborts the process (SIGABRT) after a
-    # clean stop, and a supervisor would count a crash (temporalio/sdk-python#300).
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -107,6 +101,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--token", default=None)
     s.add_argument("--id", default=None, help="event id (Idempotency-Key); default a new UUID")
     s.set_defaults(func=_send)
+    from bridge.runtime import events_cli
+
+    events_cli.add_parsers(sub)
     return p
 
 
@@ -127,5 +124,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> NoReturn:
+    """The ``signal-bridge`` command: :func:`main`, then leave without interpreter finalization.
+
+    Once a Temporal client existed, the SDK's native threads may still touch the GIL while Python
+    finalizes, which aborts the process (SIGABRT) after it finished cleanly: a supervisor would
+    count a crash (temporalio/sdk-python#300). Everything is flushed first.
+    """
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -23,6 +23,7 @@ from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest, GetSyste
 from temporalio.client import Client
 
 from bridge.errors import BridgeError
+from dispatcher import search
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class EmbeddedTemporal:
             str(self.db_filename),
             "--log-level",
             "warn",
+            *search.dev_server_flags(),
         ]
         if self.namespace != "default":
             cmd += ["--namespace", self.namespace]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bridge.errors import BridgeError
 from bridge.runtime.embedded import EmbeddedTemporal, check_ready, free_port, temporal_binary
+from dispatcher import search
 from tests.services import containers
 from tests.services.process import LocalService, ServiceUnavailable, install_sigterm_cleanup, run_async
 
@@ -64,7 +65,7 @@ def from_container() -> str:
 
     container = containers.start(
         DockerContainer("temporalio/temporal:latest")
-        .with_command("server start-dev --ip 0.0.0.0 --headless")
+        .with_command(" ".join(["server start-dev --ip 0.0.0.0 --headless", *search.dev_server_flags()]))
         .with_exposed_ports(7233)
     )
     address = f"{container.get_container_host_ip()}:{container.get_exposed_port(7233)}"

@@ -378,6 +378,7 @@ async def test_fan_out_gives_every_target_the_event(make: Any, mode: str) -> Non
             "event_name": "order.created",
             "event_id": "e1",
             "event_source": d.source,
+            "workflow_entry": target["memo"]["workflow_entry"],
             "dispatcher": d.id,
             "dispatcher_run": target["memo"]["dispatcher_run"],
         }

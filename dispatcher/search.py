@@ -1,0 +1,61 @@
+"""The search attributes every target run carries, so any event's runs can be found in Temporal.
+
+``SignalBridgeEventId``, ``SignalBridgeEventName``, ``SignalBridgeSource`` and
+``SignalBridgeProject``, all Keyword. The embedded dev server registers them at start;
+``signal-bridge setup`` registers them on a real server through the operator API. A worker that
+finds them missing says so at start and starts runs without them (a start naming an unregistered
+attribute would fail): runs still start, only the look-up by event loses them.
+"""
+
+from __future__ import annotations
+
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
+from temporalio.client import Client
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+
+from bridge.event import EventSignal
+
+EVENT_ID = SearchAttributeKey.for_keyword("SignalBridgeEventId")
+EVENT_NAME = SearchAttributeKey.for_keyword("SignalBridgeEventName")
+SOURCE = SearchAttributeKey.for_keyword("SignalBridgeSource")
+PROJECT = SearchAttributeKey.for_keyword("SignalBridgeProject")
+KEYS = (EVENT_ID, EVENT_NAME, SOURCE, PROJECT)
+NAMES = tuple(k.name for k in KEYS)
+
+
+def values(event: EventSignal, project: str) -> dict[str, str]:
+    """The attributes of one event's runs, as plain data a workflow may pass to an activity."""
+    return {EVENT_ID.name: event.id, EVENT_NAME.name: event.name, SOURCE.name: event.source, PROJECT.name: project}
+
+
+def typed(plain: dict[str, str] | None) -> TypedSearchAttributes:
+    """:func:`values` (or nothing) as what ``start_workflow`` takes; keys that are not ours are ignored."""
+    if not plain:
+        return TypedSearchAttributes.empty
+    return TypedSearchAttributes([SearchAttributePair(k, plain[k.name]) for k in KEYS if k.name in plain])
+
+
+def dev_server_flags() -> list[str]:
+    """``temporal server start-dev`` arguments that register the attributes."""
+    return [arg for name in NAMES for arg in ("--search-attribute", f"{name}=Keyword")]
+
+
+async def missing(client: Client, namespace: str) -> list[str]:
+    """The attributes the namespace lacks (all of them when it cannot tell)."""
+    answer = await client.operator_service.list_search_attributes(ListSearchAttributesRequest(namespace=namespace))
+    known = set(answer.custom_attributes) | set(answer.system_attributes)
+    return [name for name in NAMES if name not in known]
+
+
+async def register(client: Client, namespace: str) -> list[str]:
+    """Register the missing ones as Keyword; returns the names it added."""
+    absent = await missing(client, namespace)
+    if absent:
+        await client.operator_service.add_search_attributes(
+            AddSearchAttributesRequest(
+                namespace=namespace,
+                search_attributes={name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for name in absent},
+            )
+        )
+    return absent
