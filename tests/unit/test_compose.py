@@ -1,7 +1,9 @@
-"""compose/ agrees with the bridge: env names, ports, addresses, config path, console script.
+"""compose/ agrees with the bridge: env names, ports, addresses, config path, console script, and
+the monitoring beside it (Prometheus scrapes the bridge with its token, Grafana reads Prometheus
+and loads the dashboard; what the dashboard queries: test_dashboard.py).
 
-No Docker engine is needed: the compose file, the Dockerfile and the config are read as data and
-checked against what the bridge really reads.
+No Docker engine is needed: the compose file, the Dockerfile, the config and the monitoring files
+are read as data and checked against what the bridge really reads.
 """
 
 from __future__ import annotations
@@ -151,11 +153,85 @@ def host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Container path → host path of the service's bind mounts (relative to compose/)."""
+    out = {}
+    for volume in service.get("volumes", []):
+        source, target = str(volume).split(":")[:2]
+        out[target] = (COMPOSE_DIR / source).resolve()
+    return out
+
+
+def host_path(service: dict[str, Any], path: str) -> Path:
+    """The file on the host that ``path`` is inside the service's container."""
+    for target, source in sorted(mounts(service).items(), key=lambda item: -len(item[0])):
+        if path == target or path.startswith(target.rstrip("/") + "/"):
+            return source / path[len(target) :].lstrip("/")
+    raise AssertionError(f"nothing is mounted at {path}")
+
+
+def secret_files(service: dict[str, Any]) -> dict[str, str]:
+    """Container path → name of each top-level secret the service is granted."""
+    out = {}
+    for secret in service.get("secrets", []):
+        name = secret if isinstance(secret, str) else secret["source"]
+        target = name if isinstance(secret, str) else secret.get("target", name)
+        out[target if target.startswith("/") else f"/run/secrets/{target}"] = name
+    return out
+
+
+PROMETHEUS = SERVICES["prometheus"]
+GRAFANA = SERVICES["grafana"]
+PROMETHEUS_CONFIG = "/etc/prometheus/prometheus.yml"  # where the image's default command reads it
+GRAFANA_PROVISIONING = "/etc/grafana/provisioning"  # the image's GF_PATHS_PROVISIONING
+
+
+def prometheus_config() -> dict[str, Any]:
+    return yaml.safe_load(host_path(PROMETHEUS, PROMETHEUS_CONFIG).read_text())
+
+
+def scrape_job() -> dict[str, Any]:
+    [job] = prometheus_config()["scrape_configs"]
+    return job
+
+
+def scrape_token(host: dict[str, str] = HOST_ENV) -> str:
+    """The bearer token Prometheus sends: its credentials file is a compose secret, read from the
+    host's environment."""
+    path = scrape_job()["authorization"]["credentials_file"]
+    granted = secret_files(PROMETHEUS)
+    assert path in granted, f"{path} is no secret the prometheus service is granted"
+    variable = COMPOSE["secrets"][granted[path]]["environment"]
+    return host[variable]
+
+
+def grafana_provisioning(kind: str) -> list[dict[str, Any]]:
+    """Every provisioning file of one kind (``datasources``, ``dashboards``) Grafana reads."""
+    folder = host_path(GRAFANA, f"{GRAFANA_PROVISIONING}/{kind}")
+    files = sorted([*folder.glob("*.yml"), *folder.glob("*.yaml")])
+    assert files, f"no {kind} provisioning in {folder}"
+    return [yaml.safe_load(f.read_text()) for f in files]
+
+
+def grafana_datasources() -> list[dict[str, Any]]:
+    return [ds for doc in grafana_provisioning("datasources") for ds in doc["datasources"]]
+
+
+def dashboard_files() -> list[Path]:
+    """The dashboard JSON files Grafana's file providers load."""
+    out = []
+    for doc in grafana_provisioning("dashboards"):
+        for provider in doc["providers"]:
+            assert provider["type"] == "file"
+            out += sorted(host_path(GRAFANA, provider["options"]["path"]).glob("*.json"))
+    return out
+
+
 # --- the services --------------------------------------------------------------------------
 
 
-def test_stack_has_the_four_services_with_healthchecks() -> None:
-    for name in ("temporal", "kafka", "rabbitmq", "bridge"):
+def test_stack_has_its_services_with_healthchecks() -> None:
+    for name in ("temporal", "kafka", "rabbitmq", "bridge", "prometheus"):
         assert name in SERVICES
         assert SERVICES[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
 
@@ -329,3 +405,74 @@ def test_image_copies_what_pip_install_needs(source: str) -> None:
     assert (ROOT / source).exists(), f"{source} is copied into the image but missing from the repository"
     ignore = (COMPOSE_DIR / "Dockerfile.dockerignore").read_text().split()
     assert f"!{source}" in ignore, f"{source} is excluded from the build context"
+
+
+# --- monitoring: Prometheus and Grafana ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["prometheus", "grafana"])
+def test_monitoring_images_are_pinned(name: str) -> None:
+    image = SERVICES[name]["image"]
+    repository, _, tag = image.rpartition(":")
+    assert repository in ("prom/prometheus", "grafana/grafana"), f"{name}: not the official image"
+    assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: {image} is not pinned to a release"
+
+
+def test_prometheus_reads_the_mounted_config() -> None:
+    assert "command" not in PROMETHEUS and "entrypoint" not in PROMETHEUS  # the image's --config.file
+    assert host_path(PROMETHEUS, PROMETHEUS_CONFIG) == (COMPOSE_DIR / "prometheus" / "prometheus.yml").resolve()
+
+
+def test_prometheus_scrapes_the_bridge_metrics_endpoint() -> None:
+    job = scrape_job()
+    assert job.get("scheme", "http") == "http"
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    [static] = job["static_configs"]
+    [target] = static["targets"]
+    host, port = host_port(target)
+    assert SERVICES.get(host) is BRIDGE, f"{target} is not the bridge service"
+    assert port == effective_config().http.port
+    assert port in container_ports(BRIDGE)
+
+
+def test_prometheus_sends_the_token_the_bridge_takes() -> None:
+    """The token comes from the host's $BRIDGE_TOKEN, as the bridge's does, and is in no file."""
+    auth = scrape_job()["authorization"]
+    assert auth.get("type", "Bearer") == "Bearer"
+    assert "credentials" not in auth
+    assert scrape_token() == TOKEN
+    assert scrape_token() in effective_config().http.auth.tokens
+    changed = {**HOST_ENV, "BRIDGE_TOKEN": "another-token"}
+    assert scrape_token(changed) == environment(BRIDGE, changed)["BRIDGE_TOKEN"]
+
+
+def test_prometheus_and_grafana_datasource_agree_on_the_scrape_interval() -> None:
+    """Grafana's $__rate_interval is only right when it knows the scrape interval."""
+    interval = scrape_job().get("scrape_interval") or prometheus_config()["global"]["scrape_interval"]
+    [source] = grafana_datasources()
+    assert source["jsonData"]["timeInterval"] == interval
+
+
+def test_grafana_reads_the_prometheus_service() -> None:
+    [source] = grafana_datasources()
+    assert source["type"] == "prometheus"
+    url = urlsplit(source["url"])
+    assert url.hostname in SERVICES and SERVICES[url.hostname] is PROMETHEUS
+    assert url.port in container_ports(PROMETHEUS)
+    assert GRAFANA["depends_on"]["prometheus"]
+
+
+def test_grafana_provisions_the_dashboard() -> None:
+    dashboard = (COMPOSE_DIR / "grafana" / "dashboards" / "signal-bridge.json").resolve()
+    assert dashboard_files() == [dashboard]
+    home = environment(GRAFANA)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert host_path(GRAFANA, home) == dashboard
+
+
+def test_grafana_shows_dashboards_without_an_account() -> None:
+    """No admin/admin: anonymous viewers only, and no login a default password would open."""
+    env = environment(GRAFANA)
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert env["GF_AUTH_DISABLE_LOGIN_FORM"] == "true"
+    assert env["GF_AUTH_BASIC_ENABLED"] == "false"
