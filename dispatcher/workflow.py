@@ -239,14 +239,7 @@ class DispatcherWorkflow:
             plans.extend(self._plan(item))
         if plans:
             self._children += len(plans)
-            for chunk in starts.chunks(plans):
-                self._new_task()
-                size = sum(p.size for p in chunk)
-                if self._task_bytes and self._task_bytes + size > START_BATCH_BYTES:
-                    await workflow.sleep(YIELD)  # the rest leaves in a new workflow task
-                    self._new_task()
-                self._task_bytes += size
-                self._launch(chunk)
+            self._launch(plans)
         elif self._spent >= TASK_COST_BUDGET and self._queue:
             await workflow.sleep(YIELD)
             self._spent = 0
@@ -264,13 +257,13 @@ class DispatcherWorkflow:
                     continue
         return False
 
-    def _launch(self, chunk: list[Plan]) -> None:
-        """Start a chunk in the background; its keys, and the runs it signals, are busy until every
+    def _launch(self, plans: list[Plan]) -> None:
+        """Start a batch in the background; its keys, and the runs it signals, are busy until every
         start in it answered."""
-        keys = [p.event.key for p in chunk if p.event.key is not None]
-        keys += [_RUN + p.start.id for p in chunk if p.start.signal is not None]
+        keys = [p.event.key for p in plans if p.event.key is not None]
+        keys += [_RUN + p.start.id for p in plans if p.start.signal is not None]
         self._busy.update(keys)
-        task = asyncio.create_task(self._start(chunk))
+        task = asyncio.create_task(self._start_batch(plans))
         self._in_flight.add(task)
 
         def done(task: asyncio.Task[None]) -> None:
@@ -281,9 +274,22 @@ class DispatcherWorkflow:
                 if self._busy[key] <= 0:
                     del self._busy[key]
             if not task.cancelled() and task.exception() is not None:  # a bug: starts count their own failures
-                workflow.logger.error("a batch of %d starts failed: %s", len(chunk), safe(task.exception(), 500))
+                workflow.logger.error("a batch of %d starts failed: %s", len(plans), safe(task.exception(), 500))
 
         task.add_done_callback(done)
+
+    async def _start_batch(self, plans: list[Plan]) -> None:
+        """The batch's chunks one after another, so its starts keep their order; each chunk leaves
+        in a workflow task whose arguments, with other batches' chunks, stay in START_BATCH_BYTES
+        (Temporal terminates a run whose one workflow task sends over 4 MiB)."""
+        for chunk in starts.chunks(plans):
+            size = sum(p.size for p in chunk)
+            self._new_task()
+            while self._task_bytes and self._task_bytes + size > START_BATCH_BYTES:
+                await workflow.sleep(YIELD)  # it leaves in a new workflow task
+                self._new_task()
+            self._task_bytes += size
+            await self._start(chunk)
 
     def _take(self) -> list[_Queued]:
         """Events from the front of the queue, skipping recent duplicates, while the most targets
