@@ -253,7 +253,12 @@ def dead_letter_copy(
         for k, v in (message.headers or {}).items()
         if keep_headers and not is_dead_letter_header(str(k))
     ]
-    origin = {"queue": queue, "exchange": message.exchange or "", "routing-key": message.routing_key or ""}
+    origin = {
+        "queue": queue,
+        "exchange": message.exchange or "",
+        "routing-key": message.routing_key or "",
+        "message-id": message.message_id or "",
+    }
     fitted, cut = fit_headers(letter_headers(rej, event, origin), originals, measure=_size)
     headers: dict[str, Any] = dict(fitted)
     if cut or (message.headers and not keep_headers):

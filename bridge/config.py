@@ -146,6 +146,7 @@ class TemporalConfig(Model):
     tls: bool = False
     ui: bool = True
     ui_port: int | None = None
+    ui_url: str | None = None  # the Temporal UI's address, for links in event look-ups
     db_filename: str | None = None
 
 
@@ -373,6 +374,12 @@ class Webhook(Model):
         return value
 
 
+class TracingConfig(Model):
+    """OpenTelemetry spans from the adapters to the target runs; the exporter comes from ``OTEL_*``."""
+
+    enabled: bool = False
+
+
 class BridgeConfig(Model):
     project: str
     temporal: TemporalConfig = Field(default_factory=TemporalConfig)
@@ -382,6 +389,7 @@ class BridgeConfig(Model):
     amqp: list[AmqpConsumer] = Field(default_factory=list)
     webhooks: list[Webhook] = Field(default_factory=list)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     workflows: list[Workflow] = Field(default_factory=list)
 
     @field_validator("project")

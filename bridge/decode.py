@@ -112,6 +112,9 @@ def _parse_constant(name: str) -> Any:
     raise _Refused(f"{name} is not a number JSON allows")
 
 
+# Made once: json.loads with any hook builds a decoder and its scanner per call.
+_DECODER = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+
 _OPENERS_CLOSERS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _LEAF = b"\x01\xff"
@@ -147,7 +150,9 @@ def parse_json(body: bytes) -> Any:
         text = body.decode(json.detect_encoding(body))
         if json_depth_exceeds(text):
             raise EventRejected("malformed", f"body is not JSON the bridge takes: nested deeper than {MAX_JSON_DEPTH}")
-        value = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+        if text.startswith("\ufeff"):  # what json.loads refuses before decoding
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        value = _DECODER.decode(text)
         if _SURROGATE_ESCAPE.search(text):
             json.dumps(value, ensure_ascii=False).encode()
         return value
@@ -276,7 +281,7 @@ def _structured_data(body: dict[str, Any], content_type: str | None) -> dict[str
         raise EventRejected("malformed", "a CloudEvent's data_base64 is not base64") from None
     if content_type and not is_json_media(content_type):
         return _kept(encoded, content_type)
-    return _as_payload(parse_json(raw)) if raw else {}
+    return _data_payload(raw) if raw else {}
 
 
 def _binary_data(body: bytes, content_type: str | None) -> dict[str, Any]:
@@ -285,4 +290,13 @@ def _binary_data(body: bytes, content_type: str | None) -> dict[str, Any]:
         return {}
     if content_type and not is_json_media(content_type):
         return _kept(base64.b64encode(body).decode("ascii"), content_type)
-    return _as_payload(parse_json(body))
+    return _data_payload(body)
+
+
+def _data_payload(raw: bytes) -> dict[str, Any]:
+    """JSON ``data`` on its own as a payload. An array gains a level when wrapped as
+    ``{"data": […]}``: one nested to the limit is refused, so no payload passes it."""
+    value = parse_json(raw)
+    if isinstance(value, list) and json_depth_exceeds(raw.decode(json.detect_encoding(raw)), MAX_JSON_DEPTH - 1):
+        raise EventRejected("malformed", f"data is nested deeper than {MAX_JSON_DEPTH - 1}, the most an array may be")
+    return _as_payload(value)

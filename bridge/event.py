@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 from typing import Any
 
 # One signal carries at most this much encoded JSON: half of Temporal's 2 MiB payload limit.
@@ -104,3 +106,29 @@ def content_digest(*parts: bytes | str) -> str:
 def encoded_size(item: dict[str, Any]) -> int:
     """Bytes of ``item`` as compact JSON: what it weighs in a signal."""
     return len(json.dumps(item, separators=(",", ":"), default=str))
+
+
+def encode(item: dict[str, Any]) -> bytes:
+    """``item`` as the signal carries it: the JSON the Temporal SDK's ``json/plain`` converter
+    writes (compact, keys sorted, ASCII), so an event is encoded once: its length is what it
+    weighs in a signal (:func:`encoded_size`, for JSON values), and the signal's list of events
+    is these joined (``[a,b,…]``), byte for byte what the SDK would write for the list.
+
+    Values JSON has no type for are written as that converter writes them (datetimes as ISO
+    8601, dataclasses as objects, other iterables as arrays); anything else as its ``str``
+    (where the SDK would fail the signal)."""
+    return _ENCODER.encode(item).encode()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime | date | time):
+        return value.isoformat()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Iterable):
+        return list(value)
+    return str(value)
+
+
+# Made once: json.dumps with any option builds an encoder per call, as long as the encoding itself.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True, default=_json_default)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TypeVar, cast
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 
 class Metrics:
@@ -53,6 +58,31 @@ class Metrics:
             registry=r,
         )
         self.inflight = Gauge("signal_bridge_inflight_events", "Events waiting for Temporal", registry=r)
+        # Read from each dispatcher's stats query by the worker processes (every STATS_INTERVAL s):
+        # its counters since its first run, and the events queued in it now.
+        self.dispatcher_events = Gauge(
+            "signal_bridge_dispatcher_events",
+            "A dispatcher's counters: received, started, signaled, missing, duplicates, unroutable, failed, "
+            "malformed, filter_limited (since its first run, as of the last stats query)",
+            ["dispatcher", "outcome"],
+            registry=r,
+        )
+        self.dispatcher_backlog = Gauge(
+            "signal_bridge_dispatcher_backlog",
+            "Events queued in a dispatcher, not yet dispatched",
+            ["dispatcher"],
+            registry=r,
+        )
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
+
+    def child(self, metric: M, *labels: str) -> M:
+        """``metric.labels(*labels)``, looked up once per label set: ``labels()`` checks its
+        arguments and takes a lock on every call, too much for once per event."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return cast(M, found)  # what the metric's own labels() returned
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from bridge.errors import EventRejected, Overloaded, Unavailable
-from bridge.event import MAX_SIGNAL_BYTES, EventSignal, encoded_size
+from bridge.event import MAX_SIGNAL_BYTES, EventSignal, encode
 from bridge.logsafe import safe
 from bridge.metrics import Metrics
 from bridge.routing import RouteTable
@@ -27,6 +28,24 @@ class Sink(Protocol):
 
     async def submit(self, events: Sequence[EventSignal]) -> None:
         """Return only once every event is durably held; raise Unavailable otherwise."""
+
+
+class EncodedSink(Sink, Protocol):
+    """A sink that also takes the events already encoded (:func:`bridge.event.encode`), as the
+    pipeline's size check made them: each event is encoded once on its way to Temporal."""
+
+    async def submit_encoded(self, events: Sequence[EventSignal], encoded: Sequence[bytes]) -> None:
+        """:meth:`Sink.submit`, with ``encoded[i]`` the encoding of ``events[i]``."""
+
+
+class Tracer(Protocol):
+    """Spans around the pipeline, when tracing is on (bridge.runtime.tracing.EventTracer)."""
+
+    def received(self, events: Sequence[EventSignal], adapter: str) -> list[EventSignal]:
+        """A receive span per event; the events as they go on (carrying their span's context)."""
+
+    def submitting(self, events: Sequence[EventSignal]) -> AbstractContextManager[None]:
+        """The span of handing ``events`` to the sink."""
 
 
 @dataclass
@@ -48,9 +67,11 @@ class Pipeline:
         *,
         max_pending: int = 10_000,
         retry_after: float = 5.0,
+        tracer: Tracer | None = None,
     ) -> None:
         self._routes = routes
         self.sink = sink
+        self.tracer = tracer
         self.metrics = metrics or Metrics()
         self.max_pending = max_pending
         self.retry_after = retry_after
@@ -67,58 +88,90 @@ class Pipeline:
         Total: an event the checks themselves fail on (a bug, or a value nobody foresaw) is refused
         as ``malformed`` with the traceback logged, so it can never fail the events beside it.
         """
+        return self._examine(event)[0]
+
+    def _examine(self, event: EventSignal) -> tuple[EventRejected | None, bytes]:
+        """Why the event can never be accepted (or None), and its encoding (empty when refused)."""
         try:
             return self._check(event)
         except Exception:
-            log.exception("event could not be checked name=%s id=%s", safe(event.name), safe(event.id))
-            return EventRejected("malformed", "the event could not be checked (the bridge logged why)")
+            log.exception(
+                "event could not be checked name=%s id=%s",
+                safe(event.name),
+                safe(event.id),
+                extra={"event_id": event.id, "event_name": event.name, "event_source": event.source},
+            )
+            return EventRejected("malformed", "the event could not be checked (the bridge logged why)"), b""
 
-    def _check(self, event: EventSignal) -> EventRejected | None:
+    def _check(self, event: EventSignal) -> tuple[EventRejected | None, bytes]:
         try:
             self.routes.check(event)
         except EventRejected as exc:
-            return exc
-        size = encoded_size(event.to_dict())
-        if size > MAX_SIGNAL_BYTES:
+            return exc, b""
+        data = encode(event.to_dict())
+        if len(data) > MAX_SIGNAL_BYTES:
             return EventRejected(
-                "too_large", f"the event is {size} bytes encoded; one signal carries at most {MAX_SIGNAL_BYTES}"
-            )
-        return None
+                "too_large", f"the event is {len(data)} bytes encoded; one signal carries at most {MAX_SIGNAL_BYTES}"
+            ), b""
+        return None, data
 
     async def submit(self, events: Sequence[EventSignal], adapter: str) -> list[Outcome]:
         """Check each event, submit the good ones together, and report every outcome in order.
 
         Raises :class:`bridge.errors.Unavailable` when Temporal did not take the good ones.
         """
-        outcomes = [Outcome(e, self.check(e)) for e in events]
-        good = [o.event for o in outcomes if o.accepted]
-        self.metrics.received.labels(adapter).inc(len(events))
-        refused = [o for o in outcomes if o.rejected is not None]
-        if len(refused) == 1 and refused[0].rejected is not None:
-            self.reject(adapter, refused[0].event.name, refused[0].event.id, refused[0].rejected)
-        elif refused:
-            self._reject_many(adapter, refused)
+        outcomes: list[Outcome] = []
+        good: list[EventSignal] = []
+        encoded: list[bytes] = []
+        if self.tracer is not None:  # before encoding: each event then carries its receive span
+            events = self.tracer.received(events, adapter)
+        for event in events:
+            rejected, data = self._examine(event)
+            outcomes.append(Outcome(event, rejected))
+            if rejected is None:
+                good.append(event)
+                encoded.append(data)
+        metrics = self.metrics
+        metrics.child(metrics.received, adapter).inc(len(events))
+        if len(good) < len(outcomes):
+            self._refused(adapter, [o for o in outcomes if o.rejected is not None])
         if good:
             self._admit(len(good), adapter)
             self.pending += len(good)
-            self.metrics.inflight.inc(len(good))
+            metrics.inflight.inc(len(good))
             try:
-                with self.metrics.submit_seconds.time():
-                    await self.sink.submit(good)
+                with metrics.submit_seconds.time(), self.tracer.submitting(good) if self.tracer else nullcontext():
+                    await self._hand_over(good, encoded)
             except Unavailable:
-                self.metrics.unavailable.labels(adapter).inc()
+                metrics.child(metrics.unavailable, adapter).inc()
                 raise
             finally:
                 self.pending -= len(good)
-                self.metrics.inflight.dec(len(good))
-            self.metrics.accepted.labels(adapter).inc(len(good))
+                metrics.inflight.dec(len(good))
+            metrics.child(metrics.accepted, adapter).inc(len(good))
         return outcomes
+
+    async def _hand_over(self, events: list[EventSignal], encoded: list[bytes]) -> None:
+        """To the sink, with the encodings the size check made when it takes them."""
+        sink = self.sink
+        # Not isinstance(sink, EncodedSink): a runtime protocol check costs more than the encoding it saves.
+        if callable(getattr(sink, "submit_encoded", None)):
+            await cast(EncodedSink, sink).submit_encoded(events, encoded)
+        else:
+            await sink.submit(events)
+
+    def _refused(self, adapter: str, refused: list[Outcome]) -> None:
+        if len(refused) == 1 and refused[0].rejected is not None:
+            event = refused[0].event
+            self.reject(adapter, event.name, event.id, refused[0].rejected, source=event.source)
+        else:
+            self._reject_many(adapter, refused)
 
     def _admit(self, count: int, adapter: str) -> None:
         """Refuse a submission that would hold more than ``max_pending`` events waiting for
         Temporal (one batch alone always goes, so a batch larger than the cap is not stuck)."""
         if self.pending and self.pending + count > self.max_pending:
-            self.metrics.overloaded.labels(adapter).inc()
+            self.metrics.child(self.metrics.overloaded, adapter).inc()
             raise Overloaded(
                 f"{self.pending} events already wait for Temporal in this process (at most {self.max_pending})",
                 self.retry_after,
@@ -128,18 +181,26 @@ class Pipeline:
         """Count every refusal, and log them as one line with counts per reason (details at DEBUG):
         a batch of a thousand unroutable events is one line, not a thousand."""
         reasons: dict[str, int] = {}
+        details = log.isEnabledFor(logging.DEBUG)
         for o in refused:
             assert o.rejected is not None
-            self.metrics.rejected.labels(adapter, o.rejected.reason).inc()
+            self.metrics.child(self.metrics.rejected, adapter, o.rejected.reason).inc()
             reasons[o.rejected.reason] = reasons.get(o.rejected.reason, 0) + 1
-            log.debug(
-                "event rejected adapter=%s reason=%s name=%s id=%s: %s",
-                adapter,
-                o.rejected.reason,
-                safe(o.event.name),
-                safe(o.event.id),
-                safe(o.rejected.message, 500),
-            )
+            if details:
+                log.debug(
+                    "event rejected adapter=%s reason=%s name=%s id=%s: %s",
+                    adapter,
+                    o.rejected.reason,
+                    safe(o.event.name),
+                    safe(o.event.id),
+                    safe(o.rejected.message, 500),
+                    extra={
+                        "event_id": o.event.id,
+                        "event_name": o.event.name,
+                        "event_source": o.event.source,
+                        "adapter": adapter,
+                    },
+                )
         first = refused[0]
         log.warning(
             "events rejected adapter=%s count=%d %s first: name=%s id=%s: %s",
@@ -149,11 +210,14 @@ class Pipeline:
             safe(first.event.name),
             safe(first.event.id),
             safe(first.rejected.message if first.rejected else "", 500),
+            extra={"adapter": adapter},
         )
 
-    def reject(self, adapter: str, name: str | None, event_id: str | None, exc: EventRejected) -> None:
+    def reject(
+        self, adapter: str, name: str | None, event_id: str | None, exc: EventRejected, *, source: str | None = None
+    ) -> None:
         """Count and log an event refused for good; adapters call it for decode failures too."""
-        self.metrics.rejected.labels(adapter, exc.reason).inc()
+        self.metrics.child(self.metrics.rejected, adapter, exc.reason).inc()
         log.warning(
             "event rejected adapter=%s reason=%s name=%s id=%s: %s",
             adapter,
@@ -161,4 +225,5 @@ class Pipeline:
             safe(name),
             safe(event_id),
             safe(exc.message, 500),
+            extra={"event_id": event_id, "event_name": name, "event_source": source, "adapter": adapter},
         )

@@ -203,7 +203,10 @@ class RouteTable:
     def check(self, event: EventSignal) -> None:
         """Raise :class:`EventRejected` for an event no trigger names or a schema refuses."""
         matched = False
+        only = replay_target(event)
         for w in self.workflows:
+            if only is not None and w.id != only:
+                continue
             signal_checked = False
             for t in w.triggered_by(event.name):
                 matched = True
@@ -248,7 +251,10 @@ class RouteTable:
         """
         routing = Routing()
         values: Scope | None = None
+        only = replay_target(event)
         for w in self.workflows:
+            if only is not None and w.id != only:
+                continue
             limited = False
             for t in w.triggered_by(event.name):
                 if t.filter is not None:
@@ -268,6 +274,15 @@ class RouteTable:
                     routing.limited.append(w.id)
         routing.cost = values.cost if values is not None else 0
         return routing
+
+
+def replay_target(event: EventSignal) -> str | None:
+    """The one workflow entry an event sent by ``signal-bridge replay runs --to`` is for:
+    ``metadata.replay.to``. Only the replay sets it: no adapter copies a sender's fields into
+    ``metadata`` (they keep named headers only). None: every entry the name triggers (docs/replay.md)."""
+    replay = event.metadata.get("replay")
+    to = replay.get("to") if isinstance(replay, dict) else None
+    return to if isinstance(to, str) and to else None
 
 
 def _signal_from_spec(spec: dict[str, Any] | None) -> SignalRoute | None:

@@ -264,6 +264,7 @@ class Settler(Generic[M]):
                 self.adapter,
                 self.name,
                 safe(self.transport.fallback_id(message)),
+                extra=self._fields(item),
             )
             self._refuse(item, EventRejected("malformed", f"cannot decode: {exc!r}"))
             return item
@@ -276,7 +277,9 @@ class Settler(Generic[M]):
         item.error = exc
         event = item.event
         event_id = event.id if event else self.transport.fallback_id(item.message)
-        self.pipeline.reject(self.adapter, event.name if event else None, event_id, exc)
+        self.pipeline.reject(
+            self.adapter, event.name if event else None, event_id, exc, source=event.source if event else None
+        )
 
     async def _hold(self, items: list[Item[M]]) -> None:
         """Submit until Temporal holds the events, then acknowledge them; a batch too large for
@@ -326,11 +329,19 @@ class Settler(Generic[M]):
             why,
             self._describe(item),
             safe(item.error.message, 500),
+            extra=self._fields(item),
         )
         return True
 
     def _log_dead_letter(self, item: Item[M]) -> None:
-        log.info("%s message dead-lettered %s", self.adapter, self._describe(item))
+        log.info("%s message dead-lettered %s", self.adapter, self._describe(item), extra=self._fields(item))
+
+    def _fields(self, item: Item[M]) -> dict[str, str]:
+        """The event's fields on a log line about it (JSON logs carry them: bridge/runtime/logs.py)."""
+        event = item.event
+        if event is None:
+            return {"event_id": self.transport.fallback_id(item.message), "adapter": self.adapter}
+        return {"event_id": event.id, "event_name": event.name, "event_source": event.source, "adapter": self.adapter}
 
     def _describe(self, item: Item[M]) -> str:
         """``from= reason= id= name=`` of a refused message, every sender value made safe to log."""
@@ -359,6 +370,7 @@ class Settler(Generic[M]):
                     what,
                     time.monotonic() - self._outage_since,
                     self.failures,
+                    extra={"adapter": self.adapter},
                 )
                 self.failures = 0
                 self.transport.resume()
@@ -380,6 +392,7 @@ class Settler(Generic[M]):
                 what,
                 state,
                 safe(exc, 500),
+                extra={"adapter": self.adapter},
             )
         else:
             log.info(
@@ -391,6 +404,7 @@ class Settler(Generic[M]):
                 self.failures,
                 delay,
                 safe(exc, 500),
+                extra={"adapter": self.adapter},
             )
         self.transport.pause()
         if not await self.transport.wait(delay):

@@ -9,10 +9,13 @@ too (:mod:`dispatcher.http_task`). The names and payloads are in :mod:`dispatche
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from temporalio import activity
 from temporalio.api.common.v1 import Memo, SearchAttributes, WorkflowExecution, WorkflowType
 from temporalio.api.taskqueue.v1 import TaskQueue
@@ -50,11 +53,15 @@ log = logging.getLogger(__name__)
 class BridgeActivities:
     """Built with a callable that returns the current snapshot, so `reload` sees a swapped one."""
 
-    def __init__(self, current: Snapshot | Callable[[], Snapshot], *, search_attributes: bool = False) -> None:
+    def __init__(
+        self, current: Snapshot | Callable[[], Snapshot], *, search_attributes: bool = False, tracing: bool = False
+    ) -> None:
         """``search_attributes``: the namespace has dispatcher.search's attributes (the worker
-        looked at start), so target runs may carry them."""
+        looked at start), so target runs may carry them. ``tracing``: each start is made in its
+        event's trace (``metadata.traceparent``), so the run continues it."""
         self._current = current
         self.search_attributes = search_attributes
+        self.tracing = tracing
 
     def snapshot(self) -> Snapshot:
         return self._current() if callable(self._current) else self._current
@@ -92,6 +99,12 @@ class BridgeActivities:
         async def start(s: TargetStart) -> str:
             if s.signal is not None:
                 return await deliver_signal(client, s)
+            if self.tracing:
+                with in_trace_of(s):
+                    return await start_one(s)
+            return await start_one(s)
+
+        async def start_one(s: TargetStart) -> str:
             try:
                 await client.start_workflow(
                     s.workflow_type,
@@ -189,3 +202,26 @@ async def deliver_signal(client: Client, s: TargetStart) -> str:
             return failed(exc.message)
         raise
     return SIGNALED
+
+
+@contextlib.contextmanager
+def in_trace_of(s: TargetStart) -> Iterator[None]:
+    """A ``dispatch`` span in the trace of the start's event (its ``metadata.traceparent``), made
+    current, so the client's tracing interceptor makes the start span under it and puts it in the
+    run's headers: the dispatcher's handling of the event, between its receive span and the run."""
+    event = s.arg["event"]
+    metadata = event.get("metadata") or {}
+    carrier = {k: v for k in ("traceparent", "tracestate") if isinstance(v := metadata.get(k), str)}
+    parent = TraceContextTextMapPropagator().extract(carrier)
+    info = activity.info()
+    with trace.get_tracer("signal-bridge").start_as_current_span(
+        f"dispatch {event.get('name')}",
+        context=parent,
+        attributes={
+            "signal_bridge.event.id": str(event.get("id")),
+            "signal_bridge.dispatcher": info.workflow_id or "",
+            "signal_bridge.target": s.id,
+            "signal_bridge.workflow_entry": s.arg["workflow_id"],
+        },
+    ):
+        yield

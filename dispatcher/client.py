@@ -28,14 +28,15 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from temporalio.api.common.v1 import Payload
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.client import Client, WorkflowHandle
-from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.common import RawValue, WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from bridge.config import BridgeConfig
 from bridge.errors import EventRejected, Unavailable
-from bridge.event import EventSignal, encoded_size
+from bridge.event import EventSignal, encode
 from bridge.metrics import Metrics
 from dispatcher.contract import (
     DISPATCHER_WORKFLOW,
@@ -60,9 +61,13 @@ def shard_of(event: EventSignal, shards: int) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % shards
 
 
+JSON_PLAIN = {"encoding": b"json/plain"}
+"""The metadata of the signal's payload: what the SDK's JSON converter writes, and decodes."""
+
+
 @dataclass
 class _Submission:
-    events: list[dict[str, Any]]
+    events: list[bytes]  # each event encoded (bridge.event.encode)
     size: int
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -124,27 +129,32 @@ class DispatcherClient:
         the signal limits) into submissions that the shards' senders coalesce with others.
         """
         self._refuse_if_down()
-        placed: list[tuple[int, dict[str, Any], int]] = []
-        for event in events:
-            item = event.to_dict()
-            size = encoded_size(item)
-            if size > MAX_SIGNAL_BYTES:
+        await self.submit_encoded(events, [encode(event.to_dict()) for event in events])
+
+    async def submit_encoded(self, events: Sequence[EventSignal], encoded: Sequence[bytes]) -> None:
+        """:meth:`submit`, with ``encoded[i]`` the :func:`bridge.event.encode` of ``events[i]``
+        (the pipeline's size check made it): each event is encoded once, and the signal carries
+        these bytes as they are."""
+        self._refuse_if_down()
+        placed: list[tuple[int, bytes]] = []
+        for event, item in zip(events, encoded, strict=True):
+            if len(item) > MAX_SIGNAL_BYTES:
                 raise EventRejected(
-                    "too_large", f"event {event.id!r} of {size} bytes exceeds the {MAX_SIGNAL_BYTES}-byte limit"
+                    "too_large", f"event {event.id!r} of {len(item)} bytes exceeds the {MAX_SIGNAL_BYTES}-byte limit"
                 )
-            placed.append((shard_of(event, self.shards), item, size))
+            placed.append((shard_of(event, self.shards), item))
         if not self._senders:
             self._start_senders()
         subs: list[_Submission] = []
         open_: dict[int, _Submission] = {}
-        for shard, item, size in placed:
+        for shard, item in placed:
             sub = open_.get(shard)
-            if sub is None or sub.size + size > MAX_SIGNAL_BYTES or len(sub.events) >= MAX_SIGNAL_EVENTS:
+            if sub is None or sub.size + len(item) > MAX_SIGNAL_BYTES or len(sub.events) >= MAX_SIGNAL_EVENTS:
                 sub = open_[shard] = _Submission([], 0)
                 subs.append(sub)
                 self._queues[shard].put_nowait(sub)
             sub.events.append(item)
-            sub.size += size
+            sub.size += len(item)
         await asyncio.gather(*(s.done for s in subs))
 
     async def ensure_started(self) -> None:
@@ -295,10 +305,12 @@ class DispatcherClient:
             **options,
         )
 
-    async def _signal(self, shard: int, events: list[dict[str, Any]]) -> None:
+    async def _signal(self, shard: int, events: list[bytes]) -> None:
         wid = self.ids[shard]
+        # The list of events, as the SDK would encode the list of their dicts, from their encodings.
+        arg = RawValue(Payload(metadata=JSON_PLAIN, data=b"[" + b",".join(events) + b"]"))
         try:
-            await self._start(shard, start_signal=EVENT_SIGNAL, start_signal_args=[events])
+            await self._start(shard, start_signal=EVENT_SIGNAL, start_signal_args=[arg])
         except RPCError as exc:
             log.warning(
                 "signal-with-start failed dispatcher=%s events=%d status=%s: %s",

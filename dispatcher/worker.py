@@ -32,6 +32,7 @@ PASSTHROUGH = (
     "yaml",
     "slugify",
     "httpx",
+    "opentelemetry",
 )
 
 
@@ -41,11 +42,17 @@ FILTER_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="filters")
 
 
 def build_worker(
-    client: Client, current: Snapshot | Callable[[], Snapshot], task_queue: str, *, search_attributes: bool = False
+    client: Client,
+    current: Snapshot | Callable[[], Snapshot],
+    task_queue: str,
+    *,
+    search_attributes: bool = False,
+    tracing: bool = False,
 ) -> Worker:
     """``search_attributes``: the namespace has dispatcher.search's attributes (see
-    :func:`dispatcher.search.missing`), so target runs carry them."""
-    acts = BridgeActivities(current, search_attributes=search_attributes)
+    :func:`dispatcher.search.missing`), so target runs carry them. ``tracing``: the client has the
+    OpenTelemetry interceptor, and each target starts in its event's trace."""
+    acts = BridgeActivities(current, search_attributes=search_attributes, tracing=tracing)
     return Worker(
         client,
         task_queue=task_queue,

@@ -2,13 +2,14 @@
 
 - :mod:`adapters.http.events` — ``POST /api/v1/events`` (bearer token);
 - :mod:`adapters.http.webhooks` — ``POST /api/v1/hooks/{slug}`` (the webhook's signature);
-- :mod:`adapters.http.ops` — ``/healthz``, ``/readyz``, ``/metrics`` (the app's guard keeps
-  ``/metrics`` and ``/schema`` for bearer token holders: :data:`adapters.http.state.NEEDS_TOKEN`);
+- :mod:`adapters.http.ops` — ``/healthz``, ``/readyz``, ``/metrics`` (a guard keeps ``/metrics``
+  and ``/schema`` for bearer token holders: :func:`adapters.http.state.needs_token`);
 - :mod:`adapters.http.problems` — refusals and their exception handlers, with the status
   :data:`bridge.errors.HTTP_STATUS` gives each reason;
 - :mod:`adapters.http.openapi` — the OpenAPI document at ``/schema/openapi.json``.
 
-Handlers get the pipeline and the current config snapshot injected (:mod:`adapters.http.state`).
+Handlers get the pipeline and the current config snapshot injected (:mod:`adapters.http.state`);
+the events API, the hot path, reads them itself (:meth:`adapters.http.state.HttpState.of`).
 The API: docs/http-api.md and docs/webhooks.md.
 """
 
@@ -19,18 +20,19 @@ from collections.abc import Callable
 from typing import Any
 
 from litestar import Litestar
+from litestar.datastructures import State
 from litestar.di import Provide
 
 from adapters.http.events import EventsController
 from adapters.http.openapi import openapi_config
 from adapters.http.ops import OpsController
 from adapters.http.problems import EXCEPTION_HANDLERS
-from adapters.http.state import HttpState, Ready, current_snapshot
+from adapters.http.state import HTTP_STATE, NEEDS_TOKEN, HttpState, Ready, current_snapshot, needs_token
 from adapters.http.webhooks import WebhooksController
 from bridge.pipeline import Pipeline
 from bridge.snapshot import Snapshot
 
-__all__ = ["Ready", "create_app"]
+__all__ = ["Ready", "check_guarded", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +51,13 @@ def create_app(
     http = HttpState(pipeline, current, insecure=insecure, ready=ready)
     if insecure and not current().tokens:
         log.warning("insecure mode: /metrics, /schema and the /readyz checks are served without a bearer token")
-    return Litestar(
+    app = Litestar(
         route_handlers=[EventsController, WebhooksController, OpsController],
-        guards=[http.guard],
         dependencies={
             "http": Provide(http.provide, use_cache=True, sync_to_thread=False),
             "snapshot": Provide(current_snapshot, sync_to_thread=False),
         },
+        state=State({HTTP_STATE: http}),
         exception_handlers=EXCEPTION_HANDLERS,
         # The body limit follows the current snapshot: see adapters.http.request.read_body.
         request_max_body_size=None,
@@ -65,3 +67,14 @@ def create_app(
         logging_config=None,
         lifespan=lifespan or [],
     )
+    check_guarded(app)
+    return app
+
+
+def check_guarded(app: Litestar) -> None:
+    """Every handler with the opt :data:`NEEDS_TOKEN` has the guard that checks it (it is set on
+    those handlers and routers, not on the whole app: see :func:`adapters.http.state.needs_token`)."""
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            if handler.opt.get(NEEDS_TOKEN) and needs_token not in handler.resolve_guards():
+                raise RuntimeError(f"{route.path} needs a bearer token, but has no needs_token guard")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from litestar import Router
+from litestar.enums import ParamType
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import (
     Components,
@@ -22,6 +23,7 @@ from litestar.openapi.spec import (
     OpenAPIResponse,
     OpenAPIType,
     Operation,
+    Parameter,
     RequestBody,
     Schema,
     SecurityRequirement,
@@ -30,7 +32,7 @@ from litestar.openapi.spec import (
 
 from adapters.http.answers import ErrorBody
 from adapters.http.parse import CE_BATCH
-from adapters.http.state import NEEDS_TOKEN
+from adapters.http.state import NEEDS_TOKEN, needs_token
 from bridge.decode import CE_STRUCTURED, INT_MAX, INT_MIN, MAX_JSON_DEPTH
 from bridge.errors import HTTP_STATUS, Reason
 
@@ -193,9 +195,28 @@ class RawBodyOperation(Operation):
                 response.headers = {**(response.headers or {}), "Retry-After": _RETRY_AFTER}
 
 
+_IDEMPOTENCY_KEY = "The event id of an envelope (in a batch: {key}:{index}); a retry with it starts nothing twice."
+IDEMPOTENCY_KEY = Parameter(
+    name="Idempotency-Key",
+    param_in=ParamType.HEADER,
+    required=False,
+    deprecated=False,
+    description=_IDEMPOTENCY_KEY,
+    schema=Schema(
+        one_of=[Schema(type=OpenAPIType.STRING), Schema(type=OpenAPIType.NULL)], description=_IDEMPOTENCY_KEY
+    ),
+)
+"""The events API's one header parameter, written out as litestar would derive it from a handler
+parameter: the handler reads it from the headers it reads anyway (see adapters.http.events)."""
+
+
 @dataclass
 class EventsOperation(RawBodyOperation):
     body = EVENTS_BODY
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.parameters = [IDEMPOTENCY_KEY, *(self.parameters or [])]
 
 
 @dataclass
@@ -205,13 +226,15 @@ class DeliveryOperation(RawBodyOperation):
 
 
 def openapi_config() -> OpenAPIConfig:
-    """The document and its pages under ``/schema``, for bearer token holders only (the app's guard
-    reads the router's opt): docs/operations.md, "Exposure"."""
+    """The document and its pages under ``/schema``, for bearer token holders only (the router's
+    guard, :func:`adapters.http.state.needs_token`): docs/operations.md, "Exposure"."""
     return OpenAPIConfig(
         title="signal-bridge",
         version="0.1.0",
         path="/schema",
-        openapi_router=Router("/schema", route_handlers=[], include_in_schema=False, opt={NEEDS_TOKEN: True}),
+        openapi_router=Router(
+            "/schema", route_handlers=[], include_in_schema=False, opt={NEEDS_TOKEN: True}, guards=[needs_token]
+        ),
         use_handler_docstrings=True,
         description="Events and webhook deliveries in, Temporal workflow runs out. Reference: docs/http-api.md.",
         components=Components(

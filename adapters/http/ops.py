@@ -19,7 +19,7 @@ from litestar.openapi.spec import SecurityRequirement
 from adapters.http import answers
 from adapters.http.answers import Health
 from adapters.http.openapi import BEARER_AUTH, error_responses
-from adapters.http.state import NEEDS_TOKEN, HttpState
+from adapters.http.state import NEEDS_TOKEN, HttpState, needs_token
 from adapters.kafka import ConsumerReadiness
 from adapters.kafka import readiness as kafka_readiness
 from bridge.snapshot import Snapshot
@@ -73,6 +73,7 @@ class OpsController(Controller):
         security=BEARER_AUTH,
         responses=error_responses(("unauthorized",)),
         opt={NEEDS_TOKEN: True},
+        guards=[needs_token],
     )
     async def metrics(self, http: NamedDependency[HttpState]) -> bytes:
         """The Prometheus text format; needs the bearer token."""

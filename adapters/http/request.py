@@ -8,6 +8,7 @@ bytes, and a CloudEvent in binary mode is a body plus headers.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any
 
 from litestar import Request
@@ -26,20 +27,41 @@ KEPT_HEADERS = ("traceparent", "tracestate", "x-request-id", "x-correlation-id",
 _MAX_LENGTH_DIGITS = 18
 
 
-async def read_body(request: Request[Any, Any, Any], http: HttpState, snap: Snapshot, adapter: str) -> bytes:
+async def read_body(
+    request: Request[Any, Any, Any],
+    http: HttpState,
+    snap: Snapshot,
+    adapter: str,
+    received: Mapping[str, str] | None = None,
+) -> bytes:
     """The whole body, or ``too_large`` as soon as the announced or received length is over
-    ``http.max_body_bytes`` (a chunked body is cut off as soon as it passes the limit)."""
+    ``http.max_body_bytes`` (a chunked body is cut off as soon as it passes the limit).
+    ``received``: the request's :func:`headers`, when the caller has them already."""
     limit = snap.config.http.max_body_bytes
-    length = request.headers.get("content-length") or ""
-    if length.isascii() and length.isdigit() and (len(length) > _MAX_LENGTH_DIGITS or int(length) > limit):
+    hdrs = request.headers if received is None else received
+    length = hdrs.get("content-length") or ""
+    announced = length.isascii() and length.isdigit()
+    if announced and (len(length) > _MAX_LENGTH_DIGITS or int(length) > limit):
         raise _too_large(http, adapter, limit)
-    received = bytearray()
+    if announced and hdrs.get("transfer-encoding") is None:
+        # Framed by its Content-Length, within the limit: the server delivers no more than that.
+        body = await request.body()
+    else:
+        body = await _read_limited(request, limit, http, adapter)
+    if len(body) > limit:
+        raise _too_large(http, adapter, limit)
+    return body
+
+
+async def _read_limited(request: Request[Any, Any, Any], limit: int, http: HttpState, adapter: str) -> bytes:
+    """A body of unannounced length (chunked), cut off as soon as it passes ``limit``."""
+    data = bytearray()
     async with contextlib.aclosing(request.stream()) as chunks:
         async for chunk in chunks:
-            received += chunk
-            if len(received) > limit:
+            data += chunk
+            if len(data) > limit:
                 raise _too_large(http, adapter, limit)
-    return bytes(received)
+    return bytes(data)
 
 
 def _too_large(http: HttpState, adapter: str, limit: int) -> EventRejected:
@@ -47,17 +69,20 @@ def _too_large(http: HttpState, adapter: str, limit: int) -> EventRejected:
 
 
 def headers(request: Request[Any, Any, Any]) -> dict[str, str]:
-    """Lower-cased names; the first of repeated headers."""
+    """Lower-cased names; the first of repeated headers. Read once per request from the ASGI
+    scope's raw headers (Latin-1, as litestar decodes them): every lookup after that is a dict's."""
     out: dict[str, str] = {}
-    for name, value in request.headers.items():
-        out.setdefault(name.lower(), value)
+    for name, value in request.scope["headers"]:
+        key = name.decode("latin-1").lower()
+        if key not in out:
+            out[key] = value.decode("latin-1")
     return out
 
 
-def trace_metadata(request: Request[Any, Any, Any]) -> dict[str, Any]:
+def trace_metadata(received: Mapping[str, str]) -> dict[str, Any]:
     """An event's metadata: the tracing and correlation headers (:data:`KEPT_HEADERS`, each at
-    most :data:`MAX_KEPT_VALUE` characters), never credentials."""
-    kept = {h: v for h in KEPT_HEADERS if (v := request.headers.get(h)) is not None and len(v) <= MAX_KEPT_VALUE}
+    most :data:`MAX_KEPT_VALUE` characters), never credentials. ``received``: :func:`headers`."""
+    kept = {h: v for h in KEPT_HEADERS if (v := received.get(h)) is not None and len(v) <= MAX_KEPT_VALUE}
     meta: dict[str, Any] = {"headers": kept}
     if "x-correlation-id" in kept:
         meta["correlation_id"] = kept["x-correlation-id"]

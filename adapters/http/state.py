@@ -9,7 +9,7 @@ not change. Rate limits, tokens and reloads: docs/http-api.md and docs/webhooks.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
@@ -29,6 +29,9 @@ WEBHOOK_ADAPTER = "webhook"
 """Webhook deliveries: their metrics label."""
 ANONYMOUS = "anonymous"
 """The token name of every request when no token is configured and ``insecure`` is set."""
+
+HTTP_STATE = "http"
+"""Where the app's :class:`HttpState` is kept in the app's ``state``."""
 
 NEEDS_TOKEN = "needs_token"
 """The opt (``opt={NEEDS_TOKEN: True}``) of handlers and routers that only token holders may read."""
@@ -118,9 +121,9 @@ class HttpState:
         return snap.tokens.match(authorization)
 
     def guard(self, connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-        """The app's guard: a handler (or router) with the opt :data:`NEEDS_TOKEN` (``/metrics``,
-        ``/schema``) answers only the events API's bearer token; in insecure mode without tokens,
-        anyone, as the events API. Why: docs/operations.md, "Exposure"."""
+        """What :func:`needs_token` checks: a handler (or router) with the opt :data:`NEEDS_TOKEN`
+        (``/metrics``, ``/schema``) answers only the events API's bearer token; in insecure mode
+        without tokens, anyone, as the events API. Why: docs/operations.md, "Exposure"."""
         if (
             handler.opt.get(NEEDS_TOKEN)
             and self.token_name(self.current(), connection.headers.get("authorization")) is None
@@ -136,16 +139,31 @@ class HttpState:
         """Count the items of a batch refused before anything was submitted; the batch's one log
         line says how many of each reason, so a large batch of bad items costs no log flood."""
         for exc in refused:
-            self.metrics.rejected.labels(adapter, exc.reason).inc()
+            self.metrics.child(self.metrics.rejected, adapter, exc.reason).inc()
 
     def deny(self, adapter: str, reason: Reason, message: str, *, retry_after: int | None = None) -> Problem:
         """Count a request refused before its body was looked at; returned, to be raised."""
-        self.metrics.rejected.labels(adapter, reason).inc()
+        self.metrics.child(self.metrics.rejected, adapter, reason).inc()
         return Problem(reason, message, retry_after=retry_after)
+
+    @staticmethod
+    def of(connection: ASGIConnection[Any, Any, Any, Any]) -> HttpState:
+        """The app's state, for a handler that takes no injected dependency (the events API)."""
+        return cast(HttpState, connection.app.state[HTTP_STATE])
 
     def provide(self) -> HttpState:
         """The litestar dependency ``http``."""
         return self
+
+
+async def needs_token(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """The guard of the handlers and routers with the opt :data:`NEEDS_TOKEN` (``/metrics``, the
+    ``/schema`` router): :meth:`HttpState.guard`. Set on them rather than on the app, since
+    litestar copies the handler for each guard on every request it guards, which would cost the
+    events API a sixth of its time; :func:`adapters.http.create_app` refuses to build an app in
+    which a handler with the opt lacks it. A coroutine function, although it never waits: litestar
+    runs a plain function guard in a worker thread."""
+    HttpState.of(connection).guard(connection, handler)
 
 
 def current_snapshot(http: NamedDependency[HttpState]) -> Snapshot:

@@ -134,7 +134,7 @@ def _events(http: HttpState, route: WebhookRoute, received: dict[str, str], body
 
 
 def _ignored(http: HttpState, slug: str, delivery: Delivery) -> Response[Any]:
-    http.metrics.dropped.labels(WEBHOOK_ADAPTER, "no_match").inc()
+    http.metrics.child(http.metrics.dropped, WEBHOOK_ADAPTER, "no_match").inc()
     log.info(
         "webhook ignored slug=%s delivery=%s provider_delivery=%s: no event entry matches",
         slug,

@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import uvicorn
-from temporalio.client import Client
+from temporalio.client import Client, Interceptor
 from temporalio.worker import Worker
 
 from adapters import amqp, kafka
@@ -26,11 +28,12 @@ from bridge.adapter import Adapter
 from bridge.config import BridgeConfig
 from bridge.errors import BridgeError, ConfigError
 from bridge.metrics import Metrics
-from bridge.pipeline import Pipeline
+from bridge.pipeline import Pipeline, Tracer
 from bridge.runtime.embedded import EmbeddedTemporal
 from bridge.snapshot import Snapshot, SnapshotSource
 from dispatcher import search
 from dispatcher.client import DispatcherClient
+from dispatcher.contract import STAT_KEYS, STATS_QUERY
 from dispatcher.worker import build_worker
 
 log = logging.getLogger(__name__)
@@ -49,15 +52,24 @@ class _Uvicorn(uvicorn.Server):
 
 
 WATCH_INTERVAL = 2.0
+STATS_INTERVAL = 15.0  # seconds between reads of the dispatchers' stats query, for the metrics
 
 
 async def connect(
-    address: str, namespace: str, *, api_key: str | None = None, tls: bool = False, timeout: float = 30.0
+    address: str,
+    namespace: str,
+    *,
+    api_key: str | None = None,
+    tls: bool = False,
+    timeout: float = 30.0,
+    interceptors: Sequence[Interceptor] = (),
 ) -> Client:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return await Client.connect(address, namespace=namespace, api_key=api_key, tls=tls)
+            return await Client.connect(
+                address, namespace=namespace, api_key=api_key, tls=tls, interceptors=interceptors
+            )
         except Exception as exc:
             if time.monotonic() > deadline:
                 raise BridgeError(f"cannot connect to Temporal at {address}: {exc}") from exc
@@ -94,6 +106,7 @@ class Bridge:
         self.adapters: list[Adapter] = []
         self._http: _Uvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
+        self._stats_task: asyncio.Task[None] | None = None
         self.http_port: int | None = None
 
     @property
@@ -115,17 +128,30 @@ class Bridge:
                     db_filename=cfg.temporal.db_filename,
                 )
                 address = await self.embedded.start()
+            interceptors: list[Interceptor] = []
+            if cfg.tracing.enabled:  # imported only then: off costs nothing
+                from bridge.runtime import tracing
+
+                tracing.install()
+                interceptors += tracing.interceptors()
             self.client = await connect(
-                address, cfg.temporal.namespace, api_key=cfg.temporal.api_key, tls=cfg.temporal.tls
+                address,
+                cfg.temporal.namespace,
+                api_key=cfg.temporal.api_key,
+                tls=cfg.temporal.tls,
+                interceptors=interceptors,
             )
         self.dispatcher = DispatcherClient(
             self.client, cfg, self.metrics, retry_after=lambda: self.source.current.config.http.retry_after_seconds
         )
         if self.role in ("all", "worker"):
             attributes = await self._search_attributes()
-            self.worker = build_worker(self.client, self.source, cfg.task_queue, search_attributes=attributes)
+            self.worker = build_worker(
+                self.client, self.source, cfg.task_queue, search_attributes=attributes, tracing=cfg.tracing.enabled
+            )
             self._worker_task = asyncio.create_task(self.worker.run(), name="worker")
             await self.dispatcher.ensure_started()
+            self._stats_task = asyncio.create_task(self._export_stats(), name="dispatcher-stats")
         if self.takes_events:
             self.pipeline = Pipeline(
                 lambda: self.source.current.routes,
@@ -133,6 +159,7 @@ class Bridge:
                 self.metrics,
                 max_pending=cfg.dispatcher.max_pending_events,
                 retry_after=cfg.http.retry_after_seconds,
+                tracer=self._event_tracer(),
             )
             for adapter in build_adapters(cfg, self.pipeline):
                 await adapter.start()
@@ -147,6 +174,32 @@ class Bridge:
             self.embedded.address if self.embedded else cfg.temporal.address,
             self.http_port,
         )
+
+    def _event_tracer(self) -> Tracer | None:
+        if not self.config.tracing.enabled:
+            return None
+        from bridge.runtime import tracing
+
+        tracing.install()
+        return tracing.EventTracer()
+
+    async def _export_stats(self) -> None:
+        """Every STATS_INTERVAL s, each dispatcher's stats query as metrics (a failed query is
+        skipped: the dispatcher may be continuing-as-new, or Temporal away)."""
+        assert self.dispatcher is not None
+        counters = STAT_KEYS
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            for shard, wid in enumerate(self.dispatcher.ids):
+                handle = self.dispatcher.handle(shard)
+                try:
+                    stats = await handle.query(STATS_QUERY, rpc_timeout=timedelta(seconds=5))
+                except Exception as exc:
+                    log.debug("stats of %s not read: %s", wid, exc)
+                    continue
+                for key in counters:
+                    self.metrics.child(self.metrics.dispatcher_events, wid, key).set(stats.get(key, 0))
+                self.metrics.child(self.metrics.dispatcher_backlog, wid).set(stats.get("backlog", 0))
 
     async def _search_attributes(self) -> bool:
         """Whether the namespace has the SignalBridge* search attributes; says so loudly if not."""
@@ -193,6 +246,7 @@ class Bridge:
                 host=self.config.http.host,
                 port=self.config.http.port,
                 log_level="warning",
+                log_config=None,  # logging is the process's (bridge.runtime.logs): no handler of uvicorn's own
                 access_log=False,  # the bridge logs what it does with each event; no line per request
                 lifespan="on",
                 timeout_graceful_shutdown=30,
@@ -202,7 +256,12 @@ class Bridge:
         self._http_task = asyncio.create_task(server.serve(), name="http")
         while not server.started:
             if self._http_task.done():
-                self._http_task.result()
+                # uvicorn exits (SystemExit) when it cannot bind: an error of ours, not the process's end.
+                task, self._http_task, self._http = self._http_task, None, None
+                try:
+                    task.result()
+                except (Exception, SystemExit) as exc:
+                    raise BridgeError(f"HTTP server did not start on port {self.config.http.port}: {exc!r}") from None
                 raise BridgeError(f"HTTP server did not start on port {self.config.http.port}")
             await asyncio.sleep(0.02)
         self.http_port = server.servers[0].sockets[0].getsockname()[1]
@@ -245,13 +304,17 @@ class Bridge:
         return checks
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._stats_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
-            await self._http_task
+            try:
+                await self._http_task
+            except (Exception, SystemExit):  # whatever the server ended with, the rest must stop too
+                log.exception("the HTTP server did not stop cleanly")
         for adapter in reversed(self.adapters):
             try:
                 await adapter.stop()

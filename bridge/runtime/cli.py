@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 from bridge import snapshot
 from bridge.config import read_config
 from bridge.errors import BridgeError
+from bridge.runtime import logs
 from bridge.runtime.settings import Settings
 
 
@@ -74,9 +75,44 @@ def _send(args: argparse.Namespace) -> int:
     return 0 if resp.status_code == 202 else 1
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from bridge.runtime import replay
+
+    settings = Settings.from_env()
+    return replay.main(args, _load(args.config or settings.config, settings))
+
+
+def _replay_parsers(sub: Any) -> None:
+    """``replay kafka|amqp|runs`` (docs/replay.md); the work is bridge.runtime.replay's."""
+    p = sub.add_parser("replay", help="re-send dead letters, or the events of past runs")
+    kinds = p.add_subparsers(dest="replay", required=True)
+    k = kinds.add_parser("kafka", help="replay a Kafka dead-letter topic")
+    k.add_argument("--topic", required=True, help="the dead-letter topic")
+    k.add_argument("--group", default=None, help="consumer group (default: signal-bridge-replay-{project})")
+    k.add_argument("--bootstrap-servers", default=None, help="default: the entry that dead-letters to --topic")
+    k.add_argument("--batch", type=int, default=500)
+    a = kinds.add_parser("amqp", help="replay a RabbitMQ dead-letter queue")
+    a.add_argument("--queue", required=True, help="the queue bound to the dead-letter exchange")
+    a.add_argument("--url", default=None, help="default: the first amqp entry's url")
+    a.add_argument("--batch", type=int, default=200)
+    r = kinds.add_parser("runs", help="send the events of past target runs again, as new events")
+    r.add_argument("--query", required=True, help="a Temporal visibility query selecting target runs")
+    r.add_argument("--to", default=None, metavar="ENTRY", help="only this workflow entry (default: every match)")
+    r.add_argument("--replay-number", type=int, default=None, help="n of replay:{n}:{id} (default: Unix time)")
+    r.add_argument("--yes", "-y", action="store_true", help="do not ask before replaying more than 100 events")
+    for kind in (k, a, r):
+        kind.add_argument("--config", "-c", default=None, help="config file (or SIGNAL_BRIDGE_CONFIG)")
+        kind.add_argument("--dry-run", action="store_true", help="decode and check only; change nothing")
+        kind.add_argument("--give-up-after", type=float, default=120.0, help="seconds Temporal may refuse")
+        kind.set_defaults(func=_replay)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="signal-bridge", description=__doc__)
     p.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    p.add_argument(
+        "--log-format", choices=logs.FORMATS, default=None, help="text (default) or json: one object per line"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (
         ("serve", "worker, HTTP adapter and queue adapters in one process"),
@@ -101,6 +137,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--token", default=None)
     s.add_argument("--id", default=None, help="event id (Idempotency-Key); default a new UUID")
     s.set_defaults(func=_send)
+    _replay_parsers(sub)
     from bridge.runtime import events_cli
 
     events_cli.add_parsers(sub)
@@ -108,17 +145,21 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
     settings = Settings.from_env()
-    logging.basicConfig(
-        level=(args.log_level or settings.log_level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    log_format = args.log_format or settings.log_format
+    if log_format not in logs.FORMATS:
+        p.error(f"SIGNAL_BRIDGE_LOG_FORMAT must be one of {', '.join(logs.FORMATS)}, not {log_format!r}")
+    logs.configure(args.log_level or settings.log_level, log_format)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return int(args.func(args))
     except BridgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if log_format == "json":  # every line on stderr stays one JSON object
+            logging.getLogger("bridge.runtime.cli").error("%s", exc)
+        else:
+            print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

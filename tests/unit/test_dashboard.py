@@ -206,7 +206,11 @@ async def scrape() -> Scrape:
     """compose's bridge, scraped as compose's Prometheus scrapes it, after one event of each
     outcome the dashboard's labels need (accepted; rejected, by reason)."""
     snap = Snapshot.compile(effective_config())
-    app = create_app(Pipeline(snap.routes, FakeSink()), snap)
+    pipeline = Pipeline(snap.routes, FakeSink())
+    # What a worker reads from the dispatcher's stats query (bridge.runtime.app._export_stats).
+    pipeline.metrics.child(pipeline.metrics.dispatcher_backlog, "dispatcher-shop").set(0)
+    pipeline.metrics.child(pipeline.metrics.dispatcher_events, "dispatcher-shop", "started").set(0)
+    app = create_app(pipeline, snap)
     auth = {"Authorization": f"Bearer {scrape_token()}"}
     async with AsyncTestClient(app) as c:
         accepted = await c.post(EVENTS, json={"name": "order.created", "payload": {"orderId": "A1"}}, headers=auth)

@@ -12,12 +12,14 @@ from datetime import timedelta
 from typing import Any, cast
 
 import pytest
+from temporalio.api.common.v1 import Payload
 from temporalio.client import Client
-from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.common import RawValue, WorkflowIDConflictPolicy
+from temporalio.converter import DataConverter
 from temporalio.service import RPCError, RPCStatusCode
 
 from bridge.errors import EventRejected, Unavailable
-from bridge.event import EventSignal, encoded_size
+from bridge.event import EventSignal, encode, encoded_size
 from bridge.metrics import Metrics
 from dispatcher.client import DispatcherClient, shard_of
 from dispatcher.contract import (
@@ -44,8 +46,17 @@ class Call:
 
     @property
     def events(self) -> list[dict[str, Any]]:
-        [events] = self.options["start_signal_args"]
+        """The events as the dispatcher's signal handler decodes them."""
+        [payload] = self.payloads
+        [events] = DataConverter.default.payload_converter.from_payloads([payload], [list[dict[str, Any]]])
         return cast(list[dict[str, Any]], events)
+
+    @property
+    def payloads(self) -> list[Payload]:
+        """The signal's arguments as the SDK puts them on the wire."""
+        [arg] = self.options["start_signal_args"]
+        assert isinstance(arg, RawValue)
+        return [arg.payload]
 
     @property
     def ids(self) -> list[str]:
@@ -156,6 +167,39 @@ async def test_signal_with_start_names_the_dispatcher_its_input_and_the_event_si
     assert call.options["start_signal"] == EVENT_SIGNAL
     assert call.events == [ev("a").to_dict() | {"time": call.events[0]["time"]}]
     assert "id_conflict_policy" not in call.options  # signal-with-start: a closed dispatcher is started anew
+    await client.close()
+
+
+async def test_the_signal_carries_each_event_encoded_once_as_the_sdk_would_encode_the_list() -> None:
+    """The pipeline's encodings are sent as they are: byte for byte the SDK's own JSON of the list."""
+    temporal = FakeTemporal()
+    client = make_client(temporal)
+    events = [
+        EventSignal(
+            id="é-1",
+            name="order.created",
+            payload={"z": 1, "a": [1.5, None, True], "nested": {"b": "ü", "a": "\u2028"}},
+            source="http:token-1",
+            metadata={"headers": {"x-request-id": "r"}},
+            key="k",
+        ),
+        ev("b"),
+    ]
+    await client.submit_encoded(events, [encode(e.to_dict()) for e in events])
+    [call] = temporal.calls
+    [expected] = DataConverter.default.payload_converter.to_payloads([[e.to_dict() for e in events]])
+    assert call.payloads == [expected]
+    assert call.events == [e.to_dict() for e in events]
+    await client.close()
+
+
+async def test_submit_encodes_the_events_itself() -> None:
+    temporal = FakeTemporal()
+    client = make_client(temporal)
+    events = [ev("a", size=10), ev("b")]
+    await client.submit(events)
+    [call] = temporal.calls
+    assert call.payloads == DataConverter.default.payload_converter.to_payloads([[e.to_dict() for e in events]])
     await client.close()
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any
 
 import pytest
+from temporalio.converter import DataConverter
 
 from bridge.config import DispatcherConfig
-from bridge.event import EventSignal, cloudevent_id, run_digest, target_workflow_id
+from bridge.event import EventSignal, cloudevent_id, encode, encoded_size, run_digest, target_workflow_id
 from dispatcher.client import shard_of
 from dispatcher.contract import DispatcherSettings, dispatcher_id
 
@@ -122,3 +125,20 @@ def test_dispatcher_settings_take_their_defaults_and_values_from_the_config_mode
     settings = DispatcherSettings.from_config(custom).to_dict()
     assert settings == {k: v for k, v in custom.model_dump().items() if k in settings}
     assert settings["start_mode"] == "activity" and settings["batch_size"] == 7 and settings["recent_ids"] == 0
+
+
+def test_encode_is_the_sdks_json_of_the_event_and_weighs_its_encoded_size() -> None:
+    event = EventSignal(
+        id="é-1", name="order.created", payload={"z": [1, 2.5, None], "a": {"y": "ü", "b": True}}, source="http:t"
+    )
+    data = encode(event.to_dict())
+    [payload] = DataConverter.default.payload_converter.to_payloads([event.to_dict()])
+    assert data == payload.data
+    assert data.isascii() and len(data) == encoded_size(event.to_dict())
+    assert json.loads(data) == event.to_dict()
+
+
+def test_encode_writes_values_json_has_no_type_for() -> None:
+    moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    data = encode({"at": moment, "day": date(2026, 1, 2), "tags": frozenset(["a"]), "other": Decimal("1.5")})
+    assert json.loads(data) == {"at": moment.isoformat(), "day": "2026-01-02", "tags": ["a"], "other": "1.5"}

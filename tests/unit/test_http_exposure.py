@@ -2,16 +2,19 @@
 
 Public: /healthz and a bare /readyz (status only). The readiness checks, /metrics and /schema
 need the events API's bearer token; insecure mode without tokens leaves them open and says so.
-Logs: one line per batch with counts per reason, and sender values escaped and cut."""
+Logs: nothing per accepted event at INFO, one line per batch with counts per reason, and sender
+values escaped and cut."""
 
 from __future__ import annotations
 
 import logging
 
 import pytest
+from litestar import Litestar, get
 from litestar.testing import AsyncTestClient
 
-from adapters.http import create_app
+from adapters.http import check_guarded, create_app
+from adapters.http.state import NEEDS_TOKEN, needs_token
 from bridge.pipeline import Pipeline
 from bridge.snapshot import Snapshot
 from tests.fakes import FakeSink
@@ -128,3 +131,37 @@ async def test_logged_names_and_ids_are_escaped_and_cut(caplog: pytest.LogCaptur
     [line] = [r.getMessage() for r in caplog.records if r.name.startswith("adapters.http")]
     assert "\n" not in line and "order.shipped\\nINFO forged line" in line
     assert len(line) < 600 and "…(+4800)" in line
+
+
+async def test_an_accepted_event_and_a_batch_log_nothing_per_event_at_info(caplog: pytest.LogCaptureFixture) -> None:
+    async with AsyncTestClient(make_app(FakeSink(), make_config(max_body_bytes=64 * 1024))) as c:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert (await c.post(URL, json=order(), headers=AUTH)).status_code == 202
+            one = [r for r in caplog.records if r.name.startswith(("adapters", "bridge", "dispatcher"))]
+            assert (await c.post(URL, json=[order()] * 20, headers=AUTH)).status_code == 202
+    assert one == []  # a single event: nothing (its line is at DEBUG)
+    [line] = [r for r in caplog.records if r.name.startswith(("adapters", "bridge", "dispatcher"))]
+    assert line.getMessage() == "batch adapter=http token=token-1 accepted=20 rejected=0"  # a batch: one line
+
+
+# --- the guard -----------------------------------------------------------------------------------
+
+
+def test_every_handler_that_needs_a_token_has_the_guard() -> None:
+    app = make_app(FakeSink())
+    needing = [h for r in app.routes for h in getattr(r, "route_handlers", ()) if h.opt.get(NEEDS_TOKEN)]
+    assert {r.path for r in app.routes if any(h in needing for h in getattr(r, "route_handlers", ()))} >= {
+        "/metrics",
+        "/schema/openapi.json",
+    }
+    assert all(needs_token in h.resolve_guards() for h in needing)
+
+
+def test_an_app_with_an_unguarded_handler_that_needs_a_token_is_refused() -> None:
+    @get("/secret", opt={NEEDS_TOKEN: True}, sync_to_thread=False)
+    def secret() -> str:
+        return "x"
+
+    with pytest.raises(RuntimeError, match="/secret needs a bearer token"):
+        check_guarded(Litestar([secret]))

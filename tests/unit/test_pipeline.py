@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 import pytest
 
 from bridge.config import parse_config
 from bridge.errors import Overloaded
-from bridge.event import EventSignal
+from bridge.event import MAX_SIGNAL_BYTES, EventSignal, encode
+from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
 from tests.fakes import FakeSink
@@ -87,3 +89,50 @@ async def test_an_event_the_checks_fail_on_is_malformed_and_alone(caplog: pytest
     assert [o.rejected.reason if o.rejected else None for o in outcomes] == ["malformed", None]
     assert [e.id for e in sink.events] == ["good"]
     assert "event could not be checked name=a id=bad" in caplog.text
+
+
+class EncodingSink(FakeSink):
+    """A sink that takes the pipeline's encodings, as the dispatcher client does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoded: list[list[bytes]] = []
+
+    async def submit_encoded(self, events: Sequence[EventSignal], encoded: Sequence[bytes]) -> None:
+        self.encoded.append(list(encoded))
+        await self.submit(events)
+
+
+async def test_each_event_is_encoded_once_and_handed_over_with_it() -> None:
+    sink = EncodingSink()
+    batch = [*events("1"), *events("2", name="nope"), *events("3")]
+    await Pipeline(ROUTES, sink).submit(batch, "test")
+    assert sink.calls == [["1", "3"]]
+    assert sink.encoded == [[encode(batch[0].to_dict()), encode(batch[2].to_dict())]]
+
+
+async def test_a_sink_without_submit_encoded_gets_the_events_alone() -> None:
+    sink = FakeSink()
+    await Pipeline(ROUTES, sink).submit(events("1"), "test")
+    assert sink.calls == [["1"]]
+
+
+async def test_an_event_over_the_signal_size_is_too_large_and_alone() -> None:
+    sink = EncodingSink()
+    big = EventSignal(id="big", name="a", payload={"pad": "x" * MAX_SIGNAL_BYTES}, source="test:s")
+    outcomes = await Pipeline(ROUTES, sink).submit([big, *events("1")], "test")
+    assert [o.rejected.reason if o.rejected else None for o in outcomes] == ["too_large", None]
+    assert sink.calls == [["1"]]
+
+
+async def test_metrics_children_are_looked_up_once_per_label_set() -> None:
+    metrics = Metrics()
+    first = metrics.child(metrics.rejected, "http", "malformed")
+    assert metrics.child(metrics.rejected, "http", "malformed") is first
+    assert first is metrics.rejected.labels("http", "malformed")
+    assert metrics.child(metrics.rejected, "http", "no_name") is not first
+    await Pipeline(ROUTES, FakeSink(), metrics).submit([*events("1"), *events("2", name="nope")], "test")
+    text = metrics.render().decode()
+    assert 'signal_bridge_events_received_total{adapter="test"} 2.0' in text
+    assert 'signal_bridge_events_accepted_total{adapter="test"} 1.0' in text
+    assert 'signal_bridge_events_rejected_total{adapter="test",reason="unroutable"} 1.0' in text

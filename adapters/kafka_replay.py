@@ -1,0 +1,392 @@
+"""Replay of a Kafka dead-letter topic: ``signal-bridge replay kafka`` (docs/replay.md).
+
+Every letter in ``dead_letter_topic`` is the refused record as it came (key, value, headers) plus
+``x-original-topic``/``-partition``/``-offset``/``-timestamp``. :func:`original` rebuilds that
+record, so :func:`adapters.kafka_parse.to_message` gives it the source (``kafka:{topic}``) and the
+offset-based id (``kafka:{topic}:{partition}:{offset}``) it had, and the entry that reads its
+topic settles it through the adapter's settle path. The replay reads, with its own consumer group
+(offsets committed by hand, partitions assigned by hand: no rebalance), from the group's committed
+offsets up to the topic's end offsets taken when it begins, so it ends even though it writes to
+the same topic:
+
+- an event Temporal holds is done;
+- a letter still refused is written again to the end of the same topic with the new reason
+  (exactly the dead letter the adapter writes), before the replay commits past it;
+- a letter that cannot be replayed (:data:`adapters.replay_common.NOT_REPLAYABLE`) is written
+  again as it is, for a later replay (with another config) or a person to look at.
+
+Nothing is committed before its letter is settled one of these ways, so nothing is lost: a replay
+stopped half-way is read again from the last commit, and the run ids dedupe what it re-sends.
+``dry_run`` decodes and checks only: it commits, produces and submits nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
+
+from adapters.kafka import TOO_LARGE, client_options
+from adapters.kafka_parse import (
+    LETTER_BYTES,
+    MAX_REQUEST_BYTES,
+    MIN_LETTER_BYTES,
+    Record,
+    dead_letter,
+    fallback_id,
+    record_headers,
+    to_message,
+)
+from adapters.replay_common import (
+    NO_ENTRY,
+    NOT_A_DEAD_LETTER,
+    REPLAY_ADAPTER,
+    TRIMMED,
+    Progress,
+    Report,
+    Tally,
+    count_checked,
+    count_settled,
+    inspect,
+    is_trimmed,
+    kept,
+    letter_id,
+)
+from bridge.config import KafkaConsumer, KafkaSecurity
+from bridge.deadletter import H_ORIGINAL, is_dead_letter_header
+from bridge.decode import Message
+from bridge.errors import BridgeError
+from bridge.pipeline import Pipeline
+from bridge.settle import Abandoned, Backoff, Disposition, Item, Settler, Transport
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 500
+IDLE_LIMIT = 30.0
+"""Seconds without a record while a partition is short of its end offset: the replay stops there
+(what it read is committed; a later replay goes on from it)."""
+
+
+@dataclass(eq=False)
+class Letter:
+    """A dead letter as read, and the record it was made of."""
+
+    record: Record  # the letter in the dead-letter topic
+    original: Record  # rebuilt from it: topic, partition, offset and timestamp of the refused record
+    headers: dict[str, str]  # the letter's headers as text
+
+    @property
+    def where(self) -> str:
+        return where(self.record)
+
+
+def where(record: Record) -> str:
+    return f"{record.topic}:{record.partition}:{record.offset}"
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def original(letter: Record) -> Record | str:
+    """The record ``letter`` was made of, or why it cannot be told (a reason of
+    :data:`adapters.replay_common.NOT_REPLAYABLE`). Its headers are the letter's without the
+    dead-letter ones: those the record had, as far as they fitted (a letter whose headers had to
+    be cut says so, and is not replayed)."""
+    headers = record_headers(letter)
+    if is_trimmed(headers):
+        return TRIMMED
+    topic = headers.get(H_ORIGINAL + "topic")
+    partition, offset = _int(headers.get(H_ORIGINAL + "partition")), _int(headers.get(H_ORIGINAL + "offset"))
+    if not topic or partition is None or offset is None:
+        return NOT_A_DEAD_LETTER
+    stamp = _int(headers.get(H_ORIGINAL + "timestamp"))
+    kept_headers = [(k, v) for k, v in letter.headers or () if not is_dead_letter_header(str(k))]
+    return ConsumerRecord(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        timestamp=stamp if stamp is not None else -1,
+        timestamp_type=0,
+        key=letter.key,
+        value=letter.value,
+        checksum=None,
+        serialized_key_size=-1 if letter.key is None else len(letter.key),
+        serialized_value_size=-1 if letter.value is None else len(letter.value),
+        headers=kept_headers,
+    )
+
+
+class KafkaReplay:
+    """One replay of one dead-letter topic; :meth:`run` once."""
+
+    def __init__(
+        self,
+        entries: Sequence[KafkaConsumer],
+        pipeline: Pipeline,
+        *,
+        topic: str,
+        group_id: str,
+        bootstrap_servers: str,
+        security: KafkaSecurity,
+        batch: int = 500,
+        dry_run: bool = False,
+        give_up_after: float = 120.0,
+        progress: Progress | None = None,
+        report: Report | None = None,
+    ) -> None:
+        self.entries = list(entries)
+        self.pipeline = pipeline
+        self.topic = topic
+        self.group_id = group_id
+        self.bootstrap_servers = bootstrap_servers
+        self.security = security
+        self.batch = batch
+        self.dry_run = dry_run
+        self.give_up_after = give_up_after
+        self.progress = progress or (lambda tally: None)
+        self.report = report or (lambda line: None)
+        self.tally = Tally()
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.backoff = Backoff()
+        self._outage_since: float | None = None
+        self._settlers = [
+            Settler(
+                pipeline,
+                _EntryTransport(self),
+                adapter=REPLAY_ADAPTER,
+                name=f"replay {topic} → kafka:{','.join(entry.topics)}",
+                event=entry.event,
+                on_unroutable="dead_letter",  # a replay never skips: what is refused stays a letter
+                transient=(KafkaError,),
+            )
+            for entry in self.entries
+        ]
+
+    def entry_for(self, topic: str) -> int | None:
+        """The entry that reads ``topic`` (one that dead-letters to this topic first)."""
+        readers = [i for i, e in enumerate(self.entries) if topic in e.topics]
+        ours = [i for i in readers if self.entries[i].dead_letter_topic == self.topic]
+        return next(iter(ours or readers), None)
+
+    async def run(self) -> Tally:
+        opts = client_options(self.security)
+        partitions = await self._partitions(opts)
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers,
+            group_id=self.group_id,
+            client_id=f"signal-bridge-{self.group_id}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            **opts,
+        )
+        try:
+            await self.consumer.start()
+            if not self.dry_run:
+                self.producer = AIOKafkaProducer(
+                    bootstrap_servers=self.bootstrap_servers,
+                    acks="all",
+                    enable_idempotence=True,
+                    max_request_size=MAX_REQUEST_BYTES,
+                    **opts,
+                )
+                await self.producer.start()
+            await self._read(partitions)
+        except KafkaError as exc:
+            raise BridgeError(f"replay of {self.topic}: Kafka at {self.bootstrap_servers}: {exc!r}") from exc
+        finally:
+            for client in (self.consumer, self.producer):
+                if client is not None:
+                    await client.stop()
+        return self.tally
+
+    async def _partitions(self, opts: dict[str, Any]) -> list[TopicPartition]:
+        """The topic's partitions (asked of an admin client: a consumer's or producer's metadata
+        request could create a missing topic on a cluster that creates topics by itself)."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers, **opts)
+        try:
+            await admin.start()
+            [described] = await admin.describe_topics([self.topic])
+        except KafkaError as exc:
+            raise BridgeError(f"cannot reach Kafka at {self.bootstrap_servers}: {exc!r}") from exc
+        finally:
+            await admin.close()
+        if described.get("error_code") or not described.get("partitions"):
+            raise BridgeError(f"topic {self.topic} does not exist (or this client may not read it)")
+        return sorted(TopicPartition(self.topic, p["partition"]) for p in described["partitions"])
+
+    async def _read(self, partitions: list[TopicPartition]) -> None:
+        """From the committed offsets (or the beginning) to the end offsets as they are now."""
+        consumer = self.consumer
+        assert consumer is not None
+        consumer.assign(partitions)
+        ends: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
+        starts = {tp: await consumer.position(tp) for tp in partitions}
+        self.tally.total = sum(max(0, ends[tp] - starts[tp]) for tp in partitions)
+        self.progress(self.tally)
+        pending = {tp for tp in partitions if starts[tp] < ends[tp]}
+        idle_since = time.monotonic()
+        while pending:
+            batch = await consumer.getmany(*pending, timeout_ms=POLL_MS, max_records=self.batch)
+            records: list[Record] = []
+            offsets: dict[TopicPartition, int] = {}
+            for tp, recs in batch.items():
+                take = [r for r in recs if r.offset < ends[tp]]
+                records.extend(take)
+                if take:
+                    offsets[tp] = take[-1].offset + 1
+                if len(take) < len(recs) or (take and take[-1].offset + 1 >= ends[tp]):
+                    pending.discard(tp)
+            if records:
+                idle_since = time.monotonic()
+                await self._settle(records)
+                if not self.dry_run:
+                    await consumer.commit(offsets)
+                self.progress(self.tally)
+                continue
+            for tp in list(pending):  # past transaction markers, nothing more to read
+                if await consumer.position(tp) >= ends[tp]:
+                    pending.discard(tp)
+            if pending and time.monotonic() - idle_since > IDLE_LIMIT:
+                log.warning(
+                    "replay %s: nothing read for %.0fs short of the end offsets %s; stopping here",
+                    self.topic,
+                    IDLE_LIMIT,
+                    sorted((tp.partition, ends[tp]) for tp in pending),
+                )
+                break
+
+    async def _settle(self, records: list[Record]) -> None:
+        self.tally.read += len(records)
+        groups: dict[int, list[Letter]] = {}
+        keep: list[Record] = []
+        report = self.report if self.dry_run else None
+        for record in records:
+            rebuilt = original(record)
+            entry = None if isinstance(rebuilt, str) else self.entry_for(rebuilt.topic)
+            if isinstance(rebuilt, str) or entry is None:
+                kept(self.tally, rebuilt if isinstance(rebuilt, str) else NO_ENTRY, where(record), report)
+                keep.append(record)
+                continue
+            groups.setdefault(entry, []).append(Letter(record, rebuilt, record_headers(record)))
+        for entry, letters in groups.items():
+            if self.dry_run:
+                fmt = self.entries[entry].event
+                for letter in letters:
+                    checked = inspect(self.pipeline, self._to_message, fmt, letter)
+                    count_checked(self.tally, checked, letter_id(letter.headers), letter.where, self.report)
+                continue
+            items = await self._settlers[entry].settle(letters)
+            self._outage_since = None
+            count_settled(self.tally, items, lambda m: letter_id(m.headers), lambda m: m.where)
+        if keep and not self.dry_run:
+            await self._copy(keep)
+
+    @staticmethod
+    def _to_message(letter: Letter) -> Message:
+        return to_message(letter.original)
+
+    async def _copy(self, records: list[Record]) -> None:
+        """Write letters that cannot be replayed again as they are, so the commit leaves none behind."""
+        attempt = 0
+        while True:
+            try:
+                producer = self.producer
+                assert producer is not None
+                acks = [
+                    await producer.send(
+                        self.topic,
+                        key=r.key,
+                        value=r.value if r.value is not None or r.key is not None else b"",
+                        headers=list(r.headers or ()),
+                    )
+                    for r in records
+                ]
+                await asyncio.gather(*acks)
+                return
+            except KafkaError as exc:
+                attempt += 1
+                if not await self.wait(self.backoff.delay(attempt)):
+                    raise BridgeError(f"cannot write letters back to {self.topic}: {exc!r}") from exc
+
+    async def wait(self, seconds: float) -> bool:
+        """Wait before another attempt; False once Temporal (or Kafka) has refused for longer than
+        ``give_up_after`` seconds: the replay stops, its batch uncommitted."""
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+        if now - self._outage_since >= self.give_up_after:
+            return False
+        await asyncio.sleep(min(seconds, self.give_up_after - (now - self._outage_since)))
+        return True
+
+
+class _EntryTransport(Transport[Letter]):
+    """The settle path's view of the letters of one entry."""
+
+    def __init__(self, replay: KafkaReplay) -> None:
+        self.replay = replay
+
+    def to_message(self, message: Letter) -> Message:
+        return to_message(message.original)
+
+    def fallback_id(self, message: Letter) -> str:
+        return fallback_id(message.original)
+
+    def can_dead_letter(self) -> bool:
+        return self.replay.producer is not None
+
+    async def dead_letter(self, items: Sequence[Item[Letter]]) -> None:
+        """The letter the adapter would write for the record now, with the new reason: the same
+        topic, and ``x-original-*`` still naming the record it was made of. A letter too large for
+        the topic is written again a quarter as large, as the adapter does."""
+        producer = self.replay.producer
+        assert producer is not None
+        pending = [(item, LETTER_BYTES) for item in items]
+        while pending:
+            acks = []
+            try:
+                for item, budget in pending:
+                    assert item.error is not None
+                    letter = dead_letter(item.message.original, item.error, item.event, budget)
+                    acks.append(
+                        await producer.send(
+                            self.replay.topic, key=letter.key, value=letter.value, headers=letter.headers
+                        )
+                    )
+            finally:
+                results = await asyncio.gather(*acks, return_exceptions=True)
+            failed: BaseException | None = None
+            smaller = []
+            for (item, budget), result in zip(pending, results, strict=False):
+                if not isinstance(result, BaseException):
+                    item.disposition = Disposition.DEAD_LETTERED
+                elif isinstance(result, TOO_LARGE) and budget // 4 >= MIN_LETTER_BYTES:
+                    smaller.append((item, budget // 4))
+                else:
+                    failed = failed or result
+            if failed is not None:
+                raise failed
+            pending = smaller
+
+    async def acknowledge(self, items: Sequence[Item[Letter]]) -> None:
+        """Nothing one by one: the replay commits the batch's offsets once it is settled."""
+
+    async def wait(self, seconds: float) -> bool:
+        return await self.replay.wait(seconds)
+
+
+__all__ = ["Abandoned", "KafkaReplay", "Letter", "original", "where"]

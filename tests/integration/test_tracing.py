@@ -1,0 +1,80 @@
+"""Tracing: the trace of an HTTP request's `traceparent` reaches the run the event starts, and the
+user's workflow (with the OpenTelemetry interceptor) continues it, against a real Temporal server."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from temporalio import workflow
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from bridge.runtime import tracing
+from tests.helpers import HTTP_SCOPE, TOKEN, assert_eventually, config, result_of, run_id, unique
+
+pytestmark = pytest.mark.temporal
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+TRACEPARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"
+
+
+@workflow.defn(name="TracedOrder", sandboxed=False)
+class TracedOrder:
+    @workflow.run
+    async def run(self, arg: dict[str, Any]) -> str:
+        return str(arg["trigger"].get("orderId"))
+
+
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    """The process's tracer provider, with an in-memory exporter (one provider per process)."""
+    exporter = InMemorySpanExporter()
+    tracing.install(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+async def test_an_incoming_traceparent_is_continued_by_the_target_run(
+    bridge_factory: Any, temporal_address: str, spans: InMemorySpanExporter
+) -> None:
+    project = unique("trace")
+    queue = f"traced-{uuid.uuid4().hex[:8]}"
+    cfg = config(
+        project,
+        temporal_address,
+        [
+            {
+                "id": "traced",
+                "workflow_type": "TracedOrder",
+                "task_queue": queue,
+                "triggers": [{"name": "order.created"}],
+            }
+        ],
+        tracing={"enabled": True},
+    )
+    # The user's worker, on a client with the interceptor: its run continues the trace.
+    user_client = await Client.connect(temporal_address, interceptors=tracing.interceptors())
+    async with Worker(user_client, task_queue=queue, workflows=[TracedOrder]):
+        bridge = await bridge_factory(cfg, client=None)  # it connects itself, with the interceptor
+        async with httpx.AsyncClient(timeout=30) as http:
+            resp = await http.post(
+                f"http://127.0.0.1:{bridge.http_port}/api/v1/events",
+                json={"name": "order.created", "payload": {"orderId": "o-1"}},
+                headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": "t-1", "traceparent": TRACEPARENT},
+            )
+        assert resp.status_code == 202, resp.text
+        wid = run_id(project, "traced", "t-1", HTTP_SCOPE)
+        assert await result_of(user_client, wid) == "o-1"
+
+        def in_trace() -> set[str]:
+            names = {s.name for s in spans.get_finished_spans() if f"{s.context.trace_id:032x}" == TRACE_ID}
+            assert {"receive order.created", "StartWorkflow:TracedOrder", "RunWorkflow:TracedOrder"} <= names, names
+            return names
+
+        names = await assert_eventually(in_trace, timeout=30, what="the run's spans in the sender's trace")
+        # The hand-over and the dispatcher's handling of the event are in the same trace.
+        assert {"submit", "SignalWithStartWorkflow:SignalBridgeDispatcher", "dispatch order.created"} <= names, names

@@ -1,0 +1,398 @@
+"""Replays without a broker or Temporal (docs/replay.md): a dead letter gives back the message it
+was made of (so the event its original id and source), a batch of letters is settled as the
+adapter settles messages (held, written back with the new reason, kept), a replayed past event
+gets ``replay:{n}:{original id}`` and never a nested one, and what the command prints."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from aiokafka.structs import ConsumerRecord
+
+from adapters import amqp_parse, amqp_replay, kafka_parse, kafka_replay
+from adapters.replay_common import NO_ENTRY, NOT_A_DEAD_LETTER, TRIMMED, Tally
+from bridge.config import AmqpConsumer, EventFormat, KafkaConsumer
+from bridge.decode import decode
+from bridge.errors import EventRejected
+from bridge.event import EventSignal, content_digest
+from bridge.pipeline import Pipeline
+from bridge.routing import RouteTable
+from bridge.runtime import replay_runs
+from bridge.runtime.progress import ProgressBar, render
+from bridge.runtime.replay import summary
+from bridge.runtime.replay_support import Existing, Outcome
+from tests.fakes import FakeSink
+from tests.helpers import config, runner
+
+TS = 1_714_557_600_000
+ENVELOPE = EventFormat(format="envelope")
+
+
+def record(
+    value: bytes | None,
+    *,
+    key: bytes | None = b"k",
+    headers: list[tuple[str, bytes]] | None = None,
+    topic: str = "orders",
+    partition: int = 2,
+    offset: int = 41,
+    timestamp: int = TS,
+) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        timestamp=timestamp,
+        timestamp_type=0,
+        key=key,
+        value=value,
+        checksum=None,
+        serialized_key_size=len(key or b""),
+        serialized_value_size=len(value or b""),
+        headers=headers or [],
+    )
+
+
+def as_letter(
+    letter: kafka_parse.Letter, *, topic: str = "orders.dlq", offset: int = 7
+) -> ConsumerRecord[bytes, bytes]:
+    """The dead letter as a replay reads it back from the dead-letter topic."""
+    return record(letter.value, key=letter.key, headers=letter.headers, topic=topic, partition=0, offset=offset)
+
+
+def unroutable() -> EventRejected:
+    return EventRejected("unroutable", "no workflow is triggered by event 'order.created'")
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+# --- Kafka: the record a letter was made of --------------------------------------------------------
+
+
+def test_a_kafka_letter_gives_back_its_record_and_so_the_original_id_and_source() -> None:
+    original = record(body(name="order.created", payload={"n": 1}), headers=[("traceparent", b"00-abc-01")])
+    event = decode(kafka_parse.to_message(original), ENVELOPE)
+    assert event.id == "kafka:orders:2:41"  # no id of its own: its offset
+    letter = as_letter(kafka_parse.dead_letter(original, unroutable(), event))
+
+    rebuilt = kafka_replay.original(letter)
+    assert isinstance(rebuilt, ConsumerRecord)
+    assert (rebuilt.topic, rebuilt.partition, rebuilt.offset, rebuilt.timestamp) == ("orders", 2, 41, TS)
+    assert (rebuilt.key, rebuilt.value, list(rebuilt.headers)) == (original.key, original.value, original.headers)
+    again = decode(kafka_parse.to_message(rebuilt), ENVELOPE)
+    assert (again.id, again.source, again.time, again.metadata) == (event.id, event.source, event.time, event.metadata)
+
+
+def test_kafka_letters_that_cannot_be_replayed() -> None:
+    assert kafka_replay.original(record(b"{}", headers=[("tenant", b"acme")])) == NOT_A_DEAD_LETTER
+    original = record(b"x" * 2_000_000)
+    cut = as_letter(kafka_parse.dead_letter(original, EventRejected("too_large", "big"), None))
+    assert kafka_replay.original(cut) == TRIMMED
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
+
+    async def send(self, topic: str, *, key: Any = None, value: Any = None, headers: Any = None) -> asyncio.Future[Any]:
+        self.sent.append((topic, key, value, list(headers or [])))
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+def kafka_setup(*, dry_run: bool = False) -> tuple[kafka_replay.KafkaReplay, FakeSink, FakeProducer, io.StringIO]:
+    sink = FakeSink()
+    pipeline = Pipeline(RouteTable.from_config(config("unit", "127.0.0.1:1", [runner("w", "order.created")])), sink)
+    entry = KafkaConsumer(bootstrap_servers="k:9092", topics=["orders"], dead_letter_topic="orders.dlq")
+    out = io.StringIO()
+    replay = kafka_replay.KafkaReplay(
+        [entry],
+        pipeline,
+        topic="orders.dlq",
+        group_id="g",
+        bootstrap_servers="k:9092",
+        security=entry.security,
+        dry_run=dry_run,
+        report=lambda line: print(line, file=out),
+    )
+    producer = FakeProducer()
+    if not dry_run:
+        replay.producer = producer  # type: ignore[assignment]
+    return replay, sink, producer, out
+
+
+def kafka_letters() -> list[ConsumerRecord[bytes, bytes]]:
+    good = record(body(name="order.created", payload={"n": 1}, id="e-1"), offset=1)
+    twice = record(body(name="order.created", payload={"n": 1}, id="e-1"), offset=2)  # the same event again
+    never = record(body(name="order.never", payload={}), offset=3)
+    elsewhere = record(body(name="order.created", payload={}), topic="refunds", offset=4)
+    letters = [
+        as_letter(kafka_parse.dead_letter(r, unroutable(), None), offset=i)
+        for i, r in enumerate([good, twice, never, elsewhere])
+    ]
+    return [*letters, record(b"{}", topic="orders.dlq", offset=9)]  # not a letter at all
+
+
+async def test_a_kafka_replay_holds_rewrites_and_keeps_and_nothing_is_left_behind() -> None:
+    replay, sink, producer, _ = kafka_setup()
+    letters = kafka_letters()
+    await replay._settle(letters)
+    t = replay.tally
+    assert (t.read, t.accepted, dict(t.refused), dict(t.kept), t.duplicates) == (
+        5,
+        2,
+        {"unroutable": 1},
+        {NO_ENTRY: 1, NOT_A_DEAD_LETTER: 1},
+        1,
+    )
+    assert [e.id for e in sink.held] == ["e-1", "e-1"]  # the dispatcher dedupes the second
+    assert {e.source for e in sink.held} == {"kafka:orders"}
+    # The still refused one as the adapter would dead-letter it now; the others as they were.
+    rewritten, *copies = producer.sent
+    headers = dict(rewritten[3])
+    assert rewritten[0] == "orders.dlq" and headers["x-dead-letter-reason"] == b"unroutable"
+    assert (headers["x-original-topic"], headers["x-original-offset"]) == (b"orders", b"3")
+    assert [(c[1], c[2], c[3]) for c in copies] == [(r.key, r.value, list(r.headers)) for r in (letters[3], letters[4])]
+
+
+async def test_a_kafka_dry_run_says_what_it_would_do_and_touches_nothing() -> None:
+    replay, sink, producer, out = kafka_setup(dry_run=True)
+    await replay._settle(kafka_letters())
+    assert (replay.tally.accepted, dict(replay.tally.refused)) == (2, {"unroutable": 1})
+    assert sink.calls == [] and producer.sent == []
+    lines = out.getvalue().splitlines()
+    assert sum(line.startswith("would accept") for line in lines) == 2
+    assert sum("reason=unroutable" in line for line in lines) == 1
+    assert sum("not replayable" in line for line in lines) == 2
+
+
+# --- RabbitMQ: the delivery a letter was made of ----------------------------------------------------
+
+
+@dataclass
+class FakeChannel:
+    is_closed: bool = False
+
+
+@dataclass
+class FakeMessage:
+    body: bytes
+    routing_key: str | None = "order.created"
+    exchange: str | None = "events"
+    headers: dict[str, Any] | None = None
+    content_type: str | None = None
+    content_encoding: str | None = None
+    message_id: str | None = None
+    correlation_id: str | None = None
+    timestamp: datetime | None = None
+    type: str | None = None
+    app_id: str | None = None
+    user_id: str | None = None
+    priority: int | None = None
+    delivery_tag: int = 1
+    channel: FakeChannel = field(default_factory=FakeChannel)
+    settled: list[str] = field(default_factory=list)
+
+    async def ack(self) -> None:
+        self.settled.append("ack")
+
+    async def reject(self, requeue: bool = False) -> None:
+        self.settled.append(f"reject(requeue={requeue})")
+
+
+RAW = EventFormat(format="raw", name_from="routing_key")  # type: ignore[arg-type]
+
+
+def amqp_letter(original: FakeMessage, *, assigned_id: str | None = None, tag: int = 1) -> FakeMessage:
+    """What the dead-letter queue delivers: the adapter's copy, republished to the dead-letter
+    exchange with the original routing key; the client gives a copy without message_id a random one."""
+    event = decode(amqp_parse.to_message(original, "q"), RAW)  # type: ignore[arg-type]
+    copy = amqp_parse.dead_letter_copy(original, unroutable(), "q", event)  # type: ignore[arg-type]
+    return FakeMessage(
+        body=copy.body,
+        routing_key=original.routing_key,
+        exchange="events.dlx",
+        headers=dict(copy.headers),
+        message_id=copy.message_id or assigned_id,
+        correlation_id=copy.correlation_id,
+        timestamp=copy.timestamp,
+        delivery_tag=tag,
+    )
+
+
+def test_an_amqp_letter_gives_back_its_delivery_and_so_the_original_id_and_source() -> None:
+    stamp = datetime(2024, 5, 1, 10, tzinfo=UTC)
+    original = FakeMessage(b'{"n": 1}', message_id="m-1", correlation_id="c-1", timestamp=stamp, headers={"a": "b"})
+    event = decode(amqp_parse.to_message(original, "q"), RAW)  # type: ignore[arg-type]
+    rebuilt = amqp_replay.original(amqp_letter(original), RAW)  # type: ignore[arg-type]
+    assert not isinstance(rebuilt, str)
+    queue, delivery = rebuilt
+    assert (queue, delivery.exchange, delivery.routing_key, delivery.headers) == (
+        "q",
+        "events",
+        "order.created",
+        {"a": "b"},
+    )
+    again = decode(amqp_parse.to_message(delivery, queue), RAW)
+    assert (again.id, again.source, again.time, again.metadata) == (event.id, event.source, event.time, event.metadata)
+
+
+def test_a_message_id_the_letters_publish_assigned_is_not_taken_for_the_original() -> None:
+    original = FakeMessage(b'{"n": 4}')  # no message_id: its id is the hash of where it went and its body
+    hashed = "hash:" + content_digest("events", "order.created", b'{"n": 4}')
+    letter = amqp_letter(original, assigned_id="5f0c-random")
+    rebuilt = amqp_replay.original(letter, RAW)  # type: ignore[arg-type]
+    assert not isinstance(rebuilt, str)
+    assert rebuilt[1].message_id is None
+    assert decode(amqp_parse.to_message(rebuilt[1], "q"), RAW).id == hashed
+    # A letter the replay wrote back says which message_id the delivery had.
+    letter.headers = {**(letter.headers or {}), amqp_replay.H_MESSAGE_ID: ""}
+    letter.headers.pop("x-event-id")
+    rebuilt = amqp_replay.original(letter)  # type: ignore[arg-type]
+    assert not isinstance(rebuilt, str) and rebuilt[1].message_id is None
+
+
+def test_amqp_letters_that_cannot_be_replayed() -> None:
+    assert amqp_replay.original(FakeMessage(b"{}")) == NOT_A_DEAD_LETTER  # type: ignore[arg-type]
+    cut = amqp_letter(FakeMessage(b"{}", message_id="m"))
+    cut.headers = {**(cut.headers or {}), "x-dead-letter-trimmed": "headers"}
+    assert amqp_replay.original(cut) == TRIMMED  # type: ignore[arg-type]
+
+
+class FakeExchange:
+    def __init__(self) -> None:
+        self.published: list[tuple[Any, str]] = []
+
+    async def publish(self, message: Any, routing_key: str, **kw: Any) -> None:
+        self.published.append((message, routing_key))
+
+
+@dataclass
+class FakePublisher:
+    default_exchange: FakeExchange = field(default_factory=FakeExchange)
+
+
+async def test_an_amqp_replay_acks_what_is_held_republishes_the_refused_and_requeues_the_rest() -> None:
+    sink = FakeSink()
+    pipeline = Pipeline(RouteTable.from_config(config("unit", "127.0.0.1:1", [runner("w", "order.created")])), sink)
+    entry = AmqpConsumer(url="amqp://x/", queue="q", event=RAW)
+    replay = amqp_replay.AmqpReplay([entry], pipeline, queue="dead", url="amqp://x/")
+    publisher = FakePublisher()
+    replay.publisher = publisher  # type: ignore[assignment]
+    held = amqp_letter(FakeMessage(b'{"n": 1}', message_id="m-1"), tag=1)
+    refused = amqp_letter(FakeMessage(b'{"n": 2}', routing_key="order.never", message_id="m-2"), tag=2)
+    foreign = FakeMessage(b"{}", delivery_tag=3)
+    await replay._settle([held, refused, foreign])  # type: ignore[list-item]
+    await replay._put_back()
+    assert [e.id for e in sink.held] == ["m-1"]
+    assert (held.settled, refused.settled, foreign.settled) == (["ack"], ["ack"], ["reject(requeue=True)"])
+    [(copy, key)] = publisher.default_exchange.published
+    assert key == "dead" and copy.message_id == "m-2"
+    assert (
+        copy.headers["x-dead-letter-reason"] == "unroutable" and copy.headers["x-original-routing-key"] == "order.never"
+    )
+    assert copy.headers[amqp_replay.H_MESSAGE_ID] == "m-2"
+    t = replay.tally
+    assert (t.accepted, dict(t.refused), dict(t.kept)) == (1, {"unroutable": 1}, {NOT_A_DEAD_LETTER: 1})
+
+
+# --- history ------------------------------------------------------------------------------------------
+
+
+def target_input(event_id: str, **metadata: Any) -> dict[str, Any]:
+    envelope = {"id": event_id, "name": "order.created", "source": "http:ci", "time": "2024-05-01T10:00:00+00:00"}
+    return {
+        "workflow_id": "w",
+        "exec_id": "x",
+        "input": {},
+        "trigger": {"n": 1},
+        "event": {**envelope, "metadata": metadata},
+    }
+
+
+def test_a_past_event_is_sent_again_as_replay_n_of_its_original_id() -> None:
+    original = replay_runs.original_of(target_input("e-1", traceparent="00-abc"))
+    assert original is not None
+    again = replay_runs.replayed(original, 7, to="ship", at="now")
+    assert (again.id, again.source, again.name, again.payload, again.time) == (
+        "replay:7:e-1",
+        "http:ci",
+        "order.created",
+        {"n": 1},
+        "2024-05-01T10:00:00+00:00",
+    )
+    assert again.metadata == {"traceparent": "00-abc", "replay": {"number": 7, "of": "e-1", "at": "now", "to": "ship"}}
+    # A replayed event replayed again is its original event: ids never nest.
+    assert replay_runs.root_id(again) == "e-1"
+    assert replay_runs.replayed(again, 8).id == "replay:8:e-1"
+
+
+def test_what_is_not_a_target_input_is_not_replayed() -> None:
+    for arg in (None, [], {"event": "x"}, {"event": {"id": "", "name": "n", "source": "s"}}, {"trigger": {}}):
+        assert replay_runs.original_of(arg) is None
+
+
+def test_to_names_an_entry_of_the_config() -> None:
+    routes = RouteTable.from_config(config("unit", "127.0.0.1:1", [runner("w", "order.created")]))
+    with pytest.raises(Exception, match="no workflow entry 'nope'"):
+        replay_runs.only_entry(routes, "nope")
+
+
+async def test_submit_retries_while_temporal_refuses_then_gives_up() -> None:
+    from bridge.errors import Unavailable
+    from bridge.settle import Backoff
+
+    routes = RouteTable.from_config(config("unit", "127.0.0.1:1", [runner("w", "order.created")]))
+    sink = FakeSink(outages=2)
+    events = [EventSignal("e", "order.created", {}, "s"), EventSignal("f", "order.never", {}, "s")]
+    done = await replay_runs.submit(Pipeline(routes, sink), events, Backoff(0.01, 0.02), 5.0)
+    assert [d.rejected.reason if d.rejected else None for d in done] == [None, "unroutable"]
+    sink.unavailable = Unavailable("down", 0.01)
+    with pytest.raises(Unavailable):
+        await replay_runs.submit(Pipeline(routes, sink), events[:1], Backoff(0.01, 0.02), 0.05)
+
+
+# --- what the command shows ---------------------------------------------------------------------------
+
+
+def test_the_progress_bar_is_drawn_only_on_a_terminal() -> None:
+    assert render("replay", 5, 10, "x") == "replay [###############---------------] 5/10 x"
+    assert render("replay", 3, None) == "replay 3"
+    quiet = io.StringIO()
+    ProgressBar("r", quiet).update(1, 2, force=True)
+    assert quiet.getvalue() == ""
+    shown = io.StringIO()
+    bar = ProgressBar("r", shown, enabled=True)
+    bar.update(1, 2, force=True)
+    bar.finish(2, 2)
+    assert "1/2" in shown.getvalue() and shown.getvalue().endswith("2/2\n")
+
+
+def test_the_summary_counts_by_reason_and_says_what_became_of_the_refused() -> None:
+    tally = Tally(read=6, accepted=3, refused=Counter(unroutable=2), kept=Counter(trimmed=1), duplicates=1, total=6)
+    outcome = Outcome(
+        "kafka topic t.dlq (group g)", False, tally, existing=Existing(3, 1, 2, 1), notes=["written back"]
+    )
+    text = "\n".join(summary(outcome))
+    for part in (
+        "letters read: 6",
+        "accepted: 3",
+        "still refused: 2 (unroutable: 2)",
+        "not replayable, kept: 1 (trimmed: 1)",
+        "duplicates: 1",
+        "runs: 2 new, 1 existed already; 1 event(s) started nothing new",
+        "written back",
+    ):
+        assert part in text, (part, text)
+    dry = "\n".join(summary(Outcome("amqp queue d", True, Tally(read=1, accepted=1))))
+    assert "dry run" in dry and "would be accepted: 1" in dry
