@@ -1,6 +1,7 @@
 """The HTTP adapter: the events API, webhooks and the operational endpoints, as one litestar app.
 
 - :mod:`adapters.http.events` — ``POST /api/v1/events`` (bearer token);
+- :mod:`adapters.http.lookup` — ``GET /api/v1/events/{event_id}``: the runs an event started;
 - :mod:`adapters.http.webhooks` — ``POST /api/v1/hooks/{slug}`` (the webhook's signature);
 - :mod:`adapters.http.ops` — ``/healthz``, ``/readyz``, ``/metrics`` (a guard keeps ``/metrics``
   and ``/schema`` for bearer token holders: :func:`adapters.http.state.needs_token`);
@@ -24,10 +25,19 @@ from litestar.datastructures import State
 from litestar.di import Provide
 
 from adapters.http.events import EventsController
+from adapters.http.lookup import LookupController
 from adapters.http.openapi import openapi_config
 from adapters.http.ops import OpsController
 from adapters.http.problems import EXCEPTION_HANDLERS
-from adapters.http.state import HTTP_STATE, NEEDS_TOKEN, HttpState, Ready, current_snapshot, needs_token
+from adapters.http.state import (
+    HTTP_STATE,
+    NEEDS_TOKEN,
+    EventLookup,
+    HttpState,
+    Ready,
+    current_snapshot,
+    needs_token,
+)
 from adapters.http.webhooks import WebhooksController
 from bridge.pipeline import Pipeline
 from bridge.snapshot import Snapshot
@@ -44,15 +54,16 @@ def create_app(
     ready: Ready | None = None,
     insecure: bool = False,
     lifespan: list[Any] | None = None,
+    lookup: EventLookup | None = None,
 ) -> Litestar:
     """The HTTP adapter. ``source`` is the config snapshot, or returns the current one: a reload
     then adds, changes and removes webhooks, tokens and limits for the next request."""
     current: Callable[[], Snapshot] = source if callable(source) else (lambda: source)
-    http = HttpState(pipeline, current, insecure=insecure, ready=ready)
+    http = HttpState(pipeline, current, insecure=insecure, ready=ready, lookup=lookup)
     if insecure and not current().tokens:
         log.warning("insecure mode: /metrics, /schema and the /readyz checks are served without a bearer token")
     app = Litestar(
-        route_handlers=[EventsController, WebhooksController, OpsController],
+        route_handlers=[EventsController, LookupController, WebhooksController, OpsController],
         dependencies={
             "http": Provide(http.provide, use_cache=True, sync_to_thread=False),
             "snapshot": Provide(current_snapshot, sync_to_thread=False),

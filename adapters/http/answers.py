@@ -85,6 +85,29 @@ class Readiness(TypedDict):
     checks: NotRequired[dict[str, bool]]
 
 
+class RunInfo(TypedDict):
+    """One run an event started (or signalled into existence)."""
+
+    workflow_entry: str | None
+    workflow_id: str
+    run_id: str | None
+    status: str
+    start_time: str | None
+    close_time: str | None
+    event_id: str | None
+    event_name: str | None
+    source: str | None
+    url: str | None
+
+
+class EventRuns(TypedDict):
+    """What ``GET /api/v1/events/{event_id}`` answers."""
+
+    event_id: str
+    source: str
+    runs: list[RunInfo]
+
+
 def accepted(event: EventSignal) -> dict[str, Any]:
     return {"status": "accepted", "event_id": event.id, "name": event.name}
 

@@ -37,6 +37,9 @@ NEEDS_TOKEN = "needs_token"
 """The opt (``opt={NEEDS_TOKEN: True}``) of handlers and routers that only token holders may read."""
 
 Ready = Callable[[], Awaitable[dict[str, bool]]]
+EventLookup = Callable[[str, str], Awaitable[list[Any]]]
+"""(event id, source) → the runs it started, as :class:`adapters.http.answers.RunInfo` dicts;
+raises :class:`bridge.errors.Unavailable` when Temporal does not answer."""
 
 
 class Limits:
@@ -87,8 +90,10 @@ class HttpState:
         *,
         insecure: bool = False,
         ready: Ready | None = None,
+        lookup: EventLookup | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.lookup = lookup
         self.metrics = pipeline.metrics
         self.current = current
         self.insecure = insecure

@@ -20,16 +20,18 @@ from typing import Any, Literal
 
 import uvicorn
 from temporalio.client import Client, Interceptor
+from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from adapters import amqp, kafka
 from adapters.http import create_app
 from bridge.adapter import Adapter
 from bridge.config import BridgeConfig
-from bridge.errors import BridgeError, ConfigError
+from bridge.errors import BridgeError, ConfigError, Unavailable
 from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline, Tracer
 from bridge.runtime.embedded import EmbeddedTemporal
+from bridge.runtime.lookup import Lookup
 from bridge.snapshot import Snapshot, SnapshotSource
 from dispatcher import search
 from dispatcher.client import DispatcherClient
@@ -183,6 +185,19 @@ class Bridge:
         tracing.install()
         return tracing.EventTracer()
 
+    async def look_up(self, event_id: str, source: str) -> list[dict[str, Any]]:
+        """The runs an event started (``GET /api/v1/events/{id}``), from Temporal's visibility."""
+        assert self.client is not None
+        ui = self.config.temporal.ui_url or (self.embedded.ui_url if self.embedded else None)
+        finder = Lookup(self.client, self.config.project, self.source.current.routes, ui=ui)
+        try:
+            runs = await asyncio.wait_for(finder.event(event_id, source), timeout=10)
+        except (RPCError, TimeoutError) as exc:
+            raise Unavailable(
+                f"Temporal did not answer the look-up: {exc}", self.config.http.retry_after_seconds
+            ) from exc
+        return [run.to_dict() for run in runs]
+
     async def _export_stats(self) -> None:
         """Every STATS_INTERVAL s, each dispatcher's stats query as metrics (a failed query is
         skipped: the dispatcher may be continuing-as-new, or Temporal away)."""
@@ -239,7 +254,7 @@ class Bridge:
 
     async def _start_http(self) -> None:
         assert self.pipeline is not None
-        app = create_app(self.pipeline, self.source, ready=self.ready, insecure=self.insecure)
+        app = create_app(self.pipeline, self.source, ready=self.ready, insecure=self.insecure, lookup=self.look_up)
         server = _Uvicorn(
             uvicorn.Config(
                 app,

@@ -89,10 +89,25 @@ def serve(app: Any) -> Iterator[str]:
         thread.join(10)
 
 
+async def look_up(event_id: str, source: str) -> list[dict[str, Any]]:
+    """Events whose id starts with a digit started one run; the others, none (a 404)."""
+    if not event_id[:1].isdigit():
+        return []
+    run = {"workflow_id": f"all-{event_id}", "run_id": "r-1", "status": "running", "start_time": "2026-01-01T00:00:00Z"}
+    return [
+        {**run, "workflow_entry": "all", "close_time": None, "event_id": event_id, "event_name": "e"}
+        | {"source": source, "url": None}
+    ]
+
+
+async def look_up_down(event_id: str, source: str) -> list[dict[str, Any]]:
+    raise Unavailable("Temporal is down", 30)
+
+
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
     snap = snapshot()
-    with serve(create_app(Pipeline(snap.routes, FakeSink()), snap)) as url:
+    with serve(create_app(Pipeline(snap.routes, FakeSink()), snap, lookup=look_up)) as url:
         yield url
 
 
@@ -106,7 +121,7 @@ def down_schema() -> Iterator[Any]:
     """The app over a sink that refuses every submission as Temporal does while it is down."""
     snap, sink = snapshot(), FakeSink()
     sink.unavailable = Unavailable("Temporal is down", 30)
-    with serve(create_app(Pipeline(snap.routes, sink), snap)) as url:
+    with serve(create_app(Pipeline(snap.routes, sink), snap, lookup=look_up_down)) as url:
         yield schemathesis.openapi.from_url(f"{url}/schema/openapi.json", headers=AUTH)
 
 
@@ -143,7 +158,7 @@ def run(
     check()
 
 
-OPERATIONS = ["sendEvents", "receiveWebhook", "healthz", "readyz", "metrics"]
+OPERATIONS = ["sendEvents", "lookUpEvent", "receiveWebhook", "healthz", "readyz", "metrics"]
 POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
 OPEN_HOOK = {"path_parameters": {"slug": "open"}}
 CASES = [
@@ -152,6 +167,8 @@ CASES = [
     pytest.param("receiveWebhook", POSITIVE, {}, id="webhook-any-slug"),
     pytest.param("receiveWebhook", POSITIVE, OPEN_HOOK, id="webhook"),
     pytest.param("receiveWebhook", NEGATIVE, OPEN_HOOK, id="webhook-negative"),
+    pytest.param("lookUpEvent", POSITIVE, {}, id="look-up"),
+    pytest.param("lookUpEvent", NEGATIVE, {}, id="look-up-negative"),
     pytest.param("healthz", POSITIVE, {}, id="healthz"),
     pytest.param("readyz", POSITIVE, {}, id="readyz"),
     pytest.param("metrics", POSITIVE, {}, id="metrics"),

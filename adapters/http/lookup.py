@@ -1,0 +1,66 @@
+"""``GET /api/v1/events/{event_id}``: the runs an event started, for the caller's own source.
+
+A token holder reads only the events sent with its token (the source ``http:{token name}``): the
+look-up is scoped by the source the adapter set, never by anything the caller says. The runtime
+injects the look-up (:class:`adapters.http.state.EventLookup`; bridge.runtime.lookup does it from
+Temporal's visibility); an app without one answers ``503``. docs/event-lifecycle.md.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Controller, Request, get
+from litestar.di import NamedDependency
+from litestar.params import PathParameter
+
+from adapters.http.answers import EventRuns
+from adapters.http.openapi import BEARER_AUTH, error_responses
+from adapters.http.problems import Problem
+from adapters.http.state import HTTP_ADAPTER, HttpState
+from bridge.errors import Reason, Unavailable
+from bridge.snapshot import Snapshot
+
+REASONS: tuple[Reason, ...] = ("unauthorized", "not_found", "unavailable")
+"""Every reason this endpoint answers with."""
+
+MAX_ID = 1000  # an event id longer than any adapter accepts names nothing
+
+
+class LookupController(Controller):
+    path = "/api/v1/events"
+    tags = ["events"]
+
+    @get(
+        "/{event_id:str}",
+        summary="The runs an event started",
+        operation_id="lookUpEvent",
+        security=BEARER_AUTH,
+        responses=error_responses(REASONS),
+    )
+    async def look_up(
+        self,
+        request: Request[Any, Any, Any],
+        event_id: Annotated[str, PathParameter(description="The event id (its Idempotency-Key, or its id)")],
+        http: NamedDependency[HttpState],
+        snapshot: NamedDependency[Snapshot],
+    ) -> EventRuns:
+        """The runs the event with this id, sent with this token, started: each with its workflow
+        entry, workflow id, run id, status, start and close time, and a link to the Temporal UI when
+        one is known. ``404`` when nothing is known (a run is visible for the namespace's retention)."""
+        token = http.token_name(snapshot, request.headers.get("authorization"))
+        if token is None:
+            raise http.deny(HTTP_ADAPTER, "unauthorized", "a valid bearer token is required")
+        source = f"{HTTP_ADAPTER}:{token}"
+        wait = int(snapshot.config.http.retry_after_seconds)
+        if http.lookup is None:
+            raise Problem("unavailable", "this process cannot look events up (no Temporal client)", retry_after=wait)
+        if not event_id or len(event_id) > MAX_ID:
+            raise Problem("not_found", "no run is known for this event", event_id=event_id[:200])
+        try:
+            runs = await http.lookup(event_id, source)
+        except Unavailable as exc:
+            raise Problem("unavailable", str(exc), retry_after=wait) from None
+        if not runs:
+            raise Problem("not_found", "no run is known for this event", event_id=event_id)
+        return {"event_id": event_id, "source": source, "runs": runs}
