@@ -72,6 +72,7 @@ class _Queued:
     size: int  # encoded bytes: what it weighs in a continue-as-new input
     digest: str = ""  # set once taken into a batch
     verdicts: dict[str, bool | None] | None = None  # filter source -> EVALUATE_FILTERS' answer
+    reloaded: bool = False  # the routes were loaded again for it once: its name named nothing
 
 
 # Not sandboxed: the sandbox's import proxies made serialising the continue-as-new input slow
@@ -232,6 +233,13 @@ class DispatcherWorkflow:
         self._queue.extendleft(reversed(taken[done:]))
         plans: list[Plan] = []
         for n, item in enumerate(taken[:done]):
+            if not item.reloaded and self._routes is not None and not self._routes.candidates(item.event.name):
+                # The adapter found a trigger for its name: this table is older than the adapter's
+                # (a reload whose signal is behind the event). Load it again first, once.
+                item.reloaded = True
+                self._queue.extendleft(reversed(taken[n:done]))
+                self._reload = True
+                break
             if self._signals_busy(item):  # it and those behind it wait for that batch
                 self._queue.extendleft(reversed(taken[n:done]))
                 self._blocked = True
