@@ -7,7 +7,7 @@ partition in the batch once it is settled. It pauses its partitions (and keeps p
 group keeps it) while Temporal refuses, and gives a batch up when a rebalance takes its partitions.
 It refreshes the cluster's metadata every ``metadata_refresh_seconds``, so a topic created after
 the start is read from the rebalance that follows; a subscribed topic the cluster lacks is logged
-once (and once when it appears), and :func:`readiness` shows it in ``/readyz``.
+once (and once when it appears), and :meth:`KafkaAdapter.readiness` shows it in ``/readyz``.
 Configuration, event ids and what happens to a poison record: docs/kafka.md.
 """
 
@@ -17,10 +17,9 @@ import asyncio
 import contextlib
 import logging
 import time
-import weakref
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal, TypeAlias, TypedDict
+from typing import Any, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
@@ -46,6 +45,7 @@ from adapters.kafka_parse import (
     record_headers,
     to_message,
 )
+from bridge.adapter import ConsumerReadiness, ConsumerState
 from bridge.config import BridgeConfig, KafkaConsumer, KafkaSecurity
 from bridge.decode import Message
 from bridge.errors import BridgeError
@@ -55,7 +55,6 @@ from bridge.settle import Abandoned, Disposition, Item, Settler, Transport
 __all__ = [
     "ADAPTER",
     "CE_PREFIX",
-    "ConsumerReadiness",
     "KafkaAdapter",
     "build",
     "client_options",
@@ -64,7 +63,6 @@ __all__ = [
     "default_group_id",
     "fallback_id",
     "parse",
-    "readiness",
     "record_headers",
     "to_message",
 ]
@@ -77,28 +75,7 @@ REVOKE_WAIT = 15.0
 STOP_GRACE = 30.0
 
 Batch: TypeAlias = dict[TopicPartition, list[Record]]
-State: TypeAlias = Literal["joining", "consuming", "paused", "no partitions assigned", "stopped"]
-
-
-class ConsumerReadiness(TypedDict):
-    """One consumer as ``/readyz`` shows it to token holders (docs/kafka.md#readiness)."""
-
-    check: str  # the name of its readiness check: kafka:{topics}
-    group_id: str
-    topics: list[str]
-    state: State
-    assigned_partitions: int
-    missing_topics: list[str]  # subscribed, but not in the cluster's metadata
-
-
-_RUNNING: weakref.WeakSet[KafkaAdapter] = weakref.WeakSet()
-
-
-def readiness(pipeline: Pipeline) -> list[ConsumerReadiness]:
-    """The started consumers that feed ``pipeline`` (one bridge's: several bridges may share a
-    process), for ``/readyz``."""
-    adapters = sorted((a for a in _RUNNING if a.pipeline is pipeline), key=lambda a: (a.name, a.group_id))
-    return [a.readiness() for a in adapters]
+State: TypeAlias = ConsumerState
 
 
 class _MissingTopicLines(logging.Filter):
@@ -246,7 +223,6 @@ class KafkaAdapter(Transport[Record]):
             raise BridgeError(f"{self.name}: cannot connect to Kafka at {servers}: {exc}") from exc
         self._task = asyncio.create_task(self._run(), name=f"kafka-adapter-{self.group_id}")
         self._task.add_done_callback(self._on_exit)
-        _RUNNING.add(self)
         _QUIET.watch(self.entry.topics)
         self._registered = True
         log.info(
@@ -270,7 +246,6 @@ class KafkaAdapter(Transport[Record]):
                     await self._task
         await self._close_clients()
         if self._registered:
-            _RUNNING.discard(self)
             _QUIET.unwatch(self.entry.topics)
             self._registered = False
         log.info("kafka adapter stopped topics=%s group=%s", ",".join(self.entry.topics), self.group_id)

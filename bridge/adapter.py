@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, TypedDict, runtime_checkable
+
+ConsumerState = Literal["joining", "consuming", "paused", "no partitions assigned", "stopped"]
+
+
+class ConsumerReadiness(TypedDict):
+    """One Kafka consumer as ``/readyz`` shows it to token holders (docs/kafka.md#readiness)."""
+
+    check: str  # the name of its readiness check: kafka:{topics}
+    group_id: str
+    topics: list[str]
+    state: ConsumerState
+    assigned_partitions: int
+    missing_topics: list[str]  # subscribed, but not in the cluster's metadata
 
 
 @runtime_checkable

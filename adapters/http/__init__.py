@@ -32,6 +32,7 @@ from adapters.http.problems import EXCEPTION_HANDLERS
 from adapters.http.state import (
     HTTP_STATE,
     NEEDS_TOKEN,
+    Consumers,
     EventLookup,
     HttpState,
     Ready,
@@ -55,11 +56,12 @@ def create_app(
     insecure: bool = False,
     lifespan: list[Any] | None = None,
     lookup: EventLookup | None = None,
+    consumers: Consumers | None = None,
 ) -> Litestar:
     """The HTTP adapter. ``source`` is the config snapshot, or returns the current one: a reload
     then adds, changes and removes webhooks, tokens and limits for the next request."""
     current: Callable[[], Snapshot] = source if callable(source) else (lambda: source)
-    http = HttpState(pipeline, current, insecure=insecure, ready=ready, lookup=lookup)
+    http = HttpState(pipeline, current, insecure=insecure, ready=ready, lookup=lookup, consumers=consumers)
     if insecure and not current().tokens:
         log.warning("insecure mode: /metrics, /schema and the /readyz checks are served without a bearer token")
     app = Litestar(

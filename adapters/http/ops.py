@@ -20,8 +20,7 @@ from adapters.http import answers
 from adapters.http.answers import Health
 from adapters.http.openapi import BEARER_AUTH, error_responses
 from adapters.http.state import NEEDS_TOKEN, HttpState, needs_token
-from adapters.kafka import ConsumerReadiness
-from adapters.kafka import readiness as kafka_readiness
+from bridge.adapter import ConsumerReadiness
 from bridge.snapshot import Snapshot
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4"
@@ -61,7 +60,7 @@ class OpsController(Controller):
         body: Readiness = {"status": "ready" if ok else "not ready"}
         if http.token_name(snapshot, request.headers.get("authorization")) is not None:
             body["checks"] = checks
-            if consumers := kafka_readiness(http.pipeline):
+            if http.consumers is not None and (consumers := http.consumers()):
                 body["kafka"] = consumers
         return Response(body, status_code=200 if ok else NOT_READY)
 

@@ -16,6 +16,7 @@ from litestar.di import NamedDependency
 from litestar.handlers.base import BaseRouteHandler
 
 from adapters.http.problems import Problem
+from bridge.adapter import ConsumerReadiness
 from bridge.config import RateLimit
 from bridge.errors import EventRejected, Reason, Unavailable
 from bridge.event import EventSignal
@@ -40,6 +41,8 @@ Ready = Callable[[], Awaitable[dict[str, bool]]]
 EventLookup = Callable[[str, str], Awaitable[list[Any]]]
 """(event id, source) → the runs it started, as :class:`adapters.http.answers.RunInfo` dicts;
 raises :class:`bridge.errors.Unavailable` when Temporal does not answer."""
+Consumers = Callable[[], list[ConsumerReadiness]]
+"""The Kafka consumers running beside the adapter, as ``/readyz`` shows them to token holders."""
 
 
 class Limits:
@@ -91,9 +94,11 @@ class HttpState:
         insecure: bool = False,
         ready: Ready | None = None,
         lookup: EventLookup | None = None,
+        consumers: Consumers | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.lookup = lookup
+        self.consumers = consumers
         self.metrics = pipeline.metrics
         self.current = current
         self.insecure = insecure

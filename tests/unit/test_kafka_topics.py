@@ -193,22 +193,23 @@ async def test_readiness_says_joining_then_no_partitions_with_the_missing_topic_
     assert adapter.readiness()["state"] == "stopped"
 
 
-async def test_readyz_lists_the_consumers_of_its_bridge_to_token_holders_and_stays_ready(fake_client):
+async def test_readyz_lists_the_consumers_it_is_given_to_token_holders_and_stays_ready(fake_client):
+    """The runtime passes its own consumers (bridge.runtime.app.Bridge.consumers); one without
+    partitions is reported, and the bridge stays ready."""
     cfg = make_config()
     snap = Snapshot.compile(cfg)
-    pipeline, other = Pipeline(snap.routes, FakeSink()), Pipeline(snap.routes, FakeSink())
+    pipeline = Pipeline(snap.routes, FakeSink())
     entry = kafka_config(topics=["orders"]).kafka[0]
     adapter = kafka.build(entry, pipeline, cfg)
-    elsewhere = kafka.build(entry.model_copy(update={"topics": ["refunds"]}), other, cfg)
 
     async def ready() -> dict[str, bool]:
         return {"temporal": True, adapter.name: adapter.healthy()}
 
     await adapter.start()
-    await elsewhere.start()
     try:
         adapter._on_assigned(set())
-        async with AsyncTestClient(create_app(pipeline, snap, ready=ready)) as c:
+        app = create_app(pipeline, snap, ready=ready, consumers=lambda: [adapter.readiness()])
+        async with AsyncTestClient(app) as c:
             resp = await c.get("/readyz", headers=AUTH)
             bare = await c.get("/readyz")
         assert resp.status_code == bare.status_code == 200
@@ -224,9 +225,8 @@ async def test_readyz_lists_the_consumers_of_its_bridge_to_token_holders_and_sta
             }
         ]
     finally:
-        await elsewhere.stop()
         await adapter.stop()
-    async with AsyncTestClient(create_app(pipeline, snap, ready=ready)) as c:
+    async with AsyncTestClient(create_app(pipeline, snap, ready=ready, consumers=list)) as c:
         assert "kafka" not in (await c.get("/readyz", headers=AUTH)).json()
 
 
