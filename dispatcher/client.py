@@ -93,6 +93,7 @@ class DispatcherClient:
         self.project = config.project
         self.task_queue = config.task_queue
         self.shards = config.dispatcher.shards
+        self._ids = [dispatcher_id(self.project, k, self.shards) for k in range(self.shards)]
         self.metrics = metrics or Metrics()
         self.rpc_timeout = timedelta(seconds=rpc_timeout)
         self._retry_after = config.http.retry_after_seconds if retry_after is None else retry_after
@@ -117,10 +118,10 @@ class DispatcherClient:
 
     @property
     def ids(self) -> list[str]:
-        return [dispatcher_id(self.project, k, self.shards) for k in range(self.shards)]
+        return list(self._ids)
 
     def handle(self, shard: int = 0) -> WorkflowHandle[Any, Any]:
-        return self.client.get_workflow_handle(self.ids[shard])
+        return self.client.get_workflow_handle(self._ids[shard])
 
     async def submit(self, events: Sequence[EventSignal]) -> None:
         """Return once Temporal holds every event; raise Unavailable or EventRejected otherwise.
@@ -155,7 +156,10 @@ class DispatcherClient:
                 self._queues[shard].put_nowait(sub)
             sub.events.append(item)
             sub.size += len(item)
-        await asyncio.gather(*(s.done for s in subs))
+        if len(subs) == 1:  # the usual case; gather costs as much as the rest of this call
+            await subs[0].done
+        else:
+            await asyncio.gather(*(s.done for s in subs))
 
     async def ensure_started(self) -> None:
         """Start every shard's dispatcher if it is not running (seed Step 4)."""
@@ -267,7 +271,10 @@ class DispatcherClient:
             if not isinstance(exc, EventRejected):
                 await self._check()
         else:
-            _answer(batch, None)
+            # Answered on the loop's next turn: the sender first takes what queued meanwhile and
+            # starts its signal, so Temporal works on it while the answered requests are answered
+            # (each a response to write). The order of signals is as before: one at a time.
+            asyncio.get_running_loop().call_soon(_answer, batch, None)
 
     def _forget(self, call: asyncio.Task[None]) -> None:
         self._stray.discard(call)
@@ -299,14 +306,14 @@ class DispatcherClient:
         await self.client.start_workflow(
             DISPATCHER_WORKFLOW,
             DispatcherInput(project=self.project, shard=shard),
-            id=self.ids[shard],
+            id=self._ids[shard],
             task_queue=self.task_queue,
             rpc_timeout=self.rpc_timeout,
             **options,
         )
 
     async def _signal(self, shard: int, events: list[bytes]) -> None:
-        wid = self.ids[shard]
+        wid = self._ids[shard]
         # The list of events, as the SDK would encode the list of their dicts, from their encodings.
         arg = RawValue(Payload(metadata=JSON_PLAIN, data=b"[" + b",".join(events) + b"]"))
         try:
@@ -319,7 +326,7 @@ class DispatcherClient:
                 exc.status.name,
                 exc.message,
             )
-            if exc.status == RPCStatusCode.INVALID_ARGUMENT and "size" in exc.message.lower():
+            if exc.status == RPCStatusCode.INVALID_ARGUMENT and _signal_too_large(exc.message):
                 raise EventRejected("too_large", exc.message) from exc
             raise self._unavailable(f"Temporal did not accept the events: {exc.message}") from exc
         except Exception as exc:
@@ -327,6 +334,14 @@ class DispatcherClient:
             raise self._unavailable(f"Temporal did not accept the events: {exc}") from exc
         self.metrics.signals.inc()
         self.metrics.batch_size.observe(len(events))
+
+
+def _signal_too_large(message: str) -> bool:
+    """Temporal refused the signal for its size ("Blob data size exceeds limit."), not for the
+    dispatcher's ("Workflow history size exceeds limit.": Temporal ends that run, and the retry's
+    signal-with-start starts the next one, so it is Unavailable, never a refusal of the events)."""
+    text = message.lower()
+    return "size" in text and "history" not in text
 
 
 def _answer(batch: list[_Submission], failure: Exception | None) -> None:

@@ -21,7 +21,7 @@ from adapters.http.state import HTTP_ADAPTER
 from bridge.config import EventFormat
 from bridge.decode import CE_STRUCTURED, Message, decode, parse_json
 from bridge.errors import EventRejected
-from bridge.event import EventSignal
+from bridge.event import EventSignal, utc_now
 
 CE_BATCH = "application/cloudevents-batch+json"
 Parsed = EventSignal | EventRejected
@@ -60,10 +60,13 @@ def parse(
     return envelope(data, idempotency_key, metadata, scope)
 
 
-def envelope(data: Any, event_id: str | None, metadata: dict[str, Any], scope: str = HTTP_ADAPTER) -> EventSignal:
+def envelope(
+    data: Any, event_id: str | None, metadata: dict[str, Any], scope: str = HTTP_ADAPTER, *, time: str | None = None
+) -> EventSignal:
     """One envelope ``{"name", "payload"?, "id"?}`` (already parsed) → event.
 
     ``event_id`` (the Idempotency-Key) wins over the body ``id``; without either, a new UUID.
+    ``time``: when it was received (the events of a batch share their request's); default now.
     """
     if not isinstance(data, dict):
         raise EventRejected("malformed", "an event must be a JSON object")
@@ -84,6 +87,7 @@ def envelope(data: Any, event_id: str | None, metadata: dict[str, Any], scope: s
         name=name,
         payload=payload,
         source=scope,
+        time=time or utc_now(),
         metadata=metadata,
     )
 
@@ -94,11 +98,12 @@ def _envelope_batch(
     """Ids: the item's ``id`` · ``{Idempotency-Key}:{index}`` · a UUID, so a batch retried with
     the same key starts nothing twice."""
     out: list[Parsed] = []
+    now = utc_now()  # one clock read for the whole request
     for i, item in enumerate(items):
         has_id = item.get("id") is not None
         key = None if has_id or not idempotency_key else f"{idempotency_key}:{i}"
         try:
-            out.append(envelope(item, key, dict(metadata), scope))
+            out.append(envelope(item, key, dict(metadata), scope, time=now))
         except EventRejected as exc:
             out.append(exc)
     return out

@@ -156,6 +156,29 @@ async def test_submissions_during_a_signal_in_flight_leave_together() -> None:
     await client.close()
 
 
+async def test_the_next_signal_starts_before_the_answered_submitters_resume() -> None:
+    """While the answered requests are written out, Temporal already works on the next signal."""
+    temporal = FakeTemporal(held={dispatcher_id(PROJECT, 0, 1)})
+    client = make_client(temporal)
+    first = asyncio.create_task(client.submit([ev("a")]))
+    await in_flight(temporal)
+    second = asyncio.create_task(client.submit([ev("b")]))
+    await settle()
+    seen: list[bool] = []
+    start = temporal.start_workflow
+
+    async def recording(*args: Any, **kwargs: Any) -> None:
+        seen.append(first.done())
+        await start(*args, **kwargs)
+
+    temporal.start_workflow = recording  # type: ignore[method-assign]
+    open_gate(temporal)
+    await asyncio.gather(first, second)
+    assert temporal.sent() == [["a"], ["b"]]
+    assert seen == [False]  # "b" left while "a"'s submitter had not resumed yet
+    await client.close()
+
+
 async def test_signal_with_start_names_the_dispatcher_its_input_and_the_event_signal() -> None:
     temporal = FakeTemporal()
     client = make_client(temporal)
@@ -312,6 +335,10 @@ async def test_each_shard_keeps_submission_order_and_does_not_wait_for_the_other
         (RPCError("deadline exceeded", RPCStatusCode.DEADLINE_EXCEEDED, b""), Unavailable),
         (RuntimeError("the channel broke"), Unavailable),
         (RPCError("request size exceeds the limit", RPCStatusCode.INVALID_ARGUMENT, b""), EventRejected),
+        (RPCError("Blob data size exceeds limit.", RPCStatusCode.INVALID_ARGUMENT, b""), EventRejected),
+        # The dispatcher's history is full (no worker took its signals for long): Temporal ends that
+        # run and the retry starts the next one, so the events are not refused.
+        (RPCError("Workflow history size exceeds limit.", RPCStatusCode.INVALID_ARGUMENT, b""), Unavailable),
     ],
 )
 async def test_a_failed_signal_fails_every_submission_it_carried(error: BaseException, expected: type) -> None:
