@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from temporalio.worker import Worker
 
 from adapters import amqp, kafka
 from adapters.http import create_app
-from bridge.adapter import Adapter
+from bridge.adapter import Adapter, ConsumerReadiness
 from bridge.config import BridgeConfig
 from bridge.errors import BridgeError, ConfigError, Unavailable
 from bridge.metrics import Metrics
@@ -51,6 +52,15 @@ class _Uvicorn(uvicorn.Server):
 
     def install_signal_handlers(self) -> None:
         return None
+
+    async def serve(self, sockets: Any = None) -> None:
+        """uvicorn ends with ``sys.exit`` when it cannot bind: inside a task, asyncio re-raises that
+        out of the event loop and everything stops at once, the embedded server left behind. Here
+        it is an error of the HTTP task, which the bridge reports and stops in order."""
+        try:
+            await super().serve(sockets)
+        except SystemExit as exc:
+            raise BridgeError(f"the HTTP server could not start (exit {exc.code})") from None
 
 
 WATCH_INTERVAL = 2.0
@@ -254,7 +264,14 @@ class Bridge:
 
     async def _start_http(self) -> None:
         assert self.pipeline is not None
-        app = create_app(self.pipeline, self.source, ready=self.ready, insecure=self.insecure, lookup=self.look_up)
+        app = create_app(
+            self.pipeline,
+            self.source,
+            ready=self.ready,
+            insecure=self.insecure,
+            lookup=self.look_up,
+            consumers=self.consumers,
+        )
         server = _Uvicorn(
             uvicorn.Config(
                 app,
@@ -307,6 +324,11 @@ class Bridge:
                     await self.reload()
                 except Exception:
                     log.exception("config reload failed")
+
+    def consumers(self) -> list[ConsumerReadiness]:
+        """This bridge's Kafka consumers, for ``/readyz``: partitions, missing topics, state."""
+        found = [a for a in self.adapters if isinstance(a, kafka.KafkaAdapter)]
+        return [a.readiness() for a in sorted(found, key=lambda a: (a.name, a.group_id))]
 
     async def ready(self) -> dict[str, bool]:
         checks: dict[str, bool] = {}
@@ -374,6 +396,9 @@ async def run_until_signalled(bridge: Bridge) -> None:
     except BaseException:
         await bridge.stop()
         raise
+    # What start-up allocated (modules, the config, clients) stays: keep it out of every later
+    # collection, whose full passes otherwise stall every request in flight during a burst.
+    gc.freeze()
     if bridge.embedded and bridge.embedded.ui_url:
         log.info(
             "Temporal UI: %s/namespaces/%s/workflows",
