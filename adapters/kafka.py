@@ -18,8 +18,8 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from typing import Any, TypeAlias
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeAlias, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
@@ -148,6 +148,38 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.adapter._on_assigned(assigned)
+
+
+M = TypeVar("M")
+
+
+async def write_letters(
+    items: Sequence[Item[M]], produce: Callable[[Item[M], int], Awaitable[asyncio.Future[Any]]]
+) -> None:
+    """Produce every item's dead letter (``produce(item, byte budget)`` sends one and returns its
+    ack) and wait for the broker's acks. A letter the topic refuses for its size is written again a
+    quarter as large, down to MIN_LETTER_BYTES; any other failure is raised (and retried). Each
+    item written is marked DEAD_LETTERED. The adapter's and the replay's dead letters both go here."""
+    pending = [(item, LETTER_BYTES) for item in items]
+    while pending:
+        acks: list[asyncio.Future[Any]] = []
+        try:
+            for item, budget in pending:
+                acks.append(await produce(item, budget))
+        finally:  # what was sent is awaited either way, so no ack is left unread
+            results = await asyncio.gather(*acks, return_exceptions=True)
+        failed: BaseException | None = None
+        smaller = []
+        for (item, budget), result in zip(pending, results, strict=True):
+            if not isinstance(result, BaseException):
+                item.disposition = Disposition.DEAD_LETTERED
+            elif isinstance(result, TOO_LARGE) and budget // 4 >= MIN_LETTER_BYTES:
+                smaller.append((item, budget // 4))
+            else:
+                failed = failed or result
+        if failed is not None:
+            raise failed
+        pending = smaller
 
 
 class KafkaAdapter(Transport[Record]):
@@ -358,26 +390,7 @@ class KafkaAdapter(Transport[Record]):
     async def dead_letter(self, items: Sequence[Item[Record]]) -> None:
         """Produce every letter and wait for the broker's acks. A letter the topic refuses for its
         size is written again a quarter as large; any other failure is raised (and retried)."""
-        pending = [(item, LETTER_BYTES) for item in items]
-        while pending:
-            acks: list[asyncio.Future[Any]] = []
-            try:
-                for item, budget in pending:
-                    acks.append(await self._produce(item, budget))
-            finally:  # what was sent is awaited either way, so no ack is left unread
-                results = await asyncio.gather(*acks, return_exceptions=True)
-            failed: BaseException | None = None
-            smaller = []
-            for (item, budget), result in zip(pending, results, strict=True):
-                if not isinstance(result, BaseException):
-                    item.disposition = Disposition.DEAD_LETTERED
-                elif isinstance(result, TOO_LARGE) and budget // 4 >= MIN_LETTER_BYTES:
-                    smaller.append((item, budget // 4))
-                else:
-                    failed = failed or result
-            if failed is not None:
-                raise failed
-            pending = smaller
+        await write_letters(items, self._produce)
 
     async def _produce(self, item: Item[Record], budget: int) -> asyncio.Future[Any]:
         producer, topic = self.producer, self.entry.dead_letter_topic

@@ -34,11 +34,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
-from adapters.kafka import TOO_LARGE, client_options
+from adapters.kafka import client_options, write_letters
 from adapters.kafka_parse import (
-    LETTER_BYTES,
     MAX_REQUEST_BYTES,
-    MIN_LETTER_BYTES,
     Record,
     dead_letter,
     fallback_id,
@@ -65,7 +63,7 @@ from bridge.deadletter import H_ORIGINAL, is_dead_letter_header
 from bridge.decode import Message
 from bridge.errors import BridgeError
 from bridge.pipeline import Pipeline
-from bridge.settle import Abandoned, Backoff, Disposition, Item, Settler, Transport
+from bridge.settle import Abandoned, Backoff, Item, Settler, Transport
 
 log = logging.getLogger(__name__)
 
@@ -355,32 +353,16 @@ class _EntryTransport(Transport[Letter]):
         the topic is written again a quarter as large, as the adapter does."""
         producer = self.replay.producer
         assert producer is not None
-        pending = [(item, LETTER_BYTES) for item in items]
-        while pending:
-            acks = []
-            try:
-                for item, budget in pending:
-                    assert item.error is not None
-                    letter = dead_letter(item.message.original, item.error, item.event, budget)
-                    acks.append(
-                        await producer.send(
-                            self.replay.topic, key=letter.key, value=letter.value, headers=letter.headers
-                        )
-                    )
-            finally:
-                results = await asyncio.gather(*acks, return_exceptions=True)
-            failed: BaseException | None = None
-            smaller = []
-            for (item, budget), result in zip(pending, results, strict=False):
-                if not isinstance(result, BaseException):
-                    item.disposition = Disposition.DEAD_LETTERED
-                elif isinstance(result, TOO_LARGE) and budget // 4 >= MIN_LETTER_BYTES:
-                    smaller.append((item, budget // 4))
-                else:
-                    failed = failed or result
-            if failed is not None:
-                raise failed
-            pending = smaller
+
+        async def produce(item: Item[Letter], budget: int) -> asyncio.Future[Any]:
+            assert item.error is not None
+            letter = dead_letter(item.message.original, item.error, item.event, budget)
+            ack: asyncio.Future[Any] = await producer.send(
+                self.replay.topic, key=letter.key, value=letter.value, headers=letter.headers
+            )
+            return ack
+
+        await write_letters(items, produce)
 
     async def acknowledge(self, items: Sequence[Item[Letter]]) -> None:
         """Nothing one by one: the replay commits the batch's offsets once it is settled."""
