@@ -40,7 +40,8 @@ from bench.load import (
 from bench.procs import TOKEN, Bare, Bridge, Proc, bridge_config, unique
 from bench.report import Row, WrkResult, line, parse_wrk, status_summary
 from bridge.config import DispatcherConfig
-from dispatcher.contract import STATS_QUERY, dispatcher_id
+from dispatcher.client import query_stats
+from dispatcher.contract import dispatcher_id
 
 WARM_EVENTS = 4
 LUA = Path(__file__).with_name("events.lua")
@@ -233,7 +234,7 @@ async def dispatcher_stats(client: Client, project: str, shards: int) -> list[di
     out = []
     for shard in range(shards):
         handle = client.get_workflow_handle(dispatcher_id(project, shard, shards))
-        out.append(dict(await asyncio.wait_for(handle.query(STATS_QUERY), 20)))
+        out.append(dict(await asyncio.wait_for(query_stats(handle), 20)))
     return out
 
 

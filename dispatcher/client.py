@@ -61,6 +61,34 @@ def shard_of(event: EventSignal, shards: int) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % shards
 
 
+def not_ready(exc: BaseException) -> bool:
+    """Whether ``exc`` is Temporal's "workflow not ready" answer to a query: the workflow's task
+    is being retried (a continue-as-new that a signal overtook fails its task once, on purpose),
+    so the query has nothing to run on for a moment."""
+    if not isinstance(exc, RPCError) or exc.status != RPCStatusCode.FAILED_PRECONDITION:
+        return False
+    details = exc.grpc_status.details
+    return any(d.type_url.endswith("WorkflowNotReadyFailure") for d in details) or "failed state" in exc.message
+
+
+async def query_stats(
+    handle: WorkflowHandle[Any, Any], *, patience: float = 10.0, rpc_timeout: timedelta | None = None
+) -> DispatcherStats:
+    """The dispatcher's STATS_QUERY, asked again for up to ``patience`` seconds while Temporal
+    answers that the workflow is not ready (see :func:`not_ready`); any other error is raised."""
+    deadline = time.monotonic() + patience
+    pause = 0.1
+    while True:
+        try:
+            stats: DispatcherStats = await handle.query(STATS_QUERY, rpc_timeout=rpc_timeout)
+            return stats
+        except RPCError as exc:
+            if not not_ready(exc) or time.monotonic() + pause > deadline:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 1.0)
+
+
 JSON_PLAIN = {"encoding": b"json/plain"}
 """The metadata of the signal's payload: what the SDK's JSON converter writes, and decodes."""
 
@@ -174,7 +202,7 @@ class DispatcherClient:
             await self.handle(shard).signal(RELOAD_SIGNAL)
 
     async def stats(self) -> list[DispatcherStats]:
-        return [await self.handle(k).query(STATS_QUERY) for k in range(self.shards)]
+        return [await query_stats(self.handle(k)) for k in range(self.shards)]
 
     async def ping(self, timeout: timedelta = timedelta(seconds=2)) -> bool:
         try:

@@ -203,7 +203,8 @@ class DispatcherStats(TypedDict):
     filter_limited: int
     signaled: int  # signals delivered to open runs (or that started one: if_missing: start)
     missing: int  # signals not sent: no open run, if_missing: skip
-    backlog: int
+    backlog: int  # events received and not done: queued, or their starts in flight
+    starting: int  # of which their starts are in flight
     run: int
     signals_this_run: int
     children_this_run: int

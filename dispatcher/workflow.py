@@ -98,6 +98,7 @@ class DispatcherWorkflow:
         self._search_attributes = False  # whether target runs get dispatcher.search's attributes
         self._in_flight: set[asyncio.Task[None]] = set()  # batches being started
         self._busy: Counter[str] = Counter()  # the ordering keys of the events in those batches
+        self._starting = 0  # events in those batches
         self._blocked = False  # the next event signals a run a batch in flight signals too
         self._task_mark = -1  # the history length this workflow task began at
         self._task_bytes = 0  # target arguments sent in this workflow task
@@ -144,7 +145,8 @@ class DispatcherWorkflow:
             filter_limited=s["filter_limited"],
             signaled=s["signaled"],
             missing=s["missing"],
-            backlog=len(self._queue),
+            backlog=len(self._queue) + self._starting,
+            starting=self._starting,
             run=self._run,
             signals_this_run=self._signals,
             children_this_run=self._children,
@@ -232,6 +234,7 @@ class DispatcherWorkflow:
         done = await self._evaluate(taken)
         self._queue.extendleft(reversed(taken[done:]))
         plans: list[Plan] = []
+        events = 0
         for n, item in enumerate(taken[:done]):
             if not item.reloaded and self._routes is not None and not self._routes.candidates(item.event.name):
                 # The adapter found a trigger for its name: this table is older than the adapter's
@@ -244,10 +247,12 @@ class DispatcherWorkflow:
                 self._queue.extendleft(reversed(taken[n:done]))
                 self._blocked = True
                 break
-            plans.extend(self._plan(item))
+            planned = self._plan(item)
+            events += bool(planned)
+            plans.extend(planned)
         if plans:
             self._children += len(plans)
-            self._launch(plans)
+            self._launch(plans, events)
         elif self._spent >= TASK_COST_BUDGET and self._queue:
             await workflow.sleep(YIELD)
             self._spent = 0
@@ -265,17 +270,19 @@ class DispatcherWorkflow:
                     continue
         return False
 
-    def _launch(self, plans: list[Plan]) -> None:
-        """Start a batch in the background; its keys, and the runs it signals, are busy until every
-        start in it answered."""
+    def _launch(self, plans: list[Plan], events: int) -> None:
+        """Start a batch, the plans of ``events`` events, in the background; its keys, and the runs
+        it signals, are busy until every start in it answered."""
         keys = [p.event.key for p in plans if p.event.key is not None]
         keys += [_RUN + p.start.id for p in plans if p.start.signal is not None]
         self._busy.update(keys)
+        self._starting += events
         task = asyncio.create_task(self._start_batch(plans))
         self._in_flight.add(task)
 
         def done(task: asyncio.Task[None]) -> None:
             self._in_flight.discard(task)
+            self._starting -= events
             self._blocked = False  # whatever waited may go now, or finds what it waits for again
             self._busy.subtract(keys)
             for key in keys:

@@ -35,8 +35,8 @@ from bridge.runtime.embedded import EmbeddedTemporal
 from bridge.runtime.lookup import Lookup
 from bridge.snapshot import Snapshot, SnapshotSource
 from dispatcher import search
-from dispatcher.client import DispatcherClient
-from dispatcher.contract import STAT_KEYS, STATS_QUERY
+from dispatcher.client import DispatcherClient, query_stats
+from dispatcher.contract import STAT_KEYS
 from dispatcher.worker import build_worker
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,9 @@ class Bridge:
             for shard, wid in enumerate(self.dispatcher.ids):
                 handle = self.dispatcher.handle(shard)
                 try:
-                    stats = await handle.query(STATS_QUERY, rpc_timeout=timedelta(seconds=5))
+                    stats: dict[str, Any] = dict(
+                        await query_stats(handle, patience=5, rpc_timeout=timedelta(seconds=5))
+                    )
                 except Exception as exc:
                     log.debug("stats of %s not read: %s", wid, exc)
                     continue

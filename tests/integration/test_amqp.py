@@ -33,6 +33,7 @@ from bridge.event import EventSignal, run_digest, target_workflow_id
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
 from bridge.runtime.app import Bridge
+from dispatcher.client import query_stats
 from tests import services
 from tests.helpers import assert_eventually, config, count_workflows, result_of, runner, unique, workflow_ids
 
@@ -124,7 +125,7 @@ def accepted(bridge: Bridge) -> float:
 
 async def duplicates(client: Client, project: str) -> int:
     """Redeliveries the dispatcher recognised (informational: a test cannot force them)."""
-    stats = await client.get_workflow_handle(f"dispatcher-{project_slug(project)}").query("stats")
+    stats = dict(await query_stats(client.get_workflow_handle(f"dispatcher-{project_slug(project)}")))
     return int(stats["duplicates"])
 
 

@@ -13,6 +13,7 @@ from temporalio.api.enums.v1 import EventType, WorkflowTaskFailedCause
 from temporalio.client import Client
 
 from bridge.event import MAX_SIGNAL_BYTES
+from dispatcher.client import query_stats
 from tests.helpers import TOKEN, assert_eventually, config, count_workflows, unique
 
 pytestmark = pytest.mark.temporal
@@ -91,7 +92,7 @@ async def test_events_near_the_size_limit_with_costly_filters_keep_workflow_task
     dispatcher = f"dispatcher-{project}"
 
     async def all_dispatched() -> dict[str, Any]:
-        stats: dict[str, Any] = await temporal_client.get_workflow_handle(dispatcher).query("stats")
+        stats: dict[str, Any] = dict(await query_stats(temporal_client.get_workflow_handle(dispatcher)))
         return stats if stats["received"] == n and stats["started"] + stats["failed"] >= n else {}
 
     stats = await assert_eventually(all_dispatched, timeout=120, interval=0.5)

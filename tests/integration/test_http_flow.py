@@ -19,6 +19,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from bridge.config import read_config
+from dispatcher.client import query_stats
 from tests.helpers import HTTP_SCOPE, TOKEN, assert_eventually, config, result_of, run_id, runner, unique
 from tests.integration.user_workflows import UserProcessOrder
 
@@ -59,7 +60,7 @@ async def test_event_starts_target_that_sees_payload(bridge_factory, temporal_cl
 
 
 async def _stats(client: Client, project: str) -> dict[str, Any]:
-    return await client.get_workflow_handle(f"dispatcher-{project}").query("stats")
+    return dict(await query_stats(client.get_workflow_handle(f"dispatcher-{project}")))
 
 
 async def _absent(client: Client, wid: str) -> bool:

@@ -45,7 +45,8 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from bridge.config import project_slug
-from dispatcher.contract import RUNNER_WORKFLOW, STATS_QUERY, dispatcher_id
+from dispatcher.client import query_stats
+from dispatcher.contract import RUNNER_WORKFLOW, dispatcher_id
 from tests.helpers import HTTP_SCOPE, TOKEN, assert_eventually, count_workflows, run_id, runner, unique, workflow_ids
 
 pytestmark = [pytest.mark.temporal, pytest.mark.kafka, pytest.mark.amqp]
@@ -421,8 +422,7 @@ async def test_two_ingress_and_two_workers_start_one_run_per_event_and_target(
 
     # Both shards received events; both ingress processes took HTTP, Kafka and AMQP events.
     stats = [
-        await temporal_client.get_workflow_handle(dispatcher_id(project, k, SHARDS)).query(STATS_QUERY)
-        for k in range(SHARDS)
+        await query_stats(temporal_client.get_workflow_handle(dispatcher_id(project, k, SHARDS))) for k in range(SHARDS)
     ]
     assert all(s["received"] > 0 for s in stats) and sum(s["received"] for s in stats) >= EVENTS, stats
     taken = [await r.accepted() for r in ingress]

@@ -29,6 +29,7 @@ from temporalio.worker import Worker
 from bridge import snapshot
 from bridge.errors import ConfigError
 from bridge.runtime.app import Bridge
+from dispatcher.client import query_stats
 from tests.helpers import HTTP_SCOPE, TOKEN, assert_eventually, config, count_workflows, unique
 from tests.integration.test_amqp import publish
 from tests.integration.test_kafka import BridgeProcess, assert_all_committed, create_topic, envelope, produce
@@ -101,7 +102,7 @@ async def state(client: Client, run: str) -> dict[str, Any]:
 
 
 async def stats(client: Client, project: str) -> dict[str, Any]:
-    result: dict[str, Any] = await client.get_workflow_handle(f"dispatcher-{project}").query("stats")
+    result: dict[str, Any] = dict(await query_stats(client.get_workflow_handle(f"dispatcher-{project}")))
     return result
 
 

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from temporalio.client import Client
 
+from dispatcher.client import query_stats
 from tests.helpers import TOKEN, assert_eventually, config, result_of, runner, unique, workflow_ids
 
 pytestmark = pytest.mark.temporal
@@ -37,7 +38,7 @@ def github_delivery(body: dict[str, Any], event: str, delivery: str) -> tuple[by
 
 
 async def _stats(client: Client, project: str) -> dict[str, Any]:
-    return await client.get_workflow_handle(f"dispatcher-{project}").query("stats")
+    return dict(await query_stats(client.get_workflow_handle(f"dispatcher-{project}")))
 
 
 async def _settled(client: Client, project: str, received: int) -> dict[str, Any]:

@@ -12,7 +12,10 @@ from datetime import timedelta
 from typing import Any, cast
 
 import pytest
-from temporalio.api.common.v1 import Payload
+from google.protobuf.any_pb2 import Any as ProtoAny
+from google.protobuf.message import Message
+from temporalio.api.common.v1 import GrpcStatus, Payload
+from temporalio.api.errordetails.v1 import WorkflowNotReadyFailure
 from temporalio.client import Client
 from temporalio.common import RawValue, WorkflowIDConflictPolicy
 from temporalio.converter import DataConverter
@@ -21,13 +24,14 @@ from temporalio.service import RPCError, RPCStatusCode
 from bridge.errors import EventRejected, Unavailable
 from bridge.event import EventSignal, encode, encoded_size
 from bridge.metrics import Metrics
-from dispatcher.client import DispatcherClient, shard_of
+from dispatcher.client import DispatcherClient, not_ready, query_stats, shard_of
 from dispatcher.contract import (
     DISPATCHER_WORKFLOW,
     EVENT_SIGNAL,
     MAX_SIGNAL_BYTES,
     MAX_SIGNAL_EVENTS,
     RELOAD_SIGNAL,
+    STATS_QUERY,
     DispatcherInput,
     dispatcher_id,
 )
@@ -503,3 +507,58 @@ async def test_retry_after_follows_http_retry_after_seconds_or_a_callable() -> N
     assert client.retry_after == 7.0
     current["seconds"] = 1.0  # a reload changed http.retry_after_seconds
     assert client.retry_after == 1.0
+
+
+def _rpc_error(status: RPCStatusCode, message: str, *details: Message) -> RPCError:
+    packed = []
+    for detail in details:
+        any_ = ProtoAny()
+        any_.Pack(detail)
+        packed.append(any_)
+    raw = GrpcStatus(code=status.value, message=message, details=packed).SerializeToString()
+    return RPCError(message, status, raw)
+
+
+class _StatsHandle:
+    """A workflow handle whose STATS_QUERY raises the given errors first, then answers."""
+
+    def __init__(self, *errors: RPCError) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    async def query(self, name: str, rpc_timeout: timedelta | None = None) -> dict[str, int]:
+        assert name == STATS_QUERY
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return {"received": 1}
+
+
+NOT_READY = _rpc_error(
+    RPCStatusCode.FAILED_PRECONDITION,
+    "Unable to query workflow due to Workflow Task in failed state.",
+    WorkflowNotReadyFailure(),
+)
+
+
+async def test_the_stats_query_is_asked_again_while_the_workflow_task_is_retried() -> None:
+    """A continue-as-new that a signal overtook fails its workflow task once; a query in that
+    moment is answered "not ready", which is no answer about the dispatcher."""
+    handle = _StatsHandle(NOT_READY, NOT_READY)
+    stats = await query_stats(cast(Any, handle), patience=5)
+    assert stats == {"received": 1} and handle.calls == 3
+    assert not_ready(NOT_READY)
+
+
+async def test_other_query_errors_and_a_lasting_not_ready_are_raised() -> None:
+    gone = _rpc_error(RPCStatusCode.NOT_FOUND, "workflow not found")
+    handle = _StatsHandle(gone)
+    with pytest.raises(RPCError) as raised:
+        await query_stats(cast(Any, handle), patience=5)
+    assert raised.value is gone and handle.calls == 1 and not not_ready(gone)
+
+    stuck = _StatsHandle(*[NOT_READY] * 100)
+    with pytest.raises(RPCError) as raised:
+        await query_stats(cast(Any, stuck), patience=0.5)
+    assert raised.value is NOT_READY and 2 <= stuck.calls < 100
+    assert not not_ready(_rpc_error(RPCStatusCode.FAILED_PRECONDITION, "namespace is not active"))

@@ -701,9 +701,11 @@ async def test_batches_start_in_flight_together_up_to_the_setting(make: Any) -> 
     events = [d.event(f"e{i}") for i in range(6)]  # no ordering key: any order will do
     await d.send(*events)
     await assert_eventually(lambda: d.stubs.active == 3, timeout=15, interval=0.05, what="three batches in flight")
+    waiting = await d.stats()
+    assert (waiting["backlog"], waiting["starting"], waiting["started"]) == (6, 3, 0), "in flight is not done"
     d.stubs.gate.set()
-    await d.settled(received=6, started=6)
-    assert d.stubs.peak == 3
+    done = await d.settled(received=6, started=6)
+    assert d.stubs.peak == 3 and done["starting"] == 0
     assert {s.id for s in d.stubs.starts} == {run_id(d.project, "w", e) for e in events}
 
 
