@@ -198,6 +198,7 @@ def to_message(delivery: Delivery, queue: str) -> Message:
         ce_attributes=ce,
         content_type=delivery.content_type,
         key=delivery.routing_key,
+        keyed=False,  # a routing key names a kind of event: an ordering key only by event.key_from
         metadata=metadata,
         time=_text(delivery.timestamp),
     )

@@ -41,7 +41,9 @@ import traceback
 from collections.abc import Awaitable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import yaml
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.client import Client
 
@@ -57,6 +59,20 @@ MODES = ("child", "activity", "default")
 ENDPOINT_VARS = {"kafka": "KAFKA_BOOTSTRAP_SERVERS", "amqp": "AMQP_URL"}
 # (full, --quick): events per throughput row, open-loop seconds, burst seconds.
 SIZES = {"events": (800, 250), "latency_seconds": (20.0, 10.0), "burst_seconds": (10.0, 5.0)}
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` as a dispatcher setting, the value read as YAML (``32`` is a number); checked
+    against the config model now, not in the first bridge."""
+    key, sep, value = text.partition("=")
+    if not sep or key not in DispatcherConfig.model_fields:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with a dispatcher setting as KEY")
+    setting = (key, yaml.safe_load(value))
+    try:
+        DispatcherConfig.model_validate(dict([setting]))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from exc
+    return setting
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,6 +97,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load", type=float, default=0.5, help="open-loop rate as a fraction of the ceiling")
     p.add_argument("--burst-seconds", type=float, help="wrk duration (default 10, quick 5)")
     p.add_argument("--burst-batch", type=int, default=10, help="events per request in the batch burst (1: none)")
+    p.add_argument(
+        "--dispatcher",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_setting,
+        help="a dispatcher setting for every bridge, e.g. starts_in_flight=32 (repeatable)",
+    )
     p.add_argument("--skip-default", action="store_true", help="no http row without start_mode")
     p.add_argument("--skip-scale-out", action="store_true")
     p.add_argument("--skip-burst", action="store_true")
@@ -172,6 +196,7 @@ async def main(argv: list[str] | None = None) -> int:
             burst_batch=args.burst_batch,
             kafka=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
             amqp=os.environ.get("AMQP_URL"),
+            settings=dict(args.dispatcher),
         )
         context = [
             f"signal-bridge bench, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",

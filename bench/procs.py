@@ -157,10 +157,12 @@ def bridge_config(
     shards: int = 1,
     kafka: list[dict[str, Any]] | None = None,
     amqp: list[dict[str, Any]] | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A config as a user writes it. ``targets``: event name → task queue of its target workflow
-    (a queue no worker polls). ``mode`` None leaves ``start_mode`` out: the default."""
-    dispatcher: dict[str, Any] = {"shards": shards}
+    (a queue no worker polls). ``mode`` None leaves ``start_mode`` out: the default. ``settings``:
+    more ``dispatcher`` settings (the bench's ``--dispatcher``)."""
+    dispatcher: dict[str, Any] = {"shards": shards, **(settings or {})}
     if mode is not None:
         dispatcher["start_mode"] = mode
     config: dict[str, Any] = {

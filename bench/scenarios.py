@@ -68,6 +68,7 @@ class Run:
     burst_batch: int
     kafka: str | None = None
     amqp: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # --dispatcher KEY=VALUE, for every bridge
     rows: list[Row] = field(default_factory=list)
     ceiling: Row | None = None
 
@@ -123,7 +124,9 @@ async def _adapter_config(run: Run, adapter: str, project: str, mode: str | None
         assert run.amqp, "amqp needs AMQP_URL"
         binding = {"exchange": name, "exchange_type": "topic", "routing_key": "#"}
         queues["amqp"] = [{"url": run.amqp, "queue": name, "bindings": [binding], "event": {"format": "envelope"}}]
-    return bridge_config(project=project, address=run.address, mode=mode, targets=targets, **queues)
+    return bridge_config(
+        project=project, address=run.address, mode=mode, targets=targets, settings=run.settings, **queues
+    )
 
 
 async def adapter(run: Run, adapter: str, mode: str | None, *, latency: bool = True) -> Row:
@@ -174,7 +177,9 @@ async def scale_out(run: Run, single: Row | None, ingress: int = 2, workers: int
     dispatcher shard per worker, default start mode; HTTP events split over the ingress ports."""
     project = unique("bench-scale")
     targets = {phase: f"{project}-{phase}" for phase in ("warm", "tput")}
-    config = bridge_config(project=project, address=run.address, mode=None, targets=targets, shards=workers)
+    config = bridge_config(
+        project=project, address=run.address, mode=None, targets=targets, shards=workers, settings=run.settings
+    )
     bridge = Bridge(run.workdir, config, ingress=ingress, workers=workers)
     try:
         await bridge.start()
@@ -286,7 +291,9 @@ def _burst_row(name: str, result: WrkResult, batch: int, bare: Row | None) -> Ro
 
 async def _bridge_burst(run: Run, batch: int, bare: Row | None) -> Row:
     project = unique("bench-burst")
-    config = bridge_config(project=project, address=run.address, mode=None, targets={"burst": f"{project}-burst"})
+    config = bridge_config(
+        project=project, address=run.address, mode=None, targets={"burst": f"{project}-burst"}, settings=run.settings
+    )
     bridge = Bridge(run.workdir, config)
     try:
         await bridge.start()

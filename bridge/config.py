@@ -161,6 +161,13 @@ class DispatcherConfig(Model):
     # Batches being started at once; each holds its events' ordering keys, so a later event with
     # the same key waits for it: per-key order holds whatever the depth.
     batches_in_flight: int = Field(default=4, ge=1, le=32)
+    # Starts and signals one worker process has waiting on Temporal at once, whatever the batches.
+    # Beyond what the server needs to be busy they only queue there, ahead of the events that
+    # adapters hand over (docs/benchmarks.md).
+    starts_in_flight: int = Field(default=64, ge=1, le=1000)
+    # While the adapters of the same process take longer than this per signal to hand events over,
+    # its starts give way (dispatcher.slots): the 202s and broker acks come first.
+    handover_target_ms: int = Field(default=50, ge=1, le=60_000)
     history_events_threshold: int = Field(default=4096, ge=100, le=40_000)
     signals_per_run: int = Field(default=5000, ge=10, le=9000)
     children_per_run: int = Field(default=1000, ge=10, le=1800)
@@ -255,6 +262,11 @@ class EventFormat(Model):
     name: str | None = None
     name_from: LocatorField | None = None
     id_from: LocatorField | None = None
+    # The ordering key: events with one key start in order (and land on one dispatcher shard).
+    # None: the transport's own, the Kafka record key; RabbitMQ has none by default, since a
+    # routing key names a kind of event, and ordering every event of a kind would start them one
+    # at a time (docs/rabbitmq.md#delivery-guarantees).
+    key_from: LocatorField | None = None
 
 
 class KafkaSecurity(Model):

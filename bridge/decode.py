@@ -59,7 +59,9 @@ class Message:
     ``time`` is when the transport says the message was produced (ISO 8601); a CloudEvent's own
     ``time`` wins over it, and without either the event is stamped now. ``content_type`` is the
     transport's: it picks structured-mode CloudEvents, and in binary mode it is the
-    ``datacontenttype`` when the attributes name none.
+    ``datacontenttype`` when the attributes name none. ``key`` is what a ``key`` locator reads
+    (the Kafka record key, the AMQP routing key); it is also the event's ordering key when
+    ``keyed`` and the format has no ``key_from``.
     """
 
     body: bytes
@@ -69,6 +71,7 @@ class Message:
     ce_attributes: Mapping[str, str] = field(default_factory=dict)
     content_type: str | None = None
     key: str | None = None
+    keyed: bool = True  # the key is the event's ordering key unless the format's key_from says otherwise
     metadata: dict[str, Any] = field(default_factory=dict)
     time: str | None = None
 
@@ -195,7 +198,7 @@ def decode(msg: Message, fmt: EventFormat) -> EventSignal:
         source=msg.source,
         time=msg.time or utc_now(),
         metadata=msg.metadata,
-        key=msg.key,
+        key=_ordering_key(fmt, msg, body),
     )
 
 
@@ -203,6 +206,12 @@ def _configured_name(fmt: EventFormat, msg: Message, body: Any) -> str | None:
     if fmt.name_from:
         return fmt.name_from.resolve(msg.headers, body, msg.key)
     return fmt.name
+
+
+def _ordering_key(fmt: EventFormat, msg: Message, body: Any) -> str | None:
+    if fmt.key_from:
+        return fmt.key_from.resolve(msg.headers, body, msg.key)
+    return msg.key if msg.keyed else None
 
 
 def _configured_id(fmt: EventFormat, msg: Message, body: Any) -> str | None:
@@ -250,7 +259,7 @@ def _cloudevent(msg: Message, fmt: EventFormat) -> EventSignal:
         source=msg.source,
         time=str(attrs.get("time") or "") or utc_now(),
         metadata=metadata,
-        key=msg.key,
+        key=_ordering_key(fmt, msg, body),
     )
 
 

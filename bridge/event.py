@@ -21,7 +21,8 @@ class EventSignal:
     ``id`` is stable across redeliveries of the same event, and ``source`` is the scope its adapter
     set (never the sender): with the project, ``(source, id)`` names the event, and every target
     run derives its workflow id from it (:func:`run_digest`).
-    ``key`` is the ordering key (Kafka key, AMQP routing key) that picks the dispatcher shard.
+    ``key`` is the ordering key (the Kafka record key, or the adapter's ``event.key_from``) that picks
+    the dispatcher shard.
     """
 
     id: str

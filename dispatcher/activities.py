@@ -46,6 +46,7 @@ from dispatcher.contract import (
     TargetStart,
     failed,
 )
+from dispatcher.slots import Handover, StartSlots
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,21 @@ class BridgeActivities:
     """Built with a callable that returns the current snapshot, so `reload` sees a swapped one."""
 
     def __init__(
-        self, current: Snapshot | Callable[[], Snapshot], *, search_attributes: bool = False, tracing: bool = False
+        self,
+        current: Snapshot | Callable[[], Snapshot],
+        *,
+        search_attributes: bool = False,
+        tracing: bool = False,
+        handover: Handover | None = None,
     ) -> None:
         """``search_attributes``: the namespace has dispatcher.search's attributes (the worker
         looked at start), so target runs may carry them. ``tracing``: each start is made in its
-        event's trace (``metadata.traceparent``), so the run continues it."""
+        event's trace (``metadata.traceparent``), so the run continues it. ``handover``: how this
+        process's adapters hand events over, which its starts give way to (dispatcher.slots)."""
         self._current = current
         self.search_attributes = search_attributes
         self.tracing = tracing
+        self.slots = StartSlots(lambda: self.snapshot().config.dispatcher.starts_in_flight, handover)
 
     def snapshot(self) -> Snapshot:
         return self._current() if callable(self._current) else self._current
@@ -97,12 +105,13 @@ class BridgeActivities:
         client = activity.client()
 
         async def start(s: TargetStart) -> str:
-            if s.signal is not None:
-                return await deliver_signal(client, s)
-            if self.tracing:
-                with in_trace_of(s):
-                    return await start_one(s)
-            return await start_one(s)
+            async with self.slots.slot():
+                if s.signal is not None:
+                    return await deliver_signal(client, s)
+                if self.tracing:
+                    with in_trace_of(s):
+                        return await start_one(s)
+                return await start_one(s)
 
         async def start_one(s: TargetStart) -> str:
             try:

@@ -134,6 +134,8 @@ class DispatcherClient:
         self._down_since: float | None = None
         self._prober: asyncio.Task[None] | None = None
         self._stray: set[asyncio.Task[None]] = set()  # calls given up on, left to finish
+        self._sending = 0  # signals in flight, given-up ones included (Temporal still works on them)
+        self.signal_seconds: Callable[[float], None] | None = None  # told each accepted signal's time
 
     @property
     def retry_after(self) -> float:
@@ -143,6 +145,10 @@ class DispatcherClient:
     def down(self) -> bool:
         """True while Temporal is known to be unreachable (a probe failed, none answered since)."""
         return self._down_since is not None
+
+    def receiving(self) -> bool:
+        """Whether events are on the way to a dispatcher: a signal in flight, or submissions queued."""
+        return self._sending > 0 or any(not q.empty() for q in self._queues)
 
     @property
     def ids(self) -> list[str]:
@@ -280,7 +286,10 @@ class DispatcherClient:
     async def _send(self, shard: int, batch: list[_Submission]) -> None:
         """One signal for the batch. When it takes longer than ``suspect_after`` and a probe finds
         Temporal down, the batch is answered Unavailable and the call is left to finish alone."""
+        began = time.monotonic()
         call = asyncio.create_task(self._signal(shard, [e for sub in batch for e in sub.events]))
+        self._sending += 1
+        call.add_done_callback(self._sent)
         try:
             done, _ = await asyncio.wait({call}, timeout=self.suspect_after)
             if not done:
@@ -299,10 +308,15 @@ class DispatcherClient:
             if not isinstance(exc, EventRejected):
                 await self._check()
         else:
+            if self.signal_seconds is not None:
+                self.signal_seconds(time.monotonic() - began)
             # Answered on the loop's next turn: the sender first takes what queued meanwhile and
             # starts its signal, so Temporal works on it while the answered requests are answered
             # (each a response to write). The order of signals is as before: one at a time.
             asyncio.get_running_loop().call_soon(_answer, batch, None)
+
+    def _sent(self, _call: asyncio.Task[None]) -> None:
+        self._sending -= 1
 
     def _forget(self, call: asyncio.Task[None]) -> None:
         self._stray.discard(call)

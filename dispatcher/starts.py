@@ -155,7 +155,9 @@ async def by_activity(plans: list[Plan], count: Count) -> None:
             START_TARGETS,
             wire(StartBatch([p.start for p in chunk])),
             result_type=list[str],
-            start_to_close_timeout=timedelta(seconds=60),
+            # A dead worker is noticed by its heartbeat; a batch may take long when the process's
+            # starts give way to its adapters (dispatcher.slots), and a retry would redo the batch.
+            start_to_close_timeout=timedelta(minutes=10),
             heartbeat_timeout=timedelta(seconds=10),
             retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
         )

@@ -17,6 +17,7 @@ from bridge.snapshot import Snapshot
 from dispatcher.activities import BridgeActivities
 from dispatcher.filtering import evaluate_filters
 from dispatcher.runner import TaskRunnerWorkflow
+from dispatcher.slots import Handover
 from dispatcher.workflow import DispatcherWorkflow
 
 # Pure modules the workflows use: passed through so they load once, not once per run.
@@ -48,11 +49,14 @@ def build_worker(
     *,
     search_attributes: bool = False,
     tracing: bool = False,
+    handover: Handover | None = None,
 ) -> Worker:
     """``search_attributes``: the namespace has dispatcher.search's attributes (see
     :func:`dispatcher.search.missing`), so target runs carry them. ``tracing``: the client has the
-    OpenTelemetry interceptor, and each target starts in its event's trace."""
-    acts = BridgeActivities(current, search_attributes=search_attributes, tracing=tracing)
+    OpenTelemetry interceptor, and each target starts in its event's trace. ``handover``: how
+    the adapters in this process hand events over; a slow hand-over comes before starts (see
+    :mod:`dispatcher.slots`)."""
+    acts = BridgeActivities(current, search_attributes=search_attributes, tracing=tracing, handover=handover)
     return Worker(
         client,
         task_queue=task_queue,

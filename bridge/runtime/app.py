@@ -37,6 +37,7 @@ from bridge.snapshot import Snapshot, SnapshotSource
 from dispatcher import search
 from dispatcher.client import DispatcherClient, query_stats
 from dispatcher.contract import STAT_KEYS
+from dispatcher.slots import Handover
 from dispatcher.worker import build_worker
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,19 @@ class Bridge:
         )
         if self.role in ("all", "worker"):
             attributes = await self._search_attributes()
+            handover = None
+            if self.takes_events:  # its starts give way to its adapters' hand-over (dispatcher.slots)
+                handover = Handover(
+                    lambda: self.source.current.config.dispatcher.handover_target_ms / 1000, self.dispatcher.receiving
+                )
+                self.dispatcher.signal_seconds = handover.sent
             self.worker = build_worker(
-                self.client, self.source, cfg.task_queue, search_attributes=attributes, tracing=cfg.tracing.enabled
+                self.client,
+                self.source,
+                cfg.task_queue,
+                search_attributes=attributes,
+                tracing=cfg.tracing.enabled,
+                handover=handover,
             )
             self._worker_task = asyncio.create_task(self.worker.run(), name="worker")
             await self.dispatcher.ensure_started()

@@ -94,7 +94,7 @@ def test_envelope_gives_name_payload_and_id() -> None:
     event = amqp.parse(delivery({"name": "order.created", "payload": {"orderId": "A1"}, "id": "e-1"}), entry())
     assert (event.name, event.payload, event.id) == ("order.created", {"orderId": "A1"}, "e-1")
     assert event.source == f"amqp:{QUEUE}"
-    assert event.key == "order.created"  # the routing key orders events within a dispatcher shard
+    assert event.key is None  # a routing key names a kind of event: no ordering key unless configured
 
 
 def test_raw_name_from_routing_key() -> None:
@@ -664,3 +664,13 @@ def test_properties_and_headers_the_client_would_refuse_are_read_not_a_closed_co
     assert depth == amqp_parse.MAX_TABLE_DEPTH - 1  # the headers table itself is the first level
     event = amqp.parse(delivery({"name": "n"}, headers=read.headers, message_id=read.message_id), entry())  # type: ignore[arg-type]
     assert event.name == "n" and event.id == "\ufffd\ufffdAA"
+
+
+def test_the_ordering_key_comes_from_key_from() -> None:
+    """Events of one key start in order; a routing key is one only when asked for."""
+    body = {"name": "order.created", "payload": {"orderId": "A1"}}
+    d = delivery(body, routing_key="order.created", headers={"x-entity": "order-9"})
+    assert amqp.parse(d, entry(key_from="routing_key")).key == "order.created"
+    assert amqp.parse(d, entry(key_from="header:X-Entity")).key == "order-9"
+    assert amqp.parse(d, entry(key_from="field:payload.orderId")).key == "A1"
+    assert amqp.parse(d, entry(key_from="field:payload.absent")).key is None

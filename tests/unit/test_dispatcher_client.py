@@ -562,3 +562,20 @@ async def test_other_query_errors_and_a_lasting_not_ready_are_raised() -> None:
         await query_stats(cast(Any, stuck), patience=0.5)
     assert raised.value is NOT_READY and 2 <= stuck.calls < 100
     assert not not_ready(_rpc_error(RPCStatusCode.FAILED_PRECONDITION, "namespace is not active"))
+
+
+async def test_receiving_while_a_signal_is_in_flight_or_events_are_queued() -> None:
+    """What a process's starts give way to (dispatcher.slots): events on the way to the dispatcher."""
+    temporal = FakeTemporal(held={dispatcher_id(PROJECT, 0, 1)})
+    dc = make_client(temporal)
+    assert not dc.receiving()
+    first = asyncio.create_task(dc.submit([ev("a")]))
+    await in_flight(temporal)
+    second = asyncio.create_task(dc.submit([ev("b")]))
+    await settle()
+    assert dc.receiving()
+    temporal.release.set()
+    await asyncio.gather(first, second)
+    await assert_eventually(lambda: not dc.receiving(), timeout=5, interval=0.005, what="nothing on the way")
+    assert temporal.sent() == [["a"], ["b"]]
+    await dc.close()

@@ -723,3 +723,11 @@ async def test_a_record_the_client_cannot_read_keeps_the_loop_alive_rereading_fr
     finally:
         adapter._stopping.set()
         await adapter._task
+
+
+def test_the_record_key_orders_unless_key_from_says_otherwise():
+    rec = record(body(name="order.created", payload={"orderId": "A1"}), key=b"cust-7", headers=[("x-entity", b"e-3")])
+    assert kafka.parse(rec, fmt()).key == "cust-7"
+    assert kafka.parse(rec, fmt(key_from="field:payload.orderId")).key == "A1"
+    assert kafka.parse(rec, fmt(key_from="header:x-entity")).key == "e-3"
+    assert kafka.parse(record(body(name="n"), key=None), fmt()).key is None

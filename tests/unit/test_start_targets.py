@@ -12,6 +12,8 @@ from temporalio.testing import ActivityEnvironment
 from bridge.snapshot import Snapshot
 from dispatcher.activities import BridgeActivities
 from dispatcher.contract import DUPLICATE, STARTED, StartBatch, TargetInput, TargetStart
+from dispatcher.slots import Handover
+from tests.helpers import config, runner
 
 
 class SlowClient:
@@ -29,6 +31,10 @@ class SlowClient:
             raise WorkflowAlreadyStartedError(id, workflow)
 
 
+def snapshot(**dispatcher: Any) -> Snapshot:
+    return Snapshot.compile(config("shop", "unused:7233", [runner("w", "order.created")], dispatcher=dispatcher))
+
+
 def start(start_id: str, key: str | None) -> TargetStart:
     arg = TargetInput(workflow_id="w", exec_id="x", input={}, trigger={}, event={})
     return TargetStart(start_id, "T", "q", arg, {}, key)
@@ -37,7 +43,7 @@ def start(start_id: str, key: str | None) -> TargetStart:
 async def test_starts_of_one_key_go_one_by_one_in_order_and_others_at_once() -> None:
     client = SlowClient(taken={"a1"})
     batch = StartBatch([start("a0", "A"), start("b0", "B"), start("a1", "A"), start("n0", None), start("a2", "A")])
-    acts = BridgeActivities(cast(Snapshot, None))
+    acts = BridgeActivities(snapshot())
     outcomes = await ActivityEnvironment(client=cast(Client, client)).run(acts.start_targets, batch)
 
     assert outcomes == [STARTED, STARTED, DUPLICATE, STARTED, STARTED]
@@ -48,3 +54,36 @@ async def test_starts_of_one_key_go_one_by_one_in_order_and_others_at_once() -> 
         assert client.log.index(("end", earlier)) < client.log.index(("begin", later))
     # Other keys did not wait for A's slow first start.
     assert begins[:3] == ["a0", "b0", "n0"] and ends.index("b0") < ends.index("a0")
+
+
+class CountingClient:
+    """Starts that take a while, counting how many were in flight at once."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.peak = 0
+        self.started: list[str] = []
+
+    async def start_workflow(self, workflow: str, arg: Any, *, id: str, **_: Any) -> None:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        await asyncio.sleep(0.005)
+        self.in_flight -= 1
+        self.started.append(id)
+
+
+async def test_starts_in_flight_are_capped_and_give_way_while_the_hand_over_is_slow() -> None:
+    batch = StartBatch([start(f"n{i}", None) for i in range(40)])
+
+    client = CountingClient()
+    acts = BridgeActivities(snapshot(starts_in_flight=8))
+    assert await ActivityEnvironment(client=cast(Client, client)).run(acts.start_targets, batch) == [STARTED] * 40
+    assert client.peak == 8
+
+    client = CountingClient()
+    handover = Handover(lambda: 0.05, lambda: True)
+    handover.sent(1.0)
+    handover.sent(1.0)  # a quarter of 8
+    acts = BridgeActivities(snapshot(starts_in_flight=8), handover=handover)
+    assert await ActivityEnvironment(client=cast(Client, client)).run(acts.start_targets, batch) == [STARTED] * 40
+    assert client.peak == 2 and sorted(client.started) == sorted(s.id for s in batch.starts)
