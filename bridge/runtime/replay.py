@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from typing import TextIO
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, TextIO
 
 from temporalio.client import Client
 
@@ -25,6 +27,7 @@ from adapters.amqp_replay import AmqpReplay
 from adapters.kafka_replay import KafkaReplay
 from adapters.replay_common import Tally
 from bridge.errors import BridgeError
+from bridge.pipeline import Pipeline
 from bridge.runtime.progress import ProgressBar
 from bridge.runtime.replay_runs import ask, replay_runs
 from bridge.runtime.replay_support import GIVE_UP_AFTER, Outcome, bar_updater, finish, printer, session
@@ -37,6 +40,63 @@ __all__ = ["Outcome", "main", "replay_amqp", "replay_group", "replay_kafka", "re
 def replay_group(snapshot: Snapshot) -> str:
     """The consumer group a Kafka replay commits in, unless ``--group`` names another."""
     return f"signal-bridge-replay-{snapshot.config.slug}"
+
+
+class _Replay(Protocol):
+    @property
+    def tally(self) -> Tally: ...
+
+    async def run(self) -> Tally: ...
+
+
+@dataclass(frozen=True)
+class _Words:
+    """What a replay says of the letters it could not settle, per transport; ``{where}`` is the
+    topic or queue."""
+
+    abandoned: str  # what happens to the batch in hand when Temporal stays away
+    refused: str  # where still-refused letters went
+    kept: str  # where letters that cannot be replayed went
+
+
+KAFKA_WORDS = _Words(
+    "the batch in hand is not committed",
+    "still refused letters were written again to {where} with the new reason",
+    "letters that cannot be replayed were written again to {where} as they were",
+)
+AMQP_WORDS = _Words(
+    "the batch in hand is left unacked",
+    "still refused messages were published again to {where} with the new reason",
+    "messages that cannot be replayed were put back in {where} where they were",
+)
+
+
+async def _replay(
+    snapshot: Snapshot,
+    outcome: Outcome,
+    build: Callable[[Pipeline], _Replay],
+    words: _Words,
+    *,
+    where: str,
+    client: Client | None,
+    bar: ProgressBar,
+) -> Outcome:
+    """Run the replay ``build`` makes in a session (connected unless a dry run) and fill ``outcome``."""
+    async with session(snapshot, dry_run=outcome.dry_run, client=client) as s:
+        replay = build(s.pipeline)
+        outcome.tally = replay.tally
+        try:
+            with bar.around_logging():
+                await replay.run()
+        except Abandoned as exc:
+            outcome.stopped = f"{exc}; {words.abandoned}: run the replay again later"
+        outcome.existing = s.sink.existing if s.sink else None
+    finish(bar, outcome.tally)
+    if not outcome.dry_run and outcome.tally.refused:
+        outcome.notes.append(words.refused.format(where=where))
+    if not outcome.dry_run and outcome.tally.kept:
+        outcome.notes.append(words.kept.format(where=where))
+    return outcome
 
 
 async def replay_kafka(
@@ -59,11 +119,11 @@ async def replay_kafka(
     source = next((e for e in cfg.kafka if e.dead_letter_topic == topic), cfg.kafka[0])
     group_id = group or replay_group(snapshot)
     bar = bar or ProgressBar("replay", enabled=False)
-    outcome = Outcome(f"kafka topic {topic} (group {group_id})", dry_run, Tally())
-    async with session(snapshot, dry_run=dry_run, client=client) as s:
-        replay = KafkaReplay(
+
+    def build(pipeline: Pipeline) -> KafkaReplay:
+        return KafkaReplay(
             cfg.kafka,
-            s.pipeline,
+            pipeline,
             topic=topic,
             group_id=group_id,
             bootstrap_servers=bootstrap_servers or source.bootstrap_servers,
@@ -74,19 +134,9 @@ async def replay_kafka(
             progress=bar_updater(bar, "letters"),
             report=printer(out, bar),
         )
-        outcome.tally = replay.tally
-        try:
-            with bar.around_logging():
-                await replay.run()
-        except Abandoned as exc:
-            outcome.stopped = f"{exc}; the batch in hand is not committed: run the replay again later"
-        outcome.existing = s.sink.existing if s.sink else None
-    finish(bar, outcome.tally)
-    if not dry_run and outcome.tally.refused:
-        outcome.notes.append(f"still refused letters were written again to {topic} with the new reason")
-    if not dry_run and outcome.tally.kept:
-        outcome.notes.append(f"letters that cannot be replayed were written again to {topic} as they were")
-    return outcome
+
+    outcome = Outcome(f"kafka topic {topic} (group {group_id})", dry_run, Tally())
+    return await _replay(snapshot, outcome, build, KAFKA_WORDS, where=topic, client=client, bar=bar)
 
 
 async def replay_amqp(
@@ -106,11 +156,11 @@ async def replay_amqp(
     if not cfg.amqp:
         raise BridgeError("the config has no amqp: entry, so no dead letter of RabbitMQ can be replayed")
     bar = bar or ProgressBar("replay", enabled=False)
-    outcome = Outcome(f"amqp queue {queue}", dry_run, Tally())
-    async with session(snapshot, dry_run=dry_run, client=client) as s:
-        replay = AmqpReplay(
+
+    def build(pipeline: Pipeline) -> AmqpReplay:
+        return AmqpReplay(
             cfg.amqp,
-            s.pipeline,
+            pipeline,
             queue=queue,
             url=url or cfg.amqp[0].url,
             batch=batch,
@@ -119,19 +169,9 @@ async def replay_amqp(
             progress=bar_updater(bar, "letters"),
             report=printer(out, bar),
         )
-        outcome.tally = replay.tally
-        try:
-            with bar.around_logging():
-                await replay.run()
-        except Abandoned as exc:
-            outcome.stopped = f"{exc}; the batch in hand is left unacked: run the replay again later"
-        outcome.existing = s.sink.existing if s.sink else None
-    finish(bar, outcome.tally)
-    if not dry_run and outcome.tally.refused:
-        outcome.notes.append(f"still refused messages were published again to {queue} with the new reason")
-    if not dry_run and outcome.tally.kept:
-        outcome.notes.append(f"messages that cannot be replayed were put back in {queue} where they were")
-    return outcome
+
+    outcome = Outcome(f"amqp queue {queue}", dry_run, Tally())
+    return await _replay(snapshot, outcome, build, AMQP_WORDS, where=queue, client=client, bar=bar)
 
 
 # --- the summary ------------------------------------------------------------------------------------

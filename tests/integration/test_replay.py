@@ -205,6 +205,7 @@ async def test_kafka_dead_letters_replayed_after_a_config_change_start_each_even
     done = cli("replay", "kafka", "--config", str(path), "--topic", dlq)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "accepted: 4" in done.stdout and "still refused: 1 (unroutable: 1)" in done.stdout, done.stdout
+    assert f"still refused letters were written again to {dlq} with the new reason" in done.stdout, done.stdout
     await assert_runs(temporal_client, project, expected)
     # The letter still refused was written again (new reason, same origin); the replay committed
     # what it read, the five letters there were when it began.
@@ -292,6 +293,7 @@ async def test_amqp_dead_letters_replayed_after_a_config_change_start_each_event
             done = await replay_amqp(fixed, queue=dead, client=temporal_client)
             assert (done.tally.read, done.tally.accepted, dict(done.tally.refused)) == (5, 4, {"unroutable": 1})
             assert done.ok and done.existing is not None and done.existing.new_runs == 4
+            assert done.notes == [f"still refused messages were published again to {dead} with the new reason"]
             await assert_runs(temporal_client, project, expected)
             assert await depth(amqp_url, dead) == 1  # the still refused one, published again with its reason
             left = await letters.get(no_ack=False, timeout=5)
