@@ -69,8 +69,20 @@ class Metrics:
         )
         self.dispatcher_backlog = Gauge(
             "signal_bridge_dispatcher_backlog",
-            "Events queued in a dispatcher, not yet dispatched",
+            "Events a dispatcher received and has not done: queued, or their starts in flight",
             ["dispatcher"],
+            registry=r,
+        )
+        # A worker process's starts (dispatcher.slots), read when scraped.
+        self.starts_in_flight = Gauge(
+            "signal_bridge_starts_in_flight",
+            "Target starts and signals waiting on Temporal in this process",
+            registry=r,
+        )
+        self.start_share = Gauge(
+            "signal_bridge_start_share",
+            "The share of dispatcher.starts_in_flight the starts may use now: below 1 while the adapters "
+            "in this process hand events over slowly",
             registry=r,
         )
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}

@@ -27,6 +27,7 @@ from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from bridge.config import HttpTask
+from bridge.metrics import Metrics
 from bridge.snapshot import Snapshot
 from dispatcher import http_task, search
 from dispatcher.contract import (
@@ -61,15 +62,21 @@ class BridgeActivities:
         search_attributes: bool = False,
         tracing: bool = False,
         handover: Handover | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """``search_attributes``: the namespace has dispatcher.search's attributes (the worker
         looked at start), so target runs may carry them. ``tracing``: each start is made in its
         event's trace (``metadata.traceparent``), so the run continues it. ``handover``: how this
-        process's adapters hand events over, which its starts give way to (dispatcher.slots)."""
+        process's adapters hand events over, which its starts give way to (dispatcher.slots).
+        ``metrics``: where the starts in flight and their share are shown."""
         self._current = current
         self.search_attributes = search_attributes
         self.tracing = tracing
         self.slots = StartSlots(lambda: self.snapshot().config.dispatcher.starts_in_flight, handover)
+        if metrics is not None:
+            slots = self.slots
+            metrics.starts_in_flight.set_function(lambda: slots.used)
+            metrics.start_share.set_function(lambda: handover.share() if handover is not None else 1.0)
 
     def snapshot(self) -> Snapshot:
         return self._current() if callable(self._current) else self._current

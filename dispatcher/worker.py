@@ -13,6 +13,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from bridge.metrics import Metrics
 from bridge.snapshot import Snapshot
 from dispatcher.activities import BridgeActivities
 from dispatcher.filtering import evaluate_filters
@@ -50,13 +51,16 @@ def build_worker(
     search_attributes: bool = False,
     tracing: bool = False,
     handover: Handover | None = None,
+    metrics: Metrics | None = None,
 ) -> Worker:
     """``search_attributes``: the namespace has dispatcher.search's attributes (see
     :func:`dispatcher.search.missing`), so target runs carry them. ``tracing``: the client has the
     OpenTelemetry interceptor, and each target starts in its event's trace. ``handover``: how
     the adapters in this process hand events over; a slow hand-over comes before starts (see
     :mod:`dispatcher.slots`)."""
-    acts = BridgeActivities(current, search_attributes=search_attributes, tracing=tracing, handover=handover)
+    acts = BridgeActivities(
+        current, search_attributes=search_attributes, tracing=tracing, handover=handover, metrics=metrics
+    )
     return Worker(
         client,
         task_queue=task_queue,

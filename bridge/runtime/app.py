@@ -172,6 +172,7 @@ class Bridge:
                 search_attributes=attributes,
                 tracing=cfg.tracing.enabled,
                 handover=handover,
+                metrics=self.metrics,
             )
             self._worker_task = asyncio.create_task(self.worker.run(), name="worker")
             await self.dispatcher.ensure_started()

@@ -9,11 +9,12 @@ from temporalio.client import Client
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.testing import ActivityEnvironment
 
+from bridge.metrics import Metrics
 from bridge.snapshot import Snapshot
 from dispatcher.activities import BridgeActivities
 from dispatcher.contract import DUPLICATE, STARTED, StartBatch, TargetInput, TargetStart
 from dispatcher.slots import Handover
-from tests.helpers import config, runner
+from tests.helpers import assert_eventually, config, runner
 
 
 class SlowClient:
@@ -63,10 +64,13 @@ class CountingClient:
         self.in_flight = 0
         self.peak = 0
         self.started: list[str] = []
+        self.go = asyncio.Event()
+        self.go.set()
 
     async def start_workflow(self, workflow: str, arg: Any, *, id: str, **_: Any) -> None:
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
+        await self.go.wait()
         await asyncio.sleep(0.005)
         self.in_flight -= 1
         self.started.append(id)
@@ -84,6 +88,14 @@ async def test_starts_in_flight_are_capped_and_give_way_while_the_hand_over_is_s
     handover = Handover(lambda: 0.05, lambda: True)
     handover.sent(1.0)
     handover.sent(1.0)  # a quarter of 8
-    acts = BridgeActivities(snapshot(starts_in_flight=8), handover=handover)
-    assert await ActivityEnvironment(client=cast(Client, client)).run(acts.start_targets, batch) == [STARTED] * 40
+    metrics = Metrics()
+    acts = BridgeActivities(snapshot(starts_in_flight=8), handover=handover, metrics=metrics)
+    assert metrics.registry.get_sample_value("signal_bridge_start_share") == 0.25
+    client.go.clear()
+    run = asyncio.create_task(ActivityEnvironment(client=cast(Client, client)).run(acts.start_targets, batch))
+    in_flight = "signal_bridge_starts_in_flight"
+    await assert_eventually(lambda: metrics.registry.get_sample_value(in_flight) == 2, timeout=5, interval=0.01)
+    client.go.set()
+    assert await run == [STARTED] * 40
     assert client.peak == 2 and sorted(client.started) == sorted(s.id for s in batch.starts)
+    assert metrics.registry.get_sample_value("signal_bridge_starts_in_flight") == 0
