@@ -234,7 +234,6 @@ class DispatcherWorkflow:
         done = await self._evaluate(taken)
         self._queue.extendleft(reversed(taken[done:]))
         plans: list[Plan] = []
-        events = 0
         for n, item in enumerate(taken[:done]):
             if not item.reloaded and self._routes is not None and not self._routes.candidates(item.event.name):
                 # The adapter found a trigger for its name: this table is older than the adapter's
@@ -247,12 +246,10 @@ class DispatcherWorkflow:
                 self._queue.extendleft(reversed(taken[n:done]))
                 self._blocked = True
                 break
-            planned = self._plan(item)
-            events += bool(planned)
-            plans.extend(planned)
+            plans.extend(self._plan(item))
         if plans:
             self._children += len(plans)
-            self._launch(plans, events)
+            self._launch(plans)
         elif self._spent >= TASK_COST_BUDGET and self._queue:
             await workflow.sleep(YIELD)
             self._spent = 0
@@ -270,12 +267,13 @@ class DispatcherWorkflow:
                     continue
         return False
 
-    def _launch(self, plans: list[Plan], events: int) -> None:
-        """Start a batch, the plans of ``events`` events, in the background; its keys, and the runs
-        it signals, are busy until every start in it answered."""
+    def _launch(self, plans: list[Plan]) -> None:
+        """Start a batch in the background; its keys, and the runs it signals, are busy until every
+        start in it answered, and its events count as starting."""
         keys = [p.event.key for p in plans if p.event.key is not None]
         keys += [_RUN + p.start.id for p in plans if p.start.signal is not None]
         self._busy.update(keys)
+        events = len({id(p.event) for p in plans})  # an event's plans share its EventSignal
         self._starting += events
         task = asyncio.create_task(self._start_batch(plans))
         self._in_flight.add(task)
