@@ -9,9 +9,11 @@ each on a free port, ready once ``/readyz`` answers. Targets run on a task queue
 so only starting is measured; their start times come from Temporal's visibility.
 
 1. ceiling: N direct ``client.start_workflow`` calls, as many in flight as the dispatcher starts at
-   once (``--ceiling-concurrency``, default 200). Every row's ratio is to it.
+   once (``--ceiling-concurrency``, default 200); measured again before each adapter and mode
+   (unless ``--one-ceiling``), and every row's ratio is to the ceiling measured just before it.
 2. per adapter and ``dispatcher.start_mode`` (each row sets it; the ``default`` row leaves it out):
-   throughput, N events → N targets started, from the first send to the last start; then latency,
+   throughput, N events → N targets started, from the first send to the last start (HTTP events
+   sent by wrk, ``--http-client httpx`` for a Python client); then latency,
    an open-loop load of 0.5 x the ceiling's rate for a fixed time, p50/p99 from the adapter's
    acknowledgement (HTTP 202, Kafka producer ack, RabbitMQ publisher confirm) to the target's start.
 3. scale-out: 2 ``ingress`` + 2 ``worker`` processes (``dispatcher.shards: 2``), HTTP throughput,
@@ -105,6 +107,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=_setting,
         help="a dispatcher setting for every bridge, e.g. starts_in_flight=32 (repeatable)",
     )
+    p.add_argument(
+        "--http-client",
+        choices=("wrk", "httpx"),
+        default="wrk",
+        help="the HTTP throughput rows' load generator (default wrk: a Python client takes CPU from the bridge)",
+    )
+    p.add_argument(
+        "--one-ceiling",
+        action="store_true",
+        help="measure the ceiling once, not before each adapter and mode (the server slows as its database grows)",
+    )
     p.add_argument("--skip-default", action="store_true", help="no http row without start_mode")
     p.add_argument("--skip-scale-out", action="store_true")
     p.add_argument("--skip-burst", action="store_true")
@@ -124,6 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
     if not args.skip_burst and not shutil.which("wrk"):
         p.error("the burst needs wrk (apt-get install wrk, or make services); or pass --skip-burst")
+    if "http" in args.adapters and args.http_client == "wrk" and not shutil.which("wrk"):
+        p.error("the HTTP throughput rows need wrk (apt-get install wrk, or make services); or --http-client httpx")
     return args
 
 
@@ -142,10 +157,14 @@ async def attempt(run: Run, name: str, step: Awaitable[Row | None]) -> Row | Non
 
 
 async def measure(run: Run, args: argparse.Namespace) -> None:
-    run.ceiling = run.add(await ceiling(run.client, run.events, args.ceiling_concurrency))
+    await ceiling(run.client, min(run.events, 200), args.ceiling_concurrency)  # warm: the first runs are slower
+    first = run.ceiling = run.add(await ceiling(run.client, run.events, args.ceiling_concurrency))
+    await bridge_ceiling(run, args)
     single: Row | None = None
     for adapter in args.adapters:
         for mode in args.modes:
+            if run.rows[-1] is not run.bridge_ceiling and not args.one_ceiling:  # a row since the last
+                await refresh_ceiling(run, args, f"{adapter} {mode}", first)
             started = await attempt(
                 run, f"{adapter} {mode}", scenarios.adapter(run, adapter, None if mode == "default" else mode)
             )
@@ -153,6 +172,8 @@ async def measure(run: Run, args: argparse.Namespace) -> None:
                 single = started
     if single is None and not args.skip_default and "http" in args.adapters:
         # The baseline of the scale-out row, and what a config without start_mode gets: throughput only.
+        if not args.one_ceiling:
+            await refresh_ceiling(run, args, f"http {mode_label(None)}", first)
         step = scenarios.adapter(run, "http", None, latency=False)
         single = await attempt(run, f"http {mode_label(None)}", step)
     if not args.skip_scale_out:
@@ -161,7 +182,26 @@ async def measure(run: Run, args: argparse.Namespace) -> None:
         await attempt(run, "burst", scenarios.burst(run))
     # The machine's load drifts (2 cores): the ceiling once more shows how far, not used for ratios.
     again = await ceiling(run.client, run.events, args.ceiling_concurrency, "ceiling again, at the end")
-    run.add(again.against(run.ceiling, "ceiling"))
+    run.add(again.against(first, "ceiling"))
+
+
+async def refresh_ceiling(run: Run, args: argparse.Namespace, before: str, first: Row) -> None:
+    """The ceiling measured again for the rows that follow: the dev server slows as its database
+    grows, and the machine's load drifts, so a row compares with the server as it is now. The
+    row's ratio is to the first ceiling (the drift so far)."""
+    name = f"ceiling, before {before}"
+    row = await ceiling(run.client, run.events, args.ceiling_concurrency, name)
+    run.ceiling = run.add(row.against(first, "ceiling"))
+    await bridge_ceiling(run, args)
+
+
+async def bridge_ceiling(run: Run, args: argparse.Namespace) -> None:
+    """Right after a ceiling, the same starts as the bridge makes them (its memo and search
+    attributes, its argument): the part of the ceiling the bridge cannot reach whatever it does.
+    Its ratio is to the ceiling just measured; the throughput rows after it note theirs to it."""
+    name = "  same starts as the bridge's"
+    row = await ceiling(run.client, run.events, args.ceiling_concurrency, name, like_bridge=True)
+    run.bridge_ceiling = run.add(row.against(run.ceiling, "ceiling"))
 
 
 async def main(argv: list[str] | None = None) -> int:
@@ -197,6 +237,7 @@ async def main(argv: list[str] | None = None) -> int:
             kafka=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
             amqp=os.environ.get("AMQP_URL"),
             settings=dict(args.dispatcher),
+            http_client=args.http_client,
         )
         context = [
             f"signal-bridge bench, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",

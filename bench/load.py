@@ -8,16 +8,25 @@ machine's clock, so an acknowledgement and a start compare.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
 from temporalio.client import Client
+from temporalio.common import WorkflowIDReusePolicy
 
-from bench.procs import TOKEN, unique
-from bench.report import Row, pct
+from bench.procs import TOKEN, TOKEN_NAME, Proc, unique
+from bench.report import Row, parse_wrk, pct
+from bridge.event import EventSignal
+from dispatcher import search
+from dispatcher.contract import target_memo
+
+WRK_LUA = Path(__file__).with_name("events.lua")
 
 
 class Sender(Protocol):
@@ -40,6 +49,7 @@ class Sent:
     acked: dict[str, float] = field(default_factory=dict)
     refused: dict[str, int] = field(default_factory=dict)
     behind: float = 0.0  # open loop: the most a send started after its scheduled time
+    accepted: int | None = None  # wrk: the 202s, counted (acked is filled in from the started runs)
 
     def refusals(self) -> str:
         return ", ".join(f"{k}: {v}" for k, v in sorted(self.refused.items()))
@@ -207,6 +217,52 @@ async def closed_loop(sender: Sender, name: str, n: int, concurrency: int, prefi
     return sent
 
 
+async def wrk_closed_loop(
+    urls: list[str], name: str, n: int, concurrency: int, prefix: str, workdir: Path, *, limit: float = 600.0
+) -> Sent:
+    """About ``n`` single-event POSTs from wrk (``bench/events.lua``, a quota per thread: ``n`` is
+    rounded up to a multiple of the threads), ``concurrency`` connections spread over ``urls``, each
+    request sent when the one before it on its connection was answered: the closed loop of the
+    HTTP throughput rows, as :func:`closed_loop` with :class:`HttpSender`, for a fraction of the
+    CPU. On a small machine a Python client's CPU is taken from the bridge and Temporal (httpx:
+    about half a core at 100 requests/s here; wrk: a few percent).
+
+    Each event's id is its ``Idempotency-Key``, ``{prefix}-{k}-{thread}-{counter}``. wrk counts
+    only statuses, so ``acked`` stays empty: the caller fills it from the targets started."""
+    threads = max(1, 2 // len(urls))
+    quota = -(-n // (threads * len(urls)))
+    sent = Sent()
+    procs: list[Proc] = []
+    sent.began = time.time()
+    try:
+        for k, url in enumerate(urls):
+            cmd = ["wrk", f"-t{threads}", f"-c{max(threads, concurrency // len(urls))}", f"-d{limit:g}s"]
+            cmd += ["--timeout", "60s", "-s", str(WRK_LUA), url, "--", "1", TOKEN, f"{prefix}-{k}", name, str(quota)]
+            procs.append(Proc(f"wrk-{k}", cmd, workdir / f"{unique('wrk')}.log"))
+        deadline = time.monotonic() + limit
+        while not all(p.output(1_000_000).count("quota ") >= threads for p in procs):
+            if any(not p.alive for p in procs) or time.monotonic() > deadline:
+                gone = next((p for p in procs if not p.alive), procs[0])
+                raise RuntimeError(f"wrk did not send its quota: {gone.exited()}")
+            await asyncio.sleep(0.02)
+        sent.ended = time.time()
+        for p in procs:  # wrk waits out its duration; an interrupt makes it report at once
+            with contextlib.suppress(ProcessLookupError):
+                p.popen.send_signal(signal.SIGINT)
+        sent.accepted = 0
+        for p in procs:
+            await p.wait(10)
+            for code, count in parse_wrk(p.output(1_000_000)).statuses.items():
+                if code == 202:
+                    sent.accepted += count
+                else:
+                    sent.refused[str(code)] = sent.refused.get(str(code), 0) + count
+    finally:
+        for p in procs:
+            p.stop()
+    return sent
+
+
 async def open_loop(sender: Sender, name: str, rate: float, seconds: float, prefix: str) -> Sent:
     """A constant offered load: event ``i`` is sent at ``i / rate`` seconds after the start,
     whether or not earlier ones were answered (each send is its own task)."""
@@ -257,7 +313,8 @@ def throughput_row(name: str, n: int, sent: Sent, started: dict[str, float], bas
     rate = len(done) / (last - sent.began) if done and last > sent.began else 0.0
     row = Row(name, rate).against(base, "ceiling")
     ack_seconds = sent.ended - sent.began
-    row.notes.append(f"{len(sent.acked)} acked in {ack_seconds:.1f}s ({len(sent.acked) / ack_seconds:.0f}/s)")
+    acked = len(sent.acked) if sent.accepted is None else sent.accepted
+    row.notes.append(f"{acked} acked in {ack_seconds:.1f}s ({acked / ack_seconds:.0f}/s)")
     if len(done) < n:
         row.notes.append(f"only {len(done)}/{n} targets started")
     if sent.refused:
@@ -279,14 +336,42 @@ def latency_row(name: str, rate: float, sent: Sent, started: dict[str, float], b
     return row
 
 
-async def ceiling(client: Client, n: int, concurrency: int, name: str = "ceiling: direct start_workflow") -> Row:
-    """``n`` direct ``client.start_workflow`` calls of the target the adapters start."""
-    queue = unique("bench-direct")
+async def ceiling(
+    client: Client,
+    n: int,
+    concurrency: int,
+    name: str = "ceiling: direct start_workflow",
+    *,
+    like_bridge: bool = False,
+    queue: str | None = None,
+) -> Row:
+    """``n`` direct ``client.start_workflow`` calls of the target the adapters start.
+
+    ``like_bridge``: each start as the bridge makes it (``dispatcher/activities.py``): the event's
+    memo and search attributes (:func:`dispatcher.contract.target_memo`,
+    :func:`dispatcher.search.values`), the argument with the payload, the trigger and the envelope,
+    and ``REJECT_DUPLICATE``. On a dev server the attributes alone cost about a tenth of the rate.
+    ``queue``: the task queue (and id prefix) of the runs, a fresh one unless given."""
+    queue = queue or unique("bench-direct")
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
         async with sem:
-            await client.start_workflow("Noop", {"i": i}, id=f"{queue}-{i}", task_queue=queue)
+            if not like_bridge:
+                await client.start_workflow("Noop", {"i": i}, id=f"{queue}-{i}", task_queue=queue)
+                return
+            event = EventSignal(id=f"{queue}-{i}", name="tput", payload={"i": i}, source=f"http:{TOKEN_NAME}")
+            dispatcher = {"dispatcher": f"dispatcher-{queue}", "dispatcher_run": "0" * 36}
+            arg = {"workflow_id": "tput", "exec_id": event.id, "input": event.payload, "trigger": event.payload}
+            await client.start_workflow(
+                "Noop",
+                {**arg, "event": event.envelope()},
+                id=f"{queue}-{i}",
+                task_queue=queue,
+                memo=target_memo(event, dispatcher, "tput"),
+                search_attributes=search.typed(search.values(event, queue)),
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            )
 
     began = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))

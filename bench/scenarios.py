@@ -24,6 +24,7 @@ from typing import Any
 from temporalio.client import Client
 
 from bench.load import (
+    WRK_LUA,
     AmqpSender,
     HttpSender,
     KafkaSender,
@@ -36,6 +37,7 @@ from bench.load import (
     open_loop,
     start_times,
     throughput_row,
+    wrk_closed_loop,
 )
 from bench.procs import TOKEN, Bare, Bridge, Proc, bridge_config, unique
 from bench.report import Row, WrkResult, line, parse_wrk, status_summary
@@ -44,7 +46,6 @@ from dispatcher.client import query_stats
 from dispatcher.contract import dispatcher_id
 
 WARM_EVENTS = 4
-LUA = Path(__file__).with_name("events.lua")
 
 
 def mode_label(mode: str | None) -> str:
@@ -69,8 +70,10 @@ class Run:
     kafka: str | None = None
     amqp: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # --dispatcher KEY=VALUE, for every bridge
+    http_client: str = "wrk"  # the HTTP throughput rows' load generator: wrk, or httpx (HttpSender)
     rows: list[Row] = field(default_factory=list)
     ceiling: Row | None = None
+    bridge_ceiling: Row | None = None  # direct starts with the bridge's memo and search attributes
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
@@ -141,11 +144,7 @@ async def adapter(run: Run, adapter: str, mode: str | None, *, latency: bool = T
         sender = await _sender(run, adapter, bridge, name)
         try:
             await warm_up(run, sender, f"{project}-warm")
-            n = run.events
-            sent = await closed_loop(sender, "tput", n, run.concurrency, "tput")
-            bridge.check_alive()
-            started = await start_times(run.client, f"{project}-tput", len(sent.acked))
-            tput = run.add(throughput_row(f"{label}: throughput", n, sent, started, run.ceiling))
+            tput = run.add(await _throughput(run, f"{label}: throughput", sender, bridge, f"{project}-tput"))
             if not latency:
                 return tput
             assert run.ceiling and run.ceiling.rate
@@ -161,6 +160,29 @@ async def adapter(run: Run, adapter: str, mode: str | None, *, latency: bool = T
         bridge.stop()
         await terminate_dispatchers(run.client, project, bridge.shards)
         await _delete_input(run, adapter, name)
+
+
+async def _throughput(run: Run, name: str, sender: Sender, bridge: Bridge, queue: str) -> Row:
+    """``run.events`` events through ``sender``'s adapter as fast as it acknowledges them, at most
+    ``run.concurrency`` in flight, and the row of their targets' starts on ``queue``. HTTP events
+    are sent by wrk unless ``run.http_client`` says httpx."""
+    if sender.name == "http" and run.http_client == "wrk":
+        prefix = unique("tput")
+        sent = await wrk_closed_loop(bridge.urls, "tput", run.events, run.concurrency, prefix, run.workdir)
+        bridge.check_alive()
+        assert sent.accepted is not None
+        n = sent.accepted + sum(sent.refused.values())
+        started = await start_times(run.client, queue, sent.accepted)
+        sent.acked = {e: sent.ended for e in started if e.startswith(prefix)}
+    else:
+        n = run.events
+        sent = await closed_loop(sender, "tput", n, run.concurrency, "tput")
+        bridge.check_alive()
+        started = await start_times(run.client, queue, len(sent.acked))
+    row = throughput_row(name, n, sent, started, run.ceiling)
+    if run.bridge_ceiling and run.bridge_ceiling.rate and row.rate:
+        row.notes.insert(0, f"{row.rate / run.bridge_ceiling.rate:.2f}x the bridge's own starts")
+    return row
 
 
 async def _delete_input(run: Run, adapter: str, name: str) -> None:
@@ -186,13 +208,10 @@ async def scale_out(run: Run, single: Row | None, ingress: int = 2, workers: int
         sender = HttpSender(bridge.urls)
         try:
             await warm_up(run, sender, f"{project}-warm", count=4 * workers)
-            sent = await closed_loop(sender, "tput", run.events, run.concurrency, "tput")
-            bridge.check_alive()
-            started = await start_times(run.client, f"{project}-tput", len(sent.acked))
+            name = f"scale-out {ingress} ingress+{workers} worker: http {mode_label(None)}"
+            row = await _throughput(run, name, sender, bridge, f"{project}-tput")
         finally:
             await sender.close()
-        name = f"scale-out {ingress} ingress+{workers} worker: http {mode_label(None)}"
-        row = throughput_row(name, run.events, sent, started, run.ceiling)
         to_ceiling = row.ratio
         row.against(single, "1 serve")
         if to_ceiling is not None:
@@ -218,7 +237,7 @@ async def wrk(
         "--timeout",
         "30s",
         "-s",
-        str(LUA),
+        str(WRK_LUA),
         url,
         "--",
         str(batch),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -43,6 +44,19 @@ def kafka_bootstrap() -> str:
 @pytest.fixture(scope="session")
 def amqp_url() -> str:
     return _provide(services.amqp_url)
+
+
+def _wrk() -> str:
+    path = shutil.which("wrk")
+    if path is None:
+        raise services.ServiceUnavailable("wrk is not installed (scripts/install-services.sh installs it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def wrk() -> str:
+    """wrk's path: the bench's HTTP load generator."""
+    return _provide(_wrk)
 
 
 @pytest.fixture(scope="session")

@@ -146,6 +146,7 @@ def test_bridge_config_is_valid() -> None:
 
 def test_wrk_script_defines_the_hooks_the_bench_relies_on() -> None:
     text = (Path(__file__).parents[2] / "bench" / "events.lua").read_text()
-    for hook in ("function setup(", "function init(", "function request(", "function response(", "function done("):
+    hooks = ("setup", "init", "delay", "request", "response", "done")
+    for hook in (f"function {name}(" for name in hooks):
         assert hook in text
     assert "Idempotency-Key" in text

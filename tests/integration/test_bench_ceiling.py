@@ -1,0 +1,43 @@
+"""The bench's ceilings against a real Temporal server: the plain one, and the one that starts
+runs as the bridge does (its memo and search attributes)."""
+
+from __future__ import annotations
+
+from temporalio.client import Client, WorkflowExecution
+
+from bench.load import ceiling
+from dispatcher import search
+from tests.helpers import assert_eventually, unique
+
+
+async def _runs(client: Client, queue: str, n: int) -> list[WorkflowExecution]:
+    """The runs on ``queue`` once visibility lists all ``n`` of them."""
+
+    async def listed() -> list[WorkflowExecution]:
+        runs = [r async for r in client.list_workflows(f'TaskQueue="{queue}"')]
+        return runs if len(runs) == n else []
+
+    return await assert_eventually(listed, timeout=30, what=f"{n} runs listed")
+
+
+async def test_the_bridge_like_ceiling_starts_runs_with_the_bridges_memo_and_attributes(
+    temporal_client: Client,
+) -> None:
+    queue = unique("bench-ceiling")
+    row = await ceiling(temporal_client, 3, 3, "c", like_bridge=True, queue=queue)
+    assert row.rate and row.rate > 0 and row.notes == ["3 starts, 3 in flight"]
+    runs = await _runs(temporal_client, queue, 3)
+    assert sorted(r.id for r in runs) == [f"{queue}-{i}" for i in range(3)]
+    for run in runs:
+        memo = await run.memo()
+        assert memo["event_id"] == run.id and memo["event_name"] == "tput" and memo["workflow_entry"] == "tput"
+        assert run.typed_search_attributes.get(search.EVENT_ID) == run.id
+        assert run.typed_search_attributes.get(search.PROJECT) == queue
+
+
+async def test_the_plain_ceiling_starts_bare_runs(temporal_client: Client) -> None:
+    queue = unique("bench-ceiling")
+    await ceiling(temporal_client, 2, 2, "c", queue=queue)
+    runs = await _runs(temporal_client, queue, 2)
+    for run in runs:
+        assert await run.memo() == {} and run.typed_search_attributes.get(search.EVENT_ID) is None
