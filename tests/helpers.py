@@ -14,6 +14,8 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from bridge.config import BridgeConfig, parse_config
 from bridge.event import run_digest, target_workflow_id
+from dispatcher.client import query_stats
+from dispatcher.contract import dispatcher_id
 
 T = TypeVar("T")
 TOKEN = "test-token"
@@ -38,6 +40,12 @@ async def assert_eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"not true within {timeout}s{': ' + what if what else ''}; last: {last}")
         await asyncio.sleep(interval)
+
+
+async def dispatcher_stats(client: Client, project: str, shard: int = 0, shards: int = 1) -> dict[str, Any]:
+    """The ``stats`` query of the project's dispatcher (shard ``shard`` of ``shards``), as a dict;
+    asked again while Temporal answers that the dispatcher's workflow task is being retried."""
+    return dict(await query_stats(client.get_workflow_handle(dispatcher_id(project, shard, shards))))
 
 
 def unique(prefix: str = "t") -> str:

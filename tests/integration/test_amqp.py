@@ -33,9 +33,17 @@ from bridge.event import EventSignal, run_digest, target_workflow_id
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
 from bridge.runtime.app import Bridge
-from dispatcher.client import query_stats
 from tests import services
-from tests.helpers import assert_eventually, config, count_workflows, result_of, runner, unique, workflow_ids
+from tests.helpers import (
+    assert_eventually,
+    config,
+    count_workflows,
+    dispatcher_stats,
+    result_of,
+    runner,
+    unique,
+    workflow_ids,
+)
 
 pytestmark = [pytest.mark.amqp, pytest.mark.temporal]
 log = logging.getLogger(__name__)
@@ -125,8 +133,7 @@ def accepted(bridge: Bridge) -> float:
 
 async def duplicates(client: Client, project: str) -> int:
     """Redeliveries the dispatcher recognised (informational: a test cannot force them)."""
-    stats = dict(await query_stats(client.get_workflow_handle(f"dispatcher-{project_slug(project)}")))
-    return int(stats["duplicates"])
+    return int((await dispatcher_stats(client, project))["duplicates"])
 
 
 def free_port() -> int:

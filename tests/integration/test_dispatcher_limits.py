@@ -13,8 +13,7 @@ from temporalio.api.enums.v1 import EventType, WorkflowTaskFailedCause
 from temporalio.client import Client
 
 from bridge.event import MAX_SIGNAL_BYTES
-from dispatcher.client import query_stats
-from tests.helpers import TOKEN, assert_eventually, config, count_workflows, unique
+from tests.helpers import TOKEN, assert_eventually, config, count_workflows, dispatcher_stats, unique
 
 pytestmark = pytest.mark.temporal
 
@@ -89,10 +88,8 @@ async def test_events_near_the_size_limit_with_costly_filters_keep_workflow_task
             )
             assert resp.status_code == 202, resp.text
 
-    dispatcher = f"dispatcher-{project}"
-
     async def all_dispatched() -> dict[str, Any]:
-        stats: dict[str, Any] = dict(await query_stats(temporal_client.get_workflow_handle(dispatcher)))
+        stats = await dispatcher_stats(temporal_client, project)
         return stats if stats["received"] == n and stats["started"] + stats["failed"] >= n else {}
 
     stats = await assert_eventually(all_dispatched, timeout=120, interval=0.5)
@@ -103,7 +100,7 @@ async def test_events_near_the_size_limit_with_costly_filters_keep_workflow_task
 
     await assert_eventually(all_started, timeout=30, what="every target run exists")
 
-    durations = await workflow_task_durations(temporal_client, dispatcher)
+    durations = await workflow_task_durations(temporal_client, f"dispatcher-{project}")
     longest = max(durations)
     print(f"dispatcher workflow tasks: {len(durations)}, longest {longest.total_seconds():.3f} s")
     # The measured bound (~0.5 s here) is reported above and in the closing note; the assertion is the

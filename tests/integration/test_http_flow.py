@@ -19,8 +19,17 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from bridge.config import read_config
-from dispatcher.client import query_stats
-from tests.helpers import HTTP_SCOPE, TOKEN, assert_eventually, config, result_of, run_id, runner, unique
+from tests.helpers import (
+    HTTP_SCOPE,
+    TOKEN,
+    assert_eventually,
+    config,
+    dispatcher_stats,
+    result_of,
+    run_id,
+    runner,
+    unique,
+)
 from tests.integration.user_workflows import UserProcessOrder
 
 pytestmark = pytest.mark.temporal
@@ -59,10 +68,6 @@ async def test_event_starts_target_that_sees_payload(bridge_factory, temporal_cl
     assert memo["event_name"] == "order.created" and memo["event_id"] == "k-1"
 
 
-async def _stats(client: Client, project: str) -> dict[str, Any]:
-    return dict(await query_stats(client.get_workflow_handle(f"dispatcher-{project}")))
-
-
 async def _absent(client: Client, wid: str) -> bool:
     try:
         await client.get_workflow_handle(wid).describe()
@@ -86,7 +91,7 @@ async def test_fan_out_and_filter(bridge_factory, temporal_client, temporal_addr
     assert (await _post(bridge, {"name": "order.created", "payload": {"n": 7}}, key="e1")).status_code == 202
     assert (await result_of(temporal_client, run_id(project, "first", "e1")))["tasks"]["render"] == "got 7"
     assert (await result_of(temporal_client, run_id(project, "second", "e1")))["tasks"]["render"] == "second 7"
-    stats = await assert_eventually(lambda: _stats(temporal_client, project), what="stats readable")
+    stats = await assert_eventually(lambda: dispatcher_stats(temporal_client, project), what="stats readable")
     assert stats["started"] == 2
     assert await _absent(temporal_client, run_id(project, "big-only", "e1"))
 
@@ -107,7 +112,7 @@ async def test_same_idempotency_key_starts_once(bridge_factory, temporal_client,
     await result_of(temporal_client, run_id(project, "b", "same-key"))
 
     async def all_processed() -> dict[str, Any]:
-        stats = await _stats(temporal_client, project)
+        stats = await dispatcher_stats(temporal_client, project)
         return stats if stats["received"] == 4 and stats["backlog"] == 0 else {}
 
     stats = await assert_eventually(all_processed)
@@ -140,7 +145,7 @@ async def test_unknown_event_and_schema_violation_get_422(bridge_factory, tempor
     # A good event afterwards is a barrier: once it ran, the dispatcher saw everything sent.
     assert (await _post(bridge, {"name": "order.created", "payload": {"orderId": "9"}}, key="g1")).status_code == 202
     await result_of(temporal_client, run_id(project, "typed", "g1"))
-    stats = await _stats(temporal_client, project)
+    stats = await dispatcher_stats(temporal_client, project)
     assert stats["received"] == 1 and stats["started"] == 1
     assert await _absent(temporal_client, run_id(project, "typed", "s1"))
 
@@ -211,7 +216,7 @@ async def test_continue_as_new_loses_and_doubles_nothing(bridge_factory, tempora
     assert codes.count(202) == n
 
     async def done() -> dict[str, Any]:
-        stats = await _stats(temporal_client, project)
+        stats = await dispatcher_stats(temporal_client, project)
         return stats if stats["started"] + stats["duplicates"] >= n else {}
 
     stats = await assert_eventually(done, timeout=780, interval=1.0)

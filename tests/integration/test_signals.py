@@ -29,8 +29,7 @@ from temporalio.worker import Worker
 from bridge import snapshot
 from bridge.errors import ConfigError
 from bridge.runtime.app import Bridge
-from dispatcher.client import query_stats
-from tests.helpers import HTTP_SCOPE, TOKEN, assert_eventually, config, count_workflows, unique
+from tests.helpers import HTTP_SCOPE, TOKEN, assert_eventually, config, count_workflows, dispatcher_stats, unique
 from tests.integration.test_amqp import publish
 from tests.integration.test_kafka import BridgeProcess, assert_all_committed, create_topic, envelope, produce
 
@@ -101,17 +100,12 @@ async def state(client: Client, run: str) -> dict[str, Any]:
     return result
 
 
-async def stats(client: Client, project: str) -> dict[str, Any]:
-    result: dict[str, Any] = dict(await query_stats(client.get_workflow_handle(f"dispatcher-{project}")))
-    return result
-
-
 async def settled(client: Client, project: str, received: int = 0) -> dict[str, Any]:
     """The dispatcher's stats once it received at least ``received`` events and dealt with every
     one (this project's entries all signal: one outcome per event not skipped as a duplicate)."""
 
     async def done() -> dict[str, Any]:
-        s = await stats(client, project)
+        s = await dispatcher_stats(client, project)
         outcomes = s["duplicates"] + s["signaled"] + s["missing"] + s["failed"] + s["unroutable"]
         assert s["received"] >= received and s["backlog"] == 0 and outcomes == s["received"], s
         return s

@@ -15,8 +15,7 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from dispatcher.client import query_stats
-from tests.helpers import TOKEN, assert_eventually, config, result_of, runner, unique, workflow_ids
+from tests.helpers import TOKEN, assert_eventually, config, dispatcher_stats, result_of, runner, unique, workflow_ids
 
 pytestmark = pytest.mark.temporal
 
@@ -37,15 +36,11 @@ def github_delivery(body: dict[str, Any], event: str, delivery: str) -> tuple[by
     }
 
 
-async def _stats(client: Client, project: str) -> dict[str, Any]:
-    return dict(await query_stats(client.get_workflow_handle(f"dispatcher-{project}")))
-
-
 async def _settled(client: Client, project: str, received: int) -> dict[str, Any]:
     """The dispatcher's counters once it has taken ``received`` events and has none queued."""
 
     async def check() -> dict[str, Any]:
-        stats = await _stats(client, project)
+        stats = await dispatcher_stats(client, project)
         return stats if stats["received"] == received and stats["backlog"] == 0 else {}
 
     return await assert_eventually(check, what=f"dispatcher {project} processed {received} events")
