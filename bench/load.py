@@ -24,7 +24,7 @@ from bench.procs import TOKEN, TOKEN_NAME, Proc, unique
 from bench.report import Row, parse_wrk, pct
 from bridge.event import EventSignal
 from dispatcher import search
-from dispatcher.contract import target_memo
+from dispatcher.contract import TargetInput, target_memo
 
 WRK_LUA = Path(__file__).with_name("events.lua")
 
@@ -362,10 +362,12 @@ async def ceiling(
                 return
             event = EventSignal(id=f"{queue}-{i}", name="tput", payload={"i": i}, source=f"http:{TOKEN_NAME}")
             dispatcher = {"dispatcher": f"dispatcher-{queue}", "dispatcher_run": "0" * 36}
-            arg = {"workflow_id": "tput", "exec_id": event.id, "input": event.payload, "trigger": event.payload}
+            arg = TargetInput(
+                workflow_id="tput", exec_id=event.id, input=event.payload, trigger=event.payload, event=event.envelope()
+            )
             await client.start_workflow(
                 "Noop",
-                {**arg, "event": event.envelope()},
+                arg,
                 id=f"{queue}-{i}",
                 task_queue=queue,
                 memo=target_memo(event, dispatcher, "tput"),

@@ -45,9 +45,18 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from bridge.config import project_slug
-from dispatcher.client import query_stats
-from dispatcher.contract import RUNNER_WORKFLOW, dispatcher_id
-from tests.helpers import HTTP_SCOPE, TOKEN, assert_eventually, count_workflows, run_id, runner, unique, workflow_ids
+from dispatcher.contract import RUNNER_WORKFLOW
+from tests.helpers import (
+    HTTP_SCOPE,
+    TOKEN,
+    assert_eventually,
+    count_workflows,
+    dispatcher_stats,
+    run_id,
+    runner,
+    unique,
+    workflow_ids,
+)
 
 pytestmark = [pytest.mark.temporal, pytest.mark.kafka, pytest.mark.amqp]
 
@@ -421,9 +430,7 @@ async def test_two_ingress_and_two_workers_start_one_run_per_event_and_target(
     all_started = time.monotonic() - began
 
     # Both shards received events; both ingress processes took HTTP, Kafka and AMQP events.
-    stats = [
-        await query_stats(temporal_client.get_workflow_handle(dispatcher_id(project, k, SHARDS))) for k in range(SHARDS)
-    ]
+    stats = [await dispatcher_stats(temporal_client, project, k, SHARDS) for k in range(SHARDS)]
     assert all(s["received"] > 0 for s in stats) and sum(s["received"] for s in stats) >= EVENTS, stats
     taken = [await r.accepted() for r in ingress]
     for adapter, records in sent.records.items():
