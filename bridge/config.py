@@ -165,6 +165,10 @@ class DispatcherConfig(Model):
     # Beyond what the server needs to be busy they only queue there, ahead of the events that
     # adapters hand over (docs/benchmarks.md).
     starts_in_flight: int = Field(default=64, ge=1, le=1000)
+    # Within starts_in_flight, the starts follow their own latency (dispatcher.slots.StartWindow):
+    # more in flight while a round of them answers within this many times the fastest recent
+    # start, fewer when slower. None: always starts_in_flight.
+    start_latency_tolerance: float | None = Field(default=4.0, ge=1.5, le=1000)
     # While the adapters of the same process take longer than this per signal to hand events over,
     # its starts give way (dispatcher.slots): the 202s and broker acks come first.
     handover_target_ms: int = Field(default=50, ge=1, le=60_000)

@@ -85,6 +85,12 @@ class Metrics:
             "in this process hand events over slowly",
             registry=r,
         )
+        self.start_window = Gauge(
+            "signal_bridge_start_window",
+            "Starts this process may have in flight now by their latency (at most dispatcher.starts_in_flight; "
+            "dispatcher.start_latency_tolerance)",
+            registry=r,
+        )
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
 
     def child(self, metric: M, *labels: str) -> M:

@@ -47,7 +47,7 @@ from dispatcher.contract import (
     TargetStart,
     failed,
 )
-from dispatcher.slots import Handover, StartSlots
+from dispatcher.slots import Handover, StartSlots, StartWindow
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,19 @@ class BridgeActivities:
         self._current = current
         self.search_attributes = search_attributes
         self.tracing = tracing
-        self.slots = StartSlots(lambda: self.snapshot().config.dispatcher.starts_in_flight, handover)
+        window = StartWindow(self._starts_in_flight, lambda: self.snapshot().config.dispatcher.start_latency_tolerance)
+        self.slots = StartSlots(self._starts_in_flight, handover, window)
         if metrics is not None:
             slots = self.slots
             metrics.starts_in_flight.set_function(lambda: slots.used)
             metrics.start_share.set_function(lambda: handover.share() if handover is not None else 1.0)
+            metrics.start_window.set_function(window.size)
 
     def snapshot(self) -> Snapshot:
         return self._current() if callable(self._current) else self._current
+
+    def _starts_in_flight(self) -> int:
+        return self.snapshot().config.dispatcher.starts_in_flight
 
     @activity.defn(name=LOAD_ROUTES)
     async def load_routes(self) -> RoutesResult:

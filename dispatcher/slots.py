@@ -6,7 +6,13 @@ SQLite, or a small cluster) serves them in turn: with hundreds of starts queued 
 ``202`` or a broker acknowledgement waits behind all of them, and a burst is answered at the
 pace of the starts. So:
 
-- a process has at most ``dispatcher.starts_in_flight`` starts in flight, and
+- a process has at most ``dispatcher.starts_in_flight`` starts in flight,
+- within that, a window that follows the starts' own latency (:class:`StartWindow`, the idea of
+  TCP Vegas): it grows while a round of starts answers within ``dispatcher.start_latency_tolerance``
+  times the fastest recent start, and shrinks in proportion when they take longer. A server that
+  works in parallel (a cluster) answers as fast with more in flight, so the window opens up to the
+  limit; a serial one (a dev server on SQLite) answers each start later for every start queued
+  ahead of it, so the window stays at the few that keep it busy, and
 - while the adapters in the same process hand events over slower than
   ``dispatcher.handover_target_ms`` per signal, its starts give way: each slow signal halves the
   share of ``starts_in_flight`` they may use (down to one start), each fast one gives a sixteenth
@@ -22,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import statistics
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -66,13 +74,109 @@ class Handover:
         return self._share
 
 
-class StartSlots:
-    """A semaphore whose size is read at each acquire: ``limit()`` times the hand-over's share,
-    at least one. A smaller size makes new starts wait; none in flight is interrupted."""
+INITIAL = 4
+"""The window after a second without starts, and its smallest size: a burst that follows a quiet
+time begins with a few starts, not ``starts_in_flight`` of them queued ahead of the signals it
+sends; and load that is not the starts' own (the dispatcher's tasks, the targets' workers, other
+processes) slows them down without closing the window below what keeps a serial server busy."""
+IDLE = 1.0
+"""Seconds without a start in flight after which the window begins again at INITIAL."""
+ROUND = 4
+"""Starts in the smallest round: the window is judged on a round's median, not on one start."""
+BASE_PERIOD = 10.0
+"""The fastest start is remembered for one to two periods, so a server that got slower for good
+(or a new network path) sets a new baseline."""
 
-    def __init__(self, limit: Callable[[], int], handover: Handover | None = None) -> None:
+
+class StartWindow:
+    """How many starts may be in flight, from how long they take (delay-based, as TCP Vegas).
+
+    Each round (the starts of one window, at least ROUND) is judged on its median latency against
+    the fastest start of the last BASE_PERIOD or two. Within ``tolerance()`` times that, and with
+    the window used to the full, the window doubles (from the start, until the first slow round)
+    or grows by one start; beyond it, the window is scaled down in proportion (to INITIAL at least,
+    or ``limit()`` if smaller).
+    One slow round cuts once: starts that began before a cut do not count toward the next."""
+
+    def __init__(
+        self,
+        limit: Callable[[], int],
+        tolerance: Callable[[], float | None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``limit``: the most it may grow to; ``tolerance``: read at each round (it follows
+        reloads), None for no window (always ``limit()``)."""
+        self._limit = limit
+        self._tolerance = tolerance
+        self.now = clock
+        self._size = float(INITIAL)
+        self._growing = True  # doubling per round until the first slow one
+        self._full = False  # the window was used to the full during this round
+        self._round: list[float] = []
+        self._cut = -math.inf  # clock of the last cut
+        self._last = -math.inf  # clock of the last start's end
+        self._epoch = (clock(), math.inf, math.inf)  # (began, fastest before, fastest since)
+
+    def size(self) -> int:
+        if self._tolerance() is None:
+            return self._limit()
+        return max(1, min(self._limit(), int(self._size)))
+
+    @property
+    def base(self) -> float:
+        """The fastest start of the last one or two BASE_PERIODs (inf before the first)."""
+        return min(self._epoch[1], self._epoch[2])
+
+    def wake(self, in_flight: int) -> None:
+        """Told before each start: after IDLE s with none in flight, begin again at INITIAL."""
+        if in_flight == 0 and self.now() - self._last > IDLE:
+            self._size = float(INITIAL)
+            self._growing = True
+            self._round.clear()
+        if in_flight + 1 >= self.size():
+            self._full = True
+
+    def finished(self, began: float) -> None:
+        """Told after each start (``began``: its clock before the call), whatever its answer."""
+        now = self.now()
+        self._last = now
+        seconds = now - began
+        began_epoch, before, since = self._epoch
+        if now - began_epoch > BASE_PERIOD:
+            self._epoch = (now, since, seconds)
+        else:
+            self._epoch = (began_epoch, before, min(since, seconds))
+        if began < self._cut:
+            return  # it was in flight before the last cut: that cut counted it already
+        self._round.append(seconds)
+        if len(self._round) < max(ROUND, self.size()):
+            return
+        median = statistics.median(self._round)
+        self._round.clear()
+        tolerance = self._tolerance()
+        if tolerance is None:
+            return
+        limit = tolerance * self.base
+        if median > limit:
+            self._size = max(float(INITIAL), self._size * limit / median)
+            self._growing = False
+            self._cut = now
+        elif self._full:
+            self._size = min(float(self._limit()), self._size * 2 if self._growing else self._size + 1)
+        self._full = False
+
+
+class StartSlots:
+    """A semaphore whose size is read at each acquire: the start window's size (or ``limit()``
+    without one), and no more than the hand-over's share of ``limit()``, at least one. A smaller
+    size makes new starts wait; none in flight is interrupted."""
+
+    def __init__(
+        self, limit: Callable[[], int], handover: Handover | None = None, window: StartWindow | None = None
+    ) -> None:
         self._limit = limit
         self._handover = handover
+        self.window = window
         self._used = 0
         self._turn = asyncio.Lock()  # the starts waiting for a slot queue here, first come first served
         self._freed = asyncio.Condition()
@@ -83,26 +187,36 @@ class StartSlots:
 
     def size(self) -> int:
         """The number of starts that may be in flight now."""
-        limit = self._limit()
+        size = self._unshared()
         if self._handover is None:
-            return limit
-        return max(1, int(limit * self._handover.share()))
+            return size
+        return min(size, max(1, int(self._limit() * self._handover.share())))
+
+    def _unshared(self) -> int:
+        """The size before the hand-over's share: it changes only when a start ends."""
+        return self._limit() if self.window is None else self.window.size()
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        """Hold one slot for the body. Only the first start in line watches for one to free up;
-        when it waits only because of the hand-over, it looks again every RECHECK s."""
+        """Hold one slot for the body, and tell the window how long it took. Only the first start
+        in line watches for one to free up; when it waits only because of the hand-over, it looks
+        again every RECHECK s."""
         async with self._turn, self._freed:
+            if self.window is not None:
+                self.window.wake(self._used)
             while self._used >= self.size():
-                if self._used >= self._limit():
+                if self._used >= self._unshared():
                     await self._freed.wait()
                 else:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._freed.wait(), RECHECK)
             self._used += 1
+        began = self.window.now() if self.window is not None else 0.0
         try:
             yield
         finally:
+            if self.window is not None:
+                self.window.finished(began)
             async with self._freed:
                 self._used -= 1
                 self._freed.notify()

@@ -5,7 +5,20 @@ from __future__ import annotations
 import asyncio
 import time
 
-from dispatcher.slots import FLOOR, QUIET, STEP, Handover, StartSlots
+import pytest
+
+from dispatcher.slots import (
+    BASE_PERIOD,
+    FLOOR,
+    IDLE,
+    INITIAL,
+    QUIET,
+    ROUND,
+    STEP,
+    Handover,
+    StartSlots,
+    StartWindow,
+)
 from tests.helpers import assert_eventually
 
 
@@ -116,3 +129,162 @@ async def test_a_new_limit_is_read_at_the_next_start() -> None:
     starts.release.set()
     await asyncio.gather(head, *rest)
     assert starts.order == list(range(5)) and starts.peak == 3
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def full_round(window: StartWindow, clock: Clock, seconds: float) -> None:
+    """One round of starts that fill the window, each taking ``seconds``."""
+    size = window.size()
+    began = clock.t
+    for used in range(max(ROUND, size)):
+        window.wake(min(used, size - 1))
+    clock.t += seconds
+    for _ in range(max(ROUND, size)):
+        window.finished(began)
+
+
+def test_the_window_opens_while_starts_answer_as_fast_as_ever() -> None:
+    """A server that works in parallel: latency flat whatever is in flight, so the window doubles
+    up to the limit, and no further."""
+    clock = Clock()
+    window = StartWindow(lambda: 64, lambda: 4.0, clock)
+    assert window.size() == INITIAL
+    sizes = []
+    for _ in range(6):
+        full_round(window, clock, 0.02)
+        sizes.append(window.size())
+    assert sizes == [8, 16, 32, 64, 64, 64]
+
+
+def test_the_window_shrinks_in_proportion_when_starts_queue_and_grows_by_one_after() -> None:
+    """A serial server: each start queued ahead adds its time. Beyond the tolerance the window is
+    scaled by tolerance x fastest / median, to INITIAL at least; within it, it grows by one start
+    per round."""
+    clock = Clock()
+    window = StartWindow(lambda: 64, lambda: 4.0, clock)
+    full_round(window, clock, 0.01)  # the fastest: 10 ms
+    assert window.size() == 8
+    full_round(window, clock, 0.08)  # 8 in flight, each waited for 7 others: 80 ms against 40
+    assert window.size() == 4
+    full_round(window, clock, 0.03)
+    assert window.size() == 5  # no more doubling after a slow round
+    full_round(window, clock, 0.03)
+    assert window.size() == 6
+    full_round(window, clock, 2.0)
+    assert window.size() == INITIAL  # never below: load not its own slows the starts too
+
+
+def test_a_window_not_used_to_the_full_does_not_grow() -> None:
+    """A light load says nothing about more in flight: the window stays, so a burst that follows
+    does not begin with starts_in_flight of them queued."""
+    clock = Clock()
+    window = StartWindow(lambda: 64, lambda: 4.0, clock)
+    for _ in range(5):
+        began = clock.t
+        window.wake(0)
+        clock.t += 0.01
+        window.finished(began)
+    assert window.size() == INITIAL
+
+
+def test_one_slow_round_cuts_once() -> None:
+    """The starts that were in flight at a cut do not count toward another: they were slow for
+    the window before it."""
+    clock = Clock()
+    window = StartWindow(lambda: 64, lambda: 4.0, clock)
+    full_round(window, clock, 0.01)
+    full_round(window, clock, 0.01)
+    assert window.size() == 16
+    began = clock.t
+    for used in range(32):
+        window.wake(min(used, 15))
+    clock.t += 0.08
+    for _ in range(16):
+        window.finished(began)  # 80 ms against 40: halved
+    assert window.size() == 8
+    clock.t += 0.08
+    for _ in range(16):
+        window.finished(began)  # 160 ms, but begun before the cut
+    assert window.size() == 8
+    full_round(window, clock, 0.16)  # begun after it: cut again (to a quarter, held at INITIAL)
+    assert window.size() == INITIAL
+
+
+def test_after_a_quiet_second_the_window_begins_again_small() -> None:
+    clock = Clock()
+    window = StartWindow(lambda: 64, lambda: 4.0, clock)
+    for _ in range(3):
+        full_round(window, clock, 0.01)
+    assert window.size() == 32
+    clock.t += IDLE / 2
+    window.wake(0)
+    assert window.size() == 32
+    clock.t += IDLE
+    window.wake(0)
+    assert window.size() == INITIAL
+
+
+def test_the_fastest_start_is_forgotten_after_one_or_two_periods() -> None:
+    """A server that got slower for good sets a new baseline: its starts are no longer slow."""
+    clock = Clock()
+    window = StartWindow(lambda: 64, lambda: 4.0, clock)
+    full_round(window, clock, 0.01)
+    assert window.base == pytest.approx(0.01)
+    clock.t += BASE_PERIOD + 1
+    full_round(window, clock, 0.05)
+    assert window.base == pytest.approx(0.01)  # the period before still counts
+    clock.t += BASE_PERIOD + 1
+    full_round(window, clock, 0.05)
+    assert window.base == pytest.approx(0.05)
+
+
+def test_no_tolerance_is_the_fixed_limit_and_a_reload_is_read() -> None:
+    clock = Clock()
+    limit, tolerance = 64, None
+    window = StartWindow(lambda: limit, lambda: tolerance, clock)
+    assert window.size() == 64
+    full_round(window, clock, 0.01)
+    full_round(window, clock, 1.0)
+    assert window.size() == 64
+    tolerance = 4.0
+    assert window.size() == INITIAL
+    limit = 2
+    assert window.size() == 2
+
+
+async def test_the_slots_hold_the_window_and_tell_it_each_start() -> None:
+    """Through StartSlots: no more than the window in flight, and each start's end is told."""
+    window = StartWindow(lambda: 64, lambda: 4.0)
+    starts = Starts(StartSlots(lambda: 64, None, window))
+    tasks = starts.launch(10)
+    await assert_eventually(lambda: len(starts.order) == INITIAL, timeout=5, interval=0.01)
+    await asyncio.sleep(0.1)
+    assert starts.slots.used == INITIAL
+    starts.release.set()
+    await asyncio.gather(*tasks)
+    assert starts.order == list(range(10)) and starts.peak == INITIAL and window.base < 1.0
+
+
+async def test_the_hand_over_s_share_is_of_the_limit_and_the_window_bounds_it() -> None:
+    """While the signals are slow, the starts get the share of starts_in_flight, but never more
+    than the window: a quarter of 64 is 16, the window 4."""
+    handover = Handover(lambda: 0.05, lambda: True)
+    handover.sent(0.5)
+    handover.sent(0.5)
+    slots = StartSlots(lambda: 64, handover, StartWindow(lambda: 64, lambda: 4.0))
+    assert slots.size() == INITIAL
+    for _ in range(3):
+        handover.sent(0.5)  # 2/64
+    assert slots.size() == 2
+    slots.window = StartWindow(lambda: 64, lambda: None)
+    assert slots.size() == 2
+    for _ in range(10):
+        handover.sent(0.001)
+    assert slots.size() == int(64 * handover.share())
