@@ -49,6 +49,7 @@ from dispatcher.contract import (
     DispatcherStats,
     dispatcher_id,
 )
+from dispatcher.slots import Handover
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,11 @@ class DispatcherClient:
         suspect_after: float = 1.0,
         probe_timeout: float = 1.0,
         probe_interval: float = 1.0,
+        handover_target: Callable[[], float] | None = None,
     ) -> None:
         """``retry_after`` (seconds, or a callable read at each refusal) defaults to the config's
-        ``http.retry_after_seconds``; the runtime passes a callable that follows reloads."""
+        ``http.retry_after_seconds``, and ``handover_target`` (seconds per signal) to its
+        ``dispatcher.handover_target_ms``; the runtime passes callables that follow reloads."""
         self.client = client
         self.project = config.project
         self.task_queue = config.task_queue
@@ -135,7 +138,9 @@ class DispatcherClient:
         self._prober: asyncio.Task[None] | None = None
         self._stray: set[asyncio.Task[None]] = set()  # calls given up on, left to finish
         self._sending = 0  # signals in flight, given-up ones included (Temporal still works on them)
-        self.signal_seconds: Callable[[float], None] | None = None  # told each accepted signal's time
+        target = config.dispatcher.handover_target_ms / 1000
+        # How fast this process hands events over, for the starts of a worker in the same process.
+        self.handover = Handover(handover_target or (lambda: target), self.receiving)
 
     @property
     def retry_after(self) -> float:
@@ -308,8 +313,7 @@ class DispatcherClient:
             if not isinstance(exc, EventRejected):
                 await self._check()
         else:
-            if self.signal_seconds is not None:
-                self.signal_seconds(time.monotonic() - began)
+            self.handover.sent(time.monotonic() - began, sum(len(sub.events) for sub in batch))
             # Answered on the loop's next turn: the sender first takes what queued meanwhile and
             # starts its signal, so Temporal works on it while the answered requests are answered
             # (each a response to write). The order of signals is as before: one at a time.

@@ -14,13 +14,14 @@ pace of the starts. So:
   limit; a serial one (a dev server on SQLite) answers each start later for every start queued
   ahead of it, so the window stays at the few that keep it busy, and
 - while the adapters in the same process hand events over slower than
-  ``dispatcher.handover_target_ms`` per signal, its starts give way: each slow signal halves the
-  share of ``starts_in_flight`` they may use (down to one start), each fast one gives a sixteenth
-  back (the additive-increase, multiplicative-decrease of TCP's congestion control), and a quarter
-  of a second without any signal gives it all back.
+  ``dispatcher.handover_target_ms`` per signal, with events piling up behind the signals, its
+  starts give way: each such signal halves the share of the window they may use (down to one
+  start), any other gives a sixteenth back (the additive-increase, multiplicative-decrease of
+  TCP's congestion control), and a quarter of a second without any signal gives it all back.
 
-Events that were handed over are held by Temporal and start right after, at the full rate; a
-half load, whose signals are fast, never holds a start back. The measurements behind the
+Events that were handed over are held by Temporal and start right after, at the full rate. A
+half load never holds its starts back: its signals carry a few events each, fast or slow, and
+holding its starts to one at a time would leave them slower than the events arrive. The measurements behind the
 defaults are in docs/benchmarks.md.
 """
 
@@ -40,6 +41,9 @@ FLOOR = 1.0 / 64
 """The smallest share: at least one start is in flight whenever any waits."""
 STEP = 1.0 / 16
 """The share a fast signal gives back."""
+PRESSURE = 16
+"""Events in one signal from which a slow signal counts: a burst piles events up behind each
+signal (64 clients waiting: up to 64 in the next), a steady half load hands over a few at a time."""
 QUIET = 0.25
 """Seconds without a signal after which the adapters count as quiet and the share is whole again.
 Not at once: between two signals of a burst nothing is on the way for a moment, and every start
@@ -49,8 +53,9 @@ waiting would go then."""
 class Handover:
     """How fast this process hands events to the dispatcher, as its starts should see it.
 
-    The dispatcher client reports every signal's time (:meth:`sent`) and whether one is on the
-    way (``receiving``); :meth:`share` is the part of the starts' limit they may use now."""
+    The dispatcher client owns one: it reports every signal's time and events (:meth:`sent`) and
+    whether one is on the way (``receiving``); :meth:`share` is the part of the starts' window
+    they may use now."""
 
     def __init__(self, target: Callable[[], float], receiving: Callable[[], bool]) -> None:
         """``target``: seconds per signal, read at each report (it follows reloads)."""
@@ -59,9 +64,11 @@ class Handover:
         self._share = 1.0
         self._last = -QUIET  # time.monotonic() of the last report
 
-    def sent(self, seconds: float) -> None:
+    def sent(self, seconds: float, events: int) -> None:
+        """A signal that carried ``events`` took ``seconds``: slow and full (PRESSURE events or
+        more) halves the share; anything else gives a STEP back."""
         self._last = time.monotonic()
-        if seconds > self._target():
+        if seconds > self._target() and events >= PRESSURE:
             self._share = max(FLOOR, self._share / 2)
         else:
             self._share = min(1.0, self._share + STEP)
@@ -168,8 +175,8 @@ class StartWindow:
 
 class StartSlots:
     """A semaphore whose size is read at each acquire: the start window's size (or ``limit()``
-    without one), and no more than the hand-over's share of ``limit()``, at least one. A smaller
-    size makes new starts wait; none in flight is interrupted."""
+    without one) times the hand-over's share, at least one. A smaller size makes new starts wait;
+    none in flight is interrupted."""
 
     def __init__(
         self, limit: Callable[[], int], handover: Handover | None = None, window: StartWindow | None = None
@@ -190,7 +197,7 @@ class StartSlots:
         size = self._unshared()
         if self._handover is None:
             return size
-        return min(size, max(1, int(self._limit() * self._handover.share())))
+        return max(1, int(size * self._handover.share()))
 
     def _unshared(self) -> int:
         """The size before the hand-over's share: it changes only when a start ends."""

@@ -37,7 +37,6 @@ from bridge.snapshot import Snapshot, SnapshotSource
 from dispatcher import search
 from dispatcher.client import DispatcherClient, query_stats
 from dispatcher.contract import STAT_KEYS
-from dispatcher.slots import Handover
 from dispatcher.worker import build_worker
 
 log = logging.getLogger(__name__)
@@ -155,16 +154,16 @@ class Bridge:
                 interceptors=interceptors,
             )
         self.dispatcher = DispatcherClient(
-            self.client, cfg, self.metrics, retry_after=lambda: self.source.current.config.http.retry_after_seconds
+            self.client,
+            cfg,
+            self.metrics,
+            retry_after=lambda: self.source.current.config.http.retry_after_seconds,
+            handover_target=lambda: self.source.current.config.dispatcher.handover_target_ms / 1000,
         )
         if self.role in ("all", "worker"):
             attributes = await self._search_attributes()
-            handover = None
-            if self.takes_events:  # its starts give way to its adapters' hand-over (dispatcher.slots)
-                handover = Handover(
-                    lambda: self.source.current.config.dispatcher.handover_target_ms / 1000, self.dispatcher.receiving
-                )
-                self.dispatcher.signal_seconds = handover.sent
+            # Its starts give way to its adapters' hand-over (dispatcher.slots), if it has adapters.
+            handover = self.dispatcher.handover if self.takes_events else None
             self.worker = build_worker(
                 self.client,
                 self.source,

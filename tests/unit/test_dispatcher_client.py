@@ -35,6 +35,7 @@ from dispatcher.contract import (
     DispatcherInput,
     dispatcher_id,
 )
+from dispatcher.slots import PRESSURE
 from tests.helpers import assert_eventually, config, runner
 
 PROJECT = "shop"
@@ -578,4 +579,20 @@ async def test_receiving_while_a_signal_is_in_flight_or_events_are_queued() -> N
     await asyncio.gather(first, second)
     await assert_eventually(lambda: not dc.receiving(), timeout=5, interval=0.005, what="nothing on the way")
     assert temporal.sent() == [["a"], ["b"]]
+    await dc.close()
+
+
+async def test_the_hand_over_is_told_each_signal_s_time_and_events() -> None:
+    """The client's Handover halves the starts' share for a slow signal with PRESSURE events or
+    more, and not for a slow one with fewer; its target follows the callable."""
+    target = 60.0
+    temporal = FakeTemporal()
+    dc = make_client(temporal, handover_target=lambda: target)
+    await dc.submit([ev(f"a{i}") for i in range(PRESSURE)])
+    assert dc.handover.share() == 1.0  # fast against 60 s
+    target = 0.0  # every signal is slow now
+    await dc.submit([ev("b")])
+    assert dc.handover.share() == 1.0  # one event: a steady load's signal
+    await dc.submit([ev(f"c{i}") for i in range(PRESSURE)])
+    assert dc.handover.share() == 0.5
     await dc.close()

@@ -12,6 +12,7 @@ from dispatcher.slots import (
     FLOOR,
     IDLE,
     INITIAL,
+    PRESSURE,
     QUIET,
     ROUND,
     STEP,
@@ -55,13 +56,13 @@ async def test_no_more_than_the_limit_are_in_flight_and_they_go_in_order() -> No
 def test_slow_signals_halve_the_share_and_fast_ones_give_a_step_back() -> None:
     receiving = True
     handover = Handover(lambda: 0.05, lambda: receiving)
-    handover.sent(0.2)
-    handover.sent(0.2)
+    handover.sent(0.2, PRESSURE)
+    handover.sent(0.2, PRESSURE)
     assert handover.share() == 0.25
-    handover.sent(0.01)
+    handover.sent(0.01, PRESSURE)
     assert handover.share() == 0.25 + STEP
     for _ in range(20):
-        handover.sent(1.0)
+        handover.sent(1.0, PRESSURE)
     assert handover.share() == FLOOR  # never nothing: one start stays in flight
     receiving = False
     assert handover.share() == FLOOR  # a gap between two signals of a burst holds on
@@ -69,7 +70,7 @@ def test_slow_signals_halve_the_share_and_fast_ones_give_a_step_back() -> None:
     assert handover.share() == 1.0  # quiet for a while: nothing held back
     receiving = True
     for _ in range(40):
-        handover.sent(0.001)
+        handover.sent(0.001, PRESSURE)
     assert handover.share() == 1.0
 
 
@@ -77,7 +78,7 @@ async def test_while_the_hand_over_is_slow_only_its_share_goes_then_the_rest() -
     receiving = True
     handover = Handover(lambda: 0.05, lambda: receiving)
     for _ in range(3):
-        handover.sent(0.5)  # an eighth of 16
+        handover.sent(0.5, PRESSURE)  # an eighth of 16
     starts = Starts(StartSlots(lambda: 16, handover))
     tasks = starts.launch(6)
     await assert_eventually(lambda: len(starts.order) == 2, timeout=5, interval=0.01)
@@ -97,7 +98,7 @@ async def test_starts_in_flight_stay_when_the_hand_over_slows_down() -> None:
     first = starts.launch(4)
     await assert_eventually(lambda: starts.slots.used == 4, timeout=5, interval=0.01)
     for _ in range(10):
-        handover.sent(1.0)
+        handover.sent(1.0, PRESSURE)
     later = asyncio.create_task(starts.start(99))
     await asyncio.sleep(0.1)
     assert starts.slots.used == 4 and 99 not in starts.order
@@ -272,19 +273,27 @@ async def test_the_slots_hold_the_window_and_tell_it_each_start() -> None:
     assert starts.order == list(range(10)) and starts.peak == INITIAL and window.base < 1.0
 
 
-async def test_the_hand_over_s_share_is_of_the_limit_and_the_window_bounds_it() -> None:
-    """While the signals are slow, the starts get the share of starts_in_flight, but never more
-    than the window: a quarter of 64 is 16, the window 4."""
+async def test_the_hand_over_s_share_is_of_the_window() -> None:
+    """While the signals are slow and full, the starts get the share of the window: a quarter of
+    the window's 4 is one."""
     handover = Handover(lambda: 0.05, lambda: True)
-    handover.sent(0.5)
-    handover.sent(0.5)
+    handover.sent(0.5, PRESSURE)
+    handover.sent(0.5, PRESSURE)
     slots = StartSlots(lambda: 64, handover, StartWindow(lambda: 64, lambda: 4.0))
-    assert slots.size() == INITIAL
-    for _ in range(3):
-        handover.sent(0.5)  # 2/64
-    assert slots.size() == 2
+    assert slots.size() == 1
     slots.window = StartWindow(lambda: 64, lambda: None)
-    assert slots.size() == 2
+    assert slots.size() == 16
+
+
+def test_a_slow_signal_with_few_events_holds_nothing_back() -> None:
+    """A steady load hands over a few events per signal, fast or slow: holding its starts back
+    would leave them slower than its events arrive. Only a slow signal with PRESSURE events
+    behind it halves the share."""
+    handover = Handover(lambda: 0.05, lambda: True)
     for _ in range(10):
-        handover.sent(0.001)
-    assert slots.size() == int(64 * handover.share())
+        handover.sent(1.0, PRESSURE - 1)
+    assert handover.share() == 1.0
+    handover.sent(1.0, PRESSURE)
+    assert handover.share() == 0.5
+    handover.sent(1.0, 1)
+    assert handover.share() == 0.5 + STEP

@@ -13,7 +13,7 @@ from bridge.metrics import Metrics
 from bridge.snapshot import Snapshot
 from dispatcher.activities import BridgeActivities
 from dispatcher.contract import DUPLICATE, STARTED, StartBatch, TargetInput, TargetStart
-from dispatcher.slots import Handover
+from dispatcher.slots import INITIAL, PRESSURE, Handover
 from tests.helpers import assert_eventually, config, runner
 
 
@@ -86,10 +86,12 @@ async def test_starts_in_flight_are_capped_and_give_way_while_the_hand_over_is_s
 
     client = CountingClient()
     handover = Handover(lambda: 0.05, lambda: True)
-    handover.sent(1.0)
-    handover.sent(1.0)  # a quarter of 8
+    handover.sent(1.0, PRESSURE)
+    handover.sent(1.0, PRESSURE)  # a quarter of 8 (no window: always starts_in_flight)
     metrics = Metrics()
-    acts = BridgeActivities(snapshot(starts_in_flight=8), handover=handover, metrics=metrics)
+    acts = BridgeActivities(
+        snapshot(starts_in_flight=8, start_latency_tolerance=None), handover=handover, metrics=metrics
+    )
     assert metrics.registry.get_sample_value("signal_bridge_start_share") == 0.25
     client.go.clear()
     run = asyncio.create_task(ActivityEnvironment(client=cast(Client, client)).run(acts.start_targets, batch))
@@ -99,3 +101,20 @@ async def test_starts_in_flight_are_capped_and_give_way_while_the_hand_over_is_s
     assert await run == [STARTED] * 40
     assert client.peak == 2 and sorted(client.started) == sorted(s.id for s in batch.starts)
     assert metrics.registry.get_sample_value("signal_bridge_starts_in_flight") == 0
+
+
+async def test_the_start_window_begins_small_and_is_shown() -> None:
+    """With the window (the default), the first starts go INITIAL at a time, whatever the limit,
+    and ``signal_bridge_start_window`` shows it."""
+    batch = StartBatch([start(f"n{i}", None) for i in range(INITIAL * 3)])
+    client = CountingClient()
+    client.go.clear()
+    metrics = Metrics()
+    acts = BridgeActivities(snapshot(starts_in_flight=64), metrics=metrics)
+    assert metrics.registry.get_sample_value("signal_bridge_start_window") == INITIAL
+    run = asyncio.create_task(ActivityEnvironment(client=cast(Client, client)).run(acts.start_targets, batch))
+    await assert_eventually(lambda: client.in_flight == INITIAL, timeout=5, interval=0.01)
+    await asyncio.sleep(0.1)
+    assert client.in_flight == INITIAL
+    client.go.set()
+    assert await run == [STARTED] * (INITIAL * 3)
