@@ -15,14 +15,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from temporalio import activity
-from temporalio.api.common.v1 import Memo, SearchAttributes, WorkflowExecution, WorkflowType
+from temporalio.api.common.v1 import Header, Memo, SearchAttributes, WorkflowExecution, WorkflowType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import SignalWithStartWorkflowExecutionRequest, SignalWorkflowExecutionRequest
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.converter import encode_search_attributes
+from temporalio.converter import PayloadConverter, encode_search_attributes
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -50,6 +53,11 @@ from dispatcher.contract import (
 from dispatcher.slots import Handover, StartSlots, StartWindow
 
 log = logging.getLogger(__name__)
+
+TRACE_HEADER = "_tracer-data"
+"""The header the SDK's OpenTelemetry interceptor (temporalio.contrib.opentelemetry) reads and
+writes: a run's ``HandleSignal`` span links to the context found there."""
+_PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])  # the SDK's
 
 
 class BridgeActivities:
@@ -119,6 +127,9 @@ class BridgeActivities:
         async def start(s: TargetStart) -> str:
             async with self.slots.slot():
                 if s.signal is not None:
+                    if self.tracing:
+                        with in_trace_of(s), signal_span(s) as header:
+                            return await deliver_signal(client, s, header)
                     return await deliver_signal(client, s)
                 if self.tracing:
                     with in_trace_of(s):
@@ -174,11 +185,12 @@ class BridgeActivities:
         return await http_task.run(self.snapshot().config, call)
 
 
-async def deliver_signal(client: Client, s: TargetStart) -> str:
+async def deliver_signal(client: Client, s: TargetStart, header: Header | None = None) -> str:
     """Signal the open run ``s.id`` (signal-with-start with ``if_missing: start``) with the start's
     request id, which Temporal dedupes for the life of the run: a redelivered event, a retried
     activity or a later dispatcher run never delivers it twice. SIGNALED, SIGNAL_STARTED, MISSING
-    or failed(why); transient errors raise, so the activity is retried."""
+    or failed(why); transient errors raise, so the activity is retried. ``header``: the trace
+    context for the run (:func:`signal_span`); these raw calls pass no client interceptor."""
     assert s.signal is not None
     payloads = await client.data_converter.encode_wrapper([s.arg])
     try:
@@ -203,6 +215,7 @@ async def deliver_signal(client: Client, s: TargetStart) -> str:
                     signal_input=payloads,
                     memo=memo,
                     search_attributes=attributes,
+                    header=header,
                 )
             )
             return SIGNAL_STARTED if answer.started else SIGNALED
@@ -214,6 +227,7 @@ async def deliver_signal(client: Client, s: TargetStart) -> str:
                 input=payloads,
                 identity=client.identity,
                 request_id=s.request_id or "",
+                header=header,
             )
         )
     except RPCError as exc:
@@ -223,6 +237,25 @@ async def deliver_signal(client: Client, s: TargetStart) -> str:
             return failed(exc.message)
         raise
     return SIGNALED
+
+
+@contextlib.contextmanager
+def signal_span(s: TargetStart) -> Iterator[Header | None]:
+    """The client span of a signal to an open run, named as the SDK's interceptor names its own
+    (``SignalWorkflow:{signal}``, ``SignalWithStartWorkflow:{type}``), and the request header that
+    carries it to the run, as that interceptor would put it there."""
+    if s.if_missing == "start":
+        name = f"SignalWithStartWorkflow:{s.workflow_type}"
+    else:
+        name = f"SignalWorkflow:{s.signal}"
+    tracer = trace.get_tracer("signal-bridge")
+    with tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes={"temporalWorkflowID": s.id}):
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier)
+        if not carrier:
+            yield None
+        else:
+            yield Header(fields={TRACE_HEADER: PayloadConverter.default.to_payloads([carrier])[0]})
 
 
 @contextlib.contextmanager
