@@ -16,6 +16,7 @@ from temporalio.worker import Worker
 
 from bridge.runtime import tracing
 from tests.helpers import HTTP_SCOPE, TOKEN, assert_eventually, config, result_of, run_id, unique
+from tests.integration.test_signals import ORDER_WORKFLOW, OrderWorkflow
 
 pytestmark = pytest.mark.temporal
 
@@ -80,31 +81,12 @@ async def test_an_incoming_traceparent_is_continued_by_the_target_run(
         assert {"submit", "SignalWithStartWorkflow:SignalBridgeDispatcher", "dispatch order.created"} <= names, names
 
 
-@workflow.defn(name="TracedAccount", sandboxed=False)
-class TracedAccount:
-    """A user's run that stays open and takes ``deposit`` signals."""
-
-    def __init__(self) -> None:
-        self.deposits: list[dict[str, Any]] = []
-
-    @workflow.run
-    async def run(self, arg: dict[str, Any]) -> None:
-        await workflow.wait_condition(lambda: False)
-
-    @workflow.signal(name="deposit")
-    def deposit(self, arg: dict[str, Any]) -> None:
-        self.deposits.append(arg)
-
-    @workflow.query(name="deposits")
-    def count(self) -> int:
-        return len(self.deposits)
-
-
 async def test_a_signal_to_an_open_run_carries_the_trace(
     bridge_factory: Any, temporal_address: str, spans: InMemorySpanExporter
 ) -> None:
     """The signal the bridge sends to an open run is a span of the sender's trace, and the run's
-    HandleSignal span (the user's interceptor) links to it through the request header."""
+    HandleSignal span (the user's interceptor) links to it through the request header. The run
+    is test_signals' OrderWorkflow, which records each payment's event."""
     trace_id = uuid.uuid4().hex
     project = unique("trace-signal")
     queue = f"traced-{uuid.uuid4().hex[:8]}"
@@ -115,17 +97,17 @@ async def test_a_signal_to_an_open_run_carries_the_trace(
         [
             {
                 "id": "deposits",
-                "workflow_type": "TracedAccount",
+                "workflow_type": ORDER_WORKFLOW,
                 "task_queue": queue,
-                "signal": {"name": "deposit", "workflow_id": "{{ .trigger.account }}"},
+                "signal": {"name": "payment", "workflow_id": "{{ .trigger.account }}"},
                 "triggers": [{"type": "signal", "name": "account.deposit"}],
             }
         ],
         tracing={"enabled": True},
     )
     user_client = await Client.connect(temporal_address, interceptors=tracing.interceptors())
-    async with Worker(user_client, task_queue=queue, workflows=[TracedAccount]):
-        handle = await user_client.start_workflow(TracedAccount.run, {}, id=account, task_queue=queue)
+    async with Worker(user_client, task_queue=queue, workflows=[OrderWorkflow]):
+        handle = await user_client.start_workflow(OrderWorkflow.run, {}, id=account, task_queue=queue)
         bridge = await bridge_factory(cfg, client=None)
         async with httpx.AsyncClient(timeout=30) as http:
             resp = await http.post(
@@ -140,15 +122,15 @@ async def test_a_signal_to_an_open_run_carries_the_trace(
         assert resp.status_code == 202, resp.text
 
         async def delivered() -> bool:
-            return await handle.query(TracedAccount.count) == 1
+            return len(await handle.query(OrderWorkflow.event_ids)) == 1
 
         await assert_eventually(delivered, timeout=30, what="the deposit signal delivered")
 
         def traced() -> bool:
             finished = spans.get_finished_spans()
             names = {s.name for s in finished if f"{s.context.trace_id:032x}" == trace_id}
-            assert {"receive account.deposit", "dispatch account.deposit", "SignalWorkflow:deposit"} <= names, names
-            handled = [s for s in finished if s.name == "HandleSignal:deposit" and s.attributes is not None]
+            assert {"receive account.deposit", "dispatch account.deposit", "SignalWorkflow:payment"} <= names, names
+            handled = [s for s in finished if s.name == "HandleSignal:payment" and s.attributes is not None]
             linked = [s for s in handled if any(f"{link.context.trace_id:032x}" == trace_id for link in s.links)]
             assert linked, [(s.name, [f"{x.context.trace_id:032x}" for x in s.links]) for s in handled]
             return True
