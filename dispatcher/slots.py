@@ -66,8 +66,12 @@ class Handover:
 
     def sent(self, seconds: float, events: int) -> None:
         """A signal that carried ``events`` took ``seconds``: slow and full (PRESSURE events or
-        more) halves the share; anything else gives a STEP back."""
-        self._last = time.monotonic()
+        more) halves the share; anything else gives a STEP back. After QUIET s with nothing handed
+        over before it (the sender sends at once whatever queued), it counts from a whole share."""
+        now = time.monotonic()
+        if now - seconds - self._last > QUIET:
+            self._share = 1.0
+        self._last = now
         if seconds > self._target() and events >= PRESSURE:
             self._share = max(FLOOR, self._share / 2)
         else:
@@ -75,9 +79,9 @@ class Handover:
 
     def share(self) -> float:
         """1.0 once the adapters are quiet (nothing on the way, no signal for QUIET s): a quiet
-        adapter holds nothing back."""
+        adapter holds nothing back. Reading it changes nothing (the metrics read it too)."""
         if not self._receiving() and time.monotonic() - self._last > QUIET:
-            self._share = 1.0
+            return 1.0
         return self._share
 
 

@@ -297,3 +297,26 @@ def test_a_slow_signal_with_few_events_holds_nothing_back() -> None:
     assert handover.share() == 0.5
     handover.sent(1.0, 1)
     assert handover.share() == 0.5 + STEP
+
+
+def test_reading_the_share_changes_nothing_and_a_signal_after_a_quiet_time_counts_from_whole() -> None:
+    """The gauge reads the share: a read during a quiet time must not decide what the next burst
+    starts from. Read or not, a signal after QUIET s of nothing counts from a whole share."""
+
+    def after_quiet(read: bool) -> float:
+        receiving = [True]
+        handover = Handover(lambda: 0.05, lambda: receiving[0])
+        handover.sent(0.06, PRESSURE)
+        handover.sent(0.06, PRESSURE)
+        assert handover.share() == 0.25
+        receiving[0] = False
+        time.sleep(QUIET + 0.15)
+        if read:
+            assert handover.share() == 1.0
+            assert handover.share() == 1.0
+        receiving[0] = True
+        assert handover.share() == 0.25  # a signal on the way again, none reported yet
+        handover.sent(0.06, PRESSURE)  # began QUIET + 0.09 s after the last one ended
+        return handover.share()
+
+    assert after_quiet(read=True) == after_quiet(read=False) == 0.5
