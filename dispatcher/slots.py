@@ -21,8 +21,8 @@ pace of the starts. So:
 
 Events that were handed over are held by Temporal and start right after, at the full rate. A
 half load never holds its starts back: its signals carry a few events each, fast or slow, and
-holding its starts to one at a time would leave them slower than the events arrive. The measurements behind the
-defaults are in docs/benchmarks.md.
+holding its starts to one at a time would leave them slower than the events arrive. The
+measurements behind the defaults are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ class StartWindow:
     the fastest start of the last BASE_PERIOD or two. Within ``tolerance()`` times that, and with
     the window used to the full, the window doubles (from the start, until the first slow round)
     or grows by one start; beyond it, the window is scaled down in proportion (to INITIAL at least,
-    or ``limit()`` if smaller).
-    One slow round cuts once: starts that began before a cut do not count toward the next."""
+    or ``limit()`` if smaller). One slow round cuts once: starts that began before a cut do not
+    count toward the next."""
 
     def __init__(
         self,
