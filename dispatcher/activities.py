@@ -81,7 +81,7 @@ class BridgeActivities:
         self.search_attributes = search_attributes
         self.tracing = tracing
         window = StartWindow(self._starts_in_flight, lambda: self.snapshot().config.dispatcher.start_latency_tolerance)
-        self.slots = StartSlots(self._starts_in_flight, handover, window)
+        self.slots = StartSlots(window, handover)
         if metrics is not None:
             slots = self.slots
             metrics.starts_in_flight.set_function(lambda: slots.used)

@@ -157,16 +157,14 @@ class StartWindow:
             self._epoch = (now, since, seconds)
         else:
             self._epoch = (began_epoch, before, min(since, seconds))
-        if began < self._cut:
-            return  # it was in flight before the last cut: that cut counted it already
+        tolerance = self._tolerance()
+        if tolerance is None or began < self._cut:
+            return  # no window; or it was in flight before the last cut, which counted it already
         self._round.append(seconds)
         if len(self._round) < max(ROUND, self.size()):
             return
         median = statistics.median(self._round)
         self._round.clear()
-        tolerance = self._tolerance()
-        if tolerance is None:
-            return
         limit = tolerance * self.base
         if median > limit:
             self._size = max(float(INITIAL), self._size * limit / median)
@@ -178,16 +176,13 @@ class StartWindow:
 
 
 class StartSlots:
-    """A semaphore whose size is read at each acquire: the start window's size (or ``limit()``
-    without one) times the hand-over's share, at least one. A smaller size makes new starts wait;
-    none in flight is interrupted."""
+    """A semaphore whose size is read at each acquire: the start window's size times the
+    hand-over's share, at least one. A smaller size makes new starts wait; none in flight is
+    interrupted. A fixed limit is a window without a tolerance."""
 
-    def __init__(
-        self, limit: Callable[[], int], handover: Handover | None = None, window: StartWindow | None = None
-    ) -> None:
-        self._limit = limit
-        self._handover = handover
+    def __init__(self, window: StartWindow, handover: Handover | None = None) -> None:
         self.window = window
+        self._handover = handover
         self._used = 0
         self._turn = asyncio.Lock()  # the starts waiting for a slot queue here, first come first served
         self._freed = asyncio.Condition()
@@ -198,36 +193,30 @@ class StartSlots:
 
     def size(self) -> int:
         """The number of starts that may be in flight now."""
-        size = self._unshared()
+        size = self.window.size()
         if self._handover is None:
             return size
         return max(1, int(size * self._handover.share()))
 
-    def _unshared(self) -> int:
-        """The size before the hand-over's share: it changes only when a start ends."""
-        return self._limit() if self.window is None else self.window.size()
-
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold one slot for the body, and tell the window how long it took. Only the first start
-        in line watches for one to free up; when it waits only because of the hand-over, it looks
-        again every RECHECK s."""
+        in line watches for one to free up; when it waits only because of the hand-over (which
+        nothing announces), it looks again every RECHECK s."""
         async with self._turn, self._freed:
-            if self.window is not None:
-                self.window.wake(self._used)
+            self.window.wake(self._used)
             while self._used >= self.size():
-                if self._used >= self._unshared():
+                if self._used >= self.window.size():
                     await self._freed.wait()
                 else:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._freed.wait(), RECHECK)
             self._used += 1
-        began = self.window.now() if self.window is not None else 0.0
+        began = self.window.now()
         try:
             yield
         finally:
-            if self.window is not None:
-                self.window.finished(began)
+            self.window.finished(began)
             async with self._freed:
                 self._used -= 1
                 self._freed.notify()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -21,6 +22,11 @@ from dispatcher.slots import (
     StartWindow,
 )
 from tests.helpers import assert_eventually
+
+
+def fixed(limit: Callable[[], int]) -> StartWindow:
+    """A window without a tolerance: always ``limit()`` (``start_latency_tolerance: null``)."""
+    return StartWindow(limit, lambda: None)
 
 
 class Starts:
@@ -43,7 +49,7 @@ class Starts:
 
 
 async def test_no_more_than_the_limit_are_in_flight_and_they_go_in_order() -> None:
-    starts = Starts(StartSlots(lambda: 3))
+    starts = Starts(StartSlots(fixed(lambda: 3)))
     tasks = starts.launch(10)
     await assert_eventually(lambda: len(starts.order) == 3, timeout=5, interval=0.01)
     await asyncio.sleep(0.1)
@@ -79,7 +85,7 @@ async def test_while_the_hand_over_is_slow_only_its_share_goes_then_the_rest() -
     handover = Handover(lambda: 0.05, lambda: receiving)
     for _ in range(3):
         handover.sent(0.5, PRESSURE)  # an eighth of 16
-    starts = Starts(StartSlots(lambda: 16, handover))
+    starts = Starts(StartSlots(fixed(lambda: 16), handover))
     tasks = starts.launch(6)
     await assert_eventually(lambda: len(starts.order) == 2, timeout=5, interval=0.01)
     await asyncio.sleep(0.2)  # ten looks at the share: still two
@@ -94,7 +100,7 @@ async def test_while_the_hand_over_is_slow_only_its_share_goes_then_the_rest() -
 async def test_starts_in_flight_stay_when_the_hand_over_slows_down() -> None:
     """A smaller size holds new starts back; it interrupts none."""
     handover = Handover(lambda: 0.05, lambda: True)
-    starts = Starts(StartSlots(lambda: 4, handover))
+    starts = Starts(StartSlots(fixed(lambda: 4), handover))
     first = starts.launch(4)
     await assert_eventually(lambda: starts.slots.used == 4, timeout=5, interval=0.01)
     for _ in range(10):
@@ -110,7 +116,7 @@ async def test_starts_in_flight_stay_when_the_hand_over_slows_down() -> None:
 async def test_a_new_limit_is_read_at_the_next_start() -> None:
     """dispatcher.starts_in_flight follows a reload: once a slot frees, the line fills to the new size."""
     limit = 1
-    starts = Starts(StartSlots(lambda: limit))
+    starts = Starts(StartSlots(fixed(lambda: limit)))
     first = asyncio.Event()
 
     async def first_start() -> None:
@@ -263,7 +269,7 @@ def test_no_tolerance_is_the_fixed_limit_and_a_reload_is_read() -> None:
 async def test_the_slots_hold_the_window_and_tell_it_each_start() -> None:
     """Through StartSlots: no more than the window in flight, and each start's end is told."""
     window = StartWindow(lambda: 64, lambda: 4.0)
-    starts = Starts(StartSlots(lambda: 64, None, window))
+    starts = Starts(StartSlots(window))
     tasks = starts.launch(10)
     await assert_eventually(lambda: len(starts.order) == INITIAL, timeout=5, interval=0.01)
     await asyncio.sleep(0.1)
@@ -279,7 +285,7 @@ async def test_the_hand_over_s_share_is_of_the_window() -> None:
     handover = Handover(lambda: 0.05, lambda: True)
     handover.sent(0.5, PRESSURE)
     handover.sent(0.5, PRESSURE)
-    slots = StartSlots(lambda: 64, handover, StartWindow(lambda: 64, lambda: 4.0))
+    slots = StartSlots(StartWindow(lambda: 64, lambda: 4.0), handover)
     assert slots.size() == 1
     slots.window = StartWindow(lambda: 64, lambda: None)
     assert slots.size() == 16
