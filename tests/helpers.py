@@ -22,9 +22,17 @@ TOKEN = "test-token"
 
 
 async def assert_eventually(
-    check: Callable[[], Awaitable[T] | T], *, timeout: float = 60.0, interval: float = 0.2, what: str = ""
+    check: Callable[[], Awaitable[T] | T],
+    *,
+    timeout: float = 60.0,
+    interval: float = 0.2,
+    what: str | Callable[[], str] = "",
 ) -> T:
-    """Poll ``check`` until it returns a truthy value or stops raising AssertionError."""
+    """Poll ``check`` until it returns a truthy value or stops raising AssertionError.
+
+    ``what`` names the condition in the failure; a callable is called only then, so it can show
+    state as it was at the deadline (a log's tail, say), not as it was when the wait began.
+    """
     deadline = time.monotonic() + timeout
     last: Any = None
     while True:
@@ -38,7 +46,8 @@ async def assert_eventually(
         except AssertionError as exc:
             last = exc
         if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s{': ' + what if what else ''}; last: {last}")
+            said = what() if callable(what) else what
+            raise AssertionError(f"not true within {timeout}s{': ' + said if said else ''}; last: {last}")
         await asyncio.sleep(interval)
 
 

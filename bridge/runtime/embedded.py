@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -32,17 +33,43 @@ log = logging.getLogger(__name__)
 
 
 def free_port(preferred: int | None = None) -> int:
-    """``preferred`` if nothing listens there, else any free loopback port."""
-    if preferred:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", preferred))
-                return preferred
-            except OSError:
-                pass
+    """``preferred`` if nothing listens there, else a free loopback port the kernel will not hand out.
+
+    The port is handed to another process, which binds it a moment later. A port from the kernel's
+    ephemeral range could be taken meanwhile by anything binding port 0 or connecting out (the
+    dev server alone binds five such ports as it starts), so the choice is made below that range,
+    where only an explicit bind can land; port 0 is the fallback when there is no room below.
+    """
+    if preferred and _bindable(preferred):
+        return preferred
+    low = _ephemeral_low()
+    if low > _LOWEST + 100:
+        for _ in range(50):
+            port = random.randrange(_LOWEST, low)
+            if _bindable(port):
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+_LOWEST = 10000  # above the well-known ports of the services a bridge runs beside
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def temporal_binary() -> str:

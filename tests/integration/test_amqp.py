@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -33,6 +32,7 @@ from bridge.event import EventSignal, run_digest, target_workflow_id
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
 from bridge.runtime.app import Bridge
+from bridge.runtime.embedded import free_port
 from tests import services
 from tests.helpers import (
     assert_eventually,
@@ -136,12 +136,6 @@ async def duplicates(client: Client, project: str) -> int:
     return int((await dispatcher_stats(client, project))["duplicates"])
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class ServeProcess:
     """``signal-bridge serve`` as a child process, so it can be SIGKILLed or run twice."""
 
@@ -161,7 +155,7 @@ class ServeProcess:
                 sys.executable, "-m", "bridge.runtime.cli", "serve", "--config", str(self.config_path), "--insecure",
                 cwd=self.workdir, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
             )  # fmt: skip
-        await assert_eventually(self._ready, timeout=60, interval=0.3, what=f"bridge ready; {self.log_tail()}")
+        await assert_eventually(self._ready, timeout=60, interval=0.3, what=lambda: f"bridge ready; {self.log_tail()}")
 
     async def _ready(self) -> bool:
         assert self.proc is not None

@@ -99,12 +99,14 @@ async def test_serve_writes_one_json_object_per_line(tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
 
             async def ready() -> bool:
+                if proc.returncode is not None:
+                    pytest.fail(f"serve exited with {proc.returncode}: {stderr.read_text()[-3000:]}")
                 try:
                     return (await http.get("/readyz")).status_code == 200
                 except httpx.TransportError:
                     return False
 
-            await assert_eventually(ready, timeout=90, what=f"serve ready; {stderr.read_text()[-2000:]}")
+            await assert_eventually(ready, timeout=90, what=lambda: f"serve ready; {stderr.read_text()[-3000:]}")
             auth = {"Authorization": f"Bearer {TOKEN}"}
             sent = await http.post(
                 "/api/v1/events",

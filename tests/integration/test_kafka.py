@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from temporalio.service import RPCError
 
 from bridge.config import project_slug
 from bridge.event import run_digest, target_workflow_id
+from bridge.runtime.embedded import free_port
 from dispatcher.contract import RUNNER_WORKFLOW
 from tests import services
 from tests.helpers import assert_eventually, config, count_workflows, result_of, runner, unique, workflow_ids
@@ -164,19 +164,13 @@ def metric(text: str, name: str, **labels: str) -> float:
 # --- bridge processes -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class BridgeProcess:
     """``signal-bridge serve`` in its own process group, so it can be SIGKILLed whole."""
 
     def __init__(self, config_path: Path, log_path: Path) -> None:
         self.config_path = config_path
         self.log_path = log_path
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> BridgeProcess:

@@ -45,6 +45,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from bridge.config import project_slug
+from bridge.runtime.embedded import free_port
 from dispatcher.contract import RUNNER_WORKFLOW
 from tests.helpers import (
     HTTP_SCOPE,
@@ -73,12 +74,6 @@ EVENTS = HTTP_EVENTS + KAFKA_EVENTS + AMQP_EVENTS
 # --- the processes ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class Role:
     """One ``signal-bridge {role}`` child in its own process group, logging to its own file."""
@@ -94,7 +89,7 @@ class Role:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / f"{self.role}.log"
         if self.role == "ingress":
-            self.port = _free_port()
+            self.port = free_port()
 
     def start(self) -> Role:
         exe = shutil.which("signal-bridge", path=str(Path(sys.executable).parent))
