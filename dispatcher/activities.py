@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from temporalio import activity
@@ -25,7 +23,8 @@ from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import SignalWithStartWorkflowExecutionRequest, SignalWorkflowExecutionRequest
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.converter import PayloadConverter, encode_search_attributes
+from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.converter import encode_search_attributes
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -53,11 +52,6 @@ from dispatcher.contract import (
 from dispatcher.slots import Handover, StartSlots, StartWindow
 
 log = logging.getLogger(__name__)
-
-TRACE_HEADER = "_tracer-data"
-"""The header the SDK's OpenTelemetry interceptor (temporalio.contrib.opentelemetry) reads and
-writes: a run's ``HandleSignal`` span links to the context found there."""
-_PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])  # the SDK's
 
 
 class BridgeActivities:
@@ -128,7 +122,7 @@ class BridgeActivities:
             async with self.slots.slot():
                 if s.signal is not None:
                     if self.tracing:
-                        with in_trace_of(s), signal_span(s) as header:
+                        with in_trace_of(s), signal_span(s, client) as header:
                             return await deliver_signal(client, s, header)
                     return await deliver_signal(client, s)
                 if self.tracing:
@@ -240,22 +234,26 @@ async def deliver_signal(client: Client, s: TargetStart, header: Header | None =
 
 
 @contextlib.contextmanager
-def signal_span(s: TargetStart) -> Iterator[Header | None]:
+def signal_span(s: TargetStart, client: Client) -> Iterator[Header | None]:
     """The client span of a signal to an open run, named as the SDK's interceptor names its own
     (``SignalWorkflow:{signal}``, ``SignalWithStartWorkflow:{type}``), and the request header that
-    carries it to the run, as that interceptor would put it there."""
+    carries it to the run, put there with the client's tracing interceptor's own header key,
+    propagator and converter (where its workflow side reads it). None without such an interceptor."""
+    tracing = next((i for i in client.config()["interceptors"] if isinstance(i, TracingInterceptor)), None)
+    if tracing is None:
+        yield None
+        return
     if s.if_missing == "start":
         name = f"SignalWithStartWorkflow:{s.workflow_type}"
     else:
         name = f"SignalWorkflow:{s.signal}"
-    tracer = trace.get_tracer("signal-bridge")
-    with tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes={"temporalWorkflowID": s.id}):
+    with tracing.tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes={"temporalWorkflowID": s.id}):
         carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier)
+        tracing.text_map_propagator.inject(carrier)
         if not carrier:
             yield None
         else:
-            yield Header(fields={TRACE_HEADER: PayloadConverter.default.to_payloads([carrier])[0]})
+            yield Header(fields={tracing.header_key: tracing.payload_converter.to_payloads([carrier])[0]})
 
 
 @contextlib.contextmanager
