@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -88,6 +90,8 @@ async def test_embedded_temporal_serves_and_shuts_down_cleanly(tmp_path):
         assert proc.returncode == 0, out.decode()[-3000:]
         assert b"signal-bridge stopped" in out
         assert not await _temporal_running(str(data / "temporal.db"))
+        with contextlib.closing(sqlite3.connect(data / "temporal.db")) as db:  # what the server wrote
+            assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     finally:
         if proc.returncode is None:  # a failed assertion: stop it as an operator would
             proc.send_signal(signal.SIGTERM)
