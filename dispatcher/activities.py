@@ -117,12 +117,13 @@ class BridgeActivities:
         started and reports it as a duplicate; nothing starts twice.
         """
         client = activity.client()
+        interceptor = tracing_interceptor(client) if self.tracing else None
 
         async def start(s: TargetStart) -> str:
             async with self.slots.slot():
                 if s.signal is not None:
                     if self.tracing:
-                        with in_trace_of(s), signal_span(s, client) as header:
+                        with in_trace_of(s), signal_span(s, interceptor) as header:
                             return await deliver_signal(client, s, header)
                     return await deliver_signal(client, s)
                 if self.tracing:
@@ -233,13 +234,18 @@ async def deliver_signal(client: Client, s: TargetStart, header: Header | None =
     return SIGNALED
 
 
+def tracing_interceptor(client: Client) -> TracingInterceptor | None:
+    """The OpenTelemetry interceptor ``client`` was built with, if any (looked up once per batch:
+    ``Client.config()`` copies the config at each call)."""
+    return next((i for i in client.config()["interceptors"] if isinstance(i, TracingInterceptor)), None)
+
+
 @contextlib.contextmanager
-def signal_span(s: TargetStart, client: Client) -> Iterator[Header | None]:
+def signal_span(s: TargetStart, tracing: TracingInterceptor | None) -> Iterator[Header | None]:
     """The client span of a signal to an open run, named as the SDK's interceptor names its own
     (``SignalWorkflow:{signal}``, ``SignalWithStartWorkflow:{type}``), and the request header that
     carries it to the run, put there with the client's tracing interceptor's own header key,
     propagator and converter (where its workflow side reads it). None without such an interceptor."""
-    tracing = next((i for i in client.config()["interceptors"] if isinstance(i, TracingInterceptor)), None)
     if tracing is None:
         yield None
         return

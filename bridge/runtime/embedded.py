@@ -39,6 +39,9 @@ where the default rollback journal writes and syncs the journal and the database
 starts per second on the benchmark machine (docs/benchmarks.md, "The embedded server's SQLite")."""
 
 
+_LOWEST = 10000  # above the well-known ports of the services a bridge runs beside
+
+
 def free_port(preferred: int | None = None) -> int:
     """``preferred`` if nothing listens there, else a free loopback port the kernel will not hand out.
 
@@ -58,9 +61,6 @@ def free_port(preferred: int | None = None) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-_LOWEST = 10000  # above the well-known ports of the services a bridge runs beside
 
 
 def _ephemeral_low() -> int:
