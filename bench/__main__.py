@@ -13,7 +13,7 @@ so only starting is measured; their start times come from Temporal's visibility.
    (unless ``--one-ceiling``), and every row's ratio is to the ceiling measured just before it.
 2. per adapter and ``dispatcher.start_mode`` (each row sets it; the ``default`` row leaves it out):
    throughput, N events → N targets started, from the first send to the last start (HTTP events
-   sent by wrk, ``--http-client httpx`` for a Python client); then latency,
+   sent by wrk, ``--http-client python`` for a Python client); then latency,
    an open-loop load of 0.5 x the ceiling's rate for a fixed time, p50/p99 from the adapter's
    acknowledgement (HTTP 202, Kafka producer ack, RabbitMQ publisher confirm) to the target's start.
 3. scale-out: 2 ``ingress`` + 2 ``worker`` processes (``dispatcher.shards: 2``), HTTP throughput,
@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--http-client",
-        choices=("wrk", "httpx"),
+        choices=("wrk", "python"),
         default="wrk",
         help="the HTTP throughput rows' load generator (default wrk: a Python client takes CPU from the bridge)",
     )
@@ -138,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.skip_burst and not shutil.which("wrk"):
         p.error("the burst needs wrk (apt-get install wrk, or make services); or pass --skip-burst")
     if "http" in args.adapters and args.http_client == "wrk" and not shutil.which("wrk"):
-        p.error("the HTTP throughput rows need wrk (apt-get install wrk, or make services); or --http-client httpx")
+        p.error("the HTTP throughput rows need wrk (apt-get install wrk, or make services); or --http-client python")
     return args
 
 

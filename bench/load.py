@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
-import httpx
 from temporalio.client import Client
 from temporalio.common import WorkflowIDReusePolicy
 
@@ -57,34 +57,86 @@ class Sent:
 
 class HttpSender:
     """``POST /api/v1/events`` with one envelope and its ``Idempotency-Key`` (= the event id),
-    round-robin over ``urls`` (the scale-out's two ingress processes)."""
+    round-robin over ``urls`` (the scale-out's two ingress processes).
+
+    Plain HTTP/1.1 over asyncio streams, one request at a time per keep-alive connection, a new
+    connection whenever none is idle: an open loop must not slow down when the server does. httpx
+    did (its pool matches every waiting request against every connection at each change, so 100
+    requests waiting through a one-second pause of the server took the bench's whole core, and the
+    sends and acknowledgements after it were late by seconds)."""
 
     name = "http"
 
-    def __init__(self, urls: list[str], connections: int = 256) -> None:
-        self.urls = urls
-        self.client = httpx.AsyncClient(
-            timeout=120, limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        )
-        self.refusals: list[str] = []
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = [urlsplit(url) for url in urls]
+        self.idle: dict[int, list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]] = {}
+        self.busy: set[asyncio.StreamWriter] = set()
 
     async def send(self, event_id: str, name: str, i: int) -> float | None:
-        resp = await self.client.post(
-            self.urls[i % len(self.urls)],
-            json={"name": name, "payload": {"i": i}},
-            headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": event_id},
-        )
-        if resp.status_code == 202:
+        k = i % len(self.urls)
+        body = json.dumps({"name": name, "payload": {"i": i}}).encode()
+        status, text = await self.post(k, body, {"Idempotency-Key": event_id})
+        if status == 202:
             return time.time()
-        raise Refused(f"{resp.status_code} {_reason(resp)}")
+        raise Refused(f"{status} {_reason(text)}")
+
+    async def post(self, k: int, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        """One request on an idle connection to ``urls[k]`` (or a new one); its status and body.
+        A kept connection the server closed meanwhile (its keep-alive timeout) is replaced and the
+        request sent again: the bridge dedupes it by its ``Idempotency-Key``."""
+        url = self.urls[k]
+        pool = self.idle.setdefault(k, [])
+        head = f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {TOKEN}\r\n"
+        head += "Content-Type: application/json\r\n"
+        head += "".join(f"{key}: {value}\r\n" for key, value in headers.items())
+        request = f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+        while True:
+            kept = bool(pool)
+            reader, writer = pool.pop() if kept else await asyncio.open_connection(url.hostname, url.port)
+            self.busy.add(writer)
+            try:
+                writer.write(request)
+                status_line = await reader.readline()
+                if not status_line and kept:
+                    writer.close()
+                    continue
+                status = int(status_line.split()[1])
+                length, keep = 0, True
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    key, _, value = line.decode("latin-1").partition(":")
+                    if key.strip().lower() == "content-length":
+                        length = int(value)
+                    elif key.strip().lower() == "connection" and value.strip().lower() == "close":
+                        keep = False
+                text = await reader.readexactly(length)
+            except ConnectionError:
+                writer.close()
+                if kept:
+                    continue
+                raise
+            except BaseException:
+                writer.close()
+                raise
+            finally:
+                self.busy.discard(writer)
+            if keep:
+                pool.append((reader, writer))
+            else:
+                writer.close()
+            return status, text
 
     async def close(self) -> None:
-        await self.client.aclose()
+        for pool in self.idle.values():
+            for _, writer in pool:
+                writer.close()
+        for writer in self.busy:
+            writer.close()
+        self.idle.clear()
 
 
-def _reason(resp: httpx.Response) -> str:
+def _reason(body: bytes) -> str:
     try:
-        return str(resp.json().get("error", ""))
+        return str(json.loads(body).get("error", ""))
     except (ValueError, AttributeError):
         return ""
 
@@ -224,8 +276,8 @@ async def wrk_closed_loop(
     rounded up to a multiple of the threads), ``concurrency`` connections spread over ``urls``, each
     request sent when the one before it on its connection was answered: the closed loop of the
     HTTP throughput rows, as :func:`closed_loop` with :class:`HttpSender`, for a fraction of the
-    CPU. On a small machine a Python client's CPU is taken from the bridge and Temporal (httpx:
-    about half a core at 100 requests/s here; wrk: a few percent).
+    CPU. On a small machine a Python client's CPU is taken from the bridge and Temporal (httpx
+    took about half a core at 100 requests/s here; wrk takes a few percent).
 
     Each event's id is its ``Idempotency-Key``, ``{prefix}-{k}-{thread}-{counter}``. wrk counts
     only statuses, so ``acked`` stays empty: the caller fills it from the targets started."""
@@ -336,6 +388,27 @@ def latency_row(name: str, rate: float, sent: Sent, started: dict[str, float], b
     return row
 
 
+async def start_like_bridge(client: Client, queue: str, event_id: str, i: int) -> None:
+    """One start of the target as the bridge makes it (``dispatcher/activities.py``): the event's
+    memo and search attributes (:func:`dispatcher.contract.target_memo`,
+    :func:`dispatcher.search.values`), the argument with the payload, the trigger and the envelope,
+    and ``REJECT_DUPLICATE``. On a dev server the attributes alone cost about a tenth of the rate."""
+    event = EventSignal(id=event_id, name="tput", payload={"i": i}, source=f"http:{TOKEN_NAME}")
+    dispatcher = {"dispatcher": f"dispatcher-{queue}", "dispatcher_run": "0" * 36}
+    arg = TargetInput(
+        workflow_id="tput", exec_id=event.id, input=event.payload, trigger=event.payload, event=event.envelope()
+    )
+    await client.start_workflow(
+        "Noop",
+        arg,
+        id=event_id,
+        task_queue=queue,
+        memo=target_memo(event, dispatcher, "tput"),
+        search_attributes=search.typed(search.values(event, queue)),
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+    )
+
+
 async def ceiling(
     client: Client,
     n: int,
@@ -347,33 +420,17 @@ async def ceiling(
 ) -> Row:
     """``n`` direct ``client.start_workflow`` calls of the target the adapters start.
 
-    ``like_bridge``: each start as the bridge makes it (``dispatcher/activities.py``): the event's
-    memo and search attributes (:func:`dispatcher.contract.target_memo`,
-    :func:`dispatcher.search.values`), the argument with the payload, the trigger and the envelope,
-    and ``REJECT_DUPLICATE``. On a dev server the attributes alone cost about a tenth of the rate.
+    ``like_bridge``: each start as the bridge makes it (:func:`start_like_bridge`).
     ``queue``: the task queue (and id prefix) of the runs, a fresh one unless given."""
     queue = queue or unique("bench-direct")
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
         async with sem:
-            if not like_bridge:
+            if like_bridge:
+                await start_like_bridge(client, queue, f"{queue}-{i}", i)
+            else:
                 await client.start_workflow("Noop", {"i": i}, id=f"{queue}-{i}", task_queue=queue)
-                return
-            event = EventSignal(id=f"{queue}-{i}", name="tput", payload={"i": i}, source=f"http:{TOKEN_NAME}")
-            dispatcher = {"dispatcher": f"dispatcher-{queue}", "dispatcher_run": "0" * 36}
-            arg = TargetInput(
-                workflow_id="tput", exec_id=event.id, input=event.payload, trigger=event.payload, event=event.envelope()
-            )
-            await client.start_workflow(
-                "Noop",
-                arg,
-                id=f"{queue}-{i}",
-                task_queue=queue,
-                memo=target_memo(event, dispatcher, "tput"),
-                search_attributes=search.typed(search.values(event, queue)),
-                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-            )
 
     began = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(n)))

@@ -70,7 +70,7 @@ class Run:
     kafka: str | None = None
     amqp: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # --dispatcher KEY=VALUE, for every bridge
-    http_client: str = "wrk"  # the HTTP throughput rows' load generator: wrk, or httpx (HttpSender)
+    http_client: str = "wrk"  # the HTTP throughput rows' load generator: wrk, or python (HttpSender)
     rows: list[Row] = field(default_factory=list)
     ceiling: Row | None = None
     bridge_ceiling: Row | None = None  # direct starts with the bridge's memo and search attributes
@@ -165,7 +165,7 @@ async def adapter(run: Run, adapter: str, mode: str | None, *, latency: bool = T
 async def _throughput(run: Run, name: str, sender: Sender, bridge: Bridge, queue: str) -> Row:
     """``run.events`` events through ``sender``'s adapter as fast as it acknowledges them, at most
     ``run.concurrency`` in flight, and the row of their targets' starts on ``queue``. HTTP events
-    are sent by wrk unless ``run.http_client`` says httpx."""
+    are sent by wrk unless ``run.http_client`` says python."""
     if sender.name == "http" and run.http_client == "wrk":
         prefix = unique("tput")
         sent = await wrk_closed_loop(bridge.urls, "tput", run.events, run.concurrency, prefix, run.workdir)
