@@ -46,6 +46,11 @@ class Metrics:
             registry=r,
         )
         self.signals = Counter("signal_bridge_signals_sent", "Signal-with-start calls that returned", registry=r)
+        self.signals_busy = Counter(
+            "signal_bridge_signals_busy",
+            "Signals sent again because Temporal refused them while the dispatcher was continuing-as-new",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "signal_bridge_signal_batch_events",
             "Events per signal",

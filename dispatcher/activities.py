@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from temporalio import activity
 from temporalio.api.common.v1 import Header, Memo, SearchAttributes, WorkflowExecution, WorkflowType
@@ -50,6 +49,7 @@ from dispatcher.contract import (
     failed,
 )
 from dispatcher.slots import Handover, StartSlots, StartWindow
+from dispatcher.spans import client_span, tracing_interceptor
 
 log = logging.getLogger(__name__)
 
@@ -234,32 +234,12 @@ async def deliver_signal(client: Client, s: TargetStart, header: Header | None =
     return SIGNALED
 
 
-def tracing_interceptor(client: Client) -> TracingInterceptor | None:
-    """The OpenTelemetry interceptor ``client`` was built with, if any (looked up once per batch:
-    ``Client.config()`` copies the config at each call)."""
-    return next((i for i in client.config()["interceptors"] if isinstance(i, TracingInterceptor)), None)
-
-
-@contextlib.contextmanager
-def signal_span(s: TargetStart, tracing: TracingInterceptor | None) -> Iterator[Header | None]:
-    """The client span of a signal to an open run, named as the SDK's interceptor names its own
-    (``SignalWorkflow:{signal}``, ``SignalWithStartWorkflow:{type}``), and the request header that
-    carries it to the run, put there with the client's tracing interceptor's own header key,
-    propagator and converter (where its workflow side reads it). None without such an interceptor."""
-    if tracing is None:
-        yield None
-        return
-    if s.if_missing == "start":
-        name = f"SignalWithStartWorkflow:{s.workflow_type}"
-    else:
-        name = f"SignalWorkflow:{s.signal}"
-    with tracing.tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes={"temporalWorkflowID": s.id}):
-        carrier: dict[str, str] = {}
-        tracing.text_map_propagator.inject(carrier)
-        if not carrier:
-            yield None
-        else:
-            yield Header(fields={tracing.header_key: tracing.payload_converter.to_payloads([carrier])[0]})
+def signal_span(s: TargetStart, tracing: TracingInterceptor | None) -> contextlib.AbstractContextManager[Header | None]:
+    """The client span of a signal to an open run (:func:`dispatcher.spans.client_span`), named
+    as the SDK's interceptor names its own: ``SignalWorkflow:{signal}``, or
+    ``SignalWithStartWorkflow:{type}`` when a missing run is started."""
+    name = f"SignalWithStartWorkflow:{s.workflow_type}" if s.if_missing == "start" else f"SignalWorkflow:{s.signal}"
+    return client_span(tracing, name, s.id)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,15 @@ the one in flight included, is answered Unavailable at once, and so is every new
 background probe gets an answer. A submission is never queued behind a call that is likely
 doomed. Answering Unavailable for a signal that may still arrive is safe: nothing was
 acknowledged, and the retry carries the same event id, which the dispatcher dedupes.
+
+A dispatcher that continues-as-new while signals keep coming has its last workflow task failed by
+Temporal once (a signal overtook it), and until the task that follows, a replay of the run's whole
+history, completes, Temporal refuses every signal to it (``RESOURCE_EXHAUSTED``, cause
+``BUSY_WORKFLOW``). The SDK's client waits one second before the first retry of that answer and two
+before the next, so the signal would wait up to three seconds for a replay of one. The signal is
+sent with the SDK's retries off and sent again after BUSY_PAUSE seconds (doubling up to
+BUSY_MAX_PAUSE) for as long as that answer comes; any other answer that the SDK retries gets its
+retries, as before.
 """
 
 from __future__ import annotations
@@ -23,15 +32,19 @@ import contextlib
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from temporalio.api.common.v1 import Payload
-from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
+from temporalio.api.common.v1 import Payload, Payloads, WorkflowType
+from temporalio.api.enums.v1 import ResourceExhaustedCause
+from temporalio.api.errordetails.v1 import ResourceExhaustedFailure
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import GetSystemInfoRequest, SignalWithStartWorkflowExecutionRequest
 from temporalio.client import Client, WorkflowHandle
-from temporalio.common import RawValue, WorkflowIDConflictPolicy
+from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from bridge.config import BridgeConfig
@@ -50,8 +63,30 @@ from dispatcher.contract import (
     dispatcher_id,
 )
 from dispatcher.slots import Handover
+from dispatcher.spans import client_span, tracing_interceptor
 
 log = logging.getLogger(__name__)
+
+AWAITED = frozenset({"http", "webhook"})
+"""Adapters (an event's ``source`` up to its colon) whose client waits for the event's hand-over:
+an HTTP ``202``. A Kafka or RabbitMQ publisher has its acknowledgement from the broker, so only
+these events count toward the hand-over's pressure (:class:`dispatcher.slots.Handover`)."""
+BUSY_PAUSE = 0.02
+"""Seconds before a signal refused as busy (see the module's text) is sent again; doubled each time."""
+BUSY_MAX_PAUSE = 0.2
+"""The longest pause between two of those: a replay of a dispatcher's run takes about a second."""
+RETRIED_BY_SDK = frozenset(
+    {
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.ABORTED,
+        RPCStatusCode.INTERNAL,
+        RPCStatusCode.UNKNOWN,
+        RPCStatusCode.CANCELLED,
+    }
+)
+"""The answers a call is sent again for with the SDK's retries on (its client's retry policy)."""
 
 
 def shard_of(event: EventSignal, shards: int) -> int:
@@ -60,6 +95,18 @@ def shard_of(event: EventSignal, shards: int) -> int:
         return 0
     key = event.key if event.key is not None else event.id
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % shards
+
+
+def busy(exc: BaseException) -> bool:
+    """Whether ``exc`` is Temporal's refusal of a signal to a workflow that is closing: its
+    continue-as-new was overtaken by a signal, and the task after it has not completed yet."""
+    if not isinstance(exc, RPCError) or exc.status != RPCStatusCode.RESOURCE_EXHAUSTED:
+        return False
+    for detail in exc.grpc_status.details:
+        failure = ResourceExhaustedFailure()
+        if detail.Unpack(failure):
+            return failure.cause == ResourceExhaustedCause.RESOURCE_EXHAUSTED_CAUSE_BUSY_WORKFLOW
+    return "closing" in exc.message
 
 
 def not_ready(exc: BaseException) -> bool:
@@ -98,6 +145,7 @@ JSON_PLAIN = {"encoding": b"json/plain"}
 class _Submission:
     events: list[bytes]  # each event encoded (bridge.event.encode)
     size: int
+    awaited: int = 0  # of them, events a client waits for (see AWAITED)
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -138,6 +186,8 @@ class DispatcherClient:
         self._prober: asyncio.Task[None] | None = None
         self._stray: set[asyncio.Task[None]] = set()  # calls given up on, left to finish
         self._sending = 0  # signals in flight, given-up ones included (Temporal still works on them)
+        self._inputs: dict[int, Payloads] = {}  # each shard's DispatcherInput, encoded once
+        self._tracing = tracing_interceptor(client) if config.tracing.enabled else None
         target = config.dispatcher.handover_target_ms / 1000
         # How fast this process hands events over, for the starts of a worker in the same process.
         self.handover = Handover(handover_target or (lambda: target), self.receiving)
@@ -176,18 +226,18 @@ class DispatcherClient:
         (the pipeline's size check made it): each event is encoded once, and the signal carries
         these bytes as they are."""
         self._refuse_if_down()
-        placed: list[tuple[int, bytes]] = []
+        placed: list[tuple[int, bytes, bool]] = []
         for event, item in zip(events, encoded, strict=True):
             if len(item) > MAX_SIGNAL_BYTES:
                 raise EventRejected(
                     "too_large", f"event {event.id!r} of {len(item)} bytes exceeds the {MAX_SIGNAL_BYTES}-byte limit"
                 )
-            placed.append((shard_of(event, self.shards), item))
+            placed.append((shard_of(event, self.shards), item, event.source.split(":", 1)[0] in AWAITED))
         if not self._senders:
             self._start_senders()
         subs: list[_Submission] = []
         open_: dict[int, _Submission] = {}
-        for shard, item in placed:
+        for shard, item, awaited in placed:
             sub = open_.get(shard)
             if sub is None or sub.size + len(item) > MAX_SIGNAL_BYTES or len(sub.events) >= MAX_SIGNAL_EVENTS:
                 sub = open_[shard] = _Submission([], 0)
@@ -195,6 +245,7 @@ class DispatcherClient:
                 self._queues[shard].put_nowait(sub)
             sub.events.append(item)
             sub.size += len(item)
+            sub.awaited += awaited
         if len(subs) == 1:  # the usual case; gather costs as much as the rest of this call
             await subs[0].done
         else:
@@ -313,7 +364,7 @@ class DispatcherClient:
             if not isinstance(exc, EventRejected):
                 await self._check()
         else:
-            self.handover.sent(time.monotonic() - began, sum(len(sub.events) for sub in batch))
+            self.handover.sent(time.monotonic() - began, sum(sub.awaited for sub in batch))
             # Answered on the loop's next turn: the sender first takes what queued meanwhile and
             # starts its signal, so Temporal works on it while the answered requests are answered
             # (each a response to write). The order of signals is as before: one at a time.
@@ -348,7 +399,7 @@ class DispatcherClient:
         return batch
 
     async def _start(self, shard: int, **options: Any) -> None:
-        """Start (or, with a start signal, signal) one shard's dispatcher."""
+        """Start one shard's dispatcher (the signals are sent by :meth:`_signal`)."""
         await self.client.start_workflow(
             DISPATCHER_WORKFLOW,
             DispatcherInput(project=self.project, shard=shard),
@@ -361,9 +412,22 @@ class DispatcherClient:
     async def _signal(self, shard: int, events: list[bytes]) -> None:
         wid = self._ids[shard]
         # The list of events, as the SDK would encode the list of their dicts, from their encodings.
-        arg = RawValue(Payload(metadata=JSON_PLAIN, data=b"[" + b",".join(events) + b"]"))
+        signal_input = Payloads(payloads=[Payload(metadata=JSON_PLAIN, data=b"[" + b",".join(events) + b"]")])
         try:
-            await self._start(shard, start_signal=EVENT_SIGNAL, start_signal_args=[arg])
+            with client_span(self._tracing, f"SignalWithStartWorkflow:{DISPATCHER_WORKFLOW}", wid) as header:
+                request = SignalWithStartWorkflowExecutionRequest(
+                    namespace=self.client.namespace,
+                    workflow_id=wid,
+                    workflow_type=WorkflowType(name=DISPATCHER_WORKFLOW),
+                    task_queue=TaskQueue(name=self.task_queue),
+                    input=await self._input(shard),
+                    identity=self.client.identity,
+                    request_id=str(uuid.uuid4()),  # the same in every attempt: Temporal applies it once
+                    signal_name=EVENT_SIGNAL,
+                    signal_input=signal_input,
+                    header=header,
+                )
+                await self._signal_with_start(request)
         except RPCError as exc:
             log.warning(
                 "signal-with-start failed dispatcher=%s events=%d status=%s: %s",
@@ -380,6 +444,35 @@ class DispatcherClient:
             raise self._unavailable(f"Temporal did not accept the events: {exc}") from exc
         self.metrics.signals.inc()
         self.metrics.batch_size.observe(len(events))
+
+    async def _signal_with_start(self, request: SignalWithStartWorkflowExecutionRequest) -> None:
+        """Send ``request``, again after a short pause while Temporal answers busy (see the
+        module's text), with the SDK's retries for the other answers it retries."""
+        service = self.client.workflow_service
+        pause = BUSY_PAUSE
+        deadline = time.monotonic() + self.rpc_timeout.total_seconds()
+        while True:
+            try:
+                await service.signal_with_start_workflow_execution(request, retry=False, timeout=self.rpc_timeout)
+                return
+            except RPCError as exc:
+                if busy(exc) and time.monotonic() + pause < deadline:
+                    self.metrics.signals_busy.inc()
+                    log.debug("dispatcher=%s is busy: the signal goes again in %.2f s", request.workflow_id, pause)
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, BUSY_MAX_PAUSE)
+                    continue
+                if exc.status not in RETRIED_BY_SDK:
+                    raise
+            await service.signal_with_start_workflow_execution(request, retry=True, timeout=self.rpc_timeout)
+            return
+
+    async def _input(self, shard: int) -> Payloads:
+        """The shard's DispatcherInput, as the SDK encodes a workflow's argument."""
+        if shard not in self._inputs:
+            payloads = await self.client.data_converter.encode([DispatcherInput(project=self.project, shard=shard)])
+            self._inputs[shard] = Payloads(payloads=payloads)
+        return self._inputs[shard]
 
 
 def _signal_too_large(message: str) -> bool:

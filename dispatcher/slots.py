@@ -14,7 +14,8 @@ pace of the starts. So:
   limit; a serial one (a dev server on SQLite) answers each start later for every start queued
   ahead of it, so the window stays at the few that keep it busy, and
 - while the adapters in the same process hand events over slower than
-  ``dispatcher.handover_target_ms`` per signal, with events piling up behind the signals, its
+  ``dispatcher.handover_target_ms`` per signal, with events piling up behind the signals that
+  clients wait for (HTTP ``202``s; a Kafka or RabbitMQ publisher has its ack from the broker), its
   starts give way: each such signal halves the share of the window they may use (down to one
   start), any other gives a sixteenth back (the additive-increase, multiplicative-decrease of
   TCP's congestion control), and a quarter of a second without any signal gives it all back.
@@ -42,8 +43,9 @@ FLOOR = 1.0 / 64
 STEP = 1.0 / 16
 """The share a fast signal gives back."""
 PRESSURE = 16
-"""Events in one signal from which a slow signal counts: a burst piles events up behind each
-signal (64 clients waiting: up to 64 in the next), a steady half load hands over a few at a time."""
+"""Events a client waits for in one signal from which a slow signal counts: a burst piles requests
+up behind each signal (64 clients waiting: up to 64 in the next), a steady half load hands over a
+few at a time. A broker's events wait for nobody: a Kafka poll of hundreds of records is no burst."""
 QUIET = 0.25
 """Seconds without a signal after which the adapters count as quiet and the share is whole again.
 Not at once: between two signals of a burst nothing is on the way for a moment, and every start
@@ -65,9 +67,10 @@ class Handover:
         self._last = -QUIET  # time.monotonic() of the last report
 
     def sent(self, seconds: float, events: int) -> None:
-        """A signal that carried ``events`` took ``seconds``: slow and full (PRESSURE events or
-        more) halves the share; anything else gives a STEP back. After QUIET s with nothing handed
-        over before it (the sender sends at once whatever queued), it counts from a whole share."""
+        """A signal that carried ``events`` that clients wait for took ``seconds``: slow and full
+        (PRESSURE such events or more) halves the share; anything else gives a STEP back. After
+        QUIET s with nothing handed over before it (the sender sends at once whatever queued), it
+        counts from a whole share."""
         now = time.monotonic()
         if now - seconds - self._last > QUIET:
             self._share = 1.0

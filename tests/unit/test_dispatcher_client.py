@@ -15,16 +15,19 @@ import pytest
 from google.protobuf.any_pb2 import Any as ProtoAny
 from google.protobuf.message import Message
 from temporalio.api.common.v1 import GrpcStatus, Payload
-from temporalio.api.errordetails.v1 import WorkflowNotReadyFailure
+from temporalio.api.enums.v1 import ResourceExhaustedCause
+from temporalio.api.errordetails.v1 import ResourceExhaustedFailure, WorkflowNotReadyFailure
+from temporalio.api.workflowservice.v1 import SignalWithStartWorkflowExecutionRequest
 from temporalio.client import Client
 from temporalio.common import RawValue, WorkflowIDConflictPolicy
 from temporalio.converter import DataConverter
 from temporalio.service import RPCError, RPCStatusCode
 
+import dispatcher.client
 from bridge.errors import EventRejected, Unavailable
 from bridge.event import EventSignal, encode, encoded_size
 from bridge.metrics import Metrics
-from dispatcher.client import DispatcherClient, not_ready, query_stats, shard_of
+from dispatcher.client import DispatcherClient, busy, not_ready, query_stats, shard_of
 from dispatcher.contract import (
     DISPATCHER_WORKFLOW,
     EVENT_SIGNAL,
@@ -79,10 +82,12 @@ class FakeHandle:
 
 @dataclass
 class FakeService:
-    """`Client.workflow_service`: only the system-info call the client probes Temporal with."""
+    """`Client.workflow_service`: the system-info call the client probes Temporal with, and the
+    signal-with-start it sends events with (recorded by its FakeTemporal)."""
 
     reachable: bool = True
     probes: int = 0
+    temporal: FakeTemporal | None = None
 
     async def get_system_info(self, request: Any, *, timeout: timedelta | None = None) -> object:
         self.probes += 1
@@ -90,10 +95,20 @@ class FakeService:
             raise RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b"")
         return object()
 
+    async def signal_with_start_workflow_execution(
+        self, req: SignalWithStartWorkflowExecutionRequest, *, retry: bool = False, timeout: timedelta | None = None
+    ) -> object:
+        assert self.temporal is not None
+        return await self.temporal.signal_with_start(req, retry)
+
 
 @dataclass
 class FakeTemporal:
-    """The methods of `temporalio.client.Client` the dispatcher client uses to send and probe."""
+    """The parts of `temporalio.client.Client` the dispatcher client uses to send and probe.
+
+    Every signal-with-start sent without the SDK's retries is a call (``calls``, numbered from 0).
+    One sent again with them (the same request id as the call before it) is that call retried by
+    the SDK until it gave up: it ends as that call did."""
 
     calls: list[Call] = field(default_factory=list)
     signals: list[tuple[str, str]] = field(default_factory=list)
@@ -101,14 +116,45 @@ class FakeTemporal:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     errors: dict[int, BaseException] = field(default_factory=dict)  # call number (from 0) -> what it raises
     in_flight: int = 0
+    sdk_retried: list[int] = field(default_factory=list)  # calls sent again with the SDK's retries
     workflow_service: FakeService = field(default_factory=FakeService)
+    namespace: str = "default"
+    identity: str = "fake@test"
+    data_converter: DataConverter = DataConverter.default
+
+    def __post_init__(self) -> None:
+        self.workflow_service.temporal = self
 
     async def start_workflow(self, workflow: str, arg: Any, *, id: str, task_queue: str, **options: Any) -> None:
-        number = len(self.calls)
         self.calls.append(Call(workflow, arg, id, task_queue, options))
+        await self._answer(len(self.calls) - 1, id)
+
+    async def signal_with_start(self, req: SignalWithStartWorkflowExecutionRequest, retry: bool) -> object:
+        if retry and self.calls and self.calls[-1].options.get("request_id") == req.request_id:
+            number = len(self.calls) - 1
+            self.sdk_retried.append(number)
+            if number in self.errors:
+                raise self.errors[number]
+            return object()
+        [arg] = await self.data_converter.decode(list(req.input.payloads), [DispatcherInput])
+        options = {
+            "start_signal": req.signal_name,
+            "start_signal_args": [RawValue(payload) for payload in req.signal_input.payloads],
+            "request_id": req.request_id,
+            "namespace": req.namespace,
+            "identity": req.identity,
+            "retry": retry,
+        }
+        if req.workflow_id_conflict_policy:
+            options["id_conflict_policy"] = req.workflow_id_conflict_policy
+        self.calls.append(Call(req.workflow_type.name, arg, req.workflow_id, req.task_queue.name, options))
+        await self._answer(len(self.calls) - 1, req.workflow_id)
+        return object()
+
+    async def _answer(self, number: int, workflow_id: str) -> None:
         self.in_flight += 1
         try:
-            if id in self.held:
+            if workflow_id in self.held:
                 await self.release.wait()
             if number in self.errors:
                 raise self.errors[number]
@@ -123,10 +169,12 @@ class FakeTemporal:
         return [c.ids for c in self.calls if dispatcher is None or c.id == dispatcher]
 
 
-def make_client(temporal: FakeTemporal, shards: int = 1, **options: Any) -> DispatcherClient:
+def make_client(
+    temporal: FakeTemporal, shards: int = 1, metrics: Metrics | None = None, **options: Any
+) -> DispatcherClient:
     cfg = config(PROJECT, "unused:7233", [runner("w", "order.created")], dispatcher={"shards": shards})
     options.setdefault("retry_after", 3.0)
-    return DispatcherClient(cast(Client, temporal), cfg, Metrics(), **options)
+    return DispatcherClient(cast(Client, temporal), cfg, metrics or Metrics(), **options)
 
 
 def ev(event_id: str, key: str | None = None, size: int = 0) -> EventSignal:
@@ -170,13 +218,13 @@ async def test_the_next_signal_starts_before_the_answered_submitters_resume() ->
     second = asyncio.create_task(client.submit([ev("b")]))
     await settle()
     seen: list[bool] = []
-    start = temporal.start_workflow
+    send = temporal.signal_with_start
 
-    async def recording(*args: Any, **kwargs: Any) -> None:
+    async def recording(*args: Any, **kwargs: Any) -> object:
         seen.append(first.done())
-        await start(*args, **kwargs)
+        return await send(*args, **kwargs)
 
-    temporal.start_workflow = recording  # type: ignore[method-assign]
+    temporal.signal_with_start = recording  # type: ignore[method-assign]
     open_gate(temporal)
     await asyncio.gather(first, second)
     assert temporal.sent() == [["a"], ["b"]]
@@ -357,6 +405,12 @@ async def test_a_failed_signal_fails_every_submission_it_carried(error: BaseExce
     await asyncio.gather(*carried, return_exceptions=True)
 
     assert temporal.sent() == [["first"], ["b", "c"]]
+    # Answers the SDK retries get its retries (the same request again); the others are final.
+    retried = isinstance(error, RPCError) and error.status in (
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+    )
+    assert temporal.sdk_retried == ([1] if retried else [])
     for task in carried:
         exc = task.exception()
         assert isinstance(exc, expected), exc
@@ -596,3 +650,81 @@ async def test_the_hand_over_is_told_each_signal_s_time_and_events() -> None:
     await dc.submit([ev(f"c{i}") for i in range(PRESSURE)])
     assert dc.handover.share() == 0.5
     await dc.close()
+
+
+async def test_only_events_a_client_waits_for_press_the_hand_over() -> None:
+    """HTTP and webhook events (their 202s wait for the signal) count; a broker's do not (the
+    publisher has its ack from the broker): a slow Kafka poll of hundreds of records is no burst."""
+    temporal = FakeTemporal()
+    dc = make_client(temporal, handover_target=lambda: 0.0)  # every signal is slow
+    brokers = [
+        EventSignal(id=f"k{i}", name="order.created", payload={}, source=f"{'kafka' if i % 2 else 'amqp'}:orders")
+        for i in range(4 * PRESSURE)
+    ]
+    await dc.submit(brokers)
+    assert dc.handover.share() == 1.0
+    mixed = [*brokers[: PRESSURE - 1], EventSignal(id="h", name="order.created", payload={}, source="http:token-1")]
+    await dc.submit(mixed)
+    assert dc.handover.share() == 1.0  # one event waited for, not PRESSURE
+    waited = [
+        EventSignal(id=f"w{i}", name="order.created", payload={}, source="webhook:github" if i % 2 else "http:t")
+        for i in range(PRESSURE)
+    ]
+    await dc.submit(waited)
+    assert dc.handover.share() == 0.5
+    await dc.close()
+
+
+# --- a dispatcher continuing-as-new ------------------------------------------------------------
+
+
+def busy_error(message: str = "workflow operation can not be applied because workflow is closing") -> RPCError:
+    """Temporal's refusal of a signal while the dispatcher's continue-as-new is being retried."""
+    cause = ResourceExhaustedCause.RESOURCE_EXHAUSTED_CAUSE_BUSY_WORKFLOW
+    return _rpc_error(RPCStatusCode.RESOURCE_EXHAUSTED, message, ResourceExhaustedFailure(cause=cause))
+
+
+def test_busy_is_the_refusal_of_a_closing_workflow_only() -> None:
+    assert busy(busy_error())
+    assert busy(
+        RPCError(
+            "workflow operation can not be applied because workflow is closing", RPCStatusCode.RESOURCE_EXHAUSTED, b""
+        )
+    )
+    rps = ResourceExhaustedFailure(cause=ResourceExhaustedCause.RESOURCE_EXHAUSTED_CAUSE_RPS_LIMIT)
+    assert not busy(_rpc_error(RPCStatusCode.RESOURCE_EXHAUSTED, "namespace rps limit", rps))
+    assert not busy(RPCError("namespace rps limit", RPCStatusCode.RESOURCE_EXHAUSTED, b""))
+    assert not busy(_rpc_error(RPCStatusCode.UNAVAILABLE, "workflow is closing"))
+    assert not busy(RuntimeError("workflow is closing"))
+
+
+async def test_a_busy_refusal_is_sent_again_at_once_with_the_same_request_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not after the SDK's pause for RESOURCE_EXHAUSTED (a second, then two): the same request
+    (Temporal applies a request id once), after a short pause of the client's own, counted."""
+    monkeypatch.setattr(dispatcher.client, "BUSY_PAUSE", 0.001)
+    temporal = FakeTemporal(errors={0: busy_error(), 1: busy_error()})
+    metrics = Metrics()
+    client = make_client(temporal, metrics=metrics)
+    await client.submit([ev("a")])
+    assert temporal.sent() == [["a"], ["a"], ["a"]]
+    assert len({c.options["request_id"] for c in temporal.calls}) == 1
+    assert all(c.options["retry"] is False for c in temporal.calls) and temporal.sdk_retried == []
+    assert metrics.registry.get_sample_value("signal_bridge_signals_busy_total") == 2
+    assert metrics.registry.get_sample_value("signal_bridge_signals_sent_total") == 1
+    await client.submit([ev("b")])  # a new signal is a new request
+    assert temporal.calls[-1].options["request_id"] != temporal.calls[0].options["request_id"]
+    await client.close()
+
+
+async def test_a_lasting_busy_refusal_ends_with_the_sdk_s_retries_and_then_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(dispatcher.client, "BUSY_PAUSE", 0.001)
+    monkeypatch.setattr(dispatcher.client, "BUSY_MAX_PAUSE", 0.005)
+    temporal = FakeTemporal(errors={n: busy_error() for n in range(10_000)})
+    client = make_client(temporal, rpc_timeout=0.1)
+    with pytest.raises(Unavailable):
+        await client.submit([ev("a")])
+    assert len(temporal.calls) >= 2
+    assert temporal.sdk_retried == [len(temporal.calls) - 1]  # the last attempt, with the SDK's retries
+    await client.close()

@@ -1,0 +1,42 @@
+"""Client spans for the raw Temporal calls that pass no client interceptor.
+
+The dispatcher client's signal-with-start and the signals to open runs call the workflow service
+directly (for their retries and request ids), so the SDK's OpenTelemetry interceptor does not see
+them. :func:`client_span` makes the span it would have made, with its name, and the request
+header that carries it, with the interceptor's own tracer, header key, propagator and converter:
+the workflow side of the same interceptor reads it as it reads its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from opentelemetry.trace import SpanKind
+from temporalio.api.common.v1 import Header
+from temporalio.client import Client
+from temporalio.contrib.opentelemetry import TracingInterceptor
+
+
+def tracing_interceptor(client: Client) -> TracingInterceptor | None:
+    """The OpenTelemetry interceptor ``client`` was built with, if any (look it up once, not per
+    call: ``Client.config()`` copies the config at each call)."""
+    return next((i for i in client.config()["interceptors"] if isinstance(i, TracingInterceptor)), None)
+
+
+@contextlib.contextmanager
+def client_span(tracing: TracingInterceptor | None, name: str, workflow_id: str) -> Iterator[Header | None]:
+    """The client span ``name`` (the SDK's names: ``SignalWorkflow:{signal}``,
+    ``SignalWithStartWorkflow:{type}``) for a call to ``workflow_id``, current while the block
+    runs, and the header that carries it. None without an interceptor, or with no trace to carry."""
+    if tracing is None:
+        yield None
+        return
+    attributes = {"temporalWorkflowID": workflow_id}
+    with tracing.tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes=attributes):
+        carrier: dict[str, str] = {}
+        tracing.text_map_propagator.inject(carrier)
+        if not carrier:
+            yield None
+        else:
+            yield Header(fields={tracing.header_key: tracing.payload_converter.to_payloads([carrier])[0]})
