@@ -172,7 +172,7 @@ class DispatcherConfig(Model):
     # While the adapters of the same process take longer than this per signal to hand events over,
     # its starts give way (dispatcher.slots): the 202s and broker acks come first.
     handover_target_ms: int = Field(default=50, ge=1, le=60_000)
-    history_events_threshold: int = Field(default=4096, ge=100, le=40_000)
+    history_events_threshold: int = Field(default=500, ge=100, le=40_000)
     signals_per_run: int = Field(default=5000, ge=10, le=9000)
     children_per_run: int = Field(default=1000, ge=10, le=1800)
     recent_ids: int = Field(default=2000, ge=0, le=20_000)
