@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from bridge import snapshot
-from bridge.config import BridgeConfig
+from bridge.config import HISTORY_EVENTS_ACTIVITY, HISTORY_EVENTS_CHILD, BridgeConfig
 from bridge.errors import ConfigError
 from bridge.runtime.cli import main
 
@@ -364,3 +364,22 @@ def test_console_script_reports_errors_with_exit_code_1(tmp_path: Path) -> None:
     assert run.returncode == 1
     assert "name is required" in run.stderr
     assert run.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("dispatcher", "threshold"),
+    [
+        ({}, HISTORY_EVENTS_ACTIVITY),
+        ({"start_mode": "activity"}, HISTORY_EVENTS_ACTIVITY),
+        ({"start_mode": "child"}, HISTORY_EVENTS_CHILD),
+        ({"start_mode": "child", "history_events_threshold": 700}, 700),
+        ({"history_events_threshold": 900}, 900),
+    ],
+)
+def test_the_continue_as_new_threshold_defaults_by_start_mode(dispatcher: dict[str, Any], threshold: int) -> None:
+    """Short runs for activity mode (a replay under load stays short); child mode's runs spend
+    about four events per target, so they keep the long default. A given value is kept."""
+    data = {"project": "shop", "workflows": [{"id": "w", "workflow_type": "W", "triggers": [{"name": "e"}]}]}
+    cfg = parse_config({**data, "dispatcher": dispatcher})
+    assert cfg.dispatcher.history_events_threshold == threshold
+    assert HISTORY_EVENTS_ACTIVITY < HISTORY_EVENTS_CHILD
