@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
@@ -205,6 +205,11 @@ class KafkaAdapter(Transport[Record]):
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._ahead: deque[tuple[int, Batch]] = deque()  # (generation, batch) polled, not yet settled
+        self._ahead_records = 0
+        self._held = False  # the settle path paused the partitions: :meth:`wait` polls, not the reader
+        self._arrived = asyncio.Event()  # something was read ahead
+        self._room = asyncio.Event()  # the reader may poll again (taken, resumed, stopping)
         self._generation = 0
         self._batch_generation = 0
         self._broken = False
@@ -265,8 +270,11 @@ class KafkaAdapter(Transport[Record]):
         )
 
     async def stop(self) -> None:
-        """Finish the batch in hand (its offsets are committed), then leave the group."""
+        """Finish the batch in hand (its offsets are committed), then leave the group. What was
+        read ahead of it is not committed: the group's next member reads it."""
         self._stopping.set()
+        self._arrived.set()
+        self._room.set()
         if self._task is not None and not self._task.done():
             done, _ = await asyncio.wait({self._task}, timeout=STOP_GRACE)
             if not done:
@@ -297,32 +305,90 @@ class KafkaAdapter(Transport[Record]):
     # -- the loop ----------------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        """Settle what :meth:`_read` reads ahead, one batch at a time, committing each."""
         assert self.consumer is not None
-        while not self._stopping.is_set():
-            batch = await self._poll()
-            if not batch:
-                continue
-            self._idle.clear()
-            try:
-                await self._handle(batch, self._generation)
-                self._broken = False
-            except Abandoned:
-                if not self._stopping.is_set():
-                    # Partitions were revoked while Temporal was down: read the batch again from
-                    # where it starts (its committed offset); the next attempt is that batch.
+        reader = asyncio.create_task(self._read(), name=f"kafka-reader-{self.group_id}")
+        try:
+            while not self._stopping.is_set():
+                gen, batch = await self._take()
+                if not batch:
+                    continue
+                self._idle.clear()
+                try:
+                    await self._handle(batch, gen)
+                    self._broken = False
+                except Abandoned:
+                    if not self._stopping.is_set():
+                        # Partitions were revoked while Temporal was down: read the batch again from
+                        # where it starts (its committed offset); the next attempt is that batch.
+                        self._rewind(batch)
+                        self.resume()
+                except Exception:
+                    # Not a poison record, not an outage: a bug or an unexpected client error. Never
+                    # skip past the batch: read it again after a pause, and report unhealthy meanwhile.
+                    cap = self.settler.backoff.cap
+                    log.exception("kafka adapter %s: batch failed; reading it again in %ss", self.name, cap)
+                    self._broken = True
                     self._rewind(batch)
                     self.resume()
-            except Exception:
-                # Not a poison record, not an outage: a bug or an unexpected client error. Never
-                # skip past the batch: read it again after a pause, and report unhealthy meanwhile.
-                cap = self.settler.backoff.cap
-                log.exception("kafka adapter %s: batch failed; reading it again in %ss", self.name, cap)
-                self._broken = True
-                self._rewind(batch)
-                self.resume()
-                await self._sleep(cap)
-            finally:
-                self._idle.set()
+                    await self._sleep(cap)
+                finally:
+                    self._idle.set()
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    # -- reading ahead -----------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        """Poll while the batch before is settled, up to ``max_batch`` records ahead.
+
+        aiokafka fetches a partition again only once what it fetched of it was taken: polling only
+        between batches left a record that reached the broker during one batch's signal to wait for
+        the next batch's as well. Nothing read ahead is committed before it is settled; a rebalance
+        or a rewind drops it, and it is read again from the committed offset. While the settle path
+        holds the partitions paused, :meth:`wait` polls instead."""
+        while not self._stopping.is_set():
+            if self._held or self._ahead_records >= self.entry.max_batch:
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), POLL_MS / 1000)
+                continue
+            batch = await self._poll()
+            if batch:
+                self._ahead.append((self._generation, batch))
+                self._ahead_records += sum(len(recs) for recs in batch.values())
+                self._arrived.set()
+
+    async def _take(self) -> tuple[int, Batch]:
+        """What was read ahead in this generation, merged by partition up to ``max_batch`` records
+        (at least one poll's worth); nothing once stopping or after ``POLL_MS`` without records."""
+        if not self._ahead:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), POLL_MS / 1000)
+        gen, count = self._generation, 0
+        merged: Batch = {}
+        while self._ahead and not self._stopping.is_set():
+            polled_gen, batch = self._ahead[0]
+            size = sum(len(recs) for recs in batch.values())
+            if polled_gen == gen and count and count + size > self.entry.max_batch:
+                break
+            self._ahead.popleft()
+            self._ahead_records -= size
+            if polled_gen != gen:
+                continue  # polled before a rebalance: read again from the committed offsets
+            count += size
+            for tp, recs in batch.items():
+                merged.setdefault(tp, []).extend(recs)
+        self._room.set()
+        return gen, merged
+
+    def _drop_ahead(self) -> None:
+        self._ahead.clear()
+        self._ahead_records = 0
+        self._room.set()
 
     async def _poll(self) -> Batch:
         """The next batch, or nothing: a failed poll is waited out here."""
@@ -336,10 +402,13 @@ class KafkaAdapter(Transport[Record]):
         except Exception:
             # The client could not read a record (aiokafka refuses a header name that is not
             # UTF-8): nothing of it reaches the bridge to dead-letter. Read again from the committed
-            # offsets, so what the failed fetch took is not skipped; report unhealthy, wait, retry.
+            # offsets once the batch in hand is committed, so what the failed fetch took is not
+            # skipped; report unhealthy, wait, retry.
             cap = self.settler.backoff.cap
             log.exception("kafka adapter %s: a record cannot be read; reading again in %ss", self.name, cap)
             self._broken = True
+            self._drop_ahead()
+            await self._idle.wait()
             with contextlib.suppress(KafkaError, IllegalStateError, AssertionError):  # no partitions left
                 await self.consumer.seek_to_committed()
             await self._sleep(cap)
@@ -358,11 +427,18 @@ class KafkaAdapter(Transport[Record]):
         await self._commit(offsets, gen)
 
     def _rewind(self, batch: Batch) -> None:
+        """Read the batch again from its first record, and drop what was read after it."""
         assert self.consumer is not None
+        first = {tp: recs[0].offset for tp, recs in batch.items() if recs}
+        for gen, ahead in self._ahead:
+            for tp, recs in ahead.items():
+                if recs and gen == self._generation and tp not in first:
+                    first[tp] = recs[0].offset
+        self._drop_ahead()
         assigned = self.consumer.assignment()
-        for tp, recs in batch.items():
-            if recs and tp in assigned:
-                self.consumer.seek(tp, recs[0].offset)
+        for tp, offset in first.items():
+            if tp in assigned:
+                self.consumer.seek(tp, offset)
 
     async def _commit(self, offsets: dict[TopicPartition, int], gen: int) -> None:
         assert self.consumer is not None
@@ -433,11 +509,14 @@ class KafkaAdapter(Transport[Record]):
 
     def pause(self) -> None:
         assert self.consumer is not None
+        self._held = True
         self.consumer.pause(*self.consumer.assignment())
 
     def resume(self) -> None:
         assert self.consumer is not None
+        self._held = False
         self.consumer.resume(*self.consumer.assignment())
+        self._room.set()
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -496,13 +575,17 @@ class KafkaAdapter(Transport[Record]):
     # -- rebalances --------------------------------------------------------------------------------
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Let the batch in hand finish and commit (unless Temporal is down), then forget it."""
+        """Let the batch in hand finish and commit (unless Temporal is down), then forget it. What
+        was read ahead of it is dropped first, so no batch is begun meanwhile: the new assignment
+        reads from the committed offsets."""
+        self._drop_ahead()
         if not self._idle.is_set() and not self.paused:
             try:
                 await asyncio.wait_for(self._idle.wait(), REVOKE_WAIT)
             except TimeoutError:
                 log.warning("kafka adapter %s: batch unfinished at rebalance; it will be re-delivered", self.name)
         self._generation += 1
+        self._drop_ahead()
         log.info("kafka adapter %s: partitions revoked %s", self.name, sorted(map(tuple, revoked)))
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -516,6 +517,99 @@ async def test_a_bug_during_an_outage_leaves_the_partitions_resumed_and_reads_th
     finally:
         adapter._stopping.set()
         await adapter._task
+
+
+# --- reading ahead while a batch is settled ----------------------------------------------------
+
+
+def polled(tp: TopicPartition, start: int, n: int) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+    """What one poll returns: ``n`` records of ``tp`` from offset ``start``."""
+    return {tp: [record(good(start + i), partition=tp.partition, offset=start + i) for i in range(n)]}
+
+
+def offsets_held(sink: FakeSink) -> list[str]:
+    return [e.payload["orderId"] for e in sink.held]
+
+
+@contextlib.asynccontextmanager
+async def signalling(
+    first: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]], sink: FakeSink, **entry: Any
+) -> AsyncIterator[tuple[kafka.KafkaAdapter, FakeConsumer]]:
+    """The adapter running, with ``first``'s signal in flight until ``sink.release`` is set."""
+    sink.release = asyncio.Event()
+    adapter, consumer = adapter_with(sink, **entry)
+    consumer.batches = [first]
+    adapter._task = asyncio.create_task(adapter._run())
+    try:
+        await asyncio.wait_for(sink.entered.wait(), 5)
+        yield adapter, consumer
+    finally:
+        adapter._stopping.set()
+        adapter._arrived.set()
+        sink.release.set()
+        await adapter._task
+
+
+async def test_the_next_polls_are_read_while_a_batch_is_signalled_and_go_in_one_signal_committed_in_order():
+    sink = FakeSink()
+    async with signalling(polled(TP0, 10, 2), sink) as (adapter, consumer):
+        consumer.batches = [polled(TP0, 12, 1), polled(TP1, 5, 1)]
+        await assert_eventually(lambda: not consumer.batches and adapter._ahead_records == 2, timeout=5)
+        assert consumer.commits == [], "nothing read ahead is committed before it is settled"
+        assert sink.release is not None
+        sink.release.set()
+        await assert_eventually(lambda: len(consumer.commits) == 2, timeout=5)
+        assert consumer.commits == [{TP0: 12}, {TP0: 13, TP1: 6}]
+        assert [len(call) for call in sink.calls] == [2, 2]
+        assert offsets_held(sink) == ["10", "11", "12", "5"]
+
+
+async def test_the_reader_stops_max_batch_records_ahead():
+    sink = FakeSink()
+    async with signalling(polled(TP0, 0, 1), sink, max_batch=3) as (adapter, consumer):
+        consumer.batches = [polled(TP0, 1, 2), polled(TP0, 3, 2), polled(TP0, 5, 2)]
+        await assert_eventually(lambda: adapter._ahead_records == 4, timeout=5)
+        await asyncio.sleep(0.05)
+        assert adapter._ahead_records == 4 and len(consumer.batches) == 1, "no poll past max_batch ahead"
+        assert sink.release is not None
+        sink.release.set()
+        await assert_eventually(lambda: consumer.commits and consumer.commits[-1] == {TP0: 7}, timeout=5)
+        assert [len(call) for call in sink.calls] == [1, 2, 2, 2], "at most max_batch records per batch"
+        assert offsets_held(sink) == [str(i) for i in range(7)]
+
+
+async def test_a_failed_batch_is_read_again_from_its_start_and_what_was_read_after_it_too():
+    sink = FakeSink(bugs=1)
+    async with signalling(polled(TP0, 10, 2), sink) as (adapter, consumer):
+        consumer.batches = [polled(TP0, 12, 1), polled(TP1, 5, 1)]
+        await assert_eventually(lambda: not consumer.batches and adapter._ahead_records == 2, timeout=5)
+        assert sink.release is not None
+        sink.release.set()  # the first batch meets an unexpected error
+        await assert_eventually(lambda: consumer.seeks, timeout=5)
+        assert sorted(consumer.seeks) == [(TP0, 10), (TP1, 5)]
+        assert adapter._ahead_records == 0 and consumer.commits == [] and sink.held == []
+        consumer.batches = [polled(TP0, 10, 3), polled(TP1, 5, 1)]  # what the seeks make the fetches return
+        await assert_eventually(lambda: sorted(offsets_held(sink)) == ["10", "11", "12", "5"], timeout=5)
+        committed: dict[TopicPartition, int] = {}
+        for commit in consumer.commits:
+            committed.update(commit)
+        assert committed == {TP0: 13, TP1: 6}
+
+
+async def test_what_was_read_ahead_when_partitions_are_revoked_is_dropped_uncommitted():
+    sink = FakeSink()
+    async with signalling(polled(TP0, 10, 1), sink) as (adapter, consumer):
+        consumer.batches = [polled(TP1, 5, 1)]
+        await assert_eventually(lambda: adapter._ahead_records == 1, timeout=5)
+        revoking = asyncio.create_task(adapter._on_revoked({TP0, TP1}))
+        await asyncio.sleep(0.01)
+        assert adapter._ahead_records == 0, "dropped before the batch in hand is waited for"
+        assert sink.release is not None
+        sink.release.set()
+        await asyncio.wait_for(revoking, 5)
+        await asyncio.sleep(0.05)
+        assert consumer.commits == [{TP0: 11}], "the batch in hand finished and committed; the rest is re-read"
+        assert offsets_held(sink) == ["10"]
 
 
 # --- bad input that must not stall a partition ------------------------------------------------
