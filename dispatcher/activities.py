@@ -152,7 +152,8 @@ class BridgeActivities:
             return STARTED
 
         async def heartbeat() -> None:
-            # A worker that dies mid-batch is noticed within the heartbeat timeout, not 60 s.
+            # A worker that dies mid-batch is noticed within the heartbeat timeout, not 60 s (a local
+            # activity's, at its workflow task's timeout: it has nothing to heartbeat).
             while True:
                 activity.heartbeat()
                 await asyncio.sleep(2)
@@ -168,12 +169,13 @@ class BridgeActivities:
         for i, s in enumerate(batch.starts):
             chain = ("run", s.id) if s.signal is not None else (i if s.key is None else s.key)
             chains.setdefault(chain, []).append(i)
-        beat = asyncio.create_task(heartbeat())
+        beat = None if activity.info().is_local else asyncio.create_task(heartbeat())
         try:
             await asyncio.gather(*(in_order(chain) for chain in chains.values()))
             return outcomes
         finally:
-            beat.cancel()
+            if beat is not None:
+                beat.cancel()
 
     @activity.defn(name=HTTP_REQUEST)
     async def http_request(self, call: HttpCall) -> dict[str, Any]:

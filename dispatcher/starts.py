@@ -147,20 +147,61 @@ def chunks(plans: list[Plan]) -> list[list[Plan]]:
     return [c for c in out if c]
 
 
-async def by_activity(plans: list[Plan], count: Count) -> None:
-    """One START_TARGETS activity per chunk of arguments; each retried until it answers."""
+LOCAL_STARTS = "start-targets-local"
+"""The patch from which a small batch's START_TARGETS runs as a local activity. A dispatcher run
+begun before it replays its history with the activities it scheduled."""
+LOCAL_MOST = 64
+"""Starts in a batch that runs as a local activity, at most."""
+LOCAL_BYTES = 64 * 1024
+"""Bytes of arguments in a batch that runs as a local activity, at most."""
+
+
+def is_local(chunk: list[Plan]) -> bool:
+    """Whether a batch is small enough to start from a local activity (when the dispatcher has
+    nothing queued behind it and no other one running).
+
+    A local activity runs in the worker that holds the dispatcher's workflow task, and costs the
+    server one marker in that task. A scheduled one costs it three history events, a task to hand
+    out and the workflow task that follows: at half load, a few events per batch, that work held
+    the starts back (docs/benchmarks.md, "What a half load's starts wait for"). But the workflow task
+    stays open while the local activity runs, and Temporal closes a task that 100 events (or 2 MiB)
+    arrived for meanwhile, losing the results; so only one batch of small starts at a time goes
+    that way, which takes a fraction of a second. A batch with others queued behind it (a burst) is
+    scheduled as before.
+    """
+    return len(chunk) <= LOCAL_MOST and sum(p.size for p in chunk) <= LOCAL_BYTES
+
+
+async def by_activity(plans: list[Plan], count: Count, *, local: bool = False) -> None:
+    """One START_TARGETS per chunk of arguments, a local activity when the chunk :func:`is_local`,
+    else a scheduled one; each retried until it answers. Either way a worker that dies mid-batch
+    leaves it to another, which makes its starts again (each answers DUPLICATE then). ``local``:
+    the dispatcher has nothing queued behind these starts and no other local activity running."""
+    local = local and workflow.patched(LOCAL_STARTS)
 
     async def run(chunk: list[Plan]) -> None:
-        outcomes: list[str] = await workflow.execute_activity(
-            START_TARGETS,
-            wire(StartBatch([p.start for p in chunk])),
-            result_type=list[str],
-            # A dead worker is noticed by its heartbeat; a batch may take long when the process's
-            # starts give way to its adapters (dispatcher.slots), and a retry would redo the batch.
-            start_to_close_timeout=timedelta(minutes=10),
-            heartbeat_timeout=timedelta(seconds=10),
-            retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
-        )
+        arg = wire(StartBatch([p.start for p in chunk]))
+        retry = RetryPolicy(maximum_interval=timedelta(seconds=10))
+        outcomes: list[str]
+        if local and is_local(chunk):
+            outcomes = await workflow.execute_local_activity(
+                START_TARGETS,
+                arg,
+                result_type=list[str],
+                start_to_close_timeout=timedelta(minutes=10),
+                retry_policy=retry,
+            )
+        else:
+            outcomes = await workflow.execute_activity(
+                START_TARGETS,
+                arg,
+                result_type=list[str],
+                # A dead worker is noticed by its heartbeat; a batch may take long when the process's
+                # starts give way to its adapters (dispatcher.slots), and a retry would redo the batch.
+                start_to_close_timeout=timedelta(minutes=10),
+                heartbeat_timeout=timedelta(seconds=10),
+                retry_policy=retry,
+            )
         for plan, outcome in zip(chunk, outcomes, strict=True):
             count(outcome, plan.start.id, plan.event)
 

@@ -97,6 +97,7 @@ class DispatcherWorkflow:
         self._settings = DispatcherSettings()
         self._search_attributes = False  # whether target runs get dispatcher.search's attributes
         self._in_flight: set[asyncio.Task[None]] = set()  # batches being started
+        self._local = False  # a batch's starts run in a local activity now
         self._busy: Counter[str] = Counter()  # the ordering keys of the events in those batches
         self._starting = 0  # events in those batches
         self._blocked = False  # the next event signals a run a batch in flight signals too
@@ -413,8 +414,16 @@ class DispatcherWorkflow:
             self._child_starts += len(children)
             rest = [p for p in plans if p.start.signal is not None]
             await asyncio.gather(starts.as_children(children, self._count), starts.by_activity(rest, self._count))
-        else:
-            await starts.by_activity(plans, self._count)
+            return
+        # A local activity only while nothing waits behind it and no other one runs: its workflow task
+        # stays open meanwhile, and a burst's signals must not pile up against it (starts.is_local).
+        local = not self._queue and not self._local
+        self._local = self._local or local
+        try:
+            await starts.by_activity(plans, self._count, local=local)
+        finally:
+            if local:
+                self._local = False
 
     def _count(self, outcome: str, child_id: str, event: EventSignal) -> None:
         if outcome == STARTED:

@@ -32,11 +32,12 @@ from typing import Any
 import pytest
 from temporalio import activity, workflow
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle, WorkflowHistory
 from temporalio.common import RawValue
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
+from temporalio.worker import Replayer, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from bridge.config import HttpTask, HttpTaskConfig, TemplateTask, TemplateTaskConfig
@@ -682,15 +683,65 @@ async def test_one_events_targets_are_started_over_several_workflow_tasks_when_l
     e = d.event("e1", pad="x" * 3_000)  # each argument holds the payload twice: over 5,000 bytes
     await d.send(e)
     await d.settled(received=1, started=3)
-    asked = ACTIVITY_ASKED if mode == "activity" else CHILD_ASKED
     per_task: list[int] = [0]
     for event in (await d.handle.fetch_history()).events:
         if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
             per_task.append(0)
-        elif event.event_type in asked:
+        elif event.event_type in CHILD_ASKED | ACTIVITY_ASKED or _starts_marker(event):
             per_task[-1] += 1
     assert sorted(per_task)[-3:] == [1, 1, 1] and sum(per_task) == 3, per_task
     await d.targets(*(run_id(d.project, w, e) for w in ("a", "b", "c")))
+
+
+def _starts_marker(event: HistoryEvent) -> bool:
+    """The marker of a START_TARGETS local activity."""
+    return (
+        event.event_type == EventType.EVENT_TYPE_MARKER_RECORDED
+        and START_TARGETS.encode() in event.marker_recorded_event_attributes.SerializeToString()
+    )
+
+
+def _start_calls(events: Sequence[HistoryEvent]) -> tuple[int, int]:
+    """(START_TARGETS local activities, scheduled activities) in a history."""
+    scheduled = [e for e in events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED]
+    return len([e for e in events if _starts_marker(e)]), len(scheduled)
+
+
+async def test_a_small_batch_with_nothing_behind_it_goes_local_and_a_larger_one_is_scheduled(make: Any) -> None:
+    """A local activity costs the server no activity task and no workflow task after it; a batch over
+    LOCAL_MOST starts is scheduled, so the workflow task is not held open for long."""
+    d = await make("activity")
+    d.stubs.routes = [d.route("w", "order.created")]
+    await d.send(*(d.event(f"s{i}") for i in range(starts.LOCAL_MOST)))
+    await d.settled(received=starts.LOCAL_MOST, started=starts.LOCAL_MOST)
+    assert _start_calls((await d.handle.fetch_history()).events) == (1, 0)
+    await d.send(*(d.event(f"b{i}") for i in range(starts.LOCAL_MOST + 1)))
+    await d.settled(received=2 * starts.LOCAL_MOST + 1, started=2 * starts.LOCAL_MOST + 1)
+    assert _start_calls((await d.handle.fetch_history()).events) == (1, 1)
+    assert len(d.stubs.starts) == 2 * starts.LOCAL_MOST + 1
+
+
+async def test_a_batch_with_events_queued_behind_it_is_scheduled(make: Any) -> None:
+    """A burst: while events wait behind a batch, its starts are a scheduled activity, so the signals
+    that keep coming do not pile up against an open workflow task; the last batch goes local."""
+    d = await make("activity", batch_size=2)
+    d.stubs.routes = [d.route("w", "order.created")]
+    await d.send(*(d.event(f"e{i}") for i in range(4)))
+    await d.settled(received=4, started=4)
+    assert _start_calls((await d.handle.fetch_history()).events) == (1, 1)
+
+
+async def test_a_run_begun_with_scheduled_start_activities_replays_on_this_code() -> None:
+    """A dispatcher run that was open when the bridge was upgraded replays its history: its starts
+    were scheduled activities, and :data:`dispatcher.starts.LOCAL_STARTS` keeps them so for it."""
+    history = WorkflowHistory.from_json(
+        "disp-upgrade", (Path(__file__).parent / "data" / "dispatcher-activity-starts.json").read_text()
+    )
+    sandbox = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH))
+    result = await Replayer(workflows=[DispatcherWorkflow], workflow_runner=sandbox).replay_workflow(
+        history, raise_on_replay_failure=False
+    )
+    assert result.replay_failure is None, result.replay_failure
 
 
 async def test_batches_start_in_flight_together_up_to_the_setting(make: Any) -> None:
