@@ -173,17 +173,16 @@ def is_local(chunk: list[Plan]) -> bool:
 
 
 async def by_activity(plans: list[Plan], count: Count, *, local: bool = False) -> None:
-    """One START_TARGETS per chunk of arguments, a local activity when the chunk :func:`is_local`,
-    else a scheduled one; each retried until it answers. Either way a worker that dies mid-batch
-    leaves it to another, which makes its starts again (each answers DUPLICATE then). ``local``:
-    the dispatcher has nothing queued behind these starts and no other local activity running."""
-    local = local and workflow.patched(LOCAL_STARTS)
+    """One START_TARGETS per chunk of arguments, a local activity when ``local`` (the dispatcher
+    decided it: the batch :func:`is_local`, so it is one chunk), else a scheduled one; each retried
+    until it answers. Either way a worker that dies mid-batch leaves it to another, which makes its
+    starts again (each answers DUPLICATE then)."""
 
     async def run(chunk: list[Plan]) -> None:
         arg = wire(StartBatch([p.start for p in chunk]))
         retry = RetryPolicy(maximum_interval=timedelta(seconds=10))
         outcomes: list[str]
-        if local and is_local(chunk):
+        if local:
             outcomes = await workflow.execute_local_activity(
                 START_TARGETS,
                 arg,

@@ -415,9 +415,12 @@ class DispatcherWorkflow:
             rest = [p for p in plans if p.start.signal is not None]
             await asyncio.gather(starts.as_children(children, self._count), starts.by_activity(rest, self._count))
             return
-        # A local activity only while nothing waits behind it and no other one runs: its workflow task
-        # stays open meanwhile, and a burst's signals must not pile up against it (starts.is_local).
-        local = not self._queue and not self._local
+        # A local activity only for a small batch with nothing waiting behind it while no other one
+        # runs: its workflow task stays open meanwhile, and a burst's signals must not pile up against
+        # it (starts.is_local). The patch is asked where it was when it came in, so that runs begun
+        # since replay alike.
+        local = not self._queue and not self._local and workflow.patched(starts.LOCAL_STARTS)
+        local = local and starts.is_local(plans)
         self._local = self._local or local
         try:
             await starts.by_activity(plans, self._count, local=local)

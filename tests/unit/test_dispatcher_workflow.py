@@ -731,6 +731,21 @@ async def test_a_batch_with_events_queued_behind_it_is_scheduled(make: Any) -> N
     assert _start_calls((await d.handle.fetch_history()).events) == (1, 1)
 
 
+async def test_a_scheduled_batch_leaves_the_local_way_to_a_small_one_behind_it(make: Any) -> None:
+    """Only a batch that goes local holds the one-at-a-time local way: while a batch too large for it
+    is still starting, a small batch after it goes local all the same."""
+    d = await make("activity", batches_in_flight=2)
+    d.stubs.routes = [d.route("w", "order.created")]
+    d.stubs.gate = asyncio.Event()
+    await d.send(*(d.event(f"b{i}") for i in range(starts.LOCAL_MOST + 1)))
+    await assert_eventually(lambda: d.stubs.active == 1, timeout=15, interval=0.05, what="the large batch in flight")
+    await d.send(d.event("small"))
+    await assert_eventually(lambda: d.stubs.active == 2, timeout=15, interval=0.05, what="the small batch in flight")
+    d.stubs.gate.set()
+    await d.settled(received=starts.LOCAL_MOST + 2, started=starts.LOCAL_MOST + 2)
+    assert _start_calls((await d.handle.fetch_history()).events) == (1, 1)
+
+
 async def test_a_run_begun_with_scheduled_start_activities_replays_on_this_code() -> None:
     """A dispatcher run that was open when the bridge was upgraded replays its history: its starts
     were scheduled activities, and :data:`dispatcher.starts.LOCAL_STARTS` keeps them so for it."""
