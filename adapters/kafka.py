@@ -205,7 +205,7 @@ class KafkaAdapter(Transport[Record]):
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._ahead: deque[tuple[int, Batch]] = deque()  # (generation, batch) polled, not yet settled
+        self._ahead: deque[tuple[int, int, Batch]] = deque()  # (generation, records, batch) polled, not settled
         self._ahead_records = 0
         self._held = False  # the settle path paused the partitions: :meth:`wait` polls, not the reader
         self._arrived = asyncio.Event()  # something was read ahead
@@ -357,8 +357,9 @@ class KafkaAdapter(Transport[Record]):
                 continue
             batch = await self._poll()
             if batch:
-                self._ahead.append((self._generation, batch))
-                self._ahead_records += sum(len(recs) for recs in batch.values())
+                size = sum(len(recs) for recs in batch.values())
+                self._ahead.append((self._generation, size, batch))
+                self._ahead_records += size
                 self._arrived.set()
 
     async def _take(self) -> tuple[int, Batch]:
@@ -371,8 +372,7 @@ class KafkaAdapter(Transport[Record]):
         gen, count = self._generation, 0
         merged: Batch = {}
         while self._ahead and not self._stopping.is_set():
-            polled_gen, batch = self._ahead[0]
-            size = sum(len(recs) for recs in batch.values())
+            polled_gen, size, batch = self._ahead[0]
             if polled_gen == gen and count and count + size > self.entry.max_batch:
                 break
             self._ahead.popleft()
@@ -430,7 +430,7 @@ class KafkaAdapter(Transport[Record]):
         """Read the batch again from its first record, and drop what was read after it."""
         assert self.consumer is not None
         first = {tp: recs[0].offset for tp, recs in batch.items() if recs}
-        for gen, ahead in self._ahead:
+        for gen, _, ahead in self._ahead:
             for tp, recs in ahead.items():
                 if recs and gen == self._generation and tp not in first:
                     first[tp] = recs[0].offset
