@@ -255,7 +255,7 @@ class DispatcherClient:
         """Start every shard's dispatcher if it is not running (seed Step 4)."""
         for shard, wid in enumerate(self.ids):
             try:
-                await self._start(shard, id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING)
+                await self._start(shard)
             except RPCError as exc:
                 raise self._unavailable(f"cannot start dispatcher {wid}: {exc}") from exc
 
@@ -398,15 +398,15 @@ class DispatcherClient:
             size += nxt.size
         return batch
 
-    async def _start(self, shard: int, **options: Any) -> None:
-        """Start one shard's dispatcher (the signals are sent by :meth:`_signal`)."""
+    async def _start(self, shard: int) -> None:
+        """Start one shard's dispatcher unless it runs (the signals are sent by :meth:`_signal`)."""
         await self.client.start_workflow(
             DISPATCHER_WORKFLOW,
             DispatcherInput(project=self.project, shard=shard),
             id=self._ids[shard],
             task_queue=self.task_queue,
             rpc_timeout=self.rpc_timeout,
-            **options,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         )
 
     async def _signal(self, shard: int, events: list[bytes]) -> None:
