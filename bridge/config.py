@@ -175,9 +175,10 @@ class DispatcherConfig(Model):
     # more in flight while a round of them answers within this many times the fastest recent
     # start, fewer when slower. None: always starts_in_flight.
     start_latency_tolerance: float | None = Field(default=4.0, ge=1.5, le=1000)
-    # While the adapters of the same process take longer than this per signal to hand events over,
-    # its starts give way (dispatcher.slots): the 202s and broker acks come first.
-    handover_target_ms: int = Field(default=50, ge=1, le=60_000)
+    # While the adapters of the same process hand a burst over slowly, its starts give way
+    # (dispatcher.slots): the 202s and broker acks come first. Slow: longer than this per signal;
+    # None: more than twice the fastest recent signal.
+    handover_target_ms: int | None = Field(default=None, ge=1, le=60_000)
     # Continue-as-new at this history length. Under load its last task is overtaken by a signal
     # and the run is replayed while starts and signals wait: short runs keep that short (500). A
     # child-mode run spends about four history events per target and waits for every child start

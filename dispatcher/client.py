@@ -163,7 +163,7 @@ class DispatcherClient:
         suspect_after: float = 1.0,
         probe_timeout: float = 1.0,
         probe_interval: float = 1.0,
-        handover_target: Callable[[], float] | None = None,
+        handover_target: Callable[[], float | None] | None = None,
     ) -> None:
         """``retry_after`` (seconds, or a callable read at each refusal) defaults to the config's
         ``http.retry_after_seconds``, and ``handover_target`` (seconds per signal) to its
@@ -188,7 +188,7 @@ class DispatcherClient:
         self._sending = 0  # signals in flight, given-up ones included (Temporal still works on them)
         self._inputs: dict[int, Payloads] = {}  # each shard's DispatcherInput, encoded once
         self._tracing = tracing_interceptor(client) if config.tracing.enabled else None
-        target = config.dispatcher.handover_target_ms / 1000
+        target = handover_seconds(config)
         # How fast this process hands events over, for the starts of a worker in the same process.
         self.handover = Handover(handover_target or (lambda: target), self.receiving)
 
@@ -473,6 +473,12 @@ class DispatcherClient:
             payloads = await self.client.data_converter.encode([DispatcherInput(project=self.project, shard=shard)])
             self._inputs[shard] = Payloads(payloads=payloads)
         return self._inputs[shard]
+
+
+def handover_seconds(config: BridgeConfig) -> float | None:
+    """``dispatcher.handover_target_ms`` in seconds (None: relative to the fastest signal)."""
+    ms = config.dispatcher.handover_target_ms
+    return None if ms is None else ms / 1000
 
 
 def _signal_too_large(message: str) -> bool:

@@ -13,12 +13,13 @@ pace of the starts. So:
   works in parallel (a cluster) answers as fast with more in flight, so the window opens up to the
   limit; a serial one (a dev server on SQLite) answers each start later for every start queued
   ahead of it, so the window stays at the few that keep it busy, and
-- while the adapters in the same process hand events over slower than
-  ``dispatcher.handover_target_ms`` per signal, with events piling up behind the signals that
-  clients wait for (HTTP ``202``s; a Kafka or RabbitMQ publisher has its ack from the broker), its
-  starts give way: each such signal halves the share of the window they may use (down to one
-  start), any other gives a sixteenth back (the additive-increase, multiplicative-decrease of
-  TCP's congestion control), and a quarter of a second without any signal gives it all back.
+- while the adapters in the same process hand events over slowly (a signal slower than
+  HANDOVER_TOLERANCE times the fastest recent one, or than ``dispatcher.handover_target_ms`` when
+  it is set), with events piling up behind the signals that clients wait for (HTTP ``202``s; a
+  Kafka or RabbitMQ publisher has its ack from the broker), its starts give way: each such signal
+  halves the share of the window they may use (down to one start), any other gives a sixteenth
+  back (the additive-increase, multiplicative-decrease of TCP's congestion control), and a quarter
+  of a second without any signal gives it all back.
 
 Events that were handed over are held by Temporal and start right after, at the full rate. A
 half load never holds its starts back: its signals carry a few events each, fast or slow, and
@@ -46,6 +47,13 @@ PRESSURE = 16
 """Events a client waits for in one signal from which a slow signal counts: a burst piles requests
 up behind each signal (64 clients waiting: up to 64 in the next), a steady half load hands over a
 few at a time. A broker's events wait for nobody: a Kafka poll of hundreds of records is no burst."""
+HANDOVER_TOLERANCE = 2.0
+"""Without ``dispatcher.handover_target_ms``, a signal slower than this many times the fastest
+signal of the last BASE_PERIOD or two is slow. A serial server (a dev server on SQLite) answers a
+burst's signals two to three times later with a few starts queued ahead of each, and as fast as
+when idle with one: the burst then takes its 202s about twice as fast (docs/benchmarks.md). A
+server that works in parallel answers a full signal about as fast as an idle one however many
+starts it has in flight, so a steady high load keeps its starts."""
 QUIET = 0.25
 """Seconds without a signal after which the adapters count as quiet and the share is whole again.
 Not at once: between two signals of a burst nothing is on the way for a moment, and every start
@@ -59,12 +67,14 @@ class Handover:
     whether one is on the way (``receiving``); :meth:`share` is the part of the starts' window
     they may use now."""
 
-    def __init__(self, target: Callable[[], float], receiving: Callable[[], bool]) -> None:
-        """``target``: seconds per signal, read at each report (it follows reloads)."""
+    def __init__(self, target: Callable[[], float | None], receiving: Callable[[], bool]) -> None:
+        """``target``: seconds per signal, read at each report (it follows reloads); None for
+        HANDOVER_TOLERANCE times the fastest recent signal."""
         self._target = target
         self._receiving = receiving
         self._share = 1.0
         self._last = -QUIET  # time.monotonic() of the last report
+        self._fastest = Fastest()
 
     def sent(self, seconds: float, events: int) -> None:
         """A signal that carried ``events`` that clients wait for took ``seconds``: slow and full
@@ -75,7 +85,11 @@ class Handover:
         if now - seconds - self._last > QUIET:
             self._share = 1.0
         self._last = now
-        if seconds > self._target() and events >= PRESSURE:
+        self._fastest.add(now, seconds)
+        target = self._target()
+        if target is None:
+            target = HANDOVER_TOLERANCE * self._fastest.base
+        if seconds > target and events >= PRESSURE:
             self._share = max(FLOOR, self._share / 2)
         else:
             self._share = min(1.0, self._share + STEP)
@@ -100,6 +114,27 @@ ROUND = 4
 BASE_PERIOD = 10.0
 """The fastest start is remembered for one to two periods, so a server that got slower for good
 (or a new network path) sets a new baseline."""
+
+
+class Fastest:
+    """The fastest of the latencies told in the last one or two BASE_PERIODs: what a call takes
+    when nothing is queued ahead of it, with a server that got slower for good (or a new network
+    path) setting a new one."""
+
+    def __init__(self, now: float = -math.inf) -> None:
+        self._epoch = (now, math.inf, math.inf)  # (began, fastest before, fastest since)
+
+    @property
+    def base(self) -> float:
+        """inf before the first."""
+        return min(self._epoch[1], self._epoch[2])
+
+    def add(self, now: float, seconds: float) -> None:
+        began, before, since = self._epoch
+        if now - began > BASE_PERIOD:
+            self._epoch = (now, since, seconds)
+        else:
+            self._epoch = (began, before, min(since, seconds))
 
 
 class StartWindow:
@@ -129,7 +164,7 @@ class StartWindow:
         self._round: list[float] = []
         self._cut = -math.inf  # clock of the last cut
         self._last = -math.inf  # clock of the last start's end
-        self._epoch = (clock(), math.inf, math.inf)  # (began, fastest before, fastest since)
+        self._fastest = Fastest(clock())
 
     def size(self) -> int:
         if self._tolerance() is None:
@@ -139,7 +174,7 @@ class StartWindow:
     @property
     def base(self) -> float:
         """The fastest start of the last one or two BASE_PERIODs (inf before the first)."""
-        return min(self._epoch[1], self._epoch[2])
+        return self._fastest.base
 
     def wake(self, in_flight: int) -> None:
         """Told before each start: after IDLE s with none in flight, begin again at INITIAL."""
@@ -155,11 +190,7 @@ class StartWindow:
         now = self.now()
         self._last = now
         seconds = now - began
-        began_epoch, before, since = self._epoch
-        if now - began_epoch > BASE_PERIOD:
-            self._epoch = (now, since, seconds)
-        else:
-            self._epoch = (began_epoch, before, min(since, seconds))
+        self._fastest.add(now, seconds)
         tolerance = self._tolerance()
         if tolerance is None or began < self._cut:
             return  # no window; or it was in flight before the last cut, which counted it already

@@ -35,7 +35,7 @@ from bridge.runtime.embedded import EmbeddedTemporal
 from bridge.runtime.lookup import Lookup
 from bridge.snapshot import Snapshot, SnapshotSource
 from dispatcher import search
-from dispatcher.client import DispatcherClient, query_stats
+from dispatcher.client import DispatcherClient, handover_seconds, query_stats
 from dispatcher.contract import STAT_KEYS
 from dispatcher.worker import build_worker
 
@@ -158,7 +158,7 @@ class Bridge:
             cfg,
             self.metrics,
             retry_after=lambda: self.source.current.config.http.retry_after_seconds,
-            handover_target=lambda: self.source.current.config.dispatcher.handover_target_ms / 1000,
+            handover_target=lambda: handover_seconds(self.source.current.config),
         )
         if self.role in ("all", "worker"):
             attributes = await self._search_attributes()

@@ -11,12 +11,14 @@ import pytest
 from dispatcher.slots import (
     BASE_PERIOD,
     FLOOR,
+    HANDOVER_TOLERANCE,
     IDLE,
     INITIAL,
     PRESSURE,
     QUIET,
     ROUND,
     STEP,
+    Fastest,
     Handover,
     StartSlots,
     StartWindow,
@@ -78,6 +80,34 @@ def test_slow_signals_halve_the_share_and_fast_ones_give_a_step_back() -> None:
     for _ in range(40):
         handover.sent(0.001, PRESSURE)
     assert handover.share() == 1.0
+
+
+def test_without_a_target_a_signal_is_slow_at_twice_the_fastest_recent_one() -> None:
+    """dispatcher.handover_target_ms unset: the first signals set the base; a full signal more than
+    HANDOVER_TOLERANCE times slower than it halves the share, one within it gives a step back, and
+    a slow signal of a few events (a steady load) holds nothing back."""
+    handover = Handover(lambda: None, lambda: True)
+    handover.sent(0.010, 1)  # idle: the fastest
+    assert handover.share() == 1.0
+    handover.sent(0.019, PRESSURE)  # within twice the fastest
+    assert handover.share() == 1.0
+    handover.sent(0.0105 * HANDOVER_TOLERANCE, PRESSURE)  # just past twice the fastest
+    assert handover.share() == 0.5
+    handover.sent(0.5, PRESSURE - 1)
+    assert handover.share() == 0.5 + STEP
+
+
+def test_the_fastest_is_forgotten_after_one_or_two_periods() -> None:
+    """A server that got slower for good sets a new base: what was fastest counts for the period it
+    was seen in and the next one, not longer."""
+    fastest = Fastest(0.0)
+    fastest.add(1.0, 0.010)
+    fastest.add(5.0, 0.050)
+    assert fastest.base == 0.010
+    fastest.add(1.0 + BASE_PERIOD + 0.5, 0.040)  # a new period: the last one's fastest still counts
+    assert fastest.base == 0.010
+    fastest.add(1.0 + 2 * BASE_PERIOD + 1.0, 0.045)  # and another: now only what came since
+    assert fastest.base == 0.040
 
 
 async def test_while_the_hand_over_is_slow_only_its_share_goes_then_the_rest() -> None:
