@@ -166,8 +166,9 @@ class DispatcherClient:
         handover_target: Callable[[], float | None] | None = None,
     ) -> None:
         """``retry_after`` (seconds, or a callable read at each refusal) defaults to the config's
-        ``http.retry_after_seconds``, and ``handover_target`` (seconds per signal) to its
-        ``dispatcher.handover_target_ms``; the runtime passes callables that follow reloads."""
+        ``http.retry_after_seconds``, and ``handover_target`` (seconds per signal, None for
+        relative to the fastest recent signal) to its ``dispatcher.handover_target_ms``; the
+        runtime passes callables that follow reloads."""
         self.client = client
         self.project = config.project
         self.task_queue = config.task_queue
