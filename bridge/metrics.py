@@ -87,7 +87,7 @@ class Metrics:
         self.start_share = Gauge(
             "signal_bridge_start_share",
             "The share of dispatcher.starts_in_flight the starts may use now: below 1 while the adapters "
-            "in this process hand events over slowly",
+            "in this process, or the ingress processes that signal its dispatchers, hand events over slowly",
             registry=r,
         )
         self.start_window = Gauge(

@@ -50,6 +50,7 @@ from dispatcher.contract import (
 )
 from dispatcher.slots import Handover, StartSlots, StartWindow
 from dispatcher.spans import client_span, tracing_interceptor
+from dispatcher.told import Told
 
 log = logging.getLogger(__name__)
 
@@ -64,22 +65,29 @@ class BridgeActivities:
         search_attributes: bool = False,
         tracing: bool = False,
         handover: Handover | None = None,
+        told: Told | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         """``search_attributes``: the namespace has dispatcher.search's attributes (the worker
         looked at start), so target runs may carry them. ``tracing``: each start is made in its
         event's trace (``metadata.traceparent``), so the run continues it. ``handover``: how this
-        process's adapters hand events over, which its starts give way to (dispatcher.slots).
-        ``metrics``: where the starts in flight and their share are shown."""
+        process's adapters hand events over, which its starts give way to (dispatcher.slots);
+        ``told``: the shares adapter processes told in their signals, which they give way to as
+        well (dispatcher.told). ``metrics``: where the starts in flight and their share are shown."""
         self._current = current
         self.search_attributes = search_attributes
         self.tracing = tracing
         window = StartWindow(self._starts_in_flight, lambda: self.snapshot().config.dispatcher.start_latency_tolerance)
-        self.slots = StartSlots(window, handover)
+
+        def share() -> float:
+            own = handover.share() if handover is not None else 1.0
+            return own if told is None else min(own, told.share())
+
+        self.slots = StartSlots(window, share if handover is not None or told is not None else None)
         if metrics is not None:
             slots = self.slots
             metrics.starts_in_flight.set_function(lambda: slots.used)
-            metrics.start_share.set_function(lambda: handover.share() if handover is not None else 1.0)
+            metrics.start_share.set_function(share)
             metrics.start_window.set_function(window.size)
 
     def snapshot(self) -> Snapshot:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from temporalio.api.common.v1 import Payload, Payloads, WorkflowType
+from temporalio.api.common.v1 import Header, Payload, Payloads, WorkflowType
 from temporalio.api.enums.v1 import ResourceExhaustedCause
 from temporalio.api.errordetails.v1 import ResourceExhaustedFailure
 from temporalio.api.taskqueue.v1 import TaskQueue
@@ -51,6 +51,7 @@ from bridge.config import BridgeConfig
 from bridge.errors import EventRejected, Unavailable
 from bridge.event import EventSignal, encode
 from bridge.metrics import Metrics
+from dispatcher import told
 from dispatcher.contract import (
     DISPATCHER_WORKFLOW,
     EVENT_SIGNAL,
@@ -416,6 +417,10 @@ class DispatcherClient:
         signal_input = Payloads(payloads=[Payload(metadata=JSON_PLAIN, data=b"[" + b",".join(events) + b"]")])
         try:
             with client_span(self._tracing, f"SignalWithStartWorkflow:{DISPATCHER_WORKFLOW}", wid) as header:
+                share = self.handover.share()
+                if share < 1.0:  # the worker running the dispatcher, in whatever process, gives way too
+                    header = header or Header()
+                    header.fields[told.HEADER].CopyFrom(told.header(self.client.identity, share))
                 request = SignalWithStartWorkflowExecutionRequest(
                     namespace=self.client.namespace,
                     workflow_id=wid,

@@ -19,7 +19,9 @@ pace of the starts. So:
   Kafka or RabbitMQ publisher has its ack from the broker), its starts give way: each such signal
   halves the share of the window they may use (down to one start), any other gives a sixteenth
   back (the additive-increase, multiplicative-decrease of TCP's congestion control), and a quarter
-  of a second without any signal gives it all back.
+  of a second without any signal gives it all back. The adapters of other processes (``ingress``)
+  tell their share in their signals, and a worker's starts give way to them too
+  (:mod:`dispatcher.told`).
 
 Events that were handed over are held by Temporal and start right after, at the full rate. A
 half load never holds its starts back: its signals carry a few events each, fast or slow, and
@@ -214,9 +216,11 @@ class StartSlots:
     hand-over's share, at least one. A smaller size makes new starts wait; none in flight is
     interrupted. A fixed limit is a window without a tolerance."""
 
-    def __init__(self, window: StartWindow, handover: Handover | None = None) -> None:
+    def __init__(self, window: StartWindow, share: Callable[[], float] | None = None) -> None:
+        """``share``: the part of the window the starts may use now (:meth:`Handover.share`, or
+        the smallest of it and the shares other processes told, :mod:`dispatcher.told`)."""
         self.window = window
-        self._handover = handover
+        self._share = share
         self._used = 0
         self._turn = asyncio.Lock()  # the starts waiting for a slot queue here, first come first served
         self._freed = asyncio.Condition()
@@ -228,9 +232,9 @@ class StartSlots:
     def size(self) -> int:
         """The number of starts that may be in flight now."""
         size = self.window.size()
-        if self._handover is None:
+        if self._share is None:
             return size
-        return max(1, int(size * self._handover.share()))
+        return max(1, int(size * self._share()))
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

@@ -19,6 +19,7 @@ from dispatcher.activities import BridgeActivities
 from dispatcher.filtering import evaluate_filters
 from dispatcher.runner import TaskRunnerWorkflow
 from dispatcher.slots import Handover
+from dispatcher.told import TellInterceptor, Told
 from dispatcher.workflow import DispatcherWorkflow
 
 # Pure modules the workflows use: passed through so they load once, not once per run.
@@ -57,9 +58,13 @@ def build_worker(
     :func:`dispatcher.search.missing`), so target runs carry them. ``tracing``: the client has the
     OpenTelemetry interceptor, and each target starts in its event's trace. ``handover``: how
     the adapters in this process hand events over; a slow hand-over comes before starts (see
-    :mod:`dispatcher.slots`)."""
+    :mod:`dispatcher.slots`); so do the shares that adapter processes tell in their signals
+    (:mod:`dispatcher.told`)."""
+    # The shares told in the signals of adapter processes (this one's too): the starts give way
+    # to a burst handed over by an ``ingress`` elsewhere as to one handed over here.
+    told = Told()
     acts = BridgeActivities(
-        current, search_attributes=search_attributes, tracing=tracing, handover=handover, metrics=metrics
+        current, search_attributes=search_attributes, tracing=tracing, handover=handover, told=told, metrics=metrics
     )
     return Worker(
         client,
@@ -71,4 +76,5 @@ def build_worker(
             restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH)
         ),
         max_concurrent_workflow_tasks=50,
+        interceptors=[TellInterceptor(told)],
     )

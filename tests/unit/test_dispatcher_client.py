@@ -27,6 +27,7 @@ import dispatcher.client
 from bridge.errors import EventRejected, Unavailable
 from bridge.event import EventSignal, encode, encoded_size
 from bridge.metrics import Metrics
+from dispatcher import told
 from dispatcher.client import DispatcherClient, busy, not_ready, query_stats, shard_of
 from dispatcher.contract import (
     DISPATCHER_WORKFLOW,
@@ -38,7 +39,7 @@ from dispatcher.contract import (
     DispatcherInput,
     dispatcher_id,
 )
-from dispatcher.slots import PRESSURE
+from dispatcher.slots import PRESSURE, STEP
 from tests.helpers import assert_eventually, config, runner
 
 PROJECT = "shop"
@@ -144,6 +145,7 @@ class FakeTemporal:
             "namespace": req.namespace,
             "identity": req.identity,
             "retry": retry,
+            "header": dict(req.header.fields),
         }
         if req.workflow_id_conflict_policy:
             options["id_conflict_policy"] = req.workflow_id_conflict_policy
@@ -672,6 +674,24 @@ async def test_only_events_a_client_waits_for_press_the_hand_over() -> None:
     ]
     await dc.submit(waited)
     assert dc.handover.share() == 0.5
+    await dc.close()
+
+
+async def test_while_the_share_is_below_one_each_signal_tells_it_to_the_worker() -> None:
+    """A worker in another process gives way only if told (dispatcher.told): each signal sent
+    while the hand-over's share is below one carries it, with the sender's identity; a signal
+    sent with a whole share carries no header."""
+    temporal = FakeTemporal()
+    target = 60.0
+    dc = make_client(temporal, handover_target=lambda: target)
+    await dc.submit([ev(f"a{i}") for i in range(PRESSURE)])
+    target = 0.0  # every signal is slow now
+    await dc.submit([ev(f"b{i}") for i in range(PRESSURE)])  # sent with a whole share; halves it
+    await dc.submit([ev("c")])  # sent with half
+    await dc.submit([ev("d")])  # a STEP given back by the signal before
+    assert [told.HEADER in c.options["header"] for c in temporal.calls] == [False, False, True, True]
+    assert told.read(temporal.calls[2].options["header"][told.HEADER]) == ("fake@test", 0.5)
+    assert told.read(temporal.calls[3].options["header"][told.HEADER]) == ("fake@test", 0.5 + STEP)
     await dc.close()
 
 

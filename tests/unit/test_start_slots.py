@@ -115,7 +115,7 @@ async def test_while_the_hand_over_is_slow_only_its_share_goes_then_the_rest() -
     handover = Handover(lambda: 0.05, lambda: receiving)
     for _ in range(3):
         handover.sent(0.5, PRESSURE)  # an eighth of 16
-    starts = Starts(StartSlots(fixed(lambda: 16), handover))
+    starts = Starts(StartSlots(fixed(lambda: 16), handover.share))
     tasks = starts.launch(6)
     await assert_eventually(lambda: len(starts.order) == 2, timeout=5, interval=0.01)
     await asyncio.sleep(0.2)  # ten looks at the share: still two
@@ -130,7 +130,7 @@ async def test_while_the_hand_over_is_slow_only_its_share_goes_then_the_rest() -
 async def test_starts_in_flight_stay_when_the_hand_over_slows_down() -> None:
     """A smaller size holds new starts back; it interrupts none."""
     handover = Handover(lambda: 0.05, lambda: True)
-    starts = Starts(StartSlots(fixed(lambda: 4), handover))
+    starts = Starts(StartSlots(fixed(lambda: 4), handover.share))
     first = starts.launch(4)
     await assert_eventually(lambda: starts.slots.used == 4, timeout=5, interval=0.01)
     for _ in range(10):
@@ -315,7 +315,7 @@ async def test_the_hand_over_s_share_is_of_the_window() -> None:
     handover = Handover(lambda: 0.05, lambda: True)
     handover.sent(0.5, PRESSURE)
     handover.sent(0.5, PRESSURE)
-    slots = StartSlots(StartWindow(lambda: 64, lambda: 4.0), handover)
+    slots = StartSlots(StartWindow(lambda: 64, lambda: 4.0), handover.share)
     assert slots.size() == 1
     slots.window = StartWindow(lambda: 64, lambda: None)
     assert slots.size() == 16

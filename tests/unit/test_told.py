@@ -1,0 +1,91 @@
+"""The hand-over's share told across processes (dispatcher.told): the header, and what the
+worker makes of the shares it was told."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+from temporalio.api.common.v1 import Payload
+
+from dispatcher.slots import FLOOR
+from dispatcher.told import HOLD, MAX_SENDER, SENDERS, Told, header, read
+
+
+def test_a_header_reads_back_as_its_sender_and_share() -> None:
+    assert read(header("4242@ingress-a", 0.25)) == ("4242@ingress-a", 0.25)
+    assert read(header("x" * 1000, 0.5)) == ("x" * MAX_SENDER, 0.5)
+
+
+def payload(data: bytes) -> Payload:
+    return Payload(metadata={"encoding": b"json/plain"}, data=data)
+
+
+def test_what_is_not_a_header_is_ignored_and_a_share_is_kept_within_floor_and_one() -> None:
+    for data in (
+        b"",
+        b"not json",
+        b"[0.5]",
+        b'{"share": 0.5}',
+        b'{"from": "a"}',
+        b'{"from": 7, "share": 0.5}',
+        b'{"from": "a", "share": "0.5"}',
+        b'{"from": "a", "share": true}',
+        b'{"from": "a", "share": NaN}',
+        b'{"from": "a", "share": null}',
+    ):
+        assert read(payload(data)) is None, data
+    assert read(payload(b'{"from": "a", "share": 0}')) == ("a", FLOOR)
+    assert read(payload(b'{"from": "a", "share": -3}')) == ("a", FLOOR)
+    assert read(payload(b'{"from": "a", "share": 7}')) == ("a", 1.0)
+    assert read(payload(b'{"from": "a", "share": Infinity}')) == ("a", 1.0)
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_are_ignored_or_read_as_a_share_within_floor_and_one(data: bytes) -> None:
+    heard = read(payload(data))
+    if heard is not None:
+        sender, share = heard
+        assert isinstance(sender, str) and len(sender) <= MAX_SENDER
+        assert FLOOR <= share <= 1.0 and not math.isnan(share)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_smallest_share_told_within_hold_counts_and_none_is_whole() -> None:
+    clock = Clock()
+    told = Told(clock)
+    assert told.share() == 1.0
+    told.tell("a", 0.5)
+    told.tell("b", 0.125)
+    assert told.share() == 0.125
+    clock.now += HOLD / 2
+    told.tell("a", 0.25)  # told again: a's hold begins again
+    assert told.share() == 0.125
+    told.tell("b", 1.0)  # b's burst is over: its latest share counts, not its smallest
+    assert told.share() == 0.25
+    clock.now += HOLD * 0.75
+    assert told.share() == 0.25  # a was told HOLD * 0.75 ago
+    clock.now += HOLD / 2
+    assert told.share() == 1.0  # nothing told for longer than HOLD
+
+
+def test_at_most_senders_are_remembered_the_least_recently_told_go_first() -> None:
+    clock = Clock()
+    told = Told(clock)
+    told.tell("first", FLOOR)
+    for i in range(SENDERS - 1):
+        told.tell(f"s{i}", 0.5)
+    told.tell("first", FLOOR)  # told again: now the latest
+    told.tell("one-more", 0.5)  # s0 goes, not first
+    assert told.share() == FLOOR
+    for i in range(SENDERS):
+        told.tell(f"t{i}", 0.5)
+    assert told.share() == 0.5  # first went with the others
