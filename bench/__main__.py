@@ -18,9 +18,10 @@ so only starting is measured; their start times come from Temporal's visibility.
    acknowledgement (HTTP 202, Kafka producer ack, RabbitMQ publisher confirm) to the target's start.
 3. scale-out: 2 ``ingress`` + 2 ``worker`` processes (``dispatcher.shards: 2``), HTTP throughput,
    against the one-``serve`` default row.
-4. burst: wrk (2 threads, 64 connections) against a bare litestar endpoint and the bridge, single
-   events and batches; req/s, ratio to bare, refusals, the bridge's peak RSS, and whether the
-   dispatcher received every accepted event.
+4. burst: wrk (2 threads, 64 connections) against a bare litestar endpoint and the bridge (one
+   ``serve``, then one ``ingress`` with one ``worker``), single events and batches; req/s, ratio to
+   bare, refusals, each bridge process's peak RSS, and whether the dispatcher received every
+   accepted event.
 
 The brokers come from ``KAFKA_BOOTSTRAP_SERVERS`` and ``AMQP_URL``, Temporal from ``--temporal`` or
 ``TEMPORAL_ADDRESS`` (else a fresh embedded dev server). ``make bench`` runs this under

@@ -308,32 +308,47 @@ def _burst_row(name: str, result: WrkResult, batch: int, bare: Row | None) -> Ro
     return row
 
 
-async def _bridge_burst(run: Run, batch: int, bare: Row | None) -> Row:
+async def _bridge_burst(run: Run, batch: int, bare: Row | None, *, split: bool = False) -> Row:
+    """One burst against a fresh bridge: one ``serve``, or (``split``) one ``ingress`` with one
+    ``worker`` beside it."""
     project = unique("bench-burst")
     config = bridge_config(
         project=project, address=run.address, mode=None, targets={"burst": f"{project}-burst"}, settings=run.settings
     )
-    bridge = Bridge(run.workdir, config)
+    bridge = Bridge(run.workdir, config, ingress=int(split), workers=int(split))
     try:
         await bridge.start()
         result = await wrk(run, bridge.urls[0], batch, TOKEN, run.burst_seconds)
         bridge.check_alive()
-        row = _burst_row(f"burst bridge {mode_label(None)}, {batch}/request", result, batch, bare)
+        deployment = "ingress+worker" if split else "bridge"
+        row = _burst_row(f"burst {deployment} {mode_label(None)}, {batch}/request", result, batch, bare)
         row.notes.insert(0, f"not accepted {result.not_accepted}")
         accepted = result.accepted * batch
         row.notes.append(await received_check(run, project, accepted, timeout=max(60.0, 3 * run.burst_seconds)))
-        rss = bridge.peak_rss_mib()["serve-1"]
-        row.notes.insert(1, f"peak RSS {rss:.0f} MiB" if rss is not None else "peak RSS unknown")
+        row.notes.insert(1, _rss_note(bridge.peak_rss_mib()))
         return run.add(row)
     finally:
         bridge.stop()
         await terminate_dispatchers(run.client, project, 1)
 
 
+def _rss_note(peaks: dict[str, float | None]) -> str:
+    """``peak RSS 146 MiB``; with more than one process, each one's."""
+
+    def mib(value: float | None) -> str:
+        return "unknown" if value is None else f"{value:.0f} MiB"
+
+    if len(peaks) == 1:
+        return f"peak RSS {mib(next(iter(peaks.values())))}"
+    return "peak RSS " + ", ".join(f"{name} {mib(value)}" for name, value in peaks.items())
+
+
 async def burst(run: Run) -> None:
-    """wrk (2 threads, 64 connections) against the bare endpoint, then the bridge (default mode,
-    a fresh ``serve`` per variant): single events and batches of ``run.burst_batch``."""
+    """wrk (2 threads, 64 connections) against the bare endpoint, then the bridge (default mode, a
+    fresh ``serve`` per variant, then a fresh ``ingress`` with a ``worker``): single events and
+    batches of ``run.burst_batch``."""
     batches = [1, run.burst_batch] if run.burst_batch > 1 else [1]
     bare = await _bare_rows(run, batches)
-    for batch in batches:
-        await _bridge_burst(run, batch, bare.get(batch))
+    for split in (False, True):
+        for batch in batches:
+            await _bridge_burst(run, batch, bare.get(batch), split=split)
