@@ -41,6 +41,8 @@ SENDERS = 64
 """The most senders remembered; the stale ones go first."""
 MAX_SENDER = 200
 """Characters of a sender's identity kept."""
+MAX_BYTES = 1024
+"""A larger header is not read: ours are under 300 bytes."""
 
 
 def header(sender: str, share: float) -> Payload:
@@ -51,11 +53,14 @@ def header(sender: str, share: float) -> Payload:
 
 def read(payload: Payload) -> tuple[str, float] | None:
     """The sender and share of a header; None when it is not one (a share is kept within
-    [FLOOR, 1])."""
+    [FLOOR, 1]). Never raises: what any client of the namespace put in a header must not fail the
+    dispatcher's workflow task."""
+    if len(payload.data) > MAX_BYTES:
+        return None
     try:
         told: Any = json.loads(payload.data)
         sender, share = told["from"], told["share"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):
         return None
     if not isinstance(sender, str) or isinstance(share, bool) or not isinstance(share, int | float):
         return None

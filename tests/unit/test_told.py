@@ -3,7 +3,9 @@ worker makes of the shares it was told."""
 
 from __future__ import annotations
 
+import inspect
 import math
+import sys
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -34,12 +36,24 @@ def test_what_is_not_a_header_is_ignored_and_a_share_is_kept_within_floor_and_on
         b'{"from": "a", "share": true}',
         b'{"from": "a", "share": NaN}',
         b'{"from": "a", "share": null}',
+        b'{"from": "' + b"x" * 2000 + b'", "share": 0.5}',  # over MAX_BYTES
     ):
         assert read(payload(data)) is None, data
     assert read(payload(b'{"from": "a", "share": 0}')) == ("a", FLOOR)
     assert read(payload(b'{"from": "a", "share": -3}')) == ("a", FLOOR)
     assert read(payload(b'{"from": "a", "share": 7}')) == ("a", 1.0)
     assert read(payload(b'{"from": "a", "share": Infinity}')) == ("a", 1.0)
+
+
+def test_a_header_nested_past_the_recursion_limit_is_ignored() -> None:
+    """json.loads raises RecursionError, not ValueError, for deep nesting within MAX_BYTES; the
+    limit is lowered here because test runners raise it."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack()) + 100)
+    try:
+        assert read(payload(b"[" * 500)) is None
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 @given(st.binary(max_size=300))
