@@ -95,6 +95,8 @@ class Unavailable(BridgeError):
 
 
 class Overloaded(Unavailable):
-    """Too many events already wait for Temporal in this process; nothing of this one was taken."""
+    """Too many events already wait for Temporal in this process, or in the dispatcher for their
+    starts (it holds as many as it can start before it must continue-as-new); nothing of this one
+    was taken."""
 
     reason: Reason = "overloaded"

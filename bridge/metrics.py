@@ -84,6 +84,14 @@ class Metrics:
             "Target starts and signals waiting on Temporal in this process",
             registry=r,
         )
+        self.dispatcher_accept_bytes = Gauge(
+            "signal_bridge_dispatcher_accept_bytes",
+            "Bytes of events a dispatcher can still take in its run, as this process last looked "
+            "(its stats query's accept_bytes); at 0 the adapters refuse its events as overloaded. "
+            "-1 when it does not say",
+            ["dispatcher"],
+            registry=r,
+        )
         self.start_share = Gauge(
             "signal_bridge_start_share",
             "The share of dispatcher.starts_in_flight the starts may use now: below 1 while the adapters "

@@ -142,6 +142,9 @@ class Pipeline:
             try:
                 with metrics.submit_seconds.time(), self.tracer.submitting(good) if self.tracer else nullcontext():
                     await self._hand_over(good, encoded)
+            except Overloaded:  # the dispatcher can take no more now (dispatcher.client)
+                metrics.child(metrics.overloaded, adapter).inc()
+                raise
             except Unavailable:
                 metrics.child(metrics.unavailable, adapter).inc()
                 raise

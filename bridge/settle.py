@@ -378,11 +378,13 @@ class Settler(Generic[M]):
 
     async def _wait_out(self, exc: Exception, what: str) -> None:
         """Pause the transport and wait before the next attempt. :class:`Overloaded` (this process
-        already holds as many events waiting for Temporal as it may) is waited out like an outage:
+        already holds as many events waiting for Temporal as it may, or the dispatcher as many as it
+        can start before it must continue-as-new) is waited out like an outage:
         the transport fetches nothing more meanwhile."""
         self.failures += 1
         delay = self.backoff.delay(self.failures)
-        state = "busy (too many events wait for it in this process)" if isinstance(exc, Overloaded) else "unavailable"
+        busy = "busy (too many events wait, in this process or its dispatcher)"
+        state = busy if isinstance(exc, Overloaded) else "unavailable"
         if self.failures == 1:
             self._outage_since = time.monotonic()
             log.warning(

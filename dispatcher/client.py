@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -48,17 +49,20 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from bridge.config import BridgeConfig
-from bridge.errors import EventRejected, Unavailable
+from bridge.errors import EventRejected, Overloaded, Unavailable
 from bridge.event import EventSignal, encode
 from bridge.metrics import Metrics
 from dispatcher import told
 from dispatcher.contract import (
     DISPATCHER_WORKFLOW,
+    DRAIN_HISTORY_BYTES,
     EVENT_SIGNAL,
+    FULL_MARGIN,
     MAX_SIGNAL_BYTES,
     MAX_SIGNAL_EVENTS,
     RELOAD_SIGNAL,
     STATS_QUERY,
+    TAKE_WEIGHT,
     DispatcherInput,
     DispatcherStats,
     dispatcher_id,
@@ -142,6 +146,23 @@ JSON_PLAIN = {"encoding": b"json/plain"}
 """The metadata of the signal's payload: what the SDK's JSON converter writes, and decodes."""
 
 
+WATCH_EVERY = 0.5
+"""Seconds between looks at a dispatcher's ``accept_bytes`` while events are sent to it."""
+WATCH_IDLE = 5.0
+"""Seconds after the last signal to a dispatcher from which it is no longer looked at (unless it
+takes nothing: then it is looked at until it does)."""
+
+
+@dataclass
+class _Room:
+    """What a dispatcher may still take (bytes of events): its last ``accept_bytes``, less what was
+    sent since; unknown (inf) until the first look."""
+
+    budget: float = math.inf
+    sent_at: float = -math.inf  # time.monotonic() of the last signal to it
+    full: bool = False  # as last logged
+
+
 @dataclass
 class _Submission:
     events: list[bytes]  # each event encoded (bridge.event.encode)
@@ -183,6 +204,8 @@ class DispatcherClient:
         self.probe_interval = probe_interval
         self._queues: list[asyncio.Queue[_Submission]] = []
         self._senders: list[asyncio.Task[None]] = []
+        self._watchers: list[asyncio.Task[None]] = []  # one per shard: _watch
+        self._rooms: list[_Room] = []
         self._carry: list[_Submission | None] = []
         self._down_since: float | None = None
         self._prober: asyncio.Task[None] | None = None
@@ -237,6 +260,8 @@ class DispatcherClient:
             placed.append((shard_of(event, self.shards), item, event.source.split(":", 1)[0] in AWAITED))
         if not self._senders:
             self._start_senders()
+        for shard in {shard for shard, _, _ in placed}:
+            self._refuse_if_full(shard)
         subs: list[_Submission] = []
         open_: dict[int, _Submission] = {}
         for shard, item, awaited in placed:
@@ -279,14 +304,15 @@ class DispatcherClient:
         """Stop the senders once their queues are empty; pending submissions finish first."""
         for q in self._queues:
             await q.join()
-        for task in [*self._senders, *([self._prober] if self._prober else [])]:
+        for task in [*self._senders, *self._watchers, *([self._prober] if self._prober else [])]:
             task.cancel()
-        await asyncio.gather(*self._senders, *self._stray, return_exceptions=True)
+        await asyncio.gather(*self._senders, *self._watchers, *self._stray, return_exceptions=True)
         if self._prober is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._prober
             self._prober = None
         self._senders.clear()
+        self._watchers.clear()
         self._queues.clear()
 
     def _unavailable(self, message: str) -> Unavailable:
@@ -320,9 +346,58 @@ class DispatcherClient:
     def _start_senders(self) -> None:
         self._queues = [asyncio.Queue() for _ in range(self.shards)]
         self._carry = [None] * self.shards
+        self._rooms = [_Room() for _ in range(self.shards)]
         self._senders = [
             asyncio.create_task(self._sender(k), name=f"dispatcher-sender-{k}") for k in range(self.shards)
         ]
+        self._watchers = [
+            asyncio.create_task(self._watch(k), name=f"dispatcher-watcher-{k}") for k in range(self.shards)
+        ]
+
+    def _refuse_if_full(self, shard: int) -> None:
+        room = self._rooms[shard]
+        if room.budget <= 0:
+            raise Overloaded(
+                f"dispatcher {self._ids[shard]} holds as many events as it can start before it must "
+                "continue-as-new; it takes more as its backlog starts",
+                self.retry_after,
+            )
+
+    async def _watch(self, shard: int) -> None:
+        """Keep the shard's ``accept_bytes`` (its STATS_QUERY) up to date while events are sent to
+        it, or while it takes none: every WATCH_EVERY s, each look's answer less what was sent since.
+        Without an answer (no worker runs it), judge by the run's history alone, as if it had to
+        start all of it (TAKE_WEIGHT): nothing drains it then, and a run Temporal terminates at its
+        history's limit would lose all it holds."""
+        room = self._rooms[shard]
+        handle = self.handle(shard)
+        gauge = self.metrics.child(self.metrics.dispatcher_accept_bytes, self._ids[shard])
+        while True:
+            await asyncio.sleep(WATCH_EVERY)
+            if room.budget > 0 and time.monotonic() - room.sent_at > WATCH_IDLE:
+                continue
+            try:
+                stats = await query_stats(handle, patience=0, rpc_timeout=self.probe_timeout)
+                budget = float(stats.get("accept_bytes", math.inf))
+            except Exception:
+                try:
+                    info = (await handle.describe(rpc_timeout=self.probe_timeout)).raw_description
+                except Exception:
+                    continue  # Temporal does not answer: the prober refuses submissions meanwhile
+                history = info.workflow_execution_info.history_size_bytes
+                budget = max(0.0, (DRAIN_HISTORY_BYTES - FULL_MARGIN - history) / TAKE_WEIGHT)
+            room.budget = budget
+            gauge.set(budget if math.isfinite(budget) else -1)
+            if (budget <= 0) != room.full:
+                room.full = budget <= 0
+                if room.full:
+                    log.warning(
+                        "dispatcher=%s holds as many events as it can start before continuing-as-new: "
+                        "refusing its events (overloaded) until its backlog starts",
+                        self._ids[shard],
+                    )
+                else:
+                    log.info("dispatcher=%s takes events again", self._ids[shard])
 
     async def _sender(self, shard: int) -> None:
         """Send one shard's submissions, one signal at a time, coalescing whatever queued meanwhile."""
@@ -367,6 +442,9 @@ class DispatcherClient:
                 await self._check()
         else:
             self.handover.sent(time.monotonic() - began, sum(sub.awaited for sub in batch))
+            room = self._rooms[shard]
+            room.budget -= sum(sub.size for sub in batch)
+            room.sent_at = time.monotonic()
             # Answered on the loop's next turn: the sender first takes what queued meanwhile and
             # starts its signal, so Temporal works on it while the answered requests are answered
             # (each a response to write). The order of signals is as before: one at a time.

@@ -29,6 +29,8 @@ __all__ = [
     "EVALUATE_FILTERS",
     "EVENT_COST",
     "EVENT_SIGNAL",
+    "FULL_MARGIN",
+    "FULL_MARGIN_EVENTS",
     "HTTP_REQUEST",
     "LOAD_ROUTES",
     "LOAD_TASKS",
@@ -46,6 +48,8 @@ __all__ = [
     "START_TARGETS",
     "STATS_QUERY",
     "STAT_KEYS",
+    "TAKE_WEIGHT",
+    "TARGET_OVERHEAD",
     "TASK_COST_BUDGET",
     "YIELD",
     "DispatcherInput",
@@ -116,6 +120,17 @@ YIELD = timedelta(milliseconds=1)
 DRAIN_SOFT_BYTES = 4 * 1024 * 1024
 DRAIN_HISTORY_EVENTS = 45_000
 DRAIN_HISTORY_BYTES = 40 * 1024 * 1024
+
+# So that no run reaches those bounds with more queued than it can carry, the adapters stop taking
+# events for a dispatcher whose STATS_QUERY answers ``accept_bytes: 0`` (see the workflow's
+# _accept_bytes). An event queued costs the history its signal's bytes, and each of its targets'
+# starts about twice its bytes plus TARGET_OVERHEAD (the memo, the search attributes, the ids:
+# measured about 440 bytes on a dev server). FULL_MARGIN is kept for what arrives between two
+# looks at the answer; TAKE_WEIGHT is what a byte taken weighs while nothing is queued.
+TARGET_OVERHEAD = 512
+FULL_MARGIN = 12 * 1024 * 1024
+FULL_MARGIN_EVENTS = 10_000
+TAKE_WEIGHT = 6.0
 CHILD_LIMIT = 1900
 
 # Counters the stats query reports and continue-as-new carries over.
@@ -204,6 +219,8 @@ class DispatcherStats(TypedDict):
     signaled: int  # signals delivered to open runs (or that started one: if_missing: start)
     missing: int  # signals not sent: no open run, if_missing: skip
     backlog: int  # events received and not done: queued, or their starts in flight
+    history_bytes: int  # this run's history
+    accept_bytes: int  # bytes of events it can still take (0: the adapters refuse, overloaded)
     starting: int  # of which their starts are in flight
     run: int
     signals_this_run: int

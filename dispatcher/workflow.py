@@ -39,6 +39,8 @@ with workflow.unsafe.imports_passed_through():
         EVALUATE_FILTERS,
         EVENT_COST,
         EVENT_SIGNAL,
+        FULL_MARGIN,
+        FULL_MARGIN_EVENTS,
         LOAD_ROUTES,
         MAX_CARRY_BYTES,
         MISSING,
@@ -49,6 +51,8 @@ with workflow.unsafe.imports_passed_through():
         STARTED,
         STAT_KEYS,
         STATS_QUERY,
+        TAKE_WEIGHT,
+        TARGET_OVERHEAD,
         TASK_COST_BUDGET,
         YIELD,
         DispatcherInput,
@@ -70,6 +74,7 @@ _RUN = "\x00run:"  # marks a signalled run's id among the ordering keys in fligh
 class _Queued:
     event: EventSignal
     size: int  # encoded bytes: what it weighs in a continue-as-new input
+    cost: int = 0  # bytes its starts will add to the history, as far as the routes tell (_cost)
     digest: str = ""  # set once taken into a batch
     verdicts: dict[str, bool | None] | None = None  # filter source -> EVALUATE_FILTERS' answer
     reloaded: bool = False  # the routes were loaded again for it once: its name named nothing
@@ -83,8 +88,11 @@ class DispatcherWorkflow:
     @workflow.init
     def __init__(self, inp: DispatcherInput) -> None:
         self._queue: deque[_Queued] = deque()
+        self._queued_bytes = 0  # the queue's sizes, summed
+        self._queued_cost = 0  # and its costs
+        self._routes: RouteTable | None = None
         for raw in inp.pending:
-            self._queue.append(_Queued(EventSignal.from_dict(raw), encoded_size(raw)))
+            self._enqueue(_Queued(EventSignal.from_dict(raw), encoded_size(raw)))
         self._recent: OrderedDict[str, None] = OrderedDict.fromkeys(inp.recent)
         self._stats = {k: int(inp.stats.get(k, 0)) for k in STAT_KEYS}
         self._run = inp.run
@@ -93,7 +101,6 @@ class DispatcherWorkflow:
         self._child_starts = 0  # of which as children: Temporal counts those as pending
         self._spent = 0  # units of work since this workflow task began, as far as we can tell
         self._reload = True
-        self._routes: RouteTable | None = None
         self._settings = DispatcherSettings()
         self._search_attributes = False  # whether target runs get dispatcher.search's attributes
         self._in_flight: set[asyncio.Task[None]] = set()  # batches being started
@@ -126,7 +133,7 @@ class DispatcherWorkflow:
                 workflow.logger.warning("dropped malformed event: %s", safe(exc))
                 continue
             self._stats["received"] += 1
-            self._queue.append(_Queued(event, size))
+            self._enqueue(_Queued(event, size))
 
     @workflow.signal(name=RELOAD_SIGNAL)
     def reload(self, *_ignored: Any) -> None:
@@ -147,6 +154,8 @@ class DispatcherWorkflow:
             signaled=s["signaled"],
             missing=s["missing"],
             backlog=len(self._queue) + self._starting,
+            history_bytes=workflow.info().get_current_history_size(),
+            accept_bytes=self._accept_bytes(),
             starting=self._starting,
             run=self._run,
             signals_this_run=self._signals,
@@ -211,9 +220,57 @@ class DispatcherWorkflow:
                 self._reload = True
             return
         self._routes = routes
+        self._recost()
         self._settings = result.settings
         self._search_attributes = result.search_attributes
         workflow.logger.info("routes loaded run=%d workflows=%d", self._run, len(self._routes.workflows))
+
+    # --- the queue, and what it will cost the history ------------------------------------------
+
+    def _cost(self, item: _Queued) -> int:
+        """The history its starts will add, as a scheduled START_TARGETS or a child's arguments: per
+        target its event twice (the argument and the envelope) and TARGET_OVERHEAD. Before the
+        routes are loaded, one target."""
+        targets = 1 if self._routes is None else self._routes.candidates(item.event.name)
+        return targets * (2 * item.size + TARGET_OVERHEAD)
+
+    def _enqueue(self, item: _Queued) -> None:
+        item.cost = self._cost(item)
+        self._queue.append(item)
+        self._queued_bytes += item.size
+        self._queued_cost += item.cost
+
+    def _dequeue(self) -> _Queued:
+        item = self._queue.popleft()
+        self._queued_bytes -= item.size
+        self._queued_cost -= item.cost
+        return item
+
+    def _requeue(self, items: list[_Queued]) -> None:
+        """Back at the front of the queue, in their order."""
+        self._queue.extendleft(reversed(items))
+        self._queued_bytes += sum(i.size for i in items)
+        self._queued_cost += sum(i.cost for i in items)
+
+    def _recost(self) -> None:
+        """Each queued event's cost again, with the routes just loaded."""
+        self._queued_cost = 0
+        for item in self._queue:
+            item.cost = self._cost(item)
+            self._queued_cost += item.cost
+
+    def _accept_bytes(self) -> int:
+        """Bytes of events this run can still take before it could not start what it holds within
+        DRAIN_HISTORY_BYTES: what the history holds and its queue will add, FULL_MARGIN kept for the
+        signals on their way, and each byte taken weighing as much as the queue's bytes do now (or
+        TAKE_WEIGHT with nothing queued). The adapters refuse events (``overloaded``) at 0: a run
+        that reached the bound with more queued than it can carry would have to drop them."""
+        info = workflow.info()
+        # A batch's starts take about ten history events (activity and workflow tasks), a signal one.
+        events = DRAIN_HISTORY_EVENTS - FULL_MARGIN_EVENTS - info.get_current_history_length() - len(self._queue) // 20
+        room = DRAIN_HISTORY_BYTES - FULL_MARGIN - info.get_current_history_size() - self._queued_cost
+        weight = 1 + self._queued_cost / self._queued_bytes if self._queued_bytes else TAKE_WEIGHT
+        return max(0, int(room / weight)) if events > 0 else 0
 
     def _should_rotate(self) -> bool:
         info = workflow.info()
@@ -233,18 +290,18 @@ class DispatcherWorkflow:
         self._new_task()
         taken = self._take()
         done = await self._evaluate(taken)
-        self._queue.extendleft(reversed(taken[done:]))
+        self._requeue(taken[done:])
         plans: list[Plan] = []
         for n, item in enumerate(taken[:done]):
             if not item.reloaded and self._routes is not None and not self._routes.candidates(item.event.name):
                 # The adapter found a trigger for its name: this table is older than the adapter's
                 # (a reload whose signal is behind the event). Load it again first, once.
                 item.reloaded = True
-                self._queue.extendleft(reversed(taken[n:done]))
+                self._requeue(taken[n:done])
                 self._reload = True
                 break
             if self._signals_busy(item):  # it and those behind it wait for that batch
-                self._queue.extendleft(reversed(taken[n:done]))
+                self._requeue(taken[n:done])
                 self._blocked = True
                 break
             plans.extend(self._plan(item))
@@ -316,7 +373,7 @@ class DispatcherWorkflow:
             item = self._queue[0]
             digest = run_digest(self._project, item.event.source, item.event.id)
             if digest in self._recent or digest in digests:
-                self._queue.popleft()
+                self._dequeue()
                 self._spent += EVENT_COST
                 self._stats["duplicates"] += 1
                 skipped += 1
@@ -330,7 +387,7 @@ class DispatcherWorkflow:
             weight = most * 2 * item.size  # each argument holds the payload twice
             if taken and (targets + most > self._settings.batch_size or size + weight > START_BATCH_BYTES):
                 break
-            self._queue.popleft()
+            self._dequeue()
             item.digest = digest
             digests.add(digest)
             taken.append(item)
@@ -461,7 +518,7 @@ class DispatcherWorkflow:
 
     def _must_drain(self) -> bool:
         """Whether to dispatch more before continuing-as-new (see DRAIN_* in the contract)."""
-        queued = sum(q.size for q in self._queue)
+        queued = self._queued_bytes
         info = workflow.info()
         size, length = info.get_current_history_size(), info.get_current_history_length()
         if queued <= CARRY_LIMIT_BYTES or size >= DRAIN_HISTORY_BYTES or length >= DRAIN_HISTORY_EVENTS:

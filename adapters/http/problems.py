@@ -20,7 +20,10 @@ from bridge.logsafe import safe
 
 log = logging.getLogger(__name__)
 
-OVERLOADED = "too many events wait for Temporal in this process; nothing of this request was taken"
+OVERLOADED = (
+    "too many events wait for Temporal in this process, or in its dispatcher for their starts; "
+    "nothing of this request was taken"
+)
 
 
 class Problem(Exception):

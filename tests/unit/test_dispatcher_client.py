@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -24,14 +25,16 @@ from temporalio.converter import DataConverter
 from temporalio.service import RPCError, RPCStatusCode
 
 import dispatcher.client
-from bridge.errors import EventRejected, Unavailable
+from bridge.errors import EventRejected, Overloaded, Unavailable
 from bridge.event import EventSignal, encode, encoded_size
 from bridge.metrics import Metrics
 from dispatcher import told
 from dispatcher.client import DispatcherClient, busy, not_ready, query_stats, shard_of
 from dispatcher.contract import (
     DISPATCHER_WORKFLOW,
+    DRAIN_HISTORY_BYTES,
     EVENT_SIGNAL,
+    FULL_MARGIN,
     MAX_SIGNAL_BYTES,
     MAX_SIGNAL_EVENTS,
     RELOAD_SIGNAL,
@@ -80,6 +83,19 @@ class FakeHandle:
     async def signal(self, name: str, *args: Any) -> None:
         self.temporal.signals.append((self.id, name))
 
+    async def query(self, name: str, *, rpc_timeout: timedelta | None = None) -> dict[str, Any]:
+        """STATS_QUERY with the dispatcher's ``accept_bytes`` (none: an older dispatcher's answer)."""
+        assert name == STATS_QUERY
+        self.temporal.looks += 1
+        if self.temporal.no_worker:
+            raise RPCError("no poller seen for task queue", RPCStatusCode.FAILED_PRECONDITION, b"")
+        accept = self.temporal.accept.get(self.id)
+        return {"received": 0} if accept is None else {"received": 0, "accept_bytes": accept}
+
+    async def describe(self, *, rpc_timeout: timedelta | None = None) -> Any:
+        info = SimpleNamespace(history_size_bytes=self.temporal.history_bytes.get(self.id, 0))
+        return SimpleNamespace(raw_description=SimpleNamespace(workflow_execution_info=info))
+
 
 @dataclass
 class FakeService:
@@ -121,6 +137,10 @@ class FakeTemporal:
     workflow_service: FakeService = field(default_factory=FakeService)
     namespace: str = "default"
     identity: str = "fake@test"
+    accept: dict[str, int] = field(default_factory=dict)  # dispatcher id -> its accept_bytes
+    history_bytes: dict[str, int] = field(default_factory=dict)  # dispatcher id -> its run's history
+    no_worker: bool = False  # the stats query fails: no worker runs the dispatcher
+    looks: int = 0  # stats queries asked
     data_converter: DataConverter = DataConverter.default
 
     def __post_init__(self) -> None:
@@ -692,6 +712,73 @@ async def test_while_the_share_is_below_one_each_signal_tells_it_to_the_worker()
     assert [told.HEADER in c.options["header"] for c in temporal.calls] == [False, False, True, True]
     assert told.read(temporal.calls[2].options["header"][told.HEADER]) == ("fake@test", 0.5)
     assert told.read(temporal.calls[3].options["header"][told.HEADER]) == ("fake@test", 0.5 + STEP)
+    await dc.close()
+
+
+async def test_a_dispatcher_that_can_take_no_more_is_refused_as_overloaded_until_it_can(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dispatcher whose run holds as much as it can start before continuing-as-new answers
+    ``accept_bytes: 0``: its events are refused (Overloaded, nothing sent) until it takes more."""
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.01)
+    temporal = FakeTemporal()
+    wid = dispatcher_id(PROJECT, 0, 1)
+    temporal.accept[wid] = 0
+    dc = make_client(temporal)
+    await dc.submit([ev("a")])  # unknown until the first look, which follows a signal
+    await assert_eventually(lambda: temporal.looks > 0, timeout=5, interval=0.01, what="a look")
+    await settle()
+    with pytest.raises(Overloaded):
+        await dc.submit([ev("b")])
+    assert temporal.sent() == [["a"]]
+    temporal.accept[wid] = 10_000
+    looks = temporal.looks
+    await assert_eventually(lambda: temporal.looks > looks, timeout=5, interval=0.01, what="another look")
+    await dc.submit([ev("c")])
+    assert temporal.sent() == [["a"], ["c"]]
+    await dc.close()
+
+
+async def test_what_was_sent_since_the_last_look_counts_against_accept_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between two looks the client spends the last answer by the bytes it sends, so a burst stops
+    at the bound without waiting for the next look."""
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.01)
+    temporal = FakeTemporal()
+    wid = dispatcher_id(PROJECT, 0, 1)
+    one = encoded_size(ev("x0", size=100).to_dict())
+    temporal.accept[wid] = 3 * one
+    dc = make_client(temporal)
+    await dc.submit([ev("x0", size=100)])
+    await assert_eventually(lambda: temporal.looks > 0, timeout=5, interval=0.01, what="a look")
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 3600.0)  # no look after the next one
+    looks = temporal.looks
+    await assert_eventually(lambda: temporal.looks > looks, timeout=5, interval=0.01, what="the last look")
+    for i in range(1, 4):  # three events of `one` bytes spend it
+        await dc.submit([ev(f"x{i}", size=100)])
+    with pytest.raises(Overloaded):
+        await dc.submit([ev("x4", size=100)])
+    assert [ids for ids in temporal.sent()] == [["x0"], ["x1"], ["x2"], ["x3"]]
+    await dc.close()
+
+
+async def test_without_a_worker_to_answer_the_run_s_history_alone_decides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No worker answers the query (none runs, so nothing drains the run): the client judges by the
+    run's history, as if all of it had to be started, and refuses well before Temporal's limit."""
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.01)
+    temporal = FakeTemporal(no_worker=True)
+    wid = dispatcher_id(PROJECT, 0, 1)
+    temporal.history_bytes[wid] = 1024 * 1024
+    dc = make_client(temporal)
+    await dc.submit([ev("a")])
+    await assert_eventually(lambda: temporal.looks > 0, timeout=5, interval=0.01, what="a look")
+    await settle()
+    await dc.submit([ev("b")])  # 1 MiB of history: room enough
+    temporal.history_bytes[wid] = DRAIN_HISTORY_BYTES - FULL_MARGIN
+    looks = temporal.looks
+    await assert_eventually(lambda: temporal.looks > looks + 1, timeout=5, interval=0.01, what="more looks")
+    with pytest.raises(Overloaded):
+        await dc.submit([ev("c")])
+    assert temporal.sent() == [["a"], ["b"]]
     await dc.close()
 
 

@@ -41,13 +41,15 @@ from temporalio.worker import Replayer, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from bridge.config import HttpTask, HttpTaskConfig, TemplateTask, TemplateTaskConfig
-from bridge.event import EventSignal, run_digest, target_workflow_id
+from bridge.event import EventSignal, encoded_size, run_digest, target_workflow_id
 from dispatcher import filtering, starts
 from dispatcher import workflow as dispatcher_workflow
 from dispatcher.contract import (
     DISPATCHER_WORKFLOW,
+    DRAIN_HISTORY_BYTES,
     DUPLICATE,
     EVENT_SIGNAL,
+    FULL_MARGIN,
     HTTP_REQUEST,
     LOAD_ROUTES,
     LOAD_TASKS,
@@ -58,6 +60,8 @@ from dispatcher.contract import (
     START_TARGETS,
     STARTED,
     STATS_QUERY,
+    TAKE_WEIGHT,
+    TARGET_OVERHEAD,
     DispatcherInput,
     DispatcherSettings,
     DispatcherStats,
@@ -659,6 +663,35 @@ async def test_the_drain_before_continue_as_new_is_bounded(make: Any, monkeypatc
     assert [p["id"] for p in carried.pending] == [f"e{i}" for i in range(2, 2 + len(carried.pending))]
     assert 2 <= len(carried.pending) <= 5
     assert stats["failed"] == 8 - len(carried.pending) and stats["started"] == 2 + len(carried.pending)
+
+
+async def test_accept_bytes_is_the_room_left_after_what_the_queue_will_cost(make: Any, monkeypatch: Any) -> None:
+    """The stats query's ``accept_bytes``: the run's room under DRAIN_HISTORY_BYTES (less
+    FULL_MARGIN), after the history and what starting the queued events will add (per target,
+    twice the event and TARGET_OVERHEAD), in bytes of events weighing as much as the queued ones
+    do; 0 once the room is gone, and the whole room again once the queue has started."""
+    d = await make("activity", batch_size=1, batches_in_flight=1)
+    d.stubs.routes = [d.route("w", "order.created"), d.route("v", "order.created")]  # two targets each
+    d.stubs.gate = asyncio.Event()
+    events = [d.event(f"e{i}", pad="x" * 100) for i in range(40)]
+    await d.send(*events)
+    await assert_eventually(lambda: d.stubs.active == 1, timeout=15, interval=0.05, what="one batch in flight")
+    stats = await d.stats()
+    queued = stats["backlog"] - stats["starting"]
+    assert queued == 39
+    sizes = [encoded_size(e.to_dict()) for e in events[1:]]  # the first is in flight
+    cost = sum(2 * (2 * size + TARGET_OVERHEAD) for size in sizes)
+    room = DRAIN_HISTORY_BYTES - FULL_MARGIN - stats["history_bytes"] - cost
+    assert stats["accept_bytes"] == int(room / (1 + cost / sum(sizes)))
+
+    # A bound the run has nearly reached: it takes nothing more.
+    monkeypatch.setattr(dispatcher_workflow, "DRAIN_HISTORY_BYTES", FULL_MARGIN + stats["history_bytes"] + cost)
+    assert (await d.stats())["accept_bytes"] == 0
+    monkeypatch.undo()
+
+    d.stubs.gate.set()
+    stats = await d.settled(received=40, started=80)
+    assert stats["accept_bytes"] == int((DRAIN_HISTORY_BYTES - FULL_MARGIN - stats["history_bytes"]) / TAKE_WEIGHT)
 
 
 async def test_logged_event_names_and_ids_are_escaped(make: Any, caplog: pytest.LogCaptureFixture) -> None:
