@@ -147,10 +147,24 @@ JSON_PLAIN = {"encoding": b"json/plain"}
 
 
 WATCH_EVERY = 0.5
-"""Seconds between looks at a dispatcher's ``accept_bytes`` while events are sent to it."""
+"""Seconds between looks at a dispatcher's ``accept_bytes`` while events are sent to it, at the
+most often: while it takes nothing, or what is sent would spend its answer within four of them."""
+WATCH_MOST = 5.0
+"""Seconds between looks at the least often: what this process sends spends the budget itself
+between looks, so a steady load far from the bound needs few (each is a query its worker answers)."""
 WATCH_IDLE = 5.0
 """Seconds after the last signal to a dispatcher from which it is no longer looked at (unless it
 takes nothing: then it is looked at until it does)."""
+
+
+def next_look(budget: float, rate: float) -> float:
+    """Seconds to the next look at a dispatcher that may take ``budget`` more bytes, while this
+    process sends it ``rate`` bytes a second: before a quarter of the budget is spent (other
+    processes may send as much), within WATCH_EVERY and WATCH_MOST. A process that sends a quarter
+    of the last answer sooner (a burst after a quiet time) looks again at once."""
+    if rate <= 0:
+        return WATCH_MOST
+    return min(WATCH_MOST, max(WATCH_EVERY, budget / rate / 4))
 
 
 @dataclass
@@ -160,6 +174,10 @@ class _Room:
 
     budget: float = math.inf
     sent_at: float = -math.inf  # time.monotonic() of the last signal to it
+    sent: int = 0  # bytes sent since the last look
+    looked_at: float = -math.inf  # time.monotonic() of the last look
+    answer: float = math.inf  # its accept_bytes
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # a quarter of it was sent: look again
     full: bool = False  # as last logged
 
 
@@ -365,15 +383,20 @@ class DispatcherClient:
 
     async def _watch(self, shard: int) -> None:
         """Keep the shard's ``accept_bytes`` (its STATS_QUERY) up to date while events are sent to
-        it, or while it takes none: every WATCH_EVERY s, each look's answer less what was sent since.
+        it, or while it takes none: every WATCH_EVERY to WATCH_MOST s, each look's answer less what was
+        sent since.
         Without an answer (no worker runs it), judge by the run's history alone, as if it had to
         start all of it (TAKE_WEIGHT): nothing drains it then, and a run Temporal terminates at its
         history's limit would lose all it holds."""
         room = self._rooms[shard]
         handle = self.handle(shard)
         gauge = self.metrics.child(self.metrics.dispatcher_accept_bytes, self._ids[shard])
+        delay = WATCH_EVERY
         while True:
-            await asyncio.sleep(WATCH_EVERY)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(room.wake.wait(), delay)
+            room.wake.clear()
+            delay = WATCH_EVERY
             if room.budget > 0 and time.monotonic() - room.sent_at > WATCH_IDLE:
                 continue
             try:
@@ -386,7 +409,11 @@ class DispatcherClient:
                     continue  # Temporal does not answer: the prober refuses submissions meanwhile
                 history = info.workflow_execution_info.history_size_bytes
                 budget = max(0.0, (DRAIN_HISTORY_BYTES - FULL_MARGIN - history) / TAKE_WEIGHT)
-            room.budget = budget
+            now = time.monotonic()
+            rate = room.sent / (now - room.looked_at) if math.isfinite(room.looked_at) else 0.0
+            room.budget, room.answer, room.sent, room.looked_at = budget, budget, 0, now
+            if budget > 0:
+                delay = next_look(budget, rate)
             gauge.set(budget if math.isfinite(budget) else -1)
             if (budget <= 0) != room.full:
                 room.full = budget <= 0
@@ -443,8 +470,14 @@ class DispatcherClient:
         else:
             self.handover.sent(time.monotonic() - began, sum(sub.awaited for sub in batch))
             room = self._rooms[shard]
-            room.budget -= sum(sub.size for sub in batch)
+            sent = sum(sub.size for sub in batch)
+            room.budget -= sent
+            room.sent += sent
             room.sent_at = time.monotonic()
+            if not math.isfinite(room.looked_at):  # the rate until the first look counts from here
+                room.looked_at = began
+            if room.sent * 4 >= room.answer:  # other processes may have sent as much meanwhile
+                room.wake.set()
             # Answered on the loop's next turn: the sender first takes what queued meanwhile and
             # starts its signal, so Temporal works on it while the answered requests are answered
             # (each a response to write). The order of signals is as before: one at a time.

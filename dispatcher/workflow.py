@@ -90,6 +90,7 @@ class DispatcherWorkflow:
         self._queue: deque[_Queued] = deque()
         self._queued_bytes = 0  # the queue's sizes, summed
         self._queued_cost = 0  # and its costs
+        self._out_cost = 0  # the costs of the events taken out of it, until their batch is done
         self._routes: RouteTable | None = None
         for raw in inp.pending:
             self._enqueue(_Queued(EventSignal.from_dict(raw), encoded_size(raw)))
@@ -247,10 +248,12 @@ class DispatcherWorkflow:
         return item
 
     def _requeue(self, items: list[_Queued]) -> None:
-        """Back at the front of the queue, in their order."""
+        """Taken ones back at the front of the queue, in their order."""
         self._queue.extendleft(reversed(items))
         self._queued_bytes += sum(i.size for i in items)
-        self._queued_cost += sum(i.cost for i in items)
+        cost = sum(i.cost for i in items)
+        self._queued_cost += cost
+        self._out_cost -= cost
 
     def _recost(self) -> None:
         """Each queued event's cost again, with the routes just loaded."""
@@ -268,7 +271,10 @@ class DispatcherWorkflow:
         info = workflow.info()
         # A batch's starts take about ten history events (activity and workflow tasks), a signal one.
         events = DRAIN_HISTORY_EVENTS - FULL_MARGIN_EVENTS - info.get_current_history_length() - len(self._queue) // 20
-        room = DRAIN_HISTORY_BYTES - FULL_MARGIN - info.get_current_history_size() - self._queued_cost
+        # The events out of the queue count until their batch is done: their arguments enter the
+        # history only when the workflow task that schedules them completes (then twice, safely).
+        cost = self._queued_cost + self._out_cost
+        room = DRAIN_HISTORY_BYTES - FULL_MARGIN - info.get_current_history_size() - cost
         weight = 1 + self._queued_cost / self._queued_bytes if self._queued_bytes else TAKE_WEIGHT
         return max(0, int(room / weight)) if events > 0 else 0
 
@@ -292,6 +298,7 @@ class DispatcherWorkflow:
         done = await self._evaluate(taken)
         self._requeue(taken[done:])
         plans: list[Plan] = []
+        cost = 0  # of the events planned: counted out of the queue until their batch is done
         for n, item in enumerate(taken[:done]):
             if not item.reloaded and self._routes is not None and not self._routes.candidates(item.event.name):
                 # The adapter found a trigger for its name: this table is older than the adapter's
@@ -305,12 +312,15 @@ class DispatcherWorkflow:
                 self._blocked = True
                 break
             plans.extend(self._plan(item))
+            cost += item.cost
         if plans:
             self._children += len(plans)
-            self._launch(plans)
-        elif self._spent >= TASK_COST_BUDGET and self._queue:
-            await workflow.sleep(YIELD)
-            self._spent = 0
+            self._launch(plans, cost)
+        else:
+            self._out_cost -= cost
+            if self._spent >= TASK_COST_BUDGET and self._queue:
+                await workflow.sleep(YIELD)
+                self._spent = 0
 
     def _signals_busy(self, item: _Queued) -> bool:
         """Whether a run this event may signal is signalled by a batch in flight (its order with
@@ -325,9 +335,10 @@ class DispatcherWorkflow:
                     continue
         return False
 
-    def _launch(self, plans: list[Plan]) -> None:
+    def _launch(self, plans: list[Plan], cost: int) -> None:
         """Start a batch in the background; its keys, and the runs it signals, are busy until every
-        start in it answered, and its events count as starting."""
+        start in it answered, and its events count as starting (and their ``cost`` as out of the
+        queue: the arguments may not be in the history yet)."""
         keys = [p.event.key for p in plans if p.event.key is not None]
         keys += [_RUN + p.start.id for p in plans if p.start.signal is not None]
         self._busy.update(keys)
@@ -339,6 +350,7 @@ class DispatcherWorkflow:
         def done(task: asyncio.Task[None]) -> None:
             self._in_flight.discard(task)
             self._starting -= events
+            self._out_cost -= cost
             self._blocked = False  # whatever waited may go now, or finds what it waits for again
             self._busy.subtract(keys)
             for key in keys:
@@ -388,6 +400,7 @@ class DispatcherWorkflow:
             if taken and (targets + most > self._settings.batch_size or size + weight > START_BATCH_BYTES):
                 break
             self._dequeue()
+            self._out_cost += item.cost
             item.digest = digest
             digests.add(digest)
             taken.append(item)

@@ -126,7 +126,7 @@ async def test_a_backlog_past_what_a_run_can_start_is_refused_as_overloaded_and_
     it took starts. The bounds are shrunk so that a few thousand events reach them; the worker runs
     in this process, with the shrunk bounds."""
     monkeypatch.setattr(dispatcher_workflow, "DRAIN_HISTORY_BYTES", 1024 * 1024)
-    monkeypatch.setattr(dispatcher_workflow, "FULL_MARGIN", 128 * 1024)
+    monkeypatch.setattr(dispatcher_workflow, "FULL_MARGIN", 320 * 1024)  # as in production, 30% of the bound
     monkeypatch.setattr(dispatcher_workflow, "DRAIN_SOFT_BYTES", 256 * 1024)
     monkeypatch.setattr(dispatcher_workflow, "CARRY_LIMIT_BYTES", 16 * 1024)
     monkeypatch.setattr(dispatcher_workflow, "MAX_CARRY_BYTES", 64 * 1024)

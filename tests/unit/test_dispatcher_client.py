@@ -7,6 +7,7 @@ fail the next ones, which is all the client's batching logic can observe of Temp
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import SimpleNamespace
@@ -29,7 +30,16 @@ from bridge.errors import EventRejected, Overloaded, Unavailable
 from bridge.event import EventSignal, encode, encoded_size
 from bridge.metrics import Metrics
 from dispatcher import told
-from dispatcher.client import DispatcherClient, busy, not_ready, query_stats, shard_of
+from dispatcher.client import (
+    WATCH_EVERY,
+    WATCH_MOST,
+    DispatcherClient,
+    busy,
+    next_look,
+    not_ready,
+    query_stats,
+    shard_of,
+)
 from dispatcher.contract import (
     DISPATCHER_WORKFLOW,
     DRAIN_HISTORY_BYTES,
@@ -171,6 +181,9 @@ class FakeTemporal:
             options["id_conflict_policy"] = req.workflow_id_conflict_policy
         self.calls.append(Call(req.workflow_type.name, arg, req.workflow_id, req.task_queue.name, options))
         await self._answer(len(self.calls) - 1, req.workflow_id)
+        if req.workflow_id in self.accept:  # what it took is no longer room
+            taken = sum(len(p.data) for p in req.signal_input.payloads)
+            self.accept[req.workflow_id] = max(0, self.accept[req.workflow_id] - taken)
         return object()
 
     async def _answer(self, number: int, workflow_id: str) -> None:
@@ -721,6 +734,7 @@ async def test_a_dispatcher_that_can_take_no_more_is_refused_as_overloaded_until
     """A dispatcher whose run holds as much as it can start before continuing-as-new answers
     ``accept_bytes: 0``: its events are refused (Overloaded, nothing sent) until it takes more."""
     monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.01)
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 0.01)
     temporal = FakeTemporal()
     wid = dispatcher_id(PROJECT, 0, 1)
     temporal.accept[wid] = 0
@@ -741,23 +755,29 @@ async def test_a_dispatcher_that_can_take_no_more_is_refused_as_overloaded_until
 
 async def test_what_was_sent_since_the_last_look_counts_against_accept_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Between two looks the client spends the last answer by the bytes it sends, so a burst stops
-    at the bound without waiting for the next look."""
+    at the bound without waiting for the next look; and once it sent a quarter of that answer it
+    looks again at once (other processes may have sent as much)."""
     monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.01)
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 0.01)
     temporal = FakeTemporal()
     wid = dispatcher_id(PROJECT, 0, 1)
     one = encoded_size(ev("x0", size=100).to_dict())
-    temporal.accept[wid] = 3 * one
     dc = make_client(temporal)
     await dc.submit([ev("x0", size=100)])
+    temporal.accept[wid] = 3 * one
     await assert_eventually(lambda: temporal.looks > 0, timeout=5, interval=0.01, what="a look")
-    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 3600.0)  # no look after the next one
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 3600.0)  # from here on only a wake looks
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 3600.0)
     looks = temporal.looks
-    await assert_eventually(lambda: temporal.looks > looks, timeout=5, interval=0.01, what="the last look")
-    for i in range(1, 4):  # three events of `one` bytes spend it
+    await assert_eventually(lambda: temporal.looks > looks, timeout=5, interval=0.01, what="the last timed look")
+    looks = temporal.looks
+    for i in range(1, 4):  # three events of about `one` bytes spend it
         await dc.submit([ev(f"x{i}", size=100)])
+        await settle()
     with pytest.raises(Overloaded):
         await dc.submit([ev("x4", size=100)])
-    assert [ids for ids in temporal.sent()] == [["x0"], ["x1"], ["x2"], ["x3"]]
+    assert temporal.sent() == [["x0"], ["x1"], ["x2"], ["x3"]]
+    assert temporal.looks > looks  # woken by what was sent, not by the clock
     await dc.close()
 
 
@@ -765,6 +785,7 @@ async def test_without_a_worker_to_answer_the_run_s_history_alone_decides(monkey
     """No worker answers the query (none runs, so nothing drains the run): the client judges by the
     run's history, as if all of it had to be started, and refuses well before Temporal's limit."""
     monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.01)
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 0.01)
     temporal = FakeTemporal(no_worker=True)
     wid = dispatcher_id(PROJECT, 0, 1)
     temporal.history_bytes[wid] = 1024 * 1024
@@ -780,6 +801,16 @@ async def test_without_a_worker_to_answer_the_run_s_history_alone_decides(monkey
         await dc.submit([ev("c")])
     assert temporal.sent() == [["a"], ["b"]]
     await dc.close()
+
+
+def test_a_dispatcher_far_from_full_is_looked_at_seldom_and_one_near_it_often() -> None:
+    """The next look comes before a quarter of the budget is spent at the rate sent lately, within
+    WATCH_EVERY and WATCH_MOST: a steady load far from the bound costs a query every WATCH_MOST s."""
+    assert next_look(5_000_000, 20_000) == WATCH_MOST  # a half load: 62 s to a quarter
+    assert next_look(5_000_000, 0) == WATCH_MOST
+    assert next_look(math.inf, 20_000) == WATCH_MOST  # a dispatcher that does not say
+    assert next_look(2_000_000, 2_000_000) == WATCH_EVERY  # a burst: a quarter in 0.25 s
+    assert next_look(4_000_000, 500_000) == 2.0
 
 
 # --- a dispatcher continuing-as-new ------------------------------------------------------------
