@@ -531,7 +531,7 @@ class DispatcherWorkflow:
 
     def _must_drain(self) -> bool:
         """Whether to dispatch more before continuing-as-new (see DRAIN_* in the contract)."""
-        queued = self._queued_bytes
+        queued = self._queued_bytes + len(self._queue)  # as _carry counts it: each with a separator
         info = workflow.info()
         size, length = info.get_current_history_size(), info.get_current_history_length()
         if queued <= CARRY_LIMIT_BYTES or size >= DRAIN_HISTORY_BYTES or length >= DRAIN_HISTORY_EVENTS:

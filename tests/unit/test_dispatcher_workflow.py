@@ -648,6 +648,29 @@ async def test_a_queue_too_large_to_carry_is_started_first(make: Any, monkeypatc
     assert len(carried.pending) <= 1 and carried.stats["started"] >= 7
 
 
+async def test_a_queue_that_fits_the_carry_only_without_its_separators_is_drained_not_dropped(
+    make: Any, monkeypatch: Any
+) -> None:
+    """The run carries each queued event with one byte of separator: whether to start more before
+    continuing-as-new must count them as the carry does, or the last few that do not fit are
+    counted failed (58 of 30,080 in a real burst)."""
+    d = await make("activity", batch_size=2, children_per_run=2, recent_ids=0)
+    d.stubs.routes = [d.route("w", "order.created")]
+    d.stubs.gate = asyncio.Event()  # the first batch holds: the rest queues up behind it
+    events = [d.event(f"e{i}") for i in range(12)]
+    queued = sum(encoded_size(e.to_dict()) for e in events[2:])  # all but the first batch
+    monkeypatch.setattr(dispatcher_workflow, "CARRY_LIMIT_BYTES", 100)
+    monkeypatch.setattr(dispatcher_workflow, "DRAIN_SOFT_BYTES", 0)  # start only what cannot be carried
+    monkeypatch.setattr(dispatcher_workflow, "MAX_CARRY_BYTES", 4096 + queued + 5)  # not + 10 separators
+    first_run = await d.send_and_describe(*events)
+    await assert_eventually(lambda: d.stubs.active == 1, timeout=15, interval=0.05, what="the first batch")
+    d.stubs.gate.set()
+    stats = await d.settled(received=12, started=12)
+    assert stats["failed"] == 0
+    carried = await _continue_as_new_input(d, first_run)
+    assert len(carried.pending) < 10
+
+
 async def test_the_drain_before_continue_as_new_is_bounded(make: Any, monkeypatch: Any) -> None:
     """Past the history bounds the run carries what fits and counts the newest rest as failed,
     where a longer history would have had Temporal terminate it with everything it held."""
