@@ -19,7 +19,7 @@ from urllib.parse import unquote
 
 from adapters.http.state import HTTP_ADAPTER
 from bridge.config import EventFormat
-from bridge.decode import CE_STRUCTURED, Message, decode, parse_json
+from bridge.decode import CE_STRUCTURED, INT_MAX, INT_MIN, Message, decode, parse_json
 from bridge.errors import EventRejected
 from bridge.event import EventSignal, utc_now
 
@@ -79,6 +79,8 @@ def envelope(
     if not isinstance(payload, dict):
         raise EventRejected("malformed", "'payload' must be a JSON object")
     body_id = data.get("id")
+    if isinstance(body_id, float) and body_id.is_integer() and INT_MIN <= body_id <= INT_MAX:
+        body_id = int(body_id)  # JSON has one kind of number: 7.0 is the integer 7, as the schema says
     if body_id is not None and not isinstance(body_id, str | int):
         raise EventRejected("malformed", "'id' must be a string")
     event_id = event_id or (str(body_id) if body_id is not None else None)

@@ -214,6 +214,18 @@ async def test_body_id_wins_over_generated(sink: FakeSink, client: AsyncTestClie
     assert sink.events[0].id == "123"
 
 
+async def test_an_integral_number_id_is_the_integer_and_a_fraction_is_refused(
+    sink: FakeSink, client: AsyncTestClient[Litestar]
+) -> None:
+    """JSON has one kind of number: 123.0 is the integer the schema allows, and the same event as
+    123; 1.5 is no id."""
+    resp = await client.post(URL, json={**order(), "id": 123.0}, headers=AUTH)
+    assert resp.status_code == 202 and resp.json()["event_id"] == "123"
+    resp = await client.post(URL, json={**order(), "id": 1.5}, headers=AUTH)
+    assert resp.status_code == 400 and resp.json()["error"] == "malformed"
+    assert [e.id for e in sink.events] == ["123"]
+
+
 async def test_generated_id_is_a_fresh_uuid(sink: FakeSink, client: AsyncTestClient[Litestar]) -> None:
     first = (await client.post(URL, json=order(), headers=AUTH)).json()["event_id"]
     second = (await client.post(URL, json=order(), headers=AUTH)).json()["event_id"]
