@@ -1,7 +1,7 @@
 """The bridge as users run it, against the ceiling, in one run against one Temporal server.
 
     python -m bench [--quick] [--events N] [--concurrency C] [--adapters http,kafka,amqp]
-                    [--modes child,activity] [--temporal ADDR] [--skip-burst] [--skip-scale-out]
+                    [--modes child,activity] [--temporal ADDR] [--burst-events N] [--skip-burst] [--skip-scale-out]
 
 The bench process is the load generator; the bridge runs as its own processes
 (``signal-bridge serve --config <generated yaml>``, or ``ingress`` + ``worker`` for the scale-out),
@@ -18,10 +18,10 @@ so only starting is measured; their start times come from Temporal's visibility.
    acknowledgement (HTTP 202, Kafka producer ack, RabbitMQ publisher confirm) to the target's start.
 3. scale-out: 2 ``ingress`` + 2 ``worker`` processes (``dispatcher.shards: 2``), HTTP throughput,
    against the one-``serve`` default row.
-4. burst: wrk (2 threads, 64 connections) against a bare litestar endpoint and the bridge (one
-   ``serve``, then one ``ingress`` with one ``worker``), single events and batches; req/s, ratio to
-   bare, refusals, each bridge process's peak RSS, and whether the dispatcher received every
-   accepted event.
+4. burst: wrk (2 threads, 64 connections) sends 10,000 events (``--burst-events``) to a bare
+   litestar endpoint and to the bridge (one ``serve``, then one ``ingress`` with one ``worker``),
+   single events and batches; req/s, ratio to bare, refusals, each bridge process's peak RSS,
+   whether the dispatcher received every accepted event, and the rate its backlog then drains at.
 
 The brokers come from ``KAFKA_BOOTSTRAP_SERVERS`` and ``AMQP_URL``, Temporal from ``--temporal`` or
 ``TEMPORAL_ADDRESS`` (else a fresh embedded dev server). ``make bench`` runs this under
@@ -60,8 +60,15 @@ from bridge.runtime.embedded import EmbeddedTemporal
 ADAPTERS = ("http", "kafka", "amqp")
 MODES = ("child", "activity", "default")
 ENDPOINT_VARS = {"kafka": "KAFKA_BOOTSTRAP_SERVERS", "amqp": "AMQP_URL"}
-# (full, --quick): events per throughput row, open-loop seconds, burst seconds.
-SIZES = {"events": (800, 250), "latency_seconds": (20.0, 10.0), "burst_seconds": (10.0, 5.0)}
+# (full, --quick): events per throughput row, open-loop seconds, events per burst, burst seconds
+# (without events), seconds of drain watched after a burst.
+SIZES = {
+    "events": (800, 250),
+    "latency_seconds": (20.0, 10.0),
+    "burst_events": (10_000, 5_000),
+    "burst_seconds": (10.0, 5.0),
+    "drain_seconds": (15.0, 8.0),
+}
 
 
 def _setting(text: str) -> tuple[str, Any]:
@@ -98,7 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temporal", default=os.environ.get("TEMPORAL_ADDRESS") or None, help="default: $TEMPORAL_ADDRESS")
     p.add_argument("--latency-seconds", type=float, help="open-loop duration (default 20, quick 10)")
     p.add_argument("--load", type=float, default=0.5, help="open-loop rate as a fraction of the ceiling")
-    p.add_argument("--burst-seconds", type=float, help="wrk duration (default 10, quick 5)")
+    p.add_argument(
+        "--burst-events", type=int, help="events per burst (default 10000, quick 5000; 0: a burst of --burst-seconds)"
+    )
+    p.add_argument("--burst-seconds", type=float, help="with --burst-events 0, wrk's duration (default 10, quick 5)")
+    p.add_argument("--drain-seconds", type=float, help="drain watched after each burst (default 15, quick 8; 0: none)")
     p.add_argument("--burst-batch", type=int, default=10, help="events per request in the batch burst (1: none)")
     p.add_argument(
         "--dispatcher",
@@ -235,6 +246,8 @@ async def main(argv: list[str] | None = None) -> int:
             load_fraction=args.load,
             burst_seconds=args.burst_seconds,
             burst_batch=args.burst_batch,
+            burst_events=args.burst_events,
+            drain_seconds=args.drain_seconds,
             kafka=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"),
             amqp=os.environ.get("AMQP_URL"),
             settings=dict(args.dispatcher),
@@ -248,7 +261,9 @@ async def main(argv: list[str] | None = None) -> int:
             f"sizes:    {run.events} events per throughput row, concurrency {run.concurrency} "
             f"(ceiling: {args.ceiling_concurrency}); "
             f"latency: open loop at {run.load_fraction:g} x ceiling for {run.latency_seconds:g}s; "
-            f"burst: wrk -t2 -c64 -d{run.burst_seconds:g}s",
+            "burst: wrk -t2 -c64, "
+            + (f"{run.burst_events} events" if run.burst_events else f"{run.burst_seconds:g}s")
+            + f", drain watched {run.drain_seconds:g}s",
             f"logs:     {workdir}",
         ]
         print("\n".join(context), flush=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +66,10 @@ class Run:
     concurrency: int
     latency_seconds: float
     load_fraction: float
-    burst_seconds: float
+    burst_seconds: float  # how long a burst lasts without burst_events
     burst_batch: int
+    burst_events: int = 10_000  # events per burst (0: as many as burst_seconds allow)
+    drain_seconds: float = 15.0  # how long the drain after a burst is watched
     kafka: str | None = None
     amqp: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # --dispatcher KEY=VALUE, for every bridge
@@ -225,28 +228,40 @@ async def scale_out(run: Run, single: Row | None, ingress: int = 2, workers: int
 # --- burst ----------------------------------------------------------------------------------------
 
 
+BURST_LIMIT = 600.0
+"""Seconds a burst of a given number of events may take."""
+
+
 async def wrk(
-    run: Run, url: str, batch: int, token: str, seconds: float, threads: int = 2, connections: int = 64
+    run: Run,
+    url: str,
+    batch: int,
+    token: str,
+    seconds: float,
+    threads: int = 2,
+    connections: int = 64,
+    *,
+    events: int = 0,
 ) -> WrkResult:
-    """wrk with bench/events.lua: every request its own ``Idempotency-Key``."""
-    cmd = [
-        "wrk",
-        f"-t{threads}",
-        f"-c{connections}",
-        f"-d{seconds:g}s",
-        "--timeout",
-        "30s",
-        "-s",
-        str(WRK_LUA),
-        url,
-        "--",
-        str(batch),
-        token,
-        unique("wrk"),
-    ]
+    """wrk with bench/events.lua: every request its own ``Idempotency-Key``. With ``events``, a
+    burst of that many events (rounded up to whole requests per thread, BURST_LIMIT s at most):
+    wrk is interrupted once every thread has its quota answered, and reports the time until then.
+    Without, ``seconds`` of requests."""
+    quota = -(-events // (batch * threads)) if events else 0
+    limit = BURST_LIMIT if quota else seconds
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{limit:g}s", "--timeout", "30s", "-s", str(WRK_LUA), url]
+    cmd += ["--", str(batch), token, unique("wrk"), "burst", str(quota)]
     proc = Proc("wrk", cmd, run.workdir / f"{unique('wrk')}.log")
     try:
-        code = await proc.wait(seconds + 60)
+        if quota:
+            deadline = time.monotonic() + limit
+            while proc.output(1_000_000).count("quota ") < threads:
+                if not proc.alive or time.monotonic() > deadline:
+                    raise RuntimeError(f"wrk did not send its quota: {proc.exited()}")
+                await asyncio.sleep(0.01)
+            with contextlib.suppress(ProcessLookupError):  # wrk waits out its duration otherwise
+                proc.popen.send_signal(signal.SIGINT)
+        code = await proc.wait(limit + 60)
     finally:
         proc.stop()
     if code != 0:
@@ -264,7 +279,7 @@ async def dispatcher_stats(client: Client, project: str, shards: int) -> list[di
 
 async def received_check(run: Run, project: str, accepted: int, timeout: float) -> str:
     """Poll the dispatcher's ``stats`` until it has received every accepted event (or ``timeout``).
-    Not the drain: starting them all at the ceiling's rate would take minutes."""
+    Not the drain (:func:`drain_check` watches its rate): starting them all would take minutes."""
     deadline = time.monotonic() + timeout
     began = time.monotonic()
     stats: dict[str, Any] = {}
@@ -282,9 +297,23 @@ async def received_check(run: Run, project: str, accepted: int, timeout: float) 
     verdict = "ok" if received >= accepted else "MISSING"
     return (
         f"durable {verdict}: dispatcher received {received} >= {accepted} accepted "
-        f"after {time.monotonic() - began:.0f}s (backlog {stats.get('backlog')}, started {stats.get('started')}; "
-        "drain not awaited)"
+        f"after {time.monotonic() - began:.0f}s (backlog {stats.get('backlog')}, started {stats.get('started')})"
     )
+
+
+async def drain_check(run: Run, project: str, seconds: float) -> str:
+    """Targets started per second over ``seconds`` after the burst, against the last ceiling
+    (item 1's rate): the backlog drains at the bridge's throughput, not slower for its size."""
+    before = (await dispatcher_stats(run.client, project, 1))[0]
+    began = time.monotonic()
+    await asyncio.sleep(seconds)
+    after = (await dispatcher_stats(run.client, project, 1))[0]
+    rate = (int(after["started"]) - int(before["started"])) / (time.monotonic() - began)
+    ceiling = run.ceiling.rate if run.ceiling and run.ceiling.rate else None
+    ratio = f" ({rate / ceiling:.2f}x ceiling)" if ceiling else ""
+    left = int(after["backlog"])
+    whole = "" if left else "; the backlog ran out, so the rate is a lower bound"
+    return f"drain {rate:.1f} starts/s over {seconds:g}s{ratio}, backlog {left} after{whole}"
 
 
 async def _bare_rows(run: Run, batches: list[int]) -> dict[int, Row]:
@@ -293,7 +322,7 @@ async def _bare_rows(run: Run, batches: list[int]) -> dict[int, Row]:
     try:
         await bare.start()
         for batch in batches:
-            result = await wrk(run, bare.url, batch, "", run.burst_seconds)
+            result = await wrk(run, bare.url, batch, "", run.burst_seconds, events=run.burst_events)
             rows[batch] = run.add(_burst_row(f"burst bare litestar, {batch}/request", result, batch, None))
     finally:
         bare.stop()
@@ -321,7 +350,7 @@ async def _bridge_burst(run: Run, batch: int, bare: Row | None, *, split: bool =
     bridge = Bridge(run.workdir, config, ingress=int(split), workers=int(split))
     try:
         await bridge.start()
-        result = await wrk(run, bridge.urls[0], batch, TOKEN, run.burst_seconds)
+        result = await wrk(run, bridge.urls[0], batch, TOKEN, run.burst_seconds, events=run.burst_events)
         bridge.check_alive()
         deployment = "ingress+worker" if split else "bridge"
         row = _burst_row(f"burst {deployment} {mode_label(None)}, {batch}/request", result, batch, bare)
@@ -329,6 +358,8 @@ async def _bridge_burst(run: Run, batch: int, bare: Row | None, *, split: bool =
         accepted = result.accepted * batch
         row.notes.append(await received_check(run, project, accepted, timeout=max(60.0, 3 * run.burst_seconds)))
         row.notes.insert(1, _rss_note(bridge.peak_rss_mib()))
+        if run.drain_seconds > 0:
+            row.notes.append(await drain_check(run, project, run.drain_seconds))
         return run.add(row)
     finally:
         bridge.stop()
