@@ -38,6 +38,7 @@ from adapters.amqp_parse import (
     parse,
     to_message,
 )
+from bridge.aio import within
 from bridge.config import AmqpConsumer, BridgeConfig
 from bridge.decode import Message
 from bridge.logsafe import safe
@@ -313,8 +314,7 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
 
     async def wait(self, seconds: float) -> bool:
         """The prefetch window stays unacked meanwhile, so RabbitMQ sends nothing more."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+        await within(seconds, self._stopping.wait())
         return not self._stopping.is_set()
 
 

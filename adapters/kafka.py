@@ -46,6 +46,7 @@ from adapters.kafka_parse import (
     to_message,
 )
 from bridge.adapter import ConsumerReadiness, ConsumerState
+from bridge.aio import within
 from bridge.config import BridgeConfig, KafkaConsumer, KafkaSecurity
 from bridge.decode import Message
 from bridge.errors import BridgeError
@@ -352,8 +353,7 @@ class KafkaAdapter(Transport[Record]):
         while not self._stopping.is_set():
             if self._held or self._ahead_records >= self.entry.max_batch:
                 self._room.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._room.wait(), POLL_MS / 1000)
+                await within(POLL_MS / 1000, self._room.wait())
                 continue
             batch = await self._poll()
             if batch:
@@ -367,8 +367,7 @@ class KafkaAdapter(Transport[Record]):
         (at least one poll's worth); nothing once stopping or after ``POLL_MS`` without records."""
         if not self._ahead:
             self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), POLL_MS / 1000)
+            await within(POLL_MS / 1000, self._arrived.wait())
         gen, count = self._generation, 0
         merged: Batch = {}
         while self._ahead and not self._stopping.is_set():
@@ -519,8 +518,7 @@ class KafkaAdapter(Transport[Record]):
         self._room.set()
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+        await within(seconds, self._stopping.wait())
 
     # -- topics the cluster lacks, and readiness ---------------------------------------------------
 
@@ -580,9 +578,7 @@ class KafkaAdapter(Transport[Record]):
         reads from the committed offsets."""
         self._drop_ahead()
         if not self._idle.is_set() and not self.paused:
-            try:
-                await asyncio.wait_for(self._idle.wait(), REVOKE_WAIT)
-            except TimeoutError:
+            if not await within(REVOKE_WAIT, self._idle.wait()):
                 log.warning("kafka adapter %s: batch unfinished at rebalance; it will be re-delivered", self.name)
         self._generation += 1
         self._drop_ahead()

@@ -48,6 +48,7 @@ from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
 
+from bridge.aio import within
 from bridge.config import BridgeConfig
 from bridge.errors import EventRejected, Overloaded, Unavailable
 from bridge.event import EventSignal, encode
@@ -393,8 +394,7 @@ class DispatcherClient:
         gauge = self.metrics.child(self.metrics.dispatcher_accept_bytes, self._ids[shard])
         delay = WATCH_EVERY
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(room.wake.wait(), delay)
+            await within(delay, room.wake.wait())  # not wait_for: see bridge.aio
             room.wake.clear()
             delay = WATCH_EVERY
             if room.budget > 0 and time.monotonic() - room.sent_at > WATCH_IDLE:

@@ -38,6 +38,8 @@ import statistics
 import time
 from collections.abc import AsyncIterator, Callable
 
+from bridge.aio import within
+
 RECHECK = 0.02
 """Seconds between looks at the share while a start waits only because of it (nothing announces
 that the hand-over got faster)."""
@@ -247,8 +249,7 @@ class StartSlots:
                 if self._used >= self.window.size():
                     await self._freed.wait()
                 else:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._freed.wait(), RECHECK)
+                    await within(RECHECK, self._freed.wait())
             self._used += 1
         began = self.window.now()
         try:

@@ -866,3 +866,38 @@ async def test_a_lasting_busy_refusal_ends_with_the_sdk_s_retries_and_then_unava
     assert len(temporal.calls) >= 2
     assert temporal.sdk_retried == [len(temporal.calls) - 1]  # the last attempt, with the SDK's retries
     await client.close()
+
+
+@pytest.mark.parametrize("turns", range(4))
+async def test_close_right_after_a_send_that_woke_the_watcher_ends(monkeypatch: pytest.MonkeyPatch, turns: int) -> None:
+    """A send that spent a quarter of the last answer wakes the shard's watcher; a close() just then
+    cancels a watcher whose wait has its result. With asyncio.wait_for (Python 3.11) that
+    cancellation was lost, the watcher looped on and close() waited for it forever."""
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.01)
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 0.01)
+    temporal = FakeTemporal()
+    wid = dispatcher_id(PROJECT, 0, 1)
+    dc = make_client(temporal)
+    await dc.submit([ev("x0")])
+    temporal.accept[wid] = 1  # one byte: the next send spends more than a quarter of it
+    await assert_eventually(lambda: temporal.looks > 0, timeout=5, interval=0.01, what="a look")
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 3600.0)  # from here on only a wake looks
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 3600.0)
+    looks = temporal.looks
+    await assert_eventually(lambda: temporal.looks > looks, timeout=5, interval=0.01, what="the last timed look")
+
+    async def send_and_close() -> None:
+        await dc.submit([ev("x1")])  # sends more than a quarter of one byte: wakes the watcher
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await dc.close()  # in the same step as the submit's answer when turns is 0, as a caller does
+
+    closing = asyncio.create_task(send_and_close())
+    done, _ = await asyncio.wait({closing}, timeout=2)
+    if not done:  # the watcher runs on: end it for the next test
+        for task in asyncio.all_tasks():
+            if task.get_name().startswith("dispatcher-watcher"):
+                task.cancel()
+        await asyncio.wait({closing}, timeout=2)
+    assert done, "close() did not end"
+    closing.result()
