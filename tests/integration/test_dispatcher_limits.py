@@ -1,8 +1,10 @@
-"""No payload stalls the dispatcher, against the real dev server: events near the 1 MiB limit with
-filters that would take seconds each, read back from the dispatcher's own history."""
+"""The dispatcher's limits against the real dev server: no payload stalls it (events near the 1 MiB
+limit with filters that would take seconds each, read back from its own history), and no backlog
+makes it drop what it took (more events than a run can start within its history's bounds)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import timedelta
 from typing import Any
@@ -12,8 +14,15 @@ import pytest
 from temporalio.api.enums.v1 import EventType, WorkflowTaskFailedCause
 from temporalio.client import Client
 
-from bridge.event import MAX_SIGNAL_BYTES
+import dispatcher.client
+from bridge.errors import Overloaded
+from bridge.event import MAX_SIGNAL_BYTES, EventSignal
+from bridge.metrics import Metrics
+from bridge.snapshot import Snapshot
+from dispatcher import workflow as dispatcher_workflow
+from dispatcher.client import DispatcherClient
 from dispatcher.contract import dispatcher_id
+from dispatcher.worker import build_worker
 from tests.helpers import TOKEN, assert_eventually, config, count_workflows, dispatcher_stats, unique
 
 pytestmark = pytest.mark.temporal
@@ -107,3 +116,50 @@ async def test_events_near_the_size_limit_with_costly_filters_keep_workflow_task
     # The measured bound (~0.5 s here) is reported above and in the closing note; the assertion is the
     # failure that matters on a loaded machine: a task at the SDK's 2 s deadlock timeout.
     assert longest < timedelta(seconds=1.8), sorted(durations)[-5:]
+
+
+async def test_a_backlog_past_what_a_run_can_start_is_refused_as_overloaded_and_none_is_dropped(
+    temporal_client: Client, temporal_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events arriving far faster than their targets start: a run that reached its history bounds
+    with more queued than it can carry would count the rest failed, after their 202s. The client
+    refuses them instead (``overloaded``) once the run's ``accept_bytes`` is spent, and every event
+    it took starts. The bounds are shrunk so that a few thousand events reach them; the worker runs
+    in this process, with the shrunk bounds."""
+    monkeypatch.setattr(dispatcher_workflow, "DRAIN_HISTORY_BYTES", 1024 * 1024)
+    monkeypatch.setattr(dispatcher_workflow, "FULL_MARGIN", 320 * 1024)  # as in production, 30% of the bound
+    monkeypatch.setattr(dispatcher_workflow, "DRAIN_SOFT_BYTES", 256 * 1024)
+    monkeypatch.setattr(dispatcher_workflow, "CARRY_LIMIT_BYTES", 16 * 1024)
+    monkeypatch.setattr(dispatcher_workflow, "MAX_CARRY_BYTES", 64 * 1024)
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.05)
+    project = unique("room")
+    idle = unique("no-worker")  # targets start (that is what is checked) but never run
+    entry = {"id": unique("w"), "workflow_type": "Noop", "task_queue": idle, "triggers": [{"name": "order.created"}]}
+    cfg = config(project, temporal_address, [entry], dispatcher={"starts_in_flight": 2})
+    accepted = refused = 0
+    async with build_worker(temporal_client, Snapshot.compile(cfg), cfg.task_queue):
+        client = DispatcherClient(temporal_client, cfg, Metrics())
+        for i in range(60):
+            events = [
+                EventSignal(id=f"e{i}-{k}", name="order.created", payload={"i": i}, source="http:t") for k in range(100)
+            ]
+            try:
+                await client.submit(events)
+                accepted += len(events)
+            except Overloaded:
+                refused += len(events)
+        async with asyncio.timeout(60):  # a close() that hangs fails here, not at pytest's timeout
+            await client.close()
+        assert refused and accepted, (accepted, refused)
+
+        async def all_started() -> dict[str, Any]:
+            stats = await dispatcher_stats(temporal_client, project)
+            taken = stats["started"] + stats["failed"]
+            assert stats["backlog"] == 0 and stats["received"] >= accepted and taken >= accepted, stats
+            return stats
+
+        stats = await assert_eventually(all_started, timeout=240, interval=1.0, what="every event taken started")
+    print(f"accepted {accepted}, refused {refused}, dispatcher runs {stats['run']}")
+    assert (stats["started"], stats["failed"], stats["received"] - stats["duplicates"]) == (accepted, 0, accepted), (
+        stats
+    )
