@@ -302,8 +302,9 @@ async def received_check(run: Run, project: str, accepted: int, timeout: float) 
 
 
 async def drain_check(run: Run, project: str, seconds: float) -> str:
-    """Targets started per second over ``seconds`` after the burst, against the last ceiling
-    (item 1's rate): the backlog drains at the bridge's throughput, not slower for its size."""
+    """Targets started per second over ``seconds`` after the burst, against the last ceiling (what
+    the throughput rows are measured against): a backlog should start at the bridge's throughput,
+    not slower for its size."""
     before = (await dispatcher_stats(run.client, project, 1))[0]
     began = time.monotonic()
     await asyncio.sleep(seconds)
