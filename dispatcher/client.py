@@ -177,9 +177,13 @@ class _Room:
     sent_at: float = -math.inf  # time.monotonic() of the last signal to it
     sent: int = 0  # bytes sent since the last look
     looked_at: float = -math.inf  # time.monotonic() of the last look
-    answer: float = math.inf  # its accept_bytes
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # a quarter of it was sent: look again
     full: bool = False  # as last logged
+
+    @property
+    def answer(self) -> float:
+        """The last look's ``accept_bytes``: the budget before what was sent since."""
+        return self.budget + self.sent
 
 
 @dataclass
@@ -411,7 +415,7 @@ class DispatcherClient:
                 budget = max(0.0, (DRAIN_HISTORY_BYTES - FULL_MARGIN - history) / TAKE_WEIGHT)
             now = time.monotonic()
             rate = room.sent / (now - room.looked_at) if math.isfinite(room.looked_at) else 0.0
-            room.budget, room.answer, room.sent, room.looked_at = budget, budget, 0, now
+            room.budget, room.sent, room.looked_at = budget, 0, now
             if budget > 0:
                 delay = next_look(budget, rate)
             gauge.set(budget if math.isfinite(budget) else -1)
