@@ -291,16 +291,8 @@ async def wrk_closed_loop(
             cmd = ["wrk", f"-t{threads}", f"-c{max(threads, concurrency // len(urls))}", f"-d{limit:g}s"]
             cmd += ["--timeout", "60s", "-s", str(WRK_LUA), url, "--", "1", TOKEN, f"{prefix}-{k}", name, str(quota)]
             procs.append(Proc(f"wrk-{k}", cmd, workdir / f"{unique('wrk')}.log"))
-        deadline = time.monotonic() + limit
-        while not all(p.output(1_000_000).count("quota ") >= threads for p in procs):
-            if any(not p.alive for p in procs) or time.monotonic() > deadline:
-                gone = next((p for p in procs if not p.alive), procs[0])
-                raise RuntimeError(f"wrk did not send its quota: {gone.exited()}")
-            await asyncio.sleep(0.02)
+        await wrk_quotas(procs, threads, limit)
         sent.ended = time.time()
-        for p in procs:  # wrk waits out its duration; an interrupt makes it report at once
-            with contextlib.suppress(ProcessLookupError):
-                p.popen.send_signal(signal.SIGINT)
         sent.accepted = 0
         for p in procs:
             await p.wait(10)
@@ -313,6 +305,21 @@ async def wrk_closed_loop(
         for p in procs:
             p.stop()
     return sent
+
+
+async def wrk_quotas(procs: list[Proc], threads: int, limit: float) -> None:
+    """Wait until each wrk process's ``threads`` have their quota answered (``bench/events.lua``
+    writes a ``quota`` line per thread), ``limit`` seconds at most, then interrupt them: wrk waits
+    out its duration otherwise, and an interrupt makes it report at once."""
+    deadline = time.monotonic() + limit
+    while not all(p.output(1_000_000).count("quota ") >= threads for p in procs):
+        if any(not p.alive for p in procs) or time.monotonic() > deadline:
+            gone = next((p for p in procs if not p.alive), procs[0])
+            raise RuntimeError(f"wrk did not send its quota: {gone.exited()}")
+        await asyncio.sleep(0.01)
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            p.popen.send_signal(signal.SIGINT)
 
 
 async def open_loop(sender: Sender, name: str, rate: float, seconds: float, prefix: str) -> Sent:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from bench.load import (
     start_times,
     throughput_row,
     wrk_closed_loop,
+    wrk_quotas,
 )
 from bench.procs import TOKEN, Bare, Bridge, Proc, bridge_config, unique
 from bench.report import Row, WrkResult, line, parse_wrk, status_summary
@@ -254,13 +254,7 @@ async def wrk(
     proc = Proc("wrk", cmd, run.workdir / f"{unique('wrk')}.log")
     try:
         if quota:
-            deadline = time.monotonic() + limit
-            while proc.output(1_000_000).count("quota ") < threads:
-                if not proc.alive or time.monotonic() > deadline:
-                    raise RuntimeError(f"wrk did not send its quota: {proc.exited()}")
-                await asyncio.sleep(0.01)
-            with contextlib.suppress(ProcessLookupError):  # wrk waits out its duration otherwise
-                proc.popen.send_signal(signal.SIGINT)
+            await wrk_quotas([proc], threads, limit)
         code = await proc.wait(limit + 60)
     finally:
         proc.stop()
