@@ -160,6 +160,4 @@ async def test_a_backlog_past_what_a_run_can_start_is_refused_as_overloaded_and_
 
         stats = await assert_eventually(all_started, timeout=240, interval=1.0, what="every event taken started")
     print(f"accepted {accepted}, refused {refused}, dispatcher runs {stats['run']}")
-    assert (stats["started"], stats["failed"], stats["received"] - stats["duplicates"]) == (accepted, 0, accepted), (
-        stats
-    )
+    assert (stats["started"], stats["failed"], stats["received"]) == (accepted, 0, accepted), stats
