@@ -135,12 +135,10 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
         self._stopping.set()
         if self._queue is not None and self._tag is not None:
             with contextlib.suppress(AMQPError, ConnectionError, RuntimeError, TimeoutError):
-                await asyncio.wait_for(self._queue.cancel(self._tag), 5)
+                await within(5, self._queue.cancel(self._tag))
         if self._task is not None:
             self._inbox.close()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), STOP_TIMEOUT)
-            except TimeoutError:
+            if not await within(STOP_TIMEOUT, asyncio.shield(self._task)):
                 log.warning("amqp adapter %s did not finish its batch in time; leaving it unacked", self.name)
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

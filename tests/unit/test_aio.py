@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -69,8 +70,6 @@ async def test_a_cancellation_that_meets_the_event_is_raised_not_lost(turns: int
 async def test_the_race_it_avoids_is_real_on_this_python_with_wait_for() -> None:
     """The same loop on ``asyncio.wait_for`` loses the cancellation at one of those moments on
     3.11 (python/cpython#86296): what the test above guards against."""
-    import sys
-
     loop = _loop_on(lambda event: asyncio.wait_for(event.wait(), 10))
     outcomes = [await _cancel_as_the_event_is_set(loop, turns) for turns in range(6)]
     if sys.version_info >= (3, 12):
