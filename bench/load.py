@@ -12,6 +12,7 @@ import contextlib
 import json
 import signal
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -395,11 +396,14 @@ def latency_row(name: str, rate: float, sent: Sent, started: dict[str, float], b
     return row
 
 
-async def start_like_bridge(client: Client, queue: str, event_id: str, i: int) -> None:
+async def start_like_bridge(
+    client: Client, queue: str, event_id: str, i: int, attributes: Collection[str] = search.NAMES
+) -> None:
     """One start of the target as the bridge makes it (``dispatcher/activities.py``): the event's
     memo and search attributes (:func:`dispatcher.contract.target_memo`,
     :func:`dispatcher.search.values`), the argument with the payload, the trigger and the envelope,
-    and ``REJECT_DUPLICATE``. On a dev server the attributes alone cost about a tenth of the rate."""
+    and ``REJECT_DUPLICATE``. On a dev server the attributes alone cost about a tenth of the rate.
+    ``attributes``: which of the search attributes it carries (``bench.attributes`` varies them)."""
     event = EventSignal(id=event_id, name="tput", payload={"i": i}, source=f"http:{TOKEN_NAME}")
     dispatcher = {"dispatcher": f"dispatcher-{queue}", "dispatcher_run": "0" * 36}
     arg = TargetInput(
@@ -411,7 +415,7 @@ async def start_like_bridge(client: Client, queue: str, event_id: str, i: int) -
         id=event_id,
         task_queue=queue,
         memo=target_memo(event, dispatcher, "tput"),
-        search_attributes=search.typed(search.values(event, queue)),
+        search_attributes=search.typed({k: v for k, v in search.values(event, queue).items() if k in attributes}),
         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
     )
 
@@ -423,11 +427,13 @@ async def ceiling(
     name: str = "ceiling: direct start_workflow",
     *,
     like_bridge: bool = False,
+    attributes: Collection[str] = search.NAMES,
     queue: str | None = None,
 ) -> Row:
     """``n`` direct ``client.start_workflow`` calls of the target the adapters start.
 
-    ``like_bridge``: each start as the bridge makes it (:func:`start_like_bridge`).
+    ``like_bridge``: each start as the bridge makes it (:func:`start_like_bridge`), with
+    ``attributes`` of its search attributes.
     ``queue``: the task queue (and id prefix) of the runs, a fresh one unless given."""
     queue = queue or unique("bench-direct")
     sem = asyncio.Semaphore(concurrency)
@@ -435,7 +441,7 @@ async def ceiling(
     async def one(i: int) -> None:
         async with sem:
             if like_bridge:
-                await start_like_bridge(client, queue, f"{queue}-{i}", i)
+                await start_like_bridge(client, queue, f"{queue}-{i}", i, attributes)
             else:
                 await client.start_workflow("Noop", {"i": i}, id=f"{queue}-{i}", task_queue=queue)
 

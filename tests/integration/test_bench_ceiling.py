@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from temporalio.client import Client, WorkflowExecution
 
+from bench import attributes
 from bench.load import ceiling
 from dispatcher import search
 from tests.helpers import assert_eventually, unique
@@ -41,3 +42,25 @@ async def test_the_plain_ceiling_starts_bare_runs(temporal_client: Client) -> No
     runs = await _runs(temporal_client, queue, 2)
     for run in runs:
         assert await run.memo() == {} and run.typed_search_attributes.get(search.EVENT_ID) is None
+
+
+async def test_a_ceiling_with_some_attributes_starts_runs_carrying_only_those(temporal_client: Client) -> None:
+    queue = unique("bench-ceiling")
+    await ceiling(temporal_client, 2, 2, "c", like_bridge=True, attributes=(search.EVENT_ID.name,), queue=queue)
+    for run in await _runs(temporal_client, queue, 2):
+        assert (await run.memo())["event_id"] == run.id
+        assert run.typed_search_attributes.get(search.EVENT_ID) == run.id
+        assert [run.typed_search_attributes.get(k) for k in (search.EVENT_NAME, search.SOURCE, search.PROJECT)] == [
+            None,
+            None,
+            None,
+        ]
+
+
+async def test_the_attributes_bench_measures_every_variant_each_round(temporal_client: Client) -> None:
+    rates = await attributes.measure(temporal_client, rounds=2, events=3, concurrency=3)
+    assert list(rates) == list(attributes.VARIANTS)
+    assert all(len(r) == 2 and all(x > 0 for x in r) for r in rates.values())
+    lines = attributes.report(rates)
+    assert [line.split(" mean ")[0].strip() for line in lines] == list(attributes.VARIANTS)
+    assert "1.00 x bare" in lines[0]
