@@ -67,9 +67,10 @@ ENVELOPE = Schema(
         ),
         "id": Schema(
             type=[OpenAPIType.STRING, OpenAPIType.INTEGER],
+            min_length=1,
             minimum=INT_MIN,
             maximum=INT_MAX,
-            description="The event id, unless an Idempotency-Key is sent; without either, a new UUID.",
+            description="The event id, unless an Idempotency-Key is sent; without either, a new UUID. Not empty.",
         ),
     },
     description="One event of the events API.",

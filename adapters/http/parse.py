@@ -83,6 +83,8 @@ def envelope(
         body_id = int(body_id)  # JSON has one kind of number: 7.0 is the integer 7, as the schema says
     if body_id is not None and not isinstance(body_id, str | int):
         raise EventRejected("malformed", "'id' must be a string")
+    if body_id == "":  # not "no id": a batch item's empty id would get a fresh UUID on every retry
+        raise EventRejected("malformed", "'id' must not be empty; leave it out for the bridge to choose one")
     event_id = event_id or (str(body_id) if body_id is not None else None)
     return EventSignal(
         id=event_id or str(uuid.uuid4()),

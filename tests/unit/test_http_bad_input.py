@@ -98,6 +98,20 @@ async def test_a_lone_surrogate_is_400_malformed(client: AsyncTestClient[Litesta
     assert (resp.status_code, resp.json()["error"]) == (400, "malformed")
 
 
+async def test_an_empty_id_is_malformed_not_a_fresh_id_on_every_retry(client: AsyncTestClient[Litestar]) -> None:
+    """In a batch sent with an Idempotency-Key an item with an id does not get ``{key}:{index}``,
+    and an empty id would have become a fresh UUID each time the batch was retried."""
+    headers = {**AUTH, "Idempotency-Key": "imp-1"}
+    resp = await client.post(URL, json={"name": "order.created", "id": ""}, headers=headers)
+    assert (resp.status_code, resp.json()["error"]) == (400, "malformed")
+    assert "'id' must not be empty" in resp.text
+    batch = [{"name": "order.created", "id": "", "payload": {"orderId": "1"}}]
+    resp = await client.post(URL, json=batch, headers=headers)
+    assert resp.status_code == 207, resp.text
+    [result] = resp.json()["results"]
+    assert (result["status"], result["error"]) == (400, "malformed") and "must not be empty" in result["message"]
+
+
 async def test_a_parser_bug_is_a_logged_400_not_a_500(
     client: AsyncTestClient[Litestar], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
