@@ -4,10 +4,15 @@
 ``SignalBridgeProject``, all Keyword. The embedded dev server registers them at start;
 ``signal-bridge setup`` registers them on a real server through the operator API. A worker that
 finds them missing says so at start and starts runs without them (a start naming an unregistered
-attribute would fail): runs still start, only the look-up by event loses them.
+attribute would fail): runs still start, only the look-up by event loses them. A value too long
+for an attribute is cut to its start and a digest of the whole (:func:`fit`); the run's memo keeps
+it whole.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
@@ -24,9 +29,51 @@ KEYS = (EVENT_ID, EVENT_NAME, SOURCE, PROJECT)
 NAMES = tuple(k.name for k in KEYS)
 
 
+# Temporal refuses a start whose attribute value is over 2 KiB (its default limit) as the SDK
+# encodes it: JSON, with every character past ASCII escaped (6 or 12 bytes). Values over this many
+# bytes are cut (:func:`fit`), so an event with a long id or name still starts.
+MAX_VALUE_BYTES = 1000
+_DIGEST_CHARS = 32
+_CUT = "…"
+
+
+def _size(text: str) -> int:
+    return len(json.dumps(text)) - 2
+
+
+def _prefix(text: str, budget: int) -> str:
+    """The longest start of ``text`` whose encoding takes at most ``budget`` bytes."""
+    used = 0
+    for i, char in enumerate(text):
+        used += _size(char)
+        if used > budget:
+            return text[:i]
+    return text
+
+
+def fit(text: str) -> str:
+    """``text`` as an attribute value: itself when it fits, else its start, ``…`` and 32 hex digits
+    of the SHA-256 of the whole (one value per text, so a look-up computes the same)."""
+    if _size(text) <= MAX_VALUE_BYTES:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:_DIGEST_CHARS]
+    return _prefix(text, MAX_VALUE_BYTES - _size(_CUT) - _DIGEST_CHARS) + _CUT + digest
+
+
+def fit_prefix(text: str) -> str:
+    """A ``STARTS_WITH`` operand matching every value whose text starts with ``text``: past what
+    :func:`fit` keeps of a long text, only the part it keeps."""
+    return _prefix(text, MAX_VALUE_BYTES - _size(_CUT) - _DIGEST_CHARS)
+
+
 def values(event: EventSignal, project: str) -> dict[str, str]:
     """The attributes of one event's runs, as plain data a workflow may pass to an activity."""
-    return {EVENT_ID.name: event.id, EVENT_NAME.name: event.name, SOURCE.name: event.source, PROJECT.name: project}
+    return {
+        EVENT_ID.name: fit(event.id),
+        EVENT_NAME.name: fit(event.name),
+        SOURCE.name: fit(event.source),
+        PROJECT.name: fit(project),
+    }
 
 
 def typed(plain: dict[str, str] | None) -> TypedSearchAttributes:

@@ -74,12 +74,12 @@ def list_query(
     project: str, *, name: str | None = None, started_after: datetime | None = None, status: str | None = None
 ) -> str:
     """The visibility query for ``events list``: a trailing ``*`` in ``name`` is a prefix."""
-    parts = [f"{search.PROJECT.name} = {quoted(project)}"]
+    parts = [f"{search.PROJECT.name} = {quoted(search.fit(project))}"]
     if name:
         if name.endswith("*"):
-            parts.append(f"{search.EVENT_NAME.name} STARTS_WITH {quoted(name[:-1])}")
+            parts.append(f"{search.EVENT_NAME.name} STARTS_WITH {quoted(search.fit_prefix(name[:-1]))}")
         else:
-            parts.append(f"{search.EVENT_NAME.name} = {quoted(name)}")
+            parts.append(f"{search.EVENT_NAME.name} = {quoted(search.fit(name))}")
     if started_after is not None:
         parts.append(f"StartTime > {quoted(started_after.astimezone(UTC).isoformat())}")
     if status:
@@ -90,9 +90,12 @@ def list_query(
 
 
 def event_query(project: str, event_id: str, source: str | None = None) -> str:
-    parts = [f"{search.PROJECT.name} = {quoted(project)}", f"{search.EVENT_ID.name} = {quoted(event_id)}"]
+    parts = [
+        f"{search.PROJECT.name} = {quoted(search.fit(project))}",
+        f"{search.EVENT_ID.name} = {quoted(search.fit(event_id))}",
+    ]
     if source:
-        parts.append(f"{search.SOURCE.name} = {quoted(source)}")
+        parts.append(f"{search.SOURCE.name} = {quoted(search.fit(source))}")
     return " AND ".join(parts)
 
 
@@ -162,9 +165,10 @@ class Lookup:
             status=status,
             start_time=execution.start_time.isoformat() if execution.start_time else None,
             close_time=execution.close_time.isoformat() if execution.close_time else None,
-            event_id=attributes.get(search.EVENT_ID) or _memo_text(memo.get("event_id")),
-            event_name=attributes.get(search.EVENT_NAME) or _memo_text(memo.get("event_name")),
-            source=attributes.get(search.SOURCE) or _memo_text(memo.get("event_source")),
+            # the memo first: it keeps what an attribute may hold cut (search.fit)
+            event_id=_memo_text(memo.get("event_id")) or attributes.get(search.EVENT_ID),
+            event_name=_memo_text(memo.get("event_name")) or attributes.get(search.EVENT_NAME),
+            source=_memo_text(memo.get("event_source")) or attributes.get(search.SOURCE),
             url=self._url(execution.id, execution.run_id),
         )
 

@@ -88,6 +88,38 @@ async def test_an_http_event_is_looked_up_by_its_token_only(bridge_factory, temp
         await assert_eventually(exported, timeout=30, what="the dispatcher's stats as metrics")
 
 
+async def test_an_event_whose_id_and_name_are_too_long_for_an_attribute_starts_and_is_found(
+    bridge_factory, temporal_address, temporal_client
+):
+    """Temporal refuses a start whose attribute value is over 2 KiB as the SDK encodes it (each
+    "é" takes six bytes): the bridge cuts such values (``dispatcher.search.fit``), so the runs start,
+    and the look-up by attributes alone (no source) finds them, whole from the memo."""
+    project, queue = unique("look-long"), f"idle-{uuid.uuid4().hex[:8]}"
+    cfg = config(
+        project, temporal_address, [idle("ship", "order.*", queue=queue), idle("audit", "order.*", queue=queue)]
+    )
+    bridge = await bridge_factory(cfg)
+    event_id, name = "é" * 600, "order." + "x" * 3000
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{bridge.http_port}", timeout=30) as http:
+        sent = await http.post(
+            "/api/v1/events",
+            json={"name": name, "id": event_id, "payload": {}},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+        assert sent.status_code == 202, sent.text
+    finder = Lookup(temporal_client, project, RouteTable.from_config(bridge.config))
+
+    async def both() -> list[Any]:
+        runs = await finder.event(event_id)
+        return runs if len(runs) == 2 else []
+
+    runs = await assert_eventually(both, timeout=60, what="both runs of the long event")
+    assert sorted(r.workflow_entry for r in runs) == ["audit", "ship"]
+    assert all((r.event_id, r.event_name, r.source) == (event_id, name, HTTP_SCOPE) for r in runs)
+    assert len(await finder.events(name=name)) == 2
+    assert len(await finder.events(name=name[:2000] + "*")) == 2
+
+
 async def test_a_webhook_delivery_and_a_kafka_record_are_looked_up_by_source(
     bridge_factory, temporal_client, temporal_address, kafka_bootstrap, tmp_path: Path
 ):
