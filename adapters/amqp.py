@@ -36,6 +36,7 @@ from adapters.amqp_parse import (
     dead_letter_copy,
     fallback_id,
     parse,
+    short,
     to_message,
 )
 from bridge.aio import within
@@ -281,9 +282,20 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
                     safe(fallback_id(message)),
                     exc,
                 )
-                await self._publish(
-                    dead_letter_copy(message, error, self.entry.queue, item.event, keep_headers=False), message
-                )
+                bare = dead_letter_copy(message, error, self.entry.queue, item.event, keep_headers=False)
+                try:
+                    await self._publish(bare, message)
+                except (TypeError, ValueError, OverflowError) as again:
+                    # Nothing of it can be written: rejected without requeue, not back for ever.
+                    self.pipeline.metrics.dropped.labels(ADAPTER, error.reason).inc()
+                    log.error(
+                        "amqp adapter %s: %s cannot be dead-lettered (%r); rejected to the queue's own policy",
+                        self.name,
+                        safe(fallback_id(message)),
+                        again,
+                    )
+                    item.disposition = Disposition.DROPPED
+                    return None
         except aio_pika.exceptions.PublishError:
             self.pipeline.metrics.dropped.labels(ADAPTER, error.reason).inc()
             log.error(
@@ -301,7 +313,8 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
 
     async def _publish(self, copy: aio_pika.Message, original: AbstractIncomingMessage) -> None:
         assert self._dlx is not None
-        await self._dlx.publish(copy, routing_key=original.routing_key or "", mandatory=True, timeout=PUBLISH_TIMEOUT)
+        key = short(original.routing_key or "")
+        await self._dlx.publish(copy, routing_key=key, mandatory=True, timeout=PUBLISH_TIMEOUT)
 
     async def acknowledge(self, items: Sequence[Item[AbstractIncomingMessage]]) -> None:
         for item in items:

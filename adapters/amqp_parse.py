@@ -23,11 +23,11 @@ from aio_pika.abc import AbstractIncomingMessage
 from pamqp import decode as pamqp_decode
 
 from bridge.config import AmqpConsumer
-from bridge.deadletter import H_TRIMMED, MAX_HEADER_VALUE, fit_headers, is_dead_letter_header
+from bridge.deadletter import H_TRIMMED, MAX_HEADER_VALUE, cut_text, fit_headers, is_dead_letter_header
 from bridge.deadletter import dead_letter_headers as letter_headers
 from bridge.decode import Message, decode, header_metadata
 from bridge.errors import EventRejected
-from bridge.event import EventSignal, content_digest
+from bridge.event import MAX_SIGNAL_BYTES, EventSignal, content_digest
 
 ADAPTER = "amqp"
 CE_PREFIXES = ("cloudevents_", "cloudevents:")
@@ -169,7 +169,14 @@ def fallback_id(delivery: Delivery) -> str:
 
 
 def to_message(delivery: Delivery, queue: str) -> Message:
-    """Strip the transport: headers as text, CloudEvents binary-mode attributes split out."""
+    """Strip the transport: headers as text, CloudEvents binary-mode attributes split out.
+
+    A body no signal could carry is refused as ``too_large`` here, before anything parses it:
+    RabbitMQ takes bodies of up to 16 MiB, whose parsing would hold the loop for seconds and take
+    hundreds of MiB."""
+    size = len(delivery.body)
+    if size > MAX_SIGNAL_BYTES:
+        raise EventRejected("too_large", f"the body is {size} bytes; one signal carries at most {MAX_SIGNAL_BYTES}")
     headers: dict[str, str] = {}
     ce: dict[str, str] = {}
     for key, value in (delivery.headers or {}).items():
@@ -205,7 +212,8 @@ def to_message(delivery: Delivery, queue: str) -> Message:
 
 
 def parse(delivery: Delivery, entry: AmqpConsumer) -> EventSignal:
-    """One delivery → one event, or :class:`EventRejected` (``malformed`` / ``no_name``)."""
+    """One delivery → one event, or :class:`EventRejected` (``malformed`` / ``no_name`` /
+    ``too_large``)."""
     return decode(to_message(delivery, entry.queue), entry.event)
 
 
@@ -238,6 +246,17 @@ def _single(value: float) -> bool:
         return False
 
 
+SHORT_STR = 255  # bytes in an AMQP short string: most properties, and a routing key
+
+
+def short(value: Any) -> Any:
+    """A property or routing key as a frame can carry it again. Read with U+FFFD (3 bytes) for each
+    byte that was not UTF-8 (:func:`read_what_pamqp_refuses`), it may be longer than it came, and
+    pamqp refuses to write it: the letter would never go out and the delivery would come back for
+    ever. The whole ``message_id`` stays in the ``x-original-message-id`` header."""
+    return cut_text(value, SHORT_STR) if isinstance(value, str) else value
+
+
 def dead_letter_copy(
     message: AbstractIncomingMessage,
     rej: EventRejected,
@@ -267,13 +286,13 @@ def dead_letter_copy(
     return aio_pika.Message(
         body=message.body,
         headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
+        content_type=short(message.content_type),
+        content_encoding=short(message.content_encoding),
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         priority=message.priority,
-        correlation_id=message.correlation_id,
-        message_id=message.message_id,
+        correlation_id=short(message.correlation_id),
+        message_id=short(message.message_id),
         timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
+        type=short(message.type),
+        app_id=short(message.app_id),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import struct
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,7 +23,7 @@ from adapters import amqp, amqp_parse
 from bridge.config import AmqpConsumer
 from bridge.deadletter import MAX_HEADER_VALUE
 from bridge.errors import EventRejected
-from bridge.event import EventSignal, content_digest
+from bridge.event import MAX_SIGNAL_BYTES, EventSignal, content_digest
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
 from bridge.settle import Backoff
@@ -290,10 +291,15 @@ def test_dead_letter_copy_keeps_the_delivery_and_says_why() -> None:
 
 
 class FakeExchange:
+    """Writes what it is given as aiormq's ``basic_publish`` would (so what pamqp cannot write
+    raises here too), and keeps it."""
+
     def __init__(self) -> None:
         self.published: list[tuple[Any, str]] = []
 
     async def publish(self, message: Any, routing_key: str, **kw: Any) -> None:
+        ContentHeader(0, len(message.body), message.properties).marshal()
+        Basic.Publish(exchange="dlx", routing_key=routing_key).marshal()
         self.published.append((message, routing_key))
 
 
@@ -410,10 +416,20 @@ async def test_single_event_too_large_is_dead_lettered() -> None:
     assert counter(adapter, "signal_bridge_events_rejected_total", "amqp", "too_large") == 1
 
 
+async def test_a_body_no_signal_could_carry_is_too_large_before_it_is_parsed() -> None:
+    adapter = make_adapter(FakeSink())
+    d = delivery(raw=b"[" * (MAX_SIGNAL_BYTES + 1), message_id="huge")  # parsed, it would be malformed
+    await adapter._process([d])  # type: ignore[list-item]
+    assert d.settled == ["ack"]
+    [(message, _)] = adapter._dlx.published  # type: ignore[union-attr]
+    assert message.headers["x-dead-letter-reason"] == "too_large" and message.body == d.body
+    assert counter(adapter, "signal_bridge_events_rejected_total", "amqp", "too_large") == 1
+
+
 async def test_a_bug_while_settling_requeues_what_was_not_settled_and_the_consumer_goes_on() -> None:
     class BrokenExchange(FakeExchange):
         async def publish(self, message: Any, routing_key: str, **kw: Any) -> None:
-            raise ValueError("a bug")
+            raise KeyError("a bug")  # not a transport error, nor a copy pamqp cannot write
 
     adapter = make_adapter(FakeSink())
     adapter._dlx = BrokenExchange()  # type: ignore[assignment]
@@ -639,6 +655,39 @@ async def test_a_copy_whose_headers_cannot_be_written_goes_with_the_dead_letter_
         letter.headers["x-dead-letter-reason"] == "malformed" and letter.headers["x-dead-letter-trimmed"] == "headers"
     )
     assert "keep" not in letter.headers
+
+
+async def test_a_poison_message_whose_properties_grew_when_read_is_dead_lettered_not_back_for_ever() -> None:
+    """90 bytes 0xFF in ``message_id`` (or any short string) are read as 90 U+FFFD: 270 bytes,
+    more than a short string holds. The letter's copy had them as they were read, pamqp refused to
+    write it (with or without its headers), and the delivery went back to the queue's head again
+    and again. The copy's properties and routing key are cut to fit; the whole id is a header."""
+    adapter = make_adapter(FakeSink())
+    grown = "\ufffd" * 90
+    props = {p: grown for p in ("content_encoding", "correlation_id", "message_id", "type", "app_id")}
+    d = delivery(raw=b"nope", routing_key="order." + grown, **props)
+    await adapter._process([d])  # type: ignore[list-item]
+    assert d.settled == ["ack"]
+    [(letter, routing_key)] = adapter._dlx.published  # type: ignore[union-attr]
+    assert letter.headers["x-dead-letter-reason"] == "malformed"
+    assert letter.message_id == "\ufffd" * 85 and len(routing_key.encode()) <= 255
+    assert letter.headers["x-original-message-id"] == grown
+
+
+async def test_a_letter_nothing_of_which_can_be_written_is_rejected_and_counted_not_requeued(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Refusing(FakeExchange):
+        async def publish(self, message: Any, routing_key: str, **kw: Any) -> None:
+            raise ValueError("cannot write it")
+
+    adapter = make_adapter(FakeSink())
+    adapter._dlx = Refusing()  # type: ignore[assignment]
+    d = delivery(raw=b"nope", message_id="bad")
+    await adapter._process([d])  # type: ignore[list-item]
+    assert d.settled == ["reject(requeue=False)"]
+    assert counter(adapter, "signal_bridge_events_dropped_total", "amqp", "malformed") == 1
+    assert any("cannot be dead-lettered" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
 
 
 def test_properties_and_headers_the_client_would_refuse_are_read_not_a_closed_connection() -> None:
