@@ -4,7 +4,8 @@
     ├── ConfigError       a config file that cannot be loaded; the message names file, workflow, trigger
     ├── EventRejected     one event that can never be accepted (a 4xx, a dead letter); has a reason code
     └── Unavailable       Temporal did not take the event *now*; retry later, nothing was acknowledged
-        └── Overloaded    this process already holds as many events waiting for Temporal as it may
+        ├── Overloaded    this process already holds as many events waiting for Temporal as it may
+        └── PartlyHeld    of a submission that went out as several signals, Temporal holds some
 
 A reason code is the one word for why something was refused, in metrics labels, dead-letter
 headers and HTTP error bodies. :data:`HTTP_STATUS` holds every code the bridge produces and the
@@ -14,7 +15,7 @@ What each code means for a client: docs/http-api.md.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal, get_args
 
@@ -100,3 +101,18 @@ class Overloaded(Unavailable):
     was taken."""
 
     reason: Reason = "overloaded"
+
+
+class PartlyHeld(Unavailable):
+    """Temporal holds some of a submission's events and not the rest: it went out as several
+    signals (over one signal's size or count, or over several shards) and some of them failed.
+    ``held``: the indices of the events it holds, in the submission. An adapter whose events keep
+    their ids on a retry may retry it whole (the held ones start nothing twice); one that cannot
+    promise that (an HTTP batch without ids) says which are held."""
+
+    def __init__(
+        self, message: str, held: frozenset[int], retry_after: float = 5.0, outcomes: Sequence[Any] = ()
+    ) -> None:
+        super().__init__(message, retry_after)
+        self.held = held
+        self.outcomes = outcomes  # from the pipeline: every event's, the ones not held as ``unavailable``

@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from bridge.errors import EventRejected, Overloaded, Unavailable
+from bridge.errors import EventRejected, Overloaded, PartlyHeld, Unavailable
 from bridge.event import MAX_SIGNAL_BYTES, EventSignal, encode
 from bridge.logsafe import safe
 from bridge.metrics import Metrics
@@ -118,7 +118,9 @@ class Pipeline:
     async def submit(self, events: Sequence[EventSignal], adapter: str) -> list[Outcome]:
         """Check each event, submit the good ones together, and report every outcome in order.
 
-        Raises :class:`bridge.errors.Unavailable` when Temporal did not take the good ones.
+        Raises :class:`bridge.errors.Unavailable` when Temporal did not take the good ones, and
+        :class:`bridge.errors.PartlyHeld` (with every outcome, those not held refused as
+        ``unavailable``) when it took some of them.
         """
         outcomes: list[Outcome] = []
         good: list[EventSignal] = []
@@ -145,6 +147,9 @@ class Pipeline:
             except Overloaded:  # the dispatcher can take no more now (dispatcher.client)
                 metrics.child(metrics.overloaded, adapter).inc()
                 raise
+            except PartlyHeld as exc:
+                metrics.child(metrics.unavailable, adapter).inc()
+                raise self._partly(exc, outcomes, adapter) from exc
             except Unavailable:
                 metrics.child(metrics.unavailable, adapter).inc()
                 raise
@@ -153,6 +158,18 @@ class Pipeline:
                 metrics.inflight.dec(len(good))
             metrics.child(metrics.accepted, adapter).inc(len(good))
         return outcomes
+
+    def _partly(self, exc: PartlyHeld, outcomes: list[Outcome], adapter: str) -> PartlyHeld:
+        """``exc`` (whose ``held`` indexes the submitted events) with ``held`` indexing ``outcomes``,
+        and the outcomes of the events not held refused as ``unavailable``."""
+        positions = [i for i, o in enumerate(outcomes) if o.rejected is None]
+        held = frozenset(positions[i] for i in exc.held)
+        why = EventRejected("unavailable", "Temporal did not take this event (others of the batch it holds); retry it")
+        for i in positions:
+            if i not in held:
+                outcomes[i].rejected = why
+        self.metrics.child(self.metrics.accepted, adapter).inc(len(held))
+        return PartlyHeld(str(exc), held, exc.retry_after, outcomes)
 
     async def _hand_over(self, events: list[EventSignal], encoded: list[bytes]) -> None:
         """To the sink, with the encodings the size check made when it takes them."""

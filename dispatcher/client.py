@@ -50,7 +50,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from bridge.aio import within
 from bridge.config import BridgeConfig
-from bridge.errors import EventRejected, Overloaded, Unavailable
+from bridge.errors import EventRejected, Overloaded, PartlyHeld, Unavailable
 from bridge.event import EventSignal, encode
 from bridge.metrics import Metrics
 from dispatcher import told
@@ -191,6 +191,7 @@ class _Submission:
     events: list[bytes]  # each event encoded (bridge.event.encode)
     size: int
     awaited: int = 0  # of them, events a client waits for (see AWAITED)
+    indices: list[int] = field(default_factory=list)  # of its events in the submission
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -287,19 +288,30 @@ class DispatcherClient:
             self._refuse_if_full(shard)
         subs: list[_Submission] = []
         open_: dict[int, _Submission] = {}
-        for shard, item, awaited in placed:
+        for index, (shard, item, awaited) in enumerate(placed):
             sub = open_.get(shard)
             if sub is None or sub.size + len(item) > MAX_SIGNAL_BYTES or len(sub.events) >= MAX_SIGNAL_EVENTS:
                 sub = open_[shard] = _Submission([], 0)
                 subs.append(sub)
                 self._queues[shard].put_nowait(sub)
             sub.events.append(item)
+            sub.indices.append(index)
             sub.size += len(item)
             sub.awaited += awaited
         if len(subs) == 1:  # the usual case; gather costs as much as the rest of this call
             await subs[0].done
-        else:
-            await asyncio.gather(*(s.done for s in subs))
+            return
+        results = await asyncio.gather(*(s.done for s in subs), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if not failed:
+            return
+        first = next((f for f in failed if not isinstance(f, Unavailable)), failed[0])
+        held = frozenset(i for sub, r in zip(subs, results, strict=True) if r is None for i in sub.indices)
+        if not held or not isinstance(first, Unavailable):
+            raise first
+        raise PartlyHeld(
+            f"{len(held)} of {len(events)} events held, the rest not: {first}", held, first.retry_after
+        ) from first
 
     async def ensure_started(self) -> None:
         """Start every shard's dispatcher if it is not running (seed Step 4)."""

@@ -18,7 +18,7 @@ from litestar.handlers.base import BaseRouteHandler
 from adapters.http.problems import Problem
 from bridge.adapter import ConsumerReadiness
 from bridge.config import RateLimit
-from bridge.errors import EventRejected, Reason, Unavailable
+from bridge.errors import EventRejected, PartlyHeld, Reason, Unavailable
 from bridge.event import EventSignal
 from bridge.pipeline import Outcome, Pipeline
 from bridge.ratelimit import RateLimiter, TokenBucket, default_burst
@@ -113,9 +113,13 @@ class HttpState:
     ) -> list[Outcome]:
         """Submit through the pipeline; a refusal of the whole becomes its :class:`Problem`
         (``unavailable``/``overloaded`` with ``Retry-After``, or the rejection), with ``ids``
-        (the event id, the delivery id) in the answer."""
+        (the event id, the delivery id) in the answer. A batch Temporal took part of comes back
+        as outcomes, the rest refused as ``unavailable``: a retry of it whole would start the
+        held events again if they have no ids of their own."""
         try:
             return await self.pipeline.submit(events, adapter)
+        except PartlyHeld as exc:  # a batch: which are held and which to send again (a 207)
+            return list(exc.outcomes)
         except Unavailable as exc:
             retry = snap.config.http.retry_after_seconds
             raise Problem.unavailable(exc, retry, unavailable, **ids) from None

@@ -26,7 +26,7 @@ from temporalio.converter import DataConverter
 from temporalio.service import RPCError, RPCStatusCode
 
 import dispatcher.client
-from bridge.errors import EventRejected, Overloaded, Unavailable
+from bridge.errors import EventRejected, Overloaded, PartlyHeld, Unavailable
 from bridge.event import EventSignal, encode, encoded_size
 from bridge.metrics import Metrics
 from dispatcher import told
@@ -580,6 +580,29 @@ async def test_a_refusal_from_a_reachable_temporal_does_not_mark_it_down() -> No
         await client.submit([ev("a")])
     assert not client.down
     await client.submit([ev("b")])
+    await client.close()
+
+
+async def test_a_submission_of_several_signals_some_failing_says_which_events_are_held() -> None:
+    """600 events go as two signals (at most MAX_SIGNAL_EVENTS each); the second fails. The first
+    500 are held: the caller hears which, not that nothing is."""
+    temporal = FakeTemporal(errors={1: RPCError("deadline", RPCStatusCode.DEADLINE_EXCEEDED, b"")})
+    client = make_client(temporal, **FAST)
+    events = [ev(f"e{i}") for i in range(MAX_SIGNAL_EVENTS + 100)]
+    with pytest.raises(PartlyHeld) as caught:
+        await client.submit(events)
+    assert caught.value.held == frozenset(range(MAX_SIGNAL_EVENTS))
+    assert [len(batch) for batch in temporal.sent()][:1] == [MAX_SIGNAL_EVENTS]
+    assert f"{MAX_SIGNAL_EVENTS} of {len(events)} events held" in str(caught.value)
+    await client.close()
+
+
+async def test_a_submission_of_several_signals_all_failing_is_unavailable_not_partly_held() -> None:
+    error = RPCError("namespace rps limit", RPCStatusCode.RESOURCE_EXHAUSTED, b"")
+    client = make_client(FakeTemporal(errors={0: error, 1: error}), **FAST)
+    with pytest.raises(Unavailable) as caught:
+        await client.submit([ev(f"e{i}") for i in range(MAX_SIGNAL_EVENTS + 1)])
+    assert not isinstance(caught.value, PartlyHeld)
     await client.close()
 
 

@@ -6,16 +6,21 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.http import create_app
 from bridge.errors import Unavailable
+from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline
 from bridge.snapshot import Snapshot
+from dispatcher.client import DispatcherClient
+from dispatcher.contract import MAX_SIGNAL_EVENTS
 from tests.fakes import FakeSink
 from tests.unit.http_support import (
     AUTH,
@@ -31,6 +36,7 @@ from tests.unit.http_support import (
     make_config,
     order,
 )
+from tests.unit.test_dispatcher_client import FakeTemporal
 
 # --- accepted ------------------------------------------------------------------------------
 
@@ -525,3 +531,25 @@ async def test_tokens_body_limit_and_token_limits_follow_a_reloaded_config(sink:
         current = Snapshot.compile(make_config(max_body_bytes=2 * MAX_BODY, rate_limit={"per_token": {"rate": 0.001}}))
         assert (await c.post(URL, content=body, headers=AUTH)).status_code == 202
     assert len(sink.events) == 3
+
+
+async def test_a_batch_temporal_took_part_of_says_which_items_are_held_not_to_retry_it_whole() -> None:
+    """600 events without ids go as two signals and the second fails. The first 500 are held:
+    retried whole as a 503 told ("nothing of it is held") they would get new ids and start again.
+    So the answer is a 207: 202 for each held item, 503 unavailable for each of the rest."""
+    cfg = make_config(max_body_bytes=4 * 1024 * 1024)
+    snap = Snapshot.compile(cfg)
+    temporal = FakeTemporal(errors={1: RPCError("deadline", RPCStatusCode.DEADLINE_EXCEEDED, b"")})
+    client = DispatcherClient(cast(Client, temporal), cfg, Metrics(), retry_after=3.0)
+    body = [{"name": "order.created", "payload": {"orderId": str(i)}} for i in range(MAX_SIGNAL_EVENTS + 100)]
+    async with in_loop_client(create_app(Pipeline(snap.routes, client), snap)) as http:
+        resp = await http.post(URL, json=body, headers=AUTH)
+    await client.close()
+    assert resp.status_code == 207, resp.text
+    answer = resp.json()
+    assert (answer["status"], answer["accepted"], answer["rejected"]) == ("partial", MAX_SIGNAL_EVENTS, 100)
+    statuses = [r["status"] for r in answer["results"]]
+    assert statuses == [202] * MAX_SIGNAL_EVENTS + [503] * 100
+    assert {r["error"] for r in answer["results"][MAX_SIGNAL_EVENTS:]} == {"unavailable"}
+    held = {r["event_id"] for r in answer["results"][:MAX_SIGNAL_EVENTS]}
+    assert held == set(temporal.sent()[0])
