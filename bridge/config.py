@@ -275,6 +275,11 @@ class HttpConfig(Model):
     port: int = 8080
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_batch_events: int = Field(default=1000, ge=1)
+    # The longest a request's body may take to arrive: a sender that trickles it (or stops) holds
+    # a connection and a buffer, with no token needed on a webhook's path. Slower: 408 too_slow.
+    body_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Requests handled at once; past it uvicorn answers 503 at once (limit_concurrency).
+    max_concurrent_requests: int = Field(default=1000, ge=1)
     retry_after_seconds: int = Field(default=5, ge=1)
     auth: HttpAuth = Field(default_factory=HttpAuth)
     rate_limit: HttpRateLimit = Field(default_factory=HttpRateLimit)

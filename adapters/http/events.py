@@ -39,6 +39,7 @@ REASONS: tuple[Reason, ...] = (
     "no_name",
     "unauthorized",
     "too_large",
+    "too_slow",
     "batch_too_large",
     "schema_invalid",
     "unroutable",

@@ -7,11 +7,13 @@ bytes, and a CloudEvent in binary mode is a body plus headers.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Mapping
 from typing import Any
 
 from litestar import Request
+from litestar.exceptions import InternalServerException
 
 from adapters.http.state import HttpState
 from bridge.decode import MAX_KEPT_VALUE
@@ -35,8 +37,28 @@ async def read_body(
     received: Mapping[str, str] | None = None,
 ) -> bytes:
     """The whole body, or ``too_large`` as soon as the announced or received length is over
-    ``http.max_body_bytes`` (a chunked body is cut off as soon as it passes the limit).
+    ``http.max_body_bytes`` (a chunked body is cut off as soon as it passes the limit), or
+    ``too_slow`` when it has not all come within ``http.body_timeout_seconds``.
     ``received``: the request's :func:`headers`, when the caller has them already."""
+    seconds = snap.config.http.body_timeout_seconds
+    try:
+        async with asyncio.timeout(seconds):
+            return await _read_body(request, http, snap, adapter, received)
+    except TimeoutError:
+        rejected = EventRejected("too_slow", f"the body did not arrive within {seconds:g} s")
+        raise http.refuse(adapter, rejected) from None
+    except InternalServerException:  # litestar's "client disconnected prematurely": no one to answer
+        rejected = EventRejected("malformed", "the client went away before its body was complete")
+        raise http.refuse(adapter, rejected) from None
+
+
+async def _read_body(
+    request: Request[Any, Any, Any],
+    http: HttpState,
+    snap: Snapshot,
+    adapter: str,
+    received: Mapping[str, str] | None,
+) -> bytes:
     limit = snap.config.http.max_body_bytes
     hdrs = request.headers if received is None else received
     length = hdrs.get("content-length") or ""

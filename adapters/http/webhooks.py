@@ -36,6 +36,7 @@ REASONS: tuple[Reason, ...] = (
     "unauthorized",
     "not_found",
     "too_large",
+    "too_slow",
     "schema_invalid",
     "unroutable",
     "target_invalid",

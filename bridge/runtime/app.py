@@ -296,6 +296,7 @@ class Bridge:
                 access_log=False,  # the bridge logs what it does with each event; no line per request
                 lifespan="on",
                 timeout_graceful_shutdown=30,
+                limit_concurrency=self.config.http.max_concurrent_requests,
             )
         )
         self._http = server

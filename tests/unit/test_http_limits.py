@@ -18,7 +18,7 @@ from bridge.pipeline import Pipeline
 from bridge.ratelimit import TokenBucket
 from bridge.snapshot import Snapshot
 from tests.fakes import FakeSink
-from tests.unit.http_support import AUTH, URL, in_loop_client, make_app, make_config, order
+from tests.unit.http_support import AUTH, URL, hook_config, in_loop_client, make_app, make_config, order
 
 MAX_BATCH = 5
 
@@ -189,3 +189,38 @@ async def test_overloaded_is_503_with_the_configured_retry_after() -> None:
     assert batch.json()["event_ids"] == ["b1", "b2"]
     assert [e.id for e in sink.events] == ["h0", "h1", "h2"]
     assert metric(text, "signal_bridge_overloaded_total", adapter="http") == 2
+
+
+# --- http.body_timeout_seconds ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [URL, "/api/v1/hooks/github"], ids=["events", "webhook-no-token-needed"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_a_body_that_trickles_in_is_408_too_slow_and_frees_its_request(path: str, framing: str) -> None:
+    """A sender that starts a body and stalls would hold its request (and what it sent) for as long
+    as it liked: on a webhook's path, with no token needed to reach the body."""
+    body = json.dumps(order()).encode()
+
+    async def stalls() -> Any:
+        yield body[:10]
+        await asyncio.sleep(30)
+        yield body[10:]
+
+    headers = {**AUTH, "Content-Type": "application/json"}
+    if framing == "content-length":
+        headers["Content-Length"] = str(len(body))
+    sink = FakeSink()
+    cfg = hook_config(body_timeout_seconds=0.2) if "hooks" in path else make_config(body_timeout_seconds=0.2)
+    async with in_loop_client(make_app(sink, cfg)) as c:
+        resp = await asyncio.wait_for(c.post(path, content=stalls(), headers=headers), 10)
+        assert resp.status_code == 408, resp.text
+        assert resp.json()["error"] == "too_slow" and "within 0.2 s" in resp.json()["message"]
+        adapter = "webhook" if "hooks" in path else "http"
+        text = (await c.get("/metrics", headers=AUTH)).text
+        assert metric(text, "signal_bridge_events_rejected_total", adapter=adapter, reason="too_slow") == 1
+    assert sink.calls == []
+
+
+def test_the_body_timeout_and_the_request_limit_have_defaults() -> None:
+    http = make_config().http
+    assert (http.body_timeout_seconds, http.max_concurrent_requests) == (30.0, 1000)
