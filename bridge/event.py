@@ -50,6 +50,9 @@ class EventSignal:
         if not isinstance(data, dict):
             raise TypeError(f"an event must be an object, not {type(data).__name__}")
         payload = data.get("payload")
+        key = data.get("key")
+        if key is not None and not isinstance(key, str):  # it orders events: a dict key hashes nothing
+            raise TypeError(f"an event's key must be a string, not {type(key).__name__}")
         return cls(
             id=str(data["id"]),
             name=str(data["name"]),
@@ -57,7 +60,7 @@ class EventSignal:
             source=str(data.get("source") or ""),
             time=str(data.get("time") or ""),
             metadata=dict(data.get("metadata") or {}),
-            key=data.get("key"),
+            key=key,
         )
 
     def envelope(self) -> dict[str, Any]:

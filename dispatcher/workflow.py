@@ -69,6 +69,15 @@ with workflow.unsafe.imports_passed_through():
 
 _RUN = "\x00run:"  # marks a signalled run's id among the ordering keys in flight
 
+ONE_RELOAD_PER_LOAD = "one-reload-per-load"
+"""The patch from which an event whose name the table lacks has the routes loaded again only if
+none was loaded since it was queued: before it, each such event loaded them once, so a burst of
+them (two configs that disagree during a deploy) wrote the table into the history once per event."""
+DRAIN_RELOADS = "drain-reloads"
+"""The patch from which the drain before continue-as-new loads the routes when a reload is due
+(a signal, or an event whose name the table lacks): before it, the drain planned that event with
+the old table, counting it unroutable."""
+
 
 @dataclass
 class _Queued:
@@ -78,6 +87,7 @@ class _Queued:
     digest: str = ""  # set once taken into a batch
     verdicts: dict[str, bool | None] | None = None  # filter source -> EVALUATE_FILTERS' answer
     reloaded: bool = False  # the routes were loaded again for it once: its name named nothing
+    loads: int = 0  # route tables loaded before it was queued
 
 
 # Not sandboxed: the sandbox's import proxies made serialising the continue-as-new input slow
@@ -92,6 +102,7 @@ class DispatcherWorkflow:
         self._queued_cost = 0  # and its costs
         self._out_cost = 0  # the costs of the events taken out of it, until their batch is done
         self._routes: RouteTable | None = None
+        self._loads = 0  # route tables loaded this run
         for raw in inp.pending:
             self._enqueue(_Queued(EventSignal.from_dict(raw), encoded_size(raw)))
         self._recent: OrderedDict[str, None] = OrderedDict.fromkeys(inp.recent)
@@ -221,6 +232,7 @@ class DispatcherWorkflow:
                 self._reload = True
             return
         self._routes = routes
+        self._loads += 1
         self._recost()
         self._settings = result.settings
         self._search_attributes = result.search_attributes
@@ -237,6 +249,7 @@ class DispatcherWorkflow:
 
     def _enqueue(self, item: _Queued) -> None:
         item.cost = self._cost(item)
+        item.loads = self._loads
         self._queue.append(item)
         self._queued_bytes += item.size
         self._queued_cost += item.cost
@@ -300,9 +313,15 @@ class DispatcherWorkflow:
         plans: list[Plan] = []
         cost = 0  # of the events planned: counted out of the queue until their batch is done
         for n, item in enumerate(taken[:done]):
-            if not item.reloaded and self._routes is not None and not self._routes.candidates(item.event.name):
+            if (
+                not item.reloaded
+                and self._routes is not None
+                and not self._routes.candidates(item.event.name)
+                and not (item.loads < self._loads and workflow.patched(ONE_RELOAD_PER_LOAD))
+            ):
                 # The adapter found a trigger for its name: this table is older than the adapter's
-                # (a reload whose signal is behind the event). Load it again first, once.
+                # (a reload whose signal is behind the event). Load it again first, once, unless a
+                # table was loaded since the event came.
                 item.reloaded = True
                 self._requeue(taken[n:done])
                 self._reload = True
@@ -551,6 +570,8 @@ class DispatcherWorkflow:
             await workflow.wait_condition(lambda: not self._in_flight and workflow.all_handlers_finished())
             if not self._must_drain():
                 break
+            if self._reload and workflow.patched(DRAIN_RELOADS):
+                await self._load_routes()
             await self._dispatch_batch()
         pending = self._carry()
         workflow.logger.info(
