@@ -17,10 +17,13 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
+import prometheus_client
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
     CommitFailedError,
@@ -28,6 +31,7 @@ from aiokafka.errors import (
     KafkaError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
+    UnsupportedCodecError,
 )
 from aiokafka.helpers import create_ssl_context
 
@@ -74,6 +78,9 @@ TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 POLL_MS = 500
 REVOKE_WAIT = 15.0
 STOP_GRACE = 30.0
+POLL_FAILURES_UNHEALTHY = 3  # failed polls in a row that make the consumer unhealthy
+POLL_RECOVERY = 30.0  # seconds without a failed poll that end a run of them
+FAILURE_LOG_EVERY = 60.0  # the same poll failure again is logged at most this often above DEBUG
 
 Batch: TypeAlias = dict[TopicPartition, list[Record]]
 State: TypeAlias = ConsumerState
@@ -115,6 +122,25 @@ class _MissingTopicLines(logging.Filter):
 
 _QUIET = _MissingTopicLines()
 
+_POLL_FAILURES: weakref.WeakKeyDictionary[prometheus_client.CollectorRegistry, prometheus_client.Counter] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def poll_failures(registry: prometheus_client.CollectorRegistry) -> prometheus_client.Counter:
+    """``signal_bridge_kafka_poll_failures_total{check, error}``, registered once in each registry
+    (every Kafka consumer of a bridge shares its registry)."""
+    counter = _POLL_FAILURES.get(registry)
+    if counter is None:
+        counter = _POLL_FAILURES[registry] = prometheus_client.Counter(
+            "signal_bridge_kafka_poll_failures",
+            "Kafka polls that raised (a record the client cannot read, a codec it lacks, a broker error), "
+            "by consumer check and error type",
+            ["check", "error"],
+            registry=registry,
+        )
+    return counter
+
 
 # --- clients ----------------------------------------------------------------------------------------
 
@@ -149,6 +175,15 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.adapter._on_assigned(assigned)
+
+
+@dataclass(eq=False)
+class _Poll:
+    """A ``getmany`` in flight: where each partition's next fetch started, kept up to date by the
+    adapter's own seeks meanwhile, so a poll that fails can be undone (:meth:`KafkaAdapter._undo`)."""
+
+    generation: int
+    before: dict[TopicPartition, int]
 
 
 M = TypeVar("M")
@@ -217,6 +252,12 @@ class KafkaAdapter(Transport[Record]):
         self._joined = False  # the group assigned this member its partitions (maybe none) once
         self._missing: set[str] = set()  # subscribed topics the cluster lacks, as last logged
         self._registered = False
+        self._polls: list[_Poll] = []
+        self._poll_failures = 0  # failed polls in a row (each within POLL_RECOVERY of the one before)
+        self._failed_at = -POLL_RECOVERY
+        self._failure_logged: tuple[str, float] = ("", -FAILURE_LOG_EVERY)  # (the error, when) last logged
+        self._failure_repeats = 0
+        self._failure_metric = poll_failures(pipeline.metrics.registry)
 
     @property
     def paused(self) -> bool:
@@ -224,8 +265,13 @@ class KafkaAdapter(Transport[Record]):
         return self.settler.waiting
 
     def healthy(self) -> bool:
-        """Consuming: the loop runs and its last batch did not fail unexpectedly."""
-        return self._task is not None and not self._task.done() and not self._broken
+        """Consuming: the loop runs, its last batch did not fail unexpectedly, and its polls do not
+        keep failing (docs/kafka.md#readiness)."""
+        return self._task is not None and not self._task.done() and not self._broken and not self._polls_failing()
+
+    def _polls_failing(self) -> bool:
+        recent = time.monotonic() - self._failed_at < POLL_RECOVERY
+        return recent and self._poll_failures >= POLL_FAILURES_UNHEALTHY
 
     async def start(self) -> None:
         opts = client_options(self.entry.security)
@@ -390,30 +436,132 @@ class KafkaAdapter(Transport[Record]):
         self._room.set()
 
     async def _poll(self) -> Batch:
-        """The next batch, or nothing: a failed poll is waited out here."""
-        assert self.consumer is not None
+        """The next batch, or nothing: a failed poll is undone (:meth:`_getmany`) and waited out here."""
         try:
-            batch: Batch = await self.consumer.getmany(timeout_ms=POLL_MS, max_records=self.entry.max_batch)
-        except KafkaError as exc:
-            log.warning("kafka adapter %s: poll failed: %r", self.name, exc)
-            await self._sleep(1.0)
-            return {}
-        except Exception:
-            # The client could not read a record (aiokafka refuses a header name that is not
-            # UTF-8): nothing of it reaches the bridge to dead-letter. Read again from the committed
-            # offsets once the batch in hand is committed, so what the failed fetch took is not
-            # skipped; report unhealthy, wait, retry.
-            cap = self.settler.backoff.cap
-            log.exception("kafka adapter %s: a record cannot be read; reading again in %ss", self.name, cap)
-            self._broken = True
-            self._drop_ahead()
-            await self._idle.wait()
-            with contextlib.suppress(KafkaError, IllegalStateError, AssertionError):  # no partitions left
-                await self.consumer.seek_to_committed()
-            await self._sleep(cap)
+            batch = await self._getmany(POLL_MS, self.entry.max_batch)
+        except Exception as exc:
+            # A broker error, a batch in a codec the client lacks, or a record it cannot read (aiokafka
+            # refuses a header name that is not UTF-8): nothing of such a record reaches the bridge
+            # to dead-letter. Read again from where the poll began, with backoff.
+            await self._sleep(self._poll_failed(exc))
             return {}
         self._check_topics()
         return batch
+
+    async def _getmany(self, timeout_ms: int, max_records: int | None = None) -> Batch:
+        """``getmany``, undone when it raises (:meth:`_undo`)."""
+        assert self.consumer is not None
+        poll = _Poll(self._generation, await self._positions())
+        self._polls.append(poll)
+        try:
+            batch: Batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        except Exception:
+            await self._undo(poll)
+            raise
+        finally:
+            self._polls.remove(poll)
+        return batch
+
+    async def _positions(self) -> dict[TopicPartition, int]:
+        """Where the next fetch of each assigned partition starts, for those whose position is set:
+        one just assigned or reset waits for its offset, and is not waited for here."""
+        assert self.consumer is not None
+        found = {}
+        for tp in self.consumer.assignment():
+            with contextlib.suppress(TimeoutError, IllegalStateError):
+                async with asyncio.timeout(0):  # a position that is set is returned without waiting
+                    found[tp] = await self.consumer.position(tp)
+        return found
+
+    async def _undo(self, poll: _Poll) -> None:
+        """Seek every assigned partition back to where the failed poll began. aiokafka advances the
+        position of each partition whose records a poll takes, and a poll that raises (another
+        partition's batch in a codec the client lacks, a record it cannot read) has taken some of
+        them first and drops them: the next batch's commit would pass them. A partition whose
+        position was not set before the poll (or each one, after a rebalance during it) goes back
+        to where the group starts it: its committed offset, else ``auto_offset_reset``."""
+        assert self.consumer is not None
+        gen = self._generation
+        before = poll.before if poll.generation == gen else {}
+        unset = []
+        for tp in sorted(self.consumer.assignment()):
+            if tp not in before:
+                unset.append(tp)
+                continue
+            with contextlib.suppress(IllegalStateError):  # revoked meanwhile
+                self._seek(tp, before[tp])
+        # A rebalance meanwhile sets every position from the commits itself.
+        while unset and gen == self._generation and not self._stopping.is_set():
+            try:
+                await self._seek_to_start(unset[0])
+            except IllegalStateError:
+                pass
+            except KafkaError as exc:
+                log.warning("kafka adapter %s: cannot read %s's committed offset: %r", self.name, unset[0], exc)
+                await self._sleep(1.0)
+                continue
+            unset.pop(0)
+
+    async def _seek_to_start(self, tp: TopicPartition) -> None:
+        """Seek to the committed offset, or where ``auto_offset_reset`` starts a partition without
+        one (``seek_to_committed`` leaves a partition alone whose commit is 0 or none)."""
+        assert self.consumer is not None
+        for poll in self._polls:
+            poll.before.pop(tp, None)
+        committed = await self.consumer.committed(tp)
+        if committed is not None:
+            self._seek(tp, committed)
+        elif self.entry.auto_offset_reset == "earliest":
+            await self.consumer.seek_to_beginning(tp)
+        else:
+            await self.consumer.seek_to_end(tp)
+
+    def _seek(self, tp: TopicPartition, offset: int) -> None:
+        """Seek, and tell the polls in flight: one that fails takes its records from here."""
+        assert self.consumer is not None
+        self.consumer.seek(tp, offset)
+        for poll in self._polls:
+            poll.before[tp] = offset
+
+    def _poll_failed(self, exc: Exception) -> float:
+        """Count and log a failed poll; the seconds to wait before the next. A record the client
+        cannot read makes the consumer unhealthy at once, any other error after
+        ``POLL_FAILURES_UNHEALTHY`` in a row. The same error again is logged at most every
+        ``FAILURE_LOG_EVERY`` seconds above DEBUG."""
+        now = time.monotonic()
+        if now - self._failed_at >= POLL_RECOVERY:
+            self._poll_failures = 0
+        self._poll_failures += 1
+        if not isinstance(exc, KafkaError):
+            self._poll_failures = max(self._poll_failures, POLL_FAILURES_UNHEALTHY)
+        self._failed_at = now
+        self._failure_metric.labels(self.name, type(exc).__name__).inc()
+        delay = self.settler.backoff.delay(self._poll_failures)
+        what = repr(exc)
+        last, logged_at = self._failure_logged
+        if what == last and now - logged_at < FAILURE_LOG_EVERY:
+            self._failure_repeats += 1
+            log.debug("kafka adapter %s: poll failed again (%d in a row): %s", self.name, self._poll_failures, what)
+            return delay
+        hint = ""
+        if isinstance(exc, UnsupportedCodecError):
+            hint = "; install aiokafka's lz4, snappy and zstd extras (docs/kafka.md#compression)"
+        elif not isinstance(exc, KafkaError):
+            hint = "; a record the client cannot read (docs/kafka.md#dead-letters)"
+        log.log(
+            logging.WARNING if isinstance(exc, KafkaError) else logging.ERROR,
+            "kafka adapter %s: poll failed (%d in a row; %d more since the last line, at DEBUG): %s%s; reading "
+            "again from where it began in %.1fs",
+            self.name,
+            self._poll_failures,
+            self._failure_repeats,
+            what,
+            hint,
+            delay,
+            exc_info=not isinstance(exc, KafkaError),
+        )
+        self._failure_logged, self._failure_repeats = (what, now), 0
+        return delay
 
     async def _handle(self, batch: Batch, gen: int) -> None:
         """Settle the batch, then commit every partition's ``last offset + 1``. Nothing is logged
@@ -437,7 +585,7 @@ class KafkaAdapter(Transport[Record]):
         assigned = self.consumer.assignment()
         for tp, offset in first.items():
             if tp in assigned:
-                self.consumer.seek(tp, offset)
+                self._seek(tp, offset)
 
     async def _commit(self, offsets: dict[TopicPartition, int], gen: int) -> None:
         assert self.consumer is not None
@@ -494,14 +642,14 @@ class KafkaAdapter(Transport[Record]):
         deadline = time.monotonic() + seconds
         while not self._stopping.is_set() and (left := deadline - time.monotonic()) > 0:
             try:
-                stray = await self.consumer.getmany(timeout_ms=max(1, int(min(left, 0.5) * 1000)))
+                stray = await self._getmany(max(1, int(min(left, 0.5) * 1000)))
             except KafkaError as exc:
                 log.warning("kafka adapter %s: poll failed while paused: %r", self.name, exc)
                 await self._sleep(min(left, 1.0))
                 continue
             for tp, recs in stray.items():
                 # A partition assigned just before the listener paused it: read it again later.
-                self.consumer.seek(tp, recs[0].offset)
+                self._seek(tp, recs[0].offset)
                 self.consumer.pause(tp)
             self._check_topics()
         return not self._stopping.is_set() and self._batch_generation == self._generation
@@ -577,7 +725,7 @@ class KafkaAdapter(Transport[Record]):
         was read ahead of it is dropped first, so no batch is begun meanwhile: the new assignment
         reads from the committed offsets."""
         self._drop_ahead()
-        if not self._idle.is_set() and not self.paused:
+        if not self._idle.is_set() and not self._held:
             if not await within(REVOKE_WAIT, self._idle.wait()):
                 log.warning("kafka adapter %s: batch unfinished at rebalance; it will be re-delivered", self.name)
         self._generation += 1
@@ -588,13 +736,14 @@ class KafkaAdapter(Transport[Record]):
         assert self.consumer is not None
         self._joined = True
         self._check_topics()
-        if self.paused and assigned:
+        held = self._held and not self._idle.is_set()  # a batch waits, paused (not just a stale count)
+        if held and assigned:
             self.consumer.pause(*assigned)
         log.info(
             "kafka adapter %s: partitions assigned %s%s",
             self.name,
             sorted(map(tuple, assigned)),
-            " (paused: Temporal unavailable)" if self.paused and assigned else "",
+            " (paused: Temporal unavailable)" if held and assigned else "",
         )
 
 

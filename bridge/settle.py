@@ -223,17 +223,24 @@ class Settler(Generic[M]):
         """Settle a batch; every usable message is settled when this returns.
 
         Raises :class:`Abandoned` when the transport gave the batch up while waiting. Any other
-        exception is a bug: the adapter must leave unacknowledged what was not settled.
+        exception is a bug: the adapter must leave unacknowledged what was not settled. Either way
+        the outage ends with the batch: :attr:`waiting` must not outlive it, or a transport that
+        pauses what it is given while waiting (Kafka's newly assigned partitions) would pause
+        them for good. Resuming the transport is the adapter's part then.
         """
-        items = [self._decode(m) for m in batch]
-        await self._hold([i for i in items if i.event is not None and i.error is None])
-        refused = [i for i in items if i.error is not None and self.transport.usable(i.message)]
-        letters = [i for i in refused if not self._skip_or_drop(i)]
-        if letters:
-            await self._until_done(lambda: self._write_letters(letters), "dead-letter destination")
-        settled = [i for i in refused if i.disposition is not None]
-        if settled:
-            await self.transport.acknowledge(settled)
+        try:
+            items = [self._decode(m) for m in batch]
+            await self._hold([i for i in items if i.event is not None and i.error is None])
+            refused = [i for i in items if i.error is not None and self.transport.usable(i.message)]
+            letters = [i for i in refused if not self._skip_or_drop(i)]
+            if letters:
+                await self._until_done(lambda: self._write_letters(letters), "dead-letter destination")
+            settled = [i for i in refused if i.disposition is not None]
+            if settled:
+                await self.transport.acknowledge(settled)
+        except BaseException:
+            self.failures = 0
+            raise
         return items
 
     async def _write_letters(self, letters: list[Item[M]]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import IllegalStateError, KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import ConsumerRecord
 
 from adapters import kafka, kafka_parse
@@ -315,9 +315,44 @@ class FakeConsumer:
         self.polls_while_paused = 0
         self.batches: list[dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]] = []
         self.seeks: list[tuple[TopicPartition, int]] = []
+        self.positions: dict[TopicPartition, int] = {}  # a partition missing here has no position yet
+        self.committed_offsets: dict[TopicPartition, int] = {}
+        self.resets: list[tuple[TopicPartition, str]] = []  # seek_to_beginning / seek_to_end
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._assigned)
+
+    async def position(self, tp: TopicPartition) -> int:
+        """Like aiokafka's, waits while the partition's position is not set (here: until cancelled)."""
+        if tp not in self._assigned:
+            raise IllegalStateError(f"{tp} is not assigned")
+        if tp not in self.positions:
+            await asyncio.get_running_loop().create_future()
+        return self.positions[tp]
+
+    async def committed(self, tp: TopicPartition) -> int | None:
+        return self.committed_offsets.get(tp)
+
+    async def seek_to_committed(self, *tps: TopicPartition) -> dict[TopicPartition, int | None]:
+        """aiokafka's rule: a partition whose commit is 0 or none keeps its position."""
+        found = {tp: self.committed_offsets.get(tp) for tp in tps or self._assigned}
+        for tp, offset in found.items():
+            if offset:
+                self.seek(tp, offset)
+        return found
+
+    async def seek_to_beginning(self, *tps: TopicPartition) -> None:
+        for tp in tps:
+            self.resets.append((tp, "earliest"))
+            self.positions[tp] = 0
+
+    async def seek_to_end(self, *tps: TopicPartition) -> None:
+        for tp in tps:
+            self.resets.append((tp, "latest"))
+            self.positions[tp] = self.end_offset(tp)
+
+    def end_offset(self, tp: TopicPartition) -> int:
+        return 0
 
     def paused(self) -> set[TopicPartition]:
         return set(self._paused)
@@ -332,16 +367,22 @@ class FakeConsumer:
         if self._paused == self._assigned:
             self.polls_while_paused += 1
         elif self.batches:
-            return self.batches.pop(0)
+            polled = self.batches.pop(0)
+            self.positions.update({tp: recs[-1].offset + 1 for tp, recs in polled.items() if recs})
+            return polled
         await asyncio.sleep(0.001)
         return {}
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
+        if tp not in self._assigned:
+            raise IllegalStateError(f"{tp} is not assigned")
         self.seeks.append((tp, offset))
+        self.positions[tp] = offset
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         assert not self._paused, "committed while paused"
         self.commits.append(dict(offsets))
+        self.committed_offsets.update(offsets)
 
 
 TP0, TP1 = TopicPartition("orders", 0), TopicPartition("orders", 1)
@@ -784,15 +825,17 @@ async def test_the_dead_letter_producer_sets_max_request_size(monkeypatch):
     assert made["producer"]["acks"] == "all" and made["consumer"]["enable_auto_commit"] is False
 
 
-async def test_a_record_the_client_cannot_read_keeps_the_loop_alive_rereading_from_the_commit():
+async def test_a_record_the_client_cannot_read_keeps_the_loop_alive_rereading_where_the_poll_began(
+    monkeypatch: pytest.MonkeyPatch,
+):
     """aiokafka refuses a header name that is not UTF-8 inside getmany: nothing reaches the
-    bridge. The loop must not die: it reads again from the committed offsets, unhealthy meanwhile."""
+    bridge. The loop must not die: it reads again from where the poll began (not past the commit),
+    unhealthy meanwhile."""
 
     class Unreadable(FakeConsumer):
         def __init__(self, partitions: set[TopicPartition]) -> None:
             super().__init__(partitions)
             self.failures = 2
-            self.seeks_to_committed = 0
 
         async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
             if self.failures:
@@ -800,20 +843,20 @@ async def test_a_record_the_client_cannot_read_keeps_the_loop_alive_rereading_fr
                 raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
             return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
 
-        async def seek_to_committed(self, *tps: TopicPartition) -> dict:
-            self.seeks_to_committed += 1
-            return {}
-
     sink = FakeSink()
     adapter, _ = adapter_with(sink)
     consumer = adapter.consumer = Unreadable({TP0, TP1})  # type: ignore[assignment]
+    consumer.positions = {TP0: 10, TP1: 0}
     adapter._task = asyncio.create_task(adapter._run())
     try:
-        await assert_eventually(lambda: consumer.seeks_to_committed == 2, timeout=5, interval=0.005)
+        await assert_eventually(lambda: len(consumer.seeks) == 4, timeout=5, interval=0.005)
+        assert consumer.seeks == [(TP0, 10), (TP1, 0)] * 2
         assert not adapter.healthy() and not adapter._task.done()
         consumer.batches = [batch([good(1)])]
         await assert_eventually(lambda: consumer.commits, timeout=5, interval=0.005)
-        assert consumer.commits == [{TP0: 11}] and adapter.healthy()
+        assert consumer.commits == [{TP0: 11}] and not adapter.healthy(), "unhealthy until polls succeed a while"
+        monkeypatch.setattr(kafka, "POLL_RECOVERY", 0.0)
+        assert adapter.healthy()
     finally:
         adapter._stopping.set()
         await adapter._task

@@ -267,7 +267,8 @@ async def test_a_transport_that_gives_up_while_waiting_abandons_the_batch_unsett
     s = settler(FakeSink(outages=10**6), t)
     with pytest.raises(Abandoned):
         await s.settle([good(1), POISON["bad-json"][0]])
-    assert t.acked == [] and t.letters == [] and s.waiting
+    assert t.acked == [] and t.letters == []
+    assert not s.waiting, "the outage ends with the batch: the next one starts unpaused"
 
 
 async def test_an_unexpected_error_from_temporal_is_a_bug_raised_at_once_not_retried() -> None:
@@ -277,6 +278,29 @@ async def test_an_unexpected_error_from_temporal_is_a_bug_raised_at_once_not_ret
         await s.settle([good(1), POISON["bad-json"][0]])
     t = transport_of(s)
     assert len(sink.calls) == 1 and t.waits == [] and t.acked == [] and t.letters == []
+
+
+async def test_a_bug_during_an_outage_ends_the_outage_with_the_batch() -> None:
+    """Temporal refuses, then fails unexpectedly: the batch is raised to the adapter, and nothing
+    is left counting an outage (Kafka would pause the partitions assigned next, AMQP report waiting)."""
+    sink = FakeSink(outages=1)
+    t = FakeTransport()
+    s = settler(sink, t)
+
+    async def wait(seconds: float) -> bool:
+        sink.bugs = 1
+        return await FakeTransport.wait(t, seconds)
+
+    t.wait = wait  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="a bug"):
+        await s.settle([good(1)])
+    assert t.pauses == 1 and t.acked == [] and not s.waiting
+
+    del t.wait  # the next outage counts from its own start: its first delay is the initial one
+    sink.outages = 1
+    await s.settle([good(2)])
+    assert len(t.waits) == 2 and t.waits[1] <= FAST.initial and not s.waiting
+    assert t.acked == [("m-2", Disposition.HELD)] and t.resumes == 1
 
 
 async def test_only_the_transports_own_transient_errors_are_retried_when_dead_lettering() -> None:

@@ -1,0 +1,297 @@
+"""The Kafka adapter's polls without a broker: a poll that fails is undone, so no record it took is
+skipped; polls that keep failing show in /readyz, a metric and a rate-limited log; a batch given up
+in an outage leaves no partition paused; and every codec a topic may be compressed with is there."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiokafka import TopicPartition, codec
+from aiokafka.errors import UnsupportedCodecError
+from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
+from aiokafka.record.memory_records import MemoryRecords
+
+from adapters import kafka
+from tests.fakes import FakeSink
+from tests.helpers import assert_eventually
+from tests.unit.test_kafka_parse import TP0, TP1, FakeConsumer, adapter_with, batch, good, offsets_held, record
+from tests.unit.test_kafka_topics import TopicsConsumer
+
+LZ4 = UnsupportedCodecError("Libraries for lz4 compression codec not found")
+BAD_HEADER = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+
+class LogConsumer(FakeConsumer):
+    """A consumer over one log per partition, positioned as aiokafka's is: a poll takes the records
+    after each partition's position, partition by partition, and advances each position as it
+    takes them. ``failing[tp] = (error, n)``: the next ``n`` polls that reach ``tp`` raise there,
+    after taking the partitions before it, and what they took is lost with the exception. That is
+    aiokafka 0.14's ``Fetcher.fetched_records`` meeting a batch in a codec it lacks, or a header
+    name that is not UTF-8, on one partition after draining another."""
+
+    def __init__(self, lengths: dict[TopicPartition, int], committed: dict[TopicPartition, int] | None = None) -> None:
+        super().__init__(set(lengths))
+        self.logs = {
+            tp: [record(good(tp.partition * 100 + i), partition=tp.partition, offset=i) for i in range(n)]
+            for tp, n in lengths.items()
+        }
+        self.committed_offsets = dict(committed or {})
+        self.positions = {tp: self.committed_offsets.get(tp, 0) for tp in lengths}  # auto_offset_reset: earliest
+        self.failing: dict[TopicPartition, tuple[Exception, int]] = {}
+        self.failed = 0
+        self.taken_then_lost = 0
+
+    def end_offset(self, tp: TopicPartition) -> int:
+        return len(self.logs[tp])
+
+    async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+        await asyncio.sleep(0.001)
+        if self._paused == self._assigned:
+            self.polls_while_paused += 1
+            return {}
+        left, taken = max_records or 500, {}
+        for tp in sorted(self._assigned - self._paused):
+            error, n = self.failing.get(tp, (None, 0))
+            if error is not None and n:
+                self.failing[tp] = (error, n - 1)
+                self.failed += 1
+                self.taken_then_lost += sum(len(recs) for recs in taken.values())
+                raise error
+            start = self.positions[tp]
+            recs = self.logs[tp][start : start + left]
+            if recs:
+                taken[tp] = recs
+                self.positions[tp] = start + len(recs)
+                left -= len(recs)
+            if not left:
+                break
+        return taken
+
+
+def everything(consumer: LogConsumer) -> list[str]:
+    return sorted(str(tp.partition * 100 + i) for tp, log in consumer.logs.items() for i in range(len(log)))
+
+
+def committed(consumer: FakeConsumer) -> dict[TopicPartition, int]:
+    out: dict[TopicPartition, int] = {}
+    for commit in consumer.commits:
+        out.update(commit)
+    return out
+
+
+@contextlib.asynccontextmanager
+async def running(consumer: FakeConsumer, sink: FakeSink, **entry: Any) -> AsyncIterator[kafka.KafkaAdapter]:
+    adapter, _ = adapter_with(sink, **entry)
+    adapter.consumer = consumer  # type: ignore[assignment]
+    adapter._task = asyncio.create_task(adapter._run())
+    try:
+        yield adapter
+    finally:
+        adapter._stopping.set()
+        adapter._arrived.set()
+        adapter._room.set()
+        await adapter._task
+
+
+# --- a failed poll is undone -------------------------------------------------------------------
+
+
+async def test_records_a_poll_took_before_a_codec_error_on_another_partition_are_read_again():
+    """UnsupportedCodecError is a KafkaError: it used to be logged and waited out, leaving the other
+    partition's position past the records the poll took and dropped; the next commit passed them."""
+    sink = FakeSink()
+    consumer = LogConsumer({TP0: 5, TP1: 2})
+    consumer.failing[TP1] = (LZ4, 2)
+    async with running(consumer, sink):
+        await assert_eventually(lambda: sorted(offsets_held(sink)) == everything(consumer), timeout=5, interval=0.005)
+        await assert_eventually(lambda: committed(consumer) == {TP0: 5, TP1: 2}, timeout=5, interval=0.005)
+    assert consumer.failed == 2 and consumer.taken_then_lost == 10
+
+
+async def test_a_record_the_client_cannot_read_sends_back_partitions_without_a_commit_too():
+    """The unreadable-record path sought to the committed offsets, which aiokafka does only for a
+    partition whose commit is over 0: one of a new group kept its position past what the poll lost."""
+    sink = FakeSink()
+    consumer = LogConsumer({TP0: 3, TP1: 2}, committed={TP1: 0})  # TP0: nothing committed yet
+    consumer.failing[TP1] = (BAD_HEADER, 2)
+    async with running(consumer, sink) as adapter:
+        await assert_eventually(lambda: sorted(offsets_held(sink)) == everything(consumer), timeout=5, interval=0.005)
+        await assert_eventually(lambda: committed(consumer) == {TP0: 3, TP1: 2}, timeout=5, interval=0.005)
+        assert consumer.resets == [], "every position was known: sought back to it, not reset"
+        assert not adapter.healthy(), "a record the client cannot read is reported at once"
+    assert consumer.failed == 2 and consumer.taken_then_lost == 6
+
+
+async def test_what_was_read_ahead_is_kept_and_the_failed_poll_is_read_again_after_it():
+    sink = FakeSink()
+    sink.release = asyncio.Event()
+    consumer = LogConsumer({TP0: 3, TP1: 0})
+    async with running(consumer, sink, max_batch=2) as adapter:
+        await asyncio.wait_for(sink.entered.wait(), 5)  # TP0 0-1 in flight
+        await assert_eventually(lambda: adapter._ahead_records == 1, timeout=5, interval=0.005)  # TP0 2 ahead
+        consumer.logs[TP0].append(record(good(3), partition=0, offset=3))
+        consumer.failing[TP1] = (LZ4, 1)  # the next poll takes TP0 3, then fails
+        await assert_eventually(lambda: consumer.failed == 1, timeout=5, interval=0.005)
+        assert consumer.taken_then_lost == 1 and adapter._ahead_records >= 1
+        sink.release.set()
+        await assert_eventually(lambda: committed(consumer) == {TP0: 4}, timeout=5, interval=0.005)
+    assert offsets_held(sink) == ["0", "1", "2", "3"], "in order, each once"
+
+
+async def test_a_seek_while_the_poll_is_in_flight_is_where_a_failed_poll_goes_back_to():
+    """A batch that fails is rewound (its partitions sought back) while the reader polls: if that
+    poll then fails, its partitions go back to the rewind's offsets, not to where the poll began."""
+    gate = asyncio.Event()
+
+    class Slow(LogConsumer):
+        async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+            await gate.wait()
+            return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
+
+    consumer = Slow({TP0: 5, TP1: 1})
+    consumer.positions[TP0] = 3
+    consumer.failing[TP1] = (LZ4, 1)
+    adapter, _ = adapter_with(FakeSink())
+    adapter.consumer = consumer  # type: ignore[assignment]
+    poll = asyncio.create_task(adapter._getmany(500))
+    await assert_eventually(lambda: adapter._polls, timeout=5, interval=0.001)
+    adapter._rewind({TP0: [record(good(1), offset=1)]})  # the batch in hand failed
+    gate.set()
+    with pytest.raises(UnsupportedCodecError):
+        await poll
+    assert consumer.positions == {TP0: 1, TP1: 0} and not adapter._polls
+
+
+@pytest.mark.parametrize("reset", ["earliest", "latest"])
+async def test_after_a_rebalance_during_a_failed_poll_partitions_go_back_to_the_commit_or_the_reset(reset: str):
+    """A rebalance sets every position from the commits (or auto_offset_reset), not from where the
+    poll began: a partition the failed poll took records of goes back to its commit or the reset."""
+    tp2 = TopicPartition("orders", 2)
+    start = {"earliest": 0, "latest": 4}[reset]
+
+    class Rebalancing(LogConsumer):
+        async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+            adapter._generation += 1  # revoked and assigned again meanwhile
+            self.positions = {TP0: self.committed_offsets[TP0], TP1: start, tp2: 0}
+            return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
+
+    consumer = Rebalancing({TP0: 9, TP1: 4, tp2: 0}, committed={TP0: 7})
+    consumer.positions = {TP0: 8, TP1: 2, tp2: 0}  # before the poll
+    consumer.failing[tp2] = (LZ4, 1)  # TP0 and TP1 are taken first
+    adapter, _ = adapter_with(FakeSink(), auto_offset_reset=reset)
+    adapter.consumer = consumer  # type: ignore[assignment]
+    with pytest.raises(UnsupportedCodecError):
+        await adapter._getmany(500)
+    assert consumer.taken_then_lost == 2 + 4 - start
+    assert consumer.positions == {TP0: 7, TP1: start, tp2: 0}
+    assert consumer.resets == [(TP1, reset), (tp2, reset)]
+
+
+async def test_a_partition_whose_position_was_not_set_before_the_failed_poll_goes_back_to_its_commit():
+    class Late(LogConsumer):
+        async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+            self.positions.setdefault(TP0, 2)  # aiokafka sets it from the commit during the poll
+            return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
+
+    consumer = Late({TP0: 5, TP1: 1}, committed={TP0: 2})
+    del consumer.positions[TP0]  # just assigned: aiokafka is still reading its committed offset
+    consumer.failing[TP1] = (LZ4, 1)
+    adapter, _ = adapter_with(FakeSink())
+    adapter.consumer = consumer  # type: ignore[assignment]
+    with pytest.raises(UnsupportedCodecError):
+        await adapter._getmany(500)
+    assert consumer.taken_then_lost == 3 and consumer.positions == {TP0: 2, TP1: 0} and consumer.resets == []
+
+
+# --- polls that keep failing -------------------------------------------------------------------
+
+
+async def test_polls_that_keep_failing_turn_readyz_red_count_and_log_once_a_minute(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    caplog.set_level(logging.DEBUG, logger="adapters.kafka")
+    sink = FakeSink()
+    consumer = LogConsumer({TP0: 1, TP1: 1})
+    consumer.failing[TP1] = (LZ4, 1)
+    async with running(consumer, sink) as adapter:
+        await assert_eventually(lambda: consumer.failed == 1, timeout=5, interval=0.005)
+        assert adapter.healthy(), "one failed poll may be a passing broker error"
+        consumer.failing[TP1] = (LZ4, 4)
+        await assert_eventually(lambda: consumer.failed == 5, timeout=5, interval=0.005)
+        assert not adapter.healthy()
+        text = adapter.pipeline.metrics.render().decode()
+        assert 'signal_bridge_kafka_poll_failures_total{check="kafka:orders",error="UnsupportedCodecError"} 5.0' in text
+        lines = [r for r in caplog.records if r.name == "adapters.kafka" and "poll failed" in r.getMessage()]
+        assert [r.levelno for r in lines] == [logging.WARNING] + [logging.DEBUG] * 4
+        assert "lz4" in lines[0].getMessage() and "docs/kafka.md#compression" in lines[0].getMessage()
+        await assert_eventually(lambda: sorted(offsets_held(sink)) == everything(consumer), timeout=5)
+        monkeypatch.setattr(kafka, "POLL_RECOVERY", 0.0)  # no failure for that long: a run of them ends
+        assert adapter.healthy()
+
+
+# --- a batch given up in an outage -------------------------------------------------------------
+
+
+async def test_partitions_assigned_after_a_batch_was_given_up_in_an_outage_are_read():
+    """Temporal down, then a rebalance takes the partitions: the batch is abandoned. The outage
+    count used to outlive it, so partitions assigned later were paused, and nothing resumed them."""
+    sink = FakeSink(outages=10**6)
+    adapter, _ = adapter_with(sink)
+    consumer = adapter.consumer = TopicsConsumer({TP0}, {"orders": 2})  # type: ignore[assignment]
+    consumer.batches = [batch([good(1)])]
+    adapter._task = asyncio.create_task(adapter._run())
+    try:
+        await assert_eventually(lambda: consumer.paused() == {TP0}, timeout=5, interval=0.005)
+        await adapter._on_revoked({TP0})  # another member joined and takes every partition
+        consumer._assigned, consumer._paused = set(), set()
+        adapter._on_assigned(set())
+        await assert_eventually(lambda: not adapter._held, timeout=5, interval=0.005)  # given up
+        assert not adapter.paused and consumer.commits == []
+        sink.outages = 0  # Temporal is back; later the partition comes back too
+        await adapter._on_revoked(set())
+        consumer._assigned = {TP0}
+        adapter._on_assigned({TP0})
+        assert consumer.paused() == set() and adapter.readiness()["state"] == "consuming"
+        consumer.batches = [batch([good(1), good(2)])]
+        await assert_eventually(lambda: consumer.commits, timeout=5, interval=0.005)
+        assert consumer.commits == [{TP0: 12}] and offsets_held(sink) == ["1", "2"]
+    finally:
+        adapter._stopping.set()
+        await adapter._task
+
+
+# --- compression -------------------------------------------------------------------------------
+
+
+def test_the_client_has_every_codec_a_topic_may_be_compressed_with():
+    assert codec.has_gzip() and codec.has_snappy() and codec.has_lz4() and codec.has_zstd()
+
+
+@pytest.mark.parametrize(
+    "compression",
+    [
+        DefaultRecordBatch.CODEC_GZIP,
+        DefaultRecordBatch.CODEC_SNAPPY,
+        DefaultRecordBatch.CODEC_LZ4,
+        DefaultRecordBatch.CODEC_ZSTD,
+    ],
+)
+def test_a_compressed_record_batch_decodes(compression: int):
+    builder = DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=compression,
+        is_transactional=0,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=1 << 20,
+    )
+    builder.append(0, timestamp=1, key=b"order-1", value=good(1) * 20, headers=[("traceparent", b"00-a-b-01")])
+    read = MemoryRecords(bytes(builder.build())).next_batch()
+    assert read.compression_type == compression
+    assert [(r.key, r.value, r.headers) for r in read] == [(b"order-1", good(1) * 20, [("traceparent", b"00-a-b-01")])]
