@@ -12,6 +12,11 @@ from typing import Any
 
 # One signal carries at most this much encoded JSON: half of Temporal's 2 MiB payload limit.
 MAX_SIGNAL_BYTES = 1024 * 1024
+# An event's id and its name, each at most this many characters. Both go into each of its runs'
+# argument and memo (and, cut to fit, its search attributes), and the dispatcher sizes a batch of
+# starts by its events' sizes: an id of hundreds of KB could take a batch's activity input past
+# Temporal's 2 MiB, and the server then ends the dispatcher run with all it holds.
+MAX_KEY_CHARS = 4096
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from bridge.errors import EventRejected, Overloaded, PartlyHeld, Unavailable
-from bridge.event import MAX_SIGNAL_BYTES, EventSignal, encode
+from bridge.event import MAX_KEY_CHARS, MAX_SIGNAL_BYTES, EventSignal, encode
 from bridge.logsafe import safe
 from bridge.metrics import Metrics
 from bridge.routing import RouteTable
@@ -104,6 +104,11 @@ class Pipeline:
             return EventRejected("malformed", "the event could not be checked (the bridge logged why)"), b""
 
     def _check(self, event: EventSignal) -> tuple[EventRejected | None, bytes]:
+        for part, value in (("id", event.id), ("name", event.name)):
+            if len(value) > MAX_KEY_CHARS:
+                return EventRejected(
+                    "malformed", f"the event's {part} has {len(value)} characters; at most {MAX_KEY_CHARS} are taken"
+                ), b""
         try:
             self.routes.check(event)
         except EventRejected as exc:

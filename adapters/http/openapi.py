@@ -35,11 +35,13 @@ from adapters.http.parse import CE_BATCH
 from adapters.http.state import NEEDS_TOKEN, needs_token
 from bridge.decode import CE_STRUCTURED, INT_MAX, INT_MIN, MAX_JSON_DEPTH
 from bridge.errors import HTTP_STATUS, Reason
+from bridge.event import MAX_KEY_CHARS
 
 BEARER = "bearer"
 BEARER_AUTH: list[SecurityRequirement] = [{BEARER: []}]
 
-_STRING = Schema(type=OpenAPIType.STRING, min_length=1)
+# The event id of a CloudEvent is "{source}#{id}": each at most half of what an id may hold.
+_CE_PART = Schema(type=OpenAPIType.STRING, min_length=1, max_length=MAX_KEY_CHARS // 2 - 1)
 
 _JSON_LIMITS = f"Nested at most {MAX_JSON_DEPTH} deep, no NaN or Infinity, integers within 64 bits."
 _CE_EXTENSION = Schema(
@@ -59,6 +61,7 @@ ENVELOPE = Schema(
         "name": Schema(
             type=OpenAPIType.STRING,
             pattern=r"\S",
+            max_length=MAX_KEY_CHARS,
             description="The event name triggers match, e.g. order.created.",
         ),
         "payload": Schema(
@@ -68,6 +71,7 @@ ENVELOPE = Schema(
         "id": Schema(
             type=[OpenAPIType.STRING, OpenAPIType.INTEGER],
             min_length=1,
+            max_length=MAX_KEY_CHARS,
             minimum=INT_MIN,
             maximum=INT_MAX,
             description="The event id, unless an Idempotency-Key is sent; without either, a new UUID. Not empty.",
@@ -82,9 +86,14 @@ CLOUDEVENT = Schema(
     required=["specversion", "id", "source", "type"],
     properties={
         "specversion": Schema(type=OpenAPIType.STRING, min_length=1, examples=["1.0"]),
-        "id": _STRING,
-        "source": _STRING,
-        "type": Schema(type=OpenAPIType.STRING, min_length=1, description="The event name triggers match."),
+        "id": _CE_PART,
+        "source": _CE_PART,
+        "type": Schema(
+            type=OpenAPIType.STRING,
+            min_length=1,
+            max_length=MAX_KEY_CHARS,
+            description="The event name triggers match.",
+        ),
         "time": Schema(type=OpenAPIType.STRING),
         "subject": Schema(type=OpenAPIType.STRING),
         "datacontenttype": Schema(type=OpenAPIType.STRING),
@@ -204,7 +213,8 @@ IDEMPOTENCY_KEY = Parameter(
     deprecated=False,
     description=_IDEMPOTENCY_KEY,
     schema=Schema(
-        one_of=[Schema(type=OpenAPIType.STRING), Schema(type=OpenAPIType.NULL)], description=_IDEMPOTENCY_KEY
+        one_of=[Schema(type=OpenAPIType.STRING, max_length=MAX_KEY_CHARS - 8), Schema(type=OpenAPIType.NULL)],
+        description=_IDEMPOTENCY_KEY,
     ),
 )
 """The events API's one header parameter, written out as litestar would derive it from a handler

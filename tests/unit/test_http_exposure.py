@@ -124,13 +124,13 @@ async def test_a_batch_of_refused_items_is_logged_as_one_line_with_counts(caplog
 async def test_logged_names_and_ids_are_escaped_and_cut(caplog: pytest.LogCaptureFixture) -> None:
     sink = FakeSink()
     cfg = make_config(max_body_bytes=64 * 1024)
-    event = {"name": "order.shipped\nINFO forged line", "id": "i" * 5000, "payload": {}}
+    event = {"name": "order.shipped\nINFO forged line", "id": "i" * 4000, "payload": {}}
     async with AsyncTestClient(make_app(sink, cfg)) as c:
         with caplog.at_level(logging.DEBUG, logger="adapters.http"):
             assert (await c.post(URL, json=event, headers=AUTH)).status_code == 202
     [line] = [r.getMessage() for r in caplog.records if r.name.startswith("adapters.http")]
     assert "\n" not in line and "order.shipped\\nINFO forged line" in line
-    assert len(line) < 600 and "…(+4800)" in line
+    assert len(line) < 600 and "…(+3800)" in line
 
 
 async def test_an_accepted_event_and_a_batch_log_nothing_per_event_at_info(caplog: pytest.LogCaptureFixture) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from bridge.config import parse_config
 from bridge.errors import Overloaded
-from bridge.event import MAX_SIGNAL_BYTES, EventSignal, encode
+from bridge.event import MAX_KEY_CHARS, MAX_SIGNAL_BYTES, EventSignal, encode
 from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
@@ -123,6 +123,25 @@ async def test_an_event_over_the_signal_size_is_too_large_and_alone() -> None:
     outcomes = await Pipeline(ROUTES, sink).submit([big, *events("1")], "test")
     assert [o.rejected.reason if o.rejected else None for o in outcomes] == ["too_large", None]
     assert sink.calls == [["1"]]
+
+
+@pytest.mark.parametrize("part", ["id", "name"])
+async def test_an_id_or_name_over_max_key_chars_is_malformed_and_alone(part: str) -> None:
+    """Each goes into its runs' argument and memo, and a batch of starts is sized by the events:
+    an id of hundreds of KB could take a batch past Temporal's 2 MiB and end the dispatcher run."""
+    routes = RouteTable.from_config(
+        parse_config({"project": "p", "workflows": [{"id": "w", "workflow_type": "W", "triggers": [{"name": "a*"}]}]})
+    )
+    longest = "a" + "é" * (MAX_KEY_CHARS - 1)
+    sink = FakeSink()
+    events = [
+        EventSignal(**{"id": "x", "name": "a", part: value}, payload={}, source="test:s")
+        for value in (longest + "é", longest)
+    ]
+    outcomes = await Pipeline(routes, sink).submit(events, "test")
+    assert outcomes[0].rejected is not None and outcomes[0].rejected.reason == "malformed"
+    assert f"the event's {part} has {MAX_KEY_CHARS + 1} characters" in str(outcomes[0].rejected)
+    assert outcomes[1].accepted and sink.calls == [[events[1].id]]
 
 
 async def test_metrics_children_are_looked_up_once_per_label_set() -> None:
