@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M")
 T = TypeVar("T")
+DECODE_TURN = 0.02  # seconds of decoding before the loop gets a turn (Settler._decode_all)
 
 # --- backoff ---------------------------------------------------------------------------------------
 
@@ -229,7 +230,7 @@ class Settler(Generic[M]):
         them for good. Resuming the transport is the adapter's part then.
         """
         try:
-            items = [self._decode(m) for m in batch]
+            items = await self._decode_all(batch)
             await self._hold([i for i in items if i.event is not None and i.error is None])
             refused = [i for i in items if i.error is not None and self.transport.usable(i.message)]
             letters = [i for i in refused if not self._skip_or_drop(i)]
@@ -254,6 +255,20 @@ class Settler(Generic[M]):
                 item.disposition = Disposition.DEAD_LETTERED
             if item.disposition is Disposition.DEAD_LETTERED:
                 self._log_dead_letter(item)
+
+    async def _decode_all(self, batch: Sequence[M]) -> list[Item[M]]:
+        """Every message decoded, giving the loop a turn every :data:`DECODE_TURN` seconds: a
+        window of bodies that are slow to parse (a megabyte of tiny arrays takes about half a
+        second) would otherwise hold every other adapter, the Temporal client and the broker's
+        heartbeats for as long as the whole window takes."""
+        items: list[Item[M]] = []
+        turn = time.monotonic() + DECODE_TURN
+        for message in batch:
+            items.append(self._decode(message))
+            if time.monotonic() > turn:
+                await asyncio.sleep(0)
+                turn = time.monotonic() + DECODE_TURN
+        return items
 
     def _decode(self, message: M) -> Item[M]:
         """Decode and check one message alone: whatever it holds, it becomes an event or a

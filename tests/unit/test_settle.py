@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from bridge import settle
 from bridge.config import EventFormat
 from bridge.deadletter import (
     MAX_HEADER_VALUE,
@@ -535,3 +537,29 @@ def test_cut_text_keeps_whole_characters() -> None:
     assert cut_text("aé€😀", 6) == "aé€"
     assert cut_text("short", 100) == "short"
     assert is_dead_letter_header("X-Dead-Letter-Trimmed")
+
+
+async def test_a_window_of_bodies_slow_to_decode_gives_the_loop_turns_between_them() -> None:
+    """A megabyte of tiny arrays takes about half a second to parse: a window of 200 decoded in one
+    go held every other adapter, the Temporal client and the broker's heartbeats meanwhile."""
+    ticks = 0
+    seen: list[int] = []
+
+    class Slow(FakeTransport):
+        def to_message(self, message: Msg) -> Message:
+            seen.append(ticks)
+            time.sleep(settle.DECODE_TURN)  # a body that takes this long to parse
+            return super().to_message(message)
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    running = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    items = await settler(transport=Slow()).settle([good(i) for i in range(5)])
+    running.cancel()
+    assert [i.disposition for i in items] == [Disposition.HELD] * 5
+    assert len(set(seen)) == 5, seen  # the ticker ran between each two decodes
