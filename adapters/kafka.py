@@ -17,13 +17,11 @@ import asyncio
 import contextlib
 import logging
 import time
-import weakref
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
-import prometheus_client
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
     CommitFailedError,
@@ -121,25 +119,6 @@ class _MissingTopicLines(logging.Filter):
 
 
 _QUIET = _MissingTopicLines()
-
-_POLL_FAILURES: weakref.WeakKeyDictionary[prometheus_client.CollectorRegistry, prometheus_client.Counter] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def poll_failures(registry: prometheus_client.CollectorRegistry) -> prometheus_client.Counter:
-    """``signal_bridge_kafka_poll_failures_total{check, error}``, registered once in each registry
-    (every Kafka consumer of a bridge shares its registry)."""
-    counter = _POLL_FAILURES.get(registry)
-    if counter is None:
-        counter = _POLL_FAILURES[registry] = prometheus_client.Counter(
-            "signal_bridge_kafka_poll_failures",
-            "Kafka polls that raised (a record the client cannot read, a codec it lacks, a broker error), "
-            "by consumer check and error type",
-            ["check", "error"],
-            registry=registry,
-        )
-    return counter
 
 
 # --- clients ----------------------------------------------------------------------------------------
@@ -257,7 +236,7 @@ class KafkaAdapter(Transport[Record]):
         self._failed_at = -POLL_RECOVERY
         self._failure_logged: tuple[str, float] = ("", -FAILURE_LOG_EVERY)  # (the error, when) last logged
         self._failure_repeats = 0
-        self._failure_metric = poll_failures(pipeline.metrics.registry)
+        self._failure_metric = pipeline.metrics.kafka_poll_failures
 
     @property
     def paused(self) -> bool:

@@ -45,6 +45,13 @@ class Metrics:
             ["adapter"],
             registry=r,
         )
+        self.kafka_poll_failures = Counter(
+            "signal_bridge_kafka_poll_failures",
+            "Kafka polls that raised (a record the client cannot read, a codec it lacks, a broker error), "
+            "by consumer check and error type",
+            ["check", "error"],
+            registry=r,
+        )
         self.signals = Counter("signal_bridge_signals_sent", "Signal-with-start calls that returned", registry=r)
         self.signals_busy = Counter(
             "signal_bridge_signals_busy",
