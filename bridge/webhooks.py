@@ -66,10 +66,17 @@ def kept_headers(headers: Headers, drop: Iterable[str] = ()) -> dict[str, str]:
 
 
 def parse_body(body: bytes, content_type: str | None) -> Any:
-    """JSON, bounded as every adapter's (:func:`bridge.decode.parse_json`); or a form whose
-    ``payload`` field is such JSON (GitHub's form-encoded deliveries)."""
+    """JSON, bounded as every adapter's (:func:`bridge.decode.parse_json`); or a form whose one
+    field is ``payload``, such JSON (GitHub's form-encoded deliveries).
+
+    The Content-Type is not signed, so it must not change what the signed bytes mean: a JSON body
+    read as a form would give up any ``payload=`` a sender planted in a string of it (JSON leaves
+    ``&`` and ``=`` as they are). A form is read only when its bytes have GitHub's form shape
+    (``payload=`` and no other field), which no JSON body has: one body, one meaning."""
     text = body
     if (content_type or "").split(";")[0].strip().lower() == "application/x-www-form-urlencoded":
+        if not body.startswith(b"payload=") or b"&" in body:
+            raise EventRejected("malformed", "a form body must be one 'payload' field, as GitHub sends it")
         try:
             fields = parse_qs(body.decode(), strict_parsing=True)
         except (UnicodeDecodeError, ValueError):

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -675,3 +676,22 @@ def test_github_form_encoded_payload() -> None:
     assert event.payload == {"ref": "refs/heads/main"}
     with pytest.raises(EventRejected):
         r.events({}, b"other=1", "application/x-www-form-urlencoded")
+
+
+def test_an_unsigned_form_content_type_cannot_make_a_signed_json_body_mean_another_event() -> None:
+    """A genuine JSON delivery holding a string its sender chose (a customer name) with
+    ``payload=`` in it, replayed as ``application/x-www-form-urlencoded``: read as a form, the
+    planted JSON became the payload and, for Stripe, a fresh event id. The signature covers only
+    the bytes, so the bytes alone decide what they mean."""
+    forged = json.dumps({"id": "evt_FORGED", "type": "payment_intent.succeeded"})
+    planted = "a=b&payload=" + quote(forged, safe="") + "&x="
+    body = json.dumps({"id": "evt_1REAL", "type": "customer.updated", "data": {"name": planted}}).encode()
+    r = route({"kind": "none"})
+    [event] = r.events({}, body, "application/json").events
+    assert event.payload["id"] == "evt_1REAL"
+    with pytest.raises(EventRejected) as info:
+        r.events({}, body, "application/x-www-form-urlencoded")
+    assert info.value.reason == "malformed"
+    for shape in (b"payload=%7B%7D&payload=%7B%22a%22%3A1%7D", b"a=1&payload=%7B%7D"):
+        with pytest.raises(EventRejected):
+            r.events({}, shape, "application/x-www-form-urlencoded")
