@@ -470,13 +470,17 @@ def read_config(path: str | Path, env: Mapping[str, str] | None = None) -> Bridg
     path = Path(path)
     origin = str(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{origin}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{origin}: not UTF-8 (byte {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{origin}: nested too deep to read") from None
     # After parsing, value by value: a secret with quotes or backslashes is taken verbatim, and
     # a ${VAR} in a comment is not required. A task's config keeps its references (bridge.envvars).
     return parse_config(interpolate_config(data, env, origin, task_kind=_task_kind), origin=origin)

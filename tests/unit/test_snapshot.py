@@ -37,8 +37,11 @@ def data(*names: str, tokens: tuple[str, ...] = (TOKEN_A,), **extra: Any) -> dic
     }
 
 
-def write(path: Path, content: dict[str, Any] | str) -> None:
-    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+def write(path: Path, content: dict[str, Any] | str | bytes) -> None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
     stamp = path.stat().st_mtime + 1  # a new mtime even within one clock tick
     os.utime(path, (stamp, stamp))
 
@@ -87,8 +90,10 @@ def test_reload_swaps_the_whole_snapshot(tmp_path: Path) -> None:
         {**data("a"), "workflows": [{"id": "w", "workflow_type": "W", "trigers": []}]},  # unknown key
         {**data("a"), "workflows": [{"id": "w", "workflow_type": "W", "triggers": [{"name": "a", "filter": "(("}]}]},
         {**data("a"), "webhooks": [{"slug": "gh", "verify": {"kind": "github"}, "events": [{"name": "x"}]}]},
+        b"project: caf\xe9\n",  # not UTF-8: UnicodeDecodeError, no OSError
+        "[" * 2000,  # RecursionError in the YAML parser
     ],
-    ids=["not-yaml", "unknown-key", "filter-does-not-compile", "webhook-without-secret"],
+    ids=["not-yaml", "unknown-key", "filter-does-not-compile", "webhook-without-secret", "not-utf8", "nested-deep"],
 )
 def test_a_bad_file_is_refused_and_the_old_snapshot_stays(
     tmp_path: Path, bad: Any, caplog: pytest.LogCaptureFixture
