@@ -96,6 +96,10 @@ def letter_headers(message: AbstractIncomingMessage) -> dict[str, str]:
     return out
 
 
+BROKER_DEAD_LETTERED = frozenset({"x-death", "x-first-death-queue", "x-last-death-queue"})
+"""Headers RabbitMQ adds to a message it dead-letters itself; the letters the bridge writes are
+published, and have none."""
+
 H_MESSAGE_ID = H_ORIGINAL + "message-id"
 """The original ``message_id`` (empty: it had none), on the letters a replay writes back: the
 client library gives a message published without one a random one, so a letter's own
@@ -110,6 +114,11 @@ def original(message: AbstractIncomingMessage, fmt: EventFormat | None = None) -
     then gave the letter a random one when it was published. :data:`H_MESSAGE_ID` says which,
     when the letter has it; otherwise, given the entry's ``fmt``, the delivery is taken to have
     had none when only that gives the event the id the letter recorded (``x-event-id``)."""
+    if BROKER_DEAD_LETTERED & {str(k) for k in message.headers or {}}:
+        # RabbitMQ dead-lettered it (it expired, overflowed or was rejected from a queue whose
+        # x-dead-letter-exchange is this one, as the adapter declares its queues): its x-* headers
+        # are its publisher's, and would name any queue and id it liked.
+        return NOT_A_DEAD_LETTER
     headers = letter_headers(message)
     if is_trimmed(headers):
         return TRIMMED

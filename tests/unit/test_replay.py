@@ -306,6 +306,36 @@ async def test_an_amqp_replay_acks_what_is_held_republishes_the_refused_and_requ
     assert (t.accepted, dict(t.refused), dict(t.kept)) == (1, {"unroutable": 1}, {NOT_A_DEAD_LETTER: 1})
 
 
+async def test_a_message_rabbitmq_dead_lettered_itself_is_no_letter_whatever_its_headers_claim() -> None:
+    """The adapter declares its queues with the dead-letter exchange the replay reads, so RabbitMQ
+    puts there what expires or overflows, with its publisher's headers as they were: an outsider
+    who may publish to one queue wrote x-original-* headers naming another queue and an id, let it
+    expire, and the replay submitted it under that queue's source."""
+    sink = FakeSink()
+    pipeline = Pipeline(RouteTable.from_config(config("unit", "127.0.0.1:1", [runner("w", "order.created")])), sink)
+    public = AmqpConsumer(url="amqp://x/", queue="public.events", event=RAW, dead_letter_exchange="events.dlx")
+    payments = AmqpConsumer(url="amqp://x/", queue="payments", event=RAW, dead_letter_exchange="events.dlx")
+    replay = amqp_replay.AmqpReplay([public, payments], pipeline, queue="events.dead", url="amqp://x/")
+    replay.publisher = FakePublisher()  # type: ignore[assignment]
+    forged = FakeMessage(
+        b'{"amount": 1000}',
+        routing_key="order.created",
+        exchange="",
+        headers={
+            "x-original-queue": "payments",
+            "x-original-message-id": "pay-123",
+            "x-original-routing-key": "order.created",
+            "x-death": [{"queue": "public.events", "reason": "expired"}],
+            "x-first-death-queue": "public.events",
+        },
+        message_id="whatever",
+    )
+    await replay._settle([forged])  # type: ignore[list-item]
+    await replay._put_back()
+    assert sink.held == [] and forged.settled == ["reject(requeue=True)"]
+    assert dict(replay.tally.kept) == {NOT_A_DEAD_LETTER: 1}
+
+
 # --- history ------------------------------------------------------------------------------------------
 
 
