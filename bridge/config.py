@@ -27,6 +27,7 @@ from pydantic import (
 from slugify import slugify
 
 from bridge.config_errors import describe
+from bridge.deadletter import is_dead_letter_header
 from bridge.envvars import interpolate_config
 from bridge.errors import ConfigError
 from bridge.hosts import parse_host
@@ -297,6 +298,19 @@ class EventFormat(Model):
     # routing key names a kind of event, and ordering every event of a kind would start them one
     # at a time (docs/rabbitmq.md#delivery-guarantees).
     key_from: LocatorField | None = None
+
+    @model_validator(mode="after")
+    def _no_dead_letter_header(self) -> EventFormat:
+        """A dead letter carries headers of the bridge's own (``x-event-id``, ``x-original-*``…),
+        and a replay drops them to rebuild the message: an event read from one of those names
+        would get another id, name or key when replayed (and start again)."""
+        for field, locator in (("name_from", self.name_from), ("id_from", self.id_from), ("key_from", self.key_from)):
+            if locator is not None and locator.kind == "header" and is_dead_letter_header(locator.name):
+                raise ValueError(
+                    f"{field}: header {locator.name!r} is one the bridge writes on its dead letters and a "
+                    "replay drops; read the event from another header"
+                )
+        return self
 
 
 class KafkaSecurity(Model):
