@@ -114,6 +114,7 @@ class Bridge:
         self.worker: Worker | None = None
         self._worker_task: asyncio.Task[None] | None = None
         self.dispatcher: DispatcherClient | None = None
+        self._tell_dispatcher = False  # a reload swapped the config, and the dispatcher did not hear of it
         self.pipeline: Pipeline | None = None
         self.adapters: list[Adapter] = []
         self._http: _Uvicorn | None = None
@@ -323,22 +324,35 @@ class Bridge:
         return config.model_copy(update={**fixed, "http": http})
 
     async def reload(self) -> bool:
-        """Re-read the config file; when it compiled, tell the dispatcher to reload its routes."""
+        """Re-read the config file; when it compiled, tell the dispatcher to reload its routes.
+
+        The swap is done before the dispatcher is told: if telling it fails (Temporal out of
+        reach), the file is not read again, so :meth:`_watch` tells it again until it hears."""
         swapped = self.source.reload()
         if swapped and self.dispatcher is not None and self.role in ("all", "worker"):
-            await self.dispatcher.reload()
+            self._tell_dispatcher = True
+            await self._told()
         log.info("reload requested project=%s applied=%s", self.config.project, swapped)
         return swapped
 
+    async def _told(self) -> None:
+        assert self.dispatcher is not None
+        await self.dispatcher.reload()
+        self._tell_dispatcher = False
+
     async def _watch(self) -> None:
-        """Reload when the file's modification time changes (checked every WATCH_INTERVAL s)."""
+        """Reload when the file's modification time changes (checked every WATCH_INTERVAL s), and
+        tell the dispatcher of a reload it has not heard of yet."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
-            if self.source.changed():
-                try:
+            try:
+                if self.source.changed():
                     await self.reload()
-                except Exception:
-                    log.exception("config reload failed")
+                elif self._tell_dispatcher:
+                    await self._told()
+                    log.info("config reload: the dispatcher was told, after an earlier failure")
+            except Exception:
+                log.exception("config reload failed")
 
     def consumers(self) -> list[ConsumerReadiness]:
         """This bridge's Kafka consumers, for ``/readyz``: partitions, missing topics, state."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import logging
 import os
@@ -15,12 +16,14 @@ import yaml
 from litestar.testing import AsyncTestClient
 
 from adapters.http import create_app
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, Unavailable
 from bridge.event import EventSignal
 from bridge.pipeline import Pipeline
+from bridge.runtime import app
 from bridge.runtime.app import Bridge
 from bridge.snapshot import Snapshot, SnapshotSource, load, parse
 from tests.fakes import FakeSink
+from tests.helpers import assert_eventually
 
 TOKEN_A = "token-a-0123456789"
 TOKEN_B = "token-b-0123456789"
@@ -166,6 +169,37 @@ def test_bridge_reload_keeps_what_the_process_was_started_with(tmp_path: Path) -
     assert now.routes.is_routable("b")
     assert (now.config.project, now.config.http.port, now.config.http.host) == ("snap", 18080, "127.0.0.1")
     assert now.tokens.match(f"Bearer {TOKEN_B}") == "token-1"  # tokens do reload
+
+
+async def test_a_reload_the_dispatcher_did_not_hear_of_is_told_again_by_the_watcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new config is in force once swapped; if telling the dispatcher then failed (Temporal out
+    of reach), it kept its old routes until its next continue-as-new: a removed entry went on
+    starting. The watcher tells it again until it hears."""
+    path = tmp_path / "bridge.yaml"
+    write(path, data("a"))
+    bridge = Bridge(load(path), config_path=path, watch=False)
+
+    class Dispatcher:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def reload(self) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                raise Unavailable("Temporal is out of reach")
+
+    dispatcher = bridge.dispatcher = Dispatcher()  # type: ignore[assignment]
+    monkeypatch.setattr(app, "WATCH_INTERVAL", 0.01)
+    write(path, data("a", "b"))
+    watcher = asyncio.create_task(bridge._watch())
+    try:
+        await assert_eventually(lambda: dispatcher.calls == 2, timeout=5, interval=0.01, what="told again")
+        await asyncio.sleep(0.1)
+    finally:
+        watcher.cancel()
+    assert bridge.source.current.routes.is_routable("b") and dispatcher.calls == 2  # once heard, no more
 
 
 def test_no_token_refuses_to_start_and_insecure_mode_warns(caplog: pytest.LogCaptureFixture) -> None:
