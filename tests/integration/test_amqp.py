@@ -594,7 +594,7 @@ async def test_deep_nan_invalid_utf8_and_oversized_messages_are_dead_lettered_an
         "p-oversized": (
             json.dumps({"name": f"order.unheard-of-{big}", "id": f"id-{big}", "payload": {}}).encode(),
             wide_headers,
-            "unroutable",
+            "malformed",  # its id and name are over 4,096 characters
         ),
     }
 
@@ -637,7 +637,7 @@ async def test_deep_nan_invalid_utf8_and_oversized_messages_are_dead_lettered_an
     assert await depth(amqp_url, queue) == (0, 1)
     assert bridge.adapters[0].healthy() and not bridge.adapters[0].waiting_for_temporal
     rejected = bridge.metrics.registry.get_sample_value
-    assert rejected("signal_bridge_events_rejected_total", {"adapter": "amqp", "reason": "malformed"}) == 6
+    assert rejected("signal_bridge_events_rejected_total", {"adapter": "amqp", "reason": "malformed"}) == 7
 
 
 async def test_a_dead_letter_the_broker_refuses_is_retried_holding_the_message_never_dropped(

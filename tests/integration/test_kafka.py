@@ -650,7 +650,10 @@ async def test_deep_nan_invalid_utf8_and_oversized_records_are_dead_lettered_and
             "malformed",
         ),
         20: ((b'{"name": "order.created", "payload": {"n": ' + b"9" * 5_000 + b"}}", b"p-int", []), "malformed"),
-        23: ((oversized, b"p-oversized", [("traceparent", b"00-abc-def-01")]), "unroutable"),
+        23: (
+            (oversized, b"p-oversized", [("traceparent", b"00-abc-def-01")]),
+            "malformed",
+        ),  # id and name over 4,096 characters
     }
     records = [
         poison[i][0] if i in poison else envelope("order.created", {"orderId": f"o-{i}"}, key=f"k-{i}")
@@ -680,5 +683,5 @@ async def test_deep_nan_invalid_utf8_and_oversized_records_are_dead_lettered_and
     await assert_all_committed(kafka_bootstrap, adapter.group_id, topic)
     assert adapter.healthy() and not adapter.paused
     text = bridge.metrics.render().decode()
-    assert metric(text, "signal_bridge_events_rejected_total", adapter="kafka", reason="malformed") == 7
-    assert metric(text, "signal_bridge_events_rejected_total", adapter="kafka", reason="unroutable") == 1
+    assert metric(text, "signal_bridge_events_rejected_total", adapter="kafka", reason="malformed") == 8
+    assert metric(text, "signal_bridge_events_rejected_total", adapter="kafka", reason="unroutable") == 0
