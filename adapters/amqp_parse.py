@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from pamqp import decode as pamqp_decode
 
 from bridge.config import AmqpConsumer
-from bridge.deadletter import H_TRIMMED, MAX_HEADER_VALUE, cut_text, fit_headers, is_dead_letter_header
+from bridge.deadletter import H_TRIMMED, MAX_HEADER_VALUE, cut_text, fit_headers, stale
 from bridge.deadletter import dead_letter_headers as letter_headers
 from bridge.decode import Message, decode, header_metadata
 from bridge.errors import EventRejected
@@ -269,9 +269,7 @@ def dead_letter_copy(
     its headers capped to fit one frame; without ``keep_headers`` (a header that could not be
     written), only the dead-letter headers."""
     originals: list[tuple[str, Any]] = [
-        (str(k), _encodable(v))
-        for k, v in (message.headers or {}).items()
-        if keep_headers and not is_dead_letter_header(str(k))
+        (str(k), _encodable(v)) for k, v in (message.headers or {}).items() if keep_headers and not stale(str(k), event)
     ]
     origin = {
         "queue": queue,

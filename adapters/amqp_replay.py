@@ -54,7 +54,7 @@ from adapters.replay_common import (
     letter_id,
 )
 from bridge.config import AmqpConsumer, EventFormat
-from bridge.deadletter import H_ORIGINAL, is_dead_letter_header
+from bridge.deadletter import H_ORIGINAL, dropped_by_replay
 from bridge.decode import Message, decode
 from bridge.errors import BridgeError
 from bridge.logsafe import safe
@@ -151,7 +151,7 @@ def _without_assigned_id(delivery: Original, queue: str, fmt: EventFormat, recor
 def _rebuilt(message: AbstractIncomingMessage, headers: Mapping[str, str]) -> Original:
     return Original(
         body=bytes(message.body),
-        headers={str(k): v for k, v in (message.headers or {}).items() if not is_dead_letter_header(str(k))},
+        headers={str(k): v for k, v in (message.headers or {}).items() if not dropped_by_replay(str(k))},
         exchange=headers.get(H_ORIGINAL + "exchange", ""),
         routing_key=headers.get(H_ORIGINAL + "routing-key", ""),
         content_type=message.content_type,

@@ -17,7 +17,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import ConsumerRecord
 
 from bridge.config import EventFormat
-from bridge.deadletter import H_TRIMMED, MAX_HEADER_VALUE, MAX_HEADERS, fit_headers, is_dead_letter_header
+from bridge.deadletter import H_TRIMMED, MAX_HEADER_VALUE, MAX_HEADERS, fit_headers, stale
 from bridge.deadletter import dead_letter_headers as letter_headers
 from bridge.decode import Message, decode, header_metadata
 from bridge.errors import EventRejected
@@ -140,7 +140,7 @@ def dead_letter_headers(
 def _fitted_headers(
     record: Record, exc: EventRejected, event: EventSignal | None, total: int
 ) -> tuple[list[Header], bool]:
-    originals = [(_text(k), v) for k, v in record.headers or () if not is_dead_letter_header(_text(k))]
+    originals = [(_text(k), v) for k, v in record.headers or () if not stale(_text(k), event)]
     headers, cut = fit_headers(letter_headers(exc, event, _origin(record)), originals, total=total)
     return [(k, v.encode("utf-8", "surrogatepass") if isinstance(v, str) else v) for k, v in headers], cut
 

@@ -59,7 +59,7 @@ from adapters.replay_common import (
     letter_id,
 )
 from bridge.config import KafkaConsumer, KafkaSecurity
-from bridge.deadletter import H_ORIGINAL, is_dead_letter_header
+from bridge.deadletter import H_ORIGINAL, dropped_by_replay
 from bridge.decode import Message
 from bridge.errors import BridgeError
 from bridge.pipeline import Pipeline
@@ -110,7 +110,7 @@ def original(letter: Record) -> Record | str:
     if not topic or partition is None or offset is None:
         return NOT_A_DEAD_LETTER
     stamp = _int(headers.get(H_ORIGINAL + "timestamp"))
-    kept_headers = [(k, v) for k, v in letter.headers or () if not is_dead_letter_header(str(k))]
+    kept_headers = [(k, v) for k, v in letter.headers or () if not dropped_by_replay(str(k))]
     return ConsumerRecord(
         topic=topic,
         partition=partition,

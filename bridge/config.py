@@ -27,7 +27,7 @@ from pydantic import (
 from slugify import slugify
 
 from bridge.config_errors import describe
-from bridge.deadletter import is_dead_letter_header
+from bridge.deadletter import dropped_by_replay
 from bridge.envvars import interpolate_config
 from bridge.errors import ConfigError
 from bridge.hosts import parse_host
@@ -301,11 +301,11 @@ class EventFormat(Model):
 
     @model_validator(mode="after")
     def _no_dead_letter_header(self) -> EventFormat:
-        """A dead letter carries headers of the bridge's own (``x-event-id``, ``x-original-*``…),
+        """A dead letter carries headers of the bridge's own (``x-original-*``, ``x-dead-letter-*``),
         and a replay drops them to rebuild the message: an event read from one of those names
         would get another id, name or key when replayed (and start again)."""
         for field, locator in (("name_from", self.name_from), ("id_from", self.id_from), ("key_from", self.key_from)):
-            if locator is not None and locator.kind == "header" and is_dead_letter_header(locator.name):
+            if locator is not None and locator.kind == "header" and dropped_by_replay(locator.name):
                 raise ValueError(
                     f"{field}: header {locator.name!r} is one the bridge writes on its dead letters and a "
                     "replay drops; read the event from another header"

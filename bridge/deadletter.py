@@ -48,6 +48,24 @@ def is_dead_letter_header(name: str) -> bool:
     return lowered in (H_REASON, H_ERROR, H_TRIMMED, H_EVENT_ID, H_EVENT_NAME) or lowered.startswith(H_ORIGINAL)
 
 
+EVENT_HEADERS = (H_EVENT_ID, H_EVENT_NAME)
+"""A letter's ``x-event-id`` and ``x-event-name`` hold what the message's own headers of those
+names held when an entry read its event's id or name from them (``id_from: header:x-event-id``):
+so a letter written without an event keeps the message's own, and a replay keeps the letter's."""
+
+
+def dropped_by_replay(name: str) -> bool:
+    """A dead-letter header a replay leaves out when it rebuilds the message (all but
+    :data:`EVENT_HEADERS`); an event may not be read from one (bridge.config)."""
+    return is_dead_letter_header(name) and name.lower() not in EVENT_HEADERS
+
+
+def stale(name: str, event: EventSignal | None) -> bool:
+    """A header of the message that a letter made of it leaves out: the dead-letter ones of an
+    earlier letter, except the event's id and name when this letter has no event to write."""
+    return is_dead_letter_header(name) and (event is not None or name.lower() not in EVENT_HEADERS)
+
+
 def cut_text(text: str, limit: int) -> str:
     """``text`` cut to at most ``limit`` bytes of UTF-8, on a character boundary."""
     if len(text) * 4 <= limit:

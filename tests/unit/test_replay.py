@@ -19,6 +19,7 @@ from aiokafka.structs import ConsumerRecord
 from adapters import amqp_parse, amqp_replay, kafka_parse, kafka_replay
 from adapters.replay_common import NO_ENTRY, NOT_A_DEAD_LETTER, TRIMMED, Tally
 from bridge.config import AmqpConsumer, EventFormat, KafkaConsumer
+from bridge.deadletter import H_EVENT_ID, H_EVENT_NAME
 from bridge.decode import decode
 from bridge.errors import EventRejected
 from bridge.event import EventSignal, content_digest
@@ -87,9 +88,37 @@ def test_a_kafka_letter_gives_back_its_record_and_so_the_original_id_and_source(
     rebuilt = kafka_replay.original(letter)
     assert isinstance(rebuilt, ConsumerRecord)
     assert (rebuilt.topic, rebuilt.partition, rebuilt.offset, rebuilt.timestamp) == ("orders", 2, 41, TS)
-    assert (rebuilt.key, rebuilt.value, list(rebuilt.headers)) == (original.key, original.value, original.headers)
+    # The headers it had, and the event's id and name as the letter recorded them (EVENT_HEADERS).
+    events = [(H_EVENT_ID, event.id.encode()), (H_EVENT_NAME, event.name.encode())]
+    assert (rebuilt.key, rebuilt.value, list(rebuilt.headers)) == (
+        original.key,
+        original.value,
+        original.headers + events,
+    )
     again = decode(kafka_parse.to_message(rebuilt), ENVELOPE)
     assert (again.id, again.source, again.time, again.metadata) == (event.id, event.source, event.time, event.metadata)
+
+
+@pytest.mark.parametrize("decoded", [True, False], ids=["decoded", "refused-before-decoding"])
+def test_an_id_read_from_an_x_event_id_header_is_the_same_when_replayed(decoded: bool) -> None:
+    """``id_from: header:x-event-id``: the letter's own x-event-id was dropped when the replay
+    rebuilt the record, so the replayed event fell back to its offset id and started again; and a
+    letter written before decoding lost the record's x-event-id altogether."""
+    fmt = EventFormat(format="raw", name="order.created", id_from="header:x-event-id")  # type: ignore[arg-type]
+    original = record(body(n=1), headers=[("x-event-id", b"e-42")])
+    event = decode(kafka_parse.to_message(original), fmt)
+    assert event.id == "e-42"
+    refused = unroutable() if decoded else EventRejected("malformed", "refused before it was decoded")
+    letter = as_letter(kafka_parse.dead_letter(original, refused, event if decoded else None))
+    rebuilt = kafka_replay.original(letter)
+    assert isinstance(rebuilt, ConsumerRecord)
+    assert decode(kafka_parse.to_message(rebuilt), fmt).id == "e-42"
+    message = FakeMessage(body(n=1), headers={"x-event-id": "e-42"})
+    amqp_event = decode(amqp_parse.to_message(message, "q"), fmt)  # type: ignore[arg-type]
+    rebuilt_delivery = amqp_replay.original(amqp_letter(message, fmt=fmt, decoded=decoded), fmt)  # type: ignore[arg-type]
+    assert not isinstance(rebuilt_delivery, str)
+    queue, delivery = rebuilt_delivery
+    assert decode(amqp_parse.to_message(delivery, queue), fmt).id == amqp_event.id == "e-42"
 
 
 def test_kafka_letters_that_cannot_be_replayed() -> None:
@@ -213,11 +242,23 @@ class FakeMessage:
 RAW = EventFormat(format="raw", name_from="routing_key")  # type: ignore[arg-type]
 
 
-def amqp_letter(original: FakeMessage, *, assigned_id: str | None = None, tag: int = 1) -> FakeMessage:
+def amqp_letter(
+    original: FakeMessage,
+    *,
+    assigned_id: str | None = None,
+    tag: int = 1,
+    fmt: EventFormat = RAW,
+    decoded: bool = True,
+) -> FakeMessage:
     """What the dead-letter queue delivers: the adapter's copy, republished to the dead-letter
-    exchange with the original routing key; the client gives a copy without message_id a random one."""
-    event = decode(amqp_parse.to_message(original, "q"), RAW)  # type: ignore[arg-type]
-    copy = amqp_parse.dead_letter_copy(original, unroutable(), "q", event)  # type: ignore[arg-type]
+    exchange with the original routing key; the client gives a copy without message_id a random one.
+    ``decoded``: refused as unroutable once decoded with ``fmt``, else as malformed before it was."""
+    if decoded:
+        event = decode(amqp_parse.to_message(original, "q"), fmt)  # type: ignore[arg-type]
+        copy = amqp_parse.dead_letter_copy(original, unroutable(), "q", event)  # type: ignore[arg-type]
+    else:
+        refused = EventRejected("malformed", "refused before it was decoded")
+        copy = amqp_parse.dead_letter_copy(original, refused, "q", None)  # type: ignore[arg-type]
     return FakeMessage(
         body=copy.body,
         routing_key=original.routing_key,
@@ -241,7 +282,7 @@ def test_an_amqp_letter_gives_back_its_delivery_and_so_the_original_id_and_sourc
         "q",
         "events",
         "order.created",
-        {"a": "b"},
+        {"a": "b", H_EVENT_ID: event.id, H_EVENT_NAME: event.name},  # and the event's, as recorded
     )
     again = decode(amqp_parse.to_message(delivery, queue), RAW)
     assert (again.id, again.source, again.time, again.metadata) == (event.id, event.source, event.time, event.metadata)
