@@ -73,6 +73,12 @@ ONE_RELOAD_PER_LOAD = "one-reload-per-load"
 """The patch from which an event whose name the table lacks has the routes loaded again only if
 none was loaded since it was queued: before it, each such event loaded them once, so a burst of
 them (two configs that disagree during a deploy) wrote the table into the history once per event."""
+FILTERS_RETRIED = "filters-retried"
+"""The patch from which a batch whose EVALUATE_FILTERS failed (after its own retries) goes back to
+the queue and is evaluated again, up to FILTER_ROUNDS times in a row: before it, its filtered
+targets counted as not matched at once, and the events were remembered as done."""
+FILTER_ROUNDS = 5
+FILTER_RETRY = timedelta(seconds=5)
 DRAIN_RELOADS = "drain-reloads"
 """The patch from which the drain before continue-as-new loads the routes when a reload is due
 (a signal, or an event whose name the table lacks): before it, the drain planned that event with
@@ -103,6 +109,7 @@ class DispatcherWorkflow:
         self._out_cost = 0  # the costs of the events taken out of it, until their batch is done
         self._routes: RouteTable | None = None
         self._loads = 0  # route tables loaded this run
+        self._filter_failures = 0  # EVALUATE_FILTERS calls failed in a row
         for raw in inp.pending:
             self._enqueue(_Queued(EventSignal.from_dict(raw), encoded_size(raw)))
         self._recent: OrderedDict[str, None] = OrderedDict.fromkeys(inp.recent)
@@ -445,9 +452,27 @@ class DispatcherWorkflow:
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=RetryPolicy(maximum_attempts=3, maximum_interval=timedelta(seconds=2)),
             )
-        except Exception as exc:  # after its retries: the filters count as not evaluated, and it goes on
-            workflow.logger.error("evaluating filters failed for %d events: %s", len(need), safe(exc, 500))
+        except Exception as exc:  # after its retries
+            self._filter_failures += 1
+            if self._filter_failures <= FILTER_ROUNDS and workflow.patched(FILTERS_RETRIED):
+                # Back to the queue, and evaluated again after a pause (a worker too busy to answer
+                # in time, most likely). Past FILTER_ROUNDS the queue must move: as before.
+                workflow.logger.error(
+                    "evaluating filters failed for %d events (%d in a row), trying again in %s: %s",
+                    len(need),
+                    self._filter_failures,
+                    FILTER_RETRY,
+                    safe(exc, 500),
+                )
+                await workflow.sleep(FILTER_RETRY)
+                self._spent = 0
+                return 0
+            workflow.logger.error(
+                "evaluating filters failed for %d events, which count as not matched: %s", len(need), safe(exc, 500)
+            )
             result = FilterVerdicts([[None] * len(sources) for _, _, sources in need])
+        else:
+            self._filter_failures = 0
         self._spent += result.cost
         for (_, item, sources), verdicts in zip(need, result.verdicts, strict=False):
             item.verdicts = dict(zip(sources, verdicts, strict=True))

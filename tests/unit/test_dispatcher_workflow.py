@@ -649,6 +649,32 @@ PAYLOAD_DATA = re.compile(r'"data": "([A-Za-z0-9+/=]+)"')
 # --- no payload stalls the dispatcher ------------------------------------------------------------
 
 
+async def test_a_batch_whose_filters_could_not_be_evaluated_is_evaluated_again_not_dropped(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EVALUATE_FILTERS failed after its retries (a worker too busy to answer in time): its
+    filtered targets counted as not matched, and the events as done. Now the batch goes back to the
+    queue and is evaluated again after a pause."""
+    monkeypatch.setattr(dispatcher_workflow, "FILTER_RETRY", timedelta(milliseconds=100))
+    calls = 0
+    real_scope = filtering.scope
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls <= 3:  # the local activity's three attempts of the first round
+            raise RuntimeError("the worker did not answer in time")
+        return real_scope(*args, **kwargs)
+
+    monkeypatch.setattr(filtering, "scope", flaky)
+    d = await make("activity")
+    d.stubs.routes = [d.route("big", "order.created", filter="payload.amount > 100")]
+    await d.send(d.event("e1", amount=500), d.event("e2", amount=5))
+    stats = await d.settled(received=2, started=1)
+    assert stats["filter_limited"] == 0 and calls > 3
+    assert [s.arg["event"]["id"] for s in d.stubs.starts] == ["e1"]
+
+
 async def test_a_filter_past_its_budget_does_not_match_is_counted_and_the_rest_go_on(make: Any) -> None:
     d = await make()
     d.stubs.routes = [
