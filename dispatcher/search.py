@@ -41,29 +41,29 @@ def _size(text: str) -> int:
     return len(json.dumps(text)) - 2
 
 
-def _prefix(text: str, budget: int) -> str:
-    """The longest start of ``text`` whose encoding takes at most ``budget`` bytes."""
-    used = 0
-    for i, char in enumerate(text):
-        used += _size(char)
-        if used > budget:
-            return text[:i]
-    return text
+_KEPT_BYTES = MAX_VALUE_BYTES - _size(_CUT) - _DIGEST_CHARS  # of a cut value's start
 
 
 def fit(text: str) -> str:
-    """``text`` as an attribute value: itself when it fits, else its start, ``…`` and 32 hex digits
-    of the SHA-256 of the whole (one value per text, so a look-up computes the same)."""
+    """``text`` as an attribute value: itself when it fits, else its start (:func:`fit_prefix`),
+    ``…`` and 32 hex digits of the SHA-256 of the whole (one value per text, so a look-up computes
+    the same)."""
     if _size(text) <= MAX_VALUE_BYTES:
         return text
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:_DIGEST_CHARS]
-    return _prefix(text, MAX_VALUE_BYTES - _size(_CUT) - _DIGEST_CHARS) + _CUT + digest
+    return fit_prefix(text) + _CUT + digest
 
 
 def fit_prefix(text: str) -> str:
-    """A ``STARTS_WITH`` operand matching every value whose text starts with ``text``: past what
-    :func:`fit` keeps of a long text, only the part it keeps."""
-    return _prefix(text, MAX_VALUE_BYTES - _size(_CUT) - _DIGEST_CHARS)
+    """The start of ``text`` that :func:`fit` keeps of a long text (the longest whose encoding
+    takes at most ``_KEPT_BYTES``): as a ``STARTS_WITH`` operand, it matches every value whose
+    text starts with ``text``."""
+    used = 0
+    for i, char in enumerate(text):
+        used += _size(char)
+        if used > _KEPT_BYTES:
+            return text[:i]
+    return text
 
 
 def values(event: EventSignal, project: str) -> dict[str, str]:
