@@ -622,9 +622,8 @@ class KafkaAdapter(Transport[Record]):
         while not self._stopping.is_set() and (left := deadline - time.monotonic()) > 0:
             try:
                 stray = await self._getmany(max(1, int(min(left, 0.5) * 1000)))
-            except KafkaError as exc:
-                log.warning("kafka adapter %s: poll failed while paused: %r", self.name, exc)
-                await self._sleep(min(left, 1.0))
+            except Exception as exc:  # undone by _getmany; counted and logged as any failed poll
+                await self._sleep(min(left, self._poll_failed(exc)))
                 continue
             for tp, recs in stray.items():
                 # A partition assigned just before the listener paused it: read it again later.

@@ -295,3 +295,27 @@ def test_a_compressed_record_batch_decodes(compression: int):
     read = MemoryRecords(bytes(builder.build())).next_batch()
     assert read.compression_type == compression
     assert [(r.key, r.value, r.headers) for r in read] == [(b"order-1", good(1) * 20, [("traceparent", b"00-a-b-01")])]
+
+
+# --- polls while paused ------------------------------------------------------------------------
+
+
+async def test_a_poll_that_fails_while_paused_is_undone_counted_and_the_wait_goes_on(
+    caplog: pytest.LogCaptureFixture,
+):
+    """Temporal is down and the batch's partitions are paused; a partition assigned just before the
+    pause is still read by the paused wait's polls. An unreadable record there used to escape the
+    wait (only KafkaError was caught), and a KafkaError went uncounted with a line per poll."""
+    caplog.set_level(logging.DEBUG, logger="adapters.kafka")
+    adapter, _ = adapter_with(FakeSink())
+    consumer = adapter.consumer = LogConsumer({TP0: 2, TP1: 3})  # type: ignore[assignment]
+    consumer.pause(TP0)  # the batch's partition; TP1 came in just before the listener paused it
+    consumer.failing[TP1] = (BAD_HEADER, 1)
+    assert await adapter.wait(0.3), "the wait ends as asked, not with the poll's error"
+    assert consumer.failed == 1
+    assert consumer.positions[TP1] == 0 and consumer.paused() == {TP0, TP1}, "read again after the outage"
+    text = adapter.pipeline.metrics.render().decode()
+    assert 'signal_bridge_kafka_poll_failures_total{check="kafka:orders",error="UnicodeDecodeError"} 1.0' in text
+    assert not adapter.healthy(), "a record the client cannot read is reported at once"
+    lines = [r for r in caplog.records if r.name == "adapters.kafka" and "poll failed" in r.getMessage()]
+    assert [r.levelno for r in lines] == [logging.ERROR]
