@@ -10,6 +10,7 @@ units, or after TIME_LIMIT seconds, and answers for the events it got to, always
 
 from __future__ import annotations
 
+import logging
 import time
 from functools import lru_cache
 
@@ -17,7 +18,10 @@ from temporalio import activity
 
 from bridge.event import EventSignal
 from bridge.filters import EVENT_BUDGET, Filter, scope
+from bridge.logsafe import safe
 from dispatcher.contract import EVALUATE_FILTERS, EVENT_COST, TASK_COST_BUDGET, FilterBatch, FilterVerdicts
+
+log = logging.getLogger(__name__)
 
 TIME_LIMIT = 0.3  # seconds of evaluation per batch, whatever the machine's speed
 
@@ -36,8 +40,15 @@ def evaluate_filters(batch: FilterBatch) -> FilterVerdicts:
         # Past the point where one more event could overrun the budget, or the time: answer now.
         if out.verdicts and (out.cost > TASK_COST_BUDGET - EVENT_BUDGET or time.monotonic() - started > TIME_LIMIT):
             break
-        event = EventSignal.from_dict(raw)
-        values = scope(event.name, event.payload, event.source, event.metadata, event.id)
-        out.verdicts.append([compiled(source).evaluate(values) for source in sources])
+        try:
+            event = EventSignal.from_dict(raw)
+            values = scope(event.name, event.payload, event.source, event.metadata, event.id)
+            verdicts = [compiled(source).evaluate(values) for source in sources]
+        except Exception as exc:  # a bug one event meets: its filters count as spent, not the batch's
+            log.error("filters could not be evaluated for one event, counted as not matched: %s", safe(exc, 500))
+            out.verdicts.append([None] * len(sources))
+            out.cost += EVENT_BUDGET
+            continue
+        out.verdicts.append(verdicts)
         out.cost += EVENT_COST + values.cost
     return out

@@ -79,6 +79,13 @@ the queue and is evaluated again, up to FILTER_ROUNDS times in a row: before it,
 targets counted as not matched at once, and the events were remembered as done."""
 FILTER_ROUNDS = 5
 FILTER_RETRY = timedelta(seconds=5)
+FILTERS_RETRIED_ALWAYS = "filters-retried-always"
+"""The patch from which a batch whose EVALUATE_FILTERS keeps failing is evaluated again for as long
+as it fails, as START_TARGETS is started again until it answers: before it, after FILTER_ROUNDS
+failures in a row its filtered targets counted as not matched, and the events were lost. The
+activity answers for each event alone (one an evaluation cannot take counts as not matched), so
+what keeps failing is the worker, not an event: the queue waits for it, as it waits for starts."""
+FILTER_RETRY_LONG = timedelta(seconds=30)  # the pause after FILTER_ROUNDS failures in a row
 DRAIN_RELOADS = "drain-reloads"
 """The patch from which the drain before continue-as-new loads the routes when a reload is due
 (a signal, or an event whose name the table lacks): before it, the drain planned that event with
@@ -454,17 +461,20 @@ class DispatcherWorkflow:
             )
         except Exception as exc:  # after its retries
             self._filter_failures += 1
-            if self._filter_failures <= FILTER_ROUNDS and workflow.patched(FILTERS_RETRIED):
-                # Back to the queue, and evaluated again after a pause (a worker too busy to answer
-                # in time, most likely). Past FILTER_ROUNDS the queue must move: as before.
+            # Back to the queue, and evaluated again after a pause (a worker too busy to answer in
+            # time, most likely). The order of the checks keeps the histories of earlier versions.
+            if workflow.patched(FILTERS_RETRIED) and (
+                self._filter_failures <= FILTER_ROUNDS or workflow.patched(FILTERS_RETRIED_ALWAYS)
+            ):
+                pause = FILTER_RETRY if self._filter_failures <= FILTER_ROUNDS else FILTER_RETRY_LONG
                 workflow.logger.error(
                     "evaluating filters failed for %d events (%d in a row), trying again in %s: %s",
                     len(need),
                     self._filter_failures,
-                    FILTER_RETRY,
+                    pause,
                     safe(exc, 500),
                 )
-                await workflow.sleep(FILTER_RETRY)
+                await workflow.sleep(pause)
                 self._spent = 0
                 return 0
             workflow.logger.error(

@@ -649,30 +649,55 @@ PAYLOAD_DATA = re.compile(r'"data": "([A-Za-z0-9+/=]+)"')
 # --- no payload stalls the dispatcher ------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("rounds", "limit"), [(1, 5), (3, 1)], ids=["once", "past-the-rounds"])
 async def test_a_batch_whose_filters_could_not_be_evaluated_is_evaluated_again_not_dropped(
-    make: Any, monkeypatch: pytest.MonkeyPatch
+    make: Any, monkeypatch: pytest.MonkeyPatch, rounds: int, limit: int
 ) -> None:
     """EVALUATE_FILTERS failed after its retries (a worker too busy to answer in time): its
-    filtered targets counted as not matched, and the events as done. Now the batch goes back to the
-    queue and is evaluated again after a pause."""
-    monkeypatch.setattr(dispatcher_workflow, "FILTER_RETRY", timedelta(milliseconds=100))
+    filtered targets counted as not matched, and the events as done. Then the batch went back to
+    the queue, but only for FILTER_ROUNDS rounds in a row: a worker busy for half a minute still
+    lost it. Now it waits, as one whose starts fail does, and starts once its filters answer."""
+    monkeypatch.setattr(dispatcher_workflow, "FILTER_RETRY", timedelta(milliseconds=50))
+    monkeypatch.setattr(dispatcher_workflow, "FILTER_RETRY_LONG", timedelta(milliseconds=100))
+    monkeypatch.setattr(dispatcher_workflow, "FILTER_ROUNDS", limit)  # each round's retries take seconds
     calls = 0
-    real_scope = filtering.scope
+    real_verdicts = filtering.FilterVerdicts
 
-    def flaky(*args: Any, **kwargs: Any) -> Any:
+    def flaky(*args: Any, **kwargs: Any) -> Any:  # the activity as a whole fails, not one event
         nonlocal calls
         calls += 1
-        if calls <= 3:  # the local activity's three attempts of the first round
+        if calls <= 3 * rounds:  # the local activity's three attempts a round
             raise RuntimeError("the worker did not answer in time")
-        return real_scope(*args, **kwargs)
+        return real_verdicts(*args, **kwargs)
 
-    monkeypatch.setattr(filtering, "scope", flaky)
+    monkeypatch.setattr(filtering, "FilterVerdicts", flaky)
     d = await make("activity")
     d.stubs.routes = [d.route("big", "order.created", filter="payload.amount > 100")]
     await d.send(d.event("e1", amount=500), d.event("e2", amount=5))
     stats = await d.settled(received=2, started=1)
-    assert stats["filter_limited"] == 0 and calls > 3
+    assert stats["filter_limited"] == 0 and calls > 3 * rounds
     assert [s.arg["event"]["id"] for s in d.stubs.starts] == ["e1"]
+
+
+async def test_an_event_whose_filters_cannot_be_evaluated_does_not_match_and_the_rest_are_evaluated(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure one event meets in EVALUATE_FILTERS (a bug, not the worker) would fail the whole
+    activity, every round: it counts as that event's filters spent, and the batch goes on."""
+    real_scope = filtering.scope
+
+    def choosy(name: str, payload: Any, *args: Any, **kwargs: Any) -> Any:
+        if payload.get("poison"):
+            raise RuntimeError("an event the evaluation cannot take")
+        return real_scope(name, payload, *args, **kwargs)
+
+    monkeypatch.setattr(filtering, "scope", choosy)
+    d = await make("activity")
+    d.stubs.routes = [d.route("big", "order.created", filter="payload.amount > 100")]
+    await d.send(d.event("e1", amount=500, poison=True), d.event("e2", amount=500))
+    stats = await d.settled(received=2, started=1, filter_limited=1)
+    assert [s.arg["event"]["id"] for s in d.stubs.starts] == ["e2"]
+    assert stats["failed"] == 0
 
 
 async def test_a_filter_past_its_budget_does_not_match_is_counted_and_the_rest_go_on(make: Any) -> None:
