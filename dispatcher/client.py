@@ -232,6 +232,7 @@ class DispatcherClient:
         self._rooms: list[_Room] = []
         self._carry: list[_Submission | None] = []
         self._down_since: float | None = None
+        self._closing = False  # close() is waiting for the queues: submissions are refused
         self._prober: asyncio.Task[None] | None = None
         self._stray: set[asyncio.Task[None]] = set()  # calls given up on, left to finish
         self._sending = 0  # signals in flight, given-up ones included (Temporal still works on them)
@@ -336,12 +337,22 @@ class DispatcherClient:
         return True
 
     async def close(self) -> None:
-        """Stop the senders once their queues are empty; pending submissions finish first."""
+        """Stop the senders once their queues are empty; pending submissions finish first, and one
+        that arrives while it stops is refused (Unavailable), never left unanswered."""
+        self._closing = True
+        try:
+            for q in self._queues:
+                await q.join()
+            for task in [*self._senders, *self._watchers, *([self._prober] if self._prober else [])]:
+                task.cancel()
+            await asyncio.gather(*self._senders, *self._watchers, *self._stray, return_exceptions=True)
+        finally:
+            self._closing = False
+        left = [sub for sub in self._carry if sub is not None]
         for q in self._queues:
-            await q.join()
-        for task in [*self._senders, *self._watchers, *([self._prober] if self._prober else [])]:
-            task.cancel()
-        await asyncio.gather(*self._senders, *self._watchers, *self._stray, return_exceptions=True)
+            while not q.empty():
+                left.append(q.get_nowait())
+        _answer(left, self._unavailable("the dispatcher client stopped"))
         if self._prober is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._prober
@@ -349,11 +360,14 @@ class DispatcherClient:
         self._senders.clear()
         self._watchers.clear()
         self._queues.clear()
+        self._carry.clear()
 
     def _unavailable(self, message: str) -> Unavailable:
         return Unavailable(message, self.retry_after)
 
     def _refuse_if_down(self) -> None:
+        if self._closing:
+            raise self._unavailable("the bridge is stopping")
         if self._down_since is not None:
             down_for = time.monotonic() - self._down_since
             raise self._unavailable(f"Temporal has been unreachable for {down_for:.0f} s (a probe is watching)")

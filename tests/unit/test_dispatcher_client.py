@@ -491,6 +491,45 @@ async def test_close_flushes_what_was_submitted() -> None:
     await client.close()
 
 
+async def test_a_submission_while_close_waits_is_refused_not_left_unanswered() -> None:
+    """close() waits for the queues to empty, then cancels the senders: a submission queued after
+    the wait ended would never be answered, and its caller would wait for ever. It is refused as
+    soon as close() begins; what was queued before still goes."""
+    temporal = FakeTemporal()
+    client = make_client(temporal)
+    first = await hold_first(temporal, client)
+    queued = asyncio.create_task(client.submit([ev("b")]))
+    await settle()
+    closing = asyncio.create_task(client.close())
+    await settle()
+    with pytest.raises(Unavailable, match="stopping"):
+        await client.submit([ev("late")])
+    open_gate(temporal)
+    await asyncio.wait_for(closing, 5)
+    await asyncio.wait_for(asyncio.gather(first, queued), 5)
+    assert temporal.sent() == [["first"], ["b"]]
+
+
+async def test_what_is_left_in_a_queue_when_close_ends_is_answered_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nothing submits during close() (it refuses), but a submission that reached a queue past the
+    senders' end, put there directly here, is answered, not left waiting."""
+    temporal = FakeTemporal()
+    client = make_client(temporal)
+    await client.submit([ev("a")])
+    stray = dispatcher.client._Submission([b"{}"], 2)
+    real_join = asyncio.Queue.join
+
+    async def join_then_put(queue: asyncio.Queue[Any]) -> None:
+        await real_join(queue)
+        queue.put_nowait(stray)  # after the join, before the cancel
+
+    monkeypatch.setattr(asyncio.Queue, "join", join_then_put)
+    await asyncio.wait_for(client.close(), 5)
+    assert stray.done.done() and isinstance(stray.done.exception(), Unavailable)
+
+
 async def test_ensure_started_and_reload_reach_every_shard() -> None:
     temporal = FakeTemporal()
     client = make_client(temporal, shards=3)
