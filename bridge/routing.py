@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from bridge import templates
 from bridge.errors import ConfigError, EventRejected
 from bridge.filters import Filter, FilterError, Scope, scope
-from bridge.schemas import compile_schema
+from bridge.schemas import compile_schema, described
 
 if TYPE_CHECKING:
     from bridge.config import BridgeConfig
@@ -56,7 +56,7 @@ class SignalRoute:
         value = templates.render(self.workflow_id, event_context(event))
         text = "" if value is None else str(value)
         if not text.strip():
-            raise templates.TemplateError(f"signal workflow_id {self.workflow_id!r} renders empty for this event")
+            raise templates.TemplateError("signal workflow_id renders empty for this event")
         if len(text) > MAX_WORKFLOW_ID:
             raise templates.TemplateError(
                 f"signal workflow_id renders {len(text)} characters; Temporal allows {MAX_WORKFLOW_ID}"
@@ -219,7 +219,8 @@ class RouteTable:
                 if error is not None:
                     raise EventRejected(
                         "schema_invalid",
-                        f"payload does not match the schema of workflow {w.id!r} (trigger {t.name!r}): {error.message}",
+                        f"payload does not match the schema of workflow {w.id!r} (trigger {t.name!r}): "
+                        + described(error),
                         workflow=w.id,
                         trigger=t.name,
                         schema_path="/".join(str(p) for p in error.absolute_schema_path),

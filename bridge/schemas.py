@@ -78,3 +78,50 @@ def compile_schema(schema: dict[str, Any], where: str) -> Validator:
     cls = extend(base, {"pattern": _pattern, "patternProperties": _pattern_properties})  # type: ignore[no-untyped-call]
     validator: Validator = cls(schema)
     return validator
+
+
+# Keywords whose messages quote only the event's own values and the schema's shape (types, bounds,
+# property names). The others (``const``, ``enum``, ``pattern``, ``not``, ``oneOf``, …) quote
+# values the schema holds, which may have come from the environment at load: those are named, not
+# quoted, as the message goes back to the event's sender.
+_QUOTES_THE_EVENT_ONLY = frozenset(
+    {
+        "type",
+        "required",
+        "dependentRequired",
+        "minLength",
+        "maxLength",
+        "minItems",
+        "maxItems",
+        "minProperties",
+        "maxProperties",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "uniqueItems",
+        "format",
+        "anyOf",
+        "contains",
+        "minContains",
+        "maxContains",
+        "items",
+        "prefixItems",
+        "unevaluatedItems",
+        "unevaluatedProperties",
+        "additionalProperties",
+    }
+)
+
+
+def described(error: ValidationError) -> str:
+    """What a sender is told about ``error``: its message when that quotes nothing but the event,
+    else where it is and which keyword refused it."""
+    quotes_patterns = error.validator == "additionalProperties" and (
+        not isinstance(error.schema, dict) or "patternProperties" in error.schema
+    )
+    if error.validator in _QUOTES_THE_EVENT_ONLY and not quotes_patterns:
+        return error.message
+    where = "/".join(str(p) for p in error.absolute_path) or "the payload"
+    return f"{where} does not satisfy the schema's {error.validator!r} keyword"

@@ -19,6 +19,7 @@ from jinja2 import ChainableUndefined, Template, TemplateSyntaxError, Undefined,
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from bridge.errors import BridgeError
+from bridge.logsafe import safe
 
 
 # A missing field renders empty (None for a lone expression), as Go templates render
@@ -69,13 +70,19 @@ def check(value: Any) -> None:
 
 
 def render(value: Any, context: dict[str, Any]) -> Any:
-    """Render strings anywhere inside ``value`` (dicts and lists are walked)."""
+    """Render strings anywhere inside ``value`` (dicts and lists are walked). A template that fails
+    raises :class:`TemplateError` naming where it is in ``value``, never its text: the message may
+    reach the event's sender, and the text may hold a value the config took from the environment."""
+    return _render(value, context, "")
+
+
+def _render(value: Any, context: dict[str, Any], at: str) -> Any:
     if isinstance(value, str):
-        return _render_str(value, context)
+        return _render_str(value, context, at)
     if isinstance(value, dict):
-        return {k: render(v, context) for k, v in value.items()}
+        return {k: _render(v, context, f"{at}.{k}" if at else str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [render(v, context) for v in value]
+        return [_render(v, context, f"{at}[{i}]") for i, v in enumerate(value)]
     return value
 
 
@@ -87,8 +94,8 @@ def render_url(text: str, context: dict[str, Any]) -> str:
         raise TemplateError(f"template {text!r} does not parse: {exc.message}") from None
     except TemplateError:
         raise
-    except Exception as exc:
-        raise TemplateError(f"template {text!r} failed: {exc}") from None
+    except Exception as exc:  # as _render_str: the text is not quoted
+        raise TemplateError(f"the URL template failed: {type(exc).__name__}: {safe(exc, 300)}") from None
 
 
 def names(value: Any) -> set[str]:
@@ -125,15 +132,16 @@ def _url_template(text: str) -> Template:
     return _URL_ENV.from_string(go_to_jinja(text))
 
 
-def _render_str(text: str, context: dict[str, Any]) -> Any:
+def _render_str(text: str, context: dict[str, Any], at: str) -> Any:
     if "{{" not in text and "{%" not in text:
         return text
+    where = f"the template at {at}" if at else "the template"
     try:
         return _compiled(text)(context)
-    except TemplateSyntaxError as exc:
-        raise TemplateError(f"template {text!r} does not parse: {exc.message}") from None
+    except TemplateSyntaxError as exc:  # checked at load; named by place, like a failure
+        raise TemplateError(f"{where} does not parse: {exc.message}") from None
     except Exception as exc:
-        raise TemplateError(f"template {text!r} failed: {exc}") from None
+        raise TemplateError(f"{where} failed: {type(exc).__name__}: {safe(exc, 300)}") from None
 
 
 def _strings(value: Any) -> list[str]:

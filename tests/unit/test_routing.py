@@ -388,3 +388,33 @@ def test_routes_show_a_signal_entry_as_the_run_and_signal_it_reaches() -> None:
     assert routes.names() == {
         "payment.completed": ["signal order-{{ .trigger.orderId }}:payment (order-payments)", "audit"]
     }
+
+
+@pytest.mark.parametrize(
+    ("schema", "payload", "keyword"),
+    [
+        ({"properties": {"token": {"const": "s3cr3t-from-env"}}}, {"token": "guess"}, "'const'"),
+        ({"properties": {"tenant": {"enum": ["acme-internal", "s3cr3t-tenant"]}}}, {"tenant": "x"}, "'enum'"),
+        ({"properties": {"key": {"type": "string", "pattern": "^s3cr3t"}}}, {"key": "x"}, "'pattern'"),
+        ({"properties": {"key": {"not": {"const": "s3cr3t"}}}}, {"key": "s3cr3t"}, "'not'"),
+        ({"properties": {"k": {"oneOf": [{"const": "s3cr3t"}, {"type": "string"}]}}}, {"k": "s3cr3t"}, "'oneOf'"),
+    ],
+)
+def test_a_schema_refusal_names_the_keyword_not_the_values_the_schema_holds(
+    schema: dict[str, Any], payload: dict[str, Any], keyword: str
+) -> None:
+    """jsonschema's messages for these keywords quote the schema's values, which may have come
+    from the environment at load; the refusal goes back to the event's sender."""
+    routes = table(wf("w", {"name": "order.created", "schema": schema}))
+    with pytest.raises(EventRejected) as caught:
+        routes.check(event("order.created", payload))
+    assert caught.value.reason == "schema_invalid"
+    assert "s3cr3t" not in caught.value.message and "acme-internal" not in caught.value.message
+    assert f"does not satisfy the schema's {keyword} keyword" in caught.value.message
+
+
+def test_a_schema_refusal_that_quotes_only_the_event_keeps_its_message() -> None:
+    routes = table(wf("w", {"name": "order.created", "schema": {"properties": {"n": {"type": "integer"}}}}))
+    with pytest.raises(EventRejected) as caught:
+        routes.check(event("order.created", {"n": "seven"}))
+    assert "'seven' is not of type 'integer'" in caught.value.message

@@ -154,3 +154,14 @@ def test_names_are_the_top_level_names_templates_read() -> None:
     value = ["{{ .trigger.a }}/{{ tasks['x'].b }}", {"h": "{% if event.id %}1{% endif %}"}, "no template", 5]
     assert templates.names(value) == {"trigger", "tasks", "event"}
     assert templates.names("${TOKEN}") == set()
+
+
+def test_a_failure_names_where_the_template_is_never_its_text() -> None:
+    """The message reaches the event's sender (a webhook's 422), and the text may hold a value the
+    config took from the environment: ``${PARTNER_KEY}`` is replaced at load."""
+    value = {"note": ["ok", "lead {{ payload.score + 1 }} via sk_live_SECRETVALUE123"]}
+    with pytest.raises(TemplateError) as caught:
+        render(value, {"payload": {"score": "x"}})
+    message = str(caught.value)
+    assert "SECRETVALUE" not in message and "payload.score" not in message
+    assert message.startswith("the template at note[1] failed: TypeError: ")
