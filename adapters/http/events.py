@@ -29,7 +29,6 @@ from adapters.http.state import HTTP_ADAPTER, HttpState
 from bridge.errors import EventRejected, Reason
 from bridge.event import EventSignal
 from bridge.logsafe import safe
-from bridge.ratelimit import retry_after
 from bridge.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -60,25 +59,8 @@ def authorize(http: HttpState, snapshot: Snapshot, received: Mapping[str, str]) 
     token = http.token_name(snapshot, received.get("authorization"))
     if token is None:
         raise http.deny(HTTP_ADAPTER, "unauthorized", "a valid bearer token is required")
-    _charge(http, snapshot, token, 1, take=False)
+    http.charge(token, 1, take=False)
     return token
-
-
-def _charge(http: HttpState, snap: Snapshot, token: str, cost: int, *, take: bool = True) -> None:
-    """Take ``cost`` events from the token's rate limit, or answer 429 and take nothing (with
-    ``take=False``, only check that one is there)."""
-    limiter = http.limits(snap).tokens
-    if limiter is None:
-        return
-    wait = limiter.take(token, cost) if take else limiter.due(token)
-    if wait:
-        needs = f"; this request holds {cost} events" if cost > 1 else ""
-        raise http.deny(
-            HTTP_ADAPTER,
-            "rate_limited",
-            f"rate limit of this token exceeded{needs}; retry after the Retry-After delay",
-            retry_after=retry_after(wait),
-        )
 
 
 class EventsController(Controller):
@@ -114,13 +96,13 @@ class EventsController(Controller):
             body = await read_body(request, http, snapshot, HTTP_ADAPTER, received)
             parsed = _parse(http, snapshot, received, body, idempotency_key, token)
         except EventRejected:
-            if (limiter := http.limits(snapshot).tokens) is not None:
+            if (limiter := http.limits().tokens) is not None:
                 limiter.take(token)  # a refused body still costs its request
             raise
         if isinstance(parsed, list):
-            _charge(http, snapshot, token, max(1, len(parsed)))
+            http.charge(token, max(1, len(parsed)))
             return await _submit_batch(http, snapshot, token, parsed)
-        _charge(http, snapshot, token, 1)
+        http.charge(token, 1)
         return await _submit_one(http, snapshot, token, parsed)
 
 

@@ -21,7 +21,7 @@ from bridge.config import RateLimit
 from bridge.errors import EventRejected, PartlyHeld, Reason, Unavailable
 from bridge.event import EventSignal
 from bridge.pipeline import Outcome, Pipeline
-from bridge.ratelimit import RateLimiter, TokenBucket, default_burst
+from bridge.ratelimit import RateLimiter, TokenBucket, default_burst, retry_after
 from bridge.snapshot import Snapshot
 
 HTTP_ADAPTER = "http"
@@ -104,9 +104,13 @@ class HttpState:
         self.insecure = insecure
         self.ready = ready
         self._limits = Limits()
+        self.lookups = 0  # look-ups in flight (adapters.http.lookup.IN_FLIGHT)
 
-    def limits(self, snap: Snapshot) -> Limits:
-        return self._limits.of(snap)
+    def limits(self) -> Limits:
+        """The buckets of the current snapshot. A request that began before a reload is charged
+        at the new limits too: building them again for its older snapshot would make new buckets
+        each time requests of the two snapshots alternate, and refill them for the next."""
+        return self._limits.of(self.current())
 
     async def submit(
         self, snap: Snapshot, events: Sequence[EventSignal], adapter: str, unavailable: str, **ids: Any
@@ -159,6 +163,22 @@ class HttpState:
         """Count a request refused before its body was looked at; returned, to be raised."""
         self.metrics.child(self.metrics.rejected, adapter, reason).inc()
         return Problem(reason, message, retry_after=retry_after)
+
+    def charge(self, token: str, cost: int, *, take: bool = True) -> None:
+        """Take ``cost`` events from the token's rate limit, or raise 429 and take nothing (with
+        ``take=False``, only check that one is there)."""
+        limiter = self.limits().tokens
+        if limiter is None:
+            return
+        wait = limiter.take(token, cost) if take else limiter.due(token)
+        if wait:
+            needs = f"; this request holds {cost} events" if cost > 1 else ""
+            raise self.deny(
+                HTTP_ADAPTER,
+                "rate_limited",
+                f"rate limit of this token exceeded{needs}; retry after the Retry-After delay",
+                retry_after=retry_after(wait),
+            )
 
     @staticmethod
     def of(connection: ASGIConnection[Any, Any, Any, Any]) -> HttpState:

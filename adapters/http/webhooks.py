@@ -90,7 +90,7 @@ class WebhooksController(Controller):
         body = await read_body(request, http, snapshot, WEBHOOK_ADAPTER)
         received = headers(request)
         _verify(http, route, received, body)
-        bucket = http.limits(snapshot).webhooks.get(slug)
+        bucket = http.limits().webhooks.get(slug)
         if bucket is not None and (wait := bucket.take()):
             log.info("webhook refused slug=%s: over its rate limit", slug)
             raise http.deny(

@@ -15,6 +15,9 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.http import create_app
+from adapters.http.events import authorize
+from adapters.http.problems import Problem
+from adapters.http.state import HttpState
 from bridge.errors import Unavailable
 from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline
@@ -531,6 +534,24 @@ async def test_tokens_body_limit_and_token_limits_follow_a_reloaded_config(sink:
         current = Snapshot.compile(make_config(max_body_bytes=2 * MAX_BODY, rate_limit={"per_token": {"rate": 0.001}}))
         assert (await c.post(URL, content=body, headers=AUTH)).status_code == 202
     assert len(sink.events) == 3
+
+
+def test_a_request_begun_before_a_reload_is_charged_at_the_new_limits_and_refills_nothing(sink: FakeSink) -> None:
+    """A reload tightened the token's limit. The buckets used to be built again whenever a request
+    of the older snapshot came between two of the newer, each time full: a token holder kept slow
+    requests open across the reload and got a full burst back with each of them."""
+    old = Snapshot.compile(make_config(rate_limit={"per_token": {"rate": 1, "burst": 2}}))
+    new = Snapshot.compile(make_config(rate_limit={"per_token": {"rate": 0.01, "burst": 2}}))
+    http = HttpState(Pipeline(new.routes, sink), lambda: new)
+    name = http.token_name(new, AUTH["Authorization"])
+    assert name is not None
+    assert authorize(http, new, {"authorization": AUTH["Authorization"]}) == name
+    tokens = http.limits().tokens
+    assert tokens is not None and tokens.take(name, 2) == 0  # the new bucket, spent
+    with pytest.raises(Problem) as caught:  # a request that began on the old snapshot
+        authorize(http, old, {"authorization": AUTH["Authorization"]})
+    assert caught.value.reason == "rate_limited"
+    assert http.limits().tokens is tokens and tokens.take(name) > 0
 
 
 async def test_a_batch_temporal_took_part_of_says_which_items_are_held_not_to_retry_it_whole() -> None:
