@@ -172,6 +172,22 @@ def parse_json(body: bytes) -> Any:
 # --- events ---------------------------------------------------------------------------------------
 
 
+def envelope_id(value: Any) -> str | None:
+    """An envelope's ``id`` as text: None when it has none. A string or an integer (7.0 is the
+    integer 7: JSON has one kind of number); anything else, and an empty string, is ``malformed``.
+    Every adapter reads it so: ``0`` is an id, not "no id", and an empty one would get a new id on
+    every redelivery (its transport's offset, or a fresh UUID over HTTP)."""
+    if isinstance(value, float) and value.is_integer() and INT_MIN <= value <= INT_MAX:
+        value = int(value)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise EventRejected("malformed", "'id' must be a string")
+    if value == "":
+        raise EventRejected("malformed", "'id' must not be empty; leave it out for the bridge to choose one")
+    return str(value)
+
+
 def decode(msg: Message, fmt: EventFormat) -> EventSignal:
     """Build the event or raise :class:`EventRejected` (``malformed`` / ``no_name``)."""
     if fmt.format == "cloudevents" or _is_structured_ce(msg.content_type):
@@ -182,7 +198,9 @@ def decode(msg: Message, fmt: EventFormat) -> EventSignal:
             raise EventRejected("malformed", "an envelope must be a JSON object")
         payload = body.get("payload", {})
         name = body.get("name") or _configured_name(fmt, msg, body)
-        event_id = body.get("id") or _configured_id(fmt, msg, body)
+        event_id = envelope_id(body.get("id"))
+        if event_id is None:
+            event_id = _configured_id(fmt, msg, body)
     else:
         payload = body
         name = _configured_name(fmt, msg, body)
@@ -192,7 +210,7 @@ def decode(msg: Message, fmt: EventFormat) -> EventSignal:
     if not isinstance(name, str) or not name:
         raise EventRejected("no_name", "the message carries no event name")
     return EventSignal(
-        id=str(event_id or msg.fallback_id),
+        id=msg.fallback_id if event_id is None or event_id == "" else str(event_id),
         name=name,
         payload=payload,
         source=msg.source,

@@ -19,7 +19,7 @@ from urllib.parse import unquote
 
 from adapters.http.state import HTTP_ADAPTER
 from bridge.config import EventFormat
-from bridge.decode import CE_STRUCTURED, INT_MAX, INT_MIN, Message, decode, parse_json
+from bridge.decode import CE_STRUCTURED, Message, decode, envelope_id, parse_json
 from bridge.errors import EventRejected
 from bridge.event import EventSignal, utc_now
 
@@ -78,14 +78,8 @@ def envelope(
         payload = {}
     if not isinstance(payload, dict):
         raise EventRejected("malformed", "'payload' must be a JSON object")
-    body_id = data.get("id")
-    if isinstance(body_id, float) and body_id.is_integer() and INT_MIN <= body_id <= INT_MAX:
-        body_id = int(body_id)  # JSON has one kind of number: 7.0 is the integer 7, as the schema says
-    if body_id is not None and not isinstance(body_id, str | int):
-        raise EventRejected("malformed", "'id' must be a string")
-    if body_id == "":  # not "no id": a batch item's empty id would get a fresh UUID on every retry
-        raise EventRejected("malformed", "'id' must not be empty; leave it out for the bridge to choose one")
-    event_id = event_id or (str(body_id) if body_id is not None else None)
+    body_id = envelope_id(data.get("id"))
+    event_id = event_id or body_id
     return EventSignal(
         id=event_id or str(uuid.uuid4()),
         name=name,

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from adapters.http.parse import envelope
 from adapters.http.parse import parse as http_parse
 from bridge.config import EventFormat
 from bridge.decode import (
@@ -56,6 +57,26 @@ def test_envelope_name_payload_and_id() -> None:
 def test_envelope_without_id_uses_the_door_fallback() -> None:
     event = decode(msg({"name": "order.created", "payload": {}}), fmt())
     assert event.id == "kafka:orders:0:42"
+
+
+@pytest.mark.parametrize(("body_id", "expected"), [(0, "0"), (7.0, "7"), ("0", "0"), (-3, "-3")])
+def test_an_envelope_id_that_is_falsy_is_still_its_id(body_id: Any, expected: str) -> None:
+    """``id: 0`` was read as "no id": the record's offset became its id, so the same event resent
+    (at another offset) started twice. Over HTTP it was already the id "0"."""
+    for offset in (42, 43):
+        m = msg({"name": "order.created", "id": body_id}, fallback_id=f"kafka:orders:0:{offset}")
+        assert decode(m, fmt()).id == expected
+    assert envelope({"name": "order.created", "id": body_id}, None, {}).id == expected
+
+
+@pytest.mark.parametrize("body_id", ["", True, False, [1], {"a": 1}, 1.5])
+def test_an_envelope_id_that_is_empty_or_not_a_string_or_integer_is_malformed_on_every_adapter(body_id: Any) -> None:
+    """An empty id used to become the transport's id here (a new one on every resend) and a list
+    its repr; over HTTP both were refused already, as they now are everywhere."""
+    assert rejected(msg({"name": "order.created", "id": body_id}), fmt()) == "malformed"
+    with pytest.raises(EventRejected) as caught:
+        envelope({"name": "order.created", "id": body_id}, None, {})
+    assert caught.value.reason == "malformed"
 
 
 def test_envelope_without_payload_is_empty_object() -> None:
