@@ -25,6 +25,7 @@ from typing import Any, TypeAlias, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
     CommitFailedError,
+    CorruptRecordException,
     IllegalStateError,
     KafkaError,
     MessageSizeTooLargeError,
@@ -40,6 +41,7 @@ from adapters.kafka_parse import (
     MAX_REQUEST_BYTES,
     MIN_LETTER_BYTES,
     Record,
+    Unreadable,
     dead_letter,
     dead_letter_headers,
     fallback_id,
@@ -74,6 +76,10 @@ log = logging.getLogger(__name__)
 
 TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 POLL_MS = 500
+UNREADABLE_AFTER = 3
+"""Polls of one partition alone that fail in a row at one position before the record there is
+taken to be one the client cannot read, dead-lettered and skipped: a record that cannot be read
+fails every time, and an error that passes must not cost a good record."""
 REVOKE_WAIT = 15.0
 STOP_GRACE = 30.0
 POLL_FAILURES_UNHEALTHY = 3  # failed polls in a row that make the consumer unhealthy
@@ -154,6 +160,12 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.adapter._on_assigned(assigned)
+
+
+def _unreadable(exc: Exception) -> bool:
+    """A poll failed on a record the client cannot read, not on the broker: reading again fails
+    again at the same place."""
+    return isinstance(exc, CorruptRecordException) or not isinstance(exc, KafkaError)
 
 
 @dataclass(eq=False)
@@ -419,21 +431,68 @@ class KafkaAdapter(Transport[Record]):
         try:
             batch = await self._getmany(POLL_MS, self.entry.max_batch)
         except Exception as exc:
-            # A broker error, a batch in a codec the client lacks, or a record it cannot read (aiokafka
-            # refuses a header name that is not UTF-8): nothing of such a record reaches the bridge
-            # to dead-letter. Read again from where the poll began, with backoff.
-            await self._sleep(self._poll_failed(exc))
+            # A broker error, a batch in a codec the client lacks, or a record it cannot read. Read
+            # again from where the poll began: with backoff, or around a record it cannot read.
+            delay = self._poll_failed(exc)
+            if _unreadable(exc):
+                return await self._read_around()
+            await self._sleep(delay)
             return {}
         self._check_topics()
         return batch
 
-    async def _getmany(self, timeout_ms: int, max_records: int | None = None) -> Batch:
-        """``getmany``, undone when it raises (:meth:`_undo`)."""
+    async def _read_around(self) -> Batch:
+        """After a poll failed on a record the client cannot read (aiokafka refuses a header name
+        that is not UTF-8; a record whose checksum fails): every poll would fail on it again, and
+        nothing of it reaches the bridge to dead-letter. So each partition is read alone, a record
+        at a time, from where the failed poll began. Where one fails alone, an :class:`Unreadable`
+        takes the record's place and the partition is sought past it: the settle path dead-letters
+        it, naming the offset, and commits past it. What was read around it is the batch."""
+        assert self.consumer is not None
+        gen, batch, total = self._generation, {}, 0
+        for tp in sorted(self.consumer.assignment() - self.consumer.paused()):
+            records: list[Record] = []
+            failed = 0  # in a row, at this partition's position
+            while total < self.entry.max_batch and gen == self._generation and not self._stopping.is_set():
+                try:
+                    got = await self._getmany(POLL_MS, 1, tp)
+                except Exception as exc:
+                    if not _unreadable(exc):
+                        break  # a broker error: the next poll waits it out
+                    failed += 1
+                    if failed < UNREADABLE_AFTER:  # not yet known to fail there whatever happens
+                        await self._sleep(0.05)
+                        continue
+                    with contextlib.suppress(IllegalStateError, TimeoutError):  # revoked, or reset, meanwhile
+                        async with asyncio.timeout(1.0):
+                            offset = await self.consumer.position(tp)  # the failed poll went back to it
+                        records.append(Unreadable.at(tp.topic, tp.partition, offset, f"{type(exc).__name__}: {exc}"))
+                        self._seek(tp, offset + 1)
+                        log.error(
+                            "kafka adapter %s: the record at %s offset %d cannot be read; it is dead-lettered by "
+                            "its offset and skipped: %r",
+                            self.name,
+                            tp,
+                            offset,
+                            exc,
+                        )
+                    break
+                failed = 0
+                if not got.get(tp):
+                    break  # read to its end, for now
+                records.extend(got[tp])
+                total += len(got[tp])
+            if records:
+                batch[tp] = records
+        return batch if gen == self._generation else {}
+
+    async def _getmany(self, timeout_ms: int, max_records: int | None = None, *partitions: TopicPartition) -> Batch:
+        """``getmany`` (of ``partitions`` only, when named), undone when it raises (:meth:`_undo`)."""
         assert self.consumer is not None
         poll = _Poll(self._generation, await self._positions())
         self._polls.append(poll)
         try:
-            batch: Batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+            batch: Batch = await self.consumer.getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
         except Exception:
             await self._undo(poll)
             raise
@@ -525,18 +584,19 @@ class KafkaAdapter(Transport[Record]):
         hint = ""
         if isinstance(exc, UnsupportedCodecError):
             hint = "; install aiokafka's lz4, snappy and zstd extras (docs/kafka.md#compression)"
-        elif not isinstance(exc, KafkaError):
-            hint = "; a record the client cannot read (docs/kafka.md#dead-letters)"
+        elif _unreadable(exc):
+            hint = "; a record the client cannot read: reading each partition alone around it"
+            hint += " (docs/kafka.md#dead-letters)"
         log.log(
             logging.WARNING if isinstance(exc, KafkaError) else logging.ERROR,
             "kafka adapter %s: poll failed (%d in a row; %d more since the last line, at DEBUG): %s%s; reading "
-            "again from where it began in %.1fs",
+            "again from where it began%s",
             self.name,
             self._poll_failures,
             self._failure_repeats,
             what,
             hint,
-            delay,
+            "" if _unreadable(exc) else f" in {delay:.1f}s",
             exc_info=not isinstance(exc, KafkaError),
         )
         self._failure_logged, self._failure_repeats = (what, now), 0

@@ -45,6 +45,20 @@ def _text(raw: bytes | str | None) -> str:
     return raw if isinstance(raw, str) else raw.decode("utf-8", errors="replace")
 
 
+@dataclass
+class Unreadable(ConsumerRecord[bytes, bytes]):  # type: ignore[misc]  # aiokafka is untyped
+    """Stands for a record the client cannot read (aiokafka refuses a header name that is not
+    UTF-8, or a record whose checksum fails), at the offset where reading its partition alone
+    failed: the settle path refuses it as ``malformed``, dead-letters it with that offset, and
+    commits past it, so one such record cannot stall its partition (adapters.kafka)."""
+
+    why: str = ""
+
+    @classmethod
+    def at(cls, topic: str, partition: int, offset: int, why: str) -> Unreadable:
+        return cls(topic, partition, offset, -1, 0, None, None, None, -1, -1, (), why)
+
+
 def record_headers(record: Record) -> dict[str, str]:
     """Headers as ``str → str``; the first of repeated names wins, as in HTTP bindings."""
     out: dict[str, str] = {}
@@ -69,6 +83,12 @@ def record_time(stamp: int | None) -> str | None:
 
 def to_message(record: Record) -> Message:
     """What :func:`bridge.decode.decode` needs from a record; no aiokafka type goes further."""
+    if isinstance(record, Unreadable):
+        raise EventRejected(
+            "malformed",
+            f"the Kafka client cannot read the record at offset {record.offset} ({record.why}); this letter does "
+            "not hold it: read it from the topic by its offset",
+        )
     headers = record_headers(record)
     lowered = {k.lower(): v for k, v in headers.items()}
     ce = {k[len(CE_PREFIX) :]: v for k, v in lowered.items() if k.startswith(CE_PREFIX) and len(k) > 3}

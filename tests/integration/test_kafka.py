@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.group import MemberAssignment
+from aiokafka.record.util import calc_crc32c
 from temporalio.client import Client
 from temporalio.service import RPCError
 
@@ -427,6 +429,55 @@ async def test_poison_records_are_dead_lettered_or_counted_and_good_ones_around_
     }
     assert dropped == {"malformed": 2, "no_name": 1, "schema_invalid": 1, "unroutable": 1}
     assert metric(text, "signal_bridge_events_rejected_total", adapter="kafka", reason="malformed") == 4
+
+
+async def produce_unreadable(bootstrap: str, topic: str, partition: int, value: bytes) -> int:
+    """One record whose header name is not UTF-8, as a client other than Java's can write it
+    (aiokafka's own producer cannot: the batch is built, then its byte patched and its CRC set
+    again). Returns its offset."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        batch = producer.create_batch()
+        batch.append(key=None, value=value, timestamp=None, headers=[("x-bad!", b"v")])
+        raw = bytearray(batch._build())
+        raw[raw.find(b"x-bad!") + 5] = 0xFF
+        struct.pack_into(">I", raw, 17, calc_crc32c(bytes(raw[21:])))  # the v2 batch's CRC covers from byte 21
+        batch._buffer = bytes(raw)
+        meta = await (await producer.send_batch(batch, topic, partition=partition))
+    finally:
+        await producer.stop()
+    return int(meta.offset)
+
+
+async def test_a_record_the_client_cannot_read_is_dead_lettered_by_its_offset_and_the_partition_moves_on(
+    bridge_factory, temporal_client, temporal_address, kafka_bootstrap
+):
+    """aiokafka refuses a header name that is not UTF-8: every poll that reached the record failed,
+    the partition stalled and /readyz stayed red until an operator moved the group past it."""
+    topic = await create_topic(kafka_bootstrap, partitions=2)
+    dlq = f"{topic}.dlq"
+    project = unique("kunread")
+    cfg = config(
+        project,
+        temporal_address,
+        [runner("orders", "order.created")],
+        kafka=[kafka_entry(kafka_bootstrap, topic, group_id=f"{project}-g", dead_letter_topic=dlq)],
+    )
+    before = [envelope("order.created", {"orderId": f"a-{i}"}) for i in range(6)]
+    placed = await produce(kafka_bootstrap, topic, before)
+    bad = await produce_unreadable(kafka_bootstrap, topic, 0, json.dumps({"name": "order.created"}).encode())
+    after = [envelope("order.created", {"orderId": f"b-{i}"}) for i in range(6)]
+    placed += await produce(kafka_bootstrap, topic, after)
+    await bridge_factory(cfg)
+    good = {kafka_child(project, "orders", topic, *where) for where in placed}
+    await assert_runs_exactly(temporal_client, project, good)
+    [letter] = await read_letters(kafka_bootstrap, dlq, 1)
+    headers = {k: v.decode() for k, v in letter.headers}
+    assert (headers["x-original-partition"], headers["x-original-offset"]) == ("0", str(bad))
+    assert headers["x-dead-letter-reason"] == "malformed" and "UnicodeDecodeError" in headers["x-dead-letter-error"]
+    assert letter.value == b""
+    await assert_all_committed(kafka_bootstrap, f"{project}-g", topic)
 
 
 async def test_temporal_down_15s_pauses_partitions_then_resumes_without_loss_or_doubles(

@@ -19,7 +19,17 @@ from aiokafka.record.memory_records import MemoryRecords
 from adapters import kafka
 from tests.fakes import FakeSink
 from tests.helpers import assert_eventually
-from tests.unit.test_kafka_parse import TP0, TP1, FakeConsumer, adapter_with, batch, good, offsets_held, record
+from tests.unit.test_kafka_parse import (
+    TP0,
+    TP1,
+    FakeConsumer,
+    FakeProducer,
+    adapter_with,
+    batch,
+    good,
+    offsets_held,
+    record,
+)
 from tests.unit.test_kafka_topics import TopicsConsumer
 
 LZ4 = UnsupportedCodecError("Libraries for lz4 compression codec not found")
@@ -43,8 +53,10 @@ class LogConsumer(FakeConsumer):
         self.committed_offsets = dict(committed or {})
         self.positions = {tp: self.committed_offsets.get(tp, 0) for tp in lengths}  # auto_offset_reset: earliest
         self.failing: dict[TopicPartition, tuple[Exception, int]] = {}
+        self.unreadable: set[tuple[TopicPartition, int]] = set()  # records every poll fails on
         self.failed = 0
         self.taken_then_lost = 0
+        self.polled_alone: list[TopicPartition] = []
 
     def end_offset(self, tp: TopicPartition) -> int:
         return len(self.logs[tp])
@@ -55,7 +67,10 @@ class LogConsumer(FakeConsumer):
             self.polls_while_paused += 1
             return {}
         left, taken = max_records or 500, {}
+        self.polled_alone.extend(tps)
         for tp in sorted(self._assigned - self._paused):
+            if tps and tp not in tps:
+                continue
             error, n = self.failing.get(tp, (None, 0))
             if error is not None and n:
                 self.failing[tp] = (error, n - 1)
@@ -64,6 +79,12 @@ class LogConsumer(FakeConsumer):
                 raise error
             start = self.positions[tp]
             recs = self.logs[tp][start : start + left]
+            bad = next((i for i, r in enumerate(recs) if (tp, r.offset) in self.unreadable), None)
+            if bad is not None:  # the records before it are taken, then lost with the error
+                self.positions[tp] = start + bad
+                self.failed += 1
+                self.taken_then_lost += sum(len(r) for r in taken.values()) + bad
+                raise BAD_HEADER
             if recs:
                 taken[tp] = recs
                 self.positions[tp] = start + len(recs)
@@ -118,13 +139,13 @@ async def test_a_record_the_client_cannot_read_sends_back_partitions_without_a_c
     partition whose commit is over 0: one of a new group kept its position past what the poll lost."""
     sink = FakeSink()
     consumer = LogConsumer({TP0: 3, TP1: 2}, committed={TP1: 0})  # TP0: nothing committed yet
-    consumer.failing[TP1] = (BAD_HEADER, 2)
+    consumer.failing[TP1] = (BAD_HEADER, 1)  # once: read alone, it reads (nothing to skip)
     async with running(consumer, sink) as adapter:
         await assert_eventually(lambda: sorted(offsets_held(sink)) == everything(consumer), timeout=5, interval=0.005)
         await assert_eventually(lambda: committed(consumer) == {TP0: 3, TP1: 2}, timeout=5, interval=0.005)
         assert consumer.resets == [], "every position was known: sought back to it, not reset"
         assert not adapter.healthy(), "a record the client cannot read is reported at once"
-    assert consumer.failed == 2 and consumer.taken_then_lost == 6
+    assert consumer.failed == 1 and consumer.taken_then_lost == 3
 
 
 async def test_what_was_read_ahead_is_kept_and_the_failed_poll_is_read_again_after_it():
@@ -319,3 +340,54 @@ async def test_a_poll_that_fails_while_paused_is_undone_counted_and_the_wait_goe
     assert not adapter.healthy(), "a record the client cannot read is reported at once"
     lines = [r for r in caplog.records if r.name == "adapters.kafka" and "poll failed" in r.getMessage()]
     assert [r.levelno for r in lines] == [logging.ERROR]
+
+
+# --- a record the client cannot read ------------------------------------------------------------
+
+
+async def test_a_record_the_client_cannot_read_is_dead_lettered_by_its_offset_and_the_rest_run(
+    caplog: pytest.LogCaptureFixture,
+):
+    """Every poll that reached TP1's offset 2 failed there, for ever: the partition stalled (the
+    docs told operators to move the group past it by hand) and /readyz stayed red. Now each
+    partition is read alone around it, and the record is dead-lettered by its offset and skipped."""
+    caplog.set_level(logging.ERROR, logger="adapters.kafka")
+    sink = FakeSink()
+    consumer = LogConsumer({TP0: 5, TP1: 5})
+    consumer.unreadable = {(TP1, 2)}
+    async with running(consumer, sink, dead_letter_topic="orders.dlq") as adapter:
+        producer = adapter.producer = FakeProducer()  # type: ignore[assignment]
+        readable = sorted(set(everything(consumer)) - {"102"})
+        await assert_eventually(lambda: sorted(offsets_held(sink)) == readable, timeout=5, interval=0.005)
+        await assert_eventually(lambda: committed(consumer) == {TP0: 5, TP1: 5}, timeout=5, interval=0.005)
+    assert consumer.polled_alone and set(consumer.polled_alone) <= {TP0, TP1}
+    [(topic, value, key, headers)] = producer.sent
+    assert (topic, value, key) == ("orders.dlq", b"", None)
+    named = dict(headers)
+    assert named["x-original-partition"] == b"1" and named["x-original-offset"] == b"2"
+    assert named["x-dead-letter-reason"] == b"malformed" and b"UnicodeDecodeError" in named["x-dead-letter-error"]
+    assert [r for r in caplog.records if "offset 2 cannot be read" in r.getMessage()]
+    text = adapter.pipeline.metrics.render().decode()
+    assert 'signal_bridge_events_rejected_total{adapter="kafka",reason="malformed"} 1.0' in text
+
+
+async def test_a_record_the_client_cannot_read_without_a_dead_letter_topic_is_counted_and_skipped():
+    sink = FakeSink()
+    consumer = LogConsumer({TP0: 3})
+    consumer.unreadable = {(TP0, 0)}
+    async with running(consumer, sink):
+        await assert_eventually(lambda: sorted(offsets_held(sink)) == ["1", "2"], timeout=5, interval=0.005)
+        await assert_eventually(lambda: committed(consumer) == {TP0: 3}, timeout=5, interval=0.005)
+
+
+async def test_a_poll_error_that_passes_costs_no_record():
+    """Read alone, TP1 fails twice more, then reads: an error that passes, not a record the client
+    cannot read. Nothing is dead-lettered or skipped."""
+    sink = FakeSink()
+    consumer = LogConsumer({TP0: 2, TP1: 3})
+    consumer.failing[TP1] = (BAD_HEADER, kafka.UNREADABLE_AFTER)  # the poll, then all but the last alone
+    async with running(consumer, sink, dead_letter_topic="orders.dlq") as adapter:
+        producer = adapter.producer = FakeProducer()  # type: ignore[assignment]
+        await assert_eventually(lambda: sorted(offsets_held(sink)) == everything(consumer), timeout=5, interval=0.005)
+        await assert_eventually(lambda: committed(consumer) == {TP0: 2, TP1: 3}, timeout=5, interval=0.005)
+    assert consumer.failed == kafka.UNREADABLE_AFTER and producer.sent == []
