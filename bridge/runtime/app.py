@@ -64,6 +64,7 @@ class _Uvicorn(uvicorn.Server):
 
 
 WATCH_INTERVAL = 2.0
+READY_PING_EVERY = 1.0  # seconds a /readyz ping of Temporal stands for
 STATS_INTERVAL = 15.0  # seconds between reads of the dispatchers' stats query, for the metrics
 
 
@@ -121,6 +122,8 @@ class Bridge:
         self._http_task: asyncio.Task[None] | None = None
         self._stats_task: asyncio.Task[None] | None = None
         self.http_port: int | None = None
+        self._ping: asyncio.Task[bool] | None = None  # /readyz's ping of Temporal in flight
+        self._pinged = (-READY_PING_EVERY, False)  # (when, whether it answered)
 
     @property
     def takes_events(self) -> bool:
@@ -362,12 +365,25 @@ class Bridge:
     async def ready(self) -> dict[str, bool]:
         checks: dict[str, bool] = {}
         if self.dispatcher is not None:
-            checks["temporal"] = await self.dispatcher.ping()
+            checks["temporal"] = await self._temporal_answers(self.dispatcher)
         if self.role in ("all", "worker"):
             checks["worker"] = self._worker_task is not None and not self._worker_task.done()
         for adapter in self.adapters:
             checks[adapter.name] = adapter.healthy()
         return checks
+
+    async def _temporal_answers(self, dispatcher: DispatcherClient) -> bool:
+        """Whether Temporal answered a ping, at most READY_PING_EVERY seconds ago. ``/readyz`` needs
+        no token: without this, each request would make a call to Temporal (and many at once as
+        many), out of the budget the submissions need. Concurrent requests share one ping."""
+        at, answered = self._pinged
+        if time.monotonic() - at < READY_PING_EVERY:
+            return answered
+        if self._ping is None or self._ping.done():
+            self._ping = asyncio.create_task(dispatcher.ping(), name="readyz-ping")
+        answered = await asyncio.shield(self._ping)
+        self._pinged = (time.monotonic(), answered)
+        return answered
 
     async def stop(self) -> None:
         for task in (self._watcher, self._stats_task):

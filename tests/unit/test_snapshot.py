@@ -227,3 +227,31 @@ def test_named_tokens_keep_their_name_whatever_their_position() -> None:
                 "http": {"auth": {"tokens": [{"name": "x", "token": TOKEN_A}, {"name": "x", "token": TOKEN_B}]}},
             }
         )
+
+
+async def test_readyz_requests_at_once_share_one_ping_of_temporal_and_a_second_reuses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``/readyz`` needs no token: each request pinged Temporal, so a flood of them became as many
+    calls to Temporal, out of the budget the submissions need."""
+    path = tmp_path / "bridge.yaml"
+    write(path, data("a"))
+    bridge = Bridge(load(path), config_path=path, watch=False, role="ingress")
+    answer = asyncio.Event()
+
+    class Dispatcher:
+        pings = 0
+
+        async def ping(self) -> bool:
+            self.pings += 1
+            await answer.wait()
+            return True
+
+    dispatcher = bridge.dispatcher = Dispatcher()  # type: ignore[assignment]
+    waiting = [asyncio.create_task(bridge.ready()) for _ in range(50)]
+    await asyncio.sleep(0.01)
+    answer.set()
+    assert all(c["temporal"] for c in await asyncio.gather(*waiting))
+    assert (await bridge.ready())["temporal"] and dispatcher.pings == 1
+    monkeypatch.setattr(app, "READY_PING_EVERY", 0.0)  # past it: asked again
+    assert (await bridge.ready())["temporal"] and dispatcher.pings == 2
