@@ -658,7 +658,7 @@ class KafkaAdapter(Transport[Record]):
         producer, topic = self.producer, self.entry.dead_letter_topic
         assert producer is not None and topic is not None and item.error is not None
         letter = dead_letter(item.message, item.error, item.event, budget)
-        if letter.trimmed:
+        if letter.trimmed and not isinstance(item.message, Unreadable):
             log.warning(
                 "kafka adapter %s: the dead letter of %s is trimmed to fit %d bytes (%s cut)",
                 self.name,

@@ -173,6 +173,9 @@ def dead_letter(
     what was cut (``headers``, ``key``, ``value``). A tombstone without a key gets an empty value
     (a record needs one or the other)."""
     headers, cut = _fitted_headers(record, exc, event, min(MAX_HEADERS, budget // 4))
+    if isinstance(record, Unreadable):  # nothing of the record is in it: a replay keeps it as it is
+        whole: tuple[str, ...] = ("headers", "key", "value")
+        return Letter(None, b"", [*headers, (H_TRIMMED, ",".join(whole).encode())], whole)
     trimmed = ["headers"] if cut else []
     key, value = record.key, record.value
     if key is None and value is None:

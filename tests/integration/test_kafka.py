@@ -476,7 +476,7 @@ async def test_a_record_the_client_cannot_read_is_dead_lettered_by_its_offset_an
     headers = {k: v.decode() for k, v in letter.headers}
     assert (headers["x-original-partition"], headers["x-original-offset"]) == ("0", str(bad))
     assert headers["x-dead-letter-reason"] == "malformed" and "UnicodeDecodeError" in headers["x-dead-letter-error"]
-    assert letter.value == b""
+    assert letter.value == b"" and headers["x-dead-letter-trimmed"] == "headers,key,value"
     await assert_all_committed(kafka_bootstrap, f"{project}-g", topic)
 
 

@@ -16,7 +16,7 @@ from aiokafka.errors import UnsupportedCodecError
 from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 
-from adapters import kafka
+from adapters import kafka, kafka_replay, replay_common
 from tests.fakes import FakeSink
 from tests.helpers import assert_eventually
 from tests.unit.test_kafka_parse import (
@@ -366,6 +366,9 @@ async def test_a_record_the_client_cannot_read_is_dead_lettered_by_its_offset_an
     named = dict(headers)
     assert named["x-original-partition"] == b"1" and named["x-original-offset"] == b"2"
     assert named["x-dead-letter-reason"] == b"malformed" and b"UnicodeDecodeError" in named["x-dead-letter-error"]
+    assert named["x-dead-letter-trimmed"] == b"headers,key,value", "none of it is there: a replay keeps it as it is"
+    letter = record(value, partition=0, offset=0, headers=headers)
+    assert kafka_replay.original(letter) == replay_common.TRIMMED
     assert [r for r in caplog.records if "offset 2 cannot be read" in r.getMessage()]
     text = adapter.pipeline.metrics.render().decode()
     assert 'signal_bridge_events_rejected_total{adapter="kafka",reason="malformed"} 1.0' in text
