@@ -281,6 +281,9 @@ class HttpConfig(Model):
     body_timeout_seconds: float = Field(default=30.0, gt=0)
     # Requests handled at once; past it uvicorn answers 503 at once (limit_concurrency).
     max_concurrent_requests: int = Field(default=1000, ge=1)
+    # Of them, requests of one source at once (a bearer token; a webhook's slug): past it 429 with
+    # Retry-After 1, before the body is read, so one sender cannot take every request the process has.
+    max_requests_per_source: int = Field(default=250, ge=1)
     retry_after_seconds: int = Field(default=5, ge=1)
     auth: HttpAuth = Field(default_factory=HttpAuth)
     rate_limit: HttpRateLimit = Field(default_factory=HttpRateLimit)

@@ -92,18 +92,19 @@ class EventsController(Controller):
         received = headers(request)
         idempotency_key = received.get("idempotency-key")  # documented by EventsOperation
         token = authorize(http, snapshot, received)
-        try:
-            body = await read_body(request, http, snapshot, HTTP_ADAPTER, received)
-            parsed = _parse(http, snapshot, received, body, idempotency_key, token)
-        except EventRejected:
-            if (limiter := http.limits().tokens) is not None:
-                limiter.take(token)  # a refused body still costs its request
-            raise
-        if isinstance(parsed, list):
-            http.charge(token, max(1, len(parsed)))
-            return await _submit_batch(http, snapshot, token, parsed)
-        http.charge(token, 1)
-        return await _submit_one(http, snapshot, token, parsed)
+        with http.held(HTTP_ADAPTER, f"{HTTP_ADAPTER}:{token}"):
+            try:
+                body = await read_body(request, http, snapshot, HTTP_ADAPTER, received)
+                parsed = _parse(http, snapshot, received, body, idempotency_key, token)
+            except EventRejected:
+                if (limiter := http.limits().tokens) is not None:
+                    limiter.take(token)  # a refused body still costs its request
+                raise
+            if isinstance(parsed, list):
+                http.charge(token, max(1, len(parsed)))
+                return await _submit_batch(http, snapshot, token, parsed)
+            http.charge(token, 1)
+            return await _submit_one(http, snapshot, token, parsed)
 
 
 def _parse(

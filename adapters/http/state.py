@@ -8,7 +8,9 @@ not change. Rate limits, tokens and reloads: docs/http-api.md and docs/webhooks.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, cast
 
 from litestar.connection import ASGIConnection
@@ -105,6 +107,7 @@ class HttpState:
         self.ready = ready
         self._limits = Limits()
         self.lookups = 0  # look-ups in flight (adapters.http.lookup.IN_FLIGHT)
+        self._open: Counter[str] = Counter()  # requests in flight per source (http.max_requests_per_source)
 
     def limits(self) -> Limits:
         """The buckets of the current snapshot. A request that began before a reload is charged
@@ -163,6 +166,24 @@ class HttpState:
         """Count a request refused before its body was looked at; returned, to be raised."""
         self.metrics.child(self.metrics.rejected, adapter, reason).inc()
         return Problem(reason, message, retry_after=retry_after)
+
+    @contextlib.contextmanager
+    def held(self, adapter: str, source: str) -> Iterator[None]:
+        """One request of ``source`` in flight for the block; 429 (``Retry-After: 1``) when the
+        source already has ``http.max_requests_per_source``: a token holder, or anyone on a webhook's
+        path, that opens requests and trickles their bodies holds at most that many of the process's
+        ``max_concurrent_requests``, never all."""
+        if self._open[source] >= self.current().config.http.max_requests_per_source:
+            raise self.deny(
+                adapter, "rate_limited", "too many requests of this sender at once; retry shortly", retry_after=1
+            )
+        self._open[source] += 1
+        try:
+            yield
+        finally:
+            self._open[source] -= 1
+            if not self._open[source]:
+                del self._open[source]
 
     def charge(self, token: str, cost: int, *, take: bool = True) -> None:
         """Take ``cost`` events from the token's rate limit, or raise 429 and take nothing (with

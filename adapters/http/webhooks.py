@@ -87,6 +87,17 @@ class WebhooksController(Controller):
         if route is None:
             log.info("webhook refused slug=%s: no webhook is configured at this path", safe(slug))
             raise http.deny(WEBHOOK_ADAPTER, "not_found", "no webhook is configured at this path")
+        with http.held(WEBHOOK_ADAPTER, f"{WEBHOOK_ADAPTER}:{slug}"):
+            return await self._receive(slug, route, request, http, snapshot)
+
+    async def _receive(
+        self,
+        slug: str,
+        route: WebhookRoute,
+        request: Request[Any, Any, Any],
+        http: HttpState,
+        snapshot: Snapshot,
+    ) -> Response[DeliveryAnswer]:
         body = await read_body(request, http, snapshot, WEBHOOK_ADAPTER)
         received = headers(request)
         _verify(http, route, received, body)

@@ -224,3 +224,42 @@ async def test_a_body_that_trickles_in_is_408_too_slow_and_frees_its_request(pat
 def test_the_body_timeout_and_the_request_limit_have_defaults() -> None:
     http = make_config().http
     assert (http.body_timeout_seconds, http.max_concurrent_requests) == (30.0, 1000)
+
+
+# --- http.max_requests_per_source ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [URL, "/api/v1/hooks/open"], ids=["events", "webhook"])
+async def test_one_sender_holds_at_most_its_share_of_the_requests_and_the_others_go_on(path: str) -> None:
+    """A token holder (or anyone, on a webhook's path) that opened requests and trickled their
+    bodies could hold every request the process takes (http.max_concurrent_requests): everyone
+    else got 503s for as long as the bodies took."""
+    body = json.dumps(order()).encode()
+    release = asyncio.Event()
+
+    async def stalls() -> Any:
+        yield body[:10]
+        await release.wait()
+        yield body[10:]
+
+    sink = FakeSink()
+    hooks = [{"slug": s, "verify": {"kind": "none"}, "events": [{"name": "open.event"}]} for s in ("open", "other")]
+    cfg = hook_config(hooks, max_requests_per_source=2)
+    other = ("/api/v1/hooks/other", {}) if "hooks" in path else (URL, {"Authorization": "Bearer other-token"})
+    headers = {**AUTH, "Content-Type": "application/json"}
+    async with in_loop_client(make_app(sink, cfg)) as c:
+        held = [asyncio.create_task(c.post(path, content=stalls(), headers=headers)) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        third = await c.post(path, content=body, headers=headers)
+        elsewhere = await c.post(other[0], content=body, headers={**other[1], "Content-Type": "application/json"})
+        release.set()
+        answers = await asyncio.gather(*held)
+        after = await c.post(path, content=body, headers=headers)
+    assert third.status_code == 429 and third.json()["error"] == "rate_limited", third.text
+    assert third.headers["retry-after"] == "1"
+    assert elsewhere.status_code == 202, elsewhere.text
+    assert [a.status_code for a in answers] == [202, 202] and after.status_code == 202
+
+
+def test_a_source_may_hold_a_quarter_of_the_requests_by_default() -> None:
+    assert make_config().http.max_requests_per_source == 250
