@@ -80,6 +80,8 @@ UNREADABLE_AFTER = 3
 """Polls of one partition alone that fail in a row at one position before the record there is
 taken to be one the client cannot read, dead-lettered and skipped: a record that cannot be read
 fails every time, and an error that passes must not cost a good record."""
+UNREADABLE_PAUSE = 0.2  # seconds between those polls
+AROUND_MS = 200  # how long a lone poll waits for a partition's records: a quiet one holds up the others
 REVOKE_WAIT = 15.0
 STOP_GRACE = 30.0
 POLL_FAILURES_UNHEALTHY = 3  # failed polls in a row that make the consumer unhealthy
@@ -244,6 +246,7 @@ class KafkaAdapter(Transport[Record]):
         self._missing: set[str] = set()  # subscribed topics the cluster lacks, as last logged
         self._registered = False
         self._polls: list[_Poll] = []
+        self._rewinds = 0  # times _rewind moved the positions back
         self._poll_failures = 0  # failed polls in a row (each within POLL_RECOVERY of the one before)
         self._failed_at = -POLL_RECOVERY
         self._failure_logged: tuple[str, float] = ("", -FAILURE_LOG_EVERY)  # (the error, when) last logged
@@ -445,46 +448,88 @@ class KafkaAdapter(Transport[Record]):
         """After a poll failed on a record the client cannot read (aiokafka refuses a header name
         that is not UTF-8; a record whose checksum fails): every poll would fail on it again, and
         nothing of it reaches the bridge to dead-letter. So each partition is read alone, a record
-        at a time, from where the failed poll began. Where one fails alone, an :class:`Unreadable`
-        takes the record's place and the partition is sought past it: the settle path dead-letters
-        it, naming the offset, and commits past it. What was read around it is the batch."""
+        at a time, from where the failed poll began, a share of ``max_batch`` each so that every
+        partition has its turn. Where one fails alone UNREADABLE_AFTER times in a row, an
+        :class:`Unreadable` takes the record's place and the partition is sought past it: the
+        settle path dead-letters it, naming the offset, and commits past it. aiokafka reads a
+        producer's batch from its first record, so the records after it in that batch fail too:
+        each is stubbed at its first failure. What was read around them is the batch.
+
+        A rebalance or a rewind meanwhile (:meth:`_rewind`) moves the positions under it: what it
+        read is then put back (each partition sought to its first record read, unless already
+        before it) and it returns nothing; the next poll reads on from there."""
         assert self.consumer is not None
-        gen, batch, total = self._generation, {}, 0
-        for tp in sorted(self.consumer.assignment() - self.consumer.paused()):
-            records: list[Record] = []
-            failed = 0  # in a row, at this partition's position
-            while total < self.entry.max_batch and gen == self._generation and not self._stopping.is_set():
+        gen, rewinds = self._generation, self._rewinds
+        parts = sorted(self.consumer.assignment() - self.consumer.paused())
+        share = max(1, self.entry.max_batch // max(1, len(parts)))
+        batch: Batch = {}
+
+        def moved() -> bool:
+            return gen != self._generation or rewinds != self._rewinds or self._stopping.is_set()
+
+        for tp in parts:
+            records = batch.setdefault(tp, [])
+            failed, found = 0, False  # failed: in a row at this position; found: a record that cannot be read
+            while len(records) < share and not self._held:
                 try:
-                    got = await self._getmany(POLL_MS, 1, tp)
+                    got = await self._getmany(AROUND_MS, 1, tp)
                 except Exception as exc:
+                    if moved():
+                        return await self._put_back(batch)
                     if not _unreadable(exc):
                         break  # a broker error: the next poll waits it out
                     failed += 1
-                    if failed < UNREADABLE_AFTER:  # not yet known to fail there whatever happens
-                        await self._sleep(0.05)
+                    if not found and failed < UNREADABLE_AFTER:  # not yet known to fail there whatever happens
+                        await self._sleep(UNREADABLE_PAUSE)
                         continue
-                    with contextlib.suppress(IllegalStateError, TimeoutError):  # revoked, or reset, meanwhile
-                        async with asyncio.timeout(1.0):
-                            offset = await self.consumer.position(tp)  # the failed poll went back to it
-                        records.append(Unreadable.at(tp.topic, tp.partition, offset, f"{type(exc).__name__}: {exc}"))
-                        self._seek(tp, offset + 1)
-                        log.error(
-                            "kafka adapter %s: the record at %s offset %d cannot be read; it is dead-lettered by "
-                            "its offset and skipped: %r",
-                            self.name,
-                            tp,
-                            offset,
-                            exc,
-                        )
-                    break
+                    stub = await self._stub(tp, exc)
+                    if stub is None:
+                        break
+                    records.append(stub)
+                    failed, found = 0, True
+                    continue
+                if moved():
+                    for part, recs in got.items():
+                        batch.setdefault(part, []).extend(recs)
+                    return await self._put_back(batch)
                 failed = 0
                 if not got.get(tp):
                     break  # read to its end, for now
                 records.extend(got[tp])
-                total += len(got[tp])
-            if records:
-                batch[tp] = records
-        return batch if gen == self._generation else {}
+        return {tp: recs for tp, recs in batch.items() if recs}
+
+    async def _stub(self, tp: TopicPartition, exc: Exception) -> Unreadable | None:
+        """The stand-in for the record at ``tp``'s position, which the client cannot read; the
+        partition is sought past it. None when the position is not known (revoked, or reset)."""
+        assert self.consumer is not None
+        try:
+            async with asyncio.timeout(1.0):
+                offset = await self.consumer.position(tp)  # the failed poll went back to it
+        except (IllegalStateError, TimeoutError):
+            return None
+        self._seek(tp, offset + 1)
+        log.error(
+            "kafka adapter %s: the record at %s offset %d cannot be read; it is dead-lettered by its offset and "
+            "skipped: %r",
+            self.name,
+            tp,
+            offset,
+            exc,
+        )
+        return Unreadable.at(tp.topic, tp.partition, offset, f"{type(exc).__name__}: {exc}")
+
+    async def _put_back(self, batch: Batch) -> Batch:
+        """Seek each partition that is still assigned back to the lowest offset ``batch`` read of
+        it (records read before and after a rewind are both in it), unless its position is already
+        before it (a rebalance or a rewind set it there); the records are read again. Returns
+        nothing, the batch it was not to deliver."""
+        assert self.consumer is not None
+        positions = await self._positions()
+        for tp, recs in batch.items():
+            if recs and tp in positions:
+                with contextlib.suppress(IllegalStateError):
+                    self._seek(tp, min(min(r.offset for r in recs), positions[tp]))
+        return {}
 
     async def _getmany(self, timeout_ms: int, max_records: int | None = None, *partitions: TopicPartition) -> Batch:
         """``getmany`` (of ``partitions`` only, when named), undone when it raises (:meth:`_undo`)."""
@@ -615,6 +660,7 @@ class KafkaAdapter(Transport[Record]):
     def _rewind(self, batch: Batch) -> None:
         """Read the batch again from its first record, and drop what was read after it."""
         assert self.consumer is not None
+        self._rewinds += 1  # a read-around in flight puts back what it read (_put_back)
         first = {tp: recs[0].offset for tp, recs in batch.items() if recs}
         for gen, _, ahead in self._ahead:
             for tp, recs in ahead.items():

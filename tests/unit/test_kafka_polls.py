@@ -394,3 +394,113 @@ async def test_a_poll_error_that_passes_costs_no_record():
         await assert_eventually(lambda: sorted(offsets_held(sink)) == everything(consumer), timeout=5, interval=0.005)
         await assert_eventually(lambda: committed(consumer) == {TP0: 2, TP1: 3}, timeout=5, interval=0.005)
     assert consumer.failed == kafka.UNREADABLE_AFTER and producer.sent == []
+
+
+class ProducerBatches(LogConsumer):
+    """As a broker and aiokafka do: a fetch from an offset returns the whole producer batch that
+    holds it, and aiokafka parses its records one by one from the batch's first, as they are
+    taken, so a record it cannot read fails the records after it in its batch too."""
+
+    def __init__(self, lengths: dict[TopicPartition, int], batches: list[range]) -> None:
+        super().__init__(lengths)
+        self.batches_of = batches
+
+    async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+        await asyncio.sleep(0.001)
+        [tp] = self._assigned
+        if tp in self._paused or (tps and tp not in tps) or self.positions[tp] >= len(self.logs[tp]):
+            return {}
+        start = self.positions[tp]
+        taken = []
+        for offset in next(b for b in self.batches_of if start in b):
+            if (tp, offset) in self.unreadable:
+                self.failed += 1
+                raise BAD_HEADER
+            if offset >= start:
+                taken.append(self.logs[tp][offset])
+                if len(taken) == (max_records or 500):
+                    break
+        self.positions[tp] = taken[-1].offset + 1
+        return {tp: taken}
+
+
+async def test_the_records_after_an_unreadable_one_in_its_producer_batch_are_lettered_too_and_the_rest_run():
+    """aiokafka cannot read the records after the bad one in its batch either: each is lettered by
+    its offset, and the next batch runs."""
+    sink = FakeSink()
+    consumer = ProducerBatches({TP0: 6}, [range(0, 3), range(3, 6)])
+    consumer.unreadable = {(TP0, 1)}
+    async with running(consumer, sink, dead_letter_topic="orders.dlq") as adapter:
+        producer = adapter.producer = FakeProducer()  # type: ignore[assignment]
+        await assert_eventually(lambda: committed(consumer) == {TP0: 6}, timeout=10, interval=0.01)
+    assert sorted(offsets_held(sink)) == ["0", "3", "4", "5"]
+    assert [dict(headers)["x-original-offset"] for _, _, _, headers in producer.sent] == [b"1", b"2"]
+
+
+class Rebalancing(LogConsumer):
+    """The group rebalances (the same partitions come back, from their commits) while the
+    ``at``-th poll of ``tp`` alone waits."""
+
+    def __init__(self, lengths: dict[TopicPartition, int], tp: TopicPartition, at: int) -> None:
+        super().__init__(lengths)
+        self.adapter: kafka.KafkaAdapter | None = None
+        self.tp, self.at, self.alone = tp, at, 0
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {tp.partition for tp in self.logs}
+
+    async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+        if tps == (self.tp,):
+            self.alone += 1
+            if self.alone == self.at and self.adapter is not None:
+                await self.adapter._on_revoked(set(self._assigned))
+                self.positions = {tp: self.committed_offsets.get(tp, 0) for tp in self._assigned}
+                self.adapter._on_assigned(set(self._assigned))
+        return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
+
+
+@pytest.mark.parametrize(
+    ("bad", "tp", "at"), [((TP0, 2), TP1, 1), ((TP0, 0), TP0, 3)], ids=["reading-another", "confirming"]
+)
+async def test_a_rebalance_while_reading_around_loses_no_record(
+    bad: tuple[TopicPartition, int], tp: TopicPartition, at: int
+):
+    """The read-around threw away what it read when the group rebalanced under it, though the lone
+    poll had already read a record of the new generation: the next commit passed it. And one that
+    came during the polls confirming a bad record sought past it and dropped its stub."""
+    sink = FakeSink()
+    consumer = Rebalancing({TP0: 4, TP1: 3}, tp, at)
+    consumer.unreadable = {bad}
+    async with running(consumer, sink, dead_letter_topic="orders.dlq") as adapter:
+        consumer.adapter = adapter
+        producer = adapter.producer = FakeProducer()  # type: ignore[assignment]
+        await assert_eventually(lambda: committed(consumer) == {TP0: 4, TP1: 3}, timeout=10, interval=0.01)
+    assert sorted(offsets_held(sink)) == sorted(set(everything(consumer)) - {str(bad[1])})
+    assert [dict(headers)["x-original-offset"] for _, _, _, headers in producer.sent] == [str(bad[1]).encode()]
+
+
+async def test_a_batch_read_again_while_reading_around_keeps_its_order_and_runs_once():
+    """The batch in hand failed (a bug) while the read-around was reading ahead of it: the rewind
+    sought back, but the read-around kept what it had read and went on from the rewound position,
+    so record 3 started before 0 and 1, and twice."""
+
+    class FailsTheBatch(LogConsumer):
+        sink: FakeSink
+
+        async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+            try:
+                return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
+            except UnicodeDecodeError:
+                if tps == (TP0,) and self.sink.release is not None and not self.sink.release.is_set():
+                    self.sink.release.set()  # the batch in hand fails now: the adapter rewinds it
+                raise
+
+    sink = FakeSink(bugs=1)
+    sink.release = asyncio.Event()
+    consumer = FailsTheBatch({TP0: 8})
+    consumer.sink = sink
+    consumer.unreadable = {(TP0, 4)}
+    async with running(consumer, sink, max_batch=3):
+        await assert_eventually(lambda: committed(consumer) == {TP0: 8}, timeout=10, interval=0.01)
+    started = [e.id.rsplit(":", 1)[1] for e in sink.held]
+    assert started == ["0", "1", "2", "3", "5", "6", "7"], started
