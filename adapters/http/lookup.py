@@ -25,10 +25,11 @@ REASONS: tuple[Reason, ...] = ("unauthorized", "rate_limited", "not_found", "una
 """Every reason this endpoint answers with."""
 
 MAX_ID = 1000  # an event id longer than any adapter accepts names nothing
-IN_FLIGHT = 8
-"""Look-ups one process makes at once. Each asks Temporal's visibility, then describes a run per
-workflow entry: unbounded, a token holder could spend the namespace's request budget that the
-submissions need. Past it a look-up is answered 429 with ``Retry-After: 1``."""
+IN_FLIGHT = 4
+"""Look-ups one process makes at once for one token. Each asks Temporal's visibility, then
+describes a run per workflow entry: unbounded, a token holder could spend the namespace's request
+budget that the submissions need. Past it a look-up is answered 429 with ``Retry-After: 1``, and
+costs nothing; other tokens' look-ups go on."""
 
 
 class LookupController(Controller):
@@ -61,16 +62,18 @@ class LookupController(Controller):
             raise Problem("unavailable", "this process cannot look events up (no Temporal client)", retry_after=wait)
         if not event_id or len(event_id) > MAX_ID:
             raise Problem("not_found", "no run is known for this event", event_id=event_id[:200])
+        if http.lookups[token] >= IN_FLIGHT:
+            raise http.deny(
+                HTTP_ADAPTER, "rate_limited", "too many look-ups of this token in flight; retry shortly", retry_after=1
+            )
         http.charge(token, 1)  # a look-up costs the token's rate limit as an event does
-        if http.lookups >= IN_FLIGHT:
-            raise http.deny(HTTP_ADAPTER, "rate_limited", "too many look-ups in flight; retry shortly", retry_after=1)
-        http.lookups += 1
+        http.lookups[token] += 1
         try:
             runs = await http.lookup(event_id, source)
         except Unavailable as exc:
             raise Problem("unavailable", str(exc), retry_after=wait) from None
         finally:
-            http.lookups -= 1
+            http.lookups[token] -= 1
         if not runs:
             raise Problem("not_found", "no run is known for this event", event_id=event_id)
         return {"event_id": event_id, "source": source, "runs": runs}

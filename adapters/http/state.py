@@ -106,7 +106,7 @@ class HttpState:
         self.insecure = insecure
         self.ready = ready
         self._limits = Limits()
-        self.lookups = 0  # look-ups in flight (adapters.http.lookup.IN_FLIGHT)
+        self.lookups: Counter[str] = Counter()  # look-ups in flight per token (adapters.http.lookup.IN_FLIGHT)
         self._open: Counter[str] = Counter()  # requests in flight per source (http.max_requests_per_source)
 
     def limits(self) -> Limits:

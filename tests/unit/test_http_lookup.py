@@ -14,7 +14,7 @@ from bridge.pipeline import Pipeline
 from bridge.snapshot import Snapshot
 from tests.fakes import FakeSink
 from tests.helpers import assert_eventually
-from tests.unit.http_support import AUTH, in_loop_client, make_config
+from tests.unit.http_support import AUTH, TOKEN, in_loop_client, make_config
 
 URL = "/api/v1/events/e-1"
 
@@ -60,15 +60,19 @@ async def test_look_ups_past_the_ones_in_flight_are_refused_and_the_others_answe
         await gate.wait()
         return [run(event_id, source)]
 
-    snap = Snapshot.compile(make_config())
+    snap = Snapshot.compile(make_config(tokens=[TOKEN, "other-token"]))
     app = create_app(Pipeline(snap.routes, FakeSink()), lambda: snap, lookup=look_up)
     async with in_loop_client(app) as c:
         held = [asyncio.create_task(c.get(f"{URL}{i}", headers=AUTH)) for i in range(lookup.IN_FLIGHT)]
         await assert_eventually(lambda: waiting == lookup.IN_FLIGHT, timeout=5, interval=0.01)
         extra = await c.get(URL, headers=AUTH)
+        other = asyncio.create_task(c.get(URL, headers={"Authorization": "Bearer other-token"}))
+        await assert_eventually(lambda: waiting == lookup.IN_FLIGHT + 1, timeout=5, interval=0.01)
         gate.set()
         answers = await asyncio.gather(*held)
         after = await c.get(URL, headers=AUTH)
+        elsewhere = await other
     assert extra.status_code == 429 and extra.json()["error"] == "rate_limited"
     assert extra.headers["retry-after"] == "1"
     assert [a.status_code for a in answers] == [200] * lookup.IN_FLIGHT and after.status_code == 200
+    assert elsewhere.status_code == 200, "another token's look-ups go on"
