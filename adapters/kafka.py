@@ -492,10 +492,12 @@ class KafkaAdapter(Transport[Record]):
                     for part, recs in got.items():
                         batch.setdefault(part, []).extend(recs)
                     return await self._put_back(batch)
-                failed = 0
+                failed, found = 0, False  # past the producer batch that could not be read
                 if not got.get(tp):
                     break  # read to its end, for now
                 records.extend(got[tp])
+            if moved():  # while it slept, or held: what it read may be of another generation
+                return await self._put_back(batch)
         return {tp: recs for tp, recs in batch.items() if recs}
 
     async def _stub(self, tp: TopicPartition, exc: Exception) -> Unreadable | None:

@@ -17,6 +17,8 @@ from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBat
 from aiokafka.record.memory_records import MemoryRecords
 
 from adapters import kafka, kafka_replay, replay_common
+from bridge.errors import Unavailable
+from bridge.settle import Backoff
 from tests.fakes import FakeSink
 from tests.helpers import assert_eventually
 from tests.unit.test_kafka_parse import (
@@ -504,3 +506,77 @@ async def test_a_batch_read_again_while_reading_around_keeps_its_order_and_runs_
         await assert_eventually(lambda: committed(consumer) == {TP0: 8}, timeout=10, interval=0.01)
     started = [e.id.rsplit(":", 1)[1] for e in sink.held]
     assert started == ["0", "1", "2", "3", "5", "6", "7"], started
+
+
+async def test_a_passing_error_after_a_stub_in_a_later_producer_batch_costs_no_record():
+    """After a first stub, every later failure of the partition in that read-around was stubbed at
+    once, though a record read since had left the batch that could not be read: a passing error
+    at offset 3 cost that readable record."""
+
+    class OnceAtThree(LogConsumer):
+        hiccup = True
+
+        async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+            if tps == (TP0,) and self.positions[TP0] == 3 and self.hiccup:
+                self.hiccup = False
+                self.failed += 1
+                raise BAD_HEADER
+            return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
+
+    sink = FakeSink()
+    consumer = OnceAtThree({TP0: 6})
+    consumer.unreadable = {(TP0, 1)}
+    async with running(consumer, sink, dead_letter_topic="orders.dlq") as adapter:
+        producer = adapter.producer = FakeProducer()  # type: ignore[assignment]
+        await assert_eventually(lambda: committed(consumer) == {TP0: 6}, timeout=10, interval=0.01)
+    assert sorted(offsets_held(sink)) == ["0", "2", "3", "4", "5"]
+    assert [dict(headers)["x-original-offset"] for _, _, _, headers in producer.sent] == [b"1"]
+
+
+async def test_a_rebalance_in_an_outage_while_reading_around_loses_no_record_read_ahead():
+    """Temporal refused the batch in hand and the group rebalanced while the read-around slept
+    between lone polls: it returned what it read in the old generation, which was taken as the
+    new one's, and the abandoned batch's rewind sought past records read ahead (TP1 0-1)."""
+
+    class Scripted(LogConsumer):
+        adapter: kafka.KafkaAdapter
+        sink: FakeSink
+        fired = False
+
+        def partitions_for_topic(self, topic: str) -> set[int]:
+            return {tp.partition for tp in self.logs}
+
+        async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+            try:
+                return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
+            except UnicodeDecodeError:
+                if tps == (TP1,) and not self.fired:  # the first lone poll of TP1 fails at offset 4
+                    self.fired = True
+                    self.outage = asyncio.get_running_loop().create_task(self.outage_then_rebalance())
+                raise
+
+        async def outage_then_rebalance(self) -> None:
+            assert self.sink.release is not None
+            self.sink.unavailable = Unavailable("Temporal is down", 0.01)
+            self.sink.release.set()  # the batch in hand (TP0 0-1) fails now: paused, wait() polls
+            await asyncio.sleep(0.05)  # the read-around sleeps between its lone polls
+            await self.adapter._on_revoked(set(self._assigned))  # the same partitions come back
+            self.positions = {tp: self.committed_offsets.get(tp, 0) for tp in self._assigned}
+            self.adapter._on_assigned(set(self._assigned))
+            self.sink.unavailable = None
+
+    sink = FakeSink()
+    sink.release = asyncio.Event()
+    consumer = Scripted({TP0: 2, TP1: 0})
+    consumer.sink = sink
+    async with running(consumer, sink, max_batch=6, dead_letter_topic="orders.dlq") as adapter:
+        consumer.adapter = adapter
+        adapter.producer = FakeProducer()  # type: ignore[assignment]
+        adapter.settler.backoff = Backoff(initial=0.5, cap=0.5)  # about production's first delay
+        await asyncio.wait_for(sink.entered.wait(), 5)  # TP0 0-1 in flight
+        consumer.logs[TP1] += [record(good(100 + i), partition=1, offset=i) for i in (0, 1)]
+        await assert_eventually(lambda: adapter._ahead_records == 2, timeout=5, interval=0.002)  # read ahead
+        consumer.logs[TP1] += [record(good(100 + i), partition=1, offset=i) for i in (2, 3, 4, 5)]
+        consumer.unreadable = {(TP1, 4)}
+        await assert_eventually(lambda: committed(consumer) == {TP0: 2, TP1: 6}, timeout=10, interval=0.01)
+    assert sorted(set(offsets_held(sink))) == ["0", "1", "100", "101", "102", "103", "105"]
