@@ -384,19 +384,28 @@ class Settler(Generic[M]):
             except self.retry_on as exc:
                 await self._wait_out(exc, what)
                 continue
-            if self.failures:
-                log.warning(
-                    "%s adapter %s: %s answers again after %.1fs and %d failed attempt(s); resuming",
-                    self.adapter,
-                    self.name,
-                    what,
-                    time.monotonic() - self._outage_since,
-                    self.failures,
-                    extra={"adapter": self.adapter},
-                )
-                self.failures = 0
-                self.transport.resume()
+            except EventRejected:  # an answer all the same (too_large): the outage is over
+                self._answered(what)
+                raise
+            self._answered(what)
             return result
+
+    def _answered(self, what: str) -> None:
+        """After an outage, ``what`` answered: resume the transport. An answer that is a refusal
+        counts: nothing else would resume it, and the partitions or queue would stay paused."""
+        if not self.failures:
+            return
+        log.warning(
+            "%s adapter %s: %s answers again after %.1fs and %d failed attempt(s); resuming",
+            self.adapter,
+            self.name,
+            what,
+            time.monotonic() - self._outage_since,
+            self.failures,
+            extra={"adapter": self.adapter},
+        )
+        self.failures = 0
+        self.transport.resume()
 
     async def _wait_out(self, exc: Exception, what: str) -> None:
         """Pause the transport and wait before the next attempt. :class:`Overloaded` (this process
