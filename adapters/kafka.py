@@ -82,6 +82,7 @@ taken to be one the client cannot read, dead-lettered and skipped: a record that
 fails every time, and an error that passes must not cost a good record."""
 UNREADABLE_PAUSE = 0.2  # seconds between those polls
 AROUND_MS = 200  # how long a lone poll waits for a partition's records: a quiet one holds up the others
+AROUND_EMPTY = 10  # lone polls in a row that may come back empty while the broker holds more: 2 s
 REVOKE_WAIT = 15.0
 STOP_GRACE = 30.0
 POLL_FAILURES_UNHEALTHY = 3  # failed polls in a row that make the consumer unhealthy
@@ -452,8 +453,8 @@ class KafkaAdapter(Transport[Record]):
         partition has its turn. Where one fails alone UNREADABLE_AFTER times in a row, an
         :class:`Unreadable` takes the record's place and the partition is sought past it: the
         settle path dead-letters it, naming the offset, and commits past it. aiokafka reads a
-        producer's batch from its first record, so the records after it in that batch fail too:
-        each is stubbed at its first failure. What was read around them is the batch.
+        producer's batch from its first record, so the records after it in that batch fail too,
+        and are stubbed in turn. What was read around them is the batch.
 
         A rebalance or a rewind meanwhile (:meth:`_rewind`) moves the positions under it: what it
         read is then put back (each partition sought to its first record read, unless already
@@ -469,7 +470,7 @@ class KafkaAdapter(Transport[Record]):
 
         for tp in parts:
             records = batch.setdefault(tp, [])
-            failed, found = 0, False  # failed: in a row at this position; found: a record that cannot be read
+            failed = empty = 0  # in a row: polls that failed at this position; that came back empty
             while len(records) < share and not self._held:
                 try:
                     got = await self._getmany(AROUND_MS, 1, tp)
@@ -479,26 +480,46 @@ class KafkaAdapter(Transport[Record]):
                     if not _unreadable(exc):
                         break  # a broker error: the next poll waits it out
                     failed += 1
-                    if not found and failed < UNREADABLE_AFTER:  # not yet known to fail there whatever happens
+                    if failed < UNREADABLE_AFTER:  # not yet known to fail there whatever happens
                         await self._sleep(UNREADABLE_PAUSE)
                         continue
                     stub = await self._stub(tp, exc)
                     if stub is None:
                         break
                     records.append(stub)
-                    failed, found = 0, True
+                    failed = 0
                     continue
                 if moved():
                     for part, recs in got.items():
                         batch.setdefault(part, []).extend(recs)
                     return await self._put_back(batch)
-                failed, found = 0, False  # past the producer batch that could not be read
                 if not got.get(tp):
+                    # A seek drops what was fetched of the partition, and the fetch again may wait for
+                    # one in flight to its broker (up to fetch_max_wait_ms): empty is not the end
+                    # while the broker said it holds more. The failures in a row still count.
+                    empty += 1
+                    if empty < AROUND_EMPTY and await self._behind(tp):
+                        continue
                     break  # read to its end, for now
+                failed = empty = 0
                 records.extend(got[tp])
             if moved():  # while it slept, or held: what it read may be of another generation
                 return await self._put_back(batch)
         return {tp: recs for tp, recs in batch.items() if recs}
+
+    async def _behind(self, tp: TopicPartition) -> bool:
+        """Whether the last fetch said the broker holds records of ``tp`` past its position (up to
+        the last stable offset, as this consumer reads committed records only)."""
+        assert self.consumer is not None
+        try:
+            end = self.consumer.last_stable_offset(tp)
+            if end is None or end < 0:
+                end = self.consumer.highwater(tp)
+            async with asyncio.timeout(0):  # a position that is set is returned without waiting
+                position = await self.consumer.position(tp)
+        except (IllegalStateError, AssertionError, TimeoutError):  # revoked, or reset, meanwhile
+            return False
+        return end is not None and position < end
 
     async def _stub(self, tp: TopicPartition, exc: Exception) -> Unreadable | None:
         """The stand-in for the record at ``tp``'s position, which the client cannot read; the
@@ -536,9 +557,11 @@ class KafkaAdapter(Transport[Record]):
     async def _getmany(self, timeout_ms: int, max_records: int | None = None, *partitions: TopicPartition) -> Batch:
         """``getmany`` (of ``partitions`` only, when named), undone when it raises (:meth:`_undo`)."""
         assert self.consumer is not None
-        poll = _Poll(self._generation, await self._positions())
-        self._polls.append(poll)
+        poll = _Poll(self._generation, {})
+        self._polls.append(poll)  # first: a seek while the positions are read is noted in it (_seek)
         try:
+            for tp, offset in (await self._positions()).items():
+                poll.before.setdefault(tp, offset)
             batch: Batch = await self.consumer.getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
         except Exception:
             await self._undo(poll)

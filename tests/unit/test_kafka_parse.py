@@ -354,6 +354,13 @@ class FakeConsumer:
     def end_offset(self, tp: TopicPartition) -> int:
         return 0
 
+    def last_stable_offset(self, tp: TopicPartition) -> int:
+        """As aiokafka's: what the last fetch said (here: the end of the log)."""
+        return self.end_offset(tp)
+
+    def highwater(self, tp: TopicPartition) -> int:
+        return self.end_offset(tp)
+
     def paused(self) -> set[TopicPartition]:
         return set(self._paused)
 

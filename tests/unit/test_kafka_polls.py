@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -580,3 +581,90 @@ async def test_a_rebalance_in_an_outage_while_reading_around_loses_no_record_rea
         consumer.unreadable = {(TP1, 4)}
         await assert_eventually(lambda: committed(consumer) == {TP0: 2, TP1: 6}, timeout=10, interval=0.01)
     assert sorted(set(offsets_held(sink))) == ["0", "1", "100", "101", "102", "103", "105"]
+
+
+async def test_an_outage_that_ends_in_a_refusal_resumes_the_partitions():
+    """Temporal was down once, then refused the lone event as too large: the refusal came back as an
+    exception, which skipped the resume. With no dead-letter topic nothing else resumed: the
+    partition stayed paused and no later record was read."""
+
+    class CommitsWhilePaused(LogConsumer):
+        async def commit(self, offsets: dict[TopicPartition, int]) -> None:  # as aiokafka allows
+            self.commits.append(dict(offsets))
+            self.committed_offsets.update(offsets)
+
+    sink = FakeSink(outages=1, max_events=0)  # down once, then every event is too large
+    consumer = CommitsWhilePaused({TP0: 1})
+    async with running(consumer, sink) as adapter:
+        await assert_eventually(lambda: committed(consumer) == {TP0: 1}, timeout=5, interval=0.01)
+        sink.max_events = None
+        consumer.logs[TP0] += [record(good(i), partition=0, offset=i) for i in (1, 2)]
+        await assert_eventually(lambda: committed(consumer) == {TP0: 3}, timeout=5, interval=0.01)
+        assert not adapter._held and consumer.paused() == set()
+    assert offsets_held(sink) == ["1", "2"]
+
+
+async def test_a_passing_error_at_the_start_of_the_next_producer_batch_costs_no_record():
+    """The stub was the last record of its producer batch: a failure at the next position (a new
+    batch) used to be stubbed at once, though it passed."""
+
+    class OnceAtTwo(ProducerBatches):
+        hiccup = True
+
+        async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+            if tps == (TP0,) and self.positions[TP0] == 2 and self.hiccup:
+                self.hiccup = False
+                self.failed += 1
+                raise BAD_HEADER
+            return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
+
+    sink = FakeSink()
+    consumer = OnceAtTwo({TP0: 6}, [range(0, 2), range(2, 6)])
+    consumer.unreadable = {(TP0, 1)}
+    async with running(consumer, sink, dead_letter_topic="orders.dlq") as adapter:
+        producer = adapter.producer = FakeProducer()  # type: ignore[assignment]
+        await assert_eventually(lambda: committed(consumer) == {TP0: 6}, timeout=10, interval=0.01)
+    assert sorted(offsets_held(sink)) == ["0", "2", "3", "4", "5"]
+    assert [dict(headers)["x-original-offset"] for _, _, _, headers in producer.sent] == [b"1"]
+
+
+async def test_a_partition_slow_to_be_fetched_again_after_a_seek_is_read_around_not_stalled():
+    """aiokafka drops what it fetched of a partition when it is sought, and the fetch again may wait
+    for one in flight to its broker (up to fetch_max_wait_ms, 500 ms). Each lone poll came back
+    empty within 200 ms, was taken for the partition's end, and the failures were never counted
+    three in a row: every poll failed again, for ever."""
+
+    class SlowAfterSeek(LogConsumer):
+        refetch = 0.5
+
+        def __init__(self, lengths: dict[TopicPartition, int]) -> None:
+            super().__init__(lengths)
+            self.ready_at: dict[TopicPartition, float] = {}
+
+        def seek(self, tp: TopicPartition, offset: int) -> None:
+            super().seek(tp, offset)
+            self.ready_at[tp] = time.monotonic() + self.refetch
+
+        async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+            want = [tp for tp in sorted(self._assigned - self._paused) if not tps or tp in tps]
+            deadline = time.monotonic() + timeout_ms / 1000
+            while True:
+                now = time.monotonic()
+                ready = [
+                    tp for tp in want if self.ready_at.get(tp, 0) <= now and self.positions[tp] < len(self.logs[tp])
+                ]
+                if ready or now >= deadline:
+                    break
+                await asyncio.sleep(0.01)
+            if not ready:
+                return {}
+            return await super().getmany(*ready, timeout_ms=timeout_ms, max_records=max_records)
+
+    sink = FakeSink()
+    consumer = SlowAfterSeek({TP0: 3, TP1: 5})
+    consumer.unreadable = {(TP1, 2)}
+    async with running(consumer, sink, dead_letter_topic="orders.dlq") as adapter:
+        producer = adapter.producer = FakeProducer()  # type: ignore[assignment]
+        await assert_eventually(lambda: committed(consumer) == {TP0: 3, TP1: 5}, timeout=20, interval=0.05)
+    assert sorted(offsets_held(sink)) == sorted(set(everything(consumer)) - {"102"})
+    assert [dict(headers)["x-original-offset"] for _, _, _, headers in producer.sent] == [b"2"]
