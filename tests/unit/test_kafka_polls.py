@@ -509,31 +509,6 @@ async def test_a_batch_read_again_while_reading_around_keeps_its_order_and_runs_
     assert started == ["0", "1", "2", "3", "5", "6", "7"], started
 
 
-async def test_a_passing_error_after_a_stub_in_a_later_producer_batch_costs_no_record():
-    """After a first stub, every later failure of the partition in that read-around was stubbed at
-    once, though a record read since had left the batch that could not be read: a passing error
-    at offset 3 cost that readable record."""
-
-    class OnceAtThree(LogConsumer):
-        hiccup = True
-
-        async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
-            if tps == (TP0,) and self.positions[TP0] == 3 and self.hiccup:
-                self.hiccup = False
-                self.failed += 1
-                raise BAD_HEADER
-            return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
-
-    sink = FakeSink()
-    consumer = OnceAtThree({TP0: 6})
-    consumer.unreadable = {(TP0, 1)}
-    async with running(consumer, sink, dead_letter_topic="orders.dlq") as adapter:
-        producer = adapter.producer = FakeProducer()  # type: ignore[assignment]
-        await assert_eventually(lambda: committed(consumer) == {TP0: 6}, timeout=10, interval=0.01)
-    assert sorted(offsets_held(sink)) == ["0", "2", "3", "4", "5"]
-    assert [dict(headers)["x-original-offset"] for _, _, _, headers in producer.sent] == [b"1"]
-
-
 async def test_a_rebalance_in_an_outage_while_reading_around_loses_no_record_read_ahead():
     """Temporal refused the batch in hand and the group rebalanced while the read-around slept
     between lone polls: it returned what it read in the old generation, which was taken as the
@@ -604,22 +579,27 @@ async def test_an_outage_that_ends_in_a_refusal_resumes_the_partitions():
     assert offsets_held(sink) == ["1", "2"]
 
 
-async def test_a_passing_error_at_the_start_of_the_next_producer_batch_costs_no_record():
-    """The stub was the last record of its producer batch: a failure at the next position (a new
-    batch) used to be stubbed at once, though it passed."""
+@pytest.mark.parametrize(
+    ("batches", "at"), [(None, 3), ([range(0, 2), range(2, 6)], 2)], ids=["a-later-record", "the-next-producer-batch"]
+)
+async def test_a_passing_error_after_a_stub_costs_no_record(batches: list[range] | None, at: int):
+    """After a first stub, the next failures of the partition were stubbed at once (records after
+    a bad one in its producer batch cannot be read either), though the one at ``at``, a record
+    read since or the first of the next producer batch, was readable and its error passed."""
+    base = LogConsumer if batches is None else ProducerBatches
 
-    class OnceAtTwo(ProducerBatches):
+    class OnceThere(base):  # type: ignore[valid-type,misc]
         hiccup = True
 
         async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
-            if tps == (TP0,) and self.positions[TP0] == 2 and self.hiccup:
+            if tps == (TP0,) and self.positions[TP0] == at and self.hiccup:
                 self.hiccup = False
                 self.failed += 1
                 raise BAD_HEADER
             return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
 
     sink = FakeSink()
-    consumer = OnceAtTwo({TP0: 6}, [range(0, 2), range(2, 6)])
+    consumer = OnceThere({TP0: 6}) if batches is None else OnceThere({TP0: 6}, batches)
     consumer.unreadable = {(TP0, 1)}
     async with running(consumer, sink, dead_letter_topic="orders.dlq") as adapter:
         producer = adapter.producer = FakeProducer()  # type: ignore[assignment]
