@@ -479,7 +479,7 @@ class KafkaAdapter(Transport[Record]):
                         return await self._put_back(batch)
                     if not _unreadable(exc):
                         break  # a broker error: the next poll waits it out
-                    failed += 1
+                    failed, empty = failed + 1, 0  # it was fetched: the empty ones in a row are over
                     if failed < UNREADABLE_AFTER:  # not yet known to fail there whatever happens
                         await self._sleep(UNREADABLE_PAUSE)
                         continue
@@ -562,6 +562,10 @@ class KafkaAdapter(Transport[Record]):
         try:
             for tp, offset in (await self._positions()).items():
                 poll.before.setdefault(tp, offset)
+        except BaseException:  # nothing was polled: nothing to undo (a group error position() raised)
+            self._polls.remove(poll)
+            raise
+        try:
             batch: Batch = await self.consumer.getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
         except Exception:
             await self._undo(poll)

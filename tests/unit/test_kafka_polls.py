@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition, codec
-from aiokafka.errors import UnsupportedCodecError
+from aiokafka.errors import GroupAuthorizationFailedError, UnsupportedCodecError
 from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 
@@ -608,15 +608,22 @@ async def test_a_passing_error_after_a_stub_costs_no_record(batches: list[range]
     assert [dict(headers)["x-original-offset"] for _, _, _, headers in producer.sent] == [b"1"]
 
 
-async def test_a_partition_slow_to_be_fetched_again_after_a_seek_is_read_around_not_stalled():
+@pytest.mark.parametrize(
+    ("lengths", "bad", "refetch"),
+    [({TP0: 3, TP1: 5}, (TP1, 2), 0.5), ({TP0: 6}, (TP0, 0), 1.0)],
+    ids=["half-a-second", "a-second-at-the-start"],
+)
+async def test_a_partition_slow_to_be_fetched_again_after_a_seek_is_read_around_not_stalled(
+    lengths: dict[TopicPartition, int], bad: tuple[TopicPartition, int], refetch: float
+):
     """aiokafka drops what it fetched of a partition when it is sought, and the fetch again may wait
     for one in flight to its broker (up to fetch_max_wait_ms, 500 ms). Each lone poll came back
     empty within 200 ms, was taken for the partition's end, and the failures were never counted
-    three in a row: every poll failed again, for ever."""
+    three in a row: every poll failed again, for ever. Then the empty polls allowed were counted
+    over the partition's whole read-around, not in a row: a refetch of a second at the bad record
+    used them up before its third failure, each time."""
 
     class SlowAfterSeek(LogConsumer):
-        refetch = 0.5
-
         def __init__(self, lengths: dict[TopicPartition, int]) -> None:
             super().__init__(lengths)
             self.ready_at: dict[TopicPartition, float] = {}
@@ -641,10 +648,44 @@ async def test_a_partition_slow_to_be_fetched_again_after_a_seek_is_read_around_
             return await super().getmany(*ready, timeout_ms=timeout_ms, max_records=max_records)
 
     sink = FakeSink()
-    consumer = SlowAfterSeek({TP0: 3, TP1: 5})
-    consumer.unreadable = {(TP1, 2)}
+    consumer = SlowAfterSeek(lengths)
+    consumer.refetch = refetch
+    consumer.unreadable = {bad}
     async with running(consumer, sink, dead_letter_topic="orders.dlq") as adapter:
         producer = adapter.producer = FakeProducer()  # type: ignore[assignment]
-        await assert_eventually(lambda: committed(consumer) == {TP0: 3, TP1: 5}, timeout=20, interval=0.05)
-    assert sorted(offsets_held(sink)) == sorted(set(everything(consumer)) - {"102"})
-    assert [dict(headers)["x-original-offset"] for _, _, _, headers in producer.sent] == [b"2"]
+        await assert_eventually(lambda: committed(consumer) == lengths, timeout=30, interval=0.05)
+    assert sorted(offsets_held(sink)) == sorted(set(everything(consumer)) - {str(bad[0].partition * 100 + bad[1])})
+    assert [dict(headers)["x-original-offset"] for _, _, _, headers in producer.sent] == [str(bad[1]).encode()]
+
+
+async def test_a_group_error_while_a_poll_reads_the_positions_undoes_nothing():
+    """aiokafka's position() raises a pending group error for a partition whose position is not set.
+    Read inside the poll's undo, the error sent every partition back to its commit or reset: with
+    ``latest`` and no commit yet, TP0 jumped to its end past records not yet read."""
+
+    class PendingGroupError(LogConsumer):
+        armed = False
+
+        async def position(self, tp: TopicPartition) -> int:
+            if self.armed and tp == TP1:  # no position yet, and the coordinator holds an error
+                self.armed = False
+                raise GroupAuthorizationFailedError("pending coordinator error")
+            return await super().position(tp)
+
+        async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+            got = await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
+            if any(r.offset == 3 for r in got.get(TP0, [])):  # 2-3 read ahead; 4-9 arrive, not read yet
+                self.logs[TP0] += [record(good(i), partition=0, offset=i) for i in range(4, 10)]
+                self.armed = True
+            return got
+
+    sink = FakeSink()
+    sink.release = asyncio.Event()
+    consumer = PendingGroupError({TP0: 2, TP1: 0})  # a new group: nothing committed, auto_offset_reset latest
+    async with running(consumer, sink, max_batch=8, auto_offset_reset="latest") as adapter:
+        await asyncio.wait_for(sink.entered.wait(), 5)  # TP0 0-1 in flight
+        consumer.logs[TP0] += [record(good(i), partition=0, offset=i) for i in (2, 3)]
+        await assert_eventually(lambda: not consumer.armed and adapter._ahead_records == 2, timeout=5, interval=0.005)
+        sink.release.set()
+        await assert_eventually(lambda: committed(consumer).get(TP0) == 10, timeout=5, interval=0.01)
+    assert consumer.resets == [] and offsets_held(sink) == [str(i) for i in range(10)]
