@@ -457,8 +457,9 @@ class KafkaAdapter(Transport[Record]):
         and are stubbed in turn. What was read around them is the batch.
 
         A rebalance or a rewind meanwhile (:meth:`_rewind`) moves the positions under it: what it
-        read is then put back (each partition sought to its first record read, unless already
-        before it) and it returns nothing; the next poll reads on from there."""
+        read is then put back (each partition sought to the lowest offset it read, unless already
+        before it) and it returns nothing; the next poll reads on from there. A pause (the settle
+        path waits out an outage) ends it with what it read, unless the positions moved too."""
         assert self.consumer is not None
         gen, rewinds = self._generation, self._rewinds
         parts = sorted(self.consumer.assignment() - self.consumer.paused())
