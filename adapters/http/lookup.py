@@ -62,18 +62,12 @@ class LookupController(Controller):
             raise Problem("unavailable", "this process cannot look events up (no Temporal client)", retry_after=wait)
         if not event_id or len(event_id) > MAX_ID:
             raise Problem("not_found", "no run is known for this event", event_id=event_id[:200])
-        if http.lookups[token] >= IN_FLIGHT:
-            raise http.deny(
-                HTTP_ADAPTER, "rate_limited", "too many look-ups of this token in flight; retry shortly", retry_after=1
-            )
-        http.charge(token, 1)  # a look-up costs the token's rate limit as an event does
-        http.lookups[token] += 1
-        try:
-            runs = await http.lookup(event_id, source)
-        except Unavailable as exc:
-            raise Problem("unavailable", str(exc), retry_after=wait) from None
-        finally:
-            http.lookups[token] -= 1
+        with http.held(HTTP_ADAPTER, f"lookup:{source}", IN_FLIGHT, "look-ups of this token"):
+            http.charge(token, 1)  # a look-up costs the token's rate limit as an event does
+            try:
+                runs = await http.lookup(event_id, source)
+            except Unavailable as exc:
+                raise Problem("unavailable", str(exc), retry_after=wait) from None
         if not runs:
             raise Problem("not_found", "no run is known for this event", event_id=event_id)
         return {"event_id": event_id, "source": source, "runs": runs}

@@ -106,8 +106,7 @@ class HttpState:
         self.insecure = insecure
         self.ready = ready
         self._limits = Limits()
-        self.lookups: Counter[str] = Counter()  # look-ups in flight per token (adapters.http.lookup.IN_FLIGHT)
-        self._open: Counter[str] = Counter()  # requests in flight per source (http.max_requests_per_source)
+        self._open: Counter[str] = Counter()  # requests in flight per key (held)
 
     def limits(self) -> Limits:
         """The buckets of the current snapshot. A request that began before a reload is charged
@@ -168,22 +167,24 @@ class HttpState:
         return Problem(reason, message, retry_after=retry_after)
 
     @contextlib.contextmanager
-    def held(self, adapter: str, source: str) -> Iterator[None]:
-        """One request of ``source`` in flight for the block; 429 (``Retry-After: 1``) when the
-        source already has ``http.max_requests_per_source``: a token holder, or anyone on a webhook's
-        path, that opens requests and trickles their bodies holds at most that many of the process's
-        ``max_concurrent_requests``, never all."""
-        if self._open[source] >= self.current().config.http.max_requests_per_source:
-            raise self.deny(
-                adapter, "rate_limited", "too many requests of this sender at once; retry shortly", retry_after=1
-            )
-        self._open[source] += 1
+    def held(
+        self, adapter: str, key: str, most: int | None = None, what: str = "requests of this sender"
+    ) -> Iterator[None]:
+        """One request under ``key`` in flight for the block; 429 (``Retry-After: 1``) when ``key``
+        already has ``most`` (by default ``http.max_requests_per_source``): a token holder, or
+        anyone on a webhook's path, that opens requests and trickles their bodies holds at most that
+        many of the process's ``max_concurrent_requests``, never all."""
+        if most is None:
+            most = self.current().config.http.max_requests_per_source
+        if self._open[key] >= most:
+            raise self.deny(adapter, "rate_limited", f"too many {what} at once; retry shortly", retry_after=1)
+        self._open[key] += 1
         try:
             yield
         finally:
-            self._open[source] -= 1
-            if not self._open[source]:
-                del self._open[source]
+            self._open[key] -= 1
+            if not self._open[key]:
+                del self._open[key]
 
     def charge(self, token: str, cost: int, *, take: bool = True) -> None:
         """Take ``cost`` events from the token's rate limit, or raise 429 and take nothing (with
