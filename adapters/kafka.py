@@ -516,20 +516,16 @@ class KafkaAdapter(Transport[Record]):
             end = self.consumer.last_stable_offset(tp)
             if end is None or end < 0:
                 end = self.consumer.highwater(tp)
-            async with asyncio.timeout(0):  # a position that is set is returned without waiting
-                position = await self.consumer.position(tp)
-        except (IllegalStateError, AssertionError, TimeoutError):  # revoked, or reset, meanwhile
+        except (IllegalStateError, AssertionError):  # revoked meanwhile
             return False
-        return end is not None and position < end
+        position = await self._position(tp)
+        return end is not None and position is not None and position < end
 
     async def _stub(self, tp: TopicPartition, exc: Exception) -> Unreadable | None:
         """The stand-in for the record at ``tp``'s position, which the client cannot read; the
         partition is sought past it. None when the position is not known (revoked, or reset)."""
-        assert self.consumer is not None
-        try:
-            async with asyncio.timeout(1.0):
-                offset = await self.consumer.position(tp)  # the failed poll went back to it
-        except (IllegalStateError, TimeoutError):
+        offset = await self._position(tp, wait=1.0)  # the failed poll went back to it
+        if offset is None:
             return None
         self._seek(tp, offset + 1)
         log.error(
@@ -581,10 +577,19 @@ class KafkaAdapter(Transport[Record]):
         assert self.consumer is not None
         found = {}
         for tp in self.consumer.assignment():
-            with contextlib.suppress(TimeoutError, IllegalStateError):
-                async with asyncio.timeout(0):  # a position that is set is returned without waiting
-                    found[tp] = await self.consumer.position(tp)
+            if (offset := await self._position(tp)) is not None:
+                found[tp] = offset
         return found
+
+    async def _position(self, tp: TopicPartition, wait: float = 0.0) -> int | None:
+        """Where the next fetch of ``tp`` starts; None when it is revoked, or its position is not
+        set within ``wait`` seconds (just assigned or reset). A position that is set is returned
+        without waiting."""
+        assert self.consumer is not None
+        with contextlib.suppress(TimeoutError, IllegalStateError):
+            async with asyncio.timeout(wait):
+                return int(await self.consumer.position(tp))
+        return None
 
     async def _undo(self, poll: _Poll) -> None:
         """Seek every assigned partition back to where the failed poll began. aiokafka advances the
