@@ -84,6 +84,7 @@ UNREADABLE_PAUSE = 0.2  # seconds between those polls
 AROUND_MS = 200  # how long a lone poll waits for a partition's records: a quiet one holds up the others
 AROUND_EMPTY = 10  # lone polls in a row that may come back empty while the broker holds more: 2 s
 REVOKE_WAIT = 15.0
+ORIGIN_WAIT = 10.0  # how long the rebalance waits for where the group starts the partitions assigned
 STOP_GRACE = 30.0
 POLL_FAILURES_UNHEALTHY = 3  # failed polls in a row that make the consumer unhealthy
 POLL_RECOVERY = 30.0  # seconds without a failed poll that end a run of them
@@ -163,6 +164,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.adapter._on_assigned(assigned)
+        await self.adapter._note_origins(assigned)
 
 
 def _unreadable(exc: Exception) -> bool:
@@ -247,6 +249,7 @@ class KafkaAdapter(Transport[Record]):
         self._missing: set[str] = set()  # subscribed topics the cluster lacks, as last logged
         self._registered = False
         self._polls: list[_Poll] = []
+        self._origins: dict[TopicPartition, int] = {}  # where this generation began each partition
         self._rewinds = 0  # times _rewind moved the positions back
         self._poll_failures = 0  # failed polls in a row (each within POLL_RECOVERY of the one before)
         self._failed_at = -POLL_RECOVERY
@@ -629,6 +632,8 @@ class KafkaAdapter(Transport[Record]):
         committed = await self.consumer.committed(tp)
         if committed is not None:
             self._seek(tp, committed)
+        elif tp in self._origins:  # not reset again: with `latest`, that would skip what came since
+            self._seek(tp, self._origins[tp])
         elif self.entry.auto_offset_reset == "earliest":
             await self.consumer.seek_to_beginning(tp)
         else:
@@ -848,6 +853,7 @@ class KafkaAdapter(Transport[Record]):
             if not await within(REVOKE_WAIT, self._idle.wait()):
                 log.warning("kafka adapter %s: batch unfinished at rebalance; it will be re-delivered", self.name)
         self._generation += 1
+        self._origins.clear()
         self._drop_ahead()
         log.info("kafka adapter %s: partitions revoked %s", self.name, sorted(map(tuple, revoked)))
 
@@ -864,6 +870,20 @@ class KafkaAdapter(Transport[Record]):
             sorted(map(tuple, assigned)),
             " (paused: Temporal unavailable)" if held and assigned else "",
         )
+
+    async def _note_origins(self, assigned: set[TopicPartition]) -> None:
+        """Note where the group starts each partition just assigned: its committed offset, or where
+        ``auto_offset_reset`` puts it. A poll that fails in this generation before its positions
+        were noted goes back there (:meth:`_seek_to_start`), not to a second reset, which with
+        ``latest`` would pass what was written since the first. aiokafka sets the positions after
+        this listener is called and may fetch meanwhile, so each is read the moment it is set,
+        before a fetch can have taken records of it; one set later (the broker slow to answer)
+        keeps the old way, a reset."""
+        gen = self._generation
+        order = sorted(assigned)
+        found = await asyncio.gather(*(self._position(tp, ORIGIN_WAIT) for tp in order))
+        if gen == self._generation:
+            self._origins.update((tp, offset) for tp, offset in zip(order, found, strict=True) if offset is not None)
 
 
 def build(entry: KafkaConsumer, pipeline: Pipeline, config: BridgeConfig) -> KafkaAdapter:

@@ -28,6 +28,7 @@ from aiokafka.record.util import calc_crc32c
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+from adapters import kafka
 from bridge.config import project_slug
 from bridge.event import run_digest, target_workflow_id
 from bridge.runtime.embedded import free_port
@@ -477,6 +478,33 @@ async def test_a_record_the_client_cannot_read_is_dead_lettered_by_its_offset_an
     assert (headers["x-original-partition"], headers["x-original-offset"]) == ("0", str(bad))
     assert headers["x-dead-letter-reason"] == "malformed" and "UnicodeDecodeError" in headers["x-dead-letter-error"]
     assert letter.value == b"" and headers["x-dead-letter-trimmed"] == "headers,key,value"
+    await assert_all_committed(kafka_bootstrap, f"{project}-g", topic)
+
+
+async def test_a_new_group_with_latest_reads_only_what_comes_after_and_notes_where_it_began(
+    bridge_factory, temporal_client, temporal_address, kafka_bootstrap
+):
+    """``auto_offset_reset: latest``: records written before the group first joined start nothing,
+    every one after starts once, and the adapter noted where each partition began (the end of its
+    log then), which is where a poll that fails before its positions are noted goes back to."""
+    topic = await create_topic(kafka_bootstrap, partitions=2)
+    project = unique("klatest")
+    cfg = config(
+        project,
+        temporal_address,
+        [runner("orders", "order.created")],
+        kafka=[kafka_entry(kafka_bootstrap, topic, group_id=f"{project}-g", auto_offset_reset="latest")],
+    )
+    await produce(kafka_bootstrap, topic, [envelope("order.created", {"orderId": f"old-{i}"}) for i in range(4)])
+    ends = await end_offsets(kafka_bootstrap, topic)
+    bridge = await bridge_factory(cfg)
+    adapter = bridge.adapters[0]
+    assert isinstance(adapter, kafka.KafkaAdapter)
+    await assert_eventually(lambda: adapter._origins == ends, timeout=30, what="origins noted at assignment")
+    placed = await produce(
+        kafka_bootstrap, topic, [envelope("order.created", {"orderId": f"new-{i}"}) for i in range(4)]
+    )
+    await assert_runs_exactly(temporal_client, project, {kafka_child(project, "orders", topic, *w) for w in placed})
     await assert_all_committed(kafka_bootstrap, f"{project}-g", topic)
 
 

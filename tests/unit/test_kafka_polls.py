@@ -216,6 +216,53 @@ async def test_after_a_rebalance_during_a_failed_poll_partitions_go_back_to_the_
     assert consumer.resets == [(TP1, reset), (tp2, reset)]
 
 
+async def test_a_partition_without_a_commit_goes_back_to_where_the_rebalance_started_it_not_to_a_new_reset():
+    """With ``latest``, a partition assigned during a poll starts at the end of its log. If the poll
+    then fails, a second reset would put it at the end again, past what was written in between and
+    taken by the failed poll: the origin noted at assignment is where it goes back to."""
+
+    class Rebalancing(LogConsumer):
+        rebalanced = False
+
+        def partitions_for_topic(self, topic: str) -> set[int]:
+            return {0, 1}
+
+        async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+            if not self.rebalanced:
+                self.rebalanced = True
+                await adapter._on_revoked({TP0})
+                self._assigned = {TP0, TP1}
+                self.positions = {TP0: self.committed_offsets[TP0], TP1: self.end_offset(TP1)}  # TP1: latest
+                adapter._on_assigned({TP0, TP1})
+                await adapter._note_origins({TP0, TP1})
+                self.logs[TP1] += [record(good(100 + i), partition=1, offset=i) for i in range(4, 7)]  # written since
+            return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
+
+    consumer = Rebalancing({TP0: 3, TP1: 4}, committed={TP0: 3})
+    consumer._assigned = {TP0}
+    del consumer.positions[TP1]
+    sink = FakeSink()
+    adapter, _ = adapter_with(sink, auto_offset_reset="latest")
+    adapter.consumer = consumer  # type: ignore[assignment]
+
+    class FailsAfterTaking(Exception):
+        pass
+
+    taken = consumer.getmany
+
+    async def getmany(*tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+        got = await taken(*tps, timeout_ms=timeout_ms, max_records=max_records)
+        if got.get(TP1):
+            raise FailsAfterTaking  # as a third partition's batch in a codec the client lacks would
+        return got
+
+    consumer.getmany = getmany  # type: ignore[method-assign]
+    with pytest.raises(FailsAfterTaking):
+        await adapter._getmany(500)
+    assert consumer.positions == {TP0: 3, TP1: 4} and consumer.resets == []
+    assert adapter._origins == {TP0: 3, TP1: 4}
+
+
 async def test_a_partition_whose_position_was_not_set_before_the_failed_poll_goes_back_to_its_commit():
     class Late(LogConsumer):
         async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
