@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition, codec
-from aiokafka.errors import GroupAuthorizationFailedError, UnsupportedCodecError
+from aiokafka.errors import CorruptRecordException, GroupAuthorizationFailedError, UnsupportedCodecError
 from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 
@@ -485,6 +485,35 @@ async def test_the_records_after_an_unreadable_one_in_its_producer_batch_are_let
         await assert_eventually(lambda: committed(consumer) == {TP0: 6}, timeout=10, interval=0.01)
     assert sorted(offsets_held(sink)) == ["0", "3", "4", "5"]
     assert [dict(headers)["x-original-offset"] for _, _, _, headers in producer.sent] == [b"1", b"2"]
+
+
+async def test_the_rest_of_a_bad_producer_batch_is_confirmed_in_fewer_polls_than_a_first_bad_record():
+    """Each record after the bad one in its batch fails with the very same complaint: it is stubbed
+    after UNREADABLE_FOLLOWING failed polls, not UNREADABLE_AFTER with their pauses, so a batch of
+    hundreds passes in seconds. A record that fails otherwise (here: the next producer batch's
+    first, with another complaint) is still confirmed as a first one is."""
+    other = CorruptRecordException("Record is corrupt (stored crc = 1, computed crc = 2)")
+
+    class TwoComplaints(ProducerBatches):
+        async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:
+            if tps == (TP0,) and self.positions[TP0] == 40:
+                self.failed += 1
+                raise other
+            return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
+
+    sink = FakeSink()
+    consumer = TwoComplaints({TP0: 42}, [range(0, 40), range(40, 42)])
+    consumer.unreadable = {(TP0, 0)}
+    async with running(consumer, sink, dead_letter_topic="orders.dlq") as adapter:
+        producer = adapter.producer = FakeProducer()  # type: ignore[assignment]
+        await assert_eventually(lambda: committed(consumer) == {TP0: 42}, timeout=20, interval=0.01)
+    first_poll = 1  # the poll of every partition that failed and began the read-around
+    assert (
+        consumer.failed
+        == first_poll + kafka.UNREADABLE_AFTER + 39 * kafka.UNREADABLE_FOLLOWING + kafka.UNREADABLE_AFTER
+    )
+    assert [int(dict(h)["x-original-offset"]) for _, _, _, h in producer.sent] == list(range(41))
+    assert offsets_held(sink) == ["41"]
 
 
 class Rebalancing(LogConsumer):
