@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from pamqp import decode as pamqp_decode
 
 from bridge.config import AmqpConsumer
-from bridge.deadletter import H_TRIMMED, MAX_HEADER_VALUE, cut_text, fit_headers, stale
+from bridge.deadletter import H_ORIGINAL, H_TRIMMED, MAX_HEADER_VALUE, cut_text, fit_headers, stale
 from bridge.deadletter import dead_letter_headers as letter_headers
 from bridge.decode import Message, decode, header_metadata
 from bridge.errors import EventRejected
@@ -257,6 +257,17 @@ def short(value: Any) -> Any:
     return cut_text(value, SHORT_STR) if isinstance(value, str) else value
 
 
+DEATH_HEADERS = frozenset(
+    f"x-{when}-death-{what}" for when in ("first", "last") for what in ("queue", "reason", "exchange")
+) | {"x-death"}
+"""Headers RabbitMQ adds to a message it dead-letters itself (from a retry or TTL queue, say)."""
+
+H_DEATH = H_ORIGINAL + "header-"
+"""A letter carries the delivery's own :data:`DEATH_HEADERS` under this prefix: with them as they
+were, the letter would look like one RabbitMQ dead-lettered, and a replay would keep it for ever
+(adapters.amqp_replay). The replay gives them back their names."""
+
+
 def dead_letter_copy(
     message: AbstractIncomingMessage,
     rej: EventRejected,
@@ -269,7 +280,9 @@ def dead_letter_copy(
     its headers capped to fit one frame; without ``keep_headers`` (a header that could not be
     written), only the dead-letter headers."""
     originals: list[tuple[str, Any]] = [
-        (str(k), _encodable(v)) for k, v in (message.headers or {}).items() if keep_headers and not stale(str(k), event)
+        (H_DEATH + str(k) if str(k).lower() in DEATH_HEADERS else str(k), _encodable(v))
+        for k, v in (message.headers or {}).items()
+        if keep_headers and not stale(str(k), event)
     ]
     origin = {
         "queue": queue,

@@ -37,7 +37,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, QueueEmpty
 
 from adapters.amqp import AMQP_ERRORS, PUBLISH_TIMEOUT, LetterNotOut
-from adapters.amqp_parse import dead_letter_copy, fallback_id, to_message
+from adapters.amqp_parse import H_DEATH, dead_letter_copy, fallback_id, to_message
 from adapters.replay_common import (
     NO_ENTRY,
     NOT_A_DEAD_LETTER,
@@ -148,10 +148,23 @@ def _without_assigned_id(delivery: Original, queue: str, fmt: EventFormat, recor
     return bare if _event_id(bare, queue, fmt) == recorded else delivery
 
 
+def _delivery_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
+    """The delivery's headers: the letter's without the dead-letter ones, and with the delivery's
+    own death headers under their names again (:data:`adapters.amqp_parse.H_DEATH`)."""
+    out: dict[str, Any] = {}
+    for key, value in (message.headers or {}).items():
+        name = str(key)
+        if name.lower().startswith(H_DEATH):
+            out[name[len(H_DEATH) :]] = value
+        elif not dropped_by_replay(name):
+            out[name] = value
+    return out
+
+
 def _rebuilt(message: AbstractIncomingMessage, headers: Mapping[str, str]) -> Original:
     return Original(
         body=bytes(message.body),
-        headers={str(k): v for k, v in (message.headers or {}).items() if not dropped_by_replay(str(k))},
+        headers=_delivery_headers(message),
         exchange=headers.get(H_ORIGINAL + "exchange", ""),
         routing_key=headers.get(H_ORIGINAL + "routing-key", ""),
         content_type=message.content_type,
@@ -299,7 +312,9 @@ class AmqpReplay:
         """Requeue what was held back: RabbitMQ puts each where it was in the queue."""
         for message in self._held_back:
             with contextlib.suppress(ChannelInvalidStateError, *AMQP_ERRORS):
-                await message.reject(requeue=True)
+                # nack, not reject: RabbitMQ 4.3 counts a rejected delivery against a quorum
+                # queue's delivery-limit (20 by default), past which it drops the message.
+                await message.nack(requeue=True)
         self._held_back.clear()
 
     async def wait(self, seconds: float) -> bool:

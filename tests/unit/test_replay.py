@@ -238,6 +238,9 @@ class FakeMessage:
     async def reject(self, requeue: bool = False) -> None:
         self.settled.append(f"reject(requeue={requeue})")
 
+    async def nack(self, requeue: bool = True) -> None:
+        self.settled.append(f"nack(requeue={requeue})")
+
 
 RAW = EventFormat(format="raw", name_from="routing_key")  # type: ignore[arg-type]
 
@@ -303,6 +306,29 @@ def test_a_message_id_the_letters_publish_assigned_is_not_taken_for_the_original
     assert not isinstance(rebuilt, str) and rebuilt[1].message_id is None
 
 
+def test_a_letter_of_a_delivery_rabbitmq_had_dead_lettered_before_is_replayed_with_its_death_headers() -> None:
+    """A source queue fed through a retry or TTL queue gets deliveries with RabbitMQ's x-death
+    headers. The letter carried them as they were, and the replay took it for a message RabbitMQ
+    had dead-lettered itself: every letter of such a queue was kept for ever."""
+    deaths = {
+        "x-death": [{"queue": "orders.retry", "reason": "expired", "count": 1}],
+        "x-first-death-queue": "orders.retry",
+        "x-first-death-reason": "expired",
+        "x-last-death-queue": "orders.retry",
+        "a": "b",
+    }
+    original = FakeMessage(b'{"n": 1}', message_id="m-1", headers=deaths)
+    event = decode(amqp_parse.to_message(original, "q"), RAW)  # type: ignore[arg-type]
+    letter = amqp_letter(original)
+    assert not amqp_parse.DEATH_HEADERS & set(letter.headers or {})
+    rebuilt = amqp_replay.original(letter, RAW)  # type: ignore[arg-type]
+    assert not isinstance(rebuilt, str)
+    queue, delivery = rebuilt
+    assert {k: v for k, v in delivery.headers.items() if k not in (H_EVENT_ID, H_EVENT_NAME)} == deaths
+    again = decode(amqp_parse.to_message(delivery, queue), RAW)
+    assert (again.id, again.source, again.metadata) == (event.id, event.source, event.metadata)
+
+
 def test_amqp_letters_that_cannot_be_replayed() -> None:
     assert amqp_replay.original(FakeMessage(b"{}")) == NOT_A_DEAD_LETTER  # type: ignore[arg-type]
     cut = amqp_letter(FakeMessage(b"{}", message_id="m"))
@@ -336,7 +362,7 @@ async def test_an_amqp_replay_acks_what_is_held_republishes_the_refused_and_requ
     await replay._settle([held, refused, foreign])  # type: ignore[list-item]
     await replay._put_back()
     assert [e.id for e in sink.held] == ["m-1"]
-    assert (held.settled, refused.settled, foreign.settled) == (["ack"], ["ack"], ["reject(requeue=True)"])
+    assert (held.settled, refused.settled, foreign.settled) == (["ack"], ["ack"], ["nack(requeue=True)"])
     [(copy, key)] = publisher.default_exchange.published
     assert key == "dead" and copy.message_id == "m-2"
     assert (
@@ -373,7 +399,7 @@ async def test_a_message_rabbitmq_dead_lettered_itself_is_no_letter_whatever_its
     )
     await replay._settle([forged])  # type: ignore[list-item]
     await replay._put_back()
-    assert sink.held == [] and forged.settled == ["reject(requeue=True)"]
+    assert sink.held == [] and forged.settled == ["nack(requeue=True)"]
     assert dict(replay.tally.kept) == {NOT_A_DEAD_LETTER: 1}
 
 
