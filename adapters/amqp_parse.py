@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
+from pamqp import base as pamqp_base
 from pamqp import decode as pamqp_decode
 
 from bridge.config import AmqpConsumer
@@ -44,8 +45,14 @@ def read_what_pamqp_refuses() -> None:
     short string that is not UTF-8 (a ``message_id``, a header's name), a timestamp no
     ``datetime`` holds, tables nested past the recursion limit. pamqp refuses the whole frame for
     any of them, aiormq closes the connection, and the delivery comes back for ever: the queue
-    stalls. They are read instead as text with U+FFFD in place of what is not UTF-8, as no
-    timestamp, and as empty past :data:`MAX_TABLE_DEPTH`. Idempotent."""
+    stalls. They are read instead as text with ``\\xNN`` in place of each byte that is not UTF-8
+    (not U+FFFD: two binary ids would then read alike, and the second event would be taken for
+    the first and start nothing), as no timestamp, and as empty past :data:`MAX_TABLE_DEPTH`.
+
+    Past pamqp, aio-pika refuses a ``delivery_mode`` other than 1 or 2 and an ``expiration`` that
+    is not a number, which RabbitMQ 4 passes on unchecked (an AMQP 1.0 publisher's annotations
+    become them): it raises before the adapter is called, the delivery stays unacked and holds a
+    prefetch slot, and enough of them stop the queue. They are read as not set. Idempotent."""
     short_str, timestamp = pamqp_decode.short_str, pamqp_decode.timestamp
     field_table, field_array = pamqp_decode.field_table, pamqp_decode.field_array
     if getattr(short_str, "tolerant", False):
@@ -56,7 +63,7 @@ def read_what_pamqp_refuses() -> None:
         try:
             return short_str(value)
         except UnicodeDecodeError:
-            return value[0] + 1, value[1 : value[0] + 1].decode("utf-8", "replace")
+            return value[0] + 1, value[1 : value[0] + 1].decode("utf-8", "backslashreplace")
 
     def tolerant_timestamp(value: bytes) -> tuple[int, Any]:
         try:
@@ -108,6 +115,23 @@ def read_what_pamqp_refuses() -> None:
     pamqp_decode.METHODS.update(
         shortstr=tolerant_short_str, timestamp=tolerant_timestamp, table=tolerant_table, array=tolerant_array
     )
+    _read_properties_aio_pika_refuses()
+
+
+def _read_properties_aio_pika_refuses() -> None:
+    unmarshal = pamqp_base.BasicProperties.unmarshal
+
+    def tolerant_unmarshal(self: pamqp_base.BasicProperties, flags: int, data: bytes) -> None:
+        unmarshal(self, flags, data)
+        if getattr(self, "delivery_mode", None) not in (None, 1, 2):
+            self.delivery_mode = None  # type: ignore[attr-defined]
+        if (expiration := getattr(self, "expiration", None)) is not None:
+            try:
+                float(expiration)
+            except ValueError:
+                self.expiration = None  # type: ignore[attr-defined]
+
+    pamqp_base.BasicProperties.unmarshal = tolerant_unmarshal  # type: ignore[method-assign]
 
 
 read_what_pamqp_refuses()
@@ -140,7 +164,7 @@ def _text(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).decode("utf-8", "replace")
+        return bytes(value).decode("utf-8", "backslashreplace")
     if isinstance(value, datetime):
         return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
     if isinstance(value, str):
@@ -250,8 +274,8 @@ SHORT_STR = 255  # bytes in an AMQP short string: most properties, and a routing
 
 
 def short(value: Any) -> Any:
-    """A property or routing key as a frame can carry it again. Read with U+FFFD (3 bytes) for each
-    byte that was not UTF-8 (:func:`read_what_pamqp_refuses`), it may be longer than it came, and
+    """A property or routing key as a frame can carry it again. Read with ``\\xNN`` (4 bytes) for
+    each byte that was not UTF-8 (:func:`read_what_pamqp_refuses`), it may be longer than it came, and
     pamqp refuses to write it: the letter would never go out and the delivery would come back for
     ever. The whole ``message_id`` stays in the ``x-original-message-id`` header."""
     return cut_text(value, SHORT_STR) if isinstance(value, str) else value

@@ -90,7 +90,7 @@ def letter_headers(message: AbstractIncomingMessage) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in (message.headers or {}).items():
         if isinstance(value, bytes | bytearray | memoryview):
-            out[str(name)] = bytes(value).decode("utf-8", "replace")
+            out[str(name)] = bytes(value).decode("utf-8", "backslashreplace")  # as amqp_parse reads it
         elif isinstance(value, str):
             out[str(name)] = value
     return out

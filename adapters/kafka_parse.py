@@ -40,9 +40,11 @@ Header: TypeAlias = tuple[str, bytes | None]
 
 
 def _text(raw: bytes | str | None) -> str:
+    """Bytes as text, with ``\\xNN`` for each byte that is not UTF-8: two binary ids (or keys) must
+    not read alike, or the second event would be taken for the first and start nothing."""
     if raw is None:
         return ""
-    return raw if isinstance(raw, str) else raw.decode("utf-8", errors="replace")
+    return raw if isinstance(raw, str) else raw.decode("utf-8", errors="backslashreplace")
 
 
 @dataclass

@@ -16,6 +16,8 @@ import aio_pika
 import pamqp.frame
 import pytest
 from aio_pika.exceptions import ChannelInvalidStateError
+from aio_pika.queue import consumer as aio_pika_consumer
+from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
@@ -658,19 +660,19 @@ async def test_a_copy_whose_headers_cannot_be_written_goes_with_the_dead_letter_
 
 
 async def test_a_poison_message_whose_properties_grew_when_read_is_dead_lettered_not_back_for_ever() -> None:
-    """90 bytes 0xFF in ``message_id`` (or any short string) are read as 90 U+FFFD: 270 bytes,
+    """90 bytes 0xFF in ``message_id`` (or any short string) are read as 90 ``\\xff``: 360 bytes,
     more than a short string holds. The letter's copy had them as they were read, pamqp refused to
     write it (with or without its headers), and the delivery went back to the queue's head again
     and again. The copy's properties and routing key are cut to fit; the whole id is a header."""
     adapter = make_adapter(FakeSink())
-    grown = "\ufffd" * 90
+    grown = "\\xff" * 90
     props = {p: grown for p in ("content_encoding", "correlation_id", "message_id", "type", "app_id")}
     d = delivery(raw=b"nope", routing_key="order." + grown, **props)
     await adapter._process([d])  # type: ignore[list-item]
     assert d.settled == ["ack"]
     [(letter, routing_key)] = adapter._dlx.published  # type: ignore[union-attr]
     assert letter.headers["x-dead-letter-reason"] == "malformed"
-    assert letter.message_id == "\ufffd" * 85 and len(routing_key.encode()) <= 255
+    assert letter.message_id == grown[:255] and len(routing_key.encode()) <= 255
     assert letter.headers["x-original-message-id"] == grown
 
 
@@ -705,14 +707,65 @@ def test_properties_and_headers_the_client_would_refuse_are_read_not_a_closed_co
     _, _, header = pamqp.frame.unmarshal(raw)
     assert isinstance(header, ContentHeader)
     read = header.properties
-    assert (read.message_id, read.timestamp) == ("\ufffd\ufffdAA", None)
-    assert read.headers["\ufffdkkk"] == "v" and read.headers["ok"] == 1
+    assert (read.message_id, read.timestamp) == ("\\xff\\xfeAA", None)
+    assert read.headers["\\xffkkk"] == "v" and read.headers["ok"] == 1
     depth, table = 0, read.headers["deep"]
     while table:
         table, depth = table["t"], depth + 1
     assert depth == amqp_parse.MAX_TABLE_DEPTH - 1  # the headers table itself is the first level
     event = amqp.parse(delivery({"name": "n"}, headers=read.headers, message_id=read.message_id), entry())  # type: ignore[arg-type]
-    assert event.name == "n" and event.id == "\ufffd\ufffdAA"
+    assert event.name == "n" and event.id == "\\xff\\xfeAA"
+
+
+def _from_the_wire(props: Basic.Properties, patch: tuple[bytes, bytes] = (b"", b"")) -> Basic.Properties:
+    raw = pamqp.frame.marshal(ContentHeader(0, 2, props), 1).replace(*patch)
+    _, _, header = pamqp.frame.unmarshal(raw)
+    assert isinstance(header, ContentHeader)
+    return header.properties
+
+
+@pytest.mark.parametrize(
+    ("props", "patch"),
+    [
+        (Basic.Properties(delivery_mode=2, message_id="m-1"), (b"\x02\x03m-1", b"\x03\x03m-1")),
+        (Basic.Properties(expiration="abc", message_id="m-1"), (b"", b"")),
+    ],
+    ids=["delivery-mode-3", "expiration-not-a-number"],
+)
+async def test_properties_aio_pika_would_refuse_reach_the_adapter(props: Basic.Properties, patch: tuple[bytes, bytes]):
+    """RabbitMQ 4 passes on a delivery_mode other than 1 or 2 and an expiration that is not a
+    number (from an AMQP 1.0 publisher's annotations). aio-pika raised on them before the adapter's
+    callback, leaving the delivery unacked for good, holding a prefetch slot: enough of them
+    stopped the queue."""
+    read = _from_the_wire(props, patch)
+    delivered = DeliveredMessage(
+        delivery=Basic.Deliver(consumer_tag="c", delivery_tag=1, exchange="events", routing_key="order.created"),
+        header=ContentHeader(0, 2, read),
+        body=b"{}",
+        channel=None,  # type: ignore[arg-type]
+    )
+    seen: list[Any] = []
+
+    async def on_message(message: Any) -> None:
+        seen.append(message)
+
+    await aio_pika_consumer(on_message, delivered, no_ack=False)
+    assert [m.message_id for m in seen] == ["m-1"]
+
+
+def test_two_message_ids_that_are_not_utf8_are_two_events() -> None:
+    """Read with U+FFFD for each bad byte, two binary ids read alike: the second event got the
+    first's id, and Temporal refused its start as a duplicate. Nothing of it ran."""
+    ids = []
+    for raw_id in (b"\xff\x01\x9c", b"\xfe\x01\x80"):
+        read = _from_the_wire(Basic.Properties(message_id="AAA"), (b"\x03AAA", b"\x03" + raw_id))
+        ids.append(amqp.parse(delivery({"name": "n"}, message_id=read.message_id), entry()).id)  # type: ignore[arg-type]
+    assert ids[0] != ids[1]
+    header_ids = [
+        amqp.parse(delivery({"name": "n"}, headers={"x-id": v}), entry(id_from="header:x-id")).id  # type: ignore[arg-type]
+        for v in (b"\xff\x01", b"\xfe\x01")
+    ]
+    assert header_ids[0] != header_ids[1]
 
 
 def test_the_ordering_key_comes_from_key_from() -> None:
