@@ -121,8 +121,13 @@ class BridgeActivities:
     async def start_targets(self, batch: StartBatch) -> list[str]:
         """Start every target; one outcome each: STARTED, DUPLICATE (its id ran already) or failed(why).
 
-        Idempotent by construction: a retry of this activity finds what the first attempt
-        started and reports it as a duplicate; nothing starts twice.
+        Idempotent: a retry of this activity finds what an earlier attempt started and reports it
+        as a duplicate; nothing starts twice. A signal-with-start is not: once the run it started
+        or signaled has closed, the same request starts another run (the server dedupes its request
+        id only for an open run), and the event runs twice. So each answer is heartbeated as it
+        comes, and a retry sends nothing an earlier attempt got an answer for (its heartbeat
+        details, which the SDK flushes when an attempt fails). A local activity has no heartbeat
+        details: the dispatcher schedules batches with such starts (starts.needs_scheduling).
         """
         client = activity.client()
         interceptor = tracing_interceptor(client) if self.tracing else None
@@ -136,50 +141,38 @@ class BridgeActivities:
                     return await deliver_signal(client, s)
                 if self.tracing:
                     with in_trace_of(s):
-                        return await start_one(s)
-                return await start_one(s)
-
-        async def start_one(s: TargetStart) -> str:
-            try:
-                await client.start_workflow(
-                    s.workflow_type,
-                    s.arg,
-                    id=s.id,
-                    task_queue=s.task_queue,
-                    memo=s.memo,
-                    search_attributes=search.typed(s.search),
-                    id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                    id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-                )
-            except WorkflowAlreadyStartedError:
-                return DUPLICATE
-            except RPCError as exc:
-                if exc.status in (RPCStatusCode.INVALID_ARGUMENT, RPCStatusCode.NOT_FOUND):
-                    return failed(exc.message)
-                raise
-            return STARTED
+                        return await start_one(client, s)
+                return await start_one(client, s)
 
         async def heartbeat() -> None:
             # A worker that dies mid-batch is noticed within the heartbeat timeout, not 60 s (a local
             # activity's, at its workflow task's timeout: it has nothing to heartbeat).
             while True:
-                activity.heartbeat()
+                activity.heartbeat(list(outcomes))
                 await asyncio.sleep(2)
 
         async def in_order(chain: list[int]) -> None:
             for i in chain:
-                outcomes[i] = await start(batch.starts[i])
+                if not outcomes[i]:
+                    outcomes[i] = await start(batch.starts[i])
+                    if not info.is_local:
+                        activity.heartbeat(list(outcomes))
 
         # Starts with the same ordering key, and signals to the same run, one after another in the
         # batch's order; the rest at once.
-        outcomes: list[str] = [""] * len(batch.starts)
+        info = activity.info()
+        outcomes = answered_before(info, len(batch.starts))
         chains: dict[object, list[int]] = {}
         for i, s in enumerate(batch.starts):
             chain = ("run", s.id) if s.signal is not None else (i if s.key is None else s.key)
             chains.setdefault(chain, []).append(i)
-        beat = None if activity.info().is_local else asyncio.create_task(heartbeat())
+        beat = None if info.is_local else asyncio.create_task(heartbeat())
         try:
-            await asyncio.gather(*(in_order(chain) for chain in chains.values()))
+            # Every chain runs to its end before an error of one fails the attempt: a start still in
+            # flight then would go on unseen, and its answer be missing from the heartbeat.
+            results = await asyncio.gather(*(in_order(chain) for chain in chains.values()), return_exceptions=True)
+            if errors := [r for r in results if isinstance(r, BaseException)]:
+                raise errors[0]
             return outcomes
         finally:
             if beat is not None:
@@ -188,6 +181,37 @@ class BridgeActivities:
     @activity.defn(name=HTTP_REQUEST)
     async def http_request(self, call: HttpCall) -> dict[str, Any]:
         return await http_task.run(self.snapshot().config, call)
+
+
+async def start_one(client: Client, s: TargetStart) -> str:
+    """Start ``s``'s run unless its id ran already: STARTED, DUPLICATE or failed(why)."""
+    try:
+        await client.start_workflow(
+            s.workflow_type,
+            s.arg,
+            id=s.id,
+            task_queue=s.task_queue,
+            memo=s.memo,
+            search_attributes=search.typed(s.search),
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+        )
+    except WorkflowAlreadyStartedError:
+        return DUPLICATE
+    except RPCError as exc:
+        if exc.status in (RPCStatusCode.INVALID_ARGUMENT, RPCStatusCode.NOT_FOUND):
+            return failed(exc.message)
+        raise
+    return STARTED
+
+
+def answered_before(info: activity.Info, size: int) -> list[str]:
+    """The outcomes an earlier attempt of this START_TARGETS heartbeated ("" where it had none)."""
+    details = info.heartbeat_details
+    earlier = details[0] if not info.is_local and details else None
+    if isinstance(earlier, list) and len(earlier) == size and all(isinstance(o, str) for o in earlier):
+        return list(earlier)
+    return [""] * size
 
 
 async def deliver_signal(client: Client, s: TargetStart, header: Header | None = None) -> str:

@@ -172,6 +172,17 @@ def is_local(chunk: list[Plan]) -> bool:
     return len(chunk) <= LOCAL_MOST and sum(p.size for p in chunk) <= LOCAL_BYTES
 
 
+SIGNAL_STARTS_SCHEDULED = "signal-starts-scheduled"
+"""The patch from which a batch with a signal-with-start is scheduled, never local: only a
+scheduled activity's retry knows what an earlier attempt sent (its heartbeat details), and a
+signal-with-start sent again after the run it reached has closed starts another run."""
+
+
+def needs_scheduling(chunk: list[Plan]) -> bool:
+    """Whether a batch holds a signal-with-start (``if_missing: start``): see SIGNAL_STARTS_SCHEDULED."""
+    return any(p.start.signal is not None and p.start.if_missing == "start" for p in chunk)
+
+
 async def by_activity(plans: list[Plan], count: Count, *, local: bool = False) -> None:
     """One START_TARGETS per chunk of arguments, a local activity when ``local`` (the dispatcher
     decided it: the batch :func:`is_local`, so it is one chunk), else a scheduled one; each retried

@@ -545,6 +545,8 @@ class DispatcherWorkflow:
         # since replay alike.
         local = not self._queue and not self._local and workflow.patched(starts.LOCAL_STARTS)
         local = local and starts.is_local(plans)
+        if local and starts.needs_scheduling(plans) and workflow.patched(starts.SIGNAL_STARTS_SCHEDULED):
+            local = False
         self._local = self._local or local
         try:
             await starts.by_activity(plans, self._count, local=local)

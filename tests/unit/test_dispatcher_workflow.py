@@ -912,12 +912,17 @@ async def test_a_scheduled_batch_leaves_the_local_way_to_a_small_one_behind_it(m
     assert _start_calls((await d.handle.fetch_history()).events) == (1, 1)
 
 
-async def test_a_run_begun_with_scheduled_start_activities_replays_on_this_code() -> None:
-    """A dispatcher run that was open when the bridge was upgraded replays its history: its starts
-    were scheduled activities, and :data:`dispatcher.starts.LOCAL_STARTS` keeps them so for it."""
-    history = WorkflowHistory.from_json(
-        "disp-upgrade", (Path(__file__).parent / "data" / "dispatcher-activity-starts.json").read_text()
-    )
+@pytest.mark.parametrize(
+    "recorded",
+    ["dispatcher-activity-starts.json", "dispatcher-local-signal-with-start.json"],
+    ids=["scheduled", "local"],
+)
+async def test_a_run_begun_before_a_patch_replays_on_this_code(recorded: str) -> None:
+    """A dispatcher run that was open when the bridge was upgraded replays its history. Its starts
+    were scheduled activities, and :data:`dispatcher.starts.LOCAL_STARTS` keeps them so for it; or
+    a small batch with a signal-with-start went local, and
+    :data:`dispatcher.starts.SIGNAL_STARTS_SCHEDULED` keeps it so."""
+    history = WorkflowHistory.from_json("disp-upgrade", (Path(__file__).parent / "data" / recorded).read_text())
     sandbox = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH))
     result = await Replayer(workflows=[DispatcherWorkflow], workflow_runner=sandbox).replay_workflow(
         history, raise_on_replay_failure=False
@@ -987,6 +992,24 @@ async def test_a_signal_entry_signals_the_rendered_run_once_per_event_in_either_
     assert signals[0].request_id == starts.signal_request_id(digest, "pay") != signals[1].request_id
     assert signals[0].arg["trigger"] == {"orderId": "o-7"} and signals[0].arg["workflow_id"] == "pay"
     assert signals[0].workflow_type == USER_TYPE and signals[0].memo["event_id"] == "p1"
+
+
+async def test_a_small_batch_with_a_signal_with_start_is_scheduled_not_local(make: Any) -> None:
+    """Only a scheduled activity's retry knows what an earlier attempt sent (its heartbeat details):
+    a signal-with-start sent again after the run it reached closed starts another run. A small
+    batch of plain signals (if_missing: skip) still goes local."""
+    d = await make("activity")
+    with_start = {"name": "payment", "workflow_id": "order-{{ .trigger.orderId }}", "if_missing": "start"}
+    plain = {**with_start, "if_missing": "skip"}
+    d.stubs.routes = [d.route("pay", "payment.completed", signal=plain)]
+    await d.send(d.event("p1", "payment.completed", orderId="o-1"))
+    await d.settled(received=1, signaled=1)
+    assert _start_calls((await d.handle.fetch_history()).events) == (1, 0)
+    d.stubs.routes = [d.route("pay", "order.shipped", signal=with_start)]
+    await d.handle.signal(RELOAD_SIGNAL)
+    await d.send(d.event("p2", "order.shipped", orderId="o-1"))
+    await d.settled(received=2, signaled=2)
+    assert _start_calls((await d.handle.fetch_history()).events) == (1, 1)
 
 
 async def test_events_for_one_signalled_run_wait_for_the_batch_in_flight(make: Any) -> None:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
 from temporalio.client import Client
+from temporalio.converter import DataConverter
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import ActivityEnvironment
 
 from bridge.metrics import Metrics
 from bridge.snapshot import Snapshot
 from dispatcher.activities import BridgeActivities
-from dispatcher.contract import DUPLICATE, STARTED, StartBatch, TargetInput, TargetStart
+from dispatcher.contract import DUPLICATE, SIGNAL_STARTED, STARTED, StartBatch, TargetInput, TargetStart
 from dispatcher.slots import INITIAL, PRESSURE, Handover
 from tests.helpers import assert_eventually, config, runner
 
@@ -118,3 +123,49 @@ async def test_the_start_window_begins_small_and_is_shown() -> None:
     assert client.in_flight == INITIAL
     client.go.set()
     assert await run == [STARTED] * (INITIAL * 3)
+
+
+class ClosingRuns:
+    """Answers a signal-with-start as a server before temporalio/temporal#11968 does once the run
+    it reached has closed: with another run, whatever the request id. The first attempt's plain
+    start meets an outage."""
+
+    namespace, identity, data_converter = "default", "test", DataConverter.default
+
+    def __init__(self) -> None:
+        self.signal_with_starts: list[tuple[str, str]] = []
+        self.starts: list[str] = []
+        self.outage = True
+        self.workflow_service = self
+
+    async def signal_with_start_workflow_execution(self, req: Any, **_: Any) -> Any:
+        await asyncio.sleep(0.05)  # still in flight when the other start fails
+        self.signal_with_starts.append((req.workflow_id, req.request_id))
+        return SimpleNamespace(started=True)
+
+    async def start_workflow(self, workflow: str, arg: Any, *, id: str, **_: Any) -> None:
+        if self.outage:
+            raise RPCError("unavailable", RPCStatusCode.UNAVAILABLE, b"")
+        self.starts.append(id)
+
+
+async def test_a_retried_batch_does_not_send_again_what_an_earlier_attempt_got_an_answer_for() -> None:
+    """A retry sent every start of the batch again. A start is refused as a duplicate then; a
+    signal-with-start (if_missing: start) whose run had closed meanwhile started another run, and
+    the event ran twice."""
+    client = ClosingRuns()
+    arg = TargetInput(workflow_id="entity", exec_id="x", input={}, trigger={}, event={"id": "E1"})
+    with_start = TargetStart("order-42", "Entity", "q", arg, {"event_id": "E1"}, None, "evt", "start", "req-E1")
+    batch = StartBatch([with_start, start("other", None)])
+    acts = BridgeActivities(snapshot())
+    env = ActivityEnvironment(client=cast(Client, client))
+    beats: list[Any] = []
+    env.on_heartbeat = lambda *details: beats.append(details)
+    with pytest.raises(RPCError):
+        await env.run(acts.start_targets, batch)
+    assert client.signal_with_starts == [("order-42", "req-E1")]
+    client.outage = False
+    env.info = dataclasses.replace(env.info, attempt=2, heartbeat_details=list(beats[-1]))
+    outcomes = await env.run(acts.start_targets, batch)
+    assert outcomes == [SIGNAL_STARTED, STARTED]
+    assert client.signal_with_starts == [("order-42", "req-E1")] and client.starts == ["other"]
