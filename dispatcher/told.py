@@ -16,6 +16,7 @@ not read it, so a header that is missing, stale or malformed changes nothing but
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -76,19 +77,24 @@ class Told:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._shares: dict[str, tuple[float, float]] = {}  # sender -> (share, when told)
+        # tell() runs in the workflow activation threads, share() on the event loop and in a
+        # metrics scrape: one changing the dict while another iterates it raised.
+        self._lock = threading.Lock()
 
     def tell(self, sender: str, share: float) -> None:
         now = self._clock()
-        self._shares.pop(sender, None)  # re-inserted last: the dict is in the order of telling
-        self._shares[sender] = (share, now)
-        while len(self._shares) > SENDERS:
-            del self._shares[next(iter(self._shares))]
+        with self._lock:
+            self._shares.pop(sender, None)  # re-inserted last: the dict is in the order of telling
+            self._shares[sender] = (share, now)
+            while len(self._shares) > SENDERS:
+                del self._shares[next(iter(self._shares))]
 
     def share(self) -> float:
         now = self._clock()
-        for sender in [s for s, (_, when) in self._shares.items() if now - when > HOLD]:
-            del self._shares[sender]
-        return min((share for share, _ in self._shares.values()), default=1.0)
+        with self._lock:
+            for sender in [s for s, (_, when) in self._shares.items() if now - when > HOLD]:
+                del self._shares[sender]
+            return min((share for share, _ in self._shares.values()), default=1.0)
 
 
 class TellInterceptor(Interceptor):

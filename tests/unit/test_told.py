@@ -6,6 +6,8 @@ from __future__ import annotations
 import inspect
 import math
 import sys
+import threading
+import time
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -103,3 +105,39 @@ def test_at_most_senders_are_remembered_the_least_recently_told_go_first() -> No
     for i in range(SENDERS):
         told.tell(f"t{i}", 0.5)
     assert told.share() == 0.5  # first went with the others
+
+
+def test_telling_from_activation_threads_while_the_loop_reads_the_share_raises_nothing() -> None:
+    """tell() runs in the workflow activation threads, share() on the event loop: one deleted from
+    the dict while the other iterated it ('dictionary changed size during iteration'), failing a
+    START_TARGETS attempt or a workflow task."""
+    clock = [0.0]
+    told = Told(clock=lambda: clock[0])
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def teller() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                told.tell(f"s{i % (SENDERS + 8)}", 0.5)  # past SENDERS: tell() evicts too
+            except Exception as exc:
+                errors.append(repr(exc))
+            i += 1
+            clock[0] += HOLD / 50  # some go stale, so share() deletes
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                told.share()
+            except Exception as exc:
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=teller), threading.Thread(target=reader), threading.Thread(target=reader)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert errors == []
