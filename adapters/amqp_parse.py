@@ -286,10 +286,15 @@ DEATH_HEADERS = frozenset(
 ) | {"x-death"}
 """Headers RabbitMQ adds to a message it dead-letters itself (from a retry or TTL queue, say)."""
 
-H_DEATH = H_ORIGINAL + "header-"
-"""A letter carries the delivery's own :data:`DEATH_HEADERS` under this prefix: with them as they
-were, the letter would look like one RabbitMQ dead-lettered, and a replay would keep it for ever
-(adapters.amqp_replay). The replay gives them back their names."""
+BROKER_READS = DEATH_HEADERS | {"cc", "bcc"}
+"""Headers of a delivery that a letter must not carry under their own names (lower case):
+RabbitMQ's death headers (the letter would look like one RabbitMQ dead-lettered, and a replay
+would keep it for ever, adapters.amqp_replay), and the ``CC``/``BCC`` RabbitMQ routes a publish by
+(it refuses one that is not an array, closing the channel: an AMQP 1.0 publisher's application
+property ``CC`` arrives as text, and its letter was then retried for ever, the queue stalled)."""
+
+H_AS_WAS = H_ORIGINAL + "header-"
+"""The prefix a letter carries :data:`BROKER_READS` under; the replay gives them their names back."""
 
 
 def dead_letter_copy(
@@ -304,7 +309,7 @@ def dead_letter_copy(
     its headers capped to fit one frame; without ``keep_headers`` (a header that could not be
     written), only the dead-letter headers."""
     originals: list[tuple[str, Any]] = [
-        (H_DEATH + str(k) if str(k).lower() in DEATH_HEADERS else str(k), _encodable(v))
+        (H_AS_WAS + str(k) if str(k).lower() in BROKER_READS else str(k), _encodable(v))
         for k, v in (message.headers or {}).items()
         if keep_headers and not stale(str(k), event)
     ]

@@ -37,7 +37,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, QueueEmpty
 
 from adapters.amqp import AMQP_ERRORS, PUBLISH_TIMEOUT, LetterNotOut
-from adapters.amqp_parse import H_DEATH, dead_letter_copy, fallback_id, to_message
+from adapters.amqp_parse import H_AS_WAS, dead_letter_copy, fallback_id, to_message
 from adapters.replay_common import (
     NO_ENTRY,
     NOT_A_DEAD_LETTER,
@@ -150,12 +150,12 @@ def _without_assigned_id(delivery: Original, queue: str, fmt: EventFormat, recor
 
 def _delivery_headers(message: AbstractIncomingMessage) -> dict[str, Any]:
     """The delivery's headers: the letter's without the dead-letter ones, and with the delivery's
-    own death headers under their names again (:data:`adapters.amqp_parse.H_DEATH`)."""
+    own death, ``CC`` and ``BCC`` headers under their names again (:data:`adapters.amqp_parse.H_AS_WAS`)."""
     out: dict[str, Any] = {}
     for key, value in (message.headers or {}).items():
         name = str(key)
-        if name.lower().startswith(H_DEATH):
-            out[name[len(H_DEATH) :]] = value
+        if name.lower().startswith(H_AS_WAS):
+            out[name[len(H_AS_WAS) :]] = value
         elif not dropped_by_replay(name):
             out[name] = value
     return out

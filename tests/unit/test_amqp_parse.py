@@ -15,7 +15,7 @@ from typing import Any
 import aio_pika
 import pamqp.frame
 import pytest
-from aio_pika.exceptions import ChannelInvalidStateError
+from aio_pika.exceptions import ChannelInvalidStateError, ChannelPreconditionFailed
 from aio_pika.queue import consumer as aio_pika_consumer
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
@@ -294,12 +294,16 @@ def test_dead_letter_copy_keeps_the_delivery_and_says_why() -> None:
 
 class FakeExchange:
     """Writes what it is given as aiormq's ``basic_publish`` would (so what pamqp cannot write
-    raises here too), and keeps it."""
+    raises here too), refuses what RabbitMQ refuses to route (``rabbit_basic:header_routes``: a
+    ``CC`` or ``BCC`` that is not an array closes the channel), and keeps it."""
 
     def __init__(self) -> None:
         self.published: list[tuple[Any, str]] = []
 
     async def publish(self, message: Any, routing_key: str, **kw: Any) -> None:
+        for routed_by in ("CC", "BCC"):
+            if not isinstance((message.headers or {}).get(routed_by, []), list):
+                raise ChannelPreconditionFailed(f"invalid message: unacceptable_type_in_header {routed_by}")
         ContentHeader(0, len(message.body), message.properties).marshal()
         Basic.Publish(exchange="dlx", routing_key=routing_key).marshal()
         self.published.append((message, routing_key))
@@ -347,6 +351,22 @@ async def test_accepted_are_acked_and_poison_dead_lettered_with_reason() -> None
     assert {rk for _, rk in dlx.published} == {"order.created"}
     assert counter(adapter, "signal_bridge_events_accepted_total", "amqp") == 2
     assert counter(adapter, "signal_bridge_events_rejected_total", "amqp", "malformed") == 1
+
+
+async def test_a_poison_message_with_a_cc_header_rabbitmq_cannot_route_by_is_dead_lettered() -> None:
+    """An AMQP 1.0 publisher's application property ``CC`` reaches a 0-9-1 consumer as text.
+    The letter carried it so, RabbitMQ refused every publish of it (closing the channel), the
+    letter was retried for ever, and the queue stalled behind it."""
+    adapter = make_adapter(FakeSink())
+    poison = delivery(raw=b"not json", message_id="p", headers={"CC": "ops@example.com", "BCC": "audit"})
+    await asyncio.wait_for(adapter._process([poison]), 5)  # type: ignore[list-item]
+    assert poison.settled == ["ack"]
+    [(letter, _)] = adapter._dlx.published  # type: ignore[union-attr]
+    assert "CC" not in letter.headers and "BCC" not in letter.headers
+    assert (letter.headers["x-original-header-CC"], letter.headers["x-original-header-BCC"]) == (
+        "ops@example.com",
+        "audit",
+    )
 
 
 async def test_unroutable_skip_acks_and_counts_dropped() -> None:
