@@ -225,6 +225,7 @@ class AmqpReplay:
         self.publisher: AbstractChannel | None = None
         self._held_back: list[AbstractIncomingMessage] = []
         self._outage_since: float | None = None
+        self.stopped: str | None = None  # never set: taking fewer than counted is not stopping short
         self._settlers = [
             Settler(
                 pipeline,

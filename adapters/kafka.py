@@ -200,14 +200,16 @@ async def write_letters(
     pending = [(item, LETTER_BYTES) for item in items]
     while pending:
         acks: list[asyncio.Future[Any]] = []
+        failed: BaseException | None = None
         try:
             for item, budget in pending:
                 acks.append(await produce(item, budget))
+        except Exception as exc:  # what was sent before is still marked: a retry writes it not again
+            failed = exc
         finally:  # what was sent is awaited either way, so no ack is left unread
             results = await asyncio.gather(*acks, return_exceptions=True)
-        failed: BaseException | None = None
         smaller = []
-        for (item, budget), result in zip(pending, results, strict=True):
+        for (item, budget), result in zip(pending, results, strict=False):
             if not isinstance(result, BaseException):
                 item.disposition = Disposition.DEAD_LETTERED
             elif isinstance(result, TOO_LARGE) and budget // 4 >= MIN_LETTER_BYTES:

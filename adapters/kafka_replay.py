@@ -160,6 +160,7 @@ class KafkaReplay:
         self.producer: AIOKafkaProducer | None = None
         self.backoff = Backoff()
         self._outage_since: float | None = None
+        self.stopped: str | None = None  # why the replay stopped short of the end offsets, if it did
         self._settlers = [
             Settler(
                 pipeline,
@@ -174,10 +175,14 @@ class KafkaReplay:
         ]
 
     def entry_for(self, topic: str) -> int | None:
-        """The entry that reads ``topic`` (one that dead-letters to this topic first)."""
+        """The entry that reads ``topic``. When entries dead-letter to this topic, only one of
+        them: a letter is believed on its word (``x-original-topic``), and a letter naming another
+        entry's topic (written by anyone who may write here) would otherwise take that entry's
+        source scope and ids."""
         readers = [i for i, e in enumerate(self.entries) if topic in e.topics]
-        ours = [i for i in readers if self.entries[i].dead_letter_topic == self.topic]
-        return next(iter(ours or readers), None)
+        if any(e.dead_letter_topic == self.topic for e in self.entries):
+            readers = [i for i in readers if self.entries[i].dead_letter_topic == self.topic]
+        return next(iter(readers), None)
 
     async def run(self) -> Tally:
         opts = client_options(self.security)
@@ -259,12 +264,14 @@ class KafkaReplay:
                 if await consumer.position(tp) >= ends[tp]:
                     pending.discard(tp)
             if pending and time.monotonic() - idle_since > IDLE_LIMIT:
+                short = sorted((tp.partition, ends[tp]) for tp in pending)
                 log.warning(
                     "replay %s: nothing read for %.0fs short of the end offsets %s; stopping here",
                     self.topic,
                     IDLE_LIMIT,
-                    sorted((tp.partition, ends[tp]) for tp in pending),
+                    short,
                 )
+                self.stopped = f"nothing read for {IDLE_LIMIT:.0f}s short of the end offsets (partition, end) {short}"
                 break
 
     async def _settle(self, records: list[Record]) -> None:
@@ -314,6 +321,7 @@ class KafkaReplay:
                     for r in records
                 ]
                 await asyncio.gather(*acks)
+                self._outage_since = None  # an outage's clock starts again at the next refusal
                 return
             except KafkaError as exc:
                 attempt += 1

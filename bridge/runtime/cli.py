@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import uuid
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from bridge import snapshot
@@ -82,6 +83,29 @@ def _replay(args: argparse.Namespace) -> int:
     return replay.main(args, _load(args.config or settings.config, settings))
 
 
+def _at_least(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}: {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text}")
+    return value
+
+
 def _replay_parsers(sub: Any) -> None:
     """``replay kafka|amqp|runs`` (docs/replay.md); the work is bridge.runtime.replay's."""
     p = sub.add_parser("replay", help="re-send dead letters, or the events of past runs")
@@ -90,20 +114,20 @@ def _replay_parsers(sub: Any) -> None:
     k.add_argument("--topic", required=True, help="the dead-letter topic")
     k.add_argument("--group", default=None, help="consumer group (default: signal-bridge-replay-{project})")
     k.add_argument("--bootstrap-servers", default=None, help="default: the entry that dead-letters to --topic")
-    k.add_argument("--batch", type=int, default=500)
+    k.add_argument("--batch", type=_at_least(1), default=500)
     a = kinds.add_parser("amqp", help="replay a RabbitMQ dead-letter queue")
     a.add_argument("--queue", required=True, help="the queue bound to the dead-letter exchange")
     a.add_argument("--url", default=None, help="default: the first amqp entry's url")
-    a.add_argument("--batch", type=int, default=200)
+    a.add_argument("--batch", type=_at_least(1), default=200)
     r = kinds.add_parser("runs", help="send the events of past target runs again, as new events")
     r.add_argument("--query", required=True, help="a Temporal visibility query selecting target runs")
     r.add_argument("--to", default=None, metavar="ENTRY", help="only this workflow entry (default: every match)")
-    r.add_argument("--replay-number", type=int, default=None, help="n of replay:{n}:{id} (default: Unix time)")
+    r.add_argument("--replay-number", type=_at_least(0), default=None, help="n of replay:{n}:{id} (default: Unix time)")
     r.add_argument("--yes", "-y", action="store_true", help="do not ask before replaying more than 100 events")
     for kind in (k, a, r):
         kind.add_argument("--config", "-c", default=None, help="config file (or SIGNAL_BRIDGE_CONFIG)")
         kind.add_argument("--dry-run", action="store_true", help="decode and check only; change nothing")
-        kind.add_argument("--give-up-after", type=float, default=120.0, help="seconds Temporal may refuse")
+        kind.add_argument("--give-up-after", type=_seconds, default=120.0, help="seconds Temporal may refuse")
         kind.set_defaults(func=_replay)
 
 

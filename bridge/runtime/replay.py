@@ -46,6 +46,9 @@ class _Replay(Protocol):
     @property
     def tally(self) -> Tally: ...
 
+    @property
+    def stopped(self) -> str | None: ...
+
     async def run(self) -> Tally: ...
 
 
@@ -88,6 +91,8 @@ async def _replay(
         try:
             with bar.around_logging():
                 await replay.run()
+            if replay.stopped:
+                outcome.stopped = f"{replay.stopped}: run the replay again later"
         except Abandoned as exc:
             outcome.stopped = f"{exc}; {words.abandoned}: run the replay again later"
         outcome.existing = s.sink.existing if s.sink else None
@@ -116,6 +121,11 @@ async def replay_kafka(
     cfg = snapshot.config
     if not cfg.kafka:
         raise BridgeError("the config has no kafka: entry, so no dead letter of Kafka can be replayed")
+    if readers := [",".join(e.topics) for e in cfg.kafka if topic in e.topics]:
+        raise BridgeError(
+            f"topic {topic} is not a dead-letter topic: the kafka entry for {readers[0]} reads it, and a replay "
+            "would write its records back to it (each record without an id of its own would start again)"
+        )
     source = next((e for e in cfg.kafka if e.dead_letter_topic == topic), cfg.kafka[0])
     group_id = group or replay_group(snapshot)
     bar = bar or ProgressBar("replay", enabled=False)
@@ -155,6 +165,8 @@ async def replay_amqp(
     cfg = snapshot.config
     if not cfg.amqp:
         raise BridgeError("the config has no amqp: entry, so no dead letter of RabbitMQ can be replayed")
+    if any(e.queue == queue for e in cfg.amqp):
+        raise BridgeError(f"queue {queue} is not a dead-letter queue: an amqp entry consumes it")
     bar = bar or ProgressBar("replay", enabled=False)
 
     def build(pipeline: Pipeline) -> AmqpReplay:

@@ -13,13 +13,18 @@ from typing import Any
 
 import pytest
 from aiokafka import TopicPartition, codec
-from aiokafka.errors import CorruptRecordException, GroupAuthorizationFailedError, UnsupportedCodecError
+from aiokafka.errors import (
+    CorruptRecordException,
+    GroupAuthorizationFailedError,
+    KafkaTimeoutError,
+    UnsupportedCodecError,
+)
 from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 
 from adapters import kafka, kafka_replay, replay_common
 from bridge.errors import Unavailable
-from bridge.settle import Backoff
+from bridge.settle import Backoff, Disposition, Item
 from tests.fakes import FakeSink
 from tests.helpers import assert_eventually
 from tests.unit.test_kafka_parse import (
@@ -765,3 +770,23 @@ async def test_a_group_error_while_a_poll_reads_the_positions_undoes_nothing():
         sink.release.set()
         await assert_eventually(lambda: committed(consumer).get(TP0) == 10, timeout=5, interval=0.01)
     assert consumer.resets == [] and offsets_held(sink) == [str(i) for i in range(10)]
+
+
+async def test_letters_the_broker_acked_before_a_later_send_failed_are_not_written_again() -> None:
+    """A send that raised in the middle of a batch of letters skipped the marking of those already
+    acked: the retry wrote them a second time."""
+    items = [Item(f"letter-{i}") for i in range(3)]
+    sent: list[str] = []
+
+    async def produce(item: Item[str], budget: int) -> asyncio.Future[Any]:
+        if item.message == "letter-2":
+            raise KafkaTimeoutError("the producer's buffer is full")
+        sent.append(item.message)
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    with pytest.raises(KafkaTimeoutError):
+        await kafka.write_letters(items, produce)
+    assert sent == ["letter-0", "letter-1"]
+    assert [i.disposition for i in items] == [Disposition.DEAD_LETTERED, Disposition.DEAD_LETTERED, None]

@@ -21,14 +21,16 @@ from adapters.replay_common import NO_ENTRY, NOT_A_DEAD_LETTER, TRIMMED, Tally
 from bridge.config import AmqpConsumer, EventFormat, KafkaConsumer
 from bridge.deadletter import H_EVENT_ID, H_EVENT_NAME
 from bridge.decode import decode
-from bridge.errors import EventRejected
+from bridge.errors import BridgeError, EventRejected
 from bridge.event import EventSignal, content_digest
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
-from bridge.runtime import replay_runs
+from bridge.runtime import cli, replay_runs
+from bridge.runtime import replay as replay_module
 from bridge.runtime.progress import ProgressBar, render
-from bridge.runtime.replay import summary
+from bridge.runtime.replay import replay_amqp, replay_kafka, summary
 from bridge.runtime.replay_support import Existing, Outcome
+from bridge.snapshot import Snapshot
 from tests.fakes import FakeSink
 from tests.helpers import config, runner
 
@@ -495,3 +497,105 @@ def test_the_summary_counts_by_reason_and_says_what_became_of_the_refused() -> N
         assert part in text, (part, text)
     dry = "\n".join(summary(Outcome("amqp queue d", True, Tally(read=1, accepted=1))))
     assert "dry run" in dry and "would be accepted: 1" in dry
+
+
+# --- what a replay refuses to do ----------------------------------------------------------------
+
+
+def _two_sources() -> Snapshot:
+    kafka = [
+        {"bootstrap_servers": "127.0.0.1:1", "topics": ["orders"], "dead_letter_topic": "orders.dlq"},
+        {"bootstrap_servers": "127.0.0.1:1", "topics": ["payments"], "dead_letter_topic": "payments.dlq"},
+    ]
+    amqp = [{"url": "amqp://x/", "queue": "orders-q", "dead_letter_exchange": "dlx"}]
+    return Snapshot.compile(config("unit", "127.0.0.1:1", [runner("w", "order.created")], kafka=kafka, amqp=amqp))
+
+
+async def test_a_replay_of_a_source_topic_or_queue_is_refused() -> None:
+    """Records of a source topic are no letters: the replay wrote each back to the end of the topic,
+    where the adapter read it again at a new offset, and one without an id of its own started again."""
+    with pytest.raises(BridgeError, match="not a dead-letter topic"):
+        await replay_kafka(_two_sources(), topic="orders", dry_run=True)
+    with pytest.raises(BridgeError, match="not a dead-letter queue"):
+        await replay_amqp(_two_sources(), queue="orders-q", dry_run=True)
+
+
+def test_a_letter_in_one_entrys_dead_letter_topic_cannot_take_another_entrys_source() -> None:
+    """A letter is believed on its word: one in orders.dlq naming the payments topic was replayed
+    as kafka:payments, with whatever id it carried. Letters of a topic no entry dead-letters to (a
+    topic the dead letters were moved to) still go to the entry that reads their topic."""
+    snapshot = _two_sources()
+    entries = snapshot.config.kafka
+    pipeline = Pipeline(snapshot.routes, FakeSink())
+
+    def replay(topic: str) -> kafka_replay.KafkaReplay:
+        return kafka_replay.KafkaReplay(
+            entries, pipeline, topic=topic, group_id="g", bootstrap_servers="127.0.0.1:1", security=entries[0].security
+        )
+
+    assert (replay("orders.dlq").entry_for("orders"), replay("orders.dlq").entry_for("payments")) == (0, None)
+    assert (replay("moved.dlq").entry_for("orders"), replay("moved.dlq").entry_for("payments")) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["kafka", "--topic", "t.dlq", "--batch", "0"],
+        ["amqp", "--queue", "q.dead", "--batch", "-1"],
+        ["amqp", "--queue", "q.dead", "--give-up-after", "0"],
+        ["runs", "--query", "x", "--replay-number", "-3"],
+        ["runs", "--query", "x", "--give-up-after", "nan"],
+    ],
+)
+def test_replay_arguments_out_of_range_are_refused_with_a_clear_error(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch of 0 read nothing and reported success; --give-up-after 0 gave up at the first refusal."""
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["replay", *args])
+    assert "must be" in capsys.readouterr().err
+
+
+async def test_a_replay_that_stops_short_of_the_end_says_so() -> None:
+    """A Kafka replay that read nothing for a while short of the end offsets stopped there and
+    reported success (exit status 0), letters left unread."""
+
+    class Short:
+        tally = Tally()
+        stopped = "nothing read for 30s short of the end offsets (partition, end) [(0, 9)]"
+
+        async def run(self) -> Tally:
+            return self.tally
+
+    outcome = Outcome("kafka topic t.dlq", True, Tally())
+    bar = ProgressBar("replay", enabled=False)
+    done = await replay_module._replay(
+        _two_sources(), outcome, lambda _: Short(), replay_module.KAFKA_WORDS, where="t.dlq", client=None, bar=bar
+    )
+    assert not done.ok and "short of the end offsets" in (done.stopped or "")
+
+
+async def test_letters_written_back_end_an_outage_so_a_later_refusal_waits_its_full_time() -> None:
+    """A copy-back that failed once started the outage clock, and nothing but a settle stopped it:
+    a Temporal refusal long after made the replay give up at once."""
+
+    class Producer:
+        async def send(self, topic: str, **kw: Any) -> asyncio.Future[Any]:
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+    snapshot = _two_sources()
+    entries = snapshot.config.kafka
+    replay = kafka_replay.KafkaReplay(
+        entries,
+        Pipeline(snapshot.routes, FakeSink()),
+        topic="orders.dlq",
+        group_id="g",
+        bootstrap_servers="127.0.0.1:1",
+        security=entries[0].security,
+    )
+    replay.producer = Producer()  # type: ignore[assignment]
+    replay._outage_since = 0.0  # a copy-back refused long ago
+    await replay._copy([record(b"{}")])
+    assert replay._outage_since is None
