@@ -19,6 +19,30 @@ MAX_SIGNAL_BYTES = 1024 * 1024
 MAX_KEY_CHARS = 4096
 
 
+MAX_SIGNAL_DEPTH = 1000
+"""Containers nested in one event a dispatcher takes. The adapters pass 100 at most; a client of the
+namespace that is not the bridge may send any depth, and past about 2,400 the SDK cannot encode the
+starts' arguments (the event was taken, then never started) nor, deeper, the event itself (the
+workflow task failed on every attempt: the dispatcher stalled)."""
+
+
+def nested_deeper(value: Any, limit: int) -> bool:
+    """True when ``value`` nests dicts and lists deeper than ``limit``, found without recursing."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 @dataclass
 class EventSignal:
     """An event, stripped of its transport.

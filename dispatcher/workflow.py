@@ -24,7 +24,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from bridge.event import EventSignal, encoded_size, run_digest, target_workflow_id
+    from bridge.event import MAX_SIGNAL_DEPTH, EventSignal, encoded_size, nested_deeper, run_digest, target_workflow_id
     from bridge.logsafe import safe
     from bridge.routing import RouteTable, Target
     from dispatcher import search, starts
@@ -152,9 +152,11 @@ class DispatcherWorkflow:
         events = args[0]
         for raw in events if isinstance(events, list) else [events]:
             try:
+                if nested_deeper(raw, MAX_SIGNAL_DEPTH):
+                    raise ValueError(f"nested deeper than {MAX_SIGNAL_DEPTH}")
                 event = EventSignal.from_dict(raw)
                 size = encoded_size(raw)
-            except (KeyError, TypeError, ValueError) as exc:
+            except Exception as exc:
                 self._stats["malformed"] += 1
                 workflow.logger.warning("dropped malformed event: %s", safe(exc))
                 continue

@@ -447,6 +447,24 @@ async def test_malformed_signals_are_counted_and_dropped(make: Any) -> None:
     await d.targets(run_id(d.project, "w", first), run_id(d.project, "w", last))
 
 
+async def test_an_event_nested_deeper_than_a_dispatcher_takes_is_malformed_and_the_rest_start(
+    make: Any, monkeypatch: Any
+) -> None:
+    """Another client of the namespace may send any depth. Past what the SDK can encode again, the
+    event was taken and its starts' arguments failed to encode (never started, never counted);
+    deeper, the handler's RecursionError failed every workflow task and the dispatcher stalled."""
+    monkeypatch.setattr(dispatcher_workflow, "MAX_SIGNAL_DEPTH", 150)
+    d = await make()
+    d.stubs.routes = [d.route("w", "order.created")]
+    deep: Any = "leaf"
+    for _ in range(200):
+        deep = {"t": deep}
+    first, last = d.event("first"), d.event("last")
+    await d.send(first, {**d.event("deep").to_dict(), "payload": deep}, last)
+    await d.settled(received=2, started=2, malformed=1)
+    await d.targets(run_id(d.project, "w", first), run_id(d.project, "w", last))
+
+
 async def test_continue_as_new_carries_the_queue_recent_ids_and_counters(make: Any, mode: str) -> None:
     # Two targets per batch and two children per run: six events need three runs, and every run
     # hands the rest of its queue to the next.
