@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -68,6 +69,10 @@ LINGER = 0.01
 RECONNECT_INTERVAL = 2
 PUBLISH_TIMEOUT = 10.0
 STOP_TIMEOUT = 30.0
+CONSUMER_CHECK = 2.0
+"""Seconds between looks at whether RabbitMQ still has the adapter's consumer: it cancels one whose
+queue was deleted (or declared again with other arguments), and aio-pika then tries to consume
+again every few seconds, saying so only at DEBUG."""
 
 
 # --- the consumer ---------------------------------------------------------------------------------
@@ -98,6 +103,8 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
         self._tag: str | None = None
         self._inbox: Inbox[AbstractIncomingMessage] = Inbox(max_batch=entry.prefetch, linger=LINGER)
         self._task: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._consuming = True  # RabbitMQ had our consumer at the last look (CONSUMER_CHECK)
         self._stopping = asyncio.Event()
 
     @property
@@ -120,6 +127,7 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
             assert self._queue is not None
             self._task = asyncio.create_task(self._run(), name=f"consumer-{self.name}")
             self._tag = await self._queue.consume(self._on_message)
+            self._watch = asyncio.create_task(self._watch_consumer(), name=f"consumer-watch-{self.name}")
         except BaseException:
             await self.stop()
             raise
@@ -134,6 +142,10 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
     async def stop(self) -> None:
         """Stop taking deliveries, finish the batch in hand, close; RabbitMQ requeues the rest."""
         self._stopping.set()
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         if self._queue is not None and self._tag is not None:
             with contextlib.suppress(AMQPError, ConnectionError, RuntimeError, TimeoutError):
                 await within(5, self._queue.cancel(self._tag))
@@ -156,7 +168,34 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
             and conn.connected.is_set()
             and self._task is not None
             and not self._task.done()
+            and self._consuming
         )
+
+    async def _watch_consumer(self) -> None:
+        """Keep :attr:`_consuming` up to date, with a log line when it changes: /readyz was green
+        while RabbitMQ had cancelled the consumer and nothing was read."""
+        while not await within(CONSUMER_CHECK, self._stopping.wait()):
+            consuming = await self._has_consumer()
+            if consuming != self._consuming:
+                if consuming:
+                    log.info("amqp adapter %s: consuming again", self.name)
+                else:
+                    log.warning(
+                        "amqp adapter %s: RabbitMQ has no consumer of queue %s (was it deleted?); "
+                        "/readyz is red while the client tries to consume again",
+                        self.name,
+                        self.entry.queue,
+                    )
+            self._consuming = consuming
+
+    async def _has_consumer(self) -> bool:
+        if self._channel is None or self._tag is None:
+            return False
+        try:
+            channel = await self._channel.get_underlay_channel()
+        except (AMQPError, RuntimeError):  # being opened again
+            return False
+        return self._tag in cast(aiormq.Channel, channel).consumers  # as aio-pika's own recovery reads it
 
     # -- topology -------------------------------------------------------------------------------
 

@@ -507,6 +507,46 @@ async def test_rabbitmq_restart_mid_stream_consumer_recovers_by_itself(temporal_
         await asyncio.to_thread(rabbit.close)
 
 
+async def test_a_deleted_queue_turns_readyz_red_until_the_consumer_is_back(
+    bridge_factory, temporal_client, temporal_address, amqp_url
+):
+    """RabbitMQ cancels the consumer of a queue that is deleted. A queue the operator declared (with
+    arguments of their own: the adapter uses it as it is, passively) is not declared again, so
+    aio-pika's tries to consume again fail, at DEBUG, for as long as it is gone: /readyz stayed
+    green all that time while nothing was read. Once the queue is back, it runs on."""
+    project, queue, exchange, idle = unique("amqp-del"), unique("q"), unique("ex"), unique("idle")
+    own = {"x-max-length": 100_000}
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, durable=True, arguments=own)
+    cfg = config(
+        project,
+        temporal_address,
+        [idle_target("t", idle, "order.created")],
+        amqp=[amqp_entry(amqp_url, queue, exchange)],
+    )
+    bridge = await bridge_factory(cfg)
+    [adapter] = bridge.adapters
+    assert isinstance(adapter, AmqpAdapter) and adapter.healthy()
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+        await assert_eventually(lambda: not adapter.healthy(), timeout=30, what="readyz red without a consumer")
+        await asyncio.sleep(5)
+        assert not adapter.healthy()
+        queue_back = await channel.declare_queue(queue, durable=True, arguments=own)
+        await queue_back.bind(exchange, routing_key="order.#")
+    await assert_eventually(adapter.healthy, timeout=60, what="consuming again")
+    await publish(amqp_url, exchange, orders("del", 3))
+    await assert_ran_once(
+        temporal_client,
+        f'TaskQueue="{idle}"',
+        expected_runs(project, "t", f"amqp:{queue}", (f"del-{i}" for i in range(3))),
+    )
+
+
 @pytest.mark.timeout(300)
 async def test_temporal_down_15s_messages_wait_unacked_then_flow(amqp_url):
     temporal = services.LocalTemporal()

@@ -10,6 +10,7 @@ import struct
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 import aio_pika
@@ -796,3 +797,36 @@ def test_the_ordering_key_comes_from_key_from() -> None:
     assert amqp.parse(d, entry(key_from="header:X-Entity")).key == "order-9"
     assert amqp.parse(d, entry(key_from="field:payload.orderId")).key == "A1"
     assert amqp.parse(d, entry(key_from="field:payload.absent")).key is None
+
+
+async def test_readyz_is_red_while_rabbitmq_has_no_consumer_and_green_once_it_has_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RabbitMQ cancels a consumer whose queue was deleted; aio-pika tries to consume again every
+    few seconds, saying so at DEBUG only, and /readyz stayed green while nothing was read."""
+    monkeypatch.setattr(amqp, "CONSUMER_CHECK", 0.01)
+    adapter = make_adapter(FakeSink())
+    underlay = SimpleNamespace(consumers={"ctag": object()})
+
+    async def get_underlay_channel() -> Any:
+        return underlay
+
+    connected = asyncio.Event()
+    connected.set()
+    adapter._connection = SimpleNamespace(is_closed=False, connected=connected)  # type: ignore[assignment]
+    adapter._channel = SimpleNamespace(get_underlay_channel=get_underlay_channel)  # type: ignore[assignment]
+    adapter._tag = "ctag"
+    adapter._task = asyncio.create_task(adapter._stopping.wait())
+    adapter._watch = asyncio.create_task(adapter._watch_consumer())
+    try:
+        await asyncio.sleep(0.05)
+        assert adapter.healthy()
+        underlay.consumers.clear()  # the broker's basic.cancel
+        await assert_eventually(lambda: not adapter.healthy(), timeout=2, interval=0.01)
+        assert "has no consumer of queue" in caplog.text
+        underlay.consumers["ctag"] = object()  # aio-pika consumed again
+        await assert_eventually(adapter.healthy, timeout=2, interval=0.01)
+    finally:
+        adapter._stopping.set()
+        await adapter._watch
+        await adapter._task
