@@ -90,6 +90,11 @@ class Pipeline:
         """
         return self._examine(event)[0]
 
+    def examine(self, event: EventSignal) -> tuple[EventRejected | None, bytes]:
+        """:meth:`check`, and the event's encoding (empty when refused), which :meth:`submit`
+        takes as ``encoded`` so that the event is neither checked nor encoded twice."""
+        return self._examine(event)
+
     def _examine(self, event: EventSignal) -> tuple[EventRejected | None, bytes]:
         """Why the event can never be accepted (or None), and its encoding (empty when refused)."""
         try:
@@ -120,8 +125,12 @@ class Pipeline:
             ), b""
         return None, data
 
-    async def submit(self, events: Sequence[EventSignal], adapter: str) -> list[Outcome]:
+    async def submit(
+        self, events: Sequence[EventSignal], adapter: str, *, encoded: Sequence[bytes] | None = None
+    ) -> list[Outcome]:
         """Check each event, submit the good ones together, and report every outcome in order.
+        ``encoded``: what :meth:`examine` gave for each event, which passed it; they are then not
+        checked or encoded again (unless tracing, which adds the receive span to each first).
 
         Raises :class:`bridge.errors.Unavailable` when Temporal did not take the good ones, and
         :class:`bridge.errors.PartlyHeld` (with every outcome, those not held refused as
@@ -129,15 +138,19 @@ class Pipeline:
         """
         outcomes: list[Outcome] = []
         good: list[EventSignal] = []
-        encoded: list[bytes] = []
+        datas: list[bytes] = []
         if self.tracer is not None:  # before encoding: each event then carries its receive span
             events = self.tracer.received(events, adapter)
-        for event in events:
-            rejected, data = self._examine(event)
-            outcomes.append(Outcome(event, rejected))
-            if rejected is None:
-                good.append(event)
-                encoded.append(data)
+            encoded = None
+        if encoded is not None and len(encoded) == len(events) and all(encoded):
+            outcomes, good, datas = [Outcome(e) for e in events], list(events), list(encoded)
+        else:
+            for event in events:
+                rejected, data = self._examine(event)
+                outcomes.append(Outcome(event, rejected))
+                if rejected is None:
+                    good.append(event)
+                    datas.append(data)
         metrics = self.metrics
         metrics.child(metrics.received, adapter).inc(len(events))
         if len(good) < len(outcomes):
@@ -148,7 +161,7 @@ class Pipeline:
             metrics.inflight.inc(len(good))
             try:
                 with metrics.submit_seconds.time(), self.tracer.submitting(good) if self.tracer else nullcontext():
-                    await self._hand_over(good, encoded)
+                    await self._hand_over(good, datas)
             except Overloaded:  # the dispatcher can take no more now (dispatcher.client)
                 metrics.child(metrics.overloaded, adapter).inc()
                 raise

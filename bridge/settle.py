@@ -83,6 +83,7 @@ class Item(Generic[M]):
     event: EventSignal | None = None
     error: EventRejected | None = None
     disposition: Disposition | None = None
+    encoded: bytes = b""  # the event as the pipeline encoded it when it checked it
 
 
 class Abandoned(Exception):
@@ -276,7 +277,7 @@ class Settler(Generic[M]):
         item: Item[M] = Item(message)
         try:
             item.event = decode(self.transport.to_message(message), self.event)
-            refused = self.pipeline.check(item.event)
+            refused, item.encoded = self.pipeline.examine(item.event)
         except EventRejected as exc:
             self._refuse(item, exc)
             return item
@@ -311,7 +312,8 @@ class Settler(Generic[M]):
         async def submit() -> list[Outcome]:
             live[:] = [i for i in items if self.transport.usable(i.message)]
             events = [i.event for i in live if i.event is not None]
-            return await self.pipeline.submit(events, self.adapter) if events else []
+            encoded = [i.encoded for i in live if i.event is not None]  # checked and encoded once, at decode
+            return await self.pipeline.submit(events, self.adapter, encoded=encoded) if events else []
 
         try:
             outcomes = await self._until_done(submit, "Temporal")

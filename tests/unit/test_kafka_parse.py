@@ -421,7 +421,7 @@ async def test_a_batch_is_submitted_in_one_call_then_committed_per_partition():
     calls = []
     submit = adapter.pipeline.submit
 
-    async def spy(events: Sequence[EventSignal], d: str) -> Any:
+    async def spy(events: Sequence[EventSignal], d: str, **_: Any) -> Any:
         calls.append(len(events))
         return await submit(events, d)
 

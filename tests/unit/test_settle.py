@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from bridge import pipeline as pipeline_module
 from bridge import settle
 from bridge.config import EventFormat
 from bridge.deadletter import (
@@ -426,14 +427,14 @@ async def test_deep_nan_huge_and_undecodable_bodies_are_dead_lettered_and_neighb
 async def test_an_event_the_checks_fail_on_unexpectedly_is_refused_alone(caplog: pytest.LogCaptureFixture) -> None:
     sink = FakeSink()
     s = settler(sink)
-    real_check = s.pipeline.check
+    real_examine = s.pipeline.examine
 
-    def check(event: EventSignal) -> EventRejected | None:
+    def examine(event: EventSignal) -> tuple[EventRejected | None, bytes]:
         if event.id == "e-2":
             raise RecursionError("maximum recursion depth exceeded")
-        return real_check(event)
+        return real_examine(event)
 
-    s.pipeline.check = check  # type: ignore[method-assign]
+    s.pipeline.examine = examine  # type: ignore[method-assign]
     items = await s.settle([good(1), good(2), good(3)])
     assert sink.calls == [["e-1", "e-3"]]
     assert [i.disposition for i in items] == [Disposition.HELD, Disposition.DEAD_LETTERED, Disposition.HELD]
@@ -563,3 +564,25 @@ async def test_a_window_of_bodies_slow_to_decode_gives_the_loop_turns_between_th
     running.cancel()
     assert [i.disposition for i in items] == [Disposition.HELD] * 5
     assert len(set(seen)) == 5, seen  # the ticker ran between each two decodes
+
+
+async def test_each_event_is_checked_and_encoded_once_however_often_its_batch_is_submitted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The settle path checked every event when it decoded it, then the pipeline checked and
+    encoded it again at each submit, the schema included: twice the work for every event, more in
+    an outage, all of a window in one stretch of the event loop."""
+    sink = FakeSink(outages=2)
+    s = settler(sink)
+    encodings = 0
+    real_encode = pipeline_module.encode
+
+    def counting(value: Any) -> bytes:
+        nonlocal encodings
+        encodings += 1
+        return real_encode(value)
+
+    monkeypatch.setattr(pipeline_module, "encode", counting)
+    items = await s.settle([good(1), good(2), good(3)])
+    assert [i.disposition for i in items] == [Disposition.HELD] * 3 and len(sink.calls) == 3
+    assert encodings == 3
