@@ -14,7 +14,7 @@ whatever it puts back:
   exchange, with publisher confirms), as the adapter's dead letter of it with the new reason,
   and then acked;
 - a message that cannot be replayed (:data:`adapters.replay_common.NOT_REPLAYABLE`) is held
-  unacked until the replay ends, then rejected with requeue: RabbitMQ puts it back where it was.
+  unacked until the replay ends, then nacked with requeue: RabbitMQ puts it back where it was.
 
 A message is acked only once one of the first two happened; a replay that stops or loses its
 connection leaves the rest unacked, and RabbitMQ requeues them. ``dry_run`` decodes and checks

@@ -89,7 +89,7 @@ UNREADABLE_FOLLOWING_PAUSE = 0.02
 AROUND_MS = 200  # how long a lone poll waits for a partition's records: a quiet one holds up the others
 AROUND_EMPTY = 10  # lone polls in a row that may come back empty while the broker holds more: 2 s
 REVOKE_WAIT = 15.0
-ORIGIN_WAIT = 10.0  # how long the rebalance waits for where the group starts the partitions assigned
+ORIGIN_WAIT = 60.0  # how long to wait for where the group starts a partition just assigned
 STOP_GRACE = 30.0
 POLL_FAILURES_UNHEALTHY = 3  # failed polls in a row that make the consumer unhealthy
 POLL_RECOVERY = 30.0  # seconds without a failed poll that end a run of them
@@ -169,7 +169,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.adapter._on_assigned(assigned)
-        await self.adapter._note_origins(assigned)
+        self.adapter._note_origins(assigned)  # not awaited: aiokafka sends no heartbeat meanwhile
 
 
 def _unreadable(exc: Exception) -> bool:
@@ -257,6 +257,7 @@ class KafkaAdapter(Transport[Record]):
         self._registered = False
         self._polls: list[_Poll] = []
         self._origins: dict[TopicPartition, int] = {}  # where this generation began each partition
+        self._noting: set[asyncio.Task[None]] = set()  # what _note_origins still waits for
         self._rewinds = 0  # times _rewind moved the positions back
         self._poll_failures = 0  # failed polls in a row (each within POLL_RECOVERY of the one before)
         self._failed_at = -POLL_RECOVERY
@@ -327,6 +328,8 @@ class KafkaAdapter(Transport[Record]):
         self._stopping.set()
         self._arrived.set()
         self._room.set()
+        for task in self._noting:
+            task.cancel()
         if self._task is not None and not self._task.done():
             done, _ = await asyncio.wait({self._task}, timeout=STOP_GRACE)
             if not done:
@@ -867,6 +870,8 @@ class KafkaAdapter(Transport[Record]):
                 log.warning("kafka adapter %s: batch unfinished at rebalance; it will be re-delivered", self.name)
         self._generation += 1
         self._origins.clear()
+        for task in self._noting:
+            task.cancel()
         self._drop_ahead()
         log.info("kafka adapter %s: partitions revoked %s", self.name, sorted(map(tuple, revoked)))
 
@@ -884,19 +889,28 @@ class KafkaAdapter(Transport[Record]):
             " (paused: Temporal unavailable)" if held and assigned else "",
         )
 
-    async def _note_origins(self, assigned: set[TopicPartition]) -> None:
+    def _note_origins(self, assigned: set[TopicPartition]) -> asyncio.Future[list[BaseException | None]]:
         """Note where the group starts each partition just assigned: its committed offset, or where
         ``auto_offset_reset`` puts it. A poll that fails in this generation before its positions
         were noted goes back there (:meth:`_seek_to_start`), not to a second reset, which with
         ``latest`` would pass what was written since the first. aiokafka sets the positions after
-        this listener is called and may fetch meanwhile, so each is read the moment it is set,
-        before a fetch can have taken records of it; one set later (the broker slow to answer)
-        keeps the old way, a reset."""
+        the rebalance listener is called and may fetch meanwhile, so each is noted the moment it is
+        set, before a fetch can have taken records of it, each for itself. A task of its own does
+        it: the listener must not wait (aiokafka sends no heartbeat until it returns, and a slow
+        broker would cost the member its session). One not set within ORIGIN_WAIT keeps the old
+        way, a reset; a rebalance cancels what is still waited for."""
         gen = self._generation
-        order = sorted(assigned)
-        found = await asyncio.gather(*(self._position(tp, ORIGIN_WAIT) for tp in order))
-        if gen == self._generation:
-            self._origins.update((tp, offset) for tp, offset in zip(order, found, strict=True) if offset is not None)
+
+        async def note(tp: TopicPartition) -> None:
+            offset = await self._position(tp, ORIGIN_WAIT)
+            if offset is not None and gen == self._generation:
+                self._origins[tp] = offset
+
+        tasks = [asyncio.ensure_future(note(tp)) for tp in sorted(assigned)]
+        for task in tasks:
+            self._noting.add(task)
+            task.add_done_callback(self._noting.discard)
+        return asyncio.gather(*tasks, return_exceptions=True)
 
 
 def build(entry: KafkaConsumer, pipeline: Pipeline, config: BridgeConfig) -> KafkaAdapter:

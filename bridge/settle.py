@@ -249,13 +249,17 @@ class Settler(Generic[M]):
         """One attempt at the letters not yet out, of messages that can still be acknowledged (a
         message whose channel is gone is left alone: it comes back, and is refused again)."""
         due = [i for i in letters if i.disposition is None and self.transport.usable(i.message)]
-        if due:
+        if not due:
+            return
+        try:
             await self.transport.dead_letter(due)
-        for item in due:
-            if item.disposition is None:
-                item.disposition = Disposition.DEAD_LETTERED
-            if item.disposition is Disposition.DEAD_LETTERED:
-                self._log_dead_letter(item)
+            for item in due:
+                if item.disposition is None:
+                    item.disposition = Disposition.DEAD_LETTERED
+        finally:  # a letter out before the attempt failed is not offered again: said here, once
+            for item in due:
+                if item.disposition is Disposition.DEAD_LETTERED:
+                    self._log_dead_letter(item)
 
     async def _decode_all(self, batch: Sequence[M]) -> list[Item[M]]:
         """Every message decoded, giving the loop a turn every :data:`DECODE_TURN` seconds: a

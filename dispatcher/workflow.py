@@ -90,6 +90,8 @@ DRAIN_RELOADS = "drain-reloads"
 """The patch from which the drain before continue-as-new loads the routes when a reload is due
 (a signal, or an event whose name the table lacks): before it, the drain planned that event with
 the old table, counting it unroutable."""
+DEEP_EVENTS_MALFORMED = "deep-events-malformed"
+"""The patch from which an event nested deeper than MAX_SIGNAL_DEPTH is dropped as malformed."""
 
 
 @dataclass
@@ -152,7 +154,8 @@ class DispatcherWorkflow:
         events = args[0]
         for raw in events if isinstance(events, list) else [events]:
             try:
-                if nested_deeper(raw, MAX_SIGNAL_DEPTH):
+                # Patched: on an interpreter whose JSON reads deeper, a run begun before may hold one.
+                if nested_deeper(raw, MAX_SIGNAL_DEPTH) and workflow.patched(DEEP_EVENTS_MALFORMED):
                     raise ValueError(f"nested deeper than {MAX_SIGNAL_DEPTH}")
                 event = EventSignal.from_dict(raw)
                 size = encoded_size(raw)

@@ -268,6 +268,25 @@ async def test_a_partition_without_a_commit_goes_back_to_where_the_rebalance_sta
     assert adapter._origins == {TP0: 3, TP1: 4}
 
 
+async def test_each_origin_is_noted_as_soon_as_it_is_set_and_the_rebalance_does_not_wait_for_them():
+    """The origins were noted all at once when every position was set: a partition slow to get its
+    position (its leader slow to answer) left the others without one, and they were reset again.
+    And the listener waited for them, while aiokafka sends no heartbeat: a slow broker could cost
+    the member its session."""
+    tp2 = TopicPartition("orders", 2)
+    consumer = Rebalancing({TP0: 3, TP1: 4, tp2: 1}, tp2, at=0)  # partitions_for_topic; never rebalances
+    consumer.committed_offsets = {TP0: 3}
+    consumer.positions = {TP0: 3, TP1: 0}  # tp2's position is not set (here: ever)
+    adapter, _ = adapter_with(FakeSink(), auto_offset_reset="latest")
+    adapter.consumer = consumer  # type: ignore[assignment]
+    await asyncio.wait_for(kafka._Listener(adapter).on_partitions_assigned({TP0, TP1, tp2}), 1)
+    await assert_eventually(lambda: adapter._origins == {TP0: 3, TP1: 0}, timeout=2, interval=0.01)
+    assert len(adapter._noting) == 1  # tp2's, still waiting
+    await adapter._on_revoked({TP0, TP1, tp2})
+    assert adapter._origins == {}
+    await assert_eventually(lambda: not adapter._noting, timeout=2, interval=0.01, what="the wait cancelled")
+
+
 async def test_a_partition_whose_position_was_not_set_before_the_failed_poll_goes_back_to_its_commit():
     class Late(LogConsumer):
         async def getmany(self, *tps: TopicPartition, timeout_ms: int = 0, max_records: int | None = None) -> dict:

@@ -586,3 +586,28 @@ async def test_each_event_is_checked_and_encoded_once_however_often_its_batch_is
     items = await s.settle([good(1), good(2), good(3)])
     assert [i.disposition for i in items] == [Disposition.HELD] * 3 and len(sink.calls) == 3
     assert encodings == 3
+
+
+async def test_a_letter_out_before_its_attempt_failed_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A letter the broker took before a later one of the attempt failed is marked, so the retry
+    does not write it again; the log line came only after an attempt that succeeded, so it had none."""
+
+    class HalfWay(FakeTransport):
+        failed = False
+
+        async def dead_letter(self, items: Sequence[Item[Msg]]) -> None:
+            items[0].disposition = Disposition.DEAD_LETTERED
+            self.letters.append((items[0].message.id, {}))
+            if not self.failed:
+                self.failed = True
+                raise ConnectionError("the broker went away after the first letter")
+            for item in items[1:]:
+                self.letters.append((item.message.id, {}))
+
+    caplog.set_level(logging.INFO, logger="bridge.settle")
+    t = HalfWay()
+    s = settler(FakeSink(), t)
+    await s.settle([envelope("bad-1", "order.typo", {}), envelope("bad-2", "order.typo", {})])
+    assert [m for m, _ in t.letters] == ["bad-1", "bad-2"]
+    logged = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert len(logged) == 2 and any("bad-1" in line for line in logged) and any("bad-2" in line for line in logged)
