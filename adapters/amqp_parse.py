@@ -366,7 +366,8 @@ def dead_letter_copy(
         "routing-key": message.routing_key or "",
         "message-id": message.message_id or "",
     }
-    fitted, cut = fit_headers(letter_headers(rej, event, origin), originals, measure=_size)
+    carried = {str(k).lower() for k in message.headers or {}}
+    fitted, cut = fit_headers(letter_headers(rej, event, origin), originals, measure=_size, carried=carried)
     headers: dict[str, Any] = dict(fitted)
     if cut or (message.headers and not keep_headers):
         headers[H_TRIMMED] = "headers"

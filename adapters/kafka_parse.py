@@ -163,7 +163,8 @@ def _fitted_headers(
     record: Record, exc: EventRejected, event: EventSignal | None, total: int
 ) -> tuple[list[Header], bool]:
     originals = [(_text(k), v) for k, v in record.headers or () if not stale(_text(k), event)]
-    headers, cut = fit_headers(letter_headers(exc, event, _origin(record)), originals, total=total)
+    carried = {_text(k).lower() for k, _ in record.headers or ()}
+    headers, cut = fit_headers(letter_headers(exc, event, _origin(record)), originals, total=total, carried=carried)
     return [(k, v.encode("utf-8", "surrogatepass") if isinstance(v, str) else v) for k, v in headers], cut
 
 

@@ -10,7 +10,7 @@ of it: "Dead letters" in docs/kafka.md and docs/rabbitmq.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 from bridge.errors import EventRejected
@@ -88,20 +88,28 @@ def fit_headers(
     *,
     total: int = MAX_HEADERS,
     measure: Callable[[V], int] = byte_size,
+    carried: Collection[str] = (),
 ) -> tuple[list[tuple[str, V | str]], bool]:
     """The letter's headers, at most :data:`MAX_HEADER_VALUE` bytes a value and ``total`` in all,
-    and whether anything was cut or left out.
+    and whether anything a replay needs was cut or left out.
 
     ``ours`` (the dead-letter headers) come first in the budget, each value cut to fit; then the
     original headers in order, while they fit: a longer text or bytes value is cut, any other
     value that large is left out. The originals come first in the list, as in the message.
+
+    A cut of the error, or of the event's id or name where the message had no header of that
+    name (``carried``: the names of the message's own headers, lower case), is no trim: a replay
+    reads the event from the message again and needs none of them (an id or name of 4,096
+    characters can take 16 KiB, and its letter could not be replayed). Where the message had such
+    a header, the letter's stands for it (an entry may read the id from it).
     """
+    needed = {name for name in ours if name != H_ERROR and (name not in EVENT_HEADERS or name in carried)}
     trimmed = False
     used = 0
     mine: list[tuple[str, V | str]] = []
     for name, text in ours.items():
         short = cut_text(text, MAX_HEADER_VALUE)
-        trimmed |= short != text
+        trimmed |= short != text and name in needed
         used += len(name) + len(short.encode("utf-8", "surrogatepass"))
         mine.append((name, short))
     kept: list[tuple[str, V | str]] = []

@@ -123,6 +123,24 @@ def test_an_id_read_from_an_x_event_id_header_is_the_same_when_replayed(decoded:
     assert decode(amqp_parse.to_message(delivery, queue), fmt).id == amqp_event.id == "e-42"
 
 
+def test_a_letter_whose_own_event_headers_were_cut_is_replayed_unless_the_message_had_them() -> None:
+    """A name of 4,000 'é' is 8,000 bytes: the letter's x-event-name was cut to 4 KiB, and that made
+    the letter 'trimmed', never replayed, though the record in it was whole. Only where the record
+    had such a header of its own (an entry may read the name from it) does the cut count."""
+    name = "é" * 4000
+    original = record(body(name=name, payload={"n": 1}))
+    event = decode(kafka_parse.to_message(original), ENVELOPE)
+    letter = as_letter(kafka_parse.dead_letter(original, unroutable(), event))
+    rebuilt = kafka_replay.original(letter)
+    assert isinstance(rebuilt, ConsumerRecord)
+    assert decode(kafka_parse.to_message(rebuilt), ENVELOPE).name == name
+    carrying = record(body(name=name), headers=[(H_EVENT_NAME, name.encode())])
+    cut = as_letter(kafka_parse.dead_letter(carrying, unroutable(), event))
+    assert kafka_replay.original(cut) == TRIMMED
+    amqp_original = FakeMessage(json.dumps({"name": name}).encode(), message_id="m-1")
+    assert not isinstance(amqp_replay.original(amqp_letter(amqp_original, fmt=ENVELOPE)), str)
+
+
 def test_kafka_letters_that_cannot_be_replayed() -> None:
     assert kafka_replay.original(record(b"{}", headers=[("tenant", b"acme")])) == NOT_A_DEAD_LETTER
     original = record(b"x" * 2_000_000)
