@@ -6,7 +6,8 @@ query selects are listed, each one's input read from its history (the start even
 original event is sent once, however many runs it started (one event fans out to several
 entries), as a new event:
 
-- id ``replay:{n}:{original id}``, the original source, name, payload, time and metadata, plus
+- id ``replay:{n}:{original id}`` (``replay:{n}:{ENTRY}:{original id}`` with ``to``), the original
+  source, name, payload, time and metadata, plus
   ``metadata.replay = {number: n, of: original id, at: now[, to: ENTRY]}``. ``n`` is
   ``--replay-number``, by default the Unix time when the replay began: the same ``n`` gives the
   same ids, so running a replay again with its number starts nothing new. A run that was itself
@@ -104,13 +105,15 @@ def root_id(event: EventSignal) -> str:
 
 
 def replayed(original: EventSignal, number: int, to: str | None = None, at: str | None = None) -> EventSignal:
-    """``original`` as the new event ``replay:{number}:{original id}``."""
+    """``original`` as the new event ``replay:{number}:{original id}``, or with ``to``
+    ``replay:{number}:{to}:{original id}``: replays of one number to two entries are two events
+    (with one id, the dispatcher took the second for the first, and it started nothing)."""
     root = root_id(original)
     marker: dict[str, Any] = {"number": number, "of": root, "at": at or utc_now()}
     if to is not None:
         marker["to"] = to
     return EventSignal(
-        id=f"replay:{number}:{root}",
+        id=f"replay:{number}:{root}" if to is None else f"replay:{number}:{to}:{root}",
         name=original.name,
         payload=original.payload,
         source=original.source,

@@ -374,5 +374,9 @@ async def test_history_replay_to_one_entry(bridge_factory, temporal_client, temp
         await replay_runs(fixed, query=query, to="nope", confirm=None, client=temporal_client)
     done = await replay_runs(fixed, query=query, to="ship", number=8, confirm=None, client=temporal_client)
     assert (done.tally.total, done.tally.accepted) == (3, 3)
-    only = runs_of(project, "ship", "http:token-1", [f"replay:8:h-{i}" for i in range(3)])
+    only = runs_of(project, "ship", "http:token-1", [f"replay:8:ship:h-{i}" for i in range(3)])
     await assert_runs(temporal_client, project, first | only, settle=3)
+    # The same number to the other entry: other events (with one id, the dispatcher dropped them).
+    await replay_runs(fixed, query=query, to="audit", number=8, confirm=None, client=temporal_client)
+    audit = runs_of(project, "audit", "http:token-1", [f"replay:8:audit:h-{i}" for i in range(3)])
+    await assert_runs(temporal_client, project, first | only | audit, settle=3)

@@ -444,7 +444,7 @@ def test_a_past_event_is_sent_again_as_replay_n_of_its_original_id() -> None:
     assert original is not None
     again = replay_runs.replayed(original, 7, to="ship", at="now")
     assert (again.id, again.source, again.name, again.payload, again.time) == (
-        "replay:7:e-1",
+        "replay:7:ship:e-1",
         "http:ci",
         "order.created",
         {"n": 1},
@@ -454,6 +454,8 @@ def test_a_past_event_is_sent_again_as_replay_n_of_its_original_id() -> None:
     # A replayed event replayed again is its original event: ids never nest.
     assert replay_runs.root_id(again) == "e-1"
     assert replay_runs.replayed(again, 8).id == "replay:8:e-1"
+    # One number to two entries: two events (one id, and the dispatcher took the second for the first).
+    assert replay_runs.replayed(original, 7, to="bill").id != again.id
 
 
 def test_what_is_not_a_target_input_is_not_replayed() -> None:
