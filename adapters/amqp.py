@@ -195,7 +195,8 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
             channel = await self._channel.get_underlay_channel()
         except (AMQPError, RuntimeError):  # being opened again
             return False
-        return self._tag in cast(aiormq.Channel, channel).consumers  # as aio-pika's own recovery reads it
+        # As aio-pika's own recovery reads it; a closed channel keeps the tags it had.
+        return not channel.is_closed and self._tag in cast(aiormq.Channel, channel).consumers
 
     # -- topology -------------------------------------------------------------------------------
 

@@ -94,9 +94,15 @@ def read_what_pamqp_refuses() -> None:
     _read_properties_aio_pika_refuses()
 
 
+class _Overrun(ValueError):
+    """A field value, table or array that runs past the table or array it is in (or the frame)."""
+
+
 class _Fields:
     """Header tables and arrays read in one pass over the frame, with names that are not UTF-8
-    read as text, and as empty past :data:`MAX_TABLE_DEPTH`. pamqp's own reader copies the rest of
+    read as text, and as empty past :data:`MAX_TABLE_DEPTH`. A value is read within its table or
+    array: one that runs past it ends what is read of it (pamqp read on into the bytes after, and
+    those bytes were read again as the next fields: quadratic again). pamqp's own reader copies the rest of
     the frame for each field: 100 KiB of tiny fields took half a second of the event loop."""
 
     def __init__(self, scalars: dict[bytes, Callable[[bytes], tuple[int, Any]]]) -> None:
@@ -105,23 +111,25 @@ class _Fields:
 
     def table(self, value: bytes) -> tuple[int, dict[str, Any]]:
         try:
-            return self._table_at(bytes(value), 0, 0)
+            buf = bytes(value)
+            return self._table_at(buf, 0, 0, len(buf))
         except (struct.error, TypeError, IndexError) as exc:
             raise ValueError("Could not unpack data") from exc
 
     def array(self, value: bytes) -> tuple[int, list[Any]]:
         try:
-            return self._array_at(bytes(value), 0, 0)
+            buf = bytes(value)
+            return self._array_at(buf, 0, 0, len(buf))
         except (struct.error, TypeError, IndexError) as exc:
             raise ValueError("Could not unpack data") from exc
 
-    def _value_at(self, buf: bytes, at: int, depth: int) -> tuple[int, Any]:
+    def _value_at(self, buf: bytes, at: int, depth: int, limit: int) -> tuple[int, Any]:
         """The field value whose type octet is at ``buf[at]``, and the offset after it."""
         kind, at = buf[at : at + 1], at + 1
         if kind == b"F":
-            return self._table_at(buf, at, depth + 1)
+            return self._table_at(buf, at, depth + 1, limit)
         if kind == b"A":
-            return self._array_at(buf, at, depth + 1)
+            return self._array_at(buf, at, depth + 1, limit)
         if kind in (b"S", b"x"):  # a length, then that many bytes: only those are sliced
             length = int.from_bytes(buf[at : at + 4], "big")
             used, value = (self.long_str if kind == b"S" else self.byte_array)(buf[at : at + 4 + length])
@@ -129,19 +137,19 @@ class _Fields:
             used, value = self.scalars[kind](buf[at : at + _FIXED[kind]])
         else:
             raise ValueError(f"Unknown type: {kind!r}")
-        if at + used > len(buf):
-            raise ValueError("Field value exceeds available data")
+        if at + used > limit:
+            raise _Overrun("Field value exceeds its table or array")
         return at + used, value
 
     @staticmethod
-    def _bounds(buf: bytes, at: int, what: str) -> int:
+    def _bounds(buf: bytes, at: int, what: str, limit: int) -> int:
         end = at + 4 + int.from_bytes(buf[at : at + 4], "big")
-        if at + 4 > len(buf) or end > len(buf):
-            raise ValueError(f"Field {what} length exceeds available data")
+        if at + 4 > limit or end > limit:
+            raise _Overrun(f"Field {what} length exceeds available data")
         return end
 
-    def _table_at(self, buf: bytes, at: int, depth: int) -> tuple[int, dict[str, Any]]:
-        end = self._bounds(buf, at, "table")
+    def _table_at(self, buf: bytes, at: int, depth: int, limit: int) -> tuple[int, dict[str, Any]]:
+        end = self._bounds(buf, at, "table", limit)
         table: dict[str, Any] = {}
         if depth >= MAX_TABLE_DEPTH:
             return end, table
@@ -151,16 +159,23 @@ class _Fields:
             if at + 1 + length > end:
                 raise ValueError("Field table key length exceeds data")
             name = buf[at + 1 : at + 1 + length].decode("utf-8", "backslashreplace")
-            at, table[name] = self._value_at(buf, at + 1 + length, depth)
+            try:
+                at, table[name] = self._value_at(buf, at + 1 + length, depth, end)
+            except _Overrun:  # RabbitMQ refuses such a frame; the rest of this table is left out
+                break
         return end, table
 
-    def _array_at(self, buf: bytes, at: int, depth: int) -> tuple[int, list[Any]]:
-        end = self._bounds(buf, at, "array")
+    def _array_at(self, buf: bytes, at: int, depth: int, limit: int) -> tuple[int, list[Any]]:
+        end = self._bounds(buf, at, "array", limit)
         if depth >= MAX_TABLE_DEPTH:
             return end, []
-        items, at = [], at + 4
+        items: list[Any] = []
+        at += 4
         while at < end:
-            at, item = self._value_at(buf, at, depth)
+            try:
+                at, item = self._value_at(buf, at, depth, end)
+            except _Overrun:  # as in a table
+                return end, items
             items.append(item)
         return at, items
 

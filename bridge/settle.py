@@ -84,6 +84,7 @@ class Item(Generic[M]):
     error: EventRejected | None = None
     disposition: Disposition | None = None
     encoded: bytes = b""  # the event as the pipeline encoded it when it checked it
+    checked_with: object = None  # the route table it was checked against
 
 
 class Abandoned(Exception):
@@ -281,6 +282,7 @@ class Settler(Generic[M]):
         item: Item[M] = Item(message)
         try:
             item.event = decode(self.transport.to_message(message), self.event)
+            item.checked_with = self.pipeline.routes
             refused, item.encoded = self.pipeline.examine(item.event)
         except EventRejected as exc:
             self._refuse(item, exc)
@@ -316,7 +318,10 @@ class Settler(Generic[M]):
         async def submit() -> list[Outcome]:
             live[:] = [i for i in items if self.transport.usable(i.message)]
             events = [i.event for i in live if i.event is not None]
-            encoded = [i.encoded for i in live if i.event is not None]  # checked and encoded once, at decode
+            # Checked and encoded once, at decode; again only after a reload (an outage may span one).
+            routes = self.pipeline.routes
+            fresh = all(i.checked_with is routes for i in live if i.event is not None)
+            encoded = [i.encoded for i in live if i.event is not None] if fresh else None
             return await self.pipeline.submit(events, self.adapter, encoded=encoded) if events else []
 
         try:

@@ -806,7 +806,7 @@ async def test_readyz_is_red_while_rabbitmq_has_no_consumer_and_green_once_it_ha
     few seconds, saying so at DEBUG only, and /readyz stayed green while nothing was read."""
     monkeypatch.setattr(amqp, "CONSUMER_CHECK", 0.01)
     adapter = make_adapter(FakeSink())
-    underlay = SimpleNamespace(consumers={"ctag": object()})
+    underlay = SimpleNamespace(consumers={"ctag": object()}, is_closed=False)
 
     async def get_underlay_channel() -> Any:
         return underlay
@@ -830,3 +830,19 @@ async def test_readyz_is_red_while_rabbitmq_has_no_consumer_and_green_once_it_ha
         adapter._stopping.set()
         await adapter._watch
         await adapter._task
+
+
+async def test_a_closed_channel_that_still_lists_the_consumer_is_no_consumer() -> None:
+    """aiormq keeps a closed channel's consumer tags, and aio-pika hands that channel back until a
+    new one is open: the adapter read it as consuming."""
+    adapter = make_adapter(FakeSink())
+    closed = SimpleNamespace(consumers={"ctag": object()}, is_closed=True)
+
+    async def get_underlay_channel() -> Any:
+        return closed
+
+    adapter._channel = SimpleNamespace(get_underlay_channel=get_underlay_channel)  # type: ignore[assignment]
+    adapter._tag = "ctag"
+    assert await adapter._has_consumer() is False
+    closed.is_closed = False
+    assert await adapter._has_consumer() is True

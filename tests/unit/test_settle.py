@@ -611,3 +611,26 @@ async def test_a_letter_out_before_its_attempt_failed_is_logged_once(caplog: pyt
     assert [m for m, _ in t.letters] == ["bad-1", "bad-2"]
     logged = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
     assert len(logged) == 2 and any("bad-1" in line for line in logged) and any("bad-2" in line for line in logged)
+
+
+async def test_a_reload_while_a_batch_waits_out_an_outage_is_applied_to_it() -> None:
+    """The batch's events are checked once, at decode, and not again at each submit; but a reload
+    while the batch waits (here: a schema it no longer passes) must still refuse them, as each
+    submit's own check did before: the dispatcher does not check schemas."""
+    loose = runner("typed", "order.created")
+    strict = runner("typed", "order.created")
+    strict["triggers"][0]["schema"] = {"type": "object", "required": ["customer"]}  # good() has only orderId
+    tables = {"now": RouteTable.from_config(config("unit", "127.0.0.1:7233", [loose]))}
+    sink = FakeSink(outages=1)
+    pipeline = Pipeline(lambda: tables["now"], sink)
+    transport = FakeTransport()
+
+    async def reload_while_waiting(seconds: float) -> bool:
+        tables["now"] = RouteTable.from_config(config("unit", "127.0.0.1:7233", [strict]))  # a SIGHUP meanwhile
+        return True
+
+    transport.wait = reload_while_waiting  # type: ignore[method-assign]
+    s = Settler(pipeline, transport, adapter="fake", name="fake:q", event=EventFormat(), backoff=Backoff(0.001, 0.002))
+    [item] = await s.settle([good(1)])
+    assert item.disposition is Disposition.DEAD_LETTERED and sink.held == []
+    assert item.error is not None and item.error.reason == "schema_invalid"
