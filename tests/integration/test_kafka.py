@@ -749,7 +749,9 @@ async def test_deep_nan_invalid_utf8_and_oversized_records_are_dead_lettered_and
         assert (int(headers["x-original-partition"]), int(headers["x-original-offset"])) == placed[i]
         assert letter.value == value  # whole: only the headers had to give
     oversized_headers = by_key[b"p-oversized"][1]
-    assert oversized_headers["x-dead-letter-trimmed"] == b"headers"
+    # Its x-event-name was cut, but the record had no header of that name: the letter holds the
+    # record whole, and a replay may take it (it is refused again, as malformed).
+    assert "x-dead-letter-trimmed" not in oversized_headers
     assert (
         oversized_headers["x-event-name"].startswith(b"order.unheard-of-xxx")
         and len(oversized_headers["x-event-name"]) <= 4096
