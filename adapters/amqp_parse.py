@@ -132,6 +132,8 @@ class _Fields:
             return self._array_at(buf, at, depth + 1, limit)
         if kind in (b"S", b"x"):  # a length, then that many bytes: only those are sliced
             length = int.from_bytes(buf[at : at + 4], "big")
+            if at + 4 + length > limit:  # before the bytes are copied (and a string decoded)
+                raise _Overrun("Field value exceeds its table or array")
             used, value = (self.long_str if kind == b"S" else self.byte_array)(buf[at : at + 4 + length])
         elif kind in _FIXED:
             used, value = self.scalars[kind](buf[at : at + _FIXED[kind]])

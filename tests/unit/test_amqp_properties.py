@@ -12,6 +12,7 @@ import tracemalloc
 from datetime import datetime
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pamqp import decode as pamqp_decode
@@ -172,3 +173,24 @@ def test_a_value_that_runs_past_its_table_ends_what_is_read_of_it_and_costs_no_m
         tracemalloc.stop()
     assert used == 4 + 128_000 // 14 * 14 and len(table) == 128_000 // 14
     assert retained < 16 * 2**20, f"{len(table)} headers hold {retained / 2**20:.0f} MiB"
+
+
+def test_a_string_that_claims_more_than_its_array_holds_is_not_copied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each such string was copied (and decoded) up to the end of the frame before its overrun was
+    seen: a frame of 13,000 of them, each in an array of its own, cost time quadratic in its size.
+    Counted in bytes handed to the string reader, not timed."""
+    fields = pamqp_decode.field_array.__self__  # type: ignore[attr-defined]
+    handed = 0
+    real = fields.long_str
+
+    def counting(value: bytes) -> Any:
+        nonlocal handed
+        handed += len(value)
+        return real(value)
+
+    monkeypatch.setattr(fields, "long_str", counting)
+    unit = b"A" + struct.pack(">I", 5) + b"S" + struct.pack(">I", 0x7F7F7F7F)
+    out = unit * 12_800
+    used, items = pamqp_decode.field_array(struct.pack(">I", len(out)) + out)
+    assert used == 4 + len(out) and items == [[]] * 12_800
+    assert handed < 4 * len(out)
