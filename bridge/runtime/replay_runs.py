@@ -140,11 +140,12 @@ async def first_argument(client: Client, workflow_id: str, run_id: str | None) -
 async def collect(client: Client, query: str, progress: Callable[[int], None] = lambda n: None) -> Collected:
     """The distinct original events of the runs ``query`` selects, in the order they were listed.
 
-    Runs whose memo names an event already seen are not read at all; what the memo cannot tell
-    (a replay of an event, and the event itself) is deduplicated on the inputs."""
+    Runs whose memo names an event already seen are not read at all, unless the run read for it
+    cannot be: then the next one is; what the memo cannot tell (a replay of an event, and the event
+    itself) is deduplicated on the inputs."""
     out = Collected([])
-    by_memo: set[tuple[str, str]] = set()
-    to_read: list[tuple[str, str | None]] = []
+    others: dict[tuple[str, str], list[tuple[str, str | None]]] = {}  # by memo: the runs not read
+    to_read: list[tuple[tuple[str, str] | None, str, str | None]] = []
     async for execution in client.list_workflows(query):
         out.runs += 1
         progress(out.runs)
@@ -152,13 +153,15 @@ async def collect(client: Client, query: str, progress: Callable[[int], None] = 
             memo = await execution.memo()
         except Exception:  # a memo the converter cannot read: the input tells
             memo = {}
-        key = (memo.get("event_source"), memo.get("event_id"))
-        if isinstance(key[0], str) and isinstance(key[1], str):
-            if key in by_memo:
-                out.duplicates += 1
-                continue
-            by_memo.add((key[0], key[1]))
-        to_read.append((execution.id, execution.run_id))
+        source, event_id = memo.get("event_source"), memo.get("event_id")
+        key = (source, event_id) if isinstance(source, str) and isinstance(event_id, str) else None
+        if key is not None and key in others:
+            out.duplicates += 1
+            others[key].append((execution.id, execution.run_id))
+            continue
+        if key is not None:
+            others[key] = []
+        to_read.append((key, execution.id, execution.run_id))
     gate = asyncio.Semaphore(READS_IN_FLIGHT)
 
     async def read(workflow_id: str, run_id: str | None) -> Any:
@@ -169,7 +172,14 @@ async def collect(client: Client, query: str, progress: Callable[[int], None] = 
                 log.warning("replay: cannot read the history of %s: %s", safe(workflow_id), safe(exc, 300))
                 return exc
 
-    args = await asyncio.gather(*(read(wid, rid) for wid, rid in to_read))
+    async def read_event(key: tuple[str, str] | None, workflow_id: str, run_id: str | None) -> Any:
+        arg = await read(workflow_id, run_id)
+        while isinstance(arg, RPCError) and key is not None and others[key]:
+            out.duplicates -= 1  # another run of the event is read instead
+            arg = await read(*others[key].pop(0))
+        return arg
+
+    args = await asyncio.gather(*(read_event(key, wid, rid) for key, wid, rid in to_read))
     seen: set[tuple[str, str]] = set()
     for arg in args:
         if isinstance(arg, RPCError):

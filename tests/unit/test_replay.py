@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from aiokafka.structs import ConsumerRecord
+from temporalio.service import RPCError, RPCStatusCode
 
 from adapters import amqp_parse, amqp_replay, kafka_parse, kafka_replay
 from adapters.replay_common import NO_ENTRY, NOT_A_DEAD_LETTER, TRIMMED, Tally
@@ -619,3 +620,37 @@ async def test_letters_written_back_end_an_outage_so_a_later_refusal_waits_its_f
     replay._outage_since = 0.0  # a copy-back refused long ago
     await replay._copy([record(b"{}")])
     assert replay._outage_since is None
+
+
+async def test_an_event_whose_first_run_cannot_be_read_is_read_from_another_of_its_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Runs whose memo names an event already seen are not read; when the one run read for it could
+    not be (its history gone, say), the event was counted unreadable and never sent, though another
+    run listed held it."""
+
+    @dataclass
+    class Execution:
+        id: str
+        run_id: str | None = None
+
+        async def memo(self) -> dict[str, Any]:
+            return {"event_source": "http:ci", "event_id": "e-1"}
+
+    class Listing:
+        async def list_workflows(self, query: str) -> Any:
+            for wid in ("gone", "ship-run", "audit-run"):
+                yield Execution(wid)
+
+    read: list[str] = []
+
+    async def first_argument(client: Any, workflow_id: str, run_id: str | None) -> Any:
+        read.append(workflow_id)
+        if workflow_id == "gone":
+            raise RPCError("workflow not found", RPCStatusCode.NOT_FOUND, b"")
+        return target_input("e-1")
+
+    monkeypatch.setattr(replay_runs, "first_argument", first_argument)
+    found = await replay_runs.collect(Listing(), "q")  # type: ignore[arg-type]
+    assert [e.id for e in found.events] == ["e-1"] and read == ["gone", "ship-run"]
+    assert (found.runs, found.duplicates, found.unreadable) == (3, 1, 0)
