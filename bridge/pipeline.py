@@ -88,15 +88,11 @@ class Pipeline:
         Total: an event the checks themselves fail on (a bug, or a value nobody foresaw) is refused
         as ``malformed`` with the traceback logged, so it can never fail the events beside it.
         """
-        return self._examine(event)[0]
+        return self.examine(event)[0]
 
     def examine(self, event: EventSignal) -> tuple[EventRejected | None, bytes]:
         """:meth:`check`, and the event's encoding (empty when refused), which :meth:`submit`
         takes as ``encoded`` so that the event is neither checked nor encoded twice."""
-        return self._examine(event)
-
-    def _examine(self, event: EventSignal) -> tuple[EventRejected | None, bytes]:
-        """Why the event can never be accepted (or None), and its encoding (empty when refused)."""
         try:
             return self._check(event)
         except Exception:
@@ -146,7 +142,7 @@ class Pipeline:
             outcomes, good, datas = [Outcome(e) for e in events], list(events), list(encoded)
         else:
             for event in events:
-                rejected, data = self._examine(event)
+                rejected, data = self.examine(event)
                 outcomes.append(Outcome(event, rejected))
                 if rejected is None:
                     good.append(event)
