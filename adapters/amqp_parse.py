@@ -16,7 +16,7 @@ import struct
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
@@ -34,6 +34,8 @@ ADAPTER = "amqp"
 CE_PREFIXES = ("cloudevents_", "cloudevents:")
 KEPT_PROPERTIES = ("message_id", "correlation_id", "app_id", "type", "user_id")
 
+
+T = TypeVar("T")
 
 _FIXED = {b"t": 1, b"b": 1, b"B": 1, b"s": 2, b"u": 2, b"I": 4, b"i": 4, b"l": 8, b"L": 8, b"f": 4, b"d": 8}
 _FIXED |= {b"D": 5, b"T": 8, b"V": 0, b"\x00": 0}
@@ -100,26 +102,27 @@ class _Overrun(ValueError):
 
 class _Fields:
     """Header tables and arrays read in one pass over the frame, with names that are not UTF-8
-    read as text, and as empty past :data:`MAX_TABLE_DEPTH`. A value is read within its table or
-    array: one that runs past it ends what is read of it (pamqp read on into the bytes after, and
-    those bytes were read again as the next fields: quadratic again). pamqp's own reader copies the rest of
-    the frame for each field: 100 KiB of tiny fields took half a second of the event loop."""
+    read as text, and as empty past :data:`MAX_TABLE_DEPTH`. pamqp's own reader copies the rest of
+    the frame for each field: 100 KiB of tiny fields took half a second of the event loop. A value
+    is read within its table or array: one that runs past it ends what is read of that table or
+    array (pamqp read on into the bytes after, which were then read again as the next fields)."""
 
     def __init__(self, scalars: dict[bytes, Callable[[bytes], tuple[int, Any]]]) -> None:
         self.scalars = scalars
         self.long_str, self.byte_array = pamqp_decode.long_str, pamqp_decode.byte_array
 
     def table(self, value: bytes) -> tuple[int, dict[str, Any]]:
-        try:
-            buf = bytes(value)
-            return self._table_at(buf, 0, 0, len(buf))
-        except (struct.error, TypeError, IndexError) as exc:
-            raise ValueError("Could not unpack data") from exc
+        return self._whole(self._table_at, value)
 
     def array(self, value: bytes) -> tuple[int, list[Any]]:
+        return self._whole(self._array_at, value)
+
+    @staticmethod
+    def _whole(read: Callable[[bytes, int, int, int], tuple[int, T]], value: bytes) -> tuple[int, T]:
+        """``read`` from the frame's start, failing only with ValueError, as pamqp's readers do."""
         try:
             buf = bytes(value)
-            return self._array_at(buf, 0, 0, len(buf))
+            return read(buf, 0, 0, len(buf))
         except (struct.error, TypeError, IndexError) as exc:
             raise ValueError("Could not unpack data") from exc
 
