@@ -9,6 +9,7 @@ the CEL filters and yields targets in a stable order: the order of ``workflows:`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,12 @@ class TriggerRoute:
 # Temporal's default limit on a workflow id (limit.maxIDLength), in characters.
 MAX_WORKFLOW_ID = 1000
 
+DISPATCHER_PREFIX = "dispatcher-"
+"""Every project's dispatchers are ``dispatcher-{slug}[-k]`` (dispatcher.contract.dispatcher_id)."""
+_RUN_SHAPE = re.compile(r"-[0-9a-f]{20}")
+"""The end of the id of a run the bridge starts for an event: ``{entry}-{digest}``
+(bridge.event.target_workflow_id, run_digest)."""
+
 
 @dataclass(frozen=True)
 class SignalRoute:
@@ -62,6 +69,24 @@ class SignalRoute:
                 f"signal workflow_id renders {len(text)} characters; Temporal allows {MAX_WORKFLOW_ID}"
             )
         return text
+
+    def reserved(self, run: str) -> str | None:
+        """Why the bridge will not signal ``run`` (an id :meth:`render_id` gave), or None.
+
+        The id comes from the event, so its sender picks it. A dispatcher's id is never one: a
+        signal there would be taken for events. Nor, with ``if_missing: start``, is the id of a run
+        the bridge starts for an event (``{entry}-{digest}``, of any project): the digest is of
+        values a sender can know, and a run started under it first would make that event's own
+        start a duplicate, so the event would never start. Signalling such a run while it is open
+        (``skip``) stays possible: a run the bridge started may name itself in a later event."""
+        if run.startswith(DISPATCHER_PREFIX):
+            return f"signal workflow_id {run[:80]!r} names a dispatcher of the bridge"
+        if self.if_missing == "start" and _RUN_SHAPE.fullmatch(run, max(0, len(run) - 21)):
+            return (
+                f"signal workflow_id {run[:80]!r} has the shape of a run the bridge starts for an event"
+                " ({entry}-{digest}), which if_missing: start must not take"
+            )
+        return None
 
     def describe(self) -> str:
         return f"signal {self.workflow_id}:{self.name}"
@@ -295,11 +320,13 @@ def _signal_from_spec(spec: dict[str, Any] | None) -> SignalRoute | None:
 def _check_signal_target(workflow: str, signal: SignalRoute, event: EventSignal) -> None:
     """Refuse, at the adapter, an event whose run to signal has no usable id."""
     try:
-        signal.render_id(event)
+        why = signal.reserved(signal.render_id(event))
     except templates.TemplateError as exc:
+        why = str(exc)
+    if why is not None:
         raise EventRejected(
-            "target_invalid", f"workflow {workflow!r}: {exc}", workflow=workflow, field="signal.workflow_id"
-        ) from None
+            "target_invalid", f"workflow {workflow!r}: {why}", workflow=workflow, field="signal.workflow_id"
+        )
 
 
 def _compile_trigger(name: str, filter_src: str | None, schema: dict[str, Any] | None, where: str) -> TriggerRoute:

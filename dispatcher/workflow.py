@@ -92,6 +92,10 @@ DRAIN_RELOADS = "drain-reloads"
 the old table, counting it unroutable."""
 DEEP_EVENTS_MALFORMED = "deep-events-malformed"
 """The patch from which an event nested deeper than MAX_SIGNAL_DEPTH is dropped as malformed."""
+RESERVED_SIGNAL_IDS = "reserved-signal-ids"
+"""The patch from which a signal entry's run id that names a dispatcher, or (``if_missing: start``)
+has the shape of a run the bridge starts, is counted failed, not signalled
+(bridge.routing.SignalRoute.reserved; the adapters refuse such events first)."""
 
 
 @dataclass
@@ -530,6 +534,10 @@ class DispatcherWorkflow:
             info = workflow.info()
             dispatcher = {"dispatcher": info.workflow_id, "dispatcher_run": info.run_id}
             found = search.values(item.event, self._project) if self._search_attributes else None
+            if target.signal is not None:
+                why = target.signal.reserved(target.signal.render_id(item.event))
+                if why is not None and workflow.patched(RESERVED_SIGNAL_IDS):
+                    raise ValueError(why)
             return starts.plan(item.event, item.size, item.digest, target, str(workflow.uuid4()), dispatcher, found)
         except Exception as exc:  # an input template that fails, an argument too large: counted
             self._count(failed(str(exc)), target_workflow_id(target.workflow_id, item.digest), item.event)

@@ -1012,6 +1012,22 @@ async def test_a_signal_entry_signals_the_rendered_run_once_per_event_in_either_
     assert signals[0].workflow_type == USER_TYPE and signals[0].memo["event_id"] == "p1"
 
 
+async def test_a_run_id_the_bridge_keeps_for_itself_is_counted_failed_not_signalled(make: Any) -> None:
+    """An event that reaches the dispatcher (accepted before a reload, say) with a signal entry's
+    id naming a dispatcher, or an event's own run under if_missing: start, sends nothing there."""
+    d = await make("activity")
+    signal = {"name": "payment", "workflow_id": "{{ .trigger.runId }}", "if_missing": "start"}
+    d.stubs.routes = [d.route("pay", "payment.completed", signal=signal), d.route("audit", "payment.completed")]
+    victim = f"process-order-{run_digest(d.project, 'kafka:orders', 'order-123')}"
+    await d.send(
+        d.event("p1", "payment.completed", runId=victim),
+        d.event("p2", "payment.completed", runId=d.handle.id),
+        d.event("p3", "payment.completed", runId="order-9"),
+    )
+    await d.settled(received=3, signaled=1, failed=2, started=3)
+    assert [s.id for s in d.stubs.starts if s.signal is not None] == ["order-9"]
+
+
 async def test_a_small_batch_with_a_signal_with_start_is_scheduled_not_local(make: Any) -> None:
     """Only a scheduled activity's retry knows what an earlier attempt sent (its heartbeat details):
     a signal-with-start sent again after the run it reached closed starts another run. A small
