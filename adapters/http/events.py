@@ -14,13 +14,15 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from litestar import Controller, Request, Response, post
+from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
 from litestar.openapi import ResponseSpec
+from litestar.params import QueryParameter
 
-from adapters.http import answers
-from adapters.http.answers import ACCEPTED, MULTI_STATUS, Accepted, BatchAnswer
+from adapters.http import answers, lookup
+from adapters.http.answers import ACCEPTED, MULTI_STATUS, Accepted, BatchAnswer, EventRuns
 from adapters.http.openapi import BEARER_AUTH, EventsOperation, error_responses
 from adapters.http.parse import Parsed, parse
 from adapters.http.problems import Problem
@@ -105,6 +107,28 @@ class EventsController(Controller):
                 return await _submit_batch(http, snapshot, token, parsed)
             http.charge(token, 1)
             return await _submit_one(http, snapshot, token, parsed)
+
+    @get(
+        "/",
+        summary="The runs an event started, by an id given as a query parameter",
+        operation_id="lookUpEventById",
+        security=BEARER_AUTH,
+        responses=error_responses(lookup.QUERY_REASONS),
+    )
+    async def look_up_by_query(
+        self,
+        request: Request[Any, Any, Any],
+        http: NamedDependency[HttpState],
+        snapshot: NamedDependency[Snapshot],
+        event_id: Annotated[
+            str | None, QueryParameter(name="id", description="The event id, any characters, URL-encoded")
+        ] = None,
+    ) -> EventRuns:
+        """As ``GET /api/v1/events/{event_id}``, for any id (one with ``/``, such as a CloudEvent's
+        ``{source}#{id}`` with a URL for its source)."""
+        if event_id is None:
+            raise Problem("malformed", "give the event's id: GET /api/v1/events?id=…")
+        return await lookup.runs_of(request, event_id, http, snapshot)
 
 
 def _parse(

@@ -76,3 +76,29 @@ async def test_look_ups_past_the_ones_in_flight_are_refused_and_the_others_answe
     assert extra.headers["retry-after"] == "1"
     assert [a.status_code for a in answers] == [200] * lookup.IN_FLIGHT and after.status_code == 200
     assert elsewhere.status_code == 200, "another token's look-ups go on"
+
+
+async def test_any_id_the_api_accepts_can_be_looked_up() -> None:
+    """The path form takes an id without ``/`` of up to the 4,096 characters POST takes; the query
+    form takes any id exactly, such as a CloudEvent's ``{source}#{id}`` with a URL for its source
+    (a path is read with its empty segments dropped)."""
+    asked: list[str] = []
+
+    async def look_up(event_id: str, source: str) -> list[dict[str, Any]]:
+        asked.append(event_id)
+        return [run(event_id, source)]
+
+    snap = Snapshot.compile(make_config())
+    app = create_app(Pipeline(snap.routes, FakeSink()), lambda: snap, lookup=look_up)
+    cloudevent = "https://shop.example/orders#ev-1?x=1 y"
+    async with AsyncTestClient(app) as c:
+        long = await c.get("/api/v1/events/" + "k" * 4096, headers=AUTH)
+        too_long = await c.get("/api/v1/events/" + "k" * 4097, headers=AUTH)
+        exact = await c.get("/api/v1/events", params={"id": cloudevent}, headers=AUTH)
+        missing = await c.get("/api/v1/events", headers=AUTH)
+        unauthorized = await c.get("/api/v1/events", params={"id": "e-1"})
+    assert long.status_code == 200 and too_long.status_code == 404
+    assert exact.status_code == 200 and exact.json()["event_id"] == cloudevent
+    assert asked == ["k" * 4096, cloudevent], "nothing longer than an event id is asked of Temporal"
+    assert missing.status_code == 400 and missing.json()["error"] == "malformed"
+    assert unauthorized.status_code == 401

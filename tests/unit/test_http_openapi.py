@@ -158,7 +158,7 @@ def run(
     check()
 
 
-OPERATIONS = ["sendEvents", "lookUpEvent", "receiveWebhook", "healthz", "readyz", "metrics"]
+OPERATIONS = ["sendEvents", "lookUpEvent", "lookUpEventById", "receiveWebhook", "healthz", "readyz", "metrics"]
 POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
 OPEN_HOOK = {"path_parameters": {"slug": "open"}}
 CASES = [
@@ -169,6 +169,8 @@ CASES = [
     pytest.param("receiveWebhook", NEGATIVE, OPEN_HOOK, id="webhook-negative"),
     pytest.param("lookUpEvent", POSITIVE, {}, id="look-up"),
     pytest.param("lookUpEvent", NEGATIVE, {}, id="look-up-negative"),
+    pytest.param("lookUpEventById", POSITIVE, {}, id="look-up-by-query"),
+    pytest.param("lookUpEventById", NEGATIVE, {}, id="look-up-by-query-negative"),
     pytest.param("healthz", POSITIVE, {}, id="healthz"),
     pytest.param("readyz", POSITIVE, {}, id="readyz"),
     pytest.param("metrics", POSITIVE, {}, id="metrics"),
