@@ -116,6 +116,7 @@ class Bridge:
         self._worker_task: asyncio.Task[None] | None = None
         self.dispatcher: DispatcherClient | None = None
         self._tell_dispatcher = False  # a reload swapped the config, and the dispatcher did not hear of it
+        self._swaps = 0  # snapshots swapped in by reloads
         self.pipeline: Pipeline | None = None
         self.adapters: list[Adapter] = []
         self._http: _Uvicorn | None = None
@@ -332,6 +333,12 @@ class Bridge:
         The swap is done before the dispatcher is told: if telling it fails (Temporal out of
         reach), the file is not read again, so :meth:`_watch` tells it again until it hears."""
         swapped = self.source.reload()
+        if swapped:
+            self._swaps += 1
+            if self.pipeline is not None:  # what the pipeline was given at start, as the new file says
+                settings = self.source.current.config
+                self.pipeline.max_pending = settings.dispatcher.max_pending_events
+                self.pipeline.retry_after = settings.http.retry_after_seconds
         if swapped and self.dispatcher is not None and self.role in ("all", "worker"):
             self._tell_dispatcher = True
             await self._told()
@@ -339,9 +346,13 @@ class Bridge:
         return swapped
 
     async def _told(self) -> None:
+        """Tell the dispatcher to load the routes again. A swap made while it was being told (a
+        SIGHUP's reload and the watcher's overlap) leaves it to be told once more."""
         assert self.dispatcher is not None
+        swaps = self._swaps
         await self.dispatcher.reload()
-        self._tell_dispatcher = False
+        if self._swaps == swaps:
+            self._tell_dispatcher = False
 
     async def _watch(self) -> None:
         """Reload when the file's modification time changes (checked every WATCH_INTERVAL s), and
@@ -385,6 +396,25 @@ class Bridge:
         self._pinged = (time.monotonic(), answered)
         return answered
 
+    def failure(self) -> str | None:
+        """What of this process ended without being asked to (its worker, its HTTP server, its
+        embedded Temporal server), or None while they all run."""
+        if self._worker_task is not None and self._worker_task.done():
+            return "the worker stopped" + _ended(self._worker_task)
+        if self._http_task is not None and self._http_task.done():
+            return "the HTTP server stopped" + _ended(self._http_task)
+        if self.embedded is not None and self.embedded.process is not None and not self.embedded.running:
+            return f"the embedded Temporal server exited with {self.embedded.process.returncode}"
+        return None
+
+    async def failed(self, every: float = 1.0) -> str:
+        """Wait until :meth:`failure` has something to say, and say it."""
+        while True:  # the process's embedded server is polled: no event to wait on
+            why = self.failure()
+            if why is not None:
+                return why
+            await asyncio.sleep(every)
+
     async def stop(self) -> None:
         for task in (self._watcher, self._stats_task):
             if task is not None:
@@ -406,8 +436,10 @@ class Bridge:
             await self.dispatcher.close()
         if self.worker is not None and self._worker_task is not None:
             await self.worker.shutdown()
-            with contextlib.suppress(Exception):
+            try:
                 await self._worker_task
+            except Exception:
+                log.exception("the worker ended with an error")
         if self.embedded is not None:
             self.embedded.stop()
         log.info("signal-bridge stopped project=%s", self.config.project)
@@ -450,6 +482,24 @@ async def run_until_signalled(bridge: Bridge) -> None:
             bridge.embedded.ui_url,
             bridge.config.temporal.namespace,
         )
-    await stop.wait()
-    log.info("shutting down: no new events; finishing in-flight submissions")
+    asked, died = asyncio.create_task(stop.wait()), asyncio.create_task(bridge.failed())
+    await asyncio.wait({asked, died}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (asked, died):
+        task.cancel()
+    why = died.result() if died.done() and not died.cancelled() else None
+    if why is not None:
+        # A process that stays up without its worker (or server) takes events that nothing
+        # starts, or answers 503 for ever, and a supervisor would see it exit 0 at last.
+        log.error("%s; stopping, to be restarted", why)
+    else:
+        log.info("shutting down: no new events; finishing in-flight submissions")
     await bridge.stop()
+    if why is not None:
+        raise BridgeError(why)
+
+
+def _ended(task: asyncio.Task[Any]) -> str:
+    if task.cancelled():
+        return " (cancelled)"
+    exc = task.exception()
+    return f": {exc!r}" if exc is not None else ""

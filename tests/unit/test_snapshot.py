@@ -202,6 +202,48 @@ async def test_a_reload_the_dispatcher_did_not_hear_of_is_told_again_by_the_watc
     assert bridge.source.current.routes.is_routable("b") and dispatcher.calls == 2  # once heard, no more
 
 
+async def test_a_reload_swapped_while_the_dispatcher_was_being_told_is_told_again(tmp_path: Path) -> None:
+    """A SIGHUP's reload and the watcher's overlap: the first telling ends after the second swap,
+    whose own telling failed. The dispatcher may have loaded the first file's routes: it is told
+    again, not taken to have heard."""
+    path = tmp_path / "bridge.yaml"
+    write(path, data("a"))
+    bridge = Bridge(load(path), config_path=path, watch=False)
+    first_sent, release = asyncio.Event(), asyncio.Event()
+
+    class Dispatcher:
+        calls = 0
+
+        async def reload(self) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                first_sent.set()
+                await release.wait()
+            elif self.calls == 2:
+                raise Unavailable("Temporal is out of reach")
+
+    bridge.dispatcher = Dispatcher()  # type: ignore[assignment]
+    write(path, data("a", "b"))
+    first = asyncio.create_task(bridge.reload())
+    await first_sent.wait()
+    write(path, data("a", "b", "c"))
+    with pytest.raises(Unavailable):
+        await bridge.reload()
+    release.set()
+    assert await first
+    assert bridge._tell_dispatcher, "the second swap was never heard of"
+
+
+async def test_the_pipelines_limits_follow_a_reloaded_config(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.yaml"
+    write(path, data("a"))
+    bridge = Bridge(load(path), config_path=path, watch=False)
+    bridge.pipeline = Pipeline(lambda: bridge.source.current.routes, FakeSink(), max_pending=10_000, retry_after=5)
+    write(path, data("a", dispatcher={"max_pending_events": 3}, http={**data()["http"], "retry_after_seconds": 9}))
+    assert await bridge.reload()
+    assert (bridge.pipeline.max_pending, bridge.pipeline.retry_after) == (3, 9)
+
+
 def test_no_token_refuses_to_start_and_insecure_mode_warns(caplog: pytest.LogCaptureFixture) -> None:
     open_config = parse(data("a", tokens=())).config
     with pytest.raises(ConfigError, match="no bearer token configured"):

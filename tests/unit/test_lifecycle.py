@@ -1,0 +1,165 @@
+"""The process's life: a part of it that ends without being asked to ends the process, with an
+error, so that a supervisor restarts it (a worker gone stalls every event that reaches Temporal;
+an HTTP server or embedded Temporal server gone answers 503 for ever)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bridge.errors import BridgeError
+from bridge.runtime.app import Bridge, run_until_signalled
+from bridge.snapshot import load
+
+CONFIG = {
+    "project": "life",
+    "temporal": {"address": "127.0.0.1:1"},
+    "http": {"auth": {"tokens": ["a-token-long-enough-for-the-check-0001"]}},
+    "workflows": [{"id": "w", "workflow_type": "W", "triggers": [{"name": "a"}]}],
+}
+
+
+@pytest.fixture
+def bridge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Bridge:
+    path = tmp_path / "bridge.yaml"
+    path.write_text(yaml.safe_dump(CONFIG))
+    made = Bridge(load(path), config_path=path, watch=False)
+    made.stopped = 0  # type: ignore[attr-defined]
+
+    async def stop() -> None:
+        made.stopped += 1  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(made, "stop", stop)
+    monkeypatch.setattr(gc, "freeze", lambda: None)
+    return made
+
+
+async def run(bridge: Bridge, start: Any) -> None:
+    bridge.start = start  # type: ignore[method-assign]
+    await asyncio.wait_for(run_until_signalled(bridge), timeout=10)
+
+
+async def test_a_worker_that_dies_stops_the_process_with_an_error(bridge: Bridge) -> None:
+    async def start() -> None:
+        async def worker() -> None:
+            raise RuntimeError("Namespace default is not found")
+
+        bridge._worker_task = asyncio.create_task(worker())
+
+    with pytest.raises(BridgeError, match=r"the worker stopped: RuntimeError.*not found"):
+        await run(bridge, start)
+    assert bridge.stopped == 1  # type: ignore[attr-defined]
+
+
+async def test_an_http_server_that_ends_stops_the_process(bridge: Bridge) -> None:
+    async def start() -> None:
+        bridge._http_task = asyncio.create_task(asyncio.sleep(0))
+
+    with pytest.raises(BridgeError, match="the HTTP server stopped"):
+        await run(bridge, start)
+
+
+async def test_an_embedded_server_that_exits_stops_the_process(bridge: Bridge) -> None:
+    class Gone:
+        returncode = -9
+
+        def poll(self) -> int:
+            return self.returncode
+
+    class Embedded:
+        process = Gone()
+        running = False
+        ui_url = None
+
+    async def start() -> None:
+        bridge.embedded = Embedded()  # type: ignore[assignment]
+
+    with pytest.raises(BridgeError, match="embedded Temporal server exited with -9"):
+        await run(bridge, start)
+
+
+async def test_a_stop_asked_for_is_no_error(bridge: Bridge) -> None:
+    async def start() -> None:
+        bridge._worker_task = asyncio.create_task(asyncio.sleep(3600))
+        asyncio.get_running_loop().call_later(0.1, os.kill, os.getpid(), signal.SIGTERM)
+
+    await run(bridge, start)  # returns: no error
+    assert bridge.stopped == 1  # type: ignore[attr-defined]
+    assert bridge._worker_task is not None
+    bridge._worker_task.cancel()
+
+
+CHILD = """
+import asyncio, os, signal, sys
+import bridge.runtime.embedded as embedded
+embedded.temporal_binary = lambda: sys.argv[1]
+async def answers(*args, **kwargs):
+    return None
+embedded.check_ready = answers
+async def main():
+    server = embedded.EmbeddedTemporal(sys.argv[2], ui=False)
+    await server.start()
+    print(server.process.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not shutil.which("setpriv"), reason="Linux's setpriv")
+def test_an_embedded_server_ends_with_a_bridge_that_was_killed(tmp_path: Path) -> None:
+    """A bridge killed outright cannot stop its embedded server; the server must not outlive it
+    (it would keep the ports, and the next start would run a second server on its database)."""
+    fake = tmp_path / "temporal"
+    fake.write_text("#!/bin/sh\nexec sleep 120\n")
+    fake.chmod(0o755)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(fake), str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    server = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(server):
+        time.sleep(0.05)
+    try:
+        assert not _alive(server), "the embedded server outlived the bridge"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):  # a zombie whose parent has not reaped it yet is gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    return False
+
+
+def test_an_unexpected_error_is_reported_and_exits_1(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    """Not a traceback out of main(): entry() must still leave by os._exit (sdk-python#300)."""
+    from bridge.runtime import cli
+
+    def fails(args: Any, role: str) -> int:
+        raise ConnectionRefusedError("the broker at 127.0.0.1:5672 refused")
+
+    monkeypatch.setattr(cli, "_serve", fails)
+    assert cli.main(["serve", "--config", "x.yaml"]) == 1
+    assert "the broker at 127.0.0.1:5672 refused" in capsys.readouterr().err
