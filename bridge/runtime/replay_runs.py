@@ -25,7 +25,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -53,6 +53,7 @@ from bridge.runtime.replay_support import (
 )
 from bridge.settle import Backoff
 from bridge.snapshot import Snapshot
+from dispatcher.contract import dispatcher_id
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ BATCH = 100
 ADAPTER = "replay"
 NOT_A_TARGET_RUN = "not_a_target_run"  # its input is no TargetInput
 UNREADABLE = "unreadable"  # its history could not be read (gone past retention, no permission)
+ELSEWHERE = "not_this_project"  # listed, but no dispatcher of the config's project started it
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Collected:
     duplicates: int = 0  # runs whose event an earlier run carried already
     not_target: int = 0
     unreadable: int = 0
+    elsewhere: int = 0  # runs another project's dispatcher started, or no dispatcher at all
 
 
 def original_of(arg: Any) -> EventSignal | None:
@@ -137,13 +140,31 @@ async def first_argument(client: Client, workflow_id: str, run_id: str | None) -
     return None
 
 
-async def collect(client: Client, query: str, progress: Callable[[int], None] = lambda n: None) -> Collected:
-    """The distinct original events of the runs ``query`` selects, in the order they were listed.
+def started_for(project: str) -> Callable[[Mapping[str, Any]], bool]:
+    """Whether a run's memo says a dispatcher of ``project`` started it (``dispatcher-{slug}``, or
+    ``-{shard}`` after it, whatever the shards were then): a query may list runs of every project
+    in the namespace, and runs an application started with an argument of the same shape."""
+    base = dispatcher_id(project, 0, 1)
+
+    def mine(memo: Mapping[str, Any]) -> bool:
+        by = memo.get("dispatcher")
+        return isinstance(by, str) and (by == base or (by.startswith(base + "-") and by[len(base) + 1 :].isdigit()))
+
+    return mine
+
+
+async def collect(
+    client: Client, query: str, progress: Callable[[int], None] = lambda n: None, *, project: str | None = None
+) -> Collected:
+    """The distinct original events of the runs ``query`` selects, in the order they were listed;
+    with ``project``, of the runs that project's dispatchers started only (:func:`started_for`).
 
     Runs whose memo names an event already seen are not read at all, unless the run read for it
-    cannot be: then the next one is; what the memo cannot tell (a replay of an event, and the event
-    itself) is deduplicated on the inputs."""
+    cannot be, or holds no event (a run that continued-as-new keeps its memo, not its first
+    argument): then the next one is. What the memo cannot tell (a replay of an event, and the
+    event itself) is deduplicated on the inputs."""
     out = Collected([])
+    mine = started_for(project) if project is not None else None
     others: dict[tuple[str, str], list[tuple[str, str | None]]] = {}  # by memo: the runs not read
     to_read: list[tuple[tuple[str, str] | None, str, str | None]] = []
     async for execution in client.list_workflows(query):
@@ -153,6 +174,9 @@ async def collect(client: Client, query: str, progress: Callable[[int], None] = 
             memo = await execution.memo()
         except Exception:  # a memo the converter cannot read: the input tells
             memo = {}
+        if mine is not None and not mine(memo):
+            out.elsewhere += 1
+            continue
         source, event_id = memo.get("event_source"), memo.get("event_id")
         key = (source, event_id) if isinstance(source, str) and isinstance(event_id, str) else None
         if key is not None and key in others:
@@ -174,7 +198,7 @@ async def collect(client: Client, query: str, progress: Callable[[int], None] = 
 
     async def read_event(key: tuple[str, str] | None, workflow_id: str, run_id: str | None) -> Any:
         arg = await read(workflow_id, run_id)
-        while isinstance(arg, RPCError) and key is not None and others[key]:
+        while (isinstance(arg, RPCError) or original_of(arg) is None) and key is not None and others[key]:
             out.duplicates -= 1  # another run of the event is read instead
             arg = await read(*others[key].pop(0))
         return arg
@@ -267,7 +291,9 @@ async def replay_runs(
     report = printer(out, bar)
     client = client or await temporal(snapshot)
     with bar.around_logging():
-        found = await collect(client, query, lambda n: bar.update(n, None, "runs listed"))
+        found = await collect(
+            client, query, lambda n: bar.update(n, None, "runs listed"), project=snapshot.config.project
+        )
     tally = Tally(read=found.runs, duplicates=found.duplicates, total=len(found.events))
     scope = f"to {to}" if to else "to every matching entry"
     outcome = Outcome(f"runs matching {query!r} {scope}", dry_run, tally, kind="runs", number=number)
@@ -281,7 +307,7 @@ async def replay_runs(
         outcome.stopped = f"not confirmed: {len(events)} events, nothing sent"
     else:
         await _send(snapshot, client, events, outcome, bar, give_up_after)
-    for why, n in ((NOT_A_TARGET_RUN, found.not_target), (UNREADABLE, found.unreadable)):
+    for why, n in ((NOT_A_TARGET_RUN, found.not_target), (UNREADABLE, found.unreadable), (ELSEWHERE, found.elsewhere)):
         if n:
             tally.kept[why] = n
     return outcome

@@ -654,3 +654,44 @@ async def test_an_event_whose_first_run_cannot_be_read_is_read_from_another_of_i
     found = await replay_runs.collect(Listing(), "q")  # type: ignore[arg-type]
     assert [e.id for e in found.events] == ["e-1"] and read == ["gone", "ship-run"]
     assert (found.runs, found.duplicates, found.unreadable) == (3, 1, 0)
+
+
+async def test_runs_of_other_projects_are_not_replayed_and_a_continued_run_is_read_past(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A query lists runs of every project in the namespace (and runs an application started with
+    an argument of the same shape): only those this project's dispatchers started are replayed.
+    A run that continued-as-new keeps its memo but not its first argument, and is listed first:
+    the event is read from another run of it, not counted a duplicate and lost."""
+
+    @dataclass
+    class Execution:
+        id: str
+        memo_of: dict[str, Any]
+        run_id: str | None = None
+
+        async def memo(self) -> dict[str, Any]:
+            return self.memo_of
+
+    def made_by(dispatcher: str | None, event_id: str = "e-1") -> dict[str, Any]:
+        memo = {"event_source": "http:ci", "event_id": event_id}
+        return memo if dispatcher is None else {**memo, "dispatcher": dispatcher}
+
+    class Listing:
+        async def list_workflows(self, query: str) -> Any:
+            yield Execution("continued", made_by("dispatcher-shop"))
+            yield Execution("ship-run", made_by("dispatcher-shop"))
+            yield Execution("sharded", made_by("dispatcher-shop-3", "e-2"))
+            yield Execution("billing", made_by("dispatcher-billing", "e-3"))
+            yield Execution("shop-2", made_by("dispatcher-shop-2x", "e-4"))
+            yield Execution("by-an-app", made_by(None, "e-5"))
+
+    async def first_argument(client: Any, workflow_id: str, run_id: str | None) -> Any:
+        if workflow_id == "continued":
+            return {"carried": "state"}
+        return target_input({"ship-run": "e-1", "sharded": "e-2"}.get(workflow_id, "x"))
+
+    monkeypatch.setattr(replay_runs, "first_argument", first_argument)
+    found = await replay_runs.collect(Listing(), "q", project="shop")  # type: ignore[arg-type]
+    assert [e.id for e in found.events] == ["e-1", "e-2"]
+    assert (found.runs, found.elsewhere, found.duplicates, found.not_target) == (6, 3, 0, 0)
