@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import logging
 import math
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from opentelemetry.context import Context
 from temporalio.api.common.v1 import Header, Payload, Payloads, WorkflowType
 from temporalio.api.enums.v1 import ResourceExhaustedCause
 from temporalio.api.errordetails.v1 import ResourceExhaustedFailure
@@ -70,6 +72,7 @@ from dispatcher.contract import (
 )
 from dispatcher.slots import Handover
 from dispatcher.spans import client_span, tracing_interceptor
+from dispatcher.spans import current as current_trace
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +195,7 @@ class _Submission:
     size: int
     awaited: int = 0  # of them, events a client waits for (see AWAITED)
     indices: list[int] = field(default_factory=list)  # of its events in the submission
+    trace: Context | None = None  # the submitter's trace context, when tracing is on
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -292,7 +296,7 @@ class DispatcherClient:
         for index, (shard, item, awaited) in enumerate(placed):
             sub = open_.get(shard)
             if sub is None or sub.size + len(item) > MAX_SIGNAL_BYTES or len(sub.events) >= MAX_SIGNAL_EVENTS:
-                sub = open_[shard] = _Submission([], 0)
+                sub = open_[shard] = _Submission([], 0, trace=current_trace() if self._tracing else None)
                 subs.append(sub)
                 self._queues[shard].put_nowait(sub)
             sub.events.append(item)
@@ -396,11 +400,15 @@ class DispatcherClient:
         self._queues = [asyncio.Queue() for _ in range(self.shards)]
         self._carry = [None] * self.shards
         self._rooms = [_Room() for _ in range(self.shards)]
+        # In a context of their own: started by the first submission, they would otherwise keep
+        # its trace context for ever, and make every later signal's span a child of its request.
         self._senders = [
-            asyncio.create_task(self._sender(k), name=f"dispatcher-sender-{k}") for k in range(self.shards)
+            asyncio.create_task(self._sender(k), name=f"dispatcher-sender-{k}", context=contextvars.Context())
+            for k in range(self.shards)
         ]
         self._watchers = [
-            asyncio.create_task(self._watch(k), name=f"dispatcher-watcher-{k}") for k in range(self.shards)
+            asyncio.create_task(self._watch(k), name=f"dispatcher-watcher-{k}", context=contextvars.Context())
+            for k in range(self.shards)
         ]
 
     def _refuse_if_full(self, shard: int) -> None:
@@ -477,7 +485,8 @@ class DispatcherClient:
         """One signal for the batch. When it takes longer than ``suspect_after`` and a probe finds
         Temporal down, the batch is answered Unavailable and the call is left to finish alone."""
         began = time.monotonic()
-        call = asyncio.create_task(self._signal(shard, [e for sub in batch for e in sub.events]))
+        traces = [sub.trace for sub in batch if sub.trace is not None]
+        call = asyncio.create_task(self._signal(shard, [e for sub in batch for e in sub.events], traces))
         self._sending += 1
         call.add_done_callback(self._sent)
         try:
@@ -552,12 +561,13 @@ class DispatcherClient:
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         )
 
-    async def _signal(self, shard: int, events: list[bytes]) -> None:
+    async def _signal(self, shard: int, events: list[bytes], traces: Sequence[Context] = ()) -> None:
         wid = self._ids[shard]
         # The list of events, as the SDK would encode the list of their dicts, from their encodings.
         signal_input = Payloads(payloads=[Payload(metadata=JSON_PLAIN, data=b"[" + b",".join(events) + b"]")])
         try:
-            with client_span(self._tracing, f"SignalWithStartWorkflow:{DISPATCHER_WORKFLOW}", wid) as header:
+            name = f"SignalWithStartWorkflow:{DISPATCHER_WORKFLOW}"
+            with client_span(self._tracing, name, wid, traces) as header:
                 share = self.handover.share()
                 if share < 1.0:  # the worker running the dispatcher, in whatever process, gives way too
                     header = header or Header()

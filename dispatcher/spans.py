@@ -10,9 +10,11 @@ the workflow side of the same interceptor reads it as it reads its own.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
-from opentelemetry.trace import SpanKind
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, SpanKind, get_current_span
 from temporalio.api.common.v1 import Header
 from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
@@ -24,16 +26,31 @@ def tracing_interceptor(client: Client) -> TracingInterceptor | None:
     return next((i for i in client.config()["interceptors"] if isinstance(i, TracingInterceptor)), None)
 
 
+def current() -> Context:
+    """The caller's trace context, to make a span of a later call its child (:func:`client_span`)."""
+    return otel_context.get_current()
+
+
 @contextlib.contextmanager
-def client_span(tracing: TracingInterceptor | None, name: str, workflow_id: str) -> Iterator[Header | None]:
+def client_span(
+    tracing: TracingInterceptor | None, name: str, workflow_id: str, parents: Sequence[Context] = ()
+) -> Iterator[Header | None]:
     """The client span ``name`` (the SDK's names: ``SignalWorkflow:{signal}``,
     ``SignalWithStartWorkflow:{type}``) for a call to ``workflow_id``, current while the block
-    runs, and the header that carries it. None without an interceptor, or with no trace to carry."""
+    runs, and the header that carries it. None without an interceptor, or with no trace to carry.
+
+    ``parents``: the contexts of the callers the call serves (one signal carries the submissions
+    of several requests): the span is the first one's child, linked to the others'. Without them it
+    is the current context's child."""
     if tracing is None:
         yield None
         return
     attributes = {"temporalWorkflowID": workflow_id}
-    with tracing.tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes=attributes):
+    parent = parents[0] if parents else None
+    links = [Link(c) for c in (get_current_span(p).get_span_context() for p in parents[1:]) if c.is_valid]
+    with tracing.tracer.start_as_current_span(
+        name, context=parent, kind=SpanKind.CLIENT, attributes=attributes, links=links
+    ):
         carrier: dict[str, str] = {}
         tracing.text_map_propagator.inject(carrier)
         if not carrier:

@@ -137,3 +137,44 @@ async def test_a_signal_to_an_open_run_carries_the_trace(
 
         await assert_eventually(traced, timeout=30, what="the signal's span, and the run's link to it")
         await handle.terminate("test done")
+
+
+async def test_each_requests_hand_over_is_in_its_own_trace(
+    bridge_factory: Any, temporal_address: str, spans: InMemorySpanExporter
+) -> None:
+    """The client's senders start with the first submission: in its context, every later
+    request's signal span was a child of that first request, in its trace (and not recorded at
+    all when its sender chose not to sample)."""
+    project = unique("trace-each")
+    cfg = config(
+        project,
+        temporal_address,
+        [{"id": "w", "workflow_type": "Untraced", "task_queue": unique("nobody"), "triggers": [{"name": "a"}]}],
+        tracing={"enabled": True},
+    )
+    bridge = await bridge_factory(cfg, client=None)
+    first, second = uuid.uuid4().hex, uuid.uuid4().hex
+    async with httpx.AsyncClient(timeout=30) as http:
+        for key, (trace_id, flags) in enumerate(((first, "00"), (second, "01"))):
+            resp = await http.post(
+                f"http://127.0.0.1:{bridge.http_port}/api/v1/events",
+                json={"name": "a", "payload": {}},
+                headers={
+                    "Authorization": f"Bearer {TOKEN}",
+                    "Idempotency-Key": f"each-{key}",
+                    "traceparent": f"00-{trace_id}-b7ad6b7169203331-{flags}",
+                },
+            )
+            assert resp.status_code == 202, resp.text
+
+    def handed_over() -> bool:
+        signals = [
+            f"{s.context.trace_id:032x}"
+            for s in spans.get_finished_spans()
+            if s.name == "SignalWithStartWorkflow:SignalBridgeDispatcher"
+            and f"{s.context.trace_id:032x}" in (first, second)
+        ]
+        assert signals == [second], signals  # the first was not sampled; the second is its own
+        return True
+
+    await assert_eventually(handed_over, timeout=10, what="the second request's hand-over span")
