@@ -10,7 +10,7 @@ the CEL filters and yields targets in a stable order: the order of ``workflows:`
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -70,21 +70,22 @@ class SignalRoute:
             )
         return text
 
-    def reserved(self, run: str) -> str | None:
-        """Why the bridge will not signal ``run`` (an id :meth:`render_id` gave), or None.
+    def reserved(self, run: str, entries: Collection[str]) -> str | None:
+        """Why the bridge will not signal ``run`` (an id :meth:`render_id` gave), or None;
+        ``entries``: the ids of the table's entries that start runs (not signal ones).
 
         The id comes from the event, so its sender picks it. A dispatcher's id is never one: a
         signal there would be taken for events. Nor, with ``if_missing: start``, is the id of a run
-        the bridge starts for an event (``{entry}-{digest}``, of any project): the digest is of
-        values a sender can know, and a run started under it first would make that event's own
-        start a duplicate, so the event would never start. Signalling such a run while it is open
-        (``skip``) stays possible: a run the bridge started may name itself in a later event."""
+        the bridge starts for an event (``{entry}-{digest}``): the digest is of values a sender can
+        know, and a run started under it first would make that event's own start a duplicate, so
+        the event would never start. Signalling such a run while it is open (``skip``) stays
+        possible: a run the bridge started may name itself in a later event."""
         if run.startswith(DISPATCHER_PREFIX):
             return f"signal workflow_id {run[:80]!r} names a dispatcher of the bridge"
-        if self.if_missing == "start" and _RUN_SHAPE.fullmatch(run, max(0, len(run) - 21)):
+        if self.if_missing == "start" and _RUN_SHAPE.fullmatch(run, max(0, len(run) - 21)) and run[:-21] in entries:
             return (
-                f"signal workflow_id {run[:80]!r} has the shape of a run the bridge starts for an event"
-                " ({entry}-{digest}), which if_missing: start must not take"
+                f"signal workflow_id {run[:80]!r} is the id of a run workflow {run[:-21]!r} starts for an event,"
+                " which if_missing: start must not take"
             )
         return None
 
@@ -135,6 +136,8 @@ class Routing:
 class RouteTable:
     def __init__(self, workflows: list[WorkflowRoute]) -> None:
         self.workflows = workflows
+        self.starting = frozenset(w.id for w in workflows if w.signal is None)
+        """The ids of the entries that start runs (a signal entry's runs have ids of their own)."""
 
     @classmethod
     def from_config(cls, config: BridgeConfig, *, origin: str = "config") -> RouteTable:
@@ -237,7 +240,7 @@ class RouteTable:
                 matched = True
                 if w.signal is not None and not signal_checked:
                     signal_checked = True
-                    _check_signal_target(w.id, w.signal, event)
+                    _check_signal_target(w.id, w.signal, event, self.starting)
                 if t.validator is None:
                     continue
                 error = next(iter(t.validator.iter_errors(event.payload)), None)
@@ -317,10 +320,10 @@ def _signal_from_spec(spec: dict[str, Any] | None) -> SignalRoute | None:
     return SignalRoute(spec["name"], spec["workflow_id"], spec.get("if_missing", "skip"))
 
 
-def _check_signal_target(workflow: str, signal: SignalRoute, event: EventSignal) -> None:
+def _check_signal_target(workflow: str, signal: SignalRoute, event: EventSignal, starting: Collection[str]) -> None:
     """Refuse, at the adapter, an event whose run to signal has no usable id."""
     try:
-        why = signal.reserved(signal.render_id(event))
+        why = signal.reserved(signal.render_id(event), starting)
     except templates.TemplateError as exc:
         why = str(exc)
     if why is not None:

@@ -535,7 +535,8 @@ class DispatcherWorkflow:
             dispatcher = {"dispatcher": info.workflow_id, "dispatcher_run": info.run_id}
             found = search.values(item.event, self._project) if self._search_attributes else None
             if target.signal is not None:
-                why = target.signal.reserved(target.signal.render_id(item.event))
+                assert self._routes is not None
+                why = target.signal.reserved(target.signal.render_id(item.event), self._routes.starting)
                 if why is not None and workflow.patched(RESERVED_SIGNAL_IDS):
                     raise ValueError(why)
             return starts.plan(item.event, item.size, item.digest, target, str(workflow.uuid4()), dispatcher, found)

@@ -1018,7 +1018,7 @@ async def test_a_run_id_the_bridge_keeps_for_itself_is_counted_failed_not_signal
     d = await make("activity")
     signal = {"name": "payment", "workflow_id": "{{ .trigger.runId }}", "if_missing": "start"}
     d.stubs.routes = [d.route("pay", "payment.completed", signal=signal), d.route("audit", "payment.completed")]
-    victim = f"process-order-{run_digest(d.project, 'kafka:orders', 'order-123')}"
+    victim = f"audit-{run_digest(d.project, 'kafka:orders', 'order-123')}"  # another event's run
     await d.send(
         d.event("p1", "payment.completed", runId=victim),
         d.event("p2", "payment.completed", runId=d.handle.id),

@@ -369,23 +369,24 @@ def test_a_run_id_that_renders_empty_or_too_long_is_refused_at_the_adapter(
 SQUAT = "{{ .trigger.runId }}"
 
 
+def squat_table(if_missing: str) -> RouteTable:
+    signal = {"name": "payment", "workflow_id": SQUAT, "if_missing": if_missing}
+    return table(wf("pay", "payment.completed", signal=signal), wf("process-order", "order.created"))
+
+
 @pytest.mark.parametrize(
     ("run", "if_missing"),
     [
         ("dispatcher-shop", "skip"),
         ("dispatcher-other-project-3", "start"),
         (f"process-order-{run_digest('shop', 'kafka:orders', 'order-123')}", "start"),
-        ("anything-0123456789abcdef0123", "start"),
     ],
 )
 def test_a_run_id_the_bridge_keeps_for_itself_is_refused_at_the_adapter(run: str, if_missing: str) -> None:
     # The sender picks the id: one that named another event's run and started it first would
     # make that event's own start a duplicate, and the event would never start.
-    routes = table(
-        wf("pay", "payment.completed", signal={"name": "payment", "workflow_id": SQUAT, "if_missing": if_missing})
-    )
     with pytest.raises(EventRejected) as caught:
-        routes.check(event("payment.completed", {"runId": run}))
+        squat_table(if_missing).check(event("payment.completed", {"runId": run}))
     assert caught.value.reason == "target_invalid" and caught.value.details["field"] == "signal.workflow_id"
 
 
@@ -393,18 +394,18 @@ def test_a_run_id_the_bridge_keeps_for_itself_is_refused_at_the_adapter(run: str
     ("run", "if_missing"),
     [
         (f"process-order-{run_digest('shop', 'kafka:orders', 'order-123')}", "skip"),  # signal a run the bridge started
-        ("order-0123456789abcdef012", "start"),  # 19 hex digits: not the shape
-        ("order-0123456789ABCDEF0123", "start"),  # digests are lower case
+        ("cart-0123456789abcdef0123", "start"),  # the shape, but no entry of that id: an id of the user's own
+        (f"pay-{run_digest('shop', 'http:ci', 'p-1')}", "start"),  # a signal entry's runs have ids of their own
+        ("process-order-0123456789abcdef012", "start"),  # 19 hex digits: not the shape
+        ("process-order-0123456789ABCDEF0123", "start"),  # digests are lower case
         ("my-dispatcher-7", "start"),
     ],
 )
 def test_other_run_ids_are_signalled(run: str, if_missing: str) -> None:
-    routes = table(
-        wf("pay", "payment.completed", signal={"name": "payment", "workflow_id": SQUAT, "if_missing": if_missing})
-    )
+    routes = squat_table(if_missing)
     routes.check(event("payment.completed", {"runId": run}))
     [target] = routes.resolve(event("payment.completed", {"runId": run}))
-    assert target.signal is not None and target.signal.reserved(run) is None
+    assert target.signal is not None and target.signal.reserved(run, routes.starting) is None
 
 
 def test_a_bad_signal_template_is_refused_at_load() -> None:
