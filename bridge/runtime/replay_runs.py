@@ -34,7 +34,7 @@ from temporalio.service import RPCError
 
 from adapters.replay_common import Tally
 from bridge.errors import BridgeError, EventRejected, Unavailable
-from bridge.event import EventSignal, utc_now
+from bridge.event import EventSignal, run_digest, target_workflow_id, utc_now
 from bridge.logsafe import safe
 from bridge.pipeline import Outcome as Submitted
 from bridge.pipeline import Pipeline
@@ -53,7 +53,7 @@ from bridge.runtime.replay_support import (
 )
 from bridge.settle import Backoff
 from bridge.snapshot import Snapshot
-from dispatcher.contract import dispatcher_id
+from dispatcher import search
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ BATCH = 100
 ADAPTER = "replay"
 NOT_A_TARGET_RUN = "not_a_target_run"  # its input is no TargetInput
 UNREADABLE = "unreadable"  # its history could not be read (gone past retention, no permission)
-ELSEWHERE = "not_this_project"  # listed, but no dispatcher of the config's project started it
+ELSEWHERE = "not_this_project"  # listed, but not started for an event of the config's project
 
 
 @dataclass
@@ -129,26 +129,42 @@ def replayed(original: EventSignal, number: int, to: str | None = None, at: str 
 
 
 async def first_argument(client: Client, workflow_id: str, run_id: str | None) -> Any:
-    """The first argument the run was started with, from its history's first event."""
+    """The first argument the run's chain was started with, from its history's first event: a run
+    that continued-as-new from another was started with what that one passed on, so the chain's
+    first run is read instead."""
     handle = client.get_workflow_handle(workflow_id, run_id=run_id)
     async for event in handle.fetch_history_events(page_size=1):
         if not event.HasField("workflow_execution_started_event_attributes"):
             return None
-        payloads = event.workflow_execution_started_event_attributes.input.payloads
+        started = event.workflow_execution_started_event_attributes
+        first = started.first_execution_run_id
+        if started.continued_execution_run_id and first and first != run_id:
+            return await first_argument(client, workflow_id, first)
+        payloads = started.input.payloads
         values = await client.data_converter.decode(payloads) if payloads else []
         return values[0] if values else None
     return None
 
 
-def started_for(project: str) -> Callable[[Mapping[str, Any]], bool]:
-    """Whether a run's memo says a dispatcher of ``project`` started it (``dispatcher-{slug}``, or
-    ``-{shard}`` after it, whatever the shards were then): a query may list runs of every project
-    in the namespace, and runs an application started with an argument of the same shape."""
-    base = dispatcher_id(project, 0, 1)
+def started_for(project: str) -> Callable[[Any, Mapping[str, Any]], bool]:
+    """Whether a listed run (and its memo) was started for an event of ``project``: a query may
+    list runs of every project in the namespace, and runs an application started with an argument
+    of the same shape.
 
-    def mine(memo: Mapping[str, Any]) -> bool:
-        by = memo.get("dispatcher")
-        return isinstance(by, str) and (by == base or (by.startswith(base + "-") and by[len(base) + 1 :].isdigit()))
+    By its ``SignalBridgeProject`` attribute when it has one; else by its workflow id, which for a
+    run a workflow entry started is ``{entry}-{run_digest(project, source, event id)}`` of its
+    memo's values. A run a signal entry started (``if_missing: start``) has an id of its own, and
+    without the attribute it is not told apart: it is left out."""
+    value = search.fit(project)
+
+    def mine(execution: Any, memo: Mapping[str, Any]) -> bool:
+        held = execution.typed_search_attributes.get(search.PROJECT)
+        if held is not None:
+            return bool(held == value)
+        entry, source, event_id = memo.get("workflow_entry"), memo.get("event_source"), memo.get("event_id")
+        if not (isinstance(entry, str) and isinstance(source, str) and isinstance(event_id, str)):
+            return False
+        return bool(execution.id == target_workflow_id(entry, run_digest(project, source, event_id)))
 
     return mine
 
@@ -157,7 +173,7 @@ async def collect(
     client: Client, query: str, progress: Callable[[int], None] = lambda n: None, *, project: str | None = None
 ) -> Collected:
     """The distinct original events of the runs ``query`` selects, in the order they were listed;
-    with ``project``, of the runs that project's dispatchers started only (:func:`started_for`).
+    with ``project``, of the runs started for that project's events only (:func:`started_for`).
 
     Runs whose memo names an event already seen are not read at all, unless the run read for it
     cannot be, or holds no event (a run that continued-as-new keeps its memo, not its first
@@ -174,7 +190,7 @@ async def collect(
             memo = await execution.memo()
         except Exception:  # a memo the converter cannot read: the input tells
             memo = {}
-        if mine is not None and not mine(memo):
+        if mine is not None and not mine(execution, memo):
             out.elsewhere += 1
             continue
         source, event_id = memo.get("event_source"), memo.get("event_id")

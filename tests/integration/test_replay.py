@@ -23,7 +23,9 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from temporalio import workflow
 from temporalio.client import Client
+from temporalio.worker import Worker
 
 from bridge import snapshot
 from bridge.config import parse_config, project_slug
@@ -380,3 +382,29 @@ async def test_history_replay_to_one_entry(bridge_factory, temporal_client, temp
     await replay_runs(fixed, query=query, to="audit", number=8, confirm=None, client=temporal_client)
     audit = runs_of(project, "audit", "http:token-1", [f"replay:8:audit:h-{i}" for i in range(3)])
     await assert_runs(temporal_client, project, first | only | audit, settle=3)
+
+
+@workflow.defn(name="ContinuesOnce", sandboxed=False)
+class ContinuesOnce:
+    @workflow.run
+    async def run(self, arg: dict[str, Any]) -> str:
+        if "event" in arg:
+            workflow.continue_as_new({"carried": "state"})
+        return "done"
+
+
+async def test_a_run_that_continued_as_new_is_read_for_its_chains_first_argument(temporal_client: Client) -> None:
+    """A query that lists only the last run of a chain (``ExecutionStatus="Running"``, say) still
+    finds the event: the run was started with what the one before it passed on."""
+    from bridge.runtime import replay_runs as module
+
+    queue, wid = unique("chain"), unique("chain-run")
+    arg = {"workflow_id": "w", "exec_id": "x", "input": {}, "trigger": {"n": 1}}
+    arg["event"] = {"id": "e-1", "name": "a", "source": "http:ci", "time": "", "metadata": {}}
+    async with Worker(temporal_client, task_queue=queue, workflows=[ContinuesOnce]):
+        handle = await temporal_client.start_workflow("ContinuesOnce", arg, id=wid, task_queue=queue)
+        assert await temporal_client.get_workflow_handle(wid).result() == "done"
+    last = (await temporal_client.get_workflow_handle(wid).describe()).run_id
+    assert last != handle.result_run_id
+    read = await module.first_argument(temporal_client, wid, last)
+    assert module.original_of(read) is not None and read["event"]["id"] == "e-1"

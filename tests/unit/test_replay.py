@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from aiokafka.structs import ConsumerRecord
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError, RPCStatusCode
 
 from adapters import amqp_parse, amqp_replay, kafka_parse, kafka_replay
@@ -23,7 +24,7 @@ from bridge.config import AmqpConsumer, EventFormat, KafkaConsumer
 from bridge.deadletter import H_EVENT_ID, H_EVENT_NAME
 from bridge.decode import decode
 from bridge.errors import BridgeError, EventRejected
-from bridge.event import EventSignal, content_digest
+from bridge.event import EventSignal, content_digest, run_digest, target_workflow_id
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
 from bridge.runtime import cli, replay_runs
@@ -32,6 +33,7 @@ from bridge.runtime.progress import ProgressBar, render
 from bridge.runtime.replay import replay_amqp, replay_kafka, summary
 from bridge.runtime.replay_support import Existing, Outcome
 from bridge.snapshot import Snapshot
+from dispatcher import search
 from tests.fakes import FakeSink
 from tests.helpers import config, runner
 
@@ -660,36 +662,49 @@ async def test_runs_of_other_projects_are_not_replayed_and_a_continued_run_is_re
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A query lists runs of every project in the namespace (and runs an application started with
-    an argument of the same shape): only those this project's dispatchers started are replayed.
-    A run that continued-as-new keeps its memo but not its first argument, and is listed first:
-    the event is read from another run of it, not counted a duplicate and lost."""
+    an argument of the same shape): only those started for this project's events are replayed, by
+    their project attribute, else by their id (the digest has the project in it; a project
+    ``shop-2`` has dispatcher ids a sharded ``shop`` could have too). A run that continued-as-new
+    keeps its memo but not its first argument, and is listed first: the event is read from another
+    run of it, not counted a duplicate and lost."""
 
     @dataclass
     class Execution:
         id: str
         memo_of: dict[str, Any]
+        project: str | None = None
         run_id: str | None = None
 
         async def memo(self) -> dict[str, Any]:
             return self.memo_of
 
-    def made_by(dispatcher: str | None, event_id: str = "e-1") -> dict[str, Any]:
-        memo = {"event_source": "http:ci", "event_id": event_id}
-        return memo if dispatcher is None else {**memo, "dispatcher": dispatcher}
+        @property
+        def typed_search_attributes(self) -> TypedSearchAttributes:
+            if self.project is None:
+                return TypedSearchAttributes.empty
+            return TypedSearchAttributes([SearchAttributePair(search.PROJECT, self.project)])
+
+    def memo(event_id: str) -> dict[str, Any]:
+        return {"event_source": "http:ci", "event_id": event_id, "workflow_entry": "ship"}
+
+    def run_of(project: str, event_id: str) -> str:
+        return target_workflow_id("ship", run_digest(project, "http:ci", event_id))
 
     class Listing:
         async def list_workflows(self, query: str) -> Any:
-            yield Execution("continued", made_by("dispatcher-shop"))
-            yield Execution("ship-run", made_by("dispatcher-shop"))
-            yield Execution("sharded", made_by("dispatcher-shop-3", "e-2"))
-            yield Execution("billing", made_by("dispatcher-billing", "e-3"))
-            yield Execution("shop-2", made_by("dispatcher-shop-2x", "e-4"))
-            yield Execution("by-an-app", made_by(None, "e-5"))
+            yield Execution("continued", memo("e-1"), project="shop")
+            yield Execution(run_of("shop", "e-1"), memo("e-1"))
+            yield Execution(run_of("shop", "e-2"), memo("e-2"))  # no attribute: told by its id
+            yield Execution(run_of("shop-2", "e-3"), memo("e-3"))
+            yield Execution("anything", memo("e-4"), project="shop-2")
+            yield Execution("by-an-app", {"event_source": "http:ci", "event_id": "e-5"})
+
+    arguments = {run_of("shop", "e-1"): "e-1", run_of("shop", "e-2"): "e-2"}
 
     async def first_argument(client: Any, workflow_id: str, run_id: str | None) -> Any:
         if workflow_id == "continued":
             return {"carried": "state"}
-        return target_input({"ship-run": "e-1", "sharded": "e-2"}.get(workflow_id, "x"))
+        return target_input(arguments.get(workflow_id, "x"))
 
     monkeypatch.setattr(replay_runs, "first_argument", first_argument)
     found = await replay_runs.collect(Listing(), "q", project="shop")  # type: ignore[arg-type]
