@@ -160,6 +160,13 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
             await self._connection.close()
         log.info("amqp adapter stopped queue=%s", self.entry.queue)
 
+    def ended(self) -> str | None:
+        task = self._task
+        if task is None or not task.done() or self._stopping.is_set():
+            return None
+        exc = None if task.cancelled() else task.exception()
+        return f"its loop ended: {exc!r}" if exc is not None else "its loop ended"
+
     def healthy(self) -> bool:
         conn = self._connection
         return (

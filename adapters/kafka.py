@@ -270,6 +270,13 @@ class KafkaAdapter(Transport[Record]):
         """True while Temporal (or the dead-letter topic) refuses and the partitions are paused."""
         return self.settler.waiting
 
+    def ended(self) -> str | None:
+        task = self._task
+        if task is None or not task.done() or self._stopping.is_set():
+            return None
+        exc = None if task.cancelled() else task.exception()
+        return f"its loop ended: {exc!r}" if exc is not None else "its loop ended"
+
     def healthy(self) -> bool:
         """Consuming: the loop runs, its last batch did not fail unexpectedly, and its polls do not
         keep failing (docs/kafka.md#readiness)."""

@@ -126,8 +126,6 @@ class EventsController(Controller):
     ) -> EventRuns:
         """As ``GET /api/v1/events/{event_id}``, for any id (one with ``/``, such as a CloudEvent's
         ``{source}#{id}`` with a URL for its source)."""
-        if event_id is None:
-            raise Problem("malformed", "give the event's id: GET /api/v1/events?id=…")
         return await lookup.runs_of(request, event_id, http, snapshot)
 
 

@@ -68,11 +68,15 @@ class LookupController(Controller):
         return await runs_of(request, event_id, http, snapshot)
 
 
-async def runs_of(request: Request[Any, Any, Any], event_id: str, http: HttpState, snapshot: Snapshot) -> EventRuns:
+async def runs_of(
+    request: Request[Any, Any, Any], event_id: str | None, http: HttpState, snapshot: Snapshot
+) -> EventRuns:
     """The answer to a look-up of ``event_id`` by the caller of ``request`` (either form)."""
     token = http.token_name(snapshot, request.headers.get("authorization"))
     if token is None:
         raise http.deny(HTTP_ADAPTER, "unauthorized", "a valid bearer token is required")
+    if event_id is None:  # the query form without its parameter
+        raise Problem("malformed", "give the event's id: GET /api/v1/events?id=…")
     source = f"{HTTP_ADAPTER}:{token}"
     wait = int(snapshot.config.http.retry_after_seconds)
     if http.lookup is None:

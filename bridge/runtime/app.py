@@ -398,13 +398,17 @@ class Bridge:
 
     def failure(self) -> str | None:
         """What of this process ended without being asked to (its worker, its HTTP server, its
-        embedded Temporal server), or None while they all run."""
+        embedded Temporal server, a queue adapter's loop), or None while they all run."""
         if self._worker_task is not None and self._worker_task.done():
             return "the worker stopped" + _ended(self._worker_task)
         if self._http_task is not None and self._http_task.done():
             return "the HTTP server stopped" + _ended(self._http_task)
         if self.embedded is not None and self.embedded.process is not None and not self.embedded.running:
             return f"the embedded Temporal server exited with {self.embedded.process.returncode}"
+        for adapter in self.adapters:
+            why = adapter.ended()
+            if why is not None:
+                return f"the {adapter.name} adapter stopped consuming: {why}"
         return None
 
     async def failed(self, every: float = 1.0) -> str:

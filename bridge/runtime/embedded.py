@@ -11,6 +11,7 @@ format: it goes to ``temporal.log`` beside the SQLite file, and the bridge's sta
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -100,8 +101,21 @@ def with_parent(cmd: list[str]) -> list[str]:
     start from the main thread asks for it: one from a pool's thread would be stopped when that
     thread ends."""
     main = threading.current_thread() is threading.main_thread()
-    setpriv = shutil.which("setpriv") if main and sys.platform.startswith("linux") else None
+    setpriv = _setpriv() if main and sys.platform.startswith("linux") else None
     return [setpriv, "--pdeathsig", "TERM", "--", *cmd] if setpriv else cmd
+
+
+@functools.cache
+def _setpriv() -> str | None:
+    """``setpriv`` when it takes ``--pdeathsig`` (util-linux 2.33 and later), else None."""
+    found = shutil.which("setpriv")
+    if found is None:
+        return None
+    try:
+        ok = subprocess.run([found, "--pdeathsig", "TERM", "--", "true"], capture_output=True, timeout=5).returncode
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found if ok == 0 else None
 
 
 async def check_ready(address: str, namespace: str = "default", timeout: float = 5.0) -> None:

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import gc
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 import yaml
 
 from bridge.errors import BridgeError
+from bridge.runtime import embedded
 from bridge.runtime.app import Bridge, run_until_signalled
 from bridge.snapshot import load
 
@@ -90,6 +90,20 @@ async def test_an_embedded_server_that_exits_stops_the_process(bridge: Bridge) -
         await run(bridge, start)
 
 
+async def test_a_queue_adapter_whose_loop_ended_stops_the_process(bridge: Bridge) -> None:
+    class Consumer:
+        name = "kafka:orders"
+
+        def ended(self) -> str | None:
+            return "its loop ended: KafkaError('fatal')"
+
+    async def start() -> None:
+        bridge.adapters.append(Consumer())  # type: ignore[arg-type]
+
+    with pytest.raises(BridgeError, match=r"the kafka:orders adapter stopped consuming: its loop ended"):
+        await run(bridge, start)
+
+
 async def test_a_stop_asked_for_is_no_error(bridge: Bridge) -> None:
     async def start() -> None:
         bridge._worker_task = asyncio.create_task(asyncio.sleep(3600))
@@ -111,13 +125,16 @@ embedded.check_ready = answers
 async def main():
     server = embedded.EmbeddedTemporal(sys.argv[2], ui=False)
     await server.start()
-    print(server.process.pid, flush=True)
+    pid = server.process.pid
+    while b"sleep" not in open(f"/proc/{pid}/cmdline", "rb").read():  # setpriv has set the signal and exec'd
+        await asyncio.sleep(0.01)
+    print(pid, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 asyncio.run(main())
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not shutil.which("setpriv"), reason="Linux's setpriv")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not embedded._setpriv(), reason="setpriv --pdeathsig")
 def test_an_embedded_server_ends_with_a_bridge_that_was_killed(tmp_path: Path) -> None:
     """A bridge killed outright cannot stop its embedded server; the server must not outlive it
     (it would keep the ports, and the next start would run a second server on its database)."""
@@ -153,6 +170,18 @@ def _alive(pid: int) -> bool:
     return False
 
 
+def test_a_setpriv_without_pdeathsig_starts_the_server_plainly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    old = tmp_path / "setpriv"
+    old.write_text("#!/bin/sh\necho \"setpriv: unrecognized option '--pdeathsig'\" >&2\nexit 1\n")
+    old.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    embedded._setpriv.cache_clear()
+    try:
+        assert embedded.with_parent(["temporal", "server"]) == ["temporal", "server"]
+    finally:
+        embedded._setpriv.cache_clear()
+
+
 def test_an_unexpected_error_is_reported_and_exits_1(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
     """Not a traceback out of main(): entry() must still leave by os._exit (sdk-python#300)."""
     from bridge.runtime import cli
@@ -163,3 +192,29 @@ def test_an_unexpected_error_is_reported_and_exits_1(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(cli, "_serve", fails)
     assert cli.main(["serve", "--config", "x.yaml"]) == 1
     assert "the broker at 127.0.0.1:5672 refused" in capsys.readouterr().err
+
+
+async def test_each_queue_adapter_says_when_its_loop_ended_unasked() -> None:
+    from adapters import kafka
+    from bridge.pipeline import Pipeline
+    from bridge.routing import RouteTable
+    from tests.fakes import FakeSink
+    from tests.unit.test_amqp_parse import make_adapter
+    from tests.unit.test_kafka_parse import kafka_config
+
+    cfg = kafka_config()
+    adapters = [
+        kafka.build(cfg.kafka[0], Pipeline(RouteTable.from_config(cfg), FakeSink()), cfg),
+        make_adapter(FakeSink()),
+    ]
+
+    async def fails() -> None:
+        raise RuntimeError("fatal")
+
+    for adapter in adapters:
+        assert adapter.ended() is None, "not started"
+        adapter._task = asyncio.create_task(fails())
+        await asyncio.wait({adapter._task})
+        assert adapter.ended() == "its loop ended: RuntimeError('fatal')"
+        adapter._stopping.set()
+        assert adapter.ended() is None, "a loop that ends in a stop ended as asked"
