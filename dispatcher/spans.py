@@ -40,14 +40,17 @@ def client_span(
     runs, and the header that carries it. None without an interceptor, or with no trace to carry.
 
     ``parents``: the contexts of the callers the call serves (one signal carries the submissions
-    of several requests): the span is the first one's child, linked to the others'. Without them it
-    is the current context's child."""
+    of several requests): the span is the child of the first of them that is sampled (else of the
+    first), linked to the others'. Without them it is the current context's child."""
     if tracing is None:
         yield None
         return
     attributes = {"temporalWorkflowID": workflow_id}
-    parent = parents[0] if parents else None
-    links = [Link(c) for c in (get_current_span(p).get_span_context() for p in parents[1:]) if c.is_valid]
+    # The first sampled one: under load a sampled request is rarely the first in its signal.
+    first = next((p for p in parents if get_current_span(p).get_span_context().trace_flags.sampled), None)
+    parent = first if first is not None else (parents[0] if parents else None)
+    others = [p for p in parents if p is not parent]
+    links = [Link(c) for c in (get_current_span(p).get_span_context() for p in others) if c.is_valid]
     with tracing.tracer.start_as_current_span(
         name, context=parent, kind=SpanKind.CLIENT, attributes=attributes, links=links
     ):

@@ -178,3 +178,23 @@ async def test_each_requests_hand_over_is_in_its_own_trace(
         return True
 
     await assert_eventually(handed_over, timeout=10, what="the second request's hand-over span")
+
+
+def test_a_signal_carrying_several_requests_is_the_child_of_a_sampled_one(spans: InMemorySpanExporter) -> None:
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from dispatcher.spans import client_span
+
+    def context(trace_id: int, sampled: bool) -> Any:
+        flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+        span = NonRecordingSpan(SpanContext(trace_id, 0x1234, is_remote=True, trace_flags=flags))
+        return trace.set_span_in_context(span)
+
+    interceptor = tracing.interceptors()[0]
+    unsampled, sampled = uuid.uuid4().int >> 64, uuid.uuid4().int >> 64
+    parents = [context(unsampled, False), context(sampled, True)]
+    with client_span(interceptor, "SignalWithStartWorkflow:X", "w", parents):
+        pass
+    [made] = [s for s in spans.get_finished_spans() if s.name == "SignalWithStartWorkflow:X"]
+    assert made.context.trace_id == sampled and [link.context.trace_id for link in made.links] == [unsampled]
