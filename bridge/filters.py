@@ -30,6 +30,7 @@ from typing import Any
 
 import celpy
 import lark
+import re2
 from celpy import celtypes
 from celpy.evaluation import Activation, Evaluator, base_functions
 
@@ -239,9 +240,25 @@ def _times(a: Any, b: Any) -> Any:
     return base_functions["_*_"](a, b)
 
 
+MAX_DURATION_CHARS = 64
+"""The longest text ``duration()`` takes: "-1234567890h59m59.999999999s" and the like fit."""
+_DURATION = re2.compile(r"[-+]?([0-9]*(\.[0-9]*)?[a-z]+)+")
+
+
+def _duration(value: Any) -> Any:
+    r"""CEL's ``duration()``, whose text celpy checks with a backtracking pattern of Python's ``re``
+    (``([0-9]*(\.[0-9]*)?[a-z]+)+``): 26 letters and a ``!`` from a payload took 7 s, doubling with
+    each letter, in one call no budget can interrupt, with the GIL held. The text is checked first
+    here, in linear time."""
+    if isinstance(value, str) and (len(value) > MAX_DURATION_CHARS or not _DURATION.fullmatch(value)):
+        raise ValueError(f"invalid duration of {len(value)} characters")
+    return base_functions["duration"](value)
+
+
 def _base_activation(meter: Meter) -> Activation:
     functions: dict[str, Any] = {name: _metered(base_functions[name], meter) for name in _SIZED}
     functions["_*_"] = _times
+    functions["duration"] = _metered(_duration, meter)
     return Activation(annotations=_ENV.annotations, package=_ENV.package, functions=functions)
 
 
