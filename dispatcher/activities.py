@@ -77,7 +77,16 @@ class BridgeActivities:
         self._current = current
         self.search_attributes = search_attributes
         self.tracing = tracing
-        window = StartWindow(self._starts_in_flight, lambda: self.snapshot().config.dispatcher.start_latency_tolerance)
+
+        def engaged() -> bool:  # a client waits on this process's signals, or on an ingress's
+            return (handover is not None and handover.awaited()) or (told is not None and told.waiting())
+
+        window = StartWindow(
+            self._starts_in_flight,
+            lambda: self.snapshot().config.dispatcher.start_latency_tolerance,
+            engaged=engaged,
+            open_limit=self._starts_unawaited,
+        )
 
         def share() -> float:
             own = handover.share() if handover is not None else 1.0
@@ -95,6 +104,11 @@ class BridgeActivities:
 
     def _starts_in_flight(self) -> int:
         return self.snapshot().config.dispatcher.starts_in_flight
+
+    def _starts_unawaited(self) -> int:
+        """Starts in flight while no client waits: as many as the dispatcher starts at once."""
+        settings = self.snapshot().config.dispatcher
+        return max(settings.starts_in_flight, settings.batch_size)
 
     @activity.defn(name=LOAD_ROUTES)
     async def load_routes(self) -> RoutesResult:

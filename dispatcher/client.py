@@ -486,7 +486,8 @@ class DispatcherClient:
         Temporal down, the batch is answered Unavailable and the call is left to finish alone."""
         began = time.monotonic()
         traces = [sub.trace for sub in batch if sub.trace is not None]
-        call = asyncio.create_task(self._signal(shard, [e for sub in batch for e in sub.events], traces))
+        awaited = sum(sub.awaited for sub in batch)
+        call = asyncio.create_task(self._signal(shard, [e for sub in batch for e in sub.events], traces, awaited))
         self._sending += 1
         call.add_done_callback(self._sent)
         try:
@@ -561,7 +562,8 @@ class DispatcherClient:
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         )
 
-    async def _signal(self, shard: int, events: list[bytes], traces: Sequence[Context] = ()) -> None:
+    async def _signal(self, shard: int, events: list[bytes], traces: Sequence[Context] = (), awaited: int = 0) -> None:
+        """One signal-with-start of ``events``, of which ``awaited`` are events a client waits for."""
         wid = self._ids[shard]
         # The list of events, as the SDK would encode the list of their dicts, from their encodings.
         signal_input = Payloads(payloads=[Payload(metadata=JSON_PLAIN, data=b"[" + b",".join(events) + b"]")])
@@ -569,7 +571,7 @@ class DispatcherClient:
             name = f"SignalWithStartWorkflow:{DISPATCHER_WORKFLOW}"
             with client_span(self._tracing, name, wid, traces) as header:
                 share = self.handover.share()
-                if share < 1.0:  # the worker running the dispatcher, in whatever process, gives way too
+                if share < 1.0 or awaited:  # the worker running the dispatcher, in whatever process, gives way too
                     header = header or Header()
                     header.fields[told.HEADER].CopyFrom(told.header(self.client.identity, share))
                 request = SignalWithStartWorkflowExecutionRequest(

@@ -3,11 +3,13 @@
 The starts of a process give way while its adapters hand events over slowly
 (:class:`dispatcher.slots.Handover`). A ``worker`` process has no adapters: the ``ingress``
 processes that hand events to its dispatchers are elsewhere, and its starts would not give way to
-them. So an adapter process whose share is below one says so in a header of each signal it sends
-(HEADER: its identity and its share), and the worker that runs the dispatcher reads it as the
-signal arrives (:class:`TellInterceptor`), never while replaying history. Its starts then use at
-most the smallest share told in the last HOLD seconds (:class:`Told`); without a new header for
-that long (the burst is over, or a whole share needs none), the share is whole again.
+them. So an adapter process says its share in a header of each signal it sends while the share is
+below one, or while the signal carries events a client waits for (HEADER: its identity and its
+share), and the worker that runs the dispatcher reads it as the signal arrives
+(:class:`TellInterceptor`), never while replaying history. Its starts then keep to their window
+while any header came in the last AWAITED_HOLD seconds (:meth:`Told.waiting`), and use at most the
+smallest share told in the last HOLD seconds (:meth:`Told.share`); without a new header for that
+long (the burst is over), the share is whole again.
 
 A header is advice for the starts' pace, never part of the dispatcher's state: the workflow does
 not read it, so a header that is missing, stale or malformed changes nothing but the pace.
@@ -30,7 +32,7 @@ from temporalio.worker import (
     WorkflowInterceptorClassInput,
 )
 
-from dispatcher.slots import FLOOR
+from dispatcher.slots import AWAITED_HOLD, FLOOR
 
 HEADER = "signal-bridge-handover"
 """The signal header: ``{"from": identity, "share": share}`` as JSON."""
@@ -89,12 +91,19 @@ class Told:
             while len(self._shares) > SENDERS:
                 del self._shares[next(iter(self._shares))]
 
+    def waiting(self) -> bool:
+        """Whether an adapter process told, in the last AWAITED_HOLD seconds, that clients wait on
+        its signals (any header does: it is sent with every signal carrying such events)."""
+        now = self._clock()
+        with self._lock:
+            return any(now - when <= AWAITED_HOLD for _, when in self._shares.values())
+
     def share(self) -> float:
         now = self._clock()
         with self._lock:
-            for sender in [s for s, (_, when) in self._shares.items() if now - when > HOLD]:
+            for sender in [s for s, (_, when) in self._shares.items() if now - when > max(HOLD, AWAITED_HOLD)]:
                 del self._shares[sender]
-            return min((share for share, _ in self._shares.values()), default=1.0)
+            return min((share for share, when in self._shares.values() if now - when <= HOLD), default=1.0)
 
 
 class TellInterceptor(Interceptor):

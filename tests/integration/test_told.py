@@ -99,7 +99,8 @@ async def test_a_worker_without_adapters_gives_way_to_the_share_an_ingress_tells
     ]
     shares = [told.read(h[told.HEADER]) for h in headers if told.HEADER in h]
     assert shares and all(s is not None and s[0] == temporal_client.identity for s in shares), shares
-    assert told.HEADER not in headers[0]  # the first signal went with a whole share
+    first = told.read(headers[0][told.HEADER])  # its events are waited on: told, with a whole share
+    assert first is not None and first[1] == 1.0
 
     recording, counting = Recording(), CountSignals()
     sandbox = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH))

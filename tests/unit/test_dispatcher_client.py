@@ -772,21 +772,24 @@ async def test_only_events_a_client_waits_for_press_the_hand_over() -> None:
     await dc.close()
 
 
-async def test_while_the_share_is_below_one_each_signal_tells_it_to_the_worker() -> None:
-    """A worker in another process gives way only if told (dispatcher.told): each signal sent
-    while the hand-over's share is below one carries it, with the sender's identity; a signal
-    sent with a whole share carries no header."""
+async def test_each_signal_clients_wait_on_or_sent_below_a_whole_share_tells_the_worker() -> None:
+    """A worker in another process gives way only if told (dispatcher.told): each signal that
+    carries events a client waits for, or is sent while the hand-over's share is below one, carries
+    the share, with the sender's identity; a broker's events sent with a whole share carry none."""
     temporal = FakeTemporal()
     target = 60.0
     dc = make_client(temporal, handover_target=lambda: target)
-    await dc.submit([ev(f"a{i}") for i in range(PRESSURE)])
+    kafka = EventSignal(id="k", name="order.created", payload={}, source="kafka:orders")
+    await dc.submit([kafka])  # nobody waits, a whole share
+    await dc.submit([ev(f"a{i}") for i in range(PRESSURE)])  # a client waits: told, whole
     target = 0.0  # every signal is slow now
     await dc.submit([ev(f"b{i}") for i in range(PRESSURE)])  # sent with a whole share; halves it
-    await dc.submit([ev("c")])  # sent with half
+    await dc.submit([kafka])  # sent with half
     await dc.submit([ev("d")])  # a STEP given back by the signal before
-    assert [told.HEADER in c.options["header"] for c in temporal.calls] == [False, False, True, True]
-    assert told.read(temporal.calls[2].options["header"][told.HEADER]) == ("fake@test", 0.5)
-    assert told.read(temporal.calls[3].options["header"][told.HEADER]) == ("fake@test", 0.5 + STEP)
+    headers = [c.options["header"] for c in temporal.calls]
+    assert [told.HEADER in h for h in headers] == [False, True, True, True, True]
+    shares = [told.read(h[told.HEADER]) for h in headers[1:]]
+    assert shares == [("fake@test", 1.0), ("fake@test", 1.0), ("fake@test", 0.5), ("fake@test", 0.5 + STEP)]
     await dc.close()
 
 

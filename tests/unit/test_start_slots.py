@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from dispatcher.slots import (
+    AWAITED_HOLD,
     BASE_PERIOD,
     FLOOR,
     HANDOVER_TOLERANCE,
@@ -356,3 +357,32 @@ def test_reading_the_share_changes_nothing_and_a_signal_after_a_quiet_time_count
         return handover.share()
 
     assert after_quiet(read=True) == after_quiet(read=False) == 0.5
+
+
+def test_the_window_holds_only_while_clients_wait_and_begins_small_when_they_wait_again() -> None:
+    """The window is there so that a 202 is not queued behind the starts: with no client waiting
+    on the process's signals (a Kafka or RabbitMQ load), the starts go at the open limit, and a
+    client that waits again finds a few in the window, not the limit."""
+    clock = Clock()
+    waiting = [True]
+    window = StartWindow(lambda: 64, lambda: 4.0, clock, engaged=lambda: waiting[0], open_limit=lambda: 200)
+    full_round(window, clock, 0.02)
+    full_round(window, clock, 0.02)
+    assert window.size() == 16
+    waiting[0] = False
+    assert window.size() == 200
+    full_round(window, clock, 0.5)  # slow starts are not judged while the window does not hold
+    assert window.size() == 200
+    waiting[0] = True
+    assert window.size() == INITIAL
+
+
+def test_a_handover_counts_clients_waiting_for_a_second_after_their_last_signal() -> None:
+    handover = Handover(lambda: None, lambda: False)
+    assert not handover.awaited()
+    handover.sent(0.01, 0)  # a broker's events: nobody waits
+    assert not handover.awaited()
+    handover.sent(0.01, 1)
+    assert handover.awaited()
+    handover._awaited -= AWAITED_HOLD + 0.01
+    assert not handover.awaited()

@@ -81,13 +81,26 @@ class CountingClient:
         self.started.append(id)
 
 
+def waited_on() -> Handover:
+    """The hand-over of a process whose adapters just handed over an event a client waits for."""
+    handover = Handover(lambda: None, lambda: False)
+    handover.sent(0.001, 1)
+    handover._awaited += 3600  # for as long as the test takes, however slow the machine
+    return handover
+
+
 async def test_starts_in_flight_are_capped_and_give_way_while_the_hand_over_is_slow() -> None:
     batch = StartBatch([start(f"n{i}", None) for i in range(40)])
 
     client = CountingClient()
-    acts = BridgeActivities(snapshot(starts_in_flight=8))
+    acts = BridgeActivities(snapshot(starts_in_flight=8), handover=waited_on())
     assert await ActivityEnvironment(client=cast(Client, client)).run(acts.start_targets, batch) == [STARTED] * 40
     assert client.peak == 8
+
+    client = CountingClient()  # nobody waits on the hand-over: as many as a batch, no window
+    acts = BridgeActivities(snapshot(starts_in_flight=8, batch_size=30), handover=Handover(lambda: None, lambda: False))
+    assert await ActivityEnvironment(client=cast(Client, client)).run(acts.start_targets, batch) == [STARTED] * 40
+    assert client.peak == 30
 
     client = CountingClient()
     handover = Handover(lambda: 0.05, lambda: True)
@@ -115,7 +128,7 @@ async def test_the_start_window_begins_small_and_is_shown() -> None:
     client = CountingClient()
     client.go.clear()
     metrics = Metrics()
-    acts = BridgeActivities(snapshot(starts_in_flight=64), metrics=metrics)
+    acts = BridgeActivities(snapshot(starts_in_flight=64), metrics=metrics, handover=waited_on())
     assert metrics.registry.get_sample_value("signal_bridge_start_window") == INITIAL
     run = asyncio.create_task(ActivityEnvironment(client=cast(Client, client)).run(acts.start_targets, batch))
     await assert_eventually(lambda: client.in_flight == INITIAL, timeout=5, interval=0.01)

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from temporalio.api.common.v1 import Payload
 
-from dispatcher.slots import FLOOR
+from dispatcher.slots import AWAITED_HOLD, FLOOR
 from dispatcher.told import HOLD, MAX_SENDER, SENDERS, Told, header, read
 
 
@@ -91,6 +91,20 @@ def test_the_smallest_share_told_within_hold_counts_and_none_is_whole() -> None:
     assert told.share() == 0.25  # a was told HOLD * 0.75 ago
     clock.now += HOLD / 2
     assert told.share() == 1.0  # nothing told for longer than HOLD
+
+
+def test_any_header_told_within_the_awaited_hold_says_clients_wait() -> None:
+    """A header comes with every signal clients wait on, whole share or not: the worker's starts
+    keep to their window while one came in the last AWAITED_HOLD seconds."""
+    clock = Clock()
+    told = Told(clock)
+    assert not told.waiting()
+    told.tell("ingress", 1.0)
+    assert told.waiting() and told.share() == 1.0
+    clock.now += AWAITED_HOLD * 0.9
+    assert told.waiting()
+    clock.now += AWAITED_HOLD * 0.2
+    assert not told.waiting() and told.share() == 1.0
 
 
 def test_at_most_senders_are_remembered_the_least_recently_told_go_first() -> None:
