@@ -101,14 +101,15 @@ class Metrics:
         )
         self.start_share = Gauge(
             "signal_bridge_start_share",
-            "The share of dispatcher.starts_in_flight the starts may use now: below 1 while the adapters "
+            "The share of the start window the starts may use now: below 1 while the adapters "
             "in this process, or the ingress processes that signal its dispatchers, hand events over slowly",
             registry=r,
         )
         self.start_window = Gauge(
             "signal_bridge_start_window",
-            "Starts this process may have in flight now by their latency (at most dispatcher.starts_in_flight; "
-            "dispatcher.start_latency_tolerance)",
+            "Starts this process may have in flight now: by their latency while clients wait on the hand-over "
+            "(at most dispatcher.starts_in_flight; dispatcher.start_latency_tolerance), else "
+            "max(dispatcher.starts_in_flight, dispatcher.batch_size)",
             registry=r,
         )
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}

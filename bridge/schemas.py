@@ -15,6 +15,7 @@ from typing import Any
 
 import re2
 from jsonschema import Draft202012Validator, ValidationError
+from jsonschema import _legacy_keywords as jsonschema_legacy
 from jsonschema import _utils as jsonschema_utils
 from jsonschema.exceptions import SchemaError
 from jsonschema.protocols import Validator
@@ -62,6 +63,7 @@ class _LinearRe:
 
 
 jsonschema_utils.re = _LinearRe  # type: ignore[attr-defined]
+jsonschema_legacy.re = _LinearRe  # type: ignore[attr-defined]  # draft 2019-09's unevaluatedProperties
 
 
 def _unique_items(validator: Validator, unique: bool, instance: Any, schema: Any) -> Iterator[ValidationError]:

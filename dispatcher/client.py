@@ -287,6 +287,8 @@ class DispatcherClient:
                     "too_large", f"event {event.id!r} of {len(item)} bytes exceeds the {MAX_SIGNAL_BYTES}-byte limit"
                 )
             placed.append((shard_of(event, self.shards), item, event.source.split(":", 1)[0] in AWAITED))
+        if any(awaited for _, _, awaited in placed):
+            self.handover.waiting()
         if not self._senders:
             self._start_senders()
         for shard in {shard for shard, _, _ in placed}:

@@ -966,3 +966,21 @@ async def test_close_right_after_a_send_that_woke_the_watcher_ends(monkeypatch: 
         await asyncio.wait({closing}, timeout=2)
     assert done, "close() did not end"
     closing.result()
+
+
+async def test_an_event_a_client_waits_for_holds_the_window_from_when_it_is_given() -> None:
+    """Not from when its signal is answered: until then the starts would go on at the open limit,
+    queued ahead of the signal the client waits for."""
+    temporal = FakeTemporal()
+    dc = make_client(temporal)
+    temporal.held.add(dispatcher_id(PROJECT, 0, 1))
+    assert not dc.handover.awaited()
+    kafka = asyncio.create_task(dc.submit([EventSignal(id="k", name="a", payload={}, source="kafka:t")]))
+    await in_flight(temporal)
+    assert not dc.handover.awaited(), "a broker's events wait for nobody"
+    http = asyncio.create_task(dc.submit([ev("h")]))
+    await asyncio.sleep(0)
+    assert dc.handover.awaited(), "held while the signal is still to come"
+    open_gate(temporal)
+    await asyncio.gather(kafka, http)
+    await dc.close()

@@ -475,6 +475,12 @@ BACKTRACKS = "^([a-z0-9]+-?)+$"  # Python's re takes time doubling with each let
     [
         {"type": "object", "patternProperties": {BACKTRACKS: {"type": "string"}}, "additionalProperties": False},
         {"type": "object", "patternProperties": {BACKTRACKS: {"type": "string"}}, "unevaluatedProperties": False},
+        {
+            "$schema": "https://json-schema.org/draft/2019-09/schema",
+            "type": "object",
+            "patternProperties": {BACKTRACKS: {"type": "string"}},
+            "unevaluatedProperties": False,
+        },
     ],
 )
 def test_property_names_are_matched_in_linear_time_by_every_keyword(schema: dict[str, Any]) -> None:

@@ -386,3 +386,23 @@ def test_a_handover_counts_clients_waiting_for_a_second_after_their_last_signal(
     assert handover.awaited()
     handover._awaited -= AWAITED_HOLD + 0.01
     assert not handover.awaited()
+
+
+async def test_while_nobody_waits_the_share_holds_nothing_back_and_a_waiter_sees_the_window_open() -> None:
+    """A share cut by an HTTP burst is the burst's: once no client waits, the starts use the whole
+    open limit, and a start that waited for the window's slot takes one within RECHECK s."""
+    waiting = [True]
+    window = StartWindow(lambda: 1, lambda: 4.0, engaged=lambda: waiting[0], open_limit=lambda: 8)
+    slots = StartSlots(window, lambda: 0.25)
+    assert slots.size() == 1
+    starts = Starts(slots)
+    first = starts.launch(1)
+    await assert_eventually(lambda: slots.used == 1, timeout=5, interval=0.005)
+    second = asyncio.create_task(starts.start(1))
+    await asyncio.sleep(0.05)
+    assert slots.used == 1, "the window holds one"
+    waiting[0] = False
+    await assert_eventually(lambda: slots.used == 2, timeout=5, interval=0.005, what="the waiter let in")
+    assert slots.size() == 8, "no share while nobody waits"
+    starts.release.set()
+    await asyncio.gather(*first, second)
