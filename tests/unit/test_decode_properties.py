@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bridge import decode as decode_module
 from bridge.config import EventFormat
 from bridge.decode import (
     CE_STRUCTURED,
@@ -237,3 +238,29 @@ def test_parse_json_is_a_value_or_malformed(raw: bytes) -> None:
         return
     json.dumps(value, allow_nan=False)
     assert depth_of(value) <= MAX_JSON_DEPTH
+
+
+_EDGES = [-(2**63), -(2**63) - 1, -(10**19) + 1, -(10**18) + 1, 10**18 - 1, 10**19 - 1, 2**64 - 1, 2**64, -(10**20)]
+_NUMBERS = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.sampled_from(_EDGES).map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.tuples(st.integers(-99, 99), st.integers(-400, 400)).map(lambda p: f"{p[0]}e{p[1]}"),
+    st.tuples(st.integers(1, 9), st.integers(0, 400)).map(lambda p: f"{p[0]}E+{p[1]:03d}"),
+)
+
+
+@given(st.lists(_NUMBERS, max_size=20))
+def test_numbers_are_taken_or_refused_as_the_checking_decoder_would(numbers: list[str]) -> None:
+    """A text with no long digit run and no three-digit exponent skips the per-number checks;
+    whatever the numbers, the answer is the one the checking decoder gives."""
+    raw = ("[" + ",".join(numbers) + "]").encode()
+    try:
+        expected: object = decode_module._DECODER.decode(raw.decode())
+    except ValueError:
+        expected = "refused"
+    try:
+        got: object = parse_json(raw)
+    except EventRejected:
+        got = "refused"
+    assert got == expected
