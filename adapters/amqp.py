@@ -40,7 +40,7 @@ from adapters.amqp_parse import (
     short,
     to_message,
 )
-from bridge.aio import within
+from bridge.aio import how_it_ended, within
 from bridge.config import AmqpConsumer, BridgeConfig
 from bridge.decode import Message
 from bridge.logsafe import safe
@@ -164,8 +164,7 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
         task = self._task
         if task is None or not task.done() or self._stopping.is_set():
             return None
-        exc = None if task.cancelled() else task.exception()
-        return f"its loop ended: {exc!r}" if exc is not None else "its loop ended"
+        return "its loop ended" + how_it_ended(task)
 
     def healthy(self) -> bool:
         conn = self._connection

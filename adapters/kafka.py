@@ -50,7 +50,7 @@ from adapters.kafka_parse import (
     to_message,
 )
 from bridge.adapter import ConsumerReadiness, ConsumerState
-from bridge.aio import within
+from bridge.aio import how_it_ended, within
 from bridge.config import BridgeConfig, KafkaConsumer, KafkaSecurity
 from bridge.decode import Message
 from bridge.errors import BridgeError
@@ -274,8 +274,7 @@ class KafkaAdapter(Transport[Record]):
         task = self._task
         if task is None or not task.done() or self._stopping.is_set():
             return None
-        exc = None if task.cancelled() else task.exception()
-        return f"its loop ended: {exc!r}" if exc is not None else "its loop ended"
+        return "its loop ended" + how_it_ended(task)
 
     def healthy(self) -> bool:
         """Consuming: the loop runs, its last batch did not fail unexpectedly, and its polls do not

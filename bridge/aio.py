@@ -14,6 +14,14 @@ import asyncio
 from collections.abc import Awaitable
 
 
+def how_it_ended(task: asyncio.Task[object]) -> str:
+    """How a task that is done ended, to follow a sentence: "", " (cancelled)" or ": {exc!r}"."""
+    if task.cancelled():
+        return " (cancelled)"
+    exc = task.exception()
+    return f": {exc!r}" if exc is not None else ""
+
+
 async def within(seconds: float, awaitable: Awaitable[object]) -> bool:
     """Await ``awaitable`` for at most ``seconds``: True when it finished, False when the time ran
     out first (it is cancelled then). A cancellation of the caller is raised, whenever it comes."""

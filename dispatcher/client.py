@@ -510,7 +510,7 @@ class DispatcherClient:
             if not isinstance(exc, EventRejected):
                 await self._check()
         else:
-            self.handover.sent(time.monotonic() - began, sum(sub.awaited for sub in batch))
+            self.handover.sent(time.monotonic() - began, awaited)
             room = self._rooms[shard]
             sent = sum(sub.size for sub in batch)
             room.budget -= sent

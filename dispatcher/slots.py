@@ -205,17 +205,15 @@ class StartWindow:
         self._fastest = Fastest(clock())
 
     def size(self) -> int:
-        if not self._holds():
+        if not self.holds():
             return self._open_limit()
         if self._tolerance() is None:
             return self._limit()
         return max(1, min(self._limit(), int(self._size)))
 
     def holds(self) -> bool:
-        """Whether the window holds now (a client waits behind the starts)."""
-        return self._holds()
-
-    def _holds(self) -> bool:
+        """Whether the window holds now (a client waits behind the starts); begins it again at
+        INITIAL when clients wait again."""
         engaged = self._engaged()
         if engaged and not self._was_engaged:  # clients wait again: begin small, not at the limit
             self._size = float(INITIAL)
@@ -246,7 +244,7 @@ class StartWindow:
         seconds = now - began
         self._fastest.add(now, seconds)
         tolerance = self._tolerance()
-        if tolerance is None or not self._holds() or began < self._cut:
+        if tolerance is None or not self.holds() or began < self._cut:
             return  # no window; or it was in flight before the last cut, which counted it already
         self._round.append(seconds)
         if len(self._round) < max(ROUND, self.size()):

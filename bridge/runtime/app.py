@@ -27,6 +27,7 @@ from temporalio.worker import Worker
 from adapters import amqp, kafka
 from adapters.http import create_app
 from bridge.adapter import Adapter, ConsumerReadiness
+from bridge.aio import how_it_ended
 from bridge.config import BridgeConfig
 from bridge.errors import BridgeError, ConfigError, Unavailable
 from bridge.metrics import Metrics
@@ -400,9 +401,9 @@ class Bridge:
         """What of this process ended without being asked to (its worker, its HTTP server, its
         embedded Temporal server, a queue adapter's loop), or None while they all run."""
         if self._worker_task is not None and self._worker_task.done():
-            return "the worker stopped" + _ended(self._worker_task)
+            return "the worker stopped" + how_it_ended(self._worker_task)
         if self._http_task is not None and self._http_task.done():
-            return "the HTTP server stopped" + _ended(self._http_task)
+            return "the HTTP server stopped" + how_it_ended(self._http_task)
         if self.embedded is not None and self.embedded.process is not None and not self.embedded.running:
             return f"the embedded Temporal server exited with {self.embedded.process.returncode}"
         for adapter in self.adapters:
@@ -500,10 +501,3 @@ async def run_until_signalled(bridge: Bridge) -> None:
     await bridge.stop()
     if why is not None:
         raise BridgeError(why)
-
-
-def _ended(task: asyncio.Task[Any]) -> str:
-    if task.cancelled():
-        return " (cancelled)"
-    exc = task.exception()
-    return f": {exc!r}" if exc is not None else ""
