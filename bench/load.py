@@ -405,7 +405,7 @@ async def start_like_bridge(
     and ``REJECT_DUPLICATE``. On a dev server the attributes alone cost about a tenth of the rate.
     ``attributes``: which of the search attributes it carries (``bench.attributes`` varies them)."""
     event = EventSignal(id=event_id, name="tput", payload={"i": i}, source=f"http:{TOKEN_NAME}")
-    dispatcher = {"dispatcher": f"dispatcher-{queue}", "dispatcher_run": "0" * 36}
+    dispatcher = {"dispatcher": f"dispatcher-{queue}", "dispatcher_run": "0" * 36, "dispatcher_batch": "10"}
     arg = TargetInput(
         workflow_id="tput", exec_id=event.id, input=event.payload, trigger=event.payload, event=event.envelope()
     )

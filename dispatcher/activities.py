@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from opentelemetry import trace
@@ -28,10 +28,12 @@ from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from bridge.config import HttpTask
+from bridge.logsafe import safe
 from bridge.metrics import Metrics
 from bridge.snapshot import Snapshot
 from dispatcher import http_task, search
 from dispatcher.contract import (
+    BATCH_MEMO,
     DUPLICATE,
     HTTP_REQUEST,
     LOAD_ROUTES,
@@ -155,8 +157,8 @@ class BridgeActivities:
                     return await deliver_signal(client, s)
                 if self.tracing:
                     with in_trace_of(s):
-                        return await start_one(client, s)
-                return await start_one(client, s)
+                        return await start_one(client, s, info.activity_id)
+                return await start_one(client, s, info.activity_id)
 
         async def heartbeat() -> None:
             # A worker that dies mid-batch is noticed within the heartbeat timeout, not 60 s (a local
@@ -197,26 +199,41 @@ class BridgeActivities:
         return await http_task.run(self.snapshot().config, call)
 
 
-async def start_one(client: Client, s: TargetStart) -> str:
-    """Start ``s``'s run unless its id ran already: STARTED, DUPLICATE or failed(why)."""
+async def start_one(client: Client, s: TargetStart, batch: str | None = None) -> str:
+    """Start ``s``'s run unless its id ran already: STARTED, DUPLICATE or failed(why).
+
+    With ``batch`` (the START_TARGETS activity id) the run's memo says so, and a refused start
+    whose run has the same memo is this batch's own, made by an attempt whose answer was lost (a
+    retry, or a local activity run again with its lost workflow task): STARTED, not DUPLICATE.
+    """
+    memo = s.memo if batch is None else {**s.memo, BATCH_MEMO: batch}
     try:
         await client.start_workflow(
             s.workflow_type,
             s.arg,
             id=s.id,
             task_queue=s.task_queue,
-            memo=s.memo,
+            memo=memo,
             search_attributes=search.typed(s.search),
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
         )
     except WorkflowAlreadyStartedError:
-        return DUPLICATE
+        return STARTED if batch is not None and await memo_of(client, s.id) == memo else DUPLICATE
     except RPCError as exc:
         if exc.status in (RPCStatusCode.INVALID_ARGUMENT, RPCStatusCode.NOT_FOUND):
             return failed(exc.message)
         raise
     return STARTED
+
+
+async def memo_of(client: Client, workflow_id: str) -> Mapping[str, Any] | None:
+    """The memo of the run ``workflow_id``, or None when it cannot be read (gone, or refused)."""
+    try:
+        return await (await client.get_workflow_handle(workflow_id).describe()).memo()
+    except Exception as exc:  # an answer it cannot read is no proof the run is this batch's
+        log.debug("memo of %s not read: %s", safe(workflow_id), exc)
+        return None
 
 
 def answered_before(info: activity.Info, size: int) -> list[str]:

@@ -19,6 +19,7 @@ from bridge.config import DispatcherConfig
 from bridge.event import MAX_SIGNAL_BYTES, EventSignal
 
 __all__ = [
+    "BATCH_MEMO",
     "CARRY_LIMIT_BYTES",
     "CHILD_LIMIT",
     "DISPATCHER_WORKFLOW",
@@ -244,6 +245,12 @@ class TargetInput(TypedDict):
     input: Any  # the entry's rendered ``input``, or the payload when it has none
     trigger: dict[str, Any]  # the event's payload
     event: dict[str, Any]  # EventSignal.envelope()
+
+
+# The memo key START_TARGETS adds to each run it starts: the activity id of its batch, which is the
+# same on every attempt and on a re-run of the workflow task that scheduled it (its sequence number).
+# A start refused because the run exists is the batch's own earlier start when the memos are equal.
+BATCH_MEMO = "dispatcher_batch"
 
 
 def target_memo(event: EventSignal, dispatcher: dict[str, str], entry: str) -> dict[str, str]:

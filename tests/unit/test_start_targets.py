@@ -36,6 +36,40 @@ class SlowClient:
         if id in self.taken:
             raise WorkflowAlreadyStartedError(id, workflow)
 
+    def get_workflow_handle(self, workflow_id: str) -> Any:
+        return Runs.Handle({"dispatcher_batch": "another batch"})
+
+
+class Runs:
+    """A namespace's runs by id, each with the memo it was started with; a describe that fails
+    while ``outage``."""
+
+    class Handle:
+        def __init__(self, memo: dict[str, Any] | None) -> None:
+            self._memo = memo
+
+        async def describe(self) -> Any:
+            if self._memo is None:
+                raise RPCError("unavailable", RPCStatusCode.UNAVAILABLE, b"")
+            memo = self._memo
+
+            async def read() -> dict[str, Any]:
+                return memo
+
+            return SimpleNamespace(memo=read)
+
+    def __init__(self) -> None:
+        self.memos: dict[str, dict[str, Any]] = {}
+        self.outage = False
+
+    async def start_workflow(self, workflow: str, arg: Any, *, id: str, memo: dict[str, Any], **_: Any) -> None:
+        if id in self.memos:
+            raise WorkflowAlreadyStartedError(id, workflow)
+        self.memos[id] = memo
+
+    def get_workflow_handle(self, workflow_id: str) -> Any:
+        return Runs.Handle(None if self.outage else self.memos[workflow_id])
+
 
 def snapshot(**dispatcher: Any) -> Snapshot:
     return Snapshot.compile(config("shop", "unused:7233", [runner("w", "order.created")], dispatcher=dispatcher))
@@ -87,6 +121,32 @@ def waited_on() -> Handover:
     handover.sent(0.001, 1)
     handover._awaited += 3600  # for as long as the test takes, however slow the machine
     return handover
+
+
+async def test_a_batch_run_again_counts_its_own_starts_as_started_and_others_as_duplicates() -> None:
+    """A local START_TARGETS runs again when its workflow task is lost, and has no heartbeat to
+    skip what it started: its own earlier starts were counted as duplicates (1,976 started and 24
+    duplicates of 2,000 events in one run of the continue-as-new test). A start refused because
+    the run exists counts as started when the run's memo is this batch's, and as a duplicate when
+    another batch (or another dispatcher run) started it, or when the memo cannot be read."""
+    runs = Runs()
+    env = ActivityEnvironment(client=cast(Client, runs))
+    env.info = dataclasses.replace(env.info, activity_id="7", is_local=True)
+    acts = BridgeActivities(snapshot())
+    memo = {"event_id": "E1", "dispatcher_run": "R1"}
+    batch = StartBatch([dataclasses.replace(start(f"n{i}", None), memo=memo) for i in range(3)])
+
+    assert await env.run(acts.start_targets, batch) == [STARTED] * 3
+    assert runs.memos["n0"] == {**memo, "dispatcher_batch": "7"}
+    assert await env.run(acts.start_targets, batch) == [STARTED] * 3  # the same batch, run again
+
+    env.info = dataclasses.replace(env.info, activity_id="8")  # a later batch with the same event
+    assert await env.run(acts.start_targets, batch) == [DUPLICATE] * 3
+    other_run = StartBatch([dataclasses.replace(s, memo={**memo, "dispatcher_run": "R2"}) for s in batch.starts])
+    env.info = dataclasses.replace(env.info, activity_id="7")  # another dispatcher run's batch 7
+    assert await env.run(acts.start_targets, other_run) == [DUPLICATE] * 3
+    runs.outage = True
+    assert await env.run(acts.start_targets, batch) == [DUPLICATE] * 3
 
 
 async def test_starts_in_flight_are_capped_and_give_way_while_the_hand_over_is_slow() -> None:
