@@ -274,7 +274,7 @@ class RouteTable:
         """:meth:`resolve`, with what the filters cost and which ran out of budget.
 
         ``verdicts`` (filter source → :meth:`bridge.filters.Filter.evaluate`'s answer) are used
-        instead of evaluating here: the dispatcher has them evaluated by a local activity. A filter
+        instead of evaluating here: the dispatcher has them evaluated by an activity. A filter
         that ran out of its budget does not match; a workflow none of whose triggers matched, one
         or more of them for that reason, is listed as limited.
         """

@@ -1,7 +1,7 @@
 """Activities: the route table and task lists from the worker's config, target starts, HTTP calls.
 
 The config lives in the worker process, not in workflow code: workflows fetch what they need
-through local activities, whose results are recorded, so replays never depend on the file, and a
+through activities, whose results are recorded, so replays never depend on the file, and a
 reload is seen by the next load. An http task's call reads its config from the current snapshot
 too (:mod:`dispatcher.http_task`). The names and payloads are in :mod:`dispatcher.contract`.
 """

@@ -77,7 +77,9 @@ EVENT_SIGNAL = "event_channel"  # argument: one event as a dict, or a list of th
 RELOAD_SIGNAL = "reload"  # no argument: load the route table again
 STATS_QUERY = "stats"  # answers a DispatcherStats
 
-# Activities: the local ones read the worker's current config snapshot.
+# Activities. LOAD_ROUTES, LOAD_TASKS and EVALUATE_FILTERS read the worker's current config snapshot;
+# the dispatcher schedules its activities ("local" below: as a dispatcher run begun before
+# workflow.NO_LOCAL_ACTIVITIES ran them, and the runner still does).
 LOAD_ROUTES = "signal-bridge.load_routes"  # () -> RoutesResult, local
 LOAD_TASKS = "signal-bridge.load_tasks"  # (workflow id) -> the entry's tasks as dicts, local; each
 # http task's timeout_seconds is its effective one (the least of its own and runner.timeout_seconds)

@@ -1,6 +1,6 @@
-"""The EVALUATE_FILTERS local activity: CEL filters for a batch of the dispatcher's events.
+"""The EVALUATE_FILTERS activity: CEL filters for a batch of the dispatcher's events.
 
-Filters run here, not in workflow code: the result (a verdict per filter) is recorded as a marker,
+Filters run here, not in workflow code: the result (a verdict per filter) is recorded in the history,
 so a replay reads it instead of evaluating again, and a long history never makes a long replay.
 It is a plain function run in the worker's thread pool, so a costly filter never blocks the
 worker's event loop. Each filter and each event spend at most their budgets

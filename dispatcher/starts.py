@@ -148,8 +148,9 @@ def chunks(plans: list[Plan]) -> list[list[Plan]]:
 
 
 LOCAL_STARTS = "start-targets-local"
-"""The patch from which a small batch's START_TARGETS runs as a local activity. A dispatcher run
-begun before it replays its history with the activities it scheduled."""
+"""The patch from which a small batch's START_TARGETS ran as a local activity, until
+workflow.NO_LOCAL_ACTIVITIES. A dispatcher run begun before either replays its history with the
+activities it scheduled; one begun between them with its local ones."""
 LOCAL_MOST = 64
 """Starts in a batch that runs as a local activity, at most."""
 LOCAL_BYTES = 64 * 1024
@@ -158,7 +159,8 @@ LOCAL_BYTES = 64 * 1024
 
 def is_local(chunk: list[Plan]) -> bool:
     """Whether a batch is small enough to start from a local activity (when the dispatcher has
-    nothing queued behind it and no other one running).
+    nothing queued behind it and no other one running), in a run begun before
+    workflow.NO_LOCAL_ACTIVITIES: a replay of such a run makes the choices it made.
 
     A local activity runs in the worker that holds the dispatcher's workflow task, and costs the
     server one marker in that task. A scheduled one costs it three history events, a task to hand

@@ -1,7 +1,7 @@
 """The dispatcher: one long-running workflow per project (per shard) that starts target runs.
 
 Signal handlers only append to a queue; the main loop drains it in batches: it skips recent
-duplicates, has the batch's CEL filters evaluated by the EVALUATE_FILTERS local activity (within
+duplicates, has the batch's CEL filters evaluated by the EVALUATE_FILTERS activity (within
 budgets; its recorded answer spares replays the work), and starts every target with the id
 ``{workflow_id}-{run_digest(project, source, id)}``, ``ABANDON`` and ``REJECT_DUPLICATE``, waiting
 only until each has started (:mod:`dispatcher.starts`). No workflow task runs long whatever the
@@ -9,7 +9,8 @@ payloads: a batch stops at budgets of targets, bytes and work, a batch that star
 its workflow task with a short timer, and a target argument too large for Temporal is a failed
 start, never a command that fails every workflow task after it. It continues-as-new before a
 server limit bites, carrying its queue (dispatching first, within bounds, what is too large to
-carry), recent digests and counters. Limits: :mod:`dispatcher.contract`; docs/operations.md.
+carry), recent digests and counters. Its activities are scheduled ones (NO_LOCAL_ACTIVITIES); runs
+begun before that patch keep their local ones. Limits: :mod:`dispatcher.contract`; docs/operations.md.
 """
 
 from __future__ import annotations
@@ -97,6 +98,21 @@ RESERVED_SIGNAL_IDS = "reserved-signal-ids"
 has the shape of a run the bridge starts, is counted failed, not signalled
 (bridge.routing.SignalRoute.reserved; the adapters refuse such events first)."""
 
+NO_LOCAL_ACTIVITIES = "no-local-activities"
+"""The patch from which the dispatcher runs no local activity: its routes, filters and starts are
+scheduled activities, whose results are events in the history, handed to the workflow at the same
+point when it runs and when it replays. A local activity's result is a marker, and two ways it
+reached the workflow differed between the two:
+
+- the filters of one batch and the starts of another ran as local activities at once, and a replay
+  handed one's result to the other (``FilterVerdicts`` given a list of outcomes);
+- a local activity that finished while Temporal answered a query had its result handed over only
+  with the next workflow task, after that task's signals; a replay handed it over in the first, so
+  the two chose their next batch from different queues.
+
+Either way the replay failed on a nondeterminism error, and after any lost workflow task (a
+restart, an eviction, a task refused at continue-as-new) the dispatcher started nothing more."""
+
 
 @dataclass
 class _Queued:
@@ -123,6 +139,7 @@ class DispatcherWorkflow:
         self._routes: RouteTable | None = None
         self._loads = 0  # route tables loaded this run
         self._filter_failures = 0  # EVALUATE_FILTERS calls failed in a row
+        self._scheduled = False  # no local activities (NO_LOCAL_ACTIVITIES), set as the run begins
         for raw in inp.pending:
             self._enqueue(_Queued(EventSignal.from_dict(raw), encoded_size(raw)))
         self._recent: OrderedDict[str, None] = OrderedDict.fromkeys(inp.recent)
@@ -201,6 +218,8 @@ class DispatcherWorkflow:
     async def run(self, inp: DispatcherInput) -> None:
         self._project = inp.project
         self._shard = inp.shard
+        # Asked first, so a run's histories agree on it: runs begun before keep their local activities.
+        self._scheduled = workflow.patched(NO_LOCAL_ACTIVITIES)
         while True:
             if not self._has_work():
                 await workflow.wait_condition(self._has_work)
@@ -240,7 +259,8 @@ class DispatcherWorkflow:
         """
         self._reload = False
         try:
-            result: RoutesResult = await workflow.execute_local_activity(
+            execute = workflow.execute_activity if self._scheduled else workflow.execute_local_activity
+            result: RoutesResult = await execute(
                 LOAD_ROUTES,
                 result_type=RoutesResult,
                 start_to_close_timeout=timedelta(seconds=30),
@@ -266,9 +286,11 @@ class DispatcherWorkflow:
     def _cost(self, item: _Queued) -> int:
         """The history its starts will add, as a scheduled START_TARGETS or a child's arguments: per
         target its event twice (the argument and the envelope) and TARGET_OVERHEAD. Before the
-        routes are loaded, one target."""
+        routes are loaded, one target. With filters for its name, the event once more: the argument
+        of the scheduled EVALUATE_FILTERS (NO_LOCAL_ACTIVITIES)."""
         targets = 1 if self._routes is None else self._routes.candidates(item.event.name)
-        return targets * (2 * item.size + TARGET_OVERHEAD)
+        filtered = self._scheduled and self._routes is not None and bool(self._routes.filters_for(item.event.name))
+        return targets * (2 * item.size + TARGET_OVERHEAD) + (item.size if filtered else 0)
 
     def _enqueue(self, item: _Queued) -> None:
         item.cost = self._cost(item)
@@ -408,13 +430,18 @@ class DispatcherWorkflow:
         in a workflow task whose arguments, with other batches' chunks, stay in START_BATCH_BYTES
         (Temporal terminates a run whose one workflow task sends over 4 MiB)."""
         for chunk in starts.chunks(plans):
-            size = sum(p.size for p in chunk)
-            self._new_task()
-            while self._task_bytes and self._task_bytes + size > START_BATCH_BYTES:
-                await workflow.sleep(YIELD)  # it leaves in a new workflow task
-                self._new_task()
-            self._task_bytes += size
+            await self._task_room(sum(p.size for p in chunk))
             await self._start(chunk)
+
+    async def _task_room(self, size: int) -> None:
+        """Wait until ``size`` more bytes of activity arguments fit in this workflow task's
+        START_BATCH_BYTES (the first always does), each wait a YIELD that ends the task; then count
+        them in it."""
+        self._new_task()
+        while self._task_bytes and self._task_bytes + size > START_BATCH_BYTES:
+            await workflow.sleep(YIELD)  # it leaves in a new workflow task
+            self._new_task()
+        self._task_bytes += size
 
     def _take(self) -> list[_Queued]:
         """Events from the front of the queue, skipping recent duplicates, while the most targets
@@ -460,8 +487,11 @@ class DispatcherWorkflow:
         need = [(i, item, sources) for i, item, sources in need if sources]
         if not need:
             return len(taken)
+        if self._scheduled:  # the events are its argument, in the history beside the starts' arguments
+            await self._task_room(sum(item.size for _, item, _ in need))
         try:
-            result: FilterVerdicts = await workflow.execute_local_activity(
+            execute = workflow.execute_activity if self._scheduled else workflow.execute_local_activity
+            result: FilterVerdicts = await execute(
                 EVALUATE_FILTERS,
                 wire(FilterBatch([item.event.to_dict() for _, item, _ in need], [sources for _, _, sources in need])),
                 result_type=FilterVerdicts,
@@ -553,11 +583,10 @@ class DispatcherWorkflow:
             rest = [p for p in plans if p.start.signal is not None]
             await asyncio.gather(starts.as_children(children, self._count), starts.by_activity(rest, self._count))
             return
-        # A local activity only for a small batch with nothing waiting behind it while no other one
-        # runs: its workflow task stays open meanwhile, and a burst's signals must not pile up against
-        # it (starts.is_local). The patch is asked where it was when it came in, so that runs begun
-        # since replay alike.
-        local = not self._queue and not self._local and workflow.patched(starts.LOCAL_STARTS)
+        # In a run begun before NO_LOCAL_ACTIVITIES, a local activity for a small batch with nothing
+        # waiting behind it while no other one runs (starts.is_local). The patch is asked where it
+        # was when it came in, so that runs begun since replay alike.
+        local = not self._scheduled and not self._queue and not self._local and workflow.patched(starts.LOCAL_STARTS)
         local = local and starts.is_local(plans)
         if local and starts.needs_scheduling(plans) and workflow.patched(starts.SIGNAL_STARTS_SCHEDULED):
             local = False
