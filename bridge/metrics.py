@@ -99,6 +99,15 @@ class Metrics:
             ["dispatcher"],
             registry=r,
         )
+        self.dispatcher_tasks_failing = Gauge(
+            "signal_bridge_dispatcher_tasks_failing",
+            "1 while a dispatcher's workflow tasks fail, as this process last looked when its stats "
+            "query got no answer (Temporal reports the run's problem, or its pending task is on its "
+            "third attempt or later): it starts nothing (docs/operations.md, 'A dispatcher that "
+            "fails every workflow task'); 0 once it answers",
+            ["dispatcher"],
+            registry=r,
+        )
         self.start_share = Gauge(
             "signal_bridge_start_share",
             "The share of the start window the starts may use now: below 1 while the adapters "

@@ -45,7 +45,11 @@ from temporalio.api.common.v1 import Header, Payload, Payloads, WorkflowType
 from temporalio.api.enums.v1 import ResourceExhaustedCause
 from temporalio.api.errordetails.v1 import ResourceExhaustedFailure
 from temporalio.api.taskqueue.v1 import TaskQueue
-from temporalio.api.workflowservice.v1 import GetSystemInfoRequest, SignalWithStartWorkflowExecutionRequest
+from temporalio.api.workflowservice.v1 import (
+    DescribeWorkflowExecutionResponse,
+    GetSystemInfoRequest,
+    SignalWithStartWorkflowExecutionRequest,
+)
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.service import RPCError, RPCStatusCode
@@ -148,6 +152,24 @@ async def query_stats(
 
 JSON_PLAIN = {"encoding": b"json/plain"}
 """The metadata of the signal's payload: what the SDK's JSON converter writes, and decodes."""
+
+
+FAILING_ATTEMPTS = 3
+"""The attempt of a dispatcher's pending workflow task from which the watcher reports its workflow
+tasks as failing: Temporal retries a failed one at once, and a second attempt happens when a worker
+restarts mid-task. Each signal begins a new task at attempt 1, so a dispatcher still receiving
+events is known by the problem Temporal reports on it instead (REPORTED_TASK_FAILURE)."""
+REPORTED_TASK_FAILURE = b"category=WorkflowTaskFailed"
+"""In the ``TemporalReportedProblems`` search attribute (a JSON list) of a run whose workflow tasks
+fail, on the Temporal servers that report it."""
+
+
+def tasks_failing(described: DescribeWorkflowExecutionResponse) -> bool:
+    """Whether a described run's workflow tasks keep failing (FAILING_ATTEMPTS, REPORTED_TASK_FAILURE)."""
+    problems = described.workflow_execution_info.search_attributes.indexed_fields.get("TemporalReportedProblems")
+    if problems is not None and REPORTED_TASK_FAILURE in problems.data:
+        return True
+    return described.HasField("pending_workflow_task") and described.pending_workflow_task.attempt >= FAILING_ATTEMPTS
 
 
 WATCH_EVERY = 0.5
@@ -432,6 +454,8 @@ class DispatcherClient:
         room = self._rooms[shard]
         handle = self.handle(shard)
         gauge = self.metrics.child(self.metrics.dispatcher_accept_bytes, self._ids[shard])
+        failing_gauge = self.metrics.child(self.metrics.dispatcher_tasks_failing, self._ids[shard])
+        failing = False
         delay = WATCH_EVERY
         while True:
             await within(delay, room.wake.wait())  # not wait_for: see bridge.aio
@@ -442,6 +466,7 @@ class DispatcherClient:
             try:
                 stats = await query_stats(handle, patience=0, rpc_timeout=self.probe_timeout)
                 budget = float(stats.get("accept_bytes", math.inf))
+                now_failing = False
             except Exception:
                 try:
                     info = (await handle.describe(rpc_timeout=self.probe_timeout)).raw_description
@@ -449,6 +474,18 @@ class DispatcherClient:
                     continue  # Temporal does not answer: the prober refuses submissions meanwhile
                 history = info.workflow_execution_info.history_size_bytes
                 budget = max(0.0, (DRAIN_HISTORY_BYTES - FULL_MARGIN - history) / TAKE_WEIGHT)
+                now_failing = tasks_failing(info)
+            failing_gauge.set(now_failing)
+            if now_failing != failing:
+                failing = now_failing
+                if failing:
+                    log.error(
+                        "dispatcher=%s fails its workflow tasks: it starts nothing, and its events wait in its "
+                        "history; see docs/operations.md, 'A dispatcher that fails every workflow task'",
+                        self._ids[shard],
+                    )
+                else:
+                    log.info("dispatcher=%s runs its workflow tasks again", self._ids[shard])
             now = time.monotonic()
             rate = room.sent / (now - room.looked_at) if math.isfinite(room.looked_at) else 0.0
             room.budget, room.sent, room.looked_at = budget, 0, now

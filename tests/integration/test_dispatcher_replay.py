@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 import httpx
@@ -17,7 +18,7 @@ from temporalio.client import Client
 from temporalio.worker import Replayer
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from dispatcher.contract import STATS_QUERY, dispatcher_id
+from dispatcher.contract import DISPATCHER_WORKFLOW, STATS_QUERY, dispatcher_id
 from dispatcher.worker import PASSTHROUGH
 from dispatcher.workflow import DispatcherWorkflow
 from tests.helpers import TOKEN, assert_eventually, config, dispatcher_stats, unique
@@ -105,3 +106,38 @@ async def test_histories_written_under_queries_replay(bridge_factory, temporal_c
             await asyncio.gather(*queries, return_exceptions=True)
     assert stats["started"] == n and stats["duplicates"] == 0 and stats["failed"] == 0, stats
     assert await _replay_failures(temporal_client, workflow_id) == []
+
+
+@pytest.mark.timeout(300)
+async def test_a_dispatcher_whose_workflow_tasks_keep_failing_is_reported(
+    bridge_factory, temporal_client, temporal_address, caplog
+):
+    """A dispatcher whose every workflow task fails (here: an input it cannot decode, as a
+    nondeterminism error would) starts nothing while its events arrive: the bridge logs an ERROR
+    naming it and shows it in ``signal_bridge_dispatcher_tasks_failing``."""
+    caplog.set_level(logging.ERROR, logger="dispatcher.client")
+    project = unique("failing")
+    cfg = config(
+        project,
+        temporal_address,
+        [{"id": "t", "workflow_type": "Noop", "task_queue": unique("no-worker"), "triggers": [{"name": "tick"}]}],
+    )
+    workflow_id = dispatcher_id(project, 0, 1)
+    await temporal_client.start_workflow(
+        DISPATCHER_WORKFLOW, "no DispatcherInput", id=workflow_id, task_queue=cfg.task_queue
+    )
+    bridge = await bridge_factory(cfg)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{bridge.http_port}", timeout=30) as http:
+
+        async def reported() -> bool:
+            resp = await http.post("/api/v1/events", json={"name": "tick", "payload": {}}, headers=auth)
+            assert resp.status_code == 202  # taken: it waits in the run's history
+            text = (await http.get("/metrics", headers=auth)).text
+            assert f'signal_bridge_dispatcher_tasks_failing{{dispatcher="{workflow_id}"}} 1.0' in text
+            return True
+
+        await assert_eventually(reported, timeout=120, interval=2.0, what="the failing tasks shown")
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name == "dispatcher.client"]
+    assert any("fails its workflow tasks" in e and workflow_id in e for e in errors), errors
+    await temporal_client.get_workflow_handle(workflow_id).terminate("test over")

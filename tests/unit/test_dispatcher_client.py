@@ -7,6 +7,7 @@ fail the next ones, which is all the client's batching logic can observe of Temp
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -19,7 +20,7 @@ from google.protobuf.message import Message
 from temporalio.api.common.v1 import GrpcStatus, Payload
 from temporalio.api.enums.v1 import ResourceExhaustedCause
 from temporalio.api.errordetails.v1 import ResourceExhaustedFailure, WorkflowNotReadyFailure
-from temporalio.api.workflowservice.v1 import SignalWithStartWorkflowExecutionRequest
+from temporalio.api.workflowservice.v1 import DescribeWorkflowExecutionResponse, SignalWithStartWorkflowExecutionRequest
 from temporalio.client import Client
 from temporalio.common import RawValue, WorkflowIDConflictPolicy
 from temporalio.converter import DataConverter
@@ -103,8 +104,14 @@ class FakeHandle:
         return {"received": 0} if accept is None else {"received": 0, "accept_bytes": accept}
 
     async def describe(self, *, rpc_timeout: timedelta | None = None) -> Any:
-        info = SimpleNamespace(history_size_bytes=self.temporal.history_bytes.get(self.id, 0))
-        return SimpleNamespace(raw_description=SimpleNamespace(workflow_execution_info=info))
+        described = DescribeWorkflowExecutionResponse()
+        described.workflow_execution_info.history_size_bytes = self.temporal.history_bytes.get(self.id, 0)
+        if self.id in self.temporal.task_attempt:
+            described.pending_workflow_task.attempt = self.temporal.task_attempt[self.id]
+        if self.id in self.temporal.problems:
+            problems = described.workflow_execution_info.search_attributes.indexed_fields["TemporalReportedProblems"]
+            problems.CopyFrom(DataConverter.default.payload_converter.to_payloads([self.temporal.problems[self.id]])[0])
+        return SimpleNamespace(raw_description=described)
 
 
 @dataclass
@@ -150,6 +157,8 @@ class FakeTemporal:
     accept: dict[str, int] = field(default_factory=dict)  # dispatcher id -> its accept_bytes
     history_bytes: dict[str, int] = field(default_factory=dict)  # dispatcher id -> its run's history
     no_worker: bool = False  # the stats query fails: no worker runs the dispatcher
+    task_attempt: dict[str, int] = field(default_factory=dict)  # dispatcher id -> its pending task's attempt
+    problems: dict[str, list[str]] = field(default_factory=dict)  # dispatcher id -> TemporalReportedProblems
     looks: int = 0  # stats queries asked
     data_converter: DataConverter = DataConverter.default
 
@@ -866,6 +875,58 @@ async def test_without_a_worker_to_answer_the_run_s_history_alone_decides(monkey
         await dc.submit([ev("c")])
     assert temporal.sent() == [["a"], ["b"]]
     await dc.close()
+
+
+async def test_a_dispatcher_whose_workflow_tasks_keep_failing_is_reported_once_and_its_recovery_too(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dispatcher whose replay fails (a nondeterminism error) answers no query and starts nothing,
+    while its events still arrive: the watcher describes it, shows it in
+    ``signal_bridge_dispatcher_tasks_failing``, and logs one ERROR while it stays so, then one INFO
+    when the query is answered again."""
+    caplog.set_level(logging.INFO, logger="dispatcher.client")
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.01)
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 0.01)
+    temporal = FakeTemporal(no_worker=True)
+    wid = dispatcher_id(PROJECT, 0, 1)
+    temporal.task_attempt[wid] = 2  # a task in flight, on its second attempt: a worker restarted
+    metrics = Metrics()
+    dc = make_client(temporal, metrics=metrics)
+
+    def failing() -> float | None:
+        return metrics.registry.get_sample_value("signal_bridge_dispatcher_tasks_failing", {"dispatcher": wid})
+
+    await dc.submit([ev("a")])
+    await assert_eventually(lambda: temporal.looks > 2, timeout=5, interval=0.01, what="looks")
+    assert failing() == 0 and not [r for r in caplog.records if r.levelname == "ERROR"]
+    temporal.problems[wid] = [
+        "category=WorkflowTaskFailed",
+        "cause=WorkflowTaskFailedCauseWorkflowWorkerUnhandledFailure",
+    ]
+    temporal.task_attempt[wid] = 1  # each signal begins a new task
+    await dc.submit([ev("b")])  # taken: it waits in the run's history
+    await assert_eventually(lambda: failing() == 1, timeout=5, interval=0.01, what="the problem seen")
+    looks = temporal.looks
+    await dc.submit([ev("c")])
+    await assert_eventually(lambda: temporal.looks > looks + 2, timeout=5, interval=0.01, what="more looks")
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "fails its workflow tasks" in errors[0] and wid in errors[0]
+    temporal.no_worker = False  # reset, it answers again
+    await dc.submit([ev("d")])
+    await assert_eventually(lambda: failing() == 0, timeout=5, interval=0.01, what="the answer seen")
+    assert any("runs its workflow tasks again" in r.getMessage() for r in caplog.records if r.levelname == "INFO")
+    assert temporal.sent() == [["a"], ["b"], ["c"], ["d"]]
+    await dc.close()
+
+
+def test_a_run_whose_pending_task_is_on_its_third_attempt_fails_its_tasks_without_a_reported_problem() -> None:
+    """A server that reports no problems: the pending task's attempt tells (FAILING_ATTEMPTS)."""
+    described = DescribeWorkflowExecutionResponse()
+    assert not dispatcher.client.tasks_failing(described)
+    described.pending_workflow_task.attempt = dispatcher.client.FAILING_ATTEMPTS - 1
+    assert not dispatcher.client.tasks_failing(described)
+    described.pending_workflow_task.attempt = dispatcher.client.FAILING_ATTEMPTS
+    assert dispatcher.client.tasks_failing(described)
 
 
 def test_a_dispatcher_far_from_full_is_looked_at_seldom_and_one_near_it_often() -> None:
