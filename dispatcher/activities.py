@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from datetime import timedelta
 from typing import Any
 
 from opentelemetry import trace
@@ -157,8 +158,8 @@ class BridgeActivities:
                     return await deliver_signal(client, s)
                 if self.tracing:
                     with in_trace_of(s):
-                        return await start_one(client, s, info.activity_id)
-                return await start_one(client, s, info.activity_id)
+                        return await start_one(client, s, info.activity_id, maybe_ours)
+                return await start_one(client, s, info.activity_id, maybe_ours)
 
         async def heartbeat() -> None:
             # A worker that dies mid-batch is noticed within the heartbeat timeout, not 60 s (a local
@@ -177,6 +178,8 @@ class BridgeActivities:
         # Starts with the same ordering key, and signals to the same run, one after another in the
         # batch's order; the rest at once.
         info = activity.info()
+        # Only a retry, or a local activity (run again with a lost workflow task), can meet its own starts.
+        maybe_ours = info.is_local or info.attempt > 1
         outcomes = answered_before(info, len(batch.starts))
         chains: dict[object, list[int]] = {}
         for i, s in enumerate(batch.starts):
@@ -199,12 +202,17 @@ class BridgeActivities:
         return await http_task.run(self.snapshot().config, call)
 
 
-async def start_one(client: Client, s: TargetStart, batch: str | None = None) -> str:
+OWN_START_KEYS = ("event_id", "dispatcher", "dispatcher_run", BATCH_MEMO)
+"""The memo keys that make a run this batch's own start (the run may change the rest of its memo)."""
+
+
+async def start_one(client: Client, s: TargetStart, batch: str | None = None, maybe_ours: bool = False) -> str:
     """Start ``s``'s run unless its id ran already: STARTED, DUPLICATE or failed(why).
 
-    With ``batch`` (the START_TARGETS activity id) the run's memo says so, and a refused start
-    whose run has the same memo is this batch's own, made by an attempt whose answer was lost (a
-    retry, or a local activity run again with its lost workflow task): STARTED, not DUPLICATE.
+    With ``batch`` (the START_TARGETS activity id) the run's memo says so. When ``maybe_ours`` (an
+    attempt after one whose answers may be lost: a retry, or a local activity run again with its
+    lost workflow task), a refused start whose run's memo has this start's OWN_START_KEYS is this
+    batch's own: STARTED, not DUPLICATE.
     """
     memo = s.memo if batch is None else {**s.memo, BATCH_MEMO: batch}
     try:
@@ -219,7 +227,11 @@ async def start_one(client: Client, s: TargetStart, batch: str | None = None) ->
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
         )
     except WorkflowAlreadyStartedError:
-        return STARTED if batch is not None and await memo_of(client, s.id) == memo else DUPLICATE
+        if batch is None or not maybe_ours:
+            return DUPLICATE
+        found = await memo_of(client, s.id)
+        own = found is not None and all(found.get(k) == memo.get(k) for k in OWN_START_KEYS)
+        return STARTED if own else DUPLICATE
     except RPCError as exc:
         if exc.status in (RPCStatusCode.INVALID_ARGUMENT, RPCStatusCode.NOT_FOUND):
             return failed(exc.message)
@@ -230,9 +242,10 @@ async def start_one(client: Client, s: TargetStart, batch: str | None = None) ->
 async def memo_of(client: Client, workflow_id: str) -> Mapping[str, Any] | None:
     """The memo of the run ``workflow_id``, or None when it cannot be read (gone, or refused)."""
     try:
-        return await (await client.get_workflow_handle(workflow_id).describe()).memo()
+        described = await client.get_workflow_handle(workflow_id).describe(rpc_timeout=timedelta(seconds=10))
+        return await described.memo()
     except Exception as exc:  # an answer it cannot read is no proof the run is this batch's
-        log.debug("memo of %s not read: %s", safe(workflow_id), exc)
+        log.warning("memo of %s not read, its refused start counts as a duplicate: %s", safe(workflow_id), safe(exc))
         return None
 
 

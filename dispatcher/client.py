@@ -461,7 +461,7 @@ class DispatcherClient:
             await within(delay, room.wake.wait())  # not wait_for: see bridge.aio
             room.wake.clear()
             delay = WATCH_EVERY
-            if room.budget > 0 and time.monotonic() - room.sent_at > WATCH_IDLE:
+            if room.budget > 0 and time.monotonic() - room.sent_at > WATCH_IDLE and not failing:
                 continue
             try:
                 stats = await query_stats(handle, patience=0, rpc_timeout=self.probe_timeout)
@@ -474,7 +474,8 @@ class DispatcherClient:
                     continue  # Temporal does not answer: the prober refuses submissions meanwhile
                 history = info.workflow_execution_info.history_size_bytes
                 budget = max(0.0, (DRAIN_HISTORY_BYTES - FULL_MARGIN - history) / TAKE_WEIGHT)
-                now_failing = tasks_failing(info)
+                # Cleared only by an answer: each signal begins a new task at attempt 1.
+                now_failing = failing or tasks_failing(info)
             failing_gauge.set(now_failing)
             if now_failing != failing:
                 failing = now_failing
@@ -491,6 +492,8 @@ class DispatcherClient:
             room.budget, room.sent, room.looked_at = budget, 0, now
             if budget > 0:
                 delay = next_look(budget, rate)
+            if failing:
+                delay = WATCH_MOST  # looked at while idle too, to see it mended
             gauge.set(budget if math.isfinite(budget) else -1)
             if (budget <= 0) != room.full:
                 room.full = budget <= 0

@@ -487,8 +487,15 @@ class DispatcherWorkflow:
         need = [(i, item, sources) for i, item, sources in need if sources]
         if not need:
             return len(taken)
-        if self._scheduled:  # the events are its argument, in the history beside the starts' arguments
-            await self._task_room(sum(item.size for _, item, _ in need))
+        every = need
+        if self._scheduled:  # its argument is in the history, beside the starts' arguments
+            sizes = [item.size + sum(len(src.encode()) + 4 for src in sources) for _, item, sources in need]
+            fit, total = 1, sizes[0]
+            while fit < len(need) and total + sizes[fit] <= START_BATCH_BYTES:
+                total += sizes[fit]
+                fit += 1
+            need = need[:fit]  # the rest go back to the queue, as those a budget left out
+            await self._task_room(total)
         try:
             execute = workflow.execute_activity if self._scheduled else workflow.execute_local_activity
             result: FilterVerdicts = await execute(
@@ -525,7 +532,7 @@ class DispatcherWorkflow:
         self._spent += result.cost
         for (_, item, sources), verdicts in zip(need, result.verdicts, strict=False):
             item.verdicts = dict(zip(sources, verdicts, strict=True))
-        return need[len(result.verdicts)][0] if len(result.verdicts) < len(need) else len(taken)
+        return every[len(result.verdicts)][0] if len(result.verdicts) < len(every) else len(taken)
 
     def _plan(self, item: _Queued) -> list[Plan]:
         """The starts one event needs (its work is added to the workflow task's account)."""

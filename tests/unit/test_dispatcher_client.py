@@ -911,11 +911,42 @@ async def test_a_dispatcher_whose_workflow_tasks_keep_failing_is_reported_once_a
     await assert_eventually(lambda: temporal.looks > looks + 2, timeout=5, interval=0.01, what="more looks")
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "fails its workflow tasks" in errors[0] and wid in errors[0]
+    del temporal.problems[wid]  # a server that reports none: the attempts alone, 1 with each signal
+    looks = temporal.looks
+    await dc.submit([ev("c2")])
+    await assert_eventually(lambda: temporal.looks > looks + 2, timeout=5, interval=0.01, what="looks after")
+    assert failing() == 1, "cleared with no answer to the query"
+    assert not [r for r in caplog.records if "runs its workflow tasks again" in r.getMessage()]
     temporal.no_worker = False  # reset, it answers again
     await dc.submit([ev("d")])
     await assert_eventually(lambda: failing() == 0, timeout=5, interval=0.01, what="the answer seen")
     assert any("runs its workflow tasks again" in r.getMessage() for r in caplog.records if r.levelname == "INFO")
-    assert temporal.sent() == [["a"], ["b"], ["c"], ["d"]]
+    assert temporal.sent() == [["a"], ["b"], ["c"], ["c2"], ["d"]]
+    await dc.close()
+
+
+async def test_a_failing_dispatcher_is_looked_at_while_nothing_is_sent_so_its_mending_is_seen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once events stop, the watcher looks no more (WATCH_IDLE) unless the dispatcher was failing:
+    then the gauge would say so for ever after a reset mended it."""
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.01)
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 0.01)
+    monkeypatch.setattr(dispatcher.client, "WATCH_IDLE", 0.05)
+    temporal = FakeTemporal(no_worker=True)
+    wid = dispatcher_id(PROJECT, 0, 1)
+    temporal.problems[wid] = ["category=WorkflowTaskFailed"]
+    metrics = Metrics()
+    dc = make_client(temporal, metrics=metrics)
+
+    def failing() -> float | None:
+        return metrics.registry.get_sample_value("signal_bridge_dispatcher_tasks_failing", {"dispatcher": wid})
+
+    await dc.submit([ev("a")])
+    await assert_eventually(lambda: failing() == 1, timeout=5, interval=0.01, what="the problem seen")
+    await asyncio.sleep(0.2)  # idle: nothing sent since
+    temporal.no_worker = False
+    await assert_eventually(lambda: failing() == 0, timeout=5, interval=0.01, what="the mending seen")
     await dc.close()
 
 

@@ -894,6 +894,27 @@ def _starts_asked(event: HistoryEvent) -> bool:
     )
 
 
+async def test_the_filters_argument_is_cut_to_the_workflow_tasks_bytes_and_the_rest_evaluated_after(
+    make: Any, monkeypatch: Any
+) -> None:
+    """The scheduled EVALUATE_FILTERS carries the events and their filters' sources in the history,
+    and a payload over 2 MiB fails every workflow task: a batch's argument stays within
+    START_BATCH_BYTES (one event at least), and the events it left out are evaluated next."""
+    monkeypatch.setattr(dispatcher_workflow, "START_BATCH_BYTES", 5_000)
+    d = await make("activity")
+    long_filter = 'payload.n >= 0 && "' + "x" * 2_000 + '" != ""'
+    d.stubs.routes = [d.route("big", "order.created", filter=long_filter)]
+    await d.send(*(d.event(f"e{i}", n=i) for i in range(5)))
+    await d.settled(received=5, started=5)
+    arguments = [
+        sum(len(p.data) for p in e.activity_task_scheduled_event_attributes.input.payloads)
+        for e in (await d.handle.fetch_history()).events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == EVALUATE_FILTERS
+    ]
+    assert len(arguments) >= 3 and max(arguments) < 5_000, arguments
+
+
 async def test_a_new_run_schedules_its_routes_filters_and_starts_and_runs_no_local_activity(make: Any) -> None:
     """A local activity's result reached the workflow at another point when it ran than when it
     replayed (two at once; or one that finished while a query was answered), and the replay of a

@@ -48,7 +48,8 @@ class Runs:
         def __init__(self, memo: dict[str, Any] | None) -> None:
             self._memo = memo
 
-        async def describe(self) -> Any:
+        async def describe(self, **_: Any) -> Any:
+            Runs.described += 1
             if self._memo is None:
                 raise RPCError("unavailable", RPCStatusCode.UNAVAILABLE, b"")
             memo = self._memo
@@ -57,6 +58,8 @@ class Runs:
                 return memo
 
             return SimpleNamespace(memo=read)
+
+    described = 0  # describe calls, all instances
 
     def __init__(self) -> None:
         self.memos: dict[str, dict[str, Any]] = {}
@@ -139,6 +142,17 @@ async def test_a_batch_run_again_counts_its_own_starts_as_started_and_others_as_
     assert await env.run(acts.start_targets, batch) == [STARTED] * 3
     assert runs.memos["n0"] == {**memo, "dispatcher_batch": "7"}
     assert await env.run(acts.start_targets, batch) == [STARTED] * 3  # the same batch, run again
+    runs.memos["n1"]["note"] = "the run upserted its memo"
+    assert await env.run(acts.start_targets, batch) == [STARTED] * 3
+
+    # A scheduled batch: its first attempt cannot meet its own starts, and asks nothing.
+    env.info = dataclasses.replace(env.info, is_local=False, attempt=1)
+    described = Runs.described
+    assert await env.run(acts.start_targets, batch) == [DUPLICATE] * 3
+    assert Runs.described == described
+    env.info = dataclasses.replace(env.info, attempt=2)  # a retry whose first attempt's answers were lost
+    assert await env.run(acts.start_targets, batch) == [STARTED] * 3
+    env.info = dataclasses.replace(env.info, is_local=True, attempt=1)
 
     env.info = dataclasses.replace(env.info, activity_id="8")  # a later batch with the same event
     assert await env.run(acts.start_targets, batch) == [DUPLICATE] * 3
