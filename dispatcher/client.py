@@ -492,8 +492,6 @@ class DispatcherClient:
             room.budget, room.sent, room.looked_at = budget, 0, now
             if budget > 0:
                 delay = next_look(budget, rate)
-            if failing:
-                delay = WATCH_MOST  # looked at while idle too, to see it mended
             gauge.set(budget if math.isfinite(budget) else -1)
             if (budget <= 0) != room.full:
                 room.full = budget <= 0
