@@ -6,9 +6,10 @@ import asyncio
 import inspect
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
+import httpx
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -55,6 +56,23 @@ async def dispatcher_stats(client: Client, project: str, shard: int = 0, shards:
     """The ``stats`` query of the project's dispatcher (shard ``shard`` of ``shards``), as a dict;
     asked again while Temporal answers that the dispatcher's workflow task is being retried."""
     return dict(await query_stats(client.get_workflow_handle(dispatcher_id(project, shard, shards))))
+
+
+async def post_ticks(http: httpx.AsyncClient, url: str, indices: Iterable[int], concurrency: int) -> list[int]:
+    """POST a ``tick`` event for each index ``i`` (payload ``{"i": i}``, Idempotency-Key ``ev-{i}``)
+    to the events API at ``url``, at most ``concurrency`` at once; their status codes, in order."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def send(i: int) -> int:
+        async with sem:
+            resp = await http.post(
+                url,
+                json={"name": "tick", "payload": {"i": i}},
+                headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": f"ev-{i}"},
+            )
+            return resp.status_code
+
+    return await asyncio.gather(*(send(i) for i in indices))
 
 
 def unique(prefix: str = "t") -> str:

@@ -21,7 +21,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from dispatcher.contract import DISPATCHER_WORKFLOW, STATS_QUERY, dispatcher_id
 from dispatcher.worker import PASSTHROUGH
 from dispatcher.workflow import DispatcherWorkflow
-from tests.helpers import TOKEN, assert_eventually, config, dispatcher_stats, unique
+from tests.helpers import TOKEN, assert_eventually, config, dispatcher_stats, post_ticks, unique
 
 pytestmark = pytest.mark.temporal
 
@@ -81,18 +81,7 @@ async def test_histories_written_under_queries_replay(bridge_factory, temporal_c
         assert first.status_code == 202
         queries = [asyncio.create_task(_query_all_the_time(temporal_client, workflow_id)) for _ in range(3)]
         try:
-            sem = asyncio.Semaphore(3)
-
-            async def send(i: int) -> int:
-                async with sem:
-                    resp = await http.post(
-                        url,
-                        json={"name": "tick", "payload": {"i": i}},
-                        headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": f"ev-{i}"},
-                    )
-                    return resp.status_code
-
-            codes = await asyncio.gather(*(send(i) for i in range(1, n)))
+            codes = await post_ticks(http, url, range(1, n), 3)
             assert codes.count(202) == n - 1
 
             async def done() -> dict[str, Any]:

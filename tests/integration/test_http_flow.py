@@ -25,6 +25,7 @@ from tests.helpers import (
     assert_eventually,
     config,
     dispatcher_stats,
+    post_ticks,
     result_of,
     run_id,
     runner,
@@ -199,20 +200,8 @@ async def test_continue_as_new_loses_and_doubles_nothing(bridge_factory, tempora
         },
     )
     bridge = await bridge_factory(cfg)
-    sem = asyncio.Semaphore(32)
     async with httpx.AsyncClient(timeout=60) as http:
-        url = f"http://127.0.0.1:{bridge.http_port}/api/v1/events"
-
-        async def send(i: int) -> int:
-            async with sem:
-                resp = await http.post(
-                    url,
-                    json={"name": "tick", "payload": {"i": i}},
-                    headers={"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": f"ev-{i}"},
-                )
-                return resp.status_code
-
-        codes = await asyncio.gather(*(send(i) for i in range(n)))
+        codes = await post_ticks(http, f"http://127.0.0.1:{bridge.http_port}/api/v1/events", range(n), 32)
     assert codes.count(202) == n
 
     async def done() -> dict[str, Any]:
