@@ -271,7 +271,13 @@ async def dispatcher_stats(client: Client, project: str, shards: int) -> list[di
     return out
 
 
-async def received_check(run: Run, project: str, accepted: int, timeout: float) -> str:
+async def summed_stats(client: Client, project: str, shards: int) -> dict[str, int]:
+    """``received``, ``backlog`` and ``started`` over every shard's dispatcher."""
+    every = await dispatcher_stats(client, project, shards)
+    return {key: sum(int(stats.get(key, 0)) for stats in every) for key in ("received", "backlog", "started")}
+
+
+async def received_check(run: Run, project: str, accepted: int, timeout: float, shards: int = 1) -> str:
     """Poll the dispatcher's ``stats`` until it has received every accepted event (or ``timeout``).
     Not the drain (:func:`drain_check` watches its rate): starting them all would take minutes."""
     deadline = time.monotonic() + timeout
@@ -279,7 +285,7 @@ async def received_check(run: Run, project: str, accepted: int, timeout: float) 
     stats: dict[str, Any] = {}
     while True:
         try:
-            stats = (await dispatcher_stats(run.client, project, 1))[0]
+            stats = dict(await summed_stats(run.client, project, shards))
         except Exception as exc:
             stats = {"error": type(exc).__name__}
         received = int(stats.get("received", -1))
@@ -295,14 +301,14 @@ async def received_check(run: Run, project: str, accepted: int, timeout: float) 
     )
 
 
-async def drain_check(run: Run, project: str, seconds: float) -> str:
+async def drain_check(run: Run, project: str, seconds: float, shards: int = 1) -> str:
     """Targets started per second over ``seconds`` after the burst, against the last ceiling (what
     the throughput rows are measured against): a backlog should start at the bridge's throughput,
     not slower for its size."""
-    before = (await dispatcher_stats(run.client, project, 1))[0]
+    before = await summed_stats(run.client, project, shards)
     began = time.monotonic()
     await asyncio.sleep(seconds)
-    after = (await dispatcher_stats(run.client, project, 1))[0]
+    after = await summed_stats(run.client, project, shards)
     rate = (int(after["started"]) - int(before["started"])) / (time.monotonic() - began)
     ceiling = run.ceiling.rate if run.ceiling and run.ceiling.rate else None
     ratio = f" ({rate / ceiling:.2f}x ceiling)" if ceiling else ""
@@ -351,14 +357,15 @@ async def _bridge_burst(run: Run, batch: int, bare: Row | None, *, split: bool =
         row = _burst_row(f"burst {deployment} {mode_label(None)}, {batch}/request", result, batch, bare)
         row.notes.insert(0, f"not accepted {result.not_accepted}")
         accepted = result.accepted * batch
-        row.notes.append(await received_check(run, project, accepted, timeout=max(60.0, 3 * run.burst_seconds)))
+        timeout = max(60.0, 3 * run.burst_seconds)
+        row.notes.append(await received_check(run, project, accepted, timeout, bridge.shards))
         row.notes.insert(1, _rss_note(bridge.peak_rss_mib()))
         if run.drain_seconds > 0:
-            row.notes.append(await drain_check(run, project, run.drain_seconds))
+            row.notes.append(await drain_check(run, project, run.drain_seconds, bridge.shards))
         return run.add(row)
     finally:
         bridge.stop()
-        await terminate_dispatchers(run.client, project, 1)
+        await terminate_dispatchers(run.client, project, bridge.shards)
 
 
 def _rss_note(peaks: dict[str, float | None]) -> str:
