@@ -2,9 +2,10 @@
 
 One :class:`RouteTable` serves both sides. Adapters use :meth:`RouteTable.check` to refuse, before
 anything enters Temporal, an event no trigger names or whose payload breaks a trigger's schema.
-The dispatcher builds the same table from :meth:`RouteTable.spec` (plain data, loaded by a local
-activity so replays see the table the run saw) and calls :meth:`RouteTable.resolve`, which applies
-the CEL filters and yields targets in a stable order: the order of ``workflows:`` in the file.
+The dispatcher builds the same table from :meth:`RouteTable.spec` (plain data, loaded by the
+LOAD_ROUTES activity so replays see the table the run saw; at most ROUTES_LIMIT_BYTES) and calls
+:meth:`RouteTable.resolve`, which applies the CEL filters and yields targets in a stable order:
+the order of ``workflows:`` in the file.
 """
 
 from __future__ import annotations
@@ -16,12 +17,20 @@ from typing import TYPE_CHECKING, Any
 
 from bridge import templates
 from bridge.errors import ConfigError, EventRejected
+from bridge.event import encode
 from bridge.filters import Filter, FilterError, Scope, scope
 from bridge.schemas import compile_schema, described
 
 if TYPE_CHECKING:
     from bridge.config import BridgeConfig
     from bridge.event import EventSignal
+
+ROUTES_LIMIT_BYTES = 512 * 1024
+"""The most :meth:`RouteTable.spec` may weigh as the SDK encodes it. The dispatcher loads it in an
+activity whose result each run records (and again at each reload), and an event's filters go with
+it in EVALUATE_FILTERS's argument: a table near Temporal's 2 MiB payload limit would fail every
+load or every filtered batch, and the dispatcher would start nothing. A config over it is refused
+at load (a reload keeps the config before it)."""
 
 
 def name_matches(pattern: str, name: str) -> bool:
@@ -180,7 +189,16 @@ class RouteTable:
                     signal=signal,
                 )
             )
-        return cls(routes)
+        table = cls(routes)
+        size = len(encode(table.spec()))
+        if size > ROUTES_LIMIT_BYTES:
+            raise ConfigError(
+                f"{origin}: the routes the dispatcher loads (each workflow's id, type, task queue, input and "
+                f"trigger names and filters) weigh {size} bytes as JSON, over the limit of {ROUTES_LIMIT_BYTES}: "
+                "each dispatcher run records them in its history; shorten the inputs or filters, or split the "
+                "workflows over projects"
+            )
+        return table
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> RouteTable:

@@ -10,9 +10,9 @@ import pytest
 
 from bridge.config import BridgeConfig, parse_config
 from bridge.errors import ConfigError, EventRejected
-from bridge.event import EventSignal, run_digest
+from bridge.event import EventSignal, encode, run_digest
 from bridge.filters import EVENT_BUDGET, FILTER_BUDGET, Filter, activation
-from bridge.routing import RouteTable, name_matches
+from bridge.routing import ROUTES_LIMIT_BYTES, RouteTable, name_matches
 
 
 def table(*workflows: dict[str, Any], project: str = "shop") -> RouteTable:
@@ -198,6 +198,21 @@ def test_pattern_properties_run_on_re2_too() -> None:
     table.check(EventSignal(id="1", name="t", payload={"x-a": 1, "y": "free"}, source="s"))
     with pytest.raises(EventRejected):
         table.check(EventSignal(id="2", name="t", payload={"x-a": "not an int"}, source="s"))
+
+
+def test_routes_over_what_a_dispatcher_run_records_are_refused_at_load() -> None:
+    """The spec is what LOAD_ROUTES answers and every run records: past the limit the config is
+    refused with its size, before any dispatcher could fail on it."""
+    small = table(wf("w", "t", input={"blob": "x" * 1000}))
+    room = ROUTES_LIMIT_BYTES - len(encode(small.spec())) + 1000
+    fits = table(wf("w", "t", input={"blob": "x" * room}))
+    assert len(encode(fits.spec())) == ROUTES_LIMIT_BYTES
+    with pytest.raises(ConfigError, match=rf"weigh {ROUTES_LIMIT_BYTES + 1} bytes as JSON, over the limit"):
+        table(wf("w", "t", input={"blob": "x" * (room + 1)}))
+    # Two workflows that each fit count together, filters included.
+    half = "x" * (ROUTES_LIMIT_BYTES // 2)
+    with pytest.raises(ConfigError, match=r"^config: the routes the dispatcher loads"):
+        table(wf("a", {"name": "t", "filter": f'payload.k == "{half}"'}), wf("b", "t", input={"blob": half}))
 
 
 @pytest.mark.parametrize("pattern", ["^(?=a)a$", "^(a)\\1$"], ids=["look-ahead", "backreference"])
