@@ -470,6 +470,29 @@ async def test_cloudevents_batch_with_a_bad_event_is_207(sink: FakeSink, client:
     assert [e.id for e in sink.events] == ["/shop#g"]
 
 
+async def test_a_cloudevents_batch_is_parsed_once_not_item_by_item_again(
+    sink: FakeSink, client: AsyncTestClient[Litestar], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each item is decoded from the parsed array: not encoded to JSON and parsed once more (about
+    0.3 ms per item before). The data of an item still goes through the data checks."""
+    import bridge.decode
+
+    parsed: list[bytes] = []
+    real = bridge.decode.parse_json
+
+    def counted(body: bytes) -> Any:
+        parsed.append(body)
+        return real(body)
+
+    monkeypatch.setattr(bridge.decode, "parse_json", counted)
+    monkeypatch.setattr("adapters.http.parse.parse_json", counted)
+    body = sdk_batch(*(sdk_event(str(i), "/a", n=i) for i in range(8)))
+    resp = await client.post(URL, content=body, headers=CE_BATCH_HEADERS)
+    assert resp.status_code == 202, resp.text
+    assert parsed == [body]
+    assert [e.payload for e in sink.events] == [{"orderId": "A1", "n": i} for i in range(8)]
+
+
 @pytest.mark.parametrize("body", [b'{"specversion": "1.0"}', b"[1]", b"[nope"])
 async def test_cloudevents_batch_that_is_no_array_of_objects_is_400(
     sink: FakeSink, client: AsyncTestClient[Litestar], body: bytes
