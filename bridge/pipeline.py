@@ -178,7 +178,11 @@ class Pipeline:
         and the outcomes of the events not held refused as ``unavailable``."""
         positions = [i for i, o in enumerate(outcomes) if o.rejected is None]
         held = frozenset(positions[i] for i in exc.held)
-        why = EventRejected("unavailable", "Temporal did not take this event (others of the batch it holds); retry it")
+        why = EventRejected(
+            "unavailable",
+            "Temporal did not take this event (others of the batch it holds): send it again with its event_id "
+            "as its id, or the whole batch again as it was",
+        )
         for i in positions:
             if i not in held:
                 outcomes[i].rejected = why

@@ -42,7 +42,7 @@ from typing import Any
 
 from opentelemetry.context import Context
 from temporalio.api.common.v1 import Header, Payload, Payloads, WorkflowType
-from temporalio.api.enums.v1 import ResourceExhaustedCause
+from temporalio.api.enums.v1 import ResourceExhaustedCause, WorkflowExecutionStatus
 from temporalio.api.errordetails.v1 import ResourceExhaustedFailure
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import (
@@ -162,6 +162,18 @@ events is known by the problem Temporal reports on it instead (REPORTED_TASK_FAI
 REPORTED_TASK_FAILURE = b"category=WorkflowTaskFailed"
 """In the ``TemporalReportedProblems`` search attribute (a JSON list) of a run whose workflow tasks
 fail, on the Temporal servers that report it."""
+
+
+OPEN_STATUSES = (
+    WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_UNSPECIFIED,
+    WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING,
+)
+
+
+def closed(described: DescribeWorkflowExecutionResponse) -> bool:
+    """Whether the described run has closed: terminated at its history's limit or by an operator.
+    Nothing drains it then, and the next signal-with-start begins a new run with room for events."""
+    return described.workflow_execution_info.status not in OPEN_STATUSES
 
 
 def tasks_failing(described: DescribeWorkflowExecutionResponse) -> bool:
@@ -463,6 +475,7 @@ class DispatcherClient:
             delay = WATCH_EVERY
             if room.budget > 0 and time.monotonic() - room.sent_at > WATCH_IDLE and not failing:
                 continue
+            info: DescribeWorkflowExecutionResponse | None = None
             try:
                 stats = await query_stats(handle, patience=0, rpc_timeout=self.probe_timeout)
                 budget = float(stats.get("accept_bytes", math.inf))
@@ -476,6 +489,10 @@ class DispatcherClient:
                 budget = max(0.0, (DRAIN_HISTORY_BYTES - FULL_MARGIN - history) / TAKE_WEIGHT)
                 # Cleared only by an answer: each signal begins a new task at attempt 1.
                 now_failing = failing or tasks_failing(info)
+            if budget <= 0 and await self._closed(handle, info):
+                # Its last state (or its history) says full, but the next signal starts a new run.
+                log.warning("dispatcher=%s: its run has closed; the next events start a new run", self._ids[shard])
+                budget, now_failing = math.inf, False
             failing_gauge.set(now_failing)
             if now_failing != failing:
                 failing = now_failing
@@ -503,6 +520,16 @@ class DispatcherClient:
                     )
                 else:
                     log.info("dispatcher=%s takes events again", self._ids[shard])
+
+    async def _closed(self, handle: WorkflowHandle[Any, Any], info: DescribeWorkflowExecutionResponse | None) -> bool:
+        """Whether the shard's latest run has closed (:func:`closed`); described again unless
+        ``info`` is this look's description. Not known (Temporal does not answer): open."""
+        if info is None:
+            try:
+                info = (await handle.describe(rpc_timeout=self.probe_timeout)).raw_description
+            except Exception:
+                return False
+        return closed(info)
 
     async def _sender(self, shard: int) -> None:
         """Send one shard's submissions, one signal at a time, coalescing whatever queued meanwhile."""

@@ -18,7 +18,7 @@ import pytest
 from google.protobuf.any_pb2 import Any as ProtoAny
 from google.protobuf.message import Message
 from temporalio.api.common.v1 import GrpcStatus, Payload
-from temporalio.api.enums.v1 import ResourceExhaustedCause
+from temporalio.api.enums.v1 import ResourceExhaustedCause, WorkflowExecutionStatus
 from temporalio.api.errordetails.v1 import ResourceExhaustedFailure, WorkflowNotReadyFailure
 from temporalio.api.workflowservice.v1 import DescribeWorkflowExecutionResponse, SignalWithStartWorkflowExecutionRequest
 from temporalio.client import Client
@@ -106,6 +106,11 @@ class FakeHandle:
     async def describe(self, *, rpc_timeout: timedelta | None = None) -> Any:
         described = DescribeWorkflowExecutionResponse()
         described.workflow_execution_info.history_size_bytes = self.temporal.history_bytes.get(self.id, 0)
+        described.workflow_execution_info.status = (
+            WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_TERMINATED
+            if self.id in self.temporal.closed
+            else WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING
+        )
         if self.id in self.temporal.task_attempt:
             described.pending_workflow_task.attempt = self.temporal.task_attempt[self.id]
         if self.id in self.temporal.problems:
@@ -159,6 +164,7 @@ class FakeTemporal:
     no_worker: bool = False  # the stats query fails: no worker runs the dispatcher
     task_attempt: dict[str, int] = field(default_factory=dict)  # dispatcher id -> its pending task's attempt
     problems: dict[str, list[str]] = field(default_factory=dict)  # dispatcher id -> TemporalReportedProblems
+    closed: set[str] = field(default_factory=set)  # dispatchers whose latest run was terminated
     looks: int = 0  # stats queries asked
     data_converter: DataConverter = DataConverter.default
 
@@ -874,6 +880,34 @@ async def test_without_a_worker_to_answer_the_run_s_history_alone_decides(monkey
     with pytest.raises(Overloaded):
         await dc.submit([ev("c")])
     assert temporal.sent() == [["a"], ["b"]]
+    await dc.close()
+
+
+@pytest.mark.parametrize("answered", [True, False], ids=["its-last-state-answers-full", "its-history-is-full"])
+async def test_a_full_run_that_closed_takes_events_again_for_the_next_signal_starts_a_new_run(
+    monkeypatch: pytest.MonkeyPatch, answered: bool
+) -> None:
+    """A run Temporal terminated at its history's limit (or an operator did) stays full: a query
+    replays its last state, ``accept_bytes: 0``, and its history is as long as it was. Nothing
+    drains it, and the next signal-with-start begins a new run: judged by the closed run, every
+    event would be refused as overloaded until the process restarted."""
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.01)
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 0.01)
+    temporal = FakeTemporal(no_worker=not answered)
+    wid = dispatcher_id(PROJECT, 0, 1)
+    temporal.accept[wid] = 0
+    temporal.history_bytes[wid] = 50 * 1024 * 1024
+    dc = make_client(temporal)
+    await dc.submit([ev("a")])
+    await assert_eventually(lambda: temporal.looks > 0, timeout=5, interval=0.01, what="a look")
+    await settle()
+    with pytest.raises(Overloaded):  # full and running: refused
+        await dc.submit([ev("b")])
+    temporal.closed.add(wid)
+    looks = temporal.looks
+    await assert_eventually(lambda: temporal.looks > looks + 1, timeout=5, interval=0.01, what="more looks")
+    await dc.submit([ev("c")])  # full and closed: sent, to start a new run
+    assert temporal.sent() == [["a"], ["c"]]
     await dc.close()
 
 
