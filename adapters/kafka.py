@@ -75,6 +75,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+LETTERS_IDEMPOTENT = False
+"""Dead letters are produced with ``acks=all`` but not idempotently. An idempotent producer whose
+letter the topic refused as too large has spent that sequence number: its next letter to the
+partition (the same one a quarter as large) is refused as ``OutOfOrderSequenceNumber`` for good,
+and the consumer stays paused (measured on Kafka 4.1 with aiokafka). Nor would its batches ever
+expire: a partition that answers ``NOT_ENOUGH_REPLICAS`` held a letter's ack, and the consumer,
+without an error. A letter written twice by a retry is harmless: both name the same original
+record, and a replay of either has that record's event id."""
 POLL_MS = 500
 UNREADABLE_AFTER = 3
 """Polls of one partition alone that fail in a row at one position before the record there is
@@ -199,17 +207,25 @@ async def write_letters(
     item written is marked DEAD_LETTERED. The adapter's and the replay's dead letters both go here."""
     pending = [(item, LETTER_BYTES) for item in items]
     while pending:
+        sent: list[tuple[Item[M], int]] = []
         acks: list[asyncio.Future[Any]] = []
+        smaller: list[tuple[Item[M], int]] = []
         failed: BaseException | None = None
         try:
             for item, budget in pending:
-                acks.append(await produce(item, budget))
+                try:
+                    acks.append(await produce(item, budget))
+                except TOO_LARGE:  # refused before it was sent (the client's own size check)
+                    if budget // 4 < MIN_LETTER_BYTES:
+                        raise
+                    smaller.append((item, budget // 4))
+                    continue
+                sent.append((item, budget))
         except Exception as exc:  # what was sent before is still marked: a retry writes it not again
             failed = exc
         finally:  # what was sent is awaited either way, so no ack is left unread
             results = await asyncio.gather(*acks, return_exceptions=True)
-        smaller = []
-        for (item, budget), result in zip(pending, results, strict=False):
+        for (item, budget), result in zip(sent, results, strict=True):
             if not isinstance(result, BaseException):
                 item.disposition = Disposition.DEAD_LETTERED
             elif isinstance(result, TOO_LARGE) and budget // 4 >= MIN_LETTER_BYTES:
@@ -309,7 +325,7 @@ class KafkaAdapter(Transport[Record]):
                 self.producer = AIOKafkaProducer(
                     bootstrap_servers=servers,
                     acks="all",
-                    enable_idempotence=True,
+                    enable_idempotence=LETTERS_IDEMPOTENT,
                     max_request_size=MAX_REQUEST_BYTES,
                     **opts,
                 )

@@ -34,7 +34,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
-from adapters.kafka import client_options, write_letters
+from adapters.kafka import LETTERS_IDEMPOTENT, client_options, write_letters
 from adapters.kafka_parse import (
     MAX_REQUEST_BYTES,
     Record,
@@ -202,7 +202,7 @@ class KafkaReplay:
                 self.producer = AIOKafkaProducer(
                     bootstrap_servers=self.bootstrap_servers,
                     acks="all",
-                    enable_idempotence=True,
+                    enable_idempotence=LETTERS_IDEMPOTENT,
                     max_request_size=MAX_REQUEST_BYTES,
                     **opts,
                 )

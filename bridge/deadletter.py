@@ -31,6 +31,12 @@ MAX_HEADER_VALUE = 4096
 MAX_HEADERS = 32 * 1024
 """Bytes of all of a dead letter's headers together, names included: well inside RabbitMQ's
 128 KiB frame (headers must fit in one) and a small part of a Kafka record."""
+HEADER_OVERHEAD = 10
+"""Bytes each header costs beyond its name and value: in a Kafka record the lengths of both (two
+varints, up to 5 bytes each); in an AMQP table the name's length, the value's type and its length
+(6). Counted so that a message with half a million empty headers (``("", b"")``, 0 bytes each by
+name and value) cannot make a letter larger than the producer may send: it would be refused before
+it is sent, at every retry, and the consumer would stay paused on it."""
 
 
 def dead_letter_headers(error: EventRejected, event: EventSignal | None, origin: Mapping[str, str]) -> dict[str, str]:
@@ -90,8 +96,9 @@ def fit_headers(
     measure: Callable[[V], int] = byte_size,
     carried: Collection[str] = (),
 ) -> tuple[list[tuple[str, V | str]], bool]:
-    """The letter's headers, at most :data:`MAX_HEADER_VALUE` bytes a value and ``total`` in all,
-    and whether anything a replay needs was cut or left out.
+    """The letter's headers, at most :data:`MAX_HEADER_VALUE` bytes a value and ``total`` in all
+    (each header counted with :data:`HEADER_OVERHEAD`), and whether anything a replay needs was
+    cut or left out.
 
     ``ours`` (the dead-letter headers) come first in the budget, each value cut to fit; then the
     original headers in order, while they fit: a longer text or bytes value is cut, any other
@@ -110,12 +117,13 @@ def fit_headers(
     for name, text in ours.items():
         short = cut_text(text, MAX_HEADER_VALUE)
         trimmed |= short != text and name in needed
-        used += len(name) + len(short.encode("utf-8", "surrogatepass"))
+        used += len(name) + len(short.encode("utf-8", "surrogatepass")) + HEADER_OVERHEAD
         mine.append((name, short))
     kept: list[tuple[str, V | str]] = []
     for name, value in originals:
         name_size = len(name.encode("utf-8", "surrogatepass"))
         fitted, size = _fit_value(value, measure(value))
+        size += HEADER_OVERHEAD
         if fitted is _LEFT_OUT or name_size > MAX_HEADER_VALUE or used + name_size + size > total:
             trimmed = True
             continue

@@ -432,6 +432,56 @@ async def test_poison_records_are_dead_lettered_or_counted_and_good_ones_around_
     assert metric(text, "signal_bridge_events_rejected_total", adapter="kafka", reason="malformed") == 4
 
 
+async def test_a_letter_the_dead_letter_topic_refuses_as_too_large_is_written_smaller_and_the_partition_moves_on(
+    bridge_factory, temporal_client, temporal_address, kafka_bootstrap
+):
+    """A dead-letter topic whose ``max.message.bytes`` is below a poison record's size refuses its
+    letter; the letter is written again a quarter as large. With an idempotent producer that retry
+    (and every letter after it to that partition) was refused as ``OutOfOrderSequenceNumber`` for
+    good: the consumer stayed paused, and the good record behind the poison never ran."""
+    topic = await create_topic(kafka_bootstrap, partitions=1)
+    dlq = f"{topic}.dlq"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(dlq, 1, 1, topic_configs={"max.message.bytes": "70000"})])
+    finally:
+        await admin.close()
+    project = unique("kdlqsize")
+    cfg = config(
+        project,
+        temporal_address,
+        [runner("orders", "order.created")],
+        kafka=[kafka_entry(kafka_bootstrap, topic, group_id=f"{project}-g", dead_letter_topic=dlq)],
+    )
+    await bridge_factory(cfg)
+    records: list[Record] = [
+        (b"{small poison", None, []),  # a letter the topic takes: the producer's first on the partition
+        (b"{" + b"x" * 100_000, None, []),  # its letter (100 KB) is refused; a quarter of the budget fits
+        envelope("order.created", {"orderId": "after"}),
+    ]
+    placed = await produce(kafka_bootstrap, topic, records)
+    await assert_runs_exactly(temporal_client, project, {kafka_child(project, "orders", topic, *placed[2])})
+    consumer = AIOKafkaConsumer(dlq, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    letters: list[Any] = []
+    try:
+
+        async def both_letters() -> bool:
+            batch = await consumer.getmany(timeout_ms=500)
+            letters.extend(r for recs in batch.values() for r in recs)
+            return len(letters) >= 2
+
+        await assert_eventually(both_letters, timeout=60, interval=0.1, what="two dead letters")
+    finally:
+        await consumer.stop()
+    by_offset = {int(dict(r.headers)["x-original-offset"]): r for r in letters}
+    assert by_offset[placed[0][1]].value == records[0][0]
+    big = by_offset[placed[1][1]]
+    assert len(big.value) < 62_500 and dict(big.headers)["x-dead-letter-trimmed"] == b"value"
+    await assert_all_committed(kafka_bootstrap, f"{project}-g", topic)
+
+
 async def produce_unreadable(bootstrap: str, topic: str, partition: int, value: bytes) -> int:
     """One record whose header name is not UTF-8, as a client other than Java's can write it
     (aiokafka's own producer cannot: the batch is built, then its byte patched and its CRC set

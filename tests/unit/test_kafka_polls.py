@@ -17,6 +17,7 @@ from aiokafka.errors import (
     CorruptRecordException,
     GroupAuthorizationFailedError,
     KafkaTimeoutError,
+    MessageSizeTooLargeError,
     UnsupportedCodecError,
 )
 from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
@@ -789,6 +790,26 @@ async def test_a_group_error_while_a_poll_reads_the_positions_undoes_nothing():
         sink.release.set()
         await assert_eventually(lambda: committed(consumer).get(TP0) == 10, timeout=5, interval=0.01)
     assert consumer.resets == [] and offsets_held(sink) == [str(i) for i in range(10)]
+
+
+async def test_a_letter_the_client_refuses_before_sending_is_written_again_smaller() -> None:
+    """aiokafka's ``send`` raises MessageSizeTooLargeError itself for a letter over the producer's
+    ``max_request_size``: that letter was retried at the same size for ever, and the consumer stayed
+    paused. It is written again a quarter as large, as one the broker refuses is."""
+    items = [Item("first"), Item("too-large"), Item("last")]
+    sent: list[tuple[str, int]] = []
+
+    async def produce(item: Item[str], budget: int) -> asyncio.Future[Any]:
+        if item.message == "too-large" and budget > 300_000:
+            raise MessageSizeTooLargeError("the message is larger than max_request_size")
+        sent.append((item.message, budget))
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    await kafka.write_letters(items, produce)
+    assert sent == [("first", 1_000_000), ("last", 1_000_000), ("too-large", 250_000)]
+    assert [i.disposition for i in items] == [Disposition.DEAD_LETTERED] * 3
 
 
 async def test_letters_the_broker_acked_before_a_later_send_failed_are_not_written_again() -> None:

@@ -17,6 +17,7 @@ from bridge import pipeline as pipeline_module
 from bridge import settle
 from bridge.config import EventFormat
 from bridge.deadletter import (
+    HEADER_OVERHEAD,
     MAX_HEADER_VALUE,
     MAX_HEADERS,
     byte_size,
@@ -531,6 +532,15 @@ def test_fit_headers_caps_each_value_and_the_total_ours_first() -> None:
         [("a", b"1"), ("b", None), ("x-dead-letter-reason", "r")],
         False,
     )
+
+
+def test_fit_headers_counts_each_header_so_a_flood_of_empty_ones_is_cut() -> None:
+    """Half a million headers with an empty name and value weigh nothing by their bytes, but a
+    letter that kept them all was over 1 MiB: the producer refused it at every retry."""
+    flood = [("", b"")] * 524_200
+    headers, trimmed = fit_headers({"x-dead-letter-reason": "malformed"}, flood)
+    assert trimmed and len(headers) <= MAX_HEADERS // HEADER_OVERHEAD
+    assert dict(headers)["x-dead-letter-reason"] == "malformed"
 
 
 def test_cut_text_keeps_whole_characters() -> None:
