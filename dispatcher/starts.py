@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -59,13 +60,22 @@ def plan(
     exec_id: str,
     dispatcher: dict[str, str],
     search_attributes: dict[str, str] | None = None,
+    *,
+    strict: bool = False,
 ) -> Plan:
     """The start of ``target`` for ``event`` (``size``: its encoded bytes), its argument built and
     weighed; ValueError when the argument would be over MAX_TARGET_BYTES (Temporal would refuse the
-    command, and with it every workflow task after), TemplateError when ``input:`` fails."""
+    command, and with it every workflow task after), TemplateError when ``input:`` fails.
+
+    ``strict`` (runs begun since STRICT_STARTS): also ValueError when ``input:`` renders a value JSON
+    has no type for (``{{ .trigger.items }}`` of a payload without ``items`` is the dict's method):
+    before it, the argument failed to encode when the batch was scheduled, and its whole batch was
+    lost with it."""
     rendered = None
     if target.input is not None:
         rendered = templates.render(target.input, event_context(event))
+        if strict:
+            _plain_json(rendered)
     arg = TargetInput(
         workflow_id=target.workflow_id,
         exec_id=exec_id,
@@ -147,6 +157,22 @@ def chunks(plans: list[Plan]) -> list[list[Plan]]:
     return [c for c in out if c]
 
 
+def _plain_json(value: Any) -> None:
+    """ValueError unless ``value`` is JSON as the SDK writes its arguments (it has no type for a
+    method, a set, a template's undefined value)."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"its input renders a value JSON cannot hold: {exc}") from None
+
+
+STRICT_STARTS = "strict-starts"
+"""The patch from which a target whose ``input:`` renders no JSON value is a failed start of its
+own (:func:`plan` with ``strict``), and a chunk of starts whose activity cannot be scheduled (or
+fails for good) counts each of its starts failed (:func:`by_activity` with ``strict``). Before it,
+either failed the whole batch: its events were remembered as done, and none was counted."""
+
+
 LOCAL_STARTS = "start-targets-local"
 """The patch from which a small batch's START_TARGETS ran as a local activity, until
 workflow.NO_LOCAL_ACTIVITIES. A dispatcher run begun before either replays its history with the
@@ -185,13 +211,24 @@ def needs_scheduling(chunk: list[Plan]) -> bool:
     return any(p.start.signal is not None and p.start.if_missing == "start" for p in chunk)
 
 
-async def by_activity(plans: list[Plan], count: Count, *, local: bool = False) -> None:
+async def by_activity(plans: list[Plan], count: Count, *, local: bool = False, strict: bool = False) -> None:
     """One START_TARGETS per chunk of arguments, a local activity when ``local`` (the dispatcher
     decided it: the batch :func:`is_local`, so it is one chunk), else a scheduled one; each retried
     until it answers. Either way a worker that dies mid-batch leaves it to another, which makes its
-    starts again (each answers DUPLICATE then)."""
+    starts again (each answers DUPLICATE then). ``strict`` (STRICT_STARTS): a chunk that cannot be
+    scheduled, or whose activity fails for good, counts each of its starts failed."""
 
     async def run(chunk: list[Plan]) -> None:
+        if not strict:
+            await started(chunk)
+            return
+        try:
+            await started(chunk)
+        except Exception as exc:  # not CancelledError: the run is going away, and counts nothing
+            for plan in chunk:
+                count(failed(f"its batch of starts failed: {exc}"), plan.start.id, plan.event)
+
+    async def started(chunk: list[Plan]) -> None:
         arg = wire(StartBatch([p.start for p in chunk]))
         retry = RetryPolicy(maximum_interval=timedelta(seconds=10))
         outcomes: list[str]

@@ -140,6 +140,7 @@ class DispatcherWorkflow:
         self._loads = 0  # route tables loaded this run
         self._filter_failures = 0  # EVALUATE_FILTERS calls failed in a row
         self._scheduled = False  # no local activities (NO_LOCAL_ACTIVITIES), set as the run begins
+        self._strict = False  # one start's failure is its own (starts.STRICT_STARTS), set as the run begins
         for raw in inp.pending:
             self._enqueue(_Queued(EventSignal.from_dict(raw), encoded_size(raw)))
         self._recent: OrderedDict[str, None] = OrderedDict.fromkeys(inp.recent)
@@ -220,6 +221,7 @@ class DispatcherWorkflow:
         self._shard = inp.shard
         # Asked first, so a run's histories agree on it: runs begun before keep their local activities.
         self._scheduled = workflow.patched(NO_LOCAL_ACTIVITIES)
+        self._strict = workflow.patched(starts.STRICT_STARTS)
         while True:
             if not self._has_work():
                 await workflow.wait_condition(self._has_work)
@@ -576,7 +578,8 @@ class DispatcherWorkflow:
                 why = target.signal.reserved(target.signal.render_id(item.event), self._routes.starting)
                 if why is not None and workflow.patched(RESERVED_SIGNAL_IDS):
                     raise ValueError(why)
-            return starts.plan(item.event, item.size, item.digest, target, str(workflow.uuid4()), dispatcher, found)
+            uid = str(workflow.uuid4())
+            return starts.plan(item.event, item.size, item.digest, target, uid, dispatcher, found, strict=self._strict)
         except Exception as exc:  # an input template that fails, an argument too large: counted
             self._count(failed(str(exc)), target_workflow_id(target.workflow_id, item.digest), item.event)
             return None
@@ -588,7 +591,8 @@ class DispatcherWorkflow:
         if self._settings.start_mode == "child" and children and self._child_starts + len(children) <= CHILD_LIMIT:
             self._child_starts += len(children)
             rest = [p for p in plans if p.start.signal is not None]
-            await asyncio.gather(starts.as_children(children, self._count), starts.by_activity(rest, self._count))
+            signals = starts.by_activity(rest, self._count, strict=self._strict)
+            await asyncio.gather(starts.as_children(children, self._count), signals)
             return
         # In a run begun before NO_LOCAL_ACTIVITIES, a local activity for a small batch with nothing
         # waiting behind it while no other one runs (starts.is_local). The patch is asked where it
@@ -599,7 +603,7 @@ class DispatcherWorkflow:
             local = False
         self._local = self._local or local
         try:
-            await starts.by_activity(plans, self._count, local=local)
+            await starts.by_activity(plans, self._count, local=local, strict=self._strict)
         finally:
             if local:
                 self._local = False

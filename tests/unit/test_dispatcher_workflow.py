@@ -148,6 +148,7 @@ class Stubs:
     starts: list[TargetStart] = field(default_factory=list)
     refuse: set[str] = field(default_factory=set)  # START_TARGETS answers DUPLICATE for these ids
     broken: set[str] = field(default_factory=set)  # ... and failed() for these
+    fatal: set[str] = field(default_factory=set)  # a batch with one of these fails for good (non-retryable)
     gate: asyncio.Event | None = None  # when set, START_TARGETS waits for it to open
     active: int = 0  # START_TARGETS calls running now
     peak: int = 0  # ... and the most at once
@@ -171,6 +172,8 @@ class Stubs:
             self.active -= 1
 
     def _start_targets(self, batch: StartBatch) -> list[str]:
+        if any(start.id in self.fatal for start in batch.starts):
+            raise ApplicationError("the batch cannot be started", non_retryable=True)
         outcomes = []
         for start in batch.starts:
             if start.signal is not None:  # a signal to an open run: "missing" for the ids in refuse
@@ -430,6 +433,30 @@ async def test_a_start_that_fails_is_counted_and_the_rest_go_on(make: Any) -> No
     await d.send(bad, good)
     await d.settled(received=2, started=1, failed=1)
     assert [s.id for s in d.stubs.starts] == [run_id(d.project, "w", good)]
+
+
+async def test_an_input_that_renders_no_json_value_fails_its_own_start_not_its_batch(make: Any, mode: str) -> None:
+    """``{{ .trigger.items }}`` of a payload without ``items`` is the dict's method. Its argument
+    failed to encode only when the batch was scheduled: the whole batch was lost, its events
+    remembered as done and none counted."""
+    d = await make(mode)
+    d.stubs.routes = [d.route("w", "order.created", input={"lines": "{{ .trigger.items }}"})]
+    before, bad, after = d.event("before", items=[1]), d.event("bad"), d.event("after", items=[2])
+    await d.send(before, bad, after)
+    await d.settled(received=3, started=2, failed=1)
+    await d.targets(run_id(d.project, "w", before), run_id(d.project, "w", after))
+
+
+async def test_a_batch_whose_activity_fails_for_good_counts_its_starts_failed(make: Any) -> None:
+    """Its events are remembered as done: uncounted, they were lost without a trace but a log line."""
+    d = await make("activity")
+    d.stubs.routes = [d.route("w", "order.created")]
+    doomed, later = d.event("doomed"), d.event("later")
+    d.stubs.fatal.add(run_id(d.project, "w", doomed))
+    await d.send(doomed)
+    await d.settled(received=1, started=0, failed=1)
+    await d.send(later)
+    await d.settled(received=2, started=1, failed=1)
 
 
 async def test_malformed_signals_are_counted_and_dropped(make: Any) -> None:
