@@ -309,7 +309,9 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
     async def dead_letter(self, items: Sequence[Item[AbstractIncomingMessage]]) -> None:
         """Republish every letter; raise :class:`LetterNotOut` (the settle path retries those not
         out yet, with backoff, while their deliveries stay unacked) if any publish failed."""
-        failures = [f for f in await asyncio.gather(*(self._republish(item) for item in items)) if f is not None]
+        failures: list[BaseException] = []
+        for wave in _by_message_id(items):
+            failures += [f for f in await asyncio.gather(*(self._republish(item) for item in wave)) if f is not None]
         if failures:
             raise LetterNotOut(f"{len(failures)} of {len(items)} dead letter(s) not confirmed: {failures[0]!r}")
 
@@ -390,3 +392,23 @@ async def _settle(call: Awaitable[Any]) -> None:
 
 def build(entry: AmqpConsumer, pipeline: Pipeline, config: BridgeConfig) -> AmqpAdapter:
     return AmqpAdapter(entry, pipeline, project=config.project)
+
+
+def _by_message_id(items: Sequence[Item[AbstractIncomingMessage]]) -> list[list[Item[AbstractIncomingMessage]]]:
+    """The letters in waves, no two of one wave with the same ``message_id``, in order. aiormq
+    matches a letter RabbitMQ returns (routed to no queue) to its publish by ``message_id``, the
+    last publish with it winning: two in flight at once with one id (a publisher's retry, a
+    constant id) had the return given to the other, and the unroutable one counted as written and
+    its delivery acked. A letter without an id gets a random one from aiormq."""
+    waves: list[list[Item[AbstractIncomingMessage]]] = []
+    seen: list[set[Any]] = []
+    for item in items:
+        key = short(item.message.message_id)
+        at = next((i for i, ids in enumerate(seen) if key is None or key not in ids), len(waves))
+        if at == len(waves):
+            waves.append([])
+            seen.append(set())
+        waves[at].append(item)
+        if key is not None:
+            seen[at].add(key)
+    return waves

@@ -589,6 +589,45 @@ async def test_a_dead_letter_that_reaches_no_queue_is_counted_dropped_and_acked(
     assert counter(adapter, "signal_bridge_events_dropped_total", "amqp", "malformed") == 1
 
 
+async def test_two_letters_with_one_message_id_are_not_in_flight_together() -> None:
+    """aiormq matches a letter RabbitMQ returns (routed to no queue) to its publish by
+    ``message_id``, the last publish with it winning. Two in flight at once with one id had the
+    return given to the other: the unroutable one was counted written and its delivery acked."""
+
+    class NoRoute(aio_pika.exceptions.PublishError):
+        def __init__(self) -> None:
+            Exception.__init__(self, "NO_ROUTE")
+
+    class Returns(FakeExchange):
+        """Routes every routing key but ``nowhere``; a return goes to the last publish in flight
+        with its ``message_id``, as aiormq's ``message_id_delivery_tag`` gives it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.in_flight: dict[str, asyncio.Future[None]] = {}
+
+        async def publish(self, message: Any, routing_key: str, **kw: Any) -> None:
+            answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.in_flight[message.message_id] = answer
+            await asyncio.sleep(0)  # the others of the batch are published meanwhile
+            if routing_key == "nowhere":
+                self.in_flight[message.message_id].set_exception(NoRoute())
+            if not answer.done():
+                answer.set_result(None)
+            await asyncio.sleep(0)
+            await answer
+            self.published.append((message, routing_key))
+
+    adapter = make_adapter(FakeSink())
+    adapter._dlx = Returns()  # type: ignore[assignment]
+    lost = delivery(raw=b"nope", message_id="same", routing_key="nowhere")
+    routed = delivery(raw=b"nope", message_id="same")
+    await adapter._process([lost, routed])  # type: ignore[list-item]
+    assert [key for _, key in adapter._dlx.published] == ["order.created"]  # only the routed one went out
+    assert lost.settled == ["ack"] and routed.settled == ["ack"]
+    assert counter(adapter, "signal_bridge_events_dropped_total", "amqp", "malformed") == 1
+
+
 # --- bad input that must not stall the queue ---------------------------------------------------
 
 
