@@ -306,10 +306,20 @@ async def deliver_signal(client: Client, s: TargetStart, header: Header | None =
     except RPCError as exc:
         if exc.status == RPCStatusCode.NOT_FOUND and s.if_missing != "start":
             return MISSING  # no such run, or it closed
+        if namespace_not_active(exc):
+            raise  # a global namespace failing over: the same signal goes to the new cluster
         if exc.status in (RPCStatusCode.INVALID_ARGUMENT, RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
             return failed(exc.message)
         raise
     return SIGNALED
+
+
+def namespace_not_active(exc: RPCError) -> bool:
+    """Temporal's answer while a global namespace is active in another cluster (a failover):
+    FAILED_PRECONDITION, which is otherwise a signal's permanent refusal, but this one passes."""
+    return exc.status == RPCStatusCode.FAILED_PRECONDITION and any(
+        d.type_url.endswith("NamespaceNotActiveFailure") for d in exc.grpc_status.details
+    )
 
 
 def signal_span(s: TargetStart, tracing: TracingInterceptor | None) -> contextlib.AbstractContextManager[Header | None]:
