@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from typing import Any
@@ -151,6 +153,10 @@ class BridgeActivities:
 
         async def start(s: TargetStart) -> str:
             async with self.slots.slot():
+                if time.time() > last_send:
+                    # Sent after the attempt's timeout, an answer would never reach its heartbeat,
+                    # and the retry would send a signal-with-start again; failing first flushes them.
+                    raise ApplicationError("START_TARGETS is out of time: the next attempt sends the rest")
                 if s.signal is not None:
                     if self.tracing:
                         with in_trace_of(s), signal_span(s, interceptor) as header:
@@ -178,6 +184,7 @@ class BridgeActivities:
         # Starts with the same ordering key, and signals to the same run, one after another in the
         # batch's order; the rest at once.
         info = activity.info()
+        last_send = send_until(info)
         # Only a retry, or a local activity (run again with a lost workflow task), can meet its own starts.
         maybe_ours = info.is_local or info.attempt > 1
         outcomes = answered_before(info, len(batch.starts))
@@ -200,6 +207,20 @@ class BridgeActivities:
     @activity.defn(name=HTTP_REQUEST)
     async def http_request(self, call: HttpCall) -> dict[str, Any]:
         return await http_task.run(self.snapshot().config, call)
+
+
+SEND_MARGIN = timedelta(seconds=30)
+"""How long before its start-to-close timeout an attempt of START_TARGETS stops sending: longer than
+the SDK's heartbeat throttle (8 s: 0.8 of the 10 s heartbeat timeout) and a start's RPC."""
+
+
+def send_until(info: activity.Info) -> float:
+    """The time (``time.time()``) after which the attempt sends no more starts or signals: its
+    answers would come after its timeout, when heartbeats are refused, and be lost to the retry.
+    No bound for a timeout that leaves no room for the margin (the dispatcher sets 10 minutes)."""
+    if info.start_to_close_timeout is None or info.start_to_close_timeout <= 2 * SEND_MARGIN:
+        return math.inf
+    return (info.started_time + info.start_to_close_timeout - SEND_MARGIN).timestamp()
 
 
 OWN_START_KEYS = ("event_id", "dispatcher", "dispatcher_run", BATCH_MEMO)

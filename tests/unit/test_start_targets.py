@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 from temporalio.client import Client
 from temporalio.converter import DataConverter
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import ActivityEnvironment
 
 from bridge.metrics import Metrics
 from bridge.snapshot import Snapshot
-from dispatcher.activities import BridgeActivities
+from dispatcher.activities import SEND_MARGIN, BridgeActivities
 from dispatcher.contract import DUPLICATE, SIGNAL_STARTED, STARTED, StartBatch, TargetInput, TargetStart
 from dispatcher.slots import INITIAL, PRESSURE, Handover
 from tests.helpers import assert_eventually, config, runner
@@ -161,6 +162,25 @@ async def test_a_batch_run_again_counts_its_own_starts_as_started_and_others_as_
     assert await env.run(acts.start_targets, other_run) == [DUPLICATE] * 3
     runs.outage = True
     assert await env.run(acts.start_targets, batch) == [DUPLICATE] * 3
+
+
+async def test_an_attempt_near_its_timeout_sends_nothing_more_and_its_retry_sends_the_rest() -> None:
+    """An attempt that outlived its start-to-close timeout (its starts gave way for long) kept
+    sending: the server refuses its heartbeats by then, so the retry did not know those answers
+    and sent the same signal-with-start again, a second run once the first had closed."""
+    client = CountingClient()
+    acts = BridgeActivities(snapshot())
+    env = ActivityEnvironment(client=cast(Client, client))
+    now = datetime.now(UTC)
+    timeout = timedelta(minutes=10)
+    late = now - timeout + SEND_MARGIN / 2  # begun so long ago that half the margin is left
+    env.info = dataclasses.replace(env.info, start_to_close_timeout=timeout, started_time=late)
+    batch = StartBatch([start(f"n{i}", None) for i in range(3)])
+    with pytest.raises(ApplicationError, match="out of time"):
+        await env.run(acts.start_targets, batch)
+    assert client.started == []
+    env.info = dataclasses.replace(env.info, started_time=now, attempt=2)  # the retry, just begun
+    assert await env.run(acts.start_targets, batch) == [STARTED] * 3
 
 
 async def test_starts_in_flight_are_capped_and_give_way_while_the_hand_over_is_slow() -> None:
