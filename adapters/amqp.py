@@ -175,6 +175,7 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
             and self._task is not None
             and not self._task.done()
             and self._consuming
+            and not self.settler.letters_failing()
         )
 
     async def _watch_consumer(self) -> None:

@@ -293,9 +293,15 @@ class KafkaAdapter(Transport[Record]):
         return "its loop ended" + how_it_ended(task)
 
     def healthy(self) -> bool:
-        """Consuming: the loop runs, its last batch did not fail unexpectedly, and its polls do not
-        keep failing (docs/kafka.md#readiness)."""
-        return self._task is not None and not self._task.done() and not self._broken and not self._polls_failing()
+        """Consuming: the loop runs, its last batch did not fail unexpectedly, its polls do not
+        keep failing, and neither do its dead letters (docs/kafka.md#readiness)."""
+        return (
+            self._task is not None
+            and not self._task.done()
+            and not self._broken
+            and not self._polls_failing()
+            and not self.settler.letters_failing()
+        )
 
     def _polls_failing(self) -> bool:
         recent = time.monotonic() - self._failed_at < POLL_RECOVERY

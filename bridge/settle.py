@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 M = TypeVar("M")
 T = TypeVar("T")
 DECODE_TURN = 0.02  # seconds of decoding before the loop gets a turn (Settler._decode_all)
+LETTERS = "dead-letter destination"
+"""What refuses while dead letters cannot be written, in the log lines and Settler.letters_failing."""
+LETTERS_UNHEALTHY = 3
+"""Refused attempts at a batch's dead letters in a row after which the adapter is not ready: a
+destination that is gone (a deleted exchange, a full queue that rejects publishes, a topic whose
+partitions have no leader) holds the queue or partitions for good, and /readyz was green."""
 
 # --- backoff ---------------------------------------------------------------------------------------
 
@@ -216,6 +222,13 @@ class Settler(Generic[M]):
         self.backoff = backoff or Backoff()
         self.failures = 0
         self._outage_since = 0.0
+        self._failing: str | None = None  # what refuses now: "Temporal" or LETTERS
+
+    def letters_failing(self) -> bool:
+        """Whether the dead-letter destination has refused LETTERS_UNHEALTHY attempts in a row: the
+        adapter reads nothing more until it takes them, and its readiness says so (Temporal's own
+        outage is its own check in /readyz)."""
+        return self._failing == LETTERS and self.failures >= LETTERS_UNHEALTHY
 
     @property
     def waiting(self) -> bool:
@@ -237,12 +250,13 @@ class Settler(Generic[M]):
             refused = [i for i in items if i.error is not None and self.transport.usable(i.message)]
             letters = [i for i in refused if not self._skip_or_drop(i)]
             if letters:
-                await self._until_done(lambda: self._write_letters(letters), "dead-letter destination")
+                await self._until_done(lambda: self._write_letters(letters), LETTERS)
             settled = [i for i in refused if i.disposition is not None]
             if settled:
                 await self.transport.acknowledge(settled)
         except BaseException:
             self.failures = 0
+            self._failing = None
             raise
         return items
 
@@ -416,6 +430,7 @@ class Settler(Generic[M]):
             extra={"adapter": self.adapter},
         )
         self.failures = 0
+        self._failing = None
         self.transport.resume()
 
     async def _wait_out(self, exc: Exception, what: str) -> None:
@@ -424,6 +439,7 @@ class Settler(Generic[M]):
         can start before it must continue-as-new) is waited out like an outage:
         the transport fetches nothing more meanwhile."""
         self.failures += 1
+        self._failing = what
         delay = self.backoff.delay(self.failures)
         busy = "busy (too many events wait, in this process or its dispatcher)"
         state = busy if isinstance(exc, Overloaded) else "unavailable"

@@ -324,6 +324,41 @@ async def test_only_the_transports_own_transient_errors_are_retried_when_dead_le
     assert t.acked == [("m-1", Disposition.HELD)] and t.waits == []  # the poison stays unacknowledged
 
 
+async def test_a_dead_letter_destination_that_keeps_refusing_makes_the_adapter_unready_until_it_takes() -> None:
+    """The queue or partitions read nothing while a batch's letters are refused: /readyz was green
+    all along (a deleted exchange, a full queue that rejects publishes). A Temporal outage is
+    /readyz's own ``temporal`` check, and leaves this one alone."""
+    t = FakeTransport()
+    t.letter_failures = [ConnectionError("exchange gone")] * (settle.LETTERS_UNHEALTHY + 1)
+    s = settler(transport=t, transient=(ConnectionError,))
+    seen: list[bool] = []
+    real_wait = t.wait
+
+    async def wait(seconds: float) -> bool:
+        seen.append(s.letters_failing())
+        return await real_wait(seconds)
+
+    t.wait = wait  # type: ignore[method-assign]
+    [poison] = await s.settle([POISON["bad-json"][0]])
+    assert poison.disposition == Disposition.DEAD_LETTERED
+    unhealthy_from = settle.LETTERS_UNHEALTHY - 1
+    assert seen == [False] * unhealthy_from + [True] * (len(seen) - unhealthy_from) and len(seen) > unhealthy_from
+    assert not s.letters_failing()  # the letter went out
+
+    t = FakeTransport()
+    sink = FakeSink(outages=settle.LETTERS_UNHEALTHY + 1)
+    s = settler(transport=t, sink=sink)
+    temporal_down: list[bool] = []
+
+    async def wait_down(seconds: float) -> bool:
+        temporal_down.append(s.letters_failing())
+        return True
+
+    t.wait = wait_down  # type: ignore[method-assign]
+    await s.settle([good(1)])
+    assert temporal_down and not any(temporal_down)
+
+
 # --- the shared policies -------------------------------------------------------------------------
 
 
