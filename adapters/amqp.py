@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Sequence
 from typing import Any, cast
 
@@ -402,14 +403,13 @@ def _by_message_id(items: Sequence[Item[AbstractIncomingMessage]]) -> list[list[
     constant id) had the return given to the other, and the unroutable one counted as written and
     its delivery acked. A letter without an id gets a random one from aiormq."""
     waves: list[list[Item[AbstractIncomingMessage]]] = []
-    seen: list[set[Any]] = []
+    earlier: Counter[Any] = Counter()  # letters with each id placed so far: the next goes a wave later
     for item in items:
-        key = short(item.message.message_id)
-        at = next((i for i, ids in enumerate(seen) if key is None or key not in ids), len(waves))
+        key = short(item.message.message_id) or None  # no id, or "": aiormq gives it a random one
+        at = 0 if key is None else earlier[key]
+        if key is not None:
+            earlier[key] += 1
         if at == len(waves):
             waves.append([])
-            seen.append(set())
         waves[at].append(item)
-        if key is not None:
-            seen[at].add(key)
     return waves

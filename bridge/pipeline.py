@@ -180,8 +180,8 @@ class Pipeline:
         held = frozenset(positions[i] for i in exc.held)
         why = EventRejected(
             "unavailable",
-            "Temporal did not take this event (others of the batch it holds): send it again with its event_id "
-            "as its id, or the whole batch again as it was",
+            "Temporal may not hold this event (others of the batch it holds): send it again with the same event "
+            "id (an envelope with this event_id as its id; a CloudEvent unchanged), or the whole batch as it was",
         )
         for i in positions:
             if i not in held:

@@ -153,7 +153,7 @@ class BridgeActivities:
 
         async def start(s: TargetStart) -> str:
             async with self.slots.slot():
-                if time.time() > last_send:
+                if time.monotonic() > last_send:
                     # Sent after the attempt's timeout, an answer would never reach its heartbeat,
                     # and the retry would send a signal-with-start again; failing first flushes them.
                     raise ApplicationError("START_TARGETS is out of time: the next attempt sends the rest")
@@ -215,12 +215,14 @@ the SDK's heartbeat throttle (8 s: 0.8 of the 10 s heartbeat timeout) and a star
 
 
 def send_until(info: activity.Info) -> float:
-    """The time (``time.time()``) after which the attempt sends no more starts or signals: its
+    """The time (``time.monotonic()``) after which the attempt sends no more starts or signals: its
     answers would come after its timeout, when heartbeats are refused, and be lost to the retry.
-    No bound for a timeout that leaves no room for the margin (the dispatcher sets 10 minutes)."""
+    Counted on this worker's clock from when the attempt began here (the server's start time on a
+    clock that is ahead would stop every attempt at once). No bound for a timeout that leaves no
+    room for the margin (the dispatcher sets 10 minutes)."""
     if info.start_to_close_timeout is None or info.start_to_close_timeout <= 2 * SEND_MARGIN:
         return math.inf
-    return (info.started_time + info.start_to_close_timeout - SEND_MARGIN).timestamp()
+    return time.monotonic() + (info.start_to_close_timeout - SEND_MARGIN).total_seconds()
 
 
 OWN_START_KEYS = ("event_id", "dispatcher", "dispatcher_run", BATCH_MEMO)

@@ -164,16 +164,22 @@ REPORTED_TASK_FAILURE = b"category=WorkflowTaskFailed"
 fail, on the Temporal servers that report it."""
 
 
-OPEN_STATUSES = (
-    WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_UNSPECIFIED,
-    WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING,
+CLOSED_STATUSES = (
+    WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_COMPLETED,
+    WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_FAILED,
+    WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_CANCELED,
+    WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_TERMINATED,
+    WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_CONTINUED_AS_NEW,
+    WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_TIMED_OUT,
 )
+"""Listed, not "not running": a paused run (and a status a later server adds) is open, and takes
+the signals sent to it."""
 
 
 def closed(described: DescribeWorkflowExecutionResponse) -> bool:
     """Whether the described run has closed: terminated at its history's limit or by an operator.
     Nothing drains it then, and the next signal-with-start begins a new run with room for events."""
-    return described.workflow_execution_info.status not in OPEN_STATUSES
+    return described.workflow_execution_info.status in CLOSED_STATUSES
 
 
 def tasks_failing(described: DescribeWorkflowExecutionResponse) -> bool:

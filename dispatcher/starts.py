@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,11 +17,13 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
+from temporalio.converter import DataConverter
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
     from bridge import templates
     from bridge.event import EventSignal, encoded_size, target_workflow_id
+    from bridge.logsafe import safe
     from bridge.routing import Target, event_context
     from dispatcher import search
     from dispatcher.contract import (
@@ -74,8 +75,9 @@ def plan(
     rendered = None
     if target.input is not None:
         rendered = templates.render(target.input, event_context(event))
-        if strict:
-            _plain_json(rendered)
+    input_size = 0
+    if target.input is not None:  # strict: encoded as the SDK will, weighed as encoded_size does ({"":…})
+        input_size = _encoded_as_sdk(rendered) + 5 if strict else encoded_size({"": rendered})
     arg = TargetInput(
         workflow_id=target.workflow_id,
         exec_id=exec_id,
@@ -84,7 +86,7 @@ def plan(
         event=event.envelope(),
     )
     # At most: the event (its payload and envelope), the input again, the names and keys.
-    weight = size + (size if target.input is None else encoded_size({"": rendered})) + len(target.workflow_id) + 128
+    weight = size + (size if target.input is None else input_size) + len(target.workflow_id) + 128
     if weight > MAX_TARGET_BYTES:
         raise ValueError(f"its argument is {weight} bytes, over {MAX_TARGET_BYTES}")
     memo = target_memo(event, dispatcher, target.workflow_id)
@@ -157,13 +159,14 @@ def chunks(plans: list[Plan]) -> list[list[Plan]]:
     return [c for c in out if c]
 
 
-def _plain_json(value: Any) -> None:
-    """ValueError unless ``value`` is JSON as the SDK writes its arguments (it has no type for a
-    method, a set, a template's undefined value)."""
+def _encoded_as_sdk(value: Any) -> int:
+    """Bytes of ``value`` as the SDK's converter writes an activity's argument (keys sorted, its
+    own types: a dict's ``keys()`` as an array); ValueError when it cannot (a method, a set, keys
+    of mixed types), where the batch's scheduling would have failed."""
     try:
-        json.dumps(value)
+        return len(DataConverter.default.payload_converter.to_payloads([value])[0].data)
     except (TypeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"its input renders a value JSON cannot hold: {exc}") from None
+        raise ValueError(f"its input renders a value JSON cannot hold: {safe(exc, 300)}") from None
 
 
 STRICT_STARTS = "strict-starts"

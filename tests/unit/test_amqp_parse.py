@@ -628,6 +628,17 @@ async def test_two_letters_with_one_message_id_are_not_in_flight_together() -> N
     assert counter(adapter, "signal_bridge_events_dropped_total", "amqp", "malformed") == 1
 
 
+def test_letters_go_in_as_few_waves_as_their_repeated_ids_need_in_linear_time() -> None:
+    """A letter without an id (or with an empty one) gets a random one from aiormq: it waits for
+    none. A batch of letters with one constant id goes one by one, grouped in linear time."""
+    ids = ["a", "b", "a", None, "", None, "a"]
+    items = [SimpleNamespace(message=SimpleNamespace(message_id=i)) for i in ids]
+    waves = amqp._by_message_id(items)  # type: ignore[arg-type]
+    assert [[item.message.message_id for item in wave] for wave in waves] == [["a", "b", None, "", None], ["a"], ["a"]]
+    same = [SimpleNamespace(message=SimpleNamespace(message_id="same")) for _ in range(20_000)]
+    assert len(amqp._by_message_id(same)) == 20_000  # type: ignore[arg-type]
+
+
 # --- bad input that must not stall the queue ---------------------------------------------------
 
 

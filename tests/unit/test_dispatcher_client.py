@@ -984,6 +984,21 @@ async def test_a_failing_dispatcher_is_looked_at_while_nothing_is_sent_so_its_me
     await dc.close()
 
 
+def test_a_paused_run_is_open_and_a_terminated_one_closed() -> None:
+    """A paused dispatcher still takes the signals sent to it: judged closed, its full history
+    would be sent more until Temporal terminated it at its limit."""
+    described = DescribeWorkflowExecutionResponse()
+    for status, is_closed in (
+        (WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_RUNNING, False),
+        (WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_PAUSED, False),
+        (WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_UNSPECIFIED, False),
+        (WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_TERMINATED, True),
+        (WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_COMPLETED, True),
+    ):
+        described.workflow_execution_info.status = status
+        assert dispatcher.client.closed(described) is is_closed, status
+
+
 def test_a_run_whose_pending_task_is_on_its_third_attempt_fails_its_tasks_without_a_reported_problem() -> None:
     """A server that reports no problems: the pending task's attempt tells (FAILING_ATTEMPTS)."""
     described = DescribeWorkflowExecutionResponse()

@@ -447,6 +447,22 @@ async def test_an_input_that_renders_no_json_value_fails_its_own_start_not_its_b
     await d.targets(run_id(d.project, "w", before), run_id(d.project, "w", after))
 
 
+async def test_an_input_is_judged_as_the_sdk_encodes_it(make: Any) -> None:
+    """A dict's ``keys()`` is an array to the SDK's converter, and started before: it still does.
+    Keys of mixed types pass plain ``json.dumps`` but not the SDK's (it sorts them): a failed start
+    of its own, not a batch that fails to schedule."""
+    d = await make("activity")
+    d.stubs.routes = [
+        d.route("keys", "order.created", input={"fields": "{{ trigger.keys() }}"}),
+        d.route("mixed", "order.created", input={"by": "{{ {trigger.n: 1, 'all': 2} }}"}),
+    ]
+    e = d.event("e", n=7)
+    await d.send(e)
+    await d.settled(received=1, started=1, failed=1)
+    [start] = d.stubs.starts
+    assert start.id == run_id(d.project, "keys", e) and sorted(start.arg["input"]["fields"]) == ["n"]
+
+
 async def test_a_batch_whose_activity_fails_for_good_counts_its_starts_failed(make: Any) -> None:
     """Its events are remembered as done: uncounted, they were lost without a trace but a log line."""
     d = await make("activity")

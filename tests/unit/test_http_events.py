@@ -596,6 +596,6 @@ async def test_a_batch_temporal_took_part_of_says_which_items_are_held_not_to_re
     assert statuses == [202] * MAX_SIGNAL_EVENTS + [503] * 100
     assert {r["error"] for r in answer["results"][MAX_SIGNAL_EVENTS:]} == {"unavailable"}
     # Sent alone under a key and without ids, they would be numbered from 0 and taken for held ones.
-    assert all("with its event_id as its id" in r["message"] for r in answer["results"][MAX_SIGNAL_EVENTS:])
+    assert all("with this event_id as its id" in r["message"] for r in answer["results"][MAX_SIGNAL_EVENTS:])
     held = {r["event_id"] for r in answer["results"][:MAX_SIGNAL_EVENTS]}
     assert held == set(temporal.sent()[0])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
+import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
@@ -17,6 +19,7 @@ from temporalio.testing import ActivityEnvironment
 
 from bridge.metrics import Metrics
 from bridge.snapshot import Snapshot
+from dispatcher import activities
 from dispatcher.activities import SEND_MARGIN, BridgeActivities
 from dispatcher.contract import DUPLICATE, SIGNAL_STARTED, STARTED, StartBatch, TargetInput, TargetStart
 from dispatcher.slots import INITIAL, PRESSURE, Handover
@@ -164,23 +167,37 @@ async def test_a_batch_run_again_counts_its_own_starts_as_started_and_others_as_
     assert await env.run(acts.start_targets, batch) == [DUPLICATE] * 3
 
 
-async def test_an_attempt_near_its_timeout_sends_nothing_more_and_its_retry_sends_the_rest() -> None:
+async def test_an_attempt_near_its_timeout_sends_nothing_more_and_its_retry_sends_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """An attempt that outlived its start-to-close timeout (its starts gave way for long) kept
     sending: the server refuses its heartbeats by then, so the retry did not know those answers
     and sent the same signal-with-start again, a second run once the first had closed."""
     client = CountingClient()
     acts = BridgeActivities(snapshot())
     env = ActivityEnvironment(client=cast(Client, client))
-    now = datetime.now(UTC)
-    timeout = timedelta(minutes=10)
-    late = now - timeout + SEND_MARGIN / 2  # begun so long ago that half the margin is left
-    env.info = dataclasses.replace(env.info, start_to_close_timeout=timeout, started_time=late)
+    env.info = dataclasses.replace(env.info, start_to_close_timeout=timedelta(minutes=10))
     batch = StartBatch([start(f"n{i}", None) for i in range(3)])
+    monkeypatch.setattr(activities, "send_until", lambda info: time.monotonic() - 1)  # its margin is spent
     with pytest.raises(ApplicationError, match="out of time"):
         await env.run(acts.start_targets, batch)
     assert client.started == []
-    env.info = dataclasses.replace(env.info, started_time=now, attempt=2)  # the retry, just begun
+    monkeypatch.undo()
+    env.info = dataclasses.replace(env.info, attempt=2)  # the retry, just begun
     assert await env.run(acts.start_targets, batch) == [STARTED] * 3
+
+
+def test_an_attempt_stops_sending_its_margin_before_its_timeout_on_its_own_clock() -> None:
+    """Counted from when the attempt began on this worker, not from the server's start time: a
+    worker clock ahead of the server's would have stopped every attempt before it sent anything."""
+    long_ago = datetime(2000, 1, 1, tzinfo=UTC)  # the server's start time, on a clock far behind this one
+    info = dataclasses.replace(ActivityEnvironment().info, start_to_close_timeout=timedelta(minutes=10))
+    info = dataclasses.replace(info, started_time=long_ago)
+    began = time.monotonic()
+    until = activities.send_until(info)
+    assert 600 - SEND_MARGIN.total_seconds() <= until - began <= 600 - SEND_MARGIN.total_seconds() + 1
+    short = dataclasses.replace(info, start_to_close_timeout=timedelta(seconds=1))
+    assert activities.send_until(short) == math.inf  # no room for the margin: no bound
 
 
 async def test_starts_in_flight_are_capped_and_give_way_while_the_hand_over_is_slow() -> None:
