@@ -33,6 +33,7 @@ from bridge.errors import BridgeError, ConfigError, Unavailable
 from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline, Tracer
 from bridge.runtime.embedded import EmbeddedTemporal
+from bridge.runtime.http_protocol import HeadTimeoutProtocol
 from bridge.runtime.lookup import Lookup
 from bridge.snapshot import Snapshot, SnapshotSource
 from dispatcher import search
@@ -303,6 +304,7 @@ class Bridge:
                 lifespan="on",
                 timeout_graceful_shutdown=30,
                 limit_concurrency=self.config.http.max_concurrent_requests,
+                http=HeadTimeoutProtocol,  # a request's head must come within HEAD_TIMEOUT
             )
         )
         self._http = server
