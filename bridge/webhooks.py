@@ -104,6 +104,7 @@ class Delivery:
     delivery_id: str
     provider_delivery_id: str | None = None
     events: list[EventSignal] = field(default_factory=list)
+    limited: list[str] = field(default_factory=list)  # entries whose filter ran out of its budget
 
 
 class WebhookRoute:
@@ -149,10 +150,12 @@ class WebhookRoute:
         delivery = Delivery(delivery_id, provider_id)
         for entry in self.entries:
             event_id = f"{delivery_id}:{entry.name}"
-            if entry.filter is not None and not entry.filter.matches(
-                self._activation(entry, payload, metadata, event_id)
-            ):
-                continue
+            if entry.filter is not None:
+                verdict = entry.filter.evaluate(self._activation(entry, payload, metadata, event_id))
+                if verdict is None:  # out of budget: no match, but not as a filter that does not hold
+                    delivery.limited.append(entry.name)
+                if verdict is not True:
+                    continue
             delivery.events.append(
                 EventSignal(
                     id=event_id,

@@ -111,6 +111,8 @@ class WebhooksController(Controller):
                 retry_after=retry_after(wait),
             )
         delivery = _events(http, route, received, body)
+        if delivery.limited:
+            _limited(http, slug, delivery)
         if not delivery.events:
             return _ignored(http, slug, delivery)
         return await _submit(http, snapshot, slug, delivery)
@@ -145,8 +147,22 @@ def _events(http: HttpState, route: WebhookRoute, received: dict[str, str], body
         raise http.refuse(WEBHOOK_ADAPTER, EventRejected("malformed", UNREADABLE)) from None
 
 
+def _limited(http: HttpState, slug: str, delivery: Delivery) -> None:
+    """Entries whose filter ran out of its budget on this delivery: no match, as in the dispatcher,
+    but counted and logged as such (``filter_limited``), not as a delivery no entry wanted."""
+    http.metrics.child(http.metrics.dropped, WEBHOOK_ADAPTER, "filter_limited").inc(len(delivery.limited))
+    log.warning(
+        "webhook filter out of budget slug=%s delivery=%s entries=%s: counted as not matching; "
+        "filter on the fields you route by, not over whole lists",
+        slug,
+        safe(delivery.delivery_id),
+        safe(",".join(delivery.limited)),
+    )
+
+
 def _ignored(http: HttpState, slug: str, delivery: Delivery) -> Response[Any]:
-    http.metrics.child(http.metrics.dropped, WEBHOOK_ADAPTER, "no_match").inc()
+    if not delivery.limited:  # else counted as filter_limited
+        http.metrics.child(http.metrics.dropped, WEBHOOK_ADAPTER, "no_match").inc()
     log.info(
         "webhook ignored slug=%s delivery=%s provider_delivery=%s: no event entry matches",
         slug,

@@ -255,6 +255,27 @@ async def test_no_matching_entry_is_200_ignored(sink: FakeSink, hooks: AsyncTest
     assert 'signal_bridge_events_dropped_total{adapter="webhook",reason="no_match"} 1.0' in text
 
 
+async def test_a_filter_out_of_its_budget_is_counted_and_logged_as_such_not_as_no_match(
+    sink: FakeSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It does not match (as in the dispatcher), but was answered and counted as a delivery no
+    entry wanted (``no_match``), with only a DEBUG line saying why."""
+    scan = {
+        "slug": "scan",
+        "verify": {"kind": "none"},
+        "events": [{"name": "open.event", "filter": "payload.items.exists(i, i == 99999)"}],
+    }
+    config = hook_config([scan], max_body_bytes=1024 * 1024)
+    body = json.dumps({"items": [*range(3000), 99999]}).encode()
+    async with AsyncTestClient(make_app(sink, config)) as hooks:
+        resp = await hooks.post(f"{HOOKS}/scan", content=body)
+        text = (await hooks.get("/metrics", headers=AUTH)).text
+    assert resp.status_code == 200 and resp.json()["status"] == "ignored"
+    assert 'signal_bridge_events_dropped_total{adapter="webhook",reason="filter_limited"} 1.0' in text
+    assert 'reason="no_match"' not in text
+    assert any("out of budget" in r.getMessage() and "entries=open.event" in r.getMessage() for r in caplog.records)
+
+
 async def test_unknown_slug_is_404(sink: FakeSink, hooks: AsyncTestClient[Litestar]) -> None:
     body, headers = github_delivery(PUSH)
     resp = await hooks.post(f"{HOOKS}/gitlab", content=body, headers=headers)
