@@ -500,7 +500,10 @@ def read_config(path: str | Path, env: Mapping[str, str] | None = None) -> Bridg
         raise ConfigError(f"{origin}: nested too deep to read") from None
     # After parsing, value by value: a secret with quotes or backslashes is taken verbatim, and
     # a ${VAR} in a comment is not required. A task's config keeps its references (bridge.envvars).
-    return parse_config(interpolate_config(data, env, origin, task_kind=_task_kind), origin=origin)
+    try:
+        return parse_config(interpolate_config(data, env, origin, task_kind=_task_kind), origin=origin)
+    except RecursionError:  # a YAML alias that holds itself (`a: &x [*x]`) is a cycle, not a tree
+        raise ConfigError(f"{origin}: nested too deep to read (an alias that holds itself?)") from None
 
 
 def _check_unique(config: BridgeConfig, origin: str) -> None:

@@ -105,6 +105,10 @@ class SnapshotSource:
             self._mtime = mtime  # do not retry the same bad file on every watcher tick
             log.error("config reload refused, keeping the previous one: %s", exc)
             return False
+        except Exception:  # a bug of ours on some file: the same, with the traceback
+            self._mtime = mtime
+            log.exception("config reload refused, keeping the previous one: the file could not be compiled")
+            return False
         self.current = snapshot
         self._mtime = mtime
         log.info("config reloaded path=%s workflows=%d", self.path, len(snapshot.routes.workflows))

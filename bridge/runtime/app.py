@@ -35,6 +35,7 @@ from bridge.pipeline import Pipeline, Tracer
 from bridge.runtime.embedded import EmbeddedTemporal
 from bridge.runtime.http_protocol import HeadTimeoutProtocol
 from bridge.runtime.lookup import Lookup
+from bridge.runtime.settings import Settings
 from bridge.snapshot import Snapshot, SnapshotSource
 from dispatcher import search
 from dispatcher.client import DispatcherClient, handover_seconds, query_stats
@@ -323,10 +324,19 @@ class Bridge:
 
     def _keep_process_settings(self, config: BridgeConfig) -> BridgeConfig:
         """A reloaded file keeps what this process was started with: the project, Temporal and
-        the HTTP listener (changing those needs a restart; the log says so)."""
+        the HTTP listener (changing those needs a restart; the log says so). A process that takes
+        events refuses a file without a bearer token as it would at start (unless insecure): the
+        events API would answer every request 401, or, insecure, be open to anyone."""
         fixed = {"project": self.config.project, "temporal": self.config.temporal}
-        if (config.project, config.temporal) != (self.config.project, self.config.temporal):
+        overridden = Settings.from_env().apply(config)  # as the file was read at start
+        if (overridden.project, overridden.temporal) != (self.config.project, self.config.temporal):
             log.warning("config reload: project and temporal settings take effect only after a restart")
+        if self.takes_events and not config.http.auth.tokens:
+            if not self.insecure:
+                raise ConfigError(
+                    "no bearer token under http.auth.tokens: a process that takes events needs one (or --insecure)"
+                )
+            log.warning("insecure mode after reload: POST /api/v1/events accepts events from anyone")
         http = config.http.model_copy(update={"host": self.config.http.host, "port": self.config.http.port})
         return config.model_copy(update={**fixed, "http": http})
 
@@ -378,8 +388,8 @@ class Bridge:
 
     async def ready(self) -> dict[str, bool]:
         checks: dict[str, bool] = {}
-        if self.dispatcher is not None:
-            checks["temporal"] = await self._temporal_answers(self.dispatcher)
+        if self.dispatcher is not None:  # and its client does not hold Temporal down (it refuses events then)
+            checks["temporal"] = not self.dispatcher.down and await self._temporal_answers(self.dispatcher)
         if self.role in ("all", "worker"):
             checks["worker"] = self._worker_task is not None and not self._worker_task.done()
         for adapter in self.adapters:

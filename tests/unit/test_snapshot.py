@@ -171,6 +171,38 @@ def test_bridge_reload_keeps_what_the_process_was_started_with(tmp_path: Path) -
     assert now.tokens.match(f"Bearer {TOKEN_B}") == "token-1"  # tokens do reload
 
 
+def test_a_reload_that_drops_every_token_is_refused_as_the_start_would_refuse_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The start refuses a process that takes events without a bearer token (unless insecure). A
+    reload accepted it: every request was then answered 401 with /readyz green, or, insecure, the
+    events API and /metrics were open to anyone."""
+    path = tmp_path / "bridge.yaml"
+    write(path, data("a"))
+    bridge = Bridge(load(path), config_path=path, watch=False)
+    write(path, data("a", "b", tokens=()))
+    assert not bridge.source.reload()
+    assert bridge.source.current.tokens.match(f"Bearer {TOKEN_A}") == "token-1"
+    assert any("no bearer token under http.auth.tokens" in r.getMessage() for r in caplog.records)
+    worker = Bridge(load(path), config_path=path, watch=False, role="worker")  # takes no events: no token needed
+    assert worker.source.reload()
+    insecure = Bridge(load(path), config_path=path, watch=False, insecure=True)
+    write(path, data("a", "c", tokens=()))
+    assert insecure.source.reload()
+    assert any("insecure mode after reload" in r.getMessage() for r in caplog.records)
+
+
+def test_a_self_holding_yaml_alias_is_a_refused_reload_tried_once(tmp_path: Path) -> None:
+    """``a: &x [*x]`` passed the YAML parser and recursed for ever in the interpolation: the
+    RecursionError escaped the reload, and the watcher tried the same file every tick."""
+    path = tmp_path / "bridge.yaml"
+    write(path, data("a"))
+    source = SnapshotSource(load(path), path)
+    path.write_text(path.read_text() + "\nextra: &x [*x]\n")
+    assert not source.reload()
+    assert not source.changed()  # not tried again until the file changes
+
+
 async def test_a_reload_the_dispatcher_did_not_hear_of_is_told_again_by_the_watcher(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -283,6 +315,7 @@ async def test_readyz_requests_at_once_share_one_ping_of_temporal_and_a_second_r
 
     class Dispatcher:
         pings = 0
+        down = False  # the client holds Temporal down: it refuses every event
 
         async def ping(self) -> bool:
             self.pings += 1
@@ -297,3 +330,7 @@ async def test_readyz_requests_at_once_share_one_ping_of_temporal_and_a_second_r
     assert (await bridge.ready())["temporal"] and dispatcher.pings == 1
     monkeypatch.setattr(app, "READY_PING_EVERY", 0.0)  # past it: asked again
     assert (await bridge.ready())["temporal"] and dispatcher.pings == 2
+    # Temporal answers /readyz's ping (2 s) but not the client's probe (1 s): events are refused,
+    # and /readyz said ready.
+    dispatcher.down = True
+    assert not (await bridge.ready())["temporal"]
