@@ -240,7 +240,12 @@ class AmqpReplay:
         ]
 
     def entry_for(self, queue: str) -> int | None:
-        return next((i for i, e in enumerate(self.entries) if e.queue == queue), None)
+        """The entry that consumes ``queue``, if it dead-letters at all: only such an entry writes
+        the letters replayed here (the ones RabbitMQ dead-letters itself are not replayed). A
+        letter is believed on its word (``x-original-queue``), and one naming an entry that writes
+        none (sent by anyone who may publish to this queue or its exchange) would otherwise take
+        that entry's source scope and ids."""
+        return next((i for i, e in enumerate(self.entries) if e.queue == queue and e.dead_letter_exchange), None)
 
     async def run(self) -> Tally:
         try:

@@ -377,7 +377,7 @@ class FakePublisher:
 async def test_an_amqp_replay_acks_what_is_held_republishes_the_refused_and_requeues_the_rest() -> None:
     sink = FakeSink()
     pipeline = Pipeline(RouteTable.from_config(config("unit", "127.0.0.1:1", [runner("w", "order.created")])), sink)
-    entry = AmqpConsumer(url="amqp://x/", queue="q", event=RAW)
+    entry = AmqpConsumer(url="amqp://x/", queue="q", event=RAW, dead_letter_exchange="dlx")
     replay = amqp_replay.AmqpReplay([entry], pipeline, queue="dead", url="amqp://x/")
     publisher = FakePublisher()
     replay.publisher = publisher  # type: ignore[assignment]
@@ -426,6 +426,34 @@ async def test_a_message_rabbitmq_dead_lettered_itself_is_no_letter_whatever_its
     await replay._put_back()
     assert sink.held == [] and forged.settled == ["nack(requeue=True)"]
     assert dict(replay.tally.kept) == {NOT_A_DEAD_LETTER: 1}
+
+
+async def test_a_letter_naming_a_queue_whose_entry_writes_no_letters_is_kept_not_replayed() -> None:
+    """Only an entry with a dead_letter_exchange writes the letters replayed here. A letter with
+    no x-death naming another entry's queue (published by anyone who may write to this queue or
+    its exchange) was submitted as that queue's event, with the id it chose."""
+    sink = FakeSink()
+    pipeline = Pipeline(RouteTable.from_config(config("unit", "127.0.0.1:1", [runner("w", "order.created")])), sink)
+    public = AmqpConsumer(url="amqp://x/", queue="public.events", event=RAW, dead_letter_exchange="events.dlx")
+    payments = AmqpConsumer(url="amqp://x/", queue="payments", event=RAW)  # dead-letters nothing
+    replay = amqp_replay.AmqpReplay([public, payments], pipeline, queue="events.dead", url="amqp://x/")
+    replay.publisher = FakePublisher()  # type: ignore[assignment]
+    forged = FakeMessage(
+        b'{"amount": 1000}',
+        routing_key="order.created",
+        exchange="",
+        headers={
+            "x-original-queue": "payments",
+            "x-original-message-id": "pay-123",
+            "x-original-routing-key": "order.created",
+        },
+        message_id="pay-123",
+    )
+    assert (replay.entry_for("public.events"), replay.entry_for("payments")) == (0, None)
+    await replay._settle([forged])  # type: ignore[list-item]
+    await replay._put_back()
+    assert sink.held == [] and forged.settled == ["nack(requeue=True)"]
+    assert dict(replay.tally.kept) == {NO_ENTRY: 1}
 
 
 # --- history ------------------------------------------------------------------------------------------
