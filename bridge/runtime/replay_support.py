@@ -84,7 +84,8 @@ class LookingSink:
         await self.inner.submit_encoded(events, encoded)
 
     async def _look(self, events: Sequence[EventSignal]) -> None:
-        todo = [e for e in events if (e.source, e.id) not in self._looked]
+        # Once per event, within the batch too: two copies of one letter (a retried write) are one event.
+        todo = list({(e.source, e.id): e for e in events if (e.source, e.id) not in self._looked}.values())
         found = await asyncio.gather(*(self._runs(e) for e in todo))
         for event, (total, existing) in zip(todo, found, strict=True):
             self._looked.add((event.source, event.id))

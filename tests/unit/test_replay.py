@@ -11,7 +11,8 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from aiokafka.structs import ConsumerRecord
@@ -31,7 +32,7 @@ from bridge.runtime import cli, replay_runs
 from bridge.runtime import replay as replay_module
 from bridge.runtime.progress import ProgressBar, render
 from bridge.runtime.replay import replay_amqp, replay_kafka, summary
-from bridge.runtime.replay_support import Existing, Outcome
+from bridge.runtime.replay_support import Existing, LookingSink, Outcome
 from bridge.snapshot import Snapshot
 from dispatcher import search
 from tests.fakes import FakeSink
@@ -454,6 +455,24 @@ async def test_a_letter_naming_a_queue_whose_entry_writes_no_letters_is_kept_not
     await replay._put_back()
     assert sink.held == [] and forged.settled == ["nack(requeue=True)"]
     assert dict(replay.tally.kept) == {NO_ENTRY: 1}
+
+
+async def test_two_copies_of_one_letter_in_a_batch_are_looked_up_and_counted_once() -> None:
+    """A retried dead-letter write can leave two copies of a letter: the summary counted each,
+    with twice the new runs the dispatcher then started."""
+
+    class Absent:
+        async def describe(self, **_: Any) -> None:
+            raise RPCError("not found", RPCStatusCode.NOT_FOUND, b"")
+
+    client = SimpleNamespace(get_workflow_handle=lambda workflow_id: Absent())
+    two_targets = [runner("a", "order.created"), runner("b", "order.created")]
+    routes = RouteTable.from_config(config("unit", "127.0.0.1:1", two_targets))
+    sink = FakeSink()
+    looking = LookingSink(cast(Any, sink), cast(Any, client), routes, "unit")
+    event = EventSignal(id="e-1", name="order.created", payload={}, source="kafka:t")
+    await looking.submit([event, event])
+    assert (looking.existing.events, looking.existing.new_runs) == (1, 2)
 
 
 # --- history ------------------------------------------------------------------------------------------
