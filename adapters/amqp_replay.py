@@ -240,12 +240,17 @@ class AmqpReplay:
         ]
 
     def entry_for(self, queue: str) -> int | None:
-        """The entry that consumes ``queue``, if it dead-letters at all: only such an entry writes
-        the letters replayed here (the ones RabbitMQ dead-letters itself are not replayed). A
-        letter is believed on its word (``x-original-queue``), and one naming an entry that writes
-        none (sent by anyone who may publish to this queue or its exchange) would otherwise take
-        that entry's source scope and ids."""
-        return next((i for i, e in enumerate(self.entries) if e.queue == queue and e.dead_letter_exchange), None)
+        """The entry that consumes ``queue``; when entries dead-letter, only one of them: only such
+        an entry writes the letters replayed here (the ones RabbitMQ dead-letters itself are not
+        replayed). A letter is believed on its word (``x-original-queue``), and one naming an entry
+        that writes none (sent by anyone who may publish to this queue or its exchange) would
+        otherwise take that entry's source scope and ids. With no entry dead-lettering (a config
+        from which the exchange was taken out), a letter goes to the entry that consumes its queue,
+        as a Kafka letter in a topic no entry dead-letters to does."""
+        readers = [i for i, e in enumerate(self.entries) if e.queue == queue]
+        if any(e.dead_letter_exchange for e in self.entries):
+            readers = [i for i in readers if self.entries[i].dead_letter_exchange]
+        return next(iter(readers), None)
 
     async def run(self) -> Tally:
         try:

@@ -258,8 +258,8 @@ async def test_no_matching_entry_is_200_ignored(sink: FakeSink, hooks: AsyncTest
 async def test_a_filter_out_of_its_budget_is_counted_and_logged_as_such_not_as_no_match(
     sink: FakeSink, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """It does not match (as in the dispatcher), but was answered and counted as a delivery no
-    entry wanted (``no_match``), with only a DEBUG line saying why."""
+    """It does not match (as in the dispatcher). Before, the delivery was counted as one no entry
+    wanted (``no_match``), with only a DEBUG line saying why; now as ``filter_limited``, warned."""
     scan = {
         "slug": "scan",
         "verify": {"kind": "none"},

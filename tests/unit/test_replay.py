@@ -451,6 +451,10 @@ async def test_a_letter_naming_a_queue_whose_entry_writes_no_letters_is_kept_not
         message_id="pay-123",
     )
     assert (replay.entry_for("public.events"), replay.entry_for("payments")) == (0, None)
+    # No entry dead-letters (the exchange taken out of the config): a letter goes to its queue's reader.
+    bare = AmqpConsumer(url="amqp://x/", queue="public.events", event=RAW)
+    unlettered = amqp_replay.AmqpReplay([bare, payments], pipeline, queue="events.dead", url="amqp://x/")
+    assert (unlettered.entry_for("public.events"), unlettered.entry_for("payments")) == (0, 1)
     await replay._settle([forged])  # type: ignore[list-item]
     await replay._put_back()
     assert sink.held == [] and forged.settled == ["nack(requeue=True)"]
