@@ -90,11 +90,12 @@ class Pipeline:
         """
         return self.examine(event)[0]
 
-    def examine(self, event: EventSignal) -> tuple[EventRejected | None, bytes]:
+    def examine(self, event: EventSignal, routes: RouteTable | None = None) -> tuple[EventRejected | None, bytes]:
         """:meth:`check`, and the event's encoding (empty when refused), which :meth:`submit`
-        takes as ``encoded`` so that the event is neither checked nor encoded twice."""
+        takes as ``encoded`` so that the event is neither checked nor encoded twice. ``routes``:
+        the table to check against (a request's snapshot's), else the current one."""
         try:
-            return self._check(event)
+            return self._check(event, self.routes if routes is None else routes)
         except Exception:
             log.exception(
                 "event could not be checked name=%s id=%s",
@@ -104,14 +105,14 @@ class Pipeline:
             )
             return EventRejected("malformed", "the event could not be checked (the bridge logged why)"), b""
 
-    def _check(self, event: EventSignal) -> tuple[EventRejected | None, bytes]:
+    def _check(self, event: EventSignal, routes: RouteTable) -> tuple[EventRejected | None, bytes]:
         for part, value in (("id", event.id), ("name", event.name)):
             if len(value) > MAX_KEY_CHARS:
                 return EventRejected(
                     "malformed", f"the event's {part} has {len(value)} characters; at most {MAX_KEY_CHARS} are taken"
                 ), b""
         try:
-            self.routes.check(event)
+            routes.check(event)
         except EventRejected as exc:
             return exc, b""
         data = encode(event.to_dict())
@@ -122,11 +123,18 @@ class Pipeline:
         return None, data
 
     async def submit(
-        self, events: Sequence[EventSignal], adapter: str, *, encoded: Sequence[bytes] | None = None
+        self,
+        events: Sequence[EventSignal],
+        adapter: str,
+        *,
+        encoded: Sequence[bytes] | None = None,
+        routes: RouteTable | None = None,
     ) -> list[Outcome]:
         """Check each event, submit the good ones together, and report every outcome in order.
         ``encoded``: what :meth:`examine` gave for each event, which passed it; they are then not
         checked or encoded again (unless tracing, which adds the receive span to each first).
+        ``routes``: the table of the snapshot the events were made with (an HTTP request's, whose
+        webhook mapped them), so a reload meanwhile does not judge them by another config.
 
         Raises :class:`bridge.errors.Unavailable` when Temporal did not take the good ones, and
         :class:`bridge.errors.PartlyHeld` (with every outcome, those not held refused as
@@ -142,7 +150,7 @@ class Pipeline:
             outcomes, good, datas = [Outcome(e) for e in events], list(events), list(encoded)
         else:
             for event in events:
-                rejected, data = self.examine(event)
+                rejected, data = self.examine(event, routes)
                 outcomes.append(Outcome(event, rejected))
                 if rejected is None:
                     good.append(event)

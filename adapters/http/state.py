@@ -123,7 +123,8 @@ class HttpState:
         as outcomes, the rest refused as ``unavailable``: a retry of it whole would start the
         held events again if they have no ids of their own."""
         try:
-            return await self.pipeline.submit(events, adapter)
+            # Checked against the request's snapshot, which made its events (its webhook's mapping).
+            return await self.pipeline.submit(events, adapter, routes=snap.routes)
         except PartlyHeld as exc:  # a batch: which are held and which to send again (a 207)
             return list(exc.outcomes)
         except Unavailable as exc:

@@ -17,6 +17,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from adapters.http import create_app
+from bridge.config import parse_config
 from bridge.errors import Unavailable
 from bridge.pipeline import Pipeline
 from bridge.snapshot import Snapshot
@@ -382,6 +383,27 @@ async def test_no_rate_limit_by_default(sink: FakeSink) -> None:
         codes = {(await c.post(URL, json=order(), headers=AUTH)).status_code for _ in range(30)}
         codes |= {(await c.post(f"{HOOKS}/open", content=b"{}")).status_code for _ in range(30)}
     assert codes == {202}
+
+
+async def test_a_delivery_is_judged_by_the_config_it_was_mapped_with_not_one_reloaded_meanwhile(
+    sink: FakeSink,
+) -> None:
+    """The handler maps a delivery with its request's snapshot; the pipeline checked the events
+    against the routes current at submit. A reload in between (an event renamed with its trigger)
+    refused the delivery as unroutable (422, final for most senders), though either config alone
+    takes it."""
+    mapped_with = Snapshot.compile(hook_config())
+    reloaded = Snapshot.compile(
+        parse_config(
+            {"project": "shop", "workflows": [{"id": "x", "workflow_type": "X", "triggers": [{"name": "renamed"}]}]},
+            origin="test",
+        )
+    )
+    app = create_app(Pipeline(lambda: reloaded.routes, sink), lambda: mapped_with)
+    async with AsyncTestClient(app) as c:
+        resp = await c.post(f"{HOOKS}/open", content=b"{}")
+    assert resp.status_code == 202, resp.text
+    assert [e.name for e in sink.events] == ["open.event"]
 
 
 async def test_webhooks_follow_a_reloaded_config(sink: FakeSink) -> None:
