@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from fractions import Fraction
 from typing import Any
 
 import re2
@@ -64,6 +65,23 @@ class _LinearRe:
 
 jsonschema_utils.re = _LinearRe  # type: ignore[attr-defined]
 jsonschema_legacy.re = _LinearRe  # type: ignore[attr-defined]  # draft 2019-09's unevaluatedProperties
+
+
+def _multiple_of(validator: Validator, step: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    """``multipleOf`` on the numbers as JSON wrote them: jsonschema divides floats, and
+    ``0.07 / 0.01`` is ``7.000000000000001``, so an amount of 0.07, 0.29 or 19.99 was refused as no
+    multiple of 0.01 (``schema_invalid``: a 422, a dead letter)."""
+    if not validator.is_type(instance, "number") or isinstance(instance, bool):
+        return
+    quotient = _exact(instance) / _exact(step)
+    if quotient.denominator != 1:
+        yield ValidationError(f"{instance!r} is not a multiple of {step}")
+
+
+def _exact(number: float | int) -> Fraction:
+    """The number as written in decimal: a float by its shortest repr (0.1 is 1/10, not the binary
+    fraction nearest to it)."""
+    return Fraction(repr(number)) if isinstance(number, float) else Fraction(number)
 
 
 def _unique_items(validator: Validator, unique: bool, instance: Any, schema: Any) -> Iterator[ValidationError]:
@@ -124,7 +142,12 @@ def compile_schema(schema: dict[str, Any], where: str) -> Validator:
             raise ConfigError(
                 f"{where}: schema pattern {pattern!r} is not RE2 syntax (no look-around or backreferences): {why}"
             ) from None
-    keywords = {"pattern": _pattern, "patternProperties": _pattern_properties, "uniqueItems": _unique_items}
+    keywords = {
+        "pattern": _pattern,
+        "patternProperties": _pattern_properties,
+        "uniqueItems": _unique_items,
+        "multipleOf": _multiple_of,
+    }
     cls = extend(base, keywords)  # type: ignore[no-untyped-call]
     validator: Validator = cls(schema)
     return validator
