@@ -44,12 +44,17 @@ Record = tuple[bytes, bytes | None, list[tuple[str, bytes]]]  # value, key, head
 # --- helpers --------------------------------------------------------------------------------
 
 
-async def create_topic(bootstrap: str, partitions: int = 3) -> str:
-    topic = unique("orders")
+async def create_topic(
+    bootstrap: str, partitions: int = 3, *, name: str | None = None, configs: dict[str, str] | None = None
+) -> str:
+    """A new topic (``name``, else a unique one), with ``configs`` (``max.message.bytes``, …)."""
+    topic = name or unique("orders")
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+        await admin.create_topics(
+            [NewTopic(topic, num_partitions=partitions, replication_factor=1, topic_configs=configs or {})]
+        )
     finally:
         await admin.close()
     return topic
@@ -391,20 +396,7 @@ async def test_poison_records_are_dead_lettered_or_counted_and_good_ones_around_
     placed = await produce(kafka_bootstrap, topic, records)
     good = {kafka_child(project, "orders", topic, *placed[i]) for i in range(40) if i not in poison}
 
-    consumer = AIOKafkaConsumer(dlq, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    letters: list[Any] = []
-    try:
-
-        async def all_letters() -> bool:
-            batch = await consumer.getmany(timeout_ms=500)
-            letters.extend(r for recs in batch.values() for r in recs)
-            assert len(letters) <= len(poison), f"{len(letters)} letters for {len(poison)} poison records"
-            return len(letters) == len(poison)
-
-        await assert_eventually(all_letters, timeout=60, interval=0.1, what="dead letters")
-    finally:
-        await consumer.stop()
+    letters = await read_letters(kafka_bootstrap, dlq, len(poison))
 
     by_origin = {}
     for letter in letters:
@@ -440,13 +432,7 @@ async def test_a_letter_the_dead_letter_topic_refuses_as_too_large_is_written_sm
     (and every letter after it to that partition) was refused as ``OutOfOrderSequenceNumber`` for
     good: the consumer stayed paused, and the good record behind the poison never ran."""
     topic = await create_topic(kafka_bootstrap, partitions=1)
-    dlq = f"{topic}.dlq"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(dlq, 1, 1, topic_configs={"max.message.bytes": "70000"})])
-    finally:
-        await admin.close()
+    dlq = await create_topic(kafka_bootstrap, partitions=1, name=f"{topic}.dlq", configs={"max.message.bytes": "70000"})
     project = unique("kdlqsize")
     cfg = config(
         project,
@@ -462,19 +448,7 @@ async def test_a_letter_the_dead_letter_topic_refuses_as_too_large_is_written_sm
     ]
     placed = await produce(kafka_bootstrap, topic, records)
     await assert_runs_exactly(temporal_client, project, {kafka_child(project, "orders", topic, *placed[2])})
-    consumer = AIOKafkaConsumer(dlq, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    letters: list[Any] = []
-    try:
-
-        async def both_letters() -> bool:
-            batch = await consumer.getmany(timeout_ms=500)
-            letters.extend(r for recs in batch.values() for r in recs)
-            return len(letters) >= 2
-
-        await assert_eventually(both_letters, timeout=60, interval=0.1, what="two dead letters")
-    finally:
-        await consumer.stop()
+    letters = await read_letters(kafka_bootstrap, dlq, 2)
     by_offset = {int(dict(r.headers)["x-original-offset"]): r for r in letters}
     assert by_offset[placed[0][1]].value == records[0][0]
     big = by_offset[placed[1][1]]
