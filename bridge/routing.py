@@ -19,7 +19,7 @@ from bridge import templates
 from bridge.errors import ConfigError, EventRejected
 from bridge.event import encode
 from bridge.filters import Filter, FilterError, Scope, scope
-from bridge.schemas import compile_schema, described
+from bridge.schemas import SchemaTooCostly, compile_schema, described, first_error
 
 if TYPE_CHECKING:
     from bridge.config import BridgeConfig
@@ -261,7 +261,17 @@ class RouteTable:
                     _check_signal_target(w.id, w.signal, event, self.starting)
                 if t.validator is None:
                     continue
-                error = next(iter(t.validator.iter_errors(event.payload)), None)
+                try:
+                    error = first_error(t.validator, event.payload)
+                except (SchemaTooCostly, RecursionError) as exc:
+                    why = str(exc) if isinstance(exc, SchemaTooCostly) else "the schema recursed without end"
+                    raise EventRejected(
+                        "schema_invalid",
+                        f"payload could not be checked against the schema of workflow {w.id!r} "
+                        f"(trigger {t.name!r}): {why}",
+                        workflow=w.id,
+                        trigger=t.name,
+                    ) from None
                 if error is not None:
                     raise EventRejected(
                         "schema_invalid",

@@ -5,12 +5,19 @@ input, and so do the matches ``additionalProperties`` and ``unevaluatedPropertie
 ``patternProperties``: a sender cannot make a schema check backtrack for seconds. ``uniqueItems``
 is checked in linear time too. RE2 has no look-around and no
 backreferences; a schema that uses them is refused at load (docs/configuration.md).
+
+A check applies the schema to each part of the payload a bounded number of times
+(:func:`first_error`): a recursive schema whose ``unevaluatedProperties`` checks each subtree once
+more at every level took time doubling with the payload's depth (104 s at depth 20), and is
+stopped instead. A schema
+that refers to itself without descending into the payload (``{"$ref": "#"}``) is refused at load.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from fractions import Fraction
 from typing import Any
 
@@ -112,6 +119,84 @@ def _canonical(value: Any) -> Any:
     return ("v", value)
 
 
+# A check applies a schema (jsonschema's ``descend`` and ``iter_errors``) to each object or array
+# of the payload at most this many times, or twice as many as the schema has subschemas when that
+# is more: one visit per way the schema reaches it. A recursive schema that checks each subtree
+# again at every level (``unevaluatedProperties`` beside ``allOf``, or ``anyOf`` alternatives
+# that all recurse) visits the deepest ones 2**depth times, and is stopped past the limit.
+MAX_VISITS = 1024
+
+
+class SchemaTooCostly(Exception):
+    """A check applied the schema to one part of the payload more than its limit of times."""
+
+    def __init__(self, visits: int) -> None:
+        super().__init__(f"it applies the schema to one part of the payload more than {visits} times")
+        self.visits = visits
+
+
+class _Visits:
+    __slots__ = ("limit", "seen")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen: dict[int, int] = {}
+
+    def visit(self, instance: Any) -> None:
+        if isinstance(instance, dict | list):  # scalars are leaves: their visits follow these
+            key = id(instance)  # the payload holds every one of them alive during the check
+            count = self.seen.get(key, 0) + 1
+            if count > self.limit:
+                raise SchemaTooCostly(self.limit)
+            self.seen[key] = count
+
+
+_VISITS: ContextVar[_Visits | None] = ContextVar("schema_visits", default=None)
+
+
+def _counted(method: Callable[..., Any]) -> Callable[..., Any]:
+    def counted(self: Any, instance: Any, *args: Any, **kwargs: Any) -> Any:
+        visits = _VISITS.get()
+        if visits is not None:
+            visits.visit(instance)
+        return method(self, instance, *args, **kwargs)
+
+    return counted
+
+
+def _subschemas(node: Any) -> int:
+    """How many objects and booleans ``node`` holds (an upper bound on its subschemas)."""
+    count, stack = 0, [node]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            count += 1
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, bool):
+            count += 1
+    return count
+
+
+def first_error(validator: Validator, payload: Any) -> ValidationError | None:
+    """The first error ``validator`` (made by :func:`compile_schema`) finds in ``payload``, or None.
+
+    Raises :class:`SchemaTooCostly` past the limit of visits (see :data:`MAX_VISITS`), and
+    RecursionError when the schema recurses without end for this payload's shape."""
+    limit = getattr(validator, "_visit_limit", MAX_VISITS)
+    token = _VISITS.set(_Visits(limit))
+    try:
+        return next(iter(validator.iter_errors(payload)), None)
+    finally:
+        _VISITS.reset(token)
+
+
+# Values a schema that refers to itself without descending is tried on at load: such a schema
+# recurses without end on every one of them, and on every payload.
+_PROBES: tuple[Any, ...] = (None, True, 0, 0.5, "", [], {})
+
+
 def _patterns(node: Any) -> Iterator[str]:
     """Every regular expression a schema holds (``pattern`` values, ``patternProperties`` keys)."""
     if isinstance(node, dict):
@@ -149,7 +234,19 @@ def compile_schema(schema: dict[str, Any], where: str) -> Validator:
         "multipleOf": _multiple_of,
     }
     cls = extend(base, keywords)  # type: ignore[no-untyped-call]
+    cls.descend = _counted(cls.descend)  # a class of its own: extend() makes one each time
+    cls._visit_limit = max(MAX_VISITS, 2 * _subschemas(schema))
+    cls.iter_errors = _counted(cls.iter_errors)
     validator: Validator = cls(schema)
+    for probe in _PROBES:
+        try:
+            first_error(validator, probe)
+        except RecursionError:
+            raise ConfigError(
+                f"{where}: schema refers to itself without end (a $ref cycle that never descends into the payload)"
+            ) from None
+        except SchemaTooCostly:
+            pass  # a costly shape, not an endless one: the event's own budget deals with it
     return validator
 
 

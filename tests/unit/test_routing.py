@@ -13,6 +13,7 @@ from bridge.errors import ConfigError, EventRejected
 from bridge.event import EventSignal, encode, run_digest
 from bridge.filters import EVENT_BUDGET, FILTER_BUDGET, Filter, activation
 from bridge.routing import ROUTES_LIMIT_BYTES, RouteTable, name_matches
+from bridge.schemas import MAX_VISITS
 
 
 def table(*workflows: dict[str, Any], project: str = "shop") -> RouteTable:
@@ -582,3 +583,63 @@ def test_a_duration_from_the_payload_is_parsed_in_linear_time() -> None:
     assert ids(routes, event("a", payload={"t": "a" * 60 + "!"})) == []
     assert ids(routes, event("a", payload={"t": "1h30m"})) == ["slow"]
     assert ids(routes, event("a", payload={"t": "30m"})) == []
+
+
+RECHECKS_EACH_LEVEL = {  # unevaluatedProperties checks the allOf branch again at every level
+    "type": "object",
+    "allOf": [{"properties": {"child": {"$ref": "#"}, "x": {}, "a": {}, "b": {}}}],
+    "unevaluatedProperties": False,
+}
+ALTERNATIVES_RECURSE = {  # anyOf tries both, and each recurses
+    "type": "object",
+    "anyOf": [
+        {"properties": {"child": {"$ref": "#"}}, "required": ["a"]},
+        {"properties": {"child": {"$ref": "#"}}, "required": ["b"]},
+    ],
+}
+
+
+def nested(depth: int, **leaf: Any) -> dict[str, Any]:
+    value: dict[str, Any] = dict(leaf)
+    for _ in range(depth):
+        value = {"child": value, **leaf}
+    return value
+
+
+@pytest.mark.parametrize("schema", [RECHECKS_EACH_LEVEL, ALTERNATIVES_RECURSE])
+def test_a_schema_whose_work_doubles_with_the_payloads_depth_is_stopped(schema: dict[str, Any]) -> None:
+    """jsonschema checks the subtree again at every level: depth 20 took 104 s, depth 99 would
+    take ages, holding the adapter's loop. The check stops once it has applied the schema to one
+    part of the payload more than MAX_VISITS times."""
+    routes = table(wf("w", {"name": "a", "schema": schema}))
+    routes.check(event("a", payload=nested(4, x=1, a=1)))  # shallow: checked as before
+    with pytest.raises(EventRejected) as caught:
+        routes.check(event("a", payload=nested(99, x=1, b=1)))
+    rejected = caught.value
+    assert rejected.reason == "schema_invalid"
+    assert "could not be checked" in rejected.message and str(MAX_VISITS) in rejected.message
+    assert rejected.details == {"workflow": "w", "trigger": "a"}
+
+
+def test_a_large_payload_is_checked_whatever_its_size() -> None:
+    """The limit counts visits of one part, not the payload's size: 20,000 objects pass."""
+    schema = {
+        "type": "object",
+        "properties": {"items": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"$ref": "#/$defs/item"}]}}},
+        "$defs": {"item": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}},
+    }
+    routes = table(wf("w", {"name": "a", "schema": schema}))
+    routes.check(event("a", payload={"items": [{"a": i} for i in range(20_000)]}))
+    deep: Any = {"a": 1}
+    for _ in range(90):  # a deep tree through a plain recursive schema: one visit a level
+        deep = {"a": 1, "children": [deep]}
+    tree = {"type": "object", "properties": {"children": {"type": "array", "items": {"$ref": "#"}}}}
+    table(wf("t", {"name": "a", "schema": tree})).check(event("a", payload=deep))
+    with pytest.raises(EventRejected, match="not valid under any of the given schemas"):
+        routes.check(event("a", payload={"items": [{"a": 1}] * 3 + [{"a": "x"}]}))
+
+
+@pytest.mark.parametrize("schema", [{"$ref": "#"}, {"anyOf": [{"$ref": "#/$defs/a"}], "$defs": {"a": {"$ref": "#"}}}])
+def test_a_schema_that_refers_to_itself_without_end_is_refused_at_load(schema: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="refers to itself without end"):
+        table(wf("w", {"name": "a", "schema": schema}))
