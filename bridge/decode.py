@@ -31,6 +31,7 @@ from typing import Any
 from bridge.config import EventFormat
 from bridge.errors import EventRejected
 from bridge.event import EventSignal, cloudevent_id, utc_now
+from bridge.locator import Locator
 
 CE_STRUCTURED = "application/cloudevents+json"
 CE_REQUIRED = ("id", "source", "type", "specversion")
@@ -242,7 +243,22 @@ def _ordering_key(fmt: EventFormat, msg: Message, body: Any) -> str | None:
 
 
 def _configured_id(fmt: EventFormat, msg: Message, body: Any) -> str | None:
-    return fmt.id_from.resolve(msg.headers, body, msg.key) if fmt.id_from else None
+    return located_id(fmt.id_from, msg.headers, body, msg.key) if fmt.id_from else None
+
+
+def located_id(locator: Locator, headers: Mapping[str, str], body: Any, key: str | None = None) -> str | None:
+    """The id ``locator`` (an ``id_from``) finds, read as an envelope's ``id`` is: None when absent
+    or empty, a string or an integer as text (7.0 is 7), and ``malformed`` for anything else. A
+    field holding ``true``, a list or an object was its Python text (``True``, ``[1, 2]``, ``{}``):
+    every event with ``{}`` there got one id, and all but the first were skipped as repeats."""
+    value = locator.value(headers, body, key)
+    if value is None or value == "":
+        return None
+    if isinstance(value, float) and value.is_integer() and INT_MIN <= value <= INT_MAX:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise EventRejected("malformed", f"the id at {locator} must be a string or an integer")
+    return str(value)
 
 
 def _media_type(content_type: str) -> str:

@@ -40,6 +40,13 @@ class Locator:
 
     def resolve(self, headers: Mapping[str, str], body: Any, key: str | None = None) -> str | None:
         """The located value as text, or None when absent or empty."""
+        value = self.value(headers, body, key)
+        if value is None or value == "":
+            return None
+        return str(value)
+
+    def value(self, headers: Mapping[str, str], body: Any, key: str | None = None) -> Any:
+        """The located value as it is: text from a header or the key, any JSON value from a field."""
         if self.kind == "key":
             value: Any = key
         elif self.kind == "header":
@@ -47,9 +54,7 @@ class Locator:
             value = next((v for k, v in headers.items() if k.lower() == wanted), None)
         else:
             value = lookup(body, self.name)
-        if value is None or value == "":
-            return None
-        return str(value)
+        return value
 
 
 def lookup(data: Any, dotted: str) -> Any:

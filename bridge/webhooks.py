@@ -28,7 +28,7 @@ from urllib.parse import parse_qs
 
 from bridge import templates
 from bridge.config import Webhook
-from bridge.decode import parse_json
+from bridge.decode import located_id, parse_json
 from bridge.errors import ConfigError, EventRejected
 from bridge.event import EventSignal
 from bridge.filters import Filter, FilterError, activation
@@ -132,11 +132,10 @@ class WebhookRoute:
         announced = self.verifier.announced_id(headers)
         from_body = None
         if self.id_from is not None:
-            located = self.id_from.resolve(headers, payload)
             if self.id_from.kind == "field":
-                from_body = located
+                from_body = located_id(self.id_from, headers, payload)
             else:
-                announced = announced or located
+                announced = announced or self.id_from.resolve(headers, payload)
         delivery_id = signed or from_body or f"sha256:{hashlib.sha256(body).hexdigest()}"
         return delivery_id, signed or announced
 

@@ -91,6 +91,24 @@ def test_envelope_id_wins_over_id_from_which_wins_over_fallback() -> None:
     assert decode(msg({"name": "n", "payload": {}}), form).id == "kafka:orders:0:42"
 
 
+@pytest.mark.parametrize("value", [{}, [1, 2], True, False, 1.5])
+def test_an_id_from_field_that_is_no_string_or_integer_is_malformed(value: Any) -> None:
+    """``{}`` was the id ``"{}"``: every event with an empty object there got one id, and all but
+    the first were skipped as repeats of it."""
+    form = fmt(format="raw", name="n", id_from="field:ref")
+    with pytest.raises(EventRejected, match="the id at field:ref must be a string or an integer") as caught:
+        decode(msg({"ref": value, "n": 1}), form)
+    assert caught.value.reason == "malformed"
+
+
+def test_an_id_from_field_is_read_as_an_envelope_id_is() -> None:
+    form = fmt(format="raw", name="n", id_from="field:ref")
+    assert decode(msg({"ref": 7.0}), form).id == decode(msg({"ref": 7}), form).id == "7"
+    assert decode(msg({"ref": 0}), form).id == "0"
+    assert decode(msg({"ref": "A1"}), form).id == "A1"
+    assert decode(msg({"ref": ""}), form).id == "kafka:orders:0:42"
+
+
 def test_envelope_name_falls_back_to_configured_name() -> None:
     assert decode(msg({"payload": {}}), fmt(name="order.default")).name == "order.default"
 

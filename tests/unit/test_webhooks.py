@@ -557,6 +557,14 @@ def test_id_from_field_reads_the_signed_body() -> None:
     assert (delivery.delivery_id, delivery.provider_delivery_id) == ("77", None)
 
 
+@pytest.mark.parametrize("body", [b'{"meta": {"id": {}}}', b'{"meta": {"id": true}}', b'{"meta": {"id": [7]}}'])
+def test_an_id_from_field_that_is_no_string_or_integer_is_refused(body: bytes) -> None:
+    """Two deliveries with ``{}`` there had one delivery id, and the second started nothing."""
+    r = route({"kind": "hmac", "secret": SK}, id_from="field:meta.id")
+    with pytest.raises(EventRejected, match="must be a string or an integer"):
+        r.events({}, body)
+
+
 def test_signed_provider_id_wins_over_id_from_and_id_from_field_over_the_digest() -> None:
     r = route({"kind": "stripe", "secret": ST_SECRET}, id_from="field:other")
     assert r.events({}, b'{"id": "evt_1", "other": "o"}').delivery_id == "evt_1"
