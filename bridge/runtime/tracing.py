@@ -29,7 +29,7 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -40,6 +40,7 @@ from bridge.event import EventSignal
 log = logging.getLogger(__name__)
 PROPAGATOR = TraceContextTextMapPropagator()
 TRACER_NAME = "signal-bridge"
+MAX_ATTRIBUTE = 1024  # characters of a span name or attribute the bridge makes, or a provider it makes keeps
 
 
 def exporter_processor() -> SpanProcessor | None:
@@ -63,7 +64,8 @@ def install(processor: SpanProcessor | None = None) -> TracerProvider:
             current.add_span_processor(processor)
         return current
     provider = TracerProvider(
-        resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", TRACER_NAME)})
+        resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", TRACER_NAME)}),
+        span_limits=SpanLimits(max_attribute_length=MAX_ATTRIBUTE),
     )
     chosen = processor or exporter_processor()
     if chosen is None:
@@ -80,29 +82,41 @@ def interceptors() -> list[TracingInterceptor]:
 
 
 def context_of(event: EventSignal) -> Any:
-    """The OpenTelemetry context of the event's ``metadata.traceparent`` (an empty one without)."""
-    carrier = {k: str(v) for k in ("traceparent", "tracestate") if isinstance(v := event.metadata.get(k), str)}
+    """The OpenTelemetry context of the event's ``metadata.traceparent`` (an empty one without),
+    with its ``tracestate``: the receive span's, else the sender's (``metadata.headers``, where the
+    adapters keep it), which the W3C spec asks to pass on."""
+    carrier = {k: v for k in ("traceparent", "tracestate") if isinstance(v := event.metadata.get(k), str)}
+    headers = event.metadata.get("headers")
+    if (
+        "tracestate" not in carrier
+        and isinstance(headers, dict)
+        and isinstance(state := headers.get("tracestate"), str)
+    ):
+        carrier["tracestate"] = state
     return PROPAGATOR.extract(carrier)
 
 
 class EventTracer:
     """What the pipeline calls, when tracing is on (see :class:`bridge.pipeline.Tracer`)."""
 
-    def __init__(self) -> None:
-        self.tracer = trace.get_tracer(TRACER_NAME)
+    def __init__(self, provider: trace.TracerProvider | None = None) -> None:
+        self.tracer = (provider or trace.get_tracer_provider()).get_tracer(TRACER_NAME)
 
     def received(self, events: Sequence[EventSignal], adapter: str) -> list[EventSignal]:
         """One receive span per event; each event then carries its receive span's traceparent."""
         out = []
         for event in events:
+            # Cut here, not only by the provider's limits: the events are traced before they are
+            # checked, and a megabyte-long name (refused later) would be a megabyte-long span in
+            # the exporter's queue, and an export the collector refuses with others' spans in it.
             span = self.tracer.start_span(
-                f"receive {event.name}",
+                f"receive {event.name[:MAX_ATTRIBUTE]}",
                 context=context_of(event),
                 kind=SpanKind.CONSUMER,
                 attributes={
-                    "signal_bridge.event.id": event.id,
-                    "signal_bridge.event.name": event.name,
-                    "signal_bridge.source": event.source,
+                    "signal_bridge.event.id": event.id[:MAX_ATTRIBUTE],
+                    "signal_bridge.event.name": event.name[:MAX_ATTRIBUTE],
+                    "signal_bridge.source": event.source[:MAX_ATTRIBUTE],
                     "signal_bridge.adapter": adapter,
                 },
             )

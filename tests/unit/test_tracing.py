@@ -1,0 +1,51 @@
+"""The receive spans the bridge makes (bridge/runtime/tracing.py), with an in-memory exporter."""
+
+from __future__ import annotations
+
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from bridge.event import EventSignal
+from bridge.runtime.tracing import MAX_ATTRIBUTE, EventTracer, context_of
+
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def traced(*events: EventSignal) -> tuple[list[EventSignal], InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return EventTracer(provider).received(events, "http"), exporter
+
+
+def test_a_huge_name_or_id_makes_a_span_of_bounded_size() -> None:
+    """Events are traced before they are checked: a 1 MB name, refused later, made a 1 MB span
+    held in the exporter's queue."""
+    (event,), exporter = traced(EventSignal(id="i" * 100_000, name="n" * 1_000_000, payload={}, source="http:t"))
+    (span,) = exporter.get_finished_spans()
+    assert len(span.name) == len("receive ") + MAX_ATTRIBUTE
+    assert span.attributes is not None
+    assert all(len(str(v)) <= MAX_ATTRIBUTE for v in span.attributes.values())
+    assert span.attributes["signal_bridge.event.id"] == "i" * MAX_ATTRIBUTE
+    assert event.name == "n" * 1_000_000  # the event itself is untouched
+
+
+def test_the_senders_tracestate_is_passed_on() -> None:
+    """The adapters keep ``tracestate`` in ``metadata.headers``; it was read from the top level
+    only, so every receive span had an empty one."""
+    sent = EventSignal(
+        id="e-1",
+        name="a",
+        payload={},
+        source="http:t",
+        metadata={"traceparent": PARENT, "headers": {"traceparent": PARENT, "tracestate": "vendor=abc"}},
+    )
+    (event,), exporter = traced(sent)
+    (span,) = exporter.get_finished_spans()
+    assert span.context is not None and span.parent is not None
+    assert span.parent.span_id == 0xB7AD6B7169203331
+    assert span.context.trace_state.get("vendor") == "abc"
+    assert event.metadata["tracestate"] == "vendor=abc"
+    assert event.metadata["traceparent"] != PARENT  # the receive span's now
+    assert context_of(event) is not None
