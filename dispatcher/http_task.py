@@ -57,10 +57,27 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: the last 32 bits are the IPv4 address
+_REFUSED_V6 = (
+    ipaddress.IPv6Network("64:ff9b:1::/48"),  # RFC 8215 local-use NAT64: whatever the site maps it to
+    ipaddress.IPv6Network("::/96"),  # IPv4-compatible (deprecated): ::7f00:1 is 127.0.0.1 on some stacks
+    ipaddress.IPv6Network("2001::/32"),  # Teredo: an IPv4 server and client inside
+)
+
+
 def is_public(ip: IP) -> bool:
-    """Globally routable unicast: not loopback, private, link-local, shared, multicast or reserved."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    """Globally routable unicast: not loopback, private, link-local, shared, multicast or reserved.
+    An IPv6 address that carries an IPv4 one (mapped, 6to4, NAT64) is judged by the IPv4 address:
+    on a network with a NAT64 gateway, ``64:ff9b::a00:5`` reaches 10.0.0.5."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in _REFUSED_V6):
+            return False
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return ip.is_global and not ip.is_multicast
 
 
@@ -123,6 +140,8 @@ def _header(value: Any) -> str:
     text = "" if value is None else str(value)
     if "\r" in text or "\n" in text or "\x00" in text:
         raise Refused("a header value would hold a line break")
+    if not text.isascii():  # httpx sends header values as ASCII: UnicodeEncodeError, retried each time
+        raise Refused("a header value holds characters that are not ASCII (percent-encode them in the template)")
     return text
 
 
@@ -191,7 +210,7 @@ async def send(req: Request, runner: RunnerConfig, timeout: float, trust_env: bo
         raise ApplicationError(f"answered {resp.status_code}", type="HttpStatus", non_retryable=not retry)
     try:
         body: Any = json.loads(content)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's stack
         body = content.decode(resp.encoding or "utf-8", errors="replace")
     return {"status": resp.status_code, "body": body}
 

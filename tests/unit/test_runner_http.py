@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from temporalio.exceptions import ApplicationError
 
+from bridge import envvars, templates
 from bridge.config import BridgeConfig, parse_config
 from dispatcher import http_task
 from dispatcher.contract import HttpCall
@@ -197,6 +198,7 @@ async def test_allow_hosts_names_host_and_optionally_port(server: Server, allowe
         ({"url": "ftp://127.0.0.1/"}, {}, "must be http:// or https://"),
         ({"method": "GET /x"}, {}, "is not an HTTP method"),
         ({"url": "http://127.0.0.1/${UNSET_HERE}"}, {}, "environment variable UNSET_HERE is not set"),
+        ({}, {"h": "José"}, "not ASCII"),  # httpx raised UnicodeEncodeError, retried every attempt
     ],
 )
 async def test_requests_that_cannot_be_made_are_refused_for_good(
@@ -244,7 +246,40 @@ def test_redact_url(url: str, redacted: str) -> None:
         ("fe80::1", False),
         ("fc00::1", False),
         ("::ffff:127.0.0.1", False),
+        # IPv6 that carries an IPv4 address: judged by it (a NAT64 gateway reaches 10.0.0.5)
+        ("64:ff9b::a00:5", False),
+        ("64:ff9b::5db8:d822", True),  # NAT64 of 93.184.216.34
+        ("2002:a00:5::1", False),  # 6to4 of 10.0.0.5
+        ("2002:5db8:d822::1", True),
+        ("::7f00:1", False),  # IPv4-compatible 127.0.0.1
+        ("64:ff9b:1::a00:5", False),  # local-use NAT64
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo
     ],
 )
 def test_is_public(address: str, public: bool) -> None:
     assert http_task.is_public(ipaddress.ip_address(address)) is public
+
+
+async def test_an_answer_nested_deeper_than_the_stack_is_kept_as_text(server: Server) -> None:
+    server.body = b"[" * 100_000 + b"]" * 100_000
+    result = await http_task.run(config(f"http://127.0.0.1:{server.port}/", allow(server)), call(), env=ENV)
+    assert result["status"] == 200 and result["body"] == server.body.decode()
+
+
+async def test_a_tasks_templates_are_compiled_once_whatever_the_calls(server: Server) -> None:
+    """The environment's values stand behind markers while templates render; a marker token of
+    its own for each call made the marked text new each time, and compiled it again (1.7 ms)."""
+    cfg = config(f"http://127.0.0.1:{server.port}/o/{{{{ .trigger.id }}}}?key=${{HOOK_KEY}}", allow(server))
+    await http_task.run(cfg, call(id="o-0"), env=ENV)
+    compiled = templates._url_template.cache_info().misses
+    for i in range(1, 4):
+        await http_task.run(cfg, call(id=f"o-{i}"), env=ENV)
+    assert templates._url_template.cache_info().misses == compiled
+    assert [g.target for g in server.got] == [f"/o/o-{i}?key=k3y-in-the-query" for i in range(4)]
+
+
+async def test_a_template_error_quotes_no_marker_of_the_environments_values() -> None:
+    cfg = config("http://127.0.0.1:1/{{ .trigger.id ${HOOK_KEY}", {"allow_hosts": ["127.0.0.1"]})
+    with pytest.raises(ApplicationError, match="does not parse") as info:
+        await http_task.run(cfg, call(id="o-1"), env=ENV)
+    assert envvars._TOKEN not in info.value.message and "k3y-in-the-query" not in info.value.message
