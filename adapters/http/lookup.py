@@ -75,7 +75,7 @@ async def runs_of(
     token = http.token_name(snapshot, request.headers.get("authorization"))
     if token is None:
         raise http.deny(HTTP_ADAPTER, "unauthorized", "a valid bearer token is required")
-    if event_id is None:  # the query form without its parameter
+    if not event_id:  # the query form without its parameter, or with it empty
         raise Problem("malformed", "give the event's id: GET /api/v1/events?id=…")
     source = f"{HTTP_ADAPTER}:{token}"
     wait = int(snapshot.config.http.retry_after_seconds)

@@ -96,10 +96,12 @@ async def test_any_id_the_api_accepts_can_be_looked_up() -> None:
         too_long = await c.get("/api/v1/events/" + "k" * 4097, headers=AUTH)
         exact = await c.get("/api/v1/events", params={"id": cloudevent}, headers=AUTH)
         missing = await c.get("/api/v1/events", headers=AUTH)
+        empty = await c.get("/api/v1/events", params={"id": ""}, headers=AUTH)
         unauthorized = await c.get("/api/v1/events", params={"id": "e-1"})
         unauthorized_without_id = await c.get("/api/v1/events")
     assert long.status_code == 200 and too_long.status_code == 404
     assert exact.status_code == 200 and exact.json()["event_id"] == cloudevent
     assert asked == ["k" * 4096, cloudevent], "nothing longer than an event id is asked of Temporal"
     assert missing.status_code == 400 and missing.json()["error"] == "malformed"
+    assert empty.status_code == 400 and empty.json()["error"] == "malformed", "an empty id is no id (docs)"
     assert unauthorized.status_code == 401 and unauthorized_without_id.status_code == 401, "the token first"
