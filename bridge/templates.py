@@ -44,6 +44,11 @@ def _url_component(value: Any) -> str:
 
 
 _URL_ENV = _Env(undefined=ChainableUndefined, autoescape=False, finalize=_url_component)
+# Rendering must be pure: the dispatcher renders ids and inputs in workflow code, where a value that
+# differs on replay (Jinja's `random` filter, `lipsum()`) is a nondeterminism error that stops it.
+for _env in (_ENV, _URL_ENV):
+    _env.filters.pop("random", None)
+    _env.globals.pop("lipsum", None)
 _BLOCK = re.compile(r"({{.*?}}|{%.*?%})", re.DOTALL)
 # A quoted string literal is matched first and given back unchanged; a dot elsewhere that
 # starts a name (not an attribute access like `a.b` or `x().y`) is the Go-style leading dot.
@@ -61,10 +66,11 @@ def go_to_jinja(source: str) -> str:
 
 
 def check(value: Any) -> None:
-    """Parse every string in ``value``; raise :class:`TemplateError` on the first bad one."""
+    """Compile every string in ``value``; raise :class:`TemplateError` on the first bad one (a
+    syntax error, or a filter or test Jinja does not have, such as ``random``)."""
     for text in _strings(value):
         try:
-            _ENV.parse(go_to_jinja(text))
+            _ENV.compile(go_to_jinja(text))
         except TemplateSyntaxError as exc:
             raise TemplateError(f"template {text!r} does not parse: {exc.message}") from None
 

@@ -165,3 +165,22 @@ def test_a_failure_names_where_the_template_is_never_its_text() -> None:
     message = str(caught.value)
     assert "SECRETVALUE" not in message and "payload.score" not in message
     assert message.startswith("the template at note[1] failed: TypeError: ")
+
+
+@pytest.mark.parametrize("template", ["cart-{{ [1, 2, 3]|random }}", "{{ .trigger.items|random }}"])
+def test_a_template_whose_value_could_differ_on_replay_is_refused_at_load(template: str) -> None:
+    """The dispatcher renders ids and inputs in workflow code: `random` rendered a new value on
+    replay, a nondeterminism error that stopped the dispatcher."""
+    with pytest.raises(TemplateError, match="No filter named 'random'"):
+        templates.check(template)
+
+
+def test_lipsum_is_not_there_to_render() -> None:
+    with pytest.raises(TemplateError, match="'lipsum' is undefined"):
+        render("{{ lipsum(1) }}", {})
+
+
+def test_a_filter_jinja_lacks_is_refused_at_load_not_at_the_first_event() -> None:
+    with pytest.raises(TemplateError, match="No filter named 'nosuch'"):
+        templates.check({"input": {"x": "{{ .trigger.x|nosuch }}"}})
+    templates.check({"input": {"x": "{{ .trigger.x|default('n')|upper }}"}})
