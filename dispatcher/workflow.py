@@ -98,6 +98,22 @@ RESERVED_SIGNAL_IDS = "reserved-signal-ids"
 has the shape of a run the bridge starts, is counted failed, not signalled
 (bridge.routing.SignalRoute.reserved; the adapters refuse such events first)."""
 
+CARRIED_SIZES = "carried-sizes"
+"""The patch from which an event signalled in a shorter form than it is carried in (fields left
+out, an id that is no string) is weighed as it is carried: before it, 26,000 bare items weighed
+512 KiB by the estimate and 2.1 MB in the continue-as-new input, which the server refused, and the
+dispatcher stalled with everything it held."""
+
+NO_RECENT_CLEARS = "no-recent-clears"
+"""The patch from which ``recent_ids: 0`` forgets the digests carried from runs that kept some:
+before it, they were carried on for good, and an event id among them started nothing, even once
+Temporal's retention had let its runs' ids be used again."""
+
+ROTATE_WITHOUT_ROUTES = "rotate-without-routes"
+"""The patch from which a run whose route table never loaded continues-as-new when due: before it,
+it only tried to load the table again, and after hours of failed loads its history reached
+Temporal's limit and the run was terminated with its queue."""
+
 NO_LOCAL_ACTIVITIES = "no-local-activities"
 """The patch from which the dispatcher runs no local activity: its routes, filters and starts are
 scheduled activities, whose results are events in the history, handed to the workflow at the same
@@ -181,6 +197,12 @@ class DispatcherWorkflow:
                     raise ValueError(f"nested deeper than {MAX_SIGNAL_DEPTH}")
                 event = EventSignal.from_dict(raw)
                 size = encoded_size(raw)
+                # What continue-as-new will carry is event.to_dict(): the same size for what the
+                # bridge sends, up to 4x more for a bare {"id": 0, "name": "x"} another client
+                # of the namespace may send (the fields filled in), which the carry bounds must see.
+                carried = encoded_size(event.to_dict())
+                if carried > size and workflow.patched(CARRIED_SIZES):
+                    size = carried
             except Exception as exc:
                 self._stats["malformed"] += 1
                 workflow.logger.warning("dropped malformed event: %s", safe(exc))
@@ -229,6 +251,11 @@ class DispatcherWorkflow:
             if self._reload:
                 await self._load_routes()
             if self._routes is None:
+                # No table loads: the queue waits for one, and the run still continues-as-new when
+                # due (carrying the queue, nothing to drain without a table), else its history
+                # of load attempts grew until Temporal terminated it with everything it held.
+                if self._should_rotate() and workflow.patched(ROTATE_WITHOUT_ROUTES):
+                    await self._rotate()
                 continue
             if self._can_take():
                 await self._dispatch_batch()
@@ -634,6 +661,8 @@ class DispatcherWorkflow:
     def _remember(self, digest: str) -> None:
         limit = self._settings.recent_ids
         if limit <= 0:
+            if self._recent and workflow.patched(NO_RECENT_CLEARS):
+                self._recent.clear()  # the ones carried from runs with a limit: kept, they skipped forever
             return
         self._recent[digest] = None
         while len(self._recent) > limit:
@@ -659,7 +688,7 @@ class DispatcherWorkflow:
         """
         while True:
             await workflow.wait_condition(lambda: not self._in_flight and workflow.all_handlers_finished())
-            if not self._must_drain():
+            if self._routes is None or not self._must_drain():
                 break
             if self._reload and workflow.patched(DRAIN_RELOADS):
                 await self._load_routes()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import re
 import sys
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from temporalio import activity, workflow
@@ -645,6 +647,32 @@ async def test_a_failed_reload_keeps_the_previous_routes(make: Any) -> None:
     assert (await d.handle.describe()).status == WorkflowExecutionStatus.RUNNING
 
 
+async def test_a_run_whose_routes_never_load_still_continues_as_new_with_its_queue(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a table the loop only tried loading again: after hours of failed loads the history
+    reached Temporal's limit and the run was terminated with every event it held."""
+    monkeypatch.setattr(
+        dispatcher_workflow, "DispatcherSettings", functools.partial(DispatcherSettings, signals_per_run=2)
+    )
+    d = await make()
+    d.stubs.routes = [d.route("w", "order.created")]
+    d.stubs.load_error = ApplicationError("the config is gone", non_retryable=True)
+    first_run = await d.send_and_describe(d.event("e0"))
+    for i in (1, 2):
+        await d.send(d.event(f"e{i}"))
+    await d.env.sleep(11)  # past the pause after a failed load
+
+    async def rotated() -> DispatcherInput:
+        return await _continue_as_new_input(d, first_run)
+
+    carried = await assert_eventually(rotated, timeout=15, interval=0.1, what="a continue-as-new without routes")
+    assert [p["id"] for p in carried.pending] == ["e0", "e1", "e2"]
+    d.stubs.load_error = None
+    await d.env.sleep(11)
+    await d.settled(received=3, started=3)
+
+
 async def test_the_runner_renders_its_tasks_in_order_and_hands_http_tasks_their_context(
     env: WorkflowEnvironment,
 ) -> None:
@@ -1112,3 +1140,32 @@ async def test_an_event_whose_name_the_table_lacks_has_the_routes_loaded_again_o
     await d.send(d.event("e3", "nobody.listens"))  # still named by nothing after a load: unroutable
     await d.settled(received=3, started=2, unroutable=1)
     assert d.stubs.loads == 3
+
+
+def test_an_event_is_weighed_as_continue_as_new_will_carry_it() -> None:
+    """A bare {"id": 0, "name": "x"} from another client of the namespace weighed 19 bytes and is
+    carried as 81 (its fields filled in): 26,000 of them passed the 512 KiB carry bound by the
+    estimate at 2.1 MB, a continue-as-new input the server refused. What the bridge sends is
+    weighed as before, and asks for no patch (so its runs' histories replay as they were)."""
+    sent = EventSignal(id="e-1", name="order.created", payload={"n": 1}, source="http:t", key="k").to_dict()
+    with mock.patch.object(dispatcher_workflow.workflow, "patched", return_value=True) as patched:
+        d = DispatcherWorkflow(DispatcherInput(project="p"))
+        d.event_channel([sent])
+        patched.assert_not_called()
+        d.event_channel([{"id": 0, "name": "x"}, {"id": [1, 2], "name": "y"}])
+    sizes = [q.size for q in d._queue]
+    assert sizes == [encoded_size(q.event.to_dict()) for q in d._queue]
+    assert sizes[0] == encoded_size(sent) and sizes[1] == 81
+    assert d._queued_bytes == sum(sizes)
+
+
+def test_recent_ids_zero_forgets_the_digests_carried_from_runs_that_kept_some() -> None:
+    d = DispatcherWorkflow(DispatcherInput(project="p", recent=["a" * 20, "b" * 20]))
+    d._settings = DispatcherSettings(recent_ids=0)
+    with mock.patch.object(dispatcher_workflow.workflow, "patched", return_value=True):
+        d._remember("c" * 20)
+    assert not d._recent
+    d._settings = DispatcherSettings(recent_ids=2)
+    for digest in ("a" * 20, "b" * 20, "c" * 20):
+        d._remember(digest)
+    assert list(d._recent) == ["b" * 20, "c" * 20]
