@@ -7,6 +7,12 @@ templates read, not a rendered request: it reads the config itself and substitut
 values only when it calls, so no secret is recorded in this workflow's history
 (:mod:`dispatcher.http_task`). The result maps every task id to its output, so what a run did can
 be read back from Temporal. Task kinds and their settings are described in docs/configuration.md.
+
+Started as a child (``start_mode: child``), its result is recorded in the dispatcher's history
+too, when it finishes while that dispatcher run is open: up to 800 children of a dispatcher may be
+starting at once, so the result is then cut to CHILD_RESULT_BYTES (:func:`fitted`), the largest
+outputs first, each replaced by ``{"elided_bytes": n}``. The outputs of http tasks stay whole in
+this run's own history (the activity's result).
 """
 
 from __future__ import annotations
@@ -22,12 +28,31 @@ with workflow.unsafe.imports_passed_through():
 
     from bridge import templates
     from bridge.config import HttpTask, Task
+    from bridge.event import encoded_size
     from dispatcher.contract import HTTP_REQUEST, LOAD_TASKS, RUNNER_WORKFLOW, HttpCall, TargetInput, wire
 
 # LOAD_TASKS sends the config's tasks as plain data; reading them back through the config's own
 # model gives the runner its types and defaults without restating either.
 TASKS = TypeAdapter(list[Task])
 DEFAULT_TIMEOUT = 30.0  # when LOAD_TASKS gave no effective timeout (it always does)
+# A child's result in its dispatcher's history: 1,000 children a run (children_per_run) at this
+# size are 16 MiB, within the history's 50 MiB beside the starts themselves.
+CHILD_RESULT_BYTES = 16 * 1024
+
+
+def fitted(result: dict[str, Any], limit: int = CHILD_RESULT_BYTES) -> dict[str, Any]:
+    """``result`` with its largest task outputs replaced by ``{"elided_bytes": n}`` until it
+    weighs at most ``limit`` (or every output is replaced)."""
+    if encoded_size(result) <= limit:
+        return result
+    outputs = dict(result["tasks"])
+    sizes = {task: encoded_size({"v": out}) - 6 for task, out in outputs.items()}
+    fitted = {**result, "tasks": outputs}
+    for task in sorted(outputs, key=lambda t: (-sizes[t], t)):
+        outputs[task] = {"elided_bytes": sizes[task]}
+        if encoded_size(fitted) <= limit:
+            break
+    return fitted
 
 
 @workflow.defn(name=RUNNER_WORKFLOW)
@@ -47,7 +72,8 @@ class TaskRunnerWorkflow:
                 outputs[task.id] = await self._http(inp["workflow_id"], task, context)
             else:
                 outputs[task.id] = templates.render(task.config.template, context)
-        return {"workflow_id": inp["workflow_id"], "exec_id": inp["exec_id"], "tasks": outputs}
+        result = {"workflow_id": inp["workflow_id"], "exec_id": inp["exec_id"], "tasks": outputs}
+        return fitted(result) if workflow.info().parent is not None else result
 
     @staticmethod
     async def _http(workflow_id: str, task: HttpTask, context: dict[str, Any]) -> Any:

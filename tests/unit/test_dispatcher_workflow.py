@@ -44,7 +44,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from bridge.config import HttpTask, HttpTaskConfig, TemplateTask, TemplateTaskConfig
 from bridge.event import EventSignal, encoded_size, run_digest, target_workflow_id
-from dispatcher import filtering, starts
+from dispatcher import filtering, runner, starts
 from dispatcher import workflow as dispatcher_workflow
 from dispatcher.contract import (
     DISPATCHER_WORKFLOW,
@@ -725,6 +725,47 @@ async def test_the_runner_renders_its_tasks_in_order_and_hands_http_tasks_their_
     assert call.context == {"trigger": {"orderId": "A1"}, "tasks": {"render": "order A1"}}  # not input, event
     history = readable(await handle.fetch_history())
     assert "${SHOP_KEY}" in history and "http://shop/A1" not in history
+
+
+@workflow.defn(name="RunnerParent", sandboxed=False)
+class RunnerParent:
+    """Starts the runner as the dispatcher does in child mode, and returns what it answered."""
+
+    @workflow.run
+    async def run(self, arg: TargetInput) -> Any:
+        return await workflow.execute_child_workflow(
+            RUNNER_WORKFLOW, arg, id=f"{workflow.info().workflow_id}-child", task_queue=workflow.info().task_queue
+        )
+
+
+async def test_a_child_runners_result_is_cut_to_its_bound_a_direct_ones_is_whole(env: WorkflowEnvironment) -> None:
+    """A child's result lands in its dispatcher's history: 1,000 children with a 300 KB output
+    each (an http answer, a rendered payload) took a dispatcher run past Temporal's 50 MiB."""
+    tasks = [
+        TemplateTask(id="big", config=TemplateTaskConfig(template="{{ .trigger.blob }}")),
+        TemplateTask(id="small", config=TemplateTaskConfig(template="order {{ .trigger.orderId }}")),
+    ]
+
+    @activity.defn(name=LOAD_TASKS)
+    async def load_tasks(workflow_id: str) -> list[dict[str, Any]]:
+        return [t.model_dump() for t in tasks]
+
+    queue = f"runner-{uuid.uuid4().hex[:8]}"
+    sandbox = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH))
+    trigger = {"orderId": "A1", "blob": "x" * 300_000}
+    arg = TargetInput(workflow_id="process-order", exec_id="x-1", input={}, trigger=trigger, event={})
+    async with Worker(
+        env.client,
+        task_queue=queue,
+        workflows=[TaskRunnerWorkflow, RunnerParent],
+        activities=[load_tasks],
+        workflow_runner=sandbox,
+    ):
+        as_child = await env.client.execute_workflow(RunnerParent.run, arg, id=f"{queue}-p", task_queue=queue)
+        direct = await env.client.execute_workflow(RUNNER_WORKFLOW, arg, id=f"{queue}-d", task_queue=queue)
+    assert as_child["tasks"] == {"big": {"elided_bytes": 300_002}, "small": "order A1"}
+    assert encoded_size(as_child) <= runner.CHILD_RESULT_BYTES
+    assert direct["tasks"] == {"big": "x" * 300_000, "small": "order A1"}
 
 
 def readable(history: WorkflowHistory) -> str:
