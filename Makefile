@@ -37,7 +37,7 @@ lint: install
 
 ## The bridge as users run it (its own processes) against direct starts: throughput and latency per
 ## adapter and start mode, scale-out, and a wrk burst; the services run for it and stop after.
-## About 8 minutes on 2 cores; a shorter run (3 to 5): make bench BENCH_ARGS=--quick
+## 8 to 10 minutes on 2 cores; a shorter run (3 to 5): make bench BENCH_ARGS=--quick
 bench: install services
 	$(BIN)/python -m tests.services run -- $(BIN)/python -m bench $(BENCH_ARGS)
 

@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="smaller N and shorter durations (about 5 minutes)")
+    p.add_argument("--quick", action="store_true", help="smaller N and shorter durations (3 to 5 minutes)")
     p.add_argument("--events", type=int, help=f"events per throughput row (default {SIZES['events']} full/quick)")
     p.add_argument("--concurrency", type=int, default=32, help="HTTP clients and publishes in flight")
     p.add_argument(

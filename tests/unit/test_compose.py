@@ -22,6 +22,7 @@ import yaml
 from bridge.config import BridgeConfig
 from bridge.runtime.settings import Settings
 from bridge.snapshot import load
+from dispatcher import search
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
@@ -476,3 +477,31 @@ def test_grafana_shows_dashboards_without_an_account() -> None:
     assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
     assert env["GF_AUTH_DISABLE_LOGIN_FORM"] == "true"
     assert env["GF_AUTH_BASIC_ENABLED"] == "false"
+
+
+def test_temporal_registers_the_search_attributes_target_runs_carry() -> None:
+    """Without them the bridge logs an ERROR at start, starts runs unsearchable, and `events list`
+    (which asks by SignalBridgeProject) finds nothing."""
+    cmd = SERVICES["temporal"]["command"]
+    flags = search.dev_server_flags()
+    pairs = list(zip(flags[::2], flags[1::2], strict=True))
+    assert all(any(cmd[i : i + 2] == list(pair) for i in range(len(cmd))) for pair in pairs), cmd
+
+
+def test_the_amqp_dead_letter_exchange_has_a_queue_before_the_bridge_starts() -> None:
+    """A dead letter that reaches no queue is dropped: every poison message sent to the stack was
+    lost, with nothing to replay."""
+    [consumer] = effective_config().amqp
+    init = SERVICES["rabbitmq-init"]
+    script = init["command"][0]
+    compile(script, "rabbitmq-init", "exec")  # it runs as python -c
+    assert init["entrypoint"] == ["python", "-c"] and init["image"] == BRIDGE["image"]
+    assert f'declare_exchange("{consumer.dead_letter_exchange}", aio_pika.ExchangeType.FANOUT, durable=True)' in script
+    assert re.search(r'declare_queue\("[\w.]+", durable=True\)', script) and "await queue.bind(exchange)" in script
+    assert BRIDGE["depends_on"]["rabbitmq-init"]["condition"] == "service_completed_successfully"
+    assert init["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    env = environment(init)
+    assert (env["RABBITMQ_USER"], env["RABBITMQ_PASSWORD"]) == (
+        environment(SERVICES["rabbitmq"])["RABBITMQ_DEFAULT_USER"],
+        environment(SERVICES["rabbitmq"])["RABBITMQ_DEFAULT_PASS"],
+    )
