@@ -576,10 +576,14 @@ class DispatcherClient:
         except asyncio.CancelledError:
             call.cancel()
             raise
+        except EventRejected as exc:
+            if len(batch) == 1:
+                _answer(batch, exc)
+            else:  # the signal of many requests was too large: only a request too large alone is
+                await self._one_by_one(shard, batch)
         except Exception as exc:
             _answer(batch, exc)
-            if not isinstance(exc, EventRejected):
-                await self._check()
+            await self._check()
         else:
             self.handover.sent(time.monotonic() - began, awaited)
             room = self._rooms[shard]
@@ -595,6 +599,21 @@ class DispatcherClient:
             # starts its signal, so Temporal works on it while the answered requests are answered
             # (each a response to write). The order of signals is as before: one at a time.
             asyncio.get_running_loop().call_soon(_answer, batch, None)
+
+    async def _one_by_one(self, shard: int, batch: list[_Submission]) -> None:
+        """Each submission of a signal Temporal refused as too large, in a signal of its own: on a
+        server whose payload limit is below the bridge's MAX_SIGNAL_BYTES, one request's events
+        refused every request coalesced with them (413, which clients do not retry)."""
+        for sub in batch:
+            try:
+                await self._signal(shard, sub.events, [sub.trace] if sub.trace is not None else [], sub.awaited)
+            except asyncio.CancelledError:
+                _answer([sub], self._unavailable("the bridge is stopping"))
+                raise
+            except Exception as exc:
+                _answer([sub], exc)
+            else:
+                _answer([sub], None)
 
     def _sent(self, _call: asyncio.Task[None]) -> None:
         self._sending -= 1

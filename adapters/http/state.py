@@ -9,6 +9,7 @@ not change. Rate limits, tokens and reloads: docs/http-api.md and docs/webhooks.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, cast
@@ -22,9 +23,12 @@ from bridge.adapter import ConsumerReadiness
 from bridge.config import RateLimit
 from bridge.errors import EventRejected, PartlyHeld, Reason, Unavailable
 from bridge.event import EventSignal
+from bridge.logsafe import safe
 from bridge.pipeline import Outcome, Pipeline
 from bridge.ratelimit import RateLimiter, TokenBucket, default_burst, retry_after
 from bridge.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
 
 HTTP_ADAPTER = "http"
 """The events API: its metrics label and the ``source`` of the events it builds."""
@@ -130,7 +134,11 @@ class HttpState:
         except Unavailable as exc:
             retry = snap.config.http.retry_after_seconds
             raise Problem.unavailable(exc, retry, unavailable, **ids) from None
-        except EventRejected as exc:
+        except EventRejected as exc:  # Temporal refused the request's signal: too large for it
+            self.refuse_items(adapter, [exc] * len(events))
+            log.warning(
+                "events refused adapter=%s reason=%s events=%d: %s", adapter, exc.reason, len(events), safe(exc.message)
+            )
             raise Problem.of(exc, **ids) from None
 
     def token_name(self, snap: Snapshot, authorization: str | None) -> str | None:

@@ -437,8 +437,6 @@ async def test_each_shard_keeps_submission_order_and_does_not_wait_for_the_other
         (RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b""), Unavailable),
         (RPCError("deadline exceeded", RPCStatusCode.DEADLINE_EXCEEDED, b""), Unavailable),
         (RuntimeError("the channel broke"), Unavailable),
-        (RPCError("request size exceeds the limit", RPCStatusCode.INVALID_ARGUMENT, b""), EventRejected),
-        (RPCError("Blob data size exceeds limit.", RPCStatusCode.INVALID_ARGUMENT, b""), EventRejected),
         # The dispatcher's history is full (no worker took its signals for long): Temporal ends that
         # run and the retry starts the next one, so the events are not refused.
         (RPCError("Workflow history size exceeds limit.", RPCStatusCode.INVALID_ARGUMENT, b""), Unavailable),
@@ -464,12 +462,48 @@ async def test_a_failed_signal_fails_every_submission_it_carried(error: BaseExce
     for task in carried:
         exc = task.exception()
         assert isinstance(exc, expected), exc
-        if isinstance(exc, Unavailable):
-            assert exc.retry_after == 3.0
-        else:
-            assert isinstance(exc, EventRejected) and exc.reason == "too_large"
+        assert isinstance(exc, Unavailable) and exc.retry_after == 3.0
     await client.submit([ev("d")])  # the sender survived
     assert temporal.sent()[-1] == ["d"]
+    await client.close()
+
+
+TOO_LARGE = [
+    RPCError("request size exceeds the limit", RPCStatusCode.INVALID_ARGUMENT, b""),
+    RPCError("Blob data size exceeds limit.", RPCStatusCode.INVALID_ARGUMENT, b""),
+]
+
+
+@pytest.mark.parametrize("error", TOO_LARGE)
+async def test_a_signal_too_large_is_sent_again_request_by_request(error: RPCError) -> None:
+    """On a server whose payload limit is below the bridge's 1 MiB, a coalesced signal of many
+    requests was refused as too large and every request in it answered 413 (which clients do not
+    retry): requests that fit alone were lost. Each is now sent alone; only one too large alone is
+    refused."""
+    temporal = FakeTemporal(errors={1: error, 2: error})  # the coalesced signal, then b alone
+    client = make_client(temporal)
+    first = await hold_first(temporal, client)
+    carried = [asyncio.create_task(client.submit([ev(i)])) for i in ("b", "c")]
+    await settle()
+    open_gate(temporal)
+    await first
+    b, c = await asyncio.gather(*carried, return_exceptions=True)
+
+    assert temporal.sent() == [["first"], ["b", "c"], ["b"], ["c"]]
+    assert isinstance(b, EventRejected) and b.reason == "too_large"
+    assert c is None, "held: it fit alone"
+    await client.submit([ev("d")])  # the sender survived
+    assert temporal.sent()[-1] == ["d"]
+    await client.close()
+
+
+@pytest.mark.parametrize("error", TOO_LARGE)
+async def test_one_request_too_large_alone_is_refused_as_too_large(error: RPCError) -> None:
+    temporal = FakeTemporal(errors={0: error})
+    client = make_client(temporal)
+    with pytest.raises(EventRejected) as caught:
+        await client.submit([ev("a"), ev("b")])  # one request: one submission
+    assert caught.value.reason == "too_large" and temporal.sent() == [["a", "b"]]
     await client.close()
 
 

@@ -599,3 +599,14 @@ async def test_a_batch_temporal_took_part_of_says_which_items_are_held_not_to_re
     assert all("with this event_id as its id" in r["message"] for r in answer["results"][MAX_SIGNAL_EVENTS:])
     held = {r["event_id"] for r in answer["results"][:MAX_SIGNAL_EVENTS]}
     assert held == set(temporal.sent()[0])
+
+
+async def test_a_request_temporal_refuses_as_too_large_is_413_and_counted() -> None:
+    """A signal over the server's own payload limit (one below the bridge's) was answered 413 but
+    counted nowhere: no rejected metric and no log line told the operator."""
+    sink = FakeSink(max_events=1)
+    async with AsyncTestClient(make_app(sink)) as c:
+        refused = await c.post(URL, json=[order(), order()], headers=AUTH)
+        text = (await c.get("/metrics", headers=AUTH)).text
+    assert refused.status_code == 413 and refused.json()["error"] == "too_large"
+    assert 'signal_bridge_events_rejected_total{adapter="http",reason="too_large"} 2.0' in text
