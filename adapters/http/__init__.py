@@ -57,15 +57,19 @@ def create_app(
     lifespan: list[Any] | None = None,
     lookup: EventLookup | None = None,
     consumers: Consumers | None = None,
+    ops_only: bool = False,
 ) -> Litestar:
     """The HTTP adapter. ``source`` is the config snapshot, or returns the current one: a reload
-    then adds, changes and removes webhooks, tokens and limits for the next request."""
+    then adds, changes and removes webhooks, tokens and limits for the next request. ``ops_only``:
+    ``/healthz``, ``/readyz`` and ``/metrics`` alone (a ``worker`` process's, which takes no events)."""
     current: Callable[[], Snapshot] = source if callable(source) else (lambda: source)
     http = HttpState(pipeline, current, insecure=insecure, ready=ready, lookup=lookup, consumers=consumers)
     if insecure and not current().tokens:
         log.warning("insecure mode: /metrics, /schema and the /readyz checks are served without a bearer token")
     app = Litestar(
-        route_handlers=[EventsController, LookupController, WebhooksController, OpsController],
+        route_handlers=[OpsController]
+        if ops_only
+        else [EventsController, LookupController, WebhooksController, OpsController],
         dependencies={
             "http": Provide(http.provide, use_cache=True, sync_to_thread=False),
             "snapshot": Provide(current_snapshot, sync_to_thread=False),

@@ -103,13 +103,17 @@ class Bridge:
         data_dir: str | Path = ".signal-bridge",
         client: Client | None = None,
         watch: bool = True,
+        worker_http: bool = False,
     ) -> None:
+        """``worker_http``: a ``worker`` serves ``/healthz``, ``/readyz`` and ``/metrics`` on the
+        config's HTTP port (it serves nothing otherwise); the other roles serve them anyway."""
         snapshot = config if isinstance(config, Snapshot) else Snapshot.compile(config)
         self.config = snapshot.config  # as started: addresses, ports and the project never reload
         self.source = SnapshotSource(snapshot, config_path, prepare=self._keep_process_settings)
         self.watch = watch
         self._watcher: asyncio.Task[None] | None = None
         self.role = role
+        self.worker_http = worker_http and role == "worker"
         self.insecure = insecure
         self.data_dir = Path(data_dir)
         self.client = client
@@ -184,6 +188,9 @@ class Bridge:
             self._worker_task = asyncio.create_task(self.worker.run(), name="worker")
             await self.dispatcher.ensure_started()
             self._stats_task = asyncio.create_task(self._export_stats(), name="dispatcher-stats")
+        if self.worker_http:  # its operational endpoints only: no adapter, so nothing submits
+            self.pipeline = Pipeline(lambda: self.source.current.routes, self.dispatcher, self.metrics)
+            await self._start_http(ops_only=True)
         if self.takes_events:
             self.pipeline = Pipeline(
                 lambda: self.source.current.routes,
@@ -284,7 +291,7 @@ class Bridge:
             self.config.http.port,
         )
 
-    async def _start_http(self) -> None:
+    async def _start_http(self, *, ops_only: bool = False) -> None:
         assert self.pipeline is not None
         app = create_app(
             self.pipeline,
@@ -293,6 +300,7 @@ class Bridge:
             insecure=self.insecure,
             lookup=self.look_up,
             consumers=self.consumers,
+            ops_only=ops_only,
         )
         server = _Uvicorn(
             uvicorn.Config(

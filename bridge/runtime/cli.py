@@ -36,6 +36,7 @@ def _serve(args: argparse.Namespace, role: str) -> int:
         role=role,  # type: ignore[arg-type]
         insecure=args.insecure or settings.insecure,
         data_dir=settings.data_dir,
+        worker_http=settings.http_port is not None,  # a worker serves its probes only when given a port
     )
     asyncio.run(run_until_signalled(bridge))
     return 0

@@ -46,7 +46,7 @@ from temporalio.service import RPCError
 
 from bridge.config import project_slug
 from bridge.runtime.embedded import free_port
-from dispatcher.contract import RUNNER_WORKFLOW
+from dispatcher.contract import RUNNER_WORKFLOW, dispatcher_id
 from tests.helpers import (
     HTTP_SCOPE,
     TOKEN,
@@ -82,13 +82,14 @@ class Role:
     config_path: Path
     workdir: Path
     port: int | None = None
+    http: bool = False  # a worker that serves its probes and metrics (--http-port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / f"{self.role}.log"
-        if self.role == "ingress":
+        if self.role == "ingress" or self.http:
             self.port = free_port()
 
     def start(self) -> Role:
@@ -393,7 +394,7 @@ async def test_two_ingress_and_two_workers_start_one_run_per_event_and_target(
             "event": {"format": "raw", "name_from": "routing_key"},
         },
     )
-    workers = [Role("worker", path, tmp_path / f"worker-{k}").start() for k in range(2)]
+    workers = [Role("worker", path, tmp_path / f"worker-{k}", http=k == 0).start() for k in range(2)]
     ingress = [Role("ingress", path, tmp_path / f"ingress-{k}").start() for k in range(2)]
     roles.extend([*workers, *ingress])
     await asyncio.gather(*(r.wait_ready() for r in roles))
@@ -440,6 +441,10 @@ async def test_two_ingress_and_two_workers_start_one_run_per_event_and_target(
     seen = await who_ran(temporal_client, runs, identities)
     assert identities <= seen.keys(), f"workflow tasks by {seen}, workers {identities}"
 
+    # A worker given --http-port serves its probes and its metrics (the dispatchers' stats among
+    # them), and no events API.
+    await worker_serves_its_operational_endpoints(workers[0], project)
+
     # SIGTERM: each process finishes what it holds and says so.
     codes = await asyncio.gather(*(r.stop() for r in roles))
     for r, code in zip(roles, codes, strict=True):
@@ -450,6 +455,25 @@ async def test_two_ingress_and_two_workers_start_one_run_per_event_and_target(
         f" shards received {[s['received'] for s in stats]}; runner workflow tasks by worker {seen};"
         f" exit codes {codes}"
     )
+
+
+async def worker_serves_its_operational_endpoints(worker: Role, project: str) -> None:
+    async with httpx.AsyncClient(base_url=worker.url, timeout=5) as http:
+        ready = await http.get("/readyz", headers=AUTH)
+        assert ready.status_code == 200 and ready.json()["checks"] == {"temporal": True, "worker": True}, ready.text
+        assert (await http.get("/healthz")).status_code == 200
+        assert (await http.get("/metrics")).status_code == 401, "the metrics need the token"
+        refused = await http.post("/api/v1/events", json={"name": EVENT, "payload": {}}, headers=AUTH)
+        assert refused.status_code in (404, 405), "a worker takes no events"
+
+        async def backlog() -> bool:
+            text = (await http.get("/metrics", headers=AUTH)).text
+            return all(
+                f'signal_bridge_dispatcher_backlog{{dispatcher="{dispatcher_id(project, k, SHARDS)}"}}' in text
+                for k in range(SHARDS)
+            )
+
+        await assert_eventually(backlog, timeout=40, interval=1, what="the worker's dispatcher metrics")
 
 
 def stopped_cleanly(log: str, code: int | None) -> bool:

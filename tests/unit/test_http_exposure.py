@@ -165,3 +165,16 @@ def test_an_app_with_an_unguarded_handler_that_needs_a_token_is_refused() -> Non
 
     with pytest.raises(RuntimeError, match="/secret needs a bearer token"):
         check_guarded(Litestar([secret]))
+
+
+async def test_a_workers_app_serves_its_probes_and_metrics_and_takes_no_events() -> None:
+    sink = FakeSink()
+    async with AsyncTestClient(make_app(sink, ready=ready, ops_only=True)) as c:
+        assert (await c.get("/healthz")).status_code == 200
+        assert (await c.get("/readyz", headers=AUTH)).json() == {"status": "ready", "checks": await ready()}
+        assert (await c.get("/metrics")).status_code == 401
+        assert (await c.get("/metrics", headers=AUTH)).status_code == 200
+        posted = await c.post(URL, json=order(), headers=AUTH)
+        looked = await c.get(f"{URL}/e-1", headers=AUTH)
+    assert posted.status_code in (404, 405) and looked.status_code == 404
+    assert not sink.events
