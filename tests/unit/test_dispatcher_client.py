@@ -445,12 +445,7 @@ async def test_each_shard_keeps_submission_order_and_does_not_wait_for_the_other
 async def test_a_failed_signal_fails_every_submission_it_carried(error: BaseException, expected: type) -> None:
     temporal = FakeTemporal(errors={1: error})  # the second signal fails
     client = make_client(temporal)
-    first = await hold_first(temporal, client)
-    carried = [asyncio.create_task(client.submit([ev(i)])) for i in ("b", "c")]
-    await settle()
-    open_gate(temporal)
-    await first
-    await asyncio.gather(*carried, return_exceptions=True)
+    answers = await coalesced_behind_a_first(temporal, client, "b", "c")
 
     assert temporal.sent() == [["first"], ["b", "c"]]
     # Answers the SDK retries get its retries (the same request again); the others are final.
@@ -459,13 +454,22 @@ async def test_a_failed_signal_fails_every_submission_it_carried(error: BaseExce
         RPCStatusCode.DEADLINE_EXCEEDED,
     )
     assert temporal.sdk_retried == ([1] if retried else [])
-    for task in carried:
-        exc = task.exception()
-        assert isinstance(exc, expected), exc
-        assert isinstance(exc, Unavailable) and exc.retry_after == 3.0
+    for exc in answers:
+        assert isinstance(exc, expected) and exc.retry_after == 3.0, exc
     await client.submit([ev("d")])  # the sender survived
     assert temporal.sent()[-1] == ["d"]
     await client.close()
+
+
+async def coalesced_behind_a_first(temporal: FakeTemporal, client: DispatcherClient, *ids: str) -> list[Any]:
+    """Submit one event per id while a first signal is held, so that the sender coalesces them into
+    the next signal; then let it all go. The submissions' answers: None, or what they raised."""
+    first = await hold_first(temporal, client)
+    carried = [asyncio.create_task(client.submit([ev(i)])) for i in ids]
+    await settle()
+    open_gate(temporal)
+    await first
+    return list(await asyncio.gather(*carried, return_exceptions=True))
 
 
 TOO_LARGE = [
@@ -482,12 +486,7 @@ async def test_a_signal_too_large_is_sent_again_request_by_request(error: RPCErr
     refused."""
     temporal = FakeTemporal(errors={1: error, 2: error})  # the coalesced signal, then b alone
     client = make_client(temporal)
-    first = await hold_first(temporal, client)
-    carried = [asyncio.create_task(client.submit([ev(i)])) for i in ("b", "c")]
-    await settle()
-    open_gate(temporal)
-    await first
-    b, c = await asyncio.gather(*carried, return_exceptions=True)
+    b, c = await coalesced_behind_a_first(temporal, client, "b", "c")
 
     assert temporal.sent() == [["first"], ["b", "c"], ["b"], ["c"]]
     assert isinstance(b, EventRejected) and b.reason == "too_large"
