@@ -65,6 +65,18 @@ def authorize(http: HttpState, snapshot: Snapshot, received: Mapping[str, str]) 
     return token
 
 
+def as_utf8(value: str | None) -> str | None:
+    """A header value (read as Latin-1, byte for byte) as the UTF-8 its sender wrote, or as it is
+    when its bytes are not UTF-8: the key ``café`` is the event id ``café``, which a look-up of
+    ``/api/v1/events/caf%C3%A9`` finds, not ``cafÃ©``."""
+    if value is None or value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
+
+
 class EventsController(Controller):
     path = "/api/v1/events"
     tags = ["events"]
@@ -92,7 +104,7 @@ class EventsController(Controller):
         http = HttpState.of(request)
         snapshot = http.current()
         received = headers(request)
-        idempotency_key = received.get("idempotency-key")  # documented by EventsOperation
+        idempotency_key = as_utf8(received.get("idempotency-key"))  # documented by EventsOperation
         token = authorize(http, snapshot, received)
         with http.held(HTTP_ADAPTER, f"{HTTP_ADAPTER}:{token}"):
             try:

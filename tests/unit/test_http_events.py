@@ -15,7 +15,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 from adapters.http import create_app
-from adapters.http.events import authorize
+from adapters.http.events import as_utf8, authorize
 from adapters.http.problems import Problem
 from adapters.http.state import HttpState
 from bridge.errors import Unavailable
@@ -610,3 +610,20 @@ async def test_a_request_temporal_refuses_as_too_large_is_413_and_counted() -> N
         text = (await c.get("/metrics", headers=AUTH)).text
     assert refused.status_code == 413 and refused.json()["error"] == "too_large"
     assert 'signal_bridge_events_rejected_total{adapter="http",reason="too_large"} 2.0' in text
+
+
+@pytest.mark.parametrize(("sent", "event_id"), [("café".encode(), "café"), (b"k-1", "k-1")])
+async def test_an_idempotency_key_is_read_as_the_utf8_its_sender_wrote(sent: bytes, event_id: str) -> None:
+    """Read as Latin-1, ``café`` was the id ``cafÃ©``: a look-up of /api/v1/events/caf%C3%A9 found
+    nothing."""
+    sink = FakeSink()
+    async with AsyncTestClient(make_app(sink)) as c:
+        resp = await c.post(URL, json=order(), headers={**AUTH, "Idempotency-Key": sent})  # type: ignore[dict-item]
+    assert resp.status_code == 202 and resp.json()["event_id"] == event_id
+    assert [e.id for e in sink.events] == [event_id]
+
+
+def test_a_header_value_that_is_not_utf8_is_kept_as_latin1() -> None:
+    assert as_utf8("caf\xe9") == "caf\xe9"  # the byte 0xE9 alone: no UTF-8
+    assert as_utf8("caf\xc3\xa9") == "café"
+    assert as_utf8(None) is None and as_utf8("k-1") == "k-1"
