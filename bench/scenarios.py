@@ -33,6 +33,7 @@ from bench.load import (
     create_topic,
     delete_queue,
     delete_topic,
+    last_start_confirmed,
     latency_row,
     open_loop,
     start_times,
@@ -155,7 +156,13 @@ async def adapter(run: Run, adapter: str, mode: str | None, *, latency: bool = T
             sent = await open_loop(sender, "lat", rate, run.latency_seconds, "lat")
             bridge.check_alive()
             started = await start_times(run.client, f"{project}-lat", len(sent.acked))
-            run.add(latency_row(f"{label}: latency @ {run.load_fraction:g}x ceiling", rate, sent, started, run.ceiling))
+            row = latency_row(f"{label}: latency @ {run.load_fraction:g}x ceiling", rate, sent, started, run.ceiling)
+            if tput.rate is not None and rate > tput.rate:
+                row.notes.append(
+                    f"offered over this row's throughput ({tput.rate:.0f}/s): a backlog grew for the whole "
+                    "run, and its percentiles measure the backlog, not a latency"
+                )
+            run.add(row)
             return tput
         finally:
             await sender.close()
@@ -182,7 +189,9 @@ async def _throughput(run: Run, name: str, sender: Sender, bridge: Bridge, queue
         sent = await closed_loop(sender, "tput", n, run.concurrency, "tput")
         bridge.check_alive()
         started = await start_times(run.client, queue, len(sent.acked))
-    row = throughput_row(name, n, sent, started, run.ceiling)
+    dispatchers = [dispatcher_id(bridge.project, shard, bridge.shards) for shard in range(bridge.shards)]
+    confirmed = await last_start_confirmed(run.client, dispatchers, sent.began)
+    row = throughput_row(name, n, sent, started, run.ceiling, confirmed)
     if run.bridge_ceiling and run.bridge_ceiling.rate and row.rate:
         row.notes.insert(0, f"{row.rate / run.bridge_ceiling.rate:.2f}x the bridge's own starts")
     return row
@@ -293,12 +302,12 @@ async def received_check(run: Run, project: str, accepted: int, timeout: float, 
             break
         await asyncio.sleep(1)
     if "error" in stats:
-        return f"durability unchecked: stats query failed ({stats['error']})"
-    verdict = "ok" if received >= accepted else "MISSING"
-    return (
-        f"durable {verdict}: dispatcher received {received} >= {accepted} accepted "
-        f"after {time.monotonic() - began:.0f}s (backlog {stats.get('backlog')}, started {stats.get('started')})"
-    )
+        return f"FAILED: durability unchecked: stats query failed ({stats['error']})"
+    took = f"after {time.monotonic() - began:.0f}s (backlog {stats.get('backlog')}, started {stats.get('started')})"
+    if received < accepted:
+        return f"FAILED: durable MISSING: dispatcher received {received} of {accepted} accepted {took}"
+    more = f", {received - accepted} more (requests not answered 202)" if received > accepted else ""
+    return f"durable ok: dispatcher received {received}, {accepted} accepted{more} {took}"
 
 
 async def drain_check(run: Run, project: str, seconds: float, shards: int = 1) -> str:
@@ -334,7 +343,9 @@ def _burst_row(name: str, result: WrkResult, batch: int, bare: Row | None) -> Ro
     """The rate of requests answered ``202`` (times ``batch``: events): a refusal (``503
     overloaded``) is answered faster, and counts in the notes, not in the rate."""
     unit = "req/s" if batch == 1 else "events/s"
-    rate = result.accepted / result.seconds if result.seconds else result.rps
+    if not result.seconds:
+        raise RuntimeError(f"wrk's duration was not read: {status_summary(result)}")
+    rate = result.accepted / result.seconds
     row = Row(name, rate * batch, unit=unit).against(bare, "bare")
     row.p50, row.p99 = result.p50, result.p99  # wrk's, of each request
     row.notes.append(f"{result.requests} requests: {status_summary(result)}")
@@ -359,9 +370,9 @@ async def _bridge_burst(run: Run, batch: int, bare: Row | None, *, split: bool =
         accepted = result.accepted * batch
         timeout = max(60.0, 3 * run.burst_seconds)
         row.notes.append(await received_check(run, project, accepted, timeout, bridge.shards))
-        row.notes.insert(1, _rss_note(bridge.peak_rss_mib()))
         if run.drain_seconds > 0:
             row.notes.append(await drain_check(run, project, run.drain_seconds, bridge.shards))
+        row.notes.insert(1, _rss_note(bridge.peak_rss_mib()))  # the high-water mark, drain included
         return run.add(row)
     finally:
         bridge.stop()

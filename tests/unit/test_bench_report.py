@@ -109,6 +109,17 @@ def test_throughput_row_from_first_send_to_last_start() -> None:
     assert row.ratio == pytest.approx(0.5)
     partial = throughput_row("t", 10, sent, dict(list(started.items())[:4]), None)
     assert any("only 4/10" in n for n in partial.notes)
+    assert "FAILED: 6 acknowledged events started no run" in partial.notes, "a loss fails the row"
+    assert not any(n.startswith("FAILED") for n in row.notes)
+
+
+def test_a_refused_event_is_noted_not_failed() -> None:
+    """wrk: 8 answered 202 and started, 2 refused (503): the row notes them and does not fail."""
+    sent = Sent(began=100.0, ended=102.0, accepted=8, refused={"503": 2})
+    started = {f"e-{i}": 101.0 + i * 0.1 for i in range(8)}
+    sent.acked = dict.fromkeys(started, sent.ended)
+    row = throughput_row("t", 10, sent, started, None)
+    assert not any(n.startswith("FAILED") for n in row.notes) and any("only 8/10" in n for n in row.notes)
 
 
 def test_latency_row_from_ack_to_start() -> None:
@@ -150,3 +161,22 @@ def test_wrk_script_defines_the_hooks_the_bench_relies_on() -> None:
     for hook in (f"function {name}(" for name in hooks):
         assert hook in text
     assert "Idempotency-Key" in text
+
+
+def test_a_latency_row_counts_an_event_that_never_started_as_endless() -> None:
+    """The percentiles were taken over the events that started: losing the slowest tenth left a
+    p99 that looked better than before the loss."""
+    acked = {f"e-{i}": 10.0 for i in range(100)}
+    started = {f"e-{i}": 10.0 + (i + 1) / 100 for i in range(98)}  # two never start
+    row = latency_row("l", 20.0, Sent(began=9.0, ended=11.0, acked=acked), started, None)
+    assert row.p50 == pytest.approx(0.5) and row.p99 == math.inf
+    assert "FAILED: 2 acknowledged events started no run" in row.notes
+
+
+def test_a_throughput_row_is_timed_to_when_temporal_confirmed_its_last_start() -> None:
+    """A run's start time is stamped when its start arrives, before it is written; the ceiling is
+    timed to its calls' answers. The row ends when the last start was confirmed, if later."""
+    sent = Sent(began=100.0, ended=102.0, acked={f"e-{i}": 101.0 for i in range(10)})
+    started = {f"e-{i}": 100.5 + i * 0.5 for i in range(10)}  # the last stamped at 105.0
+    assert throughput_row("t", 10, sent, started, None, confirmed=110.0).rate == pytest.approx(1.0)
+    assert throughput_row("t", 10, sent, started, None, confirmed=104.0).rate == pytest.approx(2.0)
