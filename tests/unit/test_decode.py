@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from adapters.http.parse import envelope
 from adapters.http.parse import parse as http_parse
+from bridge import decode as decode_module
 from bridge.config import EventFormat
 from bridge.decode import (
     CE_STRUCTURED,
@@ -288,7 +289,12 @@ def test_deep_nesting_is_refused_before_the_parser_recurses(depth: int, monkeypa
     def no_parse(*args: Any, **kw: Any) -> Any:
         raise AssertionError("the parser was called")
 
+    class NoDecoder:
+        decode = raw_decode = staticmethod(no_parse)
+
     monkeypatch.setattr(json, "loads", no_parse)
+    monkeypatch.setattr(decode_module, "_DECODER", NoDecoder())  # what parse_json decodes with
+    monkeypatch.setattr(decode_module, "_PLAIN", NoDecoder())
     assert "nested deeper" in refused_json(nested(depth))
     assert "nested deeper" in refused_json(b'{"a":' * depth + b"1" + b"}" * depth)
     assert "nested deeper" in refused_json(b"[" * depth)  # never closed

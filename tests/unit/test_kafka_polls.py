@@ -449,13 +449,20 @@ async def test_a_record_the_client_cannot_read_is_dead_lettered_by_its_offset_an
     assert 'signal_bridge_events_rejected_total{adapter="kafka",reason="malformed"} 1.0' in text
 
 
-async def test_a_record_the_client_cannot_read_without_a_dead_letter_topic_is_counted_and_skipped():
+async def test_a_record_the_client_cannot_read_without_a_dead_letter_topic_is_counted_and_skipped(
+    caplog: pytest.LogCaptureFixture,
+):
+    caplog.set_level(logging.WARNING)
     sink = FakeSink()
     consumer = LogConsumer({TP0: 3})
     consumer.unreadable = {(TP0, 0)}
-    async with running(consumer, sink):
+    async with running(consumer, sink) as adapter:
         await assert_eventually(lambda: sorted(offsets_held(sink)) == ["1", "2"], timeout=5, interval=0.005)
         await assert_eventually(lambda: committed(consumer) == {TP0: 3}, timeout=5, interval=0.005)
+    text = adapter.pipeline.metrics.render().decode()
+    assert 'signal_bridge_events_rejected_total{adapter="kafka",reason="malformed"} 1.0' in text
+    assert 'signal_bridge_events_dropped_total{adapter="kafka",reason="malformed"} 1.0' in text
+    assert [r for r in caplog.records if "offset 0 cannot be read" in r.getMessage()]
 
 
 async def test_a_poll_error_that_passes_costs_no_record():

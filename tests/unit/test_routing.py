@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pytest
@@ -292,9 +291,7 @@ def test_a_filter_converts_only_what_it_reads() -> None:
 def test_a_filter_that_needs_more_data_than_its_budget_runs_out_at_once(expr: str, holds: bool) -> None:
     """Converting 100,000 items would spend ten budgets: the nodes are counted, not converted."""
     routes = table(wf("costly", {"name": "order.created", "filter": expr}), wf("plain", "order.created"))
-    start = time.perf_counter()
     routing = routes.route(event(payload={"items": LIST[8:]}))
-    assert time.perf_counter() - start < 0.2
     assert ([t.workflow_id for t in routing.targets], routing.limited) == (["plain"], ["costly"])
     assert 0 < routing.cost < FILTER_BUDGET // 2
     assert routes.route(event(payload={"items": LIST[8:]})).cost == routing.cost  # the same units each time
@@ -313,9 +310,7 @@ def test_a_filter_that_needs_more_data_than_its_budget_runs_out_at_once(expr: st
 def test_a_filter_whose_evaluation_runs_past_its_budget_does_not_match(expr: str) -> None:
     """3,000 items convert within the budget; evaluating over them does not finish within it."""
     routes = table(wf("costly", {"name": "order.created", "filter": expr}), wf("plain", "order.created"))
-    start = time.perf_counter()
     routing = routes.route(event(payload={"items": LIST[8:3008]}))
-    assert time.perf_counter() - start < 1.0
     assert ([t.workflow_id for t in routing.targets], routing.limited) == (["plain"], ["costly"])
     assert routing.cost == FILTER_BUDGET
 

@@ -4,12 +4,13 @@ worker makes of the shares it was told."""
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import sys
 import threading
 import time
 
-from hypothesis import given
+from hypothesis import find, given
 from hypothesis import strategies as st
 from temporalio.api.common.v1 import Payload
 
@@ -58,13 +59,28 @@ def test_a_header_nested_past_the_recursion_limit_is_ignored() -> None:
         sys.setrecursionlimit(limit)
 
 
-@given(st.binary(max_size=300))
+# Headers shaped like the ones a worker reads, with any values in them: plain random bytes are
+# almost never such a header, so alone they never reach the checks on what is read.
+_VALUES = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=80) | st.lists(st.integers())
+SHAPED = st.fixed_dictionaries({"from": _VALUES, "share": _VALUES}).map(
+    lambda header: json.dumps(header, allow_nan=True).encode()
+)
+
+
+@given(SHAPED | st.binary(max_size=300))
 def test_arbitrary_bytes_are_ignored_or_read_as_a_share_within_floor_and_one(data: bytes) -> None:
     heard = read(payload(data))
     if heard is not None:
         sender, share = heard
         assert isinstance(sender, str) and len(sender) <= MAX_SENDER
         assert FLOOR <= share <= 1.0 and not math.isnan(share)
+
+
+def test_shaped_headers_are_read_by_the_property_above() -> None:
+    """The strategy reaches the checks: it makes headers that are read, with a share out of range
+    too, not only ones that are ignored."""
+    out_of_range = find(SHAPED, lambda data: (heard := read(payload(data))) is not None and heard[1] == FLOOR)
+    assert json.loads(out_of_range)["share"] <= FLOOR
 
 
 class Clock:
