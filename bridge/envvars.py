@@ -129,6 +129,17 @@ class Substitution:
             return [self.restore(v) for v in node]
         return node
 
+    def found_in(self, node: Any) -> bool:
+        """Whether any string inside ``node`` holds the marker token, in any letter case."""
+        token = self.token.lower()
+        if isinstance(node, str):
+            return token in node.lower()
+        if isinstance(node, dict):
+            return any(self.found_in(k) or self.found_in(v) for k, v in node.items())
+        if isinstance(node, list):
+            return any(self.found_in(v) for v in node)
+        return False
+
     def scrub(self, text: str) -> str:
         """``text`` with every substituted value (of a few characters or more) masked, and the
         marker token (a template's error may quote the marked text)."""
@@ -143,8 +154,9 @@ class Substitution:
 # One token for the process: the marked text of a task is then the same on every call, and its
 # compiled templates are found in the caches (a token per call compiled each call's anew, 1.7 ms
 # each, and pushed the templates workflow code renders out of the shared cache). The marked text
-# never leaves the process (:meth:`Substitution.scrub` masks the token in error messages), so the
-# token stays unguessable to the payload's sender.
+# never leaves the process: a request whose rendered text still holds the token (a filter changed a
+# marker, as `urlencode` does) is not sent, :meth:`Substitution.scrub` masks it in error messages,
+# and an event that holds it is refused before anything is rendered, so no payload forges a marker.
 _TOKEN = secrets.token_hex(16)
 
 

@@ -116,13 +116,26 @@ def prepare(task: HttpTask, context: dict[str, Any], env: Mapping[str, str]) -> 
     """Render the task against ``context``, then substitute the environment (see the module doc)."""
     cfg = task.config
     marked, sub = defer({"url": cfg.url, "method": cfg.method, "headers": cfg.headers, "body": cfg.body}, env)
+    if sub.found_in(context):  # a value that would be read as an environment value's marker
+        raise Refused("the event holds text the task's environment values stand behind; not sent")
     try:
-        url = httpx.URL(sub.restore(templates.render_url(marked["url"], context)))
-        headers = {str(k): _header(sub.restore(templates.render(v, context))) for k, v in marked["headers"].items()}
-        body = sub.restore(templates.render(marked["body"], context))
-    except (templates.TemplateError, httpx.InvalidURL) as exc:
+        rendered_url = templates.render_url(marked["url"], context)
+        rendered_headers = {str(k): templates.render(v, context) for k, v in marked["headers"].items()}
+        rendered_body = templates.render(marked["body"], context)
+    except templates.TemplateError as exc:
         raise Refused(sub.scrub(str(exc))) from None
+    url_text, header_texts, body = (sub.restore(x) for x in (rendered_url, rendered_headers, rendered_body))
     method = str(sub.restore(marked["method"])).upper()
+    if sub.found_in([url_text, header_texts, body, method]):  # a marker a filter changed: restore missed it
+        raise Refused(
+            "a template changed a ${VAR} before its value was put in (a filter such as urlencode on it): "
+            "not sent; apply filters to the payload's values, not to the environment's"
+        )
+    try:
+        url = httpx.URL(url_text)
+    except httpx.InvalidURL as exc:
+        raise Refused(sub.scrub(str(exc))) from None
+    headers = {k: _header(v) for k, v in header_texts.items()}
     if not _METHOD.match(method):
         raise Refused(f"method {method[:20]!r} is not an HTTP method")
     if url.scheme not in ("http", "https") or not url.host:

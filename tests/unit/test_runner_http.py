@@ -283,3 +283,25 @@ async def test_a_template_error_quotes_no_marker_of_the_environments_values() ->
     with pytest.raises(ApplicationError, match="does not parse") as info:
         await http_task.run(cfg, call(id="o-1"), env=ENV)
     assert envvars._TOKEN not in info.value.message and "k3y-in-the-query" not in info.value.message
+
+
+async def test_a_filter_that_changes_an_environment_values_marker_sends_nothing(server: Server) -> None:
+    """``{{ '${HOOK_TOKEN}' | urlencode }}`` turned the marker into %40%40<token>.0%40%40, which the
+    values are not put back into: the request went out with the process's marker token in it."""
+    body = {"form": "token={{ '${HOOK_TOKEN}' | urlencode }}&text={{ .trigger.text }}"}
+    cfg = config(f"http://127.0.0.1:{server.port}/", allow(server), body=body)
+    with pytest.raises(ApplicationError, match="a template changed a") as info:
+        await http_task.run(cfg, call(text="hi"), env=ENV)
+    assert info.value.non_retryable and server.got == []
+    assert envvars._TOKEN not in info.value.message
+
+
+@pytest.mark.parametrize("case", [str.lower, str.upper])
+async def test_an_event_that_holds_the_marker_token_is_refused(server: Server, case: Any) -> None:
+    """A payload with a marker (the token learned somehow) would be read as the environment's
+    value: ``text=@@<token>.0@@`` sent the secret in a field the sender reads."""
+    cfg = config(f"http://127.0.0.1:{server.port}/", allow(server), body={"text": "{{ .trigger.text }}"})
+    forged = f"@@{case(envvars._TOKEN)}.0@@"
+    with pytest.raises(ApplicationError, match="the event holds text") as info:
+        await http_task.run(cfg, call(text=forged), env=ENV)
+    assert info.value.non_retryable and server.got == []
