@@ -109,6 +109,10 @@ NO_RECENT_CLEARS = "no-recent-clears"
 before it, they were carried on for good, and an event id among them started nothing, even once
 Temporal's retention had let its runs' ids be used again."""
 
+FULL_MARGIN_CARRY = 256 * 1024
+"""Without a route table, the carry room kept for the signals already on their way when the
+adapters last read the dispatcher's room."""
+
 ROTATE_WITHOUT_ROUTES = "rotate-without-routes"
 """The patch from which a run whose route table never loaded continues-as-new when due: before it,
 it only tried to load the table again, and after hours of failed loads its history reached
@@ -252,9 +256,11 @@ class DispatcherWorkflow:
                 await self._load_routes()
             if self._routes is None:
                 # No table loads: the queue waits for one, and the run still continues-as-new when
-                # due (carrying the queue, nothing to drain without a table), else its history
-                # of load attempts grew until Temporal terminated it with everything it held.
-                if self._should_rotate() and workflow.patched(ROTATE_WITHOUT_ROUTES):
+                # due, else its history of load attempts grew until Temporal terminated it with
+                # everything it held. Only with a queue it can carry whole: nothing can be drained
+                # without a table, and what did not fit would be lost (its intake is held to what
+                # fits meanwhile, see _accept_bytes).
+                if self._should_rotate() and self._carries_all() and workflow.patched(ROTATE_WITHOUT_ROUTES):
                     await self._rotate()
                 continue
             if self._can_take():
@@ -307,6 +313,7 @@ class DispatcherWorkflow:
         self._loads += 1
         self._recost()
         self._settings = result.settings
+        self._forget_recent_when_off()
         self._search_attributes = result.search_attributes
         workflow.logger.info("routes loaded run=%d workflows=%d", self._run, len(self._routes.workflows))
 
@@ -363,7 +370,14 @@ class DispatcherWorkflow:
         cost = self._queued_cost + self._out_cost
         room = DRAIN_HISTORY_BYTES - FULL_MARGIN - info.get_current_history_size() - cost
         weight = 1 + self._queued_cost / self._queued_bytes if self._queued_bytes else TAKE_WEIGHT
-        return max(0, int(room / weight)) if events > 0 else 0
+        room = int(room / weight)
+        if self._routes is None:  # nothing is started or drained until a table loads: at most what it can carry
+            room = min(room, self._carry_room() - self._queued_bytes - len(self._queue) - FULL_MARGIN_CARRY)
+        return max(0, room) if events > 0 else 0
+
+    def _carries_all(self) -> bool:
+        """Whether continue-as-new would carry the whole queue (:meth:`_carry`)."""
+        return self._queued_bytes + len(self._queue) <= self._carry_room()
 
     def _should_rotate(self) -> bool:
         info = workflow.info()
@@ -658,11 +672,15 @@ class DispatcherWorkflow:
                 "start failed child=%s event=%s: %s", safe(child_id), safe(event.id), safe(outcome, 500)
             )
 
+    def _forget_recent_when_off(self) -> None:
+        """``recent_ids: 0``: the digests carried from runs that kept some are forgotten as the
+        table that says so loads, before any batch is taken (kept, they skipped their ids for good)."""
+        if self._settings.recent_ids <= 0 and self._recent and workflow.patched(NO_RECENT_CLEARS):
+            self._recent.clear()
+
     def _remember(self, digest: str) -> None:
         limit = self._settings.recent_ids
         if limit <= 0:
-            if self._recent and workflow.patched(NO_RECENT_CLEARS):
-                self._recent.clear()  # the ones carried from runs with a limit: kept, they skipped forever
             return
         self._recent[digest] = None
         while len(self._recent) > limit:

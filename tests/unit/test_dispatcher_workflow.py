@@ -670,6 +670,26 @@ async def test_a_run_whose_routes_never_load_still_continues_as_new_with_its_que
     await d.settled(received=3, started=3)
 
 
+async def test_without_routes_a_queue_too_large_to_carry_waits_for_the_table_not_dropped(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rotating without a table carried what fit and counted the rest failed, after their 202s:
+    nothing can be drained without one. The run waits with them; they start once it loads."""
+    few_signals = functools.partial(DispatcherSettings, signals_per_run=2)
+    monkeypatch.setattr(dispatcher_workflow, "DispatcherSettings", few_signals)
+    d = await make()
+    d.stubs.routes = [d.route("w", "order.created")]
+    d.stubs.load_error = ApplicationError("the config is gone", non_retryable=True)
+    for i in range(14):  # 2.1 MB queued, past the 1.75 MiB a continue-as-new carries
+        await d.send(d.event(f"e{i}", blob="x" * 150_000))
+    await d.env.sleep(11)
+    assert (await d.stats())["accept_bytes"] == 0, "the adapters are told it takes no more meanwhile"
+    d.stubs.load_error = None
+    await d.env.sleep(11)
+    stats = await d.settled(received=14, started=14)
+    assert stats["failed"] == 0, stats
+
+
 async def test_the_runner_renders_its_tasks_in_order_and_hands_http_tasks_their_context(
     env: WorkflowEnvironment,
 ) -> None:
@@ -1201,7 +1221,7 @@ def test_recent_ids_zero_forgets_the_digests_carried_from_runs_that_kept_some() 
     d = DispatcherWorkflow(DispatcherInput(project="p", recent=["a" * 20, "b" * 20]))
     d._settings = DispatcherSettings(recent_ids=0)
     with mock.patch.object(dispatcher_workflow.workflow, "patched", return_value=True):
-        d._remember("c" * 20)
+        d._forget_recent_when_off()  # as the table that says so loads, before a batch checks them
     assert not d._recent
     d._settings = DispatcherSettings(recent_ids=2)
     for digest in ("a" * 20, "b" * 20, "c" * 20):
