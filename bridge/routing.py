@@ -15,6 +15,8 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from referencing.exceptions import Unresolvable
+
 from bridge import templates
 from bridge.errors import ConfigError, EventRejected
 from bridge.event import encode
@@ -263,8 +265,13 @@ class RouteTable:
                     continue
                 try:
                     error = first_error(t.validator, event.payload)
-                except (SchemaTooCostly, RecursionError) as exc:
-                    why = str(exc) if isinstance(exc, SchemaTooCostly) else "the schema recursed without end"
+                except (SchemaTooCostly, RecursionError, Unresolvable) as exc:
+                    if isinstance(exc, RecursionError):
+                        why = "the schema recursed without end"
+                    elif isinstance(exc, Unresolvable):
+                        why = "a $ref of the schema cannot be resolved (none is fetched)"
+                    else:
+                        why = str(exc)
                     raise EventRejected(
                         "schema_invalid",
                         f"payload could not be checked against the schema of workflow {w.id!r} "

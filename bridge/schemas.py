@@ -6,11 +6,15 @@ input, and so do the matches ``additionalProperties`` and ``unevaluatedPropertie
 is checked in linear time too. RE2 has no look-around and no
 backreferences; a schema that uses them is refused at load (docs/configuration.md).
 
-A check applies the schema to each part of the payload a bounded number of times
-(:func:`first_error`): a recursive schema whose ``unevaluatedProperties`` checks each subtree once
-more at every level took time doubling with the payload's depth (104 s at depth 20), and is
-stopped instead. A schema
-that refers to itself without descending into the payload (``{"$ref": "#"}``) is refused at load.
+A check applies the schema to each part of the payload a bounded number of times, and takes a
+bounded number of steps in all (:func:`first_error`): a recursive schema whose
+``unevaluatedProperties`` checks each subtree once more at every level took time doubling with the
+payload's depth (104 s at depth 20), and is stopped instead. Every subschema is checked by this
+module's validator, whatever ``$schema`` it names (jsonschema's would switch to its stock class
+for it, without the limits or RE2). A schema that refers to itself without descending into the
+payload (``{"$ref": "#"}``) is refused at load. No ``$ref`` is ever fetched: one that points
+outside the schema cannot be resolved, and is refused at load when a probe reaches it, else the
+event is refused (``schema_invalid``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from contextvars import ContextVar
 from fractions import Fraction
 from typing import Any
 
+import attrs
 import re2
 from jsonschema import Draft202012Validator, ValidationError
 from jsonschema import _legacy_keywords as jsonschema_legacy
@@ -28,6 +33,8 @@ from jsonschema import _utils as jsonschema_utils
 from jsonschema.exceptions import SchemaError
 from jsonschema.protocols import Validator
 from jsonschema.validators import extend, validator_for
+from referencing import Registry
+from referencing.exceptions import Unresolvable
 
 from bridge.errors import ConfigError
 
@@ -122,32 +129,35 @@ def _canonical(value: Any) -> Any:
 # A check applies a schema (jsonschema's ``descend`` and ``iter_errors``) to each object or array
 # of the payload at most this many times, or twice as many as the schema has subschemas when that
 # is more: one visit per way the schema reaches it. A recursive schema that checks each subtree
-# again at every level (``unevaluatedProperties`` beside ``allOf``, or ``anyOf`` alternatives
-# that all recurse) visits the deepest ones 2**depth times, and is stopped past the limit.
-MAX_VISITS = 1024
+# again at every level (``unevaluatedProperties`` beside an ``allOf`` that recurses, or ``anyOf``
+# alternatives that all recurse) visits the deepest ones about 2**depth times: a tree 10 deep
+# (0.2 s) is checked, one 11 deep is refused.
+MAX_VISITS = 8192
+# And at most this many in all (a few seconds): a part visited MAX_VISITS times may be a wide one.
+MAX_STEPS = 1_000_000
 
 
 class SchemaTooCostly(Exception):
-    """A check applied the schema to one part of the payload more than its limit of times."""
-
-    def __init__(self, visits: int) -> None:
-        super().__init__(f"it applies the schema to one part of the payload more than {visits} times")
-        self.visits = visits
+    """A check applied the schema to one part of the payload, or in all, past its limits."""
 
 
 class _Visits:
-    __slots__ = ("limit", "seen")
+    __slots__ = ("left", "limit", "seen")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.left = MAX_STEPS
         self.seen: dict[int, int] = {}
 
     def visit(self, instance: Any) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise SchemaTooCostly(f"it applies the schema more than {MAX_STEPS} times in all")
         if isinstance(instance, dict | list):  # scalars are leaves: their visits follow these
             key = id(instance)  # the payload holds every one of them alive during the check
             count = self.seen.get(key, 0) + 1
             if count > self.limit:
-                raise SchemaTooCostly(self.limit)
+                raise SchemaTooCostly(f"it applies the schema to one part of the payload more than {self.limit} times")
             self.seen[key] = count
 
 
@@ -235,9 +245,10 @@ def compile_schema(schema: dict[str, Any], where: str) -> Validator:
     }
     cls = extend(base, keywords)  # type: ignore[no-untyped-call]
     cls.descend = _counted(cls.descend)  # a class of its own: extend() makes one each time
+    cls.evolve = _evolve_as_itself
     cls._visit_limit = max(MAX_VISITS, 2 * _subschemas(schema))
     cls.iter_errors = _counted(cls.iter_errors)
-    validator: Validator = cls(schema)
+    validator: Validator = cls(schema, registry=_NOTHING_FETCHED)
     for probe in _PROBES:
         try:
             first_error(validator, probe)
@@ -247,7 +258,25 @@ def compile_schema(schema: dict[str, Any], where: str) -> Validator:
             ) from None
         except SchemaTooCostly:
             pass  # a costly shape, not an endless one: the event's own budget deals with it
+        except Unresolvable as exc:
+            raise ConfigError(f"{where}: schema has a $ref that cannot be resolved (none is fetched): {exc}") from None
     return validator
+
+
+def _evolve_as_itself(self: Any, **changes: Any) -> Any:
+    """jsonschema's ``evolve``, keeping this validator's class: jsonschema picks the class a
+    subschema's ``$schema`` names, its stock one, which has neither the limits nor RE2."""
+    cls = type(self)
+    changes.setdefault("schema", self.schema)
+    for field in attrs.fields(cls):
+        if field.init and field.alias not in changes:
+            changes[field.alias] = getattr(self, field.name)
+    return cls(**changes)
+
+
+# A registry that fetches nothing: jsonschema's default fetches a remote $ref with urlopen, with
+# no timeout, on the thread that checks the event.
+_NOTHING_FETCHED: Registry[Any] = Registry()
 
 
 # Keywords whose messages quote only the event's own values and the schema's shape (types, bounds,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from unittest import mock
 
 import pytest
 
+from bridge import schemas
 from bridge.config import BridgeConfig, parse_config
 from bridge.errors import ConfigError, EventRejected
 from bridge.event import EventSignal, encode, run_digest
@@ -638,3 +640,72 @@ def test_a_large_payload_is_checked_whatever_its_size() -> None:
 def test_a_schema_that_refers_to_itself_without_end_is_refused_at_load(schema: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="refers to itself without end"):
         table(wf("w", {"name": "a", "schema": schema}))
+
+
+def test_a_schema_that_names_its_draft_is_held_to_the_same_limits() -> None:
+    """A subschema with ``$schema`` (the root, reached by ``$ref: "#"``) was checked by
+    jsonschema's stock class: no limit (3.6 s at depth 16, 4x every two levels) and no RE2."""
+    named = {"$schema": "https://json-schema.org/draft/2020-12/schema", **ALTERNATIVES_RECURSE}
+    routes = table(wf("w", {"name": "a", "schema": named}))
+    with pytest.raises(EventRejected, match="could not be checked"):
+        routes.check(event("a", payload=nested(99, b=1)))
+    draft7 = {"$schema": "http://json-schema.org/draft-07/schema#", "properties": {"k": {"pattern": BACKTRACKS}}}
+    draft7["properties"]["c"] = {"$ref": "#"}
+    with pytest.raises(EventRejected, match=r"does not satisfy the schema's 'pattern' keyword"):
+        table(wf("w", {"name": "a", "schema": draft7})).check(event("a", payload={"c": {"k": "a" * 60 + "!"}}))
+
+
+def test_a_tree_ten_deep_through_the_2020_12_extension_idiom_is_checked() -> None:
+    """``allOf: [{$ref: base}]`` beside ``unevaluatedProperties: false``, with ``base`` recursing
+    through its children: an ordinary tree schema, refused at depth 8 by a limit of 1,024."""
+    schema = {
+        "$defs": {
+            "base": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "children": {"type": "array", "items": {"$ref": "#/$defs/node"}},
+                },
+            },
+            "node": {"allOf": [{"$ref": "#/$defs/base"}], "unevaluatedProperties": False},
+        },
+        "$ref": "#/$defs/node",
+    }
+    tree: dict[str, Any] = {"name": "leaf"}
+    for _ in range(10):
+        tree = {"name": "n", "children": [tree]}
+    routes = table(wf("w", {"name": "a", "schema": schema}))
+    routes.check(event("a", payload=tree))
+    with pytest.raises(EventRejected, match="Unevaluated properties"):
+        routes.check(event("a", payload={"name": "n", "children": [{"name": "x", "extra": 1}]}))
+
+
+def test_a_check_takes_a_bounded_number_of_steps_in_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A part visited up to its limit may be wide: every visit of it walks all its items."""
+    monkeypatch.setattr(schemas, "MAX_STEPS", 1_000)
+    routes = table(wf("w", {"name": "a", "schema": {"properties": {"items": {"items": {"type": "integer"}}}}}))
+    routes.check(event("a", payload={"items": list(range(900))}))
+    with pytest.raises(EventRejected, match="more than 1000 times in all"):
+        routes.check(event("a", payload={"items": list(range(2_000))}))
+
+
+@pytest.mark.parametrize(
+    ("schema", "at_load"),
+    [
+        ({"$ref": "https://schemas.example/order.json"}, True),
+        ({"$ref": "#/$defs/missing"}, True),
+        ({"properties": {"x": {"$ref": "https://schemas.example/order.json"}}}, False),  # no probe reaches it
+    ],
+)
+def test_a_ref_outside_the_schema_is_never_fetched(schema: dict[str, Any], at_load: bool) -> None:
+    """jsonschema's default registry fetched a remote $ref with urlopen, without a timeout, on
+    the thread that checks the event."""
+    if at_load:
+        with pytest.raises(ConfigError, match=r"\$ref that cannot be resolved"):
+            table(wf("w", {"name": "a", "schema": schema}))
+        return
+    routes = table(wf("w", {"name": "a", "schema": schema}))
+    with mock.patch("urllib.request.urlopen", side_effect=AssertionError("fetched")):
+        with pytest.raises(EventRejected, match=r"cannot be resolved \(none is fetched\)") as caught:
+            routes.check(event("a", payload={"x": 1}))
+    assert caught.value.reason == "schema_invalid"
