@@ -603,17 +603,15 @@ class DispatcherClient:
     async def _one_by_one(self, shard: int, batch: list[_Submission]) -> None:
         """Each submission of a signal Temporal refused as too large, in a signal of its own: on a
         server whose payload limit is below the bridge's MAX_SIGNAL_BYTES, one request's events
-        refused every request coalesced with them (413, which clients do not retry)."""
-        for sub in batch:
-            try:
-                await self._signal(shard, sub.events, [sub.trace] if sub.trace is not None else [], sub.awaited)
-            except asyncio.CancelledError:
-                _answer([sub], self._unavailable("the bridge is stopping"))
-                raise
-            except Exception as exc:
-                _answer([sub], exc)
-            else:
-                _answer([sub], None)
+        refused every request coalesced with them (413, which clients do not retry). Each goes
+        through :meth:`_send`, with its cut-off, probe and accounting; once one fails otherwise than
+        too large (Temporal away), the rest are answered as it was, not sent one after another."""
+        for i, sub in enumerate(batch):
+            await self._send(shard, [sub])
+            failed = sub.done.exception() if sub.done.done() and not sub.done.cancelled() else None
+            if isinstance(failed, Exception) and not isinstance(failed, EventRejected):
+                _answer(batch[i + 1 :], failed)
+                return
 
     def _sent(self, _call: asyncio.Task[None]) -> None:
         self._sending -= 1

@@ -496,6 +496,17 @@ async def test_a_signal_too_large_is_sent_again_request_by_request(error: RPCErr
     await client.close()
 
 
+async def test_once_a_request_sent_alone_finds_temporal_away_the_rest_are_answered_not_sent() -> None:
+    """Sent one by one after a too-large signal, each waited its own RPC deadline and retries
+    while Temporal was away, and the client never noticed it was down."""
+    temporal = FakeTemporal(errors={1: TOO_LARGE[0], 2: RPCError("refused", RPCStatusCode.UNAVAILABLE, b"")})
+    client = make_client(temporal)
+    answers = await coalesced_behind_a_first(temporal, client, "b", "c", "d")
+    assert temporal.sent() == [["first"], ["b", "c", "d"], ["b"]]
+    assert all(isinstance(a, Unavailable) for a in answers), answers
+    await client.close()
+
+
 @pytest.mark.parametrize("error", TOO_LARGE)
 async def test_one_request_too_large_alone_is_refused_as_too_large(error: RPCError) -> None:
     temporal = FakeTemporal(errors={0: error})
