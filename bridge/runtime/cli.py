@@ -36,7 +36,9 @@ def _serve(args: argparse.Namespace, role: str) -> int:
         role=role,  # type: ignore[arg-type]
         insecure=args.insecure or settings.insecure,
         data_dir=settings.data_dir,
-        worker_http=settings.http_port is not None,  # a worker serves its probes only when given a port
+        # A worker serves its probes only when its command line gives a port: SIGNAL_BRIDGE_HTTP_PORT,
+        # set for ingress and worker alike in a shared environment, would clash on one host.
+        worker_http=args.http_port is not None,
     )
     asyncio.run(run_until_signalled(bridge))
     return 0
