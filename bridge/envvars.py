@@ -22,6 +22,7 @@ from bridge.errors import ConfigError
 
 REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 DEFERRED = ("url", "method", "headers", "body")  # the http task keys replaced at call time
+_MARKED = re.compile(r"@@[0-9a-fA-F]+(?:\.\d*(?:@@?)?)?")
 _SCRUB_MIN = 4  # substituted values shorter than this are not scrubbed from messages
 
 
@@ -130,34 +131,25 @@ class Substitution:
         return node
 
     def found_in(self, node: Any) -> bool:
-        """Whether any string inside ``node`` holds the marker token, in any letter case."""
+        """Whether ``node`` holds the marker token, in any letter case: in a string, a key, or the
+        text of any other value (a tuple a lone expression rendered is sent as its ``str``)."""
         token = self.token.lower()
-        if isinstance(node, str):
-            return token in node.lower()
         if isinstance(node, dict):
             return any(self.found_in(k) or self.found_in(v) for k, v in node.items())
         if isinstance(node, list):
             return any(self.found_in(v) for v in node)
-        return False
+        if node is None or isinstance(node, bool | int | float):
+            return False
+        return token in str(node).lower()
 
     def scrub(self, text: str) -> str:
-        """``text`` with every substituted value (of a few characters or more) masked, and the
-        marker token (a template's error may quote the marked text)."""
-        if len(self.token) >= _SCRUB_MIN:
-            text = text.replace(self.token, "***")
+        """``text`` with every substituted value (of a few characters or more) masked, and every
+        marker, or the start of one a message cut (a template's error may quote the marked text)."""
+        text = _MARKED.sub("***", text)
         for value in sorted(self.values, key=len, reverse=True):
             if len(value) >= _SCRUB_MIN:
                 text = text.replace(value, "***")
         return text
-
-
-# One token for the process: the marked text of a task is then the same on every call, and its
-# compiled templates are found in the caches (a token per call compiled each call's anew, 1.7 ms
-# each, and pushed the templates workflow code renders out of the shared cache). The marked text
-# never leaves the process: a request whose rendered text still holds the token (a filter changed a
-# marker, as `urlencode` does) is not sent, :meth:`Substitution.scrub` masks it in error messages,
-# and an event that holds it is refused before anything is rendered, so no payload forges a marker.
-_TOKEN = secrets.token_hex(16)
 
 
 def defer(node: Any, env: Mapping[str, str] | None = None, *, origin: str = "task") -> tuple[Any, Substitution]:
@@ -168,7 +160,7 @@ def defer(node: Any, env: Mapping[str, str] | None = None, *, origin: str = "tas
     values in. An unset variable without a default raises ConfigError.
     """
     env = os.environ if env is None else env
-    sub = Substitution(_TOKEN)
+    sub = Substitution(secrets.token_hex(16))
 
     def one(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)

@@ -10,8 +10,8 @@ A check applies the schema to each part of the payload a bounded number of times
 bounded number of steps in all (:func:`first_error`): a recursive schema whose
 ``unevaluatedProperties`` checks each subtree once more at every level took time doubling with the
 payload's depth (104 s at depth 20), and is stopped instead. Every subschema is checked by this
-module's validator, whatever ``$schema`` it names (jsonschema's would switch to its stock class
-for it, without the limits or RE2). A schema that refers to itself without descending into the
+module's validators, with its own draft's keywords when it names a ``$schema`` (jsonschema's would
+switch to that draft's stock class, without the limits or RE2). A schema that refers to itself without descending into the
 payload (``{"$ref": "#"}``) is refused at load. No ``$ref`` is ever fetched: one that points
 outside the schema cannot be resolved, and is refused at load when a probe reaches it, else the
 event is refused (``schema_invalid``).
@@ -237,17 +237,7 @@ def compile_schema(schema: dict[str, Any], where: str) -> Validator:
             raise ConfigError(
                 f"{where}: schema pattern {pattern!r} is not RE2 syntax (no look-around or backreferences): {why}"
             ) from None
-    keywords = {
-        "pattern": _pattern,
-        "patternProperties": _pattern_properties,
-        "uniqueItems": _unique_items,
-        "multipleOf": _multiple_of,
-    }
-    cls = extend(base, keywords)  # type: ignore[no-untyped-call]
-    cls.descend = _counted(cls.descend)  # a class of its own: extend() makes one each time
-    cls.evolve = _evolve_as_itself
-    cls._visit_limit = max(MAX_VISITS, 2 * _subschemas(schema))
-    cls.iter_errors = _counted(cls.iter_errors)
+    cls = _limited(base, max(MAX_VISITS, 2 * _subschemas(schema)), {})
     validator: Validator = cls(schema, registry=_NOTHING_FETCHED)
     for probe in _PROBES:
         try:
@@ -263,12 +253,40 @@ def compile_schema(schema: dict[str, Any], where: str) -> Validator:
     return validator
 
 
-def _evolve_as_itself(self: Any, **changes: Any) -> Any:
-    """jsonschema's ``evolve``, keeping this validator's class: jsonschema picks the class a
-    subschema's ``$schema`` names, its stock one, which has neither the limits nor RE2."""
-    cls = type(self)
-    changes.setdefault("schema", self.schema)
-    for field in attrs.fields(cls):
+_KEYWORDS = {
+    "pattern": _pattern,
+    "patternProperties": _pattern_properties,
+    "uniqueItems": _unique_items,
+    "multipleOf": _multiple_of,
+}
+
+
+def _limited(draft: Any, limit: int, family: dict[Any, Any]) -> Any:
+    """A class of its own (extend() makes one each time) of ``draft``'s validator, with this
+    module's keywords and limits; ``family`` holds the classes of one compiled schema by draft."""
+    cls = extend(draft, _KEYWORDS)  # type: ignore[no-untyped-call]
+    cls.descend = _counted(cls.descend)
+    cls.iter_errors = _counted(cls.iter_errors)
+    cls.evolve = _evolve_in_family
+    cls._visit_limit = limit
+    cls._family = family
+    family[draft] = cls
+    return cls
+
+
+def _evolve_in_family(self: Any, **changes: Any) -> Any:
+    """jsonschema's ``evolve``, within this module's classes: jsonschema picks the stock class a
+    subschema's ``$schema`` names, which has neither the limits nor RE2. A subschema naming another
+    draft gets that draft's class of the family (its keywords: draft-07's ``dependencies``,
+    2020-12's ``unevaluatedProperties``), with the same keywords of this module and limits."""
+    own = type(self)
+    schema = changes.setdefault("schema", self.schema)
+    cls = own
+    if isinstance(schema, dict) and "$schema" in schema:
+        draft = validator_for(schema, default=own)  # own: a $schema it does not know
+        if draft is not own and draft not in own._family.values():
+            cls = own._family.get(draft) or _limited(draft, own._visit_limit, own._family)
+    for field in attrs.fields(own):
         if field.init and field.alias not in changes:
             changes[field.alias] = getattr(self, field.name)
     return cls(**changes)

@@ -75,29 +75,33 @@ def check(value: Any) -> None:
             raise TemplateError(f"template {text!r} does not parse: {exc.message}") from None
 
 
-def render(value: Any, context: dict[str, Any]) -> Any:
+def render(value: Any, context: dict[str, Any], *, cached: bool = True) -> Any:
     """Render strings anywhere inside ``value`` (dicts and lists are walked). A template that fails
     raises :class:`TemplateError` naming where it is in ``value``, never its text: the message may
-    reach the event's sender, and the text may hold a value the config took from the environment."""
-    return _render(value, context, "")
+    reach the event's sender, and the text may hold a value the config took from the environment.
+    ``cached``: keep the compiled text for the next call (not a text that is new each call, as an
+    http task's with its environment markers is: it would only push the others out)."""
+    return _render(value, context, "", cached)
 
 
-def _render(value: Any, context: dict[str, Any], at: str) -> Any:
+def _render(value: Any, context: dict[str, Any], at: str, cached: bool = True) -> Any:
     if isinstance(value, str):
-        return _render_str(value, context, at)
+        return _render_str(value, context, at, cached)
     if isinstance(value, dict):
-        return {k: _render(v, context, f"{at}.{k}" if at else str(k)) for k, v in value.items()}
+        return {k: _render(v, context, f"{at}.{k}" if at else str(k), cached) for k, v in value.items()}
     if isinstance(value, list):
-        return [_render(v, context, f"{at}[{i}]") for i, v in enumerate(value)]
+        return [_render(v, context, f"{at}[{i}]", cached) for i, v in enumerate(value)]
     return value
 
 
-def render_url(text: str, context: dict[str, Any]) -> str:
-    """Render a URL template; each ``{{ expression }}``'s value is percent-encoded (see above)."""
+def render_url(text: str, context: dict[str, Any], *, cached: bool = True) -> str:
+    """Render a URL template; each ``{{ expression }}``'s value is percent-encoded (see above).
+    ``cached``: as :func:`render`'s."""
     try:
-        return _url_template(text).render(**context)
-    except TemplateSyntaxError as exc:
-        raise TemplateError(f"template {text!r} does not parse: {exc.message}") from None
+        template = _url_template(text) if cached else _URL_ENV.from_string(go_to_jinja(text))
+        return template.render(**context)
+    except TemplateSyntaxError as exc:  # checked at load: named, not quoted (it may hold markers)
+        raise TemplateError(f"the URL template does not parse: {exc.message}") from None
     except TemplateError:
         raise
     except Exception as exc:  # as _render_str: the text is not quoted
@@ -124,6 +128,10 @@ _COMPILED = 4096
 
 @lru_cache(maxsize=_COMPILED)
 def _compiled(text: str) -> Callable[[dict[str, Any]], Any]:
+    return _compile(text)
+
+
+def _compile(text: str) -> Callable[[dict[str, Any]], Any]:
     source = go_to_jinja(text)
     single = _SINGLE.match(source)
     if single and "{%" not in source:
@@ -138,12 +146,12 @@ def _url_template(text: str) -> Template:
     return _URL_ENV.from_string(go_to_jinja(text))
 
 
-def _render_str(text: str, context: dict[str, Any], at: str) -> Any:
+def _render_str(text: str, context: dict[str, Any], at: str, cached: bool = True) -> Any:
     if "{{" not in text and "{%" not in text:
         return text
     where = f"the template at {at}" if at else "the template"
     try:
-        return _compiled(text)(context)
+        return (_compiled(text) if cached else _compile(text))(context)
     except TemplateSyntaxError as exc:  # checked at load; named by place, like a failure
         raise TemplateError(f"{where} does not parse: {exc.message}") from None
     except Exception as exc:

@@ -612,6 +612,9 @@ class DispatcherClient:
             if isinstance(failed, Exception) and not isinstance(failed, EventRejected):
                 _answer(batch[i + 1 :], failed)
                 return
+            if self.down:  # its submitter gave up, so its failure was not kept: the probe's verdict
+                _answer(batch[i + 1 :], self._unavailable("Temporal is unreachable"))
+                return
 
     def _sent(self, _call: asyncio.Task[None]) -> None:
         self._sending -= 1

@@ -116,12 +116,11 @@ def prepare(task: HttpTask, context: dict[str, Any], env: Mapping[str, str]) -> 
     """Render the task against ``context``, then substitute the environment (see the module doc)."""
     cfg = task.config
     marked, sub = defer({"url": cfg.url, "method": cfg.method, "headers": cfg.headers, "body": cfg.body}, env)
-    if sub.found_in(context):  # a value that would be read as an environment value's marker
-        raise Refused("the event holds text the task's environment values stand behind; not sent")
+    cached = not sub.values  # marked text is new each call (a token of its own): compiled, not kept
     try:
-        rendered_url = templates.render_url(marked["url"], context)
-        rendered_headers = {str(k): templates.render(v, context) for k, v in marked["headers"].items()}
-        rendered_body = templates.render(marked["body"], context)
+        rendered_url = templates.render_url(marked["url"], context, cached=cached)
+        rendered_headers = {str(k): templates.render(v, context, cached=cached) for k, v in marked["headers"].items()}
+        rendered_body = templates.render(marked["body"], context, cached=cached)
     except templates.TemplateError as exc:
         raise Refused(sub.scrub(str(exc))) from None
     url_text, header_texts, body = (sub.restore(x) for x in (rendered_url, rendered_headers, rendered_body))

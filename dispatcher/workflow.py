@@ -257,10 +257,12 @@ class DispatcherWorkflow:
             if self._routes is None:
                 # No table loads: the queue waits for one, and the run still continues-as-new when
                 # due, else its history of load attempts grew until Temporal terminated it with
-                # everything it held. Only with a queue it can carry whole: nothing can be drained
-                # without a table, and what did not fit would be lost (its intake is held to what
-                # fits meanwhile, see _accept_bytes).
-                if self._should_rotate() and self._carries_all() and workflow.patched(ROTATE_WITHOUT_ROUTES):
+                # everything it held. With a queue it can carry whole (nothing can be drained
+                # without a table, and what did not fit would be lost; its intake is held to what
+                # fits meanwhile, see _accept_bytes), or else once its history nears Temporal's
+                # limit: then it carries what fits, and counts the rest failed, not all of it lost.
+                due = self._should_rotate() and (self._carries_all() or self._history_at_drain_bounds())
+                if due and workflow.patched(ROTATE_WITHOUT_ROUTES):
                     await self._rotate()
                 continue
             if self._can_take():
@@ -374,6 +376,13 @@ class DispatcherWorkflow:
         if self._routes is None:  # nothing is started or drained until a table loads: at most what it can carry
             room = min(room, self._carry_room() - self._queued_bytes - len(self._queue) - FULL_MARGIN_CARRY)
         return max(0, room) if events > 0 else 0
+
+    def _history_at_drain_bounds(self) -> bool:
+        info = workflow.info()
+        return (
+            info.get_current_history_length() >= DRAIN_HISTORY_EVENTS
+            or info.get_current_history_size() >= DRAIN_HISTORY_BYTES
+        )
 
     def _carries_all(self) -> bool:
         """Whether continue-as-new would carry the whole queue (:meth:`_carry`)."""

@@ -690,6 +690,31 @@ async def test_without_routes_a_queue_too_large_to_carry_waits_for_the_table_not
     assert stats["failed"] == 0, stats
 
 
+async def test_without_routes_a_queue_too_large_to_carry_rotates_once_the_history_nears_its_limit(
+    make: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting on for a table with a queue it cannot carry, the run's load attempts grew its history
+    to Temporal's limit, which terminates it with everything it holds. Near it, the run carries
+    what fits and counts the rest failed."""
+    few_signals = functools.partial(DispatcherSettings, signals_per_run=2)
+    monkeypatch.setattr(dispatcher_workflow, "DispatcherSettings", few_signals)
+    monkeypatch.setattr(dispatcher_workflow, "DRAIN_HISTORY_EVENTS", 40)  # Temporal's limit is 51,200
+    d = await make()
+    d.stubs.routes = [d.route("w", "order.created")]
+    d.stubs.load_error = ApplicationError("the config is gone", non_retryable=True)
+    first_run = await d.send_and_describe(d.event("e0", blob="x" * 150_000))
+    for i in range(1, 14):
+        await d.send(d.event(f"e{i}", blob="x" * 150_000))
+    for _ in range(4):
+        await d.env.sleep(11)  # load attempts, until the history reaches the bound
+
+    async def rotated() -> DispatcherInput:
+        return await _continue_as_new_input(d, first_run)
+
+    carried = await assert_eventually(rotated, timeout=15, interval=0.1, what="a continue-as-new near the limit")
+    assert 0 < len(carried.pending) < 14 and carried.stats["failed"] == 14 - len(carried.pending)
+
+
 async def test_the_runner_renders_its_tasks_in_order_and_hands_http_tasks_their_context(
     env: WorkflowEnvironment,
 ) -> None:

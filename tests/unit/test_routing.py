@@ -709,3 +709,46 @@ def test_a_ref_outside_the_schema_is_never_fetched(schema: dict[str, Any], at_lo
         with pytest.raises(EventRejected, match=r"cannot be resolved \(none is fetched\)") as caught:
             routes.check(event("a", payload={"x": 1}))
     assert caught.value.reason == "schema_invalid"
+
+
+@pytest.mark.parametrize(
+    ("schema", "payload", "message"),
+    [
+        (  # a 2020-12 resource inside a draft-07 schema keeps its unevaluatedProperties
+            {
+                "$schema": "http://json-schema.org/draft-07/schema#",
+                "properties": {"x": {"$ref": "#/definitions/e"}},
+                "definitions": {
+                    "e": {
+                        "$id": "urn:e",
+                        "$schema": "https://json-schema.org/draft/2020-12/schema",
+                        "properties": {"a": {}},
+                        "unevaluatedProperties": False,
+                    }
+                },
+            },
+            {"x": {"a": 1, "zz": 2}},
+            "Unevaluated properties",
+        ),
+        (  # a draft-07 resource inside a 2020-12 schema keeps its dependencies
+            {
+                "properties": {"x": {"$ref": "#/$defs/e"}},
+                "$defs": {
+                    "e": {
+                        "$id": "urn:e7",
+                        "$schema": "http://json-schema.org/draft-07/schema#",
+                        "dependencies": {"a": ["b"]},
+                    }
+                },
+            },
+            {"x": {"a": 1}},
+            "does not satisfy the schema's 'dependencies' keyword",
+        ),
+    ],
+)
+def test_a_resource_naming_another_draft_is_checked_by_its_drafts_keywords(
+    schema: dict[str, Any], payload: dict[str, Any], message: str
+) -> None:
+    routes = table(wf("w", {"name": "a", "schema": schema}))
+    with pytest.raises(EventRejected, match=message):
+        routes.check(event("a", payload=payload))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 from temporalio.exceptions import ApplicationError
 
-from bridge import envvars, templates
+from bridge import templates
 from bridge.config import BridgeConfig, parse_config
 from dispatcher import http_task
 from dispatcher.contract import HttpCall
@@ -266,42 +267,44 @@ async def test_an_answer_nested_deeper_than_the_stack_is_kept_as_text(server: Se
     assert result["status"] == 200 and result["body"] == server.body.decode()
 
 
-async def test_a_tasks_templates_are_compiled_once_whatever_the_calls(server: Server) -> None:
-    """The environment's values stand behind markers while templates render; a marker token of
-    its own for each call made the marked text new each time, and compiled it again (1.7 ms)."""
+async def test_a_tasks_marked_templates_do_not_fill_the_shared_cache(server: Server) -> None:
+    """The environment's values stand behind markers of a token new each call, so the marked
+    text is new each call: kept in the cache, each pushed out templates the dispatcher renders
+    in workflow code (compiling there tripped Temporal's deadlock detector). It is not kept."""
     cfg = config(f"http://127.0.0.1:{server.port}/o/{{{{ .trigger.id }}}}?key=${{HOOK_KEY}}", allow(server))
-    await http_task.run(cfg, call(id="o-0"), env=ENV)
-    compiled = templates._url_template.cache_info().misses
-    for i in range(1, 4):
+    kept = templates._url_template.cache_info().currsize, templates._compiled.cache_info().currsize
+    for i in range(4):
         await http_task.run(cfg, call(id=f"o-{i}"), env=ENV)
-    assert templates._url_template.cache_info().misses == compiled
+    assert (templates._url_template.cache_info().currsize, templates._compiled.cache_info().currsize) == kept
     assert [g.target for g in server.got] == [f"/o/o-{i}?key=k3y-in-the-query" for i in range(4)]
+
+
+MARKER = re.compile(r"@@[0-9a-fA-F]{6}")
 
 
 async def test_a_template_error_quotes_no_marker_of_the_environments_values() -> None:
     cfg = config("http://127.0.0.1:1/{{ .trigger.id ${HOOK_KEY}", {"allow_hosts": ["127.0.0.1"]})
     with pytest.raises(ApplicationError, match="does not parse") as info:
         await http_task.run(cfg, call(id="o-1"), env=ENV)
-    assert envvars._TOKEN not in info.value.message and "k3y-in-the-query" not in info.value.message
+    assert not MARKER.search(info.value.message) and "k3y-in-the-query" not in info.value.message
 
 
 async def test_a_filter_that_changes_an_environment_values_marker_sends_nothing(server: Server) -> None:
     """``{{ '${HOOK_TOKEN}' | urlencode }}`` turned the marker into %40%40<token>.0%40%40, which the
-    values are not put back into: the request went out with the process's marker token in it."""
+    value is not put back into: the request went out with the marker instead of the value."""
     body = {"form": "token={{ '${HOOK_TOKEN}' | urlencode }}&text={{ .trigger.text }}"}
     cfg = config(f"http://127.0.0.1:{server.port}/", allow(server), body=body)
     with pytest.raises(ApplicationError, match="a template changed a") as info:
         await http_task.run(cfg, call(text="hi"), env=ENV)
     assert info.value.non_retryable and server.got == []
-    assert envvars._TOKEN not in info.value.message
+    assert not MARKER.search(info.value.message)
 
 
-@pytest.mark.parametrize("case", [str.lower, str.upper])
-async def test_an_event_that_holds_the_marker_token_is_refused(server: Server, case: Any) -> None:
-    """A payload with a marker (the token learned somehow) would be read as the environment's
-    value: ``text=@@<token>.0@@`` sent the secret in a field the sender reads."""
+async def test_a_marker_in_the_event_is_sent_as_the_text_it_is(server: Server) -> None:
+    """A marker another call used (the token learned from a request a filter changed) is not
+    this call's: the event's text is sent as it is, never the environment's value."""
     cfg = config(f"http://127.0.0.1:{server.port}/", allow(server), body={"text": "{{ .trigger.text }}"})
-    forged = f"@@{case(envvars._TOKEN)}.0@@"
-    with pytest.raises(ApplicationError, match="the event holds text") as info:
-        await http_task.run(cfg, call(text=forged), env=ENV)
-    assert info.value.non_retryable and server.got == []
+    forged = "@@" + "ab" * 16 + ".0@@"
+    await http_task.run(cfg, call(text=forged), env=ENV)
+    [got] = server.got
+    assert json.loads(got.body) == {"text": forged}
