@@ -11,8 +11,8 @@ bounded number of steps in all (:func:`first_error`): a recursive schema whose
 ``unevaluatedProperties`` checks each subtree once more at every level took time doubling with the
 payload's depth (104 s at depth 20), and is stopped instead. Every subschema is checked by this
 module's validators, with its own draft's keywords when it names a ``$schema`` (jsonschema's would
-switch to that draft's stock class, without the limits or RE2). A schema that refers to itself without descending into the
-payload (``{"$ref": "#"}``) is refused at load. No ``$ref`` is ever fetched: one that points
+switch to that draft's stock class, without the limits or RE2). A schema that refers to itself
+without descending into the payload (``{"$ref": "#"}``) is refused at load. No ``$ref`` is ever fetched: one that points
 outside the schema cannot be resolved, and is refused at load when a probe reaches it, else the
 event is refused (``schema_invalid``).
 """
