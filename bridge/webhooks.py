@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +108,9 @@ class Delivery:
     limited: list[str] = field(default_factory=list)  # entries whose filter ran out of its budget
 
 
+ACCEPTED_KEPT = 4096  # delivery answers a webhook route keeps (each a few hundred bytes)
+
+
 class WebhookRoute:
     def __init__(
         self, slug: str, verifier: Verifier, entries: Sequence[EventEntry], *, id_from: Locator | None = None
@@ -115,6 +119,18 @@ class WebhookRoute:
         self.verifier = verifier
         self.entries = tuple(entries)
         self.id_from = id_from
+        # The answers of the deliveries this route accepted last (the snapshot's: a reload, which
+        # may map them otherwise, starts afresh): a repeat is answered as before, not submitted
+        # again and not charged to the webhook's rate limit, so replaying a captured delivery
+        # neither costs a signal nor spends the provider's own budget.
+        self.accepted: OrderedDict[str, Any] = OrderedDict()
+
+    def remember(self, delivery_id: str, answer: Any) -> None:
+        """Keep the answer of a delivery that was accepted whole (the last ACCEPTED_KEPT)."""
+        self.accepted[delivery_id] = answer
+        self.accepted.move_to_end(delivery_id)
+        while len(self.accepted) > ACCEPTED_KEPT:
+            self.accepted.popitem(last=False)
 
     @property
     def source(self) -> str:

@@ -101,6 +101,15 @@ class WebhooksController(Controller):
         body = await read_body(request, http, snapshot, WEBHOOK_ADAPTER)
         received = headers(request)
         _verify(http, route, received, body)
+        delivery = _events(http, route, received, body)
+        if (answer := route.accepted.get(delivery.delivery_id)) is not None:
+            log.info(
+                "webhook delivery repeated slug=%s delivery=%s: answered as when it was accepted, not sent again",
+                slug,
+                safe(delivery.delivery_id),
+            )
+            http.metrics.child(http.metrics.received, WEBHOOK_ADAPTER).inc(len(delivery.events))
+            return Response(answer, status_code=ACCEPTED)
         bucket = http.limits().webhooks.get(slug)
         if bucket is not None and (wait := bucket.take()):
             log.info("webhook refused slug=%s: over its rate limit", slug)
@@ -110,12 +119,14 @@ class WebhooksController(Controller):
                 "rate limit of this webhook exceeded; retry after the Retry-After delay",
                 retry_after=retry_after(wait),
             )
-        delivery = _events(http, route, received, body)
         if delivery.limited:
             _limited(http, slug, delivery)
         if not delivery.events:
             return _ignored(http, slug, delivery)
-        return await _submit(http, snapshot, slug, delivery)
+        response = await _submit(http, snapshot, slug, delivery)
+        if response.status_code == ACCEPTED:
+            route.remember(delivery.delivery_id, response.content)
+        return response
 
 
 def _verify(http: HttpState, route: WebhookRoute, received: dict[str, str], body: bytes) -> None:

@@ -109,10 +109,13 @@ async def test_signed_github_delivery_is_accepted(sink: FakeSink, hooks: AsyncTe
     assert "x-hub-signature-256" not in dumped and "authorization" not in dumped
 
 
-async def test_github_redelivery_carries_the_same_event_ids(sink: FakeSink, hooks: AsyncTestClient[Litestar]) -> None:
+async def test_github_redelivery_carries_the_same_event_ids(sink: FakeSink) -> None:
+    """A redelivery to another process (which has not seen it: one process answers a repeat as
+    before, without sending it again) carries the same event ids, so the same run ids."""
     body, headers = github_delivery(PUSH, delivery="same")
-    for _ in range(2):
-        assert (await hooks.post(f"{HOOKS}/github", content=body, headers=headers)).status_code == 202
+    for _ in range(2):  # two processes
+        async with AsyncTestClient(make_app(sink, hook_config())) as other_process:
+            assert (await other_process.post(f"{HOOKS}/github", content=body, headers=headers)).status_code == 202
     digest = body_digest(body)
     assert [e.id for e in sink.events] == [f"{digest}:github.push", f"{digest}:github.main"] * 2
     first, again = sink.events[0], sink.events[2]
@@ -123,20 +126,16 @@ async def test_github_replay_with_new_delivery_ids_carries_the_same_event_ids(
     sink: FakeSink, hooks: AsyncTestClient[Litestar]
 ) -> None:
     """One captured body and signature, resent with fresh X-GitHub-Delivery GUIDs (which GitHub
-    does not sign): the same events, so the same run ids, so nothing new starts."""
+    does not sign): the same delivery, answered as when it was accepted, and not sent again."""
     body, headers = github_delivery(PUSH, delivery="captured")
     answers = []
     for guid in ("captured", "forged-1", "forged-2"):
         resp = await hooks.post(f"{HOOKS}/github", content=body, headers={**headers, "X-GitHub-Delivery": guid})
         assert resp.status_code == 202, resp.text
         answers.append(resp.json())
-    assert answers[0]["results"] == answers[1]["results"] == answers[2]["results"]
-    assert len({(e.source, e.id) for e in sink.events}) == 2  # two entries, one event each
-    assert [e.metadata["webhook"]["provider_delivery_id"] for e in sink.events[::2]] == [
-        "captured",
-        "forged-1",
-        "forged-2",
-    ]
+    assert answers[0] == answers[1] == answers[2]
+    assert len(sink.events) == 2  # two entries, one event each: submitted once
+    assert [e.metadata["webhook"]["provider_delivery_id"] for e in sink.events] == ["captured", "captured"]
 
 
 async def test_rotated_github_secret_is_accepted(sink: FakeSink, hooks: AsyncTestClient[Litestar]) -> None:
@@ -240,10 +239,10 @@ async def test_kind_none_accepts_unsigned_and_ids_by_body_hash(
     sink: FakeSink, hooks: AsyncTestClient[Litestar]
 ) -> None:
     body = b'{"x": 1}'
-    for _ in range(2):
-        assert (await hooks.post(f"{HOOKS}/open", content=body)).status_code == 202
+    answers = [await hooks.post(f"{HOOKS}/open", content=body) for _ in range(2)]
+    assert [a.status_code for a in answers] == [202, 202] and answers[0].json() == answers[1].json()
     expected = "sha256:" + hashlib.sha256(body).hexdigest() + ":open.event"
-    assert [e.id for e in sink.events] == [expected, expected]
+    assert [e.id for e in sink.events] == [expected]  # the repeat is answered as before, not sent again
 
 
 async def test_no_matching_entry_is_200_ignored(sink: FakeSink, hooks: AsyncTestClient[Litestar]) -> None:
@@ -357,7 +356,7 @@ async def test_per_webhook_rate_limit_is_429_and_forgeries_do_not_spend_it(sink:
             assert (await c.post(f"{HOOKS}/github", content=forged_body, headers=forged)).status_code == 401
         codes = []
         for i in range(3):
-            body, headers = github_delivery(PUSH, delivery=f"d-{i}")
+            body, headers = github_delivery({**PUSH, "n": i}, delivery=f"d-{i}")
             codes.append(await c.post(f"{HOOKS}/github", content=body, headers=headers))
         other = await c.post(f"{HOOKS}/open", content=b"{}")
     assert [r.status_code for r in codes] == [202, 202, 429]
@@ -372,8 +371,8 @@ async def test_a_webhooks_own_rate_limit_wins(sink: FakeSink) -> None:
     ]
     cfg = hook_config(webhooks, rate_limit={"per_webhook": {"rate": 1000, "burst": 1000}})
     async with AsyncTestClient(make_app(sink, cfg)) as c:
-        one = [(await c.post(f"{HOOKS}/one", content=b"{}")).status_code for _ in range(2)]
-        many = [(await c.post(f"{HOOKS}/many", content=b"{}")).status_code for _ in range(5)]
+        one = [(await c.post(f"{HOOKS}/one", content=b'{"n": %d}' % i)).status_code for i in range(2)]
+        many = [(await c.post(f"{HOOKS}/many", content=b'{"n": %d}' % i)).status_code for i in range(5)]
     assert one == [202, 429]
     assert many == [202] * 5
 
@@ -420,3 +419,20 @@ async def test_webhooks_follow_a_reloaded_config(sink: FakeSink) -> None:
         current = Snapshot.compile(hook_config([two]))  # reloaded: one removed
         assert (await c.post(f"{HOOKS}/one", content=b"{}")).status_code == 404
     assert [e.name for e in sink.events] == ["open.a", "open.b"]
+
+
+async def test_replaying_a_captured_delivery_spends_neither_a_signal_nor_the_webhooks_rate_limit(
+    sink: FakeSink,
+) -> None:
+    """GitHub signs no timestamp: a captured delivery verifies for ever. Each replay was submitted
+    again and charged to the webhook's bucket, so a replayer shut the provider's own deliveries
+    out (429) for as long as it went on."""
+    cfg = hook_config(rate_limit={"per_webhook": {"rate": 0.01, "burst": 3}})
+    async with AsyncTestClient(make_app(sink, cfg)) as c:
+        body, headers = github_delivery(PUSH, delivery="captured")
+        replays = [await c.post(f"{HOOKS}/github", content=body, headers=headers) for _ in range(10)]
+        fresh_body, fresh = github_delivery({**PUSH, "n": 2}, delivery="fresh")
+        genuine = await c.post(f"{HOOKS}/github", content=fresh_body, headers=fresh)
+    assert {r.status_code for r in replays} == {202} and len({r.text for r in replays}) == 1
+    assert genuine.status_code == 202, genuine.text
+    assert len(sink.calls) == 2, "the captured delivery was submitted once, the fresh one once"
