@@ -180,9 +180,9 @@ class HttpState:
         self, adapter: str, key: str, most: int | None = None, what: str = "requests of this sender"
     ) -> Iterator[None]:
         """One request under ``key`` in flight for the block; 429 (``Retry-After: 1``) when ``key``
-        already has ``most`` (by default ``http.max_requests_per_source``): a token holder, or
-        anyone on a webhook's path, that opens requests and trickles their bodies holds at most that
-        many of the process's ``max_concurrent_requests``, never all."""
+        already has ``most`` (by default ``http.max_requests_per_source``): a token holder, or one
+        address on a webhook's path, that opens requests and trickles their bodies holds at most
+        that many of the process's ``max_concurrent_requests``, never all."""
         if most is None:
             most = self.current().config.http.max_requests_per_source
         if self._open[key] >= most:

@@ -87,20 +87,26 @@ class WebhooksController(Controller):
         if route is None:
             log.info("webhook refused slug=%s: no webhook is configured at this path", safe(slug))
             raise http.deny(WEBHOOK_ADAPTER, "not_found", "no webhook is configured at this path")
+        # Until its signature is checked a request is anyone's: its share of the requests in flight is
+        # its address's. Keyed by the slug, anyone could hold all of a webhook's share with unsigned
+        # bodies sent a byte at a time, and the provider's deliveries were refused (429) meanwhile.
+        address = request.client.host if request.client else "-"
+        with http.held(WEBHOOK_ADAPTER, f"{WEBHOOK_ADAPTER}-unverified:{address}", what="requests from this address"):
+            body = await read_body(request, http, snapshot, WEBHOOK_ADAPTER)
+            received = headers(request)
+            _verify(http, route, received, body)
         with http.held(WEBHOOK_ADAPTER, f"{WEBHOOK_ADAPTER}:{slug}"):
-            return await self._receive(slug, route, request, http, snapshot)
+            return await self._receive(slug, route, received, body, http, snapshot)
 
     async def _receive(
         self,
         slug: str,
         route: WebhookRoute,
-        request: Request[Any, Any, Any],
+        received: dict[str, str],
+        body: bytes,
         http: HttpState,
         snapshot: Snapshot,
     ) -> Response[DeliveryAnswer]:
-        body = await read_body(request, http, snapshot, WEBHOOK_ADAPTER)
-        received = headers(request)
-        _verify(http, route, received, body)
         delivery = _events(http, route, received, body)
         if (answer := route.accepted.get(delivery.delivery_id)) is not None:
             log.info(

@@ -52,11 +52,12 @@ def make_app(sink: FakeSink, cfg: BridgeConfig | None = None, **kw: Any) -> Lite
     return create_app(Pipeline(snap.routes, sink), snap, **kw)
 
 
-def in_loop_client(app: Litestar) -> httpx.AsyncClient:
+def in_loop_client(app: Litestar, address: str = "127.0.0.1") -> httpx.AsyncClient:
     """A client that runs the app in this event loop. AsyncTestClient runs it on a portal thread
     and blocks the loop while a request is open, so it can neither stream a chunked body nor let
-    a test look at the request while the sink holds it."""
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+    a test look at the request while the sink holds it. ``address``: the client's, as the app sees it."""
+    transport = httpx.ASGITransport(app=app, client=(address, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
 
 
 def order(**payload: Any) -> dict[str, Any]:

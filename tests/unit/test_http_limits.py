@@ -5,6 +5,8 @@ already wait for Temporal in the process."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 from typing import Any
 
@@ -18,7 +20,17 @@ from bridge.pipeline import Pipeline
 from bridge.ratelimit import TokenBucket
 from bridge.snapshot import Snapshot
 from tests.fakes import FakeSink
-from tests.unit.http_support import AUTH, URL, hook_config, in_loop_client, make_app, make_config, order
+from tests.unit.http_support import (
+    AUTH,
+    GH_SECRET,
+    HOOKS,
+    URL,
+    hook_config,
+    in_loop_client,
+    make_app,
+    make_config,
+    order,
+)
 
 MAX_BATCH = 5
 
@@ -231,9 +243,9 @@ def test_the_body_timeout_and_the_request_limit_have_defaults() -> None:
 
 @pytest.mark.parametrize("path", [URL, "/api/v1/hooks/open"], ids=["events", "webhook"])
 async def test_one_sender_holds_at_most_its_share_of_the_requests_and_the_others_go_on(path: str) -> None:
-    """A token holder (or anyone, on a webhook's path) that opened requests and trickled their
-    bodies could hold every request the process takes (http.max_concurrent_requests): everyone
-    else got 503s for as long as the bodies took."""
+    """A token holder (or anyone, from one address, on a webhook's path) that opened requests and
+    trickled their bodies could hold every request the process takes (http.max_concurrent_requests):
+    everyone else got 503s for as long as the bodies took."""
     body = json.dumps(order()).encode()
     release = asyncio.Event()
 
@@ -247,11 +259,14 @@ async def test_one_sender_holds_at_most_its_share_of_the_requests_and_the_others
     cfg = hook_config(hooks, max_requests_per_source=2)
     other = ("/api/v1/hooks/other", {}) if "hooks" in path else (URL, {"Authorization": "Bearer other-token"})
     headers = {**AUTH, "Content-Type": "application/json"}
-    async with in_loop_client(make_app(sink, cfg)) as c:
+    app = make_app(sink, cfg)
+    async with in_loop_client(app) as c, in_loop_client(app, address="10.0.0.2") as from_elsewhere:
         held = [asyncio.create_task(c.post(path, content=stalls(), headers=headers)) for _ in range(2)]
         await asyncio.sleep(0.1)
         third = await c.post(path, content=body, headers=headers)
-        elsewhere = await c.post(other[0], content=body, headers={**other[1], "Content-Type": "application/json"})
+        # another token; on a webhook's path, an unverified request from another address
+        sender = from_elsewhere if "hooks" in path else c
+        elsewhere = await sender.post(other[0], content=body, headers={**other[1], "Content-Type": "application/json"})
         release.set()
         answers = await asyncio.gather(*held)
         after = await c.post(path, content=body, headers=headers)
@@ -263,3 +278,31 @@ async def test_one_sender_holds_at_most_its_share_of_the_requests_and_the_others
 
 def test_a_source_may_hold_a_quarter_of_the_requests_by_default() -> None:
     assert make_config().http.max_requests_per_source == 250
+
+
+async def test_unsigned_bodies_trickled_to_a_webhook_do_not_hold_its_signed_deliveries_out() -> None:
+    """A webhook's share of the requests in flight was taken before its signature was checked:
+    anyone, with no secret, held all of it with unsigned bodies sent a byte at a time, and the
+    provider's deliveries got 429 meanwhile (GitHub does not redeliver those by itself)."""
+    release = asyncio.Event()
+
+    async def stalls() -> Any:
+        yield b'{"x'
+        await release.wait()
+        yield b'"}'
+
+    body = json.dumps({"ref": "refs/heads/main"}).encode()
+    signature = "sha256=" + hmac.new(GH_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    signed = {"Content-Type": "application/json", "X-Hub-Signature-256": signature, "X-GitHub-Event": "push"}
+    sink = FakeSink()
+    app = make_app(sink, hook_config(max_requests_per_source=2))
+    async with in_loop_client(app, address="203.0.113.9") as squatter, in_loop_client(app) as github:
+        held = [asyncio.create_task(squatter.post(f"{HOOKS}/github", content=stalls())) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        third = await squatter.post(f"{HOOKS}/github", content=b"{}")
+        real = await github.post(f"{HOOKS}/github", content=body, headers=signed)
+        release.set()
+        squatted = await asyncio.gather(*held)
+    assert third.status_code == 429, "one address holds at most its share"
+    assert real.status_code == 202, real.text
+    assert [r.status_code for r in squatted] == [401, 401]
