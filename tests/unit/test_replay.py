@@ -399,6 +399,30 @@ async def test_an_amqp_replay_acks_what_is_held_republishes_the_refused_and_requ
     assert (t.accepted, dict(t.refused), dict(t.kept)) == (1, {"unroutable": 1}, {NOT_A_DEAD_LETTER: 1})
 
 
+def letter_naming_payments(message_id: str, headers: dict[str, Any] | None = None) -> FakeMessage:
+    """A letter an outsider who may publish to the dead-letter queue wrote: headers naming the
+    ``payments`` queue and its id ``pay-123``, and ``headers`` beside them."""
+    claimed = {
+        "x-original-queue": "payments",
+        "x-original-message-id": "pay-123",
+        "x-original-routing-key": "order.created",
+    }
+    return FakeMessage(
+        b'{"amount": 1000}',
+        routing_key="order.created",
+        exchange="",
+        headers={**claimed, **(headers or {})},
+        message_id=message_id,
+    )
+
+
+async def kept_by(replay: amqp_replay.AmqpReplay, letter: FakeMessage) -> dict[str, int]:
+    """Settle ``letter`` alone and put back what was kept: the replay's kept tally, by reason."""
+    await replay._settle([letter])  # type: ignore[list-item]
+    await replay._put_back()
+    return dict(replay.tally.kept)
+
+
 async def test_a_message_rabbitmq_dead_lettered_itself_is_no_letter_whatever_its_headers_claim() -> None:
     """The adapter declares its queues with the dead-letter exchange the replay reads, so RabbitMQ
     puts there what expires or overflows, with its publisher's headers as they were: an outsider
@@ -410,23 +434,13 @@ async def test_a_message_rabbitmq_dead_lettered_itself_is_no_letter_whatever_its
     payments = AmqpConsumer(url="amqp://x/", queue="payments", event=RAW, dead_letter_exchange="events.dlx")
     replay = amqp_replay.AmqpReplay([public, payments], pipeline, queue="events.dead", url="amqp://x/")
     replay.publisher = FakePublisher()  # type: ignore[assignment]
-    forged = FakeMessage(
-        b'{"amount": 1000}',
-        routing_key="order.created",
-        exchange="",
-        headers={
-            "x-original-queue": "payments",
-            "x-original-message-id": "pay-123",
-            "x-original-routing-key": "order.created",
-            "x-death": [{"queue": "public.events", "reason": "expired"}],
-            "x-first-death-queue": "public.events",
-        },
-        message_id="whatever",
-    )
-    await replay._settle([forged])  # type: ignore[list-item]
-    await replay._put_back()
+    expired_here = {
+        "x-death": [{"queue": "public.events", "reason": "expired"}],
+        "x-first-death-queue": "public.events",
+    }
+    forged = letter_naming_payments("whatever", expired_here)
+    assert await kept_by(replay, forged) == {NOT_A_DEAD_LETTER: 1}
     assert sink.held == [] and forged.settled == ["nack(requeue=True)"]
-    assert dict(replay.tally.kept) == {NOT_A_DEAD_LETTER: 1}
 
 
 async def test_a_letter_naming_a_queue_whose_entry_writes_no_letters_is_kept_not_replayed() -> None:
@@ -439,26 +453,14 @@ async def test_a_letter_naming_a_queue_whose_entry_writes_no_letters_is_kept_not
     payments = AmqpConsumer(url="amqp://x/", queue="payments", event=RAW)  # dead-letters nothing
     replay = amqp_replay.AmqpReplay([public, payments], pipeline, queue="events.dead", url="amqp://x/")
     replay.publisher = FakePublisher()  # type: ignore[assignment]
-    forged = FakeMessage(
-        b'{"amount": 1000}',
-        routing_key="order.created",
-        exchange="",
-        headers={
-            "x-original-queue": "payments",
-            "x-original-message-id": "pay-123",
-            "x-original-routing-key": "order.created",
-        },
-        message_id="pay-123",
-    )
+    forged = letter_naming_payments("pay-123")
     assert (replay.entry_for("public.events"), replay.entry_for("payments")) == (0, None)
     # No entry dead-letters (the exchange taken out of the config): a letter goes to its queue's reader.
     bare = AmqpConsumer(url="amqp://x/", queue="public.events", event=RAW)
     unlettered = amqp_replay.AmqpReplay([bare, payments], pipeline, queue="events.dead", url="amqp://x/")
     assert (unlettered.entry_for("public.events"), unlettered.entry_for("payments")) == (0, 1)
-    await replay._settle([forged])  # type: ignore[list-item]
-    await replay._put_back()
+    assert await kept_by(replay, forged) == {NO_ENTRY: 1}
     assert sink.held == [] and forged.settled == ["nack(requeue=True)"]
-    assert dict(replay.tally.kept) == {NO_ENTRY: 1}
 
 
 async def test_two_copies_of_one_letter_in_a_batch_are_looked_up_and_counted_once() -> None:
