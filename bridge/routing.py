@@ -15,13 +15,11 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from referencing.exceptions import Unresolvable
-
 from bridge import templates
 from bridge.errors import ConfigError, EventRejected
 from bridge.event import encode
 from bridge.filters import Filter, FilterError, Scope, scope
-from bridge.schemas import SchemaTooCostly, compile_schema, described, first_error
+from bridge.schemas import Uncheckable, compile_schema, described, first_error
 
 if TYPE_CHECKING:
     from bridge.config import BridgeConfig
@@ -265,17 +263,11 @@ class RouteTable:
                     continue
                 try:
                     error = first_error(t.validator, event.payload)
-                except (SchemaTooCostly, RecursionError, Unresolvable) as exc:
-                    if isinstance(exc, RecursionError):
-                        why = "the schema recursed without end"
-                    elif isinstance(exc, Unresolvable):
-                        why = "a $ref of the schema cannot be resolved (none is fetched)"
-                    else:
-                        why = str(exc)
+                except Uncheckable as exc:
                     raise EventRejected(
                         "schema_invalid",
                         f"payload could not be checked against the schema of workflow {w.id!r} "
-                        f"(trigger {t.name!r}): {why}",
+                        f"(trigger {t.name!r}): {exc}",
                         workflow=w.id,
                         trigger=t.name,
                     ) from None

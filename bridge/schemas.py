@@ -137,7 +137,16 @@ MAX_VISITS = 8192
 MAX_STEPS = 1_000_000
 
 
-class SchemaTooCostly(Exception):
+class Uncheckable(Exception):
+    """A payload this schema cannot be checked against: its message says why, for the sender;
+    ``detail`` (for the operator, at load) what it is about, which may quote the schema."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class SchemaTooCostly(Uncheckable):
     """A check applied the schema to one part of the payload, or in all, past its limits."""
 
 
@@ -192,12 +201,17 @@ def _subschemas(node: Any) -> int:
 def first_error(validator: Validator, payload: Any) -> ValidationError | None:
     """The first error ``validator`` (made by :func:`compile_schema`) finds in ``payload``, or None.
 
-    Raises :class:`SchemaTooCostly` past the limit of visits (see :data:`MAX_VISITS`), and
-    RecursionError when the schema recurses without end for this payload's shape."""
+    Raises :class:`SchemaTooCostly` past its limits (see :data:`MAX_VISITS`), and
+    :class:`Uncheckable` when the schema recurses without end for this payload's shape or names a
+    ``$ref`` that cannot be resolved."""
     limit = getattr(validator, "_visit_limit", MAX_VISITS)
     token = _VISITS.set(_Visits(limit))
     try:
         return next(iter(validator.iter_errors(payload)), None)
+    except RecursionError:
+        raise Uncheckable("the schema refers to itself without end (a $ref cycle that never descends)") from None
+    except Unresolvable as exc:
+        raise Uncheckable("the schema has a $ref that cannot be resolved (none is fetched)", str(exc)) from None
     finally:
         _VISITS.reset(token)
 
@@ -242,14 +256,10 @@ def compile_schema(schema: dict[str, Any], where: str) -> Validator:
     for probe in _PROBES:
         try:
             first_error(validator, probe)
-        except RecursionError:
-            raise ConfigError(
-                f"{where}: schema refers to itself without end (a $ref cycle that never descends into the payload)"
-            ) from None
         except SchemaTooCostly:
             pass  # a costly shape, not an endless one: the event's own budget deals with it
-        except Unresolvable as exc:
-            raise ConfigError(f"{where}: schema has a $ref that cannot be resolved (none is fetched): {exc}") from None
+        except Uncheckable as exc:
+            raise ConfigError(f"{where}: {exc}" + (f": {exc.detail}" if exc.detail else "")) from None
     return validator
 
 
