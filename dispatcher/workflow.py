@@ -374,7 +374,7 @@ class DispatcherWorkflow:
         weight = 1 + self._queued_cost / self._queued_bytes if self._queued_bytes else TAKE_WEIGHT
         room = int(room / weight)
         if self._routes is None:  # nothing is started or drained until a table loads: at most what it can carry
-            room = min(room, self._carry_room() - self._queued_bytes - len(self._queue) - FULL_MARGIN_CARRY)
+            room = min(room, self._carry_room() - self._carried_bytes() - FULL_MARGIN_CARRY)
         return max(0, room) if events > 0 else 0
 
     def _history_at_drain_bounds(self) -> bool:
@@ -384,9 +384,13 @@ class DispatcherWorkflow:
             or info.get_current_history_size() >= DRAIN_HISTORY_BYTES
         )
 
+    def _carried_bytes(self) -> int:
+        """The queue as :meth:`_carry` counts it: each event with a separator."""
+        return self._queued_bytes + len(self._queue)
+
     def _carries_all(self) -> bool:
         """Whether continue-as-new would carry the whole queue (:meth:`_carry`)."""
-        return self._queued_bytes + len(self._queue) <= self._carry_room()
+        return self._carried_bytes() <= self._carry_room()
 
     def _should_rotate(self) -> bool:
         info = workflow.info()
@@ -697,12 +701,10 @@ class DispatcherWorkflow:
 
     def _must_drain(self) -> bool:
         """Whether to dispatch more before continuing-as-new (see DRAIN_* in the contract)."""
-        queued = self._queued_bytes + len(self._queue)  # as _carry counts it: each with a separator
-        info = workflow.info()
-        size, length = info.get_current_history_size(), info.get_current_history_length()
-        if queued <= CARRY_LIMIT_BYTES or size >= DRAIN_HISTORY_BYTES or length >= DRAIN_HISTORY_EVENTS:
+        queued = self._carried_bytes()
+        if queued <= CARRY_LIMIT_BYTES or self._history_at_drain_bounds():
             return False
-        return size < DRAIN_SOFT_BYTES or queued > self._carry_room()
+        return workflow.info().get_current_history_size() < DRAIN_SOFT_BYTES or queued > self._carry_room()
 
     def _carry_room(self) -> int:
         return MAX_CARRY_BYTES - 4096 - sum(len(d) + 3 for d in self._recent)
