@@ -98,7 +98,7 @@ def render_url(text: str, context: dict[str, Any], *, cached: bool = True) -> st
     """Render a URL template; each ``{{ expression }}``'s value is percent-encoded (see above).
     ``cached``: as :func:`render`'s."""
     try:
-        template = _url_template(text) if cached else _URL_ENV.from_string(go_to_jinja(text))
+        template = _url_template(text) if cached else _compile_url(text)
         return template.render(**context)
     except TemplateSyntaxError as exc:  # checked at load: named, not quoted (it may hold markers)
         raise TemplateError(f"the URL template does not parse: {exc.message}") from None
@@ -143,6 +143,10 @@ def _compile(text: str) -> Callable[[dict[str, Any]], Any]:
 
 @lru_cache(maxsize=_COMPILED)
 def _url_template(text: str) -> Template:
+    return _compile_url(text)
+
+
+def _compile_url(text: str) -> Template:
     return _URL_ENV.from_string(go_to_jinja(text))
 
 
