@@ -191,6 +191,10 @@ class DispatcherConfig(Model):
     # Events that may wait in one process for a signal to the dispatcher; beyond it HTTP answers
     # 503 overloaded and queue adapters stop fetching, so memory stays bounded while Temporal stalls.
     max_pending_events: int = Field(default=10_000, ge=1)
+    # Of them, events of one sender (a bearer token, a webhook, a Kafka subscription, a queue):
+    # one token's large batches while Temporal is slow must not fill what every source shares.
+    # None: a quarter of max_pending_events.
+    max_pending_per_source: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -105,6 +105,13 @@ class Overloaded(Unavailable):
     reason: Reason = "overloaded"
 
 
+class SenderOverloaded(Overloaded):
+    """This one sender (a bearer token, a webhook, a queue) already has its share of the events
+    that may wait for Temporal in this process (``dispatcher.max_pending_per_source``): the others'
+    share is still free. The HTTP adapter answers it ``429 rate_limited``; queue adapters wait it
+    out as any :class:`Overloaded`."""
+
+
 class PartlyHeld(Unavailable):
     """Temporal holds some of a submission's events and not the rest: it went out as several
     signals (over one signal's size or count, or over several shards) and some of them failed.

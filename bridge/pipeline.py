@@ -9,12 +9,13 @@ or dead-letters them); the rest go to Temporal in one call. If Temporal does not
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from bridge.errors import EventRejected, Overloaded, PartlyHeld, Unavailable
+from bridge.errors import EventRejected, Overloaded, PartlyHeld, SenderOverloaded, Unavailable
 from bridge.event import MAX_KEY_CHARS, MAX_SIGNAL_BYTES, EventSignal, encode
 from bridge.logsafe import safe
 from bridge.metrics import Metrics
@@ -66,6 +67,7 @@ class Pipeline:
         metrics: Metrics | None = None,
         *,
         max_pending: int = 10_000,
+        max_pending_per_source: int | None = None,
         retry_after: float = 5.0,
         tracer: Tracer | None = None,
     ) -> None:
@@ -74,8 +76,16 @@ class Pipeline:
         self.tracer = tracer
         self.metrics = metrics or Metrics()
         self.max_pending = max_pending
+        self.max_pending_per_source = max_pending_per_source
         self.retry_after = retry_after
         self.pending = 0
+        self._pending_of: Counter[str] = Counter()  # of ``pending``, each sender's
+
+    @property
+    def pending_share(self) -> int:
+        """Events of one sender that may wait for Temporal: ``max_pending_per_source``, by default
+        a quarter of ``max_pending``."""
+        return self.max_pending_per_source or max(1, self.max_pending // 4)
 
     @property
     def routes(self) -> RouteTable:
@@ -129,16 +139,20 @@ class Pipeline:
         *,
         encoded: Sequence[bytes] | None = None,
         routes: RouteTable | None = None,
+        sender: str | None = None,
     ) -> list[Outcome]:
         """Check each event, submit the good ones together, and report every outcome in order.
         ``encoded``: what :meth:`examine` gave for each event, which passed it; they are then not
         checked or encoded again (unless tracing, which adds the receive span to each first).
         ``routes``: the table of the snapshot the events were made with (an HTTP request's, whose
         webhook mapped them), so a reload meanwhile does not judge them by another config.
+        ``sender``: who sent them (``http:<token name>``, ``webhook:<slug>``, ``kafka:<name>``…),
+        whose events may be at most :attr:`pending_share` of those waiting; None: not limited.
 
         Raises :class:`bridge.errors.Unavailable` when Temporal did not take the good ones, and
         :class:`bridge.errors.PartlyHeld` (with every outcome, those not held refused as
-        ``unavailable``) when it took some of them.
+        ``unavailable``) when it took some of them; :class:`bridge.errors.Overloaded` (or
+        :class:`bridge.errors.SenderOverloaded`) when there is no room to wait for it.
         """
         outcomes: list[Outcome] = []
         good: list[EventSignal] = []
@@ -160,8 +174,10 @@ class Pipeline:
         if len(good) < len(outcomes):
             self._refused(adapter, [o for o in outcomes if o.rejected is not None])
         if good:
-            self._admit(len(good), adapter)
+            self._admit(len(good), adapter, sender)
             self.pending += len(good)
+            if sender is not None:
+                self._pending_of[sender] += len(good)
             metrics.inflight.inc(len(good))
             try:
                 with metrics.submit_seconds.time(), self.tracer.submitting(good) if self.tracer else nullcontext():
@@ -177,6 +193,10 @@ class Pipeline:
                 raise
             finally:
                 self.pending -= len(good)
+                if sender is not None:
+                    self._pending_of[sender] -= len(good)
+                    if not self._pending_of[sender]:
+                        del self._pending_of[sender]
                 metrics.inflight.dec(len(good))
             metrics.child(metrics.accepted, adapter).inc(len(good))
         return outcomes
@@ -213,9 +233,19 @@ class Pipeline:
         else:
             self._reject_many(adapter, refused)
 
-    def _admit(self, count: int, adapter: str) -> None:
+    def _admit(self, count: int, adapter: str, sender: str | None) -> None:
         """Refuse a submission that would hold more than ``max_pending`` events waiting for
-        Temporal (one batch alone always goes, so a batch larger than the cap is not stuck)."""
+        Temporal, or more than :attr:`pending_share` of its sender's: one token's large batches
+        while Temporal is slow leave the others room. One batch alone always goes (of the process,
+        of the sender), so a batch larger than either cap is not stuck."""
+        mine = self._pending_of[sender] if sender is not None else 0
+        if mine and mine + count > (share := self.pending_share):
+            self.metrics.child(self.metrics.overloaded, adapter).inc()
+            raise SenderOverloaded(
+                f"{mine} events of this sender already wait for Temporal in this process (at most {share} of one "
+                "sender: dispatcher.max_pending_per_source)",
+                self.retry_after,
+            )
         if self.pending and self.pending + count > self.max_pending:
             self.metrics.child(self.metrics.overloaded, adapter).inc()
             raise Overloaded(

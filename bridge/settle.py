@@ -336,7 +336,8 @@ class Settler(Generic[M]):
             routes = self.pipeline.routes
             fresh = all(i.checked_with is routes for i in live if i.event is not None)
             encoded = [i.encoded for i in live if i.event is not None] if fresh else None
-            return await self.pipeline.submit(events, self.adapter, encoded=encoded) if events else []
+            sender = f"{self.adapter}:{self.name}"
+            return await self.pipeline.submit(events, self.adapter, encoded=encoded, sender=sender) if events else []
 
         try:
             outcomes = await self._until_done(submit, "Temporal")

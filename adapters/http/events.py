@@ -106,7 +106,7 @@ class EventsController(Controller):
         received = headers(request)
         idempotency_key = as_utf8(received.get("idempotency-key"))  # documented by EventsOperation
         token = authorize(http, snapshot, received)
-        with http.held(HTTP_ADAPTER, f"{HTTP_ADAPTER}:{token}"):
+        with http.held(HTTP_ADAPTER, _sender(token)):
             try:
                 body = await read_body(request, http, snapshot, HTTP_ADAPTER, received)
                 parsed = _parse(http, snapshot, received, body, idempotency_key, token)
@@ -171,7 +171,7 @@ def _parse(
 
 async def _submit_one(http: HttpState, snap: Snapshot, token: str, event: EventSignal) -> Response[Any]:
     retry_hint = "Temporal did not accept the event; retry with the same Idempotency-Key"
-    [outcome] = await http.submit(snap, [event], HTTP_ADAPTER, retry_hint, event_id=event.id)
+    [outcome] = await http.submit(snap, [event], HTTP_ADAPTER, retry_hint, sender=_sender(token), event_id=event.id)
     if outcome.rejected is not None:
         raise Problem.of(outcome.rejected, event_id=event.id)
     if log.isEnabledFor(logging.DEBUG):
@@ -184,7 +184,12 @@ async def _submit_batch(http: HttpState, snap: Snapshot, token: str, items: list
     http.refuse_items(HTTP_ADAPTER, [item for item in items if isinstance(item, EventRejected)])
     retry_hint = "Temporal did not accept the batch; nothing of it is held, retry it whole"
     ids = [e.id for e in events]
-    outcomes = iter(await http.submit(snap, events, HTTP_ADAPTER, retry_hint, event_ids=ids) if events else [])
+    submitted = (
+        await http.submit(snap, events, HTTP_ADAPTER, retry_hint, sender=_sender(token), event_ids=ids)
+        if events
+        else []
+    )
+    outcomes = iter(submitted)
     results = [
         {
             "index": index,
@@ -195,6 +200,11 @@ async def _submit_batch(http: HttpState, snap: Snapshot, token: str, items: list
     answer = answers.batch(results)
     _log_batch(token, answer)
     return Response(answer, status_code=ACCEPTED if answer["rejected"] == 0 else MULTI_STATUS)
+
+
+def _sender(token: str) -> str:
+    """Whose share a token's requests and events are counted in."""
+    return f"{HTTP_ADAPTER}:{token}"
 
 
 def _log_batch(token: str, answer: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from litestar.handlers.base import BaseRouteHandler
 from adapters.http.problems import Problem
 from bridge.adapter import ConsumerReadiness
 from bridge.config import RateLimit
-from bridge.errors import EventRejected, PartlyHeld, Reason, Unavailable
+from bridge.errors import EventRejected, PartlyHeld, Reason, SenderOverloaded, Unavailable
 from bridge.event import EventSignal
 from bridge.logsafe import safe
 from bridge.pipeline import Outcome, Pipeline
@@ -119,18 +119,31 @@ class HttpState:
         return self._limits.of(self.current())
 
     async def submit(
-        self, snap: Snapshot, events: Sequence[EventSignal], adapter: str, unavailable: str, **ids: Any
+        self,
+        snap: Snapshot,
+        events: Sequence[EventSignal],
+        adapter: str,
+        unavailable: str,
+        *,
+        sender: str,
+        **ids: Any,
     ) -> list[Outcome]:
-        """Submit through the pipeline; a refusal of the whole becomes its :class:`Problem`
-        (``unavailable``/``overloaded`` with ``Retry-After``, or the rejection), with ``ids``
-        (the event id, the delivery id) in the answer. A batch Temporal took part of comes back
-        as outcomes, the rest refused as ``unavailable``: a retry of it whole would start the
-        held events again if they have no ids of their own."""
+        """Submit through the pipeline as ``sender`` (``http:<token name>``, ``webhook:<slug>``);
+        a refusal of the whole becomes its :class:`Problem` (``unavailable``/``overloaded`` with
+        ``Retry-After``, ``rate_limited`` when the sender already has its share of the events
+        waiting, or the rejection), with ``ids`` (the event id, the delivery id) in the answer. A
+        batch Temporal took part of comes back as outcomes, the rest refused as ``unavailable``:
+        a retry of it whole would start the held events again if they have no ids of their own."""
         try:
             # Checked against the request's snapshot, which made its events (its webhook's mapping).
-            return await self.pipeline.submit(events, adapter, routes=snap.routes)
+            return await self.pipeline.submit(events, adapter, routes=snap.routes, sender=sender)
         except PartlyHeld as exc:  # a batch: which are held and which to send again (a 207)
             return list(exc.outcomes)
+        except SenderOverloaded as exc:  # this sender's doing, not the process's: the others go on
+            retry = max(1, snap.config.http.retry_after_seconds)
+            raise Problem(
+                "rate_limited", f"{exc}; retry after the Retry-After delay", retry_after=retry, **ids
+            ) from None
         except Unavailable as exc:
             retry = snap.config.http.retry_after_seconds
             raise Problem.unavailable(exc, retry, unavailable, **ids) from None

@@ -196,7 +196,14 @@ def _ignored(http: HttpState, slug: str, delivery: Delivery) -> Response[Any]:
 
 async def _submit(http: HttpState, snap: Snapshot, slug: str, delivery: Delivery) -> Response[Any]:
     retry_hint = "Temporal did not accept the delivery; its redelivery will be"
-    outcomes = await http.submit(snap, delivery.events, WEBHOOK_ADAPTER, retry_hint, delivery_id=delivery.delivery_id)
+    outcomes = await http.submit(
+        snap,
+        delivery.events,
+        WEBHOOK_ADAPTER,
+        retry_hint,
+        sender=f"{WEBHOOK_ADAPTER}:{slug}",
+        delivery_id=delivery.delivery_id,
+    )
     answer = answers.batch([answers.result(o) for o in outcomes], delivery_id=delivery.delivery_id)
     log.info(
         "webhook delivery slug=%s delivery=%s provider_delivery=%s accepted=%d rejected=%d",

@@ -197,6 +197,7 @@ class Bridge:
                 self.dispatcher,
                 self.metrics,
                 max_pending=cfg.dispatcher.max_pending_events,
+                max_pending_per_source=cfg.dispatcher.max_pending_per_source,
                 retry_after=cfg.http.retry_after_seconds,
                 tracer=self._event_tracer(),
             )
@@ -359,6 +360,7 @@ class Bridge:
             if self.pipeline is not None:  # what the pipeline was given at start, as the new file says
                 settings = self.source.current.config
                 self.pipeline.max_pending = settings.dispatcher.max_pending_events
+                self.pipeline.max_pending_per_source = settings.dispatcher.max_pending_per_source
                 self.pipeline.retry_after = settings.http.retry_after_seconds
         if swapped and self.dispatcher is not None and self.role in ("all", "worker"):
             self._tell_dispatcher = True

@@ -24,6 +24,7 @@ from tests.unit.http_support import (
     AUTH,
     GH_SECRET,
     HOOKS,
+    TOKEN,
     URL,
     hook_config,
     in_loop_client,
@@ -182,13 +183,14 @@ async def test_overloaded_is_503_with_the_configured_retry_after() -> None:
     ``overloaded`` with Retry-After from http.retry_after_seconds; nothing of it is held."""
     sink = FakeSink()
     sink.release = asyncio.Event()
-    snap = Snapshot.compile(make_config(retry_after_seconds=2))
+    snap = Snapshot.compile(make_config([TOKEN, "other-token"], retry_after_seconds=2))
     pipeline = Pipeline(snap.routes, sink, max_pending=3, retry_after=30)
+    other = {"Authorization": "Bearer other-token"}  # not the token holding the process's room
     async with in_loop_client(create_app(pipeline, snap)) as c:
         held = asyncio.create_task(c.post(URL, json=[{**order(), "id": f"h{i}"} for i in range(3)], headers=AUTH))
         await asyncio.wait_for(sink.entered.wait(), 10)
-        one = await c.post(URL, json={**order(), "id": "o"}, headers=AUTH)
-        batch = await c.post(URL, json=[{**order(), "id": "b1"}, {**order(), "id": "b2"}], headers=AUTH)
+        one = await c.post(URL, json={**order(), "id": "o"}, headers=other)
+        batch = await c.post(URL, json=[{**order(), "id": "b1"}, {**order(), "id": "b2"}], headers=other)
         sink.release.set()
         assert (await asyncio.wait_for(held, 10)).status_code == 202
         text = (await c.get("/metrics", headers=AUTH)).text
@@ -201,6 +203,37 @@ async def test_overloaded_is_503_with_the_configured_retry_after() -> None:
     assert batch.json()["event_ids"] == ["b1", "b2"]
     assert [e.id for e in sink.events] == ["h0", "h1", "h2"]
     assert metric(text, "signal_bridge_overloaded_total", adapter="http") == 2
+
+
+async def test_one_token_holds_at_most_its_share_of_the_waiting_events_and_another_goes_on() -> None:
+    """One token's large batches while Temporal was slow filled dispatcher.max_pending_events:
+    every other token and webhook got 503 overloaded until they drained. Past its share a token
+    now gets 429, and the others are taken."""
+    sink = FakeSink()
+    sink.release = asyncio.Event()
+    cfg = hook_config([{"slug": "open", "verify": {"kind": "none"}, "events": [{"name": "open.event"}]}])
+    snap = Snapshot.compile(cfg.model_copy(update={"http": cfg.http.model_copy(update={"retry_after_seconds": 3})}))
+    pipeline = Pipeline(snap.routes, sink, max_pending=8, retry_after=30)  # a share of 2
+    async with in_loop_client(create_app(pipeline, snap)) as c:
+        held = asyncio.create_task(c.post(URL, json=[{**order(), "id": f"h{i}"} for i in range(2)], headers=AUTH))
+        await asyncio.wait_for(sink.entered.wait(), 10)
+        over = await c.post(URL, json={**order(), "id": "over"}, headers=AUTH)
+        other = asyncio.create_task(
+            c.post(URL, json={**order(), "id": "o"}, headers={"Authorization": "Bearer other-token"})
+        )
+        hook = asyncio.create_task(c.post("/api/v1/hooks/open", json={"x": 1}))
+        await asyncio.sleep(0.1)
+        sink.release.set()
+        answers = await asyncio.wait_for(asyncio.gather(held, other, hook), 10)
+        text = (await c.get("/metrics", headers=AUTH)).text
+    assert over.status_code == 429, over.text
+    assert over.json()["error"] == "rate_limited" and over.json()["event_id"] == "over"
+    assert "already wait for Temporal" in over.json()["message"]
+    assert over.headers["Retry-After"] == "3"
+    assert [a.status_code for a in answers] == [202, 202, 202], [a.text for a in answers]
+    assert sorted(e.id for e in sink.events if e.id in {"h0", "h1", "o"}) == ["h0", "h1", "o"]
+    assert len(sink.events) == 4 and "over" not in {e.id for e in sink.events}
+    assert metric(text, "signal_bridge_overloaded_total", adapter="http") == 1
 
 
 # --- http.body_timeout_seconds ---------------------------------------------------------------

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from bridge.config import parse_config
-from bridge.errors import Overloaded
+from bridge.errors import Overloaded, SenderOverloaded
 from bridge.event import MAX_KEY_CHARS, MAX_SIGNAL_BYTES, EventSignal, encode
 from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline
@@ -48,6 +48,50 @@ async def test_beyond_max_pending_events_submissions_are_refused_as_overloaded()
     assert pipeline.pending == 0
     await pipeline.submit(events("4", "5"), "test")  # room again once Temporal took the first
     assert [e.id for e in sink.events] == ["1", "2", "4", "5"]
+
+
+async def test_one_sender_holds_at_most_its_share_of_the_waiting_events_and_the_others_go_on() -> None:
+    """One token's large batches while Temporal was slow filled max_pending_events, and every
+    other token, webhook and queue was refused as overloaded until they drained."""
+    sink = FakeSink()
+    sink.release = asyncio.Event()  # Temporal stalls
+    pipeline = Pipeline(ROUTES, sink, max_pending=8, retry_after=7)
+    assert pipeline.pending_share == 2  # a quarter by default
+    first = asyncio.create_task(pipeline.submit(events("a1", "a2"), "test", sender="http:a"))
+    await sink.entered.wait()
+    with pytest.raises(SenderOverloaded) as exc:
+        await pipeline.submit(events("a3"), "test", sender="http:a")
+    assert exc.value.retry_after == 7 and "2 events of this sender already wait" in str(exc.value)
+    others = [
+        asyncio.create_task(pipeline.submit(events("b1", "b2"), "test", sender="http:b")),
+        asyncio.create_task(pipeline.submit(events("k1"), "test", sender="kafka:orders")),
+        asyncio.create_task(pipeline.submit(events("n1"), "test")),  # no sender: only the process's cap
+    ]
+    await asyncio.sleep(0)
+    assert pipeline.pending == 6
+    sink.release.set()
+    await asyncio.gather(first, *others)
+    assert pipeline.pending == 0 and not pipeline._pending_of
+    await pipeline.submit(events("a3"), "test", sender="http:a")  # its share is free again
+    assert sorted(e.id for e in sink.events) == ["a1", "a2", "a3", "b1", "b2", "k1", "n1"]
+    assert 'signal_bridge_overloaded_total{adapter="test"} 1.0' in pipeline.metrics.render().decode()
+
+
+async def test_a_sender_batch_larger_than_its_share_goes_when_none_of_its_own_waits() -> None:
+    sink = FakeSink()
+    pipeline = Pipeline(ROUTES, sink, max_pending=100, max_pending_per_source=2)
+    await pipeline.submit(events("1", "2", "3"), "test", sender="http:a")
+    assert len(sink.events) == 3 and pipeline.pending_share == 2
+
+
+async def test_a_sender_share_is_released_when_temporal_fails() -> None:
+    sink = FakeSink(outages=1)
+    pipeline = Pipeline(ROUTES, sink, max_pending=8)
+    with pytest.raises(Exception, match="Temporal is down"):
+        await pipeline.submit(events("1", "2"), "test", sender="http:a")
+    assert not pipeline._pending_of
+    await pipeline.submit(events("1", "2"), "test", sender="http:a")
+    assert len(sink.events) == 2
 
 
 async def test_one_batch_larger_than_the_cap_still_goes_when_nothing_waits() -> None:
