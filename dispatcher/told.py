@@ -69,7 +69,11 @@ def read(payload: Payload) -> tuple[str, float] | None:
         return None
     if share != share:  # NaN
         return None
-    return sender[:MAX_SENDER], min(1.0, max(FLOOR, float(share)))
+    try:
+        value = float(share)
+    except OverflowError:  # an integer of hundreds of digits: valid JSON, and within MAX_BYTES
+        return None
+    return sender[:MAX_SENDER], min(1.0, max(FLOOR, value))
 
 
 class Told:
