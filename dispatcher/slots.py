@@ -304,6 +304,9 @@ class StartSlots:
             yield
         finally:
             self.window.finished(began)
+            # Given back before waiting for the lock: a second cancellation while it waits (an
+            # activity cancelled again, gather cancelling its starts again) would lose the slot for
+            # good. A waiter not notified then looks again within RECHECK s.
+            self._used -= 1
             async with self._freed:
-                self._used -= 1
                 self._freed.notify()

@@ -297,6 +297,25 @@ def test_no_tolerance_is_the_fixed_limit_and_a_reload_is_read() -> None:
     assert window.size() == 2
 
 
+async def test_a_start_cancelled_again_while_it_gives_its_slot_back_still_gives_it_back() -> None:
+    """The slot was given back under the lock: a second cancellation while the finished start
+    waited for it skipped the decrement, and each such start took one slot for good."""
+    slots = StartSlots(fixed(lambda: 2))
+    [task] = Starts(slots).launch(1)
+    await assert_eventually(lambda: slots.used == 1, timeout=5, interval=0.01)
+    await slots._freed.acquire()  # someone else holds the lock as the start ends
+    try:
+        task.cancel()
+        for _ in range(3):  # the start's cleanup is now waiting for the lock
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        slots._freed.release()
+    assert slots.used == 0
+
+
 async def test_the_slots_hold_the_window_and_tell_it_each_start() -> None:
     """Through StartSlots: no more than the window in flight, and each start's end is told."""
     window = StartWindow(lambda: 64, lambda: 4.0)
