@@ -454,13 +454,15 @@ class DispatcherClient:
         ]
 
     def _refuse_if_full(self, shard: int) -> None:
-        room = self._rooms[shard]
-        if room.budget <= 0:
-            raise Overloaded(
-                f"dispatcher {self._ids[shard]} holds as many events as it can start before it must "
-                "continue-as-new; it takes more as its backlog starts",
-                self.retry_after,
-            )
+        if self._rooms[shard].budget <= 0:
+            raise self._full(shard)
+
+    def _full(self, shard: int) -> Overloaded:
+        return Overloaded(
+            f"dispatcher {self._ids[shard]} holds as many events as it can start before it must "
+            "continue-as-new; it takes more as its backlog starts",
+            self.retry_after,
+        )
 
     async def _watch(self, shard: int) -> None:
         """Keep the shard's ``accept_bytes`` (its STATS_QUERY) up to date while events are sent to
@@ -546,6 +548,9 @@ class DispatcherClient:
                 if self.down:
                     _answer(batch, self._unavailable("Temporal is unreachable"))
                     continue
+                if self._rooms[shard].budget <= 0:  # spent while these waited behind the signal before
+                    _answer(batch, self._full(shard))
+                    continue
                 await self._send(shard, batch)
             except BaseException:
                 _answer(batch, self._unavailable("the dispatcher client is stopping"))
@@ -625,18 +630,27 @@ class DispatcherClient:
             log.info("a signal answered late was accepted after all; its events' retries are deduplicated")
 
     async def _next_batch(self, shard: int) -> list[_Submission]:
-        """The oldest submission and every queued one after it that still fits in one signal.
+        """The oldest submission and every queued one after it that still fits in one signal, and
+        in the dispatcher's room (its ``accept_bytes`` less what was sent since).
 
-        The first that does not fit is carried to the next batch, so the order holds.
+        The first that does not fit is carried to the next batch, so the order holds. The room is
+        checked as a submission is queued, but spent only as signals are held: what queued behind
+        a signal in flight would otherwise all go once it is held, past what the run can carry
+        into its next, which then counts the rest failed after the adapters acknowledged them.
         """
         queue = self._queues[shard]
         first = self._carry[shard] or await queue.get()
         self._carry[shard] = None
         batch = [first]
         count, size = len(first.events), first.size
+        room = self._rooms[shard].budget
         while not queue.empty():
             nxt = queue.get_nowait()
-            if count + len(nxt.events) > MAX_SIGNAL_EVENTS or size + nxt.size > MAX_SIGNAL_BYTES:
+            if (
+                count + len(nxt.events) > MAX_SIGNAL_EVENTS
+                or size + nxt.size > MAX_SIGNAL_BYTES
+                or size + nxt.size > room
+            ):
                 self._carry[shard] = nxt
                 break
             batch.append(nxt)

@@ -874,6 +874,41 @@ async def test_a_dispatcher_that_can_take_no_more_is_refused_as_overloaded_until
     await dc.close()
 
 
+async def test_what_queued_behind_a_signal_in_flight_goes_only_within_the_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The room was checked as a submission was queued and spent only as signals were held: all
+    that queued behind a signal in flight went once it was held, past what the run can carry into
+    its next, which then counted the rest failed after the adapters had acknowledged them."""
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.01)
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 0.01)
+    temporal = FakeTemporal()
+    wid = dispatcher_id(PROJECT, 0, 1)
+    one = encoded_size(ev("q00", size=1000).to_dict())
+    dc = make_client(temporal)
+    await dc.submit([ev("first")])
+    temporal.accept[wid] = 5 * one
+    await assert_eventually(lambda: dc._rooms[0].budget == 5 * one, timeout=5, interval=0.01, what="a look")
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 3600.0)  # from here on only a wake looks
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 3600.0)
+    looks = temporal.looks
+    await assert_eventually(lambda: temporal.looks > looks, timeout=5, interval=0.01, what="the last timed look")
+    temporal.held.add(wid)
+    slow = asyncio.create_task(dc.submit([ev("slow")]))
+    await in_flight(temporal)
+    queued = [asyncio.create_task(dc.submit([ev(f"q{i:02}", size=1000)])) for i in range(20)]
+    await settle()
+    temporal.held.clear()
+    temporal.release.set()
+    results = await asyncio.gather(slow, *queued, return_exceptions=True)
+    assert results[0] is None
+    held = [f"q{i:02}" for i, r in enumerate(results[1:]) if r is None]
+    refused = [f"q{i:02}" for i, r in enumerate(results[1:]) if isinstance(r, Overloaded)]
+    assert sorted(held + refused) == [f"q{i:02}" for i in range(20)]
+    sent = [i for ids in temporal.sent()[2:] for i in ids]
+    assert sent == held  # each queued event is either sent and held, or refused and not sent
+    assert 1 <= len(held) <= 5 and len(refused) >= 15, (held, refused)
+    await dc.close()
+
+
 async def test_what_was_sent_since_the_last_look_counts_against_accept_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Between two looks the client spends the last answer by the bytes it sends, so a burst stops
     at the bound without waiting for the next look; and once it sent a quarter of that answer it
