@@ -21,7 +21,7 @@ from bridge.deadletter import H_TRIMMED, MAX_HEADER_VALUE, MAX_HEADERS, fit_head
 from bridge.deadletter import dead_letter_headers as letter_headers
 from bridge.decode import Message, decode, header_metadata
 from bridge.errors import EventRejected
-from bridge.event import EventSignal
+from bridge.event import MAX_SIGNAL_BYTES, EventSignal
 
 ADAPTER = "kafka"
 CE_PREFIX = "ce_"
@@ -84,12 +84,20 @@ def record_time(stamp: int | None) -> str | None:
 
 
 def to_message(record: Record) -> Message:
-    """What :func:`bridge.decode.decode` needs from a record; no aiokafka type goes further."""
+    """What :func:`bridge.decode.decode` needs from a record; no aiokafka type goes further.
+
+    A value no signal could carry is refused as ``too_large`` here, before anything parses it: a
+    topic may take records of many megabytes, and parsed JSON takes up to 25 times its text."""
     if isinstance(record, Unreadable):
         raise EventRejected(
             "malformed",
             f"the Kafka client cannot read the record at offset {record.offset} ({record.why}); this letter does "
             "not hold it: read it from the topic by its offset",
+        )
+    body = record.value if isinstance(record.value, bytes) else _text(record.value).encode()
+    if len(body) > MAX_SIGNAL_BYTES:
+        raise EventRejected(
+            "too_large", f"the value is {len(body)} bytes; one signal carries at most {MAX_SIGNAL_BYTES}"
         )
     headers = record_headers(record)
     lowered = {k.lower(): v for k, v in headers.items()}
@@ -105,7 +113,7 @@ def to_message(record: Record) -> Message:
         "timestamp": record.timestamp,
     }
     return Message(
-        body=record.value if isinstance(record.value, bytes) else _text(record.value).encode(),
+        body=body,
         source=f"kafka:{record.topic}",
         fallback_id=fallback_id(record),
         headers=headers,

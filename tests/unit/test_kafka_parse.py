@@ -19,7 +19,7 @@ from adapters import kafka, kafka_parse
 from bridge.config import EventFormat, KafkaConsumer, parse_config
 from bridge.deadletter import MAX_HEADER_VALUE, MAX_HEADERS
 from bridge.errors import ConfigError, EventRejected
-from bridge.event import EventSignal
+from bridge.event import MAX_SIGNAL_BYTES, EventSignal
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
 from bridge.settle import Abandoned, Backoff
@@ -95,6 +95,16 @@ def test_envelope_id_wins_over_the_offset_and_id_from_over_nothing():
     assert kafka.parse(record(body(name="a", id="order-9")), fmt()).id == "order-9"
     rec = record(body(name="a", payload={"order": {"id": 77}}))
     assert kafka.parse(rec, fmt(id_from="field:payload.order.id")).id == "77"
+
+
+def test_a_value_no_signal_could_carry_is_too_large_before_it_is_parsed():
+    """Parsed, a megabyte of ``[{},{},…]`` takes about 25 MB: 500 such records in one batch took
+    the process's memory. AMQP refused such a body already; Kafka parsed it."""
+    huge = record(b"[" * (MAX_SIGNAL_BYTES + 1))  # parsed, it would be malformed
+    with pytest.raises(EventRejected) as exc:
+        kafka.parse(huge, fmt())
+    assert exc.value.reason == "too_large" and str(MAX_SIGNAL_BYTES) in exc.value.message
+    assert kafka.parse(record(body(name="a", payload={"pad": "x" * 1000})), fmt()).name == "a"
 
 
 def test_trace_headers_become_metadata_and_other_headers_stay_out():
