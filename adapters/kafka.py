@@ -480,7 +480,10 @@ class KafkaAdapter(Transport[Record]):
             # again from where the poll began: with backoff, or around a record it cannot read.
             delay = self._poll_failed(exc)
             if _unreadable(exc):
-                return await self._read_around()
+                batch = await self._read_around()
+                if batch:  # read past it: not a run of failures that a trickle of such records adds to
+                    self._poll_failures = 0
+                return batch
             await self._sleep(delay)
             return {}
         self._check_topics()
@@ -691,16 +694,16 @@ class KafkaAdapter(Transport[Record]):
             poll.before[tp] = offset
 
     def _poll_failed(self, exc: Exception) -> float:
-        """Count and log a failed poll; the seconds to wait before the next. A record the client
-        cannot read makes the consumer unhealthy at once, any other error after
-        ``POLL_FAILURES_UNHEALTHY`` in a row. The same error again is logged at most every
-        ``FAILURE_LOG_EVERY`` seconds above DEBUG."""
+        """Count and log a failed poll; the seconds to wait before the next. The consumer is
+        unhealthy after ``POLL_FAILURES_UNHEALTHY`` in a row. A record the client cannot read is
+        not reported at once: it is read around and dead-lettered (a drop, logged and counted),
+        and any producer can write one, so each would have turned the whole bridge's /readyz red
+        for POLL_RECOVERY s. The same error again is logged at most every ``FAILURE_LOG_EVERY``
+        seconds above DEBUG."""
         now = time.monotonic()
         if now - self._failed_at >= POLL_RECOVERY:
             self._poll_failures = 0
         self._poll_failures += 1
-        if not isinstance(exc, KafkaError):
-            self._poll_failures = max(self._poll_failures, POLL_FAILURES_UNHEALTHY)
         self._failed_at = now
         self._failure_metric.labels(self.name, type(exc).__name__).inc()
         delay = self.settler.backoff.delay(self._poll_failures)
