@@ -122,6 +122,7 @@ def to_message(record: Record) -> Message:
         key=None if record.key is None else _text(record.key),
         metadata=metadata,
         time=record_time(record.timestamp),
+        reserved=f"kafka:{record.topic}:",
     )
 
 

@@ -64,6 +64,9 @@ class Message:
     (the Kafka record key, the AMQP routing key); it is also the event's ordering key when
     ``keyed`` and the format has no ``key_from``. ``parsed``: a structured-mode CloudEvent already
     parsed from JSON (an item of a CloudEvents batch, read with the batch): ``body`` is not read.
+    ``reserved``: how the ids the bridge makes for messages without one begin (a Kafka topic's
+    ``kafka:{topic}:``): a sender's own id that begins so is ``malformed``, as it could take the
+    id of another producer's record to come, which would then be skipped as a repeat.
     """
 
     body: bytes
@@ -77,6 +80,7 @@ class Message:
     metadata: dict[str, Any] = field(default_factory=dict)
     time: str | None = None
     parsed: dict[str, Any] | None = None
+    reserved: str | None = None
 
 
 def header_metadata(headers: Mapping[str, str], correlation_id: str | None = None) -> dict[str, Any]:
@@ -219,6 +223,12 @@ def decode(msg: Message, fmt: EventFormat) -> EventSignal:
         raise EventRejected("malformed", "the payload must be a JSON object")
     if not isinstance(name, str) or not name:
         raise EventRejected("no_name", "the message carries no event name")
+    if event_id and msg.reserved and event_id.startswith(msg.reserved):
+        raise EventRejected(
+            "malformed",
+            f"an id beginning {msg.reserved!r} is the one the bridge gives a record without an id, by its offset; "
+            "choose another, or leave it out",
+        )
     return EventSignal(
         id=msg.fallback_id if event_id is None or event_id == "" else str(event_id),
         name=name,
