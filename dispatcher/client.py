@@ -237,6 +237,16 @@ class _Submission:
     indices: list[int] = field(default_factory=list)  # of its events in the submission
     trace: Context | None = None  # the submitter's trace context, when tracing is on
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # The submission of the same call and shard queued just before it: when that one failed, this
+    # one is not sent (DispatcherClient._orphans), so a call's events are held in their order or not.
+    before: _Submission | None = None
+
+    def failed_before(self) -> BaseException | None:
+        """Why the submission before it failed, if it did (answered failed, not cancelled)."""
+        before = self.before
+        if before is None or not before.done.done() or before.done.cancelled():
+            return None
+        return before.done.exception()
 
 
 class DispatcherClient:
@@ -338,7 +348,8 @@ class DispatcherClient:
         for index, (shard, item, awaited) in enumerate(placed):
             sub = open_.get(shard)
             if sub is None or sub.size + len(item) > MAX_SIGNAL_BYTES or len(sub.events) >= MAX_SIGNAL_EVENTS:
-                sub = open_[shard] = _Submission([], 0, trace=current_trace() if self._tracing else None)
+                trace = current_trace() if self._tracing else None
+                sub = open_[shard] = _Submission([], 0, trace=trace, before=sub)
                 subs.append(sub)
                 self._queues[shard].put_nowait(sub)
             sub.events.append(item)
@@ -545,13 +556,16 @@ class DispatcherClient:
         while True:
             batch = await self._next_batch(shard)
             try:
+                live = _orphans_answered(batch)
+                if not live:
+                    continue
                 if self.down:
-                    _answer(batch, self._unavailable("Temporal is unreachable"))
+                    _answer(live, self._unavailable("Temporal is unreachable"))
                     continue
                 if self._rooms[shard].budget <= 0:  # spent while these waited behind the signal before
-                    _answer(batch, self._full(shard))
+                    _answer(live, self._full(shard))
                     continue
-                await self._send(shard, batch)
+                await self._send(shard, live)
             except BaseException:
                 _answer(batch, self._unavailable("the dispatcher client is stopping"))
                 raise
@@ -753,6 +767,21 @@ def _signal_too_large(message: str) -> bool:
     signal-with-start starts the next one, so it is Unavailable, never a refusal of the events)."""
     text = message.lower()
     return "size" in text and "history" not in text
+
+
+def _orphans_answered(batch: list[_Submission]) -> list[_Submission]:
+    """``batch`` less the submissions whose call's submission before them failed, answered as it
+    was: a Kafka batch over one signal goes as several, and one that failed while the next was
+    held had its later events started first, the earlier ones only on the batch's retry (the
+    records of one key start in the order they were written)."""
+    live = []
+    for sub in batch:
+        failure = sub.failed_before()
+        if failure is None:
+            live.append(sub)
+        elif not sub.done.done():
+            sub.done.set_exception(failure)
+    return live
 
 
 def _answer(batch: list[_Submission], failure: Exception | None) -> None:

@@ -692,6 +692,23 @@ async def test_a_submission_of_several_signals_some_failing_says_which_events_ar
     await client.close()
 
 
+async def test_when_a_submission_s_first_signal_fails_its_later_ones_are_not_sent() -> None:
+    """A Kafka batch over one signal goes as several. The first failed (a rate limit: Temporal is
+    not down) and the next was held: the batch's later events started first, and the earlier ones
+    only when the settle path retried the batch, against the order of the records of one key."""
+    temporal = FakeTemporal(errors={0: RPCError("namespace rps limit", RPCStatusCode.RESOURCE_EXHAUSTED, b"")})
+    client = make_client(temporal, **FAST)
+    events = [ev(f"e{i}", key="K") for i in range(2 * MAX_SIGNAL_EVENTS + 1)]
+    with pytest.raises(Unavailable) as caught:
+        await client.submit(events)
+    assert not isinstance(caught.value, PartlyHeld) and "rps limit" in str(caught.value)
+    assert len(temporal.sent()) == 1, "the later signals were not sent"
+    await client.submit(events)  # the settle path's retry: in order
+    sent = [i for batch in temporal.sent()[1:] for i in batch]
+    assert sent == [e.id for e in events]
+    await client.close()
+
+
 async def test_a_submission_of_several_signals_all_failing_is_unavailable_not_partly_held() -> None:
     error = RPCError("namespace rps limit", RPCStatusCode.RESOURCE_EXHAUSTED, b"")
     client = make_client(FakeTemporal(errors={0: error, 1: error}), **FAST)
