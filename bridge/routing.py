@@ -88,12 +88,15 @@ class SignalRoute:
         the bridge starts for an event (``{entry}-{digest}``): the digest is of values a sender can
         know, and a run started under it first would make that event's own start a duplicate, so
         the event would never start. Signalling such a run while it is open (``skip``) stays
-        possible: a run the bridge started may name itself in a later event."""
+        possible: a run the bridge started may name itself in a later event.
+
+        The answer does not quote the rendered id: the template may hold ``${VAR}`` values, which
+        go back to the sender in the refusal (and into dead letters), and are not the sender's."""
         if run.startswith(DISPATCHER_PREFIX):
-            return f"signal workflow_id {run[:80]!r} names a dispatcher of the bridge"
+            return f"signal workflow_id renders to a dispatcher's id ({DISPATCHER_PREFIX}…), never signalled"
         if self.if_missing == "start" and _RUN_SHAPE.fullmatch(run, max(0, len(run) - 21)) and run[:-21] in entries:
             return (
-                f"signal workflow_id {run[:80]!r} is the id of a run workflow {run[:-21]!r} starts for an event,"
+                f"signal workflow_id renders to the id of a run workflow {run[:-21]!r} starts for an event,"
                 " which if_missing: start must not take"
             )
         return None

@@ -428,6 +428,17 @@ def test_a_run_id_that_renders_empty_or_too_long_is_refused_at_the_adapter(
 SQUAT = "{{ .trigger.runId }}"
 
 
+def test_a_refused_run_id_is_not_quoted_back_to_the_sender() -> None:
+    """The refusal quoted the rendered id, and with it the template's own text (which may hold a
+    ``${VAR}`` value) to whoever sent the event, and into its dead letter."""
+    signal = {"name": "payment", "workflow_id": "{{ .trigger.t }}-s3cr3t-suffix", "if_missing": "skip"}
+    routes = table(wf("pay", "payment.completed", signal=signal))
+    with pytest.raises(EventRejected) as caught:
+        routes.check(event("payment.completed", {"t": "dispatcher"}))
+    assert caught.value.reason == "target_invalid" and "dispatcher" in caught.value.message
+    assert "s3cr3t" not in caught.value.message and "s3cr3t" not in json.dumps(caught.value.as_dict())
+
+
 def squat_table(if_missing: str) -> RouteTable:
     signal = {"name": "payment", "workflow_id": SQUAT, "if_missing": if_missing}
     return table(wf("pay", "payment.completed", signal=signal), wf("process-order", "order.created"))
