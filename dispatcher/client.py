@@ -556,7 +556,7 @@ class DispatcherClient:
         while True:
             batch = await self._next_batch(shard)
             try:
-                live = _orphans_answered(batch)
+                live = _live(batch)
                 if not live:
                     continue
                 if self.down:
@@ -769,13 +769,21 @@ def _signal_too_large(message: str) -> bool:
     return "size" in text and "history" not in text
 
 
-def _orphans_answered(batch: list[_Submission]) -> list[_Submission]:
-    """``batch`` less the submissions whose call's submission before them failed, answered as it
-    was: a Kafka batch over one signal goes as several, and one that failed while the next was
-    held had its later events started first, the earlier ones only on the batch's retry (the
-    records of one key start in the order they were written)."""
+def _live(batch: list[_Submission]) -> list[_Submission]:
+    """``batch`` less what is not to be sent:
+
+    - a submission whose submitter gave up while it was queued (cancelled: an HTTP client gone,
+      an adapter stopping), which is then acknowledged to nobody. Sent anyway, it went out after
+      the pipeline had stopped counting it, so ``max_pending_events`` did not bound the queue;
+    - one whose call's submission before it failed, answered as that one was: a Kafka batch over
+      one signal goes as several, and one that failed while the next was held had its later
+      events started first, the earlier ones only on the batch's retry (the records of one key
+      start in the order they were written).
+    """
     live = []
     for sub in batch:
+        if sub.done.cancelled():
+            continue
         failure = sub.failed_before()
         if failure is None:
             live.append(sub)

@@ -709,6 +709,26 @@ async def test_when_a_submission_s_first_signal_fails_its_later_ones_are_not_sen
     await client.close()
 
 
+async def test_a_submission_whose_submitter_gave_up_while_queued_is_not_sent() -> None:
+    """It was sent anyway, after the pipeline had stopped counting it (its caller's ``finally``),
+    so max_pending_events did not bound what waited in the queue; and nobody was answered."""
+    temporal = FakeTemporal(held={dispatcher_id(PROJECT, 0, 1)})
+    client = make_client(temporal)
+    first = asyncio.create_task(client.submit([ev("a")]))
+    await in_flight(temporal)
+    gone = asyncio.create_task(client.submit([ev("gone")]))
+    stays = asyncio.create_task(client.submit([ev("b")]))
+    await settle()
+    gone.cancel()
+    await settle()
+    temporal.held.clear()
+    temporal.release.set()
+    await asyncio.gather(first, stays)
+    assert gone.cancelled()
+    assert temporal.sent() == [["a"], ["b"]]
+    await client.close()
+
+
 async def test_a_submission_of_several_signals_all_failing_is_unavailable_not_partly_held() -> None:
     error = RPCError("namespace rps limit", RPCStatusCode.RESOURCE_EXHAUSTED, b"")
     client = make_client(FakeTemporal(errors={0: error, 1: error}), **FAST)
