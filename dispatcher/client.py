@@ -211,6 +211,10 @@ def next_look(budget: float, rate: float) -> float:
     return min(WATCH_MOST, max(WATCH_EVERY, budget / rate / 4))
 
 
+FIRST_LOOK = 0.5
+"""Seconds beyond the look's own RPC timeouts that the first signal waits for the first look."""
+
+
 @dataclass
 class _Room:
     """What a dispatcher may still take (bytes of events): its last ``accept_bytes``, less what was
@@ -222,6 +226,10 @@ class _Room:
     looked_at: float = -math.inf  # time.monotonic() of the last look
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # a quarter of it was sent: look again
     full: bool = False  # as last logged
+    # The first look was tried (answered or not): the first signal waits for it, up to FIRST_LOOK s.
+    # Sent at once, it carried all that queued before, however little room a restarted process's
+    # dispatcher had left.
+    looked: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def answer(self) -> float:
@@ -238,7 +246,7 @@ class _Submission:
     trace: Context | None = None  # the submitter's trace context, when tracing is on
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     # The submission of the same call and shard queued just before it: when that one failed, this
-    # one is not sent (DispatcherClient._orphans), so a call's events are held in their order or not.
+    # one is not sent (_live), so a call's events are held in their order or not.
     before: _Submission | None = None
 
     def failed_before(self) -> BaseException | None:
@@ -487,12 +495,13 @@ class DispatcherClient:
         gauge = self.metrics.child(self.metrics.dispatcher_accept_bytes, self._ids[shard])
         failing_gauge = self.metrics.child(self.metrics.dispatcher_tasks_failing, self._ids[shard])
         failing = False
-        delay = WATCH_EVERY
+        delay = 0.0  # the first look at once: the first signal waits for it
         while True:
             await within(delay, room.wake.wait())  # not wait_for: see bridge.aio
             room.wake.clear()
             delay = WATCH_EVERY
-            if room.budget > 0 and time.monotonic() - room.sent_at > WATCH_IDLE and not failing:
+            idle = time.monotonic() - room.sent_at > WATCH_IDLE
+            if room.budget > 0 and idle and not failing and room.looked.is_set():
                 continue
             info: DescribeWorkflowExecutionResponse | None = None
             try:
@@ -503,6 +512,7 @@ class DispatcherClient:
                 try:
                     info = (await handle.describe(rpc_timeout=self.probe_timeout)).raw_description
                 except Exception:
+                    room.looked.set()  # not known: the first signal goes as it would have (inf)
                     continue  # Temporal does not answer: the prober refuses submissions meanwhile
                 history = info.workflow_execution_info.history_size_bytes
                 budget = max(0.0, (DRAIN_HISTORY_BYTES - FULL_MARGIN - history) / TAKE_WEIGHT)
@@ -529,6 +539,7 @@ class DispatcherClient:
             if budget > 0:
                 delay = next_look(budget, rate)
             gauge.set(budget if math.isfinite(budget) else -1)
+            room.looked.set()
             if (budget <= 0) != room.full:
                 room.full = budget <= 0
                 if room.full:
@@ -655,6 +666,9 @@ class DispatcherClient:
         queue = self._queues[shard]
         first = self._carry[shard] or await queue.get()
         self._carry[shard] = None
+        looked = self._rooms[shard].looked
+        if not looked.is_set():  # the first signal: what the dispatcher can take, first
+            await within(FIRST_LOOK + 2 * self.probe_timeout.total_seconds(), looked.wait())
         batch = [first]
         count, size = len(first.events), first.size
         room = self._rooms[shard].budget
