@@ -186,6 +186,19 @@ def _unreadable(exc: Exception) -> bool:
     return isinstance(exc, CorruptRecordException) or not isinstance(exc, KafkaError)
 
 
+PRODUCER_WRITTEN = (UnicodeDecodeError, CorruptRecordException)
+"""Poll failures on a record any producer can write (a header name that is not UTF-8, a checksum
+that fails): the record is read around and dead-lettered, which is no outage of the consumer."""
+
+
+def _read_past(exc: Exception, batch: Batch) -> bool:
+    """Whether reading around a failed poll got past what failed it: records read, or stubs for
+    records a producer wrote so (:data:`PRODUCER_WRITTEN`). Stubs alone for another error may be
+    the client failing on every record: that run of failures goes on."""
+    stubs_only = all(isinstance(r, Unreadable) for recs in batch.values() for r in recs)
+    return bool(batch) and (not stubs_only or isinstance(exc, PRODUCER_WRITTEN))
+
+
 @dataclass(eq=False)
 class _Poll:
     """A ``getmany`` in flight: where each partition's next fetch started, kept up to date by the
@@ -481,7 +494,7 @@ class KafkaAdapter(Transport[Record]):
             delay = self._poll_failed(exc)
             if _unreadable(exc):
                 batch = await self._read_around()
-                if batch:  # read past it: not a run of failures that a trickle of such records adds to
+                if _read_past(exc, batch):  # not a run of failures that a trickle of such records adds to
                     self._poll_failures = 0
                 return batch
             await self._sleep(delay)
@@ -695,15 +708,18 @@ class KafkaAdapter(Transport[Record]):
 
     def _poll_failed(self, exc: Exception) -> float:
         """Count and log a failed poll; the seconds to wait before the next. The consumer is
-        unhealthy after ``POLL_FAILURES_UNHEALTHY`` in a row. A record the client cannot read is
-        not reported at once: it is read around and dead-lettered (a drop, logged and counted),
-        and any producer can write one, so each would have turned the whole bridge's /readyz red
-        for POLL_RECOVERY s. The same error again is logged at most every ``FAILURE_LOG_EVERY``
-        seconds above DEBUG."""
+        unhealthy after ``POLL_FAILURES_UNHEALTHY`` in a row, and at once for an error that is
+        neither the broker's nor a record's a producer wrote (the client failing). A record any
+        producer can write (:data:`PRODUCER_WRITTEN`) is not reported at once: it is read around
+        and dead-lettered (a drop, logged and counted), and each turned the whole bridge's /readyz
+        red for POLL_RECOVERY s. The same error again is logged at most every
+        ``FAILURE_LOG_EVERY`` seconds above DEBUG."""
         now = time.monotonic()
         if now - self._failed_at >= POLL_RECOVERY:
             self._poll_failures = 0
         self._poll_failures += 1
+        if not isinstance(exc, KafkaError | UnicodeDecodeError):
+            self._poll_failures = max(self._poll_failures, POLL_FAILURES_UNHEALTHY)
         self._failed_at = now
         self._failure_metric.labels(self.name, type(exc).__name__).inc()
         delay = self.settler.backoff.delay(self._poll_failures)

@@ -63,6 +63,7 @@ class LogConsumer(FakeConsumer):
         self.positions = {tp: self.committed_offsets.get(tp, 0) for tp in lengths}  # auto_offset_reset: earliest
         self.failing: dict[TopicPartition, tuple[Exception, int]] = {}
         self.unreadable: set[tuple[TopicPartition, int]] = set()  # records every poll fails on
+        self.unreadable_error: Exception = BAD_HEADER  # what polls raise on them
         self.failed = 0
         self.taken_then_lost = 0
         self.polled_alone: list[TopicPartition] = []
@@ -93,7 +94,7 @@ class LogConsumer(FakeConsumer):
                 self.positions[tp] = start + bad
                 self.failed += 1
                 self.taken_then_lost += sum(len(r) for r in taken.values()) + bad
-                raise BAD_HEADER
+                raise self.unreadable_error
             if recs:
                 taken[tp] = recs
                 self.positions[tp] = start + len(recs)
@@ -460,6 +461,18 @@ async def test_records_the_client_cannot_read_keep_the_consumer_ready():
         await assert_eventually(lambda: committed(consumer) == {TP0: 6, TP1: 3}, timeout=10, interval=0.005)
         assert sorted(offsets_held(sink)) == ["0", "101", "102", "2", "3", "5"]
         assert adapter.healthy()
+
+
+async def test_a_client_that_fails_on_every_record_is_not_ready_though_each_is_read_around():
+    """An error that is no record a producer wrote (a bug in the client or a decoder) turns every
+    record into a dead-lettered stub: the consumer must not look ready meanwhile."""
+    sink = FakeSink()
+    consumer = LogConsumer({TP0: 4})
+    consumer.unreadable = {(TP0, i) for i in range(4)}
+    consumer.unreadable_error = TypeError("a bug in the client")
+    async with running(consumer, sink) as adapter:
+        await assert_eventually(lambda: committed(consumer) == {TP0: 4}, timeout=10, interval=0.005)
+        assert offsets_held(sink) == [] and not adapter.healthy()
 
 
 async def test_a_record_the_client_cannot_read_without_a_dead_letter_topic_is_counted_and_skipped(
