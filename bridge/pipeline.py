@@ -235,15 +235,17 @@ class Pipeline:
 
     def _admit(self, count: int, adapter: str, sender: str | None) -> None:
         """Refuse a submission that would hold more than ``max_pending`` events waiting for
-        Temporal, or more than :attr:`pending_share` of its sender's: one token's large batches
-        while Temporal is slow leave the others room. One batch alone always goes (of the process,
-        of the sender), so a batch larger than either cap is not stuck."""
+        Temporal; or, past its sender's :attr:`pending_share`, one that would leave the others
+        less than a share: one token's large batches while Temporal is slow leave the others room,
+        and a process with one sender may still use most of it. One batch alone always goes (of
+        the process, of the sender), so a batch larger than either cap is not stuck."""
         mine = self._pending_of[sender] if sender is not None else 0
-        if mine and mine + count > (share := self.pending_share):
+        share = self.pending_share
+        if mine and mine + count > share and self.pending + count > self.max_pending - share:
             self.metrics.child(self.metrics.overloaded, adapter).inc()
             raise SenderOverloaded(
-                f"{mine} events of this sender already wait for Temporal in this process (at most {share} of one "
-                "sender: dispatcher.max_pending_per_source)",
+                f"{mine} events of this sender already wait for Temporal in this process (past {share}, a "
+                "sender leaves the others that many: dispatcher.max_pending_per_source)",
                 self.retry_after,
             )
         if self.pending and self.pending + count > self.max_pending:

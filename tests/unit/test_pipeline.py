@@ -50,31 +50,36 @@ async def test_beyond_max_pending_events_submissions_are_refused_as_overloaded()
     assert [e.id for e in sink.events] == ["1", "2", "4", "5"]
 
 
-async def test_one_sender_holds_at_most_its_share_of_the_waiting_events_and_the_others_go_on() -> None:
+async def test_one_sender_leaves_the_others_a_share_of_the_waiting_events() -> None:
     """One token's large batches while Temporal was slow filled max_pending_events, and every
-    other token, webhook and queue was refused as overloaded until they drained."""
+    other token, webhook and queue was refused as overloaded until they drained. Alone, a sender
+    may use most of the room; past its share it must leave the others a share."""
     sink = FakeSink()
     sink.release = asyncio.Event()  # Temporal stalls
     pipeline = Pipeline(ROUTES, sink, max_pending=8, retry_after=7)
     assert pipeline.pending_share == 2  # a quarter by default
-    first = asyncio.create_task(pipeline.submit(events("a1", "a2"), "test", sender="http:a"))
+    hog = [asyncio.create_task(pipeline.submit(events(f"a{i}", f"a{i}b"), "test", sender="http:a")) for i in range(3)]
     await sink.entered.wait()
+    await asyncio.sleep(0)
+    assert pipeline.pending == 6  # alone, past its share: the others still have 2
     with pytest.raises(SenderOverloaded) as exc:
         await pipeline.submit(events("a3"), "test", sender="http:a")
-    assert exc.value.retry_after == 7 and "2 events of this sender already wait" in str(exc.value)
+    assert exc.value.retry_after == 7 and "6 events of this sender already wait" in str(exc.value)
     others = [
-        asyncio.create_task(pipeline.submit(events("b1", "b2"), "test", sender="http:b")),
+        asyncio.create_task(pipeline.submit(events("b1"), "test", sender="http:b")),
         asyncio.create_task(pipeline.submit(events("k1"), "test", sender="kafka:orders")),
-        asyncio.create_task(pipeline.submit(events("n1"), "test")),  # no sender: only the process's cap
     ]
     await asyncio.sleep(0)
-    assert pipeline.pending == 6
+    assert pipeline.pending == 8
+    with pytest.raises(Overloaded) as full:  # the process is full now: no sender's share is left
+        await pipeline.submit(events("n1"), "test", sender="http:c")
+    assert not isinstance(full.value, SenderOverloaded)
     sink.release.set()
-    await asyncio.gather(first, *others)
+    await asyncio.gather(*hog, *others)
     assert pipeline.pending == 0 and not pipeline._pending_of
-    await pipeline.submit(events("a3"), "test", sender="http:a")  # its share is free again
-    assert sorted(e.id for e in sink.events) == ["a1", "a2", "a3", "b1", "b2", "k1", "n1"]
-    assert 'signal_bridge_overloaded_total{adapter="test"} 1.0' in pipeline.metrics.render().decode()
+    await pipeline.submit(events("a3"), "test", sender="http:a")  # room again
+    assert len(sink.events) == 9 and "n1" not in {e.id for e in sink.events}
+    assert 'signal_bridge_overloaded_total{adapter="test"} 2.0' in pipeline.metrics.render().decode()
 
 
 async def test_a_sender_batch_larger_than_its_share_goes_when_none_of_its_own_waits() -> None:
