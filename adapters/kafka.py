@@ -191,14 +191,6 @@ PRODUCER_WRITTEN = (UnicodeDecodeError, CorruptRecordException)
 that fails): the record is read around and dead-lettered, which is no outage of the consumer."""
 
 
-def _read_past(exc: Exception, batch: Batch) -> bool:
-    """Whether reading around a failed poll got past what failed it: records read, or stubs for
-    records a producer wrote so (:data:`PRODUCER_WRITTEN`). Stubs alone for another error may be
-    the client failing on every record: that run of failures goes on."""
-    stubs_only = all(isinstance(r, Unreadable) for recs in batch.values() for r in recs)
-    return bool(batch) and (not stubs_only or isinstance(exc, PRODUCER_WRITTEN))
-
-
 @dataclass(eq=False)
 class _Poll:
     """A ``getmany`` in flight: where each partition's next fetch started, kept up to date by the
@@ -289,6 +281,7 @@ class KafkaAdapter(Transport[Record]):
         self._noting: set[asyncio.Task[None]] = set()  # what _note_origins still waits for
         self._rewinds = 0  # times _rewind moved the positions back
         self._poll_failures = 0  # failed polls in a row (each within POLL_RECOVERY of the one before)
+        self._client_stubs = 0  # records stubbed for an error not in PRODUCER_WRITTEN: the client failing
         self._failed_at = -POLL_RECOVERY
         self._failure_logged: tuple[str, float] = ("", -FAILURE_LOG_EVERY)  # (the error, when) last logged
         self._failure_repeats = 0
@@ -493,8 +486,10 @@ class KafkaAdapter(Transport[Record]):
             # again from where the poll began: with backoff, or around a record it cannot read.
             delay = self._poll_failed(exc)
             if _unreadable(exc):
+                stubs = self._client_stubs
                 batch = await self._read_around()
-                if _read_past(exc, batch):  # not a run of failures that a trickle of such records adds to
+                # Read past records a producer wrote so: not a run of failures a trickle of them adds to.
+                if batch and self._client_stubs == stubs and isinstance(exc, PRODUCER_WRITTEN):
                     self._poll_failures = 0
                 return batch
             await self._sleep(delay)
@@ -599,6 +594,10 @@ class KafkaAdapter(Transport[Record]):
             offset,
             exc,
         )
+        if not isinstance(exc, PRODUCER_WRITTEN):  # the client failing: reported now, and kept so
+            self._client_stubs += 1
+            self._poll_failures = max(self._poll_failures, POLL_FAILURES_UNHEALTHY)
+            self._failed_at = time.monotonic()
         return Unreadable.at(tp.topic, tp.partition, offset, f"{type(exc).__name__}: {exc}")
 
     async def _put_back(self, batch: Batch) -> Batch:

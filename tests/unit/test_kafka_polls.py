@@ -475,6 +475,20 @@ async def test_a_client_that_fails_on_every_record_is_not_ready_though_each_is_r
         assert offsets_held(sink) == [] and not adapter.healthy()
 
 
+async def test_a_client_failing_on_some_records_is_not_ready_though_it_reads_the_others():
+    """Reading around a failed poll ended the run of failures when it read any record: a bug that
+    hit only some records (those with headers, one partition's) dead-lettered each of them with
+    /readyz green."""
+    sink = FakeSink()
+    consumer = LogConsumer({TP0: 4, TP1: 3})
+    consumer.unreadable = {(TP0, 1)}
+    consumer.unreadable_error = TypeError("a bug in the client")
+    async with running(consumer, sink) as adapter:
+        await assert_eventually(lambda: committed(consumer) == {TP0: 4, TP1: 3}, timeout=10, interval=0.005)
+        assert sorted(offsets_held(sink)) == ["0", "100", "101", "102", "2", "3"]
+        assert not adapter.healthy()
+
+
 async def test_a_record_the_client_cannot_read_without_a_dead_letter_topic_is_counted_and_skipped(
     caplog: pytest.LogCaptureFixture,
 ):
