@@ -230,6 +230,7 @@ class _Room:
     # Sent at once, it carried all that queued before, however little room a restarted process's
     # dispatcher had left.
     looked: asyncio.Event = field(default_factory=asyncio.Event)
+    waited: bool = False  # the first signal waited for it (or its timeout): no other signal waits
 
     @property
     def answer(self) -> float:
@@ -665,19 +666,21 @@ class DispatcherClient:
         """
         queue = self._queues[shard]
         first = self._carry[shard] or await queue.get()
+        room = self._rooms[shard]
+        if not room.looked.is_set() and not room.waited:  # the first signal: what the dispatcher can take, first
+            room.waited = True  # once: a look that is slow (Temporal throttling) holds no later signal
+            self._carry[shard] = first  # answered by close() meanwhile, as any carried submission
+            await within(FIRST_LOOK + 2 * self.probe_timeout.total_seconds(), room.looked.wait())
         self._carry[shard] = None
-        looked = self._rooms[shard].looked
-        if not looked.is_set():  # the first signal: what the dispatcher can take, first
-            await within(FIRST_LOOK + 2 * self.probe_timeout.total_seconds(), looked.wait())
         batch = [first]
         count, size = len(first.events), first.size
-        room = self._rooms[shard].budget
+        budget = room.budget
         while not queue.empty():
             nxt = queue.get_nowait()
             if (
                 count + len(nxt.events) > MAX_SIGNAL_EVENTS
                 or size + nxt.size > MAX_SIGNAL_BYTES
-                or size + nxt.size > room
+                or size + nxt.size > budget
             ):
                 self._carry[shard] = nxt
                 break

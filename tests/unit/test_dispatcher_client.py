@@ -929,6 +929,26 @@ async def test_the_first_signal_waits_for_the_first_look_and_carries_only_what_f
     await dc.close()
 
 
+async def test_a_first_look_that_does_not_answer_holds_the_first_signal_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every signal waited while the first look was outstanding: with Temporal throttling the
+    queries (each retried for up to 10 s by the SDK), each of them waited the whole timeout."""
+    never = asyncio.Event()
+
+    async def hangs(self: FakeHandle, name: str, *, rpc_timeout: timedelta | None = None) -> dict[str, Any]:
+        await never.wait()
+        return {}
+
+    monkeypatch.setattr(FakeHandle, "query", hangs)
+    monkeypatch.setattr(dispatcher.client, "FIRST_LOOK", 0.1)
+    temporal = FakeTemporal()
+    dc = make_client(temporal, probe_timeout=0.05)
+    await asyncio.wait_for(dc.submit([ev("a")]), 5)  # waited for the look, up to its timeout
+    monkeypatch.setattr(dispatcher.client, "FIRST_LOOK", 3600.0)  # a second wait would not end
+    await asyncio.wait_for(dc.submit([ev("b")]), 5)
+    assert temporal.sent() == [["a"], ["b"]] and not dc._rooms[0].looked.is_set()
+    await dc.close()
+
+
 async def test_what_queued_behind_a_signal_in_flight_goes_only_within_the_room(monkeypatch: pytest.MonkeyPatch) -> None:
     """The room was checked as a submission was queued and spent only as signals were held: all
     that queued behind a signal in flight went once it was held, past what the run can carry into
