@@ -220,15 +220,22 @@ def track(name: str, stop: Callable[[], object]) -> None:
 
 
 def shutdown_all() -> None:
-    """Stop every server this process started and remove their temp dirs."""
+    """Stop every server this process started and remove their temp dirs.
+
+    At exit a log handler may still hold a stream its owner closed (pytest's capture, after the
+    session): each line was then a "Logging error" traceback at the end of every CI run."""
     with _cleanups_lock:
         cleanups = list(reversed(_cleanups))
         _cleanups.clear()
-    for name, stop in cleanups:
-        try:
-            stop()
-        except Exception:
-            logger.exception("failed to stop %s", name)
+    raising, logging.raiseExceptions = logging.raiseExceptions, False
+    try:
+        for name, stop in cleanups:
+            try:
+                stop()
+            except Exception:
+                logger.exception("failed to stop %s", name)
+    finally:
+        logging.raiseExceptions = raising
 
 
 atexit.register(shutdown_all)
