@@ -949,23 +949,31 @@ async def test_a_first_look_that_does_not_answer_holds_the_first_signal_only(mon
     await dc.close()
 
 
+async def with_room(
+    monkeypatch: pytest.MonkeyPatch, temporal: FakeTemporal, dc: DispatcherClient, first: EventSignal, room: int
+) -> None:
+    """Send ``first``, let the client look at a dispatcher that can take ``room`` bytes, then stop
+    the timed looks: from there on only a wake (a quarter of the answer sent) looks again."""
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.01)
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 0.01)
+    await dc.submit([first])
+    temporal.accept[dispatcher_id(PROJECT, 0, 1)] = room
+    await assert_eventually(lambda: dc._rooms[0].budget == room, timeout=5, interval=0.01, what="a look")
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 3600.0)
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 3600.0)
+    looks = temporal.looks
+    await assert_eventually(lambda: temporal.looks > looks, timeout=5, interval=0.01, what="the last timed look")
+
+
 async def test_what_queued_behind_a_signal_in_flight_goes_only_within_the_room(monkeypatch: pytest.MonkeyPatch) -> None:
     """The room was checked as a submission was queued and spent only as signals were held: all
     that queued behind a signal in flight went once it was held, past what the run can carry into
     its next, which then counted the rest failed after the adapters had acknowledged them."""
-    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.01)
-    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 0.01)
     temporal = FakeTemporal()
     wid = dispatcher_id(PROJECT, 0, 1)
     one = encoded_size(ev("q00", size=1000).to_dict())
     dc = make_client(temporal)
-    await dc.submit([ev("first")])
-    temporal.accept[wid] = 5 * one
-    await assert_eventually(lambda: dc._rooms[0].budget == 5 * one, timeout=5, interval=0.01, what="a look")
-    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 3600.0)  # from here on only a wake looks
-    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 3600.0)
-    looks = temporal.looks
-    await assert_eventually(lambda: temporal.looks > looks, timeout=5, interval=0.01, what="the last timed look")
+    await with_room(monkeypatch, temporal, dc, ev("first"), 5 * one)
     temporal.held.add(wid)
     slow = asyncio.create_task(dc.submit([ev("slow")]))
     await in_flight(temporal)
@@ -988,19 +996,10 @@ async def test_what_was_sent_since_the_last_look_counts_against_accept_bytes(mon
     """Between two looks the client spends the last answer by the bytes it sends, so a burst stops
     at the bound without waiting for the next look; and once it sent a quarter of that answer it
     looks again at once (other processes may have sent as much)."""
-    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.01)
-    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 0.01)
     temporal = FakeTemporal()
-    wid = dispatcher_id(PROJECT, 0, 1)
     one = encoded_size(ev("x0", size=100).to_dict())
     dc = make_client(temporal)
-    await dc.submit([ev("x0", size=100)])
-    temporal.accept[wid] = 3 * one
-    await assert_eventually(lambda: temporal.looks > 0, timeout=5, interval=0.01, what="a look")
-    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 3600.0)  # from here on only a wake looks
-    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 3600.0)
-    looks = temporal.looks
-    await assert_eventually(lambda: temporal.looks > looks, timeout=5, interval=0.01, what="the last timed look")
+    await with_room(monkeypatch, temporal, dc, ev("x0", size=100), 3 * one)
     looks = temporal.looks
     for i in range(1, 4):  # three events of about `one` bytes spend it
         await dc.submit([ev(f"x{i}", size=100)])
