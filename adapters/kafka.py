@@ -717,7 +717,7 @@ class KafkaAdapter(Transport[Record]):
         if now - self._failed_at >= POLL_RECOVERY:
             self._poll_failures = 0
         self._poll_failures += 1
-        if not isinstance(exc, KafkaError | UnicodeDecodeError):
+        if not isinstance(exc, (KafkaError, *PRODUCER_WRITTEN)):
             self._poll_failures = max(self._poll_failures, POLL_FAILURES_UNHEALTHY)
         self._failed_at = now
         self._failure_metric.labels(self.name, type(exc).__name__).inc()

@@ -229,6 +229,7 @@ class Settler(Generic[M]):
         self.transport = transport
         self.adapter = adapter
         self.name = name
+        self.sender = f"{adapter}:{name}"  # whose share of the events waiting for Temporal (Pipeline.submit)
         self.event = event
         self.on_unroutable = on_unroutable
         self.retry_on: tuple[type[Exception], ...] = (Unavailable, *transient)
@@ -371,8 +372,9 @@ class Settler(Generic[M]):
             routes = self.pipeline.routes
             fresh = all(i.checked_with is routes for i in live if i.event is not None)
             encoded = [i.encoded for i in live if i.event is not None] if fresh else None
-            sender = f"{self.adapter}:{self.name}"
-            return await self.pipeline.submit(events, self.adapter, encoded=encoded, sender=sender) if events else []
+            return (
+                await self.pipeline.submit(events, self.adapter, encoded=encoded, sender=self.sender) if events else []
+            )
 
         try:
             outcomes = await self._until_done(submit, "Temporal")

@@ -674,14 +674,10 @@ class DispatcherClient:
         self._carry[shard] = None
         batch = [first]
         count, size = len(first.events), first.size
-        budget = room.budget
+        most = min(MAX_SIGNAL_BYTES, room.budget)
         while not queue.empty():
             nxt = queue.get_nowait()
-            if (
-                count + len(nxt.events) > MAX_SIGNAL_EVENTS
-                or size + nxt.size > MAX_SIGNAL_BYTES
-                or size + nxt.size > budget
-            ):
+            if count + len(nxt.events) > MAX_SIGNAL_EVENTS or size + nxt.size > most:
                 self._carry[shard] = nxt
                 break
             batch.append(nxt)

@@ -184,12 +184,10 @@ async def _submit_batch(http: HttpState, snap: Snapshot, token: str, items: list
     http.refuse_items(HTTP_ADAPTER, [item for item in items if isinstance(item, EventRejected)])
     retry_hint = "Temporal did not accept the batch; nothing of it is held, retry it whole"
     ids = [e.id for e in events]
-    submitted = (
-        await http.submit(snap, events, HTTP_ADAPTER, retry_hint, sender=_sender(token), event_ids=ids)
-        if events
-        else []
+    sender = _sender(token)
+    outcomes = iter(
+        await http.submit(snap, events, HTTP_ADAPTER, retry_hint, sender=sender, event_ids=ids) if events else []
     )
-    outcomes = iter(submitted)
     results = [
         {
             "index": index,

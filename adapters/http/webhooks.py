@@ -95,7 +95,7 @@ class WebhooksController(Controller):
             body = await read_body(request, http, snapshot, WEBHOOK_ADAPTER)
             received = headers(request)
             _verify(http, route, received, body)
-        with http.held(WEBHOOK_ADAPTER, f"{WEBHOOK_ADAPTER}:{slug}"):
+        with http.held(WEBHOOK_ADAPTER, _sender(slug)):
             return await self._receive(slug, route, received, body, http, snapshot)
 
     async def _receive(
@@ -194,6 +194,11 @@ def _ignored(http: HttpState, slug: str, delivery: Delivery) -> Response[Any]:
     return Response(body, status_code=200)
 
 
+def _sender(slug: str) -> str:
+    """Whose share a webhook's verified deliveries and their events are counted in."""
+    return f"{WEBHOOK_ADAPTER}:{slug}"
+
+
 async def _submit(http: HttpState, snap: Snapshot, slug: str, delivery: Delivery) -> Response[Any]:
     retry_hint = "Temporal did not accept the delivery; its redelivery will be"
     outcomes = await http.submit(
@@ -201,7 +206,7 @@ async def _submit(http: HttpState, snap: Snapshot, slug: str, delivery: Delivery
         delivery.events,
         WEBHOOK_ADAPTER,
         retry_hint,
-        sender=f"{WEBHOOK_ADAPTER}:{slug}",
+        sender=_sender(slug),
         delivery_id=delivery.delivery_id,
     )
     answer = answers.batch([answers.result(o) for o in outcomes], delivery_id=delivery.delivery_id)
