@@ -388,6 +388,13 @@ class DispatcherClient:
             except RPCError as exc:
                 raise self._unavailable(f"cannot start dispatcher {wid}: {exc}") from exc
 
+    def open(self) -> None:
+        """Start the shards' senders, and with them the first look at each dispatcher's room:
+        started by the first submission instead, they made each shard's first events wait for
+        that look (a query's round trip, or its timeout when no worker runs the dispatcher)."""
+        if not self._senders:
+            self._start_senders()
+
     async def reload(self) -> None:
         for shard in range(self.shards):
             await self.handle(shard).signal(RELOAD_SIGNAL)

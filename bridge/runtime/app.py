@@ -201,6 +201,7 @@ class Bridge:
                 retry_after=cfg.http.retry_after_seconds,
                 tracer=self._event_tracer(),
             )
+            self.dispatcher.open()  # the first look at the dispatchers' room, before any event
             for adapter in build_adapters(cfg, self.pipeline):
                 await adapter.start()
                 self.adapters.append(adapter)

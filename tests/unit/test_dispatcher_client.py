@@ -949,6 +949,22 @@ async def test_a_first_look_that_does_not_answer_holds_the_first_signal_only(mon
     await dc.close()
 
 
+async def test_an_opened_client_looks_at_the_room_before_the_first_event() -> None:
+    """The first look came with the first submission, so each shard's first events waited for it:
+    a query's round trip, or its timeout when no worker ran the dispatcher."""
+    temporal = FakeTemporal()
+    dc = make_client(temporal, shards=2)
+    dc.open()
+    await assert_eventually(
+        lambda: all(room.looked.is_set() for room in dc._rooms), timeout=5, interval=0.01, what="the first looks"
+    )
+    assert temporal.looks == 2 and temporal.sent() == []
+    await asyncio.wait_for(dc.submit([ev(f"e{i}") for i in range(8)]), 5)
+    assert sorted(i for ids in temporal.sent() for i in ids) == [f"e{i}" for i in range(8)]
+    assert not any(room.waited for room in dc._rooms)  # no signal waited for a look
+    await dc.close()
+
+
 async def with_room(
     monkeypatch: pytest.MonkeyPatch, temporal: FakeTemporal, dc: DispatcherClient, first: EventSignal, room: int
 ) -> None:
