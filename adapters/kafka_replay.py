@@ -45,6 +45,7 @@ from adapters.kafka_parse import (
 )
 from adapters.replay_common import (
     NO_ENTRY,
+    NO_RECORD,
     NOT_A_DEAD_LETTER,
     REPLAY_ADAPTER,
     TRIMMED,
@@ -59,7 +60,7 @@ from adapters.replay_common import (
     letter_id,
 )
 from bridge.config import KafkaConsumer, KafkaSecurity
-from bridge.deadletter import H_ORIGINAL, dropped_by_replay
+from bridge.deadletter import H_EVENT_ID, H_ORIGINAL, dropped_by_replay
 from bridge.decode import Message
 from bridge.errors import BridgeError
 from bridge.pipeline import Pipeline
@@ -110,7 +111,15 @@ def original(letter: Record) -> Record | str:
     if not topic or partition is None or offset is None:
         return NOT_A_DEAD_LETTER
     stamp = _int(headers.get(H_ORIGINAL + "timestamp"))
-    kept_headers = [(k, v) for k, v in letter.headers or () if not dropped_by_replay(str(k))]
+    # An x-event-id that is the record's offset id is the letter's own, of a record without one
+    # (the bridge's ids for those are reserved): kept, it made an entry that reads its id from
+    # that header refuse the replayed record as malformed, at every replay.
+    own = f"kafka:{topic}:{partition}:{offset}".encode()
+    kept_headers = [
+        (k, v)
+        for k, v in letter.headers or ()
+        if not dropped_by_replay(str(k)) and not (str(k).lower() == H_EVENT_ID and v == own)
+    ]
     return ConsumerRecord(
         topic=topic,
         partition=partition,
@@ -161,6 +170,9 @@ class KafkaReplay:
         self.backoff = Backoff()
         self._outage_since: float | None = None
         self.stopped: str | None = None  # why the replay stopped short of the end offsets, if it did
+        self._opts: dict[str, Any] = {}
+        self._topics: dict[str, set[int]] = {}  # original topic -> its partitions, as described
+        self._ends: dict[TopicPartition, int] = {}  # their end offsets, as last asked
         self._settlers = [
             Settler(
                 pipeline,
@@ -185,7 +197,7 @@ class KafkaReplay:
         return next(iter(readers), None)
 
     async def run(self) -> Tally:
-        opts = client_options(self.security)
+        opts = self._opts = client_options(self.security)
         partitions = await self._partitions(opts)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap_servers,
@@ -217,19 +229,51 @@ class KafkaReplay:
         return self.tally
 
     async def _partitions(self, opts: dict[str, Any]) -> list[TopicPartition]:
-        """The topic's partitions (asked of an admin client: a consumer's or producer's metadata
-        request could create a missing topic on a cluster that creates topics by itself)."""
+        """The topic's partitions."""
+        numbers = await self._describe(self.topic, opts)
+        if not numbers:
+            raise BridgeError(f"topic {self.topic} does not exist (or this client may not read it)")
+        return sorted(TopicPartition(self.topic, p) for p in numbers)
+
+    async def _describe(self, topic: str, opts: dict[str, Any]) -> set[int]:
+        """``topic``'s partitions, none when it has none (asked of an admin client: a consumer's or
+        producer's metadata request could create a missing topic on a cluster that creates topics
+        by itself)."""
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers, **opts)
         try:
             await admin.start()
-            [described] = await admin.describe_topics([self.topic])
+            [described] = await admin.describe_topics([topic])
         except KafkaError as exc:
             raise BridgeError(f"cannot reach Kafka at {self.bootstrap_servers}: {exc!r}") from exc
         finally:
             await admin.close()
-        if described.get("error_code") or not described.get("partitions"):
-            raise BridgeError(f"topic {self.topic} does not exist (or this client may not read it)")
-        return sorted(TopicPartition(self.topic, p["partition"]) for p in described["partitions"])
+        if described.get("error_code"):
+            return set()
+        return {p["partition"] for p in described.get("partitions") or ()}
+
+    async def _unwritten(self, records: Sequence[Record]) -> list[bool]:
+        """For each record a letter names, whether its topic lacks it: a partition the topic does
+        not have, or an offset at or past the partition's end (asked again when past the end as
+        last asked: the topic grows). Anyone who may write to the dead-letter topic can write a
+        letter, so one is believed only of a record that is there."""
+        if not records:
+            return []
+        consumer = self.consumer
+        assert consumer is not None
+        for topic in {r.topic for r in records} - self._topics.keys():
+            self._topics[topic] = await self._describe(topic, self._opts)
+        known = [r.partition in self._topics[r.topic] for r in records]
+        ask = {
+            TopicPartition(r.topic, r.partition)
+            for r, there in zip(records, known, strict=True)
+            if there and r.offset >= self._ends.get(TopicPartition(r.topic, r.partition), 0)
+        }
+        if ask:
+            self._ends.update(await consumer.end_offsets(sorted(ask)))
+        return [
+            not there or r.offset < 0 or r.offset >= self._ends.get(TopicPartition(r.topic, r.partition), 0)
+            for r, there in zip(records, known, strict=True)
+        ]
 
     async def _read(self, partitions: list[TopicPartition]) -> None:
         """From the committed offsets (or the beginning) to the end offsets as they are now."""
@@ -276,17 +320,25 @@ class KafkaReplay:
 
     async def _settle(self, records: list[Record]) -> None:
         self.tally.read += len(records)
-        groups: dict[int, list[Letter]] = {}
-        keep: list[Record] = []
         report = self.report if self.dry_run else None
+        keep: list[Record] = []
+        named: list[tuple[int, Letter]] = []
         for record in records:
             rebuilt = original(record)
             entry = None if isinstance(rebuilt, str) else self.entry_for(rebuilt.topic)
             if isinstance(rebuilt, str) or entry is None:
                 kept(self.tally, rebuilt if isinstance(rebuilt, str) else NO_ENTRY, where(record), report)
                 keep.append(record)
-                continue
-            groups.setdefault(entry, []).append(Letter(record, rebuilt, record_headers(record)))
+            else:
+                named.append((entry, Letter(record, rebuilt, record_headers(record))))
+        groups: dict[int, list[Letter]] = {}
+        unwritten = await self._unwritten([letter.original for _, letter in named])
+        for (entry, letter), missing in zip(named, unwritten, strict=True):
+            if missing:
+                kept(self.tally, NO_RECORD, letter.where, report)
+                keep.append(letter.record)
+            else:
+                groups.setdefault(entry, []).append(letter)
         for entry, letters in groups.items():
             if self.dry_run:
                 fmt = self.entries[entry].event

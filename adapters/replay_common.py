@@ -39,7 +39,11 @@ REPLAY_ADAPTER = "replay"
 NOT_A_DEAD_LETTER = "not_a_dead_letter"  # no x-original-* headers: nothing says where it came from
 TRIMMED = "trimmed"  # cut to fit (x-dead-letter-trimmed): what it held is no longer all there
 NO_ENTRY = "no_entry"  # no entry of this config reads the topic or queue it came from
-NOT_REPLAYABLE = (NOT_A_DEAD_LETTER, TRIMMED, NO_ENTRY)
+# Kafka: the topic holds no record where it says it came from (a partition it lacks, or past its
+# end). Anyone who may write to the dead-letter topic could write it, and its offset id would
+# make the record that comes to be there later a repeat, never started.
+NO_RECORD = "no_record"
+NOT_REPLAYABLE = (NOT_A_DEAD_LETTER, TRIMMED, NO_ENTRY, NO_RECORD)
 
 
 @dataclass

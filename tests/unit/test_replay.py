@@ -15,12 +15,12 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
-from aiokafka.structs import ConsumerRecord
+from aiokafka.structs import ConsumerRecord, TopicPartition
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError, RPCStatusCode
 
 from adapters import amqp_parse, amqp_replay, kafka_parse, kafka_replay
-from adapters.replay_common import NO_ENTRY, NOT_A_DEAD_LETTER, TRIMMED, Tally
+from adapters.replay_common import NO_ENTRY, NO_RECORD, NOT_A_DEAD_LETTER, TRIMMED, Tally
 from bridge.config import AmqpConsumer, EventFormat, KafkaConsumer
 from bridge.deadletter import H_EVENT_ID, H_EVENT_NAME
 from bridge.decode import decode
@@ -94,8 +94,9 @@ def test_a_kafka_letter_gives_back_its_record_and_so_the_original_id_and_source(
     rebuilt = kafka_replay.original(letter)
     assert isinstance(rebuilt, ConsumerRecord)
     assert (rebuilt.topic, rebuilt.partition, rebuilt.offset, rebuilt.timestamp) == ("orders", 2, 41, TS)
-    # The headers it had, and the event's id and name as the letter recorded them (EVENT_HEADERS).
-    events = [(H_EVENT_ID, event.id.encode()), (H_EVENT_NAME, event.name.encode())]
+    # The headers it had, and the event's name as the letter recorded it (EVENT_HEADERS); its id
+    # too, were it not the record's offset id (which the record gets again without it).
+    events = [(H_EVENT_NAME, event.name.encode())]
     assert (rebuilt.key, rebuilt.value, list(rebuilt.headers)) == (
         original.key,
         original.value,
@@ -145,6 +146,23 @@ def test_a_letter_whose_own_event_headers_were_cut_is_replayed_unless_the_messag
     assert not isinstance(amqp_replay.original(amqp_letter(amqp_original, fmt=ENVELOPE)), str)
 
 
+def test_a_letter_of_a_record_without_an_id_read_from_a_header_replays_with_its_offset_id() -> None:
+    """``id_from: header:x-event-id`` and a record without that header: its id was its offset id,
+    which the letter wrote as its x-event-id. The replay kept that header, the entry read the id
+    from it, and an id with the reserved ``kafka:orders:`` prefix was refused as malformed at every
+    replay: the event could never be replayed."""
+    fmt = EventFormat(format="raw", name="order.created", id_from="header:x-event-id")  # type: ignore[arg-type]
+    original = record(body(n=1))
+    event = decode(kafka_parse.to_message(original), fmt)
+    assert event.id == "kafka:orders:2:41"
+    letter = as_letter(kafka_parse.dead_letter(original, unroutable(), event))
+    assert (H_EVENT_ID, b"kafka:orders:2:41") in letter.headers
+    rebuilt = kafka_replay.original(letter)
+    assert isinstance(rebuilt, ConsumerRecord)
+    assert H_EVENT_ID not in dict(rebuilt.headers)
+    assert decode(kafka_parse.to_message(rebuilt), fmt).id == event.id
+
+
 def test_kafka_letters_that_cannot_be_replayed() -> None:
     assert kafka_replay.original(record(b"{}", headers=[("tenant", b"acme")])) == NOT_A_DEAD_LETTER
     original = record(b"x" * 2_000_000)
@@ -181,7 +199,26 @@ def kafka_setup(*, dry_run: bool = False) -> tuple[kafka_replay.KafkaReplay, Fak
     producer = FakeProducer()
     if not dry_run:
         replay.producer = producer  # type: ignore[assignment]
+    replay.consumer = FakeEnds()  # type: ignore[assignment]
+
+    async def describe(topic: str, opts: dict[str, Any]) -> set[int]:
+        return {0, 1, 2} if topic in ("orders", "refunds") else set()
+
+    replay._describe = describe  # type: ignore[method-assign]
     return replay, sink, producer, out
+
+
+@dataclass
+class FakeEnds:
+    """The replay consumer's end offsets of the topics letters name: 100 on every partition,
+    unless ``ends`` says otherwise."""
+
+    ends: dict[TopicPartition, int] = field(default_factory=dict)
+    asked: list[list[TopicPartition]] = field(default_factory=list)
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        self.asked.append(partitions)
+        return {tp: self.ends.get(tp, 100) for tp in partitions}
 
 
 def kafka_letters() -> list[ConsumerRecord[bytes, bytes]]:
@@ -216,6 +253,31 @@ async def test_a_kafka_replay_holds_rewrites_and_keeps_and_nothing_is_left_behin
     assert rewritten[0] == "orders.dlq" and headers["x-dead-letter-reason"] == b"unroutable"
     assert (headers["x-original-topic"], headers["x-original-offset"]) == (b"orders", b"3")
     assert [(c[1], c[2], c[3]) for c in copies] == [(r.key, r.value, list(r.headers)) for r in (letters[3], letters[4])]
+
+
+async def test_a_letter_of_a_record_the_topic_does_not_hold_is_kept_not_replayed() -> None:
+    """Anyone who may write to the dead-letter topic could write a letter naming an offset not yet
+    written: replayed, its event took the offset id of the record to come there, and that record,
+    without an id of its own, was then a repeat, never started."""
+    replay, sink, producer, _ = kafka_setup()
+    ends = cast(FakeEnds, replay.consumer)
+    ends.ends[TopicPartition("orders", 2)] = 50
+    made = [
+        record(body(name="order.created", payload={}), offset=49),  # there
+        record(body(name="order.created", payload={}), offset=50),  # the next to be written
+        record(body(name="order.created", payload={}), offset=1_000_000),
+        record(body(name="order.created", payload={}), partition=7, offset=1),  # no such partition
+    ]
+    letters = [as_letter(kafka_parse.dead_letter(r, unroutable(), None), offset=i) for i, r in enumerate(made)]
+    await replay._settle(letters)
+    assert [e.id for e in sink.held] == ["kafka:orders:2:49"]
+    assert (replay.tally.accepted, dict(replay.tally.kept)) == (1, {NO_RECORD: 3})
+    assert [(c[1], c[2], c[3]) for c in producer.sent] == [(r.key, r.value, list(r.headers)) for r in letters[1:]]
+    # The topic grew: its end is asked again for a letter past the end it had.
+    ends.ends[TopicPartition("orders", 2)] = 60
+    await replay._settle([letters[1]])
+    assert [e.id for e in sink.held][-1] == "kafka:orders:2:50"
+    assert ends.asked == [[TopicPartition("orders", 2)], [TopicPartition("orders", 2)]]
 
 
 async def test_a_kafka_dry_run_says_what_it_would_do_and_touches_nothing() -> None:
