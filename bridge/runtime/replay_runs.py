@@ -319,10 +319,18 @@ async def replay_runs(
     bar.clear()
     if dry_run:
         _check(Pipeline(snapshot.routes, NoSink()), events, tally, report)
-    elif len(events) > CONFIRM_ABOVE and confirm is not None and not await asyncio.to_thread(confirm, len(events)):
-        outcome.stopped = f"not confirmed: {len(events)} events, nothing sent"
     else:
-        await _send(snapshot, client, events, outcome, bar, give_up_after)
+        # Before anything is sent: a replay killed half-way prints no summary, and run again with
+        # another number it would start every target of what it had sent a second time.
+        print(
+            f"replay number {number}: should this replay stop before its summary, run it again with "
+            f"--replay-number {number} (what it sent then starts nothing twice)",
+            file=sys.stderr if out is None else out,
+        )
+        if len(events) > CONFIRM_ABOVE and confirm is not None and not await asyncio.to_thread(confirm, len(events)):
+            outcome.stopped = f"not confirmed: {len(events)} events, nothing sent"
+        else:
+            await _send(snapshot, client, events, outcome, bar, give_up_after)
     for why, n in ((NOT_A_TARGET_RUN, found.not_target), (UNREADABLE, found.unreadable), (ELSEWHERE, found.elsewhere)):
         if n:
             tally.kept[why] = n

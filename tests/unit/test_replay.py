@@ -640,6 +640,28 @@ def test_the_summary_counts_by_reason_and_says_what_became_of_the_refused() -> N
 # --- what a replay refuses to do ----------------------------------------------------------------
 
 
+async def test_a_replay_of_runs_says_its_number_before_it_sends_anything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The number was printed only in the summary: a replay killed half-way printed none, and run
+    again (with a new number, the default) it started every target of what it had sent twice."""
+    events = [EventSignal("e", "order.created", {}, "s")]
+
+    async def collect(*args: Any, **kwargs: Any) -> replay_runs.Collected:
+        return replay_runs.Collected(events, runs=1)
+
+    async def killed(*args: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(replay_runs, "collect", collect)
+    monkeypatch.setattr(replay_runs, "_send", killed)
+    snapshot = Snapshot.compile(config("unit", "127.0.0.1:1", [runner("w", "order.created")]))
+    out = io.StringIO()
+    with pytest.raises(KeyboardInterrupt):
+        await replay_runs.replay_runs(
+            snapshot, query="q", number=1717, confirm=None, client=cast(Any, object()), out=out
+        )
+    assert "--replay-number 1717" in out.getvalue()
+
+
 def _two_sources() -> Snapshot:
     kafka = [
         {"bootstrap_servers": "127.0.0.1:1", "topics": ["orders"], "dead_letter_topic": "orders.dlq"},
