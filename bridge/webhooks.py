@@ -43,7 +43,9 @@ Headers = Mapping[str, str]
 
 # Never copied into event metadata: credentials, and any header whose name says it is one.
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
-_SECRET_WORDS = ("signature", "secret", "token", "password", "api-key", "apikey")
+# Gateways put credentials in headers of their own (X-Functions-Key, Ocp-Apim-Subscription-Key,
+# X-Auth, X-Shopify-Hmac-Sha256): any name with one of these in it is taken for one.
+_SECRET_WORDS = ("signature", "secret", "token", "password", "auth", "key", "credential", "session", "hmac", "cookie")
 MAX_KEPT_HEADERS = 64
 """At most this many headers reach an event's metadata (the first ones sent); every event of a
 delivery carries a copy."""
