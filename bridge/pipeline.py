@@ -209,7 +209,9 @@ class Pipeline:
         why = EventRejected(
             "unavailable",
             "Temporal may not hold this event (others of the batch it holds): send it again with the same event "
-            "id (an envelope with this event_id as its id; a CloudEvent unchanged), or the whole batch as it was",
+            "id (an envelope with this event_id as its id; a CloudEvent unchanged), or the whole batch only as it "
+            "was and with the same Idempotency-Key (without one, envelopes without ids get new ids, and the held "
+            "ones start again)",
         )
         for i in positions:
             if i not in held:
