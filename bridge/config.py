@@ -236,8 +236,17 @@ class NamedToken(Model):
     token: str
 
 
+PLAIN_TOKEN_NAME = "token-1"
+"""The name of the one plain (unnamed) token a config may have."""
+
+
 class HttpAuth(Model):
-    """``tokens``: plain strings (named ``token-1``, ``token-2``… by position) or ``{name, token}``."""
+    """``tokens``: ``{name, token}``, and at most one plain string (named ``token-1``).
+
+    The name is the client: it scopes the events sent with the token (their ids, their look-ups)
+    and keys its rate limit. Several tokens may share one, to rotate a client's token without a
+    new scope. Plain tokens were named by their place in the list, so removing one (a leaked
+    token revoked) gave the next one its name: another client's scope, its events and look-ups."""
 
     tokens: list[str | NamedToken] = Field(default_factory=list)
 
@@ -247,14 +256,18 @@ class HttpAuth(Model):
         # An empty token (as from an unset ${VAR:-}) would count as "configured" and match nothing.
         if any(not (t if isinstance(t, str) else t.token).strip() for t in tokens):
             raise ValueError("a bearer token is empty (is the ${VAR} it comes from set?)")
-        names = [name for name, _ in cls.named(tokens)]
-        if len(set(names)) != len(names):
-            raise ValueError("two tokens have the same name")
+        if sum(isinstance(t, str) for t in tokens) > 1:
+            raise ValueError(
+                "give each bearer token a name when there are several ({name: ci, token: ...}): the name scopes "
+                "the token's events, and a plain token's name would change as others are added or removed "
+                f"(the only plain token is named {PLAIN_TOKEN_NAME!r}; to keep the scopes of plain tokens "
+                "you had, name them token-1, token-2... in the order they were)"
+            )
         return tokens
 
     @staticmethod
     def named(tokens: list[str | NamedToken]) -> list[tuple[str, str]]:
-        return [(f"token-{i + 1}", t) if isinstance(t, str) else (t.name, t.token) for i, t in enumerate(tokens)]
+        return [(PLAIN_TOKEN_NAME, t) if isinstance(t, str) else (t.name, t.token) for t in tokens]
 
     @property
     def by_name(self) -> list[tuple[str, str]]:

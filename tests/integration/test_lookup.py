@@ -44,7 +44,7 @@ async def test_an_http_event_is_looked_up_by_its_token_only(bridge_factory, temp
         project,
         temporal_address,
         [idle("ship", "order.created", queue=queue), idle("audit", "order.*", queue=queue)],
-        http={"port": 0, "auth": {"tokens": [TOKEN, OTHER_TOKEN]}},
+        http={"port": 0, "auth": {"tokens": [TOKEN, {"name": "other", "token": OTHER_TOKEN}]}},
     )
     bridge = await bridge_factory(cfg, client=None)  # it connects itself: the embedded UI is unknown here
     base = f"http://127.0.0.1:{bridge.http_port}"

@@ -17,6 +17,7 @@ from bridge.snapshot import Snapshot
 from tests.fakes import FakeSink
 
 TOKEN = "t0k-3n"
+OTHER_NAMED = {"name": "token-2", "token": "other-token"}  # a second client's token
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 URL = "/api/v1/events"
 MAX_BODY = 2048
@@ -28,7 +29,7 @@ HOOKS = "/api/v1/hooks"
 SLOW = {"rate": 0.001, "burst": 2}  # two at once, then one every 1000 s: no test waits for that
 
 
-def make_config(tokens: list[str] | None = None, **http: Any) -> BridgeConfig:
+def make_config(tokens: list[Any] | None = None, **http: Any) -> BridgeConfig:
     return parse_config(
         {
             "project": "shop",
@@ -102,7 +103,7 @@ def hook_config(webhooks: list[dict[str, Any]] | None = None, **http: Any) -> Br
     return parse_config(
         {
             "project": "shop",
-            "http": {"max_body_bytes": MAX_BODY, "auth": {"tokens": [TOKEN, "other-token"]}, **http},
+            "http": {"max_body_bytes": MAX_BODY, "auth": {"tokens": [TOKEN, OTHER_NAMED]}, **http},
             "webhooks": default_hooks if webhooks is None else webhooks,
             "workflows": [
                 {

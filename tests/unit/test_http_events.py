@@ -28,6 +28,7 @@ from tests.fakes import FakeSink
 from tests.unit.http_support import (
     AUTH,
     MAX_BODY,
+    OTHER_NAMED,
     SLOW,
     TOKEN,
     URL,
@@ -542,7 +543,7 @@ async def test_unauthorized_requests_do_not_spend_a_tokens_budget(sink: FakeSink
 
 
 async def test_tokens_body_limit_and_token_limits_follow_a_reloaded_config(sink: FakeSink) -> None:
-    current = Snapshot.compile(make_config(tokens=[TOKEN, "other-token"], rate_limit={"per_token": SLOW}))
+    current = Snapshot.compile(make_config(tokens=[TOKEN, OTHER_NAMED], rate_limit={"per_token": SLOW}))
     app = create_app(Pipeline(current.routes, sink), lambda: current)
     body = json.dumps(order(pad="x" * MAX_BODY)).encode()  # over MAX_BODY, under twice that
     other = {"Authorization": "Bearer other-token"}

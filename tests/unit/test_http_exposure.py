@@ -18,7 +18,7 @@ from adapters.http.state import NEEDS_TOKEN, needs_token
 from bridge.pipeline import Pipeline
 from bridge.snapshot import Snapshot
 from tests.fakes import FakeSink
-from tests.unit.http_support import AUTH, TOKEN, URL, make_app, make_config, order
+from tests.unit.http_support import AUTH, OTHER_NAMED, TOKEN, URL, make_app, make_config, order
 
 SCHEMA_PATHS = ["/schema", "/schema/openapi.json", "/schema/openapi.yaml", "/schema/swagger", "/schema/no-such-page"]
 WRONG = {"Authorization": "Bearer not-a-token"}
@@ -93,7 +93,7 @@ async def test_insecure_mode_keeps_configured_tokens_in_force(caplog: pytest.Log
 
 
 async def test_a_token_removed_by_a_reload_no_longer_reads_metrics() -> None:
-    current = Snapshot.compile(make_config(tokens=[TOKEN, "other-token"]))
+    current = Snapshot.compile(make_config(tokens=[TOKEN, OTHER_NAMED]))
     other = {"Authorization": "Bearer other-token"}
     async with AsyncTestClient(create_app(Pipeline(current.routes, FakeSink()), lambda: current)) as c:
         assert (await c.get("/metrics", headers=other)).status_code == 200

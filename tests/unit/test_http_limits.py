@@ -25,6 +25,7 @@ from tests.unit.http_support import (
     AUTH,
     GH_SECRET,
     HOOKS,
+    OTHER_NAMED,
     TOKEN,
     URL,
     hook_config,
@@ -184,7 +185,7 @@ async def test_overloaded_is_503_with_the_configured_retry_after() -> None:
     ``overloaded`` with Retry-After from http.retry_after_seconds; nothing of it is held."""
     sink = FakeSink()
     sink.release = asyncio.Event()
-    snap = Snapshot.compile(make_config([TOKEN, "other-token"], retry_after_seconds=2))
+    snap = Snapshot.compile(make_config([TOKEN, OTHER_NAMED], retry_after_seconds=2))
     pipeline = Pipeline(snap.routes, sink, max_pending=3, retry_after=30)
     other = {"Authorization": "Bearer other-token"}  # not the token holding the process's room
     async with in_loop_client(create_app(pipeline, snap)) as c:

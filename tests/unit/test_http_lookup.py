@@ -14,7 +14,7 @@ from bridge.pipeline import Pipeline
 from bridge.snapshot import Snapshot
 from tests.fakes import FakeSink
 from tests.helpers import assert_eventually
-from tests.unit.http_support import AUTH, TOKEN, in_loop_client, make_config
+from tests.unit.http_support import AUTH, OTHER_NAMED, TOKEN, in_loop_client, make_config
 
 URL = "/api/v1/events/e-1"
 
@@ -60,7 +60,7 @@ async def test_look_ups_past_the_ones_in_flight_are_refused_and_the_others_answe
         await gate.wait()
         return [run(event_id, source)]
 
-    snap = Snapshot.compile(make_config(tokens=[TOKEN, "other-token"]))
+    snap = Snapshot.compile(make_config(tokens=[TOKEN, OTHER_NAMED]))
     app = create_app(Pipeline(snap.routes, FakeSink()), lambda: snap, lookup=look_up)
     async with in_loop_client(app) as c:
         held = [asyncio.create_task(c.get(f"{URL}{i}", headers=AUTH)) for i in range(lookup.IN_FLIGHT)]

@@ -254,7 +254,7 @@ def strict_snapshot() -> Snapshot:
             "project": "shop",
             "http": {
                 "max_body_bytes": 1024,
-                "auth": {"tokens": STRICT_TOKENS},
+                "auth": {"tokens": [{"name": f"t{i}", "token": t} for i, t in enumerate(STRICT_TOKENS)]},
                 "rate_limit": {"per_token": {"rate": 0.001, "burst": 1}},
             },
             "webhooks": [

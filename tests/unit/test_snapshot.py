@@ -29,7 +29,7 @@ TOKEN_A = "token-a-0123456789"
 TOKEN_B = "token-b-0123456789"
 
 
-def data(*names: str, tokens: tuple[str, ...] = (TOKEN_A,), **extra: Any) -> dict[str, Any]:
+def data(*names: str, tokens: tuple[Any, ...] = (TOKEN_A,), **extra: Any) -> dict[str, Any]:
     return {
         "project": "snap",
         "temporal": {"address": "127.0.0.1:1"},
@@ -132,7 +132,7 @@ async def test_events_never_touch_the_filesystem(tmp_path: Path, monkeypatch: py
 
 async def test_a_token_removed_from_the_file_stops_working_on_reload(tmp_path: Path) -> None:
     path = tmp_path / "bridge.yaml"
-    write(path, data("a", tokens=(TOKEN_A, TOKEN_B)))
+    write(path, data("a", tokens=(TOKEN_A, {"name": "b", "token": TOKEN_B})))
     source = SnapshotSource(load(path), path)
     sink = FakeSink()
     app = create_app(Pipeline(lambda: source.current.routes, sink), source)
@@ -148,7 +148,7 @@ async def test_a_token_removed_from_the_file_stops_working_on_reload(tmp_path: P
     async with AsyncTestClient(app) as client:
         assert await post(TOKEN_A, "1") == 202
         assert await post(TOKEN_B, "2") == 202
-        write(path, data("a", tokens=(TOKEN_B,)))
+        write(path, data("a", tokens=({"name": "b", "token": TOKEN_B},)))
         assert source.reload()
         assert await post(TOKEN_A, "3") == 401
         assert await post(TOKEN_B, "4") == 202
@@ -289,18 +289,23 @@ def test_no_token_refuses_to_start_and_insecure_mode_warns(caplog: pytest.LogCap
     assert "insecure" not in caplog.text, "with tokens configured, --insecure changes nothing"
 
 
-def test_named_tokens_keep_their_name_whatever_their_position() -> None:
-    tokens = [{"name": "ci", "token": TOKEN_B}, TOKEN_A]
+def test_a_token_keeps_its_name_whatever_is_added_or_removed_around_it() -> None:
+    """Plain tokens were named by their place: tokens [A, B] with A revoked made B ``token-1``,
+    A's scope (its events' ids, its look-ups) and B's own events' retries a new scope. A config
+    has at most one plain token now, ``token-1`` wherever it stands."""
+    named_b = {"name": "ci", "token": TOKEN_B}
+    for tokens in ([named_b, TOKEN_A], [TOKEN_A, named_b], [TOKEN_A]):
+        snap = parse({**data("a"), "http": {"auth": {"tokens": tokens}}})
+        assert snap.tokens.match(f"Bearer {TOKEN_A}") == "token-1"
+        assert snap.tokens.match(f"Bearer {TOKEN_B}") == ("ci" if named_b in tokens else None)
+    with pytest.raises(ConfigError, match="give each bearer token a name when there are several"):
+        parse({**data("a"), "http": {"auth": {"tokens": [TOKEN_A, TOKEN_B]}}})
+
+
+def test_two_tokens_of_one_name_are_one_client_so_a_token_can_be_rotated() -> None:
+    tokens = [{"name": "ci", "token": TOKEN_A}, {"name": "ci", "token": TOKEN_B}]
     snap = parse({**data("a"), "http": {"auth": {"tokens": tokens}}})
-    assert snap.tokens.match(f"Bearer {TOKEN_B}") == "ci"
-    assert snap.tokens.match(f"Bearer {TOKEN_A}") == "token-2"
-    with pytest.raises(ConfigError, match="two tokens have the same name"):
-        parse(
-            {
-                **data("a"),
-                "http": {"auth": {"tokens": [{"name": "x", "token": TOKEN_A}, {"name": "x", "token": TOKEN_B}]}},
-            }
-        )
+    assert snap.tokens.match(f"Bearer {TOKEN_A}") == snap.tokens.match(f"Bearer {TOKEN_B}") == "ci"
 
 
 async def test_readyz_requests_at_once_share_one_ping_of_temporal_and_a_second_reuses_it(
