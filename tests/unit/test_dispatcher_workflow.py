@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import functools
 import logging
 import re
@@ -506,6 +507,30 @@ async def test_an_event_nested_deeper_than_a_dispatcher_takes_is_malformed_and_t
     await d.send(first, {**d.event("deep").to_dict(), "payload": deep}, last)
     await d.settled(received=2, started=2, malformed=1)
     await d.targets(run_id(d.project, "w", first), run_id(d.project, "w", last))
+
+
+async def test_events_past_a_workflow_tasks_checks_wait_for_tasks_of_their_own_in_order(
+    make: Any, monkeypatch: Any
+) -> None:
+    """Every event received since the last workflow task was checked in the signal handler, in one
+    activation: a worker back after an outage met all that was sent meanwhile (16,000 events) at
+    once, over the SDK's 2 s deadlock timeout, on every attempt: the dispatcher stalled for good.
+    Past CHECK_TASK_BYTES the rest wait unchecked, and are checked in the next tasks, in order."""
+    monkeypatch.setattr(dispatcher_workflow, "CHECK_TASK_BYTES", 600)
+    d = await make("activity")
+    d.stubs.routes = [d.route("w", "order.created")]
+    events = [dataclasses.replace(d.event(f"e{i:02}", items=list(range(20))), key="k") for i in range(12)]
+    assert all(encoded_size(e.to_dict()) > 150 for e in events)
+    await d.send(*events[:6], "not an event", *events[6:])
+    await d.settled(received=12, started=12, malformed=1)
+    assert [s.id for s in d.stubs.starts] == [run_id(d.project, "w", e) for e in events]  # one key: in order
+    history = (await d.handle.fetch_history()).events
+    timers = sum(e.event_type == EventType.EVENT_TYPE_TIMER_STARTED for e in history)
+    # The first task checked about 600 bytes of them (the handler) and ended with a timer; the
+    # rest were checked in tasks of their own (each batch's own task, or another timer).
+    assert timers >= 1, timers
+    markers = [e for e in history if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED]
+    assert any(dispatcher_workflow.CHECKS_IN_SLICES.encode() in bytes(e.SerializeToString()) for e in markers)
 
 
 async def test_continue_as_new_carries_the_queue_recent_ids_and_counters(make: Any, mode: str) -> None:
@@ -1231,7 +1256,11 @@ def test_an_event_is_weighed_as_continue_as_new_will_carry_it() -> None:
     estimate at 2.1 MB, a continue-as-new input the server refused. What the bridge sends is
     weighed as before, and asks for no patch (so its runs' histories replay as they were)."""
     sent = EventSignal(id="e-1", name="order.created", payload={"n": 1}, source="http:t", key="k").to_dict()
-    with mock.patch.object(dispatcher_workflow.workflow, "patched", return_value=True) as patched:
+    task = mock.Mock(get_current_history_length=lambda: 3)
+    with (
+        mock.patch.object(dispatcher_workflow.workflow, "patched", return_value=True) as patched,
+        mock.patch.object(dispatcher_workflow.workflow, "info", return_value=task),
+    ):
         d = DispatcherWorkflow(DispatcherInput(project="p"))
         d.event_channel([sent])
         patched.assert_not_called()
