@@ -12,6 +12,11 @@ from typing import Any
 
 # One signal carries at most this much encoded JSON: half of Temporal's 2 MiB payload limit.
 MAX_SIGNAL_BYTES = 1024 * 1024
+# One event, encoded, at most this much. Each of its runs' argument carries its payload twice
+# (``input`` and ``trigger``) beside its envelope, within the dispatcher's MAX_TARGET_BYTES (1,920
+# KiB, under Temporal's 2 MiB): an event of 983 KB to 1 MiB was accepted, then every start of it
+# failed. 944 KiB leaves the argument 32 KiB for the entry's id and the rest.
+MAX_EVENT_BYTES = 944 * 1024
 # An event's id and its name, each at most this many characters. Both go into each of its runs'
 # argument and memo (and, cut to fit, its search attributes), and the dispatcher sizes a batch of
 # starts by its events' sizes: an id of hundreds of KB could take a batch's activity input past

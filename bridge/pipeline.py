@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from bridge.errors import EventRejected, Overloaded, PartlyHeld, SenderOverloaded, Unavailable
-from bridge.event import MAX_KEY_CHARS, MAX_SIGNAL_BYTES, EventSignal, encode
+from bridge.event import MAX_EVENT_BYTES, MAX_KEY_CHARS, EventSignal, encode
 from bridge.logsafe import safe
 from bridge.metrics import Metrics
 from bridge.routing import RouteTable
@@ -126,9 +126,11 @@ class Pipeline:
         except EventRejected as exc:
             return exc, b""
         data = encode(event.to_dict())
-        if len(data) > MAX_SIGNAL_BYTES:
+        if len(data) > MAX_EVENT_BYTES:
             return EventRejected(
-                "too_large", f"the event is {len(data)} bytes encoded; one signal carries at most {MAX_SIGNAL_BYTES}"
+                "too_large",
+                f"the event is {len(data)} bytes encoded; an event may be at most {MAX_EVENT_BYTES} "
+                "(each of its runs' argument carries its payload twice)",
             ), b""
         return None, data
 

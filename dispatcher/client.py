@@ -57,7 +57,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from bridge.aio import within
 from bridge.config import BridgeConfig
 from bridge.errors import EventRejected, Overloaded, PartlyHeld, Unavailable
-from bridge.event import EventSignal, encode
+from bridge.event import MAX_EVENT_BYTES, EventSignal, encode
 from bridge.metrics import Metrics
 from dispatcher import told
 from dispatcher.contract import (
@@ -341,9 +341,9 @@ class DispatcherClient:
         self._refuse_if_down()
         placed: list[tuple[int, bytes, bool]] = []
         for event, item in zip(events, encoded, strict=True):
-            if len(item) > MAX_SIGNAL_BYTES:
+            if len(item) > MAX_EVENT_BYTES:
                 raise EventRejected(
-                    "too_large", f"event {event.id!r} of {len(item)} bytes exceeds the {MAX_SIGNAL_BYTES}-byte limit"
+                    "too_large", f"event {event.id!r} of {len(item)} bytes exceeds the {MAX_EVENT_BYTES}-byte limit"
                 )
             placed.append((shard_of(event, self.shards), item, event.source.split(":", 1)[0] in AWAITED))
         if any(awaited for _, _, awaited in placed):

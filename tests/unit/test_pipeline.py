@@ -10,10 +10,11 @@ import pytest
 
 from bridge.config import parse_config
 from bridge.errors import Overloaded, SenderOverloaded
-from bridge.event import MAX_KEY_CHARS, MAX_SIGNAL_BYTES, EventSignal, encode
+from bridge.event import MAX_EVENT_BYTES, MAX_KEY_CHARS, MAX_SIGNAL_BYTES, EventSignal, encode, run_digest
 from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
+from dispatcher import starts
 from tests.fakes import FakeSink
 
 ROUTES = RouteTable.from_config(
@@ -164,6 +165,27 @@ async def test_a_sink_without_submit_encoded_gets_the_events_alone() -> None:
     sink = FakeSink()
     await Pipeline(ROUTES, sink).submit(events("1"), "test")
     assert sink.calls == [["1"]]
+
+
+async def test_an_event_whose_runs_argument_would_be_too_large_is_refused_and_what_fits_is_taken() -> None:
+    """Each run's argument carries the payload twice, within the dispatcher's MAX_TARGET_BYTES:
+    an event of 983 KB to 1 MiB was accepted (202, committed), then every start of it failed."""
+    routes = RouteTable.from_config(
+        parse_config(
+            {"project": "p", "workflows": [{"id": "w" * 200, "workflow_type": "W", "triggers": [{"name": "a"}]}]}
+        )
+    )
+    pad = MAX_EVENT_BYTES - len(encode(EventSignal(id="e", name="a", payload={"pad": ""}, source="test:s").to_dict()))
+    fits = EventSignal(id="e", name="a", payload={"pad": "x" * pad}, source="test:s")
+    over = EventSignal(id="f", name="a", payload={"pad": "x" * (pad + 1)}, source="test:s")
+    assert len(encode(fits.to_dict())) == MAX_EVENT_BYTES
+    sink = EncodingSink()
+    outcomes = await Pipeline(routes, sink).submit([fits, over], "test")
+    assert [o.rejected.reason if o.rejected else None for o in outcomes] == [None, "too_large"]
+    # The largest event taken starts: its argument is within what the dispatcher sends.
+    [target] = routes.route(fits, {}).targets
+    digest = run_digest("p", fits.source, fits.id)
+    starts.plan(fits, MAX_EVENT_BYTES, digest, target, "exec", {"id": "dispatcher-p"}, strict=True)
 
 
 async def test_an_event_over_the_signal_size_is_too_large_and_alone() -> None:
