@@ -106,6 +106,11 @@ CHECK_TASK_BYTES = 2 * 1024 * 1024
 CHECK_FAILED_BYTES), once the patch is in: on a 2-core machine about 0.3 s of checks for ordinary
 events, 0.5 s for 1 MiB events of nothing but empty lists."""
 CHECK_FAILED_BYTES = 64 * 1024
+UNENCODABLE_MALFORMED = "unencodable-malformed"
+"""The patch from which an event whose id, name, source or key is no UTF-8 text (a lone surrogate,
+which JSON may carry as ``\\ud800``) is dropped as malformed. Before it, the event was queued and
+its run digest failed to encode when it was taken, which failed the workflow task on every attempt:
+any client of the namespace could stall a shard with one signal (the adapters refuse such text)."""
 RESERVED_SIGNAL_IDS = "reserved-signal-ids"
 """The patch from which a signal entry's run id that names a dispatcher, or (``if_missing: start``)
 has the shape of a run the bridge starts, is counted failed, not signalled
@@ -156,6 +161,17 @@ class _Queued:
     verdicts: dict[str, bool | None] | None = None  # filter source -> EVALUATE_FILTERS' answer
     reloaded: bool = False  # the routes were loaded again for it once: its name named nothing
     loads: int = 0  # route tables loaded before it was queued
+
+
+def _unencodable(event: EventSignal) -> bool:
+    """Whether the event's id, name, source or key cannot be encoded as UTF-8 (its run digest,
+    its memo and search attributes encode them)."""
+    try:
+        for text in (event.id, event.name, event.source, event.key or ""):
+            text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 # Not sandboxed: the sandbox's import proxies made serialising the continue-as-new input slow
@@ -225,6 +241,8 @@ class DispatcherWorkflow:
             if nested_deeper(raw, MAX_SIGNAL_DEPTH) and workflow.patched(DEEP_EVENTS_MALFORMED):
                 raise ValueError(f"nested deeper than {MAX_SIGNAL_DEPTH}")
             event = EventSignal.from_dict(raw)
+            if _unencodable(event) and workflow.patched(UNENCODABLE_MALFORMED):
+                raise ValueError("its id, name, source or key is no UTF-8 text (a lone surrogate)")
             size = encoded_size(raw)
             # What continue-as-new will carry is event.to_dict(): the same size for what the
             # bridge sends, up to 4x more for a bare {"id": 0, "name": "x"} another client

@@ -491,6 +491,19 @@ async def test_malformed_signals_are_counted_and_dropped(make: Any) -> None:
     await d.targets(run_id(d.project, "w", first), run_id(d.project, "w", last))
 
 
+async def test_an_event_whose_id_is_no_utf8_text_is_malformed_and_the_rest_start(make: Any) -> None:
+    """Another client of the namespace may send an id with a lone surrogate (JSON carries it as
+    \\ud800; the adapters refuse it): it was queued, and its run digest failed to encode when it
+    was taken, failing the workflow task on every attempt: the shard stalled."""
+    d = await make()
+    d.stubs.routes = [d.route("w", "order.created")]
+    first, last = d.event("first"), d.event("last")
+    bad = [{**d.event(f"bad-{part}").to_dict(), part: "x\ud800"} for part in ("id", "name", "source", "key")]
+    await d.send(first, *bad, last)
+    await d.settled(received=2, started=2, malformed=4)
+    await d.targets(run_id(d.project, "w", first), run_id(d.project, "w", last))
+
+
 async def test_an_event_nested_deeper_than_a_dispatcher_takes_is_malformed_and_the_rest_start(
     make: Any, monkeypatch: Any
 ) -> None:
