@@ -8,6 +8,7 @@ The reference is docs/configuration.md.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -302,8 +303,24 @@ class HttpConfig(Model):
     # Retry-After 1, before the body is read, so one sender cannot take every request the process has.
     max_requests_per_source: int = Field(default=250, ge=1)
     retry_after_seconds: int = Field(default=5, ge=1)
+    # Addresses and networks of the proxies whose X-Forwarded-For names the client: behind a load
+    # balancer every request came from its address, and the share of unsigned webhook requests one
+    # address may hold in flight was everyone's, so anyone could hold the providers' deliveries out.
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
     auth: HttpAuth = Field(default_factory=HttpAuth)
     rate_limit: HttpRateLimit = Field(default_factory=HttpRateLimit)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _addresses(cls, proxies: list[str]) -> list[str]:
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{proxy!r} is no IP address or network (a proxy is trusted by its address, never '*')"
+                ) from None
+        return proxies
 
 
 class EventFormat(Model):

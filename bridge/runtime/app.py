@@ -28,7 +28,7 @@ from adapters import amqp, kafka
 from adapters.http import create_app
 from bridge.adapter import Adapter, ConsumerReadiness
 from bridge.aio import how_it_ended
-from bridge.config import BridgeConfig
+from bridge.config import BridgeConfig, HttpConfig
 from bridge.errors import BridgeError, ConfigError, Unavailable
 from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline, Tracer
@@ -44,6 +44,25 @@ from dispatcher.worker import build_worker
 
 log = logging.getLogger(__name__)
 Role = Literal["all", "worker", "ingress"]
+
+
+def server_config(app: Any, http: HttpConfig) -> uvicorn.Config:
+    """How uvicorn serves ``app``: the request bounds of ``http``, and the client's address taken
+    from X-Forwarded-For only when a trusted proxy (``http.trusted_proxies``) sent the request."""
+    return uvicorn.Config(
+        app,
+        host=http.host,
+        port=http.port,
+        log_level="warning",
+        log_config=None,  # logging is the process's (bridge.runtime.logs): no handler of uvicorn's own
+        access_log=False,  # the bridge logs what it does with each event; no line per request
+        lifespan="on",
+        timeout_graceful_shutdown=30,
+        limit_concurrency=http.max_concurrent_requests,
+        http=HeadTimeoutProtocol,  # a request's head must come within HEAD_TIMEOUT
+        proxy_headers=True,
+        forwarded_allow_ips=list(http.trusted_proxies),
+    )
 
 
 class _Uvicorn(uvicorn.Server):
@@ -304,20 +323,7 @@ class Bridge:
             consumers=self.consumers,
             ops_only=ops_only,
         )
-        server = _Uvicorn(
-            uvicorn.Config(
-                app,
-                host=self.config.http.host,
-                port=self.config.http.port,
-                log_level="warning",
-                log_config=None,  # logging is the process's (bridge.runtime.logs): no handler of uvicorn's own
-                access_log=False,  # the bridge logs what it does with each event; no line per request
-                lifespan="on",
-                timeout_graceful_shutdown=30,
-                limit_concurrency=self.config.http.max_concurrent_requests,
-                http=HeadTimeoutProtocol,  # a request's head must come within HEAD_TIMEOUT
-            )
-        )
+        server = _Uvicorn(server_config(app, self.config.http))
         self._http = server
         self._http_task = asyncio.create_task(server.serve(), name="http")
         while not server.started:
