@@ -173,6 +173,7 @@ class KafkaReplay:
         self._opts: dict[str, Any] = {}
         self._topics: dict[str, set[int]] = {}  # original topic -> its partitions, as described
         self._ends: dict[TopicPartition, int] = {}  # their end offsets, as last asked
+        self._records_read: set[tuple[str, int, int]] = set()  # the records of the letters read (x-original-*)
         self._settlers = [
             Settler(
                 pipeline,
@@ -324,6 +325,10 @@ class KafkaReplay:
         keep: list[Record] = []
         named: list[tuple[int, Letter]] = []
         for record in records:
+            if self._copy_of_one_read(record):
+                if report is not None:
+                    report(f"skip           {where(record)}: a copy of a letter this replay read before")
+                continue
             rebuilt = original(record)
             entry = None if isinstance(rebuilt, str) else self.entry_for(rebuilt.topic)
             if isinstance(rebuilt, str) or entry is None:
@@ -351,6 +356,23 @@ class KafkaReplay:
             count_settled(self.tally, items, lambda m: letter_id(m.headers), lambda m: m.where)
         if keep and not self.dry_run:
             await self._copy(keep)
+
+    def _copy_of_one_read(self, record: Record) -> bool:
+        """Whether an earlier letter of this replay was of the same record (``x-original-*``): the
+        record's letter and the ones earlier replays wrote of it again. Each was settled, or kept,
+        and written back once more: a replay with a fresh group (which reads every letter the topic
+        holds) doubled a letter still refused, 1, 2, 4, 8… The first is settled; the others are
+        counted as duplicates and committed, not written again."""
+        headers = record_headers(record)
+        topic = headers.get(H_ORIGINAL + "topic")
+        partition, offset = _int(headers.get(H_ORIGINAL + "partition")), _int(headers.get(H_ORIGINAL + "offset"))
+        if not topic or partition is None or offset is None:
+            return False
+        if (topic, partition, offset) in self._records_read:
+            self.tally.duplicates += 1
+            return True
+        self._records_read.add((topic, partition, offset))
+        return False
 
     @staticmethod
     def _to_message(letter: Letter) -> Message:

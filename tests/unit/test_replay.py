@@ -275,9 +275,29 @@ async def test_a_letter_of_a_record_the_topic_does_not_hold_is_kept_not_replayed
     assert [(c[1], c[2], c[3]) for c in producer.sent] == [(r.key, r.value, list(r.headers)) for r in letters[1:]]
     # The topic grew: its end is asked again for a letter past the end it had.
     ends.ends[TopicPartition("orders", 2)] = 60
-    await replay._settle([letters[1]])
-    assert [e.id for e in sink.held][-1] == "kafka:orders:2:50"
+    later = record(body(name="order.created", payload={}), offset=55)
+    await replay._settle([as_letter(kafka_parse.dead_letter(later, unroutable(), None), offset=9)])
+    assert [e.id for e in sink.held][-1] == "kafka:orders:2:55"
     assert ends.asked == [[TopicPartition("orders", 2)], [TopicPartition("orders", 2)]]
+
+
+async def test_a_fresh_group_writes_one_letter_of_a_record_still_refused_not_one_per_copy() -> None:
+    """A replay with a fresh group reads every letter the topic holds: a record's letter and the
+    ones earlier replays wrote of it again. Each still refused was written again, so every such
+    replay doubled them, 1, 2, 4, 8…"""
+    replay, sink, producer, _ = kafka_setup()
+    never = record(body(name="order.never", payload={}), offset=3)
+    elsewhere = record(body(name="order.created", payload={}), topic="refunds", offset=4)
+    letters = [
+        as_letter(kafka_parse.dead_letter(r, unroutable(), None), offset=i)
+        for i, r in enumerate([never, elsewhere, never, elsewhere, never])
+    ]
+    await replay._settle(letters[:3])
+    await replay._settle(letters[3:])  # a later batch of the same replay
+    t = replay.tally
+    assert (t.read, dict(t.refused), dict(t.kept), t.duplicates) == (5, {"unroutable": 1}, {NO_ENTRY: 1}, 3)
+    assert len(producer.sent) == 2 and sink.calls == []
+    assert [dict(sent[3])["x-original-offset"] for sent in producer.sent] == [b"3", b"4"]
 
 
 async def test_a_kafka_dry_run_says_what_it_would_do_and_touches_nothing() -> None:
