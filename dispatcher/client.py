@@ -35,6 +35,7 @@ import logging
 import math
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -231,6 +232,7 @@ class _Room:
     # dispatcher had left.
     looked: asyncio.Event = field(default_factory=asyncio.Event)
     waited: bool = False  # the first signal waited for it (or its timeout): no other signal waits
+    queued: int = 0  # bytes of the submissions queued (or carried) for it, not taken into a signal yet
 
     @property
     def answer(self) -> float:
@@ -350,8 +352,11 @@ class DispatcherClient:
             self.handover.waiting()
         if not self._senders:
             self._start_senders()
-        for shard in {shard for shard, _, _ in placed}:
-            self._refuse_if_full(shard)
+        need: Counter[int] = Counter()
+        for shard, item, _ in placed:
+            need[shard] += len(item)
+        for shard, size in need.items():
+            self._refuse_if_full(shard, size)
         subs: list[_Submission] = []
         open_: dict[int, _Submission] = {}
         for index, (shard, item, awaited) in enumerate(placed):
@@ -365,6 +370,8 @@ class DispatcherClient:
             sub.indices.append(index)
             sub.size += len(item)
             sub.awaited += awaited
+        for shard, size in need.items():
+            self._rooms[shard].queued += size
         if len(subs) == 1:  # the usual case; gather costs as much as the rest of this call
             await subs[0].done
             return
@@ -480,8 +487,13 @@ class DispatcherClient:
             for k in range(self.shards)
         ]
 
-    def _refuse_if_full(self, shard: int) -> None:
-        if self._rooms[shard].budget <= 0:
+    def _refuse_if_full(self, shard: int, size: int = 0) -> None:
+        """Overloaded when the dispatcher has no room left, or what is queued for it already takes
+        the room and ``size`` more bytes would not fit. The room was spent only as signals were
+        held: everything that came while one was in flight queued, and waited (its payload parsed
+        in memory: up to 25 times its text) only to be refused once the signal was held."""
+        room = self._rooms[shard]
+        if room.budget <= 0 or (room.queued and room.queued + size > room.budget):
             raise self._full(shard)
 
     def _full(self, shard: int) -> Overloaded:
@@ -690,6 +702,7 @@ class DispatcherClient:
             batch.append(nxt)
             count += len(nxt.events)
             size += nxt.size
+        room.queued -= size
         return batch
 
     async def _start(self, shard: int) -> None:
