@@ -184,3 +184,27 @@ def test_a_filter_jinja_lacks_is_refused_at_load_not_at_the_first_event() -> Non
     with pytest.raises(TemplateError, match="No filter named 'nosuch'"):
         templates.check({"input": {"x": "{{ .trigger.x|nosuch }}"}})
     templates.check({"input": {"x": "{{ .trigger.x|default('n')|upper }}"}})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{{ .trigger.qty * .trigger.price }}",  # "x" * 600,000,000: 5.9 s and 1.8 GB in a workflow task
+        "{{ .trigger.price * .trigger.items }}",
+        "{{ .trigger.price ** .trigger.price }}",
+        "{{ 10 ** .trigger.big }}",
+        "{{ .trigger.huge * .trigger.huge }}",
+    ],
+)
+def test_arithmetic_on_an_events_values_cannot_make_a_value_larger_than_a_run_could_take(text: str) -> None:
+    context = {"trigger": {"qty": "x", "price": 600_000_000, "items": [1, 2], "big": 100_000, "huge": 1 << 40_000}}
+    with pytest.raises(TemplateError, match="SecurityError"):
+        render(text, context)
+
+
+def test_arithmetic_within_bounds_renders_as_before() -> None:
+    context = {"trigger": {"amount": 12.5, "n": 3, "price": 600_000_000}}
+    assert render("{{ .trigger.amount * 2 }}", context) == 25.0
+    assert render("{{ 'ab' * .trigger.n }}", context) == "ababab"
+    assert render("{{ .trigger.price * .trigger.price }}", context) == 360_000_000_000_000_000
+    assert render("{{ 2 ** 10 }}, {{ 2.5 ** 3 }}", context) == "1024, 15.625"
