@@ -19,7 +19,7 @@ from bridge import templates
 from bridge.errors import ConfigError, EventRejected
 from bridge.event import encode
 from bridge.filters import Filter, FilterError, Scope, scope
-from bridge.schemas import Uncheckable, compile_schema, described, first_error
+from bridge.schemas import Steps, Uncheckable, compile_schema, described, first_error
 
 if TYPE_CHECKING:
     from bridge.config import BridgeConfig
@@ -253,6 +253,7 @@ class RouteTable:
         """Raise :class:`EventRejected` for an event no trigger names or a schema refuses."""
         matched = False
         only = replay_target(event)
+        steps = Steps()  # one budget for all of the event's schemas
         for w in self.workflows:
             if only is not None and w.id != only:
                 continue
@@ -265,7 +266,7 @@ class RouteTable:
                 if t.validator is None:
                     continue
                 try:
-                    error = first_error(t.validator, event.payload)
+                    error = first_error(t.validator, event.payload, steps)
                 except Uncheckable as exc:
                     raise EventRejected(
                         "schema_invalid",

@@ -133,8 +133,20 @@ def _canonical(value: Any) -> Any:
 # alternatives that all recurse) visits the deepest ones about 2**depth times: a tree 10 deep
 # (0.2 s) is checked, one 11 deep is refused.
 MAX_VISITS = 8192
-# And at most this many in all (a few seconds): a part visited MAX_VISITS times may be a wide one.
-MAX_STEPS = 1_000_000
+# And at most this many in all, for all of an event's schemas together (about 0.6 s here): a part
+# visited MAX_VISITS times may be a wide one. Checked on the adapter's event loop, 1,000,000 steps a
+# schema (3 s, 8 s for three entries' schemas of one name) held every other request meanwhile.
+MAX_STEPS = 200_000
+
+
+class Steps:
+    """What an event's checks may still spend (:data:`MAX_STEPS` to begin with): one for all of
+    its triggers' schemas."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_STEPS
 
 
 class Uncheckable(Exception):
@@ -151,17 +163,17 @@ class SchemaTooCostly(Uncheckable):
 
 
 class _Visits:
-    __slots__ = ("left", "limit", "seen")
+    __slots__ = ("limit", "seen", "steps")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, steps: Steps) -> None:
         self.limit = limit
-        self.left = MAX_STEPS
+        self.steps = steps
         self.seen: dict[int, int] = {}
 
     def visit(self, instance: Any) -> None:
-        self.left -= 1
-        if self.left < 0:
-            raise SchemaTooCostly(f"it applies the schema more than {MAX_STEPS} times in all")
+        self.steps.left -= 1
+        if self.steps.left < 0:
+            raise SchemaTooCostly(f"its schemas are applied more than {MAX_STEPS} times in all")
         if isinstance(instance, dict | list):  # scalars are leaves: their visits follow these
             key = id(instance)  # the payload holds every one of them alive during the check
             count = self.seen.get(key, 0) + 1
@@ -198,14 +210,15 @@ def _subschemas(node: Any) -> int:
     return count
 
 
-def first_error(validator: Validator, payload: Any) -> ValidationError | None:
-    """The first error ``validator`` (made by :func:`compile_schema`) finds in ``payload``, or None.
+def first_error(validator: Validator, payload: Any, steps: Steps | None = None) -> ValidationError | None:
+    """The first error ``validator`` (made by :func:`compile_schema`) finds in ``payload``, or None;
+    ``steps``: what the event's checks may still spend (spent here), else a budget of its own.
 
     Raises :class:`SchemaTooCostly` past its limits (see :data:`MAX_VISITS`), and
     :class:`Uncheckable` when the schema recurses without end for this payload's shape or names a
     ``$ref`` that cannot be resolved."""
     limit = getattr(validator, "_visit_limit", MAX_VISITS)
-    token = _VISITS.set(_Visits(limit))
+    token = _VISITS.set(_Visits(limit, steps or Steps()))
     try:
         return next(iter(validator.iter_errors(payload)), None)
     except RecursionError:

@@ -700,6 +700,17 @@ def test_a_check_takes_a_bounded_number_of_steps_in_all(monkeypatch: pytest.Monk
         routes.check(event("a", payload={"items": list(range(2_000))}))
 
 
+def test_an_events_schemas_share_one_budget_of_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each trigger's check had a budget of its own (1,000,000 steps, 3 s on the adapter's event
+    loop): three entries' schemas on one name took 8 s of it for one event."""
+    monkeypatch.setattr(schemas, "MAX_STEPS", 1_000)
+    schema = {"properties": {"items": {"items": {"type": "integer"}}}}
+    routes = table(*(wf(f"w{i}", {"name": "a", "schema": schema}) for i in range(3)))
+    routes.check(event("a", payload={"items": list(range(300))}))
+    with pytest.raises(EventRejected, match="more than 1000 times in all"):
+        routes.check(event("a", payload={"items": list(range(600))}))  # each alone would pass
+
+
 @pytest.mark.parametrize(
     ("schema", "at_load"),
     [
