@@ -62,6 +62,8 @@ _REFUSED_V6 = (
     ipaddress.IPv6Network("64:ff9b:1::/48"),  # RFC 8215 local-use NAT64: whatever the site maps it to
     ipaddress.IPv6Network("::/96"),  # IPv4-compatible (deprecated): ::7f00:1 is 127.0.0.1 on some stacks
     ipaddress.IPv6Network("2001::/32"),  # Teredo: an IPv4 server and client inside
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),  # IPv4-translated (RFC 2765): a SIIT gateway maps it to the IPv4 one
+    ipaddress.IPv6Network("fec0::/10"),  # site-local (deprecated, RFC 3879): the old private range
 )
 
 
@@ -78,7 +80,7 @@ def is_public(ip: IP) -> bool:
             ip = ip.sixtofour
         elif ip in _NAT64:
             ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return ip.is_global and not ip.is_multicast
+    return ip.is_global and not ip.is_multicast and not ip.is_reserved
 
 
 async def resolve(host: str, port: int) -> list[str]:

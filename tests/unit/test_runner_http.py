@@ -255,6 +255,10 @@ def test_redact_url(url: str, redacted: str) -> None:
         ("::7f00:1", False),  # IPv4-compatible 127.0.0.1
         ("64:ff9b:1::a00:5", False),  # local-use NAT64
         ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo
+        ("fec0::5", False),  # site-local: the old private range, which Python calls global
+        ("::ffff:0:a00:5", False),  # IPv4-translated 10.0.0.5 (SIIT)
+        ("5f00::1", False),  # reserved by the IETF
+        ("::ffff:93.184.216.34", True),  # IPv4-mapped: judged by the IPv4 address
     ],
 )
 def test_is_public(address: str, public: bool) -> None:
