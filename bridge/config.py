@@ -242,7 +242,7 @@ PLAIN_TOKEN_NAME = "token-1"
 
 
 class HttpAuth(Model):
-    """``tokens``: ``{name, token}``, and at most one plain string (named ``token-1``).
+    """``tokens``: ``{name, token}``, and at most one plain string, first (named ``token-1``).
 
     The name is the client: it scopes the events sent with the token (their ids, their look-ups)
     and keys its rate limit. Several tokens may share one, to rotate a client's token without a
@@ -257,12 +257,18 @@ class HttpAuth(Model):
         # An empty token (as from an unset ${VAR:-}) would count as "configured" and match nothing.
         if any(not (t if isinstance(t, str) else t.token).strip() for t in tokens):
             raise ValueError("a bearer token is empty (is the ${VAR} it comes from set?)")
-        if sum(isinstance(t, str) for t in tokens) > 1:
+        plain = [i for i, t in enumerate(tokens) if isinstance(t, str)]
+        if len(plain) > 1 or plain[:1] not in ([], [0]):
             raise ValueError(
-                "give each bearer token a name when there are several ({name: ci, token: ...}): the name scopes "
-                "the token's events, and a plain token's name would change as others are added or removed "
-                f"(the only plain token is named {PLAIN_TOKEN_NAME!r}; to keep the scopes of plain tokens "
-                "you had, name them token-1, token-2... in the order they were)"
+                "give each bearer token a name when there are several ({name: ci, token: ...}); a plain one may "
+                "only come first. The name scopes the token's events, and a plain token's was its place in the "
+                "list, which changed as others were added or removed. To keep the scopes the tokens had, name "
+                "them as they were named: token-1, token-2... in the order they were"
+            )
+        if plain and any(not isinstance(t, str) and t.name == PLAIN_TOKEN_NAME for t in tokens):
+            raise ValueError(
+                f"a token named {PLAIN_TOKEN_NAME!r} beside a plain token would make them one client: name the "
+                f"plain one {PLAIN_TOKEN_NAME!r} too if they are (to rotate its token), or give the other another name"
             )
         return tokens
 

@@ -294,12 +294,16 @@ def test_a_token_keeps_its_name_whatever_is_added_or_removed_around_it() -> None
     A's scope (its events' ids, its look-ups) and B's own events' retries a new scope. A config
     has at most one plain token now, ``token-1`` wherever it stands."""
     named_b = {"name": "ci", "token": TOKEN_B}
-    for tokens in ([named_b, TOKEN_A], [TOKEN_A, named_b], [TOKEN_A]):
+    for tokens in ([TOKEN_A, named_b], [TOKEN_A]):
         snap = parse({**data("a"), "http": {"auth": {"tokens": tokens}}})
         assert snap.tokens.match(f"Bearer {TOKEN_A}") == "token-1"
         assert snap.tokens.match(f"Bearer {TOKEN_B}") == ("ci" if named_b in tokens else None)
-    with pytest.raises(ConfigError, match="give each bearer token a name when there are several"):
-        parse({**data("a"), "http": {"auth": {"tokens": [TOKEN_A, TOKEN_B]}}})
+    # Refused, not renamed: a config that loaded before either keeps every name or fails to load.
+    for tokens in ([TOKEN_A, TOKEN_B], [named_b, TOKEN_A]):  # the plain one was token-2
+        with pytest.raises(ConfigError, match="give each bearer token a name when there are several"):
+            parse({**data("a"), "http": {"auth": {"tokens": tokens}}})
+    with pytest.raises(ConfigError, match="would make them one client"):
+        parse({**data("a"), "http": {"auth": {"tokens": [TOKEN_A, {"name": "token-1", "token": TOKEN_B}]}}})
 
 
 def test_two_tokens_of_one_name_are_one_client_so_a_token_can_be_rotated() -> None:
