@@ -210,6 +210,7 @@ class DispatcherWorkflow:
         self._task_mark = -1  # the history length this workflow task began at
         self._task_bytes = 0  # target arguments sent in this workflow task
         self._unchecked: deque[Any] = deque()  # events received, not checked yet (CHECKS_IN_SLICES)
+        self._unchecked_bytes = 0  # their encoded sizes, summed (each weighed as it is left)
         self._check_mark = -1  # the history length the workflow task of _checked began at
         self._checked = 0  # bytes of events checked in it
 
@@ -229,7 +230,7 @@ class DispatcherWorkflow:
         for raw in events if isinstance(events, list) else [events]:
             # Once one waits unchecked, so do those after it: they are queued in their order.
             if self._unchecked or (self._checked_now() >= CHECK_TASK_BYTES and workflow.patched(CHECKS_IN_SLICES)):
-                self._unchecked.append(raw)
+                self._leave(raw)
             else:
                 self._check(raw)
 
@@ -259,6 +260,16 @@ class DispatcherWorkflow:
         self._stats["received"] += 1
         self._enqueue(_Queued(event, size))
 
+    def _leave(self, raw: Any) -> None:
+        """Leave ``raw`` for the main loop to check, weighed (C-speed JSON, unlike the checks) so that
+        the room the stats query tells (:meth:`_accept_bytes`) counts it."""
+        try:
+            size = encoded_size(raw)
+        except Exception:  # too deep to encode: malformed when checked
+            size = CHECK_FAILED_BYTES
+        self._unchecked.append((raw, size))
+        self._unchecked_bytes += size
+
     def _checked_now(self) -> int:
         """Bytes of events checked in this workflow task (a new task begins with none)."""
         mark = workflow.info().get_current_history_length()
@@ -273,7 +284,9 @@ class DispatcherWorkflow:
         if self._checked_now() >= CHECK_TASK_BYTES:
             await workflow.sleep(YIELD)
         while self._unchecked and self._checked_now() < CHECK_TASK_BYTES:
-            self._check(self._unchecked.popleft())
+            raw, size = self._unchecked.popleft()
+            self._unchecked_bytes -= size
+            self._check(raw)
 
     @workflow.signal(name=RELOAD_SIGNAL)
     def reload(self, *_ignored: Any) -> None:
@@ -429,15 +442,17 @@ class DispatcherWorkflow:
         that reached the bound with more queued than it can carry would have to drop them."""
         info = workflow.info()
         # A batch's starts take about ten history events (activity and workflow tasks), a signal one.
-        events = DRAIN_HISTORY_EVENTS - FULL_MARGIN_EVENTS - info.get_current_history_length() - len(self._queue) // 20
+        queued = len(self._queue) + len(self._unchecked)
+        events = DRAIN_HISTORY_EVENTS - FULL_MARGIN_EVENTS - info.get_current_history_length() - queued // 20
+        weight = 1 + self._queued_cost / self._queued_bytes if self._queued_bytes else TAKE_WEIGHT
         # The events out of the queue count until their batch is done: their arguments enter the
         # history only when the workflow task that schedules them completes (then twice, safely).
-        cost = self._queued_cost + self._out_cost
+        # Those not checked yet are in the history once: what their starts will add is the rest.
+        cost = self._queued_cost + self._out_cost + int(self._unchecked_bytes * (weight - 1))
         room = DRAIN_HISTORY_BYTES - FULL_MARGIN - info.get_current_history_size() - cost
-        weight = 1 + self._queued_cost / self._queued_bytes if self._queued_bytes else TAKE_WEIGHT
         room = int(room / weight)
         if self._routes is None:  # nothing is started or drained until a table loads: at most what it can carry
-            room = min(room, self._carry_room() - self._carried_bytes() - FULL_MARGIN_CARRY)
+            room = min(room, self._carry_room() - self._carried_bytes() - self._unchecked_bytes - FULL_MARGIN_CARRY)
         return max(0, room) if events > 0 else 0
 
     def _history_at_drain_bounds(self) -> bool:
@@ -571,6 +586,13 @@ class DispatcherWorkflow:
         targets = size = skipped = 0
         while self._queue and self._spent < TASK_COST_BUDGET:
             item = self._queue[0]
+            if _unencodable(item.event):
+                # Queued before UNENCODABLE_MALFORMED (a run's history before it holds no task that
+                # took one: its digest failed that task), or carried from a run begun before it.
+                self._dequeue()
+                self._stats["malformed"] += 1
+                workflow.logger.warning("dropped malformed event: its id, name, source or key is no UTF-8 text")
+                continue
             digest = run_digest(self._project, item.event.source, item.event.id)
             if digest in self._recent or digest in digests:
                 self._dequeue()

