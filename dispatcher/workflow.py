@@ -106,6 +106,7 @@ CHECK_TASK_BYTES = 2 * 1024 * 1024
 CHECK_FAILED_BYTES), once the patch is in: on a 2-core machine about 0.3 s of checks for ordinary
 events, 0.5 s for 1 MiB events of nothing but empty lists."""
 CHECK_FAILED_BYTES = 64 * 1024
+UNCHECKED_EVENT_BYTES = 4096  # what an event left unchecked weighs in the room, with none queued to go by
 UNENCODABLE_MALFORMED = "unencodable-malformed"
 """The patch from which an event whose id, name, source or key is no UTF-8 text (a lone surrogate,
 which JSON may carry as ``\\ud800``) is dropped as malformed. Before it, the event was queued and
@@ -210,7 +211,6 @@ class DispatcherWorkflow:
         self._task_mark = -1  # the history length this workflow task began at
         self._task_bytes = 0  # target arguments sent in this workflow task
         self._unchecked: deque[Any] = deque()  # events received, not checked yet (CHECKS_IN_SLICES)
-        self._unchecked_bytes = 0  # their encoded sizes, summed (each weighed as it is left)
         self._check_mark = -1  # the history length the workflow task of _checked began at
         self._checked = 0  # bytes of events checked in it
 
@@ -230,7 +230,7 @@ class DispatcherWorkflow:
         for raw in events if isinstance(events, list) else [events]:
             # Once one waits unchecked, so do those after it: they are queued in their order.
             if self._unchecked or (self._checked_now() >= CHECK_TASK_BYTES and workflow.patched(CHECKS_IN_SLICES)):
-                self._leave(raw)
+                self._unchecked.append(raw)
             else:
                 self._check(raw)
 
@@ -260,16 +260,6 @@ class DispatcherWorkflow:
         self._stats["received"] += 1
         self._enqueue(_Queued(event, size))
 
-    def _leave(self, raw: Any) -> None:
-        """Leave ``raw`` for the main loop to check, weighed (C-speed JSON, unlike the checks) so that
-        the room the stats query tells (:meth:`_accept_bytes`) counts it."""
-        try:
-            size = encoded_size(raw)
-        except Exception:  # too deep to encode: malformed when checked
-            size = CHECK_FAILED_BYTES
-        self._unchecked.append((raw, size))
-        self._unchecked_bytes += size
-
     def _checked_now(self) -> int:
         """Bytes of events checked in this workflow task (a new task begins with none)."""
         mark = workflow.info().get_current_history_length()
@@ -284,9 +274,7 @@ class DispatcherWorkflow:
         if self._checked_now() >= CHECK_TASK_BYTES:
             await workflow.sleep(YIELD)
         while self._unchecked and self._checked_now() < CHECK_TASK_BYTES:
-            raw, size = self._unchecked.popleft()
-            self._unchecked_bytes -= size
-            self._check(raw)
+            self._check(self._unchecked.popleft())
 
     @workflow.signal(name=RELOAD_SIGNAL)
     def reload(self, *_ignored: Any) -> None:
@@ -448,12 +436,22 @@ class DispatcherWorkflow:
         # The events out of the queue count until their batch is done: their arguments enter the
         # history only when the workflow task that schedules them completes (then twice, safely).
         # Those not checked yet are in the history once: what their starts will add is the rest.
-        cost = self._queued_cost + self._out_cost + int(self._unchecked_bytes * (weight - 1))
+        unchecked = self._unchecked_bytes()
+        cost = self._queued_cost + self._out_cost + int(unchecked * (weight - 1))
         room = DRAIN_HISTORY_BYTES - FULL_MARGIN - info.get_current_history_size() - cost
         room = int(room / weight)
         if self._routes is None:  # nothing is started or drained until a table loads: at most what it can carry
-            room = min(room, self._carry_room() - self._carried_bytes() - self._unchecked_bytes - FULL_MARGIN_CARRY)
+            room = min(room, self._carry_room() - self._carried_bytes() - unchecked - FULL_MARGIN_CARRY)
         return max(0, room) if events > 0 else 0
+
+    def _unchecked_bytes(self) -> int:
+        """The events left unchecked, weighed as the queue's are on average (UNCHECKED_EVENT_BYTES
+        each with nothing queued): weighing each as it is left would cost the handler a third of
+        what checking it does, in the very activations that are already the largest."""
+        if not self._unchecked:
+            return 0
+        each = self._queued_bytes // len(self._queue) if self._queue else UNCHECKED_EVENT_BYTES
+        return len(self._unchecked) * each
 
     def _history_at_drain_bounds(self) -> bool:
         info = workflow.info()
