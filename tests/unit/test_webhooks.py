@@ -498,11 +498,15 @@ def test_kept_headers_drop_credentials_and_signatures() -> None:
         "X-Session": "s",
         "X-GitHub-Event": "push",
         "X-GitHub-Delivery": "d-1",
+        "X-Event-Key": "repo:push",  # Bitbucket's event name, which a filter may read
+        "Idempotency-Key": "k-1",
         "Content-Type": "application/json",
     }
     assert kept_headers(headers, ["x-custom-sig"]) == {
         "x-github-event": "push",
         "x-github-delivery": "d-1",
+        "x-event-key": "repo:push",
+        "idempotency-key": "k-1",
         "content-type": "application/json",
     }
 
