@@ -312,7 +312,7 @@ class HttpConfig(Model):
     # Addresses and networks of the proxies whose X-Forwarded-For names the client: behind a load
     # balancer every request came from its address, and the share of unsigned webhook requests one
     # address may hold in flight was everyone's, so anyone could hold the providers' deliveries out.
-    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"])
     auth: HttpAuth = Field(default_factory=HttpAuth)
     rate_limit: HttpRateLimit = Field(default_factory=HttpRateLimit)
 
@@ -321,10 +321,11 @@ class HttpConfig(Model):
     def _addresses(cls, proxies: list[str]) -> list[str]:
         for proxy in proxies:
             try:
-                ipaddress.ip_network(proxy, strict=False)
+                ipaddress.ip_network(proxy)  # strict, as uvicorn reads it: 10.1.2.3/8 would trust no one
             except ValueError:
                 raise ValueError(
-                    f"{proxy!r} is no IP address or network (a proxy is trusted by its address, never '*')"
+                    f"{proxy!r} is no IP address or network (10.0.0.0/8: no host bits set; a proxy is trusted "
+                    "by its address, never '*')"
                 ) from None
         return proxies
 

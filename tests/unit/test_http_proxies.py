@@ -48,12 +48,13 @@ async def test_a_trusted_proxy_names_the_client_and_no_one_else_does() -> None:
 async def test_by_default_only_a_proxy_on_this_host_is_believed() -> None:
     http = make_config().http
     assert await client_seen(http, "127.0.0.1", "203.0.113.9") == "203.0.113.9"
+    assert await client_seen(http, "::1", "203.0.113.9") == "203.0.113.9"
     assert await client_seen(http, "10.1.2.3", "203.0.113.9") == "10.1.2.3"
     nobody = make_config(trusted_proxies=[]).http
     assert await client_seen(nobody, "127.0.0.1", "203.0.113.9") == "127.0.0.1"
 
 
-@pytest.mark.parametrize("proxy", ["*", "lb.internal", "10.0.0.0/33"])
+@pytest.mark.parametrize("proxy", ["*", "lb.internal", "10.0.0.0/33", "10.1.2.3/8"])
 def test_a_proxy_is_trusted_by_its_address_or_network_only(proxy: str) -> None:
     with pytest.raises(ConfigError, match="no IP address or network"):
         make_config(trusted_proxies=[proxy])
