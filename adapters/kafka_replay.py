@@ -23,11 +23,12 @@ stopped half-way is read again from the last commit, and the run ids dedupe what
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -135,6 +136,9 @@ def original(letter: Record) -> Record | str:
     )
 
 
+T = TypeVar("T")
+
+
 class KafkaReplay:
     """One replay of one dead-letter topic; :meth:`run` once."""
 
@@ -173,7 +177,7 @@ class KafkaReplay:
         self._opts: dict[str, Any] = {}
         self._topics: dict[str, set[int]] = {}  # original topic -> its partitions, as described
         self._ends: dict[TopicPartition, int] = {}  # their end offsets, as last asked
-        self._records_read: set[tuple[str, int, int]] = set()  # the records of the letters read (x-original-*)
+        self._records_read: set[tuple[str, int, int, bytes]] = set()  # letters read: their record, their content
         self._settlers = [
             Settler(
                 pipeline,
@@ -337,7 +341,7 @@ class KafkaReplay:
             else:
                 named.append((entry, Letter(record, rebuilt, record_headers(record))))
         groups: dict[int, list[Letter]] = {}
-        unwritten = await self._unwritten([letter.original for _, letter in named])
+        unwritten = await self._retried(lambda: self._unwritten([letter.original for _, letter in named]), "look up")
         for (entry, letter), missing in zip(named, unwritten, strict=True):
             if missing:
                 kept(self.tally, NO_RECORD, letter.where, report)
@@ -357,21 +361,39 @@ class KafkaReplay:
         if keep and not self.dry_run:
             await self._copy(keep)
 
+    async def _retried(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """``call`` until Kafka answers, waiting out its errors as the other calls' are (up to
+        ``give_up_after``): the batch stays uncommitted if it never does."""
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except (KafkaError, BridgeError) as exc:
+                attempt += 1
+                if not await self.wait(self.backoff.delay(attempt)):
+                    raise BridgeError(f"cannot {what} the topics letters name: {exc!r}") from exc
+
     def _copy_of_one_read(self, record: Record) -> bool:
-        """Whether an earlier letter of this replay was of the same record (``x-original-*``): the
-        record's letter and the ones earlier replays wrote of it again. Each was settled, or kept,
-        and written back once more: a replay with a fresh group (which reads every letter the topic
-        holds) doubled a letter still refused, 1, 2, 4, 8… The first is settled; the others are
-        counted as duplicates and committed, not written again."""
+        """Whether an earlier letter of this replay was of the same record (``x-original-*``) and
+        holds the same key and value: the record's letter and the ones earlier replays wrote of it
+        again. Each was settled, or kept, and written back once more: a replay with a fresh group
+        (which reads every letter the topic holds) doubled a letter still refused, 1, 2, 4, 8… The
+        first is settled; the others are counted as duplicates and committed, not written again."""
         headers = record_headers(record)
         topic = headers.get(H_ORIGINAL + "topic")
         partition, offset = _int(headers.get(H_ORIGINAL + "partition")), _int(headers.get(H_ORIGINAL + "offset"))
         if not topic or partition is None or offset is None:
             return False
-        if (topic, partition, offset) in self._records_read:
+        # With what it holds: a letter cut to fit, or one someone else wrote naming the same
+        # record, is no copy of it, and must not make the record's own letter skipped.
+        content = hashlib.sha256()
+        for part in (record.key, record.value):
+            content.update(b"-" if part is None else len(part).to_bytes(8, "big") + part)
+        seen = (topic, partition, offset, content.digest())
+        if seen in self._records_read:
             self.tally.duplicates += 1
             return True
-        self._records_read.add((topic, partition, offset))
+        self._records_read.add(seen)
         return False
 
     @staticmethod

@@ -300,6 +300,41 @@ async def test_a_fresh_group_writes_one_letter_of_a_record_still_refused_not_one
     assert [dict(sent[3])["x-original-offset"] for sent in producer.sent] == [b"3", b"4"]
 
 
+async def test_a_letter_naming_a_record_with_another_body_is_no_copy_of_its_letter() -> None:
+    """Copies were told by the record they name alone: a letter someone else wrote naming a real
+    record (refused, written back) made the record's own letter, read after it, a copy: committed
+    unwritten, never replayed."""
+    replay, sink, _, _ = kafka_setup()
+    genuine = record(body(name="order.created", payload={"n": 1}), offset=7)
+    forged = record(body(name="order.never", payload={}), offset=7)
+    letters = [
+        as_letter(kafka_parse.dead_letter(r, unroutable(), None), offset=i) for i, r in enumerate([forged, genuine])
+    ]
+    await replay._settle(letters)
+    assert [e.id for e in sink.held] == ["kafka:orders:2:7"]
+    assert dict(replay.tally.refused) == {"unroutable": 1}  # the forged one, written back
+
+
+async def test_a_kafka_error_looking_up_the_named_records_is_waited_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiokafka.errors import KafkaConnectionError
+
+    replay, sink, _, _ = kafka_setup()
+    ends = cast(FakeEnds, replay.consumer)
+    real = ends.end_offsets
+    failures = [KafkaConnectionError("broker away")]
+
+    async def flaky(partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        if failures:
+            raise failures.pop()
+        return await real(partitions)
+
+    monkeypatch.setattr(ends, "end_offsets", flaky)
+    replay.backoff = kafka_replay.Backoff(0.01, 0.02)
+    letter = as_letter(kafka_parse.dead_letter(record(body(name="order.created", payload={})), unroutable(), None))
+    await replay._settle([letter])
+    assert [e.id for e in sink.held] == ["kafka:orders:2:41"] and not failures
+
+
 async def test_a_kafka_dry_run_says_what_it_would_do_and_touches_nothing() -> None:
     replay, sink, producer, out = kafka_setup(dry_run=True)
     await replay._settle(kafka_letters())
