@@ -44,20 +44,9 @@ Headers = Mapping[str, str]
 # Never copied into event metadata: credentials, and any header whose name says it is one.
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
 # Gateways put credentials in headers of their own (X-Functions-Key, Ocp-Apim-Subscription-Key,
-# X-Auth, X-Shopify-Hmac-Sha256): any name with one of these in it, or ending in -key, is taken for
+# X-Auth, X-Shopify-Hmac-Sha256, AccessKey, api_key): any name with one of these in it is taken for
 # one; but Bitbucket names its event in X-Event-Key, and an Idempotency-Key is no secret.
-_SECRET_WORDS = (
-    "signature",
-    "secret",
-    "token",
-    "password",
-    "auth",
-    "apikey",
-    "credential",
-    "session",
-    "hmac",
-    "cookie",
-)
+_SECRET_WORDS = ("signature", "secret", "token", "password", "auth", "key", "credential", "session", "hmac", "cookie")
 _KEYS_KEPT = frozenset({"x-event-key", "idempotency-key"})
 MAX_KEPT_HEADERS = 64
 """At most this many headers reach an event's metadata (the first ones sent); every event of a
@@ -75,8 +64,7 @@ def kept_headers(headers: Headers, drop: Iterable[str] = ()) -> dict[str, str]:
         lower = name.lower()
         if (
             lower in dropped
-            or any(word in lower for word in _SECRET_WORDS)
-            or (lower.endswith("-key") and lower not in _KEYS_KEPT)
+            or (lower not in _KEYS_KEPT and any(word in lower for word in _SECRET_WORDS))
             or len(value) > MAX_KEPT_VALUE
         ):
             continue

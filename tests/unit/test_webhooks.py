@@ -496,6 +496,9 @@ def test_kept_headers_drop_credentials_and_signatures() -> None:
         "X-Shopify-Hmac-Sha256": "mac",
         "X-Amz-Security-Credential": "c",
         "X-Session": "s",
+        "api_key": "k",
+        "AccessKey": "k",
+        "Key": "k",
         "X-GitHub-Event": "push",
         "X-GitHub-Delivery": "d-1",
         "X-Event-Key": "repo:push",  # Bitbucket's event name, which a filter may read
