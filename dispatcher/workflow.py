@@ -44,6 +44,7 @@ with workflow.unsafe.imports_passed_through():
         FULL_MARGIN_EVENTS,
         LOAD_ROUTES,
         MAX_CARRY_BYTES,
+        MAX_SIGNAL_BYTES,
         MISSING,
         RELOAD_SIGNAL,
         SIGNAL_STARTED,
@@ -106,7 +107,6 @@ CHECK_TASK_BYTES = 2 * 1024 * 1024
 CHECK_FAILED_BYTES), once the patch is in: on a 2-core machine about 0.3 s of checks for ordinary
 events, 0.5 s for 1 MiB events of nothing but empty lists."""
 CHECK_FAILED_BYTES = 64 * 1024
-UNCHECKED_EVENT_BYTES = 4096  # what an event left unchecked weighs in the room, with none queued to go by
 UNENCODABLE_MALFORMED = "unencodable-malformed"
 """The patch from which an event whose id, name, source or key is no UTF-8 text (a lone surrogate,
 which JSON may carry as ``\\ud800``) is dropped as malformed. Before it, the event was queued and
@@ -164,6 +164,16 @@ class _Queued:
     loads: int = 0  # route tables loaded before it was queued
 
 
+def _undigestable(event: EventSignal) -> bool:
+    """Whether the event's run digest cannot be made (its source or id is no UTF-8 text)."""
+    try:
+        event.source.encode()
+        event.id.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _unencodable(event: EventSignal) -> bool:
     """Whether the event's id, name, source or key cannot be encoded as UTF-8 (its run digest,
     its memo and search attributes encode them)."""
@@ -210,7 +220,8 @@ class DispatcherWorkflow:
         self._blocked = False  # the next event signals a run a batch in flight signals too
         self._task_mark = -1  # the history length this workflow task began at
         self._task_bytes = 0  # target arguments sent in this workflow task
-        self._unchecked: deque[Any] = deque()  # events received, not checked yet (CHECKS_IN_SLICES)
+        self._unchecked: deque[tuple[Any, int]] = deque()  # events received, not checked yet, and their weight
+        self._unchecked_weight = 0  # those weights, summed (CHECKS_IN_SLICES)
         self._check_mark = -1  # the history length the workflow task of _checked began at
         self._checked = 0  # bytes of events checked in it
 
@@ -227,10 +238,15 @@ class DispatcherWorkflow:
             workflow.logger.warning("dropped a signal with %d arguments instead of 1", len(args))
             return
         events = args[0]
-        for raw in events if isinstance(events, list) else [events]:
+        items = events if isinstance(events, list) else [events]
+        # What one left unchecked weighs in the room: no more than the signal's share of its bytes
+        # (a signal is at most MAX_SIGNAL_BYTES), found without encoding it again.
+        share = MAX_SIGNAL_BYTES // max(1, len(items))
+        for raw in items:
             # Once one waits unchecked, so do those after it: they are queued in their order.
             if self._unchecked or (self._checked_now() >= CHECK_TASK_BYTES and workflow.patched(CHECKS_IN_SLICES)):
-                self._unchecked.append(raw)
+                self._unchecked.append((raw, share))
+                self._unchecked_weight += share
             else:
                 self._check(raw)
 
@@ -274,7 +290,9 @@ class DispatcherWorkflow:
         if self._checked_now() >= CHECK_TASK_BYTES:
             await workflow.sleep(YIELD)
         while self._unchecked and self._checked_now() < CHECK_TASK_BYTES:
-            self._check(self._unchecked.popleft())
+            raw, share = self._unchecked.popleft()
+            self._unchecked_weight -= share
+            self._check(raw)
 
     @workflow.signal(name=RELOAD_SIGNAL)
     def reload(self, *_ignored: Any) -> None:
@@ -445,13 +463,12 @@ class DispatcherWorkflow:
         return max(0, room) if events > 0 else 0
 
     def _unchecked_bytes(self) -> int:
-        """The events left unchecked, weighed as the queue's are on average (UNCHECKED_EVENT_BYTES
-        each with nothing queued): weighing each as it is left would cost the handler a third of
-        what checking it does, in the very activations that are already the largest."""
-        if not self._unchecked:
-            return 0
-        each = self._queued_bytes // len(self._queue) if self._queue else UNCHECKED_EVENT_BYTES
-        return len(self._unchecked) * each
+        """The events left unchecked, each weighed at most: its signal's bytes (MAX_SIGNAL_BYTES at
+        most) shared among the signal's events. Weighing each as it is left would cost the handler
+        a third of what checking it does, in the very activations that are already the largest;
+        weighed as the queue's on average, a few large events behind many small ones were
+        counted a tenth of their size, and the room told was twice what the run could take."""
+        return self._unchecked_weight
 
     def _history_at_drain_bounds(self) -> bool:
         info = workflow.info()
@@ -584,12 +601,13 @@ class DispatcherWorkflow:
         targets = size = skipped = 0
         while self._queue and self._spent < TASK_COST_BUDGET:
             item = self._queue[0]
-            if _unencodable(item.event):
+            if _undigestable(item.event):
                 # Queued before UNENCODABLE_MALFORMED (a run's history before it holds no task that
-                # took one: its digest failed that task), or carried from a run begun before it.
+                # took one: its digest failed that task), or carried from a run begun before it. Only
+                # the digest's parts: one with a name or key of that kind was taken, and planned.
                 self._dequeue()
                 self._stats["malformed"] += 1
-                workflow.logger.warning("dropped malformed event: its id, name, source or key is no UTF-8 text")
+                workflow.logger.warning("dropped malformed event: its id or source is no UTF-8 text")
                 continue
             digest = run_digest(self._project, item.event.source, item.event.id)
             if digest in self._recent or digest in digests:
