@@ -177,7 +177,7 @@ class KafkaReplay:
         self._opts: dict[str, Any] = {}
         self._topics: dict[str, set[int]] = {}  # original topic -> its partitions, as described
         self._ends: dict[TopicPartition, int] = {}  # their end offsets, as last asked
-        self._records_read: set[tuple[str, int, int, bytes]] = set()  # letters read: their record, their content
+        self._records_read: set[tuple[str, int | None, int | None, bytes]] = set()  # letters read: record, content
         self._settlers = [
             Settler(
                 pipeline,
@@ -367,29 +367,37 @@ class KafkaReplay:
         attempt = 0
         while True:
             try:
-                return await call()
+                result = await call()
             except (KafkaError, BridgeError) as exc:
                 attempt += 1
                 if not await self.wait(self.backoff.delay(attempt)):
                     raise BridgeError(f"cannot {what} the topics letters name: {exc!r}") from exc
+                continue
+            self._outage_since = None  # answered: an outage's clock starts again at the next error
+            return result
 
     def _copy_of_one_read(self, record: Record) -> bool:
         """Whether an earlier letter of this replay was of the same record (``x-original-*``) and
-        holds the same key and value: the record's letter and the ones earlier replays wrote of it
-        again. Each was settled, or kept, and written back once more: a replay with a fresh group
-        (which reads every letter the topic holds) doubled a letter still refused, 1, 2, 4, 8… The
-        first is settled; the others are counted as duplicates and committed, not written again."""
+        holds the same key and value (one naming no record: the same headers too): the record's
+        letter and the ones earlier replays wrote of it again. Each was settled, or kept, and written
+        back once more: a replay with a fresh group (which reads every letter the topic holds)
+        doubled a letter still refused, 1, 2, 4, 8… The first is settled; the others are counted as
+        duplicates and committed, not written again."""
         headers = record_headers(record)
-        topic = headers.get(H_ORIGINAL + "topic")
+        topic = headers.get(H_ORIGINAL + "topic") or ""
         partition, offset = _int(headers.get(H_ORIGINAL + "partition")), _int(headers.get(H_ORIGINAL + "offset"))
-        if not topic or partition is None or offset is None:
-            return False
         # With what it holds: a letter cut to fit, or one someone else wrote naming the same
-        # record, is no copy of it, and must not make the record's own letter skipped.
+        # record, is no copy of it, and must not make the record's own letter skipped. One that
+        # names no record (kept, written back as it is) is a copy only with the same headers too.
+        named = bool(topic) and partition is not None and offset is not None
+        parts = [record.key, record.value]
+        if not named:
+            for name, value in record.headers or ():
+                parts += [str(name).encode("utf-8", "surrogatepass"), bytes(value or b"")]
         content = hashlib.sha256()
-        for part in (record.key, record.value):
+        for part in parts:
             content.update(b"-" if part is None else len(part).to_bytes(8, "big") + part)
-        seen = (topic, partition, offset, content.digest())
+        seen = (topic, partition if named else -1, offset if named else -1, content.digest())
         if seen in self._records_read:
             self.tally.duplicates += 1
             return True

@@ -335,6 +335,38 @@ async def test_a_kafka_error_looking_up_the_named_records_is_waited_out(monkeypa
     assert [e.id for e in sink.held] == ["kafka:orders:2:41"] and not failures
 
 
+async def test_a_lookup_answered_ends_the_outage_it_waited_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clock of an outage started at a failed lookup, and a dry run never stopped it: a second
+    error minutes later ended the replay at once, as if Kafka had been away all that time."""
+    from aiokafka.errors import KafkaConnectionError
+
+    replay, _, _, _ = kafka_setup(dry_run=True)
+    ends = cast(FakeEnds, replay.consumer)
+    real = ends.end_offsets
+    failures = [KafkaConnectionError("broker away")]
+
+    async def flaky(partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        if failures:
+            raise failures.pop()
+        return await real(partitions)
+
+    monkeypatch.setattr(ends, "end_offsets", flaky)
+    replay.backoff = kafka_replay.Backoff(0.01, 0.02)
+    letter = as_letter(kafka_parse.dead_letter(record(body(name="order.created", payload={})), unroutable(), None))
+    await replay._settle([letter])
+    assert not failures and replay._outage_since is None
+
+
+async def test_copies_of_a_letter_that_names_no_record_are_written_back_once() -> None:
+    replay, _, producer, _ = kafka_setup()
+    stray = record(b"{}", headers=[("tenant", b"acme")], topic="orders.dlq", offset=9)
+    other = record(b"{}", headers=[("tenant", b"other")], topic="orders.dlq", offset=10)
+    await replay._settle([stray, other, stray])
+    await replay._settle([stray])
+    assert (dict(replay.tally.kept), replay.tally.duplicates) == ({NOT_A_DEAD_LETTER: 2}, 2)
+    assert [dict(sent[3])["tenant"] for sent in producer.sent] == [b"acme", b"other"]
+
+
 async def test_a_kafka_dry_run_says_what_it_would_do_and_touches_nothing() -> None:
     replay, sink, producer, out = kafka_setup(dry_run=True)
     await replay._settle(kafka_letters())
