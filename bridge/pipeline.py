@@ -8,6 +8,7 @@ or dead-letters them); the rest go to Temporal in one call. If Temporal does not
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -165,7 +166,9 @@ class Pipeline:
         if encoded is not None and len(encoded) == len(events) and all(encoded):
             outcomes, good, datas = [Outcome(e) for e in events], list(events), list(encoded)
         else:
-            for event in events:
+            for n, event in enumerate(events):
+                if n:  # each check may take its schemas' whole budget: the loop's other work goes between
+                    await asyncio.sleep(0)
                 rejected, data = self.examine(event, routes)
                 outcomes.append(Outcome(event, rejected))
                 if rejected is None:

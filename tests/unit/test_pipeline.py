@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -226,3 +227,26 @@ async def test_metrics_children_are_looked_up_once_per_label_set() -> None:
     assert 'signal_bridge_events_received_total{adapter="test"} 2.0' in text
     assert 'signal_bridge_events_accepted_total{adapter="test"} 1.0' in text
     assert 'signal_bridge_events_rejected_total{adapter="test",reason="unroutable"} 1.0' in text
+
+
+async def test_the_loop_does_its_other_work_between_the_checks_of_a_batchs_events(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each event's schemas may take their whole budget (0.6 s or more): a batch of hundreds was
+    checked in one go on the event loop, every other request waiting for all of it."""
+    seen: list[str] = []
+    pipeline = Pipeline(ROUTES, EncodingSink())
+    examine = pipeline.examine
+
+    def recorded(event: EventSignal, routes: RouteTable | None = None) -> Any:
+        seen.append(event.id)
+        return examine(event, routes)
+
+    monkeypatch.setattr(pipeline, "examine", recorded)
+
+    async def other() -> None:
+        seen.append("other")
+
+    batch = asyncio.create_task(pipeline.submit(events("1", "2", "3"), "test"))
+    await asyncio.gather(batch, other())
+    assert seen.index("other") < seen.index("3"), seen
