@@ -981,22 +981,31 @@ async def with_room(
     await assert_eventually(lambda: temporal.looks > looks, timeout=5, interval=0.01, what="the last timed look")
 
 
+async def queued_behind_a_signal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[FakeTemporal, DispatcherClient, asyncio.Task[None], list[asyncio.Task[None]], int]:
+    """A client whose dispatcher has room for five events of ``one`` bytes, a signal in flight
+    (held), and twenty such events submitted behind it: (temporal, client, the signal's submission,
+    the twenty, one)."""
+    temporal = FakeTemporal()
+    one = encoded_size(ev("q00", size=1000).to_dict())
+    dc = make_client(temporal)
+    await with_room(monkeypatch, temporal, dc, ev("first"), 5 * one)
+    temporal.held.add(dispatcher_id(PROJECT, 0, 1))
+    slow = asyncio.create_task(dc.submit([ev("slow")]))
+    await in_flight(temporal)
+    queued = [asyncio.create_task(dc.submit([ev(f"q{i:02}", size=1000)])) for i in range(20)]
+    await settle()
+    return temporal, dc, slow, queued, one
+
+
 async def test_what_would_queue_past_the_room_is_refused_at_once_not_after_the_signal_ahead(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The room was spent only as signals were held: everything sent while one was in flight
     queued, holding its parsed payload (up to 25 times its text), only to be refused once that
     signal was held. A token's 250 requests of 1 MB queued so took gigabytes."""
-    temporal = FakeTemporal()
-    wid = dispatcher_id(PROJECT, 0, 1)
-    one = encoded_size(ev("q00", size=1000).to_dict())
-    dc = make_client(temporal)
-    await with_room(monkeypatch, temporal, dc, ev("first"), 5 * one)
-    temporal.held.add(wid)
-    slow = asyncio.create_task(dc.submit([ev("slow")]))
-    await in_flight(temporal)
-    queued = [asyncio.create_task(dc.submit([ev(f"q{i:02}", size=1000)])) for i in range(20)]
-    await settle()
+    temporal, dc, slow, queued, one = await queued_behind_a_signal(monkeypatch)
     refused = [t for t in queued if t.done() and isinstance(t.exception(), Overloaded)]
     assert len(refused) >= 14 and all(t.done() == (t in refused) for t in queued)  # before the signal ahead was held
     assert dc._rooms[0].queued <= 6 * one
@@ -1012,16 +1021,7 @@ async def test_what_queued_behind_a_signal_in_flight_goes_only_within_the_room(m
     """The room was checked as a submission was queued and spent only as signals were held: all
     that queued behind a signal in flight went once it was held, past what the run can carry into
     its next, which then counted the rest failed after the adapters had acknowledged them."""
-    temporal = FakeTemporal()
-    wid = dispatcher_id(PROJECT, 0, 1)
-    one = encoded_size(ev("q00", size=1000).to_dict())
-    dc = make_client(temporal)
-    await with_room(monkeypatch, temporal, dc, ev("first"), 5 * one)
-    temporal.held.add(wid)
-    slow = asyncio.create_task(dc.submit([ev("slow")]))
-    await in_flight(temporal)
-    queued = [asyncio.create_task(dc.submit([ev(f"q{i:02}", size=1000)])) for i in range(20)]
-    await settle()
+    temporal, dc, slow, queued, _ = await queued_behind_a_signal(monkeypatch)
     temporal.held.clear()
     temporal.release.set()
     results = await asyncio.gather(slow, *queued, return_exceptions=True)

@@ -315,13 +315,14 @@ async def test_a_letter_naming_a_record_with_another_body_is_no_copy_of_its_lett
     assert dict(replay.tally.refused) == {"unroutable": 1}  # the forged one, written back
 
 
-async def test_a_kafka_error_looking_up_the_named_records_is_waited_out(monkeypatch: pytest.MonkeyPatch) -> None:
+def lookups_failing_once(monkeypatch: pytest.MonkeyPatch, replay: kafka_replay.KafkaReplay) -> list[Exception]:
+    """The replay's first end-offsets lookup fails (a broker away), the next ones answer; its
+    backoff made short. Returns the failures still to come."""
     from aiokafka.errors import KafkaConnectionError
 
-    replay, sink, _, _ = kafka_setup()
     ends = cast(FakeEnds, replay.consumer)
     real = ends.end_offsets
-    failures = [KafkaConnectionError("broker away")]
+    failures: list[Exception] = [KafkaConnectionError("broker away")]
 
     async def flaky(partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
         if failures:
@@ -330,6 +331,12 @@ async def test_a_kafka_error_looking_up_the_named_records_is_waited_out(monkeypa
 
     monkeypatch.setattr(ends, "end_offsets", flaky)
     replay.backoff = kafka_replay.Backoff(0.01, 0.02)
+    return failures
+
+
+async def test_a_kafka_error_looking_up_the_named_records_is_waited_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    replay, sink, _, _ = kafka_setup()
+    failures = lookups_failing_once(monkeypatch, replay)
     letter = as_letter(kafka_parse.dead_letter(record(body(name="order.created", payload={})), unroutable(), None))
     await replay._settle([letter])
     assert [e.id for e in sink.held] == ["kafka:orders:2:41"] and not failures
@@ -338,20 +345,8 @@ async def test_a_kafka_error_looking_up_the_named_records_is_waited_out(monkeypa
 async def test_a_lookup_answered_ends_the_outage_it_waited_out(monkeypatch: pytest.MonkeyPatch) -> None:
     """The clock of an outage started at a failed lookup, and a dry run never stopped it: a second
     error minutes later ended the replay at once, as if Kafka had been away all that time."""
-    from aiokafka.errors import KafkaConnectionError
-
     replay, _, _, _ = kafka_setup(dry_run=True)
-    ends = cast(FakeEnds, replay.consumer)
-    real = ends.end_offsets
-    failures = [KafkaConnectionError("broker away")]
-
-    async def flaky(partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
-        if failures:
-            raise failures.pop()
-        return await real(partitions)
-
-    monkeypatch.setattr(ends, "end_offsets", flaky)
-    replay.backoff = kafka_replay.Backoff(0.01, 0.02)
+    failures = lookups_failing_once(monkeypatch, replay)
     letter = as_letter(kafka_parse.dead_letter(record(body(name="order.created", payload={})), unroutable(), None))
     await replay._settle([letter])
     assert not failures and replay._outage_since is None
