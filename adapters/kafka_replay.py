@@ -177,7 +177,7 @@ class KafkaReplay:
         self._opts: dict[str, Any] = {}
         self._topics: dict[str, set[int]] = {}  # original topic -> its partitions, as described
         self._ends: dict[TopicPartition, int] = {}  # their end offsets, as last asked
-        self._records_read: set[tuple[str, int | None, int | None, bytes]] = set()  # letters read: record, content
+        self._records_read: set[tuple[str, int, int, bytes]] = set()  # letters read: their record, their content
         self._settlers = [
             Settler(
                 pipeline,
@@ -389,15 +389,15 @@ class KafkaReplay:
         # With what it holds: a letter cut to fit, or one someone else wrote naming the same
         # record, is no copy of it, and must not make the record's own letter skipped. One that
         # names no record (kept, written back as it is) is a copy only with the same headers too.
-        named = bool(topic) and partition is not None and offset is not None
         parts = [record.key, record.value]
-        if not named:
+        if not topic or partition is None or offset is None:
+            topic, partition, offset = "", -1, -1
             for name, value in record.headers or ():
                 parts += [str(name).encode("utf-8", "surrogatepass"), bytes(value or b"")]
         content = hashlib.sha256()
         for part in parts:
             content.update(b"-" if part is None else len(part).to_bytes(8, "big") + part)
-        seen = (topic, partition if named else -1, offset if named else -1, content.digest())
+        seen = (topic, partition, offset, content.digest())
         if seen in self._records_read:
             self.tally.duplicates += 1
             return True

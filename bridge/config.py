@@ -258,7 +258,7 @@ class HttpAuth(Model):
         if any(not (t if isinstance(t, str) else t.token).strip() for t in tokens):
             raise ValueError("a bearer token is empty (is the ${VAR} it comes from set?)")
         plain = [i for i, t in enumerate(tokens) if isinstance(t, str)]
-        if len(plain) > 1 or plain[:1] not in ([], [0]):
+        if len(plain) > 1 or any(i > 0 for i in plain):
             raise ValueError(
                 "give each bearer token a name when there are several ({name: ci, token: ...}); a plain one may "
                 "only come first. The name scopes the token's events, and a plain token's was its place in the "

@@ -65,7 +65,7 @@ def _bound_product(left: Any, right: Any) -> None:
 
 def _bound_power(base: Any, exponent: Any) -> None:
     if _whole(base) and _whole(exponent) and abs(base) > 1 and exponent > 0:
-        if exponent > MAX_INT_BITS or base.bit_length() * exponent > MAX_INT_BITS:
+        if base.bit_length() * exponent > MAX_INT_BITS:
             raise SecurityError(f"a power of integers over {MAX_INT_BITS} bits")
 
 

@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 SOURCE_PREFIX = "webhook:"
 Headers = Mapping[str, str]
 
-# Never copied into event metadata: credentials, and any header whose name says it is one.
-_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
+# Never copied into event metadata: any header whose name says it is a credential (Authorization,
+# Proxy-Authorization, Cookie and Set-Cookie among them).
 # Gateways put credentials in headers of their own (X-Functions-Key, Ocp-Apim-Subscription-Key,
 # X-Auth, X-Shopify-Hmac-Sha256, AccessKey, api_key): any name with one of these in it is taken for
 # one; but Bitbucket names its event in X-Event-Key, and an Idempotency-Key is no secret.
@@ -58,7 +58,7 @@ MAX_KEPT_VALUE = 512
 def kept_headers(headers: Headers, drop: Iterable[str] = ()) -> dict[str, str]:
     """Lower-cased headers without credentials or signatures, for event metadata and filters:
     at most :data:`MAX_KEPT_HEADERS` of them, none longer than :data:`MAX_KEPT_VALUE`."""
-    dropped = _SECRET_HEADERS | {d.lower() for d in drop}
+    dropped = {d.lower() for d in drop}
     out: dict[str, str] = {}
     for name, value in headers.items():
         lower = name.lower()

@@ -342,19 +342,19 @@ class DispatcherClient:
         these bytes as they are."""
         self._refuse_if_down()
         placed: list[tuple[int, bytes, bool]] = []
+        need: Counter[int] = Counter()  # bytes by shard
         for event, item in zip(events, encoded, strict=True):
             if len(item) > MAX_EVENT_BYTES:
                 raise EventRejected(
                     "too_large", f"event {event.id!r} of {len(item)} bytes exceeds the {MAX_EVENT_BYTES}-byte limit"
                 )
-            placed.append((shard_of(event, self.shards), item, event.source.split(":", 1)[0] in AWAITED))
+            shard = shard_of(event, self.shards)
+            placed.append((shard, item, event.source.split(":", 1)[0] in AWAITED))
+            need[shard] += len(item)
         if any(awaited for _, _, awaited in placed):
             self.handover.waiting()
         if not self._senders:
             self._start_senders()
-        need: Counter[int] = Counter()
-        for shard, item, _ in placed:
-            need[shard] += len(item)
         for shard, size in need.items():
             self._refuse_if_full(shard, size)
         subs: list[_Submission] = []

@@ -164,21 +164,11 @@ class _Queued:
     loads: int = 0  # route tables loaded before it was queued
 
 
-def _undigestable(event: EventSignal) -> bool:
-    """Whether the event's run digest cannot be made (its source or id is no UTF-8 text)."""
+def _not_utf8(*texts: str) -> bool:
+    """Whether any of ``texts`` cannot be encoded as UTF-8 (a lone surrogate): an event's run
+    digest encodes its source and id; its memo and search attributes its name and key too."""
     try:
-        event.source.encode()
-        event.id.encode()
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def _unencodable(event: EventSignal) -> bool:
-    """Whether the event's id, name, source or key cannot be encoded as UTF-8 (its run digest,
-    its memo and search attributes encode them)."""
-    try:
-        for text in (event.id, event.name, event.source, event.key or ""):
+        for text in texts:
             text.encode()
     except UnicodeEncodeError:
         return True
@@ -221,7 +211,11 @@ class DispatcherWorkflow:
         self._task_mark = -1  # the history length this workflow task began at
         self._task_bytes = 0  # target arguments sent in this workflow task
         self._unchecked: deque[tuple[Any, int]] = deque()  # events received, not checked yet, and their weight
-        self._unchecked_weight = 0  # those weights, summed (CHECKS_IN_SLICES)
+        # Those weights, summed: each event at most its signal's bytes (MAX_SIGNAL_BYTES at most)
+        # shared among the signal's events. Encoding each as it is left would cost the handler a
+        # third of checking it, in the largest activations; weighed as the queue's on average, a
+        # few large events behind many small ones told twice the room there was (_accept_bytes).
+        self._unchecked_weight = 0
         self._check_mark = -1  # the history length the workflow task of _checked began at
         self._checked = 0  # bytes of events checked in it
 
@@ -251,14 +245,16 @@ class DispatcherWorkflow:
                 self._check(raw)
 
     def _check(self, raw: Any) -> None:
-        """Queue one event received, or count it malformed; counted in this task's checks."""
-        self._checked_now()
+        """Queue one event received, or count it malformed; counted in this task's checks (its
+        callers have asked :meth:`_checked_now` in this task, which began the count)."""
         try:
             # Patched: on an interpreter whose JSON reads deeper, a run begun before may hold one.
             if nested_deeper(raw, MAX_SIGNAL_DEPTH) and workflow.patched(DEEP_EVENTS_MALFORMED):
                 raise ValueError(f"nested deeper than {MAX_SIGNAL_DEPTH}")
             event = EventSignal.from_dict(raw)
-            if _unencodable(event) and workflow.patched(UNENCODABLE_MALFORMED):
+            if _not_utf8(event.id, event.name, event.source, event.key or "") and workflow.patched(
+                UNENCODABLE_MALFORMED
+            ):
                 raise ValueError("its id, name, source or key is no UTF-8 text (a lone surrogate)")
             size = encoded_size(raw)
             # What continue-as-new will carry is event.to_dict(): the same size for what the
@@ -454,21 +450,13 @@ class DispatcherWorkflow:
         # The events out of the queue count until their batch is done: their arguments enter the
         # history only when the workflow task that schedules them completes (then twice, safely).
         # Those not checked yet are in the history once: what their starts will add is the rest.
-        unchecked = self._unchecked_bytes()
+        unchecked = self._unchecked_weight
         cost = self._queued_cost + self._out_cost + int(unchecked * (weight - 1))
         room = DRAIN_HISTORY_BYTES - FULL_MARGIN - info.get_current_history_size() - cost
         room = int(room / weight)
         if self._routes is None:  # nothing is started or drained until a table loads: at most what it can carry
             room = min(room, self._carry_room() - self._carried_bytes() - unchecked - FULL_MARGIN_CARRY)
         return max(0, room) if events > 0 else 0
-
-    def _unchecked_bytes(self) -> int:
-        """The events left unchecked, each weighed at most: its signal's bytes (MAX_SIGNAL_BYTES at
-        most) shared among the signal's events. Weighing each as it is left would cost the handler
-        a third of what checking it does, in the very activations that are already the largest;
-        weighed as the queue's on average, a few large events behind many small ones were
-        counted a tenth of their size, and the room told was twice what the run could take."""
-        return self._unchecked_weight
 
     def _history_at_drain_bounds(self) -> bool:
         info = workflow.info()
@@ -601,7 +589,7 @@ class DispatcherWorkflow:
         targets = size = skipped = 0
         while self._queue and self._spent < TASK_COST_BUDGET:
             item = self._queue[0]
-            if _undigestable(item.event):
+            if _not_utf8(item.event.source, item.event.id):
                 # Queued before UNENCODABLE_MALFORMED (a run's history before it holds no task that
                 # took one: its digest failed that task), or carried from a run begun before it. Only
                 # the digest's parts: one with a name or key of that kind was taken, and planned.
