@@ -26,7 +26,7 @@ from temporalio.api.workflowservice.v1 import SignalWithStartWorkflowExecutionRe
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.contrib.opentelemetry import TracingInterceptor
-from temporalio.converter import encode_search_attributes
+from temporalio.converter import PayloadConverter, encode_search_attributes
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -145,7 +145,9 @@ class BridgeActivities:
         or signaled has closed, the same request starts another run (the server dedupes its request
         id only for an open run), and the event runs twice. So each answer is heartbeated as it
         comes, and a retry sends nothing an earlier attempt got an answer for (its heartbeat
-        details, which the SDK flushes when an attempt fails). A local activity has no heartbeat
+        details, which the SDK flushes when an attempt fails); a signal an earlier attempt sent
+        unheard (its worker died) is looked for in the runs' histories (:func:`delivered_before`).
+        A local activity has no heartbeat
         details: the dispatcher schedules batches with such starts (starts.needs_scheduling).
         """
         client = activity.client()
@@ -158,10 +160,7 @@ class BridgeActivities:
                     # and the retry would send a signal-with-start again; failing first flushes them.
                     raise ApplicationError("START_TARGETS is out of time: the next attempt sends the rest")
                 if s.signal is not None:
-                    if self.tracing:
-                        with in_trace_of(s), signal_span(s, interceptor) as header:
-                            return await deliver_signal(client, s, header)
-                    return await deliver_signal(client, s)
+                    return await self._signal(client, s, interceptor, retried=maybe_ours and not info.is_local)
                 if self.tracing:
                     with in_trace_of(s):
                         return await start_one(client, s, info.activity_id, maybe_ours)
@@ -203,6 +202,17 @@ class BridgeActivities:
         finally:
             if beat is not None:
                 beat.cancel()
+
+    async def _signal(
+        self, client: Client, s: TargetStart, interceptor: TracingInterceptor | None, retried: bool
+    ) -> str:
+        """Deliver ``s``'s signal; a retry first looks whether an earlier attempt did."""
+        if retried and (seen := await delivered_before(client, s, activity.info())):
+            return seen
+        if self.tracing:
+            with in_trace_of(s), signal_span(s, interceptor) as header:
+                return await deliver_signal(client, s, header)
+        return await deliver_signal(client, s)
 
     @activity.defn(name=HTTP_REQUEST)
     async def http_request(self, call: HttpCall) -> dict[str, Any]:
@@ -289,6 +299,7 @@ async def deliver_signal(client: Client, s: TargetStart, header: Header | None =
     context for the run (:func:`signal_span`); these raw calls pass no client interceptor."""
     assert s.signal is not None
     payloads = await client.data_converter.encode_wrapper([s.arg])
+    header = with_request_id(header, s.request_id)
     try:
         if s.if_missing == "start":
             attributes = SearchAttributes()
@@ -335,6 +346,76 @@ async def deliver_signal(client: Client, s: TargetStart, header: Header | None =
             return failed(exc.message)
         raise
     return SIGNALED
+
+
+REQUEST_HEADER = "signal-bridge-request"
+"""The header every signal of a target start carries: its request id, so that a retry can find in a
+run's history whether an earlier attempt's signal reached it (:func:`delivered_before`)."""
+
+PLAIN = PayloadConverter.default
+
+
+def with_request_id(header: Header | None, request_id: str | None) -> Header | None:
+    """``header`` (a trace context, or none) and the start's request id under REQUEST_HEADER."""
+    if not request_id:
+        return header
+    out = Header()
+    if header is not None:
+        out.CopyFrom(header)
+    out.fields[REQUEST_HEADER].CopyFrom(PLAIN.to_payloads([request_id])[0])
+    return out
+
+
+def carries_request(header: Header, request_id: str) -> bool:
+    field = header.fields.get(REQUEST_HEADER)
+    if field is None:
+        return False
+    try:
+        return bool(PLAIN.from_payloads([field])[0] == request_id)
+    except Exception:  # a header some other client wrote: not ours
+        return False
+
+
+MAX_RUNS_SEARCHED = 100
+"""How many runs of a target's id, closed since its batch was scheduled or still open, a retry
+reads before it gives up looking for an earlier attempt's signal and sends it again."""
+
+
+async def delivered_before(client: Client, s: TargetStart, info: activity.Info) -> str | None:
+    """SIGNALED or SIGNAL_STARTED when an earlier attempt of this batch delivered ``s``'s signal
+    without a heartbeat telling so; None when no run of ``s.id`` has it, and it is to be sent.
+
+    A worker that died after a signal-with-start and before its heartbeat reached the server
+    (heartbeats are throttled to one in 8 s) left the retry no answer. The server dedupes the
+    request id only within the run that took it: once that run has closed (or continued as new),
+    the same signal-with-start starts or signals another, and the event runs twice. So the retry
+    reads the histories of the runs of ``s.id`` that were open at any time since the batch was
+    scheduled, looking for the request id in a signal's header (:func:`with_request_id`).
+    Errors raise: the attempt fails and the next looks again.
+    """
+    assert s.request_id is not None
+    since = info.scheduled_time
+    searched = 0
+    async for execution in client.list_workflows(f"WorkflowId = {search.quoted(s.id)}"):
+        if execution.close_time is not None and execution.close_time < since:
+            continue
+        searched += 1
+        if searched > MAX_RUNS_SEARCHED:
+            log.warning(
+                "%s has over %d runs since its batch was scheduled; its signal is sent again unsearched",
+                safe(s.id),
+                MAX_RUNS_SEARCHED,
+            )
+            return None
+        started_by_it = False
+        async for event in client.get_workflow_handle(s.id, run_id=execution.run_id).fetch_history_events():
+            if event.HasField("workflow_execution_started_event_attributes"):
+                started_by_it = carries_request(event.workflow_execution_started_event_attributes.header, s.request_id)
+            elif event.HasField("workflow_execution_signaled_event_attributes"):
+                signaled = event.workflow_execution_signaled_event_attributes
+                if signaled.signal_name == s.signal and carries_request(signaled.header, s.request_id):
+                    return SIGNAL_STARTED if started_by_it else SIGNALED
+    return None
 
 
 def namespace_not_active(exc: RPCError) -> bool:

@@ -29,6 +29,11 @@ KEYS = (EVENT_ID, EVENT_NAME, SOURCE, PROJECT)
 NAMES = tuple(k.name for k in KEYS)
 
 
+def quoted(value: str) -> str:
+    """A string literal for a visibility query."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 # Temporal refuses a start whose attribute value is over 2 KiB (its default limit) as the SDK
 # encodes it: JSON, with every character past ASCII escaped (6 or 12 bytes). Values over this many
 # bytes are cut (:func:`fit`), so an event with a long id or name still starts.

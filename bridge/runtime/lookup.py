@@ -56,11 +56,6 @@ class Run:
         return asdict(self)
 
 
-def quoted(value: str) -> str:
-    """A string literal for a visibility query."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def since(text: str, now: datetime | None = None) -> datetime:
     """``90s``, ``15m``, ``1h``, ``7d`` before now."""
     match = _SINCE.match(text.strip())
@@ -74,28 +69,28 @@ def list_query(
     project: str, *, name: str | None = None, started_after: datetime | None = None, status: str | None = None
 ) -> str:
     """The visibility query for ``events list``: a trailing ``*`` in ``name`` is a prefix."""
-    parts = [f"{search.PROJECT.name} = {quoted(search.fit(project))}"]
+    parts = [f"{search.PROJECT.name} = {search.quoted(search.fit(project))}"]
     if name:
         if name.endswith("*"):
-            parts.append(f"{search.EVENT_NAME.name} STARTS_WITH {quoted(search.fit_prefix(name[:-1]))}")
+            parts.append(f"{search.EVENT_NAME.name} STARTS_WITH {search.quoted(search.fit_prefix(name[:-1]))}")
         else:
-            parts.append(f"{search.EVENT_NAME.name} = {quoted(search.fit(name))}")
+            parts.append(f"{search.EVENT_NAME.name} = {search.quoted(search.fit(name))}")
     if started_after is not None:
-        parts.append(f"StartTime > {quoted(started_after.astimezone(UTC).isoformat())}")
+        parts.append(f"StartTime > {search.quoted(started_after.astimezone(UTC).isoformat())}")
     if status:
         if status.lower() not in STATUSES:
             raise BridgeError(f"--status {status!r}: one of {', '.join(STATUSES)}")
-        parts.append(f"ExecutionStatus = {quoted(STATUSES[status.lower()])}")
+        parts.append(f"ExecutionStatus = {search.quoted(STATUSES[status.lower()])}")
     return " AND ".join(parts)
 
 
 def event_query(project: str, event_id: str, source: str | None = None) -> str:
     parts = [
-        f"{search.PROJECT.name} = {quoted(search.fit(project))}",
-        f"{search.EVENT_ID.name} = {quoted(search.fit(event_id))}",
+        f"{search.PROJECT.name} = {search.quoted(search.fit(project))}",
+        f"{search.EVENT_ID.name} = {search.quoted(search.fit(event_id))}",
     ]
     if source:
-        parts.append(f"{search.SOURCE.name} = {quoted(search.fit(source))}")
+        parts.append(f"{search.SOURCE.name} = {search.quoted(search.fit(source))}")
     return " AND ".join(parts)
 
 

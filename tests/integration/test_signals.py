@@ -10,10 +10,12 @@ are read from that list; the dispatcher's ``stats`` query says when every event 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -24,12 +26,26 @@ from aiokafka import AIOKafkaConsumer
 from temporalio import workflow
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
+from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
 from bridge import snapshot
 from bridge.errors import ConfigError
 from bridge.runtime.app import Bridge
-from tests.helpers import HTTP_SCOPE, TOKEN, assert_eventually, config, count_workflows, dispatcher_stats, unique
+from bridge.snapshot import Snapshot
+from dispatcher.activities import BridgeActivities
+from dispatcher.contract import SIGNAL_STARTED, SIGNALED, StartBatch, TargetInput, TargetStart
+from dispatcher.search import quoted
+from tests.helpers import (
+    HTTP_SCOPE,
+    TOKEN,
+    assert_eventually,
+    config,
+    count_workflows,
+    dispatcher_stats,
+    runner,
+    unique,
+)
 from tests.integration.test_amqp import publish
 from tests.integration.test_kafka import BridgeProcess, assert_all_committed, create_topic, envelope, produce
 
@@ -502,3 +518,38 @@ async def test_kafka_burst_of_5kb_events_to_one_run_keeps_their_order(
     assert s["signaled"] == n, s
     got = await temporal_client.get_workflow_handle(run).query("event_ids")
     assert got == [f"{run}-{k}" for k in range(n)]
+
+
+async def test_a_retry_whose_first_attempt_died_unheard_does_not_start_the_closed_run_again(temporal_client):
+    """A worker died after its START_TARGETS attempt's signal-with-start and before its heartbeat
+    (throttled to one in 8 s) reached the server: the retry had no answer for it. Its run had
+    closed meanwhile, and the same signal-with-start started another: the event ran twice. The
+    retry now finds the request id in the closed run's history. A signal it finds nowhere is
+    sent, and an earlier attempt's signal to a run another event had opened is found as well."""
+    started, signaled, fresh = unique("order"), unique("order"), unique("order")
+    arg = TargetInput(workflow_id=ENTRY, exec_id="x", input={}, trigger={}, event={"id": "E1"})
+
+    def signal_start(wid: str) -> TargetStart:
+        return TargetStart(
+            wid, "Unpolled", unique("nobody"), arg, {"event_id": "E1"}, None, "payment", "start", f"r-{wid}"
+        )
+
+    env = ActivityEnvironment(client=temporal_client)
+    env.info = dataclasses.replace(env.info, is_local=False, scheduled_time=datetime.now(UTC))
+    acts = BridgeActivities(Snapshot.compile(config("p", "unused:7233", [runner("w", "order.created")])))
+    other = signal_start(signaled)
+    other.request_id = "another event's"
+    assert await env.run(acts.start_targets, StartBatch([other])) == [SIGNAL_STARTED]
+    batch = StartBatch([signal_start(started), signal_start(signaled)])
+    assert await env.run(acts.start_targets, batch) == [SIGNAL_STARTED, SIGNALED]  # the attempt that died
+    for wid in (started, signaled):
+        await temporal_client.get_workflow_handle(wid).terminate()
+
+    env.info = dataclasses.replace(env.info, attempt=2)  # its retry, with no heartbeat details
+    retried = StartBatch([*batch.starts, signal_start(fresh)])
+    assert await env.run(acts.start_targets, retried) == [SIGNAL_STARTED, SIGNALED, SIGNAL_STARTED]
+    assert [await count_runs(temporal_client, wid) for wid in (started, signaled, fresh)] == [1, 1, 1]
+
+
+async def count_runs(client: Client, wid: str) -> int:
+    return len([r async for r in client.list_workflows(f"WorkflowId = {quoted(wid)}")])

@@ -6,13 +6,14 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
+from temporalio.api.common.v1 import Header, Payload
 from temporalio.api.errordetails.v1 import NamespaceNotActiveFailure
 from temporalio.client import Client
 from temporalio.converter import DataConverter
 from temporalio.service import RPCError, RPCStatusCode
 
-from dispatcher.activities import deliver_signal
-from dispatcher.contract import MISSING, TargetStart, failed
+from dispatcher.activities import REQUEST_HEADER, carries_request, deliver_signal
+from dispatcher.contract import MISSING, SIGNALED, TargetStart, failed
 from tests.unit.test_dispatcher_client import _rpc_error
 
 
@@ -55,3 +56,24 @@ async def test_other_refusals_answer_failed_or_missing() -> None:
     assert await deliver_signal(refusing(refused), START) == failed("the run cannot take it")
     gone = _rpc_error(RPCStatusCode.NOT_FOUND, "workflow not found")
     assert await deliver_signal(refusing(gone), START) == MISSING
+
+
+async def test_every_signal_carries_its_request_id_beside_the_trace_context() -> None:
+    """A retry finds an unheard signal in a run's history by this header (delivered_before)."""
+    sent: list[Any] = []
+
+    async def signal_workflow_execution(request: Any) -> None:
+        sent.append(request)
+
+    service = SimpleNamespace(signal_workflow_execution=signal_workflow_execution)
+    client = cast(
+        Client,
+        SimpleNamespace(workflow_service=service, data_converter=DataConverter.default, namespace="d", identity="t"),
+    )
+    trace = Header(fields={"_tracer-data": Payload(data=b"{}")})
+    assert await deliver_signal(client, START, trace) == SIGNALED
+    assert await deliver_signal(client, START) == SIGNALED
+    for request in sent:
+        assert carries_request(request.header, "r-1") and not carries_request(request.header, "r-2")
+    assert set(sent[0].header.fields) == {"_tracer-data", REQUEST_HEADER}
+    assert set(trace.fields) == {"_tracer-data"}  # the caller's header is left as it was

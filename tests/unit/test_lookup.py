@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 import pytest
 
 from bridge.errors import BridgeError
-from bridge.runtime.lookup import event_query, list_query, quoted, since
+from bridge.runtime.lookup import event_query, list_query, since
+from dispatcher.search import quoted
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
