@@ -26,17 +26,27 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from temporalio import activity, workflow
+from temporalio.api.common.v1 import Payload, Payloads, WorkflowType
 from temporalio.api.enums.v1 import EventType
-from temporalio.api.history.v1 import HistoryEvent
+from temporalio.api.history.v1 import (
+    HistoryEvent,
+    WorkflowExecutionSignaledEventAttributes,
+    WorkflowExecutionStartedEventAttributes,
+    WorkflowTaskScheduledEventAttributes,
+    WorkflowTaskStartedEventAttributes,
+)
+from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle, WorkflowHistory
 from temporalio.common import RawValue
+from temporalio.converter import DataConverter, DefaultPayloadConverter, PayloadConverter
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
@@ -486,8 +496,10 @@ async def test_malformed_signals_are_counted_and_dropped(make: Any) -> None:
     await d.handle.signal(EVENT_SIGNAL)  # no argument at all
     await d.handle.signal(EVENT_SIGNAL, args=[[last.to_dict()], "extra"])  # two arguments
     await d.handle.signal(RELOAD_SIGNAL, "an argument reload does not take")
+    await d.handle.signal(EVENT_SIGNAL, RawValue(Payload(metadata={"encoding": b"json/plain"}, data=b"[{no json")))
+    await d.handle.signal("a-name-nothing-handles", [first.to_dict()])  # ignored
     await d.send(last)
-    stats = await d.settled(received=2, started=2, malformed=8)
+    stats = await d.settled(received=2, started=2, malformed=9)
     assert stats["run"] == 1
     assert (await d.handle.describe()).status == WorkflowExecutionStatus.RUNNING
     await d.targets(run_id(d.project, "w", first), run_id(d.project, "w", last))
@@ -558,7 +570,11 @@ async def test_events_past_a_workflow_tasks_checks_wait_for_tasks_of_their_own_i
     d.stubs.routes = [d.route("w", "order.created")]
     events = [dataclasses.replace(d.event(f"e{i:02}", items=list(range(20))), key="k") for i in range(12)]
     assert all(encoded_size(e.to_dict()) > 150 for e in events)
-    await d.send(*events[:6], "not an event", *events[6:])
+    # Four signals: those that arrive once a task's checks are used up wait undecoded (RAW_SIGNALS).
+    await d.send(*events[:3])
+    await d.send(*events[3:6], "not an event")
+    await d.send(*events[6:9])
+    await d.send(*events[9:])
     await d.settled(received=12, started=12, malformed=1)
     assert [s.id for s in d.stubs.starts] == [run_id(d.project, "w", e) for e in events]  # one key: in order
     history = (await d.handle.fetch_history()).events
@@ -1174,6 +1190,74 @@ async def test_a_run_begun_before_a_patch_replays_on_this_code(recorded: str) ->
     assert result.replay_failure is None, result.replay_failure
 
 
+class CountingConverter(DefaultPayloadConverter):
+    """Counts the bytes of payloads it decodes (a RawValue asked for is handed over undecoded)."""
+
+    decoded = 0
+
+    def from_payloads(self, payloads: Sequence[Payload], type_hints: list[type] | None = None) -> list[Any]:
+        hints = type_hints or [None] * len(payloads)  # type: ignore[list-item]
+        CountingConverter.decoded += sum(len(p.data) for p, h in zip(payloads, hints, strict=True) if h is not RawValue)
+        return super().from_payloads(payloads, type_hints)
+
+
+async def test_a_backlog_of_large_signals_is_decoded_a_slice_a_workflow_task(caplog: Any) -> None:
+    """The SDK decoded every signal of an activation before any handler ran, 80 ms a MiB for
+    lists of empty lists: a worker back after an outage met 40 such 1 MiB signals in one
+    activation, over the 2 s deadlock timeout on every attempt. Taken raw, only what the task
+    checks is decoded (RAW_SIGNALS); the rest wait, decoded in later tasks."""
+    n = 40
+    at = Timestamp()
+    at.FromDatetime(datetime.now(UTC))
+    events: list[HistoryEvent] = []
+
+    def add(kind: EventType.ValueType, **attributes: Any) -> None:
+        events.append(HistoryEvent(event_id=len(events) + 1, event_time=at, event_type=kind, **attributes))
+
+    start = PayloadConverter.default.to_payloads([DispatcherInput(project="shop")])
+    add(
+        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED,
+        workflow_execution_started_event_attributes=WorkflowExecutionStartedEventAttributes(
+            workflow_type=WorkflowType(name=DISPATCHER_WORKFLOW),
+            task_queue=TaskQueue(name="shop"),
+            input=Payloads(payloads=start),
+            original_execution_run_id="r1",
+            first_execution_run_id="r1",
+            attempt=1,
+        ),
+    )
+    wide = b",".join([b"[]"] * 340_000)
+    for i in range(n):
+        data = b'[{"id":"e%d","name":"order.created","source":"http:t","payload":[%s]}]' % (i, wide)
+        add(
+            EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
+            workflow_execution_signaled_event_attributes=WorkflowExecutionSignaledEventAttributes(
+                signal_name=EVENT_SIGNAL,
+                input=Payloads(payloads=[Payload(metadata={"encoding": b"json/plain"}, data=data)]),
+            ),
+        )
+    add(
+        EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+        workflow_task_scheduled_event_attributes=WorkflowTaskScheduledEventAttributes(
+            task_queue=TaskQueue(name="shop"), attempt=1
+        ),
+    )
+    add(
+        EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
+        workflow_task_started_event_attributes=WorkflowTaskStartedEventAttributes(scheduled_event_id=len(events)),
+    )
+    CountingConverter.decoded = 0
+    converter = dataclasses.replace(DataConverter.default, payload_converter_class=CountingConverter)
+    replayer = Replayer(workflows=[DispatcherWorkflow], data_converter=converter)
+    with caplog.at_level(logging.ERROR):
+        result = await replayer.replay_workflow(
+            WorkflowHistory("dispatcher-shop", events), raise_on_replay_failure=False
+        )
+    assert result.replay_failure is None, result.replay_failure
+    assert "TMPRL1101" not in caplog.text  # the deadlock: a failed last task is no replay failure
+    assert CountingConverter.decoded < 4 * len(data), CountingConverter.decoded  # of 40
+
+
 async def test_batches_start_in_flight_together_up_to_the_setting(make: Any) -> None:
     """While one batch's starts wait on Temporal, the next batches go out: up to batches_in_flight."""
     d = await make("activity", batch_size=1, batches_in_flight=3)
@@ -1287,6 +1371,17 @@ async def test_an_event_whose_name_the_table_lacks_has_the_routes_loaded_again_o
     assert d.stubs.loads == 3
 
 
+def decoding() -> Any:
+    """The workflow's payload converter, outside a worker."""
+    return mock.patch.object(dispatcher_workflow.workflow, "payload_converter", return_value=PayloadConverter.default)
+
+
+def signal(d: DispatcherWorkflow, *args: Any) -> None:
+    """``d``'s event signal with ``args``, as the SDK hands it over (raw payloads), outside a worker."""
+    with decoding():
+        d.signals(EVENT_SIGNAL, [RawValue(p) for p in PayloadConverter.default.to_payloads(args)])
+
+
 def test_an_event_is_weighed_as_continue_as_new_will_carry_it() -> None:
     """A bare {"id": 0, "name": "x"} from another client of the namespace weighed 19 bytes and is
     carried as 81 (its fields filled in): 26,000 of them passed the 512 KiB carry bound by the
@@ -1299,9 +1394,9 @@ def test_an_event_is_weighed_as_continue_as_new_will_carry_it() -> None:
         mock.patch.object(dispatcher_workflow.workflow, "info", return_value=task),
     ):
         d = DispatcherWorkflow(DispatcherInput(project="p"))
-        d.event_channel([sent])
-        patched.assert_not_called()
-        d.event_channel([{"id": 0, "name": "x"}, {"id": [1, 2], "name": "y"}])
+        signal(d, [sent])
+        assert dispatcher_workflow.CARRIED_SIZES not in [c.args[0] for c in patched.call_args_list]
+        signal(d, [{"id": 0, "name": "x"}, {"id": [1, 2], "name": "y"}])
     sizes = [q.size for q in d._queue]
     assert sizes == [encoded_size(q.event.to_dict()) for q in d._queue]
     assert sizes[0] == encoded_size(sent) and sizes[1] == 81
@@ -1315,7 +1410,7 @@ def test_events_left_unchecked_never_make_the_room_told_larger_than_once_they_ar
     """The room (accept_bytes) counted the queue, not the events left for later tasks: with 8 MiB
     left it told the adapters 3.56 MiB could be taken, and 0 once they were checked. Weighed as the
     queue's on average, a few large events behind many small ones told twice the room there was."""
-    monkeypatch.setattr(dispatcher_workflow, "CHECK_TASK_BYTES", 1)  # all but the first are left
+    monkeypatch.setattr(dispatcher_workflow, "CHECK_TASK_BYTES", 1)  # all are left
     task = mock.Mock(get_current_history_length=lambda: 10, get_current_history_size=lambda: 4 * 1024 * 1024)
 
     def events(prefix: str, count: int, size: int) -> list[dict[str, Any]]:
@@ -1333,15 +1428,16 @@ def test_events_left_unchecked_never_make_the_room_told_larger_than_once_they_ar
         if routes:
             entry = helpers.runner("w", "order.created")
             d._routes = RouteTable.from_config(helpers.config("p", "127.0.0.1:1", [entry]))
-        for signal in signals:
-            d.event_channel(signal)
-        assert len(d._unchecked) == 1005
+        for sent in signals:
+            signal(d, sent)
+        # The first signal's events (its decoding used the task's checks), and the other signals whole.
+        assert len(d._unchecked) == 500 + 7
         left = d._accept_bytes()
         d._checked = -(10**9)  # a new task's worth: check them all
-        while d._unchecked:
-            raw, share = d._unchecked.popleft()
-            d._unchecked_weight -= share
-            d._check(raw)
+        with mock.patch.object(
+            dispatcher_workflow.workflow, "payload_converter", return_value=PayloadConverter.default
+        ):
+            asyncio.run(d._check_unchecked())
         checked = d._accept_bytes()
     assert d._unchecked_weight == 0 and len(d._queue) == 1006
     assert left <= checked, (left, checked)
