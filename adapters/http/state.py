@@ -8,10 +8,12 @@ not change. Rate limits, tokens and reloads: docs/http-api.md and docs/webhooks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, cast
 
 from litestar.connection import ASGIConnection
@@ -49,6 +51,25 @@ EventLookup = Callable[[str, str], Awaitable[list[Any]]]
 raises :class:`bridge.errors.Unavailable` when Temporal does not answer."""
 Consumers = Callable[[], list[ConsumerReadiness]]
 """The Kafka consumers running beside the adapter, as ``/readyz`` shows them to token holders."""
+
+
+EVICT_AFTER = 2.0
+"""Seconds an unsigned webhook request's body may have been arriving before, with the room of
+unsigned requests full, it gives its place to a new request (:meth:`HttpState.unverified`)."""
+
+
+def address_key(host: str) -> str:
+    """The address whose share a request before its signature is checked counts in: the host,
+    or for IPv6 its /64 network (one subscriber's prefix holds 2**64 addresses)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class Limits:
@@ -111,6 +132,9 @@ class HttpState:
         self.ready = ready
         self._limits = Limits()
         self._open: Counter[str] = Counter()  # requests in flight per key (held)
+        # Unsigned webhook requests reading their bodies, the oldest first: when they began, and
+        # the deadline that cuts one short.
+        self._unverified: dict[object, tuple[float, asyncio.Timeout]] = {}
 
     def limits(self) -> Limits:
         """The buckets of the current snapshot. A request that began before a reload is charged
@@ -207,6 +231,39 @@ class HttpState:
             self._open[key] -= 1
             if not self._open[key]:
                 del self._open[key]
+
+    @contextlib.asynccontextmanager
+    async def unverified(self, snap: Snapshot) -> AsyncIterator[None]:
+        """Room for one webhook request to read its body before its signature is checked: half
+        of ``http.max_concurrent_requests`` for all of them, so that the events API and signed
+        deliveries keep the other half. When the room is full, the request whose body has been
+        arriving longest gives its place, if that is over EVICT_AFTER (408 ``too_slow``): a
+        provider sends a body in milliseconds, while requests that trickle theirs from many
+        addresses held the room, and every provider's deliveries were refused. Else 429."""
+        room = max(1, snap.config.http.max_concurrent_requests // 2)
+        now = asyncio.get_running_loop().time()
+        if len(self._unverified) >= room:
+            oldest = next(iter(self._unverified))
+            began, theirs = self._unverified[oldest]
+            if now - began < EVICT_AFTER:
+                message = "too many unsigned webhook requests at once; retry shortly"
+                raise self.deny(WEBHOOK_ADAPTER, "rate_limited", message, retry_after=1)
+            del self._unverified[oldest]
+            theirs.reschedule(now)  # it ends with a TimeoutError in its own task, below
+        mine = object()
+        try:
+            async with asyncio.timeout(None) as deadline:
+                self._unverified[mine] = (now, deadline)
+                yield
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            waited = asyncio.get_running_loop().time() - now
+            message = f"the body was still arriving after {waited:.1f} s when its place was needed"
+            log.info("webhook request cut short: %s", message)
+            raise self.refuse(WEBHOOK_ADAPTER, EventRejected("too_slow", message)) from None
+        finally:
+            self._unverified.pop(mine, None)
 
     def charge(self, token: str, cost: int, *, take: bool = True) -> None:
         """Take ``cost`` events from the token's rate limit, or raise 429 and take nothing (with

@@ -21,7 +21,7 @@ from adapters.http import answers
 from adapters.http.answers import ACCEPTED, DeliveryAnswer, Ignored
 from adapters.http.openapi import DeliveryOperation, error_responses
 from adapters.http.request import headers, read_body
-from adapters.http.state import WEBHOOK_ADAPTER, HttpState
+from adapters.http.state import WEBHOOK_ADAPTER, HttpState, address_key
 from bridge.errors import HTTP_STATUS, EventRejected, Reason
 from bridge.logsafe import safe
 from bridge.ratelimit import retry_after
@@ -90,9 +90,12 @@ class WebhooksController(Controller):
         # Until its signature is checked a request is anyone's: its share of the requests in flight is
         # its address's. Keyed by the slug, anyone could hold all of a webhook's share with unsigned
         # bodies sent a byte at a time, and the provider's deliveries were refused (429) meanwhile.
-        address = request.client.host if request.client else "-"
+        # Nor may requests from many addresses hold every request the process has: together they
+        # have half of them, and a body that is slow to come gives its place (HttpState.unverified).
+        address = address_key(request.client.host) if request.client else "-"
         with http.held(WEBHOOK_ADAPTER, f"{WEBHOOK_ADAPTER}-unverified:{address}", what="requests from this address"):
-            body = await read_body(request, http, snapshot, WEBHOOK_ADAPTER)
+            async with http.unverified(snapshot):
+                body = await read_body(request, http, snapshot, WEBHOOK_ADAPTER)
             received = headers(request)
             _verify(http, route, received, body)
         with http.held(WEBHOOK_ADAPTER, _sender(slug)):

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from litestar.testing import AsyncTestClient
 
-from adapters.http import create_app
+from adapters.http import create_app, state
 from adapters.http.parse import CE_BATCH
 from bridge.decode import MAX_KEPT_VALUE
 from bridge.pipeline import Pipeline
@@ -345,3 +345,62 @@ async def test_unsigned_bodies_trickled_to_a_webhook_do_not_hold_its_signed_deli
     assert third.status_code == 429, "one address holds at most its share"
     assert real.status_code == 202, real.text
     assert [r.status_code for r in squatted] == [401, 401]
+
+
+async def test_unsigned_bodies_from_many_addresses_hold_half_the_requests_and_a_slow_one_gives_way(
+    monkeypatch: Any,
+) -> None:
+    """Each address's unsigned webhook requests were bounded, not all of them: four addresses
+    trickling 250 bodies each held every request the process takes (http.max_concurrent_requests),
+    and the events API and every provider got 503s for as long as the bodies took. Now they hold
+    half, and when that is full, the body that has been arriving longest (past EVICT_AFTER) gives
+    its place: a provider's delivery, whose body comes at once, gets in."""
+    monkeypatch.setattr(state, "EVICT_AFTER", 0.3, raising=False)
+    release = asyncio.Event()
+
+    async def stalls() -> Any:
+        yield b'{"x'
+        await release.wait()
+        yield b'"}'
+
+    body = json.dumps({"ref": "refs/heads/main"}).encode()
+    signature = "sha256=" + hmac.new(GH_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    signed = {"Content-Type": "application/json", "X-Hub-Signature-256": signature, "X-GitHub-Event": "push"}
+    sink = FakeSink()
+    app = make_app(sink, hook_config(max_concurrent_requests=4))  # room for 2 unsigned bodies
+    squatters = [in_loop_client(app, address=f"203.0.113.{i}") for i in (1, 2, 3)]
+    async with squatters[0] as first, squatters[1] as second, squatters[2] as third, in_loop_client(app) as github:
+        held = [asyncio.create_task(first.post(f"{HOOKS}/github", content=stalls()))]
+        await asyncio.sleep(0.05)
+        held.append(asyncio.create_task(second.post(f"{HOOKS}/github", content=stalls())))
+        await asyncio.sleep(0.05)
+        # The room is full of bodies under 0.3 s old: refused at once.
+        young = await asyncio.wait_for(third.post(f"{HOOKS}/github", content=stalls()), 2)
+        await asyncio.sleep(0.3)
+        real = await github.post(f"{HOOKS}/github", content=body, headers=signed)
+        cut = await asyncio.wait_for(held[0], 5)  # the oldest gave its place
+        api = await github.post(URL, json=order(), headers=AUTH)
+        release.set()
+        last = await held[1]
+        text = (await github.get("/metrics", headers=AUTH)).text
+    assert young.status_code == 429 and young.headers["retry-after"] == "1", young.text
+    assert real.status_code == 202, real.text
+    assert cut.status_code == 408 and cut.json()["error"] == "too_slow", cut.text
+    assert "when its place was needed" in cut.json()["message"]
+    assert api.status_code == 202 and last.status_code == 401
+    assert metric(text, "signal_bridge_events_rejected_total", adapter="webhook", reason="too_slow") == 1
+
+
+@pytest.mark.parametrize(
+    ("host", "key"),
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("::ffff:203.0.113.9", "203.0.113.9"),
+        ("testclient", "testclient"),
+    ],
+)
+def test_an_ipv6_client_counts_by_its_64_network(host: str, key: str) -> None:
+    """One IPv6 subscriber holds a /64: by address, it had 2**64 shares of the unsigned requests."""
+    assert state.address_key(host) == key
