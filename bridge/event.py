@@ -22,6 +22,9 @@ MAX_EVENT_BYTES = 944 * 1024
 # starts by its events' sizes: an id of hundreds of KB could take a batch's activity input past
 # Temporal's 2 MiB, and the server then ends the dispatcher run with all it holds.
 MAX_KEY_CHARS = 4096
+REPLAY_ID_PREFIX = "replay:"
+"""How the ids of events sent by ``signal-bridge replay runs`` begin (with ``metadata.replay``, which
+only the replay sets): the pipeline refuses any other event whose id begins so."""
 
 
 MAX_SIGNAL_DEPTH = 1000

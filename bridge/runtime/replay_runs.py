@@ -34,7 +34,7 @@ from temporalio.service import RPCError
 
 from adapters.replay_common import Tally
 from bridge.errors import BridgeError, EventRejected, Unavailable
-from bridge.event import EventSignal, run_digest, target_workflow_id, utc_now
+from bridge.event import REPLAY_ID_PREFIX, EventSignal, run_digest, target_workflow_id, utc_now
 from bridge.logsafe import safe
 from bridge.pipeline import Outcome as Submitted
 from bridge.pipeline import Pipeline
@@ -116,7 +116,7 @@ def replayed(original: EventSignal, number: int, to: str | None = None, at: str 
     if to is not None:
         marker["to"] = to
     return EventSignal(
-        id=f"replay:{number}:{root}" if to is None else f"replay:{number}:{to}:{root}",
+        id=f"{REPLAY_ID_PREFIX}{number}:{root}" if to is None else f"{REPLAY_ID_PREFIX}{number}:{to}:{root}",
         name=original.name,
         payload=original.payload,
         source=original.source,

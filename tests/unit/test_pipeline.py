@@ -15,6 +15,7 @@ from bridge.event import MAX_EVENT_BYTES, MAX_KEY_CHARS, MAX_SIGNAL_BYTES, Event
 from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
+from bridge.runtime.replay_runs import replayed
 from dispatcher import starts
 from tests.fakes import FakeSink
 
@@ -250,3 +251,18 @@ async def test_the_loop_does_its_other_work_between_the_checks_of_a_batchs_event
     batch = asyncio.create_task(pipeline.submit(events("1", "2", "3"), "test"))
     await asyncio.gather(batch, other())
     assert seen.index("other") < seen.index("3"), seen
+
+
+async def test_ids_a_replay_would_give_are_refused_from_anyone_but_the_replay() -> None:
+    """A sender could send, ahead of it, the id `replay runs` of a number (by default the time)
+    would give its event: the replay's event was then a repeat of it, and started nothing."""
+    original = EventSignal(id="order-1", name="a", payload={}, source="test:s")
+    squatted = EventSignal(id="replay:1764500000:order-1", name="a", payload={}, source="test:s")
+    spoofed = EventSignal(
+        id="replay:1764500000:order-1", name="a", payload={}, source="test:s", metadata={"replay": "yes"}
+    )
+    sink = FakeSink()
+    outcomes = await Pipeline(ROUTES, sink).submit([squatted, spoofed, replayed(original, 1764500000)], "test")
+    assert [o.rejected.reason if o.rejected else None for o in outcomes] == ["malformed", "malformed", None]
+    assert "kept for `signal-bridge replay runs`" in str(outcomes[0].rejected)
+    assert sink.calls == [["replay:1764500000:order-1"]]
