@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, cast
@@ -53,23 +55,54 @@ Consumers = Callable[[], list[ConsumerReadiness]]
 """The Kafka consumers running beside the adapter, as ``/readyz`` shows them to token holders."""
 
 
-EVICT_AFTER = 2.0
-"""Seconds an unsigned webhook request's body may have been arriving before, with the room of
-unsigned requests full, it gives its place to a new request (:meth:`HttpState.unverified`)."""
+CUT_LOG_SECONDS = 10.0
+"""At most one log line in this long for the webhook requests cut short (a sender may cause many)."""
+
+
+class LogEvery:
+    """One INFO line per ``seconds`` for a kind of thing that may happen as often as a sender
+    likes: the first at once, then how many more there were, with the last one's detail."""
+
+    def __init__(self, what: str, seconds: float) -> None:
+        self.what, self.seconds = what, seconds
+        self._last = -math.inf
+        self._more = 0
+
+    def note(self, detail: str) -> None:
+        now = time.monotonic()
+        self._more += 1
+        if now - self._last >= self.seconds:
+            log.info("%s: %d in the last %.0f s; the last: %s", self.what, self._more, self.seconds, detail)
+            self._last, self._more = now, 0
+
+
+def _oldest(held: dict[object, tuple[float, asyncio.Timeout]]) -> float:
+    return next(iter(held.values()))[0]
 
 
 def address_key(host: str) -> str:
     """The address whose share a request before its signature is checked counts in: the host,
-    or for IPv6 its /64 network (one subscriber's prefix holds 2**64 addresses)."""
+    or for IPv6 its /64 network (one subscriber's prefix holds 2**64 addresses); the IPv4 address
+    of a client seen through IPv4-mapped or NAT64 (``64:ff9b::/96``) addresses."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return host
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    if isinstance(ip, ipaddress.IPv6Address) and not ip.is_loopback:
+        if (v4 := ip.ipv4_mapped or _nat64(ip)) is not None:
+            return str(v4)
+        prefix = 48 if ip in _SIX_TO_FOUR else 64  # 6to4 gives each IPv4 address a /48
+        return str(ipaddress.IPv6Network((ip, prefix), strict=False))
     return str(ip)
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")
+
+
+def _nat64(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 client behind the well-known NAT64 prefix, whose /64 all such clients share."""
+    return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None
 
 
 class Limits:
@@ -132,9 +165,11 @@ class HttpState:
         self.ready = ready
         self._limits = Limits()
         self._open: Counter[str] = Counter()  # requests in flight per key (held)
-        # Unsigned webhook requests reading their bodies, the oldest first: when they began, and
-        # the deadline that cuts one short.
-        self._unverified: dict[object, tuple[float, asyncio.Timeout]] = {}
+        # Unsigned webhook requests reading their bodies, per address and the oldest first: when
+        # each began, and the deadline that cuts it short.
+        self._unverified: dict[str, dict[object, tuple[float, asyncio.Timeout]]] = {}
+        self._unverified_count = 0
+        self._cut = LogEvery("webhook requests cut short to make room for others", CUT_LOG_SECONDS)
 
     def limits(self) -> Limits:
         """The buckets of the current snapshot. A request that began before a reload is charged
@@ -233,37 +268,51 @@ class HttpState:
                 del self._open[key]
 
     @contextlib.asynccontextmanager
-    async def unverified(self, snap: Snapshot) -> AsyncIterator[None]:
-        """Room for one webhook request to read its body before its signature is checked: half
-        of ``http.max_concurrent_requests`` for all of them, so that the events API and signed
-        deliveries keep the other half. When the room is full, the request whose body has been
-        arriving longest gives its place, if that is over EVICT_AFTER (408 ``too_slow``): a
-        provider sends a body in milliseconds, while requests that trickle theirs from many
-        addresses held the room, and every provider's deliveries were refused. Else 429."""
+    async def unverified(self, snap: Snapshot, address: str) -> AsyncIterator[None]:
+        """Room for one webhook request from ``address`` (:func:`address_key`) to read its body
+        before its signature is checked: half of ``http.max_concurrent_requests`` for all such
+        requests, so that they cannot take every request the process handles from the events API
+        (a connection answered 429 or 408 still counts in uvicorn's limit until it closes).
+
+        When the room is full, the address that holds the most of it (of two that hold as much,
+        the one whose body has been arriving longest) gives up its oldest request, cut short with
+        408 ``too_slow``; if that is the newcomer's own address, the newcomer is refused, 429.
+        So requests that trickle bodies from a few addresses, or churn there, cannot hold out a
+        provider's deliveries from another address: before, a few addresses held every request
+        the process takes, and every other request got 503s."""
         room = max(1, snap.config.http.max_concurrent_requests // 2)
-        now = asyncio.get_running_loop().time()
-        if len(self._unverified) >= room:
-            oldest = next(iter(self._unverified))
-            began, theirs = self._unverified[oldest]
-            if now - began < EVICT_AFTER:
+        loop = asyncio.get_running_loop()
+        if self._unverified_count >= room:
+            top = max(self._unverified, key=lambda a: (len(self._unverified[a]), -_oldest(self._unverified[a])))
+            mine = self._unverified.get(address, {})
+            if len(mine) >= len(self._unverified[top]):
                 message = "too many unsigned webhook requests at once; retry shortly"
                 raise self.deny(WEBHOOK_ADAPTER, "rate_limited", message, retry_after=1)
-            del self._unverified[oldest]
-            theirs.reschedule(now)  # it ends with a TimeoutError in its own task, below
-        mine = object()
+            victims = self._unverified[top]
+            _began, theirs = victims.pop(next(iter(victims)))
+            self._unverified_count -= 1
+            if not victims:
+                del self._unverified[top]
+            theirs.reschedule(loop.time())  # it ends with a TimeoutError in its own task, below
+        entry, began = object(), loop.time()
         try:
             async with asyncio.timeout(None) as deadline:
-                self._unverified[mine] = (now, deadline)
+                self._unverified.setdefault(address, {})[entry] = (began, deadline)
+                self._unverified_count += 1
                 yield
         except TimeoutError:
             if not deadline.expired():
                 raise
-            waited = asyncio.get_running_loop().time() - now
+            waited = loop.time() - began
+            self._cut.note(f"its body was still arriving after {waited:.1f} s from {safe(address)}")
             message = f"the body was still arriving after {waited:.1f} s when its place was needed"
-            log.info("webhook request cut short: %s", message)
-            raise self.refuse(WEBHOOK_ADAPTER, EventRejected("too_slow", message)) from None
+            raise self.deny(WEBHOOK_ADAPTER, "too_slow", message) from None
         finally:
-            self._unverified.pop(mine, None)
+            held = self._unverified.get(address)
+            if held is not None and held.pop(entry, None) is not None:
+                self._unverified_count -= 1
+                if not held:
+                    del self._unverified[address]
 
     def charge(self, token: str, cost: int, *, take: bool = True) -> None:
         """Take ``cost`` events from the token's rate limit, or raise 429 and take nothing (with

@@ -90,11 +90,11 @@ class WebhooksController(Controller):
         # Until its signature is checked a request is anyone's: its share of the requests in flight is
         # its address's. Keyed by the slug, anyone could hold all of a webhook's share with unsigned
         # bodies sent a byte at a time, and the provider's deliveries were refused (429) meanwhile.
-        # Nor may requests from many addresses hold every request the process has: together they
-        # have half of them, and a body that is slow to come gives its place (HttpState.unverified).
+        # Nor may requests from a few addresses hold every request the process has: together they
+        # have half of them, and when that is full the address holding most gives way (HttpState.unverified).
         address = address_key(request.client.host) if request.client else "-"
         with http.held(WEBHOOK_ADAPTER, f"{WEBHOOK_ADAPTER}-unverified:{address}", what="requests from this address"):
-            async with http.unverified(snapshot):
+            async with http.unverified(snapshot, address):
                 body = await read_body(request, http, snapshot, WEBHOOK_ADAPTER)
             received = headers(request)
             _verify(http, route, received, body)

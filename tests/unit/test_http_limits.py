@@ -347,15 +347,12 @@ async def test_unsigned_bodies_trickled_to_a_webhook_do_not_hold_its_signed_deli
     assert [r.status_code for r in squatted] == [401, 401]
 
 
-async def test_unsigned_bodies_from_many_addresses_hold_half_the_requests_and_a_slow_one_gives_way(
-    monkeypatch: Any,
-) -> None:
-    """Each address's unsigned webhook requests were bounded, not all of them: four addresses
-    trickling 250 bodies each held every request the process takes (http.max_concurrent_requests),
-    and the events API and every provider got 503s for as long as the bodies took. Now they hold
-    half, and when that is full, the body that has been arriving longest (past EVICT_AFTER) gives
-    its place: a provider's delivery, whose body comes at once, gets in."""
-    monkeypatch.setattr(state, "EVICT_AFTER", 0.3, raising=False)
+async def test_unsigned_bodies_hold_half_the_requests_and_the_address_holding_most_gives_way() -> None:
+    """Each address's unsigned webhook requests were bounded, not all of them: a few addresses
+    trickling bodies held every request the process takes (http.max_concurrent_requests), and the
+    events API and every provider got 503s for as long as the bodies took. Now they hold half, and
+    when that is full the address holding most of it gives up its oldest request (408), or, when
+    that is the newcomer's own address, the newcomer is refused (429)."""
     release = asyncio.Event()
 
     async def stalls() -> Any:
@@ -368,27 +365,48 @@ async def test_unsigned_bodies_from_many_addresses_hold_half_the_requests_and_a_
     signed = {"Content-Type": "application/json", "X-Hub-Signature-256": signature, "X-GitHub-Event": "push"}
     sink = FakeSink()
     app = make_app(sink, hook_config(max_concurrent_requests=4))  # room for 2 unsigned bodies
-    squatters = [in_loop_client(app, address=f"203.0.113.{i}") for i in (1, 2, 3)]
-    async with squatters[0] as first, squatters[1] as second, squatters[2] as third, in_loop_client(app) as github:
-        held = [asyncio.create_task(first.post(f"{HOOKS}/github", content=stalls()))]
-        await asyncio.sleep(0.05)
-        held.append(asyncio.create_task(second.post(f"{HOOKS}/github", content=stalls())))
-        await asyncio.sleep(0.05)
-        # The room is full of bodies under 0.3 s old: refused at once.
-        young = await asyncio.wait_for(third.post(f"{HOOKS}/github", content=stalls()), 2)
-        await asyncio.sleep(0.3)
-        real = await github.post(f"{HOOKS}/github", content=body, headers=signed)
-        cut = await asyncio.wait_for(held[0], 5)  # the oldest gave its place
+    async with in_loop_client(app, address="203.0.113.1") as squatter, in_loop_client(app) as github:
+        held = [asyncio.create_task(squatter.post(f"{HOOKS}/github", content=stalls())) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        # The room is full, all of it the squatter's: its next request is refused at once.
+        more = await asyncio.wait_for(squatter.post(f"{HOOKS}/github", content=stalls()), 2)
+        real = await asyncio.wait_for(github.post(f"{HOOKS}/github", content=body, headers=signed), 2)
+        cut = await asyncio.wait_for(held[0], 2)  # the squatter's oldest gave its place
         api = await github.post(URL, json=order(), headers=AUTH)
         release.set()
         last = await held[1]
         text = (await github.get("/metrics", headers=AUTH)).text
-    assert young.status_code == 429 and young.headers["retry-after"] == "1", young.text
+    assert more.status_code == 429 and more.headers["retry-after"] == "1", more.text
     assert real.status_code == 202, real.text
     assert cut.status_code == 408 and cut.json()["error"] == "too_slow", cut.text
     assert "when its place was needed" in cut.json()["message"]
     assert api.status_code == 202 and last.status_code == 401
     assert metric(text, "signal_bridge_events_rejected_total", adapter="webhook", reason="too_slow") == 1
+
+
+async def test_the_address_holding_most_of_the_unsigned_room_gives_way_not_the_oldest_request() -> None:
+    """Cutting the oldest body let a churning sender cut a provider's slow delivery: it is the
+    address holding most that gives way."""
+    release = asyncio.Event()
+
+    async def stalls() -> Any:
+        yield b'{"x'
+        await release.wait()
+        yield b'"}'
+
+    app = make_app(FakeSink(), hook_config(max_concurrent_requests=6))  # room for 3 unsigned bodies
+    clients = [in_loop_client(app, address=a) for a in ("198.51.100.7", "203.0.113.1", "203.0.113.2")]
+    async with clients[0] as slow_provider, clients[1] as churner, clients[2] as newcomer:
+        provider = asyncio.create_task(slow_provider.post(f"{HOOKS}/github", content=stalls()))
+        await asyncio.sleep(0.05)
+        churned = [asyncio.create_task(churner.post(f"{HOOKS}/github", content=stalls())) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        new = asyncio.create_task(newcomer.post(f"{HOOKS}/github", content=stalls()))
+        first_cut = await asyncio.wait_for(churned[0], 2)
+        release.set()
+        rest = await asyncio.gather(provider, churned[1], new)
+    assert first_cut.status_code == 408
+    assert [r.status_code for r in rest] == [401, 401, 401]  # the provider's request was read whole
 
 
 @pytest.mark.parametrize(
@@ -398,6 +416,9 @@ async def test_unsigned_bodies_from_many_addresses_hold_half_the_requests_and_a_
         ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
         ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
         ("::ffff:203.0.113.9", "203.0.113.9"),
+        ("64:ff9b::203.0.113.9", "203.0.113.9"),  # NAT64: every IPv4 client behind it shares the /64
+        ("2002:cb00:7109::1", "2002:cb00:7109::/48"),  # 6to4: each IPv4 address has a /48
+        ("::1", "::1"),
         ("testclient", "testclient"),
     ],
 )
