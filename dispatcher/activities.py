@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from opentelemetry import trace
@@ -22,7 +22,11 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from temporalio import activity
 from temporalio.api.common.v1 import Header, Memo, SearchAttributes, WorkflowExecution, WorkflowType
 from temporalio.api.taskqueue.v1 import TaskQueue
-from temporalio.api.workflowservice.v1 import SignalWithStartWorkflowExecutionRequest, SignalWorkflowExecutionRequest
+from temporalio.api.workflowservice.v1 import (
+    GetWorkflowExecutionHistoryReverseRequest,
+    SignalWithStartWorkflowExecutionRequest,
+    SignalWorkflowExecutionRequest,
+)
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.contrib.opentelemetry import TracingInterceptor
@@ -145,8 +149,8 @@ class BridgeActivities:
         or signaled has closed, the same request starts another run (the server dedupes its request
         id only for an open run), and the event runs twice. So each answer is heartbeated as it
         comes, and a retry sends nothing an earlier attempt got an answer for (its heartbeat
-        details, which the SDK flushes when an attempt fails); a signal an earlier attempt sent
-        unheard (its worker died) is looked for in the runs' histories (:func:`delivered_before`).
+        details, which the SDK flushes when an attempt fails); a signal an earlier attempt may
+        have sent unheard (its worker died) is looked for in the runs' histories (:class:`DeliveredBefore`).
         A local activity has no heartbeat
         details: the dispatcher schedules batches with such starts (starts.needs_scheduling).
         """
@@ -154,13 +158,15 @@ class BridgeActivities:
         interceptor = tracing_interceptor(client) if self.tracing else None
 
         async def start(s: TargetStart) -> str:
+            if s.signal is not None and earlier is not None and (seen := await earlier.find(s)):
+                return seen
             async with self.slots.slot():
                 if time.monotonic() > last_send:
                     # Sent after the attempt's timeout, an answer would never reach its heartbeat,
                     # and the retry would send a signal-with-start again; failing first flushes them.
                     raise ApplicationError("START_TARGETS is out of time: the next attempt sends the rest")
                 if s.signal is not None:
-                    return await self._signal(client, s, interceptor, retried=maybe_ours and not info.is_local)
+                    return await self._signal(client, s, interceptor)
                 if self.tracing:
                     with in_trace_of(s):
                         return await start_one(client, s, info.activity_id, maybe_ours)
@@ -187,6 +193,8 @@ class BridgeActivities:
         # Only a retry, or a local activity (run again with a lost workflow task), can meet its own starts.
         maybe_ours = info.is_local or info.attempt > 1
         outcomes = answered_before(info, len(batch.starts))
+        # A signal an earlier attempt may have sent unheard is looked for before it is sent again.
+        earlier = DeliveredBefore(client, info.scheduled_time) if maybe_ours and not info.is_local else None
         chains: dict[object, list[int]] = {}
         for i, s in enumerate(batch.starts):
             chain = ("run", s.id) if s.signal is not None else (i if s.key is None else s.key)
@@ -203,12 +211,7 @@ class BridgeActivities:
             if beat is not None:
                 beat.cancel()
 
-    async def _signal(
-        self, client: Client, s: TargetStart, interceptor: TracingInterceptor | None, retried: bool
-    ) -> str:
-        """Deliver ``s``'s signal; a retry first looks whether an earlier attempt did."""
-        if retried and (seen := await delivered_before(client, s, activity.info())):
-            return seen
+    async def _signal(self, client: Client, s: TargetStart, interceptor: TracingInterceptor | None) -> str:
         if self.tracing:
             with in_trace_of(s), signal_span(s, interceptor) as header:
                 return await deliver_signal(client, s, header)
@@ -350,7 +353,7 @@ async def deliver_signal(client: Client, s: TargetStart, header: Header | None =
 
 REQUEST_HEADER = "signal-bridge-request"
 """The header every signal of a target start carries: its request id, so that a retry can find in a
-run's history whether an earlier attempt's signal reached it (:func:`delivered_before`)."""
+run's history whether an earlier attempt's signal reached it (:class:`DeliveredBefore`)."""
 
 PLAIN = PayloadConverter.default
 
@@ -366,56 +369,125 @@ def with_request_id(header: Header | None, request_id: str | None) -> Header | N
     return out
 
 
-def carries_request(header: Header, request_id: str) -> bool:
+def request_id_of(header: Header) -> str | None:
+    """The request id a signal's header carries (REQUEST_HEADER), or None."""
     field = header.fields.get(REQUEST_HEADER)
     if field is None:
-        return False
+        return None
     try:
-        return bool(PLAIN.from_payloads([field])[0] == request_id)
+        value = PLAIN.from_payloads([field])[0]
     except Exception:  # a header some other client wrote: not ours
-        return False
+        return None
+    return value if isinstance(value, str) else None
 
 
 MAX_RUNS_SEARCHED = 100
-"""How many runs of a target's id, closed since its batch was scheduled or still open, a retry
-reads before it gives up looking for an earlier attempt's signal and sends it again."""
+"""How many runs of a target's id, open since its batch was scheduled, a retry reads before it gives
+up looking for an earlier attempt's signal in the rest and sends it again."""
+CLOCK_MARGIN = timedelta(minutes=1)
+"""How much earlier than the batch's scheduling a retry reads runs' histories from: the times it
+compares are stamped by different Temporal hosts."""
+CANNOT_READ = (RPCStatusCode.PERMISSION_DENIED, RPCStatusCode.INVALID_ARGUMENT, RPCStatusCode.UNIMPLEMENTED)
+"""Refusals that would meet every attempt: the search gives up (logged) and the signals are sent."""
 
 
-async def delivered_before(client: Client, s: TargetStart, info: activity.Info) -> str | None:
-    """SIGNALED or SIGNAL_STARTED when an earlier attempt of this batch delivered ``s``'s signal
-    without a heartbeat telling so; None when no run of ``s.id`` has it, and it is to be sent.
+class DeliveredBefore:
+    """What a retry of START_TARGETS finds of its signals that an earlier attempt may have sent
+    without a heartbeat telling so (its worker died after the send; heartbeats are throttled to
+    one in 8 s). The server dedupes a request id only within the run that took it: once that run
+    has closed or continued-as-new, the same signal-with-start starts or signals another, and the
+    event runs twice. So a retry reads, newest first and back to when the batch was first
+    scheduled, the histories of the target id's runs open since then: the current run (read by
+    id, which visibility may not list yet) and those visibility lists. Each run is read once per
+    attempt, however many of the batch's signals it may hold. Transient errors raise: the attempt
+    fails and the next looks again."""
 
-    A worker that died after a signal-with-start and before its heartbeat reached the server
-    (heartbeats are throttled to one in 8 s) left the retry no answer. The server dedupes the
-    request id only within the run that took it: once that run has closed (or continued as new),
-    the same signal-with-start starts or signals another, and the event runs twice. So the retry
-    reads the histories of the runs of ``s.id`` that were open at any time since the batch was
-    scheduled, looking for the request id in a signal's header (:func:`with_request_id`).
-    Errors raise: the attempt fails and the next looks again.
-    """
-    assert s.request_id is not None
-    since = info.scheduled_time
-    searched = 0
-    async for execution in client.list_workflows(f"WorkflowId = {search.quoted(s.id)}"):
-        if execution.close_time is not None and execution.close_time < since:
-            continue
-        searched += 1
-        if searched > MAX_RUNS_SEARCHED:
-            log.warning(
-                "%s has over %d runs since its batch was scheduled; its signal is sent again unsearched",
-                safe(s.id),
-                MAX_RUNS_SEARCHED,
-            )
+    def __init__(self, client: Client, scheduled: datetime) -> None:
+        self.client = client
+        self.since = scheduled - CLOCK_MARGIN
+        self._runs: dict[tuple[str, str], tuple[set[str], str | None]] = {}
+        self._blind = False  # the namespace refuses the reads: logged once, the signals are sent
+
+    async def find(self, s: TargetStart) -> str | None:
+        """SIGNALED or SIGNAL_STARTED when a run of ``s.id`` holds ``s``'s signal; None when none
+        does (or they cannot be read), and it is to be sent."""
+        if not s.request_id or self._blind:
             return None
-        started_by_it = False
-        async for event in client.get_workflow_handle(s.id, run_id=execution.run_id).fetch_history_events():
-            if event.HasField("workflow_execution_started_event_attributes"):
-                started_by_it = carries_request(event.workflow_execution_started_event_attributes.header, s.request_id)
-            elif event.HasField("workflow_execution_signaled_event_attributes"):
-                signaled = event.workflow_execution_signaled_event_attributes
-                if signaled.signal_name == s.signal and carries_request(signaled.header, s.request_id):
-                    return SIGNAL_STARTED if started_by_it else SIGNALED
-    return None
+        try:
+            for run in await self._runs_of(s.id):
+                signals, started_by = await self._read(s.id, run)
+                if s.request_id in signals:
+                    return SIGNAL_STARTED if started_by == s.request_id else SIGNALED
+        except RPCError as exc:
+            if exc.status not in CANNOT_READ:
+                raise
+            self._blind = True
+            log.warning(
+                "a retried batch cannot read its targets' runs (%s): its signals without an answer are "
+                "sent again, and one whose run has closed starts another; the worker needs to list "
+                "workflows and read their histories",
+                safe(exc),
+            )
+        return None
+
+    async def _runs_of(self, workflow_id: str) -> list[str]:
+        """The current run's id, then those of the other runs open since the batch was scheduled."""
+        runs: list[str] = []
+        try:
+            runs.append((await self.client.get_workflow_handle(workflow_id).describe()).run_id)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+        since = search.quoted(self.since.astimezone(UTC).isoformat())
+        query = f'WorkflowId = {search.quoted(workflow_id)} AND (ExecutionStatus = "Running" OR CloseTime >= {since})'
+        async for execution in self.client.list_workflows(query):
+            if execution.run_id not in runs:
+                runs.append(execution.run_id)
+            if len(runs) > MAX_RUNS_SEARCHED:
+                log.warning(
+                    "%s has over %d runs open since its batch was scheduled: %d are searched, and a "
+                    "signal found in none of them is sent again",
+                    safe(workflow_id),
+                    MAX_RUNS_SEARCHED,
+                    MAX_RUNS_SEARCHED,
+                )
+                break
+        return runs[:MAX_RUNS_SEARCHED]
+
+    async def _read(self, workflow_id: str, run_id: str) -> tuple[set[str], str | None]:
+        """The request ids of the signals the run took since the batch was scheduled, and that of
+        the signal-with-start that started it (when it started since then); read newest first."""
+        if (known := self._runs.get((workflow_id, run_id))) is not None:
+            return known
+        signals: set[str] = set()
+        started_by: str | None = None
+        request = GetWorkflowExecutionHistoryReverseRequest(
+            namespace=self.client.namespace,
+            execution=WorkflowExecution(workflow_id=workflow_id, run_id=run_id),
+            maximum_page_size=1000,
+        )
+        try:
+            while True:
+                page = await self.client.workflow_service.get_workflow_execution_history_reverse(request)
+                older = False
+                for event in page.history.events:
+                    if event.event_time.ToDatetime(tzinfo=UTC) < self.since:
+                        older = True
+                        break
+                    if event.HasField("workflow_execution_signaled_event_attributes"):
+                        header = event.workflow_execution_signaled_event_attributes.header
+                        if (rid := request_id_of(header)) is not None:
+                            signals.add(rid)
+                    elif event.HasField("workflow_execution_started_event_attributes"):
+                        started_by = request_id_of(event.workflow_execution_started_event_attributes.header)
+                if older or not page.next_page_token:
+                    break
+                request.next_page_token = page.next_page_token
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:  # gone (deleted, past retention): it holds none
+                raise
+        self._runs[(workflow_id, run_id)] = (signals, started_by)
+        return signals, started_by
 
 
 def namespace_not_active(exc: RPCError) -> bool:

@@ -293,3 +293,50 @@ async def test_a_retried_batch_does_not_send_again_what_an_earlier_attempt_got_a
     outcomes = await env.run(acts.start_targets, batch)
     assert outcomes == [SIGNAL_STARTED, STARTED]
     assert client.signal_with_starts == [("order-42", "req-E1")] and client.starts == ["other"]
+
+
+class Unreadable(ClosingRuns):
+    """A namespace whose runs this worker may not read (or, with ``status`` UNAVAILABLE, cannot
+    read now)."""
+
+    def __init__(self, status: RPCStatusCode) -> None:
+        super().__init__()
+        self.outage = False
+        self.status = status
+        self.reads = 0
+
+    def get_workflow_handle(self, workflow_id: str) -> Any:
+        outer = self
+
+        class Handle:
+            async def describe(self, **_: Any) -> Any:
+                outer.reads += 1
+                raise RPCError("no", outer.status, b"")
+
+        return Handle()
+
+
+@pytest.mark.parametrize("status", [RPCStatusCode.PERMISSION_DENIED, RPCStatusCode.UNAVAILABLE])
+async def test_a_retry_that_cannot_read_the_runs_sends_once_or_fails_for_the_next_attempt(
+    status: RPCStatusCode,
+) -> None:
+    """A refusal that every attempt would meet (the worker may not read histories) made every
+    attempt fail, and the batch never ended: the signals are sent, as before the search, and it
+    is said once. A passing error fails the attempt, and the next looks again."""
+    client = Unreadable(status)
+    arg = TargetInput(workflow_id="entity", exec_id="x", input={}, trigger={}, event={"id": "E1"})
+    starts = [
+        TargetStart(f"order-{i}", "Entity", "q", arg, {"event_id": "E1"}, None, "evt", "start", f"req-{i}")
+        for i in range(3)
+    ]
+    env = ActivityEnvironment(client=cast(Client, client))
+    env.info = dataclasses.replace(env.info, is_local=False, attempt=2, scheduled_time=datetime.now(UTC))
+    acts = BridgeActivities(snapshot())
+    if status == RPCStatusCode.UNAVAILABLE:
+        with pytest.raises(RPCError):
+            await env.run(acts.start_targets, StartBatch(starts))
+        assert client.signal_with_starts == []
+        return
+    assert await env.run(acts.start_targets, StartBatch(starts)) == [SIGNAL_STARTED] * 3
+    assert sorted(client.signal_with_starts) == [(f"order-{i}", f"req-{i}") for i in range(3)]
+    assert client.reads == 1  # given up once for the attempt
