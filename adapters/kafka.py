@@ -97,6 +97,7 @@ UNREADABLE_FOLLOWING_PAUSE = 0.02
 AROUND_MS = 200  # how long a lone poll waits for a partition's records: a quiet one holds up the others
 AROUND_EMPTY = 10  # lone polls in a row that may come back empty while the broker holds more: 2 s
 REVOKE_WAIT = 15.0
+REBALANCE_MARGIN = 45.0  # the group's rebalance timeout past REVOKE_WAIT: the rejoin, a slow commit
 ORIGIN_WAIT = 60.0  # how long to wait for where the group starts a partition just assigned
 STOP_GRACE = 30.0
 POLL_FAILURES_UNHEALTHY = 3  # failed polls in a row that make the consumer unhealthy
@@ -221,9 +222,9 @@ async def write_letters(
                 try:
                     acks.append(await produce(item, budget))
                 except TOO_LARGE:  # refused before it was sent (the client's own size check)
-                    if budget // 4 < MIN_LETTER_BYTES:
+                    if (less := smaller_letter(budget)) is None:
                         raise
-                    smaller.append((item, budget // 4))
+                    smaller.append((item, less))
                     continue
                 sent.append((item, budget))
         except Exception as exc:  # what was sent before is still marked: a retry writes it not again
@@ -233,13 +234,20 @@ async def write_letters(
         for (item, budget), result in zip(sent, results, strict=True):
             if not isinstance(result, BaseException):
                 item.disposition = Disposition.DEAD_LETTERED
-            elif isinstance(result, TOO_LARGE) and budget // 4 >= MIN_LETTER_BYTES:
-                smaller.append((item, budget // 4))
+            elif isinstance(result, TOO_LARGE) and (less := smaller_letter(budget)) is not None:
+                smaller.append((item, less))
             else:
                 failed = failed or result
         if failed is not None:
             raise failed
         pending = smaller
+
+
+def smaller_letter(budget: int) -> int | None:
+    """The size a letter refused at ``budget`` is written again at: a quarter as large, and
+    MIN_LETTER_BYTES last (1,000,000 went to 62,500 and stopped, so a topic taking 40 KB letters
+    refused the letter for good and held its partition). None below that."""
+    return max(MIN_LETTER_BYTES, budget // 4) if budget > MIN_LETTER_BYTES else None
 
 
 class KafkaAdapter(Transport[Record]):
@@ -324,6 +332,10 @@ class KafkaAdapter(Transport[Record]):
             auto_offset_reset=self.entry.auto_offset_reset,
             isolation_level="read_committed",
             max_poll_records=self.entry.max_batch,
+            # How long the group waits for a member to rejoin at a rebalance: a member that lets
+            # its batch finish (REVOKE_WAIT) past it (by default the 10 s session timeout) was put
+            # out of the group, its commit failed, and the partitions' next owner did the batch again.
+            rebalance_timeout_ms=int((REVOKE_WAIT + REBALANCE_MARGIN) * 1000),
             # A topic created after the start is seen at the next refresh (aiokafka's default: 5 min).
             metadata_max_age_ms=self.entry.metadata_refresh_seconds * 1000,
             **opts,

@@ -16,6 +16,7 @@ from aiokafka import TopicPartition, codec
 from aiokafka.errors import (
     CorruptRecordException,
     GroupAuthorizationFailedError,
+    KafkaConnectionError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
     UnsupportedCodecError,
@@ -24,6 +25,7 @@ from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBat
 from aiokafka.record.memory_records import MemoryRecords
 
 from adapters import kafka, kafka_replay, replay_common
+from adapters.kafka_parse import MIN_LETTER_BYTES
 from bridge.errors import Unavailable
 from bridge.settle import Backoff, Disposition, Item
 from tests.fakes import FakeSink
@@ -859,6 +861,34 @@ async def test_a_letter_the_client_refuses_before_sending_is_written_again_small
     assert [i.disposition for i in items] == [Disposition.DEAD_LETTERED] * 3
 
 
+async def test_a_letter_is_tried_at_the_smallest_size_before_it_is_given_up() -> None:
+    """A quarter at a time went 1,000,000, 250,000, 62,500 and stopped: a dead-letter topic that
+    takes 40 KB refused the letter for ever, and the consumer stayed paused."""
+    tried: list[int] = []
+
+    async def produce(item: Item[str], budget: int) -> asyncio.Future[Any]:
+        tried.append(budget)
+        if budget > 40_000:
+            raise MessageSizeTooLargeError("over the topic's max.message.bytes")
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    items = [Item("poison")]
+    await kafka.write_letters(items, produce)
+    assert tried == [1_000_000, 250_000, 62_500, MIN_LETTER_BYTES]
+    assert items[0].disposition == Disposition.DEAD_LETTERED
+    tried.clear()
+
+    async def refuses_all(item: Item[str], budget: int) -> asyncio.Future[Any]:
+        tried.append(budget)
+        raise MessageSizeTooLargeError("over the topic's max.message.bytes")
+
+    with pytest.raises(MessageSizeTooLargeError):  # a topic that takes less is misconfigured: raised
+        await kafka.write_letters([Item("poison")], refuses_all)
+    assert tried == [1_000_000, 250_000, 62_500, MIN_LETTER_BYTES]
+
+
 async def test_letters_the_broker_acked_before_a_later_send_failed_are_not_written_again() -> None:
     """A send that raised in the middle of a batch of letters skipped the marking of those already
     acked: the retry wrote them a second time."""
@@ -877,3 +907,28 @@ async def test_letters_the_broker_acked_before_a_later_send_failed_are_not_writt
         await kafka.write_letters(items, produce)
     assert sent == ["letter-0", "letter-1"]
     assert [i.disposition for i in items] == [Disposition.DEAD_LETTERED, Disposition.DEAD_LETTERED, None]
+
+
+async def test_the_group_waits_for_a_member_longer_than_it_lets_its_batch_finish(monkeypatch: Any) -> None:
+    """At a rebalance the adapter lets its batch finish for up to REVOKE_WAIT (15 s), while the
+    group waited for members to rejoin only the session timeout (10 s, aiokafka's default for the
+    rebalance timeout): a member finishing a slow batch was put out of the group, its commit failed,
+    and the partitions' next owner did the batch again."""
+    made: dict[str, Any] = {}
+
+    class Recorded:
+        def __init__(self, **options: Any) -> None:
+            made.update(options)
+
+        async def start(self) -> None:
+            raise KafkaConnectionError("no broker here")
+
+        async def stop(self) -> None:
+            return None
+
+    monkeypatch.setattr(kafka, "AIOKafkaConsumer", Recorded)
+    adapter, _ = adapter_with(FakeSink())
+    with contextlib.suppress(Exception):
+        await adapter.start()
+    assert made["rebalance_timeout_ms"] >= (kafka.REVOKE_WAIT + 10) * 1000
+    assert made.get("session_timeout_ms", 10_000) < made["rebalance_timeout_ms"]
