@@ -97,6 +97,7 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
             transient=(LetterNotOut,),
         )
         self._connection: AbstractRobustConnection | None = None
+        self._letters: AbstractRobustConnection | None = None  # the dead letters' own
         self._channel: AbstractChannel | None = None
         self._publisher: AbstractChannel | None = None
         self._dlx: AbstractExchange | None = None
@@ -124,6 +125,15 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
             kwargs["client_properties"] = {"connection_name": f"signal-bridge {self.project} {self.name}"}
         self._connection = await aio_pika.connect_robust(self.entry.url, **kwargs)
         try:
+            if self.entry.dead_letter_exchange:
+                # Letters go on a connection of their own: RabbitMQ blocks a connection that
+                # publishes during a memory or disk alarm, and stops reading it, acks included. On
+                # the consumer's, one letter held every ack of events Temporal already had, and a
+                # backlog keeping the alarm up was never drained.
+                if "client_properties" in kwargs:
+                    name = f"signal-bridge {self.project} {self.name} letters"
+                    kwargs["client_properties"] = {"connection_name": name}
+                self._letters = await aio_pika.connect_robust(self.entry.url, **kwargs)
             await self._declare()
             assert self._queue is not None
             self._task = asyncio.create_task(self._run(), name=f"consumer-{self.name}")
@@ -157,8 +167,9 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
-        if self._connection is not None:
-            await self._connection.close()
+        for connection in (self._letters, self._connection):
+            if connection is not None:
+                await connection.close()
         log.info("amqp adapter stopped queue=%s", self.entry.queue)
 
     def ended(self) -> str | None:
@@ -215,7 +226,8 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
         await channel.set_qos(prefetch_count=entry.prefetch)
         arguments: dict[str, Any] = {}
         if entry.dead_letter_exchange:
-            self._publisher = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+            assert self._letters is not None
+            self._publisher = await self._letters.channel(publisher_confirms=True, on_return_raises=True)
             self._dlx = await self._ensure_exchange(
                 self._publisher, entry.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, quiet=True
             )

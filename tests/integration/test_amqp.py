@@ -298,6 +298,14 @@ async def test_poison_messages_are_dead_lettered_and_good_ones_around_them_run(
             return len(letters) >= len(poison)
 
         await assert_eventually(all_dead_lettered, what="poison messages in the dead-letter exchange")
+        # Letters go on a connection of their own: RabbitMQ blocks a connection that publishes
+        # during a memory or disk alarm and stops reading it, so on the consumer's one letter would
+        # hold every ack of events Temporal already has.
+        [adapter] = bridge.adapters
+        assert isinstance(adapter, AmqpAdapter) and adapter._publisher is not None and adapter._channel is not None
+        assert adapter._letters is not None and adapter._letters is not adapter._connection
+        letters_side = (await adapter._publisher.get_underlay_channel()).connection
+        assert letters_side is not (await adapter._channel.get_underlay_channel()).connection
     assert set(letters) == set(poison)
     for mid, (body, why) in poison.items():
         headers = letters[mid].headers
