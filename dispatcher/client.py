@@ -709,7 +709,7 @@ class DispatcherClient:
         """Start one shard's dispatcher unless it runs (the signals are sent by :meth:`_signal`)."""
         await self.client.start_workflow(
             DISPATCHER_WORKFLOW,
-            DispatcherInput(project=self.project, shard=shard),
+            DispatcherInput(project=self.project, shard=shard, raw_signals=True),
             id=self._ids[shard],
             task_queue=self.task_queue,
             rpc_timeout=self.rpc_timeout,
@@ -783,7 +783,9 @@ class DispatcherClient:
     async def _input(self, shard: int) -> Payloads:
         """The shard's DispatcherInput, as the SDK encodes a workflow's argument."""
         if shard not in self._inputs:
-            payloads = await self.client.data_converter.encode([DispatcherInput(project=self.project, shard=shard)])
+            payloads = await self.client.data_converter.encode(
+                [DispatcherInput(project=self.project, shard=shard, raw_signals=True)]
+            )
             self._inputs[shard] = Payloads(payloads=payloads)
         return self._inputs[shard]
 

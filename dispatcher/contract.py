@@ -207,6 +207,10 @@ class DispatcherInput:
     pending: list[dict[str, Any]] = field(default_factory=list)  # EventSignal.to_dict() each
     recent: list[str] = field(default_factory=list)  # event digests, oldest first
     stats: dict[str, int] = field(default_factory=dict)  # STAT_KEYS
+    # Set by what starts a run from this version on (the client, continue-as-new): the run takes
+    # its signals raw from the first (dispatcher.workflow.RAW_SIGNALS). A run begun before reads
+    # False, as its replay must, and asks the patch where a signal first waits.
+    raw_signals: bool = False
 
 
 class DispatcherStats(TypedDict):

@@ -46,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
         LOAD_ROUTES,
         MAX_CARRY_BYTES,
         MAX_SIGNAL_BYTES,
+        MAX_SIGNAL_EVENTS,
         MISSING,
         RELOAD_SIGNAL,
         SIGNAL_STARTED,
@@ -108,13 +109,19 @@ CHECK_TASK_BYTES = 2 * 1024 * 1024
 CHECK_FAILED_BYTES), once the patch is in: on a 2-core machine about 0.3 s of checks for ordinary
 events, 0.5 s for 1 MiB events of nothing but empty lists."""
 CHECK_FAILED_BYTES = 64 * 1024
+DECODE_SHARE = 4
+"""In a run that takes signals raw, a signal's bytes count in its task's checks divided by this."""
 RAW_SIGNALS = "raw-signals"
-"""The patch from which a signal that arrives once a workflow task's checks are used up (or behind
-events left unchecked) is left undecoded: it waits as it came, and the main loop decodes it when
-its turn comes, counting its bytes in that task's checks (as the handler counts those it decodes).
-Before it, the SDK decoded every signal of an activation before any handler ran: about 20 ms a MiB
-of ordinary events and 80 ms for lists of empty lists, so thirty or so 1 MiB signals in one
-activation passed the 2 s deadlock timeout whatever the handler left for later."""
+"""The patch from which a run begun before takes its signals raw (a run begun since does from its
+first: ``DispatcherInput.raw_signals``). Taken raw, a signal that arrives once a workflow task's
+checks are used up (or behind events left unchecked) waits undecoded, and the main loop decodes it
+when its turn comes; a quarter of each signal's bytes counts in the checks of the task that
+decodes it (DECODE_SHARE); one that is no JSON counts as a signal and as malformed; one of more
+than MAX_SIGNAL_EVENTS items is malformed whole (checked a slice a task, a million items would
+take the run past the history's bound). Before, the SDK decoded every signal of an activation
+before any handler ran, about 20 ms a MiB of ordinary events and 80 ms for lists of empty lists,
+so thirty or so 1 MiB signals in one activation passed the 2 s deadlock timeout whatever the
+handler left for later; and it dropped one that was no JSON, uncounted."""
 UNENCODABLE_MALFORMED = "unencodable-malformed"
 """The patch from which an event whose id, name, source or key is no UTF-8 text (a lone surrogate,
 which JSON may carry as ``\\ud800``) is dropped as malformed. Before it, the event was queued and
@@ -228,6 +235,11 @@ class DispatcherWorkflow:
         # third of checking it, in the largest activations; weighed as the queue's on average, a
         # few large events behind many small ones told twice the room there was (_accept_bytes).
         self._unchecked_weight = 0
+        self._unchecked_signals = 0  # of the unchecked, whole signals not decoded yet
+        # Whether this run takes signals raw: from its first when it was begun so (its input), else
+        # from where a signal first waits since RAW_SIGNALS.
+        self._raw = inp.raw_signals
+        self._ignored = 0  # signals of other names
         self._check_mark = -1  # the history length the workflow task of _checked began at
         self._checked = 0  # bytes of events checked in it
 
@@ -242,42 +254,62 @@ class DispatcherWorkflow:
         A signal of another name is ignored (before, it waited in the SDK for a handler).
         """
         if name != EVENT_SIGNAL:
-            workflow.logger.warning("ignored a signal named %s", safe(name))
+            self._ignored += 1
+            if self._ignored == 1:  # any client of the namespace may send them: one line a run
+                workflow.logger.warning("ignored a signal named %s (and any more of other names)", safe(name))
             return
-        self._signals += 1
         if len(args) != 1:
-            self._stats["malformed"] += 1
-            workflow.logger.warning("dropped a signal with %d arguments instead of 1", len(args))
+            # Before the patch the SDK dropped a signal one of whose arguments was no JSON, uncounted.
+            if self._raw or all(self._decode(a) is not _MALFORMED for a in args):
+                self._signals += 1
+                self._stats["malformed"] += 1
+                workflow.logger.warning("dropped a signal with %d arguments instead of 1", len(args))
             return
         (raw,) = args
-        if (
-            (self._unchecked or self._checked_now() >= CHECK_TASK_BYTES)
-            and workflow.patched(CHECKS_IN_SLICES)
-            and workflow.patched(RAW_SIGNALS)
-        ):
+        waits = bool(self._unchecked) or self._checked_now() >= CHECK_TASK_BYTES
+        if waits and not self._raw:
+            # A run begun before asks where a signal would first wait: a worker back after the
+            # upgrade meets the backlog that built up meanwhile raw. (A run whose history before the
+            # patch had signals wait is answered no there, replaying, and keeps the old way.)
+            self._raw = workflow.patched(RAW_SIGNALS)
+        if waits and self._raw and workflow.patched(CHECKS_IN_SLICES):
+            self._signals += 1
             self._unchecked.append((raw, MAX_SIGNAL_BYTES))
             self._unchecked_weight += MAX_SIGNAL_BYTES
+            self._unchecked_signals += 1
             return
         self._checked_now()
         events = self._decode(raw)
         if events is not _MALFORMED:
+            self._signals += 1
             self._take_signal(events)
+        elif self._raw:  # before the patch the SDK dropped it, uncounted
+            self._signals += 1
+            self._stats["malformed"] += 1
 
     def _decode(self, raw: RawValue) -> Any:
-        """A signal's argument, or _MALFORMED (counted) when it is no JSON; under RAW_SIGNALS its
-        bytes count in this task's checks."""
-        if workflow.patched(RAW_SIGNALS):
-            self._checked += len(raw.payload.data)
+        """A signal's argument, or _MALFORMED when it is no JSON (logged). In a run that takes
+        signals raw, a quarter of its bytes counts in this task's checks (decoding costs about a
+        quarter of checking the events)."""
+        if self._raw:
+            self._checked += len(raw.payload.data) // DECODE_SHARE
         try:
             return workflow.payload_converter().from_payload(raw.payload)
         except Exception as exc:
-            self._stats["malformed"] += 1
             workflow.logger.warning("dropped a signal whose argument cannot be decoded: %s", safe(exc))
             return _MALFORMED
 
     def _take_signal(self, events: Any) -> None:
         """Check and queue a signal's events, as many as this task may check; leave the rest."""
         items = events if isinstance(events, list) else [events]
+        if self._raw and len(items) > MAX_SIGNAL_EVENTS:
+            # Checked a slice a task, a million non-events took 31,000 tasks: past the history's
+            # bound, with continue-as-new held while any waited, Temporal ended the run, queue and all.
+            self._stats["malformed"] += 1
+            workflow.logger.warning(
+                "dropped a signal of %d items (a signal holds %d at most)", len(items), MAX_SIGNAL_EVENTS
+            )
+            return
         # What one left unchecked weighs in the room: no more than the signal's share of its bytes
         # (a signal is at most MAX_SIGNAL_BYTES), found without encoding it again.
         share = MAX_SIGNAL_BYTES // max(1, len(items))
@@ -317,6 +349,11 @@ class DispatcherWorkflow:
         self._stats["received"] += 1
         self._enqueue(_Queued(event, size))
 
+    def _unchecked_events(self) -> int:
+        """Events received and not checked yet: a signal not decoded yet counts as the most it may
+        hold (MAX_SIGNAL_EVENTS)."""
+        return len(self._unchecked) + self._unchecked_signals * (MAX_SIGNAL_EVENTS - 1)
+
     def _checked_now(self) -> int:
         """Bytes of events checked in this workflow task (a new task begins with none)."""
         mark = workflow.info().get_current_history_length()
@@ -335,7 +372,11 @@ class DispatcherWorkflow:
             self._unchecked_weight -= share
             if not isinstance(raw, RawValue):
                 self._check(raw)
-            elif (events := self._decode(raw)) is not _MALFORMED:
+            else:
+                self._unchecked_signals -= 1
+                if (events := self._decode(raw)) is _MALFORMED:
+                    self._stats["malformed"] += 1
+                    continue
                 # Its events go first, in their order, checked as far as this task may check.
                 waiting, self._unchecked = self._unchecked, deque()
                 self._take_signal(events)
@@ -359,7 +400,7 @@ class DispatcherWorkflow:
             filter_limited=s["filter_limited"],
             signaled=s["signaled"],
             missing=s["missing"],
-            backlog=len(self._queue) + self._starting + len(self._unchecked),
+            backlog=len(self._queue) + self._starting + self._unchecked_events(),
             history_bytes=workflow.info().get_current_history_size(),
             accept_bytes=self._accept_bytes(),
             starting=self._starting,
@@ -495,7 +536,7 @@ class DispatcherWorkflow:
         that reached the bound with more queued than it can carry would have to drop them."""
         info = workflow.info()
         # A batch's starts take about ten history events (activity and workflow tasks), a signal one.
-        queued = len(self._queue) + len(self._unchecked)
+        queued = len(self._queue) + self._unchecked_events()
         events = DRAIN_HISTORY_EVENTS - FULL_MARGIN_EVENTS - info.get_current_history_length() - queued // 20
         weight = 1 + self._queued_cost / self._queued_bytes if self._queued_bytes else TAKE_WEIGHT
         # The events out of the queue count until their batch is done: their arguments enter the
@@ -883,6 +924,7 @@ class DispatcherWorkflow:
                     pending=pending,
                     recent=list(self._recent),
                     stats=dict(self._stats),
+                    raw_signals=True,
                 )
             )
         )

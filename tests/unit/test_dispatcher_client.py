@@ -288,7 +288,7 @@ async def test_signal_with_start_names_the_dispatcher_its_input_and_the_event_si
     await client.submit([ev("a")])
     [call] = temporal.calls
     assert call.workflow == DISPATCHER_WORKFLOW
-    assert call.arg == DispatcherInput(project=PROJECT, shard=0)
+    assert call.arg == DispatcherInput(project=PROJECT, shard=0, raw_signals=True)
     assert (call.id, call.task_queue) == ("dispatcher-shop", "shop")
     assert call.options["start_signal"] == EVENT_SIGNAL
     assert call.events == [ev("a").to_dict() | {"time": call.events[0]["time"]}]
@@ -594,7 +594,9 @@ async def test_ensure_started_and_reload_reach_every_shard() -> None:
     client = make_client(temporal, shards=3)
     await client.ensure_started()
     assert [c.id for c in temporal.calls] == ["dispatcher-shop-0", "dispatcher-shop-1", "dispatcher-shop-2"]
-    assert [c.arg for c in temporal.calls] == [DispatcherInput(project=PROJECT, shard=k) for k in range(3)]
+    assert [c.arg for c in temporal.calls] == [
+        DispatcherInput(project=PROJECT, shard=k, raw_signals=True) for k in range(3)
+    ]
     for call in temporal.calls:
         assert call.options["id_conflict_policy"] == WorkflowIDConflictPolicy.USE_EXISTING
         assert "start_signal" not in call.options

