@@ -112,16 +112,21 @@ CHECK_FAILED_BYTES = 64 * 1024
 DECODE_SHARE = 4
 """In a run that takes signals raw, a signal's bytes count in its task's checks divided by this."""
 RAW_SIGNALS = "raw-signals"
-"""The patch from which a run begun before takes its signals raw (a run begun since does from its
-first: ``DispatcherInput.raw_signals``). Taken raw, a signal that arrives once a workflow task's
-checks are used up (or behind events left unchecked) waits undecoded, and the main loop decodes it
-when its turn comes; a quarter of each signal's bytes counts in the checks of the task that
-decodes it (DECODE_SHARE); one that is no JSON counts as a signal and as malformed; one of more
-than MAX_SIGNAL_EVENTS items is malformed whole (checked a slice a task, a million items would
-take the run past the history's bound). Before, the SDK decoded every signal of an activation
-before any handler ran, about 20 ms a MiB of ordinary events and 80 ms for lists of empty lists,
-so thirty or so 1 MiB signals in one activation passed the 2 s deadlock timeout whatever the
-handler left for later; and it dropped one that was no JSON, uncounted."""
+"""The patch from which a run takes its signals raw: asked at its first signal by a run begun so
+(``DispatcherInput.raw_signals``), and by a run begun before where a signal first waits after
+the upgrade (named ``raw-signals@{history length}`` there). Taken raw, a signal that arrives once
+a workflow task's checks are used up (or behind events left unchecked) waits undecoded, and the
+main loop decodes it when its turn comes; a quarter of each signal's bytes counts in the checks
+of the task that decodes it (DECODE_SHARE); one that is no JSON counts as a signal and as
+malformed; one of more than MAX_SIGNAL_EVENTS items is malformed whole (checked a slice a task,
+a million items would take the run past the history's bound). Before, the SDK decoded every
+signal of an activation before any handler ran, about 20 ms a MiB of ordinary events and 80 ms
+for lists of empty lists, so thirty or so 1 MiB signals in one activation passed the 2 s
+deadlock timeout whatever the handler left for later; and it dropped one that was no JSON,
+uncounted."""
+OVERSIZED_SIGNALS_MALFORMED = "oversized-signals-malformed"
+"""The patch from which a run that does not take signals raw drops a signal of more than
+MAX_SIGNAL_EVENTS items whole, as one that does (RAW_SIGNALS)."""
 UNENCODABLE_MALFORMED = "unencodable-malformed"
 """The patch from which an event whose id, name, source or key is no UTF-8 text (a lone surrogate,
 which JSON may carry as ``\\ud800``) is dropped as malformed. Before it, the event was queued and
@@ -236,9 +241,10 @@ class DispatcherWorkflow:
         # few large events behind many small ones told twice the room there was (_accept_bytes).
         self._unchecked_weight = 0
         self._unchecked_signals = 0  # of the unchecked, whole signals not decoded yet
-        # Whether this run takes signals raw: from its first when it was begun so (its input), else
-        # from where a signal first waits since RAW_SIGNALS.
-        self._raw = inp.raw_signals
+        # Whether this run takes signals raw (RAW_SIGNALS): decided at its first signal when it was
+        # begun so (its input), else where a signal first waits after the upgrade.
+        self._begun_raw = inp.raw_signals
+        self._raw: bool | None = None
         self._ignored = 0  # signals of other names
         self._check_mark = -1  # the history length the workflow task of _checked began at
         self._checked = 0  # bytes of events checked in it
@@ -258,6 +264,10 @@ class DispatcherWorkflow:
             if self._ignored == 1:  # any client of the namespace may send them: one line a run
                 workflow.logger.warning("ignored a signal named %s (and any more of other names)", safe(name))
             return
+        if self._raw is None:
+            # Asked, not taken from the input alone: a worker of the version before, beside this one
+            # in a rolling upgrade, may have run this run's first tasks the old way.
+            self._raw = self._begun_raw and workflow.patched(RAW_SIGNALS)
         if len(args) != 1:
             # Before the patch the SDK dropped a signal one of whose arguments was no JSON, uncounted.
             if self._raw or all(self._decode(a) is not _MALFORMED for a in args):
@@ -268,10 +278,11 @@ class DispatcherWorkflow:
         (raw,) = args
         waits = bool(self._unchecked) or self._checked_now() >= CHECK_TASK_BYTES
         if waits and not self._raw:
-            # A run begun before asks where a signal would first wait: a worker back after the
-            # upgrade meets the backlog that built up meanwhile raw. (A run whose history before the
-            # patch had signals wait is answered no there, replaying, and keeps the old way.)
-            self._raw = workflow.patched(RAW_SIGNALS)
+            # A run begun before asks where a signal would first wait, so that a worker back after
+            # the upgrade takes the backlog that built up meanwhile raw. The patch's name holds the
+            # history's length: the SDK keeps a patch's first answer for the run, and replaying a
+            # wait from before the upgrade answers no, which would hold for every wait after it.
+            self._raw = workflow.patched(f"{RAW_SIGNALS}@{workflow.info().get_current_history_length()}")
         if waits and self._raw and workflow.patched(CHECKS_IN_SLICES):
             self._signals += 1
             self._unchecked.append((raw, MAX_SIGNAL_BYTES))
@@ -302,7 +313,7 @@ class DispatcherWorkflow:
     def _take_signal(self, events: Any) -> None:
         """Check and queue a signal's events, as many as this task may check; leave the rest."""
         items = events if isinstance(events, list) else [events]
-        if self._raw and len(items) > MAX_SIGNAL_EVENTS:
+        if len(items) > MAX_SIGNAL_EVENTS and (self._raw or workflow.patched(OVERSIZED_SIGNALS_MALFORMED)):
             # Checked a slice a task, a million non-events took 31,000 tasks: past the history's
             # bound, with continue-as-new held while any waited, Temporal ended the run, queue and all.
             self._stats["malformed"] += 1

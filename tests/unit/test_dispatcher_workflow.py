@@ -1388,7 +1388,8 @@ def test_events_left_unchecked_never_make_the_room_told_larger_than_once_they_ar
     assert left <= checked, (left, checked)
 
 
-def test_a_signal_of_more_items_than_one_holds_is_malformed_whole() -> None:
+@pytest.mark.parametrize("raw", [True, False], ids=["raw", "begun-before"])
+def test_a_signal_of_more_items_than_one_holds_is_malformed_whole(raw: bool) -> None:
     """Checked a slice a task, each item that is no event counted as CHECK_FAILED_BYTES: one
     signal of a million zeros took 31,000 workflow tasks, past the history's bound with
     continue-as-new held while any waited, and Temporal ended the run, its queue with it."""
@@ -1399,7 +1400,7 @@ def test_a_signal_of_more_items_than_one_holds_is_malformed_whole() -> None:
         mock.patch.object(dispatcher_workflow.workflow, "info", return_value=task),
         mock.patch.object(dispatcher_workflow.workflow, "logger") as logger,
     ):
-        d = DispatcherWorkflow(DispatcherInput(project="p", raw_signals=True))
+        d = DispatcherWorkflow(DispatcherInput(project="p", raw_signals=raw))
         signal(d, [0] * (dispatcher_workflow.MAX_SIGNAL_EVENTS + 1))
         signal(d, [sent] * dispatcher_workflow.MAX_SIGNAL_EVENTS)  # as many as one holds: taken
     assert d._stats["malformed"] == 1 and d._stats["received"] == dispatcher_workflow.MAX_SIGNAL_EVENTS
