@@ -168,8 +168,9 @@ class AmqpAdapter(Transport[AbstractIncomingMessage]):
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
         for connection in (self._letters, self._connection):
-            if connection is not None:
-                await connection.close()
+            if connection is not None:  # each closed whatever the other's close raised
+                with contextlib.suppress(AMQPError, ConnectionError, RuntimeError, TimeoutError):
+                    await connection.close()
         log.info("amqp adapter stopped queue=%s", self.entry.queue)
 
     def ended(self) -> str | None:

@@ -27,7 +27,7 @@ from temporalio.api.workflowservice.v1 import (
     SignalWithStartWorkflowExecutionRequest,
     SignalWorkflowExecutionRequest,
 )
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.converter import PayloadConverter, encode_search_attributes
@@ -397,9 +397,10 @@ class DeliveredBefore:
     one in 8 s). The server dedupes a request id only within the run that took it: once that run
     has closed or continued-as-new, the same signal-with-start starts or signals another, and the
     event runs twice. So a retry reads, newest first and back to when the batch was first
-    scheduled, the histories of the target id's runs open since then: the current run (read by
-    id, which visibility may not list yet) and those visibility lists. Each run is read once per
-    attempt, however many of the batch's signals it may hold. Transient errors raise: the attempt
+    scheduled, the histories of the target id's runs closed since then: the current run (read by
+    id, which visibility may not list yet) and those visibility lists. An open run needs no
+    reading: it dedupes the signal sent again. Each run is read once per attempt, however many of
+    the batch's signals it may hold. Transient errors raise: the attempt
     fails and the next looks again."""
 
     def __init__(self, client: Client, scheduled: datetime) -> None:
@@ -431,21 +432,25 @@ class DeliveredBefore:
         return None
 
     async def _runs_of(self, workflow_id: str) -> list[str]:
-        """The current run's id, then those of the other runs open since the batch was scheduled."""
+        """The runs of ``workflow_id`` closed since the batch was scheduled: the current run when
+        it is closed (read by id: visibility may not list it yet), then the others. An open run
+        is not read: sent again, the signal is one it dedupes by its request id."""
         runs: list[str] = []
         try:
-            runs.append((await self.client.get_workflow_handle(workflow_id).describe()).run_id)
+            current = await self.client.get_workflow_handle(workflow_id).describe()
+            if current.status != WorkflowExecutionStatus.RUNNING:
+                runs.append(current.run_id)
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
         since = search.quoted(self.since.astimezone(UTC).isoformat())
-        query = f'WorkflowId = {search.quoted(workflow_id)} AND (ExecutionStatus = "Running" OR CloseTime >= {since})'
+        query = f'WorkflowId = {search.quoted(workflow_id)} AND ExecutionStatus != "Running" AND CloseTime >= {since}'
         async for execution in self.client.list_workflows(query):
             if execution.run_id not in runs:
                 runs.append(execution.run_id)
             if len(runs) > MAX_RUNS_SEARCHED:
                 log.warning(
-                    "%s has over %d runs open since its batch was scheduled: %d are searched, and a "
+                    "%s has over %d runs closed since its batch was scheduled: %d are searched, and a "
                     "signal found in none of them is sent again",
                     safe(workflow_id),
                     MAX_RUNS_SEARCHED,

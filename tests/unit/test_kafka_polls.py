@@ -932,3 +932,5 @@ async def test_the_group_waits_for_a_member_longer_than_it_lets_its_batch_finish
         await adapter.start()
     assert made["rebalance_timeout_ms"] >= (kafka.REVOKE_WAIT + 10) * 1000
     assert made.get("session_timeout_ms", 10_000) < made["rebalance_timeout_ms"]
+    # aiokafka's JoinGroup request waits for the group within its request timeout (40 s by default).
+    assert made["rebalance_timeout_ms"] < made.get("request_timeout_ms", 40_000)

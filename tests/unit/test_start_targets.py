@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.converter import DataConverter
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -340,3 +340,40 @@ async def test_a_retry_that_cannot_read_the_runs_sends_once_or_fails_for_the_nex
     assert await env.run(acts.start_targets, StartBatch(starts)) == [SIGNAL_STARTED] * 3
     assert sorted(client.signal_with_starts) == [(f"order-{i}", f"req-{i}") for i in range(3)]
     assert client.reads == 1  # given up once for the attempt
+
+
+class OpenRun(ClosingRuns):
+    """A target whose current run is open, with a history too long to read on every retry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outage = False
+        self.listed: list[str] = []
+
+    def get_workflow_handle(self, workflow_id: str) -> Any:
+        async def describe(**_: Any) -> Any:
+            return SimpleNamespace(run_id="open-run", status=WorkflowExecutionStatus.RUNNING)
+
+        return SimpleNamespace(describe=describe)
+
+    async def list_workflows(self, query: str) -> Any:
+        self.listed.append(query)
+        for _ in ():
+            yield None
+
+    async def get_workflow_execution_history_reverse(self, request: Any) -> Any:
+        raise AssertionError("an open run's history was read")
+
+
+async def test_a_retry_does_not_read_an_open_run_that_dedupes_the_signal_itself() -> None:
+    """Reading back to the batch's scheduling, a retry read a busy open run's history on every
+    attempt, growing with every one: an open run dedupes the signal sent again by its request id,
+    and only closed runs are searched."""
+    client = OpenRun()
+    arg = TargetInput(workflow_id="entity", exec_id="x", input={}, trigger={}, event={"id": "E1"})
+    with_start = TargetStart("order-1", "Entity", "q", arg, {"event_id": "E1"}, None, "evt", "start", "req-1")
+    env = ActivityEnvironment(client=cast(Client, client))
+    env.info = dataclasses.replace(env.info, is_local=False, attempt=2, scheduled_time=datetime.now(UTC))
+    assert await env.run(BridgeActivities(snapshot()).start_targets, StartBatch([with_start])) == [SIGNAL_STARTED]
+    assert client.signal_with_starts == [("order-1", "req-1")]
+    assert len(client.listed) == 1 and 'ExecutionStatus != "Running"' in client.listed[0]
