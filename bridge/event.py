@@ -25,6 +25,9 @@ MAX_KEY_CHARS = 4096
 REPLAY_ID_PREFIX = "replay:"
 """How the ids of events sent by ``signal-bridge replay runs`` begin (with ``metadata.replay``, which
 only the replay sets): the pipeline refuses any other event whose id begins so."""
+REPLAY_KEY = "replay"
+"""``metadata.replay`` of an event sent by ``replay runs``: ``number``, ``of`` (the original id),
+``at`` and, with ``--to``, ``to`` (the one workflow entry it is for)."""
 
 
 MAX_SIGNAL_DEPTH = 1000

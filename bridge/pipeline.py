@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from bridge.errors import EventRejected, Overloaded, PartlyHeld, SenderOverloaded, Unavailable
-from bridge.event import MAX_EVENT_BYTES, MAX_KEY_CHARS, REPLAY_ID_PREFIX, EventSignal, encode
+from bridge.event import MAX_EVENT_BYTES, MAX_KEY_CHARS, REPLAY_ID_PREFIX, REPLAY_KEY, EventSignal, encode
 from bridge.logsafe import safe
 from bridge.metrics import Metrics
 from bridge.routing import RouteTable
@@ -122,7 +122,7 @@ class Pipeline:
                 return EventRejected(
                     "malformed", f"the event's {part} has {len(value)} characters; at most {MAX_KEY_CHARS} are taken"
                 ), b""
-        if event.id.startswith(REPLAY_ID_PREFIX) and not isinstance(event.metadata.get("replay"), dict):
+        if event.id.startswith(REPLAY_ID_PREFIX) and not isinstance(event.metadata.get(REPLAY_KEY), dict):
             # Whoever may send events in a scope could otherwise send, ahead of it, the id a
             # `replay runs` of a given number (by default the time) would give: the replay's event
             # was then a repeat, and started nothing. Only the replay sets metadata.replay.

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge import templates
 from bridge.errors import ConfigError, EventRejected
-from bridge.event import encode
+from bridge.event import REPLAY_KEY, encode
 from bridge.filters import Filter, FilterError, Scope, scope
 from bridge.schemas import Steps, Uncheckable, compile_schema, described, first_error
 
@@ -340,7 +340,7 @@ def replay_target(event: EventSignal) -> str | None:
     """The one workflow entry an event sent by ``signal-bridge replay runs --to`` is for:
     ``metadata.replay.to``. Only the replay sets it: no adapter copies a sender's fields into
     ``metadata`` (they keep named headers only). None: every entry the name triggers (docs/replay.md)."""
-    replay = event.metadata.get("replay")
+    replay = event.metadata.get(REPLAY_KEY)
     to = replay.get("to") if isinstance(replay, dict) else None
     return to if isinstance(to, str) and to else None
 

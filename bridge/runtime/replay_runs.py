@@ -34,7 +34,7 @@ from temporalio.service import RPCError
 
 from adapters.replay_common import Tally
 from bridge.errors import BridgeError, EventRejected, Unavailable
-from bridge.event import REPLAY_ID_PREFIX, EventSignal, run_digest, target_workflow_id, utc_now
+from bridge.event import REPLAY_ID_PREFIX, REPLAY_KEY, EventSignal, run_digest, target_workflow_id, utc_now
 from bridge.logsafe import safe
 from bridge.pipeline import Outcome as Submitted
 from bridge.pipeline import Pipeline
@@ -42,7 +42,6 @@ from bridge.routing import RouteTable, WorkflowRoute
 from bridge.runtime.progress import ProgressBar
 from bridge.runtime.replay_support import (
     GIVE_UP_AFTER,
-    REPLAY_KEY,
     NoSink,
     Outcome,
     bar_updater,

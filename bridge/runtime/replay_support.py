@@ -25,7 +25,7 @@ from bridge.errors import Unavailable
 from bridge.event import EventSignal, run_digest, target_workflow_id
 from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline
-from bridge.routing import RouteTable
+from bridge.routing import RouteTable, replay_target
 from bridge.runtime.app import connect
 from bridge.runtime.progress import ProgressBar
 from bridge.snapshot import Snapshot
@@ -36,16 +36,6 @@ DEFAULT_TEMPORAL = "127.0.0.1:7233"
 dev server of ``signal-bridge serve`` takes when it is free."""
 LOOKUPS_IN_FLIGHT = 32
 GIVE_UP_AFTER = 120.0
-REPLAY_KEY = "replay"
-"""``metadata.replay`` of an event sent by ``replay runs``: ``number``, ``of`` (the original id),
-``at`` and, with ``--to``, ``to`` (the one workflow entry it is for)."""
-
-
-def replay_to(event: EventSignal) -> str | None:
-    """The one workflow entry a replayed event is for (``metadata.replay.to``), if any."""
-    replay = event.metadata.get(REPLAY_KEY)
-    to = replay.get("to") if isinstance(replay, dict) else None
-    return to if isinstance(to, str) and to else None
 
 
 # --- which runs exist already ---------------------------------------------------------------------
@@ -101,7 +91,7 @@ class LookingSink:
             targets = [t for t in self.routes.route(event).targets if t.signal is None]
         except Exception:  # the dispatcher counts a routing failure; the lookup only informs
             return 0, 0
-        only = replay_to(event)
+        only = replay_target(event)
         if only is not None:
             targets = [t for t in targets if t.workflow_id == only]
         digest = run_digest(self.project, event.source, event.id)
