@@ -150,9 +150,9 @@ class BridgeActivities:
         id only for an open run), and the event runs twice. So each answer is heartbeated as it
         comes, and a retry sends nothing an earlier attempt got an answer for (its heartbeat
         details, which the SDK flushes when an attempt fails); a signal an earlier attempt may
-        have sent unheard (its worker died) is looked for in the runs' histories (:class:`DeliveredBefore`).
-        A local activity has no heartbeat
-        details: the dispatcher schedules batches with such starts (starts.needs_scheduling).
+        have sent unheard (its worker died) is looked for in the runs' histories
+        (:class:`DeliveredBefore`). A local activity has no heartbeat details: the dispatcher
+        schedules batches with such starts (starts.needs_scheduling).
         """
         client = activity.client()
         interceptor = tracing_interceptor(client) if self.tracing else None
@@ -382,8 +382,8 @@ def request_id_of(header: Header) -> str | None:
 
 
 MAX_RUNS_SEARCHED = 100
-"""How many runs of a target's id, open since its batch was scheduled, a retry reads before it gives
-up looking for an earlier attempt's signal in the rest and sends it again."""
+"""How many runs of a target's id, closed since its batch was scheduled, a retry reads before it
+gives up looking for an earlier attempt's signal in the rest and sends it again."""
 CLOCK_MARGIN = timedelta(minutes=1)
 """How much earlier than the batch's scheduling a retry reads runs' histories from: the times it
 compares are stamped by different Temporal hosts."""
@@ -400,8 +400,8 @@ class DeliveredBefore:
     scheduled, the histories of the target id's runs closed since then: the current run (read by
     id, which visibility may not list yet) and those visibility lists. An open run needs no
     reading: it dedupes the signal sent again. Each run is read once per attempt, however many of
-    the batch's signals it may hold. Transient errors raise: the attempt
-    fails and the next looks again."""
+    the batch's signals it may hold. Transient errors raise: the attempt fails and the next looks
+    again."""
 
     def __init__(self, client: Client, scheduled: datetime) -> None:
         self.client = client

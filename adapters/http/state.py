@@ -168,7 +168,6 @@ class HttpState:
         # Unsigned webhook requests reading their bodies, per address and the oldest first: when
         # each began, and the deadline that cuts it short.
         self._unverified: dict[str, dict[object, tuple[float, asyncio.Timeout]]] = {}
-        self._unverified_count = 0
         self._cut = LogEvery("webhook requests cut short to make room for others", CUT_LOG_SECONDS)
 
     def limits(self) -> Limits:
@@ -282,7 +281,7 @@ class HttpState:
         the process takes, and every other request got 503s."""
         room = max(1, snap.config.http.max_concurrent_requests // 2)
         loop = asyncio.get_running_loop()
-        if self._unverified_count >= room:
+        if sum(map(len, self._unverified.values())) >= room:
             top = max(self._unverified, key=lambda a: (len(self._unverified[a]), -_oldest(self._unverified[a])))
             mine = self._unverified.get(address, {})
             if len(mine) >= len(self._unverified[top]):
@@ -290,7 +289,6 @@ class HttpState:
                 raise self.deny(WEBHOOK_ADAPTER, "rate_limited", message, retry_after=1)
             victims = self._unverified[top]
             _began, theirs = victims.pop(next(iter(victims)))
-            self._unverified_count -= 1
             if not victims:
                 del self._unverified[top]
             theirs.reschedule(loop.time())  # it ends with a TimeoutError in its own task, below
@@ -298,7 +296,6 @@ class HttpState:
         try:
             async with asyncio.timeout(None) as deadline:
                 self._unverified.setdefault(address, {})[entry] = (began, deadline)
-                self._unverified_count += 1
                 yield
         except TimeoutError:
             if not deadline.expired():
@@ -309,10 +306,8 @@ class HttpState:
             raise self.deny(WEBHOOK_ADAPTER, "too_slow", message) from None
         finally:
             held = self._unverified.get(address)
-            if held is not None and held.pop(entry, None) is not None:
-                self._unverified_count -= 1
-                if not held:
-                    del self._unverified[address]
+            if held is not None and held.pop(entry, None) is not None and not held:
+                del self._unverified[address]
 
     def charge(self, token: str, cost: int, *, take: bool = True) -> None:
         """Take ``cost`` events from the token's rate limit, or raise 429 and take nothing (with
