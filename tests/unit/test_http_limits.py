@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -277,6 +278,27 @@ def test_the_body_timeout_and_the_request_limit_have_defaults() -> None:
     assert (http.body_timeout_seconds, http.max_concurrent_requests) == (30.0, 1000)
 
 
+class Trickle:
+    """A body whose first bytes come at once and the rest only once ``release`` is set: a sender
+    holding its requests open."""
+
+    def __init__(self, body: bytes) -> None:
+        self.whole = body
+        self.release = asyncio.Event()
+
+    async def body(self) -> AsyncIterator[bytes]:
+        yield self.whole[:3]
+        await self.release.wait()
+        yield self.whole[3:]
+
+
+def signed_push() -> tuple[bytes, dict[str, str]]:
+    """A GitHub push delivery to the ``github`` webhook, and its signed headers."""
+    body = json.dumps({"ref": "refs/heads/main"}).encode()
+    signature = "sha256=" + hmac.new(GH_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    return body, {"Content-Type": "application/json", "X-Hub-Signature-256": signature, "X-GitHub-Event": "push"}
+
+
 # --- http.max_requests_per_source ------------------------------------------------------------
 
 
@@ -286,12 +308,7 @@ async def test_one_sender_holds_at_most_its_share_of_the_requests_and_the_others
     trickled their bodies could hold every request the process takes (http.max_concurrent_requests):
     everyone else got 503s for as long as the bodies took."""
     body = json.dumps(order()).encode()
-    release = asyncio.Event()
-
-    async def stalls() -> Any:
-        yield body[:10]
-        await release.wait()
-        yield body[10:]
+    trickle = Trickle(body)
 
     sink = FakeSink()
     hooks = [{"slug": s, "verify": {"kind": "none"}, "events": [{"name": "open.event"}]} for s in ("open", "other")]
@@ -300,13 +317,13 @@ async def test_one_sender_holds_at_most_its_share_of_the_requests_and_the_others
     headers = {**AUTH, "Content-Type": "application/json"}
     app = make_app(sink, cfg)
     async with in_loop_client(app) as c, in_loop_client(app, address="10.0.0.2") as from_elsewhere:
-        held = [asyncio.create_task(c.post(path, content=stalls(), headers=headers)) for _ in range(2)]
+        held = [asyncio.create_task(c.post(path, content=trickle.body(), headers=headers)) for _ in range(2)]
         await asyncio.sleep(0.1)
         third = await c.post(path, content=body, headers=headers)
         # another token; on a webhook's path, an unverified request from another address
         sender = from_elsewhere if "hooks" in path else c
         elsewhere = await sender.post(other[0], content=body, headers={**other[1], "Content-Type": "application/json"})
-        release.set()
+        trickle.release.set()
         answers = await asyncio.gather(*held)
         after = await c.post(path, content=body, headers=headers)
     assert third.status_code == 429 and third.json()["error"] == "rate_limited", third.text
@@ -323,24 +340,17 @@ async def test_unsigned_bodies_trickled_to_a_webhook_do_not_hold_its_signed_deli
     """A webhook's share of the requests in flight was taken before its signature was checked:
     anyone, with no secret, held all of it with unsigned bodies sent a byte at a time, and the
     provider's deliveries got 429 meanwhile (GitHub does not redeliver those by itself)."""
-    release = asyncio.Event()
+    trickle = Trickle(b'{"x"}')
 
-    async def stalls() -> Any:
-        yield b'{"x'
-        await release.wait()
-        yield b'"}'
-
-    body = json.dumps({"ref": "refs/heads/main"}).encode()
-    signature = "sha256=" + hmac.new(GH_SECRET.encode(), body, hashlib.sha256).hexdigest()
-    signed = {"Content-Type": "application/json", "X-Hub-Signature-256": signature, "X-GitHub-Event": "push"}
+    body, signed = signed_push()
     sink = FakeSink()
     app = make_app(sink, hook_config(max_requests_per_source=2))
     async with in_loop_client(app, address="203.0.113.9") as squatter, in_loop_client(app) as github:
-        held = [asyncio.create_task(squatter.post(f"{HOOKS}/github", content=stalls())) for _ in range(2)]
+        held = [asyncio.create_task(squatter.post(f"{HOOKS}/github", content=trickle.body())) for _ in range(2)]
         await asyncio.sleep(0.1)
         third = await squatter.post(f"{HOOKS}/github", content=b"{}")
         real = await github.post(f"{HOOKS}/github", content=body, headers=signed)
-        release.set()
+        trickle.release.set()
         squatted = await asyncio.gather(*held)
     assert third.status_code == 429, "one address holds at most its share"
     assert real.status_code == 202, real.text
@@ -353,27 +363,20 @@ async def test_unsigned_bodies_hold_half_the_requests_and_the_address_holding_mo
     events API and every provider got 503s for as long as the bodies took. Now they hold half, and
     when that is full the address holding most of it gives up its oldest request (408), or, when
     that is the newcomer's own address, the newcomer is refused (429)."""
-    release = asyncio.Event()
+    trickle = Trickle(b'{"x"}')
 
-    async def stalls() -> Any:
-        yield b'{"x'
-        await release.wait()
-        yield b'"}'
-
-    body = json.dumps({"ref": "refs/heads/main"}).encode()
-    signature = "sha256=" + hmac.new(GH_SECRET.encode(), body, hashlib.sha256).hexdigest()
-    signed = {"Content-Type": "application/json", "X-Hub-Signature-256": signature, "X-GitHub-Event": "push"}
+    body, signed = signed_push()
     sink = FakeSink()
     app = make_app(sink, hook_config(max_concurrent_requests=4))  # room for 2 unsigned bodies
     async with in_loop_client(app, address="203.0.113.1") as squatter, in_loop_client(app) as github:
-        held = [asyncio.create_task(squatter.post(f"{HOOKS}/github", content=stalls())) for _ in range(2)]
+        held = [asyncio.create_task(squatter.post(f"{HOOKS}/github", content=trickle.body())) for _ in range(2)]
         await asyncio.sleep(0.1)
         # The room is full, all of it the squatter's: its next request is refused at once.
-        more = await asyncio.wait_for(squatter.post(f"{HOOKS}/github", content=stalls()), 2)
+        more = await asyncio.wait_for(squatter.post(f"{HOOKS}/github", content=trickle.body()), 2)
         real = await asyncio.wait_for(github.post(f"{HOOKS}/github", content=body, headers=signed), 2)
         cut = await asyncio.wait_for(held[0], 2)  # the squatter's oldest gave its place
         api = await github.post(URL, json=order(), headers=AUTH)
-        release.set()
+        trickle.release.set()
         last = await held[1]
         text = (await github.get("/metrics", headers=AUTH)).text
     assert more.status_code == 429 and more.headers["retry-after"] == "1", more.text
@@ -387,23 +390,18 @@ async def test_unsigned_bodies_hold_half_the_requests_and_the_address_holding_mo
 async def test_the_address_holding_most_of_the_unsigned_room_gives_way_not_the_oldest_request() -> None:
     """Cutting the oldest body let a churning sender cut a provider's slow delivery: it is the
     address holding most that gives way."""
-    release = asyncio.Event()
-
-    async def stalls() -> Any:
-        yield b'{"x'
-        await release.wait()
-        yield b'"}'
+    trickle = Trickle(b'{"x"}')
 
     app = make_app(FakeSink(), hook_config(max_concurrent_requests=6))  # room for 3 unsigned bodies
     clients = [in_loop_client(app, address=a) for a in ("198.51.100.7", "203.0.113.1", "203.0.113.2")]
     async with clients[0] as slow_provider, clients[1] as churner, clients[2] as newcomer:
-        provider = asyncio.create_task(slow_provider.post(f"{HOOKS}/github", content=stalls()))
+        provider = asyncio.create_task(slow_provider.post(f"{HOOKS}/github", content=trickle.body()))
         await asyncio.sleep(0.05)
-        churned = [asyncio.create_task(churner.post(f"{HOOKS}/github", content=stalls())) for _ in range(2)]
+        churned = [asyncio.create_task(churner.post(f"{HOOKS}/github", content=trickle.body())) for _ in range(2)]
         await asyncio.sleep(0.05)
-        new = asyncio.create_task(newcomer.post(f"{HOOKS}/github", content=stalls()))
+        new = asyncio.create_task(newcomer.post(f"{HOOKS}/github", content=trickle.body()))
         first_cut = await asyncio.wait_for(churned[0], 2)
-        release.set()
+        trickle.release.set()
         rest = await asyncio.gather(provider, churned[1], new)
     assert first_cut.status_code == 408
     assert [r.status_code for r in rest] == [401, 401, 401]  # the provider's request was read whole
