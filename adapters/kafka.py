@@ -34,6 +34,7 @@ from aiokafka.errors import (
 )
 from aiokafka.helpers import create_ssl_context
 
+from adapters.kafka_batches import bad_span, fetch_first_batch
 from adapters.kafka_parse import (
     ADAPTER,
     CE_PREFIX,
@@ -45,6 +46,7 @@ from adapters.kafka_parse import (
     dead_letter,
     dead_letter_headers,
     fallback_id,
+    last_offset,
     parse,
     record_headers,
     to_message,
@@ -549,6 +551,10 @@ class KafkaAdapter(Transport[Record]):
                     if not _unreadable(exc):
                         break  # a broker error: the next poll waits it out
                     failed, empty = failed + 1, 0  # it was fetched: the empty ones in a row are over
+                    if isinstance(exc, UnicodeDecodeError) and (span := await self._stub_batch(tp)) is not None:
+                        records.append(span)  # the rest of its producer batch, found by one fetch
+                        failed, last = 0, (span.last, repr(exc))
+                        continue
                     # Not yet known to fail there whatever happens. Failing as the record just
                     # before it did, it is most likely the rest of that record's producer batch:
                     # confirmed sooner, so that a batch of hundreds passes in seconds, not minutes.
@@ -614,6 +620,32 @@ class KafkaAdapter(Transport[Record]):
             self._poll_failures = max(self._poll_failures, POLL_FAILURES_UNHEALTHY)
             self._failed_at = time.monotonic()
         return Unreadable.at(tp.topic, tp.partition, offset, f"{type(exc).__name__}: {exc}")
+
+    async def _stub_batch(self, tp: TopicPartition) -> Unreadable | None:
+        """The stand-in for the records from ``tp``'s position to the end of their producer batch,
+        when a fetch of that batch of its own shows a record there failing the client's parse
+        (:mod:`adapters.kafka_batches`); the partition is sought past the batch. None when the
+        fetch or the parse does not show that: the records are then read one at a time."""
+        assert self.consumer is not None
+        position = await self._position(tp, wait=1.0)  # the failed poll went back to it
+        if position is None:
+            return None
+        raw = await fetch_first_batch(self.consumer, tp, position)
+        span = bad_span(raw, position) if raw is not None else None
+        if span is None or await self._position(tp) != position:  # moved meanwhile: read on from there
+            return None
+        self._seek(tp, span.last + 1)
+        log.error(
+            "kafka adapter %s: the records at %s offsets %d to %d (%d, the rest of one producer batch) cannot be "
+            "read; they are dead-lettered in one letter by their offsets and skipped: %s",
+            self.name,
+            tp,
+            span.first,
+            span.last,
+            span.last - span.first + 1,
+            span.why,
+        )
+        return Unreadable.at(tp.topic, tp.partition, span.first, span.why, span.last)
 
     async def _put_back(self, batch: Batch) -> Batch:
         """Seek each partition that is still assigned back to the lowest offset ``batch`` read of
@@ -770,7 +802,7 @@ class KafkaAdapter(Transport[Record]):
         self._batch_generation = gen
         records = [r for recs in batch.values() for r in recs]
         await self.settler.settle(records)
-        offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items() if recs}
+        offsets = {tp: last_offset(recs[-1]) + 1 for tp, recs in batch.items() if recs}
         log.debug("kafka adapter %s: %d record(s) settled; committing %s", self.name, len(records), offsets)
         await self._commit(offsets, gen)
 

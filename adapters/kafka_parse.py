@@ -52,13 +52,22 @@ class Unreadable(ConsumerRecord[bytes, bytes]):  # type: ignore[misc]  # aiokafk
     """Stands for a record the client cannot read (aiokafka refuses a header name that is not
     UTF-8, or a record whose checksum fails), at the offset where reading its partition alone
     failed: the settle path refuses it as ``malformed``, dead-letters it with that offset, and
-    commits past it, so one such record cannot stall its partition (adapters.kafka)."""
+    commits past it, so one such record cannot stall its partition (adapters.kafka). It may stand
+    for the records from ``offset`` to ``last``: the rest of a producer batch that cannot be read
+    past a record in it (adapters.kafka_batches)."""
 
     why: str = ""
+    last: int = -1
 
     @classmethod
-    def at(cls, topic: str, partition: int, offset: int, why: str) -> Unreadable:
-        return cls(topic, partition, offset, -1, 0, None, None, None, -1, -1, (), why)
+    def at(cls, topic: str, partition: int, offset: int, why: str, last: int | None = None) -> Unreadable:
+        return cls(topic, partition, offset, -1, 0, None, None, None, -1, -1, (), why, offset if last is None else last)
+
+
+def last_offset(record: Record) -> int:
+    """The offset of the last record ``record`` stands for: its own, or an :class:`Unreadable`
+    range's last."""
+    return record.last if isinstance(record, Unreadable) else int(record.offset)
 
 
 def record_headers(record: Record) -> dict[str, str]:
@@ -89,10 +98,15 @@ def to_message(record: Record) -> Message:
     A value no signal could carry is refused as ``too_large`` here, before anything parses it: a
     topic may take records of many megabytes, and parsed JSON takes up to 25 times its text."""
     if isinstance(record, Unreadable):
+        where = (
+            f"the record at offset {record.offset}"
+            if record.last == record.offset
+            else f"the records at offsets {record.offset} to {record.last} (the rest of one producer batch)"
+        )
         raise EventRejected(
             "malformed",
-            f"the Kafka client cannot read the record at offset {record.offset} ({record.why}); this letter does "
-            "not hold it: read it from the topic by its offset",
+            f"the Kafka client cannot read {where} ({record.why}); this letter does not hold them: read them from "
+            "the topic by their offsets",
         )
     body = record.value if isinstance(record.value, bytes) else _text(record.value).encode()
     if len(body) > MAX_SIGNAL_BYTES:
@@ -151,12 +165,15 @@ class Letter:
 
 
 def _origin(record: Record) -> dict[str, str]:
-    return {
+    origin = {
         "topic": record.topic,
         "partition": str(record.partition),
         "offset": str(record.offset),
         "timestamp": str(record.timestamp),
     }
+    if isinstance(record, Unreadable) and record.last != record.offset:
+        origin["last-offset"] = str(record.last)
+    return origin
 
 
 def dead_letter_headers(

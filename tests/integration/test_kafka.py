@@ -456,15 +456,18 @@ async def test_a_letter_the_dead_letter_topic_refuses_as_too_large_is_written_sm
     await assert_all_committed(kafka_bootstrap, f"{project}-g", topic)
 
 
-async def produce_unreadable(bootstrap: str, topic: str, partition: int, value: bytes) -> int:
-    """One record whose header name is not UTF-8, as a client other than Java's can write it
-    (aiokafka's own producer cannot: the batch is built, then its byte patched and its CRC set
-    again). Returns its offset."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+async def produce_unreadable(bootstrap: str, topic: str, partition: int, value: bytes, *after: bytes) -> int:
+    """One producer batch whose first record has a header name that is not UTF-8, as a client
+    other than Java's can write it (aiokafka's own producer cannot: the batch is built, then its
+    byte patched and its CRC set again), then the records ``after`` it in that batch. Returns the
+    bad record's offset."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_batch_size=1_000_000)
     await producer.start()
     try:
         batch = producer.create_batch()
         batch.append(key=None, value=value, timestamp=None, headers=[("x-bad!", b"v")])
+        for more in after:
+            assert batch.append(key=None, value=more, timestamp=None, headers=[]) is not None
         raw = bytearray(batch._build())
         raw[raw.find(b"x-bad!") + 5] = 0xFF
         struct.pack_into(">I", raw, 17, calc_crc32c(bytes(raw[21:])))  # the v2 batch's CRC covers from byte 21
@@ -503,6 +506,39 @@ async def test_a_record_the_client_cannot_read_is_dead_lettered_by_its_offset_an
     assert headers["x-dead-letter-reason"] == "malformed" and "UnicodeDecodeError" in headers["x-dead-letter-error"]
     assert letter.value == b"" and headers["x-dead-letter-trimmed"] == "headers,key,value"
     await assert_all_committed(kafka_bootstrap, f"{project}-g", topic)
+
+
+async def test_the_rest_of_an_unreadable_producer_batch_is_one_dead_letter_and_the_partition_moves_on(
+    bridge_factory, temporal_client, temporal_address, kafka_bootstrap
+):
+    """A producer batch of 2,000 tiny records whose first cannot be read: aiokafka cannot read the
+    rest either. They used to be lettered one at a time, each after two polls that parsed the batch
+    again up to it (about an hour for 1 MB of them). Now one fetch finds the batch's end, and one
+    letter names the range; the records before and after the batch run."""
+    topic = await create_topic(kafka_bootstrap, partitions=1)
+    dlq = f"{topic}.dlq"
+    project = unique("kbatch")
+    cfg = config(
+        project,
+        temporal_address,
+        [runner("orders", "order.created")],
+        kafka=[kafka_entry(kafka_bootstrap, topic, group_id=f"{project}-g", dead_letter_topic=dlq)],
+    )
+    placed = await produce(kafka_bootstrap, topic, [envelope("order.created", {"orderId": f"a-{i}"}) for i in range(3)])
+    rest = [json.dumps({"name": "order.created", "payload": {"n": i}}).encode() for i in range(1, 2_000)]
+    bad = await produce_unreadable(kafka_bootstrap, topic, 0, json.dumps({"name": "order.created"}).encode(), *rest)
+    placed += await produce(
+        kafka_bootstrap, topic, [envelope("order.created", {"orderId": f"b-{i}"}) for i in range(3)]
+    )
+    assert [offset for _, offset in placed] == [0, 1, 2, bad + 2_000, bad + 2_001, bad + 2_002]
+    await bridge_factory(cfg)
+    await assert_runs_exactly(temporal_client, project, {kafka_child(project, "orders", topic, *w) for w in placed})
+    await assert_all_committed(kafka_bootstrap, f"{project}-g", topic)
+    [letter] = await read_letters(kafka_bootstrap, dlq, 1)
+    headers = {k: v.decode() for k, v in letter.headers}
+    assert (headers["x-original-offset"], headers["x-original-last-offset"]) == (str(bad), str(bad + 1_999))
+    assert headers["x-dead-letter-reason"] == "malformed" and "UnicodeDecodeError" in headers["x-dead-letter-error"]
+    assert f"offsets {bad} to {bad + 1_999}" in headers["x-dead-letter-error"]
 
 
 async def test_a_new_group_with_latest_reads_only_what_comes_after_and_notes_where_it_began(

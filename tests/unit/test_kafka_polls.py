@@ -30,6 +30,7 @@ from bridge.errors import Unavailable
 from bridge.settle import Backoff, Disposition, Item
 from tests.fakes import FakeSink
 from tests.helpers import assert_eventually
+from tests.unit.test_kafka_batches import FakeFetchClient, producer_batch
 from tests.unit.test_kafka_parse import (
     TP0,
     TP1,
@@ -559,6 +560,42 @@ async def test_the_records_after_an_unreadable_one_in_its_producer_batch_are_let
         await assert_eventually(lambda: committed(consumer) == {TP0: 6}, timeout=10, interval=0.01)
     assert sorted(offsets_held(sink)) == ["0", "3", "4", "5"]
     assert [dict(headers)["x-original-offset"] for _, _, _, headers in producer.sent] == [b"1", b"2"]
+
+
+async def test_the_rest_of_a_bad_producer_batch_is_one_letter_found_by_one_fetch():
+    """A producer batch of 495 tiny records whose second cannot be read: the adapter fetched the
+    batch itself once, read its end, and wrote one letter naming offsets 4 to 497. Record at a time,
+    it took two failed polls and a letter for each of the 494 (about an hour for 1 MB of them)."""
+    sink = FakeSink()
+    consumer = ProducerBatches({TP0: 500}, [range(0, 3), range(3, 498), range(498, 500)])
+    consumer.unreadable = {(TP0, 4)}
+    fetches = FakeFetchClient([(r, producer_batch(r.start, len(r), bad={4} & set(r))) for r in consumer.batches_of])
+    consumer._client = fetches  # type: ignore[attr-defined]
+    async with running(consumer, sink, dead_letter_topic="orders.dlq") as adapter:
+        producer = adapter.producer = FakeProducer()  # type: ignore[assignment]
+        await assert_eventually(lambda: committed(consumer) == {TP0: 500}, timeout=10, interval=0.01)
+    assert sorted(offsets_held(sink), key=int) == ["0", "1", "2", "3", "498", "499"]
+    [(_, _, _, headers)] = producer.sent
+    named = dict(headers)
+    assert (named["x-original-offset"], named["x-original-last-offset"]) == (b"4", b"497")
+    assert b"offsets 4 to 497" in named["x-dead-letter-error"]
+    assert consumer.failed == 2  # the poll of every partition, then one of the partition alone
+    assert [request.topics for _, request in fetches.requests] == [[(TP0.topic, [(0, 4, 1)])]]
+
+
+async def test_a_bad_batch_the_fetch_cannot_give_is_still_read_a_record_at_a_time():
+    """The broker does not answer the fetch (or aiokafka no longer has the client it goes
+    through): the records are stubbed one by one, as before, and none is skipped unlettered."""
+    sink = FakeSink()
+    consumer = ProducerBatches({TP0: 8}, [range(0, 2), range(2, 6), range(6, 8)])
+    consumer.unreadable = {(TP0, 3)}
+    consumer._client = FakeFetchClient([], fail=KafkaConnectionError("gone"))  # type: ignore[attr-defined]
+    async with running(consumer, sink, dead_letter_topic="orders.dlq") as adapter:
+        producer = adapter.producer = FakeProducer()  # type: ignore[assignment]
+        await assert_eventually(lambda: committed(consumer) == {TP0: 8}, timeout=10, interval=0.01)
+    assert sorted(offsets_held(sink), key=int) == ["0", "1", "2", "6", "7"]
+    assert [dict(h)["x-original-offset"] for _, _, _, h in producer.sent] == [b"3", b"4", b"5"]
+    assert all("x-original-last-offset" not in dict(h) for _, _, _, h in producer.sent)
 
 
 async def test_the_rest_of_a_bad_producer_batch_is_confirmed_in_fewer_polls_than_a_first_bad_record():
