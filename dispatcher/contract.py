@@ -52,6 +52,7 @@ __all__ = [
     "TAKE_WEIGHT",
     "TARGET_OVERHEAD",
     "TASK_COST_BUDGET",
+    "TEMPLATE_STEPS",
     "YIELD",
     "DispatcherInput",
     "DispatcherSettings",
@@ -112,6 +113,10 @@ MAX_TARGET_BYTES = 1920 * 1024  # one target's argument; a larger one is a faile
 # stops past TASK_COST_BUDGET (it answers for the events it got to), a batch stops taking events
 # past it, and a batch that started nothing then ends the workflow task with a short timer.
 TASK_COST_BUDGET = 40_000
+# The patch from which a workflow holds each template it renders to bridge.templates.MAX_STEPS
+# (asked as a run begins, so that runs begun before render as they did): the dispatcher's, whose
+# start of that target then fails (counted), and the runner's, whose run then fails.
+TEMPLATE_STEPS = "template-steps"
 EVENT_COST = 20  # each event's own share (digest, dedupe, logging), besides its filters
 YIELD = timedelta(milliseconds=1)
 

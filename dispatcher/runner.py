@@ -22,6 +22,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import TypeAdapter
@@ -29,7 +30,15 @@ with workflow.unsafe.imports_passed_through():
     from bridge import templates
     from bridge.config import HttpTask, Task
     from bridge.event import encoded_size
-    from dispatcher.contract import HTTP_REQUEST, LOAD_TASKS, RUNNER_WORKFLOW, HttpCall, TargetInput, wire
+    from dispatcher.contract import (
+        HTTP_REQUEST,
+        LOAD_TASKS,
+        RUNNER_WORKFLOW,
+        TEMPLATE_STEPS,
+        HttpCall,
+        TargetInput,
+        wire,
+    )
 
 # LOAD_TASKS sends the config's tasks as plain data; reading them back through the config's own
 # model gives the runner its types and defaults without restating either.
@@ -59,6 +68,9 @@ def fitted(result: dict[str, Any], limit: int = CHILD_RESULT_BYTES) -> dict[str,
 class TaskRunnerWorkflow:
     @workflow.run
     async def run(self, inp: TargetInput) -> dict[str, Any]:
+        # Runs begun since the patch hold each template to its steps, and fail when one fails: before,
+        # a failing template failed the workflow task on every attempt, and the run never ended.
+        metered = workflow.patched(TEMPLATE_STEPS)
         raw: list[dict[str, Any]] = await workflow.execute_local_activity(
             LOAD_TASKS,
             inp["workflow_id"],
@@ -70,8 +82,16 @@ class TaskRunnerWorkflow:
         for task in TASKS.validate_python(raw):
             if isinstance(task, HttpTask):
                 outputs[task.id] = await self._http(inp["workflow_id"], task, context)
+            elif not metered:
+                with templates.metered(None):
+                    outputs[task.id] = templates.render(task.config.template, context)
             else:
-                outputs[task.id] = templates.render(task.config.template, context)
+                try:
+                    outputs[task.id] = templates.render(task.config.template, context)
+                except templates.TemplateError as exc:
+                    raise ApplicationError(
+                        f"task {task.id!r}: {exc}", type="TemplateError", non_retryable=True
+                    ) from None
         result = {"workflow_id": inp["workflow_id"], "exec_id": inp["exec_id"], "tasks": outputs}
         return fitted(result) if workflow.info().parent is not None else result
 

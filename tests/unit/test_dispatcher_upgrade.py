@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 from temporalio.api.common.v1 import Payload
 
+from bridge.routing import RouteTable
 from dispatcher import starts
 from dispatcher import workflow as dispatcher_workflow
-from dispatcher.contract import LOAD_ROUTES, START_TARGETS, DispatcherInput
+from dispatcher.contract import LOAD_ROUTES, START_TARGETS, DispatcherInput, DispatcherSettings, RoutesResult, wire
+from tests import helpers
 from tests.unit.dispatcher_history import COUNTING, CountingConverter, History, routes
 
 NO_JSON = Payload(metadata={"encoding": b"json/plain"}, data=b"{no json")
@@ -123,4 +125,26 @@ async def test_a_run_an_earlier_worker_began_raw_replays_as_that_worker_ran_it()
     alone, its replay counted a signal that is no JSON, which that worker had not."""
     h = begun(DispatcherInput(project="shop", raw_signals=True), signals_per_run=3)
     no_json_then_two_events(h)
+    assert await h.replay() is None
+
+
+async def test_a_run_begun_before_the_template_step_limit_renders_its_loops_as_it_did() -> None:
+    """A run open at the upgrade had started an event whose input loops 160,400 steps, over
+    templates.MAX_STEPS: held to the limit on replay, that start would fail and its batch not be
+    scheduled, where the history schedules it. Asked as the run began, the patch is no for it."""
+    loops = "{% for a in .trigger.xs %}{% for b in .trigger.xs %}{{ a }}{% endfor %}{% endfor %}"
+    entry = {**helpers.runner("w", "order.created"), "input": {"pairs": loops}}
+    table = RouteTable.from_config(helpers.config("shop", "127.0.0.1:1", [entry]))
+    h = History()
+    h.task()
+    h.patch(dispatcher_workflow.NO_LOCAL_ACTIVITIES)
+    h.patch(starts.STRICT_STARTS)
+    h.activity(
+        "1", LOAD_ROUTES, wire(RoutesResult(routes=table.spec(), settings=DispatcherSettings(start_mode="activity")))
+    )
+    h.task()
+    h.events_signal([{"id": "e1", "name": "order.created", "source": "http:t", "payload": {"xs": list(range(400))}}])
+    h.task()
+    h.activity("2", START_TARGETS, ["started"])
+    h.task(complete=False)
     assert await h.replay() is None

@@ -38,7 +38,7 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import (
     HistoryEvent,
 )
-from temporalio.client import WorkflowExecutionStatus, WorkflowHandle, WorkflowHistory
+from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle, WorkflowHistory
 from temporalio.common import RawValue
 from temporalio.converter import PayloadConverter
 from temporalio.exceptions import ApplicationError
@@ -689,6 +689,47 @@ async def test_a_backlog_with_an_input_template_starts_without_tripping_the_dead
     assert {s.arg["input"]["k5"] for s in d.stubs.starts} >= {"0 of A-0", "799 of A-799"}
 
 
+async def test_an_input_whose_loops_pass_the_step_limit_fails_its_own_start_and_the_rest_start(
+    make: Any, mode: str
+) -> None:
+    """Loops inside each other over an event's lists cost their product in the dispatcher's
+    workflow task: two lists of 250,000 items held it for hours, on every attempt, and every event
+    of the project waited. Past templates.MAX_STEPS the start fails, counted, and the rest go on."""
+    d = await make(mode)
+    loops = "{% for a in .trigger.xs %}{% for b in .trigger.xs %}{{ a }}{% endfor %}{% endfor %}"
+    d.stubs.routes = [d.route("w", "order.created", input={"pairs": loops})]
+    before, bad, after = d.event("before", xs=[1, 2]), d.event("bad", xs=list(range(1_000))), d.event("after", xs=[3])
+    await d.send(before, bad, after)
+    await d.settled(received=3, started=2, failed=1)
+    await d.targets(run_id(d.project, "w", before), run_id(d.project, "w", after))
+    if mode == "activity":  # children are started by the workflow itself, not by the stub
+        assert {s.arg["input"]["pairs"] for s in d.stubs.starts} == {"1122", "3"}
+    history = await d.handle.fetch_history()
+    assert not [e for e in history.events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED]
+
+
+async def test_template_steps_count_as_work_and_a_batch_ends_when_the_task_has_done_enough(
+    make: Any, monkeypatch: Any
+) -> None:
+    """Each event's input loops 20,000 steps (5,000 units of a workflow task's work): planned all in
+    one workflow task, a batch of them passed the deadlock detector. The batch ends when the task's
+    work is spent, and the rest start from the next tasks."""
+    d = await make("activity")
+    d.stubs.routes = [
+        d.route("w", "order.created", input={"n": "{% for a in .trigger.xs %}{% endfor %}{{ .trigger.n }}"})
+    ]
+    events = [d.event(f"e{i}", xs=[0] * 20_000, n=i) for i in range(24)]
+    await d.send(*events)
+    await d.settled(received=24, started=24)
+    history = await d.handle.fetch_history()
+    scheduled = [e for e in history.events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED]
+    starts_batches = [
+        e for e in scheduled if e.activity_task_scheduled_event_attributes.activity_type.name == START_TARGETS
+    ]
+    assert len(starts_batches) >= 3, len(starts_batches)  # 40,000 units a task: 8 events' worth each
+    assert sorted(int(s.arg["input"]["n"]) for s in d.stubs.starts) == list(range(24))
+
+
 async def test_reload_loads_routes_again_and_a_new_route_takes_effect(make: Any, mode: str) -> None:
     d = await make(mode)
     d.stubs.routes = [d.route("created", "order.created")]
@@ -842,6 +883,38 @@ async def test_the_runner_renders_its_tasks_in_order_and_hands_http_tasks_their_
     assert call.context == {"trigger": {"orderId": "A1"}, "tasks": {"render": "order A1"}}  # not input, event
     history = readable(await handle.fetch_history())
     assert "${SHOP_KEY}" in history and "http://shop/A1" not in history
+
+
+async def test_a_runner_whose_template_passes_the_step_limit_fails_its_run_not_every_workflow_task(
+    env: WorkflowEnvironment,
+) -> None:
+    """A template task looping over an event's lists inside each other: held to MAX_STEPS, it fails,
+    and the run fails with it, naming the task. A template that failed used to fail the workflow
+    task instead, on every attempt, and the run never ended."""
+    loops = "{% for a in .trigger.xs %}{% for b in .trigger.xs %}{% endfor %}{% endfor %}done"
+    tasks = [TemplateTask(id="pairs", config=TemplateTaskConfig(template=loops))]
+
+    @activity.defn(name=LOAD_TASKS)
+    async def load_tasks(workflow_id: str) -> list[dict[str, Any]]:
+        return [t.model_dump() for t in tasks]
+
+    queue = f"runner-{uuid.uuid4().hex[:8]}"
+    sandbox = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH))
+    async with Worker(
+        env.client, task_queue=queue, workflows=[TaskRunnerWorkflow], activities=[load_tasks], workflow_runner=sandbox
+    ):
+        small = TargetInput(workflow_id="w", exec_id="x-1", input={}, trigger={"xs": [1, 2]}, event={})
+        assert (await env.client.execute_workflow(RUNNER_WORKFLOW, small, id=queue, task_queue=queue))["tasks"] == {
+            "pairs": "done"
+        }
+        big = TargetInput(workflow_id="w", exec_id="x-2", input={}, trigger={"xs": list(range(1_000))}, event={})
+        with pytest.raises(WorkflowFailureError) as info:
+            await env.client.execute_workflow(
+                RUNNER_WORKFLOW, big, id=f"{queue}-big", task_queue=queue, execution_timeout=timedelta(seconds=30)
+            )
+    cause = info.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "TemplateError" and cause.non_retryable
+    assert "task 'pairs'" in cause.message and "100,000 steps" in cause.message
 
 
 @workflow.defn(name="RunnerParent", sandboxed=False)

@@ -208,3 +208,79 @@ def test_arithmetic_within_bounds_renders_as_before() -> None:
     assert render("{{ 'ab' * .trigger.n }}", context) == "ababab"
     assert render("{{ .trigger.price * .trigger.price }}", context) == 360_000_000_000_000_000
     assert render("{{ 2 ** 10 }}, {{ 2.5 ** 3 }}", context) == "1024, 15.625"
+
+
+# -- steps ----------------------------------------------------------------------------------------
+
+NESTED = "{% for a in .trigger.xs %}{% for b in .trigger.ys %}{{ a }}{{ b }},{% endfor %}{% endfor %}"
+
+
+def test_loops_inside_each_other_over_an_events_lists_stop_at_the_step_limit() -> None:
+    """Two lists of 250,000 items (one event of 1 MiB) under two loops are 62,500,000,000 steps:
+    it held the dispatcher's workflow task for hours. It fails past MAX_STEPS, naming the limit."""
+    big = {"trigger": {"xs": [0] * 250_000, "ys": [1] * 250_000}}
+    with pytest.raises(TemplateError, match=r"the template at body failed: SecurityError: it took more than 100,000"):
+        render({"body": NESTED}, big)
+
+
+def test_loops_within_the_limit_render_as_before() -> None:
+    ctx = {"trigger": {"xs": [1, 2], "ys": ["a", "b"]}}
+    assert render(NESTED, ctx) == "1a,1b,2a,2b,"
+    side = int(templates.MAX_STEPS**0.5) - 1  # a product just under the limit, the outer loop's steps too
+    assert len(render(NESTED, {"trigger": {"xs": [0] * side, "ys": [0] * side}})) == side * side * 3
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{% for a in .trigger.xs %}{% if loop.last %}{{ a }}{% endif %}{% endfor %}",  # the loop variable
+        "{% for a in .trigger.xs if a %}{{ a }}{% endfor %}",  # a loop filter
+        "{% for a in .trigger.xs recursive %}{{ a }}{% endfor %}",
+        "{% for a in .trigger.xs|list %}{{ a }}{% endfor %}",  # a filter's new list
+        "{% for a in range(.trigger.n) %}{% for b in range(.trigger.n) %}{% endfor %}{% endfor %}",
+    ],
+    ids=["loop-variable", "loop-filter", "recursive", "filtered", "ranges"],
+)
+def test_every_kind_of_loop_counts_its_steps(text: str) -> None:
+    ctx = {"trigger": {"xs": [1] * (templates.MAX_STEPS + 1), "n": 400}}
+    with pytest.raises(TemplateError, match="steps"):
+        render(text, ctx)
+
+
+def test_calls_count_so_a_macro_that_calls_itself_twice_stops() -> None:
+    """2 ** 30 calls, each taking several microseconds, from a number the event gives."""
+    text = "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(.trigger.n) }}"
+    assert render(text, {"trigger": {"n": 3}}) == ""
+    with pytest.raises(TemplateError, match="steps"):
+        render(text, {"trigger": {"n": 30}})
+
+
+def test_a_url_template_counts_its_steps_too() -> None:
+    url = "http://shop/{% for a in .trigger.xs %}{% for b in .trigger.xs %}{% endfor %}{% endfor %}x"
+    assert templates.render_url(url, {"trigger": {"xs": [1, 2]}}) == "http://shop/x"
+    with pytest.raises(TemplateError, match="steps"):
+        templates.render_url(url, {"trigger": {"xs": [1] * 1_000}})
+
+
+def test_metered_counts_the_steps_of_every_rendering_inside_and_none_limits_nothing() -> None:
+    """What the dispatcher adds to its workflow task's work; and runs begun before the limit render
+    with none, as they did (their histories replay alike)."""
+    ctx = {"trigger": {"xs": [0] * 400, "ys": [0] * 400}}
+    with templates.metered() as meter:
+        render("{% for a in .trigger.xs %}{% endfor %}", ctx)
+        render({"a": "{% for a in .trigger.xs %}{% endfor %}", "b": "{{ .trigger.xs|length }}"}, ctx)
+    assert meter.steps == 800
+    with templates.metered(None) as unlimited:
+        assert len(render(NESTED, ctx)) == 400 * 400 * 3
+    assert unlimited.steps == 400 + 400 * 400
+    with pytest.raises(TemplateError, match="steps"):  # outside it, the limit again
+        render(NESTED, ctx)
+
+
+def test_each_rendering_has_its_own_limit() -> None:
+    """Renderings one after another do not share the limit: a dispatcher renders many an event."""
+    ctx = {"trigger": {"xs": [0] * (templates.MAX_STEPS // 2)}}
+    with templates.metered() as meter:
+        for _ in range(4):
+            render("{% for a in .trigger.xs %}{% endfor %}", ctx)
+    assert meter.steps == 2 * templates.MAX_STEPS

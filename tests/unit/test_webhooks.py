@@ -682,6 +682,19 @@ def test_input_that_fails_to_render_is_rejected() -> None:
     assert info.value.reason == "input_failed"
 
 
+def test_a_sender_cannot_hold_the_adapter_with_lists_under_loops_inside_each_other() -> None:
+    """An entry's input loops over two of the body's lists, one inside the other: a body of two
+    lists of 150,000 items would have held the HTTP adapter's event loop for hours. The rendering
+    stops at the template step limit and the event is refused as ``input_failed``."""
+    loops = "{% for a in .payload.xs %}{% for b in .payload.ys %}{{ a }}{{ b }}{% endfor %}{% endfor %}"
+    r = route({"kind": "none"}, [{"name": "n", "input": {"pairs": loops}}])
+    assert r.events({}, b'{"xs": [1, 2], "ys": [3]}').events[0].payload == {"pairs": "1323"}
+    body = json.dumps({"xs": [0] * 150_000, "ys": [0] * 150_000}).encode()
+    with pytest.raises(EventRejected, match="steps") as info:
+        r.events({}, body)
+    assert info.value.reason == "input_failed"
+
+
 def test_body_that_is_not_an_object_is_wrapped() -> None:
     r = route({"kind": "none"})
     assert r.events({}, b"[1, 2]").events[0].payload == {"data": [1, 2]}
