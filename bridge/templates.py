@@ -9,21 +9,22 @@ code.
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Callable, Iterable, Iterator
-from contextvars import ContextVar
-from dataclasses import dataclass
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import quote
 
-from jinja2 import ChainableUndefined, Template, TemplateSyntaxError, Undefined, meta, nodes
+from jinja2 import ChainableUndefined, Template, TemplateSyntaxError, Undefined, meta
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from bridge import template_steps as steps
 from bridge.errors import BridgeError
 from bridge.logsafe import safe
+from bridge.template_steps import MAX_STEPS, Meter, metered
+
+__all__ = ["MAX_STEPS", "Meter", "TemplateError", "check", "go_to_jinja", "metered", "names", "render", "render_url"]
 
 MAX_REPEATED = 2 * 1024 * 1024
 """Items of a string or list a template's ``*`` may make: more could never fit a run's argument
@@ -32,77 +33,14 @@ MAX_REPEATED = 2 * 1024 * 1024
 MAX_INT_BITS = 64 * 1024
 """Bits of an integer a template's ``*`` or ``**`` may make (about 19,700 digits; the SDK cannot
 encode more than 4,300 anyway)."""
-MAX_STEPS = 100_000
-"""Steps one rendering may take: a loop's iteration is one, a call CALL_STEPS. Loops over an
-event's lists, one inside another, cost their product: two lists of 250,000 items each, from one
-event of 1 MiB, would have held the dispatcher's workflow task for hours. On a 2-core machine
-100,000 steps took 13 ms in a plain loop, 0.22 s in one that reads ``loop.last``, 75 ms of calls
-to a macro."""
-CALL_STEPS = 8
-
-T = TypeVar("T")
-
-
-@dataclass
-class Meter:
-    """The steps the renderings inside :func:`metered` took, each held to ``limit`` (None: no
-    limit, as a workflow's run begun before the limit renders)."""
-
-    limit: int | None
-    steps: int = 0
-
-
-@dataclass
-class _Count:
-    """One rendering's steps, against its limit."""
-
-    limit: int | None
-    taken: int = 0
-
-    def take(self, steps: int = 1) -> None:
-        self.taken += steps
-        if self.limit is not None and self.taken > self.limit:
-            raise SecurityError(f"it took more than {self.limit:,} steps (loop iterations, and calls at {CALL_STEPS})")
-
-    def iterate(self, items: Iterable[T]) -> Iterator[T]:
-        for item in items:
-            self.take()
-            yield item
-
-
-_METER: ContextVar[Meter | None] = ContextVar("signal_bridge_template_meter", default=None)
-_COUNT: ContextVar[_Count | None] = ContextVar("signal_bridge_template_count", default=None)
-
-
-@contextlib.contextmanager
-def metered(limit: int | None = MAX_STEPS) -> Iterator[Meter]:
-    """Count the steps of every rendering inside, each held to ``limit`` (outside, each is held to
-    MAX_STEPS): what a workflow adds to its task's account of work."""
-    meter = Meter(limit)
-    token = _METER.set(meter)
-    try:
-        yield meter
-    finally:
-        _METER.reset(token)
-
-
-def _counting(render: Callable[[], T]) -> T:
-    meter = _METER.get()
-    count = _Count(MAX_STEPS if meter is None else meter.limit)
-    token = _COUNT.set(count)
-    try:
-        return render()
-    finally:
-        _COUNT.reset(token)
-        if meter is not None:
-            meter.steps += count.taken
 
 
 # A missing field renders empty (None for a lone expression), as Go templates render
 # "<no value>": a payload without an optional field must not stop its run from starting.
 class _Env(ImmutableSandboxedEnvironment):
-    # The operators whose result an event's values can make as large as they like.
-    intercepted_binops = frozenset({"*", "**"})
+    # The operators whose result an event's values can make as large as they like, or large:
+    # ``*`` and ``**`` are bounded before, and every one's result is charged (template_steps).
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         # Payload keys win over dict methods: `.trigger.items` is the payload's `items`.
@@ -111,16 +49,15 @@ class _Env(ImmutableSandboxedEnvironment):
         return super().getattr(obj, attribute)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-        if (count := _COUNT.get()) is not None:
-            count.take(CALL_STEPS)
-        return super().call(__context, __obj, *args, **kwargs)
+        args = steps.charged_call(__obj, args, kwargs)
+        return steps.made(super().call(__context, __obj, *args, **kwargs))
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
             _bound_product(left, right)
         elif operator == "**":
             _bound_power(left, right)
-        return super().call_binop(context, operator, left, right)
+        return steps.made(super().call_binop(context, operator, left, right))
 
 
 def _whole(value: Any) -> bool:
@@ -153,12 +90,11 @@ def _url_component(value: Any) -> str:
 
 
 _URL_ENV = _Env(undefined=ChainableUndefined, autoescape=False, finalize=_url_component)
-STEPS_FILTER = "signal_bridge_steps"  # what every loop iterates through (_count_loops); not a call
 # Rendering must be pure: the dispatcher renders ids and inputs in workflow code, where a value that
 # differs on replay (Jinja's `random` filter, `lipsum()`) is a nondeterminism error that stops it.
 for _env in (_ENV, _URL_ENV):
     _env.filters.pop("random", None)
-    _env.filters[STEPS_FILTER] = lambda items: _counted(items)
+    steps.install(_env.filters)
     _env.globals.pop("lipsum", None)
 _BLOCK = re.compile(r"({{.*?}}|{%.*?%})", re.DOTALL)
 # A quoted string literal is matched first and given back unchanged; a dot elsewhere that
@@ -210,7 +146,7 @@ def render_url(text: str, context: dict[str, Any], *, cached: bool = True) -> st
     ``cached``: as :func:`render`'s."""
     try:
         template = _url_template(text) if cached else _compile_url(text)
-        return _counting(lambda: template.render(**context))
+        return steps.counting(lambda: "".join(steps.written(template.generate(**context))))
     except TemplateSyntaxError as exc:  # checked at load: named, not quoted (it may hold markers)
         raise TemplateError(f"the URL template does not parse: {exc.message}") from None
     except TemplateError:
@@ -248,20 +184,8 @@ def _compile(text: str) -> Callable[[dict[str, Any]], Any]:
     if single and "{%" not in source:
         expression = _ENV.compile_expression(single.group("expr"))
         return lambda context: expression(**context)
-    template = _ENV.from_string(_count_loops(_ENV.parse(source)))
-    return lambda context: template.render(**context)
-
-
-def _count_loops(tree: nodes.Template) -> nodes.Template:
-    """Every ``for`` loop iterates through the STEPS_FILTER, which counts its steps."""
-    for loop in tree.find_all(nodes.For):
-        loop.iter = nodes.Filter(loop.iter, STEPS_FILTER, [], [], None, None)
-    return tree
-
-
-def _counted(items: Iterable[Any]) -> Iterable[Any]:
-    count = _COUNT.get()
-    return items if count is None else count.iterate(items)
+    template = _ENV.from_string(steps.count_steps(_ENV.parse(source)))
+    return lambda context: "".join(steps.written(template.generate(**context)))
 
 
 @lru_cache(maxsize=_COMPILED)
@@ -270,7 +194,7 @@ def _url_template(text: str) -> Template:
 
 
 def _compile_url(text: str) -> Template:
-    return _URL_ENV.from_string(_count_loops(_URL_ENV.parse(go_to_jinja(text))))
+    return _URL_ENV.from_string(steps.count_steps(_URL_ENV.parse(go_to_jinja(text))))
 
 
 def _render_str(text: str, context: dict[str, Any], at: str, cached: bool = True) -> Any:
@@ -279,7 +203,7 @@ def _render_str(text: str, context: dict[str, Any], at: str, cached: bool = True
     where = f"the template at {at}" if at else "the template"
     try:
         render = _compiled(text) if cached else _compile(text)
-        return _counting(lambda: render(context))
+        return steps.counting(lambda: render(context))
     except TemplateSyntaxError as exc:  # checked at load; named by place, like a failure
         raise TemplateError(f"{where} does not parse: {exc.message}") from None
     except Exception as exc:

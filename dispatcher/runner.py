@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
 # LOAD_TASKS sends the config's tasks as plain data; reading them back through the config's own
 # model gives the runner its types and defaults without restating either.
 TASKS = TypeAdapter(list[Task])
+YIELD = timedelta(milliseconds=1)  # a timer that ends the workflow task, once its templates took MAX_STEPS
 DEFAULT_TIMEOUT = 30.0  # when LOAD_TASKS gave no effective timeout (it always does)
 # A child's result in its dispatcher's history: 1,000 children a run (children_per_run) at this
 # size are 16 MiB, within the history's 50 MiB beside the starts themselves.
@@ -79,19 +80,27 @@ class TaskRunnerWorkflow:
         )
         outputs: dict[str, Any] = {}
         context = {**inp, "tasks": outputs}
+        steps = 0  # template steps in this workflow task
         for task in TASKS.validate_python(raw):
             if isinstance(task, HttpTask):
                 outputs[task.id] = await self._http(inp["workflow_id"], task, context)
+                steps = 0
             elif not metered:
                 with templates.metered(None):
                     outputs[task.id] = templates.render(task.config.template, context)
             else:
-                try:
-                    outputs[task.id] = templates.render(task.config.template, context)
-                except templates.TemplateError as exc:
-                    raise ApplicationError(
-                        f"task {task.id!r}: {exc}", type="TemplateError", non_retryable=True
-                    ) from None
+                if steps >= templates.MAX_STEPS:  # the next in a workflow task of its own
+                    await workflow.sleep(YIELD)
+                    steps = 0
+                with templates.metered() as meter:
+                    try:
+                        outputs[task.id] = templates.render(task.config.template, context)
+                    except templates.TemplateError as exc:
+                        raise ApplicationError(
+                            f"task {task.id!r}: {exc}", type="TemplateError", non_retryable=True
+                        ) from None
+                    finally:
+                        steps += meter.steps
         result = {"workflow_id": inp["workflow_id"], "exec_id": inp["exec_id"], "tasks": outputs}
         return fitted(result) if workflow.info().parent is not None else result
 

@@ -161,6 +161,10 @@ adapters last read the dispatcher's room."""
 # over an event's lists inside each other cost their product in one workflow task: an event of two
 # lists of 250,000 items held it past the deadlock detector on every attempt, and the dispatcher
 # stalled for good.
+EVENT_STEPS = 2 * templates.MAX_STEPS
+"""Template steps all of one event's starts may take together (its ``input:`` for each target, the
+ids of the runs it signals): with 100,000 a rendering and nothing more, an event triggering ten
+entries could hold a workflow task for ten renderings' worth."""
 STEPS_PER_UNIT = 4
 """Template steps in a unit of TASK_COST_BUDGET (about 10 µs): a step took 0.13 µs in a plain loop,
 2.2 µs in one that reads ``loop``, 0.75 µs a step of calls."""
@@ -239,6 +243,7 @@ class DispatcherWorkflow:
         self._scheduled = False  # no local activities (NO_LOCAL_ACTIVITIES), set as the run begins
         self._strict = False  # one start's failure is its own (starts.STRICT_STARTS), set as the run begins
         self._metered = False  # templates held to their steps, counted as work (TEMPLATE_STEPS), likewise
+        self._rendered = 0  # of the work, units of template steps in this batch's planning (_dispatch_batch)
         for raw in inp.pending:
             self._enqueue(_Queued(EventSignal.from_dict(raw), encoded_size(raw)))
         self._recent: OrderedDict[str, None] = OrderedDict.fromkeys(inp.recent)
@@ -629,6 +634,7 @@ class DispatcherWorkflow:
         self._requeue(taken[done:])
         plans: list[Plan] = []
         cost = 0  # of the events planned: counted out of the queue until their batch is done
+        self._rendered = 0
         for n, item in enumerate(taken[:done]):
             if (
                 not item.reloaded
@@ -649,8 +655,9 @@ class DispatcherWorkflow:
                 break
             plans.extend(self._plan(item))
             cost += item.cost
-            if self._metered and self._spent >= TASK_COST_BUDGET and n + 1 < done:
-                self._requeue(taken[n + 1 : done])  # their templates' turn is the next task's
+            if self._rendered >= TASK_COST_BUDGET and n + 1 < done:
+                # Their templates' turn is the next task's; their filters' verdicts go back with them.
+                self._requeue(taken[n + 1 : done])
                 break
         if plans:
             self._children += len(plans)
@@ -677,14 +684,20 @@ class DispatcherWorkflow:
 
     @contextlib.contextmanager
     def _rendering(self) -> Iterator[None]:
-        """Templates rendered inside are held to MAX_STEPS each, and their steps count as this
-        task's work, in runs begun since TEMPLATE_STEPS; in runs begun before, neither."""
-        with templates.metered(templates.MAX_STEPS if self._metered else None) as meter:
+        """Templates rendered inside (for one event) are held to MAX_STEPS each and EVENT_STEPS
+        together, and their steps count as this task's work, in runs begun since TEMPLATE_STEPS;
+        in runs begun before, neither."""
+        if not self._metered:
+            with templates.metered(None):
+                yield
+            return
+        with templates.metered(templates.MAX_STEPS, EVENT_STEPS) as meter:
             try:
                 yield
             finally:
-                if self._metered:
-                    self._spent += meter.steps // STEPS_PER_UNIT
+                units = meter.steps // STEPS_PER_UNIT
+                self._spent += units
+                self._rendered += units
 
     def _launch(self, plans: list[Plan], cost: int) -> None:
         """Start a batch in the background; its keys, and the runs it signals, are busy until every

@@ -708,6 +708,44 @@ async def test_an_input_whose_loops_pass_the_step_limit_fails_its_own_start_and_
     assert not [e for e in history.events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED]
 
 
+async def test_a_batch_whose_filters_spent_the_tasks_work_is_planned_whole_not_evaluated_again(
+    make: Any, monkeypatch: Any
+) -> None:
+    """The batch's planning ends early for its templates' steps alone. Ended on all the task's work,
+    its filters' cost included, it stopped after one event and sent the rest back, to have their
+    filters evaluated again in the next batch: each event's bytes in the history once more."""
+    monkeypatch.setattr(dispatcher_workflow, "TASK_COST_BUDGET", 100)  # the filter's cost alone passes it
+    d = await make("activity")
+    d.stubs.routes = [d.route("w", "order.created", filter="payload.n >= 0")]
+    await d.send(*(d.event(f"e{i}", n=i) for i in range(6)))
+    await d.settled(received=6, started=6)
+    evaluated = [
+        len(
+            PayloadConverter.default.from_payloads(e.activity_task_scheduled_event_attributes.input.payloads)[0][
+                "events"
+            ]
+        )
+        for e in (await d.handle.fetch_history()).events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        and e.activity_task_scheduled_event_attributes.activity_type.name == EVALUATE_FILTERS
+    ]
+    assert sum(evaluated) == 6, evaluated
+
+
+async def test_all_of_an_events_templates_together_are_held_to_event_steps(make: Any) -> None:
+    """Each rendering within its own limit, an event triggering many entries could still take all
+    of them in one workflow task: its renderings together stop at EVENT_STEPS, the start whose
+    template passes it fails, counted, and the rest of the batch goes on."""
+    d = await make("activity")
+    loop = "{% for a in .trigger.xs %}{% endfor %}{{ .trigger.n }}"
+    d.stubs.routes = [d.route(w, "order.created", input={"n": loop}) for w in ("w1", "w2", "w3")]
+    heavy = d.event("heavy", xs=[0] * 79_000, n=1)
+    light = d.event("light", xs=[0] * 10, n=2)
+    await d.send(heavy, light)
+    await d.settled(received=2, started=5, failed=1)
+    assert sorted(s.arg["input"]["n"] for s in d.stubs.starts) == ["1", "1", "2", "2", "2"]
+
+
 async def test_template_steps_count_as_work_and_a_batch_ends_when_the_task_has_done_enough(
     make: Any, monkeypatch: Any
 ) -> None:
@@ -915,6 +953,30 @@ async def test_a_runner_whose_template_passes_the_step_limit_fails_its_run_not_e
     cause = info.value.cause
     assert isinstance(cause, ApplicationError) and cause.type == "TemplateError" and cause.non_retryable
     assert "task 'pairs'" in cause.message and "100,000 steps" in cause.message
+
+
+async def test_a_runners_template_tasks_take_workflow_tasks_of_their_own_once_their_steps_add_up(
+    env: WorkflowEnvironment,
+) -> None:
+    """Three template tasks of 60,000 steps each, rendered back to back in one workflow task, took
+    it past what a task may do; each after MAX_STEPS' worth now begins a workflow task of its own."""
+    loop = "{% for a in .trigger.xs %}{% endfor %}{{ .trigger.n }}"
+    tasks = [TemplateTask(id=f"t{i}", config=TemplateTaskConfig(template=loop)) for i in range(3)]
+
+    @activity.defn(name=LOAD_TASKS)
+    async def load_tasks(workflow_id: str) -> list[dict[str, Any]]:
+        return [t.model_dump() for t in tasks]
+
+    queue = f"runner-{uuid.uuid4().hex[:8]}"
+    sandbox = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH))
+    async with Worker(
+        env.client, task_queue=queue, workflows=[TaskRunnerWorkflow], activities=[load_tasks], workflow_runner=sandbox
+    ):
+        arg = TargetInput(workflow_id="w", exec_id="x-1", input={}, trigger={"xs": [0] * 60_000, "n": 7}, event={})
+        handle = await env.client.start_workflow(RUNNER_WORKFLOW, arg, id=queue, task_queue=queue)
+        assert (await handle.result())["tasks"] == {"t0": "7", "t1": "7", "t2": "7"}
+    history = await handle.fetch_history()
+    assert sum(e.event_type == EventType.EVENT_TYPE_TIMER_STARTED for e in history.events) == 1
 
 
 @workflow.defn(name="RunnerParent", sandboxed=False)

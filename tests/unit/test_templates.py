@@ -269,7 +269,7 @@ def test_metered_counts_the_steps_of_every_rendering_inside_and_none_limits_noth
     with templates.metered() as meter:
         render("{% for a in .trigger.xs %}{% endfor %}", ctx)
         render({"a": "{% for a in .trigger.xs %}{% endfor %}", "b": "{{ .trigger.xs|length }}"}, ctx)
-    assert meter.steps == 800
+    assert meter.steps == 800 + 1  # the loops, and the filter
     with templates.metered(None) as unlimited:
         assert len(render(NESTED, ctx)) == 400 * 400 * 3
     assert unlimited.steps == 400 + 400 * 400
@@ -284,3 +284,65 @@ def test_each_rendering_has_its_own_limit() -> None:
         for _ in range(4):
             render("{% for a in .trigger.xs %}{% endfor %}", ctx)
     assert meter.steps == 2 * templates.MAX_STEPS
+
+
+FOR, END = "{% for x in .trigger.a %}", "{% endfor %}"
+NS = "{% set ns = namespace(s='') %}"
+
+
+@pytest.mark.parametrize(
+    ("text", "trigger"),
+    [
+        (FOR + "{{ .trigger.b|join(',')|length }}" + END, {"a": [0] * 2_000, "b": [0] * 200_000}),
+        (FOR + "{{ .trigger.b|sort|first }}" + END, {"a": [0] * 200, "b": [0] * 200_000}),
+        (FOR + "{% if x in .trigger.b %}y{% endif %}" + END, {"a": [0] * 5_000, "b": [1] * 50_000}),
+        (
+            "{% for x in .trigger.a recursive %}{% if loop.depth == 1 %}{{ loop(.trigger.a) }}{% endif %}" + END,
+            {"a": [0] * 3_000},
+        ),
+        (NS + FOR + "{% set ns.s = ns.s ~ x %}" + END + "{{ ns.s|length }}", {"a": ["xxxxxxxxxx"] * 50_000}),
+        ("{% set ns = namespace(s=[]) %}" + FOR + "{% set ns.s = ns.s + [x] %}" + END, {"a": [0] * 3_000}),
+        (FOR + "{{ .trigger.big }}" + END, {"a": [0] * 2_000, "big": "z" * 100_000}),
+        ("{{ .trigger.s|replace('x', .trigger.big)|length }}", {"s": "x" * 20_000, "big": "y" * 20_000}),
+        ("{{ .trigger.s|center(.trigger.n)|length }}", {"s": "x", "n": 300_000_000}),
+        ("{{ .trigger.s.ljust(.trigger.n)|length }}", {"s": "x", "n": 300_000_000}),
+        ("{{ .trigger.a|join(.trigger.sep)|length }}", {"a": [0] * 100_000, "sep": "," * 1_000}),
+        ("{{ .trigger.a|batch(.trigger.n, 0)|list|length }}", {"a": [0], "n": 10**9}),
+    ],
+    ids=[
+        "join-in-loop",
+        "sort-in-loop",
+        "in-a-list-in-loop",
+        "recursive-inner-levels",
+        "text-built-a-piece-at-a-time",
+        "list-built-a-piece-at-a-time",
+        "written-out",
+        "replace-by-a-large-value",
+        "center-to-an-events-width",
+        "ljust-to-an-events-width",
+        "join-with-a-large-separator",
+        "batch-filled-to-an-events-count",
+    ],
+)
+def test_work_inside_a_step_is_charged_too(text: str, trigger: dict[str, Any]) -> None:
+    """A loop's iteration is one step whatever its body does: a filter over a large list in it, a
+    value looked up in a list, a text built up a piece at a time, or what it writes out took
+    seconds to minutes for a few thousand steps (and a filter's argument taken from the event made a
+    value of gigabytes in one step). Each is charged what it reads and makes, before it makes it
+    where its arguments set the size."""
+    with pytest.raises(TemplateError, match="steps"):
+        render(text, {"trigger": trigger})
+
+
+def test_what_costs_nothing_more_than_its_step_is_not_charged_more() -> None:
+    """A value handed on or looked up costs nothing: each item of a loop looked up in a large
+    mapping of the event, or a list's length beside its index, stays one item's steps."""
+    lookup = {str(i): i for i in range(50_000)}
+    ctx = {"trigger": {"a": [str(i) for i in range(5_000)], "lookup": lookup, "keys": set(lookup)}}
+    with templates.metered() as meter:
+        out = render("{% for x in .trigger.a %}{{ .trigger.lookup[x] }}/{{ .trigger.a|length }},{% endfor %}", ctx)
+        assert out.startswith("0/5000,1/5000,")
+        assert (
+            render("{% for x in .trigger.a %}{% if x in .trigger.keys %}y{% endif %}{% endfor %}", ctx) == "y" * 5_000
+        )
+    assert meter.steps < 4 * 5_000, meter.steps
