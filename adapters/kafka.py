@@ -295,6 +295,8 @@ class KafkaAdapter(Transport[Record]):
         self._rewinds = 0  # times _rewind moved the positions back
         self._poll_failures = 0  # failed polls in a row (each within POLL_RECOVERY of the one before)
         self._client_stubs = 0  # records stubbed for an error not in PRODUCER_WRITTEN: the client failing
+        # Where the fetch of a bad batch found no span (kafka_batches): not fetched again for each poll there.
+        self._no_span: tuple[TopicPartition, int] | None = None
         self._failed_at = -POLL_RECOVERY
         self._failure_logged: tuple[str, float] = ("", -FAILURE_LOG_EVERY)  # (the error, when) last logged
         self._failure_repeats = 0
@@ -628,11 +630,14 @@ class KafkaAdapter(Transport[Record]):
         fetch or the parse does not show that: the records are then read one at a time."""
         assert self.consumer is not None
         position = await self._position(tp, wait=1.0)  # the failed poll went back to it
-        if position is None:
+        if position is None or self._no_span == (tp, position):  # fetched already, for the same answer
             return None
         raw = await fetch_first_batch(self.consumer, tp, position)
         span = bad_span(raw, position) if raw is not None else None
-        if span is None or await self._position(tp) != position:  # moved meanwhile: read on from there
+        if span is None:
+            self._no_span = (tp, position)
+            return None
+        if await self._position(tp) != position:  # moved meanwhile: read on from there
             return None
         self._seek(tp, span.last + 1)
         log.error(

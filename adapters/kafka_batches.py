@@ -25,6 +25,10 @@ from aiokafka.record.memory_records import MemoryRecords
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT = 10.0  # seconds for the one fetch of a bad batch; the read-around goes on without it
+FETCH_BYTES = 2 * 1024 * 1024
+"""What the fetch asks for: the batch at the position whole (a broker sends a first batch whole
+whatever the size asked, KIP-74), and what follows it up to this, so that a transaction's commit
+marker at the position (which the client passes over) comes with the bad batch after it."""
 READ_UNCOMMITTED = 0  # the batch holding a position the consumer reached is the same either way
 
 
@@ -63,6 +67,8 @@ def _bad_span(records: MemoryRecords, position: int) -> BadSpan | None:
             continue  # a batch before the one asked for (a broker may send it whole)
         if not batch.validate_crc():
             return None
+        if batch.is_control_batch:
+            continue  # a transaction's marker: the client passes over it, as the span does
         read = False  # whether a record from the position on parsed: a poll from there reads it
         try:
             for record in batch:
@@ -87,7 +93,7 @@ async def fetch_first_batch(consumer: Any, tp: TopicPartition, position: int) ->
     leader = client.cluster.leader_for_partition(tp)
     if leader is None or leader < 0:
         return None
-    request = FetchRequest(0, 1, 1, READ_UNCOMMITTED, [(tp.topic, [(tp.partition, position, 1)])])
+    request = FetchRequest(0, 1, FETCH_BYTES, READ_UNCOMMITTED, [(tp.topic, [(tp.partition, position, FETCH_BYTES)])])
     try:
         async with asyncio.timeout(FETCH_TIMEOUT):
             response = await client.send(leader, request)

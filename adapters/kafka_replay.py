@@ -389,7 +389,9 @@ class KafkaReplay:
         # With what it holds: a letter cut to fit, or one someone else wrote naming the same
         # record, is no copy of it, and must not make the record's own letter skipped. One that
         # names no record (kept, written back as it is) is a copy only with the same headers too.
-        parts = [record.key, record.value]
+        # A letter standing for a range the client could not read names its end: one of the first
+        # offset alone (written when the range was not found) is no copy of it.
+        parts = [record.key, record.value, headers.get(H_ORIGINAL + "last-offset", "").encode()]
         if not topic or partition is None or offset is None:
             topic, partition, offset = "", -1, -1
             for name, value in record.headers or ():

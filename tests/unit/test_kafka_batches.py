@@ -17,7 +17,7 @@ from aiokafka.record.util import calc_crc32c
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.kafka_batches import BadSpan, bad_span, fetch_first_batch
+from adapters.kafka_batches import FETCH_BYTES, BadSpan, bad_span, fetch_first_batch
 
 TP = TopicPartition("orders", 0)
 
@@ -150,7 +150,7 @@ async def test_the_fetch_asks_the_leader_for_the_batch_at_the_position_and_gives
     raw = await fetch_first_batch(WithClient(client), TP, 4)
     assert raw is not None and (bad_span(raw, 4) or BadSpan(0, 0, "")).last == 8
     [(node, request)] = client.requests
-    assert node == 0 and request.topics == [("orders", [(0, 4, 1)])]
+    assert node == 0 and request.topics == [("orders", [(0, 4, FETCH_BYTES)])]
 
 
 @pytest.mark.parametrize(
@@ -175,3 +175,27 @@ def test_a_position_past_a_batch_s_last_record_left_reads_on_in_the_next_batch()
     raw = producer_batch(0, 10, gaps={8, 9}) + producer_batch(10, 5, bad={10})
     span = bad_span(raw, 8)
     assert span is not None and (span.first, span.last) == (8, 14)
+
+
+def commit_marker(offset: int, producer_id: int = 7) -> bytes:
+    """A transaction's commit marker at ``offset``, as a broker writes it: a control batch of one
+    record (the control flag set in its attributes, the CRC set again)."""
+    builder = DefaultRecordBatchBuilder(2, 0, 1, producer_id, 0, -1, 10_000)
+    builder.append(0, timestamp=None, key=b"\x00\x00\x00\x01", value=b"\x00\x00\x00\x00\x00\x00", headers=[])
+    raw = bytearray(builder.build())
+    struct.pack_into(">q", raw, 0, offset)
+    attributes = struct.unpack_from(">h", raw, 21)[0]
+    struct.pack_into(">h", raw, 21, attributes | 0x20)
+    struct.pack_into(">I", raw, 17, calc_crc32c(bytes(raw[21:])))
+    return bytes(raw)
+
+
+def test_a_transactions_commit_marker_at_the_position_is_passed_over_as_the_client_does():
+    """After the span of one transaction's bad batch, the position is its commit marker, which the
+    client passes over to fail on the next bad batch. Read as a record, the marker parsed and the
+    span was not found: the marker got a letter of its own, and the next batch was read a record
+    at a time."""
+    raw = commit_marker(10) + producer_batch(11, 30, bad={11})
+    span = bad_span(raw, 10)
+    assert span is not None and (span.first, span.last) == (10, 40)
+    assert bad_span(commit_marker(10) + producer_batch(11, 3), 10) is None

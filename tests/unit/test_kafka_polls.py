@@ -25,6 +25,7 @@ from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBat
 from aiokafka.record.memory_records import MemoryRecords
 
 from adapters import kafka, kafka_replay, replay_common
+from adapters.kafka_batches import FETCH_BYTES
 from adapters.kafka_parse import MIN_LETTER_BYTES
 from bridge.errors import Unavailable
 from bridge.settle import Backoff, Disposition, Item
@@ -580,7 +581,7 @@ async def test_the_rest_of_a_bad_producer_batch_is_one_letter_found_by_one_fetch
     assert (named["x-original-offset"], named["x-original-last-offset"]) == (b"4", b"497")
     assert b"offsets 4 to 497" in named["x-dead-letter-error"]
     assert consumer.failed == 2  # the poll of every partition, then one of the partition alone
-    assert [request.topics for _, request in fetches.requests] == [[(TP0.topic, [(0, 4, 1)])]]
+    assert [request.topics for _, request in fetches.requests] == [[(TP0.topic, [(0, 4, FETCH_BYTES)])]]
 
 
 async def test_a_bad_batch_the_fetch_cannot_give_is_still_read_a_record_at_a_time():
@@ -596,6 +597,9 @@ async def test_a_bad_batch_the_fetch_cannot_give_is_still_read_a_record_at_a_tim
     assert sorted(offsets_held(sink), key=int) == ["0", "1", "2", "6", "7"]
     assert [dict(h)["x-original-offset"] for _, _, _, h in producer.sent] == [b"3", b"4", b"5"]
     assert all("x-original-last-offset" not in dict(h) for _, _, _, h in producer.sent)
+    # Each record's polls fail again and again before it is stubbed: its batch is fetched once.
+    positions = [request.topics[0][1][0][1] for _, request in consumer._client.requests]  # type: ignore[attr-defined]
+    assert positions == [3, 4, 5], positions
 
 
 async def test_the_rest_of_a_bad_producer_batch_is_confirmed_in_fewer_polls_than_a_first_bad_record():

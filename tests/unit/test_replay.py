@@ -929,3 +929,25 @@ async def test_runs_of_other_projects_are_not_replayed_and_a_continued_run_is_re
     found = await replay_runs.collect(Listing(), "q", project="shop")  # type: ignore[arg-type]
     assert [e.id for e in found.events] == ["e-1", "e-2"]
     assert (found.runs, found.elsewhere, found.duplicates, found.not_target) == (6, 3, 0, 0)
+
+
+async def test_a_letter_for_a_range_the_client_could_not_read_is_no_copy_of_one_for_its_first_offset() -> None:
+    """After a redelivery the adapter may write a letter for the first unreadable offset alone (the
+    fetch of its batch gave no answer), then one for the whole range. Taken for copies of each
+    other, the range's letter was skipped, and the topic no longer said its other offsets were."""
+    replay, _, producer, _ = kafka_setup()
+    why = "UnicodeDecodeError: bad header"
+    unreadable = kafka_parse.Unreadable
+    alone, whole = unreadable.at("orders", 2, 40, why), unreadable.at("orders", 2, 40, why, last=90)
+    letters = [as_letter(kafka_parse.dead_letter(r, refusal(r), None), offset=i) for i, r in enumerate([alone, whole])]
+    await replay._settle(letters)
+    assert replay.tally.duplicates == 0
+    assert [dict(sent[3]).get("x-original-last-offset") for sent in producer.sent] == [None, b"90"]
+
+
+def refusal(record: Any) -> EventRejected:
+    try:
+        kafka_parse.to_message(record)
+    except EventRejected as exc:
+        return exc
+    raise AssertionError("an unreadable record is refused")
