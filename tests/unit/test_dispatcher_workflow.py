@@ -923,14 +923,9 @@ async def test_the_runner_renders_its_tasks_in_order_and_hands_http_tasks_their_
     assert "${SHOP_KEY}" in history and "http://shop/A1" not in history
 
 
-async def test_a_runner_whose_template_passes_the_step_limit_fails_its_run_not_every_workflow_task(
-    env: WorkflowEnvironment,
-) -> None:
-    """A template task looping over an event's lists inside each other: held to MAX_STEPS, it fails,
-    and the run fails with it, naming the task. A template that failed used to fail the workflow
-    task instead, on every attempt, and the run never ended."""
-    loops = "{% for a in .trigger.xs %}{% for b in .trigger.xs %}{% endfor %}{% endfor %}done"
-    tasks = [TemplateTask(id="pairs", config=TemplateTaskConfig(template=loops))]
+@contextlib.asynccontextmanager
+async def template_runner(env: WorkflowEnvironment, tasks: list[TemplateTask]) -> AsyncIterator[str]:
+    """A worker running the runner, whose LOAD_TASKS gives ``tasks``; yields its task queue."""
 
     @activity.defn(name=LOAD_TASKS)
     async def load_tasks(workflow_id: str) -> list[dict[str, Any]]:
@@ -941,6 +936,17 @@ async def test_a_runner_whose_template_passes_the_step_limit_fails_its_run_not_e
     async with Worker(
         env.client, task_queue=queue, workflows=[TaskRunnerWorkflow], activities=[load_tasks], workflow_runner=sandbox
     ):
+        yield queue
+
+
+async def test_a_runner_whose_template_passes_the_step_limit_fails_its_run_not_every_workflow_task(
+    env: WorkflowEnvironment,
+) -> None:
+    """A template task looping over an event's lists inside each other: held to MAX_STEPS, it fails,
+    and the run fails with it, naming the task. A template that failed used to fail the workflow
+    task instead, on every attempt, and the run never ended."""
+    loops = "{% for a in .trigger.xs %}{% for b in .trigger.xs %}{% endfor %}{% endfor %}done"
+    async with template_runner(env, [TemplateTask(id="pairs", config=TemplateTaskConfig(template=loops))]) as queue:
         small = TargetInput(workflow_id="w", exec_id="x-1", input={}, trigger={"xs": [1, 2]}, event={})
         assert (await env.client.execute_workflow(RUNNER_WORKFLOW, small, id=queue, task_queue=queue))["tasks"] == {
             "pairs": "done"
@@ -962,16 +968,7 @@ async def test_a_runners_template_tasks_take_workflow_tasks_of_their_own_once_th
     it past what a task may do; each after MAX_STEPS' worth now begins a workflow task of its own."""
     loop = "{% for a in .trigger.xs %}{% endfor %}{{ .trigger.n }}"
     tasks = [TemplateTask(id=f"t{i}", config=TemplateTaskConfig(template=loop)) for i in range(3)]
-
-    @activity.defn(name=LOAD_TASKS)
-    async def load_tasks(workflow_id: str) -> list[dict[str, Any]]:
-        return [t.model_dump() for t in tasks]
-
-    queue = f"runner-{uuid.uuid4().hex[:8]}"
-    sandbox = SandboxedWorkflowRunner(restrictions=SandboxRestrictions.default.with_passthrough_modules(*PASSTHROUGH))
-    async with Worker(
-        env.client, task_queue=queue, workflows=[TaskRunnerWorkflow], activities=[load_tasks], workflow_runner=sandbox
-    ):
+    async with template_runner(env, tasks) as queue:
         arg = TargetInput(workflow_id="w", exec_id="x-1", input={}, trigger={"xs": [0] * 60_000, "n": 7}, event={})
         handle = await env.client.start_workflow(RUNNER_WORKFLOW, arg, id=queue, task_queue=queue)
         assert (await handle.result())["tasks"] == {"t0": "7", "t1": "7", "t2": "7"}
