@@ -41,13 +41,26 @@ product: two lists of 250,000 items each, from one event of 1 MiB, would have he
 dispatcher's workflow task for hours. On a 2-core machine 100,000 steps took 13 ms in a plain loop,
 0.22 s in one that reads ``loop.last``, 75 ms of calls to a macro."""
 CALL_STEPS = 4
-CHARS_PER_STEP = 512
+CHARS_PER_STEP = 512  # of text a filter or a method reads or makes
+COPY_CHARS_PER_STEP = 8192  # of text an operator (``~``, ``+``, ``%``) makes, or the rendering writes out
+HEAVY_CHARS_PER_STEP = 8  # of text the filters that work word by word read (HEAVY): wordwrap took 0.7 s a MB
+ITEMS_PER_STEP = 8  # of the items a filter or a comparison reads, or a value made holds (C loops)
+SEARCH_ITEMS_PER_STEP = 32  # of the items ``in`` looks through (one C comparison each)
+HEAVY = frozenset({"wordwrap", "striptags", "title", "wordcount", "truncate", "indent", "center", "capitalize"})
+FOLDED = frozenset({"sort", "unique", "min", "max", "dictsort", "groupby"})
+"""Filters that fold the case of every text item they read: charged the items' text too."""
+MAX_TEXT = 8 * 1024 * 1024
+"""Characters one value a template makes may hold, and all it writes out: past them it fails (the
+dispatcher's argument for a run is 1.9 MB at most; a value the size of memory is no template's)."""
+DROPPED = ("pprint", "urlize")
+"""Filters templates do not get: ``urlize`` takes time quadratic in runs of punctuation (200 KB of
+it ran past a minute), ``pprint`` seconds on deeply nested values, whatever the steps."""
 
 # The filters the AST transform puts in; they are not charged as filters a template names.
 LOOP_FILTER = "signal_bridge_loop"  # what every ``for`` loop iterates through
 MADE_FILTER = "signal_bridge_made"  # around every ``~``: charges what it made
 SEARCHED_FILTER = "signal_bridge_searched"  # around the items of every ``in``: charges the search
-INTERNAL = frozenset({LOOP_FILTER, MADE_FILTER, SEARCHED_FILTER})
+COMPARED_FILTER = "signal_bridge_compared"  # around the right side of every other comparison
 
 T = TypeVar("T")
 
@@ -65,18 +78,42 @@ class Meter:
 
 @dataclass
 class _Count:
-    """One rendering's steps, against its limit."""
+    """One rendering's steps, against its limit. Text is counted in characters as it comes, so
+    that many small pieces cost what one large one does."""
 
     limit: int | None
     taken: int = 0
+    chars: int = 0  # text charged, in 1/COPY_CHARS_PER_STEP steps not yet taken
+    items: int = 0  # items charged, in 1/SEARCH_ITEMS_PER_STEP steps not yet taken
+    written: int = 0  # characters written out
 
     def take(self, steps: int = 1) -> None:
         self.taken += steps
         if self.limit is not None and self.taken > self.limit:
             raise SecurityError(
                 f"it took more than {self.limit:,} steps (loop iterations, calls, and the sizes of the values it "
-                "made and wrote)"
+                "read, made and wrote)"
             )
+
+    def text(self, chars: int, per_step: int = CHARS_PER_STEP) -> None:
+        self.chars += chars * (COPY_CHARS_PER_STEP // per_step)
+        if (whole := self.chars // COPY_CHARS_PER_STEP) > 0:
+            self.chars -= whole * COPY_CHARS_PER_STEP
+            self.take(whole)
+
+    def read(
+        self, value: Any, per_step: int = CHARS_PER_STEP, folded: bool = False, items: int = ITEMS_PER_STEP
+    ) -> None:
+        """``value`` read through: its items (``items`` a step), or its text (``per_step`` characters)."""
+        if isinstance(value, str | bytes | bytearray):
+            self.text(len(value), per_step)
+        elif isinstance(value, list | tuple | dict | set | frozenset | range):
+            self.items += (len(value) + 1) * (SEARCH_ITEMS_PER_STEP // items)
+            if (whole := self.items // SEARCH_ITEMS_PER_STEP) > 0:
+                self.items -= whole * SEARCH_ITEMS_PER_STEP
+                self.take(whole)
+            if folded and not isinstance(value, range):
+                self.text(sum(len(v) for v in value if isinstance(v, str)), per_step)
 
     def iterate(self, items: Iterable[T]) -> Iterator[T]:
         for item in items:
@@ -117,44 +154,51 @@ def counting(render: Callable[[], T]) -> T:
             meter.steps += count.taken
 
 
-def charge(steps: int) -> None:
-    if steps and (count := _COUNT.get()) is not None:
-        count.take(steps)
-
-
-def size(value: Any) -> int:
-    """Steps a value weighs: its items, or its characters by CHARS_PER_STEP."""
-    if isinstance(value, str | bytes | bytearray):
-        return len(value) // CHARS_PER_STEP
-    if isinstance(value, list | tuple | dict | set | frozenset | range):
-        return len(value)
-    return 0
-
-
-def made(value: T) -> T:
-    """A value just made (a filter's, a method's or an operator's): its size is charged, and an
-    iterator's items as they are taken."""
+def made(value: T, per_step: int = CHARS_PER_STEP) -> T:
+    """A value just made (a filter's, a method's or an operator's): its size is charged (text at
+    ``per_step`` characters a step, and MAX_TEXT at most), and an iterator's items as they are
+    taken."""
     count = _COUNT.get()
     if count is None:
         return value
     if isinstance(value, Iterator):
         return count.iterate(value)  # type: ignore[return-value]
-    count.take(size(value))
+    if isinstance(value, str | bytes | bytearray) and len(value) > MAX_TEXT:
+        raise SecurityError(f"it made a text of {len(value):,} characters (at most {MAX_TEXT:,})")
+    count.read(value, per_step)
     return value
 
 
+def copied(value: T) -> T:
+    """A value an operator made or a block wrote: text copied, not read through."""
+    return made(value, COPY_CHARS_PER_STEP)
+
+
 def written(chunks: Iterable[str]) -> Iterator[str]:
-    """What a rendering writes out, charged as it goes."""
+    """What a rendering writes out, charged as it goes: MAX_TEXT characters at most."""
     for chunk in chunks:
-        charge(size(chunk))
+        if (count := _COUNT.get()) is not None:
+            count.written += len(chunk)
+            if count.written > MAX_TEXT:
+                raise SecurityError(f"it wrote more than {MAX_TEXT:,} characters")
+            count.text(len(chunk), COPY_CHARS_PER_STEP)
         yield chunk
 
 
 def searched(items: T) -> T:
-    """The items ``in`` looks through: a list or text is read through, a mapping or set is not."""
-    if isinstance(items, str | bytes | list | tuple):
-        charge(size(items) or 1)
+    """What ``in`` or a comparison reads through: a list, a text (a mapping or a set is looked up)."""
+    if (count := _COUNT.get()) is not None:
+        count.take()
+        if isinstance(items, str | bytes | list | tuple):
+            count.read(items, items=SEARCH_ITEMS_PER_STEP)
     return items
+
+
+def compared(value: T) -> T:
+    """One side of ``==``, ``<``, …: a list, a mapping or a text is read through."""
+    if (count := _COUNT.get()) is not None and isinstance(value, str | bytes | list | tuple | dict):
+        count.read(value)
+    return value
 
 
 def _text_steps(chars: int) -> int:
@@ -186,6 +230,10 @@ def amplified(name: str, value: Any, args: tuple[Any, ...], kwargs: Mapping[str,
             return _text_steps(len(items) * len(sep))
     if name in ("batch", "slice") and isinstance(arg, int):
         return arg
+    if name == "sum" and isinstance(value, Sized):  # lists or texts added up: each sum copies the last
+        start = kwargs.get("start", args[1] if len(args) > 1 else 0)
+        if isinstance(start, list | tuple | str):
+            return len(value) * len(value) // 2
     if name == "wordwrap" and isinstance(value, str):
         wrap = kwargs.get("wrapstring", args[3] if len(args) > 3 else None)
         return _text_steps(len(value) * (1 + len(wrap))) if isinstance(wrap, str) else 0
@@ -203,6 +251,9 @@ def charged_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any
     skip = 1 if getattr(function, "jinja_pass_arg", None) is not None else 0
     reads = name not in READ_NONE
 
+    per_step = HEAVY_CHARS_PER_STEP if name in HEAVY else CHARS_PER_STEP
+    folded = name in FOLDED
+
     @functools.wraps(function)
     def charged(*args: Any, **kwargs: Any) -> Any:
         count = _COUNT.get()
@@ -210,9 +261,30 @@ def charged_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any
             return function(*args, **kwargs)
         given = args[skip:]
         value, rest = (given[0], given[1:]) if given else (None, ())
-        count.take(1 + (size(value) if reads else 0) + amplified(name, value, rest, kwargs))
+        count.take(1 + amplified(name, value, rest, kwargs))
+        if reads:
+            count.read(value, per_step, folded)
         result = function(*args, **kwargs)
         return made(result) if reads else result
+
+    return charged
+
+
+def charged_test(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function``, a test (``is …``, and ``select``'s), charged a step, and ``in``'s the items
+    it looks through."""
+    skip = 1 if getattr(function, "jinja_pass_arg", None) is not None else 0
+
+    @functools.wraps(function)
+    def charged(*args: Any, **kwargs: Any) -> Any:
+        if (count := _COUNT.get()) is not None:
+            count.take()
+            given = args[skip:]
+            if name == "in" and len(given) > 1:
+                searched(given[1])
+            elif len(given) > 1:
+                compared(given[1])
+        return function(*args, **kwargs)
 
     return charged
 
@@ -227,7 +299,8 @@ def charged_call(target: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) 
     count.take(CALL_STEPS)
     owner = getattr(target, "__self__", None)
     if isinstance(owner, str | bytes | list | tuple):
-        count.take(size(owner) + amplified(getattr(target, "__name__", ""), owner, args, kwargs, method=True))
+        count.read(owner)
+        count.take(amplified(getattr(target, "__name__", ""), owner, args, kwargs, method=True))
     if isinstance(target, LoopContext) and args:
         return (count.iterate(args[0]), *args[1:])
     return args
@@ -235,39 +308,57 @@ def charged_call(target: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) 
 
 def count_steps(tree: nodes.Template) -> nodes.Template:
     """Put the counting filters in: every ``for`` loop iterates through LOOP_FILTER, every ``~``
-    is charged what it made, and the items of every ``in`` what the search reads."""
+    and every expression written (into the output or a ``{% set %}`` block) is charged what it
+    made, the items of every ``in`` what the search reads, and a comparison what it reads."""
     for loop in tree.find_all(nodes.For):
         loop.iter = nodes.Filter(loop.iter, LOOP_FILTER, [], [], None, None)
     _wrap_made(tree)
+    for output in tree.find_all(nodes.Output):
+        output.nodes = [
+            n if isinstance(n, nodes.TemplateData) else nodes.Filter(n, MADE_FILTER, [], [], None, None)
+            for n in output.nodes
+        ]
     for compare in tree.find_all(nodes.Compare):
         for operand in compare.ops:
-            if operand.op in ("in", "notin"):
-                operand.expr = nodes.Filter(operand.expr, SEARCHED_FILTER, [], [], None, None)
+            wrap = SEARCHED_FILTER if operand.op in ("in", "notin") else COMPARED_FILTER
+            operand.expr = nodes.Filter(operand.expr, wrap, [], [], None, None)
     return tree
 
 
+def _makes(node: nodes.Node) -> bool:
+    """A ``~`` (Concat), or a slice ``x[a:b]`` (Jinja compiles it to a plain subscript, past the
+    environment's getitem): each makes a new value."""
+    return isinstance(node, nodes.Concat) or (isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice))
+
+
 def _wrap_made(node: nodes.Node) -> None:
-    """Each ``~`` (a Concat node) inside a filter that charges its result, innermost first."""
+    """Each node that makes a value (:func:`_makes`) inside a filter that charges it, innermost first."""
     for field, value in node.iter_fields():
         if isinstance(value, list):
             for i, item in enumerate(value):
                 if isinstance(item, nodes.Node):
                     _wrap_made(item)
-                    if isinstance(item, nodes.Concat):
+                    if _makes(item):
                         value[i] = nodes.Filter(item, MADE_FILTER, [], [], None, None)
         elif isinstance(value, nodes.Node):
             _wrap_made(value)
-            if isinstance(value, nodes.Concat):
+            if _makes(value):
                 setattr(node, field, nodes.Filter(value, MADE_FILTER, [], [], None, None))
 
 
-def install(filters: dict[str, Callable[..., Any]]) -> None:
-    """Charge every filter of an environment, and add the ones the AST transform puts in."""
+def install(filters: dict[str, Any], tests: dict[str, Any]) -> None:
+    """Charge every filter and test of an environment (less DROPPED), and add the filters the AST
+    transform puts in."""
+    for name in DROPPED:
+        filters.pop(name, None)
     for name, function in list(filters.items()):
         filters[name] = charged_filter(name, function)
+    for name, function in list(tests.items()):
+        tests[name] = charged_test(name, function)
     filters[LOOP_FILTER] = lambda items: _loop(items)
-    filters[MADE_FILTER] = lambda value: made(value)
+    filters[MADE_FILTER] = lambda value: copied(value)
     filters[SEARCHED_FILTER] = lambda items: searched(items)
+    filters[COMPARED_FILTER] = lambda value: compared(value)
 
 
 def _loop(items: Iterable[T]) -> Iterable[T]:

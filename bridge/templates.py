@@ -15,8 +15,10 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import quote
 
-from jinja2 import ChainableUndefined, Template, TemplateSyntaxError, Undefined, meta
+from jinja2 import ChainableUndefined, Template, TemplateSyntaxError, Undefined, meta, nodes
+from jinja2.environment import TemplateExpression
 from jinja2.exceptions import SecurityError
+from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from bridge import template_steps as steps
@@ -57,7 +59,7 @@ class _Env(ImmutableSandboxedEnvironment):
             _bound_product(left, right)
         elif operator == "**":
             _bound_power(left, right)
-        return steps.made(super().call_binop(context, operator, left, right))
+        return steps.copied(super().call_binop(context, operator, left, right))
 
 
 def _whole(value: Any) -> bool:
@@ -94,7 +96,7 @@ _URL_ENV = _Env(undefined=ChainableUndefined, autoescape=False, finalize=_url_co
 # differs on replay (Jinja's `random` filter, `lipsum()`) is a nondeterminism error that stops it.
 for _env in (_ENV, _URL_ENV):
     _env.filters.pop("random", None)
-    steps.install(_env.filters)
+    steps.install(_env.filters, _env.tests)
     _env.globals.pop("lipsum", None)
 _BLOCK = re.compile(r"({{.*?}}|{%.*?%})", re.DOTALL)
 # A quoted string literal is matched first and given back unchanged; a dot elsewhere that
@@ -128,7 +130,7 @@ def render(value: Any, context: dict[str, Any], *, cached: bool = True) -> Any:
     reach the event's sender, and the text may hold a value the config took from the environment.
     ``cached``: keep the compiled text for the next call (not a text that is new each call, as an
     http task's with its environment markers is: it would only push the others out)."""
-    return _render(value, context, "", cached)
+    return steps.counting(lambda: _render(value, context, "", cached))  # one limit for all its strings
 
 
 def _render(value: Any, context: dict[str, Any], at: str, cached: bool = True) -> Any:
@@ -182,10 +184,22 @@ def _compile(text: str) -> Callable[[dict[str, Any]], Any]:
     source = go_to_jinja(text)
     single = _SINGLE.match(source)
     if single and "{%" not in source:
-        expression = _ENV.compile_expression(single.group("expr"))
+        expression = _compile_expression(single.group("expr"))
         return lambda context: expression(**context)
     template = _ENV.from_string(steps.count_steps(_ENV.parse(source)))
     return lambda context: "".join(steps.written(template.generate(**context)))
+
+
+def _compile_expression(source: str) -> TemplateExpression:
+    """As ``Environment.compile_expression``, with the steps counted (template_steps)."""
+    parser = Parser(_ENV, source, state="variable")
+    expr = parser.parse_expression()
+    if not parser.stream.eos:
+        raise TemplateSyntaxError("chunk after expression", parser.stream.current.lineno, None, None)
+    expr.set_environment(_ENV)
+    body = [nodes.Assign(nodes.Name("result", "store"), expr, lineno=1)]
+    template = _ENV.from_string(steps.count_steps(nodes.Template(body, lineno=1)))
+    return TemplateExpression(template, True)
 
 
 @lru_cache(maxsize=_COMPILED)
@@ -202,8 +216,7 @@ def _render_str(text: str, context: dict[str, Any], at: str, cached: bool = True
         return text
     where = f"the template at {at}" if at else "the template"
     try:
-        render = _compiled(text) if cached else _compile(text)
-        return steps.counting(lambda: render(context))
+        return (_compiled(text) if cached else _compile(text))(context)
     except TemplateSyntaxError as exc:  # checked at load; named by place, like a failure
         raise TemplateError(f"{where} does not parse: {exc.message}") from None
     except Exception as exc:
