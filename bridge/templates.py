@@ -97,6 +97,7 @@ _URL_ENV = _Env(undefined=ChainableUndefined, autoescape=False, finalize=_url_co
 for _env in (_ENV, _URL_ENV):
     _env.filters.pop("random", None)
     steps.install(_env.filters, _env.tests)
+    _env.globals["dict"] = steps.safe_dict
     _env.globals.pop("lipsum", None)
 _BLOCK = re.compile(r"({{.*?}}|{%.*?%})", re.DOTALL)
 # A quoted string literal is matched first and given back unchanged; a dot elsewhere that
