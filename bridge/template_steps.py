@@ -55,8 +55,8 @@ MAX_TEXT = 8 * 1024 * 1024
 """Characters one value a template makes may hold, and all it writes out: past them it fails (the
 dispatcher's argument for a run is 1.9 MB at most; a value the size of memory is no template's)."""
 DROPPED = ("pprint", "urlize")
-"""Filters templates do not get: ``urlize`` takes time quadratic in runs of punctuation (200 KB of
-it ran past a minute), ``pprint`` seconds on deeply nested values, whatever the steps."""
+"""Filters a counted rendering refuses: ``urlize`` takes time quadratic in runs of punctuation (200
+KB of it ran past a minute), ``pprint`` seconds on deeply nested values, whatever the steps."""
 
 # The filters the AST transform puts in; they are not charged as filters a template names.
 LOOP_FILTER = "signal_bridge_loop"  # what every ``for`` loop iterates through
@@ -142,12 +142,20 @@ def metered(limit: int | None = MAX_STEPS, total: int | None = None) -> Iterator
 
 
 def counting(render: Callable[[], T]) -> T:
-    """Run one rendering, its steps counted (and added to the :func:`metered` around it)."""
+    """Run one rendering, its steps counted (and added to the :func:`metered` around it). Inside
+    ``metered(None)`` nothing is counted or bounded: a workflow's run begun before the limit renders
+    as Jinja did then, filter for filter, so that its history replays alike."""
     meter = _METER.get()
     limit = MAX_STEPS if meter is None else meter.limit
     if meter is not None and meter.total is not None:
         left = max(0, meter.total - meter.steps)
         limit = left if limit is None else min(limit, left)
+    if limit is None:
+        token = _COUNT.set(None)
+        try:
+            return render()
+        finally:
+            _COUNT.reset(token)
     count = _Count(limit)
     token = _COUNT.set(count)
     try:
@@ -387,9 +395,9 @@ def install(filters: dict[str, Any], tests: dict[str, Any]) -> None:
     """Charge every filter and test of an environment (less DROPPED), and add the filters the AST
     transform puts in."""
     for name in DROPPED:
-        filters.pop(name, None)
+        filters[name] = _refused(name, filters[name])
     filters["sum"] = _linear_sum(filters["sum"])
-    filters["unique"] = _unique
+    filters["unique"] = _unique_of(filters["unique"])
     for name, function in list(filters.items()):
         filters[name] = charged_filter(name, function)
     for name, function in list(tests.items()):
@@ -412,7 +420,7 @@ def _linear_sum(function: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(function)
     def linear(environment: Any, iterable: Any, attribute: Any = None, start: Any = 0) -> Any:
-        if not isinstance(start, list | tuple):
+        if not isinstance(start, list | tuple) or _COUNT.get() is None:
             return function(environment, iterable, attribute, start)
         getter = make_attrgetter(environment, attribute) if attribute is not None else None
         total = list(start)
@@ -428,7 +436,18 @@ def _linear_sum(function: Callable[..., Any]) -> Callable[..., Any]:
     return linear
 
 
-@pass_environment
+def _unique_of(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Jinja's ``unique`` (``function``) while nothing is counted, else :func:`_unique`."""
+
+    @pass_environment
+    def unique(environment: Any, value: Any, case_sensitive: bool = False, attribute: Any = None) -> Any:
+        if _COUNT.get() is None:
+            return function(environment, value, case_sensitive, attribute)
+        return _unique(environment, value, case_sensitive, attribute)
+
+    return unique
+
+
 def _unique(
     environment: Any, value: Iterable[Any], case_sensitive: bool = False, attribute: Any = None
 ) -> Iterator[Any]:
@@ -448,6 +467,8 @@ def _unique(
 def safe_dict(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """The ``dict`` global, with text keys only, checked before any is hashed: integer keys an
     event chooses can all hash alike (30,000 pairs took 5 s)."""
+    if _COUNT.get() is None:  # nothing counted: as Jinja's own (a run begun before the limit)
+        return dict(*args, **kwargs)
     pairs: list[tuple[Any, Any]] = []
     if args:
         source = args[0]
@@ -457,3 +478,16 @@ def safe_dict(*args: Any, **kwargs: Any) -> dict[str, Any]:
                 raise SecurityError("dict() takes text keys only")
             pairs.append((key, value))
     return dict(pairs, **kwargs)
+
+
+def _refused(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """A DROPPED filter: it fails with an error naming it while steps are counted (it is kept for
+    the renderings nothing counts, of runs begun before the limit)."""
+
+    @functools.wraps(function)
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        if _COUNT.get() is not None:
+            raise SecurityError(f"the {name} filter is not available: its time grows with the event whatever the steps")
+        return function(*args, **kwargs)
+
+    return refused

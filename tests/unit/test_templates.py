@@ -273,7 +273,10 @@ def test_metered_counts_the_steps_of_every_rendering_inside_and_none_limits_noth
     assert meter.steps == 800 + 1  # the loops, and the filter
     with templates.metered(None) as unlimited:
         assert len(render(NESTED, ctx)) == 400 * 400 * 3
-    assert 400 + 400 * 400 <= unlimited.steps < 400 + 400 * 400 + 100  # the loops, and what they wrote
+        # Nothing counted, nothing bounded: Jinja's own filters, keys and dict() as they were.
+        assert render("{{ [1, 1.0]|unique|list }}", ctx) == [1]
+        assert render("{{ dict([[1, 2]]) }}", ctx) == {1: 2}
+    assert unlimited.steps == 0
     with pytest.raises(TemplateError, match="steps"):  # outside it, the limit again
         render(NESTED, ctx)
 
@@ -395,11 +398,15 @@ def test_the_limit_holds_for_all_the_strings_of_one_value_together() -> None:
 
 
 @pytest.mark.parametrize("name", ["pprint", "urlize"])
-def test_filters_whose_time_no_step_count_bounds_are_not_there(name: str) -> None:
+def test_filters_whose_time_no_step_count_bounds_are_refused(name: str) -> None:
     """``urlize`` takes time quadratic in runs of punctuation (200 KB ran past a minute); ``pprint``
-    seconds on deeply nested values. A template that uses them does not load."""
-    with pytest.raises(TemplateError, match=f"No filter named '{name}'"):
-        templates.check("{{ .trigger.text|" + name + " }}")
+    seconds on deeply nested values. A counted rendering refuses them; a run begun before the
+    limit (nothing counted) renders them as it did."""
+    text = "{{ .trigger.text|" + name + " }}"
+    with pytest.raises(TemplateError, match=f"the {name} filter is not available"):
+        render(text, {"trigger": {"text": "see www.example.com"}})
+    with templates.metered(None):
+        assert "example.com" in render(text, {"trigger": {"text": "see www.example.com"}})
 
 
 @pytest.mark.parametrize(
