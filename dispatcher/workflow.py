@@ -212,17 +212,6 @@ def _not_utf8(*texts: str) -> bool:
     return False
 
 
-MIN_EVENT_BYTES = 18
-"""The shortest JSON an event can be sent as, ``{"id":0,"name":0}``: a signal of n bytes holds at
-most n // MIN_EVENT_BYTES of them."""
-
-
-def _most_events(size: int) -> int:
-    """The most events a signal of ``size`` bytes may hold (MAX_SIGNAL_EVENTS at most, as a signal
-    of more is malformed whole), as the backlog counts one left undecoded."""
-    return max(1, min(MAX_SIGNAL_EVENTS, size // MIN_EVENT_BYTES))
-
-
 # Not sandboxed: the sandbox's import proxies made serialising the continue-as-new input slow
 # enough to trip the deadlock detector. This module does no I/O and reads no clock or randomness
 # except through `workflow.*`, which is what the sandbox would have enforced.
@@ -265,13 +254,12 @@ class DispatcherWorkflow:
         self._task_bytes = 0  # target arguments sent in this workflow task
         # Events received, not checked yet (or whole signals, undecoded: RawValue), and their weight.
         self._unchecked: deque[tuple[Any, int]] = deque()
-        # Those weights, summed: a whole signal its bytes, an event its signal's bytes shared among
-        # the signal's events. Encoding each as it is left would cost the handler a third of checking
-        # it, in the largest activations; weighed as the queue's on average, a few large events
-        # behind many small ones told twice the room there was (_accept_bytes).
+        # Those weights, summed: each event at most its signal's bytes (MAX_SIGNAL_BYTES at most)
+        # shared among the signal's events. Encoding each as it is left would cost the handler a
+        # third of checking it, in the largest activations; weighed as the queue's on average, a
+        # few large events behind many small ones told twice the room there was (_accept_bytes).
         self._unchecked_weight = 0
         self._unchecked_signals = 0  # of the unchecked, whole signals not decoded yet
-        self._unchecked_signal_events = 0  # the most events those may hold, by their bytes
         # Whether this run takes signals raw (RAW_SIGNALS): decided at its first signal when it was
         # begun so (its input), else where a signal first waits after the upgrade.
         self._begun_raw = inp.raw_signals
@@ -316,19 +304,15 @@ class DispatcherWorkflow:
             self._raw = workflow.patched(f"{RAW_SIGNALS}@{workflow.info().get_current_history_length()}")
         if waits and self._raw and workflow.patched(CHECKS_IN_SLICES):
             self._signals += 1
-            # Weighed by its bytes, which it has undecoded: weighed as the most a signal may hold, a
-            # few waiting told the adapters to refuse (overloaded) until they were checked.
-            weight = len(raw.payload.data)
-            self._unchecked.append((raw, weight))
-            self._unchecked_weight += weight
+            self._unchecked.append((raw, MAX_SIGNAL_BYTES))
+            self._unchecked_weight += MAX_SIGNAL_BYTES
             self._unchecked_signals += 1
-            self._unchecked_signal_events += _most_events(weight)
             return
         self._checked_now()
         events = self._decode(raw)
         if events is not _MALFORMED:
             self._signals += 1
-            self._take_signal(events, len(raw.payload.data))
+            self._take_signal(events)
         elif self._raw:  # before the patch the SDK dropped it, uncounted
             self._signals += 1
             self._stats["malformed"] += 1
@@ -345,7 +329,7 @@ class DispatcherWorkflow:
             workflow.logger.warning("dropped a signal whose argument cannot be decoded: %s", safe(exc))
             return _MALFORMED
 
-    def _take_signal(self, events: Any, size: int) -> None:
+    def _take_signal(self, events: Any) -> None:
         """Check and queue a signal's events, as many as this task may check; leave the rest."""
         items = events if isinstance(events, list) else [events]
         if len(items) > MAX_SIGNAL_EVENTS and (self._raw or workflow.patched(OVERSIZED_SIGNALS_MALFORMED)):
@@ -356,9 +340,9 @@ class DispatcherWorkflow:
                 "dropped a signal of %d items (a signal holds %d at most)", len(items), MAX_SIGNAL_EVENTS
             )
             return
-        # What one left unchecked weighs in the room: its share of the signal's ``size`` (its bytes,
-        # MAX_SIGNAL_BYTES at most), found without encoding it again.
-        share = min(size, MAX_SIGNAL_BYTES) // max(1, len(items))
+        # What one left unchecked weighs in the room: no more than the signal's share of its bytes
+        # (a signal is at most MAX_SIGNAL_BYTES), found without encoding it again.
+        share = MAX_SIGNAL_BYTES // max(1, len(items))
         for raw in items:
             # Once one waits unchecked, so do those after it: they are queued in their order.
             if self._unchecked or (self._checked_now() >= CHECK_TASK_BYTES and workflow.patched(CHECKS_IN_SLICES)):
@@ -397,8 +381,8 @@ class DispatcherWorkflow:
 
     def _unchecked_events(self) -> int:
         """Events received and not checked yet: a signal not decoded yet counts as the most it may
-        hold (:func:`_most_events`)."""
-        return len(self._unchecked) - self._unchecked_signals + self._unchecked_signal_events
+        hold (MAX_SIGNAL_EVENTS)."""
+        return len(self._unchecked) + self._unchecked_signals * (MAX_SIGNAL_EVENTS - 1)
 
     def _checked_now(self) -> int:
         """Bytes of events checked in this workflow task (a new task begins with none)."""
@@ -420,13 +404,12 @@ class DispatcherWorkflow:
                 self._check(raw)
             else:
                 self._unchecked_signals -= 1
-                self._unchecked_signal_events -= _most_events(share)
                 if (events := self._decode(raw)) is _MALFORMED:
                     self._stats["malformed"] += 1
                     continue
                 # Its events go first, in their order, checked as far as this task may check.
                 waiting, self._unchecked = self._unchecked, deque()
-                self._take_signal(events, share)
+                self._take_signal(events)
                 self._unchecked.extend(waiting)
 
     @workflow.signal(name=RELOAD_SIGNAL)

@@ -1541,8 +1541,7 @@ def test_a_signal_of_more_items_than_one_holds_is_malformed_whole(raw: bool) -> 
 
 
 def test_a_signal_waiting_undecoded_counts_in_the_backlog_as_the_most_it_may_hold(monkeypatch: Any) -> None:
-    """Counted as one event, ten signals of 500 waiting undecoded told a backlog of 10. A signal
-    counts as the most events its bytes can hold: not fewer than it holds, and not 500 for ten."""
+    """Counted as one event, ten signals of 500 waiting undecoded told a backlog of 10."""
     monkeypatch.setattr(dispatcher_workflow, "CHECK_TASK_BYTES", 1)
     task = mock.Mock(get_current_history_length=lambda: 3)
     batch = [EventSignal(id=f"e{i}", name="order.created", payload={}, source="http:t").to_dict() for i in range(10)]
@@ -1555,45 +1554,7 @@ def test_a_signal_waiting_undecoded_counts_in_the_backlog_as_the_most_it_may_hol
             signal(d, batch)
     # The first was decoded (its events left unchecked); the other two wait whole.
     assert len(d._unchecked) == 10 + 2 and d._unchecked_signals == 2
-    most = len(PayloadConverter.default.to_payload(batch).data) // dispatcher_workflow.MIN_EVENT_BYTES
-    assert 10 <= most < dispatcher_workflow.MAX_SIGNAL_EVENTS
-    assert d._unchecked_events() == 10 + 2 * most
-    smallest = PayloadConverter.default.to_payload([{"id": 0, "name": 0}] * 9)
-    assert dispatcher_workflow._most_events(len(smallest.data)) >= 9
-    assert dispatcher_workflow._most_events(10**7) == dispatcher_workflow.MAX_SIGNAL_EVENTS
-
-
-def test_signals_waiting_undecoded_weigh_their_bytes_in_the_room_told(monkeypatch: Any) -> None:
-    """Each weighed as the most a signal may hold (1 MiB), eight small signals waiting for the next
-    workflow task told the adapters to refuse every event (accept_bytes 0, overloaded) until they
-    were checked. They weigh their bytes: the room stays open, and no larger than once checked."""
-    monkeypatch.setattr(dispatcher_workflow, "CHECK_TASK_BYTES", 1)  # every signal after the first waits
-    task = mock.Mock(get_current_history_length=lambda: 10, get_current_history_size=lambda: 4 * 1024 * 1024)
-    pad = {"note": "x" * 300}  # an order's worth of fields; TAKE_WEIGHT is for events of this size and more
-    sent = [
-        [EventSignal(id=f"s{n}-{i}", name="order.created", payload=pad, source="http:t").to_dict() for i in range(10)]
-        for n in range(21)
-    ]
-    with (
-        mock.patch.object(dispatcher_workflow.workflow, "patched", return_value=True),
-        mock.patch.object(dispatcher_workflow.workflow, "info", return_value=task),
-    ):
-        d = DispatcherWorkflow(DispatcherInput(project="p", raw_signals=True))
-        d._routes = RouteTable.from_config(helpers.config("p", "127.0.0.1:1", [helpers.runner("w", "order.created")]))
-        empty = d._accept_bytes()
-        for events in sent:
-            signal(d, events)
-        assert d._unchecked_signals == 20
-        left = d._accept_bytes()
-        d._checked = -(10**9)  # a new task's worth: check them all
-        with mock.patch.object(
-            dispatcher_workflow.workflow, "payload_converter", return_value=PayloadConverter.default
-        ):
-            asyncio.run(d._check_unchecked())
-        checked = d._accept_bytes()
-    assert len(d._queue) == 210 and d._unchecked_weight == 0 and d._unchecked_events() == 0
-    assert 0 < left <= checked, (left, checked)
-    assert left > 0.95 * empty  # 21 signals of 10 events, about 80 KB
+    assert d._unchecked_events() == 10 + 2 * dispatcher_workflow.MAX_SIGNAL_EVENTS
 
 
 def test_recent_ids_zero_forgets_the_digests_carried_from_runs_that_kept_some() -> None:
