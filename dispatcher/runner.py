@@ -35,6 +35,7 @@ with workflow.unsafe.imports_passed_through():
         LOAD_TASKS,
         RUNNER_WORKFLOW,
         TEMPLATE_STEPS,
+        YIELD,
         HttpCall,
         TargetInput,
         wire,
@@ -43,7 +44,6 @@ with workflow.unsafe.imports_passed_through():
 # LOAD_TASKS sends the config's tasks as plain data; reading them back through the config's own
 # model gives the runner its types and defaults without restating either.
 TASKS = TypeAdapter(list[Task])
-YIELD = timedelta(milliseconds=1)  # a timer that ends the workflow task, once its templates took MAX_STEPS
 DEFAULT_TIMEOUT = 30.0  # when LOAD_TASKS gave no effective timeout (it always does)
 # A child's result in its dispatcher's history: 1,000 children a run (children_per_run) at this
 # size are 16 MiB, within the history's 50 MiB beside the starts themselves.
@@ -89,7 +89,7 @@ class TaskRunnerWorkflow:
                 with templates.metered(None):
                     outputs[task.id] = templates.render(task.config.template, context)
             else:
-                if steps >= templates.MAX_STEPS:  # the next in a workflow task of its own
+                if steps >= templates.MAX_STEPS:  # the next in a workflow task of its own (a YIELD timer)
                     await workflow.sleep(YIELD)
                     steps = 0
                 with templates.metered() as meter:
