@@ -16,10 +16,13 @@ renders in workflow code, where a replay must count alike):
 A value handed on (an argument, a mapping looked up) costs nothing: a loop that looks each of its
 items up in a large mapping of the event costs its items.
 
-Sizes are items for lists, tuples, dicts and sets, and CHARS_PER_STEP characters for text. A
-filter or method whose arguments can make its result far larger than its input (``replace``,
-``center``, ``join``'s separator, ``batch``'s and ``slice``'s fill, …) is charged what it would make
-before it makes it. Past MAX_STEPS the rendering fails with a SecurityError that says so.
+Sizes are items for lists, tuples, dicts and sets (ITEMS_PER_STEP a step, SEARCH_ITEMS_PER_STEP
+for ``in``), and characters for text (CHARS_PER_STEP read or made by a filter or method,
+COPY_CHARS_PER_STEP made by an operator or written out, HEAVY_CHARS_PER_STEP read by the HEAVY
+filters). A filter or method whose arguments can make its result far larger than its input
+(``replace``, ``center``, ``join``, ``batch``'s and ``slice``'s fill, …) is charged what it would make
+before it makes it. Past MAX_STEPS the rendering fails with a SecurityError that says so; no text
+over MAX_TEXT is made or written.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ KB of it ran past a minute), ``pprint`` seconds on deeply nested values, whateve
 
 # The filters the AST transform puts in; they are not charged as filters a template names.
 LOOP_FILTER = "signal_bridge_loop"  # what every ``for`` loop iterates through
-MADE_FILTER = "signal_bridge_made"  # around every ``~``: charges what it made
+MADE_FILTER = "signal_bridge_made"  # around every ``~`` and slice: charges what it made
 SEARCHED_FILTER = "signal_bridge_searched"  # around the items of every ``in``: charges the search
 COMPARED_FILTER = "signal_bridge_compared"  # around the right side of every other comparison
 WRITTEN_FILTER = "signal_bridge_written"  # around every expression written (the output, a block's)

@@ -478,20 +478,29 @@ async def produce_unreadable(bootstrap: str, topic: str, partition: int, value: 
     return int(meta.offset)
 
 
+async def lettered_orders(
+    bootstrap: str, temporal_address: str, prefix: str, partitions: int
+) -> tuple[str, str, str, Any]:
+    """A new topic, its dead-letter topic, a project named from ``prefix``, and its config: one
+    runner for order.created, one consumer that dead-letters. Returns (topic, dlq, project, cfg)."""
+    topic = await create_topic(bootstrap, partitions=partitions)
+    dlq = f"{topic}.dlq"
+    project = unique(prefix)
+    cfg = config(
+        project,
+        temporal_address,
+        [runner("orders", "order.created")],
+        kafka=[kafka_entry(bootstrap, topic, group_id=f"{project}-g", dead_letter_topic=dlq)],
+    )
+    return topic, dlq, project, cfg
+
+
 async def test_a_record_the_client_cannot_read_is_dead_lettered_by_its_offset_and_the_partition_moves_on(
     bridge_factory, temporal_client, temporal_address, kafka_bootstrap
 ):
     """aiokafka refuses a header name that is not UTF-8: every poll that reached the record failed,
     the partition stalled and /readyz stayed red until an operator moved the group past it."""
-    topic = await create_topic(kafka_bootstrap, partitions=2)
-    dlq = f"{topic}.dlq"
-    project = unique("kunread")
-    cfg = config(
-        project,
-        temporal_address,
-        [runner("orders", "order.created")],
-        kafka=[kafka_entry(kafka_bootstrap, topic, group_id=f"{project}-g", dead_letter_topic=dlq)],
-    )
+    topic, dlq, project, cfg = await lettered_orders(kafka_bootstrap, temporal_address, "kunread", partitions=2)
     before = [envelope("order.created", {"orderId": f"a-{i}"}) for i in range(6)]
     placed = await produce(kafka_bootstrap, topic, before)
     bad = await produce_unreadable(kafka_bootstrap, topic, 0, json.dumps({"name": "order.created"}).encode())
@@ -515,15 +524,7 @@ async def test_the_rest_of_an_unreadable_producer_batch_is_one_dead_letter_and_t
     rest either. They used to be lettered one at a time, each after two polls that parsed the batch
     again up to it (about an hour for 1 MB of them). Now one fetch finds the batch's end, and one
     letter names the range; the records before and after the batch run."""
-    topic = await create_topic(kafka_bootstrap, partitions=1)
-    dlq = f"{topic}.dlq"
-    project = unique("kbatch")
-    cfg = config(
-        project,
-        temporal_address,
-        [runner("orders", "order.created")],
-        kafka=[kafka_entry(kafka_bootstrap, topic, group_id=f"{project}-g", dead_letter_topic=dlq)],
-    )
+    topic, dlq, project, cfg = await lettered_orders(kafka_bootstrap, temporal_address, "kbatch", partitions=1)
     placed = await produce(kafka_bootstrap, topic, [envelope("order.created", {"orderId": f"a-{i}"}) for i in range(3)])
     rest = [json.dumps({"name": "order.created", "payload": {"n": i}}).encode() for i in range(1, 2_000)]
     bad = await produce_unreadable(kafka_bootstrap, topic, 0, json.dumps({"name": "order.created"}).encode(), *rest)

@@ -3,6 +3,7 @@ histories as the version before raw signals (dispatcher.workflow.RAW_SIGNALS) wr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -64,12 +65,19 @@ async def test_a_run_begun_before_asks_for_slices_where_it_did(between: str) -> 
     JSON) came: the handler asked checks-in-slices there, where the version before did not (it
     asked first in a later task, and left events for the main loop behind the marker)."""
     h = begun()
+    checks_run_out(h, (lambda h: h.events_signal([])) if between == "empty" else (lambda h: h.signal(NO_JSON)))
+    h.task(complete=False)
+    assert await h.replay() is None
+
+
+def checks_run_out(h: History, between: Callable[[History], None] | None = None) -> None:
+    """As the version before wrote it: a task's checks run out on big2 (``between`` adds a signal
+    after it in that task), then three more signals, and the next task asks checks-in-slices and
+    ends with a timer, 'small' left for the main loop."""
     h.events_signal(events("big1", pad=1100 * 1024))
     h.events_signal(events("big2", pad=1100 * 1024))
-    if between == "empty":
-        h.events_signal([])
-    else:
-        h.signal(NO_JSON)
+    if between is not None:
+        between(h)
     h.task()
     h.events_signal(events("big3", pad=1100 * 1024))
     h.events_signal(events("big4", pad=1100 * 1024))
@@ -77,8 +85,6 @@ async def test_a_run_begun_before_asks_for_slices_where_it_did(between: str) -> 
     h.task()
     h.patch(dispatcher_workflow.CHECKS_IN_SLICES)
     h.timer("1")
-    h.task(complete=False)
-    assert await h.replay() is None
 
 
 def upgrade_backlog(h: History) -> bytes:
@@ -99,16 +105,8 @@ async def test_a_run_begun_before_takes_the_backlog_of_an_upgrade_raw(waited_bef
     on this machine). Asked where a signal first waited, it was no for a run that had signals wait
     before the upgrade (the SDK keeps a patch's first answer): asked under a name of its own there."""
     h = begun()
-    if waited_before:  # the budget runs out on big2; 'small' is left for the main loop
-        h.events_signal(events("big1", pad=1100 * 1024))
-        h.events_signal(events("big2", pad=1100 * 1024))
-        h.task()
-        h.events_signal(events("big3", pad=1100 * 1024))
-        h.events_signal(events("big4", pad=1100 * 1024))
-        h.events_signal(events("small"))
-        h.task()
-        h.patch(dispatcher_workflow.CHECKS_IN_SLICES)
-        h.timer("1")
+    if waited_before:
+        checks_run_out(h)
         h.task()
     else:
         h.events_signal(events("e0"))
