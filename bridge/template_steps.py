@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from collections.abc import Set as AbstractSet
 from contextvars import ContextVar
@@ -244,6 +245,61 @@ def compared(value: T) -> T:
     return value
 
 
+_PRINTF = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d*))?[hlL]?(.)", re.DOTALL)
+"""One conversion of a ``%`` format: its width, its precision and its type."""
+_SPEC = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?0?(\d*)[,_]?(?:\.(\d*))?[,_]?(.?)", re.DOTALL)
+"""A format spec of ``str.format``: its width, its precision and its type."""
+PRINTF_PADDED = frozenset("diouxXeEfF")
+"""``%`` types whose result has at least its precision's characters (``g`` drops the zeros, ``s``
+and the others cut to it)."""
+SPEC_PADDED = frozenset("eEfF%")
+
+
+def _size(digits: str) -> int:
+    return int(digits) if len(digits) <= 9 else MAX_TEXT + 1
+
+
+def _widest(width: int, precision: int, text: str) -> None:
+    if max(width, precision) > MAX_TEXT:
+        raise SecurityError(
+            f"{text} asks for {max(width, precision):,} characters, more than a template may make ({MAX_TEXT:,})"
+        )
+
+
+def printf_asked(form: Any, args: Any) -> None:
+    """Refuse ``form % args`` before it is made when a width or a precision (in ``form``, or given
+    with ``*``) asks for more than MAX_TEXT characters: the text was refused only once made, after
+    up to 570 MB of it. Nothing is charged, so a rendering that makes it counts as before."""
+    if _COUNT.get() is None or not isinstance(form, str) or "%" not in form:
+        return
+    given = args if isinstance(args, tuple) else (args,)
+    at = 0
+    for match in _PRINTF.finditer(form):
+        width, precision, kind = match.groups()
+        if kind == "%":
+            continue
+        asked = []
+        for part in (width, precision):
+            if part == "*":
+                value = given[at] if at < len(given) else 0
+                at += 1
+                asked.append(abs(value) if isinstance(value, int) else 0)
+            else:
+                asked.append(_size(part) if part else 0)
+        at += 1
+        _widest(asked[0], asked[1] if kind in PRINTF_PADDED else 0, "a % format")
+
+
+def spec_asked(spec: str) -> None:
+    """:func:`printf_asked` for one field of ``str.format``, its nested fields filled in."""
+    match = _SPEC.match(spec) if _COUNT.get() is not None else None
+    if match is None:
+        return
+    width, precision, kind = match.groups()
+    padded = kind in SPEC_PADDED
+    _widest(_size(width) if width else 0, _size(precision) if precision and padded else 0, "a format spec")
+
+
 def _text_steps(chars: int) -> int:
     return chars // CHARS_PER_STEP
 
@@ -312,6 +368,8 @@ def charged_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any
         count.take(1 + amplified(name, value, rest, kwargs))
         if reads:
             count.read(value, per_step, folded)
+        if name == "format":
+            printf_asked(value, kwargs or tuple(rest))
         result = function(*args, **kwargs)
         return made(result) if reads else result
 

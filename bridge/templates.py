@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from functools import lru_cache
+from functools import lru_cache, update_wrapper
 from typing import Any
 from urllib.parse import quote
 
@@ -19,7 +19,8 @@ from jinja2 import ChainableUndefined, Template, TemplateSyntaxError, Undefined,
 from jinja2.environment import TemplateExpression
 from jinja2.exceptions import SecurityError
 from jinja2.parser import Parser
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
+from markupsafe import Markup
 
 from bridge import template_steps as steps
 from bridge.errors import BridgeError
@@ -59,7 +60,36 @@ class _Env(ImmutableSandboxedEnvironment):
             _bound_product(left, right)
         elif operator == "**":
             _bound_power(left, right)
+        elif operator == "%" and isinstance(left, str):
+            steps.printf_asked(left, right)
         return steps.copied(super().call_binop(context, operator, left, right))
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        # Jinja's, with a formatter that checks each field's width before it is made.
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None or isinstance(value.__self__, Markup):
+            return wrapped
+        text: str = value.__self__
+        vformat = _Formatter(self).vformat
+        if value.__name__ == "format_map":
+
+            def format_map(*args: Any, **kwargs: Any) -> str:
+                if kwargs or len(args) != 1:
+                    return wrapped(*args, **kwargs)  # Jinja's error
+                return vformat(text, (), args[0])
+
+            return update_wrapper(format_map, value)
+
+        def format_(*args: Any, **kwargs: Any) -> str:
+            return vformat(text, args, kwargs)
+
+        return update_wrapper(format_, value)
+
+
+class _Formatter(SandboxedFormatter):
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        steps.spec_asked(format_spec)
+        return super().format_field(value, format_spec)
 
 
 def _whole(value: Any) -> bool:
