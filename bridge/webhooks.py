@@ -116,7 +116,7 @@ class Delivery:
     limited: list[str] = field(default_factory=list)  # entries whose filter ran out of its budget
 
 
-ACCEPTED_KEPT = 4096  # delivery answers a webhook route keeps (each a few hundred bytes)
+ANSWERS_KEPT = 4096  # delivery answers a webhook route keeps (each a few hundred bytes)
 
 
 class WebhookRoute:
@@ -127,18 +127,18 @@ class WebhookRoute:
         self.verifier = verifier
         self.entries = tuple(entries)
         self.id_from = id_from
-        # The answers of the deliveries this route accepted last (the snapshot's: a reload, which
-        # may map them otherwise, starts afresh): a repeat is answered as before, not submitted
-        # again and not charged to the webhook's rate limit, so replaying a captured delivery
-        # neither costs a signal nor spends the provider's own budget.
-        self.accepted: OrderedDict[str, Any] = OrderedDict()
+        # The final answers of the deliveries this route answered last (the snapshot's: a reload,
+        # which may map them otherwise, starts afresh), with their status: a repeat is answered as
+        # before, not submitted again and not charged to the webhook's rate limit, so replaying a
+        # captured delivery neither costs a signal nor spends the provider's own budget.
+        self.answered: OrderedDict[str, tuple[int, Any]] = OrderedDict()
 
-    def remember(self, delivery_id: str, answer: Any) -> None:
-        """Keep the answer of a delivery that was accepted whole (the last ACCEPTED_KEPT)."""
-        self.accepted[delivery_id] = answer
-        self.accepted.move_to_end(delivery_id)
-        while len(self.accepted) > ACCEPTED_KEPT:
-            self.accepted.popitem(last=False)
+    def remember(self, delivery_id: str, status: int, answer: Any) -> None:
+        """Keep a delivery's answer (the last ANSWERS_KEPT): one only a reload could change."""
+        self.answered[delivery_id] = (status, answer)
+        self.answered.move_to_end(delivery_id)
+        while len(self.answered) > ANSWERS_KEPT:
+            self.answered.popitem(last=False)
 
     @property
     def source(self) -> str:

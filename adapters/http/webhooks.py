@@ -53,6 +53,8 @@ UNREADABLE = "the delivery's body could not be read"
 EVENT_REASONS: tuple[Reason, ...] = ("too_large", "schema_invalid", "unroutable", "target_invalid")
 """Why the pipeline may refuse one event of a delivery: the delivery is then answered with the
 first refused event's status and the per-event answer as its body."""
+TRANSIENT = frozenset(HTTP_STATUS[r] for r in ("rate_limited", "unavailable", "overloaded"))
+"""Statuses of events refused for a while: a delivery with one is not answered again as it was."""
 
 
 class WebhooksController(Controller):
@@ -111,14 +113,20 @@ class WebhooksController(Controller):
         snapshot: Snapshot,
     ) -> Response[DeliveryAnswer]:
         delivery = _events(http, route, received, body)
-        if (answer := route.accepted.get(delivery.delivery_id)) is not None:
+        if (kept := route.answered.get(delivery.delivery_id)) is not None:
+            status, answer = kept
             log.info(
-                "webhook delivery repeated slug=%s delivery=%s: answered as when it was accepted, not sent again",
+                "webhook delivery repeated slug=%s delivery=%s status=%d: answered as before, not sent again",
                 slug,
                 safe(delivery.delivery_id),
+                status,
             )
             http.metrics.child(http.metrics.received, WEBHOOK_ADAPTER).inc(len(delivery.events))
-            return Response(answer, status_code=ACCEPTED)
+            return Response(answer, status_code=status)
+        if delivery.limited:
+            _limited(http, slug, delivery)
+        if not delivery.events:  # sends nothing, so takes nothing of the rate limit (replays included)
+            return _ignored(http, slug, delivery)
         bucket = http.limits().webhooks.get(slug)
         if bucket is not None and (wait := bucket.take()):
             log.info("webhook refused slug=%s: over its rate limit", slug)
@@ -128,14 +136,16 @@ class WebhooksController(Controller):
                 "rate limit of this webhook exceeded; retry after the Retry-After delay",
                 retry_after=retry_after(wait),
             )
-        if delivery.limited:
-            _limited(http, slug, delivery)
-        if not delivery.events:
-            return _ignored(http, slug, delivery)
         response = await _submit(http, snapshot, slug, delivery)
-        if response.status_code == ACCEPTED:
-            route.remember(delivery.delivery_id, response.content)
+        if response.status_code is not None and _final(response.content):
+            route.remember(delivery.delivery_id, response.status_code, response.content)
         return response
+
+
+def _final(answer: dict[str, Any]) -> bool:
+    """Whether a delivery's answer is one only a reload could change: every event accepted, or
+    refused for what it is (a schema, no route: 4xx), none for a while (429, 503)."""
+    return all(r["status"] not in TRANSIENT for r in answer["results"])
 
 
 def _verify(http: HttpState, route: WebhookRoute, received: dict[str, str], body: bytes) -> None:

@@ -436,3 +436,38 @@ async def test_replaying_a_captured_delivery_spends_neither_a_signal_nor_the_web
     assert {r.status_code for r in replays} == {202} and len({r.text for r in replays}) == 1
     assert genuine.status_code == 202, genuine.text
     assert len(sink.calls) == 2, "the captured delivery was submitted once, the fresh one once"
+
+
+async def test_replaying_a_delivery_answered_ignored_or_refused_spends_nothing_and_is_answered_as_before(
+    sink: FakeSink,
+) -> None:
+    """Only deliveries accepted whole were kept: a replay of one answered ``200 ignored`` took a
+    token of the webhook's rate limit (then no entry matched), and a replay of one refused in part
+    took one and sent its held events again, so a replayer shut the provider's deliveries out (429)."""
+    webhooks = [
+        {"slug": "picky", "verify": {"kind": "none"}, "events": [{"name": "open.a", "filter": 'payload.k == "a"'}]},
+        {"slug": "mixed", "verify": {"kind": "none"}, "events": [{"name": "open.b"}, {"name": "nobody.listens"}]},
+    ]
+    cfg = hook_config(webhooks, rate_limit={"per_webhook": {"rate": 0.001, "burst": 2}})
+    async with AsyncTestClient(make_app(sink, cfg)) as c:
+        ignored = [await c.post(f"{HOOKS}/picky", content=b'{"k": "b"}') for _ in range(5)]
+        refused = [await c.post(f"{HOOKS}/mixed", content=b'{"n": 1}') for _ in range(5)]
+        genuine = [await c.post(f"{HOOKS}/{slug}", content=b'{"k": "a"}') for slug in ("picky", "mixed")]
+    assert [r.status_code for r in ignored] == [200] * 5
+    assert [r.status_code for r in refused] == [422] * 5 and len({r.text for r in refused}) == 1
+    assert refused[0].json()["accepted"] == 1
+    assert [r.status_code for r in genuine] == [202, 422], [r.text for r in genuine]
+    assert [e.name for e in sink.events] == ["open.b", "open.a", "open.b"], (
+        "the refused delivery's held event went once"
+    )
+
+
+async def test_a_delivery_refused_for_a_while_is_not_answered_so_again(sink: FakeSink) -> None:
+    sink.unavailable = Unavailable("temporal down", retry_after=1)
+    async with AsyncTestClient(make_app(sink, hook_config())) as c:
+        body, headers = github_delivery(PUSH, delivery="d-later")
+        first = await c.post(f"{HOOKS}/github", content=body, headers=headers)
+        sink.unavailable = None
+        again = await c.post(f"{HOOKS}/github", content=body, headers=headers)
+    assert (first.status_code, again.status_code) == (503, 202)
+    assert len(sink.events) == 2
