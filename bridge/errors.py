@@ -117,11 +117,19 @@ class PartlyHeld(Unavailable):
     signals (over one signal's size or count, or over several shards) and some of them failed.
     ``held``: the indices of the events it holds, in the submission. An adapter whose events keep
     their ids on a retry may retry it whole (the held ones start nothing twice); one that cannot
-    promise that (an HTTP batch without ids) says which are held."""
+    promise that (an HTTP batch without ids) says which are held. ``refused``: the indices of
+    events Temporal refused for what they are (``too_large``: its payload limit is below the
+    bridge's), each with its refusal; a retry would be refused again."""
 
     def __init__(
-        self, message: str, held: frozenset[int], retry_after: float = 5.0, outcomes: Sequence[Any] = ()
+        self,
+        message: str,
+        held: frozenset[int],
+        retry_after: float = 5.0,
+        outcomes: Sequence[Any] = (),
+        refused: Mapping[int, EventRejected] = MappingProxyType({}),
     ) -> None:
         super().__init__(message, retry_after)
         self.held = held
-        self.outcomes = outcomes  # from the pipeline: every event's, the ones not held as ``unavailable``
+        self.outcomes = outcomes  # from the pipeline: every event's, the ones not held refused
+        self.refused = refused

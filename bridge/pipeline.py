@@ -215,7 +215,8 @@ class Pipeline:
 
     def _partly(self, exc: PartlyHeld, outcomes: list[Outcome], adapter: str) -> PartlyHeld:
         """``exc`` (whose ``held`` indexes the submitted events) with ``held`` indexing ``outcomes``,
-        and the outcomes of the events not held refused as ``unavailable``."""
+        and the outcomes of the events not held refused as ``unavailable``, or as Temporal refused
+        them (``too_large``)."""
         positions = [i for i, o in enumerate(outcomes) if o.rejected is None]
         held = frozenset(positions[i] for i in exc.held)
         why = EventRejected(
@@ -225,11 +226,14 @@ class Pipeline:
             "was and with the same Idempotency-Key (without one, envelopes without ids get new ids, and the held "
             "ones start again)",
         )
+        refused = {positions[i]: rejected for i, rejected in exc.refused.items()}
         for i in positions:
             if i not in held:
-                outcomes[i].rejected = why
+                outcomes[i].rejected = refused.get(i, why)
+        if refused:
+            self._refused(adapter, [outcomes[i] for i in refused])
         self.metrics.child(self.metrics.accepted, adapter).inc(len(held))
-        return PartlyHeld(str(exc), held, exc.retry_after, outcomes)
+        return PartlyHeld(str(exc), held, exc.retry_after, outcomes, refused)
 
     async def _hand_over(self, events: list[EventSignal], encoded: list[bytes]) -> None:
         """To the sink, with the encodings the size check made when it takes them."""

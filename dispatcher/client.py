@@ -381,10 +381,16 @@ class DispatcherClient:
             return
         first = next((f for f in failed if not isinstance(f, Unavailable)), failed[0])
         held = frozenset(i for sub, r in zip(subs, results, strict=True) if r is None for i in sub.indices)
-        if not held or not isinstance(first, Unavailable):
+        if not held or not isinstance(first, Unavailable | EventRejected):
             raise first
+        # Held ones are said to be held also beside a refusal (too large for the server): refused
+        # whole, a client resending the rest in smaller requests would start them again.
+        refused = {
+            i: r for sub, r in zip(subs, results, strict=True) if isinstance(r, EventRejected) for i in sub.indices
+        }
+        retry = next((f.retry_after for f in failed if isinstance(f, Unavailable)), self.retry_after)
         raise PartlyHeld(
-            f"{len(held)} of {len(events)} events held, the rest not: {first}", held, first.retry_after
+            f"{len(held)} of {len(events)} events held, the rest not: {first}", held, retry, refused=refused
         ) from first
 
     async def ensure_started(self) -> None:

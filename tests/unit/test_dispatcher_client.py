@@ -694,6 +694,21 @@ async def test_a_submission_of_several_signals_some_failing_says_which_events_ar
     await client.close()
 
 
+async def test_a_submission_held_in_part_and_refused_too_large_in_part_says_which_are_held() -> None:
+    """On a server whose payload limit is below the bridge's, the second of two signals was refused
+    as too large: the whole submission was refused (413), and the 500 events Temporal held were
+    counted refused, so a client resending them in smaller requests started them again."""
+    temporal = FakeTemporal(errors={1: TOO_LARGE[1]})
+    client = make_client(temporal, **FAST)
+    events = [ev(f"e{i}") for i in range(MAX_SIGNAL_EVENTS + 100)]
+    with pytest.raises(PartlyHeld) as caught:
+        await client.submit(events)
+    assert caught.value.held == frozenset(range(MAX_SIGNAL_EVENTS))
+    assert set(caught.value.refused) == set(range(MAX_SIGNAL_EVENTS, len(events)))
+    assert {r.reason for r in caught.value.refused.values()} == {"too_large"}
+    await client.close()
+
+
 async def test_when_a_submission_s_first_signal_fails_its_later_ones_are_not_sent() -> None:
     """A Kafka batch over one signal goes as several. The first failed (a rate limit: Temporal is
     not down) and the next was held: the batch's later events started first, and the earlier ones

@@ -602,6 +602,29 @@ async def test_a_batch_temporal_took_part_of_says_which_items_are_held_not_to_re
     assert held == set(temporal.sent()[0])
 
 
+async def test_a_batch_held_in_part_and_refused_too_large_in_part_is_207_with_each_ones_answer() -> None:
+    """The second signal refused as too large (a server payload limit below the bridge's) made the
+    whole request 413: the 500 events Temporal held were answered refused, and a client sending
+    them again in smaller requests, without ids, started them twice."""
+    cfg = make_config(max_body_bytes=4 * 1024 * 1024)
+    snap = Snapshot.compile(cfg)
+    error = RPCError("Blob data size exceeds limit.", RPCStatusCode.INVALID_ARGUMENT, b"")
+    temporal = FakeTemporal(errors={1: error, 2: error})  # the second signal, then its one request alone
+    client = DispatcherClient(cast(Client, temporal), cfg, Metrics(), retry_after=3.0)
+    body = [{"name": "order.created", "payload": {"orderId": str(i)}} for i in range(MAX_SIGNAL_EVENTS + 100)]
+    async with in_loop_client(create_app(Pipeline(snap.routes, client), snap)) as http:
+        resp = await http.post(URL, json=body, headers=AUTH)
+        metrics = (await http.get("/metrics", headers=AUTH)).text
+    await client.close()
+    assert resp.status_code == 207, resp.text
+    answer = resp.json()
+    assert (answer["status"], answer["accepted"], answer["rejected"]) == ("partial", MAX_SIGNAL_EVENTS, 100)
+    assert [r["status"] for r in answer["results"]] == [202] * MAX_SIGNAL_EVENTS + [413] * 100
+    assert {r["error"] for r in answer["results"][MAX_SIGNAL_EVENTS:]} == {"too_large"}
+    assert {r["event_id"] for r in answer["results"][:MAX_SIGNAL_EVENTS]} == set(temporal.sent()[0])
+    assert 'signal_bridge_events_rejected_total{adapter="http",reason="too_large"} 100.0' in metrics
+
+
 async def test_a_request_temporal_refuses_as_too_large_is_413_and_counted() -> None:
     """A signal over the server's own payload limit (one below the bridge's) was answered 413 but
     counted nowhere: no rejected metric and no log line told the operator."""

@@ -27,7 +27,7 @@ from bridge.deadletter import (
     is_dead_letter_header,
 )
 from bridge.decode import KEPT_HEADERS, Message, header_metadata
-from bridge.errors import EventRejected
+from bridge.errors import EventRejected, PartlyHeld
 from bridge.event import EventSignal
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
@@ -255,6 +255,40 @@ async def test_a_batch_too_large_for_one_signal_is_halved_and_one_event_too_larg
     [item] = await s.settle([good(1)])
     assert item.disposition is Disposition.DEAD_LETTERED and item.error is not None
     assert item.error.reason == "too_large"
+    assert metric(s, "signal_bridge_events_rejected_total", reason="too_large") == 1
+
+
+class PartlyTooLarge(FakeSink):
+    """Holds every event but ``e-big``, which Temporal refuses as too large: with others, the
+    submission is held in part (in signals of their own, as the dispatcher client sends them)."""
+
+    async def submit(self, events: Sequence[EventSignal]) -> None:
+        self.calls.append([e.id for e in events])
+        others = [e for e in events if e.id != "e-big"]
+        self.events.extend(others)
+        if len(others) < len(events):
+            refusal = EventRejected("too_large", "Blob data size exceeds limit.")
+            big = next(i for i, e in enumerate(events) if e.id == "e-big")
+            if not others:
+                raise refusal
+            held = frozenset(range(len(events))) - {big}
+            raise PartlyHeld("held in part", held, 0.01, refused={big: refusal})
+
+
+async def test_a_batch_held_in_part_and_refused_too_large_in_part_is_not_retried_for_ever() -> None:
+    """A submission held in part is retried whole (the held ones start nothing twice). One whose
+    other part Temporal refused as too large was refused again on every retry, and the queue
+    stopped. The held ones are acknowledged, and the one too large is poison."""
+    sink = PartlyTooLarge()
+    s = settler(sink)
+    batch = [
+        good(0),
+        Msg("m-big", json.dumps({"name": "order.created", "payload": {"orderId": "b"}, "id": "e-big"}).encode()),
+        good(1),
+    ]
+    items = await asyncio.wait_for(s.settle(batch), 10)
+    assert [i.disposition for i in items] == [Disposition.HELD, Disposition.DEAD_LETTERED, Disposition.HELD]
+    assert len(sink.calls) == 1, sink.calls
     assert metric(s, "signal_bridge_events_rejected_total", reason="too_large") == 1
 
 
