@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import yaml
 from pydantic import (
@@ -551,3 +552,40 @@ def _check_unique(config: BridgeConfig, origin: str) -> None:
     slugs = [w.slug for w in config.webhooks]
     for slug in {s for s in slugs if slugs.count(s) > 1}:
         raise ConfigError(f"{origin}: webhook slug {slug!r} is declared twice")
+    # An event's scope is its topic's or queue's name alone (kafka:{topic}, amqp:{queue}): the same
+    # name on two clusters, brokers or vhosts gave both one scope, so the record at one's offset, or
+    # a message id both producers use, took the other's run ids and started nothing.
+    clusters: dict[str, tuple[int, frozenset[str]]] = {}
+    for i, kafka in enumerate(config.kafka):
+        servers = frozenset(s.strip().lower() for s in kafka.bootstrap_servers.split(",") if s.strip())
+        for topic in kafka.topics:
+            first = clusters.setdefault(topic, (i, servers))
+            if first[1] != servers:
+                raise ConfigError(
+                    f"{origin}: kafka[{i}] reads topic {topic!r} from other bootstrap_servers than "
+                    f"kafka[{first[0]}]: events are scoped by the topic's name alone (kafka:{topic}), so two "
+                    "clusters' topics of one name would take each other's run ids; list one cluster's "
+                    "servers alike in both, or read one of the topics under another name"
+                )
+    brokers: dict[str, tuple[int, tuple[str, int | None, str]]] = {}
+    for i, amqp in enumerate(config.amqp):
+        place = _amqp_place(amqp.url)
+        first_amqp = brokers.setdefault(amqp.queue, (i, place))
+        if first_amqp[1] != place:
+            raise ConfigError(
+                f"{origin}: amqp[{i}] consumes queue {amqp.queue!r} on another broker or vhost than "
+                f"amqp[{first_amqp[0]}]: events are scoped by the queue's name alone (amqp:{amqp.queue}), so "
+                "two queues of one name would take each other's run ids; give one of them another name"
+            )
+
+
+def _amqp_place(url: str) -> tuple[str, int | None, str]:
+    """The broker and vhost an AMQP URL names (its credentials and options aside)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    port = port or (5671 if parts.scheme == "amqps" else 5672)
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    return ((parts.hostname or "localhost").lower(), port, vhost)

@@ -403,3 +403,58 @@ def test_an_event_read_from_a_header_of_the_bridges_dead_letters_is_refused(
     for allowed in ("x-tenant-event-id", "x-event-id", "x-event-name"):  # a replay keeps these two
         entry["event"] = {field: f"header:{allowed}"}
         assert parse_config({"project": "p", adapter: [entry]}, origin="t")
+
+
+@pytest.mark.parametrize(
+    ("adapter", "first", "second"),
+    [
+        (
+            "kafka",
+            {"bootstrap_servers": "a:9092", "topics": ["t"]},
+            {"bootstrap_servers": "b:9092", "topics": ["x", "t"]},
+        ),
+        (
+            "amqp",
+            {"url": "amqp://u:p@broker-a/tenant-a", "queue": "q"},
+            {"url": "amqp://u:p@broker-b/tenant-a", "queue": "q"},
+        ),
+        (
+            "amqp",
+            {"url": "amqp://u:p@broker/tenant-a", "queue": "q"},
+            {"url": "amqp://u:p@broker/tenant-b", "queue": "q"},
+        ),
+        ("amqp", {"url": "amqp://broker:5672/", "queue": "q"}, {"url": "amqp://broker:5673/", "queue": "q"}),
+    ],
+    ids=["kafka-clusters", "amqp-brokers", "amqp-vhosts", "amqp-ports"],
+)
+def test_one_topic_or_queue_name_on_two_clusters_brokers_or_vhosts_is_refused(
+    adapter: str, first: dict[str, Any], second: dict[str, Any]
+) -> None:
+    """An event's scope is ``kafka:{topic}`` or ``amqp:{queue}``: the record at one cluster's offset,
+    or a message id both producers use, took the run ids of the other's, which then started nothing."""
+    with pytest.raises(ConfigError, match=r"\[1\].* scoped by the (topic|queue)'s name alone"):
+        parse_config({"project": "p", adapter: [first, second]}, origin="t")
+
+
+@pytest.mark.parametrize(
+    ("adapter", "first", "second"),
+    [
+        (
+            "kafka",
+            {"bootstrap_servers": "a:9092,b:9092", "topics": ["t"]},
+            {"bootstrap_servers": "B:9092, a:9092", "topics": ["t"], "group_id": "g2"},
+        ),
+        ("kafka", {"bootstrap_servers": "a:9092", "topics": ["t"]}, {"bootstrap_servers": "b:9092", "topics": ["u"]}),
+        (
+            "amqp",
+            {"url": "amqp://u:p@broker/", "queue": "q"},
+            {"url": "amqp://other:secret@BROKER:5672/?heartbeat=5", "queue": "q"},
+        ),
+        ("amqp", {"url": "amqp://broker-a/", "queue": "q"}, {"url": "amqp://broker-b/", "queue": "r"}),
+    ],
+    ids=["kafka-one-cluster-listed-alike", "kafka-other-topics", "amqp-one-broker", "amqp-other-queues"],
+)
+def test_one_name_read_twice_from_one_place_or_other_names_from_others_load(
+    adapter: str, first: dict[str, Any], second: dict[str, Any]
+) -> None:
+    assert parse_config({"project": "p", adapter: [first, second]}, origin="t")
