@@ -28,7 +28,15 @@ from temporalio.common import RawValue, RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from bridge import templates
-    from bridge.event import MAX_SIGNAL_DEPTH, EventSignal, encoded_size, nested_deeper, run_digest, target_workflow_id
+    from bridge.event import (
+        MAX_KEY_CHARS,
+        MAX_SIGNAL_DEPTH,
+        EventSignal,
+        encoded_size,
+        nested_deeper,
+        run_digest,
+        target_workflow_id,
+    )
     from bridge.logsafe import safe
     from bridge.routing import RouteTable, Target
     from dispatcher import search, starts
@@ -146,6 +154,21 @@ out, an id that is no string) is weighed as it is carried: before it, 26,000 bar
 512 KiB by the estimate and 2.1 MB in the continue-as-new input, which the server refused, and the
 dispatcher stalled with everything it held."""
 
+EVENT_BOUNDS_MALFORMED = "event-bounds-malformed"
+"""The patch from which an event over the bounds the adapters hold events to (an id, name or source
+over MAX_KEY_CHARS characters, or over MAX_QUEUED_EVENT_BYTES) is dropped as malformed. Another
+client of the namespace may signal one: an id of 1.1 MB was queued, and its start's argument and
+memo (each holding the id) took the activity's input past Temporal's 2 MiB, so the server ended
+the run with everything it held."""
+MAX_QUEUED_EVENT_BYTES = 1024 * 1024
+"""The largest event a dispatcher queues (the adapters refuse one over MAX_EVENT_BYTES, 944 KiB):
+the filters' or the starts' argument for one larger would pass Temporal's payload limit."""
+UNROUTABLE_COUNTED = "unroutable-counted"
+"""The patch from which each event a batch takes costs EVENT_COST of the task's work, those no
+entry takes too: a batch stopped only at the most targets its events could start, so a queue of
+100,000 events the table lacks went into one batch, planned in one workflow task of 4 s, past the
+deadlock timeout on every attempt."""
+
 NO_RECENT_CLEARS = "no-recent-clears"
 """The patch from which ``recent_ids: 0`` forgets the digests carried from runs that kept some:
 before it, they were carried on for good, and an event id among them started nothing, even once
@@ -201,6 +224,16 @@ class _Queued:
     loads: int = 0  # route tables loaded before it was queued
 
 
+def _over_bounds(event: EventSignal, size: int) -> str | None:
+    """Why ``event`` is past the bounds the adapters hold events to, or None."""
+    for field, text in (("id", event.id), ("name", event.name), ("source", event.source)):
+        if len(text) > MAX_KEY_CHARS:
+            return f"its {field} is {len(text)} characters, over {MAX_KEY_CHARS}"
+    if size > MAX_QUEUED_EVENT_BYTES:
+        return f"it is {size} bytes, over {MAX_QUEUED_EVENT_BYTES}"
+    return None
+
+
 def _not_utf8(*texts: str) -> bool:
     """Whether any of ``texts`` cannot be encoded as UTF-8 (a lone surrogate): an event's run
     digest encodes its source and id; its memo and search attributes its name and key too."""
@@ -232,6 +265,7 @@ class DispatcherWorkflow:
         self._scheduled = False  # no local activities (NO_LOCAL_ACTIVITIES), set as the run begins
         self._strict = False  # one start's failure is its own (starts.STRICT_STARTS), set as the run begins
         self._metered = False  # templates held to their steps, counted as work (TEMPLATE_STEPS), likewise
+        self._each_costs = False  # every event taken costs EVENT_COST (UNROUTABLE_COUNTED), likewise
         self._rendered = 0  # of the work, units of template steps in this batch's planning (_dispatch_batch)
         for raw in inp.pending:
             self._enqueue(_Queued(EventSignal.from_dict(raw), encoded_size(raw)))
@@ -370,6 +404,8 @@ class DispatcherWorkflow:
             carried = encoded_size(event.to_dict())
             if carried > size and workflow.patched(CARRIED_SIZES):
                 size = carried
+            if (why := _over_bounds(event, max(size, carried))) and workflow.patched(EVENT_BOUNDS_MALFORMED):
+                raise ValueError(why)
         except Exception as exc:
             self._checked += CHECK_FAILED_BYTES
             self._stats["malformed"] += 1
@@ -447,6 +483,7 @@ class DispatcherWorkflow:
         self._scheduled = workflow.patched(NO_LOCAL_ACTIVITIES)
         self._strict = workflow.patched(starts.STRICT_STARTS)
         self._metered = workflow.patched(TEMPLATE_STEPS)
+        self._each_costs = workflow.patched(UNROUTABLE_COUNTED)
         while True:
             if not self._has_work():
                 await workflow.wait_condition(self._has_work)
@@ -761,6 +798,8 @@ class DispatcherWorkflow:
                 break
             self._dequeue()
             self._out_cost += item.cost
+            if self._each_costs:
+                self._spent += EVENT_COST
             item.digest = digest
             digests.add(digest)
             taken.append(item)

@@ -47,7 +47,7 @@ from temporalio.worker import Replayer, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from bridge.config import HttpTask, HttpTaskConfig, TemplateTask, TemplateTaskConfig
-from bridge.event import EventSignal, encoded_size, run_digest, target_workflow_id
+from bridge.event import MAX_KEY_CHARS, EventSignal, encoded_size, run_digest, target_workflow_id
 from bridge.routing import RouteTable
 from dispatcher import filtering, runner, starts
 from dispatcher import workflow as dispatcher_workflow
@@ -551,6 +551,42 @@ async def test_an_event_nested_deeper_than_a_dispatcher_takes_is_malformed_and_t
     await d.send(first, {**d.event("deep").to_dict(), "payload": deep}, last)
     await d.settled(received=2, started=2, malformed=1)
     await d.targets(run_id(d.project, "w", first), run_id(d.project, "w", last))
+
+
+async def test_an_event_past_the_adapters_bounds_is_malformed_and_the_rest_start(make: Any) -> None:
+    """Another client of the namespace may signal an id of 1.1 MB: it was queued, and its start's
+    argument and memo, each holding the id, took the activity's input past Temporal's 2 MiB, so the
+    server ended the run with everything it held (the test server does not: it is the real one's)."""
+    d = await make("activity")
+    d.stubs.routes = [d.route("w", "order.created", input={"n": "{{ .trigger.n }}"})]
+    first, last = d.event("first", n=1), d.event("last", n=2)
+    long_id = d.event("x" * (MAX_KEY_CHARS + 1), n=3)
+    long_name = {**d.event("long-name", n=4).to_dict(), "name": "order." + "x" * MAX_KEY_CHARS}
+    long_source = {**d.event("long-source", n=5).to_dict(), "source": "s" * (MAX_KEY_CHARS + 1)}
+    large = d.event("large", pad="p" * (dispatcher_workflow.MAX_QUEUED_EVENT_BYTES + 1))
+    await d.send(first, long_id, long_name, long_source)
+    await d.send(large)
+    await d.send(last)
+    await d.settled(received=2, started=2, malformed=4)
+    await d.targets(run_id(d.project, "w", first), run_id(d.project, "w", last))
+
+
+async def test_a_queue_of_events_no_entry_takes_is_planned_a_workflow_tasks_worth_at_a_time(
+    make: Any, monkeypatch: Any
+) -> None:
+    """Such events cost nothing toward a batch's bounds (they start nothing), so a batch took the
+    whole queue and planned it in one workflow task: 100,000 of them took 4 s, past the deadlock
+    timeout on every attempt, and the shard stalled."""
+    monkeypatch.setattr(dispatcher_workflow, "TASK_COST_BUDGET", 100)
+    d = await make()
+    d.stubs.routes = [d.route("w", "order.created")]
+    await d.send(d.event("e1"))
+    await d.settled(received=1, started=1)
+    await d.send(*[d.event(f"x{i}", "nobody.listens") for i in range(30)])
+    await d.settled(received=31, started=1, unroutable=30)
+    events = (await d.handle.fetch_history()).events
+    timers = sum(e.event_type == EventType.EVENT_TYPE_TIMER_STARTED for e in events)
+    assert timers >= 5, timers
 
 
 async def test_events_past_a_workflow_tasks_checks_wait_for_tasks_of_their_own_in_order(
