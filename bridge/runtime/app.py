@@ -30,6 +30,7 @@ from bridge.adapter import Adapter, ConsumerReadiness
 from bridge.aio import how_it_ended
 from bridge.config import BridgeConfig, HttpConfig
 from bridge.errors import BridgeError, ConfigError, Unavailable
+from bridge.logsafe import safe
 from bridge.metrics import Metrics
 from bridge.pipeline import Pipeline, Tracer
 from bridge.runtime.embedded import EmbeddedTemporal
@@ -251,8 +252,11 @@ class Bridge:
         try:
             runs = await asyncio.wait_for(finder.event(event_id, source), timeout=10)
         except (RPCError, TimeoutError) as exc:
+            # The error's text goes to the log only: it may name Temporal's hosts and TLS setup.
+            why = exc.status.name if isinstance(exc, RPCError) else "timed out"
+            log.warning("event look-up failed: %s", safe(str(exc) or why, 500))
             raise Unavailable(
-                f"Temporal did not answer the look-up: {exc}", self.config.http.retry_after_seconds
+                f"Temporal did not answer the look-up ({why})", self.config.http.retry_after_seconds
             ) from exc
         return [run.to_dict() for run in runs]
 

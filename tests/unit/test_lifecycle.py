@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 import yaml
+from temporalio.service import RPCError, RPCStatusCode
 
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, Unavailable
 from bridge.runtime import embedded
 from bridge.runtime.app import Bridge, run_until_signalled
 from bridge.snapshot import load
@@ -221,3 +222,23 @@ async def test_each_queue_adapter_says_when_its_loop_ended_unasked() -> None:
         assert adapter.ended() == "its loop ended: RuntimeError('fatal')"
         adapter._stopping.set()
         assert adapter.ended() is None, "a loop that ends in a stop ended as asked"
+
+
+async def test_a_failed_look_up_tells_the_client_its_status_and_the_log_the_rest(
+    bridge: Bridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The look-up's 503 quoted Temporal's error to any token holder: hosts, TLS setup."""
+
+    class Refusing:
+        namespace = "default"
+
+        def list_workflows(self, *args: Any, **kwargs: Any) -> Any:
+            raise RPCError(
+                "dns error: failed to lookup address temporal.internal.example", RPCStatusCode.UNAVAILABLE, b""
+            )
+
+    bridge.client = Refusing()  # type: ignore[assignment]
+    with pytest.raises(Unavailable) as caught:
+        await bridge.look_up("order-1", "http:token-1")
+    assert "temporal.internal" not in str(caught.value) and "UNAVAILABLE" in str(caught.value)
+    assert any("temporal.internal" in r.getMessage() for r in caplog.records)
