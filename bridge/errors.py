@@ -117,19 +117,32 @@ class PartlyHeld(Unavailable):
     signals (over one signal's size or count, or over several shards) and some of them failed.
     ``held``: the indices of the events it holds, in the submission. An adapter whose events keep
     their ids on a retry may retry it whole (the held ones start nothing twice); one that cannot
-    promise that (an HTTP batch without ids) says which are held. ``refused``: the indices of
-    events Temporal refused for what they are (``too_large``: its payload limit is below the
-    bridge's), each with its refusal; a retry would be refused again."""
+    promise that (an HTTP batch without ids) says which are held."""
+
+    def __init__(
+        self, message: str, held: frozenset[int], retry_after: float = 5.0, outcomes: Sequence[Any] = ()
+    ) -> None:
+        super().__init__(message, retry_after)
+        self.held = held
+        self.outcomes = outcomes  # from the pipeline: every event's, the ones not held as ``unavailable``
+
+
+class PartlyRefused(EventRejected):
+    """Temporal holds some of a submission's events, and refused a signal of the others as too
+    large for its payload limit (one below the bridge's MAX_SIGNAL_BYTES). A refusal of the whole
+    to whoever retries it in parts (a queue adapter halves it, and a retry of the held ones starts
+    nothing twice); an HTTP client hears which events are held (``held``, indices in the
+    submission), which were refused alone (``refused``: each too large for the server on its
+    own), and that the rest may be sent again (``outcomes``: every event's, from the pipeline)."""
 
     def __init__(
         self,
         message: str,
         held: frozenset[int],
-        retry_after: float = 5.0,
-        outcomes: Sequence[Any] = (),
         refused: Mapping[int, EventRejected] = MappingProxyType({}),
+        outcomes: Sequence[Any] = (),
     ) -> None:
-        super().__init__(message, retry_after)
+        super().__init__("too_large", message)
         self.held = held
-        self.outcomes = outcomes  # from the pipeline: every event's, the ones not held refused
         self.refused = refused
+        self.outcomes = outcomes

@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from bridge.errors import EventRejected, Overloaded, PartlyHeld, SenderOverloaded, Unavailable
+from bridge.errors import EventRejected, Overloaded, PartlyHeld, PartlyRefused, SenderOverloaded, Unavailable
 from bridge.event import MAX_EVENT_BYTES, MAX_KEY_CHARS, REPLAY_ID_PREFIX, REPLAY_KEY, EventSignal, encode
 from bridge.logsafe import safe
 from bridge.metrics import Metrics
@@ -200,6 +200,8 @@ class Pipeline:
             except PartlyHeld as exc:
                 metrics.child(metrics.unavailable, adapter).inc()
                 raise self._partly(exc, outcomes, adapter) from exc
+            except PartlyRefused as exc:  # counted by whoever takes the outcomes as final (HTTP)
+                raise PartlyRefused(str(exc), *self._placed(exc.held, exc.refused, outcomes)) from exc
             except Unavailable:
                 metrics.child(metrics.unavailable, adapter).inc()
                 raise
@@ -215,10 +217,20 @@ class Pipeline:
 
     def _partly(self, exc: PartlyHeld, outcomes: list[Outcome], adapter: str) -> PartlyHeld:
         """``exc`` (whose ``held`` indexes the submitted events) with ``held`` indexing ``outcomes``,
-        and the outcomes of the events not held refused as ``unavailable``, or as Temporal refused
-        them (``too_large``)."""
+        and the outcomes of the events not held refused as ``unavailable``."""
+        held, _, outcomes = self._placed(exc.held, {}, outcomes)
+        self.metrics.child(self.metrics.accepted, adapter).inc(len(held))
+        return PartlyHeld(str(exc), held, exc.retry_after, outcomes)
+
+    @staticmethod
+    def _placed(
+        held: frozenset[int], refused: Mapping[int, EventRejected], outcomes: list[Outcome]
+    ) -> tuple[frozenset[int], dict[int, EventRejected], list[Outcome]]:
+        """``held`` and ``refused`` (indices of the submitted events) as indices of ``outcomes``,
+        and the outcomes of the events not held refused as ``refused`` says, else ``unavailable``."""
         positions = [i for i, o in enumerate(outcomes) if o.rejected is None]
-        held = frozenset(positions[i] for i in exc.held)
+        at = frozenset(positions[i] for i in held)
+        alone = {positions[i]: why for i, why in refused.items()}
         why = EventRejected(
             "unavailable",
             "Temporal may not hold this event (others of the batch it holds): send it again with the same event "
@@ -226,14 +238,10 @@ class Pipeline:
             "was and with the same Idempotency-Key (without one, envelopes without ids get new ids, and the held "
             "ones start again)",
         )
-        refused = {positions[i]: rejected for i, rejected in exc.refused.items()}
         for i in positions:
-            if i not in held:
-                outcomes[i].rejected = refused.get(i, why)
-        if refused:
-            self._refused(adapter, [outcomes[i] for i in refused])
-        self.metrics.child(self.metrics.accepted, adapter).inc(len(held))
-        return PartlyHeld(str(exc), held, exc.retry_after, outcomes, refused)
+            if i not in at:
+                outcomes[i].rejected = alone.get(i, why)
+        return at, alone, outcomes
 
     async def _hand_over(self, events: list[EventSignal], encoded: list[bytes]) -> None:
         """To the sink, with the encodings the size check made when it takes them."""

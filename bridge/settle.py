@@ -32,7 +32,7 @@ from typing import Generic, Literal, TypeVar
 
 from bridge.config import EventFormat
 from bridge.decode import Message, decode
-from bridge.errors import EventRejected, Overloaded, PartlyHeld, Unavailable
+from bridge.errors import EventRejected, Overloaded, Unavailable
 from bridge.event import EventSignal
 from bridge.logsafe import safe
 from bridge.pipeline import Outcome, Pipeline
@@ -372,16 +372,9 @@ class Settler(Generic[M]):
             routes = self.pipeline.routes
             fresh = all(i.checked_with is routes for i in live if i.event is not None)
             encoded = [i.encoded for i in live if i.event is not None] if fresh else None
-            if not events:
-                return []
-            try:
-                return await self.pipeline.submit(events, self.adapter, encoded=encoded, sender=self.sender)
-            except PartlyHeld as exc:
-                # Held in part, and the rest refused for good (too large for the server): retried
-                # whole, it was refused again for ever. Else retried whole (the held start nothing twice).
-                if exc.refused and all(o.rejected is None or o.rejected.reason != "unavailable" for o in exc.outcomes):
-                    return list(exc.outcomes)
-                raise
+            return (
+                await self.pipeline.submit(events, self.adapter, encoded=encoded, sender=self.sender) if events else []
+            )
 
         try:
             outcomes = await self._until_done(submit, "Temporal")

@@ -57,7 +57,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from bridge.aio import within
 from bridge.config import BridgeConfig
-from bridge.errors import EventRejected, Overloaded, PartlyHeld, Unavailable
+from bridge.errors import EventRejected, Overloaded, PartlyHeld, PartlyRefused, Unavailable
 from bridge.event import MAX_EVENT_BYTES, EventSignal, encode
 from bridge.metrics import Metrics
 from dispatcher import told
@@ -381,16 +381,23 @@ class DispatcherClient:
             return
         first = next((f for f in failed if not isinstance(f, Unavailable)), failed[0])
         held = frozenset(i for sub, r in zip(subs, results, strict=True) if r is None for i in sub.indices)
-        if not held or not isinstance(first, Unavailable | EventRejected):
+        if held and isinstance(first, EventRejected):
+            # A signal of this call's was too large for the server: refused whole, the held events
+            # were answered refused, and a client resending them in smaller requests started them
+            # again. An event is too large itself only when its signal carried it alone, and the
+            # submissions after a failed one were not sent at all (_live): those may go again.
+            refused = {
+                sub.indices[0]: r
+                for sub, r in zip(subs, results, strict=True)
+                if isinstance(r, EventRejected) and len(sub.indices) == 1 and r is not sub.failed_before()
+            }
+            raise PartlyRefused(
+                f"{len(held)} of {len(events)} events held, the rest not: {first}", held, refused
+            ) from first
+        if not held or not isinstance(first, Unavailable):
             raise first
-        # Held ones are said to be held also beside a refusal (too large for the server): refused
-        # whole, a client resending the rest in smaller requests would start them again.
-        refused = {
-            i: r for sub, r in zip(subs, results, strict=True) if isinstance(r, EventRejected) for i in sub.indices
-        }
-        retry = next((f.retry_after for f in failed if isinstance(f, Unavailable)), self.retry_after)
         raise PartlyHeld(
-            f"{len(held)} of {len(events)} events held, the rest not: {first}", held, retry, refused=refused
+            f"{len(held)} of {len(events)} events held, the rest not: {first}", held, first.retry_after
         ) from first
 
     async def ensure_started(self) -> None:

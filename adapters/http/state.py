@@ -25,7 +25,7 @@ from litestar.handlers.base import BaseRouteHandler
 from adapters.http.problems import Problem
 from bridge.adapter import ConsumerReadiness
 from bridge.config import RateLimit
-from bridge.errors import EventRejected, PartlyHeld, Reason, SenderOverloaded, Unavailable
+from bridge.errors import EventRejected, PartlyHeld, PartlyRefused, Reason, SenderOverloaded, Unavailable
 from bridge.event import EventSignal
 from bridge.logsafe import safe
 from bridge.pipeline import Outcome, Pipeline
@@ -196,6 +196,18 @@ class HttpState:
             # Checked against the request's snapshot, which made its events (its webhook's mapping).
             return await self.pipeline.submit(events, adapter, routes=snap.routes, sender=sender)
         except PartlyHeld as exc:  # a batch: which are held and which to send again (a 207)
+            return list(exc.outcomes)
+        except PartlyRefused as exc:  # likewise, and those too large for the server alone
+            self.metrics.child(self.metrics.accepted, adapter).inc(len(exc.held))
+            self.refuse_items(adapter, [*exc.refused.values()])
+            log.warning(
+                "events held in part adapter=%s held=%d too_large=%d events=%d: %s",
+                adapter,
+                len(exc.held),
+                len(exc.refused),
+                len(events),
+                safe(exc.message),
+            )
             return list(exc.outcomes)
         except SenderOverloaded as exc:  # this sender's doing, not the process's: the others go on
             retry = max(1, snap.config.http.retry_after_seconds)

@@ -27,7 +27,7 @@ from temporalio.converter import DataConverter
 from temporalio.service import RPCError, RPCStatusCode
 
 import dispatcher.client
-from bridge.errors import EventRejected, Overloaded, PartlyHeld, Unavailable
+from bridge.errors import EventRejected, Overloaded, PartlyHeld, PartlyRefused, Unavailable
 from bridge.event import EventSignal, encode, encoded_size
 from bridge.metrics import Metrics
 from dispatcher import told
@@ -695,17 +695,35 @@ async def test_a_submission_of_several_signals_some_failing_says_which_events_ar
 
 
 async def test_a_submission_held_in_part_and_refused_too_large_in_part_says_which_are_held() -> None:
-    """On a server whose payload limit is below the bridge's, the second of two signals was refused
-    as too large: the whole submission was refused (413), and the 500 events Temporal held were
-    counted refused, so a client resending them in smaller requests started them again."""
+    """On a server whose payload limit is below the bridge's, a later signal of one call was refused
+    as too large: the whole call was refused (413), and the events Temporal held were counted
+    refused, so a client resending them in smaller requests started them again. Now the refusal
+    says which are held, and which were too large alone (a signal of many may fit in parts)."""
     temporal = FakeTemporal(errors={1: TOO_LARGE[1]})
     client = make_client(temporal, **FAST)
     events = [ev(f"e{i}") for i in range(MAX_SIGNAL_EVENTS + 100)]
-    with pytest.raises(PartlyHeld) as caught:
+    with pytest.raises(PartlyRefused) as caught:
         await client.submit(events)
+    assert isinstance(caught.value, EventRejected) and caught.value.reason == "too_large"
     assert caught.value.held == frozenset(range(MAX_SIGNAL_EVENTS))
-    assert set(caught.value.refused) == set(range(MAX_SIGNAL_EVENTS, len(events)))
-    assert {r.reason for r in caught.value.refused.values()} == {"too_large"}
+    assert not caught.value.refused, "a signal of 100 events refused is none of them too large alone"
+    await client.close()
+
+
+async def test_only_an_event_whose_signal_carried_it_alone_is_refused_as_too_large_and_none_unsent() -> None:
+    """Three signals of one call: the first held, the second (one large event) refused, the third
+    never sent (a call's events are held in order or not). Only the second's event is too large."""
+    temporal = FakeTemporal(errors={1: TOO_LARGE[1]})
+    client = make_client(temporal, **FAST)
+    small = [ev(f"s{i}", size=4000) for i in range(150)]
+    large = [ev(f"big{i}", size=MAX_SIGNAL_BYTES // 2) for i in range(2)]
+    with pytest.raises(PartlyRefused) as caught:
+        await client.submit([*small, *large])
+    sent = temporal.sent()
+    assert [len(batch) for batch in sent] == [150, 1], "the signal after the refused one was not sent"
+    held, refused = caught.value.held, caught.value.refused
+    assert held == frozenset(range(150)) and set(refused) == {150}
+    assert refused[150].reason == "too_large"
     await client.close()
 
 

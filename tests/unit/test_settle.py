@@ -27,7 +27,7 @@ from bridge.deadletter import (
     is_dead_letter_header,
 )
 from bridge.decode import KEPT_HEADERS, Message, header_metadata
-from bridge.errors import EventRejected, PartlyHeld
+from bridge.errors import EventRejected, PartlyRefused
 from bridge.event import EventSignal
 from bridge.pipeline import Pipeline
 from bridge.routing import RouteTable
@@ -259,36 +259,39 @@ async def test_a_batch_too_large_for_one_signal_is_halved_and_one_event_too_larg
 
 
 class PartlyTooLarge(FakeSink):
-    """Holds every event but ``e-big``, which Temporal refuses as too large: with others, the
-    submission is held in part (in signals of their own, as the dispatcher client sends them)."""
+    """A server whose payload limit is below the bridge's: a submission of more than ``fits``
+    events is held for its first ``fits`` (their own signal) and the rest refused as too large in a
+    signal of their own, and ``e-big`` is too large even alone."""
+
+    def __init__(self, fits: int) -> None:
+        super().__init__()
+        self.fits = fits
 
     async def submit(self, events: Sequence[EventSignal]) -> None:
         self.calls.append([e.id for e in events])
-        others = [e for e in events if e.id != "e-big"]
-        self.events.extend(others)
-        if len(others) < len(events):
-            refusal = EventRejected("too_large", "Blob data size exceeds limit.")
-            big = next(i for i, e in enumerate(events) if e.id == "e-big")
-            if not others:
-                raise refusal
-            held = frozenset(range(len(events))) - {big}
-            raise PartlyHeld("held in part", held, 0.01, refused={big: refusal})
+        if [e.id for e in events] == ["e-big"]:
+            raise EventRejected("too_large", "Blob data size exceeds limit.")
+        if len(events) <= self.fits and all(e.id != "e-big" for e in events):
+            self.events.extend(events)
+            return
+        held = [e for e in events[: self.fits] if e.id != "e-big"]
+        self.events.extend(held)
+        raise PartlyRefused("held in part", frozenset(range(len(held))))
 
 
-async def test_a_batch_held_in_part_and_refused_too_large_in_part_is_not_retried_for_ever() -> None:
-    """A submission held in part is retried whole (the held ones start nothing twice). One whose
-    other part Temporal refused as too large was refused again on every retry, and the queue
-    stopped. The held ones are acknowledged, and the one too large is poison."""
-    sink = PartlyTooLarge()
+async def test_a_batch_held_in_part_and_refused_too_large_in_part_is_halved_not_dead_lettered() -> None:
+    """A signal refused as too large says nothing of its events alone: halved, every event that
+    fits in a signal is held (the held ones again start nothing twice), and only one too large
+    alone is poison."""
+    sink = PartlyTooLarge(fits=2)
     s = settler(sink)
-    batch = [
-        good(0),
-        Msg("m-big", json.dumps({"name": "order.created", "payload": {"orderId": "b"}, "id": "e-big"}).encode()),
-        good(1),
-    ]
+    big = {"name": "order.created", "payload": {"orderId": "b"}, "id": "e-big"}
+    batch = [good(0), good(1), good(2), Msg("m-big", json.dumps(big).encode()), good(3)]
     items = await asyncio.wait_for(s.settle(batch), 10)
-    assert [i.disposition for i in items] == [Disposition.HELD, Disposition.DEAD_LETTERED, Disposition.HELD]
-    assert len(sink.calls) == 1, sink.calls
+    dispositions = [i.disposition for i in items]
+    assert dispositions == [Disposition.HELD] * 3 + [Disposition.DEAD_LETTERED, Disposition.HELD]
+    assert {e.id for e in sink.held} == {"e-0", "e-1", "e-2", "e-3"}
+    assert len(sink.calls) <= 2 * len(batch), sink.calls
     assert metric(s, "signal_bridge_events_rejected_total", reason="too_large") == 1
 
 
