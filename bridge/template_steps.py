@@ -245,18 +245,19 @@ def compared(value: T) -> T:
     return value
 
 
-_PRINTF = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d*))?[hlL]?(.)", re.DOTALL)
-"""One conversion of a ``%`` format: its width, its precision and its type."""
-_SPEC = re.compile(r"(?:.?[<>=^])?[-+ ]?z?#?0?(\d*)[,_]?(?:\.(\d*))?[,_]?(.?)", re.DOTALL)
-"""A format spec of ``str.format``: its width, its precision and its type."""
+_SPEC = re.compile(r"(?:.?[<>=^])?[-+ ]?z?(#?)0?(\d*)[,_]?(?:\.(\d*))?[,_]?(.?)", re.DOTALL)
+"""A format spec of ``str.format``: its ``#``, width, precision and type."""
 PRINTF_PADDED = frozenset("diouxXeEfF")
-"""``%`` types whose result has at least its precision's characters (``g`` drops the zeros, ``s``
-and the others cut to it)."""
+"""``%`` types whose result has at least its precision's characters (``g`` drops the zeros but for
+``#``, ``s`` and the others cut to it)."""
 SPEC_PADDED = frozenset("eEfF%")
+KEPT_ZEROS = frozenset("gGn")  # with ``#``, their zeros are kept: the precision's characters too
 
 
 def _size(digits: str) -> int:
-    return int(digits) if len(digits) <= 9 else MAX_TEXT + 1
+    """The number ``digits`` are (leading zeros are no more characters), past MAX_TEXT as MAX_TEXT + 1."""
+    digits = digits.lstrip("0")
+    return int(digits or "0") if len(digits) <= 9 else MAX_TEXT + 1
 
 
 def _widest(width: int, precision: int, text: str) -> None:
@@ -264,6 +265,42 @@ def _widest(width: int, precision: int, text: str) -> None:
         raise SecurityError(
             f"{text} asks for {max(width, precision):,} characters, more than a template may make ({MAX_TEXT:,})"
         )
+
+
+def _printf_number(form: str, at: int) -> tuple[str, int]:
+    """The width or precision at ``form[at:]`` (``*``, digits, or none) and where it ends."""
+    if form.startswith("*", at):
+        return "*", at + 1
+    end = at
+    while end < len(form) and form[end].isdigit():
+        end += 1
+    return form[at:end], end
+
+
+def _printf_conversions(form: str) -> Iterator[tuple[str, str, str | None, str]]:
+    """Each conversion of a ``%`` format as CPython reads it: flags, width, precision, type."""
+    at = form.find("%")
+    while at >= 0:
+        at += 1
+        if form.startswith("(", at):  # a mapping key: parentheses inside it nest
+            depth, at = 1, at + 1
+            while at < len(form) and depth:
+                depth += {"(": 1, ")": -1}.get(form[at], 0)
+                at += 1
+        flags = at
+        while at < len(form) and form[at] in "-+ #0":
+            at += 1
+        flags_text = form[flags:at]
+        width, at = _printf_number(form, at)
+        precision = None
+        if form.startswith(".", at):
+            precision, at = _printf_number(form, at + 1)
+        while at < len(form) and form[at] in "hlL":
+            at += 1
+        if at >= len(form):
+            return
+        yield flags_text, width, precision, form[at]
+        at = form.find("%", at + 1)
 
 
 def printf_asked(form: Any, args: Any) -> None:
@@ -274,20 +311,20 @@ def printf_asked(form: Any, args: Any) -> None:
         return
     given = args if isinstance(args, tuple) else (args,)
     at = 0
-    for match in _PRINTF.finditer(form):
-        width, precision, kind = match.groups()
+    for flags, width, precision, kind in _printf_conversions(form):
         if kind == "%":
             continue
         asked = []
-        for part in (width, precision):
-            if part == "*":
+        for part, negative_is in ((width, abs), (precision, lambda n: max(n, 0))):
+            if part == "*":  # a negative width left-justifies; a negative precision is none
                 value = given[at] if at < len(given) else 0
                 at += 1
-                asked.append(abs(value) if isinstance(value, int) else 0)
+                asked.append(negative_is(value) if isinstance(value, int) else 0)
             else:
                 asked.append(_size(part) if part else 0)
         at += 1
-        _widest(asked[0], asked[1] if kind in PRINTF_PADDED else 0, "a % format")
+        padded = kind in PRINTF_PADDED or ("#" in flags and kind in KEPT_ZEROS)
+        _widest(asked[0], asked[1] if padded else 0, "a % format")
 
 
 def spec_asked(spec: str) -> None:
@@ -295,8 +332,8 @@ def spec_asked(spec: str) -> None:
     match = _SPEC.match(spec) if _COUNT.get() is not None else None
     if match is None:
         return
-    width, precision, kind = match.groups()
-    padded = kind in SPEC_PADDED
+    alternate, width, precision, kind = match.groups()
+    padded = kind in SPEC_PADDED or (alternate == "#" and (kind in KEPT_ZEROS or not kind))
     _widest(_size(width) if width else 0, _size(precision) if precision and padded else 0, "a format spec")
 
 
@@ -368,8 +405,8 @@ def charged_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any
         count.take(1 + amplified(name, value, rest, kwargs))
         if reads:
             count.read(value, per_step, folded)
-        if name == "format":
-            printf_asked(value, kwargs or tuple(rest))
+        if name == "format":  # Jinja formats the text of whatever it is given
+            printf_asked(value if isinstance(value, str) else str(value), kwargs or tuple(rest))
         result = function(*args, **kwargs)
         return made(result) if reads else result
 

@@ -19,7 +19,7 @@ from jinja2 import ChainableUndefined, Template, TemplateSyntaxError, Undefined,
 from jinja2.environment import TemplateExpression
 from jinja2.exceptions import SecurityError
 from jinja2.parser import Parser
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
 from markupsafe import Markup
 
 from bridge import template_steps as steps
@@ -65,28 +65,36 @@ class _Env(ImmutableSandboxedEnvironment):
         return steps.copied(super().call_binop(context, operator, left, right))
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
-        # Jinja's, with a formatter that checks each field's width before it is made.
+        # Jinja's, with formatters that check each field's width before it is made.
         wrapped = super().wrap_str_format(value)
-        if wrapped is None or isinstance(value.__self__, Markup):
-            return wrapped
+        if wrapped is None:
+            return None
         text: str = value.__self__
-        vformat = _Formatter(self).vformat
+        kind = type(text)  # a Markup's format is a Markup, its values escaped
+        formatter = _EscapeFormatter(self, escape=text.escape) if isinstance(text, Markup) else _Formatter(self)
+        vformat = formatter.vformat
         if value.__name__ == "format_map":
 
             def format_map(*args: Any, **kwargs: Any) -> str:
                 if kwargs or len(args) != 1:
                     return wrapped(*args, **kwargs)  # Jinja's error
-                return vformat(text, (), args[0])
+                return kind(vformat(text, (), args[0]))
 
             return update_wrapper(format_map, value)
 
         def format_(*args: Any, **kwargs: Any) -> str:
-            return vformat(text, args, kwargs)
+            return kind(vformat(text, args, kwargs))
 
         return update_wrapper(format_, value)
 
 
 class _Formatter(SandboxedFormatter):
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        steps.spec_asked(format_spec)
+        return super().format_field(value, format_spec)
+
+
+class _EscapeFormatter(SandboxedEscapeFormatter):
     def format_field(self, value: Any, format_spec: str) -> Any:
         steps.spec_asked(format_spec)
         return super().format_field(value, format_spec)

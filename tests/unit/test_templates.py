@@ -492,8 +492,16 @@ FORMAT_STRING = "{% set f = .trigger.f %}"  # a format the event chooses (its "}
         (FORMAT_STRING + "{{ f.format('x', .trigger.w) }}", {"f": "{:>{}}", "w": 100_000_000}),
         (FORMAT_STRING + "{{ f.format(1.5, .trigger.w) }}", {"f": "{:.{}f}", "w": 100_000_000}),
         (FORMAT_STRING + "{{ f.format_map(.trigger) }}", {"f": "{x:>{w}}", "x": "a", "w": 100_000_000}),
+        ("{{ .trigger.f % 1.0 }}", {"f": "%#.100000000g"}),  # with # the zeros stay
+        (FORMAT_STRING + "{{ f.format(1.0) }}", {"f": "{:#.100000000}"}),
+        ("{% set f = .trigger.f|safe %}{{ f.format('y') }}", {"f": "{:>100000000}"}),
+        ("{{ .trigger.f|format('x') }}", {"f": ["%100000000s"]}),  # Jinja formats the list's text
+        ("{{ .trigger.f % .trigger.m }}", {"f": "%((x))100000000s", "m": {"(x)": "a"}}),
     ],
-    ids=["printf-width", "printf-precision", "printf-format", "format-filter", "str-format", "float-precision", "map"],
+    ids=[
+        *("printf-width", "printf-precision", "printf-format", "format-filter", "str-format", "float-precision"),
+        *("map", "printf-kept-zeros", "spec-kept-zeros", "markup-format", "format-filter-of-a-list", "nested-key"),
+    ],
 )
 def test_a_width_or_precision_past_the_text_limit_is_refused_before_its_text_is_made(
     text: str, trigger: dict[str, Any]
@@ -517,5 +525,8 @@ def test_widths_and_precisions_that_cut_or_stay_under_the_limit_render_as_before
     assert render("{{ .trigger.f.format('a', 2.5, 1234567) }}", {"trigger": trigger}) == "       a|2.500|1,234,567"
     assert render("{{ '{:.100000000}'.format(.trigger.s) }}", {"trigger": trigger}) == "abc"
     assert render("{{ '%s-%s'|format(1, 2) }}", {"trigger": trigger}) == "1-2"
+    # As Python reads them: a negative precision is none, leading zeros are no more characters.
+    assert render("{{ '%.*f|%.*d|%*d' % (-9000000, 1.5, -9000000, 7, -3, 1) }}", {"trigger": trigger}) == "2|7|1  "
+    assert render("{{ '{:0000000000005}|%.0000000000005d'.format(1) % 1 }}", {"trigger": trigger}) == "00001|00001"
     with templates.metered(None):  # a run begun before the limit renders what it asks for, as then
         assert len(render("{{ '%*d' % (.trigger.w // 10, 1) }}", {"trigger": trigger})) == 10_000_000
