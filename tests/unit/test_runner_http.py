@@ -5,10 +5,13 @@ a test needs a "public" host."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import ipaddress
 import json
 import re
 import time
+import tracemalloc
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +43,7 @@ class Server:
     body: bytes = b'{"ok": true}'
     chunked: bool = False
     delay: float = 0.0
+    encoding: bytes = b""  # its Content-Encoding, when set (the body is sent as it is)
     got: list[Received] = field(default_factory=list)
     port: int = 0
 
@@ -56,7 +60,9 @@ class Server:
             )
             writer.write(b"HTTP/1.1 %d X\r\nTransfer-Encoding: chunked\r\n\r\n%s0\r\n\r\n" % (self.status, chunks))
         else:
-            writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n%s" % (self.status, len(self.body), self.body))
+            coding = b"Content-Encoding: %s\r\n" % self.encoding if self.encoding else b""
+            head = b"HTTP/1.1 %d X\r\n%sContent-Length: %d\r\n\r\n" % (self.status, coding, len(self.body))
+            writer.write(head + self.body)
         await writer.drain()
         writer.close()
 
@@ -312,3 +318,41 @@ async def test_a_marker_in_the_event_is_sent_as_the_text_it_is(server: Server) -
     await http_task.run(cfg, call(text=forged), env=ENV)
     [got] = server.got
     assert json.loads(got.body) == {"text": forged}
+
+
+async def test_a_compressed_answer_is_read_decoded_and_its_coding_asked_for(server: Server) -> None:
+    for coding, body in [
+        (b"gzip", gzip.compress(b'{"ok": "gzip"}')),
+        (b"deflate", zlib.compress(b'{"ok": "zlib"}')),
+        (b"deflate", zlib.compress(b'{"ok": "raw"}', wbits=-zlib.MAX_WBITS)),  # as some servers send it
+        (b"gzip", gzip.compress(b'{"ok": ') + gzip.compress(b'"two members"}')),
+    ]:
+        server.encoding, server.body = coding, body
+        result = await http_task.run(config(f"http://127.0.0.1:{server.port}/", allow(server)), call(), env=ENV)
+        assert result["status"] == 200 and result["body"]["ok"], result
+    assert {g.headers["accept-encoding"] for g in server.got} == {"gzip, deflate"}
+
+
+@pytest.mark.parametrize(
+    ("coding", "layers", "refusal"),
+    [(b"gzip", 1, "over runner.max_response_bytes"), (b"gzip, gzip", 2, "encoded 2 times"), (b"br", 0, "'br'")],
+    ids=["bomb", "two-layers", "a-coding-not-asked-for"],
+)
+async def test_an_answer_that_decodes_past_the_cap_is_refused_as_it_decodes(
+    server: Server, coding: bytes, layers: int, refusal: str
+) -> None:
+    """httpx decoded each chunk whole, every coding the answer named, before the cap was looked
+    at: 3 KB as ``gzip, gzip`` made 2 GiB and held the event loop for 14 s, then was retried."""
+    body = b"\0" * (64 * 1024 * 1024 if layers else 1024)
+    for _ in range(layers):
+        body = gzip.compress(body, 1)
+    server.encoding, server.body = coding, body
+    tracemalloc.start()
+    try:
+        with pytest.raises(ApplicationError, match=refusal) as info:
+            await http_task.run(config(f"http://127.0.0.1:{server.port}/", allow(server)), call(), env=ENV)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.type == "Refused" and info.value.non_retryable
+    assert peak < 16 * 1024 * 1024, f"{peak:,} bytes"
