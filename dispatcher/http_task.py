@@ -135,12 +135,12 @@ def prepare(task: HttpTask, context: dict[str, Any], env: Mapping[str, str]) -> 
         )
     try:
         url = httpx.URL(url_text)
-    except httpx.InvalidURL as exc:
+    except (httpx.InvalidURL, ValueError) as exc:  # ValueError: an IDNA label that does not encode
         raise Refused(sub.scrub(str(exc))) from None
     headers = {k: _header(v) for k, v in header_texts.items()}
     if not _METHOD.match(method):
         raise Refused(f"method {method[:20]!r} is not an HTTP method")
-    if url.scheme not in ("http", "https") or not url.host:
+    if url.scheme not in ("http", "https") or not url.raw_host:
         raise Refused("the URL must be http:// or https:// with a host")
     if body is None:
         kwargs: dict[str, Any] = {}
@@ -151,12 +151,20 @@ def prepare(task: HttpTask, context: dict[str, Any], env: Mapping[str, str]) -> 
     return Request(method, url, headers, kwargs), sub
 
 
+_FIELD_VALUE = re.compile(r"(?:[!-~]+(?:[ \t]+[!-~]+)*)?")
+"""A header value h11 sends: visible characters, spaces and tabs between them (RFC 9110, 5.5)."""
+
+
 def _header(value: Any) -> str:
+    """A header value as rendered, refused without quoting it: h11's own refusal quoted the value
+    escaped (a secret in it with a quote or a backslash was no longer masked) and was retried."""
     text = "" if value is None else str(value)
     if "\r" in text or "\n" in text or "\x00" in text:
         raise Refused("a header value would hold a line break")
     if not text.isascii():  # httpx sends header values as ASCII: UnicodeEncodeError, retried each time
         raise Refused("a header value holds characters that are not ASCII (percent-encode them in the template)")
+    if not _FIELD_VALUE.fullmatch(text):
+        raise Refused("a header value begins or ends with a space, or holds a control character")
     return text
 
 
@@ -167,7 +175,7 @@ async def route(
 
     Returns whether proxies from the environment may be used (only with allow_hosts).
     """
-    host = req.url.host.rstrip(".").lower()
+    host = req.url.raw_host.decode("ascii", errors="replace").rstrip(".").lower()  # an IDN's A-labels
     port = req.url.port or (443 if req.url.scheme == "https" else 80)
     allowed = runner.allowed
     if allowed is not None:
@@ -313,6 +321,8 @@ async def run(
         ) from None
     except (TimeoutError, httpx.TimeoutException):
         raise ApplicationError(f"{where}: no answer within {timeout:g} s", type="Timeout") from None
+    except httpx.LocalProtocolError as exc:  # h11's text quotes what it refused, escaped: no scrub finds it
+        raise ApplicationError(f"{where}: {type(exc).__name__}", type="Transport") from None
     except httpx.HTTPError as exc:
         reason = sub.scrub(f"{type(exc).__name__}: {exc}")[:300]
         raise ApplicationError(f"{where}: {reason}", type="Transport") from None

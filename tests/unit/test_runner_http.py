@@ -356,3 +356,48 @@ async def test_an_answer_that_decodes_past_the_cap_is_refused_as_it_decodes(
         tracemalloc.stop()
     assert info.value.type == "Refused" and info.value.non_retryable
     assert peak < 16 * 1024 * 1024, f"{peak:,} bytes"
+
+
+@pytest.mark.parametrize("tail", [" ", "\t", "\x0c", "\x01"])
+async def test_a_header_value_h11_would_refuse_is_refused_without_quoting_it(server: Server, tail: str) -> None:
+    """h11 refused a trailing space or a control character, and its message quoted the value as a
+    bytes repr: a secret in it with a quote or a backslash came out escaped, which the masking did
+    not find, in a failure Temporal kept and retried five times."""
+    secret = "s3cr\\et-'\"-value"
+    cfg = config(
+        f"http://127.0.0.1:{server.port}/",
+        allow(server),
+        headers={"Authorization": "Bearer ${HOOK_TOKEN} {{ .trigger.id }}"},
+    )
+    with pytest.raises(ApplicationError) as info:
+        await http_task.run(cfg, call(id="42" + tail), env={"HOOK_TOKEN": secret})
+    assert info.value.type == "Refused" and info.value.non_retryable
+    assert "s3cr" not in info.value.message and "Bearer" not in info.value.message
+    assert server.got == []
+
+
+@pytest.mark.parametrize("label", ["xn--a-", "xn--zz-"])
+async def test_a_host_an_event_names_that_idna_cannot_read_is_refused_not_an_unhandled_error(label: str) -> None:
+    """``xn--a-`` raised idna's IDNAError out of the activity (retried, and its text not masked),
+    and a valid one a UnicodeEncodeError from the Host header."""
+
+    async def loopback(host: str, port: int) -> list[str]:
+        assert host.isascii(), host
+        return ["127.0.0.1"]
+
+    cfg = config("http://{{ .trigger.tenant }}.api.example/x")
+    with pytest.raises(ApplicationError) as info:
+        await http_task.run(cfg, call(tenant=label), env=ENV, resolver=loopback)
+    assert info.value.type == "Refused" and info.value.non_retryable
+
+
+async def test_a_host_of_a_label_idna_reads_is_sent_in_its_ascii_form(server: Server) -> None:
+    """Its Host header was the Unicode form: UnicodeEncodeError, out of the activity, retried."""
+
+    async def here(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]
+
+    cfg = config(f"http://{{{{ .trigger.tenant }}}}.api.example:{server.port}/x")
+    result = await http_task.run(cfg, call(tenant="xn--bcher-kva"), env=ENV, resolver=here, public=lambda ip: True)
+    assert result["status"] == 200
+    assert server.got[0].headers["host"] == f"xn--bcher-kva.api.example:{server.port}"
