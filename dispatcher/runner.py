@@ -48,6 +48,11 @@ DEFAULT_TIMEOUT = 30.0  # when LOAD_TASKS gave no effective timeout (it always d
 # A child's result in its dispatcher's history: 1,000 children a run (children_per_run) at this
 # size are 16 MiB, within the history's 50 MiB beside the starts themselves.
 CHILD_RESULT_BYTES = 16 * 1024
+JSON_OUTPUTS = "runner-json-outputs"
+"""The patch from which a template task whose value JSON cannot hold (``{{ .trigger.items }}`` of a
+payload without ``items`` is the dict's method; an integer of more than 4,300 digits) fails the run,
+naming the task. Before it, the run's result could not be encoded, which failed the workflow task
+on every attempt, and the run never ended."""
 
 
 def fitted(result: dict[str, Any], limit: int = CHILD_RESULT_BYTES) -> dict[str, Any]:
@@ -65,6 +70,18 @@ def fitted(result: dict[str, Any], limit: int = CHILD_RESULT_BYTES) -> dict[str,
     return fitted
 
 
+def _as_json(task: str, value: Any) -> None:
+    """Fail the run (not its workflow task, for ever) when the SDK cannot encode ``value``."""
+    try:
+        workflow.payload_converter().to_payloads([value])
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ApplicationError(
+            f"task {task!r}: its template renders a value JSON cannot hold: {str(exc)[:300]}",
+            type="TemplateError",
+            non_retryable=True,
+        ) from None
+
+
 @workflow.defn(name=RUNNER_WORKFLOW)
 class TaskRunnerWorkflow:
     @workflow.run
@@ -72,6 +89,7 @@ class TaskRunnerWorkflow:
         # Runs begun since the patch hold each template to its steps, and fail when one fails: before,
         # a failing template failed the workflow task on every attempt, and the run never ended.
         metered = workflow.patched(TEMPLATE_STEPS)
+        checked = workflow.patched(JSON_OUTPUTS)
         raw: list[dict[str, Any]] = await workflow.execute_local_activity(
             LOAD_TASKS,
             inp["workflow_id"],
@@ -101,6 +119,8 @@ class TaskRunnerWorkflow:
                         ) from None
                     finally:
                         steps += meter.steps
+                if checked:
+                    _as_json(task.id, outputs[task.id])
         result = {"workflow_id": inp["workflow_id"], "exec_id": inp["exec_id"], "tasks": outputs}
         return fitted(result) if workflow.info().parent is not None else result
 

@@ -997,6 +997,31 @@ async def test_a_runner_whose_template_passes_the_step_limit_fails_its_run_not_e
     assert "task 'pairs'" in cause.message and "100,000 steps" in cause.message
 
 
+@pytest.mark.parametrize(
+    ("template", "trigger"),
+    [
+        ("{{ .trigger.items }}", {}),  # a payload without items: the dict's method
+        ("{{ (.trigger.qty|int) * (.trigger.price|int) }}", {"qty": "9" * 3000, "price": "9" * 3000}),
+    ],
+    ids=["a-method", "an-integer-of-6000-digits"],
+)
+async def test_a_runners_template_whose_value_json_cannot_hold_fails_its_run_naming_the_task(
+    env: WorkflowEnvironment, template: str, trigger: dict[str, Any]
+) -> None:
+    """The value was kept, and the run's result could not be encoded at its end: that failed the
+    workflow task on every attempt, and the run never ended."""
+    task = TemplateTask(id="total", config=TemplateTaskConfig(template=template))
+    async with template_runner(env, [task]) as queue:
+        arg = TargetInput(workflow_id="w", exec_id="x-1", input={}, trigger=trigger, event={})
+        with pytest.raises(WorkflowFailureError) as info:
+            await env.client.execute_workflow(
+                RUNNER_WORKFLOW, arg, id=queue, task_queue=queue, execution_timeout=timedelta(seconds=30)
+            )
+    cause = info.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "TemplateError" and cause.non_retryable
+    assert "task 'total'" in cause.message and "JSON cannot hold" in cause.message
+
+
 async def test_a_runners_template_tasks_take_workflow_tasks_of_their_own_once_their_steps_add_up(
     env: WorkflowEnvironment,
 ) -> None:
