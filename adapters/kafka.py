@@ -996,13 +996,19 @@ class KafkaAdapter(Transport[Record]):
         set, before a fetch can have taken records of it, each for itself. A task of its own does
         it: the listener must not wait (aiokafka sends no heartbeat until it returns, and a slow
         broker would cost the member its session). One not set within ORIGIN_WAIT keeps the old
-        way, a reset; a rebalance cancels what is still waited for."""
+        way, a reset; a rebalance cancels what is still waited for. With ``latest``, each origin
+        is committed as it is noted."""
         gen = self._generation
 
         async def note(tp: TopicPartition) -> None:
             offset = await self._position(tp, ORIGIN_WAIT)
             if offset is not None and gen == self._generation:
                 self._origins[tp] = offset
+                if self.entry.auto_offset_reset == "latest":
+                    # Committed at once: a partition the group has no commit for was reset to its
+                    # end, and until its first batch settled a crash, a stop or a rebalance left
+                    # it so, and its next owner reset it to the end again, past what was read.
+                    await self._commit({tp: offset}, gen)
 
         tasks = [asyncio.ensure_future(note(tp)) for tp in sorted(assigned)]
         for task in tasks:

@@ -975,3 +975,23 @@ async def test_the_group_waits_for_a_member_longer_than_it_lets_its_batch_finish
     assert made.get("session_timeout_ms", 10_000) < made["rebalance_timeout_ms"]
     # aiokafka's JoinGroup request waits for the group within its request timeout (40 s by default).
     assert made["rebalance_timeout_ms"] < made.get("request_timeout_ms", 40_000)
+
+
+async def test_with_latest_where_a_partition_begins_is_committed_before_its_first_batch_settles():
+    """A group with no commit for a partition starts it at its end with ``latest``. Until its first
+    batch settled nothing was committed: a stop, a crash or a rebalance then (here: during a
+    Temporal outage) left it so, and its next owner started at the end again, past every record
+    read meanwhile, which started nothing."""
+    consumer = LogConsumer({TP0: 5})
+    consumer.positions[TP0] = 5  # `latest`: the end
+    down = FakeSink(outages=10**6)
+    async with running(consumer, down, auto_offset_reset="latest") as adapter:
+        adapter._note_origins({TP0})
+        consumer.logs[TP0] += [record(good(5 + i), partition=0, offset=5 + i) for i in range(3)]
+        await assert_eventually(lambda: adapter._held, timeout=5, interval=0.005, what="records read")
+    assert committed(consumer) == {TP0: 5}, "where it began"
+    after = LogConsumer({TP0: 0}, committed=committed(consumer))  # the next owner, from the commit
+    after.logs = consumer.logs
+    sink = FakeSink()
+    async with running(after, sink, auto_offset_reset="latest"):
+        await assert_eventually(lambda: sorted(offsets_held(sink)) == ["5", "6", "7"], timeout=5, interval=0.005)
