@@ -178,6 +178,7 @@ class KafkaReplay:
         self._topics: dict[str, set[int]] = {}  # original topic -> its partitions, as described
         self._ends: dict[TopicPartition, int] = {}  # their end offsets, as last asked
         self._records_read: set[tuple[str, int, int, bytes]] = set()  # letters read: their record, their content
+        self._wholes_read: set[tuple[str, int, int, bytes]] = set()  # whole letters read: record, key and value
         self._settlers = [
             Settler(
                 pipeline,
@@ -378,32 +379,41 @@ class KafkaReplay:
 
     def _copy_of_one_read(self, record: Record) -> bool:
         """Whether an earlier letter of this replay was of the same record (``x-original-*``) and
-        holds the same key and value (one naming no record: the same headers too): the record's
-        letter and the ones earlier replays wrote of it again. Each was settled, or kept, and written
-        back once more: a replay with a fresh group (which reads every letter the topic holds)
-        doubled a letter still refused, 1, 2, 4, 8… The first is settled; the others are counted as
-        duplicates and committed, not written again."""
+        holds the same key, value and headers of the record's (one naming no record: the same
+        headers, all of them): the record's letter and the ones earlier replays wrote of it again.
+        Each was settled, or kept, and written back once more: a replay with a fresh group (which
+        reads every letter the topic holds) doubled a letter still refused, 1, 2, 4, 8… The first is
+        settled; the others are counted as duplicates and committed, not written again.
+
+        A letter whose headers were cut is a copy of a whole letter of its record read before, and
+        of one cut alike; never the other way: read first, it made the record's whole letter a copy,
+        committed and never replayed (anyone who may write to the topic could do that)."""
         headers = record_headers(record)
         topic = headers.get(H_ORIGINAL + "topic") or ""
         partition, offset = _int(headers.get(H_ORIGINAL + "partition")), _int(headers.get(H_ORIGINAL + "offset"))
-        # With what it holds: a letter cut to fit, or one someone else wrote naming the same
-        # record, is no copy of it, and must not make the record's own letter skipped. One that
-        # names no record (kept, written back as it is) is a copy only with the same headers too.
-        # A letter standing for a range the client could not read names its end: one of the first
-        # offset alone (written when the range was not found) is no copy of it.
-        parts = [record.key, record.value, headers.get(H_ORIGINAL + "last-offset", "").encode()]
+        # With what it holds: a letter someone else wrote naming the same record is no copy of it,
+        # and must not make the record's own letter skipped. A letter standing for a range the
+        # client could not read names its end: one of the first offset alone (written when the
+        # range was not found) is no copy of it.
+        body = [record.key, record.value, headers.get(H_ORIGINAL + "last-offset", "").encode()]
+        cut = is_trimmed(headers)
+        named = bool(topic) and partition is not None and offset is not None
         if not topic or partition is None or offset is None:
             topic, partition, offset = "", -1, -1
-            for name, value in record.headers or ():
-                parts += [str(name).encode("utf-8", "surrogatepass"), bytes(value or b"")]
-        content = hashlib.sha256()
-        for part in parts:
-            content.update(b"-" if part is None else len(part).to_bytes(8, "big") + part)
-        seen = (topic, partition, offset, content.digest())
-        if seen in self._records_read:
+        kept = [  # the record's headers of a whole letter naming it; of any other, all of them
+            part
+            for name, value in record.headers or ()
+            if cut or not named or not dropped_by_replay(str(name))
+            for part in (str(name).encode("utf-8", "surrogatepass"), bytes(value or b""))
+        ]
+        whole = (topic, partition, offset, _digest(body))
+        seen = (topic, partition, offset, _digest([b"cut" if cut else b"", *body, *kept]))
+        if seen in self._records_read or (cut and named and whole in self._wholes_read):
             self.tally.duplicates += 1
             return True
         self._records_read.add(seen)
+        if named and not cut:
+            self._wholes_read.add(whole)
         return False
 
     @staticmethod
@@ -486,3 +496,10 @@ class _EntryTransport(Transport[Letter]):
 
 
 __all__ = ["Abandoned", "KafkaReplay", "Letter", "original", "where"]
+
+
+def _digest(parts: list[bytes | None]) -> bytes:
+    content = hashlib.sha256()
+    for part in parts:
+        content.update(b"-" if part is None else len(part).to_bytes(8, "big") + part)
+    return content.digest()

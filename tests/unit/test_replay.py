@@ -22,7 +22,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from adapters import amqp_parse, amqp_replay, kafka_parse, kafka_replay
 from adapters.replay_common import NO_ENTRY, NO_RECORD, NOT_A_DEAD_LETTER, TRIMMED, Tally
 from bridge.config import AmqpConsumer, EventFormat, KafkaConsumer
-from bridge.deadletter import H_EVENT_ID, H_EVENT_NAME
+from bridge.deadletter import H_EVENT_ID, H_EVENT_NAME, H_TRIMMED
 from bridge.decode import decode
 from bridge.errors import BridgeError, EventRejected
 from bridge.event import EventSignal, content_digest, run_digest, target_workflow_id
@@ -951,3 +951,24 @@ def refusal(record: Any) -> EventRejected:
     except EventRejected as exc:
         return exc
     raise AssertionError("an unreadable record is refused")
+
+
+async def test_a_letter_whose_headers_were_cut_is_no_copy_of_the_records_whole_letter() -> None:
+    """Copies were told by the record, its key and its value: a later letter of the record whose
+    headers had to be cut (kept as trimmed), read first, made the record's whole letter a copy,
+    committed and never replayed. Anyone who may write to the topic could do that on purpose.
+    Read after the whole one, or after one cut alike, it is a copy still."""
+    replay, sink, producer, _ = kafka_setup()
+    genuine = record(body(name="order.created", payload={"n": 1}), offset=7, headers=[("tenant", b"acme")])
+    whole = as_letter(kafka_parse.dead_letter(genuine, unroutable(), None), offset=5)
+    cut_headers = [(k, v) for k, v in whole.headers if k != "tenant"] + [(H_TRIMMED, b"headers")]
+    cut = record(whole.value, key=whole.key, headers=cut_headers, topic="orders.dlq", partition=1, offset=3)
+    await replay._settle([cut, whole, cut])
+    assert [e.id for e in sink.held] == ["kafka:orders:2:7"]
+    assert dict(replay.tally.kept) == {"trimmed": 1} and replay.tally.duplicates == 1
+    assert len(producer.sent) == 1, "the cut letter written back once"
+
+    replay, sink, producer, _ = kafka_setup()
+    await replay._settle([whole, cut])
+    assert [e.id for e in sink.held] == ["kafka:orders:2:7"]
+    assert (dict(replay.tally.kept), replay.tally.duplicates, producer.sent) == ({}, 1, [])
