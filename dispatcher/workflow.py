@@ -163,7 +163,7 @@ the run with everything it held."""
 MAX_QUEUED_EVENT_BYTES = 1024 * 1024
 """The largest event a dispatcher queues (the adapters refuse one over MAX_EVENT_BYTES, 944 KiB):
 the filters' or the starts' argument for one larger would pass Temporal's payload limit."""
-UNROUTABLE_COUNTED = "unroutable-counted"
+UNROUTABLE_COUNTED = "unroutable-charged"
 """The patch from which an event no entry takes costs EVENT_COST of the task's work as a batch
 takes it: a batch stopped only at the most targets its events could start, so a queue of 100,000
 events the table lacks went into one batch, planned in one workflow task of 4 s, past the
