@@ -223,6 +223,16 @@ class _Decoded:
         self.cap = cap
         self.total = 0
         self.chunks: list[bytes] = []
+        self.coding = coding
+        self.inflater: Any = None
+        self.wbits = 0
+        self.ended = False  # a gzip member ended, and what follows is no other one: ignored, as httpx did
+        self.started = False
+
+    def _start(self) -> None:
+        """Read the coding at the body's first byte: an empty body (HEAD, 204) has none to read."""
+        self.started = True
+        coding = self.coding
         codings = [c for c in (c.strip().lower() for c in coding.split(",")) if c and c != "identity"]
         if len(codings) > 1:
             raise Refused(f"the answer is encoded {len(codings)} times ({coding[:60]!r}); one coding is read at most")
@@ -233,6 +243,10 @@ class _Decoded:
         self.inflater = zlib.decompressobj(self.wbits) if codings else None
 
     def feed(self, data: bytes) -> None:
+        if data and not self.started:
+            self._start()
+        if self.ended or not data:
+            return
         if self.inflater is None:
             self._keep(data)
             return
@@ -240,7 +254,10 @@ class _Decoded:
             while data:
                 self._keep(self.inflater.decompress(data, self.cap - self.total + 1))
                 data = self.inflater.unconsumed_tail
-                if self.inflater.eof and self.inflater.unused_data:  # another gzip member
+                if self.inflater.eof and self.inflater.unused_data:
+                    if not self.inflater.unused_data.startswith(b"\x1f\x8b"):  # no other gzip member
+                        self.ended = True
+                        return
                     data = self.inflater.unused_data
                     self.inflater = zlib.decompressobj(self.wbits)
         except zlib.error as exc:
@@ -258,7 +275,7 @@ class _Decoded:
         self.chunks.append(out)
 
     def content(self) -> bytes:
-        if self.inflater is not None:
+        if self.inflater is not None and not self.ended:
             self._keep(self.inflater.flush())
         return b"".join(self.chunks)
 
@@ -273,6 +290,9 @@ async def send(req: Request, runner: RunnerConfig, timeout: float, trust_env: bo
         httpx.AsyncClient(timeout=timeout, trust_env=trust_env, follow_redirects=False) as client,
         client.stream(req.method, req.url, headers=headers, extensions=req.extensions, **req.body) as resp,
     ):
+        if resp.status_code >= 400:  # its body is not read: whatever it holds, the status decides
+            retry = resp.status_code >= 500 or resp.status_code == 429
+            raise ApplicationError(f"answered {resp.status_code}", type="HttpStatus", non_retryable=not retry)
         declared = resp.headers.get("content-length", "")
         coding = resp.headers.get("content-encoding", "")
         if declared.isdigit() and int(declared) > cap and not coding:
@@ -282,9 +302,6 @@ async def send(req: Request, runner: RunnerConfig, timeout: float, trust_env: bo
             decoded.feed(chunk)
             await asyncio.sleep(0)  # at most a chunk's worth of decoding between two turns of the loop
     content = decoded.content()
-    if resp.status_code >= 400:
-        retry = resp.status_code >= 500 or resp.status_code == 429
-        raise ApplicationError(f"answered {resp.status_code}", type="HttpStatus", non_retryable=not retry)
     try:
         body: Any = json.loads(content)
     except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's stack

@@ -401,3 +401,28 @@ async def test_a_host_of_a_label_idna_reads_is_sent_in_its_ascii_form(server: Se
     result = await http_task.run(cfg, call(tenant="xn--bcher-kva"), env=ENV, resolver=here, public=lambda ip: True)
     assert result["status"] == 200
     assert server.got[0].headers["host"] == f"xn--bcher-kva.api.example:{server.port}"
+
+
+@pytest.mark.parametrize(
+    ("status", "coding", "body", "answer"),
+    [
+        (503, b"br", b"\x8b\x02\x80", "HttpStatus"),  # a server ignoring Accept-Encoding: its status decides
+        (502, b"gzip", b"<html>bad gateway</html>", "HttpStatus"),  # a proxy's page, labelled gzip
+        (200, b"br", b"", 200),  # an empty body has no coding to read
+        (200, b"gzip", gzip.compress(b'{"ok": 1}') + b"\0" * 8, 200),  # what follows the member: ignored
+    ],
+    ids=["5xx-in-a-coding-not-read", "5xx-mislabelled", "empty-body", "gzip-then-padding"],
+)
+async def test_an_answers_status_decides_before_its_body_is_decoded(
+    server: Server, status: int, coding: bytes, body: bytes, answer: Any
+) -> None:
+    """Decoded first, a 503 in a coding the runner does not read failed its run for good (refused),
+    where it was retried as any 5xx; an empty body or padding after a gzip member was refused."""
+    server.status, server.encoding, server.body = status, coding, body
+    cfg = config(f"http://127.0.0.1:{server.port}/", allow(server))
+    if answer == "HttpStatus":
+        with pytest.raises(ApplicationError) as info:
+            await http_task.run(cfg, call(), env=ENV)
+        assert info.value.type == "HttpStatus" and not info.value.non_retryable
+    else:
+        assert (await http_task.run(cfg, call(), env=ENV))["status"] == answer
