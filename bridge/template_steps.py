@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from collections.abc import Set as AbstractSet
@@ -260,11 +261,17 @@ def _size(digits: str) -> int:
     return int(digits or "0") if len(digits) <= 9 else MAX_TEXT + 1
 
 
-def _widest(width: int, precision: int, text: str) -> None:
-    if max(width, precision) > MAX_TEXT:
+def _asked(total: int, width: int, precision: int, value: Any, text: str) -> int:
+    """``total`` and what one field asks for: its width, or its precision where the value's digits
+    fill it (a float that is no number, ``inf`` or ``nan``, ignores it), refused past MAX_TEXT."""
+    if isinstance(value, float) and not math.isfinite(value):
+        precision = 0
+    total += max(width, precision)
+    if total > MAX_TEXT:
         raise SecurityError(
-            f"{text} asks for {max(width, precision):,} characters, more than a template may make ({MAX_TEXT:,})"
+            f"{text} asks for {total:,} characters or more, more than a template may make ({MAX_TEXT:,})"
         )
+    return total
 
 
 def _printf_number(form: str, at: int) -> tuple[str, int]:
@@ -277,16 +284,19 @@ def _printf_number(form: str, at: int) -> tuple[str, int]:
     return form[at:end], end
 
 
-def _printf_conversions(form: str) -> Iterator[tuple[str, str, str | None, str]]:
-    """Each conversion of a ``%`` format as CPython reads it: flags, width, precision, type."""
+def _printf_conversions(form: str) -> Iterator[tuple[str | None, str, str, str | None, str]]:
+    """Each conversion of a ``%`` format as CPython reads it: key, flags, width, precision, type."""
     at = form.find("%")
     while at >= 0:
         at += 1
+        key = None
         if form.startswith("(", at):  # a mapping key: parentheses inside it nest
             depth, at = 1, at + 1
+            begun = at
             while at < len(form) and depth:
                 depth += {"(": 1, ")": -1}.get(form[at], 0)
                 at += 1
+            key = form[begun : at - 1]
         flags = at
         while at < len(form) and form[at] in "-+ #0":
             at += 1
@@ -299,19 +309,20 @@ def _printf_conversions(form: str) -> Iterator[tuple[str, str, str | None, str]]
             at += 1
         if at >= len(form):
             return
-        yield flags_text, width, precision, form[at]
+        yield key, flags_text, width, precision, form[at]
         at = form.find("%", at + 1)
 
 
 def printf_asked(form: Any, args: Any) -> None:
-    """Refuse ``form % args`` before it is made when a width or a precision (in ``form``, or given
-    with ``*``) asks for more than MAX_TEXT characters: the text was refused only once made, after
-    up to 570 MB of it. Nothing is charged, so a rendering that makes it counts as before."""
+    """Refuse ``form % args`` before it is made when its widths and precisions (in ``form``, or
+    given with ``*``) ask for more than MAX_TEXT characters together: the text was refused only
+    once made, after up to 570 MB of it. Nothing is charged, so a rendering that makes it counts as
+    before, and one refused here made more than MAX_TEXT before, and was refused then."""
     if _COUNT.get() is None or not isinstance(form, str) or "%" not in form:
         return
     given = args if isinstance(args, tuple) else (args,)
-    at = 0
-    for flags, width, precision, kind in _printf_conversions(form):
+    at = total = 0
+    for key, flags, width, precision, kind in _printf_conversions(form):
         if kind == "%":
             continue
         asked = []
@@ -322,19 +333,26 @@ def printf_asked(form: Any, args: Any) -> None:
                 asked.append(negative_is(value) if isinstance(value, int) else 0)
             else:
                 asked.append(_size(part) if part else 0)
-        at += 1
+        if key is not None:
+            value = args.get(key) if isinstance(args, Mapping) else None
+        else:
+            value = given[at] if at < len(given) else None
+            at += 1
         padded = kind in PRINTF_PADDED or ("#" in flags and kind in KEPT_ZEROS)
-        _widest(asked[0], asked[1] if padded else 0, "a % format")
+        total = _asked(total, asked[0], asked[1] if padded else 0, value, "a % format")
 
 
-def spec_asked(spec: str) -> None:
-    """:func:`printf_asked` for one field of ``str.format``, its nested fields filled in."""
+def spec_asked(spec: str, value: Any, total: int) -> int:
+    """:func:`printf_asked` for one field of ``str.format``, its nested fields filled in: ``total``
+    with what it asks for (``total``: what the fields before it in the format asked for)."""
     match = _SPEC.match(spec) if _COUNT.get() is not None else None
     if match is None:
-        return
+        return total
     alternate, width, precision, kind = match.groups()
     padded = kind in SPEC_PADDED or (alternate == "#" and (kind in KEPT_ZEROS or not kind))
-    _widest(_size(width) if width else 0, _size(precision) if precision and padded else 0, "a format spec")
+    return _asked(
+        total, _size(width) if width else 0, _size(precision) if precision and padded else 0, value, "a format"
+    )
 
 
 def _text_steps(chars: int) -> int:

@@ -88,16 +88,26 @@ class _Env(ImmutableSandboxedEnvironment):
         return update_wrapper(format_, value)
 
 
-class _Formatter(SandboxedFormatter):
+class _Asking:
+    """A formatter's fields checked as they are formatted, all of one format together."""
+
+    asked = 0
+
+    def vformat(self, format_string: str, args: Any, kwargs: Any) -> str:
+        self.asked = 0
+        return super().vformat(format_string, args, kwargs)  # type: ignore[misc, no-any-return]
+
     def format_field(self, value: Any, format_spec: str) -> Any:
-        steps.spec_asked(format_spec)
-        return super().format_field(value, format_spec)
+        self.asked = steps.spec_asked(format_spec, value, self.asked)
+        return super().format_field(value, format_spec)  # type: ignore[misc]
 
 
-class _EscapeFormatter(SandboxedEscapeFormatter):
-    def format_field(self, value: Any, format_spec: str) -> Any:
-        steps.spec_asked(format_spec)
-        return super().format_field(value, format_spec)
+class _Formatter(_Asking, SandboxedFormatter):
+    pass
+
+
+class _EscapeFormatter(_Asking, SandboxedEscapeFormatter):
+    pass
 
 
 def _whole(value: Any) -> bool:
