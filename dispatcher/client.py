@@ -381,11 +381,12 @@ class DispatcherClient:
             return
         first = next((f for f in failed if not isinstance(f, Unavailable)), failed[0])
         held = frozenset(i for sub, r in zip(subs, results, strict=True) if r is None for i in sub.indices)
-        if held and isinstance(first, EventRejected):
+        if isinstance(first, EventRejected) and (held or len(subs) > 1):
             # A signal of this call's was too large for the server: refused whole, the held events
             # were answered refused, and a client resending them in smaller requests started them
             # again. An event is too large itself only when its signal carried it alone, and the
-            # submissions after a failed one were not sent at all (_live): those may go again.
+            # submissions after a failed one were not sent at all (_live): those may go again,
+            # also when none was held.
             refused = {
                 sub.indices[0]: r
                 for sub, r in zip(subs, results, strict=True)

@@ -200,6 +200,8 @@ class HttpState:
         except PartlyRefused as exc:  # likewise, and those too large for the server alone
             self.metrics.child(self.metrics.accepted, adapter).inc(len(exc.held))
             self.refuse_items(adapter, [*exc.refused.values()])
+            if len(exc.held) + len(exc.refused) < len(events):  # some to send again, as for PartlyHeld
+                self.metrics.child(self.metrics.unavailable, adapter).inc()
             log.warning(
                 "events held in part adapter=%s held=%d too_large=%d events=%d: %s",
                 adapter,

@@ -666,3 +666,23 @@ def test_a_header_value_that_is_not_utf8_is_kept_as_latin1() -> None:
     assert as_utf8("caf\xe9") == "caf\xe9"  # the byte 0xE9 alone: no UTF-8
     assert as_utf8("caf\xc3\xa9") == "café"
     assert as_utf8(None) is None and as_utf8("k-1") == "k-1"
+
+
+async def test_a_batch_whose_first_signal_is_refused_alone_answers_the_unsent_rest_503_not_413() -> None:
+    """Nothing was held, and the whole request was answered 413 (which clients do not retry),
+    the event of the signal never sent after the refused one included."""
+    cfg = make_config(max_body_bytes=4 * 1024 * 1024)
+    snap = Snapshot.compile(cfg)
+    error = RPCError("Blob data size exceeds limit.", RPCStatusCode.INVALID_ARGUMENT, b"")
+    temporal = FakeTemporal(errors={0: error})
+    client = DispatcherClient(cast(Client, temporal), cfg, Metrics(), retry_after=3.0)
+    body = [
+        {"name": "order.created", "payload": {"orderId": "big", "pad": "x" * 600_000}},
+        {"name": "order.created", "payload": {"orderId": "mid", "pad": "y" * 450_000}},
+    ]
+    async with in_loop_client(create_app(Pipeline(snap.routes, client), snap)) as http:
+        resp = await http.post(URL, json=body, headers=AUTH)
+    await client.close()
+    assert [len(signal) for signal in temporal.sent()] == [1], "the second signal was not sent"
+    assert resp.status_code == 207, resp.text
+    assert [(r["status"], r["error"]) for r in resp.json()["results"]] == [(413, "too_large"), (503, "unavailable")]
