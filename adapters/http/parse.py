@@ -46,8 +46,10 @@ def parse(
         return _cloudevents_batch(body, metadata, max_batch, scope)
     if media == CE_STRUCTURED:
         return _cloudevent(body, metadata, scope)
-    # Binary mode: attribute values are percent-encoded (CloudEvents HTTP binding, 3.1.3.2).
-    ce_attrs = {k[3:]: unquote(v) for k, v in headers.items() if k.startswith("ce-")}
+    # Binary mode: attribute values are percent-encoded (CloudEvents HTTP binding, 3.1.3.2). Bytes
+    # that are no UTF-8 become \xNN, as on Kafka and RabbitMQ: replaced by U+FFFD, ids of different
+    # bytes were one id, and all but the first event started nothing.
+    ce_attrs = {k[3:]: unquote(v, errors="backslashreplace") for k, v in headers.items() if k.startswith("ce-")}
     if ce_attrs.get("specversion"):
         return _cloudevent(body, metadata, scope, attrs=ce_attrs, content_type=headers.get("content-type"))
     data = parse_json(body)

@@ -281,6 +281,17 @@ async def test_binary_cloudevent_is_accepted(sink: FakeSink, client: AsyncTestCl
     assert event.payload == {"orderId": "A2"}
 
 
+async def test_binary_cloudevent_ids_of_bytes_that_are_no_utf8_stay_apart(
+    sink: FakeSink, client: AsyncTestClient[Litestar]
+) -> None:
+    """``batch-%FF`` and ``batch-%FE`` were both ``batch-\ufffd``: one id, and the second event
+    started nothing."""
+    for ce_id in ("batch-%FF", "batch-%FE"):
+        headers = {**AUTH, "ce-specversion": "1.0", "ce-id": ce_id, "ce-source": "/shop", "ce-type": "order.created"}
+        assert (await client.post(URL, json={"orderId": "A2"}, headers=headers)).status_code == 202
+    assert [e.id for e in sink.events] == ["/shop#batch-\\xff", "/shop#batch-\\xfe"]
+
+
 async def test_binary_cloudevent_content_type_is_its_datacontenttype(
     sink: FakeSink, client: AsyncTestClient[Litestar]
 ) -> None:
