@@ -242,6 +242,10 @@ PLAIN_TOKEN_NAME = "token-1"
 """The name of the one plain (unnamed) token a config may have."""
 
 
+_BEARER = re.compile(r"[!-~](?:[ \t!-~]*[!-~])?")
+"""A bearer token the bridge can match: ASCII, visible at both ends (the header's are stripped)."""
+
+
 class HttpAuth(Model):
     """``tokens``: ``{name, token}``, and at most one plain string, first (named ``token-1``).
 
@@ -258,6 +262,15 @@ class HttpAuth(Model):
         # An empty token (as from an unset ${VAR:-}) would count as "configured" and match nothing.
         if any(not (t if isinstance(t, str) else t.token).strip() for t in tokens):
             raise ValueError("a bearer token is empty (is the ${VAR} it comes from set?)")
+        # What a client can send in a header and the bridge compares: ASCII, nothing around it. One
+        # read from a file with its newline (a Kubernetes secret) matched no request.
+        for i, t in enumerate(tokens):
+            if not _BEARER.fullmatch(t if isinstance(t, str) else t.token):
+                raise ValueError(
+                    f"bearer token {i + 1} begins or ends with a space or a line break, or holds a control character "
+                    "or a character past ASCII (a newline at the end of the file it was read from?): no request "
+                    "could match it"
+                )
         plain = [i for i, t in enumerate(tokens) if isinstance(t, str)]
         if len(plain) > 1 or any(i > 0 for i in plain):
             raise ValueError(

@@ -458,3 +458,12 @@ def test_one_name_read_twice_from_one_place_or_other_names_from_others_load(
     adapter: str, first: dict[str, Any], second: dict[str, Any]
 ) -> None:
     assert parse_config({"project": "p", adapter: [first, second]}, origin="t")
+
+
+@pytest.mark.parametrize("secret", ["s3cret-token\n", " s3cret-token", "s3cret-tok\u00e9n", "s3cret\x01token"])
+def test_a_bearer_token_no_request_could_match_is_refused_at_load(tmp_path: Path, secret: str) -> None:
+    """A token read from a file with its newline (a Kubernetes secret) loaded, and every request
+    with the right token was answered 401, with nothing to say why."""
+    path = write(tmp_path, 'project: shop\nhttp: {auth: {tokens: ["${BRIDGE_TOKEN}"]}}\n')
+    with pytest.raises(ConfigError, match="no request could match it"):
+        load_config(path, env={"BRIDGE_TOKEN": secret})
