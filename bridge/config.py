@@ -594,11 +594,11 @@ def _check_unique(config: BridgeConfig, origin: str) -> None:
 
 def _amqp_place(url: str) -> tuple[str, int | None, str]:
     """The broker and vhost an AMQP URL names (its credentials and options aside)."""
-    parts = urlsplit(url)
     try:
+        parts = urlsplit(url)
         port = parts.port
-    except ValueError:
-        port = None
+    except ValueError:  # not for this check to judge (a password with an unencoded "["): the URL itself
+        return (url, None, "")
     port = port or (5671 if parts.scheme == "amqps" else 5672)
     vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
     return ((parts.hostname or "localhost").lower(), port, vhost)

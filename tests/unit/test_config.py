@@ -451,8 +451,15 @@ def test_one_topic_or_queue_name_on_two_clusters_brokers_or_vhosts_is_refused(
             {"url": "amqp://other:secret@BROKER:5672/?heartbeat=5", "queue": "q"},
         ),
         ("amqp", {"url": "amqp://broker-a/", "queue": "q"}, {"url": "amqp://broker-b/", "queue": "r"}),
+        ("amqp", {"url": "amqp://u:pa[ss@broker/", "queue": "q"}, {"url": "amqp://broker-b/", "queue": "r"}),
     ],
-    ids=["kafka-one-cluster-listed-alike", "kafka-other-topics", "amqp-one-broker", "amqp-other-queues"],
+    ids=[
+        "kafka-one-cluster-listed-alike",
+        "kafka-other-topics",
+        "amqp-one-broker",
+        "amqp-other-queues",
+        "amqp-odd-url",
+    ],
 )
 def test_one_name_read_twice_from_one_place_or_other_names_from_others_load(
     adapter: str, first: dict[str, Any], second: dict[str, Any]
