@@ -14,9 +14,11 @@ from datetime import timedelta
 from typing import Any, Literal, TypedDict
 
 from slugify import slugify
+from temporalio.converter import DataConverter
 
 from bridge.config import DispatcherConfig
 from bridge.event import MAX_SIGNAL_BYTES, EventSignal
+from bridge.logsafe import safe
 
 __all__ = [
     "BATCH_MEMO",
@@ -66,6 +68,7 @@ __all__ = [
     "TargetInput",
     "TargetStart",
     "dispatcher_id",
+    "encoded_as_sdk",
     "failed",
     "target_memo",
     "wire",
@@ -329,3 +332,13 @@ class HttpCall:
     task_id: str
     context: dict[str, Any]  # of TargetInput's names and ``tasks``, those the task's templates use
     timeout_seconds: float  # the run's view of the task's effective timeout (see LOAD_TASKS)
+
+
+def encoded_as_sdk(value: Any, what: str) -> int:
+    """Bytes of ``value`` as the SDK's converter writes a payload (keys sorted, its own types: a
+    dict's ``keys()`` as an array); ValueError, saying that ``what`` renders a value JSON cannot
+    hold, when it cannot (a method, a set, keys of mixed types, an integer past 4,300 digits)."""
+    try:
+        return len(DataConverter.default.payload_converter.to_payloads([value])[0].data)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{what} renders a value JSON cannot hold: {safe(exc, 300)}") from None

@@ -38,6 +38,7 @@ with workflow.unsafe.imports_passed_through():
         YIELD,
         HttpCall,
         TargetInput,
+        encoded_as_sdk,
         wire,
     )
 
@@ -73,13 +74,9 @@ def fitted(result: dict[str, Any], limit: int = CHILD_RESULT_BYTES) -> dict[str,
 def _as_json(task: str, value: Any) -> None:
     """Fail the run (not its workflow task, for ever) when the SDK cannot encode ``value``."""
     try:
-        workflow.payload_converter().to_payloads([value])
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise ApplicationError(
-            f"task {task!r}: its template renders a value JSON cannot hold: {str(exc)[:300]}",
-            type="TemplateError",
-            non_retryable=True,
-        ) from None
+        encoded_as_sdk(value, "its template")
+    except ValueError as exc:
+        raise ApplicationError(f"task {task!r}: {exc}", type="TemplateError", non_retryable=True) from None
 
 
 @workflow.defn(name=RUNNER_WORKFLOW)

@@ -17,13 +17,11 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, WorkflowIDReusePolicy
-from temporalio.converter import DataConverter
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 with workflow.unsafe.imports_passed_through():
     from bridge import templates
     from bridge.event import EventSignal, encoded_size, target_workflow_id
-    from bridge.logsafe import safe
     from bridge.routing import Target, event_context
     from dispatcher import search
     from dispatcher.contract import (
@@ -36,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
         StartBatch,
         TargetInput,
         TargetStart,
+        encoded_as_sdk,
         failed,
         target_memo,
         wire,
@@ -77,7 +76,7 @@ def plan(
         rendered = templates.render(target.input, event_context(event))
     input_size = 0
     if target.input is not None:  # strict: encoded as the SDK will, weighed as encoded_size does ({"":…})
-        input_size = _encoded_as_sdk(rendered) + 5 if strict else encoded_size({"": rendered})
+        input_size = encoded_as_sdk(rendered, "its input") + 5 if strict else encoded_size({"": rendered})
     arg = TargetInput(
         workflow_id=target.workflow_id,
         exec_id=exec_id,
@@ -157,16 +156,6 @@ def chunks(plans: list[Plan]) -> list[list[Plan]]:
         out[-1].append(plan)
         size += plan.size
     return [c for c in out if c]
-
-
-def _encoded_as_sdk(value: Any) -> int:
-    """Bytes of ``value`` as the SDK's converter writes an activity's argument (keys sorted, its
-    own types: a dict's ``keys()`` as an array); ValueError when it cannot (a method, a set, keys
-    of mixed types), where the batch's scheduling would have failed."""
-    try:
-        return len(DataConverter.default.payload_converter.to_payloads([value])[0].data)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"its input renders a value JSON cannot hold: {safe(exc, 300)}") from None
 
 
 STRICT_STARTS = "strict-starts"
