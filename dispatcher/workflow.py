@@ -163,7 +163,7 @@ the run with everything it held."""
 MAX_QUEUED_EVENT_BYTES = 1024 * 1024
 """The largest event a dispatcher queues (the adapters refuse one over MAX_EVENT_BYTES, 944 KiB):
 the filters' or the starts' argument for one larger would pass Temporal's payload limit."""
-UNROUTABLE_COUNTED = "unroutable-charged"
+UNROUTABLE_CHARGED = "unroutable-charged"
 """The patch from which an event no entry takes costs EVENT_COST of the task's work as a batch
 takes it: a batch stopped only at the most targets its events could start, so a queue of 100,000
 events the table lacks went into one batch, planned in one workflow task of 4 s, past the
@@ -265,7 +265,7 @@ class DispatcherWorkflow:
         self._scheduled = False  # no local activities (NO_LOCAL_ACTIVITIES), set as the run begins
         self._strict = False  # one start's failure is its own (starts.STRICT_STARTS), set as the run begins
         self._metered = False  # templates held to their steps, counted as work (TEMPLATE_STEPS), likewise
-        self._each_costs = False  # an event no entry takes costs EVENT_COST (UNROUTABLE_COUNTED), likewise
+        self._each_costs = False  # an event no entry takes costs EVENT_COST (UNROUTABLE_CHARGED), likewise
         self._rendered = 0  # of the work, units of template steps in this batch's planning (_dispatch_batch)
         for raw in inp.pending:
             self._enqueue(_Queued(EventSignal.from_dict(raw), encoded_size(raw)))
@@ -483,7 +483,7 @@ class DispatcherWorkflow:
         self._scheduled = workflow.patched(NO_LOCAL_ACTIVITIES)
         self._strict = workflow.patched(starts.STRICT_STARTS)
         self._metered = workflow.patched(TEMPLATE_STEPS)
-        self._each_costs = workflow.patched(UNROUTABLE_COUNTED)
+        self._each_costs = workflow.patched(UNROUTABLE_CHARGED)
         while True:
             if not self._has_work():
                 await workflow.wait_condition(self._has_work)
