@@ -106,19 +106,24 @@ class EventsController(Controller):
         received = headers(request)
         idempotency_key = as_utf8(received.get("idempotency-key"))  # documented by EventsOperation
         token = authorize(http, snapshot, received)
-        with http.held(HTTP_ADAPTER, _sender(token)):
+        sender = _sender(token)
+        with http.held(HTTP_ADAPTER, sender):
             try:
                 body = await read_body(request, http, snapshot, HTTP_ADAPTER, received)
-                parsed = _parse(http, snapshot, received, body, idempotency_key, token)
             except EventRejected:
-                if (limiter := http.limits().tokens) is not None:
-                    limiter.take(token)  # a refused body still costs its request
+                _take(http, token)
                 raise
-            if isinstance(parsed, list):
-                http.charge(token, max(1, len(parsed)))
-                return await _submit_batch(http, snapshot, token, parsed)
-            http.charge(token, 1)
-            return await _submit_one(http, snapshot, token, parsed)
+            with http.parsing(snapshot, HTTP_ADAPTER, sender, body):  # its memory, before it is parsed
+                try:
+                    parsed = _parse(http, snapshot, received, body, idempotency_key, token)
+                except EventRejected:
+                    _take(http, token)
+                    raise
+                if isinstance(parsed, list):
+                    http.charge(token, max(1, len(parsed)))
+                    return await _submit_batch(http, snapshot, token, parsed)
+                http.charge(token, 1)
+                return await _submit_one(http, snapshot, token, parsed)
 
     @get(
         "/",
@@ -139,6 +144,12 @@ class EventsController(Controller):
         """As ``GET /api/v1/events/{event_id}``, for any id (one with ``/``, such as a CloudEvent's
         ``{source}#{id}`` with a URL for its source)."""
         return await lookup.runs_of(request, event_id, http, snapshot)
+
+
+def _take(http: HttpState, token: str) -> None:
+    """A refused body still costs its request of the token's rate limit."""
+    if (limiter := http.limits().tokens) is not None:
+        limiter.take(token)
 
 
 def _parse(

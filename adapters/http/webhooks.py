@@ -100,7 +100,7 @@ class WebhooksController(Controller):
                 body = await read_body(request, http, snapshot, WEBHOOK_ADAPTER)
             received = headers(request)
             _verify(http, route, received, body)
-        with http.held(WEBHOOK_ADAPTER, _sender(slug)):
+        with http.held(WEBHOOK_ADAPTER, _sender(slug)), http.parsing(snapshot, WEBHOOK_ADAPTER, _sender(slug), body):
             return await self._receive(slug, route, received, body, http, snapshot)
 
     async def _receive(
