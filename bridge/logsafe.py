@@ -5,6 +5,11 @@ from __future__ import annotations
 MAX_LOGGED = 200
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable escaped (``\\n``, ``\\x1b``, ``\\u2028``)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def safe(value: object, limit: int = MAX_LOGGED) -> str:
     """``value`` as one printable line of at most ``limit`` characters (plus a marker when cut).
 
@@ -17,5 +22,5 @@ def safe(value: object, limit: int = MAX_LOGGED) -> str:
     cut = len(text) > limit
     text = text[:limit]
     if not text.isprintable():
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        text = printable(text)
     return f"{text}…(+{len(value if isinstance(value, str) else str(value)) - limit})" if cut else text

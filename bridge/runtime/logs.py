@@ -30,7 +30,7 @@ import temporalio.activity
 import temporalio.workflow
 from temporalio.runtime import LogForwardingConfig, LoggingConfig, Runtime, TelemetryConfig, TelemetryFilter
 
-from bridge.logsafe import safe
+from bridge.logsafe import printable, safe
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -176,9 +176,13 @@ class TextFormatter(logging.Formatter):
         super().__init__(TEXT_FORMAT)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
+        """The record's line, control characters escaped whoever logged it (its traceback, added
+        after, keeps its lines): the bridge's own lines escape what senders chose (``safe``), but
+        a library's may quote it raw (OpenTelemetry logs a ``tracestate`` it cannot read as it is)."""
         line = super().formatMessage(record)
         fields = workflow_fields(record)
-        return line + "".join(f" {k}={v}" for k, v in fields.items()) if fields else line
+        line = line + "".join(f" {k}={v}" for k, v in fields.items()) if fields else line
+        return line if line.isprintable() else printable(line)
 
 
 class JsonFormatter(logging.Formatter):

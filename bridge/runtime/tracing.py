@@ -25,7 +25,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -84,16 +84,19 @@ def interceptors() -> list[TracingInterceptor]:
 def context_of(event: EventSignal) -> Any:
     """The OpenTelemetry context of the event's ``metadata.traceparent`` (an empty one without),
     with its ``tracestate``: the receive span's, else the sender's (``metadata.headers``, where the
-    adapters keep it), which the W3C spec asks to pass on."""
-    carrier = {k: v for k in ("traceparent", "tracestate") if isinstance(v := event.metadata.get(k), str)}
+    adapters keep it), which the W3C spec asks to pass on. Only values of printable ASCII, as
+    the spec has them: OpenTelemetry logs a ``tracestate`` it cannot read as it is, and a
+    producer's newline there would write a line of its own choosing into the bridge's log."""
+    carrier = {k: v for k in ("traceparent", "tracestate") if _header_like(v := event.metadata.get(k))}
     headers = event.metadata.get("headers")
-    if (
-        "tracestate" not in carrier
-        and isinstance(headers, dict)
-        and isinstance(state := headers.get("tracestate"), str)
-    ):
+    if "tracestate" not in carrier and isinstance(headers, dict) and _header_like(state := headers.get("tracestate")):
         carrier["tracestate"] = state
     return PROPAGATOR.extract(carrier)
+
+
+def _header_like(value: object) -> TypeGuard[str]:
+    """A string of printable ASCII (space to ``~``): what a ``traceparent`` or ``tracestate`` may be."""
+    return isinstance(value, str) and value.isascii() and value.isprintable()
 
 
 class EventTracer:

@@ -358,3 +358,21 @@ def test_the_sdk_cores_own_lines_are_json_too() -> None:
     lines = [json.loads(line) for line in done.stderr.splitlines()]
     assert done.stdout == ""
     assert any(line["logger"] == logs.SDK_CORE_LOGGER and line["level"] == "WARNING" for line in lines), lines
+
+
+def test_a_librarys_line_quoting_a_senders_value_stays_one_line() -> None:
+    """The bridge's own lines escape what senders chose; a library's did not: OpenTelemetry logs a
+    tracestate it cannot read as it is, so a producer's newline wrote a line of its choosing."""
+    stream = configured("text")
+    forged = "2030-01-01 00:00:00,000 ERROR bridge.auth token accepted for admin"
+    logging.getLogger("opentelemetry.trace.span").warning("Invalid key/value pair (%s) found.", f"x\n{forged}\x1b[2J")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("bridge.test").exception("failed")
+    lines = stream.getvalue().splitlines()
+    assert lines[0].endswith(f"Invalid key/value pair (x\\n{forged}\\x1b[2J) found.")
+    assert TEXT_LINE.match(lines[1]) and lines[1].endswith("failed")
+    assert lines[2] == "Traceback (most recent call last):"  # a traceback keeps its lines
+    assert lines[-1] == "ValueError: boom"
+    assert not any(line.startswith("2030-") for line in lines)

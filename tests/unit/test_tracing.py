@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -49,3 +52,23 @@ def test_the_senders_tracestate_is_passed_on() -> None:
     assert event.metadata["tracestate"] == "vendor=abc"
     assert event.metadata["traceparent"] != PARENT  # the receive span's now
     assert context_of(event) is not None
+
+
+def test_a_trace_header_that_is_not_printable_ascii_is_not_passed_on(caplog: pytest.LogCaptureFixture) -> None:
+    """OpenTelemetry logs a tracestate it cannot read as it is: a Kafka or RabbitMQ producer's
+    newline there wrote a log line of its choosing, twice per event."""
+    hostile = "x\n2030-01-01 00:00:00,000 ERROR bridge.auth token accepted for admin \x1b[2J"
+    sent = EventSignal(
+        id="e-1",
+        name="a",
+        payload={},
+        source="kafka:t",
+        metadata={"traceparent": PARENT, "headers": {"traceparent": PARENT, "tracestate": hostile}},
+    )
+    with caplog.at_level(logging.DEBUG):
+        (event,), exporter = traced(sent)
+    (span,) = exporter.get_finished_spans()
+    assert span.parent is not None and span.parent.span_id == 0xB7AD6B7169203331  # the parent still counts
+    assert span.context is not None and len(span.context.trace_state) == 0
+    assert "tracestate" not in event.metadata
+    assert not any("\n" in r.getMessage() for r in caplog.records)
