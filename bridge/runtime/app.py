@@ -87,6 +87,25 @@ class _Uvicorn(uvicorn.Server):
 
 
 WATCH_INTERVAL = 2.0
+
+HTTP_AT_START = ("host", "port", "max_concurrent_requests", "trusted_proxies")
+"""What of ``http:`` the HTTP server is given once, at start (:func:`server_config`)."""
+
+
+def read_at_start(start: BridgeConfig, new: BridgeConfig) -> dict[str, tuple[Any, Any]]:
+    """Each setting a process reads only at start, by name: (its value at start, in ``new``)."""
+    pairs: dict[str, tuple[Any, Any]] = {
+        "project": (start.project, new.project),
+        "temporal": (start.temporal, new.temporal),
+        "dispatcher.shards": (start.dispatcher.shards, new.dispatcher.shards),
+        "kafka": (start.kafka, new.kafka),
+        "amqp": (start.amqp, new.amqp),
+        "tracing": (start.tracing, new.tracing),
+    }
+    pairs.update({f"http.{k}": (getattr(start.http, k), getattr(new.http, k)) for k in HTTP_AT_START})
+    return pairs
+
+
 READY_PING_EVERY = 1.0  # seconds a /readyz ping of Temporal stands for
 STATS_INTERVAL = 15.0  # seconds between reads of the dispatchers' stats query, for the metrics
 
@@ -343,22 +362,30 @@ class Bridge:
         self.http_port = server.servers[0].sockets[0].getsockname()[1]
 
     def _keep_process_settings(self, config: BridgeConfig) -> BridgeConfig:
-        """A reloaded file keeps what this process was started with: the project, Temporal and
-        the HTTP listener (changing those needs a restart; the log says so). A process that takes
-        events refuses a file without a bearer token as it would at start (unless insecure): the
-        events API would answer every request 401, or, insecure, be open to anyone."""
-        fixed = {"project": self.config.project, "temporal": self.config.temporal}
+        """A reloaded file keeps what this process was started with (:func:`read_at_start`): the
+        project, Temporal, the HTTP server's listener, connection limit and trusted proxies, the
+        shards, the consumers and tracing; a change to any of them is logged as needing a restart.
+        Kept in the snapshot, not only in the servers: the unsigned webhook requests' room is
+        half of the snapshot's ``max_concurrent_requests``, and raised past uvicorn's limit it was
+        never full, so a few addresses trickling bodies held every connection.
+
+        A process that takes events refuses a file without a bearer token as it would at start
+        (unless insecure): the events API would answer every request 401, or, insecure, be open
+        to anyone."""
         overridden = Settings.from_env().apply(config)  # as the file was read at start
-        if (overridden.project, overridden.temporal) != (self.config.project, self.config.temporal):
-            log.warning("config reload: project and temporal settings take effect only after a restart")
+        if changed := [name for name, (old, new) in read_at_start(self.config, overridden).items() if old != new]:
+            log.warning("config reload: %s take effect only after a restart", ", ".join(changed))
         if self.takes_events and not config.http.auth.tokens:
             if not self.insecure:
                 raise ConfigError(
                     "no bearer token under http.auth.tokens: a process that takes events needs one (or --insecure)"
                 )
             log.warning("insecure mode after reload: POST /api/v1/events accepts events from anyone")
-        http = config.http.model_copy(update={"host": self.config.http.host, "port": self.config.http.port})
-        return config.model_copy(update={**fixed, "http": http})
+        start = self.config
+        http = config.http.model_copy(update={k: getattr(start.http, k) for k in HTTP_AT_START})
+        dispatcher = config.dispatcher.model_copy(update={"shards": start.dispatcher.shards})
+        kept = {"project": start.project, "temporal": start.temporal, "kafka": start.kafka, "amqp": start.amqp}
+        return config.model_copy(update={**kept, "tracing": start.tracing, "http": http, "dispatcher": dispatcher})
 
     async def reload(self) -> bool:
         """Re-read the config file; when it compiled, tell the dispatcher to reload its routes.

@@ -171,6 +171,34 @@ def test_bridge_reload_keeps_what_the_process_was_started_with(tmp_path: Path) -
     assert now.tokens.match(f"Bearer {TOKEN_B}") == "token-1"  # tokens do reload
 
 
+def test_what_the_servers_and_consumers_read_at_start_stays_and_a_change_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn takes max_concurrent_requests and trusted_proxies once, at start. A reload changed
+    the snapshot's alone: the unsigned webhook requests' room (half the snapshot's limit) then
+    outgrew uvicorn's, was never full, and a few addresses trickling bodies held every
+    connection; a proxy removed from the file stayed trusted, and the log said nothing."""
+    path = tmp_path / "bridge.yaml"
+    first = data("a", dispatcher={"shards": 2})
+    first["http"] = {**first["http"], "max_concurrent_requests": 100, "trusted_proxies": ["10.0.0.0/8"]}
+    write(path, first)
+    bridge = Bridge(load(path), config_path=path, watch=False)
+    changed = data("a", "b", dispatcher={"shards": 4}, tracing={"enabled": True})
+    changed["http"] = {**changed["http"], "max_concurrent_requests": 10_000, "trusted_proxies": []}
+    changed["kafka"] = [{"bootstrap_servers": "127.0.0.1:9092", "topics": ["orders"]}]
+    write(path, changed)
+    with caplog.at_level(logging.WARNING, logger="bridge.runtime.app"):
+        assert bridge.source.reload()
+    now = bridge.source.current.config
+    assert bridge.source.current.routes.is_routable("b")  # the rest reloads
+    assert (now.http.max_concurrent_requests, now.http.trusted_proxies) == (100, ["10.0.0.0/8"])
+    assert (now.dispatcher.shards, now.kafka, now.tracing.enabled) == (2, [], False)
+    [line] = [r.getMessage() for r in caplog.records if "after a restart" in r.getMessage()]
+    for name in ("dispatcher.shards", "kafka", "tracing", "http.max_concurrent_requests", "http.trusted_proxies"):
+        assert name in line
+    assert "project" not in line and "amqp" not in line
+
+
 def test_a_reload_that_drops_every_token_is_refused_as_the_start_would_refuse_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
