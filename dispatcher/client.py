@@ -417,8 +417,24 @@ class DispatcherClient:
             self._start_senders()
 
     async def reload(self) -> None:
-        for shard in range(self.shards):
-            await self.handle(shard).signal(RELOAD_SIGNAL)
+        """Tell every shard's dispatcher to load its routes again, all of them whatever one
+        answers. A shard with no open run (terminated, or never started) is told by its next run,
+        which loads the routes as they are then. Any other failure is raised once every shard was
+        tried: one closed shard left the shards after it on the old routes until they continued
+        as new, and the watcher retrying it for good."""
+        results = await asyncio.gather(
+            *(self.handle(shard).signal(RELOAD_SIGNAL) for shard in range(self.shards)), return_exceptions=True
+        )
+        failed = [
+            (shard, exc)
+            for shard, exc in enumerate(results)
+            if isinstance(exc, BaseException)
+            and not (isinstance(exc, RPCError) and exc.status == RPCStatusCode.NOT_FOUND)
+        ]
+        if failed:
+            shards = ", ".join(str(shard) for shard, _ in failed)
+            log.warning("dispatcher reload: shard(s) %s not told: %s", shards, failed[0][1])
+            raise failed[0][1]
 
     async def stats(self) -> list[DispatcherStats]:
         return [await query_stats(self.handle(k)) for k in range(self.shards)]

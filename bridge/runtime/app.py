@@ -88,6 +88,9 @@ class _Uvicorn(uvicorn.Server):
 
 WATCH_INTERVAL = 2.0
 
+FAILURE_LOG_SECONDS = 60.0
+"""At most one line this often while the watcher's reload keeps failing the same way."""
+
 HTTP_AT_START = ("host", "port", "max_concurrent_requests", "trusted_proxies")
 """What of ``http:`` the HTTP server is given once, at start (:func:`server_config`)."""
 
@@ -417,7 +420,10 @@ class Bridge:
 
     async def _watch(self) -> None:
         """Reload when the file's modification time changes (checked every WATCH_INTERVAL s), and
-        tell the dispatcher of a reload it has not heard of yet."""
+        tell the dispatcher of a reload it has not heard of yet. A failure is logged with its
+        traceback once, then once a minute with how many more there were: while Temporal is out
+        of reach the dispatcher is told again every WATCH_INTERVAL s, and each was a traceback."""
+        failing, more, last = False, 0, 0.0
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             try:
@@ -426,8 +432,15 @@ class Bridge:
                 elif self._tell_dispatcher:
                     await self._told()
                     log.info("config reload: the dispatcher was told, after an earlier failure")
-            except Exception:
-                log.exception("config reload failed")
+                failing = False
+            except Exception as exc:
+                now = time.monotonic()
+                if not failing:
+                    log.exception("config reload failed")
+                    failing, more, last = True, 0, now
+                elif (more := more + 1) and now - last >= FAILURE_LOG_SECONDS:
+                    log.warning("config reload still failing (%d more attempts): %r", more, exc)
+                    more, last = 0, now
 
     def consumers(self) -> list[ConsumerReadiness]:
         """This bridge's Kafka consumers, for ``/readyz``: partitions, missing topics, state."""
@@ -530,7 +543,12 @@ async def run_until_signalled(bridge: Bridge) -> None:
     def on_hup() -> None:
         task = asyncio.create_task(bridge.reload())
         reloads.add(task)
-        task.add_done_callback(reloads.discard)
+        task.add_done_callback(reloaded)
+
+    def reloaded(task: asyncio.Task[bool]) -> None:
+        reloads.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:  # else "never retrieved"
+            log.warning("config reload on SIGHUP failed (the file watcher tells the dispatcher again): %r", exc)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:

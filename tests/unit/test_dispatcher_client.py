@@ -589,6 +589,30 @@ async def test_what_is_left_in_a_queue_when_close_ends_is_answered_unavailable(
     assert stray.done.done() and isinstance(stray.done.exception(), Unavailable)
 
 
+async def test_a_reload_reaches_every_shard_whatever_one_answers() -> None:
+    """Shards were told one after another: a shard whose run was closed (NOT_FOUND, told by its
+    next run) stopped the rest, which kept the old routes, and the watcher retried for good."""
+
+    class Answering(FakeHandle):
+        async def signal(self, name: str, *args: Any) -> None:
+            if (answer := failures.get(self.id)) is not None:
+                raise answer
+            await super().signal(name, *args)
+
+    temporal = FakeTemporal()
+    temporal.get_workflow_handle = lambda wid: Answering(temporal, wid)  # type: ignore[method-assign]
+    client = make_client(temporal, shards=3)
+    failures = {client.ids[0]: RPCError("workflow execution already completed", RPCStatusCode.NOT_FOUND, b"")}
+    await client.reload()  # a closed shard counts as told
+    assert temporal.signals == [(wid, RELOAD_SIGNAL) for wid in client.ids[1:]]
+
+    temporal.signals.clear()
+    failures = {client.ids[1]: RPCError("connection refused", RPCStatusCode.UNAVAILABLE, b"")}
+    with pytest.raises(RPCError):
+        await client.reload()
+    assert temporal.signals == [(client.ids[0], RELOAD_SIGNAL), (client.ids[2], RELOAD_SIGNAL)]
+
+
 async def test_ensure_started_and_reload_reach_every_shard() -> None:
     temporal = FakeTemporal()
     client = make_client(temporal, shards=3)

@@ -262,6 +262,34 @@ async def test_a_reload_the_dispatcher_did_not_hear_of_is_told_again_by_the_watc
     assert bridge.source.current.routes.is_routable("b") and dispatcher.calls == 2  # once heard, no more
 
 
+async def test_a_watcher_told_no_again_and_again_logs_one_traceback_then_a_line_a_minute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While Temporal was out of reach, every tick's retry logged a traceback (every 2 s, for
+    as long as the outage lasted)."""
+    path = tmp_path / "bridge.yaml"
+    write(path, data("a"))
+    bridge = Bridge(load(path), config_path=path, watch=False)
+
+    class Dispatcher:
+        calls = 0
+
+        async def reload(self) -> None:
+            self.calls += 1
+            raise Unavailable("Temporal is out of reach")
+
+    dispatcher = bridge.dispatcher = Dispatcher()  # type: ignore[assignment]
+    monkeypatch.setattr(app, "WATCH_INTERVAL", 0.001)
+    write(path, data("a", "b"))
+    watcher = asyncio.create_task(bridge._watch())
+    try:
+        await assert_eventually(lambda: dispatcher.calls >= 50, timeout=5, interval=0.01, what="told again")
+    finally:
+        watcher.cancel()
+    failed = [r for r in caplog.records if "config reload" in r.getMessage() and "fail" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is not None
+
+
 async def test_a_reload_swapped_while_the_dispatcher_was_being_told_is_told_again(tmp_path: Path) -> None:
     """A SIGHUP's reload and the watcher's overlap: the first telling ends after the second swap,
     whose own telling failed. The dispatcher may have loaded the first file's routes: it is told
