@@ -73,22 +73,39 @@ class SnapshotSource:
         self.current = snapshot
         self.path = Path(path) if path is not None else None
         self._prepare = prepare
-        self._mtime = self._stat()
+        self._loaded = self._stat()  # the file as the current snapshot was read from it
+        self._looked = self._loaded  # as the watcher's last look saw it
 
     def __call__(self) -> Snapshot:
         return self.current
 
-    def _stat(self) -> float | None:
+    def _stat(self) -> tuple[int, int, int] | None:
+        """What tells one version of the file from another: modification time, size, inode."""
         if self.path is None:
             return None
         try:
-            return self.path.stat().st_mtime
+            st = self.path.stat()
         except OSError:
             return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
 
     def changed(self) -> bool:
-        """True when the file's modification time differs from the last load's (for a watcher)."""
-        return self.path is not None and self._stat() != self._mtime
+        """True when the file differs from the one last loaded and is as the previous look saw it
+        (for a watcher): a file an editor or a script rewrites in place is read once it has
+        settled, not half-written. A half-written file may still be valid YAML with fewer
+        workflows: swapped in, the events of the ones missing were refused, skipped, or taken by
+        the dispatcher and then found unroutable, until the next look."""
+        if self.path is None:
+            return False
+        now, before = self._stat(), self._looked
+        self._looked = now
+        return now != self._loaded and now == before
+
+    def _moved(self) -> bool:
+        """The file changed while it was read: what was read may be half of it, so nothing is
+        swapped; the watcher reads it once it settles."""
+        log.info("config reload put off: %s changed while it was read", self.path)
+        return False
 
     def reload(self) -> bool:
         """Load the file again and swap the snapshot; on any error keep the current one.
@@ -97,19 +114,25 @@ class SnapshotSource:
         """
         if self.path is None:
             return False
-        mtime = self._stat()
+        version = self._stat()
         try:
             config = self._prepare(read_config(self.path))
             snapshot = Snapshot.compile(config, origin=str(self.path))
         except ConfigError as exc:
-            self._mtime = mtime  # do not retry the same bad file on every watcher tick
+            if self._stat() != version:
+                return self._moved()
+            self._loaded = version  # do not retry the same bad file on every watcher tick
             log.error("config reload refused, keeping the previous one: %s", exc)
             return False
         except Exception:  # a bug of ours on some file: the same, with the traceback
-            self._mtime = mtime
+            if self._stat() != version:
+                return self._moved()
+            self._loaded = version
             log.exception("config reload refused, keeping the previous one: the file could not be compiled")
             return False
+        if self._stat() != version:
+            return self._moved()
         self.current = snapshot
-        self._mtime = mtime
+        self._loaded = version
         log.info("config reloaded path=%s workflows=%d", self.path, len(snapshot.routes.workflows))
         return True
