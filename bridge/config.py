@@ -543,6 +543,19 @@ def parse_config(data: Any, *, origin: str = "config") -> BridgeConfig:
     return config
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What PyYAML found wrong and where, without the lines it quotes around the place: a secret
+    written in the file beside a bad escape went into the error, and the log."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character[:1] or "\0")
+        return f"character U+{code:04X} is not allowed (at character {exc.position})"
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return type(exc).__name__
+    mark = exc.problem_mark or exc.context_mark
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{exc.problem or exc.context or 'cannot be read'}{where}"
+
+
 def read_config(path: str | Path, env: Mapping[str, str] | None = None) -> BridgeConfig:
     path = Path(path)
     origin = str(path)
@@ -555,7 +568,7 @@ def read_config(path: str | Path, env: Mapping[str, str] | None = None) -> Bridg
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{origin}: not valid YAML: {_yaml_problem(exc)}") from None
     except RecursionError:
         raise ConfigError(f"{origin}: nested too deep to read") from None
     # After parsing, value by value: a secret with quotes or backslashes is taken verbatim, and

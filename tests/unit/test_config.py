@@ -474,3 +474,26 @@ def test_a_bearer_token_no_request_could_match_is_refused_at_load(tmp_path: Path
     path = write(tmp_path, 'project: shop\nhttp: {auth: {tokens: ["${BRIDGE_TOKEN}"]}}\n')
     with pytest.raises(ConfigError, match="no request could match it"):
         load_config(path, env={"BRIDGE_TOKEN": secret})
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ('secret: "LITERAL-webhook-secret-123\\q"', "found unknown escape character 'q' at line 6, column"),
+        ("secret: LITERAL-webhook-secret-123\x01", "character U+0001 is not allowed"),
+        ("secret: [LITERAL-webhook-secret-123", "at line 6, column"),
+    ],
+    ids=["bad-escape", "control-character", "unclosed"],
+)
+def test_a_file_yaml_cannot_read_is_refused_without_quoting_its_lines(tmp_path: Path, line: str, problem: str) -> None:
+    """PyYAML's error quotes the lines around the place it stopped: a secret written in the file
+    beside a bad escape went into the refusal, and the reload's ERROR line."""
+    path = tmp_path / "bridge.yaml"
+    path.write_text(
+        "project: shop\nhttp:\n  auth: {tokens: [t0ken-value]}\nwebhooks:\n  - slug: gh\n"
+        f"    verify: {{kind: github, {line}}}\n    events: [{{name: push}}]\n"
+    )
+    with pytest.raises(ConfigError) as refused:
+        snapshot.load(path)
+    assert "not valid YAML" in str(refused.value) and problem in str(refused.value)
+    assert "LITERAL" not in str(refused.value) and "t0ken" not in str(refused.value)
