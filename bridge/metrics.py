@@ -121,6 +121,19 @@ class Metrics:
             "max(dispatcher.starts_in_flight, dispatcher.batch_size)",
             registry=r,
         )
+        self.config_reloads = Counter(
+            "signal_bridge_config_reloads",
+            "Config reloads (SIGHUP or the file watcher): applied, or refused with the previous config "
+            "kept (the log says why)",
+            ["result"],
+            registry=r,
+        )
+        self.config_refused = Gauge(
+            "signal_bridge_config_refused",
+            "1 while the config file was last refused: the config in force is older than the file; "
+            "0 once a reload applies it",
+            registry=r,
+        )
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], MetricWrapperBase] = {}
 
     def child(self, metric: M, *labels: str) -> M:

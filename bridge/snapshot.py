@@ -75,6 +75,7 @@ class SnapshotSource:
         self._prepare = prepare
         self._loaded = self._stat()  # the file as the current snapshot was read from it
         self._looked = self._loaded  # as the watcher's last look saw it
+        self.refusals = 0  # files refused so far (a reload that kept the previous snapshot)
 
     def __call__(self) -> Snapshot:
         return self.current
@@ -122,12 +123,14 @@ class SnapshotSource:
             if self._stat() != version:
                 return self._moved()
             self._loaded = version  # do not retry the same bad file on every watcher tick
+            self.refusals += 1
             log.error("config reload refused, keeping the previous one: %s", exc)
             return False
         except Exception:  # a bug of ours on some file: the same, with the traceback
             if self._stat() != version:
                 return self._moved()
             self._loaded = version
+            self.refusals += 1
             log.exception("config reload refused, keeping the previous one: the file could not be compiled")
             return False
         if self._stat() != version:

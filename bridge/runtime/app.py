@@ -395,7 +395,11 @@ class Bridge:
 
         The swap is done before the dispatcher is told: if telling it fails (Temporal out of
         reach), the file is not read again, so :meth:`_watch` tells it again until it hears."""
+        refusals = self.source.refusals
         swapped = self.source.reload()
+        if swapped or self.source.refusals != refusals:
+            self.metrics.child(self.metrics.config_reloads, "applied" if swapped else "refused").inc()
+            self.metrics.config_refused.set(0 if swapped else 1)
         if swapped:
             self._swaps += 1
             if self.pipeline is not None:  # what the pipeline was given at start, as the new file says

@@ -424,3 +424,21 @@ async def test_readyz_requests_at_once_share_one_ping_of_temporal_and_a_second_r
     # and /readyz said ready.
     dispatcher.down = True
     assert not (await bridge.ready())["temporal"]
+
+
+async def test_each_reload_is_counted_and_a_refused_file_is_shown_until_one_applies(tmp_path: Path) -> None:
+    """A refused reload was one ERROR line: nothing an alert could watch for."""
+    path = tmp_path / "bridge.yaml"
+    write(path, data("a"))
+    bridge = Bridge(load(path), config_path=path, watch=False)
+    metrics = bridge.metrics
+
+    def counted(result: str) -> float:
+        return metrics.child(metrics.config_reloads, result)._value.get()
+
+    write(path, "project: [unclosed")
+    assert not await bridge.reload()
+    assert (counted("applied"), counted("refused"), metrics.config_refused._value.get()) == (0, 1, 1)
+    write(path, data("a", "b"))
+    assert await bridge.reload()
+    assert (counted("applied"), counted("refused"), metrics.config_refused._value.get()) == (1, 1, 0)
