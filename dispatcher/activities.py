@@ -23,6 +23,7 @@ from temporalio import activity
 from temporalio.api.common.v1 import Header, Memo, SearchAttributes, WorkflowExecution, WorkflowType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import (
+    GetWorkflowExecutionHistoryRequest,
     GetWorkflowExecutionHistoryReverseRequest,
     SignalWithStartWorkflowExecutionRequest,
     SignalWorkflowExecutionRequest,
@@ -158,13 +159,16 @@ class BridgeActivities:
         interceptor = tracing_interceptor(client) if self.tracing else None
 
         async def start(s: TargetStart) -> str:
-            if s.signal is not None and earlier is not None and (seen := await earlier.find(s)):
-                return seen
             async with self.slots.slot():
                 if time.monotonic() > last_send:
                     # Sent after the attempt's timeout, an answer would never reach its heartbeat,
                     # and the retry would send a signal-with-start again; failing first flushes them.
                     raise ApplicationError("START_TARGETS is out of time: the next attempt sends the rest")
+                # Looked for right before it is sent, in the slot: looked for before the wait for
+                # one (seconds, with the window small while a burst is handed over), an open run
+                # that held it could close meanwhile, and the signal-with-start then started another.
+                if s.signal is not None and earlier is not None and (seen := await earlier.find(s)):
+                    return seen
                 if s.signal is not None:
                     return await self._signal(client, s, interceptor)
                 if self.tracing:
@@ -433,13 +437,18 @@ class DeliveredBefore:
 
     async def _runs_of(self, workflow_id: str) -> list[str]:
         """The runs of ``workflow_id`` closed since the batch was scheduled: the current run when
-        it is closed (read by id: visibility may not list it yet), then the others. An open run
-        is not read: sent again, the signal is one it dedupes by its request id."""
+        it is closed (read by id: visibility may not list it yet), the runs it continued as new
+        from (read back through their first events, as visibility may not list them yet either),
+        then the others visibility lists. An open run is not read: sent again, the signal is one
+        it dedupes by its request id."""
         runs: list[str] = []
         try:
             current = await self.client.get_workflow_handle(workflow_id).describe()
             if current.status != WorkflowExecutionStatus.RUNNING:
                 runs.append(current.run_id)
+            run: str | None = current.run_id
+            while run and len(runs) < MAX_RUNS_SEARCHED and (run := await self._continued_from(workflow_id, run)):
+                runs.append(run)
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
@@ -458,6 +467,22 @@ class DeliveredBefore:
                 )
                 break
         return runs[:MAX_RUNS_SEARCHED]
+
+    async def _continued_from(self, workflow_id: str, run_id: str) -> str | None:
+        """The run ``run_id`` continued as new from, when it began since the batch was scheduled
+        (the one before closed then): read from its first event."""
+        request = GetWorkflowExecutionHistoryRequest(
+            namespace=self.client.namespace,
+            execution=WorkflowExecution(workflow_id=workflow_id, run_id=run_id),
+            maximum_page_size=1,
+        )
+        page = await self.client.workflow_service.get_workflow_execution_history(request)
+        if not page.history.events:
+            return None
+        first = page.history.events[0]
+        if first.event_time.ToDatetime(tzinfo=UTC) < self.since:
+            return None
+        return first.workflow_execution_started_event_attributes.continued_execution_run_id or None
 
     async def _read(self, workflow_id: str, run_id: str) -> tuple[set[str], str | None]:
         """The request ids of the signals the run took since the batch was scheduled, and that of

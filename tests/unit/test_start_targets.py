@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.converter import DataConverter
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
@@ -20,8 +21,8 @@ from temporalio.testing import ActivityEnvironment
 from bridge.metrics import Metrics
 from bridge.snapshot import Snapshot
 from dispatcher import activities
-from dispatcher.activities import SEND_MARGIN, BridgeActivities
-from dispatcher.contract import DUPLICATE, SIGNAL_STARTED, STARTED, StartBatch, TargetInput, TargetStart
+from dispatcher.activities import SEND_MARGIN, BridgeActivities, with_request_id
+from dispatcher.contract import DUPLICATE, SIGNAL_STARTED, SIGNALED, STARTED, StartBatch, TargetInput, TargetStart
 from dispatcher.slots import INITIAL, PRESSURE, Handover
 from tests.helpers import assert_eventually, config, runner
 
@@ -249,6 +250,24 @@ async def test_the_start_window_begins_small_and_is_shown() -> None:
     assert await run == [STARTED] * (INITIAL * 3)
 
 
+def first_event(at: datetime, continued_from: str = "") -> Any:
+    """A run's first event, as a one-event page of its history."""
+    started = HistoryEvent()
+    started.event_time.FromDatetime(at)
+    started.workflow_execution_started_event_attributes.continued_execution_run_id = continued_from
+    return SimpleNamespace(history=SimpleNamespace(events=[started]), next_page_token=b"")
+
+
+def signaled_page(request_id: str) -> Any:
+    """A page of a run's history (newest first) holding one signal sent with ``request_id``."""
+    signaled = HistoryEvent()
+    signaled.event_time.FromDatetime(datetime.now(UTC))
+    header = with_request_id(None, request_id)
+    assert header is not None
+    signaled.workflow_execution_signaled_event_attributes.header.CopyFrom(header)
+    return SimpleNamespace(history=SimpleNamespace(events=[signaled]), next_page_token=b"")
+
+
 class ClosingRuns:
     """Answers a signal-with-start as a server before temporalio/temporal#11968 does once the run
     it reached has closed: with another run, whatever the request id. The first attempt's plain
@@ -361,6 +380,10 @@ class OpenRun(ClosingRuns):
         for _ in ():
             yield None
 
+    async def get_workflow_execution_history(self, request: Any) -> Any:
+        assert request.maximum_page_size == 1  # its first event only: whom it continued from
+        return first_event(datetime.now(UTC) - timedelta(days=1))
+
     async def get_workflow_execution_history_reverse(self, request: Any) -> Any:
         raise AssertionError("an open run's history was read")
 
@@ -377,3 +400,95 @@ async def test_a_retry_does_not_read_an_open_run_that_dedupes_the_signal_itself(
     assert await env.run(BridgeActivities(snapshot()).start_targets, StartBatch([with_start])) == [SIGNAL_STARTED]
     assert client.signal_with_starts == [("order-1", "req-1")]
     assert len(client.listed) == 1 and 'ExecutionStatus != "Running"' in client.listed[0]
+
+
+class ClosesWhileWaiting(ClosingRuns):
+    """A target whose open run R1 holds the signal an earlier attempt sent unheard, and closes
+    while the retry waits for a start slot (the only one, held by another start)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outage = False
+        self.r1_open = True
+
+    def get_workflow_handle(self, workflow_id: str) -> Any:
+        async def describe(**_: Any) -> Any:
+            status = WorkflowExecutionStatus.RUNNING if self.r1_open else WorkflowExecutionStatus.COMPLETED
+            return SimpleNamespace(run_id="R1", status=status)
+
+        return SimpleNamespace(describe=describe)
+
+    async def list_workflows(self, query: str) -> Any:
+        for _ in ():
+            yield None
+
+    async def get_workflow_execution_history(self, request: Any) -> Any:
+        return first_event(datetime.now(UTC) - timedelta(days=1))
+
+    async def get_workflow_execution_history_reverse(self, request: Any) -> Any:
+        assert request.execution.run_id == "R1"
+        return signaled_page("req-E1")
+
+    async def start_workflow(self, workflow: str, arg: Any, *, id: str, **_: Any) -> None:
+        await asyncio.sleep(0.3)  # holds the only slot while R1 closes
+        self.starts.append(id)
+
+
+async def test_a_retry_looks_for_its_signal_right_before_sending_it_not_before_its_wait() -> None:
+    """The search for a signal an earlier attempt sent unheard came before the wait for a start
+    slot: R1, open then (it dedupes a signal sent again), closed during the wait, and the
+    signal-with-start sent after it started a second run with the same event."""
+    client = ClosesWhileWaiting()
+    arg = TargetInput(workflow_id="entity", exec_id="x", input={}, trigger={}, event={"id": "E1"})
+    with_start = TargetStart("order-42", "Entity", "q", arg, {"event_id": "E1"}, None, "evt", "start", "req-E1")
+    acts = BridgeActivities(snapshot(starts_in_flight=1, batch_size=1))
+    env = ActivityEnvironment(client=cast(Client, client))
+    env.info = dataclasses.replace(
+        env.info, is_local=False, attempt=2, scheduled_time=datetime.now(UTC) - timedelta(seconds=1)
+    )
+
+    async def close_r1() -> None:
+        await asyncio.sleep(0.1)
+        client.r1_open = False
+
+    closer = asyncio.create_task(close_r1())
+    outcomes = await env.run(acts.start_targets, StartBatch([start("other", None), with_start]))
+    await closer
+    assert outcomes == [STARTED, SIGNALED]  # found in R1, not sent again
+    assert client.signal_with_starts == []
+
+
+class ContinuedAsNew(OpenRun):
+    """A target whose run R1 took an earlier attempt's signal and continued as new into R2 just
+    now: R2 is open, and visibility does not list R1 yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signals: list[tuple[str, str]] = []
+
+    async def signal_workflow_execution(self, req: Any, **_: Any) -> Any:
+        self.signals.append((req.workflow_execution.workflow_id, req.request_id))
+
+    async def get_workflow_execution_history(self, request: Any) -> Any:
+        if request.execution.run_id == "open-run":
+            return first_event(datetime.now(UTC), continued_from="R1")
+        return first_event(datetime.now(UTC) - timedelta(days=1))
+
+    async def get_workflow_execution_history_reverse(self, request: Any) -> Any:
+        assert request.execution.run_id == "R1"
+        return signaled_page("req-1")
+
+
+async def test_a_retry_finds_its_signal_in_the_run_its_target_continued_as_new_from() -> None:
+    """Runs closed since the batch were found through visibility alone, which lists a run that
+    just continued as new only later: its successor, open, does not dedupe a signal sent to the
+    run before it, and took the event a second time."""
+    client = ContinuedAsNew()
+    arg = TargetInput(workflow_id="entity", exec_id="x", input={}, trigger={}, event={"id": "E1"})
+    skip = TargetStart("order-1", "Entity", "q", arg, {"event_id": "E1"}, None, "evt", "skip", "req-1")
+    env = ActivityEnvironment(client=cast(Client, client))
+    env.info = dataclasses.replace(
+        env.info, is_local=False, attempt=2, scheduled_time=datetime.now(UTC) - timedelta(seconds=5)
+    )
+    assert await env.run(BridgeActivities(snapshot()).start_targets, StartBatch([skip])) == [SIGNALED]
+    assert client.signals == [] and client.signal_with_starts == []
