@@ -322,10 +322,11 @@ class HttpConfig(Model):
     # Of them, requests of one source at once (a bearer token; a webhook's slug): past it 429 with
     # Retry-After 1, before the body is read, so one sender cannot take every request the process has.
     max_requests_per_source: int = Field(default=250, ge=1)
-    # The memory the bodies of requests in flight may hold once parsed, as estimated from each body
-    # before it is parsed (bridge.decode.parsed_weight): a 1 MiB body of `[[],[],…]`
-    # parses to 21 MiB. Past it 503 overloaded; past a quarter of it for one sender (a token, a
-    # webhook) while others wait, 429. One body alone always goes.
+    # The memory the requests in flight may hold once parsed: each body weighed before it is parsed
+    # (bridge.decode.parsed_weight; a 1 MiB body of `[[],[],…]` parses to 21 MiB), and its charge
+    # raised as its events are encoded (encoded_weight). Past it 503 overloaded; past a quarter
+    # for one sender (a token, a webhook) when that leaves the others less than a quarter, 429.
+    # One request alone always goes.
     max_parsed_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
     retry_after_seconds: int = Field(default=5, ge=1)
     # Addresses and networks of the proxies whose X-Forwarded-For names the client: behind a load

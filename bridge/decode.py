@@ -123,16 +123,18 @@ def _parse_constant(name: str) -> Any:
 
 
 # What a request holds while its events wait, per byte and per character of its body's JSON
-# (CPython 3.11, tracemalloc, bodies of about 1 MiB of one shape each): the body, the parsed events
-# and their encodings. A value is at least a pointer and mostly an object (`[]` 56 bytes, `{}` 64,
-# a string of one CJK character 76, a float 24), an event beside its payload about 500 bytes. So
-# the body counts three times, each ``[``, ``,`` and ``:`` 96 bytes, each ``{`` 128, and each of
-# the first ``max_batch`` ``{`` 384 more (it may begin an event). Held against this estimate, in
-# times the body: ``[[],…]`` 23.5 against 67; ``[{},…]`` 26.2 against 78; ``["ab",…]`` 13.8
-# against 22.2; ``["一",…]`` 16.1 against 19.0; ``["😀",…]`` 14.6 against 16.7;
-# ``[{"ab":"cd"},…]`` 22.3 against 30.0; a batch of 1,000 ``{"name":"o"}`` 39.9 against 57.1; one
-# string 3.0 against 3.0. Characters inside strings count too, so text full of commas is
-# overestimated; every shape measured was at or under its estimate.
+# (CPython 3.11, tracemalloc; tests/unit/test_http_memory.py): the body, the parsed events and
+# their encodings. A value is at least a pointer and mostly an object (`[]` 56 bytes, `{}` 64, a
+# string of one CJK character 76, a float 24), an event beside its payload about 500 bytes. So
+# before a body is parsed (parsed_weight) it counts three times, each ``[``, ``,`` and ``:`` 96
+# bytes, each ``{`` 128, and each of the first ``max_batch`` ``{`` 384 more (it may begin an
+# event); its events' encodings then raise that to what they show (encoded_weight). Held against
+# charged, in times the body: ``[[],…]`` 23.6 against 67; ``[{},…]`` 26.3 against 79;
+# ``["ab",…]`` 14.0 against 22; ``["😀",…]`` 15.8 against 25; ``[{"ab":"cd"},…]`` 22.3 against
+# 31; one string 3.0 against 3.0, 6.0 against 6.0 with one emoji in it (4 bytes a character);
+# 1,000 small events 15.4 against 51; the same keeping five headers of 512 ``é`` 898 against
+# 2,778 (the headers, each event's, are in no body); a CloudEvents batch of base64 JSON 18 against
+# 64. Characters inside strings count too, so text full of commas is overestimated.
 _PER_VALUE = 96
 _PER_OBJECT = 128
 _PER_EVENT = 384
@@ -141,16 +143,38 @@ _PER_REQUEST = 4096  # the request's own objects: one event of one long string h
 
 def parsed_weight(body: bytes, max_batch: int) -> int:
     """About how many bytes ``body`` holds once parsed into events (at most a batch of
-    ``max_batch``), read before it is parsed: C-speed counts of its structural characters."""
+    ``max_batch``), read before it is parsed: C-speed counts of its structural characters.
+
+    Structure the body hides is charged as its events are encoded (:func:`encoded_weight`), one
+    after another; but the events of a batch are all parsed first. So a body that may carry
+    CloudEvents ``data_base64`` (decoded and parsed when its content type is JSON) counts as
+    base64 of the heaviest JSON (``[{},…]``, 78 times its text, three quarters as long)."""
     objects = body.count(b"{")
     values = body.count(b"[") + body.count(b",") + body.count(b":")
-    return (
+    weight = (
         _PER_REQUEST
         + 3 * len(body)
         + _PER_VALUE * values
         + _PER_OBJECT * objects
         + _PER_EVENT * max(1, min(objects, max_batch))
     )
+    return max(weight, _HIDDEN * len(body)) if b"data_base64" in body else weight
+
+
+_HIDDEN = 64  # bytes per byte of a body whose JSON may be hidden in base64 (parsed_weight)
+
+
+def encoded_weight(encoded: bytes) -> int:
+    """About what one event holds, parsed and encoded, from its encoding (JSON, non-ASCII
+    escaped as ``\\uXXXX``): the encoding, the strings in memory (up to 4 bytes a character
+    when one is past U+FFFF, escaped as a surrogate pair ``\\ud8..``; 2 past U+00FF), the values
+    and objects as :func:`parsed_weight` counts them, and the event's own objects. Everything an
+    event holds is in its encoding, what the body did not show included: the headers and key each
+    event of a batch keeps, data that was base64 or percent-encoded."""
+    wide = 4 if b"\\ud" in encoded else 2 if b"\\u" in encoded else 1
+    objects = encoded.count(b"{")
+    values = encoded.count(b"[") + encoded.count(b",") + encoded.count(b":")
+    return _PER_EVENT + _PER_OBJECT + (1 + wide) * len(encoded) + _PER_VALUE * values + _PER_OBJECT * objects
 
 
 # Made once: json.loads with any hook builds a decoder and its scanner per call.

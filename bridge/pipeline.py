@@ -150,6 +150,7 @@ class Pipeline:
         encoded: Sequence[bytes] | None = None,
         routes: RouteTable | None = None,
         sender: str | None = None,
+        weigh: Callable[[bytes], None] | None = None,
     ) -> list[Outcome]:
         """Check each event, submit the good ones together, and report every outcome in order.
         ``encoded``: what :meth:`examine` gave for each event, which passed it; they are then not
@@ -158,29 +159,19 @@ class Pipeline:
         webhook mapped them), so a reload meanwhile does not judge them by another config.
         ``sender``: who sent them (``http:<token name>``, ``webhook:<slug>``, ``kafka:<name>``…),
         whose events may be at most :attr:`pending_share` of those waiting; None: not limited.
+        ``weigh``: called with each good event's encoding as it is made, before the loop's next
+        turn (the HTTP adapter charges what its events hold); what it raises ends the submission,
+        with nothing of it taken or counted.
 
         Raises :class:`bridge.errors.Unavailable` when Temporal did not take the good ones, and
         :class:`bridge.errors.PartlyHeld` (with every outcome, those not held refused as
         ``unavailable``) when it took some of them; :class:`bridge.errors.Overloaded` (or
         :class:`bridge.errors.SenderOverloaded`) when there is no room to wait for it.
         """
-        outcomes: list[Outcome] = []
-        good: list[EventSignal] = []
-        datas: list[bytes] = []
         if self.tracer is not None:  # before encoding: each event then carries its receive span
             events = self.tracer.received(events, adapter)
             encoded = None
-        if encoded is not None and len(encoded) == len(events) and all(encoded):
-            outcomes, good, datas = [Outcome(e) for e in events], list(events), list(encoded)
-        else:
-            for n, event in enumerate(events):
-                if n:  # each check may take its schemas' whole budget: the loop's other work goes between
-                    await asyncio.sleep(0)
-                rejected, data = self.examine(event, routes)
-                outcomes.append(Outcome(event, rejected))
-                if rejected is None:
-                    good.append(event)
-                    datas.append(data)
+        outcomes, good, datas = await self._examined(events, encoded, routes, weigh)
         metrics = self.metrics
         metrics.child(metrics.received, adapter).inc(len(events))
         if len(good) < len(outcomes):
@@ -214,6 +205,35 @@ class Pipeline:
                 metrics.inflight.dec(len(good))
             metrics.child(metrics.accepted, adapter).inc(len(good))
         return outcomes
+
+    async def _examined(
+        self,
+        events: Sequence[EventSignal],
+        encoded: Sequence[bytes] | None,
+        routes: RouteTable | None,
+        weigh: Callable[[bytes], None] | None,
+    ) -> tuple[list[Outcome], list[EventSignal], list[bytes]]:
+        """Each event's outcome as checked (or as ``encoded`` says: all passed), and the good
+        ones with their encodings, each weighed as it is made."""
+        if encoded is not None and len(encoded) == len(events) and all(encoded):
+            if weigh is not None:
+                for data in encoded:
+                    weigh(data)
+            return [Outcome(e) for e in events], list(events), list(encoded)
+        outcomes: list[Outcome] = []
+        good: list[EventSignal] = []
+        datas: list[bytes] = []
+        for n, event in enumerate(events):
+            if n:  # each check may take its schemas' whole budget: the loop's other work goes between
+                await asyncio.sleep(0)
+            rejected, data = self.examine(event, routes)
+            outcomes.append(Outcome(event, rejected))
+            if rejected is None:
+                if weigh is not None:
+                    weigh(data)
+                good.append(event)
+                datas.append(data)
+        return outcomes, good, datas
 
     def _partly(self, exc: PartlyHeld, outcomes: list[Outcome], adapter: str) -> PartlyHeld:
         """``exc`` (whose ``held`` indexes the submitted events) with ``held`` indexing ``outcomes``,

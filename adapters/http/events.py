@@ -27,7 +27,7 @@ from adapters.http.openapi import BEARER_AUTH, EventsOperation, error_responses
 from adapters.http.parse import Parsed, parse
 from adapters.http.problems import Problem
 from adapters.http.request import headers, read_body, trace_metadata
-from adapters.http.state import HTTP_ADAPTER, HttpState
+from adapters.http.state import HTTP_ADAPTER, HttpState, Weighed
 from bridge.errors import EventRejected, Reason
 from bridge.event import EventSignal
 from bridge.logsafe import safe
@@ -113,7 +113,7 @@ class EventsController(Controller):
             except EventRejected:
                 _take(http, token)
                 raise
-            with http.parsing(snapshot, HTTP_ADAPTER, sender, body):  # its memory, before it is parsed
+            with http.parsing(snapshot, HTTP_ADAPTER, sender, body) as weighed:  # its memory, before it is parsed
                 try:
                     parsed = _parse(http, snapshot, received, body, idempotency_key, token)
                 except EventRejected:
@@ -121,9 +121,9 @@ class EventsController(Controller):
                     raise
                 if isinstance(parsed, list):
                     http.charge(token, max(1, len(parsed)))
-                    return await _submit_batch(http, snapshot, token, parsed)
+                    return await _submit_batch(http, snapshot, token, parsed, weighed)
                 http.charge(token, 1)
-                return await _submit_one(http, snapshot, token, parsed)
+                return await _submit_one(http, snapshot, token, parsed, weighed)
 
     @get(
         "/",
@@ -180,9 +180,14 @@ def _parse(
         raise http.refuse(HTTP_ADAPTER, EventRejected("malformed", UNREADABLE)) from None
 
 
-async def _submit_one(http: HttpState, snap: Snapshot, token: str, event: EventSignal) -> Response[Any]:
+async def _submit_one(
+    http: HttpState, snap: Snapshot, token: str, event: EventSignal, weighed: Weighed
+) -> Response[Any]:
     retry_hint = "Temporal did not accept the event; retry with the same Idempotency-Key"
-    [outcome] = await http.submit(snap, [event], HTTP_ADAPTER, retry_hint, sender=_sender(token), event_id=event.id)
+    sender = _sender(token)
+    [outcome] = await http.submit(
+        snap, [event], HTTP_ADAPTER, retry_hint, sender=sender, weighed=weighed, event_id=event.id
+    )
     if outcome.rejected is not None:
         raise Problem.of(outcome.rejected, event_id=event.id)
     if log.isEnabledFor(logging.DEBUG):
@@ -190,14 +195,18 @@ async def _submit_one(http: HttpState, snap: Snapshot, token: str, event: EventS
     return Response(answers.accepted(event), status_code=ACCEPTED)
 
 
-async def _submit_batch(http: HttpState, snap: Snapshot, token: str, items: list[Parsed]) -> Response[Any]:
+async def _submit_batch(
+    http: HttpState, snap: Snapshot, token: str, items: list[Parsed], weighed: Weighed
+) -> Response[Any]:
     events = [item for item in items if isinstance(item, EventSignal)]
     http.refuse_items(HTTP_ADAPTER, [item for item in items if isinstance(item, EventRejected)])
     retry_hint = "Temporal did not accept the batch; nothing of it is held, retry it whole"
     ids = [e.id for e in events]
     sender = _sender(token)
     outcomes = iter(
-        await http.submit(snap, events, HTTP_ADAPTER, retry_hint, sender=sender, event_ids=ids) if events else []
+        await http.submit(snap, events, HTTP_ADAPTER, retry_hint, sender=sender, weighed=weighed, event_ids=ids)
+        if events
+        else []
     )
     results = [
         {

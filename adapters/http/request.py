@@ -25,7 +25,8 @@ KEPT_HEADERS = ("traceparent", "tracestate", "x-request-id", "x-correlation-id",
 # A kept header's value is at most MAX_KEPT_VALUE (512) characters, as on every adapter (W3C asks
 # that ``tracestate`` be kept up to 512); a longer one is left out, not cut: a cut trace header is
 # no trace header. The events of a batch share the request's one copy in memory; encoded, each
-# carries at most ~3.5 KB of it.
+# carries at most ~3.5 KB of it in ASCII, six times that in Latin-1 escaped as \u00XX (what the
+# request's charge of http.max_parsed_bytes grows by, as its events are encoded).
 _MAX_LENGTH_DIGITS = 18
 
 

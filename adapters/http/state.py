@@ -25,7 +25,7 @@ from litestar.handlers.base import BaseRouteHandler
 from adapters.http.problems import Problem
 from bridge.adapter import ConsumerReadiness
 from bridge.config import RateLimit
-from bridge.decode import parsed_weight
+from bridge.decode import encoded_weight, parsed_weight
 from bridge.errors import EventRejected, PartlyHeld, PartlyRefused, Reason, SenderOverloaded, Unavailable
 from bridge.event import EventSignal
 from bridge.logsafe import safe
@@ -144,6 +144,22 @@ class Limits:
         return buckets
 
 
+class Weighed:
+    """One request's charge of ``http.max_parsed_bytes`` (:meth:`HttpState.parsing`)."""
+
+    def __init__(self, state: HttpState, snap: Snapshot, adapter: str, sender: str, body: int) -> None:
+        self.state, self.snap, self.adapter, self.sender = state, snap, adapter, sender
+        self.weight = 0  # charged now
+        self._body = body
+        self._encoded = 0
+
+    def encoded(self, data: bytes) -> None:
+        """One of its events, encoded: the charge grows to the body and what the encodings so far
+        show they hold, when that is more than the body's own weight; or the request is refused."""
+        self._encoded += encoded_weight(data)
+        self.state._grow(self, self._body + self._encoded)
+
+
 class HttpState:
     """The pipeline, the current snapshot, readiness and the rate limits of one HTTP adapter."""
 
@@ -189,6 +205,7 @@ class HttpState:
         unavailable: str,
         *,
         sender: str,
+        weighed: Weighed | None = None,
         **ids: Any,
     ) -> list[Outcome]:
         """Submit through the pipeline as ``sender`` (``http:<token name>``, ``webhook:<slug>``);
@@ -199,7 +216,8 @@ class HttpState:
         a retry of it whole would start the held events again if they have no ids of their own."""
         try:
             # Checked against the request's snapshot, which made its events (its webhook's mapping).
-            return await self.pipeline.submit(events, adapter, routes=snap.routes, sender=sender)
+            weigh = weighed.encoded if weighed is not None else None
+            return await self.pipeline.submit(events, adapter, routes=snap.routes, sender=sender, weigh=weigh)
         except PartlyHeld as exc:  # a batch: which are held and which to send again (a 207)
             return list(exc.outcomes)
         except PartlyRefused as exc:  # likewise, and those too large for the server alone
@@ -286,35 +304,49 @@ class HttpState:
                 del self._open[key]
 
     @contextlib.contextmanager
-    def parsing(self, snap: Snapshot, adapter: str, sender: str, body: bytes) -> Iterator[None]:
-        """Room for ``body`` to be parsed and its events held until they are answered, before it is
-        parsed: its :func:`bridge.decode.parsed_weight` within ``http.max_parsed_bytes``.
-        A sender past a quarter of it, when the others would be left less than a quarter, is
-        refused ``429 rate_limited``; a request past all of it ``503 overloaded``; each with
-        ``Retry-After`` and nothing parsed. One body alone (of the process, of a sender) always
-        goes. Without it, ``max_concurrent_requests`` bodies of small lists, each 21 times its
-        size parsed, took 21 GiB."""
+    def parsing(self, snap: Snapshot, adapter: str, sender: str, body: bytes) -> Iterator[Weighed]:
+        """Room for ``body`` to be parsed and its events held until they are answered, within
+        ``http.max_parsed_bytes``: charged before it is parsed (:func:`bridge.decode.parsed_weight`),
+        and raised as its events are encoded (:meth:`Weighed.encoded`) to what the encodings show
+        they hold, where the body did not: headers and keys each event keeps, data in base64 or
+        percent-encoding. A sender past a quarter of the room, when the others would be left less
+        than a quarter, is refused ``429 rate_limited``; a request past all of it ``503
+        overloaded``; each with ``Retry-After``, counted as overloaded, and nothing of it taken.
+        One request alone (of the process, of a sender) always goes. Without it, the requests in
+        flight held up to 21 GiB parsed while Temporal was slow."""
         http = snap.config.http
-        weight, budget = parsed_weight(body, http.max_batch_events), http.max_parsed_bytes
-        share, mine = max(1, budget // 4), self._parsed_of[sender]
-        retry = max(1, http.retry_after_seconds)
-        if mine and mine + weight > share and self._parsed + weight > budget - share:
-            self._full.note(f"{safe(sender)} holds {mine} bytes of {self._parsed} (a sender's share: {share})")
-            message = f"this sender's requests in flight hold their share of memory ({share} bytes); retry shortly"
-            raise self.deny(adapter, "rate_limited", message, retry_after=retry)
-        if self._parsed and self._parsed + weight > budget:
-            self._full.note(f"{self._parsed} bytes held, {weight} asked (http.max_parsed_bytes: {budget})")
-            message = "the requests in flight hold as much memory as this process allows; retry shortly"
-            raise self.deny(adapter, "overloaded", message, retry_after=retry)
-        self._parsed += weight
-        self._parsed_of[sender] += weight
+        weighed = Weighed(self, snap, adapter, sender, len(body))
+        self._grow(weighed, parsed_weight(body, http.max_batch_events))
         try:
-            yield
+            yield weighed
         finally:
-            self._parsed -= weight
-            self._parsed_of[sender] -= weight
+            self._parsed -= weighed.weight
+            self._parsed_of[sender] -= weighed.weight
             if not self._parsed_of[sender]:
                 del self._parsed_of[sender]
+
+    def _grow(self, weighed: Weighed, weight: int) -> None:
+        """Charge ``weighed`` up to ``weight``, or refuse it (429, 503) and charge nothing more."""
+        more = weight - weighed.weight
+        if more <= 0:
+            return
+        http = weighed.snap.config.http
+        budget, sender, adapter = http.max_parsed_bytes, weighed.sender, weighed.adapter
+        share, retry = max(1, budget // 4), max(1, http.retry_after_seconds)
+        mine = self._parsed_of[sender] - weighed.weight  # of the sender's other requests
+        if mine and mine + weight > share and self._parsed + more > budget - share:
+            self.metrics.child(self.metrics.overloaded, adapter).inc()
+            self._full.note(f"{safe(sender)} holds {mine} bytes of {self._parsed} (a sender's share: {share})")
+            message = f"this sender's requests in flight hold their share of memory ({share} bytes); retry shortly"
+            raise Problem("rate_limited", message, retry_after=retry)
+        if self._parsed - weighed.weight and self._parsed + more > budget:
+            self.metrics.child(self.metrics.overloaded, adapter).inc()
+            self._full.note(f"{self._parsed} bytes held, {more} more asked (http.max_parsed_bytes: {budget})")
+            message = "the requests in flight hold as much memory as this process allows; retry shortly"
+            raise Problem("overloaded", message, retry_after=retry)
+        self._parsed += more
+        self._parsed_of[sender] += more
+        weighed.weight = weight
 
     @contextlib.asynccontextmanager
     async def unverified(self, snap: Snapshot, address: str) -> AsyncIterator[None]:

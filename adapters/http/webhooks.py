@@ -21,7 +21,7 @@ from adapters.http import answers
 from adapters.http.answers import ACCEPTED, DeliveryAnswer, Ignored
 from adapters.http.openapi import DeliveryOperation, error_responses
 from adapters.http.request import headers, read_body
-from adapters.http.state import WEBHOOK_ADAPTER, HttpState, address_key
+from adapters.http.state import WEBHOOK_ADAPTER, HttpState, Weighed, address_key
 from bridge.errors import HTTP_STATUS, EventRejected, Reason
 from bridge.logsafe import safe
 from bridge.ratelimit import retry_after
@@ -100,8 +100,11 @@ class WebhooksController(Controller):
                 body = await read_body(request, http, snapshot, WEBHOOK_ADAPTER)
             received = headers(request)
             _verify(http, route, received, body)
-        with http.held(WEBHOOK_ADAPTER, _sender(slug)), http.parsing(snapshot, WEBHOOK_ADAPTER, _sender(slug), body):
-            return await self._receive(slug, route, received, body, http, snapshot)
+        with (
+            http.held(WEBHOOK_ADAPTER, _sender(slug)),
+            http.parsing(snapshot, WEBHOOK_ADAPTER, _sender(slug), body) as weighed,
+        ):
+            return await self._receive(slug, route, received, body, http, snapshot, weighed)
 
     async def _receive(
         self,
@@ -111,6 +114,7 @@ class WebhooksController(Controller):
         body: bytes,
         http: HttpState,
         snapshot: Snapshot,
+        weighed: Weighed,
     ) -> Response[DeliveryAnswer]:
         delivery = _events(http, route, received, body)
         if (kept := route.answered.get(delivery.delivery_id)) is not None:
@@ -136,7 +140,7 @@ class WebhooksController(Controller):
                 "rate limit of this webhook exceeded; retry after the Retry-After delay",
                 retry_after=retry_after(wait),
             )
-        response = await _submit(http, snapshot, slug, delivery)
+        response = await _submit(http, snapshot, slug, delivery, weighed)
         if response.status_code is not None and _final(response.content):
             route.remember(delivery.delivery_id, response.status_code, response.content)
         return response
@@ -212,7 +216,7 @@ def _sender(slug: str) -> str:
     return f"{WEBHOOK_ADAPTER}:{slug}"
 
 
-async def _submit(http: HttpState, snap: Snapshot, slug: str, delivery: Delivery) -> Response[Any]:
+async def _submit(http: HttpState, snap: Snapshot, slug: str, delivery: Delivery, weighed: Weighed) -> Response[Any]:
     retry_hint = "Temporal did not accept the delivery; its redelivery will be"
     outcomes = await http.submit(
         snap,
@@ -220,6 +224,7 @@ async def _submit(http: HttpState, snap: Snapshot, slug: str, delivery: Delivery
         WEBHOOK_ADAPTER,
         retry_hint,
         sender=_sender(slug),
+        weighed=weighed,
         delivery_id=delivery.delivery_id,
     )
     answer = answers.batch([answers.result(o) for o in outcomes], delivery_id=delivery.delivery_id)
