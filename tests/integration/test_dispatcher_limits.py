@@ -35,6 +35,12 @@ WFT_ENDED = {
 }
 
 
+SERVER_REFUSED = {
+    WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_FORCE_CLOSE_COMMAND,
+    WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_UNHANDLED_COMMAND,
+}
+
+
 def big_payload(n: int) -> dict[str, Any]:
     """About 880 KB of JSON (110,000 integers): 2^63 at the end, which CEL holds only as a uint."""
     return {"kind": "big", "n": n, "items": [*range(1_000_000, 1_110_000), 2**63]}
@@ -43,9 +49,11 @@ def big_payload(n: int) -> dict[str, Any]:
 async def workflow_task_durations(client: Client, workflow_id: str) -> list[timedelta]:
     """WorkflowTaskStarted → its end, for every run of the workflow (continue-as-new included).
 
-    A workflow task may end failed only with cause FORCE_CLOSE_COMMAND: the server closes a task
-    while more than 2 MiB of signals wait for it (three of these events), whatever the worker
-    does; the next task replays and goes on. Any other failure or a timeout is a defect.
+    A workflow task may end failed only as the server refuses a completion, whatever the worker
+    does, and the next task replays and goes on: FORCE_CLOSE_COMMAND, while more than 2 MiB of
+    signals wait for it (three of these events); UNHANDLED_COMMAND, when the task continued as new
+    and a signal came in while it was being completed (seen once in a full integration run here, the
+    next event sent as the run rotated). Any other failure or a timeout is a defect.
     """
     durations: list[timedelta] = []
     async for execution in client.list_workflows(f'WorkflowId="{workflow_id}"'):
@@ -57,7 +65,7 @@ async def workflow_task_durations(client: Client, workflow_id: str) -> list[time
             elif event.event_type in WFT_ENDED and started is not None:
                 if event.event_type != EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
                     cause = event.workflow_task_failed_event_attributes.cause
-                    assert cause == WorkflowTaskFailedCause.WORKFLOW_TASK_FAILED_CAUSE_FORCE_CLOSE_COMMAND, event
+                    assert cause in SERVER_REFUSED, event
                 durations.append(event.event_time.ToDatetime() - started)
                 started = None
     return durations
