@@ -58,7 +58,7 @@ from dispatcher.contract import (
     TargetStart,
     failed,
 )
-from dispatcher.slots import Handover, StartSlots, StartWindow
+from dispatcher.slots import Handover, StartSlots, StartWindow, Timing
 from dispatcher.spans import client_span, tracing_interceptor
 from dispatcher.told import Told
 
@@ -159,16 +159,14 @@ class BridgeActivities:
         interceptor = tracing_interceptor(client) if self.tracing else None
 
         async def start(s: TargetStart) -> str:
-            async with self.slots.slot():
+            async with self.slots.slot() as timing:
+                if earlier is not None and (seen := await sent_before(earlier, s, timing, last_send)):
+                    return seen
                 if time.monotonic() > last_send:
                     # Sent after the attempt's timeout, an answer would never reach its heartbeat,
                     # and the retry would send a signal-with-start again; failing first flushes them.
+                    timing.unsent()
                     raise ApplicationError("START_TARGETS is out of time: the next attempt sends the rest")
-                # Looked for right before it is sent, in the slot: looked for before the wait for
-                # one (seconds, with the window small while a burst is handed over), an open run
-                # that held it could close meanwhile, and the signal-with-start then started another.
-                if s.signal is not None and earlier is not None and (seen := await earlier.find(s)):
-                    return seen
                 if s.signal is not None:
                     return await self._signal(client, s, interceptor)
                 if self.tracing:
@@ -224,6 +222,21 @@ class BridgeActivities:
     @activity.defn(name=HTTP_REQUEST)
     async def http_request(self, call: HttpCall) -> dict[str, Any]:
         return await http_task.run(self.snapshot().config, call)
+
+
+async def sent_before(earlier: DeliveredBefore, s: TargetStart, timing: Timing, last_send: float) -> str | None:
+    """Where an earlier attempt's signal went, looked for right before it is sent, in the slot:
+    looked for before the wait for one (seconds, with the window small while a burst is handed
+    over), an open run that held it could close meanwhile, and the signal-with-start then started
+    another. The search is no start's latency for the window."""
+    if s.signal is None or time.monotonic() > last_send:
+        return None
+    seen = await earlier.find(s)
+    if seen:
+        timing.unsent()
+    else:
+        timing.restart()
+    return seen
 
 
 SEND_MARGIN = timedelta(seconds=30)
@@ -385,6 +398,9 @@ def request_id_of(header: Header) -> str | None:
     return value if isinstance(value, str) else None
 
 
+SEARCHES = 3
+"""How many times a retry searches a target's runs for a signal when the run it saw open closes
+during the search; past that, the signal is sent."""
 MAX_RUNS_SEARCHED = 100
 """How many runs of a target's id, closed since its batch was scheduled, a retry reads before it
 gives up looking for an earlier attempt's signal in the rest and sends it again."""
@@ -411,6 +427,7 @@ class DeliveredBefore:
         self.client = client
         self.since = scheduled - CLOCK_MARGIN
         self._runs: dict[tuple[str, str], tuple[set[str], str | None]] = {}
+        self._first: dict[tuple[str, str], str | None] = {}  # whom each run continued from
         self._blind = False  # the namespace refuses the reads: logged once, the signals are sent
 
     async def find(self, s: TargetStart) -> str | None:
@@ -419,10 +436,16 @@ class DeliveredBefore:
         if not s.request_id or self._blind:
             return None
         try:
-            for run in await self._runs_of(s.id):
-                signals, started_by = await self._read(s.id, run)
-                if s.request_id in signals:
-                    return SIGNAL_STARTED if started_by == s.request_id else SIGNALED
+            for _ in range(SEARCHES):
+                runs, open_run = await self._runs_of(s.id)
+                for run in runs:
+                    signals, started_by = await self._read(s.id, run)
+                    if s.request_id in signals:
+                        return SIGNAL_STARTED if started_by == s.request_id else SIGNALED
+                # The run seen open dedupes the signal sent again, unless it closed during the
+                # search: then it is searched again, among the closed ones.
+                if open_run is None or await self._still_open(s.id, open_run):
+                    return None
         except RPCError as exc:
             if exc.status not in CANNOT_READ:
                 raise
@@ -435,17 +458,25 @@ class DeliveredBefore:
             )
         return None
 
-    async def _runs_of(self, workflow_id: str) -> list[str]:
+    async def _still_open(self, workflow_id: str, run_id: str) -> bool:
+        """Whether ``run_id`` is still ``workflow_id``'s open run."""
+        current = await self.client.get_workflow_handle(workflow_id).describe()
+        return current.run_id == run_id and current.status == WorkflowExecutionStatus.RUNNING
+
+    async def _runs_of(self, workflow_id: str) -> tuple[list[str], str | None]:
         """The runs of ``workflow_id`` closed since the batch was scheduled: the current run when
         it is closed (read by id: visibility may not list it yet), the runs it continued as new
         from (read back through their first events, as visibility may not list them yet either),
-        then the others visibility lists. An open run is not read: sent again, the signal is one
-        it dedupes by its request id."""
+        then the others visibility lists; and the open run, if one is. An open run is not read:
+        sent again, the signal is one it dedupes by its request id."""
         runs: list[str] = []
+        open_run: str | None = None
         try:
             current = await self.client.get_workflow_handle(workflow_id).describe()
             if current.status != WorkflowExecutionStatus.RUNNING:
                 runs.append(current.run_id)
+            else:
+                open_run = current.run_id
             run: str | None = current.run_id
             while run and len(runs) < MAX_RUNS_SEARCHED and (run := await self._continued_from(workflow_id, run)):
                 runs.append(run)
@@ -466,11 +497,17 @@ class DeliveredBefore:
                     MAX_RUNS_SEARCHED,
                 )
                 break
-        return runs[:MAX_RUNS_SEARCHED]
+        return runs[:MAX_RUNS_SEARCHED], open_run
 
     async def _continued_from(self, workflow_id: str, run_id: str) -> str | None:
         """The run ``run_id`` continued as new from, when it began since the batch was scheduled
-        (the one before closed then): read from its first event."""
+        (the one before closed then): read from its first event, once per attempt."""
+        if (workflow_id, run_id) in self._first:
+            return self._first[(workflow_id, run_id)]
+        self._first[(workflow_id, run_id)] = found = await self._read_continued_from(workflow_id, run_id)
+        return found
+
+    async def _read_continued_from(self, workflow_id: str, run_id: str) -> str | None:
         request = GetWorkflowExecutionHistoryRequest(
             namespace=self.client.namespace,
             execution=WorkflowExecution(workflow_id=workflow_id, run_id=run_id),

@@ -261,6 +261,24 @@ class StartWindow:
         self._full = False
 
 
+class Timing:
+    """What one slot's holder tells the window (:meth:`StartSlots.slot`): from when its call to
+    Temporal went out, or nothing when it made none."""
+
+    def __init__(self, window: StartWindow) -> None:
+        self._window = window
+        self.began: float | None = window.now()
+
+    def restart(self) -> None:
+        """The call goes out now: what came before it in the slot (a search of earlier runs) is
+        no start's latency, and counted so it made the window smaller."""
+        self.began = self._window.now()
+
+    def unsent(self) -> None:
+        """Nothing was sent: nothing to tell the window."""
+        self.began = None
+
+
 class StartSlots:
     """A semaphore whose size is read at each acquire: the start window's size times the
     hand-over's share, at least one. A smaller size makes new starts wait; none in flight is
@@ -288,8 +306,9 @@ class StartSlots:
         return max(1, int(size * self._share()))
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold one slot for the body, and tell the window how long it took. Only the first start
+    async def slot(self) -> AsyncIterator[Timing]:
+        """Hold one slot for the body, and tell the window how long its call took (:class:`Timing`,
+        from the slot's start unless the body says otherwise). Only the first start
         in line watches for one to free up; when it waits only because of the hand-over (which
         nothing announces), it looks again every RECHECK s."""
         async with self._turn, self._freed:
@@ -299,11 +318,12 @@ class StartSlots:
                 # or that the window opened (no client waits any more).
                 await within(RECHECK, self._freed.wait())
             self._used += 1
-        began = self.window.now()
+        timing = Timing(self.window)
         try:
-            yield
+            yield timing
         finally:
-            self.window.finished(began)
+            if timing.began is not None:
+                self.window.finished(timing.began)
             # Given back before waiting for the lock: a second cancellation while it waits (an
             # activity cancelled again, gather cancelling its starts again) would lose the slot for
             # good. A waiter not notified then looks again within RECHECK s.

@@ -492,3 +492,110 @@ async def test_a_retry_finds_its_signal_in_the_run_its_target_continued_as_new_f
     )
     assert await env.run(BridgeActivities(snapshot()).start_targets, StartBatch([skip])) == [SIGNALED]
     assert client.signals == [] and client.signal_with_starts == []
+
+
+class ClosesDuringList(ClosingRuns):
+    """R1 holds the earlier attempt's signal and is open when described; it closes while the
+    visibility query runs, which does not list it yet either."""
+
+    def __init__(self, list_seconds: float = 0.05) -> None:
+        super().__init__()
+        self.outage = False
+        self.r1_open = True
+        self.list_seconds = list_seconds
+        self.sent_at: list[float] = []
+        self.first_events = 0
+
+    def get_workflow_handle(self, workflow_id: str) -> Any:
+        async def describe(**_: Any) -> Any:
+            status = WorkflowExecutionStatus.RUNNING if self.r1_open else WorkflowExecutionStatus.COMPLETED
+            return SimpleNamespace(run_id="R1", status=status)
+
+        return SimpleNamespace(describe=describe)
+
+    async def get_workflow_execution_history(self, request: Any) -> Any:
+        self.first_events += 1
+        return first_event(datetime.now(UTC) - timedelta(days=1))
+
+    async def list_workflows(self, query: str) -> Any:
+        await asyncio.sleep(self.list_seconds)
+        self.r1_open = False
+        for _ in ():
+            yield None
+
+    async def get_workflow_execution_history_reverse(self, request: Any) -> Any:
+        return signaled_page("req-E1")
+
+    async def signal_with_start_workflow_execution(self, req: Any, **_: Any) -> Any:
+        self.sent_at.append(time.monotonic())
+        return await super().signal_with_start_workflow_execution(req)
+
+
+def retried(client: Any, *starts: TargetStart, **dispatcher: Any) -> tuple[ActivityEnvironment, BridgeActivities]:
+    env = ActivityEnvironment(client=cast(Client, client))
+    env.info = dataclasses.replace(
+        env.info, is_local=False, attempt=2, scheduled_time=datetime.now(UTC) - timedelta(seconds=1)
+    )
+    return env, BridgeActivities(snapshot(**dispatcher))
+
+
+def signal_start(target: str = "order-42", request_id: str = "req-E1") -> TargetStart:
+    arg = TargetInput(workflow_id="entity", exec_id="x", input={}, trigger={}, event={"id": "E1"})
+    return TargetStart(target, "Entity", "q", arg, {"event_id": "E1"}, None, "evt", "start", request_id)
+
+
+async def test_a_run_seen_open_that_closes_during_the_search_is_searched_again() -> None:
+    """An open run was not read (it dedupes a signal sent again); if it closed during the rest of
+    the search, the signal-with-start sent after it started another run with the same event."""
+    client = ClosesDuringList()
+    env, acts = retried(client)
+    assert await env.run(acts.start_targets, StartBatch([signal_start()])) == [SIGNALED]
+    assert client.signal_with_starts == []
+
+
+async def test_a_search_past_the_attempts_deadline_sends_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline was looked at before the search: a slow search sent its signal-with-start
+    after it, when the answer could reach no heartbeat and the retry would send it again."""
+    deadline = time.monotonic() + 0.1
+    monkeypatch.setattr(activities, "send_until", lambda info: deadline)
+    client = ClosesDuringList(list_seconds=0.3)
+    client.get_workflow_handle = lambda wid: SimpleNamespace(  # type: ignore[method-assign]
+        describe=lambda **_: asyncio.sleep(0, SimpleNamespace(run_id="R", status=WorkflowExecutionStatus.RUNNING))
+    )
+    env, acts = retried(client)
+    with pytest.raises(ApplicationError, match="out of time"):
+        await env.run(acts.start_targets, StartBatch([signal_start()]))
+    assert client.sent_at == []
+
+
+async def test_a_retrys_search_is_no_starts_latency_and_whom_a_run_continued_from_is_read_once() -> None:
+    """The window took the search's time for the start's and shrank (64 to 39 for one retried
+    batch); and every signal of a batch read the first event of each run again."""
+    clock = [0.0]  # the window's: a search takes 10 of it, a send 1
+
+    class Timed(ClosesDuringList):
+        async def list_workflows(self, query: str) -> Any:
+            clock[0] += 10
+            for _ in ():
+                yield None
+
+        async def get_workflow_execution_history_reverse(self, request: Any) -> Any:
+            return SimpleNamespace(history=SimpleNamespace(events=[]), next_page_token=b"")
+
+        async def signal_with_start_workflow_execution(self, req: Any, **_: Any) -> Any:
+            clock[0] += 1
+            self.signal_with_starts.append((req.workflow_id, req.request_id))
+            return SimpleNamespace(started=True)
+
+    client = Timed()
+    client.r1_open = False  # closed, and it holds none of these signals
+    starts = [signal_start("order-1", f"req-{i}") for i in range(3)]  # three events to one target
+    env, acts = retried(client)
+    window = acts.slots.window
+    window.now = lambda: clock[0]  # type: ignore[method-assign]
+    timed: list[float] = []
+    finished = window.finished
+    window.finished = lambda began: (timed.append(clock[0] - began), finished(began))[1]  # type: ignore[method-assign]
+    assert await env.run(acts.start_targets, StartBatch(starts)) == [SIGNAL_STARTED] * 3
+    assert timed == [1, 1, 1]  # each send, not its search
+    assert client.first_events == 1  # R1's, once for the attempt
