@@ -175,6 +175,8 @@ def _parse(
         )
     except EventRejected as exc:
         raise http.refuse(HTTP_ADAPTER, exc) from None
+    except Problem:  # the JSON it hid would hold too much memory (http.max_parsed_bytes)
+        raise
     except Exception:
         log.exception("events body refused adapter=http: the parser failed unexpectedly")
         raise http.refuse(HTTP_ADAPTER, EventRejected("malformed", UNREADABLE)) from None

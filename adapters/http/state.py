@@ -25,7 +25,7 @@ from litestar.handlers.base import BaseRouteHandler
 from adapters.http.problems import Problem
 from bridge.adapter import ConsumerReadiness
 from bridge.config import RateLimit
-from bridge.decode import encoded_weight, parsed_weight
+from bridge.decode import HIDDEN, encoded_weight, parsed_weight
 from bridge.errors import EventRejected, PartlyHeld, PartlyRefused, Reason, SenderOverloaded, Unavailable
 from bridge.event import EventSignal
 from bridge.logsafe import safe
@@ -145,19 +145,34 @@ class Limits:
 
 
 class Weighed:
-    """One request's charge of ``http.max_parsed_bytes`` (:meth:`HttpState.parsing`)."""
+    """One request's charge of ``http.max_parsed_bytes`` (:meth:`HttpState.parsing`): the larger
+    of its body's weight with the JSON it hid, and the body with its events' encodings."""
 
     def __init__(self, state: HttpState, snap: Snapshot, adapter: str, sender: str, body: int) -> None:
         self.state, self.snap, self.adapter, self.sender = state, snap, adapter, sender
         self.weight = 0  # charged now
         self._body = body
+        self._first = 0  # the body's weight before it was parsed
+        self._hidden = 0
         self._encoded = 0
 
+    def _grow(self) -> None:
+        self.state._grow(self, max(self._first + self._hidden, self._body + self._encoded))
+
+    def first(self, weight: int) -> None:
+        """The body's weight, before it is parsed."""
+        self._first = weight
+        self._grow()
+
+    def hidden(self, raw: bytes) -> None:
+        """JSON the body held out of sight (:data:`bridge.decode.HIDDEN`), before it is parsed."""
+        self._hidden += parsed_weight(raw, 1)
+        self._grow()
+
     def encoded(self, data: bytes) -> None:
-        """One of its events, encoded: the charge grows to the body and what the encodings so far
-        show they hold, when that is more than the body's own weight; or the request is refused."""
+        """One of its events, encoded: what the encodings so far show they hold."""
         self._encoded += encoded_weight(data)
-        self.state._grow(self, self._body + self._encoded)
+        self._grow()
 
 
 class HttpState:
@@ -307,19 +322,21 @@ class HttpState:
     def parsing(self, snap: Snapshot, adapter: str, sender: str, body: bytes) -> Iterator[Weighed]:
         """Room for ``body`` to be parsed and its events held until they are answered, within
         ``http.max_parsed_bytes``: charged before it is parsed (:func:`bridge.decode.parsed_weight`),
-        and raised as its events are encoded (:meth:`Weighed.encoded`) to what the encodings show
-        they hold, where the body did not: headers and keys each event keeps, data in base64 or
-        percent-encoding. A sender past a quarter of the room, when the others would be left less
+        raised by JSON it held out of sight as that is decoded (a CloudEvent's ``data_base64``:
+        :meth:`Weighed.hidden`), and raised as its events are encoded (:meth:`Weighed.encoded`) to
+        what the encodings show they hold, where the body did not: headers and keys each event
+        keeps, percent-encoded data. A sender past a quarter of the room, when the others would be left less
         than a quarter, is refused ``429 rate_limited``; a request past all of it ``503
         overloaded``; each with ``Retry-After``, counted as overloaded, and nothing of it taken.
         One request alone (of the process, of a sender) always goes. Without it, the requests in
         flight held up to 21 GiB parsed while Temporal was slow."""
-        http = snap.config.http
         weighed = Weighed(self, snap, adapter, sender, len(body))
-        self._grow(weighed, parsed_weight(body, http.max_batch_events))
+        weighed.first(parsed_weight(body, snap.config.http.max_batch_events))
+        told = HIDDEN.set(weighed.hidden)
         try:
             yield weighed
         finally:
+            HIDDEN.reset(told)
             self._parsed -= weighed.weight
             self._parsed_of[sender] -= weighed.weight
             if not self._parsed_of[sender]:

@@ -232,6 +232,14 @@ SHAPES: dict[str, tuple[bytes, str, dict[str, str], str | None]] = {
         {},
         None,
     ),
+    "a CloudEvents batch of base64 JSON, its key escaped": (
+        dump([ce_base64(str(i), dump([{}] * 80)) for i in range(1000)]).replace(
+            b'"data_base64"', b'"data\\u005fbase64"'
+        ),
+        CE_BATCH,
+        {},
+        None,
+    ),
     "a CloudEvents batch": (
         dump([{"specversion": "1.0", "id": str(i), "source": "/s", "type": "order.shipped"} for i in range(1000)]),
         CE_BATCH,
@@ -246,3 +254,49 @@ def test_what_a_body_is_charged_is_at_least_what_it_holds_parsed_and_encoded(sha
     body, content_type, headers, key = SHAPES[shape]
     assert len(body) <= MIB
     assert held_by(body, content_type, headers, key) <= charged(body, content_type, headers, key)
+
+
+def test_a_body_that_only_names_data_base64_is_weighed_as_any_other() -> None:
+    """Any body holding the text ``data_base64`` weighed 64 times its size, as if it hid JSON: a
+    1 MiB batch of envelopes was charged 61 MiB, and a token's fourth such request refused."""
+    body = dump([{**order(note="data_base64"), "id": str(i)} for i in range(1000)])
+    assert charged(body, "application/json") == charged(
+        body.replace(b"data_base64", b"data_base65"), "application/json"
+    )
+
+
+@pytest.mark.parametrize("key", [b'"data_base64"', b'"data\\u005fbase64"'], ids=["key", "key-escaped"])
+def test_json_a_batch_hides_in_base64_is_charged_as_it_is_decoded_before_any_event_is_encoded(key: bytes) -> None:
+    """A batch's events are all parsed before the first is encoded: base64 JSON decoded in them
+    was held uncharged while the loop went on to other requests (a 0.9 MiB body held 18 MiB
+    charged 2.9), and the body's bytes could not say so when the key was escaped."""
+    body = dump([ce_base64(str(i), dump([{}] * 200)) for i in range(1000)]).replace(b'"data_base64"', key)
+    snap = Snapshot.compile(make_config(max_body_bytes=MIB))
+    state = HttpState(Pipeline(snap.routes, FakeSink()), lambda: snap)
+    with state.parsing(snap, "http", "http:t", body) as weighed:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            parsed = parse({"content-type": CE_BATCH}, body, {"headers": {}}, None, max_batch=1000, scope="http:t")
+            held = tracemalloc.get_traced_memory()[0] + 3 * len(body)  # with the body, and room for encodings
+        finally:
+            tracemalloc.stop()
+        assert len(parsed) == 1000 and all(isinstance(e, EventSignal) for e in parsed)
+        assert held <= weighed.weight
+
+
+async def test_a_batch_refused_for_the_json_it_hides_is_503_not_malformed() -> None:
+    sink = FakeSink()
+    sink.release = asyncio.Event()
+    snap = Snapshot.compile(config())
+    pipeline = Pipeline(snap.routes, sink)
+    body = dump([{**ce_base64(str(i), dump([{}] * 100)), "type": "order.created"} for i in range(100)])
+    assert weight(lists("big", 2000)) + parsed_weight(body, 1000) < MIB  # by their bodies, both fit
+    async with in_loop_client(create_app(pipeline, snap)) as c:
+        held = asyncio.create_task(c.post(URL, json=lists("big", 2000), headers=AUTH))
+        await asyncio.wait_for(sink.entered.wait(), 10)
+        hiding = await c.post(URL, content=body, headers={**OTHER, "Content-Type": CE_BATCH})
+        sink.release.set()
+        assert (await asyncio.wait_for(held, 10)).status_code == 202
+    assert hiding.status_code == 503 and hiding.json()["error"] == "overloaded", hiding.text
+    assert [e.id for e in sink.events] == ["big"]
