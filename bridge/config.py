@@ -554,7 +554,19 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
         return type(exc).__name__
     mark = exc.problem_mark or exc.context_mark
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{exc.problem or exc.context or 'cannot be read'}{where}"
+    # The problem quotes what it stopped at: one character is the point, more may be the value
+    # (an unquoted secret that begins with `*` is an undefined alias, with `!` an unknown tag).
+    problem = _QUOTED.sub(_point_only, exc.problem or exc.context or "cannot be read")
+    return f"{problem}{where}"
+
+
+_QUOTED = re.compile(r"'[^']*'")
+
+
+def _point_only(quoted: re.Match[str]) -> str:
+    """A quoted character (``'q'``, ``'\\t'``) or token (``'<stream end>'``) as it is; else ``'…'``."""
+    text = quoted[0]
+    return text if len(text) <= 4 or (text.startswith("'<") and text.endswith(">'")) else "'…'"
 
 
 def read_config(path: str | Path, env: Mapping[str, str] | None = None) -> BridgeConfig:

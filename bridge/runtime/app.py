@@ -426,8 +426,10 @@ class Bridge:
         """Reload when the file's modification time changes (checked every WATCH_INTERVAL s), and
         tell the dispatcher of a reload it has not heard of yet. A failure is logged with its
         traceback once, then once a minute with how many more there were: while Temporal is out
-        of reach the dispatcher is told again every WATCH_INTERVAL s, and each was a traceback."""
-        failing, more, last = False, 0, 0.0
+        of reach the dispatcher is told again every WATCH_INTERVAL s, and each was a traceback.
+        Another kind of error than the one failing it is a new failure, with its traceback."""
+        failing: type[Exception] | None = None  # the kind of error failing it now
+        more, last = 0, 0.0
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             try:
@@ -436,12 +438,12 @@ class Bridge:
                 elif self._tell_dispatcher:
                     await self._told()
                     log.info("config reload: the dispatcher was told, after an earlier failure")
-                failing = False
+                failing = None
             except Exception as exc:
                 now = time.monotonic()
-                if not failing:
+                if failing is not type(exc):  # a new kind of error: its traceback
                     log.exception("config reload failed")
-                    failing, more, last = True, 0, now
+                    failing, more, last = type(exc), 0, now
                 elif (more := more + 1) and now - last >= FAILURE_LOG_SECONDS:
                     log.warning("config reload still failing (%d more attempts): %r", more, exc)
                     more, last = 0, now

@@ -95,8 +95,9 @@ def context_of(event: EventSignal) -> Any:
 
 
 def _header_like(value: object) -> TypeGuard[str]:
-    """A string of printable ASCII (space to ``~``): what a ``traceparent`` or ``tracestate`` may be."""
-    return isinstance(value, str) and value.isascii() and value.isprintable()
+    """A string of printable ASCII (space to ``~``) and tabs, which W3C allows around a
+    ``tracestate``'s commas: what a ``traceparent`` or ``tracestate`` may be."""
+    return isinstance(value, str) and value.isascii() and value.replace("\t", " ").isprintable()
 
 
 class EventTracer:

@@ -482,8 +482,11 @@ def test_a_bearer_token_no_request_could_match_is_refused_at_load(tmp_path: Path
         ('secret: "LITERAL-webhook-secret-123\\q"', "found unknown escape character 'q' at line 6, column"),
         ("secret: LITERAL-webhook-secret-123\x01", "character U+0001 is not allowed"),
         ("secret: [LITERAL-webhook-secret-123", "at line 6, column"),
+        ("secret: *LITERAL-webhook-secret-123", "found undefined alias '…' at line 6, column"),
+        ("secret: !LITERAL-webhook-secret-123 x", "at line 6, column"),
+        ("secret: LITERAL\t-webhook: x", "at line 6, column"),
     ],
-    ids=["bad-escape", "control-character", "unclosed"],
+    ids=["bad-escape", "control-character", "unclosed", "alias", "tag", "tab"],
 )
 def test_a_file_yaml_cannot_read_is_refused_without_quoting_its_lines(tmp_path: Path, line: str, problem: str) -> None:
     """PyYAML's error quotes the lines around the place it stopped: a secret written in the file

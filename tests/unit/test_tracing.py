@@ -72,3 +72,18 @@ def test_a_trace_header_that_is_not_printable_ascii_is_not_passed_on(caplog: pyt
     assert span.context is not None and len(span.context.trace_state) == 0
     assert "tracestate" not in event.metadata
     assert not any("\n" in r.getMessage() for r in caplog.records)
+
+
+def test_a_tracestate_with_tabs_around_its_commas_is_passed_on() -> None:
+    """W3C allows tabs around the commas between a tracestate's members."""
+    sent = EventSignal(
+        id="e-1",
+        name="a",
+        payload={},
+        source="kafka:t",
+        metadata={"traceparent": PARENT, "headers": {"tracestate": "a=1\t,\tb=2"}},
+    )
+    (_event,), exporter = traced(sent)
+    (span,) = exporter.get_finished_spans()
+    assert span.context is not None
+    assert (span.context.trace_state.get("a"), span.context.trace_state.get("b")) == ("1", "2")
