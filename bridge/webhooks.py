@@ -131,14 +131,29 @@ class WebhookRoute:
         # which may map them otherwise, starts afresh), with their status: a repeat is answered as
         # before, not submitted again and not charged to the webhook's rate limit, so replaying a
         # captured delivery neither costs a signal nor spends the provider's own budget.
-        self.answered: OrderedDict[str, tuple[int, Any]] = OrderedDict()
+        self.answered: OrderedDict[str, tuple[int, Any, frozenset[str]]] = OrderedDict()
+        # The deliveries being handled now: a copy that comes meanwhile (a replay sent many times
+        # at once) is refused at once, not submitted again on the provider's rate limit.
+        self.in_flight: set[str] = set()
 
-    def remember(self, delivery_id: str, status: int, answer: Any) -> None:
-        """Keep a delivery's answer (the last ANSWERS_KEPT): one only a reload could change."""
-        self.answered[delivery_id] = (status, answer)
-        self.answered.move_to_end(delivery_id)
+    def remember(self, delivery: Delivery, status: int, answer: Any) -> None:
+        """Keep a delivery's answer (the last ANSWERS_KEPT): one only a reload could change; with
+        the ids of the events it sent (:meth:`answer_to`)."""
+        key = delivery.delivery_id
+        self.answered[key] = (status, answer, frozenset(e.id for e in delivery.events))
+        self.answered.move_to_end(key)
         while len(self.answered) > ANSWERS_KEPT:
             self.answered.popitem(last=False)
+
+    def answer_to(self, delivery: Delivery) -> tuple[int, Any] | None:
+        """The answer kept for this delivery, when it sent every event this copy would: which
+        entries match may depend on headers the signature does not cover, and a replay with other
+        headers, answered first, would otherwise have the provider's own delivery answered as
+        before without the events only its headers match."""
+        kept = self.answered.get(delivery.delivery_id)
+        if kept is None or not {e.id for e in delivery.events} <= kept[2]:
+            return None
+        return kept[0], kept[1]
 
     @property
     def source(self) -> str:

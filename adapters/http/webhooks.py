@@ -117,7 +117,7 @@ class WebhooksController(Controller):
         weighed: Weighed,
     ) -> Response[DeliveryAnswer]:
         delivery = _events(http, route, received, body)
-        if (kept := route.answered.get(delivery.delivery_id)) is not None:
+        if (kept := route.answer_to(delivery)) is not None:
             status, answer = kept
             log.info(
                 "webhook delivery repeated slug=%s delivery=%s status=%d: answered as before, not sent again",
@@ -131,6 +131,27 @@ class WebhooksController(Controller):
             _limited(http, slug, delivery)
         if not delivery.events:  # sends nothing, so takes nothing of the rate limit (replays included)
             return _ignored(http, slug, delivery)
+        if delivery.delivery_id in route.in_flight:
+            log.info(
+                "webhook delivery repeated slug=%s delivery=%s: the first copy is still being handled",
+                slug,
+                safe(delivery.delivery_id),
+            )
+            raise http.deny(
+                WEBHOOK_ADAPTER,
+                "rate_limited",
+                "this delivery is being handled now; retry after the Retry-After delay for its answer",
+                retry_after=1,
+            )
+        route.in_flight.add(delivery.delivery_id)
+        try:
+            return await self._send(slug, route, delivery, http, snapshot, weighed)
+        finally:
+            route.in_flight.discard(delivery.delivery_id)
+
+    async def _send(
+        self, slug: str, route: WebhookRoute, delivery: Delivery, http: HttpState, snapshot: Snapshot, weighed: Weighed
+    ) -> Response[DeliveryAnswer]:
         bucket = http.limits().webhooks.get(slug)
         if bucket is not None and (wait := bucket.take()):
             log.info("webhook refused slug=%s: over its rate limit", slug)
@@ -142,7 +163,7 @@ class WebhooksController(Controller):
             )
         response = await _submit(http, snapshot, slug, delivery, weighed)
         if response.status_code is not None and _final(response.content):
-            route.remember(delivery.delivery_id, response.status_code, response.content)
+            route.remember(delivery, response.status_code, response.content)
         return response
 
 

@@ -471,3 +471,47 @@ async def test_a_delivery_refused_for_a_while_is_not_answered_so_again(sink: Fak
         again = await c.post(f"{HOOKS}/github", content=body, headers=headers)
     assert (first.status_code, again.status_code) == (503, 202)
     assert len(sink.events) == 2
+
+
+async def test_copies_of_a_delivery_sent_at_once_are_sent_to_temporal_once_and_spend_one_token() -> None:
+    """A delivery's answer was kept only once it had one: copies of a captured delivery sent at
+    the same time each reached Temporal, each took a token of the webhook's rate limit, and the
+    provider's next delivery was refused (429)."""
+    sink = FakeSink()
+    sink.release = asyncio.Event()
+    cfg = hook_config(rate_limit={"per_webhook": {"rate": 0.001, "burst": 2}})
+    async with in_loop_client(make_app(sink, cfg)) as c:
+        body, headers = github_delivery(PUSH, delivery="captured")
+        first = asyncio.create_task(c.post(f"{HOOKS}/github", content=body, headers=headers))
+        await asyncio.wait_for(sink.entered.wait(), 10)
+        copies = [await c.post(f"{HOOKS}/github", content=body, headers=headers) for _ in range(5)]
+        sink.release.set()
+        assert (await asyncio.wait_for(first, 10)).status_code == 202
+        after = await c.post(f"{HOOKS}/github", content=body, headers=headers)  # answered as before
+        fresh_body, fresh = github_delivery({**PUSH, "n": 2}, delivery="fresh")
+        genuine = await c.post(f"{HOOKS}/github", content=fresh_body, headers=fresh)
+    assert [r.status_code for r in copies] == [429] * 5
+    assert all("being handled" in r.json()["message"] and r.headers["Retry-After"] == "1" for r in copies)
+    assert after.status_code == 202
+    assert genuine.status_code == 202, genuine.text
+    assert len(sink.calls) == 2, "the captured delivery once, the fresh one once"
+
+
+async def test_a_replay_with_other_headers_answered_first_does_not_cost_the_provider_its_events() -> None:
+    """Which entries match may depend on headers the signature does not cover. A replay with
+    ``X-GitHub-Event: ping`` matched only the body's entry and its answer was kept; the provider's
+    own delivery, sent again after a 503, was then answered as before, and its push event never sent."""
+    sink = FakeSink()
+    sink.unavailable = Unavailable("temporal down", retry_after=1)
+    async with AsyncTestClient(make_app(sink, hook_config())) as c:
+        body, headers = github_delivery(PUSH, delivery="d-1")
+        refused = await c.post(f"{HOOKS}/github", content=body, headers=headers)
+        sink.unavailable = None
+        replay = await c.post(f"{HOOKS}/github", content=body, headers={**headers, "X-GitHub-Event": "ping"})
+        retried = await c.post(f"{HOOKS}/github", content=body, headers=headers)
+        again = await c.post(f"{HOOKS}/github", content=body, headers=headers)
+    assert refused.status_code == 503
+    assert replay.status_code == 202 and [r["name"] for r in replay.json()["results"]] == ["github.main"]
+    assert retried.status_code == 202, retried.text
+    assert sorted(e.name for e in sink.events) == ["github.main", "github.main", "github.push"]
+    assert again.status_code == 202 and len(sink.calls) == 3  # the 503, the replay, the retry: then kept whole
