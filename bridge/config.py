@@ -454,6 +454,14 @@ class WebhookVerify(Model):
             raise ValueError(f"verify kind {self.kind!r} needs a non-empty secret or secrets")
         if self.kind != "hmac" and (self.header or self.prefix):
             raise ValueError("header and prefix apply to verify kind 'hmac' only")
+        for n, secret in enumerate(self.all_secrets, 1):
+            if secret != secret.strip():
+                # A Kubernetes secret made from a file ends in a newline: loaded as it is, it
+                # verified no delivery, and every one was refused 401 (GitHub's are then lost).
+                raise ValueError(
+                    f"secret #{n} begins or ends with whitespace (a newline from the file it was made "
+                    "from?); the provider signs with the secret without it"
+                )
         return self
 
     @property

@@ -271,4 +271,22 @@ def compile_webhooks(webhooks: Sequence[Webhook], *, origin: str = "config") -> 
                 raise ConfigError(f"{here}: {exc}") from None
             entries.append(EventEntry(ev.name, compiled, ev.input))
         routes[hook.slug] = WebhookRoute(hook.slug, verifier, entries, id_from=hook.id_from)
+    _warn_shared_secrets(webhooks, origin)
     return routes
+
+
+def _warn_shared_secrets(webhooks: Sequence[Webhook], origin: str) -> None:
+    """A secret two webhooks share lets a delivery captured on one verify on the other (no
+    signature covers the URL), and start its workflows: said at load, naming the slugs."""
+    holders: dict[str, list[str]] = {}
+    for hook in webhooks:
+        for secret in set(hook.verify.all_secrets):
+            holders.setdefault(secret, []).append(hook.slug)
+    for slugs in holders.values():
+        if len(slugs) > 1:
+            log.warning(
+                "%s: webhooks %s share a secret: a delivery to one verifies on the others and starts "
+                "their workflows; give each webhook its own secret",
+                origin,
+                ", ".join(repr(s) for s in slugs),
+            )

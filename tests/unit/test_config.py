@@ -500,3 +500,30 @@ def test_a_file_yaml_cannot_read_is_refused_without_quoting_its_lines(tmp_path: 
         snapshot.load(path)
     assert "not valid YAML" in str(refused.value) and problem in str(refused.value)
     assert "LITERAL" not in str(refused.value) and "t0ken" not in str(refused.value)
+
+
+@pytest.mark.parametrize("kind", ["github", "stripe", "hmac"])
+def test_a_webhook_secret_with_a_trailing_newline_is_refused_at_load(kind: str) -> None:
+    """A secret made from a file kept its newline: it loaded, verified no delivery, and every one
+    was refused 401, as bearer tokens with the same mistake no longer are."""
+    hook = {
+        "slug": "gh",
+        "verify": {"kind": kind, "secrets": ["old-secret", "the-secret\n"]},
+        "events": [{"name": "x"}],
+    }
+    with pytest.raises(ConfigError, match=r"secret #2 begins or ends with whitespace") as refused:
+        snapshot.parse({"project": "shop", "http": {"auth": {"tokens": ["t0ken-value"]}}, "webhooks": [hook]})
+    assert "the-secret" not in str(refused.value)
+
+
+def test_webhooks_sharing_a_secret_are_named_at_load(caplog: pytest.LogCaptureFixture) -> None:
+    """No signature covers the URL: a delivery captured on one verifies on the other."""
+    hooks = [
+        {"slug": slug, "verify": {"kind": "github", "secret": "org-wide-secret-0123"}, "events": [{"name": "x"}]}
+        for slug in ("docs", "deploy")
+    ]
+    hooks.append({"slug": "own", "verify": {"kind": "github", "secret": "its-own-secret-0123"}, "events": [{"name": "x"}]})
+    snapshot.parse({"project": "shop", "http": {"auth": {"tokens": ["t0ken-value"]}}, "webhooks": hooks})
+    [line] = [r.getMessage() for r in caplog.records if "share a secret" in r.getMessage()]
+    assert "'docs', 'deploy'" in line and "own" not in line.split("share")[0]
+    assert "org-wide-secret-0123" not in line
