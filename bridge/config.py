@@ -146,7 +146,9 @@ class TemporalConfig(Model):
     address: str | None = None
     namespace: str = "default"
     api_key: str | None = None
-    tls: bool = False
+    # None: TLS when an api_key is set (Temporal Cloud), as the SDK does; given False, an API key
+    # went over plaintext and the connection failed.
+    tls: bool | None = None
     ui: bool = True
     ui_port: int | None = None
     ui_url: str | None = None  # the Temporal UI's address, for links in event look-ups

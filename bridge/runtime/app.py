@@ -118,7 +118,7 @@ async def connect(
     namespace: str,
     *,
     api_key: str | None = None,
-    tls: bool = False,
+    tls: bool | None = None,
     timeout: float = 30.0,
     interceptors: Sequence[Interceptor] = (),
 ) -> Client:

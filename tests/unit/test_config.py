@@ -522,8 +522,32 @@ def test_webhooks_sharing_a_secret_are_named_at_load(caplog: pytest.LogCaptureFi
         {"slug": slug, "verify": {"kind": "github", "secret": "org-wide-secret-0123"}, "events": [{"name": "x"}]}
         for slug in ("docs", "deploy")
     ]
-    hooks.append({"slug": "own", "verify": {"kind": "github", "secret": "its-own-secret-0123"}, "events": [{"name": "x"}]})
+    hooks.append(
+        {"slug": "own", "verify": {"kind": "github", "secret": "its-own-secret-0123"}, "events": [{"name": "x"}]}
+    )
     snapshot.parse({"project": "shop", "http": {"auth": {"tokens": ["t0ken-value"]}}, "webhooks": hooks})
     [line] = [r.getMessage() for r in caplog.records if "share a secret" in r.getMessage()]
     assert "'docs', 'deploy'" in line and "own" not in line.split("share")[0]
     assert "org-wide-secret-0123" not in line
+
+
+async def test_an_api_key_without_tls_set_connects_with_tls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tls`` defaulted to false and was passed on as such: the SDK then sends an API key over
+    plaintext, and Temporal Cloud refused the connection. Left out, it is the SDK's choice."""
+    from temporalio.client import Client
+
+    from bridge.runtime import app
+
+    asked: list[Any] = []
+
+    async def connect(address: str, **kw: Any) -> Any:
+        asked.append(kw["tls"])
+        return object()
+
+    monkeypatch.setattr(Client, "connect", connect)
+    cfg = snapshot.parse(
+        {"project": "shop", "temporal": {"address": "x.tmprl.cloud:7233", "api_key": "k"}, "workflows": []}
+    ).config
+    await app.connect("x.tmprl.cloud:7233", "ns", api_key=cfg.temporal.api_key, tls=cfg.temporal.tls)
+    explicit = snapshot.parse({"project": "shop", "temporal": {"tls": False}, "workflows": []}).config
+    assert asked == [None] and explicit.temporal.tls is False
