@@ -268,7 +268,9 @@ def decode(msg: Message, fmt: EventFormat) -> EventSignal:
     if fmt.format == "envelope":
         if not isinstance(body, dict):
             raise EventRejected("malformed", "an envelope must be a JSON object")
-        payload = body.get("payload", {})
+        payload = body.get("payload")
+        if payload is None:  # left out or null: none, as over HTTP (docs/http-api.md)
+            payload = {}
         name = body.get("name") or _configured_name(fmt, msg, body)
         event_id = envelope_id(body.get("id"))
         if event_id is None:

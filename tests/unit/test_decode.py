@@ -84,6 +84,13 @@ def test_envelope_without_payload_is_empty_object() -> None:
     assert decode(msg({"name": "ping"}), fmt()).payload == {}
 
 
+def test_an_envelope_with_a_null_payload_has_none_on_every_adapter() -> None:
+    """``"payload": null`` is no payload over HTTP; from Kafka and RabbitMQ the same body was
+    dead-lettered as malformed."""
+    assert decode(msg({"name": "ping", "payload": None}), fmt()).payload == {}
+    assert envelope({"name": "ping", "payload": None}, None, {}).payload == {}
+
+
 def test_envelope_id_wins_over_id_from_which_wins_over_fallback() -> None:
     form = fmt(id_from="field:payload.orderId")
     body = {"name": "n", "payload": {"orderId": "A1"}}
