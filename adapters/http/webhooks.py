@@ -116,6 +116,12 @@ class WebhooksController(Controller):
         snapshot: Snapshot,
         weighed: Weighed,
     ) -> Response[DeliveryAnswer]:
+        copy = route.copy_key(received, body, received.get("content-type"))
+        if (same := route.answer_to_copy(copy)) is not None:
+            status, answer, events = same
+            log.info("webhook delivery repeated slug=%s status=%d: the same copy answered as before", slug, status)
+            http.metrics.child(http.metrics.received, WEBHOOK_ADAPTER).inc(events)
+            return Response(answer, status_code=status)
         delivery = _events(http, route, received, body)
         if (kept := route.answer_to(delivery)) is not None:
             status, answer = kept
@@ -130,7 +136,9 @@ class WebhooksController(Controller):
         if delivery.limited:
             _limited(http, slug, delivery)
         if not delivery.events:  # sends nothing, so takes nothing of the rate limit (replays included)
-            return _ignored(http, slug, delivery)
+            ignored = _ignored(http, slug, delivery)
+            route.remember(delivery, ignored.status_code or 200, ignored.content, copy)
+            return ignored
         if delivery.delivery_id in route.in_flight:
             log.info(
                 "webhook delivery repeated slug=%s delivery=%s: the first copy is still being handled",
@@ -145,12 +153,19 @@ class WebhooksController(Controller):
             )
         route.in_flight.add(delivery.delivery_id)
         try:
-            return await self._send(slug, route, delivery, http, snapshot, weighed)
+            return await self._send(slug, route, delivery, http, snapshot, weighed, copy)
         finally:
             route.in_flight.discard(delivery.delivery_id)
 
     async def _send(
-        self, slug: str, route: WebhookRoute, delivery: Delivery, http: HttpState, snapshot: Snapshot, weighed: Weighed
+        self,
+        slug: str,
+        route: WebhookRoute,
+        delivery: Delivery,
+        http: HttpState,
+        snapshot: Snapshot,
+        weighed: Weighed,
+        copy: str,
     ) -> Response[DeliveryAnswer]:
         bucket = http.limits().webhooks.get(slug)
         if bucket is not None and (wait := bucket.take()):
@@ -163,7 +178,7 @@ class WebhooksController(Controller):
             )
         response = await _submit(http, snapshot, slug, delivery, weighed)
         if response.status_code is not None and _final(response.content):
-            route.remember(delivery, response.status_code, response.content)
+            route.remember(delivery, response.status_code, response.content, copy)
         return response
 
 
