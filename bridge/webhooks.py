@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,15 +134,20 @@ class WebhookRoute:
         # captured delivery neither costs a signal nor spends the provider's own budget.
         self.answered: OrderedDict[str, tuple[int, Any, frozenset[str]]] = OrderedDict()
         self.copies: OrderedDict[str, tuple[int, Any, frozenset[str]]] = OrderedDict()  # by copy_key
-        # The deliveries being handled now: a copy that comes meanwhile (a replay sent many times
-        # at once) is refused at once, not submitted again on the provider's rate limit.
-        self.in_flight: set[str] = set()
+        # The deliveries being handled now, with the events each copy in flight sends: a copy
+        # that comes meanwhile (a replay sent many times at once) and would send none other is
+        # refused at once, not submitted again on the provider's rate limit; one that would (its
+        # unsigned headers match other entries) is sent.
+        self.in_flight: dict[str, Counter[str]] = {}
 
     def remember(self, delivery: Delivery, status: int, answer: Any, copy: str | None = None) -> None:
         """Keep a delivery's answer (the last ANSWERS_KEPT): one only a reload could change; with
         the ids of the events it sent (:meth:`answer_to`), and under ``copy`` (:meth:`copy_key`)
         too, for a copy that is the same byte for byte (:meth:`answer_to_copy`)."""
-        kept = (status, answer, frozenset(e.id for e in delivery.events))
+        ids = frozenset(e.id for e in delivery.events)
+        if (before := self.answered.get(delivery.delivery_id)) is not None:
+            ids |= before[2]  # sent then, and not again: copies with other headers take turns at no cost
+        kept = (status, answer, ids)
         for key, into in ((delivery.delivery_id, self.answered), (copy, self.copies)):
             if key is not None:
                 into[key] = kept

@@ -10,6 +10,7 @@ anything but a 2xx. Verification kinds, ids and answers: docs/webhooks.md.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, post
@@ -139,7 +140,9 @@ class WebhooksController(Controller):
             ignored = _ignored(http, slug, delivery)
             route.remember(delivery, ignored.status_code or 200, ignored.content, copy)
             return ignored
-        if delivery.delivery_id in route.in_flight:
+        ids = Counter(e.id for e in delivery.events)
+        sending = route.in_flight.setdefault(delivery.delivery_id, Counter())
+        if not ids.keys() - sending.keys():  # every event of it is on its way in another copy
             log.info(
                 "webhook delivery repeated slug=%s delivery=%s: the first copy is still being handled",
                 slug,
@@ -151,11 +154,13 @@ class WebhooksController(Controller):
                 "this delivery is being handled now; retry after the Retry-After delay for its answer",
                 retry_after=1,
             )
-        route.in_flight.add(delivery.delivery_id)
+        sending.update(ids)
         try:
             return await self._send(slug, route, delivery, http, snapshot, weighed, copy)
         finally:
-            route.in_flight.discard(delivery.delivery_id)
+            sending.subtract(ids)
+            if not +sending:
+                route.in_flight.pop(delivery.delivery_id, None)
 
     async def _send(
         self,

@@ -542,3 +542,47 @@ async def test_a_copy_of_a_delivery_is_answered_before_its_body_is_parsed(
     assert other.status_code == 202
     assert [r.status_code for r in ignored] == [200] * 3
     assert len(sink.calls) == 1
+
+
+async def test_a_copy_in_flight_with_other_headers_does_not_hold_the_providers_events_out() -> None:
+    """A copy in flight refused every other copy of its delivery id: a replay with
+    ``X-GitHub-Event: ping`` (only the body's entry) held in flight got the provider's own push
+    delivery refused 429, and its push event was never sent (GitHub does not retry a 429)."""
+    sink = FakeSink()
+    sink.release = asyncio.Event()
+    async with in_loop_client(make_app(sink, hook_config())) as c:
+        body, headers = github_delivery(PUSH, delivery="d-1")
+        replay = asyncio.create_task(
+            c.post(f"{HOOKS}/github", content=body, headers={**headers, "X-GitHub-Event": "ping"})
+        )
+        await asyncio.wait_for(sink.entered.wait(), 10)
+        genuine = asyncio.create_task(c.post(f"{HOOKS}/github", content=body, headers=headers))
+        await asyncio.sleep(0.1)
+        sink.release.set()
+        answers = await asyncio.wait_for(asyncio.gather(replay, genuine), 10)
+    assert [a.status_code for a in answers] == [202, 202], [a.text for a in answers]
+    assert "github.push" in {e.name for e in sink.events}
+
+
+async def test_copies_taking_turns_with_other_headers_spend_one_token_each_event_set() -> None:
+    """The kept answer was replaced by each copy's own: two entries keyed on X-GitHub-Event, and a
+    replay alternating the header was sent again each time, took a token each time, and the
+    provider's next delivery was refused 429."""
+    sink = FakeSink()
+    entries = [
+        {"name": f"github.{kind}", "filter": f'metadata.headers["x-github-event"] == "{kind}"'}
+        for kind in ("push", "release")
+    ]
+    hooks = [{"slug": "github", "verify": {"kind": "github", "secret": GH_SECRET}, "events": entries}]
+    cfg = hook_config(hooks, rate_limit={"per_webhook": {"rate": 0.001, "burst": 3}})
+    async with AsyncTestClient(make_app(sink, cfg)) as c:
+        body, headers = github_delivery(PUSH, delivery="d-1")
+        replays = [
+            await c.post(f"{HOOKS}/github", content=body, headers={**headers, "X-GitHub-Event": kind, "X-N": str(n)})
+            for n, kind in enumerate(["push", "release"] * 3)
+        ]
+        fresh_body, fresh = github_delivery({**PUSH, "n": 2}, delivery="fresh")
+        genuine = await c.post(f"{HOOKS}/github", content=fresh_body, headers=fresh)
+    assert {r.status_code for r in replays} == {202}
+    assert len(sink.calls) == 3, "push once, release once, the fresh delivery once"
+    assert genuine.status_code == 202, genuine.text
