@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Literal, Protocol, cast
 
 from bridge.errors import EventRejected, Overloaded, PartlyHeld, PartlyRefused, SenderOverloaded, Unavailable
 from bridge.event import MAX_EVENT_BYTES, MAX_KEY_CHARS, REPLAY_ID_PREFIX, REPLAY_KEY, EventSignal, encode
@@ -58,6 +58,23 @@ class Outcome:
     @property
     def accepted(self) -> bool:
         return self.rejected is None
+
+
+def past_room(
+    total: int, own: int, mine: int, more: int, budget: int, share: int
+) -> Literal["sender", "process"] | None:
+    """Which bound of a room shared by senders taking ``more`` would pass, if any. ``total``: what
+    the room holds; ``own``: of it, the asker's (a request whose charge grows; 0 for a new one);
+    ``mine``: of it, the asker's sender's other holdings. A sender holding others past its
+    ``share`` may not leave the rest less than a share (``"sender"``), and the room may not pass
+    ``budget`` (``"process"``); an asker that is alone (of the room, of its sender) always goes, so
+    one larger than either bound is not stuck. The events waiting for Temporal
+    (:meth:`Pipeline._admit`) and the memory of HTTP requests (``http.max_parsed_bytes``) are such rooms."""
+    if mine and mine + own + more > share and total + more > budget - share:
+        return "sender"
+    if total - own and total + more > budget:
+        return "process"
+    return None
 
 
 class Pipeline:
@@ -287,14 +304,15 @@ class Pipeline:
         the process, of the sender), so a batch larger than either cap is not stuck."""
         mine = self._pending_of[sender] if sender is not None else 0
         share = self.pending_share
-        if mine and mine + count > share and self.pending + count > self.max_pending - share:
+        past = past_room(self.pending, 0, mine, count, self.max_pending, share)
+        if past == "sender":
             self.metrics.child(self.metrics.overloaded, adapter).inc()
             raise SenderOverloaded(
                 f"{mine} events of this sender already wait for Temporal in this process (past {share}, a "
                 "sender leaves the others that many: dispatcher.max_pending_per_source)",
                 self.retry_after,
             )
-        if self.pending and self.pending + count > self.max_pending:
+        if past == "process":
             self.metrics.child(self.metrics.overloaded, adapter).inc()
             raise Overloaded(
                 f"{self.pending} events already wait for Temporal in this process (at most {self.max_pending})",

@@ -29,7 +29,7 @@ from bridge.decode import HIDDEN, encoded_weight, parsed_weight
 from bridge.errors import EventRejected, PartlyHeld, PartlyRefused, Reason, SenderOverloaded, Unavailable
 from bridge.event import EventSignal
 from bridge.logsafe import safe
-from bridge.pipeline import Outcome, Pipeline
+from bridge.pipeline import Outcome, Pipeline, past_room
 from bridge.ratelimit import RateLimiter, TokenBucket, default_burst, retry_after
 from bridge.snapshot import Snapshot
 
@@ -351,12 +351,13 @@ class HttpState:
         budget, sender, adapter = http.max_parsed_bytes, weighed.sender, weighed.adapter
         share, retry = max(1, budget // 4), max(1, http.retry_after_seconds)
         mine = self._parsed_of[sender] - weighed.weight  # of the sender's other requests
-        if mine and mine + weight > share and self._parsed + more > budget - share:
+        past = past_room(self._parsed, weighed.weight, mine, more, budget, share)
+        if past == "sender":
             self.metrics.child(self.metrics.overloaded, adapter).inc()
             self._full.note(f"{safe(sender)} holds {mine} bytes of {self._parsed} (a sender's share: {share})")
             message = f"this sender's requests in flight hold their share of memory ({share} bytes); retry shortly"
             raise Problem("rate_limited", message, retry_after=retry)
-        if self._parsed - weighed.weight and self._parsed + more > budget:
+        if past == "process":
             self.metrics.child(self.metrics.overloaded, adapter).inc()
             self._full.note(f"{self._parsed} bytes held, {more} more asked (http.max_parsed_bytes: {budget})")
             message = "the requests in flight hold as much memory as this process allows; retry shortly"
