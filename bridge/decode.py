@@ -149,15 +149,16 @@ def parsed_weight(body: bytes, max_batch: int) -> int:
     JSON the body holds out of sight (CloudEvents ``data_base64``) is weighed when it is
     decoded, before it is parsed (:data:`HIDDEN`); what its events keep beyond the body, as they
     are encoded (:func:`encoded_weight`)."""
-    objects = body.count(b"{")
-    values = body.count(b"[") + body.count(b",") + body.count(b":")
-    return (
-        _PER_REQUEST
-        + 3 * len(body)
-        + _PER_VALUE * values
-        + _PER_OBJECT * objects
-        + _PER_EVENT * max(1, min(objects, max_batch))
-    )
+    objects, structure = _structure(body)
+    return _PER_REQUEST + 3 * len(body) + structure + _PER_EVENT * max(1, min(objects, max_batch))
+
+
+def _structure(text: bytes) -> tuple[int, int]:
+    """The objects JSON ``text`` may hold (its ``{``), and what its values and objects weigh
+    (:data:`_PER_VALUE` each ``[``, ``,`` and ``:``, :data:`_PER_OBJECT` each ``{``)."""
+    objects = text.count(b"{")
+    values = text.count(b"[") + text.count(b",") + text.count(b":")
+    return objects, _PER_VALUE * values + _PER_OBJECT * objects
 
 
 HIDDEN: ContextVar[Callable[[bytes], None] | None] = ContextVar("signal_bridge_hidden_json", default=None)
@@ -175,9 +176,7 @@ def encoded_weight(encoded: bytes) -> int:
     event holds is in its encoding, what the body did not show included: the headers and key each
     event of a batch keeps, data that was base64 or percent-encoded."""
     wide = 4 if b"\\ud" in encoded else 2 if b"\\u" in encoded else 1
-    objects = encoded.count(b"{")
-    values = encoded.count(b"[") + encoded.count(b",") + encoded.count(b":")
-    return _PER_EVENT + _PER_OBJECT + (1 + wide) * len(encoded) + _PER_VALUE * values + _PER_OBJECT * objects
+    return _PER_EVENT + _PER_OBJECT + (1 + wide) * len(encoded) + _structure(encoded)[1]
 
 
 # Made once: json.loads with any hook builds a decoder and its scanner per call.
