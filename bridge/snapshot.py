@@ -102,12 +102,6 @@ class SnapshotSource:
         self._looked = now
         return now != self._loaded and now == before
 
-    def _moved(self) -> bool:
-        """The file changed while it was read: what was read may be half of it, so nothing is
-        swapped; the watcher reads it once it settles."""
-        log.info("config reload put off: %s changed while it was read", self.path)
-        return False
-
     def reload(self) -> bool:
         """Load the file again and swap the snapshot; on any error keep the current one.
 
@@ -117,25 +111,21 @@ class SnapshotSource:
             return False
         version = self._stat()
         try:
-            config = self._prepare(read_config(self.path))
-            snapshot = Snapshot.compile(config, origin=str(self.path))
-        except ConfigError as exc:
-            if self._stat() != version:
-                return self._moved()
-            self._loaded = version  # do not retry the same bad file on every watcher tick
-            self.refusals += 1
-            log.error("config reload refused, keeping the previous one: %s", exc)
+            snapshot: Snapshot | Exception = Snapshot.compile(
+                self._prepare(read_config(self.path)), origin=str(self.path)
+            )
+        except Exception as exc:  # ConfigError, or a bug of ours on some file (logged with its traceback)
+            snapshot = exc
+        if self._stat() != version:  # changed while it was read: what was read may be half of it
+            log.info("config reload put off: %s changed while it was read", self.path)
             return False
-        except Exception:  # a bug of ours on some file: the same, with the traceback
-            if self._stat() != version:
-                return self._moved()
-            self._loaded = version
+        self._loaded = version  # a refused file is not tried again on every watcher tick
+        if isinstance(snapshot, Exception):
             self.refusals += 1
-            log.exception("config reload refused, keeping the previous one: the file could not be compiled")
+            bug = not isinstance(snapshot, ConfigError)
+            why = "the file could not be compiled" if bug else snapshot
+            log.error("config reload refused, keeping the previous one: %s", why, exc_info=snapshot if bug else None)
             return False
-        if self._stat() != version:
-            return self._moved()
         self.current = snapshot
-        self._loaded = version
         log.info("config reloaded path=%s workflows=%d", self.path, len(snapshot.routes.workflows))
         return True
