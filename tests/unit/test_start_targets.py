@@ -494,37 +494,25 @@ async def test_a_retry_finds_its_signal_in_the_run_its_target_continued_as_new_f
     assert client.signals == [] and client.signal_with_starts == []
 
 
-class ClosesDuringList(ClosingRuns):
+class ClosesDuringList(ClosesWhileWaiting):
     """R1 holds the earlier attempt's signal and is open when described; it closes while the
     visibility query runs, which does not list it yet either."""
 
     def __init__(self, list_seconds: float = 0.05) -> None:
         super().__init__()
-        self.outage = False
-        self.r1_open = True
         self.list_seconds = list_seconds
         self.sent_at: list[float] = []
         self.first_events = 0
 
-    def get_workflow_handle(self, workflow_id: str) -> Any:
-        async def describe(**_: Any) -> Any:
-            status = WorkflowExecutionStatus.RUNNING if self.r1_open else WorkflowExecutionStatus.COMPLETED
-            return SimpleNamespace(run_id="R1", status=status)
-
-        return SimpleNamespace(describe=describe)
-
     async def get_workflow_execution_history(self, request: Any) -> Any:
         self.first_events += 1
-        return first_event(datetime.now(UTC) - timedelta(days=1))
+        return await super().get_workflow_execution_history(request)
 
     async def list_workflows(self, query: str) -> Any:
         await asyncio.sleep(self.list_seconds)
         self.r1_open = False
         for _ in ():
             yield None
-
-    async def get_workflow_execution_history_reverse(self, request: Any) -> Any:
-        return signaled_page("req-E1")
 
     async def signal_with_start_workflow_execution(self, req: Any, **_: Any) -> Any:
         self.sent_at.append(time.monotonic())
