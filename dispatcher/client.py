@@ -212,6 +212,21 @@ def next_look(budget: float, rate: float) -> float:
     return min(WATCH_MOST, max(WATCH_EVERY, budget / rate / 4))
 
 
+def room_by_history(history: int) -> float:
+    """What a run whose worker does not answer may take, judged by its history alone: as if all of
+    it had to be started (TAKE_WEIGHT). Nothing drains such a run, and one Temporal terminates at
+    its history's limit loses all it holds."""
+    return max(0.0, (DRAIN_HISTORY_BYTES - FULL_MARGIN - history) / TAKE_WEIGHT)
+
+
+def room_of_a_new_run() -> float:
+    """What the run the next signal begins may take (a dispatcher with no run yet, or whose run
+    closed), until it answers itself. Unknown (inf), everything queued went at once while the new
+    run's first answers were slow: past its bounds, and the events it could not carry were
+    counted failed after their 202s."""
+    return room_by_history(0)
+
+
 FIRST_LOOK = 0.5
 """Seconds beyond the look's own RPC timeouts that the first signal waits for the first look."""
 
@@ -554,6 +569,12 @@ class DispatcherClient:
             if room.budget > 0 and idle and not failing and room.looked.is_set():
                 continue
             info: DescribeWorkflowExecutionResponse | None = None
+            missing = False
+            # What is sent while the look is answered still counts against its answer: the
+            # dispatcher answers from the state its last workflow task left, which the signals
+            # held meanwhile may not be in yet (a slow worker answers late). Reset with the look,
+            # they were forgotten, and a process sending all along spent the room several times.
+            before = room.sent
             try:
                 stats = await query_stats(handle, patience=0, rpc_timeout=self.probe_timeout)
                 budget = float(stats.get("accept_bytes", math.inf))
@@ -561,17 +582,24 @@ class DispatcherClient:
             except Exception:
                 try:
                     info = (await handle.describe(rpc_timeout=self.probe_timeout)).raw_description
+                except RPCError as exc:
+                    if exc.status != RPCStatusCode.NOT_FOUND:
+                        room.looked.set()  # not known: the first signal goes as it would have (inf)
+                        continue  # Temporal does not answer: the prober refuses submissions meanwhile
+                    missing = True  # no run yet: the next signal begins one
                 except Exception:
-                    room.looked.set()  # not known: the first signal goes as it would have (inf)
-                    continue  # Temporal does not answer: the prober refuses submissions meanwhile
-                history = info.workflow_execution_info.history_size_bytes
-                budget = max(0.0, (DRAIN_HISTORY_BYTES - FULL_MARGIN - history) / TAKE_WEIGHT)
-                # Cleared only by an answer: each signal begins a new task at attempt 1.
-                now_failing = failing or tasks_failing(info)
-            if budget <= 0 and await self._closed(handle, info):
+                    room.looked.set()
+                    continue
+                if info is None:  # not found (missing)
+                    budget, now_failing = room_of_a_new_run(), False
+                else:
+                    budget = room_by_history(info.workflow_execution_info.history_size_bytes)
+                    # Cleared only by an answer: each signal begins a new task at attempt 1.
+                    now_failing = failing or tasks_failing(info)
+            if budget <= 0 and not missing and await self._closed(handle, info):
                 # Its last state (or its history) says full, but the next signal starts a new run.
                 log.warning("dispatcher=%s: its run has closed; the next events start a new run", self._ids[shard])
-                budget, now_failing = math.inf, False
+                budget, now_failing = room_of_a_new_run(), False
             failing_gauge.set(now_failing)
             if now_failing != failing:
                 failing = now_failing
@@ -585,10 +613,12 @@ class DispatcherClient:
                     log.info("dispatcher=%s runs its workflow tasks again", self._ids[shard])
             now = time.monotonic()
             rate = room.sent / (now - room.looked_at) if math.isfinite(room.looked_at) else 0.0
-            room.budget, room.sent, room.looked_at = budget, 0, now
+            during = room.sent - before
+            budget -= during
+            room.budget, room.sent, room.looked_at = budget, during, now
             if budget > 0:
                 delay = next_look(budget, rate)
-            gauge.set(budget if math.isfinite(budget) else -1)
+            gauge.set(max(0.0, budget) if math.isfinite(budget) else -1)
             room.looked.set()
             if (budget <= 0) != room.full:
                 room.full = budget <= 0

@@ -146,6 +146,9 @@ async def test_a_backlog_past_what_a_run_can_start_is_refused_as_overloaded_and_
     monkeypatch.setattr(dispatcher_workflow, "CARRY_LIMIT_BYTES", 16 * 1024)
     monkeypatch.setattr(dispatcher_workflow, "MAX_CARRY_BYTES", 64 * 1024)
     monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.05)
+    # The client judges a run that has not answered yet by the same bounds.
+    monkeypatch.setattr(dispatcher.client, "DRAIN_HISTORY_BYTES", dispatcher_workflow.DRAIN_HISTORY_BYTES)
+    monkeypatch.setattr(dispatcher.client, "FULL_MARGIN", dispatcher_workflow.FULL_MARGIN)
     project = unique("room")
     idle = unique("no-worker")  # targets start (that is what is checked) but never run
     entry = {"id": unique("w"), "workflow_type": "Noop", "task_queue": idle, "triggers": [{"name": "order.created"}]}
