@@ -66,6 +66,8 @@ from dispatcher.contract import (
     DRAIN_HISTORY_BYTES,
     EVENT_SIGNAL,
     FULL_MARGIN,
+    FULL_MARGIN_CARRY,
+    MAX_CARRY_BYTES,
     MAX_SIGNAL_BYTES,
     MAX_SIGNAL_EVENTS,
     RELOAD_SIGNAL,
@@ -212,19 +214,25 @@ def next_look(budget: float, rate: float) -> float:
     return min(WATCH_MOST, max(WATCH_EVERY, budget / rate / 4))
 
 
-def room_by_history(history: int) -> float:
-    """What a run whose worker does not answer may take, judged by its history alone: as if all of
-    it had to be started (TAKE_WEIGHT). Nothing drains such a run, and one Temporal terminates at
-    its history's limit loses all it holds."""
-    return max(0.0, (DRAIN_HISTORY_BYTES - FULL_MARGIN - history) / TAKE_WEIGHT)
+def room_by_history(history: int, unanswered: int) -> float:
+    """What a run whose worker does not answer may take, judged by its history alone, as if all of
+    it had to be started: nothing drains such a run, and one Temporal terminates at its history's
+    limit loses all it holds. ``unanswered``: the bytes this process sent it since it last answered
+    (or began); they are in its history once, and their starts will cost TAKE_WEIGHT - 1 times
+    more. Without them each look gave back five sixths of what was sent since the last, and a run
+    whose worker was slow to answer took about six times its room."""
+    return max(0.0, (DRAIN_HISTORY_BYTES - FULL_MARGIN - history - (TAKE_WEIGHT - 1) * unanswered) / TAKE_WEIGHT)
 
 
 def room_of_a_new_run() -> float:
     """What the run the next signal begins may take (a dispatcher with no run yet, or whose run
-    closed), until it answers itself. Unknown (inf), everything queued went at once while the new
-    run's first answers were slow: past its bounds, and the events it could not carry were
-    counted failed after their 202s."""
-    return room_by_history(0)
+    closed), until it answers itself: what an empty history may take, and no more than it could
+    carry into its next run before its route table loads (the run's own answer is held to that
+    meanwhile). Unknown (no limit), everything queued went while the new run was slow to answer,
+    past its bounds, and the events it could not carry were counted failed after their 202s. At
+    least one byte: the first signal, which begins the run, goes."""
+    carry = MAX_CARRY_BYTES - 4096 - FULL_MARGIN_CARRY
+    return max(1.0, min(room_by_history(0, 0), carry))
 
 
 FIRST_LOOK = 0.5
@@ -248,6 +256,7 @@ class _Room:
     looked: asyncio.Event = field(default_factory=asyncio.Event)
     waited: bool = False  # the first signal waited for it (or its timeout): no other signal waits
     queued: int = 0  # bytes of the submissions queued (or carried) for it, not taken into a signal yet
+    unanswered: int = 0  # bytes sent since the run last answered (or was found new): see room_by_history
 
     @property
     def answer(self) -> float:
@@ -569,12 +578,12 @@ class DispatcherClient:
             if room.budget > 0 and idle and not failing and room.looked.is_set():
                 continue
             info: DescribeWorkflowExecutionResponse | None = None
-            missing = False
             # What is sent while the look is answered still counts against its answer: the
             # dispatcher answers from the state its last workflow task left, which the signals
             # held meanwhile may not be in yet (a slow worker answers late). Reset with the look,
             # they were forgotten, and a process sending all along spent the room several times.
             before = room.sent
+            answered = True  # by the run's own state (or that there is no run), not by its history
             try:
                 stats = await query_stats(handle, patience=0, rpc_timeout=self.probe_timeout)
                 budget = float(stats.get("accept_bytes", math.inf))
@@ -582,24 +591,24 @@ class DispatcherClient:
             except Exception:
                 try:
                     info = (await handle.describe(rpc_timeout=self.probe_timeout)).raw_description
-                except RPCError as exc:
-                    if exc.status != RPCStatusCode.NOT_FOUND:
-                        room.looked.set()  # not known: the first signal goes as it would have (inf)
-                        continue  # Temporal does not answer: the prober refuses submissions meanwhile
-                    missing = True  # no run yet: the next signal begins one
-                except Exception:
-                    room.looked.set()
-                    continue
-                if info is None:  # not found (missing)
-                    budget, now_failing = room_of_a_new_run(), False
+                except Exception as exc:
+                    if not (isinstance(exc, RPCError) and exc.status == RPCStatusCode.NOT_FOUND):
+                        # Not known (Temporal does not answer): the budget stands, less what is
+                        # sent; one never known is a new run's, less what was sent already.
+                        if not math.isfinite(room.budget):
+                            room.budget = room_of_a_new_run() - room.sent
+                        room.looked.set()
+                        continue
+                    budget, now_failing = room_of_a_new_run(), False  # no run yet: the next signal begins one
                 else:
-                    budget = room_by_history(info.workflow_execution_info.history_size_bytes)
+                    answered = False
+                    budget = room_by_history(info.workflow_execution_info.history_size_bytes, room.unanswered)
                     # Cleared only by an answer: each signal begins a new task at attempt 1.
                     now_failing = failing or tasks_failing(info)
-            if budget <= 0 and not missing and await self._closed(handle, info):
+            if budget <= 0 and await self._closed(handle, info):
                 # Its last state (or its history) says full, but the next signal starts a new run.
                 log.warning("dispatcher=%s: its run has closed; the next events start a new run", self._ids[shard])
-                budget, now_failing = room_of_a_new_run(), False
+                budget, now_failing, answered = room_of_a_new_run(), False, True
             failing_gauge.set(now_failing)
             if now_failing != failing:
                 failing = now_failing
@@ -616,6 +625,8 @@ class DispatcherClient:
             during = room.sent - before
             budget -= during
             room.budget, room.sent, room.looked_at = budget, during, now
+            if answered:
+                room.unanswered = during
             if budget > 0:
                 delay = next_look(budget, rate)
             gauge.set(max(0.0, budget) if math.isfinite(budget) else -1)
@@ -700,6 +711,7 @@ class DispatcherClient:
             sent = sum(sub.size for sub in batch)
             room.budget -= sent
             room.sent += sent
+            room.unanswered += sent
             room.sent_at = time.monotonic()
             if not math.isfinite(room.looked_at):  # the rate until the first look counts from here
                 room.looked_at = began

@@ -33,6 +33,7 @@ __all__ = [
     "EVENT_COST",
     "EVENT_SIGNAL",
     "FULL_MARGIN",
+    "FULL_MARGIN_CARRY",
     "FULL_MARGIN_EVENTS",
     "HTTP_REQUEST",
     "LOAD_ROUTES",
@@ -141,6 +142,9 @@ DRAIN_HISTORY_BYTES = 40 * 1024 * 1024
 TARGET_OVERHEAD = 512
 FULL_MARGIN = 12 * 1024 * 1024
 FULL_MARGIN_EVENTS = 10_000
+FULL_MARGIN_CARRY = 256 * 1024
+"""Without a route table, the carry room kept for the signals already on their way when the
+adapters last read the dispatcher's room."""
 TAKE_WEIGHT = 6.0
 CHILD_LIMIT = 1900
 

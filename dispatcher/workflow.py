@@ -52,6 +52,7 @@ with workflow.unsafe.imports_passed_through():
         EVENT_COST,
         EVENT_SIGNAL,
         FULL_MARGIN,
+        FULL_MARGIN_CARRY,
         FULL_MARGIN_EVENTS,
         LOAD_ROUTES,
         MAX_CARRY_BYTES,
@@ -173,10 +174,6 @@ NO_RECENT_CLEARS = "no-recent-clears"
 """The patch from which ``recent_ids: 0`` forgets the digests carried from runs that kept some:
 before it, they were carried on for good, and an event id among them started nothing, even once
 Temporal's retention had let its runs' ids be used again."""
-
-FULL_MARGIN_CARRY = 256 * 1024
-"""Without a route table, the carry room kept for the signals already on their way when the
-adapters last read the dispatcher's room."""
 
 # TEMPLATE_STEPS (dispatcher.contract): from it a run holds each template it renders to
 # templates.MAX_STEPS (past it, that start fails, counted), counts the steps in its workflow task's

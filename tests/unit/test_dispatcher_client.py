@@ -112,6 +112,8 @@ class FakeHandle:
     async def describe(self, *, rpc_timeout: timedelta | None = None) -> Any:
         if self.id in self.temporal.absent:
             raise RPCError("workflow not found", RPCStatusCode.NOT_FOUND, b"")
+        if self.temporal.describe_error is not None:
+            raise self.temporal.describe_error
         described = DescribeWorkflowExecutionResponse()
         described.workflow_execution_info.history_size_bytes = self.temporal.history_bytes.get(self.id, 0)
         described.workflow_execution_info.status = (
@@ -174,6 +176,8 @@ class FakeTemporal:
     problems: dict[str, list[str]] = field(default_factory=dict)  # dispatcher id -> TemporalReportedProblems
     closed: set[str] = field(default_factory=set)  # dispatchers whose latest run was terminated
     absent: set[str] = field(default_factory=set)  # dispatchers with no run yet: the next signal begins one
+    describe_error: BaseException | None = None  # what describing a dispatcher raises
+    grow_history: bool = False  # each signal adds its bytes to its dispatcher's history_bytes
     looks: int = 0  # stats queries asked
     answered: int = 0  # of them, answered
     query_hold: asyncio.Event | None = None  # when set, a query answers (from the state it was asked in) once it is set
@@ -208,6 +212,9 @@ class FakeTemporal:
         self.calls.append(Call(req.workflow_type.name, arg, req.workflow_id, req.task_queue.name, options))
         await self._answer(len(self.calls) - 1, req.workflow_id)
         self.absent.discard(req.workflow_id)
+        if self.grow_history:
+            taken = sum(len(p.data) for p in req.signal_input.payloads)
+            self.history_bytes[req.workflow_id] = self.history_bytes.get(req.workflow_id, 0) + taken
         if req.workflow_id in self.accept:  # what it took is no longer room
             taken = sum(len(p.data) for p in req.signal_input.payloads)
             self.accept[req.workflow_id] = max(0, self.accept[req.workflow_id] - taken)
@@ -1167,17 +1174,15 @@ async def test_a_dispatcher_with_no_run_yet_takes_what_a_new_run_can_until_it_an
     was slow to answer, past its bounds, and what it could not carry was counted failed."""
     monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 3600.0)
     monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 3600.0)
-    one = encoded_size(ev("n0", size=100).to_dict())
-    monkeypatch.setattr(dispatcher.client, "FULL_MARGIN", 0)
-    monkeypatch.setattr(dispatcher.client, "DRAIN_HISTORY_BYTES", int(3 * one * TAKE_WEIGHT))
+    await new_run_room_of(monkeypatch, 3, 100)
     temporal = FakeTemporal(absent={dispatcher_id(PROJECT, 0, 1)}, query_hold=asyncio.Event())
     dc = make_client(temporal)
     for i in range(3):
-        await dc.submit([ev(f"n{i}", size=100)])
+        await dc.submit([ev(f"n{i:02}", size=100)])
         await settle()
     with pytest.raises(Overloaded):
-        await dc.submit([ev("n3", size=100)])
-    assert temporal.sent() == [["n0"], ["n1"], ["n2"]]
+        await dc.submit([ev("n03", size=100)])
+    assert temporal.sent() == [["n00"], ["n01"], ["n02"]]
     assert temporal.query_hold is not None
     temporal.query_hold.set()
     await dc.close()
@@ -1226,8 +1231,69 @@ async def test_a_full_run_that_closed_takes_events_again_for_the_next_signal_sta
         await dc.submit([ev("b")])
     temporal.closed.add(wid)
     await assert_eventually(lambda: dc._rooms[0].budget > 0, timeout=5, interval=0.01, what="a look at it closed")
+    # No more than the new run may take until it answers itself (unknown, everything queued went).
+    assert dc._rooms[0].budget <= dispatcher.client.room_of_a_new_run()
     await dc.submit([ev("c")])  # full and closed: sent, to start a new run
     assert temporal.sent() == [["c"]]
+    await dc.close()
+
+
+async def new_run_room_of(monkeypatch: pytest.MonkeyPatch, events: int, size: int) -> int:
+    """Shrink the bounds the client judges an unanswered run by, so that a new run's room is
+    ``events`` events of ``size`` bytes of padding; the bytes of one such event."""
+    one = encoded_size(ev("x00", size=size).to_dict())
+    monkeypatch.setattr(dispatcher.client, "FULL_MARGIN", 0)
+    monkeypatch.setattr(dispatcher.client, "DRAIN_HISTORY_BYTES", int(events * one * TAKE_WEIGHT))
+    assert dispatcher.client.room_of_a_new_run() == pytest.approx(events * one, abs=TAKE_WEIGHT)
+    return one
+
+
+async def test_a_run_judged_by_its_history_takes_no_more_than_its_room_however_often_it_is_looked_at(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run whose worker does not answer is judged by its history, as if all of it had to be
+    started. What this process sent it is in that history once, and its starts will cost the rest:
+    counted once, each look gave back five sixths of what was sent since the last, and such a run
+    took about six times its room."""
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.001)
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 0.001)
+    one = await new_run_room_of(monkeypatch, 10, 100)
+    temporal = FakeTemporal(no_worker=True, grow_history=True)
+    temporal.history_bytes[dispatcher_id(PROJECT, 0, 1)] = 0
+    dc = make_client(temporal)
+    sent = 0
+    for i in range(60):
+        try:
+            await dc.submit([ev(f"x{i:02}", size=100)])
+        except Overloaded:
+            continue
+        sent += 1
+        looks = temporal.looks
+        await assert_eventually(lambda looks=looks: temporal.looks > looks, timeout=5, interval=0.001, what="a look")
+    assert 9 <= sent <= 11, (sent, one)  # ten fit; the last may go over by one event
+    await dc.close()
+
+
+async def test_a_dispatcher_never_looked_at_takes_what_a_new_run_can_while_temporal_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Neither the query nor the description answers (Temporal throttles, times out): a room never
+    known is a new run's, less what was sent. Unknown (no limit), the first signal carried all that
+    queued, and every later one as much as a signal holds."""
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.001)
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 0.001)
+    await new_run_room_of(monkeypatch, 3, 100)
+    temporal = FakeTemporal(no_worker=True, describe_error=RPCError("slow", RPCStatusCode.DEADLINE_EXCEEDED, b""))
+    dc = make_client(temporal)
+    sent = 0
+    for i in range(20):
+        try:
+            await dc.submit([ev(f"x{i:02}", size=100)])
+            sent += 1
+        except Overloaded:
+            pass
+        await settle()
+    assert 3 <= sent <= 4, sent
     await dc.close()
 
 
