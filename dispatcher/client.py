@@ -257,11 +257,22 @@ class _Room:
     waited: bool = False  # the first signal waited for it (or its timeout): no other signal waits
     queued: int = 0  # bytes of the submissions queued (or carried) for it, not taken into a signal yet
     unanswered: int = 0  # bytes sent since the run last answered (or was found new): see room_by_history
+    judged: str = ""  # the run the last look judged by its history (none: that look was answered)
 
     @property
     def answer(self) -> float:
         """The last look's ``accept_bytes``: the budget before what was sent since."""
         return self.budget + self.sent
+
+
+@dataclass
+class _Look:
+    """What one look at a dispatcher found."""
+
+    budget: float  # bytes of events its run may take
+    failing: bool = False  # its workflow tasks fail (judged by its description)
+    answered: bool = True  # by the run's own state (or that there is no run), not by its history
+    rotated: bool = False  # judged by its history, of a run that continued-as-new since the last look
 
 
 @dataclass
@@ -577,38 +588,18 @@ class DispatcherClient:
             idle = time.monotonic() - room.sent_at > WATCH_IDLE
             if room.budget > 0 and idle and not failing and room.looked.is_set():
                 continue
-            info: DescribeWorkflowExecutionResponse | None = None
             # What is sent while the look is answered still counts against its answer: the
             # dispatcher answers from the state its last workflow task left, which the signals
             # held meanwhile may not be in yet (a slow worker answers late). Reset with the look,
             # they were forgotten, and a process sending all along spent the room several times.
             before = room.sent
-            answered = True  # by the run's own state (or that there is no run), not by its history
-            try:
-                stats = await query_stats(handle, patience=0, rpc_timeout=self.probe_timeout)
-                budget = float(stats.get("accept_bytes", math.inf))
-                now_failing = False
-            except Exception:
-                try:
-                    info = (await handle.describe(rpc_timeout=self.probe_timeout)).raw_description
-                except Exception as exc:
-                    if not (isinstance(exc, RPCError) and exc.status == RPCStatusCode.NOT_FOUND):
-                        # Not known (Temporal does not answer): the budget stands, less what is
-                        # sent; one never known is a new run's, less what was sent already.
-                        if not math.isfinite(room.budget):
-                            room.budget = room_of_a_new_run() - room.sent
-                        room.looked.set()
-                        continue
-                    budget, now_failing = room_of_a_new_run(), False  # no run yet: the next signal begins one
-                else:
-                    answered = False
-                    budget = room_by_history(info.workflow_execution_info.history_size_bytes, room.unanswered)
-                    # Cleared only by an answer: each signal begins a new task at attempt 1.
-                    now_failing = failing or tasks_failing(info)
-            if budget <= 0 and await self._closed(handle, info):
-                # Its last state (or its history) says full, but the next signal starts a new run.
-                log.warning("dispatcher=%s: its run has closed; the next events start a new run", self._ids[shard])
-                budget, now_failing, answered = room_of_a_new_run(), False, True
+            look = await self._look(shard, handle, failing)
+            if look is None:  # not known (Temporal does not answer): the budget stands, less what is sent
+                if not math.isfinite(room.budget):  # one never known is a new run's, less what was sent
+                    room.budget = room_of_a_new_run() - room.sent
+                room.looked.set()
+                continue
+            budget, now_failing = look.budget, look.failing
             failing_gauge.set(now_failing)
             if now_failing != failing:
                 failing = now_failing
@@ -624,9 +615,14 @@ class DispatcherClient:
             rate = room.sent / (now - room.looked_at) if math.isfinite(room.looked_at) else 0.0
             during = room.sent - before
             budget -= during
+            if look.answered:
+                room.unanswered, room.judged = during, ""
+            elif not look.rotated:
+                # Judged by its history, a run takes no more than its last answer (or a new run's
+                # room, until it answered) less what was sent since: the history counts once the
+                # events it holds that are still to start, and a look gave back most of them.
+                budget = min(budget, room.budget)
             room.budget, room.sent, room.looked_at = budget, during, now
-            if answered:
-                room.unanswered = during
             if budget > 0:
                 delay = next_look(budget, rate)
             gauge.set(max(0.0, budget) if math.isfinite(budget) else -1)
@@ -641,6 +637,38 @@ class DispatcherClient:
                     )
                 else:
                     log.info("dispatcher=%s takes events again", self._ids[shard])
+
+    async def _look(self, shard: int, handle: WorkflowHandle[Any, Any], failing: bool) -> _Look | None:
+        """One look at the shard's run: its answer; without one, its history (or that it has no
+        run, or that it closed: a new run's room). None: Temporal answers neither."""
+        room = self._rooms[shard]
+        info: DescribeWorkflowExecutionResponse | None = None
+        try:
+            stats = await query_stats(handle, patience=0, rpc_timeout=self.probe_timeout)
+            look = _Look(float(stats.get("accept_bytes", math.inf)))
+        except Exception:
+            try:
+                info = (await handle.describe(rpc_timeout=self.probe_timeout)).raw_description
+            except Exception as exc:
+                if not (isinstance(exc, RPCError) and exc.status == RPCStatusCode.NOT_FOUND):
+                    return None
+                return _Look(room_of_a_new_run())  # no run yet: the next signal begins one
+            history = info.workflow_execution_info.history_size_bytes
+            run = info.workflow_execution_info.execution.run_id
+            # A run that continued-as-new since the last look holds at most its history of what
+            # was sent to the run before it (the rest was started, or carried).
+            rotated = bool(room.judged) and run != room.judged
+            if rotated:
+                room.unanswered = min(room.unanswered, history)
+            room.judged = run
+            # Cleared only by an answer: each signal begins a new task at attempt 1.
+            failing = failing or tasks_failing(info)
+            look = _Look(room_by_history(history, room.unanswered), failing, answered=False, rotated=rotated)
+        if look.budget <= 0 and await self._closed(handle, info):
+            # Its last state (or its history) says full, but the next signal starts a new run.
+            log.warning("dispatcher=%s: its run has closed; the next events start a new run", self._ids[shard])
+            return _Look(room_of_a_new_run())
+        return look
 
     async def _closed(self, handle: WorkflowHandle[Any, Any], info: DescribeWorkflowExecutionResponse | None) -> bool:
         """Whether the shard's latest run has closed (:func:`closed`); described again unless
@@ -762,6 +790,8 @@ class DispatcherClient:
             room.waited = True  # once: a look that is slow (Temporal throttling) holds no later signal
             self._carry[shard] = first  # answered by close() meanwhile, as any carried submission
             await within(FIRST_LOOK + 2 * self.probe_timeout.total_seconds(), room.looked.wait())
+            if not math.isfinite(room.budget):  # the look is slow: until it answers, a new run's room
+                room.budget = room_of_a_new_run() - room.sent
         self._carry[shard] = None
         batch = [first]
         count, size = len(first.events), first.size

@@ -46,6 +46,8 @@ from dispatcher.contract import (
     DRAIN_HISTORY_BYTES,
     EVENT_SIGNAL,
     FULL_MARGIN,
+    FULL_MARGIN_CARRY,
+    MAX_CARRY_BYTES,
     MAX_SIGNAL_BYTES,
     MAX_SIGNAL_EVENTS,
     RELOAD_SIGNAL,
@@ -104,6 +106,8 @@ class FakeHandle:
         if self.id in self.temporal.absent:
             raise RPCError("workflow not found", RPCStatusCode.NOT_FOUND, b"")
         accept = self.temporal.accept.get(self.id)  # the state the answer is from
+        if self.temporal.query_delay:
+            await asyncio.sleep(self.temporal.query_delay)
         if self.temporal.query_hold is not None:
             await self.temporal.query_hold.wait()
         self.temporal.answered += 1
@@ -116,6 +120,7 @@ class FakeHandle:
             raise self.temporal.describe_error
         described = DescribeWorkflowExecutionResponse()
         described.workflow_execution_info.history_size_bytes = self.temporal.history_bytes.get(self.id, 0)
+        described.workflow_execution_info.execution.run_id = self.temporal.run_ids.get(self.id, "run-1")
         described.workflow_execution_info.status = (
             WorkflowExecutionStatus.WORKFLOW_EXECUTION_STATUS_TERMINATED
             if self.id in self.temporal.closed
@@ -178,6 +183,8 @@ class FakeTemporal:
     absent: set[str] = field(default_factory=set)  # dispatchers with no run yet: the next signal begins one
     describe_error: BaseException | None = None  # what describing a dispatcher raises
     grow_history: bool = False  # each signal adds its bytes to its dispatcher's history_bytes
+    run_ids: dict[str, str] = field(default_factory=dict)  # dispatcher id -> its latest run's id (run-1)
+    query_delay: float = 0.0  # seconds a query takes
     looks: int = 0  # stats queries asked
     answered: int = 0  # of them, answered
     query_hold: asyncio.Event | None = None  # when set, a query answers (from the state it was asked in) once it is set
@@ -1231,8 +1238,9 @@ async def test_a_full_run_that_closed_takes_events_again_for_the_next_signal_sta
         await dc.submit([ev("b")])
     temporal.closed.add(wid)
     await assert_eventually(lambda: dc._rooms[0].budget > 0, timeout=5, interval=0.01, what="a look at it closed")
-    # No more than the new run may take until it answers itself (unknown, everything queued went).
-    assert dc._rooms[0].budget <= dispatcher.client.room_of_a_new_run()
+    # No more than the new run may take until it answers itself (unknown, everything queued went):
+    # at most what a run can carry before its route table loads.
+    assert dc._rooms[0].budget <= MAX_CARRY_BYTES - 4096 - FULL_MARGIN_CARRY
     await dc.submit([ev("c")])  # full and closed: sent, to start a new run
     assert temporal.sent() == [["c"]]
     await dc.close()
@@ -1271,6 +1279,101 @@ async def test_a_run_judged_by_its_history_takes_no_more_than_its_room_however_o
         looks = temporal.looks
         await assert_eventually(lambda looks=looks: temporal.looks > looks, timeout=5, interval=0.001, what="a look")
     assert 9 <= sent <= 11, (sent, one)  # ten fit; the last may go over by one event
+    await dc.close()
+
+
+async def sent_until_refused(dc: DispatcherClient, temporal: FakeTemporal, count: int, prefix: str = "x") -> int:
+    """Submit ``count`` events of 100 bytes of padding one at a time, each followed by a look;
+    how many were taken."""
+    sent = 0
+    for i in range(count):
+        try:
+            await dc.submit([ev(f"{prefix}{i:02}", size=100)])
+        except Overloaded:
+            continue
+        sent += 1
+        looks = temporal.looks
+        await assert_eventually(lambda looks=looks: temporal.looks > looks, timeout=5, interval=0.001, what="a look")
+    return sent
+
+
+async def test_a_run_that_stops_answering_takes_no_more_than_its_last_answer_less_what_was_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run answered that it can take little (much queued), then its worker stops answering:
+    judged by its history alone (which counts its queued events once, not what starting them will
+    cost), it seemed to have room again, and took several times what it had."""
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.001)
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 0.001)
+    one = await new_run_room_of(monkeypatch, 30, 100)
+    temporal = FakeTemporal()
+    wid = dispatcher_id(PROJECT, 0, 1)
+    temporal.history_bytes[wid] = 0
+    dc = make_client(temporal)
+    await with_room(monkeypatch, temporal, dc, ev("x99", size=100), 3 * one)
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.001)
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 0.001)
+    temporal.no_worker = True
+    assert await sent_until_refused(dc, temporal, 20) <= 4  # three fit; the last may go over by one
+    await dc.close()
+
+
+async def test_a_new_run_that_does_not_answer_yet_takes_no_more_than_it_can_carry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first signal began the run, which does not answer yet (its worker is not up): judged by
+    its history, it seemed to have far more room than a run can carry before its route table
+    loads, which the first look (no run) held it to."""
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.001)
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 0.001)
+    one = await new_run_room_of(monkeypatch, 30, 100)
+    monkeypatch.setattr(dispatcher.client, "FULL_MARGIN_CARRY", 0)
+    monkeypatch.setattr(dispatcher.client, "MAX_CARRY_BYTES", 4096 + 3 * one)
+    temporal = FakeTemporal(absent={dispatcher_id(PROJECT, 0, 1)}, no_worker=True)
+    dc = make_client(temporal)
+    assert await sent_until_refused(dc, temporal, 20) <= 4
+    await dc.close()
+
+
+async def test_a_run_judged_by_its_history_that_continued_as_new_takes_events_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Judged by its history (its queries time out, while its worker still drains it), a run took
+    all it could; once it continued-as-new, what was sent to the run before it counts at most as
+    much as its new history holds, and it takes events again. Counted whole for good, nothing was
+    taken until a query answered."""
+    monkeypatch.setattr(dispatcher.client, "WATCH_EVERY", 0.001)
+    monkeypatch.setattr(dispatcher.client, "WATCH_MOST", 0.001)
+    await new_run_room_of(monkeypatch, 5, 100)
+    temporal = FakeTemporal(no_worker=True, grow_history=True)
+    wid = dispatcher_id(PROJECT, 0, 1)
+    temporal.history_bytes[wid] = 0
+    dc = make_client(temporal)
+    assert 4 <= await sent_until_refused(dc, temporal, 20) <= 6
+    temporal.run_ids[wid], temporal.history_bytes[wid] = "run-2", 0  # started or carried: a new, empty history
+    await assert_eventually(lambda: dc._rooms[0].budget > 0, timeout=5, interval=0.01, what="room again")
+    assert await sent_until_refused(dc, temporal, 20, prefix="y") >= 4
+    await dc.close()
+
+
+async def test_a_first_look_slower_than_the_first_signal_waits_leaves_it_a_new_run_s_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first signal waits for the first look only so long; a look slower than that (a full
+    run's look may take three RPC timeouts) left the room unknown, and everything queued went."""
+    monkeypatch.setattr(dispatcher.client, "FIRST_LOOK", 0.0)
+    await new_run_room_of(monkeypatch, 3, 100)
+    temporal = FakeTemporal(query_delay=3600.0)
+    dc = make_client(temporal, probe_timeout=0.01)
+    sent = 0
+    for i in range(20):
+        try:
+            await dc.submit([ev(f"x{i:02}", size=100)])
+            sent += 1
+        except Overloaded:
+            pass
+        await settle()
+    assert 3 <= sent <= 4, sent
     await dc.close()
 
 
