@@ -1282,18 +1282,24 @@ async def test_a_run_judged_by_its_history_takes_no_more_than_its_room_however_o
     await dc.close()
 
 
-async def sent_until_refused(dc: DispatcherClient, temporal: FakeTemporal, count: int, prefix: str = "x") -> int:
-    """Submit ``count`` events of 100 bytes of padding one at a time, each followed by a look;
-    how many were taken."""
+async def sent_until_refused(
+    dc: DispatcherClient, temporal: FakeTemporal, count: int, prefix: str = "x", looks: bool = True
+) -> int:
+    """Submit ``count`` events of 100 bytes of padding one at a time, each taken one followed by a
+    look (``looks``; else by the loop settling); how many were taken."""
     sent = 0
     for i in range(count):
         try:
             await dc.submit([ev(f"{prefix}{i:02}", size=100)])
         except Overloaded:
+            await settle()
             continue
         sent += 1
-        looks = temporal.looks
-        await assert_eventually(lambda looks=looks: temporal.looks > looks, timeout=5, interval=0.001, what="a look")
+        if not looks:
+            await settle()
+            continue
+        seen = temporal.looks
+        await assert_eventually(lambda seen=seen: temporal.looks > seen, timeout=5, interval=0.001, what="a look")
     return sent
 
 
@@ -1365,14 +1371,7 @@ async def test_a_first_look_slower_than_the_first_signal_waits_leaves_it_a_new_r
     await new_run_room_of(monkeypatch, 3, 100)
     temporal = FakeTemporal(query_delay=3600.0)
     dc = make_client(temporal, probe_timeout=0.01)
-    sent = 0
-    for i in range(20):
-        try:
-            await dc.submit([ev(f"x{i:02}", size=100)])
-            sent += 1
-        except Overloaded:
-            pass
-        await settle()
+    sent = await sent_until_refused(dc, temporal, 20, looks=False)
     assert 3 <= sent <= 4, sent
     await dc.close()
 
@@ -1388,14 +1387,7 @@ async def test_a_dispatcher_never_looked_at_takes_what_a_new_run_can_while_tempo
     await new_run_room_of(monkeypatch, 3, 100)
     temporal = FakeTemporal(no_worker=True, describe_error=RPCError("slow", RPCStatusCode.DEADLINE_EXCEEDED, b""))
     dc = make_client(temporal)
-    sent = 0
-    for i in range(20):
-        try:
-            await dc.submit([ev(f"x{i:02}", size=100)])
-            sent += 1
-        except Overloaded:
-            pass
-        await settle()
+    sent = await sent_until_refused(dc, temporal, 20, looks=False)
     assert 3 <= sent <= 4, sent
     await dc.close()
 
