@@ -219,7 +219,7 @@ async def _submit_batch(
     ]
     answer = answers.batch(results)
     _log_batch(token, answer)
-    return Response(answer, status_code=ACCEPTED if answer["rejected"] == 0 else MULTI_STATUS)
+    return weighed.answer(answer, ACCEPTED if answer["rejected"] == 0 else MULTI_STATUS)
 
 
 def _sender(token: str) -> str:

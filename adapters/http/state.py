@@ -14,13 +14,18 @@ import ipaddress
 import logging
 import math
 import time
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, cast
 
+from litestar.background_tasks import BackgroundTask
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
+from litestar.enums import MediaType
 from litestar.handlers.base import BaseRouteHandler
+from litestar.response import Response
+from litestar.serialization import encode_json
 
 from adapters.http.problems import Problem
 from bridge.adapter import ConsumerReadiness
@@ -144,6 +149,14 @@ class Limits:
         return buckets
 
 
+class _Release(BackgroundTask):
+    """What gives an answer's charge back once it is sent (:meth:`Weighed.answer`), watched for
+    being dropped: the response that is sent (not the handler's, which litestar converts and drops
+    first) holds it until it is done, sent whole or not."""
+
+    __slots__ = ("__weakref__",)
+
+
 class Weighed:
     """One request's charge of ``http.max_parsed_bytes`` (:meth:`HttpState.parsing`): the larger
     of its body's weight with the JSON it hid, and the body with its events' encodings."""
@@ -155,6 +168,7 @@ class Weighed:
         self._first = 0  # the body's weight before it was parsed
         self._hidden = 0
         self._encoded = 0
+        self.kept = 0  # of the weight, what its answer holds until it is sent (:meth:`answer`)
 
     def _grow(self) -> None:
         self.state._grow(self, max(self._first + self._hidden, self._body + self._encoded))
@@ -173,6 +187,22 @@ class Weighed:
         """One of its events, encoded: what the encodings so far show they hold."""
         self._encoded += encoded_weight(data)
         self._grow()
+
+    def answer(self, content: Any, status_code: int) -> Response[bytes]:
+        """``content`` encoded now, and its bytes kept charged until the response is sent (or
+        dropped unsent). A batch's answer holds each event's id: 1,000 small events, sent
+        with an ``Idempotency-Key`` of 4 KiB, are answered in 4 MB; given back as the handler
+        returned, each answer a client read slowly held that much past ``http.max_parsed_bytes``.
+        Never refused: the events are held already."""
+        data = encode_json(content)
+        release = self.state._keep(self, len(data))
+
+        async def give_back() -> None:  # async: litestar runs a plain function in a thread
+            release()
+
+        task = _Release(give_back)
+        weakref.finalize(task, release)  # a response not sent whole (the client left) gives it back too
+        return Response(data, status_code=status_code, media_type=MediaType.JSON, background=task)
 
 
 class HttpState:
@@ -337,10 +367,32 @@ class HttpState:
             yield weighed
         finally:
             HIDDEN.reset(told)
-            self._parsed -= weighed.weight
-            self._parsed_of[sender] -= weighed.weight
-            if not self._parsed_of[sender]:
-                del self._parsed_of[sender]
+            self._release(sender, weighed.weight - weighed.kept)
+
+    def _release(self, sender: str, weight: int) -> None:
+        self._parsed -= weight
+        self._parsed_of[sender] -= weight
+        if not self._parsed_of[sender]:
+            del self._parsed_of[sender]
+
+    def _keep(self, weighed: Weighed, size: int) -> Callable[[], None]:
+        """Keep ``size`` bytes of ``weighed`` charged past its request's handler (charged more if
+        it has less, without refusal); what gives them back, once, however often it is called."""
+        more = size - weighed.weight
+        if more > 0:
+            self._parsed += more
+            self._parsed_of[weighed.sender] += more
+            weighed.weight = size
+        weighed.kept += size
+        sender, given = weighed.sender, False
+
+        def release() -> None:
+            nonlocal given
+            if not given:
+                given = True
+                self._release(sender, size)
+
+        return release
 
     def _grow(self, weighed: Weighed, weight: int) -> None:
         """Charge ``weighed`` up to ``weight``, or refuse it (429, 503) and charge nothing more."""

@@ -19,7 +19,7 @@ import pytest
 from adapters.http import create_app
 from adapters.http.parse import CE_BATCH, parse
 from adapters.http.request import trace_metadata
-from adapters.http.state import HttpState
+from adapters.http.state import HTTP_STATE, HttpState
 from bridge.decode import parsed_weight
 from bridge.event import EventSignal
 from bridge.pipeline import Pipeline
@@ -141,6 +141,74 @@ async def test_what_a_batchs_events_keep_beyond_its_body_is_charged_as_they_are_
     assert second.status_code == 503 and second.json()["error"] == "overloaded", second.text
     assert len(sink.events) == 1000  # the first request's; nothing of the second
     assert pipeline.metrics.child(pipeline.metrics.overloaded, "http")._value.get() == 1
+
+
+async def asgi_post(app: Any, body: bytes, headers: dict[str, str], send: Any) -> None:
+    """POST ``body`` to the events API through the app's ASGI interface, with ``send`` for its answer."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": URL,
+        "raw_path": URL.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 40000),
+        "server": ("testserver", 80),
+    }
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            await asyncio.Event().wait()  # the client does not leave
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    await app(scope, receive, send)
+
+
+@pytest.mark.parametrize("leaves", [False, True], ids=["read-slowly", "left-unread"])
+async def test_a_batch_answer_is_charged_until_it_is_sent(leaves: bool) -> None:
+    """A batch's answer holds each event's id: 1,000 events of 60 bytes, sent with an
+    ``Idempotency-Key`` of 4,000 characters, are answered in 4 MB. Given back as the handler
+    returned, each answer a client read slowly held that much past ``http.max_parsed_bytes``; now
+    it is charged until it is sent, or given back once the client left without it."""
+    sink = FakeSink()
+    snap = Snapshot.compile(config(max_parsed_bytes=64 * MIB))
+    app = create_app(Pipeline(snap.routes, sink), snap)
+    http = app.state[HTTP_STATE]
+    body = json.dumps([order()] * 1000).encode()
+    headers = {**AUTH, "Content-Type": "application/json", "Idempotency-Key": "k" * 4000}
+    charged: list[int] = []
+    reading = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            charged.append(http._parsed)
+            charged.append(len(message["body"]))
+            if leaves:
+                raise OSError("the client left")
+            await reading.wait()  # the client reads slowly
+
+    call = asyncio.create_task(asgi_post(app, body, headers, send))
+    await assert_eventually(lambda: bool(charged), timeout=10, interval=0.01, what="the answer being sent")
+    held, size = charged
+    assert size > 4_000_000 and held >= size, (held, size)
+    if not leaves:
+        assert http._parsed == held  # still held while it is read
+        reading.set()
+        await asyncio.wait_for(call, 10)
+    else:
+        with pytest.raises(Exception, match="after response started"):  # litestar's, from the OSError
+            await asyncio.wait_for(call, 10)
+        del call
+        gc.collect()
+    assert http._parsed == 0 and not http._parsed_of
+    assert len(sink.events) == 1000
 
 
 def test_max_parsed_bytes_defaults_to_256_mib() -> None:
