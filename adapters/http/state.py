@@ -24,7 +24,7 @@ from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
 from litestar.enums import MediaType
 from litestar.handlers.base import BaseRouteHandler
-from litestar.response import Response
+from litestar.response import Stream
 from litestar.serialization import encode_json
 
 from adapters.http.problems import Problem
@@ -149,6 +149,10 @@ class Limits:
         return buckets
 
 
+ANSWER_CHUNK = 64 * 1024
+"""Bytes of an answer handed to the server at a time (:meth:`Weighed.answer`)."""
+
+
 class _Release(BackgroundTask):
     """What gives an answer's charge back once it is sent (:meth:`Weighed.answer`), watched for
     being dropped: the response that is sent (not the handler's, which litestar converts and drops
@@ -188,9 +192,9 @@ class Weighed:
         self._encoded += encoded_weight(data)
         self._grow()
 
-    def answer(self, content: Any, status_code: int) -> Response[bytes]:
-        """``content`` encoded now, and its bytes kept charged until the response is sent (or
-        dropped unsent). A batch's answer holds each event's id: 1,000 small events, sent
+    def answer(self, content: Any, status_code: int) -> Stream:
+        """``content`` encoded now, and its bytes kept charged until the client has read nearly all
+        of them (or left). A batch's answer holds each event's id: 1,000 small events, sent
         with an ``Idempotency-Key`` of 4 KiB, are answered in 4 MB; given back as the handler
         returned, each answer a client read slowly held that much past ``http.max_parsed_bytes``.
         Never refused: the events are held already."""
@@ -200,9 +204,17 @@ class Weighed:
         async def give_back() -> None:  # async: litestar runs a plain function in a thread
             release()
 
+        async def chunks() -> AsyncIterator[bytes]:
+            # In pieces: uvicorn's send returns once a piece is handed to the socket's buffer, and
+            # waits for that buffer to drain before the next; the last (empty) one returns once the
+            # client has read nearly all, and only then is the charge given back.
+            for start in range(0, len(data), ANSWER_CHUNK):
+                yield data[start : start + ANSWER_CHUNK]
+
         task = _Release(give_back)
         weakref.finalize(task, release)  # a response not sent whole (the client left) gives it back too
-        return Response(data, status_code=status_code, media_type=MediaType.JSON, background=task)
+        headers = {"content-length": str(len(data))}
+        return Stream(chunks(), status_code=status_code, media_type=MediaType.JSON, headers=headers, background=task)
 
 
 class HttpState:
