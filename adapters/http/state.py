@@ -24,7 +24,7 @@ from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
 from litestar.enums import MediaType
 from litestar.handlers.base import BaseRouteHandler
-from litestar.response import Stream
+from litestar.response import Response, Stream
 from litestar.serialization import encode_json
 
 from adapters.http.problems import Problem
@@ -192,7 +192,7 @@ class Weighed:
         self._encoded += encoded_weight(data)
         self._grow()
 
-    def answer(self, content: Any, status_code: int) -> Stream:
+    def answer(self, content: Any, status_code: int) -> Response[Any]:
         """``content`` encoded now, and its bytes kept charged until the client has read nearly all
         of them (or left). A batch's answer holds each event's id: 1,000 small events, sent
         with an ``Idempotency-Key`` of 4 KiB, are answered in 4 MB; given back as the handler
@@ -213,6 +213,8 @@ class Weighed:
 
         task = _Release(give_back)
         weakref.finalize(task, release)  # a response not sent whole (the client left) gives it back too
+        if len(data) <= ANSWER_CHUNK:  # one piece either way: a plain response costs a seventh of a stream
+            return Response(data, status_code=status_code, media_type=MediaType.JSON, background=task)
         headers = {"content-length": str(len(data))}
         return Stream(chunks(), status_code=status_code, media_type=MediaType.JSON, headers=headers, background=task)
 
