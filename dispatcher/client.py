@@ -62,6 +62,7 @@ from bridge.event import MAX_EVENT_BYTES, EventSignal, encode
 from bridge.metrics import Metrics
 from dispatcher import told
 from dispatcher.contract import (
+    CARRY_RESERVE,
     DISPATCHER_WORKFLOW,
     DRAIN_HISTORY_BYTES,
     EVENT_SIGNAL,
@@ -231,7 +232,7 @@ def room_of_a_new_run() -> float:
     meanwhile). Unknown (no limit), everything queued went while the new run was slow to answer,
     past its bounds, and the events it could not carry were counted failed after their 202s. At
     least one byte: the first signal, which begins the run, goes."""
-    carry = MAX_CARRY_BYTES - 4096 - FULL_MARGIN_CARRY
+    carry = MAX_CARRY_BYTES - CARRY_RESERVE - FULL_MARGIN_CARRY  # as the run's _carry_room, with no recent ids
     return max(1.0, min(room_by_history(0, 0), carry))
 
 
@@ -263,6 +264,11 @@ class _Room:
     def answer(self) -> float:
         """The last look's ``accept_bytes``: the budget before what was sent since."""
         return self.budget + self.sent
+
+    def unknown_as_new(self) -> None:
+        """A room never known (no look answered yet) is a new run's, less what was sent already."""
+        if not math.isfinite(self.budget):
+            self.budget = room_of_a_new_run() - self.sent
 
 
 @dataclass
@@ -595,8 +601,7 @@ class DispatcherClient:
             before = room.sent
             look = await self._look(shard, handle, failing)
             if look is None:  # not known (Temporal does not answer): the budget stands, less what is sent
-                if not math.isfinite(room.budget):  # one never known is a new run's, less what was sent
-                    room.budget = room_of_a_new_run() - room.sent
+                room.unknown_as_new()
                 room.looked.set()
                 continue
             budget, now_failing = look.budget, look.failing
@@ -790,8 +795,7 @@ class DispatcherClient:
             room.waited = True  # once: a look that is slow (Temporal throttling) holds no later signal
             self._carry[shard] = first  # answered by close() meanwhile, as any carried submission
             await within(FIRST_LOOK + 2 * self.probe_timeout.total_seconds(), room.looked.wait())
-            if not math.isfinite(room.budget):  # the look is slow: until it answers, a new run's room
-                room.budget = room_of_a_new_run() - room.sent
+            room.unknown_as_new()  # the look is slow: until it answers
         self._carry[shard] = None
         batch = [first]
         count, size = len(first.events), first.size

@@ -23,6 +23,7 @@ from bridge.logsafe import safe
 __all__ = [
     "BATCH_MEMO",
     "CARRY_LIMIT_BYTES",
+    "CARRY_RESERVE",
     "CHILD_LIMIT",
     "DISPATCHER_WORKFLOW",
     "DRAIN_HISTORY_BYTES",
@@ -110,6 +111,7 @@ def failed(reason: str) -> str:
 MAX_SIGNAL_EVENTS = 500  # events in one EVENT_SIGNAL
 CARRY_LIMIT_BYTES = 512 * 1024  # the queue a DispatcherInput carries into the next run, normally
 MAX_CARRY_BYTES = 1792 * 1024  # the whole DispatcherInput, at most (see DRAIN_* below)
+CARRY_RESERVE = 4096  # of it, kept for all but the queue and the recent ids (project, stats, counters)
 START_BATCH_BYTES = 1024 * 1024  # target arguments in one StartBatch, and started in one batch
 MAX_TARGET_BYTES = 1920 * 1024  # one target's argument; a larger one is a failed start, never sent
 

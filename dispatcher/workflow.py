@@ -42,6 +42,7 @@ with workflow.unsafe.imports_passed_through():
     from dispatcher import search, starts
     from dispatcher.contract import (
         CARRY_LIMIT_BYTES,
+        CARRY_RESERVE,
         CHILD_LIMIT,
         DISPATCHER_WORKFLOW,
         DRAIN_HISTORY_BYTES,
@@ -982,7 +983,7 @@ class DispatcherWorkflow:
         return workflow.info().get_current_history_size() < DRAIN_SOFT_BYTES or queued > self._carry_room()
 
     def _carry_room(self) -> int:
-        return MAX_CARRY_BYTES - 4096 - sum(len(d) + 3 for d in self._recent)
+        return MAX_CARRY_BYTES - CARRY_RESERVE - sum(len(d) + 3 for d in self._recent)
 
     async def _rotate(self) -> None:
         """Continue-as-new with the queue, once handlers finished and every start is confirmed.
