@@ -204,6 +204,11 @@ class Weighed:
         async def give_back() -> None:  # async: litestar runs a plain function in a thread
             release()
 
+        task = _Release(give_back)
+        weakref.finalize(task, release)  # a response not sent whole (the client left) gives it back too
+        if len(data) <= ANSWER_CHUNK:  # one piece either way: a plain response costs a seventh of a stream
+            return Response(data, status_code=status_code, media_type=MediaType.JSON, background=task)
+
         async def chunks() -> AsyncIterator[bytes]:
             # In pieces: uvicorn's send returns once a piece is handed to the socket's buffer, and
             # waits for that buffer to drain before the next; the last (empty) one returns once the
@@ -211,10 +216,6 @@ class Weighed:
             for start in range(0, len(data), ANSWER_CHUNK):
                 yield data[start : start + ANSWER_CHUNK]
 
-        task = _Release(give_back)
-        weakref.finalize(task, release)  # a response not sent whole (the client left) gives it back too
-        if len(data) <= ANSWER_CHUNK:  # one piece either way: a plain response costs a seventh of a stream
-            return Response(data, status_code=status_code, media_type=MediaType.JSON, background=task)
         headers = {"content-length": str(len(data))}
         return Stream(chunks(), status_code=status_code, media_type=MediaType.JSON, headers=headers, background=task)
 
@@ -392,11 +393,8 @@ class HttpState:
     def _keep(self, weighed: Weighed, size: int) -> Callable[[], None]:
         """Keep ``size`` bytes of ``weighed`` charged past its request's handler (charged more if
         it has less, without refusal); what gives them back, once, however often it is called."""
-        more = size - weighed.weight
-        if more > 0:
-            self._parsed += more
-            self._parsed_of[weighed.sender] += more
-            weighed.weight = size
+        if size > weighed.weight:
+            self._charge(weighed, size)
         weighed.kept += size
         sender, given = weighed.sender, False
 
@@ -428,8 +426,13 @@ class HttpState:
             self._full.note(f"{self._parsed} bytes held, {more} more asked (http.max_parsed_bytes: {budget})")
             message = "the requests in flight hold as much memory as this process allows; retry shortly"
             raise Problem("overloaded", message, retry_after=retry)
+        self._charge(weighed, weight)
+
+    def _charge(self, weighed: Weighed, weight: int) -> None:
+        """Raise ``weighed``'s charge to ``weight``."""
+        more = weight - weighed.weight
         self._parsed += more
-        self._parsed_of[sender] += more
+        self._parsed_of[weighed.sender] += more
         weighed.weight = weight
 
     @contextlib.asynccontextmanager
