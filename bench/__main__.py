@@ -19,7 +19,9 @@ so only starting is measured; their start times come from Temporal's visibility.
 3. scale-out: 2 ``ingress`` + 2 ``worker`` processes (``dispatcher.shards: 2``), HTTP throughput,
    against the one-``serve`` default row.
 4. burst: wrk (2 threads, 64 connections) sends 10,000 events (``--burst-events``) to a bare
-   litestar endpoint and to the bridge (one ``serve``, then one ``ingress`` with one ``worker``),
+   litestar endpoint, to the same endpoint made durable (each ``202`` after a signal-with-start
+   that carries every event waiting: the bound of any bridge on this server), and to the bridge
+   (one ``serve``, then one ``ingress`` with one ``worker``),
    single events and batches; req/s, ratio to bare, refusals, each bridge process's peak RSS,
    whether the dispatcher received every accepted event, and the rate its backlog then drains at.
 

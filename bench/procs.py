@@ -240,15 +240,15 @@ class Bridge:
 
 
 class Bare:
-    """``python -m bench.bare`` on a free port."""
+    """``python -m bench.bare`` on a free port; with ``temporal``, the durable endpoint, which
+    answers once each request's events are signaled to the workflow ``workflow_id`` there."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, temporal: str | None = None, workflow_id: str = "") -> None:
         self.port = free_port()
-        self.proc = Proc(
-            "bare",
-            [sys.executable, "-m", "bench.bare", "--port", str(self.port)],
-            workdir / f"bare-{self.port}.log",
-        )
+        cmd = [sys.executable, "-m", "bench.bare", "--port", str(self.port)]
+        if temporal:
+            cmd += ["--temporal", temporal, "--workflow-id", workflow_id]
+        self.proc = Proc("bare", cmd, workdir / f"bare-{self.port}.log")
 
     @property
     def url(self) -> str:

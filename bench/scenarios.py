@@ -336,7 +336,33 @@ async def _bare_rows(run: Run, batches: list[int]) -> dict[int, Row]:
             rows[batch] = run.add(_burst_row(f"burst bare litestar, {batch}/request", result, batch, None))
     finally:
         bare.stop()
+    for batch in batches:
+        await _durable_bare_row(run, batch, rows[batch])
     return rows
+
+
+async def _durable_bare_row(run: Run, batch: int, bare: Row) -> Row:
+    """The same burst against the bare endpoint made durable (``python -m bench.bare
+    --temporal``): one signal-with-start at a time carrying every request waiting, to a workflow
+    no worker runs. No bridge can answer faster on this server; its ratio to bare is the bound
+    the bridge's rows are read against."""
+    workflow_id = unique("bench-bare-durable")
+    durable = Bare(run.workdir, run.address, workflow_id)
+    try:
+        await durable.start()
+        result = await wrk(run, durable.url, batch, "", run.burst_seconds, events=run.burst_events)
+        row = _burst_row(f"burst bare litestar + signal, {batch}/request", result, batch, bare)
+        handle = run.client.get_workflow_handle(f"{workflow_id}-0")
+        history = handle.fetch_history_events()
+        signaled = "workflow_execution_signaled_event_attributes"
+        signals = sum([1 async for event in history if event.HasField(signaled)]) - 1  # less start()'s ping
+        if signals > 0:
+            row.notes.insert(0, f"{signals} signals, {result.accepted * batch / signals:.0f} events each")
+        return run.add(row)
+    finally:
+        durable.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(run.client.get_workflow_handle(f"{workflow_id}-0").terminate("bench done"), 10)
 
 
 def _burst_row(name: str, result: WrkResult, batch: int, bare: Row | None) -> Row:
