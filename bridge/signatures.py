@@ -36,13 +36,18 @@ class Verifier(Protocol):
     Webhooks' ``webhook-id``), else None: only such an id may name the delivery, since anyone
     replaying a captured delivery can change what is not signed. ``announced_id`` is a delivery id
     the provider sends unsigned (GitHub's ``X-GitHub-Delivery``): for metadata and logs only.
-    ``signature_headers`` (lower-case) are kept out of event metadata.
+    ``signature_headers`` (lower-case) are kept out of event metadata. ``signed_headers`` is what
+    else than the body a verified signature covers (a timestamp, a delivery id), as read for the
+    check: two copies with the same body and the same such values are one signed delivery, sent
+    again, however their signature headers are spelled.
     """
 
     kind: str
     signature_headers: frozenset[str]
 
     def verify(self, headers: Headers, body: bytes, now: float) -> None: ...
+
+    def signed_headers(self, headers: Headers) -> tuple[str, ...]: ...
 
     def signed_id(self, headers: Headers, payload: Any) -> str | None: ...
 
@@ -113,6 +118,9 @@ class NoVerify:
     def verify(self, headers: Headers, body: bytes, now: float) -> None:
         return None
 
+    def signed_headers(self, headers: Headers) -> tuple[str, ...]:
+        return ()
+
     def signed_id(self, headers: Headers, payload: Any) -> str | None:
         return None
 
@@ -158,6 +166,9 @@ class HmacVerify:
             given = self._prefix + given[len(self._prefix) :].lower()
         if not _any_equal([given], [self.sign(body, i) for i in range(len(self._keys))]):
             raise SignatureInvalid(f"header {self.header} matches no configured secret")
+
+    def signed_headers(self, headers: Headers) -> tuple[str, ...]:
+        return ()  # only the body is signed
 
     def signed_id(self, headers: Headers, payload: Any) -> str | None:
         return None  # only the body is signed
@@ -205,22 +216,30 @@ class StripeVerify:
         signed = f"{timestamp}.".encode() + body
         return _digest("sha256", self._keys[secret_index], signed).hex()
 
-    def verify(self, headers: Headers, body: bytes, now: float) -> None:
-        raw = headers.get(self.header)
-        if not raw:
-            raise SignatureInvalid(f"header {self.header} is missing")
+    def _read(self, headers: Headers) -> tuple[list[str], list[str]]:
+        """The header's ``t=`` values and its ``v1=`` signatures (lower-cased)."""
         timestamps, v1 = [], []
-        for item in raw.split(","):
+        for item in (headers.get(self.header) or "").split(","):
             key, _, value = item.strip().partition("=")
             if key == "t":
                 timestamps.append(value)
             elif key == "v1" and value:
                 v1.append(value.strip().lower())
+        return timestamps, v1
+
+    def verify(self, headers: Headers, body: bytes, now: float) -> None:
+        if not headers.get(self.header):
+            raise SignatureInvalid(f"header {self.header} is missing")
+        timestamps, v1 = self._read(headers)
         if len(timestamps) != 1 or not v1:
             raise SignatureInvalid(f"header {self.header} needs one t= and at least one v1=")
         ts = _fresh(timestamps[0], now, self.tolerance)
         if not _any_equal(v1, [self.sign(body, ts, i) for i in range(len(self._keys))]):
             raise SignatureInvalid(f"no v1 signature in {self.header} matches a configured secret")
+
+    def signed_headers(self, headers: Headers) -> tuple[str, ...]:
+        timestamps, _ = self._read(headers)
+        return tuple(str(int(t)) if _TIMESTAMP.fullmatch(t.strip()) else t for t in timestamps)
 
     def signed_id(self, headers: Headers, payload: Any) -> str | None:
         event_id = payload.get("id") if isinstance(payload, dict) else None
@@ -269,6 +288,10 @@ class StandardWebhooksVerify:
         given = [s for s in signature.split() if s.startswith("v1,")]
         if not given or not _any_equal(given, [self.sign(body, msg_id, ts, i) for i in range(len(self._keys))]):
             raise SignatureInvalid("no v1 signature in webhook-signature matches a configured secret")
+
+    def signed_headers(self, headers: Headers) -> tuple[str, ...]:
+        ts = (self._header(headers, "timestamp") or "").strip()
+        return (self._header(headers, "id") or "", str(int(ts)) if _TIMESTAMP.fullmatch(ts) else ts)
 
     def signed_id(self, headers: Headers, payload: Any) -> str | None:
         return self._header(headers, "id")

@@ -105,7 +105,7 @@ class WebhooksController(Controller):
             http.held(WEBHOOK_ADAPTER, _sender(slug)),
             http.parsing(snapshot, WEBHOOK_ADAPTER, _sender(slug), body) as weighed,
         ):
-            return await self._receive(slug, route, received, body, http, snapshot, weighed)
+            return await self._receive(slug, route, received, body, http, snapshot, weighed, address)
 
     async def _receive(
         self,
@@ -116,13 +116,27 @@ class WebhooksController(Controller):
         http: HttpState,
         snapshot: Snapshot,
         weighed: Weighed,
+        address: str,
     ) -> Response[DeliveryAnswer]:
-        copy = route.copy_key(received, body, received.get("content-type"))
+        signed, copy = route.keys(received, body, received.get("content-type"))
         if (same := route.answer_to_copy(copy)) is not None:
             status, answer, events = same
             log.info("webhook delivery repeated slug=%s status=%d: the same copy answered as before", slug, status)
             http.metrics.child(http.metrics.received, WEBHOOK_ADAPTER).inc(events)
             return Response(answer, status_code=status)
+        if wait := route.repeat_wait(signed, address):
+            log.info(
+                "webhook refused slug=%s address=%s: too many copies of deliveries received before, with other headers",
+                slug,
+                safe(address),
+            )
+            raise http.deny(
+                WEBHOOK_ADAPTER,
+                "rate_limited",
+                "this delivery was received before; too many copies of such deliveries from this address, "
+                "retry after the Retry-After delay",
+                retry_after=retry_after(wait),
+            )
         delivery = _events(http, route, received, body)
         if (kept := route.answer_to(delivery)) is not None:
             status, answer = kept

@@ -544,6 +544,37 @@ async def test_a_copy_of_a_delivery_is_answered_before_its_body_is_parsed(
     assert len(sink.calls) == 1
 
 
+async def test_a_replayer_changing_a_header_each_time_is_read_a_few_times_then_refused(
+    sink: FakeSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy with other unsigned headers must be parsed, filtered and rendered before it is known
+    to send nothing new (24 ms of the event loop for 750 KB): a replayer with one captured
+    delivery and a fresh ``X-Request-Id`` each time could hold the loop. Its address now has
+    REPEAT_BURST such copies, then ``429``; the provider's budget and new deliveries are untouched."""
+    from bridge import webhooks
+
+    parsed: list[int] = []
+    parse_body = webhooks.parse_body
+    monkeypatch.setattr(webhooks, "parse_body", lambda body, ct: (parsed.append(1), parse_body(body, ct))[1])
+    cfg = hook_config(rate_limit={"per_webhook": {"rate": 0.001, "burst": 2}})
+    async with AsyncTestClient(make_app(sink, cfg)) as c:
+        body, headers = github_delivery(PUSH, delivery="d-1")
+        replays = [
+            await c.post(f"{HOOKS}/github", content=body, headers={**headers, "X-Request-Id": f"r-{n}"})
+            for n in range(webhooks.REPEAT_BURST + 5)
+        ]
+        fresh_body, fresh = github_delivery({**PUSH, "n": 2}, delivery="fresh")
+        genuine = await c.post(f"{HOOKS}/github", content=fresh_body, headers=fresh)
+        rejected = await c.get("/metrics", headers=AUTH)
+    statuses = [r.status_code for r in replays]
+    assert statuses == [202] * (1 + webhooks.REPEAT_BURST) + [429] * 4, statuses
+    assert all(r.headers["Retry-After"] == "1" and "received before" in r.json()["message"] for r in replays[-4:])
+    assert len(parsed) == 1 + webhooks.REPEAT_BURST + 1, "the first, its copies within the burst, the fresh one"
+    assert genuine.status_code == 202, genuine.text
+    assert len(sink.calls) == 2, "the captured delivery once, the fresh one once"
+    assert 'signal_bridge_events_rejected_total{adapter="webhook",reason="rate_limited"} 4.0' in rejected.text
+
+
 async def test_a_copy_in_flight_with_other_headers_does_not_hold_the_providers_events_out() -> None:
     """A copy in flight refused every other copy of its delivery id: a replay with
     ``X-GitHub-Event: ping`` (only the body's entry) held in flight got the provider's own push

@@ -21,7 +21,16 @@ from bridge.decode import MAX_JSON_DEPTH
 from bridge.errors import ConfigError, EventRejected
 from bridge.signatures import SignatureInvalid, StandardWebhooksVerify, StripeVerify, Verifier
 from bridge.snapshot import parse
-from bridge.webhooks import MAX_KEPT_HEADERS, MAX_KEPT_VALUE, WebhookRoute, compile_webhooks
+from bridge.webhooks import (
+    ADDRESSES_KEPT,
+    ANSWERS_KEPT,
+    MAX_KEPT_HEADERS,
+    MAX_KEPT_VALUE,
+    REPEAT_BURST,
+    REPEAT_RATE,
+    WebhookRoute,
+    compile_webhooks,
+)
 
 SECRET = "a-webhook-secret-of-some-length"
 SW_KEY = b"sixteen-byte-key"
@@ -119,6 +128,62 @@ def test_standard_webhooks_non_ascii_id_is_signed_as_its_wire_bytes() -> None:
         "webhook-signature": "v1," + base64.b64encode(mac).decode(),
     }
     StandardWebhooksVerify([SW_SECRET]).verify(headers, BODY, T)
+
+
+def signed_key(r: WebhookRoute, headers: dict[str, str], body: bytes = BODY) -> str:
+    r.verify(headers, body, T)
+    return r.keys(headers, body, "application/json")[0]
+
+
+def test_a_signed_delivery_is_one_however_its_signature_headers_are_spelled() -> None:
+    """A replayer may spell a signature header otherwise and still verify (hex in capitals, the
+    ``v1`` entries of a roll in another order, ``svix-*`` for ``webhook-*``): each copy is the same
+    signed delivery. A retry the provider signs anew (another timestamp) is another one."""
+    github = route({"kind": "github", "secret": SECRET})
+    sig = "sha256=" + hex_mac(BODY)
+    assert signed_key(github, {"x-hub-signature-256": sig}) == signed_key(
+        github, {"x-hub-signature-256": "sha256=" + hex_mac(BODY).upper(), "x-github-delivery": "other"}
+    )
+    stripe = route({"kind": "stripe", "secret": SECRET})
+    v1 = hex_mac(f"{T}.".encode() + BODY)
+    first = signed_key(stripe, {"stripe-signature": f"t={T},v1={v1}"})
+    assert signed_key(stripe, {"stripe-signature": f"v1=00,v1={v1.upper()}, t=0{T}"}) == first
+    later = hex_mac(f"{T + 60}.".encode() + BODY)
+    assert signed_key(stripe, {"stripe-signature": f"t={T + 60},v1={later}"}) != first
+    sw = route({"kind": "standard-webhooks", "secret": SW_SECRET})
+    sig = StandardWebhooksVerify([SW_SECRET]).sign(BODY, "msg_1", T)
+    webhook = {"webhook-id": "msg_1", "webhook-timestamp": str(T), "webhook-signature": sig}
+    svix = {"svix-id": "msg_1", "svix-timestamp": f" {T}", "svix-signature": f"v1,bogus {sig}"}
+    assert signed_key(sw, webhook) == signed_key(sw, svix)
+    other = StandardWebhooksVerify([SW_SECRET]).sign(BODY, "msg_2", T)
+    assert signed_key(sw, {**webhook, "webhook-id": "msg_2", "webhook-signature": other}) != signed_key(sw, webhook)
+
+
+def test_copies_of_a_signed_delivery_are_read_on_each_addresss_own_bucket() -> None:
+    """The first copy of a signed delivery is free; each later one takes a token of its sender's
+    address (REPEAT_BURST at once), so one replayer cannot spend another address's."""
+    r = route({"kind": "github", "secret": SECRET})
+    key = signed_key(r, {"x-hub-signature-256": "sha256=" + hex_mac(BODY)})
+    assert r.repeat_wait(key, "203.0.113.9") == 0.0  # the first copy, from anyone
+    assert [r.repeat_wait(key, "203.0.113.9") for _ in range(REPEAT_BURST)] == [0.0] * REPEAT_BURST
+    wait = r.repeat_wait(key, "203.0.113.9")
+    assert 0 < wait <= 1 / REPEAT_RATE
+    assert r.repeat_wait(key, "198.51.100.7") == 0.0, "another address has its own bucket"
+    other = signed_key(r, {"x-hub-signature-256": "sha256=" + hex_mac(b"{}")}, b"{}")
+    assert r.repeat_wait(other, "203.0.113.9") == 0.0, "a delivery not begun before is no copy"
+
+
+def test_the_deliveries_and_addresses_a_route_keeps_for_repeats_are_bounded() -> None:
+    r = route({"kind": "none"})
+    for n in range(ANSWERS_KEPT + 10):
+        r.repeat_wait(f"d{n}", "a")
+    for n in range(ADDRESSES_KEPT + 10):
+        r.repeat_wait("d9999", f"10.0.{n // 256}.{n % 256}")
+    assert len(r.begun) == ANSWERS_KEPT and "d0" not in r.begun
+    assert len(r.repeats) == ADDRESSES_KEPT
+    assert (
+        "10.0.0.1" not in r.repeats and f"10.0.{(ADDRESSES_KEPT + 9) // 256}.{(ADDRESSES_KEPT + 9) % 256}" in r.repeats
+    )
 
 
 # --- the tolerance window ------------------------------------------------------------------
