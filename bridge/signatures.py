@@ -97,6 +97,13 @@ _TIMESTAMP = re.compile(r"[0-9]{1,15}")
 ``int()`` keeps a 400-digit value from overflowing the float arithmetic below."""
 
 
+def _seconds(timestamp: str | None) -> str:
+    """A timestamp as :func:`_fresh` reads it, in its one spelling (``" 017"`` is ``"17"``); what
+    is no timestamp as it is (it cannot have verified)."""
+    text = (timestamp or "").strip()
+    return str(int(text)) if _TIMESTAMP.fullmatch(text) else text
+
+
 def _fresh(timestamp: str | None, now: float, tolerance: int) -> int:
     """The timestamp as an int, if it is one and at most ``tolerance`` seconds from ``now``,
     in the past or in the future."""
@@ -239,7 +246,7 @@ class StripeVerify:
 
     def signed_headers(self, headers: Headers) -> tuple[str, ...]:
         timestamps, _ = self._read(headers)
-        return tuple(str(int(t)) if _TIMESTAMP.fullmatch(t.strip()) else t for t in timestamps)
+        return tuple(_seconds(t) for t in timestamps)
 
     def signed_id(self, headers: Headers, payload: Any) -> str | None:
         event_id = payload.get("id") if isinstance(payload, dict) else None
@@ -290,8 +297,7 @@ class StandardWebhooksVerify:
             raise SignatureInvalid("no v1 signature in webhook-signature matches a configured secret")
 
     def signed_headers(self, headers: Headers) -> tuple[str, ...]:
-        ts = (self._header(headers, "timestamp") or "").strip()
-        return (self._header(headers, "id") or "", str(int(ts)) if _TIMESTAMP.fullmatch(ts) else ts)
+        return (self._header(headers, "id") or "", _seconds(self._header(headers, "timestamp")))
 
     def signed_id(self, headers: Headers, payload: Any) -> str | None:
         return self._header(headers, "id")

@@ -130,10 +130,15 @@ class Delivery:
 
 ANSWERS_KEPT = 4096  # delivery answers a webhook route keeps (each a few hundred bytes)
 REPEAT_RATE = 1.0
-"""Copies a second, after REPEAT_BURST, that one address may have parsed of signed deliveries this
-route has begun before (:meth:`WebhookRoute.repeat_wait`)."""
+"""Copies a second, after REPEAT_BURST at once, that one signed delivery, and apart from it one
+address, may have read for nothing (:meth:`WebhookRoute.repeat_wait`)."""
 REPEAT_BURST = 8
-ADDRESSES_KEPT = 4096  # addresses whose repeat buckets a route keeps (the last ones to repeat)
+ADDRESSES_KEPT = 4096  # addresses whose repeat buckets a route keeps (the last ones to read for nothing)
+
+
+def _now() -> float:
+    """The repeat buckets' clock (a test's to set)."""
+    return time.monotonic()
 
 
 class WebhookRoute:
@@ -155,12 +160,16 @@ class WebhookRoute:
         # refused at once, not submitted again on the provider's rate limit; one that would (its
         # unsigned headers match other entries) is sent.
         self.in_flight: dict[str, Counter[str]] = {}
-        # The signed deliveries (:meth:`keys`) this route began to read, and a bucket for each
-        # address that sends one of them again with other headers: such a copy is parsed, its
-        # filters run and its templates rendered before it is known to send nothing new (24 ms
-        # of the event loop for 750 KB), so a replayer changing a header each time could hold the
-        # loop. Per address, so a replayer spends neither the provider's rate limit nor its repeats.
-        self.begun: OrderedDict[str, None] = OrderedDict()
+        # The signed deliveries (:meth:`keys`) this route began to read, and the addresses that
+        # sent copies of them: each with a bucket of the copies read for nothing. A copy with
+        # other headers is parsed, its filters run and its templates rendered before it is known
+        # to send nothing new (24 ms of the event loop for 750 KB), so a replayer changing a
+        # header each time could hold the loop. Only copies that sent nothing are counted: the
+        # provider's retry of a delivery refused for a while, or its same body with other headers
+        # that match other entries, sends events, and costs nothing. Each captured delivery is
+        # then read for nothing at REPEAT_RATE, however many addresses replay it, and each address
+        # at that rate too, however many deliveries it replays.
+        self.begun: OrderedDict[str, TokenBucket] = OrderedDict()
         self.repeats: OrderedDict[str, TokenBucket] = OrderedDict()
 
     def remember(self, delivery: Delivery, status: int, answer: Any, copy: str | None = None) -> None:
@@ -188,18 +197,27 @@ class WebhookRoute:
         body_digest.update(json.dumps([content_type, sorted(seen.items())]).encode())
         return signed.hexdigest(), body_digest.hexdigest()
 
-    def repeat_wait(self, signed: str, address: str) -> float:
-        """0.0 when a copy of the signed delivery ``signed`` (:meth:`keys`) from ``address`` may be
-        read, now noted as begun; else the seconds until it may. The first copy of each signed
-        delivery is free; each later one that is no copy byte for byte of one answered takes a
-        token of ``address``'s bucket (REPEAT_RATE a second, REPEAT_BURST at once)."""
-        if signed not in self.begun:
-            _keep_last(self.begun, signed, None, ANSWERS_KEPT)
-            return 0.0
+    def repeat_wait(self, signed: str, address: str) -> float | None:
+        """None for the first copy of the signed delivery ``signed`` (:meth:`keys`), now noted as
+        begun. For a later one, 0.0 when it may be read: its delivery and ``address`` each have a
+        copy read for nothing left (REPEAT_BURST at once, REPEAT_RATE a second); else the seconds
+        until they do. Takes nothing: :meth:`read_for_nothing` does, once a copy sent nothing."""
+        kept = self.begun.get(signed)
+        if kept is None:
+            _keep_last(self.begun, signed, TokenBucket(REPEAT_RATE, REPEAT_BURST, clock=_now), ANSWERS_KEPT)
+            return None
         self.begun.move_to_end(signed)
-        bucket = self.repeats.get(address) or TokenBucket(REPEAT_RATE, REPEAT_BURST)
-        _keep_last(self.repeats, address, bucket, ADDRESSES_KEPT)
-        return bucket.take()
+        by_address = self.repeats.get(address)
+        return max(kept.due(), by_address.due() if by_address is not None else 0.0)
+
+    def read_for_nothing(self, signed: str, address: str) -> None:
+        """A copy of ``signed`` begun before, sent by ``address``, was read and sent nothing (it was
+        answered as before, ignored, or refused whole): one token of each's bucket."""
+        if (kept := self.begun.get(signed)) is not None:
+            kept.take()
+        by_address = self.repeats.get(address) or TokenBucket(REPEAT_RATE, REPEAT_BURST, clock=_now)
+        _keep_last(self.repeats, address, by_address, ADDRESSES_KEPT)
+        by_address.take()
 
     def answer_to_copy(self, key: str) -> tuple[int, Any, int] | None:
         """The answer kept for a delivery this one is a copy of (:meth:`copy_key`), with how many

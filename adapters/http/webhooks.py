@@ -21,6 +21,7 @@ from litestar.params import PathParameter
 from adapters.http import answers
 from adapters.http.answers import ACCEPTED, DeliveryAnswer, Ignored
 from adapters.http.openapi import DeliveryOperation, error_responses
+from adapters.http.problems import Problem
 from adapters.http.request import headers, read_body
 from adapters.http.state import WEBHOOK_ADAPTER, HttpState, Weighed, address_key
 from bridge.errors import HTTP_STATUS, EventRejected, Reason
@@ -124,19 +125,42 @@ class WebhooksController(Controller):
             log.info("webhook delivery repeated slug=%s status=%d: the same copy answered as before", slug, status)
             http.metrics.child(http.metrics.received, WEBHOOK_ADAPTER).inc(events)
             return Response(answer, status_code=status)
-        if wait := route.repeat_wait(signed, address):
+        repeat = route.repeat_wait(signed, address)
+        if repeat:
             log.info(
-                "webhook refused slug=%s address=%s: too many copies of deliveries received before, with other headers",
+                "webhook refused slug=%s address=%s: too many copies of a delivery read for nothing",
                 slug,
                 safe(address),
             )
             raise http.deny(
                 WEBHOOK_ADAPTER,
                 "rate_limited",
-                "this delivery was received before; too many copies of such deliveries from this address, "
-                "retry after the Retry-After delay",
-                retry_after=retry_after(wait),
+                "this delivery was received before, and its copies sent nothing new; retry after the Retry-After delay",
+                retry_after=retry_after(repeat),
             )
+        try:
+            response, sent = await self._read(slug, route, received, body, http, snapshot, weighed, copy)
+        except Problem:  # refused whole (rate limits, overload, Temporal away, the copy in flight)
+            if repeat is not None:
+                route.read_for_nothing(signed, address)
+            raise
+        if repeat is not None and not sent:
+            route.read_for_nothing(signed, address)
+        return response
+
+    async def _read(
+        self,
+        slug: str,
+        route: WebhookRoute,
+        received: dict[str, str],
+        body: bytes,
+        http: HttpState,
+        snapshot: Snapshot,
+        weighed: Weighed,
+        copy: str,
+    ) -> tuple[Response[DeliveryAnswer], bool]:
+        """The delivery's answer, and whether this copy sent any event: answered as before when
+        its events were sent, ``200 ignored`` when it has none, else sent."""
         delivery = _events(http, route, received, body)
         if (kept := route.answer_to(delivery)) is not None:
             status, answer = kept
@@ -147,13 +171,13 @@ class WebhooksController(Controller):
                 status,
             )
             http.metrics.child(http.metrics.received, WEBHOOK_ADAPTER).inc(len(delivery.events))
-            return Response(answer, status_code=status)
+            return Response(answer, status_code=status), False
         if delivery.limited:
             _limited(http, slug, delivery)
         if not delivery.events:  # sends nothing, so takes nothing of the rate limit (replays included)
             ignored = _ignored(http, slug, delivery)
             route.remember(delivery, ignored.status_code or 200, ignored.content, copy)
-            return ignored
+            return ignored, False
         ids = Counter(e.id for e in delivery.events)
         sending = route.in_flight.setdefault(delivery.delivery_id, Counter())
         if not ids.keys() - sending.keys():  # every event of it is on its way in another copy
@@ -185,7 +209,8 @@ class WebhooksController(Controller):
         snapshot: Snapshot,
         weighed: Weighed,
         copy: str,
-    ) -> Response[DeliveryAnswer]:
+    ) -> tuple[Response[DeliveryAnswer], bool]:
+        """The delivery sent, within the webhook's rate limit; and whether any event was held."""
         bucket = http.limits().webhooks.get(slug)
         if bucket is not None and (wait := bucket.take()):
             log.info("webhook refused slug=%s: over its rate limit", slug)
@@ -198,7 +223,7 @@ class WebhooksController(Controller):
         response = await _submit(http, snapshot, slug, delivery, weighed)
         if response.status_code is not None and _final(response.content):
             route.remember(delivery, response.status_code, response.content, copy)
-        return response
+        return response, response.content["accepted"] > 0
 
 
 def _final(answer: dict[str, Any]) -> bool:

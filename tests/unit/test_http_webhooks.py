@@ -556,6 +556,7 @@ async def test_a_replayer_changing_a_header_each_time_is_read_a_few_times_then_r
     parsed: list[int] = []
     parse_body = webhooks.parse_body
     monkeypatch.setattr(webhooks, "parse_body", lambda body, ct: (parsed.append(1), parse_body(body, ct))[1])
+    monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)  # nothing refills meanwhile
     cfg = hook_config(rate_limit={"per_webhook": {"rate": 0.001, "burst": 2}})
     async with AsyncTestClient(make_app(sink, cfg)) as c:
         body, headers = github_delivery(PUSH, delivery="d-1")
@@ -568,11 +569,85 @@ async def test_a_replayer_changing_a_header_each_time_is_read_a_few_times_then_r
         rejected = await c.get("/metrics", headers=AUTH)
     statuses = [r.status_code for r in replays]
     assert statuses == [202] * (1 + webhooks.REPEAT_BURST) + [429] * 4, statuses
-    assert all(r.headers["Retry-After"] == "1" and "received before" in r.json()["message"] for r in replays[-4:])
+    assert all(r.headers["Retry-After"] == "1" and "sent nothing new" in r.json()["message"] for r in replays[-4:])
     assert len(parsed) == 1 + webhooks.REPEAT_BURST + 1, "the first, its copies within the burst, the fresh one"
     assert genuine.status_code == 202, genuine.text
     assert len(sink.calls) == 2, "the captured delivery once, the fresh one once"
     assert 'signal_bridge_events_rejected_total{adapter="webhook",reason="rate_limited"} 4.0' in rejected.text
+
+
+async def test_copies_read_for_nothing_are_counted_by_the_address_that_sends_them(
+    sink: FakeSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One address that replays many captured deliveries with fresh headers is refused once it
+    had its burst read for nothing; another address replaying the same deliveries is not."""
+    from bridge import webhooks
+
+    monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)
+    app = make_app(sink, hook_config())
+    captured = [github_delivery({**PUSH, "n": n}, delivery=f"d-{n}") for n in range(webhooks.REPEAT_BURST + 1)]
+    async with in_loop_client(app, "192.0.2.10") as provider, in_loop_client(app, "203.0.113.9") as replayer:
+        async with in_loop_client(app, "198.51.100.7") as other:
+            for body, headers in captured:
+                assert (await provider.post(f"{HOOKS}/github", content=body, headers=headers)).status_code == 202
+            replays = [
+                await replayer.post(f"{HOOKS}/github", content=body, headers={**headers, "X-Request-Id": "r"})
+                for body, headers in captured
+            ]
+            body, headers = captured[-1]
+            others = await other.post(f"{HOOKS}/github", content=body, headers={**headers, "X-Request-Id": "o"})
+    assert [r.status_code for r in replays] == [202] * webhooks.REPEAT_BURST + [429]
+    assert others.status_code == 202, others.text
+    assert len(sink.calls) == len(captured)
+
+
+async def test_the_providers_retries_of_deliveries_refused_for_a_while_are_never_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A delivery answered ``503`` (Temporal away) is sent again as it was: the bridge asked for
+    that retry, and it sends events, so it costs nothing of the repeat buckets (they counted it,
+    and refused the retries past their burst with ``429``). A retry refused again costs one."""
+    from bridge import webhooks
+
+    monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)
+    sink = FakeSink()
+    sink.unavailable = Unavailable("temporal down", retry_after=1)
+    n = webhooks.REPEAT_BURST + 4
+    async with AsyncTestClient(make_app(sink, hook_config())) as c:
+        deliveries = [github_delivery({**PUSH, "n": k}, delivery=f"d-{k}") for k in range(n)]
+        down = [await c.post(f"{HOOKS}/github", content=b, headers=h) for b, h in deliveries]
+        still_down = [await c.post(f"{HOOKS}/github", content=b, headers=h) for b, h in deliveries[: n // 2]]
+        sink.unavailable = None
+        back = [await c.post(f"{HOOKS}/github", content=b, headers=h) for b, h in deliveries]
+    assert [r.status_code for r in down] == [503] * n
+    assert [r.status_code for r in still_down] == [503] * (n // 2), "each a first retry, within the burst"
+    assert [r.status_code for r in back] == [202] * n, [r.text for r in back]
+    assert len(sink.events) == 2 * n  # github.push and github.main of each
+
+
+async def test_one_body_sent_with_other_headers_matching_other_entries_is_never_counted(
+    sink: FakeSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider may send one body twice, as two topics (unsigned headers) that match two
+    entries: each copy sends an event, and none is refused however many there are."""
+    from bridge import webhooks
+
+    monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)
+    entries = [
+        {"name": f"github.{topic}", "filter": f'metadata.headers["x-topic"] == "orders/{topic}"'}
+        for topic in ("create", "paid")
+    ]
+    hooks = [{"slug": "github", "verify": {"kind": "github", "secret": GH_SECRET}, "events": entries}]
+    async with AsyncTestClient(make_app(sink, hook_config(hooks))) as c:
+        answers = []
+        for n in range(webhooks.REPEAT_BURST + 4):
+            body, headers = github_delivery({"order": n}, delivery=f"o-{n}")
+            for topic in ("create", "paid"):
+                answers.append(
+                    await c.post(f"{HOOKS}/github", content=body, headers={**headers, "X-Topic": f"orders/{topic}"})
+                )
+    assert {a.status_code for a in answers} == {202}, [a.text for a in answers if a.status_code != 202]
+    assert len(sink.events) == len(answers)
 
 
 async def test_a_copy_in_flight_with_other_headers_does_not_hold_the_providers_events_out() -> None:

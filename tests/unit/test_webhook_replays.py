@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from bridge import webhooks
 from bridge.decode import MAX_JSON_DEPTH
 from bridge.errors import ConfigError, EventRejected
 from bridge.signatures import SignatureInvalid, StandardWebhooksVerify, StripeVerify, Verifier
@@ -148,6 +149,7 @@ def test_a_signed_delivery_is_one_however_its_signature_headers_are_spelled() ->
     v1 = hex_mac(f"{T}.".encode() + BODY)
     first = signed_key(stripe, {"stripe-signature": f"t={T},v1={v1}"})
     assert signed_key(stripe, {"stripe-signature": f"v1=00,v1={v1.upper()}, t=0{T}"}) == first
+    assert signed_key(stripe, {"stripe-signature": f"t=\x1c{T},v1={v1}"}) == first  # int() alone refuses \x1c
     later = hex_mac(f"{T + 60}.".encode() + BODY)
     assert signed_key(stripe, {"stripe-signature": f"t={T + 60},v1={later}"}) != first
     sw = route({"kind": "standard-webhooks", "secret": SW_SECRET})
@@ -159,31 +161,55 @@ def test_a_signed_delivery_is_one_however_its_signature_headers_are_spelled() ->
     assert signed_key(sw, {**webhook, "webhook-id": "msg_2", "webhook-signature": other}) != signed_key(sw, webhook)
 
 
-def test_copies_of_a_signed_delivery_are_read_on_each_addresss_own_bucket() -> None:
-    """The first copy of a signed delivery is free; each later one takes a token of its sender's
-    address (REPEAT_BURST at once), so one replayer cannot spend another address's."""
+@pytest.fixture
+def frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The repeat buckets refill nothing meanwhile."""
+    monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)
+
+
+def test_a_delivery_is_read_for_nothing_a_burst_of_times_whoever_replays_it(frozen: None) -> None:
+    """The first copy is free and marks the delivery begun; a later one may be read while the
+    delivery has a copy read for nothing left, however many addresses send them."""
     r = route({"kind": "github", "secret": SECRET})
     key = signed_key(r, {"x-hub-signature-256": "sha256=" + hex_mac(BODY)})
-    assert r.repeat_wait(key, "203.0.113.9") == 0.0  # the first copy, from anyone
-    assert [r.repeat_wait(key, "203.0.113.9") for _ in range(REPEAT_BURST)] == [0.0] * REPEAT_BURST
-    wait = r.repeat_wait(key, "203.0.113.9")
-    assert 0 < wait <= 1 / REPEAT_RATE
-    assert r.repeat_wait(key, "198.51.100.7") == 0.0, "another address has its own bucket"
-    other = signed_key(r, {"x-hub-signature-256": "sha256=" + hex_mac(b"{}")}, b"{}")
-    assert r.repeat_wait(other, "203.0.113.9") == 0.0, "a delivery not begun before is no copy"
+    assert r.repeat_wait(key, "203.0.113.9") is None
+    for n in range(REPEAT_BURST):
+        assert r.repeat_wait(key, f"198.51.100.{n}") == 0.0
+        r.read_for_nothing(key, f"198.51.100.{n}")
+    assert 0 < (r.repeat_wait(key, "192.0.2.1") or 0) <= 1 / REPEAT_RATE, "a fresh address too"
+
+
+def test_a_copy_that_sent_events_costs_nothing(frozen: None) -> None:
+    """The provider's retry of a delivery refused for a while, or its body with other headers
+    matching other entries, sends events: only a copy read for nothing is counted."""
+    r = route({"kind": "github", "secret": SECRET})
+    key = signed_key(r, {"x-hub-signature-256": "sha256=" + hex_mac(BODY)})
+    assert r.repeat_wait(key, "203.0.113.9") is None
+    assert all(r.repeat_wait(key, "203.0.113.9") == 0.0 for _ in range(3 * REPEAT_BURST))
+
+
+def test_an_address_is_read_for_nothing_a_burst_of_times_whatever_it_replays(frozen: None) -> None:
+    r = route({"kind": "none"})
+    for n in range(REPEAT_BURST):
+        assert r.repeat_wait(f"d{n}", "provider") is None
+        assert r.repeat_wait(f"d{n}", "203.0.113.9") == 0.0
+        r.read_for_nothing(f"d{n}", "203.0.113.9")
+    assert r.repeat_wait("late", "provider") is None
+    assert (r.repeat_wait("late", "203.0.113.9") or 0) > 0
+    assert r.repeat_wait("late", "198.51.100.7") == 0.0, "another address has its own bucket"
 
 
 def test_the_deliveries_and_addresses_a_route_keeps_for_repeats_are_bounded() -> None:
     r = route({"kind": "none"})
     for n in range(ANSWERS_KEPT + 10):
         r.repeat_wait(f"d{n}", "a")
+    r.repeat_wait("d9999", "a")
     for n in range(ADDRESSES_KEPT + 10):
-        r.repeat_wait("d9999", f"10.0.{n // 256}.{n % 256}")
-    assert len(r.begun) == ANSWERS_KEPT and "d0" not in r.begun
+        r.read_for_nothing("d9999", f"10.0.{n // 256}.{n % 256}")
+    assert len(r.begun) == ANSWERS_KEPT and "d0" not in r.begun and "d9999" in r.begun
     assert len(r.repeats) == ADDRESSES_KEPT
-    assert (
-        "10.0.0.1" not in r.repeats and f"10.0.{(ADDRESSES_KEPT + 9) // 256}.{(ADDRESSES_KEPT + 9) % 256}" in r.repeats
-    )
+    newest = ADDRESSES_KEPT + 9
+    assert "10.0.0.1" not in r.repeats and f"10.0.{newest // 256}.{newest % 256}" in r.repeats
 
 
 # --- the tolerance window ------------------------------------------------------------------
