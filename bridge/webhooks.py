@@ -130,10 +130,35 @@ class Delivery:
 
 ANSWERS_KEPT = 4096  # delivery answers a webhook route keeps (each a few hundred bytes)
 REPEAT_RATE = 1.0
-"""Copies a second, after REPEAT_BURST at once, that one signed delivery, and apart from it one
-address, may have read for nothing (:meth:`WebhookRoute.repeat_wait`)."""
+"""Copies a second, after REPEAT_BURST at once, that one address (and, for copies past
+FREE_VARIANTS, one signed delivery) may have read for nothing (:class:`Repeat`)."""
 REPEAT_BURST = 8
+FREE_VARIANTS = 8
+"""Copies of one signed delivery with different headers that are read whatever they send: the
+first, and the provider's own (one body sent as several topics that match several entries)."""
 ADDRESSES_KEPT = 4096  # addresses whose repeat buckets a route keeps (the last ones to read for nothing)
+
+
+@dataclass
+class Begun:
+    """A signed delivery this route began to read (:meth:`WebhookRoute.keys`): its copies' keys
+    (the first FREE_VARIANTS), its copies read for nothing past them, and the ids of its events
+    held so far, for answers that were not kept."""
+
+    variants: set[str]
+    bucket: TokenBucket
+    held: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """How a copy of a signed delivery begun before is counted if it sends nothing new: ``again``,
+    a copy read before (its answer was not kept), against its address; past FREE_VARIANTS, against
+    its address and its delivery."""
+
+    signed: str
+    address: str
+    again: bool
 
 
 def _now() -> float:
@@ -154,27 +179,24 @@ class WebhookRoute:
         # before, not submitted again and not charged to the webhook's rate limit, so replaying a
         # captured delivery neither costs a signal nor spends the provider's own budget.
         self.answered: OrderedDict[str, tuple[int, Any, frozenset[str]]] = OrderedDict()
-        self.copies: OrderedDict[str, tuple[int, Any, frozenset[str]]] = OrderedDict()  # by copy_key
+        self.copies: OrderedDict[str, tuple[int, Any, frozenset[str]]] = OrderedDict()  # by keys()[1]
         # The deliveries being handled now, with the events each copy in flight sends: a copy
         # that comes meanwhile (a replay sent many times at once) and would send none other is
         # refused at once, not submitted again on the provider's rate limit; one that would (its
         # unsigned headers match other entries) is sent.
         self.in_flight: dict[str, Counter[str]] = {}
-        # The signed deliveries (:meth:`keys`) this route began to read, and the addresses that
-        # sent copies of them: each with a bucket of the copies read for nothing. A copy with
-        # other headers is parsed, its filters run and its templates rendered before it is known
-        # to send nothing new (24 ms of the event loop for 750 KB), so a replayer changing a
-        # header each time could hold the loop. Only copies that sent nothing are counted: the
-        # provider's retry of a delivery refused for a while, or its same body with other headers
-        # that match other entries, sends events, and costs nothing. Each captured delivery is
-        # then read for nothing at REPEAT_RATE, however many addresses replay it, and each address
-        # at that rate too, however many deliveries it replays.
-        self.begun: OrderedDict[str, TokenBucket] = OrderedDict()
+        # A copy with other headers is parsed, its filters run and its templates rendered before it
+        # is known to send nothing new (24 ms of the event loop for 750 KB), so a replayer changing
+        # a header each time could hold the loop. The signed deliveries this route began to read
+        # (``begun``) and the addresses that sent copies of them that sent nothing (``repeats``) are
+        # counted, :meth:`repeat`. The provider's own copies cost nothing: its first, its retries
+        # once they send, and one body sent as several topics.
+        self.begun: OrderedDict[str, Begun] = OrderedDict()
         self.repeats: OrderedDict[str, TokenBucket] = OrderedDict()
 
     def remember(self, delivery: Delivery, status: int, answer: Any, copy: str | None = None) -> None:
         """Keep a delivery's answer (the last ANSWERS_KEPT): one only a reload could change; with
-        the ids of the events it sent (:meth:`answer_to`), and under ``copy`` (:meth:`copy_key`)
+        the ids of the events it sent (:meth:`answer_to`), and under ``copy`` (:meth:`keys`)
         too, for a copy that is the same byte for byte (:meth:`answer_to_copy`)."""
         ids = frozenset(e.id for e in delivery.events)
         if (before := self.answered.get(delivery.delivery_id)) is not None:
@@ -197,30 +219,56 @@ class WebhookRoute:
         body_digest.update(json.dumps([content_type, sorted(seen.items())]).encode())
         return signed.hexdigest(), body_digest.hexdigest()
 
-    def repeat_wait(self, signed: str, address: str) -> float | None:
-        """None for the first copy of the signed delivery ``signed`` (:meth:`keys`), now noted as
-        begun. For a later one, 0.0 when it may be read: its delivery and ``address`` each have a
-        copy read for nothing left (REPEAT_BURST at once, REPEAT_RATE a second); else the seconds
-        until they do. Takes nothing: :meth:`read_for_nothing` does, once a copy sent nothing."""
-        kept = self.begun.get(signed)
-        if kept is None:
-            _keep_last(self.begun, signed, TokenBucket(REPEAT_RATE, REPEAT_BURST, clock=_now), ANSWERS_KEPT)
-            return None
+    def repeat(self, signed: str, copy: str, address: str) -> tuple[Repeat | None, float]:
+        """How a copy (:meth:`keys`) from ``address`` is counted, and the seconds until it may be
+        read (0.0: now). Free (None): the first copy of its signed delivery, or one of its first
+        FREE_VARIANTS copies with different headers. A copy read before (``again``: a retry whose
+        answer was not kept) waits for its address's bucket; one past those variants for its
+        address's and its delivery's (REPEAT_BURST at once, REPEAT_RATE a second). Takes nothing:
+        :meth:`read_for_nothing` does, once the copy sent nothing new."""
+        begun = self.begun.get(signed)
+        if begun is None:
+            begun = Begun({copy}, TokenBucket(REPEAT_RATE, REPEAT_BURST, clock=_now))
+            _keep_last(self.begun, signed, begun, ANSWERS_KEPT)
+            return None, 0.0
         self.begun.move_to_end(signed)
+        again = copy in begun.variants
+        if not again and len(begun.variants) < FREE_VARIANTS:
+            begun.variants.add(copy)
+            return None, 0.0
         by_address = self.repeats.get(address)
-        return max(kept.due(), by_address.due() if by_address is not None else 0.0)
+        wait = by_address.due() if by_address is not None else 0.0
+        if not again:
+            wait = max(wait, begun.bucket.due())
+        return Repeat(signed, address, again), wait
 
-    def read_for_nothing(self, signed: str, address: str) -> None:
-        """A copy of ``signed`` begun before, sent by ``address``, was read and sent nothing (it was
-        answered as before, ignored, or refused whole): one token of each's bucket."""
-        if (kept := self.begun.get(signed)) is not None:
-            kept.take()
-        by_address = self.repeats.get(address) or TokenBucket(REPEAT_RATE, REPEAT_BURST, clock=_now)
-        _keep_last(self.repeats, address, by_address, ADDRESSES_KEPT)
+    def sent_new(self, signed: str, held: Iterable[str]) -> bool:
+        """Note the ids of events a copy of ``signed`` had held; whether any was not held before."""
+        begun = self.begun.get(signed)
+        if begun is None:
+            return True
+        new = set(held) - begun.held
+        begun.held |= new
+        return bool(new)
+
+    def read_for_nothing(self, repeat: Repeat) -> None:
+        """A copy counted as ``repeat`` was read and sent nothing new: one token of its address's
+        bucket, and of its delivery's unless it was read before."""
+        begun = self.begun.get(repeat.signed)
+        if begun is not None and not repeat.again:
+            begun.bucket.take()
+        by_address = self.repeats.get(repeat.address) or TokenBucket(REPEAT_RATE, REPEAT_BURST, clock=_now)
+        _keep_last(self.repeats, repeat.address, by_address, ADDRESSES_KEPT)
         by_address.take()
 
+    def remember_copy(self, delivery_id: str, copy: str) -> None:
+        """Keep the answer kept for ``delivery_id`` under ``copy`` too: a copy answered as before
+        (it sent nothing the delivery did not) is answered so again before it is read."""
+        if (kept := self.answered.get(delivery_id)) is not None:
+            _keep_last(self.copies, copy, kept, ANSWERS_KEPT)
+
     def answer_to_copy(self, key: str) -> tuple[int, Any, int] | None:
-        """The answer kept for a delivery this one is a copy of (:meth:`copy_key`), with how many
+        """The answer kept for a delivery this one is a copy of (:meth:`keys`), with how many
         events it had: known before its body is parsed, its filters run and its templates
         rendered (a replayed 750 KB delivery cost 24 ms of the event loop each time)."""
         kept = self.copies.get(key)

@@ -21,7 +21,6 @@ from litestar.params import PathParameter
 from adapters.http import answers
 from adapters.http.answers import ACCEPTED, DeliveryAnswer, Ignored
 from adapters.http.openapi import DeliveryOperation, error_responses
-from adapters.http.problems import Problem
 from adapters.http.request import headers, read_body
 from adapters.http.state import WEBHOOK_ADAPTER, HttpState, Weighed, address_key
 from bridge.errors import HTTP_STATUS, EventRejected, Reason
@@ -125,8 +124,8 @@ class WebhooksController(Controller):
             log.info("webhook delivery repeated slug=%s status=%d: the same copy answered as before", slug, status)
             http.metrics.child(http.metrics.received, WEBHOOK_ADAPTER).inc(events)
             return Response(answer, status_code=status)
-        repeat = route.repeat_wait(signed, address)
-        if repeat:
+        repeat, wait = route.repeat(signed, copy, address)
+        if wait:
             log.info(
                 "webhook refused slug=%s address=%s: too many copies of a delivery read for nothing",
                 slug,
@@ -136,17 +135,16 @@ class WebhooksController(Controller):
                 WEBHOOK_ADAPTER,
                 "rate_limited",
                 "this delivery was received before, and its copies sent nothing new; retry after the Retry-After delay",
-                retry_after=retry_after(repeat),
+                retry_after=retry_after(wait),
             )
+        sent = False
         try:
-            response, sent = await self._read(slug, route, received, body, http, snapshot, weighed, copy)
-        except Problem:  # refused whole (rate limits, overload, Temporal away, the copy in flight)
-            if repeat is not None:
-                route.read_for_nothing(signed, address)
-            raise
-        if repeat is not None and not sent:
-            route.read_for_nothing(signed, address)
-        return response
+            response, held = await self._read(slug, route, received, body, http, snapshot, weighed, copy)
+            sent = route.sent_new(signed, held)
+            return response
+        finally:  # refused whole, answered as before or ignored, or held only what was held before
+            if repeat is not None and not sent:
+                route.read_for_nothing(repeat)
 
     async def _read(
         self,
@@ -158,9 +156,9 @@ class WebhooksController(Controller):
         snapshot: Snapshot,
         weighed: Weighed,
         copy: str,
-    ) -> tuple[Response[DeliveryAnswer], bool]:
-        """The delivery's answer, and whether this copy sent any event: answered as before when
-        its events were sent, ``200 ignored`` when it has none, else sent."""
+    ) -> tuple[Response[DeliveryAnswer], list[str]]:
+        """The delivery's answer, and the ids of the events Temporal holds from this copy: none
+        when it is answered as before (its events were sent) or ``200 ignored``, else sent."""
         delivery = _events(http, route, received, body)
         if (kept := route.answer_to(delivery)) is not None:
             status, answer = kept
@@ -171,13 +169,14 @@ class WebhooksController(Controller):
                 status,
             )
             http.metrics.child(http.metrics.received, WEBHOOK_ADAPTER).inc(len(delivery.events))
-            return Response(answer, status_code=status), False
+            route.remember_copy(delivery.delivery_id, copy)
+            return Response(answer, status_code=status), []
         if delivery.limited:
             _limited(http, slug, delivery)
         if not delivery.events:  # sends nothing, so takes nothing of the rate limit (replays included)
             ignored = _ignored(http, slug, delivery)
             route.remember(delivery, ignored.status_code or 200, ignored.content, copy)
-            return ignored, False
+            return ignored, []
         ids = Counter(e.id for e in delivery.events)
         sending = route.in_flight.setdefault(delivery.delivery_id, Counter())
         if not ids.keys() - sending.keys():  # every event of it is on its way in another copy
@@ -209,8 +208,8 @@ class WebhooksController(Controller):
         snapshot: Snapshot,
         weighed: Weighed,
         copy: str,
-    ) -> tuple[Response[DeliveryAnswer], bool]:
-        """The delivery sent, within the webhook's rate limit; and whether any event was held."""
+    ) -> tuple[Response[DeliveryAnswer], list[str]]:
+        """The delivery sent, within the webhook's rate limit; and the ids of the events held."""
         bucket = http.limits().webhooks.get(slug)
         if bucket is not None and (wait := bucket.take()):
             log.info("webhook refused slug=%s: over its rate limit", slug)
@@ -223,7 +222,7 @@ class WebhooksController(Controller):
         response = await _submit(http, snapshot, slug, delivery, weighed)
         if response.status_code is not None and _final(response.content):
             route.remember(delivery, response.status_code, response.content, copy)
-        return response, response.content["accepted"] > 0
+        return response, [r["event_id"] for r in response.content["results"] if r["status"] == ACCEPTED]
 
 
 def _final(answer: dict[str, Any]) -> bool:

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
@@ -549,8 +550,9 @@ async def test_a_replayer_changing_a_header_each_time_is_read_a_few_times_then_r
 ) -> None:
     """A copy with other unsigned headers must be parsed, filtered and rendered before it is known
     to send nothing new (24 ms of the event loop for 750 KB): a replayer with one captured
-    delivery and a fresh ``X-Request-Id`` each time could hold the loop. Its address now has
-    REPEAT_BURST such copies, then ``429``; the provider's budget and new deliveries are untouched."""
+    delivery and a fresh ``X-Request-Id`` each time could hold the loop. Past the first
+    FREE_VARIANTS, it has REPEAT_BURST such copies read for nothing, then ``429``; the provider's
+    budget and new deliveries are untouched."""
     from bridge import webhooks
 
     parsed: list[int] = []
@@ -562,46 +564,49 @@ async def test_a_replayer_changing_a_header_each_time_is_read_a_few_times_then_r
         body, headers = github_delivery(PUSH, delivery="d-1")
         replays = [
             await c.post(f"{HOOKS}/github", content=body, headers={**headers, "X-Request-Id": f"r-{n}"})
-            for n in range(webhooks.REPEAT_BURST + 5)
+            for n in range(webhooks.FREE_VARIANTS + webhooks.REPEAT_BURST + 4)
         ]
         fresh_body, fresh = github_delivery({**PUSH, "n": 2}, delivery="fresh")
         genuine = await c.post(f"{HOOKS}/github", content=fresh_body, headers=fresh)
         rejected = await c.get("/metrics", headers=AUTH)
     statuses = [r.status_code for r in replays]
-    assert statuses == [202] * (1 + webhooks.REPEAT_BURST) + [429] * 4, statuses
+    assert statuses == [202] * (webhooks.FREE_VARIANTS + webhooks.REPEAT_BURST) + [429] * 4, statuses
     assert all(r.headers["Retry-After"] == "1" and "sent nothing new" in r.json()["message"] for r in replays[-4:])
-    assert len(parsed) == 1 + webhooks.REPEAT_BURST + 1, "the first, its copies within the burst, the fresh one"
+    assert len(parsed) == webhooks.FREE_VARIANTS + webhooks.REPEAT_BURST + 1, "the free, the burst, the fresh one"
     assert genuine.status_code == 202, genuine.text
     assert len(sink.calls) == 2, "the captured delivery once, the fresh one once"
     assert 'signal_bridge_events_rejected_total{adapter="webhook",reason="rate_limited"} 4.0' in rejected.text
 
 
 async def test_copies_read_for_nothing_are_counted_by_the_address_that_sends_them(
-    sink: FakeSink, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """One address that replays many captured deliveries with fresh headers is refused once it
-    had its burst read for nothing; another address replaying the same deliveries is not."""
+    """While Temporal is away, one address that sends again the copies of many deliveries (their
+    answers, 503, are not kept) is refused once it had its burst read for nothing; the provider's
+    own retries, and another address's, are still read."""
     from bridge import webhooks
 
     monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)
+    sink = FakeSink()
+    sink.unavailable = Unavailable("temporal down", retry_after=1)
     app = make_app(sink, hook_config())
     captured = [github_delivery({**PUSH, "n": n}, delivery=f"d-{n}") for n in range(webhooks.REPEAT_BURST + 1)]
     async with in_loop_client(app, "192.0.2.10") as provider, in_loop_client(app, "203.0.113.9") as replayer:
         async with in_loop_client(app, "198.51.100.7") as other:
-            for body, headers in captured:
-                assert (await provider.post(f"{HOOKS}/github", content=body, headers=headers)).status_code == 202
-            replays = [
-                await replayer.post(f"{HOOKS}/github", content=body, headers={**headers, "X-Request-Id": "r"})
-                for body, headers in captured
-            ]
+
+            async def post(client: httpx.AsyncClient, body: bytes, headers: dict[str, str]) -> int:
+                return (await client.post(f"{HOOKS}/github", content=body, headers=headers)).status_code
+
+            first = [await post(provider, body, headers) for body, headers in captured]
+            replays = [await post(replayer, body, headers) for body, headers in captured]
             body, headers = captured[-1]
-            others = await other.post(f"{HOOKS}/github", content=body, headers={**headers, "X-Request-Id": "o"})
-    assert [r.status_code for r in replays] == [202] * webhooks.REPEAT_BURST + [429]
-    assert others.status_code == 202, others.text
-    assert len(sink.calls) == len(captured)
+            others, retry = await post(other, body, headers), await post(provider, body, headers)
+    assert first == [503] * len(captured)
+    assert replays == [503] * webhooks.REPEAT_BURST + [429], "read until the address had its burst"
+    assert (others, retry) == (503, 503), "read: other addresses have their own"
 
 
-async def test_the_providers_retries_of_deliveries_refused_for_a_while_are_never_counted(
+async def test_the_providers_retries_of_deliveries_refused_for_a_while_cost_nothing_once_they_send(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A delivery answered ``503`` (Temporal away) is sent again as it was: the bridge asked for
@@ -625,29 +630,42 @@ async def test_the_providers_retries_of_deliveries_refused_for_a_while_are_never
     assert len(sink.events) == 2 * n  # github.push and github.main of each
 
 
-async def test_one_body_sent_with_other_headers_matching_other_entries_is_never_counted(
+async def test_one_body_sent_as_several_topics_is_never_counted(
     sink: FakeSink, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A provider may send one body twice, as two topics (unsigned headers) that match two
-    entries: each copy sends an event, and none is refused however many there are."""
+    """A provider may send one body several times, as topics (unsigned headers) of which entries
+    match some and none others: each is read, however many bodies it sends so."""
     from bridge import webhooks
 
     monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)
-    entries = [
-        {"name": f"github.{topic}", "filter": f'metadata.headers["x-topic"] == "orders/{topic}"'}
-        for topic in ("create", "paid")
-    ]
+    entries = [{"name": "github.create", "filter": 'metadata.headers["x-topic"] == "orders/create"'}]
     hooks = [{"slug": "github", "verify": {"kind": "github", "secret": GH_SECRET}, "events": entries}]
     async with AsyncTestClient(make_app(sink, hook_config(hooks))) as c:
         answers = []
-        for n in range(webhooks.REPEAT_BURST + 4):
+        for n in range(2 * (webhooks.FREE_VARIANTS + webhooks.REPEAT_BURST)):
             body, headers = github_delivery({"order": n}, delivery=f"o-{n}")
-            for topic in ("create", "paid"):
-                answers.append(
-                    await c.post(f"{HOOKS}/github", content=body, headers={**headers, "X-Topic": f"orders/{topic}"})
-                )
-    assert {a.status_code for a in answers} == {202}, [a.text for a in answers if a.status_code != 202]
-    assert len(sink.events) == len(answers)
+            for topic in ("paid", "fulfilled", "create"):  # the unwanted first
+                sent = {**headers, "X-Topic": f"orders/{topic}"}
+                answers.append((await c.post(f"{HOOKS}/github", content=body, headers=sent)).status_code)
+    assert answers == [200, 200, 202] * (len(answers) // 3)
+    assert len(sink.events) == len(answers) // 3
+
+
+async def test_copies_that_fail_their_template_are_counted_too(sink: FakeSink, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy refused ``422`` (its ``input:`` fails on this body) was parsed and rendered for
+    nothing, as one answered as before: it counts."""
+    from bridge import webhooks
+
+    monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)
+    entries = [{"name": "github.push", "input": {"x": "{{ payload.ref | int('x', 'y', 'z') }}"}}]
+    hooks = [{"slug": "github", "verify": {"kind": "github", "secret": GH_SECRET}, "events": entries}]
+    async with AsyncTestClient(make_app(sink, hook_config(hooks))) as c:
+        body, headers = github_delivery(PUSH, delivery="d-1")
+        replays = [
+            (await c.post(f"{HOOKS}/github", content=body, headers={**headers, "X-Request-Id": f"r-{n}"})).status_code
+            for n in range(webhooks.FREE_VARIANTS + webhooks.REPEAT_BURST + 2)
+        ]
+    assert replays == [422] * (webhooks.FREE_VARIANTS + webhooks.REPEAT_BURST) + [429] * 2, replays
 
 
 async def test_a_copy_in_flight_with_other_headers_does_not_hold_the_providers_events_out() -> None:

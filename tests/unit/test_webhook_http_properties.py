@@ -36,7 +36,7 @@ from tests.unit.test_webhook_properties import (
 )
 from tests.unit.test_webhook_properties import HOOKS as KIND_HOOKS
 
-ANSWERS = {200, 202, 400, 401, 404, 413, 422}
+ANSWERS = {200, 202, 400, 401, 404, 413, 422, 429}
 ENTRY_NAMES = [e["name"] for e in ENTRIES]
 TRANSPORT_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "expect", "upgrade"}
 EXAMPLES = settings(
@@ -110,6 +110,8 @@ async def test_no_request_to_a_webhook_is_answered_with_a_server_error(
     resp = await client.post(f"{HOOKS}/{quote(slug, safe='')}", content=body, headers=wire(headers))
     assert resp.status_code in ANSWERS, resp.text
     answer = resp.json()
+    if resp.status_code == 429:  # the examples share one client: its copies of one delivery are counted
+        assert answer["error"] == "rate_limited" and "copies sent nothing new" in answer["message"], answer
     if resp.status_code != 404:  # a slug with a "/" is no route: litestar's own 404 answers it
         assert answer.get("error") in HTTP_STATUS or answer["status"] in ("accepted", "ignored", "rejected", "partial")
 

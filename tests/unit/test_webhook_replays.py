@@ -25,10 +25,12 @@ from bridge.snapshot import parse
 from bridge.webhooks import (
     ADDRESSES_KEPT,
     ANSWERS_KEPT,
+    FREE_VARIANTS,
     MAX_KEPT_HEADERS,
     MAX_KEPT_VALUE,
     REPEAT_BURST,
     REPEAT_RATE,
+    Repeat,
     WebhookRoute,
     compile_webhooks,
 )
@@ -167,45 +169,73 @@ def frozen(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)
 
 
-def test_a_delivery_is_read_for_nothing_a_burst_of_times_whoever_replays_it(frozen: None) -> None:
-    """The first copy is free and marks the delivery begun; a later one may be read while the
-    delivery has a copy read for nothing left, however many addresses send them."""
+def _free_variants(r: WebhookRoute, key: str) -> None:
+    """The first copy of ``key`` and the other FREE_VARIANTS - 1 with other headers: free."""
+    for n in range(FREE_VARIANTS):
+        assert r.repeat(key, f"variant-{n}", "192.0.2.10") == (None, 0.0)
+
+
+def test_copies_past_the_free_variants_are_read_for_nothing_a_burst_of_times_whoever_sends_them(
+    frozen: None,
+) -> None:
     r = route({"kind": "github", "secret": SECRET})
     key = signed_key(r, {"x-hub-signature-256": "sha256=" + hex_mac(BODY)})
-    assert r.repeat_wait(key, "203.0.113.9") is None
+    _free_variants(r, key)
     for n in range(REPEAT_BURST):
-        assert r.repeat_wait(key, f"198.51.100.{n}") == 0.0
-        r.read_for_nothing(key, f"198.51.100.{n}")
-    assert 0 < (r.repeat_wait(key, "192.0.2.1") or 0) <= 1 / REPEAT_RATE, "a fresh address too"
+        repeat, wait = r.repeat(key, f"replay-{n}", f"198.51.100.{n}")
+        assert repeat is not None and not repeat.again and wait == 0.0
+        r.read_for_nothing(repeat)
+    _, wait = r.repeat(key, "replay-late", "192.0.2.1")
+    assert 0 < wait <= 1 / REPEAT_RATE, "a fresh address too: the delivery has had its burst"
 
 
-def test_a_copy_that_sent_events_costs_nothing(frozen: None) -> None:
-    """The provider's retry of a delivery refused for a while, or its body with other headers
-    matching other entries, sends events: only a copy read for nothing is counted."""
+def test_a_copy_read_before_waits_only_for_its_own_address(frozen: None) -> None:
+    """The provider's retry of a copy whose answer was not kept (a 503) is the same copy: a
+    replayer that spent the delivery's count with other headers does not hold it out."""
     r = route({"kind": "github", "secret": SECRET})
     key = signed_key(r, {"x-hub-signature-256": "sha256=" + hex_mac(BODY)})
-    assert r.repeat_wait(key, "203.0.113.9") is None
-    assert all(r.repeat_wait(key, "203.0.113.9") == 0.0 for _ in range(3 * REPEAT_BURST))
+    assert r.repeat(key, "provider-copy", "192.0.2.10") == (None, 0.0)
+    for n in range(1, FREE_VARIANTS):
+        assert r.repeat(key, f"replay-{n}", "203.0.113.9") == (None, 0.0)
+    for n in range(REPEAT_BURST):
+        repeat, _ = r.repeat(key, f"past-{n}", "203.0.113.9")
+        assert repeat is not None
+        r.read_for_nothing(repeat)
+    assert r.repeat(key, "past-late", "198.51.100.7")[1] > 0
+    retry, wait = r.repeat(key, "provider-copy", "192.0.2.10")
+    assert retry is not None and retry.again and wait == 0.0
+
+
+def test_a_copy_that_held_new_events_costs_nothing(frozen: None) -> None:
+    """Only a copy that held nothing new is read for nothing: the retry of a delivery held in
+    part holds the rest; a replay of it holds what was held already."""
+    r = route({"kind": "none"})
+    assert r.repeat("d", "first", "a") == (None, 0.0)
+    assert r.sent_new("d", ["d:x"]) is True
+    assert r.sent_new("d", ["d:x"]) is False
+    assert r.sent_new("d", ["d:x", "d:y"]) is True
+    assert r.sent_new("d", []) is False
 
 
 def test_an_address_is_read_for_nothing_a_burst_of_times_whatever_it_replays(frozen: None) -> None:
     r = route({"kind": "none"})
     for n in range(REPEAT_BURST):
-        assert r.repeat_wait(f"d{n}", "provider") is None
-        assert r.repeat_wait(f"d{n}", "203.0.113.9") == 0.0
-        r.read_for_nothing(f"d{n}", "203.0.113.9")
-    assert r.repeat_wait("late", "provider") is None
-    assert (r.repeat_wait("late", "203.0.113.9") or 0) > 0
-    assert r.repeat_wait("late", "198.51.100.7") == 0.0, "another address has its own bucket"
+        assert r.repeat(f"d{n}", "first", "provider") == (None, 0.0)
+        repeat, wait = r.repeat(f"d{n}", "first", "203.0.113.9")  # the same copy, read again
+        assert repeat is not None and repeat.again and wait == 0.0
+        r.read_for_nothing(repeat)
+    assert r.repeat("late", "first", "provider") == (None, 0.0)
+    assert r.repeat("late", "first", "203.0.113.9")[1] > 0
+    assert r.repeat("late", "first", "198.51.100.7")[1] == 0.0, "another address has its own bucket"
 
 
 def test_the_deliveries_and_addresses_a_route_keeps_for_repeats_are_bounded() -> None:
     r = route({"kind": "none"})
     for n in range(ANSWERS_KEPT + 10):
-        r.repeat_wait(f"d{n}", "a")
-    r.repeat_wait("d9999", "a")
+        r.repeat(f"d{n}", "c", "a")
+    r.repeat("d9999", "c", "a")
     for n in range(ADDRESSES_KEPT + 10):
-        r.read_for_nothing("d9999", f"10.0.{n // 256}.{n % 256}")
+        r.read_for_nothing(Repeat("d9999", f"10.0.{n // 256}.{n % 256}", again=True))
     assert len(r.begun) == ANSWERS_KEPT and "d0" not in r.begun and "d9999" in r.begun
     assert len(r.repeats) == ADDRESSES_KEPT
     newest = ADDRESSES_KEPT + 9
