@@ -38,6 +38,11 @@ class TokenBucket:
             self._tokens -= cost
         return wait
 
+    def give_back(self, cost: int = 1) -> None:
+        """Return ``cost`` tokens taken for what turned out to cost nothing (at most a full bucket)."""
+        self.due()  # refill up to now first
+        self._tokens = min(self.burst, self._tokens + cost)
+
     def due(self, cost: int = 1) -> float:
         """The seconds until ``cost`` tokens may be taken (0.0: now); takes nothing."""
         now = self._clock()

@@ -141,24 +141,27 @@ ADDRESSES_KEPT = 4096  # addresses whose repeat buckets a route keeps (the last 
 
 @dataclass
 class Begun:
-    """A signed delivery this route began to read (:meth:`WebhookRoute.keys`): its copies' keys
-    (the first FREE_VARIANTS), its copies read for nothing past them, and the ids of its events
-    held so far, for answers that were not kept."""
+    """A signed delivery this route began to read (:meth:`WebhookRoute.keys`): the address of its
+    first copy, its first FREE_VARIANTS copy keys (each with a bucket once it is read again), a
+    bucket for its copies past them, and the ids of its events held so far."""
 
-    variants: set[str]
-    bucket: TokenBucket
+    first: str
+    variants: dict[str, TokenBucket | None]
+    bucket: TokenBucket = field(default_factory=lambda: _bucket())
     held: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
 class Repeat:
-    """How a copy of a signed delivery begun before is counted if it sends nothing new: ``again``,
-    a copy read before (its answer was not kept), against its address; past FREE_VARIANTS, against
-    its address and its delivery."""
+    """A copy of a signed delivery begun before, let in on a token of each of ``buckets``: given
+    back (:meth:`WebhookRoute.held_new`) if the copy held an event not held before."""
 
     signed: str
-    address: str
-    again: bool
+    buckets: tuple[TokenBucket, ...]
+
+
+def _bucket() -> TokenBucket:
+    return TokenBucket(REPEAT_RATE, REPEAT_BURST, clock=_now)
 
 
 def _now() -> float:
@@ -220,46 +223,51 @@ class WebhookRoute:
         return signed.hexdigest(), body_digest.hexdigest()
 
     def repeat(self, signed: str, copy: str, address: str) -> tuple[Repeat | None, float]:
-        """How a copy (:meth:`keys`) from ``address`` is counted, and the seconds until it may be
-        read (0.0: now). Free (None): the first copy of its signed delivery, or one of its first
-        FREE_VARIANTS copies with different headers. A copy read before (``again``: a retry whose
-        answer was not kept) waits for its address's bucket; one past those variants for its
-        address's and its delivery's (REPEAT_BURST at once, REPEAT_RATE a second). Takes nothing:
-        :meth:`read_for_nothing` does, once the copy sent nothing new."""
+        """Whether a copy (:meth:`keys`) from ``address`` is counted, and the seconds until it may
+        be read (0.0: now; then its tokens are taken). Free (None): the first copy of its signed
+        delivery, and its first FREE_VARIANTS copies with different headers. Counted, on a token of
+        each bucket it waits for (REPEAT_BURST at once, REPEAT_RATE a second):
+
+        - its address's, always;
+        - a copy of one of those variants read again (a retry whose answer was not kept): that
+          variant's. What one copy holds, the same copy holds, so a replayer that spends it holds
+          nothing of the provider's out;
+        - any other copy: the delivery's, unless it comes from the address of the first copy (a
+          provider whose retries carry an attempt header)."""
         begun = self.begun.get(signed)
         if begun is None:
-            begun = Begun({copy}, TokenBucket(REPEAT_RATE, REPEAT_BURST, clock=_now))
-            _keep_last(self.begun, signed, begun, ANSWERS_KEPT)
+            _keep_last(self.begun, signed, Begun(address, {copy: None}), ANSWERS_KEPT)
             return None, 0.0
         self.begun.move_to_end(signed)
-        again = copy in begun.variants
-        if not again and len(begun.variants) < FREE_VARIANTS:
-            begun.variants.add(copy)
+        by_copy: TokenBucket | None
+        if copy in begun.variants:
+            by_copy = begun.variants[copy] or _bucket()
+            begun.variants[copy] = by_copy
+        elif len(begun.variants) < FREE_VARIANTS:
+            begun.variants[copy] = None
             return None, 0.0
-        by_address = self.repeats.get(address)
-        wait = by_address.due() if by_address is not None else 0.0
-        if not again:
-            wait = max(wait, begun.bucket.due())
-        return Repeat(signed, address, again), wait
+        else:
+            by_copy = begun.bucket if address != begun.first else None
+        by_address = self.repeats.get(address) or _bucket()
+        _keep_last(self.repeats, address, by_address, ADDRESSES_KEPT)
+        buckets = (by_address,) if by_copy is None else (by_address, by_copy)
+        wait = max(bucket.due() for bucket in buckets)
+        if not wait:
+            for bucket in buckets:
+                bucket.take()
+        return Repeat(signed, buckets), wait
 
-    def sent_new(self, signed: str, held: Iterable[str]) -> bool:
-        """Note the ids of events a copy of ``signed`` had held; whether any was not held before."""
+    def held_new(self, signed: str, held: Iterable[str], repeat: Repeat | None) -> bool:
+        """Note the ids of events a copy of ``signed`` had held. When one was not held before, the
+        copy sent something: its tokens (``repeat``) are given back. Whether one was."""
         begun = self.begun.get(signed)
-        if begun is None:
-            return True
-        new = set(held) - begun.held
-        begun.held |= new
+        new = set(held) - begun.held if begun is not None else set(held)
+        if begun is not None:
+            begun.held |= new
+        if new and repeat is not None:
+            for bucket in repeat.buckets:
+                bucket.give_back()
         return bool(new)
-
-    def read_for_nothing(self, repeat: Repeat) -> None:
-        """A copy counted as ``repeat`` was read and sent nothing new: one token of its address's
-        bucket, and of its delivery's unless it was read before."""
-        begun = self.begun.get(repeat.signed)
-        if begun is not None and not repeat.again:
-            begun.bucket.take()
-        by_address = self.repeats.get(repeat.address) or TokenBucket(REPEAT_RATE, REPEAT_BURST, clock=_now)
-        _keep_last(self.repeats, repeat.address, by_address, ADDRESSES_KEPT)
-        by_address.take()
 
     def remember_copy(self, delivery_id: str, copy: str) -> None:
         """Keep the answer kept for ``delivery_id`` under ``copy`` too: a copy answered as before

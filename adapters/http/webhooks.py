@@ -137,14 +137,12 @@ class WebhooksController(Controller):
                 "this delivery was received before, and its copies sent nothing new; retry after the Retry-After delay",
                 retry_after=retry_after(wait),
             )
-        sent = False
+        held: list[str] = []
         try:
             response, held = await self._read(slug, route, received, body, http, snapshot, weighed, copy)
-            sent = route.sent_new(signed, held)
             return response
-        finally:  # refused whole, answered as before or ignored, or held only what was held before
-            if repeat is not None and not sent:
-                route.read_for_nothing(repeat)
+        finally:  # a counted copy keeps its tokens when it held nothing new (or failed)
+            route.held_new(signed, held, repeat)
 
     async def _read(
         self,

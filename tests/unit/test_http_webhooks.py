@@ -578,6 +578,27 @@ async def test_a_replayer_changing_a_header_each_time_is_read_a_few_times_then_r
     assert 'signal_bridge_events_rejected_total{adapter="webhook",reason="rate_limited"} 4.0' in rejected.text
 
 
+async def test_a_copy_answered_as_before_is_answered_so_again_before_it_is_read(
+    sink: FakeSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy with other headers is read once; answered as before (it sent nothing new), its
+    answer is kept under its own headers too, so the same copy sent again is not read again."""
+    from bridge import webhooks
+
+    parsed: list[int] = []
+    parse_body = webhooks.parse_body
+    monkeypatch.setattr(webhooks, "parse_body", lambda body, ct: (parsed.append(1), parse_body(body, ct))[1])
+    monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)
+    async with AsyncTestClient(make_app(sink, hook_config())) as c:
+        body, headers = github_delivery(PUSH, delivery="d-1")
+        first = await c.post(f"{HOOKS}/github", content=body, headers=headers)
+        copy = {**headers, "X-Request-Id": "r-1"}
+        again = [await c.post(f"{HOOKS}/github", content=body, headers=copy) for _ in range(3 * webhooks.REPEAT_BURST)]
+    assert first.status_code == 202 and {a.status_code for a in again} == {202}
+    assert len(parsed) == 2, "the delivery, and its copy once"
+    assert len(sink.calls) == 1
+
+
 async def test_copies_read_for_nothing_are_counted_by_the_address_that_sends_them(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

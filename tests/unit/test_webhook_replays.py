@@ -30,7 +30,6 @@ from bridge.webhooks import (
     MAX_KEPT_VALUE,
     REPEAT_BURST,
     REPEAT_RATE,
-    Repeat,
     WebhookRoute,
     compile_webhooks,
 )
@@ -169,74 +168,91 @@ def frozen(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)
 
 
-def _free_variants(r: WebhookRoute, key: str) -> None:
-    """The first copy of ``key`` and the other FREE_VARIANTS - 1 with other headers: free."""
-    for n in range(FREE_VARIANTS):
-        assert r.repeat(key, f"variant-{n}", "192.0.2.10") == (None, 0.0)
+def _counted(r: WebhookRoute, key: str, copy: str, address: str) -> float:
+    """The wait of a copy that, let in, holds nothing new."""
+    repeat, wait = r.repeat(key, copy, address)
+    assert repeat is not None
+    if not wait:
+        r.held_new(key, [], repeat)
+    return wait
+
+
+def _github(r: WebhookRoute) -> str:
+    return signed_key(r, {"x-hub-signature-256": "sha256=" + hex_mac(BODY)})
 
 
 def test_copies_past_the_free_variants_are_read_for_nothing_a_burst_of_times_whoever_sends_them(
     frozen: None,
 ) -> None:
     r = route({"kind": "github", "secret": SECRET})
-    key = signed_key(r, {"x-hub-signature-256": "sha256=" + hex_mac(BODY)})
-    _free_variants(r, key)
-    for n in range(REPEAT_BURST):
-        repeat, wait = r.repeat(key, f"replay-{n}", f"198.51.100.{n}")
-        assert repeat is not None and not repeat.again and wait == 0.0
-        r.read_for_nothing(repeat)
-    _, wait = r.repeat(key, "replay-late", "192.0.2.1")
-    assert 0 < wait <= 1 / REPEAT_RATE, "a fresh address too: the delivery has had its burst"
+    key = _github(r)
+    for n in range(FREE_VARIANTS):  # the first copy, and the others with other headers
+        assert r.repeat(key, f"variant-{n}", "192.0.2.10") == (None, 0.0)
+    assert [_counted(r, key, f"replay-{n}", f"198.51.100.{n}") for n in range(REPEAT_BURST)] == [0.0] * REPEAT_BURST
+    assert 0 < _counted(r, key, "replay-late", "192.0.2.1") <= 1 / REPEAT_RATE, "a fresh address too"
+    assert _counted(r, key, "retry-with-attempt-2", "192.0.2.10") == 0.0, "the first copy's address is not"
 
 
-def test_a_copy_read_before_waits_only_for_its_own_address(frozen: None) -> None:
+def test_a_copy_read_again_waits_for_its_own_variant_not_the_delivery(frozen: None) -> None:
     """The provider's retry of a copy whose answer was not kept (a 503) is the same copy: a
-    replayer that spent the delivery's count with other headers does not hold it out."""
+    replayer that spent the delivery's count with other headers does not hold it out, and one
+    that reads one variant again from many addresses is read for nothing a burst of times."""
     r = route({"kind": "github", "secret": SECRET})
-    key = signed_key(r, {"x-hub-signature-256": "sha256=" + hex_mac(BODY)})
+    key = _github(r)
     assert r.repeat(key, "provider-copy", "192.0.2.10") == (None, 0.0)
     for n in range(1, FREE_VARIANTS):
         assert r.repeat(key, f"replay-{n}", "203.0.113.9") == (None, 0.0)
-    for n in range(REPEAT_BURST):
-        repeat, _ = r.repeat(key, f"past-{n}", "203.0.113.9")
-        assert repeat is not None
-        r.read_for_nothing(repeat)
-    assert r.repeat(key, "past-late", "198.51.100.7")[1] > 0
-    retry, wait = r.repeat(key, "provider-copy", "192.0.2.10")
-    assert retry is not None and retry.again and wait == 0.0
+    assert [_counted(r, key, f"past-{n}", f"2001:db8:{n}::/64") for n in range(REPEAT_BURST)] == [0.0] * REPEAT_BURST
+    assert _counted(r, key, "past-late", "198.51.100.7") > 0
+    assert _counted(r, key, "provider-copy", "192.0.2.10") == 0.0
+    waits = [_counted(r, key, "replay-1", f"2001:db8:1:{n}::/64") for n in range(REPEAT_BURST + 1)]
+    assert waits[:REPEAT_BURST] == [0.0] * REPEAT_BURST and waits[-1] > 0, "the variant's own count"
 
 
-def test_a_copy_that_held_new_events_costs_nothing(frozen: None) -> None:
+def test_a_copy_that_held_new_events_gives_its_tokens_back(frozen: None) -> None:
     """Only a copy that held nothing new is read for nothing: the retry of a delivery held in
-    part holds the rest; a replay of it holds what was held already."""
+    part holds the rest and costs nothing; a replay of it holds what was held already."""
     r = route({"kind": "none"})
     assert r.repeat("d", "first", "a") == (None, 0.0)
-    assert r.sent_new("d", ["d:x"]) is True
-    assert r.sent_new("d", ["d:x"]) is False
-    assert r.sent_new("d", ["d:x", "d:y"]) is True
-    assert r.sent_new("d", []) is False
+    assert r.held_new("d", ["d:0"], None) is True
+    for n in range(1, 3 * REPEAT_BURST):
+        repeat, wait = r.repeat("d", "first", "a")
+        assert wait == 0.0 and r.held_new("d", ["d:0", f"d:{n}"], repeat) is True
+    waits = []
+    for _ in range(REPEAT_BURST + 1):
+        repeat, wait = r.repeat("d", "first", "a")
+        waits.append(wait)
+        if not wait:
+            assert r.held_new("d", ["d:0"], repeat) is False
+    assert waits[:REPEAT_BURST] == [0.0] * REPEAT_BURST and waits[-1] > 0
+
+
+def test_tokens_are_taken_as_a_copy_is_let_in(frozen: None) -> None:
+    """Copies in flight at once (each waiting on Temporal) are let in a burst of times, not each
+    on the same token."""
+    r = route({"kind": "none"})
+    assert r.repeat("d", "first", "a") == (None, 0.0)
+    waits = [r.repeat("d", "first", "b")[1] for _ in range(REPEAT_BURST + 1)]
+    assert waits[:REPEAT_BURST] == [0.0] * REPEAT_BURST and waits[-1] > 0
 
 
 def test_an_address_is_read_for_nothing_a_burst_of_times_whatever_it_replays(frozen: None) -> None:
     r = route({"kind": "none"})
     for n in range(REPEAT_BURST):
         assert r.repeat(f"d{n}", "first", "provider") == (None, 0.0)
-        repeat, wait = r.repeat(f"d{n}", "first", "203.0.113.9")  # the same copy, read again
-        assert repeat is not None and repeat.again and wait == 0.0
-        r.read_for_nothing(repeat)
+        assert _counted(r, f"d{n}", "first", "203.0.113.9") == 0.0
     assert r.repeat("late", "first", "provider") == (None, 0.0)
-    assert r.repeat("late", "first", "203.0.113.9")[1] > 0
-    assert r.repeat("late", "first", "198.51.100.7")[1] == 0.0, "another address has its own bucket"
+    assert _counted(r, "late", "first", "203.0.113.9") > 0
+    assert _counted(r, "late", "first", "198.51.100.7") == 0.0, "another address has its own bucket"
 
 
 def test_the_deliveries_and_addresses_a_route_keeps_for_repeats_are_bounded() -> None:
     r = route({"kind": "none"})
     for n in range(ANSWERS_KEPT + 10):
         r.repeat(f"d{n}", "c", "a")
-    r.repeat("d9999", "c", "a")
     for n in range(ADDRESSES_KEPT + 10):
-        r.read_for_nothing(Repeat("d9999", f"10.0.{n // 256}.{n % 256}", again=True))
-    assert len(r.begun) == ANSWERS_KEPT and "d0" not in r.begun and "d9999" in r.begun
+        r.repeat(f"d{ANSWERS_KEPT + 9}", "c", f"10.0.{n // 256}.{n % 256}")
+    assert len(r.begun) == ANSWERS_KEPT and "d0" not in r.begun
     assert len(r.repeats) == ADDRESSES_KEPT
     newest = ADDRESSES_KEPT + 9
     assert "10.0.0.1" not in r.repeats and f"10.0.{newest // 256}.{newest % 256}" in r.repeats
