@@ -19,6 +19,7 @@ Nothing here knows HTTP frameworks: headers come in as a mapping with lower-case
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import time
@@ -130,8 +131,8 @@ class Delivery:
 
 ANSWERS_KEPT = 4096  # delivery answers a webhook route keeps (each a few hundred bytes)
 REPEAT_RATE = 1.0
-"""Copies a second, after REPEAT_BURST at once, that one address (and, for copies past
-FREE_VARIANTS, one signed delivery) may have read for nothing (:class:`Repeat`)."""
+"""Copies a second, after REPEAT_BURST at once, that one address (an IPv6 /48), and one copy
+read again, may have read for nothing (:meth:`WebhookRoute.repeat`)."""
 REPEAT_BURST = 8
 FREE_VARIANTS = 8
 """Copies of one signed delivery with different headers that are read whatever they send: the
@@ -141,13 +142,11 @@ ADDRESSES_KEPT = 4096  # addresses whose repeat buckets a route keeps (the last 
 
 @dataclass
 class Begun:
-    """A signed delivery this route began to read (:meth:`WebhookRoute.keys`): the address of its
-    first copy, its first FREE_VARIANTS copy keys (each with a bucket once it is read again), a
-    bucket for its copies past them, and the ids of its events held so far."""
+    """A signed delivery this route began to read (:meth:`WebhookRoute.keys`): its first
+    FREE_VARIANTS copy keys, each with a bucket once it is read again, and the ids of its events
+    held so far."""
 
-    first: str
     variants: dict[str, TokenBucket | None]
-    bucket: TokenBucket = field(default_factory=lambda: _bucket())
     held: set[str] = field(default_factory=set)
 
 
@@ -162,6 +161,18 @@ class Repeat:
 
 def _bucket() -> TokenBucket:
     return TokenBucket(REPEAT_RATE, REPEAT_BURST, clock=_now)
+
+
+def repeat_source(address: str) -> str:
+    """Whose count a copy from ``address`` (a host, or an IPv6 /64 network) goes on: the address,
+    or for IPv6 its /48 (a tunnel broker hands out a /48 of /64s for free)."""
+    try:
+        network = ipaddress.ip_network(address, strict=False)
+    except ValueError:
+        return address
+    if network.version == 6 and network.prefixlen > 48:
+        return str(network.supernet(new_prefix=48))
+    return address
 
 
 def _now() -> float:
@@ -226,30 +237,27 @@ class WebhookRoute:
         """Whether a copy (:meth:`keys`) from ``address`` is counted, and the seconds until it may
         be read (0.0: now; then its tokens are taken). Free (None): the first copy of its signed
         delivery, and its first FREE_VARIANTS copies with different headers. Counted, on a token of
-        each bucket it waits for (REPEAT_BURST at once, REPEAT_RATE a second):
-
-        - its address's, always;
-        - a copy of one of those variants read again (a retry whose answer was not kept): that
-          variant's. What one copy holds, the same copy holds, so a replayer that spends it holds
-          nothing of the provider's out;
-        - any other copy: the delivery's, unless it comes from the address of the first copy (a
-          provider whose retries carry an attempt header)."""
+        each bucket it waits for (REPEAT_BURST at once, REPEAT_RATE a second): its address's
+        (:func:`repeat_source`), and for one of those free copies read again (a retry whose
+        answer was not kept) that copy's own. What one copy holds the same copy holds, so a
+        replayer that spends a copy's count holds nothing of the provider's out; and no count is
+        the delivery's, which a replayer could spend to hold out the provider's retries that
+        differ from its first copy in a header (an attempt header, one a proxy adds)."""
         begun = self.begun.get(signed)
         if begun is None:
-            _keep_last(self.begun, signed, Begun(address, {copy: None}), ANSWERS_KEPT)
+            _keep_last(self.begun, signed, Begun({copy: None}), ANSWERS_KEPT)
             return None, 0.0
         self.begun.move_to_end(signed)
-        by_copy: TokenBucket | None
+        by_copy: TokenBucket | None = None
         if copy in begun.variants:
             by_copy = begun.variants[copy] or _bucket()
             begun.variants[copy] = by_copy
         elif len(begun.variants) < FREE_VARIANTS:
             begun.variants[copy] = None
             return None, 0.0
-        else:
-            by_copy = begun.bucket if address != begun.first else None
-        by_address = self.repeats.get(address) or _bucket()
-        _keep_last(self.repeats, address, by_address, ADDRESSES_KEPT)
+        source = repeat_source(address)
+        by_address = self.repeats.get(source) or _bucket()
+        _keep_last(self.repeats, source, by_address, ADDRESSES_KEPT)
         buckets = (by_address,) if by_copy is None else (by_address, by_copy)
         wait = max(bucket.due() for bucket in buckets)
         if not wait:

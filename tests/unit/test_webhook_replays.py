@@ -32,6 +32,7 @@ from bridge.webhooks import (
     REPEAT_RATE,
     WebhookRoute,
     compile_webhooks,
+    repeat_source,
 )
 
 SECRET = "a-webhook-secret-of-some-length"
@@ -181,32 +182,48 @@ def _github(r: WebhookRoute) -> str:
     return signed_key(r, {"x-hub-signature-256": "sha256=" + hex_mac(BODY)})
 
 
-def test_copies_past_the_free_variants_are_read_for_nothing_a_burst_of_times_whoever_sends_them(
-    frozen: None,
-) -> None:
+def test_copies_past_the_free_variants_are_counted_by_the_address_that_sends_them(frozen: None) -> None:
     r = route({"kind": "github", "secret": SECRET})
     key = _github(r)
     for n in range(FREE_VARIANTS):  # the first copy, and the others with other headers
         assert r.repeat(key, f"variant-{n}", "192.0.2.10") == (None, 0.0)
-    assert [_counted(r, key, f"replay-{n}", f"198.51.100.{n}") for n in range(REPEAT_BURST)] == [0.0] * REPEAT_BURST
-    assert 0 < _counted(r, key, "replay-late", "192.0.2.1") <= 1 / REPEAT_RATE, "a fresh address too"
-    assert _counted(r, key, "retry-with-attempt-2", "192.0.2.10") == 0.0, "the first copy's address is not"
+    assert [_counted(r, key, f"replay-{n}", "203.0.113.9") for n in range(REPEAT_BURST)] == [0.0] * REPEAT_BURST
+    assert 0 < _counted(r, key, "replay-late", "203.0.113.9") <= 1 / REPEAT_RATE
+    assert _counted(r, key, "replay-late", "198.51.100.7") == 0.0, "another address has its own count"
 
 
-def test_a_copy_read_again_waits_for_its_own_variant_not_the_delivery(frozen: None) -> None:
-    """The provider's retry of a copy whose answer was not kept (a 503) is the same copy: a
-    replayer that spent the delivery's count with other headers does not hold it out, and one
-    that reads one variant again from many addresses is read for nothing a burst of times."""
+def test_a_replayer_cannot_hold_out_the_providers_retry_with_other_headers(frozen: None) -> None:
+    """A retry that differs from the first copy in a header (an attempt header, a trace header a
+    proxy adds), from another of the provider's addresses, waits for nothing a replayer spent."""
     r = route({"kind": "github", "secret": SECRET})
     key = _github(r)
     assert r.repeat(key, "provider-copy", "192.0.2.10") == (None, 0.0)
     for n in range(1, FREE_VARIANTS):
         assert r.repeat(key, f"replay-{n}", "203.0.113.9") == (None, 0.0)
-    assert [_counted(r, key, f"past-{n}", f"2001:db8:{n}::/64") for n in range(REPEAT_BURST)] == [0.0] * REPEAT_BURST
-    assert _counted(r, key, "past-late", "198.51.100.7") > 0
-    assert _counted(r, key, "provider-copy", "192.0.2.10") == 0.0
-    waits = [_counted(r, key, "replay-1", f"2001:db8:1:{n}::/64") for n in range(REPEAT_BURST + 1)]
-    assert waits[:REPEAT_BURST] == [0.0] * REPEAT_BURST and waits[-1] > 0, "the variant's own count"
+    for address in ("203.0.113.9", "203.0.113.10", "2001:db8:1:1::/64"):
+        while _counted(r, key, f"ping-{address}", address) == 0.0:
+            pass
+    assert _counted(r, key, "provider-copy x-attempt: 2", "192.0.2.11") == 0.0
+    assert _counted(r, key, "provider-copy", "192.0.2.10") == 0.0, "its first copy read again"
+
+
+def test_a_copy_read_again_waits_for_its_own_count(frozen: None) -> None:
+    """A replayer that reads one of the free copies again from many addresses is read for nothing
+    a burst of times; that copy holds what the provider's identical retry would, so nothing of
+    the provider's is held out."""
+    r = route({"kind": "github", "secret": SECRET})
+    key = _github(r)
+    assert r.repeat(key, "provider-copy", "192.0.2.10") == (None, 0.0)
+    assert r.repeat(key, "replay-1", "203.0.113.9") == (None, 0.0)
+    waits = [_counted(r, key, "replay-1", f"198.51.100.{n}") for n in range(REPEAT_BURST + 1)]
+    assert waits[:REPEAT_BURST] == [0.0] * REPEAT_BURST and waits[-1] > 0
+
+
+def test_ipv6_addresses_are_counted_by_their_48() -> None:
+    assert repeat_source("2001:db8:1:2::/64") == repeat_source("2001:db8:1:ffff::/64") == "2001:db8:1::/48"
+    assert repeat_source("2001:db8:2::/48") == "2001:db8:2::/48"
+    assert repeat_source("203.0.113.9") == "203.0.113.9"
+    assert repeat_source("testclient") == "testclient"
 
 
 def test_a_copy_that_held_new_events_gives_its_tokens_back(frozen: None) -> None:
