@@ -348,11 +348,11 @@ async def _durable_bare_row(run: Run, batch: int, bare: Row) -> Row:
     the bridge's rows are read against."""
     workflow_id = unique("bench-bare-durable")
     durable = Bare(run.workdir, run.address, workflow_id)
+    handle = run.client.get_workflow_handle(f"{workflow_id}-0")
     try:
         await durable.start()
         result = await wrk(run, durable.url, batch, "", run.burst_seconds, events=run.burst_events)
         row = _burst_row(f"burst bare litestar + signal, {batch}/request", result, batch, bare)
-        handle = run.client.get_workflow_handle(f"{workflow_id}-0")
         history = handle.fetch_history_events()
         signaled = "workflow_execution_signaled_event_attributes"
         signals = sum([1 async for event in history if event.HasField(signaled)]) - 1  # less start()'s ping
@@ -362,7 +362,7 @@ async def _durable_bare_row(run: Run, batch: int, bare: Row) -> Row:
     finally:
         durable.stop()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(run.client.get_workflow_handle(f"{workflow_id}-0").terminate("bench done"), 10)
+            await asyncio.wait_for(handle.terminate("bench done"), 10)
 
 
 def _burst_row(name: str, result: WrkResult, batch: int, bare: Row | None) -> Row:

@@ -155,7 +155,6 @@ class Repeat:
     """A copy of a signed delivery begun before, let in on a token of each of ``buckets``: given
     back (:meth:`WebhookRoute.held_new`) if the copy held an event not held before."""
 
-    signed: str
     buckets: tuple[TokenBucket, ...]
 
 
@@ -263,7 +262,7 @@ class WebhookRoute:
         if not wait:
             for bucket in buckets:
                 bucket.take()
-        return Repeat(signed, buckets), wait
+        return Repeat(buckets), wait
 
     def held_new(self, signed: str, held: Iterable[str], repeat: Repeat | None) -> bool:
         """Note the ids of events a copy of ``signed`` had held. When one was not held before, the

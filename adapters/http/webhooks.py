@@ -105,44 +105,32 @@ class WebhooksController(Controller):
             http.held(WEBHOOK_ADAPTER, _sender(slug)),
             http.parsing(snapshot, WEBHOOK_ADAPTER, _sender(slug), body) as weighed,
         ):
-            return await self._receive(slug, route, received, body, http, snapshot, weighed, address)
-
-    async def _receive(
-        self,
-        slug: str,
-        route: WebhookRoute,
-        received: dict[str, str],
-        body: bytes,
-        http: HttpState,
-        snapshot: Snapshot,
-        weighed: Weighed,
-        address: str,
-    ) -> Response[DeliveryAnswer]:
-        signed, copy = route.keys(received, body, received.get("content-type"))
-        if (same := route.answer_to_copy(copy)) is not None:
-            status, answer, events = same
-            log.info("webhook delivery repeated slug=%s status=%d: the same copy answered as before", slug, status)
-            http.metrics.child(http.metrics.received, WEBHOOK_ADAPTER).inc(events)
-            return Response(answer, status_code=status)
-        repeat, wait = route.repeat(signed, copy, address)
-        if wait:
-            log.info(
-                "webhook refused slug=%s address=%s: too many copies of a delivery read for nothing",
-                slug,
-                safe(address),
-            )
-            raise http.deny(
-                WEBHOOK_ADAPTER,
-                "rate_limited",
-                "this delivery was received before, and its copies sent nothing new; retry after the Retry-After delay",
-                retry_after=retry_after(wait),
-            )
-        held: list[str] = []
-        try:
-            response, held = await self._read(slug, route, received, body, http, snapshot, weighed, copy)
-            return response
-        finally:  # a counted copy keeps its tokens when it held nothing new (or failed)
-            route.held_new(signed, held, repeat)
+            signed, copy = route.keys(received, body, received.get("content-type"))
+            if (same := route.answer_to_copy(copy)) is not None:
+                status, answer, events = same
+                log.info("webhook delivery repeated slug=%s status=%d: the same copy answered as before", slug, status)
+                http.metrics.child(http.metrics.received, WEBHOOK_ADAPTER).inc(events)
+                return Response(answer, status_code=status)
+            repeat, wait = route.repeat(signed, copy, address)
+            if wait:
+                log.info(
+                    "webhook refused slug=%s address=%s: too many copies of a delivery read for nothing",
+                    slug,
+                    safe(address),
+                )
+                raise http.deny(
+                    WEBHOOK_ADAPTER,
+                    "rate_limited",
+                    "this delivery was received before, and its copies sent nothing new; "
+                    "retry after the Retry-After delay",
+                    retry_after=retry_after(wait),
+                )
+            held: list[str] = []
+            try:
+                response, held = await self._read(slug, route, received, body, http, snapshot, weighed, copy)
+                return response
+            finally:  # a counted copy keeps its tokens when it held nothing new (or failed)
+                route.held_new(signed, held, repeat)
 
     async def _read(
         self,

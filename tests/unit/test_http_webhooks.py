@@ -45,6 +45,25 @@ UNAUTHORIZED = {"error": "unauthorized", "message": "the delivery's signature di
 
 
 @pytest.fixture
+def parsed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One item for each webhook body parsed from now on."""
+    from bridge import webhooks
+
+    count: list[int] = []
+    parse_body = webhooks.parse_body
+    monkeypatch.setattr(webhooks, "parse_body", lambda body, ct: (count.append(1), parse_body(body, ct))[1])
+    return count
+
+
+@pytest.fixture
+def frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The webhook repeat counts refill nothing meanwhile."""
+    from bridge import webhooks
+
+    monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)
+
+
+@pytest.fixture
 async def hooks(sink: FakeSink) -> AsyncIterator[AsyncTestClient[Litestar]]:
     async with AsyncTestClient(make_app(sink, hook_config())) as c:
         yield c
@@ -518,18 +537,12 @@ async def test_a_replay_with_other_headers_answered_first_does_not_cost_the_prov
     assert again.status_code == 202 and len(sink.calls) == 3  # the 503, the replay, the retry: then kept whole
 
 
-async def test_a_copy_of_a_delivery_is_answered_before_its_body_is_parsed(
-    sink: FakeSink, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_copy_of_a_delivery_is_answered_before_its_body_is_parsed(sink: FakeSink, parsed: list[int]) -> None:
     """A repeat was parsed, filtered and rendered before its kept answer was found: a replayed
     750 KB delivery cost 24 ms of the event loop each time (a forged one 0.4 ms). A copy the same
     byte for byte, headers events see included, is now answered first; one with other headers is
     read again (its events may differ), and an ignored delivery is kept too."""
-    from bridge import webhooks
 
-    parsed: list[int] = []
-    parse_body = webhooks.parse_body
-    monkeypatch.setattr(webhooks, "parse_body", lambda body, ct: (parsed.append(1), parse_body(body, ct))[1])
     async with AsyncTestClient(make_app(sink, hook_config())) as c:
         body, headers = github_delivery(PUSH, delivery="d-1")
         answers = [await c.post(f"{HOOKS}/github", content=body, headers=headers) for _ in range(5)]
@@ -546,7 +559,7 @@ async def test_a_copy_of_a_delivery_is_answered_before_its_body_is_parsed(
 
 
 async def test_a_replayer_changing_a_header_each_time_is_read_a_few_times_then_refused(
-    sink: FakeSink, monkeypatch: pytest.MonkeyPatch
+    sink: FakeSink, parsed: list[int], frozen: None
 ) -> None:
     """A copy with other unsigned headers must be parsed, filtered and rendered before it is known
     to send nothing new (24 ms of the event loop for 750 KB): a replayer with one captured
@@ -555,10 +568,6 @@ async def test_a_replayer_changing_a_header_each_time_is_read_a_few_times_then_r
     budget and new deliveries are untouched."""
     from bridge import webhooks
 
-    parsed: list[int] = []
-    parse_body = webhooks.parse_body
-    monkeypatch.setattr(webhooks, "parse_body", lambda body, ct: (parsed.append(1), parse_body(body, ct))[1])
-    monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)  # nothing refills meanwhile
     cfg = hook_config(rate_limit={"per_webhook": {"rate": 0.001, "burst": 2}})
     async with AsyncTestClient(make_app(sink, cfg)) as c:
         body, headers = github_delivery(PUSH, delivery="d-1")
@@ -579,16 +588,12 @@ async def test_a_replayer_changing_a_header_each_time_is_read_a_few_times_then_r
 
 
 async def test_a_copy_answered_as_before_is_answered_so_again_before_it_is_read(
-    sink: FakeSink, monkeypatch: pytest.MonkeyPatch
+    sink: FakeSink, parsed: list[int], frozen: None
 ) -> None:
     """A copy with other headers is read once; answered as before (it sent nothing new), its
     answer is kept under its own headers too, so the same copy sent again is not read again."""
     from bridge import webhooks
 
-    parsed: list[int] = []
-    parse_body = webhooks.parse_body
-    monkeypatch.setattr(webhooks, "parse_body", lambda body, ct: (parsed.append(1), parse_body(body, ct))[1])
-    monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)
     async with AsyncTestClient(make_app(sink, hook_config())) as c:
         body, headers = github_delivery(PUSH, delivery="d-1")
         first = await c.post(f"{HOOKS}/github", content=body, headers=headers)
@@ -599,15 +604,12 @@ async def test_a_copy_answered_as_before_is_answered_so_again_before_it_is_read(
     assert len(sink.calls) == 1
 
 
-async def test_copies_read_for_nothing_are_counted_by_the_address_that_sends_them(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_copies_read_for_nothing_are_counted_by_the_address_that_sends_them(frozen: None) -> None:
     """While Temporal is away, one address that sends again the copies of many deliveries (their
     answers, 503, are not kept) is refused once it had its burst read for nothing; the provider's
     own retries, and another address's, are still read."""
     from bridge import webhooks
 
-    monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)
     sink = FakeSink()
     sink.unavailable = Unavailable("temporal down", retry_after=1)
     app = make_app(sink, hook_config())
@@ -628,14 +630,13 @@ async def test_copies_read_for_nothing_are_counted_by_the_address_that_sends_the
 
 
 async def test_the_providers_retries_of_deliveries_refused_for_a_while_cost_nothing_once_they_send(
-    monkeypatch: pytest.MonkeyPatch,
+    frozen: None,
 ) -> None:
     """A delivery answered ``503`` (Temporal away) is sent again as it was: the bridge asked for
     that retry, and it sends events, so it costs nothing of the repeat buckets (they counted it,
     and refused the retries past their burst with ``429``). A retry refused again costs one."""
     from bridge import webhooks
 
-    monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)
     sink = FakeSink()
     sink.unavailable = Unavailable("temporal down", retry_after=1)
     n = webhooks.REPEAT_BURST + 4
@@ -651,14 +652,11 @@ async def test_the_providers_retries_of_deliveries_refused_for_a_while_cost_noth
     assert len(sink.events) == 2 * n  # github.push and github.main of each
 
 
-async def test_one_body_sent_as_several_topics_is_never_counted(
-    sink: FakeSink, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_one_body_sent_as_several_topics_is_never_counted(sink: FakeSink, frozen: None) -> None:
     """A provider may send one body several times, as topics (unsigned headers) of which entries
     match some and none others: each is read, however many bodies it sends so."""
     from bridge import webhooks
 
-    monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)
     entries = [{"name": "github.create", "filter": 'metadata.headers["x-topic"] == "orders/create"'}]
     hooks = [{"slug": "github", "verify": {"kind": "github", "secret": GH_SECRET}, "events": entries}]
     async with AsyncTestClient(make_app(sink, hook_config(hooks))) as c:
@@ -672,12 +670,11 @@ async def test_one_body_sent_as_several_topics_is_never_counted(
     assert len(sink.events) == len(answers) // 3
 
 
-async def test_copies_that_fail_their_template_are_counted_too(sink: FakeSink, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_copies_that_fail_their_template_are_counted_too(sink: FakeSink, frozen: None) -> None:
     """A copy refused ``422`` (its ``input:`` fails on this body) was parsed and rendered for
     nothing, as one answered as before: it counts."""
     from bridge import webhooks
 
-    monkeypatch.setattr(webhooks, "_now", lambda: 1000.0)
     entries = [{"name": "github.push", "input": {"x": "{{ payload.ref | int('x', 'y', 'z') }}"}}]
     hooks = [{"slug": "github", "verify": {"kind": "github", "secret": GH_SECRET}, "events": entries}]
     async with AsyncTestClient(make_app(sink, hook_config(hooks))) as c:
